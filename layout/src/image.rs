@@ -1,0 +1,456 @@
+//! Reading a Monogon OS image from an OCI image layout directory.
+//!
+//! Only metadata is read: `oci-layout`, `index.json`, the manifest and the
+//! config (small, verified by sha256 and size). Payload blobs are checked for
+//! existence and size but never read.
+
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use oci_spec::image::{Descriptor, ImageIndex, ImageManifest};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use crate::error::{Error, Result};
+
+pub const MEDIA_TYPE_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const MEDIA_TYPE_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const ARTIFACT_TYPE_OS_IMAGE: &str = "application/vnd.monogon.os.image.v1";
+pub const MEDIA_TYPE_CONFIG: &str = "application/vnd.monogon.os.image.config.v1+json";
+pub const MEDIA_TYPE_PAYLOAD: &str = "application/octet-stream";
+pub const MEDIA_TYPE_PAYLOAD_ZSTD: &str = "application/zstd";
+pub const FORMAT_VERSION: &str = "1";
+const MAX_CHUNK_SIZE: u64 = 16 << 20;
+/// Upper bound for the JSON documents; real ones are a few KiB.
+const MAX_METADATA_BYTES: u64 = 16 << 20;
+
+/// `product_info` of the image config.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProductInfo {
+    #[serde(default)]
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub version: String,
+    #[serde(default)]
+    pub variant: String,
+    #[serde(default)]
+    pub commit_hash: String,
+    #[serde(default)]
+    pub commit_date: String,
+    #[serde(default)]
+    pub build_tree_dirty: bool,
+    #[serde(default)]
+    pub components: Vec<Component>,
+}
+
+impl ProductInfo {
+    /// The CPU architecture: the first `-`-separated field of `variant`.
+    pub fn architecture(&self) -> &str {
+        self.variant.split('-').next().unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Component {
+    pub id: String,
+    pub version: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct PayloadInfo {
+    name: String,
+    size: i64,
+    hash_chunk_size: i64,
+    chunk_hashes_sha256: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct Config {
+    format_version: String,
+    product_info: ProductInfo,
+    payloads: Vec<PayloadInfo>,
+}
+
+/// A payload of the image: an uncompressed blob served in place.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Payload {
+    pub name: String,
+    pub size: u64,
+    /// Hex sha256 of the blob.
+    pub digest: String,
+    pub media_type: String,
+    /// `blobs/sha256/<digest>` inside the image directory (may be a symlink).
+    pub path: PathBuf,
+    pub hash_chunk_size: u64,
+}
+
+/// A validated OS image.
+#[derive(Debug, Clone)]
+pub struct OsImage {
+    pub dir: PathBuf,
+    pub manifest_digest: String,
+    pub product_info: ProductInfo,
+    pub payloads: Vec<Payload>,
+}
+
+impl OsImage {
+    /// Opens and validates the image in `dir`.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        let layout_path = dir.join("oci-layout");
+        let layout: serde_json::Value = parse_json(&layout_path, &read_small(&layout_path)?)?;
+        if layout.get("imageLayoutVersion").and_then(|v| v.as_str()) != Some("1.0.0") {
+            return Err(Error::invalid(
+                &layout_path,
+                "imageLayoutVersion",
+                "must be \"1.0.0\"",
+            ));
+        }
+
+        let index_path = dir.join("index.json");
+        let index_bytes = read_small(&index_path)?;
+        check_digests(
+            &index_path,
+            &parse_json(&index_path, &index_bytes)?,
+            &["manifests"],
+        )?;
+        let index: ImageIndex = parse_json(&index_path, &index_bytes)?;
+        if let Some(mt) = index.media_type() {
+            if mt.as_ref() != MEDIA_TYPE_INDEX {
+                return Err(Error::invalid(
+                    &index_path,
+                    "mediaType",
+                    format!("is {mt}, expected {MEDIA_TYPE_INDEX}"),
+                ));
+            }
+        }
+        let manifests = index.manifests();
+        if manifests.len() != 1 {
+            return Err(Error::invalid(
+                &index_path,
+                "manifests",
+                format!(
+                    "has {} entries, an OS image has exactly one",
+                    manifests.len()
+                ),
+            ));
+        }
+        let desc = &manifests[0];
+        if desc.media_type().as_ref() != MEDIA_TYPE_MANIFEST {
+            return Err(Error::invalid(
+                &index_path,
+                "manifests[0].mediaType",
+                format!("is {}, expected {MEDIA_TYPE_MANIFEST}", desc.media_type()),
+            ));
+        }
+        let (manifest_digest, manifest_path) =
+            blob_path(&dir, &index_path, "manifests[0].digest", desc)?;
+        let manifest_bytes = read_verified(&manifest_path, &manifest_digest, desc.size())?;
+        check_digests(
+            &manifest_path,
+            &parse_json(&manifest_path, &manifest_bytes)?,
+            &["config", "layers"],
+        )?;
+        let manifest: ImageManifest = parse_json(&manifest_path, &manifest_bytes)?;
+        match manifest.artifact_type() {
+            Some(at) if at.as_ref() == ARTIFACT_TYPE_OS_IMAGE => {}
+            other => {
+                return Err(Error::invalid(
+                    &manifest_path,
+                    "artifactType",
+                    format!(
+                        "is {}, expected {ARTIFACT_TYPE_OS_IMAGE}",
+                        other
+                            .as_ref()
+                            .map_or("missing".to_owned(), |m| m.to_string())
+                    ),
+                ));
+            }
+        }
+        let cdesc = manifest.config();
+        if cdesc.media_type().as_ref() != MEDIA_TYPE_CONFIG {
+            return Err(Error::invalid(
+                &manifest_path,
+                "config.mediaType",
+                format!("is {}, expected {MEDIA_TYPE_CONFIG}", cdesc.media_type()),
+            ));
+        }
+        let (config_digest, config_path) = blob_path(&dir, &manifest_path, "config.digest", cdesc)?;
+        let config_bytes = read_verified(&config_path, &config_digest, cdesc.size())?;
+        let config: Config = parse_json(&config_path, &config_bytes)?;
+        if config.format_version != FORMAT_VERSION {
+            return Err(Error::invalid(
+                &config_path,
+                "format_version",
+                format!(
+                    "is {:?}, this version of ociblk reads \"{FORMAT_VERSION}\"",
+                    config.format_version
+                ),
+            ));
+        }
+        let layers = manifest.layers();
+        if layers.len() != config.payloads.len() {
+            return Err(Error::invalid(
+                &manifest_path,
+                "layers",
+                format!(
+                    "has {} entries but the config lists {} payloads",
+                    layers.len(),
+                    config.payloads.len()
+                ),
+            ));
+        }
+
+        let mut payloads = Vec::with_capacity(layers.len());
+        for (i, (info, layer)) in config.payloads.iter().zip(layers).enumerate() {
+            payloads.push(check_payload(
+                &dir,
+                &config_path,
+                &manifest_path,
+                i,
+                info,
+                layer,
+            )?);
+        }
+        for (i, p) in payloads.iter().enumerate() {
+            if payloads[..i].iter().any(|q| q.name == p.name) {
+                return Err(Error::invalid(
+                    &config_path,
+                    format!("payloads[{i}].name"),
+                    format!("{:?} appears twice", p.name),
+                ));
+            }
+        }
+        Ok(OsImage {
+            dir,
+            manifest_digest,
+            product_info: config.product_info,
+            payloads,
+        })
+    }
+
+    /// The payload called `name`, which must be uncompressed.
+    pub fn payload(&self, name: &str) -> Result<&Payload> {
+        let p = self
+            .payloads
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| Error::MissingPayload(name.to_owned()))?;
+        if p.media_type != MEDIA_TYPE_PAYLOAD {
+            return Err(Error::CompressedPayload {
+                name: p.name.clone(),
+                media_type: p.media_type.clone(),
+            });
+        }
+        Ok(p)
+    }
+}
+
+fn check_payload(
+    dir: &Path,
+    config_path: &Path,
+    manifest_path: &Path,
+    i: usize,
+    info: &PayloadInfo,
+    layer: &Descriptor,
+) -> Result<Payload> {
+    let field = |f: &str| format!("payloads[{i}].{f}");
+    let size = u64::try_from(info.size).map_err(|_| {
+        Error::invalid(
+            config_path,
+            field("size"),
+            format!("{} is negative", info.size),
+        )
+    })?;
+    let chunk = u64::try_from(info.hash_chunk_size).unwrap_or(0);
+    if chunk == 0 || chunk > MAX_CHUNK_SIZE {
+        return Err(Error::invalid(
+            config_path,
+            field("hash_chunk_size"),
+            format!("{} is outside 1..={MAX_CHUNK_SIZE}", info.hash_chunk_size),
+        ));
+    }
+    let chunks = size.div_ceil(chunk);
+    if info.chunk_hashes_sha256.len() as u64 != chunks {
+        return Err(Error::invalid(
+            config_path,
+            field("chunk_hashes_sha256"),
+            format!(
+                "has {} hashes, {size} bytes in chunks of {chunk} need {chunks}",
+                info.chunk_hashes_sha256.len()
+            ),
+        ));
+    }
+    let media_type = layer.media_type().to_string();
+    if media_type != MEDIA_TYPE_PAYLOAD && media_type != MEDIA_TYPE_PAYLOAD_ZSTD {
+        return Err(Error::invalid(
+            manifest_path,
+            format!("layers[{i}].mediaType"),
+            format!("is {media_type}, expected {MEDIA_TYPE_PAYLOAD} or {MEDIA_TYPE_PAYLOAD_ZSTD}"),
+        ));
+    }
+    let (digest, path) = blob_path(dir, manifest_path, &format!("layers[{i}].digest"), layer)?;
+    if media_type == MEDIA_TYPE_PAYLOAD {
+        if layer.size() != size {
+            return Err(Error::invalid(
+                manifest_path,
+                format!("layers[{i}].size"),
+                format!(
+                    "is {}, but payload {:?} has {size} bytes",
+                    layer.size(),
+                    info.name
+                ),
+            ));
+        }
+        // Follows the symlinks upstream writes; the target must be a regular file.
+        let meta = fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
+        if !meta.is_file() {
+            return Err(Error::invalid(&path, "blob", "is not a regular file"));
+        }
+        if meta.len() != size {
+            return Err(Error::BlobSize {
+                path,
+                digest,
+                expected: size,
+                actual: meta.len(),
+            });
+        }
+    }
+    Ok(Payload {
+        name: info.name.clone(),
+        size,
+        digest,
+        media_type,
+        path,
+        hash_chunk_size: chunk,
+    })
+}
+
+/// `blobs/sha256/<hex>` for a descriptor, refusing anything but sha256 with
+/// 64 lowercase hex digits, so a digest can never be a path.
+fn blob_path(
+    dir: &Path,
+    referrer: &Path,
+    field: &str,
+    desc: &Descriptor,
+) -> Result<(String, PathBuf)> {
+    let Some(hex) = desc.as_digest_sha256() else {
+        return Err(Error::invalid(
+            referrer,
+            field,
+            format!("{} is not a sha256 digest", desc.digest()),
+        ));
+    };
+    check_hex(referrer, field, hex)?;
+    Ok((hex.to_owned(), dir.join("blobs").join("sha256").join(hex)))
+}
+
+fn check_hex(referrer: &Path, field: &str, hex: &str) -> Result<()> {
+    if hex.len() != 64
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err(Error::invalid(
+            referrer,
+            field,
+            format!("{hex:?} is not 64 lowercase hex digits"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks digests in the raw JSON before the typed parse, so that a bad one
+/// is reported with its field name rather than as a JSON error.
+fn check_digests(path: &Path, doc: &serde_json::Value, fields: &[&str]) -> Result<()> {
+    let check = |field: String, d: &serde_json::Value| -> Result<()> {
+        let Some(s) = d.get("digest") else {
+            return Ok(());
+        };
+        let s = s.as_str().unwrap_or_default();
+        let field = format!("{field}.digest");
+        let hex = s.strip_prefix("sha256:").ok_or_else(|| {
+            Error::invalid(
+                path,
+                &field,
+                format!("{s:?} is not a sha256 digest (sha256:<64 hex digits>)"),
+            )
+        })?;
+        check_hex(path, &field, hex)
+    };
+    for f in fields {
+        match doc.get(*f) {
+            Some(serde_json::Value::Array(items)) => {
+                for (i, d) in items.iter().enumerate() {
+                    check(format!("{f}[{i}]"), d)?;
+                }
+            }
+            Some(d) => check((*f).to_owned(), d)?,
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn read_small(path: &Path) -> Result<Vec<u8>> {
+    let f = fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut buf = Vec::new();
+    f.take(MAX_METADATA_BYTES + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| Error::io(path, e))?;
+    if buf.len() as u64 > MAX_METADATA_BYTES {
+        return Err(Error::invalid(
+            path,
+            "size",
+            format!("larger than {MAX_METADATA_BYTES} bytes"),
+        ));
+    }
+    Ok(buf)
+}
+
+/// Reads a small blob and checks it against its descriptor's size and sha256.
+fn read_verified(path: &Path, hex: &str, size: u64) -> Result<Vec<u8>> {
+    if size > MAX_METADATA_BYTES {
+        return Err(Error::invalid(
+            path,
+            "size",
+            format!("descriptor says {size} bytes, more than a manifest or config has"),
+        ));
+    }
+    let bytes = read_small(path)?;
+    if bytes.len() as u64 != size {
+        return Err(Error::BlobSize {
+            path: path.to_path_buf(),
+            digest: hex.to_owned(),
+            expected: size,
+            actual: bytes.len() as u64,
+        });
+    }
+    let actual = hex_sha256(&bytes);
+    if actual != hex {
+        return Err(Error::BlobDigest {
+            path: path.to_path_buf(),
+            expected: hex.to_owned(),
+            actual,
+        });
+    }
+    Ok(bytes)
+}
+
+pub(crate) fn hex_sha256(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(64);
+    for b in Sha256::digest(bytes) {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
