@@ -1,1 +1,26 @@
-fn main() {}
+use std::process::ExitCode;
+
+use clap::Parser;
+use ociblk::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("OCIBLK_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Inspect(args) => ociblk::cli::inspect::run(args),
+        Command::Export(args) => ociblk::cli::export::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ociblk: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! `ociblk export`: the node disk as a sparse raw file.
+
+use std::fs::{File, OpenOptions};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use super::layout_args::LayoutArgs;
+use crate::export::export_disk;
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub layout: LayoutArgs,
+    /// Raw disk file to write (created or truncated).
+    #[arg(long, value_name = "FILE")]
+    pub output: PathBuf,
+}
+
+pub fn run(args: &ExportArgs) -> Result<()> {
+    let (_, layout) = args.layout.load()?;
+    let reader =
+        ociblk_layout::DiskReader::open(layout).context("cannot open the image's payloads")?;
+    let out: File = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&args.output)
+        .with_context(|| format!("cannot create {}", args.output.display()))?;
+    let progress = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(reader.layout.extents.summary().file_bytes);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let stats = export_disk(&reader, &out, |n| {
+        if let Some(bar) = &progress {
+            bar.inc(n);
+        }
+    })
+    .with_context(|| format!("cannot write {}", args.output.display()))?;
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
+    eprintln!(
+        "wrote {} ({} bytes; {} bytes of payloads copied, {} bytes of metadata)",
+        args.output.display(),
+        reader.layout.size,
+        stats.copied,
+        stats.generated
+    );
+    Ok(())
+}

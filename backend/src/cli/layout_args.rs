@@ -1,0 +1,95 @@
+//! Options that describe the node disk, shared by every command.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use ociblk_layout::disk::{DEFAULT_DISK_SIZE, DEFAULT_ESP_SIZE, DEFAULT_SYSTEM_SIZE};
+use ociblk_layout::{DiskParams, Guid, Layout, OsImage, parse_size};
+
+/// Which node disk to compute from which image.
+#[derive(Debug, Clone, Args)]
+pub struct LayoutArgs {
+    /// OS image: an OCI image layout directory in Monogon's format.
+    #[arg(long, value_name = "DIR")]
+    pub image: PathBuf,
+    /// Seed (usually the node name) that the disk's GUIDs and FAT volume ID
+    /// are derived from: same seed, same disk.
+    #[arg(long, default_value = "node")]
+    pub seed: String,
+    /// Disk size (bytes, or with K/M/G/T or KiB/MiB/GiB/TiB suffix).
+    #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_DISK_SIZE, value_name = "SIZE")]
+    pub disk_size: u64,
+    /// Size of the EFI system partition.
+    #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_ESP_SIZE, value_name = "SIZE")]
+    pub esp_size: u64,
+    /// Size of each system partition (A and B).
+    #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_SYSTEM_SIZE, value_name = "SIZE")]
+    pub system_size: u64,
+    /// Leave out the data partition (METROPOLIS-NODE-DATA).
+    #[arg(long)]
+    pub no_data_partition: bool,
+    /// A/B loader placed at EFI/BOOT/BOOTx64.EFI (BOOTAA64.EFI on aarch64).
+    /// Without it the kernel payload is placed there and firmware boots it
+    /// directly.
+    #[arg(long, value_name = "FILE")]
+    pub abloader: Option<PathBuf>,
+    /// Node parameters placed at metropolis/parameters.pb on the ESP.
+    #[arg(long, value_name = "FILE")]
+    pub node_parameters: Option<PathBuf>,
+    /// Pin the disk GUID instead of deriving it from the seed.
+    #[arg(long, value_name = "GUID")]
+    pub disk_guid: Option<Guid>,
+    /// Pin the ESP's partition GUID.
+    #[arg(long, value_name = "GUID")]
+    pub esp_guid: Option<Guid>,
+    /// Pin system partition A's GUID.
+    #[arg(long, value_name = "GUID")]
+    pub system_a_guid: Option<Guid>,
+    /// Pin system partition B's GUID.
+    #[arg(long, value_name = "GUID")]
+    pub system_b_guid: Option<Guid>,
+    /// Pin the data partition's GUID.
+    #[arg(long, value_name = "GUID")]
+    pub data_guid: Option<Guid>,
+    /// Pin the FAT volume ID (hex with 0x, or decimal).
+    #[arg(long, value_parser = parse_u32, value_name = "ID")]
+    pub fat_volume_id: Option<u32>,
+}
+
+fn parse_u32(s: &str) -> Result<u32, String> {
+    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    r.map_err(|_| format!("invalid 32-bit number {s:?} (e.g. 0x12345678)"))
+}
+
+impl LayoutArgs {
+    pub fn params(&self) -> DiskParams {
+        let mut p = DiskParams::new(&self.seed);
+        p.disk_size = self.disk_size;
+        p.esp_size = self.esp_size;
+        p.system_size = self.system_size;
+        p.data_partition = !self.no_data_partition;
+        p.abloader = self.abloader.clone();
+        p.node_parameters = self.node_parameters.clone();
+        let ids = &mut p.ids;
+        ids.disk = self.disk_guid.unwrap_or(ids.disk);
+        ids.esp = self.esp_guid.unwrap_or(ids.esp);
+        ids.system_a = self.system_a_guid.unwrap_or(ids.system_a);
+        ids.system_b = self.system_b_guid.unwrap_or(ids.system_b);
+        ids.data = self.data_guid.unwrap_or(ids.data);
+        ids.fat_volume_id = self.fat_volume_id.unwrap_or(ids.fat_volume_id);
+        p
+    }
+
+    /// Opens the image and computes the layout.
+    pub fn load(&self) -> Result<(OsImage, Layout)> {
+        let image = OsImage::open(&self.image)
+            .with_context(|| format!("cannot read OS image {}", self.image.display()))?;
+        let layout = Layout::build(&image, &self.params())
+            .with_context(|| format!("cannot lay out a node disk from {}", self.image.display()))?;
+        Ok((image, layout))
+    }
+}

@@ -1,0 +1,24 @@
+//! The `ociblk` command line.
+
+pub mod export;
+pub mod inspect;
+pub mod layout_args;
+
+use clap::{Parser, Subcommand};
+
+/// Serve Monogon OS node disks computed from an OCI OS image to QEMU over
+/// vhost-user-blk, with a copy-on-write overlay per node.
+#[derive(Debug, Parser)]
+#[command(name = "ociblk", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show the image, the partition table, the ESP's files and the extent map.
+    Inspect(inspect::InspectArgs),
+    /// Write the node disk to a sparse raw file.
+    Export(export::ExportArgs),
+}

@@ -1,0 +1,234 @@
+//! Writing Monogon OS images (OCI image layouts) for tests, including
+//! deliberately broken ones.
+//!
+//! The format follows Monogon's image builder: payload blobs are relative
+//! symlinks into the layout directory by default, chunk hashes are base64
+//! (no padding) sha256 of 1 MiB chunks.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+pub const CHUNK_SIZE: u64 = 1 << 20;
+
+/// A payload to put into an image.
+#[derive(Debug, Clone)]
+pub struct PayloadSpec {
+    pub name: String,
+    pub data: Vec<u8>,
+    pub media_type: String,
+}
+
+/// Builds an OS image directory.
+#[derive(Debug, Clone)]
+pub struct ImageBuilder {
+    pub product_info: Value,
+    pub payloads: Vec<PayloadSpec>,
+    /// Store payload blobs as symlinks into `payloads/` (upstream's way).
+    pub symlink_blobs: bool,
+}
+
+/// The files of a written image, for tests that break them on purpose.
+#[derive(Debug, Clone)]
+pub struct WrittenImage {
+    pub dir: PathBuf,
+    pub manifest_digest: String,
+    pub config_digest: String,
+    /// (name, hex digest) per payload, in order.
+    pub payload_digests: Vec<(String, String)>,
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so tests need no data files.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+impl ImageBuilder {
+    /// An x86_64 image with a `system` and a `kernel.efi` payload of the
+    /// given sizes (pseudo-random content).
+    pub fn with_sizes(system: usize, kernel: usize) -> Self {
+        ImageBuilder {
+            product_info: json!({
+                "id": "ociblk-test", "name": "ociblk test OS", "version": "0.0.1",
+                "variant": "x86_64", "commit_hash": "0000000000000000000000000000000000000000",
+                "commit_date": "2026-01-01T00:00:00Z", "build_tree_dirty": false,
+                "components": [{"id": "linux", "version": "6.1.0"}],
+            }),
+            payloads: vec![
+                PayloadSpec::plain("system", pseudo_random(system, 1)),
+                PayloadSpec::plain("kernel.efi", pseudo_random(kernel, 2)),
+            ],
+            symlink_blobs: true,
+        }
+    }
+
+    /// Writes the image into `dir` (which must not exist or be empty).
+    pub fn write(&self, dir: &Path) -> io::Result<WrittenImage> {
+        let blobs = dir.join("blobs/sha256");
+        fs::create_dir_all(&blobs)?;
+        fs::create_dir_all(dir.join("payloads"))?;
+        fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+
+        let mut infos = Vec::new();
+        let mut layers = Vec::new();
+        let mut payload_digests = Vec::new();
+        for p in &self.payloads {
+            let digest = sha256_hex(&p.data);
+            if self.symlink_blobs {
+                fs::write(dir.join("payloads").join(&p.name), &p.data)?;
+                let link = blobs.join(&digest);
+                if !link.exists() {
+                    symlink(Path::new("../../payloads").join(&p.name), link)?;
+                }
+            } else {
+                fs::write(blobs.join(&digest), &p.data)?;
+            }
+            let hashes: Vec<String> = p
+                .data
+                .chunks(CHUNK_SIZE as usize)
+                .map(|c| base64::engine::general_purpose::STANDARD_NO_PAD.encode(Sha256::digest(c)))
+                .collect();
+            infos.push(json!({
+                "name": p.name, "size": p.data.len(), "hash_chunk_size": CHUNK_SIZE,
+                "chunk_hashes_sha256": hashes,
+            }));
+            layers.push(json!({"mediaType": p.media_type, "digest": format!("sha256:{digest}"), "size": p.data.len()}));
+            payload_digests.push((p.name.clone(), digest));
+        }
+        let config =
+            json!({"format_version": "1", "product_info": self.product_info, "payloads": infos});
+        let mut img = WrittenImage {
+            dir: dir.to_path_buf(),
+            manifest_digest: String::new(),
+            config_digest: String::new(),
+            payload_digests,
+        };
+        img.config_digest = write_blob(dir, &config)?;
+        let config_size = blob_size(dir, &img.config_digest)?;
+        let manifest = json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "artifactType": "application/vnd.monogon.os.image.v1",
+            "config": {"mediaType": "application/vnd.monogon.os.image.config.v1+json",
+                       "digest": format!("sha256:{}", img.config_digest), "size": config_size},
+            "layers": layers,
+        });
+        img.manifest_digest = write_blob(dir, &manifest)?;
+        img.write_index_for_manifest()?;
+        Ok(img)
+    }
+}
+
+impl PayloadSpec {
+    pub fn plain(name: &str, data: Vec<u8>) -> Self {
+        PayloadSpec {
+            name: name.into(),
+            data,
+            media_type: "application/octet-stream".into(),
+        }
+    }
+}
+
+fn write_blob(dir: &Path, v: &Value) -> io::Result<String> {
+    let bytes = serde_json::to_vec(v).map_err(io::Error::other)?;
+    let digest = sha256_hex(&bytes);
+    fs::write(dir.join("blobs/sha256").join(&digest), bytes)?;
+    Ok(digest)
+}
+
+fn blob_size(dir: &Path, digest: &str) -> io::Result<u64> {
+    Ok(fs::metadata(dir.join("blobs/sha256").join(digest))?.len())
+}
+
+fn read_json(path: &Path) -> io::Result<Value> {
+    serde_json::from_slice(&fs::read(path)?).map_err(io::Error::other)
+}
+
+impl WrittenImage {
+    pub fn blob(&self, digest: &str) -> PathBuf {
+        self.dir.join("blobs/sha256").join(digest)
+    }
+
+    pub fn payload_blob(&self, name: &str) -> PathBuf {
+        let (_, d) = self
+            .payload_digests
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no payload {name}"));
+        self.blob(d)
+    }
+
+    pub fn index_path(&self) -> PathBuf {
+        self.dir.join("index.json")
+    }
+
+    pub fn write_index_for_manifest(&self) -> io::Result<()> {
+        let size = blob_size(&self.dir, &self.manifest_digest)?;
+        let index = json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [{
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "artifactType": "application/vnd.monogon.os.image.config.v1+json",
+                "digest": format!("sha256:{}", self.manifest_digest), "size": size,
+            }],
+        });
+        fs::write(
+            self.index_path(),
+            serde_json::to_vec(&index).map_err(io::Error::other)?,
+        )
+    }
+
+    /// Rewrites `index.json` through `f`.
+    pub fn edit_index(&self, f: impl FnOnce(&mut Value)) -> io::Result<()> {
+        let mut v = read_json(&self.index_path())?;
+        f(&mut v);
+        fs::write(
+            self.index_path(),
+            serde_json::to_vec(&v).map_err(io::Error::other)?,
+        )
+    }
+
+    /// Rewrites the manifest through `f` and re-links the index to it, so
+    /// that the edit is the only thing wrong with the image.
+    pub fn edit_manifest(&mut self, f: impl FnOnce(&mut Value)) -> io::Result<()> {
+        let mut v = read_json(&self.blob(&self.manifest_digest))?;
+        f(&mut v);
+        self.manifest_digest = write_blob(&self.dir, &v)?;
+        self.write_index_for_manifest()
+    }
+
+    /// Rewrites the config through `f` and re-links manifest and index.
+    pub fn edit_config(&mut self, f: impl FnOnce(&mut Value)) -> io::Result<()> {
+        let mut v = read_json(&self.blob(&self.config_digest))?;
+        f(&mut v);
+        let digest = write_blob(&self.dir, &v)?;
+        let size = blob_size(&self.dir, &digest)?;
+        self.config_digest = digest.clone();
+        self.edit_manifest(|m| {
+            m["config"]["digest"] = json!(format!("sha256:{digest}"));
+            m["config"]["size"] = json!(size);
+        })
+    }
+}

@@ -1,0 +1,286 @@
+//! Bad OS images and impossible disks get errors that name the file and
+//! field at fault.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use ociblk_layout::{DiskParams, Layout, OsImage};
+use ociblk_tests::oci::{ImageBuilder, PayloadSpec, WrittenImage};
+use ociblk_tests::support::{ociblk_bin, run_err};
+use serde_json::json;
+
+fn image(dir: &Path) -> WrittenImage {
+    ImageBuilder::with_sizes(3 << 20, 100_000)
+        .write(dir)
+        .unwrap()
+}
+
+/// The error of opening the image and laying out a default node disk.
+fn layout_error(dir: &Path) -> String {
+    let result = OsImage::open(dir).and_then(|img| Layout::build(&img, &DiskParams::new("n")));
+    match result {
+        Ok(_) => panic!("image in {} was accepted", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn assert_contains(msg: &str, parts: &[&str]) {
+    for p in parts {
+        assert!(msg.contains(p), "error {msg:?} does not mention {p:?}");
+    }
+}
+
+#[test]
+fn valid_image_is_accepted() {
+    let t = tempfile::tempdir().unwrap();
+    let img = image(t.path());
+    let os = OsImage::open(&img.dir).unwrap();
+    assert_eq!(os.payloads.len(), 2);
+    assert_eq!(os.product_info.architecture(), "x86_64");
+    Layout::build(&os, &DiskParams::new("n")).unwrap();
+}
+
+#[test]
+fn missing_index_json() {
+    let t = tempfile::tempdir().unwrap();
+    let img = image(t.path());
+    fs::remove_file(img.index_path()).unwrap();
+    assert_contains(&layout_error(&img.dir), &["index.json", "No such file"]);
+}
+
+#[test]
+fn two_manifests() {
+    let t = tempfile::tempdir().unwrap();
+    let img = image(t.path());
+    img.edit_index(|v| {
+        let m = v["manifests"][0].clone();
+        v["manifests"].as_array_mut().unwrap().push(m);
+    })
+    .unwrap();
+    assert_contains(
+        &layout_error(&img.dir),
+        &["index.json", "manifests", "2 entries", "exactly one"],
+    );
+}
+
+#[test]
+fn wrong_artifact_type() {
+    let t = tempfile::tempdir().unwrap();
+    let mut img = image(t.path());
+    img.edit_manifest(|m| m["artifactType"] = json!("application/vnd.example.other"))
+        .unwrap();
+    assert_contains(
+        &layout_error(&img.dir),
+        &[
+            "artifactType",
+            "application/vnd.example.other",
+            "application/vnd.monogon.os.image.v1",
+            &img.manifest_digest,
+        ],
+    );
+}
+
+#[test]
+fn wrong_format_version() {
+    let t = tempfile::tempdir().unwrap();
+    let mut img = image(t.path());
+    img.edit_config(|c| c["format_version"] = json!("2"))
+        .unwrap();
+    assert_contains(
+        &layout_error(&img.dir),
+        &["format_version", "\"2\"", &img.config_digest],
+    );
+}
+
+#[test]
+fn zstd_payload_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    let mut b = ImageBuilder::with_sizes(1 << 20, 1000);
+    b.payloads[0].media_type = "application/zstd".into();
+    let img = b.write(t.path()).unwrap();
+    assert_contains(
+        &layout_error(&img.dir),
+        &["\"system\"", "application/zstd", "uncompressed"],
+    );
+}
+
+#[test]
+fn missing_system_or_kernel_payload() {
+    for missing in ["system", "kernel.efi"] {
+        let t = tempfile::tempdir().unwrap();
+        let mut b = ImageBuilder::with_sizes(1 << 20, 1000);
+        b.payloads.retain(|p| p.name != missing);
+        b.payloads.push(PayloadSpec::plain("extra", vec![1, 2, 3]));
+        let img = b.write(t.path()).unwrap();
+        assert_contains(&layout_error(&img.dir), &["no payload", missing]);
+    }
+}
+
+#[test]
+fn blob_size_mismatch() {
+    let t = tempfile::tempdir().unwrap();
+    let img = image(t.path());
+    // Truncate the payload behind the symlink: the descriptor no longer fits.
+    let target = fs::canonicalize(img.payload_blob("kernel.efi")).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&target)
+        .unwrap()
+        .set_len(99_999)
+        .unwrap();
+    let (_, digest) = &img.payload_digests[1];
+    assert_contains(&layout_error(&img.dir), &[digest, "99999 bytes", "100000"]);
+}
+
+#[test]
+fn digests_that_are_paths_are_refused() {
+    for bad in [
+        "sha256:../../../etc/passwd",
+        "sha256:abc/def",
+        "sha256:..",
+        "md5:0123",
+    ] {
+        let t = tempfile::tempdir().unwrap();
+        let mut img = image(t.path());
+        img.edit_manifest(|m| m["layers"][1]["digest"] = json!(bad))
+            .unwrap();
+        assert_contains(
+            &layout_error(&img.dir),
+            &["layers[1].digest", &img.manifest_digest],
+        );
+        img.edit_index(|v| v["manifests"][0]["digest"] = json!(bad))
+            .unwrap();
+        assert_contains(
+            &layout_error(&img.dir),
+            &["index.json", "manifests[0].digest"],
+        );
+    }
+}
+
+#[test]
+fn manifest_sha256_mismatch() {
+    let t = tempfile::tempdir().unwrap();
+    let img = image(t.path());
+    let path = img.blob(&img.manifest_digest);
+    let mut bytes = fs::read(&path).unwrap();
+    // Same size, different content: only the hash can tell.
+    let i = bytes.iter().position(|&b| b == b'2').unwrap();
+    bytes[i] = b'3';
+    fs::write(&path, bytes).unwrap();
+    assert_contains(
+        &layout_error(&img.dir),
+        &[&img.manifest_digest, "sha256 of blob is"],
+    );
+}
+
+#[test]
+fn config_sha256_mismatch() {
+    let t = tempfile::tempdir().unwrap();
+    let img = image(t.path());
+    let path = img.blob(&img.config_digest);
+    let mut bytes = fs::read(&path).unwrap();
+    let i = bytes.iter().position(|&b| b == b'1').unwrap();
+    bytes[i] = b'7';
+    fs::write(&path, bytes).unwrap();
+    assert_contains(
+        &layout_error(&img.dir),
+        &[&img.config_digest, "sha256 of blob is"],
+    );
+}
+
+#[test]
+fn chunk_hash_count_and_chunk_size() {
+    let t = tempfile::tempdir().unwrap();
+    let mut img = image(t.path());
+    img.edit_config(|c| {
+        c["payloads"][0]["chunk_hashes_sha256"]
+            .as_array_mut()
+            .unwrap()
+            .truncate(1)
+    })
+    .unwrap();
+    assert_contains(
+        &layout_error(&img.dir),
+        &["payloads[0].chunk_hashes_sha256", "has 1 hashes", "need 3"],
+    );
+    img.edit_config(|c| c["payloads"][0]["hash_chunk_size"] = json!(32 << 20))
+        .unwrap();
+    assert_contains(&layout_error(&img.dir), &["payloads[0].hash_chunk_size"]);
+}
+
+#[test]
+fn payload_larger_than_its_partition() {
+    let t = tempfile::tempdir().unwrap();
+    let img = image(t.path());
+    let os = OsImage::open(&img.dir).unwrap();
+    let mut p = DiskParams::new("n");
+    p.system_size = 2 << 20;
+    let e = Layout::build(&os, &p).unwrap_err().to_string();
+    assert_contains(
+        &e,
+        &[
+            "\"system\"",
+            "3145728 bytes",
+            "METROPOLIS-SYSTEM-A",
+            "2097152",
+        ],
+    );
+}
+
+#[test]
+fn esp_content_too_large() {
+    let t = tempfile::tempdir().unwrap();
+    let img = ImageBuilder::with_sizes(1 << 20, 20 << 20)
+        .write(t.path())
+        .unwrap();
+    let os = OsImage::open(&img.dir).unwrap();
+    let mut p = DiskParams::new("n");
+    p.esp_size = 40 << 20; // kernel twice (boot-a.efi and BOOTx64.EFI) does not fit
+    let e = Layout::build(&os, &p).unwrap_err().to_string();
+    assert_contains(&e, &["ESP content too large"]);
+}
+
+#[test]
+fn disk_too_small_for_the_partitions() {
+    let t = tempfile::tempdir().unwrap();
+    let img = image(t.path());
+    let os = OsImage::open(&img.dir).unwrap();
+    let mut p = DiskParams::new("n");
+    p.disk_size = 1 << 30;
+    let e = Layout::build(&os, &p).unwrap_err().to_string();
+    assert_contains(
+        &e,
+        &[
+            "disk too small",
+            "METROPOLIS-SYSTEM-A",
+            "needs 2097152 sectors",
+            "1073741824 bytes",
+        ],
+    );
+}
+
+#[test]
+fn cli_reports_errors_with_context_and_exit_status() {
+    let t = tempfile::tempdir().unwrap();
+    let img = image(t.path());
+    fs::remove_file(img.index_path()).unwrap();
+    let err = run_err(
+        Command::new(ociblk_bin())
+            .arg("inspect")
+            .arg("--image")
+            .arg(&img.dir),
+    );
+    assert_contains(&err, &["ociblk: error: cannot read OS image", "index.json"]);
+    let err =
+        run_err(Command::new(ociblk_bin()).args(["inspect", "--image", "x", "--disk-size", "5Q"]));
+    assert_contains(&err, &["--disk-size", "unknown suffix"]);
+    let err = run_err(Command::new(ociblk_bin()).args([
+        "inspect",
+        "--image",
+        "x",
+        "--disk-guid",
+        "nope",
+    ]));
+    assert_contains(&err, &["--disk-guid", "invalid GUID"]);
+}
