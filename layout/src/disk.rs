@@ -127,7 +127,7 @@ fn user_file(role: &str, path: &Path) -> Result<Source> {
 impl Layout {
     /// Computes the node disk for `image` and `params`.
     pub fn build(image: &OsImage, params: &DiskParams) -> Result<Self> {
-        if params.disk_size % SECTOR_SIZE != 0 {
+        if !params.disk_size.is_multiple_of(SECTOR_SIZE) {
             return Err(Error::Param {
                 param: "disk-size",
                 message: format!(

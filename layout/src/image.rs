@@ -118,14 +118,14 @@ impl OsImage {
             &["manifests"],
         )?;
         let index: ImageIndex = parse_json(&index_path, &index_bytes)?;
-        if let Some(mt) = index.media_type() {
-            if mt.as_ref() != MEDIA_TYPE_INDEX {
-                return Err(Error::invalid(
-                    &index_path,
-                    "mediaType",
-                    format!("is {mt}, expected {MEDIA_TYPE_INDEX}"),
-                ));
-            }
+        if let Some(mt) = index.media_type()
+            && mt.as_ref() != MEDIA_TYPE_INDEX
+        {
+            return Err(Error::invalid(
+                &index_path,
+                "mediaType",
+                format!("is {mt}, expected {MEDIA_TYPE_INDEX}"),
+            ));
         }
         let manifests = index.manifests();
         if manifests.len() != 1 {

@@ -1,1 +1,7 @@
-//! placeholder
+//! Test support for ociblk: a vhost-user-blk client used by the integration tests and
+//! the benchmark tool.
+
+pub mod vhost_client;
+
+pub mod oci;
+pub mod support;

@@ -1,6 +1,8 @@
 //! `ociblk export` output judged by outside tools: sgdisk, fsck.fat, mtools,
 //! and the `gpt` and `fatfs` crates, for several input sets.
 
+#![allow(clippy::unwrap_used)]
+
 use std::fs::{self, File};
 use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt};

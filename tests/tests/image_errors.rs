@@ -1,6 +1,8 @@
 //! Bad OS images and impossible disks get errors that name the file and
 //! field at fault.
 
+#![allow(clippy::unwrap_used)]
+
 use std::fs;
 use std::path::Path;
 use std::process::Command;

@@ -1,0 +1,90 @@
+//! Computing a node disk's layout: the cost of launching a node with ociblk.
+//! Payloads grow from 1 MiB to 1 GiB; the time must not.
+
+#![allow(clippy::unwrap_used)]
+
+use std::fs;
+use std::hint::black_box;
+use std::path::Path;
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use ociblk_layout::{DiskParams, Layout, OsImage};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+const CHUNK: u64 = 1 << 20;
+
+fn hex(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Writes an image whose payloads are sparse files of the given sizes. The
+/// layout never reads payload data, so their content does not matter; chunk
+/// hash lists have the right length.
+fn write_image(dir: &Path, system: u64, kernel: u64) {
+    let blobs = dir.join("blobs/sha256");
+    fs::create_dir_all(&blobs).unwrap();
+    fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let mut infos = Vec::new();
+    let mut layers = Vec::new();
+    for (i, (name, size)) in [("system", system), ("kernel.efi", kernel)]
+        .into_iter()
+        .enumerate()
+    {
+        let digest = format!("{:064x}", i + 1);
+        fs::File::create(blobs.join(&digest))
+            .unwrap()
+            .set_len(size)
+            .unwrap();
+        let hashes: Vec<&str> = (0..size.div_ceil(CHUNK)).map(|_| "x").collect();
+        infos.push(json!({"name": name, "size": size, "hash_chunk_size": CHUNK, "chunk_hashes_sha256": hashes}));
+        layers.push(json!({"mediaType": "application/octet-stream", "digest": format!("sha256:{digest}"), "size": size}));
+    }
+    let config = serde_json::to_vec(
+        &json!({"format_version": "1", "product_info": {"variant": "x86_64"}, "payloads": infos}),
+    )
+    .unwrap();
+    let cd = hex(&config);
+    fs::write(blobs.join(&cd), &config).unwrap();
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": "application/vnd.monogon.os.image.v1",
+        "config": {"mediaType": "application/vnd.monogon.os.image.config.v1+json", "digest": format!("sha256:{cd}"), "size": config.len()},
+        "layers": layers,
+    }))
+    .unwrap();
+    let md = hex(&manifest);
+    fs::write(blobs.join(&md), &manifest).unwrap();
+    let index = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": format!("sha256:{md}"), "size": manifest.len()}]});
+    fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+}
+
+fn layout(c: &mut Criterion) {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut group = c.benchmark_group("node_disk");
+    for system in [1u64 << 20, 64 << 20, 1 << 30] {
+        let dir = tmp.path().join(format!("img-{system}"));
+        write_image(&dir, system, 16 << 20);
+        let image = OsImage::open(&dir).unwrap();
+        let params = DiskParams::new("node0");
+        let label = format!("{}MiB", system >> 20);
+        group.bench_with_input(BenchmarkId::new("layout", &label), &image, |b, image| {
+            b.iter(|| Layout::build(black_box(image), black_box(&params)).unwrap())
+        });
+        group.bench_with_input(
+            BenchmarkId::new("open_image_and_layout", &label),
+            &dir,
+            |b, dir| {
+                b.iter(|| Layout::build(&OsImage::open(black_box(dir)).unwrap(), &params).unwrap())
+            },
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, layout);
+criterion_main!(benches);

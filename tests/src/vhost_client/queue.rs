@@ -1,0 +1,1457 @@
+// SPDX-License-Identifier: Apache-2.0
+
+//! Driver side of one split virtqueue: ring layout, descriptor management, submission,
+//! notification (with `VIRTIO_RING_F_EVENT_IDX`) and completion reaping.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::sync::atomic::{Ordering, fence};
+use std::time::{Duration, Instant};
+
+use virtio_bindings::virtio_ring::{
+    VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
+};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use super::ClientError;
+use super::config::SECTOR_SIZE;
+use super::memory::{Block, BufferPool, GUEST_MEMORY_BASE, PAGE_SIZE, SharedRam, align_up};
+use super::request::{
+    BLK_ID_SIZE, BlkStatus, Completion, POISON_BYTE, RawCompletion, RawData, RawDesc, Request,
+    Token, blk_header, blk_segment,
+};
+
+/// Size of one split-ring descriptor (`struct vring_desc`).
+const DESC_SIZE: u64 = 16;
+/// Size of one used-ring element (`struct vring_used_elem`).
+const USED_ELEM_SIZE: u64 = 8;
+/// Offset of `idx` in the avail and used rings (after `flags`).
+const RING_IDX_OFFSET: u64 = 2;
+/// Offset of `ring[0]` in the avail and used rings (after `flags` and `idx`).
+const RING_ENTRIES_OFFSET: u64 = 4;
+/// How long a completion found without a call is given for the call to arrive before
+/// it counts as a missed notification.
+const NOTIFICATION_GRACE: Duration = Duration::from_millis(200);
+
+/// Guest-memory footprint of a split ring of `size` entries, each part page aligned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RingLayout {
+    pub(crate) desc: u64,
+    pub(crate) avail: u64,
+    pub(crate) used: u64,
+    pub(crate) end: u64,
+}
+
+impl RingLayout {
+    /// Lays out a ring of `size` entries starting at guest address `start`.
+    pub(crate) fn new(start: u64, size: u16) -> Self {
+        let n = u64::from(size);
+        let desc = align_up(start, PAGE_SIZE);
+        let avail = align_up(desc + DESC_SIZE * n, PAGE_SIZE);
+        // flags, idx, ring[n], used_event
+        let avail_bytes = RING_ENTRIES_OFFSET + 2 * n + 2;
+        let used = align_up(avail + avail_bytes, PAGE_SIZE);
+        // flags, idx, ring[n], avail_event
+        let used_bytes = RING_ENTRIES_OFFSET + USED_ELEM_SIZE * n + 2;
+        let end = align_up(used + used_bytes, PAGE_SIZE);
+        Self {
+            desc,
+            avail,
+            used,
+            end,
+        }
+    }
+}
+
+/// `vring_need_event()`: whether moving an index from `old` to `new` crosses `event`.
+fn need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
+/// Per-queue settings derived from the client options and negotiated features.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct QueueSettings {
+    pub(crate) size: u16,
+    pub(crate) event_idx: bool,
+    pub(crate) kick_suppression: bool,
+    pub(crate) indirect: bool,
+    pub(crate) poison: bool,
+    pub(crate) timeout: Duration,
+}
+
+/// Counters of one queue's activity.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Requests made available to the device.
+    pub submitted: u64,
+    /// Used-ring entries reaped.
+    pub completed: u64,
+    /// Kick eventfd writes.
+    pub kicks: u64,
+    /// Call eventfd wake-ups consumed.
+    pub calls: u64,
+}
+
+/// Where a planned descriptor's buffer comes from, before allocation.
+enum Source<'a> {
+    Bytes(&'a [u8]),
+    Space { len: u32, fill: Option<u8> },
+    Addr { addr: u64, len: u32 },
+    Indirect(Vec<Segment<'a>>),
+}
+
+struct Segment<'a> {
+    source: Source<'a>,
+    writable: bool,
+}
+
+impl<'a> Segment<'a> {
+    fn from_raw(desc: &'a RawDesc) -> Self {
+        let source = match &desc.data {
+            RawData::Bytes(bytes) => Source::Bytes(bytes),
+            RawData::Space(len) => Source::Space {
+                len: *len,
+                fill: Some(POISON_BYTE),
+            },
+            RawData::Addr { addr, len } => Source::Addr {
+                addr: *addr,
+                len: *len,
+            },
+            RawData::Indirect(descs) => {
+                Source::Indirect(descs.iter().map(Self::from_raw).collect())
+            }
+        };
+        Self {
+            source,
+            writable: desc.writable,
+        }
+    }
+}
+
+/// A descriptor ready to be written: address, length and flags (without `NEXT`).
+#[derive(Clone, Copy, Debug)]
+struct PlannedDesc {
+    addr: u64,
+    len: u32,
+    flags: u16,
+}
+
+/// What the client does with a request's buffers on completion.
+#[derive(Debug)]
+enum Kind {
+    /// A typed request: writable buffers are `[data?, status]`.
+    Typed { has_data: bool },
+    /// A raw request: every writable buffer is returned.
+    Raw,
+}
+
+/// Book-keeping for a request in flight, indexed by its head descriptor.
+#[derive(Debug)]
+struct InFlight {
+    token: Token,
+    ring_descs: Vec<u16>,
+    blocks: Vec<Block>,
+    writable: Vec<(u64, u32)>,
+    kind: Kind,
+}
+
+/// One virtqueue of a [`VhostBlkClient`](super::VhostBlkClient).
+///
+/// Requests are submitted with [`submit`](Self::submit) or [`submit_raw`](Self::submit_raw),
+/// which return a [`Token`]; any number may be in flight (bounded by free descriptors
+/// and buffer memory). Completions are reaped in whatever order the device uses them:
+/// [`poll_completions`](Self::poll_completions) hands out finished typed requests,
+/// [`wait_completion`](Self::wait_completion) and [`wait`](Self::wait) block (bounded)
+/// for one token, and [`wait_call`](Self::wait_call) blocks on the call eventfd.
+///
+/// A queue is `Send`: a benchmark can drive each queue of one client from its own thread
+/// (see [`VhostBlkClient::queues_mut`](super::VhostBlkClient::queues_mut)).
+#[derive(Debug)]
+pub struct BlkQueue {
+    index: u16,
+    settings: QueueSettings,
+    ram: SharedRam,
+    ring: RingLayout,
+    kick: EventFd,
+    call: EventFd,
+    sock: Arc<UnixStream>,
+    free_descs: Vec<u16>,
+    next_avail: u16,
+    notified_at: u16,
+    last_used: u16,
+    in_flight: Vec<Option<InFlight>>,
+    in_flight_count: usize,
+    done: VecDeque<Completion>,
+    raw_done: HashMap<Token, RawCompletion>,
+    pool: BufferPool,
+    next_token: u64,
+    auto_kick: bool,
+    stats: QueueStats,
+}
+
+impl BlkQueue {
+    /// Creates queue `index` with its ring at `ring` and buffers from `pool`.
+    pub(crate) fn new(
+        index: u16,
+        settings: QueueSettings,
+        ram: SharedRam,
+        ring: RingLayout,
+        pool: BufferPool,
+        sock: Arc<UnixStream>,
+    ) -> Result<Self, ClientError> {
+        let eventfd = |what| {
+            EventFd::new(EFD_NONBLOCK).map_err(|source| ClientError::EventFd {
+                queue: index,
+                what,
+                source,
+            })
+        };
+        let size = settings.size;
+        let mut queue = Self {
+            index,
+            settings,
+            ram,
+            ring,
+            kick: eventfd("kick")?,
+            call: eventfd("call")?,
+            sock,
+            free_descs: (0..size).rev().collect(),
+            next_avail: 0,
+            notified_at: 0,
+            last_used: 0,
+            in_flight: (0..size).map(|_| None).collect(),
+            in_flight_count: 0,
+            done: VecDeque::new(),
+            raw_done: HashMap::new(),
+            pool,
+            next_token: 0,
+            auto_kick: true,
+            stats: QueueStats::default(),
+        };
+        queue.reset_ring()?;
+        Ok(queue)
+    }
+
+    /// Zeroes the ring memory (flags, indices, event fields).
+    fn reset_ring(&mut self) -> Result<(), ClientError> {
+        let zeros = vec![0u8; (self.ring.end - self.ring.desc) as usize];
+        self.write_mem(self.ring.desc, &zeros)
+    }
+
+    /// The queue's index.
+    pub fn index(&self) -> u16 {
+        self.index
+    }
+
+    /// The queue's size (number of descriptors).
+    pub fn size(&self) -> u16 {
+        self.settings.size
+    }
+
+    /// Requests submitted and not yet reaped.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight_count
+    }
+
+    /// Descriptors currently free in the descriptor table.
+    pub fn free_descriptors(&self) -> usize {
+        self.free_descs.len()
+    }
+
+    /// Ring descriptors one typed request takes at most: 1 with indirect tables, else
+    /// 3 (header, data, status; flush and empty transfers take 2).
+    pub fn descriptors_per_request(&self) -> usize {
+        if self.settings.indirect { 1 } else { 3 }
+    }
+
+    /// Activity counters.
+    pub fn stats(&self) -> QueueStats {
+        self.stats
+    }
+
+    /// The eventfd the device signals (for callers with their own poll loop).
+    pub fn call_fd(&self) -> &EventFd {
+        &self.call
+    }
+
+    /// The eventfd the client writes to notify the device.
+    pub(crate) fn kick_fd(&self) -> &EventFd {
+        &self.kick
+    }
+
+    /// Guest addresses of the descriptor table, avail ring and used ring.
+    pub fn ring_addresses(&self) -> (u64, u64, u64) {
+        (self.ring.desc, self.ring.avail, self.ring.used)
+    }
+
+    /// With `on` (the default) every submission notifies the device; with `off`
+    /// submissions only publish, and [`kick`](Self::kick) notifies once for a batch.
+    pub fn set_auto_kick(&mut self, on: bool) {
+        self.auto_kick = on;
+    }
+
+    fn gmem_err(&self, addr: u64, source: vm_memory::GuestMemoryError) -> ClientError {
+        ClientError::GuestMemory {
+            queue: self.index,
+            addr,
+            source,
+        }
+    }
+
+    fn write_mem(&self, addr: u64, bytes: &[u8]) -> Result<(), ClientError> {
+        self.ram
+            .mem()
+            .write_slice(bytes, GuestAddress(addr))
+            .map_err(|e| self.gmem_err(addr, e))
+    }
+
+    fn read_mem(&self, addr: u64, len: u32) -> Result<Vec<u8>, ClientError> {
+        let mut buf = vec![0u8; len as usize];
+        self.ram
+            .mem()
+            .read_slice(&mut buf, GuestAddress(addr))
+            .map_err(|e| self.gmem_err(addr, e))?;
+        Ok(buf)
+    }
+
+    fn store_u16(&self, addr: u64, value: u16, order: Ordering) -> Result<(), ClientError> {
+        self.ram
+            .mem()
+            .store(value, GuestAddress(addr), order)
+            .map_err(|e| self.gmem_err(addr, e))
+    }
+
+    fn load_u16(&self, addr: u64, order: Ordering) -> Result<u16, ClientError> {
+        self.ram
+            .mem()
+            .load(GuestAddress(addr), order)
+            .map_err(|e| self.gmem_err(addr, e))
+    }
+
+    fn used_event_addr(&self) -> u64 {
+        self.ring.avail + RING_ENTRIES_OFFSET + 2 * u64::from(self.settings.size)
+    }
+
+    fn avail_event_addr(&self) -> u64 {
+        self.ring.used + RING_ENTRIES_OFFSET + USED_ELEM_SIZE * u64::from(self.settings.size)
+    }
+
+    fn fill(&self, addr: u64, len: u32, byte: u8) -> Result<(), ClientError> {
+        self.write_mem(addr, &vec![byte; len as usize])
+    }
+
+    /// Allocates and fills the buffers of `segments`, returning the descriptors to put
+    /// in the ring (or in an indirect table). Allocations are appended to `blocks` and
+    /// writable buffers to `writable`, in chain order.
+    fn plan(
+        &mut self,
+        segments: &[Segment<'_>],
+        blocks: &mut Vec<Block>,
+        writable: &mut Vec<(u64, u32)>,
+    ) -> Result<Vec<PlannedDesc>, ClientError> {
+        let mut planned = Vec::with_capacity(segments.len());
+        for seg in segments {
+            let write_flag = if seg.writable {
+                VRING_DESC_F_WRITE as u16
+            } else {
+                0
+            };
+            let desc = match &seg.source {
+                Source::Bytes(bytes) => {
+                    let len = self.buffer_len(bytes.len() as u64)?;
+                    let block = self.alloc(u64::from(len), blocks)?;
+                    self.write_mem(block.addr, bytes)?;
+                    PlannedDesc {
+                        addr: block.addr,
+                        len,
+                        flags: write_flag,
+                    }
+                }
+                Source::Space { len, fill } => {
+                    let block = self.alloc(u64::from(*len), blocks)?;
+                    if let Some(byte) = fill {
+                        self.fill(block.addr, *len, *byte)?;
+                    }
+                    PlannedDesc {
+                        addr: block.addr,
+                        len: *len,
+                        flags: write_flag,
+                    }
+                }
+                Source::Addr { addr, len } => PlannedDesc {
+                    addr: *addr,
+                    len: *len,
+                    flags: write_flag,
+                },
+                Source::Indirect(inner) => {
+                    let table = self.plan(inner, blocks, writable)?;
+                    let len = self.buffer_len(DESC_SIZE * table.len() as u64)?;
+                    let block = self.alloc(u64::from(len), blocks)?;
+                    for (i, desc) in table.iter().enumerate() {
+                        let next = (i + 1 < table.len()).then_some(i as u16 + 1);
+                        self.write_desc(block.addr + DESC_SIZE * i as u64, desc, next)?;
+                    }
+                    PlannedDesc {
+                        addr: block.addr,
+                        len,
+                        flags: VRING_DESC_F_INDIRECT as u16 | write_flag,
+                    }
+                }
+            };
+            if seg.writable && !matches!(seg.source, Source::Indirect(_)) {
+                writable.push((desc.addr, desc.len));
+            }
+            planned.push(desc);
+        }
+        Ok(planned)
+    }
+
+    fn buffer_len(&self, len: u64) -> Result<u32, ClientError> {
+        u32::try_from(len).map_err(|_| {
+            ClientError::InvalidRequest(format!("buffer of {len} bytes exceeds a descriptor"))
+        })
+    }
+
+    fn alloc(&mut self, len: u64, blocks: &mut Vec<Block>) -> Result<Block, ClientError> {
+        let block = self.pool.alloc(len).ok_or(ClientError::OutOfBufferMemory {
+            queue: self.index,
+            requested: len,
+        })?;
+        blocks.push(block);
+        Ok(block)
+    }
+
+    /// Writes descriptor `desc` at `addr`, chaining to `next` if given.
+    fn write_desc(
+        &self,
+        addr: u64,
+        desc: &PlannedDesc,
+        next: Option<u16>,
+    ) -> Result<(), ClientError> {
+        let mut flags = desc.flags;
+        if next.is_some() {
+            flags |= VRING_DESC_F_NEXT as u16;
+        }
+        let mut bytes = [0u8; DESC_SIZE as usize];
+        bytes[0..8].copy_from_slice(&desc.addr.to_le_bytes());
+        bytes[8..12].copy_from_slice(&desc.len.to_le_bytes());
+        bytes[12..14].copy_from_slice(&flags.to_le_bytes());
+        bytes[14..16].copy_from_slice(&next.unwrap_or(0).to_le_bytes());
+        self.write_mem(addr, &bytes)
+    }
+
+    /// Plans, writes and publishes one chain, then notifies if auto-kick is on.
+    fn submit_segments(
+        &mut self,
+        segments: &[Segment<'_>],
+        kind: Kind,
+    ) -> Result<Token, ClientError> {
+        if segments.is_empty() {
+            return Err(ClientError::InvalidRequest("empty descriptor chain".into()));
+        }
+        let needed = segments.len();
+        let free = self.free_descs.len();
+        if needed > free {
+            return Err(ClientError::QueueFull {
+                queue: self.index,
+                needed,
+                free,
+            });
+        }
+        let mut blocks = Vec::new();
+        let mut writable = Vec::new();
+        let planned = match self.plan(segments, &mut blocks, &mut writable) {
+            Ok(planned) => planned,
+            Err(e) => {
+                for block in blocks {
+                    self.pool.free(block);
+                }
+                return Err(e);
+            }
+        };
+        let ids: Vec<u16> = (0..needed).filter_map(|_| self.free_descs.pop()).collect();
+        let mut result = Ok(());
+        for (i, desc) in planned.iter().enumerate() {
+            let addr = self.ring.desc + DESC_SIZE * u64::from(ids[i]);
+            result = self.write_desc(addr, desc, ids.get(i + 1).copied());
+            if result.is_err() {
+                break;
+            }
+        }
+        if let Err(e) = result {
+            self.free_descs.extend(ids.iter().rev());
+            for block in blocks {
+                self.pool.free(block);
+            }
+            return Err(e);
+        }
+
+        let head = ids[0];
+        let token = Token(self.next_token);
+        self.next_token += 1;
+        self.in_flight[usize::from(head)] = Some(InFlight {
+            token,
+            ring_descs: ids,
+            blocks,
+            writable,
+            kind,
+        });
+        self.in_flight_count += 1;
+
+        let slot = u64::from(self.next_avail % self.settings.size);
+        self.store_u16(
+            self.ring.avail + RING_ENTRIES_OFFSET + 2 * slot,
+            head,
+            Ordering::Relaxed,
+        )?;
+        self.next_avail = self.next_avail.wrapping_add(1);
+        // Release: descriptors and the ring entry are visible before the new index.
+        self.store_u16(
+            self.ring.avail + RING_IDX_OFFSET,
+            self.next_avail,
+            Ordering::Release,
+        )?;
+        self.stats.submitted += 1;
+        if self.auto_kick {
+            self.kick()?;
+        }
+        Ok(token)
+    }
+
+    /// Notifies the device of requests published since the last notification, unless it
+    /// suppressed notifications (only honoured with `kick_suppression`; otherwise every
+    /// call with new requests writes the kick eventfd).
+    pub fn kick(&mut self) -> Result<(), ClientError> {
+        if self.next_avail == self.notified_at {
+            return Ok(());
+        }
+        // The new avail index must be visible before reading the device's suppression
+        // state, or both sides could decide not to act.
+        fence(Ordering::SeqCst);
+        let needed = if !self.settings.kick_suppression {
+            true
+        } else if self.settings.event_idx {
+            let event = self.load_u16(self.avail_event_addr(), Ordering::Relaxed)?;
+            need_event(event, self.next_avail, self.notified_at)
+        } else {
+            let flags = self.load_u16(self.ring.used, Ordering::Relaxed)?;
+            flags & VRING_USED_F_NO_NOTIFY as u16 == 0
+        };
+        self.notified_at = self.next_avail;
+        if needed {
+            self.kick.write(1).map_err(|source| ClientError::EventFd {
+                queue: self.index,
+                what: "kick",
+                source,
+            })?;
+            self.stats.kicks += 1;
+        }
+        Ok(())
+    }
+
+    /// Submits a typed request and returns its token.
+    pub fn submit(&mut self, request: Request<'_>) -> Result<Token, ClientError> {
+        let sector = |offset: u64| {
+            if !offset.is_multiple_of(SECTOR_SIZE) {
+                Err(ClientError::InvalidRequest(format!(
+                    "offset {offset} is not a multiple of {SECTOR_SIZE}"
+                )))
+            } else {
+                Ok(offset / SECTOR_SIZE)
+            }
+        };
+        let sectors = |len: u64| {
+            if !len.is_multiple_of(SECTOR_SIZE) {
+                return Err(ClientError::InvalidRequest(format!(
+                    "length {len} is not a multiple of {SECTOR_SIZE}"
+                )));
+            }
+            u32::try_from(len / SECTOR_SIZE).map_err(|_| {
+                ClientError::InvalidRequest(format!("length {len} exceeds one segment"))
+            })
+        };
+        let data_fill = self.settings.poison.then_some(POISON_BYTE);
+        let (header, middle, has_data) = match request {
+            Request::Read { offset, len } => (
+                blk_header(request.request_type(), sector(offset)?),
+                (len > 0).then_some(Segment {
+                    source: Source::Space {
+                        len,
+                        fill: data_fill,
+                    },
+                    writable: true,
+                }),
+                len > 0,
+            ),
+            Request::Write { offset, data } => (
+                blk_header(request.request_type(), sector(offset)?),
+                (!data.is_empty()).then_some(Segment {
+                    source: Source::Bytes(data),
+                    writable: false,
+                }),
+                false,
+            ),
+            Request::Flush => (blk_header(request.request_type(), 0), None, false),
+            Request::GetId => (
+                blk_header(request.request_type(), 0),
+                Some(Segment {
+                    source: Source::Space {
+                        len: BLK_ID_SIZE as u32,
+                        fill: Some(0),
+                    },
+                    writable: true,
+                }),
+                true,
+            ),
+            Request::Discard { offset, len } | Request::WriteZeroes { offset, len, .. } => {
+                let unmap = matches!(request, Request::WriteZeroes { unmap: true, .. });
+                let segment = blk_segment(sector(offset)?, sectors(len)?, unmap);
+                return self.submit_typed(
+                    blk_header(request.request_type(), 0),
+                    Some(Segment {
+                        source: Source::Bytes(&segment),
+                        writable: false,
+                    }),
+                    false,
+                );
+            }
+        };
+        self.submit_typed(header, middle, has_data)
+    }
+
+    fn submit_typed(
+        &mut self,
+        header: [u8; 16],
+        middle: Option<Segment<'_>>,
+        has_data: bool,
+    ) -> Result<Token, ClientError> {
+        let mut segments = Vec::with_capacity(3);
+        segments.push(Segment {
+            source: Source::Bytes(&header),
+            writable: false,
+        });
+        segments.extend(middle);
+        segments.push(Segment {
+            source: Source::Space {
+                len: 1,
+                fill: Some(POISON_BYTE),
+            },
+            writable: true,
+        });
+        let kind = Kind::Typed { has_data };
+        if self.settings.indirect {
+            let table = Segment {
+                source: Source::Indirect(segments),
+                writable: false,
+            };
+            self.submit_segments(std::slice::from_ref(&table), kind)
+        } else {
+            self.submit_segments(&segments, kind)
+        }
+    }
+
+    /// Submits an arbitrary descriptor chain (possibly malformed) and returns its
+    /// token; wait for it with [`wait`](Self::wait).
+    pub fn submit_raw(&mut self, descriptors: &[RawDesc]) -> Result<Token, ClientError> {
+        let segments: Vec<Segment<'_>> = descriptors.iter().map(Segment::from_raw).collect();
+        self.submit_segments(&segments, Kind::Raw)
+    }
+
+    /// Whether guest memory holds `[addr, addr + len)`.
+    fn in_guest_memory(&self, addr: u64, len: u32) -> bool {
+        addr >= GUEST_MEMORY_BASE
+            && addr
+                .checked_add(u64::from(len))
+                .is_some_and(|end| end <= GUEST_MEMORY_BASE + self.ram.size())
+    }
+
+    /// Takes the used entry at `last_used` and finishes its request.
+    fn complete_one(&mut self) -> Result<(), ClientError> {
+        let slot = u64::from(self.last_used % self.settings.size);
+        let elem = self.read_mem(
+            self.ring.used + RING_ENTRIES_OFFSET + USED_ELEM_SIZE * slot,
+            8,
+        )?;
+        self.last_used = self.last_used.wrapping_add(1);
+        self.stats.completed += 1;
+        let field = |range: std::ops::Range<usize>| {
+            elem.get(range)
+                .and_then(|b| b.try_into().ok())
+                .map(u32::from_le_bytes)
+                .unwrap_or(u32::MAX)
+        };
+        let (id, used_len) = (field(0..4), field(4..8));
+        let flight = usize::try_from(id)
+            .ok()
+            .and_then(|i| self.in_flight.get_mut(i))
+            .and_then(Option::take)
+            .ok_or(ClientError::BadUsedId {
+                queue: self.index,
+                id,
+            })?;
+        self.in_flight_count -= 1;
+        self.free_descs.extend(flight.ring_descs.iter().rev());
+        let outcome = self.collect(&flight, used_len);
+        for block in flight.blocks {
+            self.pool.free(block);
+        }
+        match outcome? {
+            Finished::Typed(c) => self.done.push_back(c),
+            Finished::Raw(c) => {
+                self.raw_done.insert(c.token, c);
+            }
+        }
+        Ok(())
+    }
+
+    fn collect(&self, flight: &InFlight, used_len: u32) -> Result<Finished, ClientError> {
+        match flight.kind {
+            Kind::Typed { has_data } => {
+                let status = match flight.writable.last() {
+                    Some(&(addr, len)) if len > 0 => self
+                        .read_mem(addr + u64::from(len) - 1, 1)?
+                        .first()
+                        .copied()
+                        .unwrap_or(POISON_BYTE),
+                    _ => POISON_BYTE,
+                };
+                let data = match (has_data, flight.writable.first()) {
+                    (true, Some(&(addr, len))) => self.read_mem(addr, len)?,
+                    _ => Vec::new(),
+                };
+                Ok(Finished::Typed(Completion {
+                    token: flight.token,
+                    status: BlkStatus::from(status),
+                    used_len,
+                    data,
+                }))
+            }
+            Kind::Raw => {
+                let mut buffers = Vec::with_capacity(flight.writable.len());
+                for &(addr, len) in &flight.writable {
+                    buffers.push(if self.in_guest_memory(addr, len) {
+                        self.read_mem(addr, len)?
+                    } else {
+                        Vec::new()
+                    });
+                }
+                Ok(Finished::Raw(RawCompletion {
+                    token: flight.token,
+                    used_len,
+                    writable: buffers,
+                }))
+            }
+        }
+    }
+
+    /// Reaps every used entry the device has published; with `EVENT_IDX`, also asks
+    /// for a call on the next completion. Returns how many entries were reaped.
+    fn reap(&mut self) -> Result<usize, ClientError> {
+        let mut reaped = 0;
+        loop {
+            let used_idx = self.load_u16(self.ring.used + RING_IDX_OFFSET, Ordering::Acquire)?;
+            let pending = used_idx.wrapping_sub(self.last_used);
+            if usize::from(pending) > self.in_flight_count {
+                return Err(ClientError::BadUsedIndex {
+                    queue: self.index,
+                    last_used: self.last_used,
+                    used_idx,
+                    in_flight: self.in_flight_count,
+                });
+            }
+            if pending == 0 {
+                if !self.settings.event_idx {
+                    return Ok(reaped);
+                }
+                self.store_u16(self.used_event_addr(), self.last_used, Ordering::Relaxed)?;
+                // used_event must be visible before re-reading the used index, or a
+                // completion racing with it would be neither seen nor signalled.
+                fence(Ordering::SeqCst);
+                let again = self.load_u16(self.ring.used + RING_IDX_OFFSET, Ordering::Acquire)?;
+                if again == self.last_used {
+                    return Ok(reaped);
+                }
+                continue;
+            }
+            for _ in 0..pending {
+                self.complete_one()?;
+                reaped += 1;
+            }
+        }
+    }
+
+    /// Reaps the used ring without blocking and moves finished typed requests to `out`
+    /// (in completion order). Raw requests stay queued for [`wait`](Self::wait).
+    /// Returns how many completions were appended.
+    pub fn poll_completions(&mut self, out: &mut Vec<Completion>) -> Result<usize, ClientError> {
+        self.reap()?;
+        let n = self.done.len();
+        out.extend(self.done.drain(..));
+        Ok(n)
+    }
+
+    /// Consumes a pending call signal without blocking; true if there was one.
+    fn drain_call(&mut self) -> Result<bool, ClientError> {
+        match self.call.read() {
+            Ok(_) => {
+                self.stats.calls += 1;
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+            Err(source) => Err(ClientError::EventFd {
+                queue: self.index,
+                what: "call",
+                source,
+            }),
+        }
+    }
+
+    /// Blocks until the device signals the call eventfd (`Ok(true)`) or `timeout`
+    /// passes (`Ok(false)`). Fails with [`ClientError::Disconnected`] when the backend
+    /// closes the connection. Call [`poll_completions`](Self::poll_completions) before
+    /// sleeping so that `EVENT_IDX` asks for the next call.
+    pub fn wait_call(&mut self, timeout: Duration) -> Result<bool, ClientError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.call.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.sock.as_raw_fd(),
+                    events: libc::POLLRDHUP,
+                    revents: 0,
+                },
+            ];
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let millis = remaining
+                .as_micros()
+                .div_ceil(1000)
+                .min(libc::c_int::MAX as u128) as libc::c_int;
+            // SAFETY: `fds` is a valid array of two pollfd structs for the whole call, and
+            // its length is passed alongside; both descriptors are owned by `self`.
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, millis) };
+            if rc < 0 {
+                let err = std::io::Error::last_os_error();
+                if err.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(ClientError::Poll {
+                    queue: self.index,
+                    source: err,
+                });
+            }
+            if fds[0].revents & libc::POLLIN != 0 && self.drain_call()? {
+                return Ok(true);
+            }
+            if fds[1].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL)
+                != 0
+            {
+                return Err(ClientError::Disconnected { queue: self.index });
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+        }
+    }
+
+    fn is_in_flight(&self, token: Token) -> bool {
+        self.in_flight.iter().flatten().any(|f| f.token == token)
+    }
+
+    fn take_typed(&mut self, token: Token) -> Option<Completion> {
+        let pos = self.done.iter().position(|c| c.token == token)?;
+        self.done.remove(pos)
+    }
+
+    /// Waits until `take` yields the completion of `token`, at most until `deadline`.
+    fn wait_for<T>(
+        &mut self,
+        token: Token,
+        deadline: Instant,
+        mut take: impl FnMut(&mut Self) -> Option<T>,
+    ) -> Result<T, ClientError> {
+        let start = Instant::now();
+        let timeout = |queue: &Self| ClientError::Timeout {
+            queue: queue.index,
+            token,
+            waited: start.elapsed(),
+        };
+        loop {
+            self.reap()?;
+            if let Some(found) = take(self) {
+                return Ok(found);
+            }
+            if !self.is_in_flight(token) {
+                return Err(ClientError::UnknownToken {
+                    queue: self.index,
+                    token,
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(timeout(self));
+            }
+            match self.wait_call(deadline - now) {
+                Ok(true) => continue,
+                Ok(false) => {
+                    // No call before the deadline. If the request is done anyway, the
+                    // device published it without signalling (give a late call a moment).
+                    self.reap()?;
+                    return match take(self) {
+                        Some(found) => match self.wait_call(NOTIFICATION_GRACE) {
+                            Ok(true) => Ok(found),
+                            _ => Err(ClientError::MissedNotification {
+                                queue: self.index,
+                                token,
+                            }),
+                        },
+                        None => Err(timeout(self)),
+                    };
+                }
+                Err(ClientError::Disconnected { .. }) => {
+                    // The device may have finished the request before going away.
+                    self.reap()?;
+                    return take(self).ok_or(ClientError::Disconnected { queue: self.index });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Waits (at most until `deadline`) for typed request `token` and returns its
+    /// completion. Completions of other requests reaped meanwhile stay queued for
+    /// [`poll_completions`](Self::poll_completions).
+    pub fn wait_completion(
+        &mut self,
+        token: Token,
+        deadline: Instant,
+    ) -> Result<Completion, ClientError> {
+        if let Some(found) = self.take_typed(token) {
+            return Ok(found);
+        }
+        self.wait_for(token, deadline, |q| q.take_typed(token))
+    }
+
+    /// Waits (at most until `deadline`) for raw request `token`.
+    pub fn wait(&mut self, token: Token, deadline: Instant) -> Result<RawCompletion, ClientError> {
+        if let Some(found) = self.raw_done.remove(&token) {
+            return Ok(found);
+        }
+        self.wait_for(token, deadline, |q| q.raw_done.remove(&token))
+    }
+
+    /// Submits `request`, notifies the device and waits for it (bounded by the
+    /// client's timeout).
+    pub fn execute(&mut self, request: Request<'_>) -> Result<Completion, ClientError> {
+        let token = self.submit(request)?;
+        self.kick()?;
+        self.wait_completion(token, Instant::now() + self.settings.timeout)
+    }
+
+    /// Reads `len` bytes at byte `offset`; the data is in [`Completion::data`].
+    pub fn read(&mut self, offset: u64, len: u32) -> Result<Completion, ClientError> {
+        self.execute(Request::Read { offset, len })
+    }
+
+    /// Writes `data` at byte `offset`.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<Completion, ClientError> {
+        self.execute(Request::Write { offset, data })
+    }
+
+    /// Flushes the device's write cache.
+    pub fn flush(&mut self) -> Result<Completion, ClientError> {
+        self.execute(Request::Flush)
+    }
+
+    /// Discards `len` bytes at byte `offset`.
+    pub fn discard(&mut self, offset: u64, len: u64) -> Result<Completion, ClientError> {
+        self.execute(Request::Discard { offset, len })
+    }
+
+    /// Zeroes `len` bytes at byte `offset`, allowing unmapping if `unmap`.
+    pub fn write_zeroes(
+        &mut self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    ) -> Result<Completion, ClientError> {
+        self.execute(Request::WriteZeroes { offset, len, unmap })
+    }
+
+    /// Fetches the 20-byte device ID; the ID is in [`Completion::data`].
+    pub fn get_id(&mut self) -> Result<Completion, ClientError> {
+        self.execute(Request::GetId)
+    }
+}
+
+/// A finished request on its way to the caller.
+enum Finished {
+    Typed(Completion),
+    Raw(RawCompletion),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vhost_client::memory::GuestRam;
+    use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN};
+
+    const SIZE: u16 = 16;
+
+    /// A queue over fresh guest memory, plus the peer end of its "vhost-user socket".
+    fn queue(event_idx: bool, indirect: bool, kick_suppression: bool) -> (BlkQueue, UnixStream) {
+        let ram: SharedRam = Arc::new(GuestRam::new(1 << 20).expect("guest ram"));
+        let ring = RingLayout::new(GUEST_MEMORY_BASE, SIZE);
+        let pool = BufferPool::new(ring.end, GUEST_MEMORY_BASE + (1 << 20));
+        let (ours, peer) = UnixStream::pair().expect("socket pair");
+        let settings = QueueSettings {
+            size: SIZE,
+            event_idx,
+            kick_suppression,
+            indirect,
+            poison: true,
+            timeout: Duration::from_secs(5),
+        };
+        let q = BlkQueue::new(0, settings, ram, ring, pool, Arc::new(ours)).expect("queue");
+        (q, peer)
+    }
+
+    /// The device side, reading and writing the rings the way a backend does.
+    struct Device {
+        ram: SharedRam,
+        ring: RingLayout,
+        next_avail: u16,
+        used_idx: u16,
+    }
+
+    #[derive(Debug)]
+    struct Desc {
+        addr: u64,
+        len: u32,
+        flags: u16,
+        next: u16,
+    }
+
+    impl Device {
+        fn new(q: &BlkQueue) -> Self {
+            Self {
+                ram: Arc::clone(&q.ram),
+                ring: q.ring,
+                next_avail: 0,
+                used_idx: 0,
+            }
+        }
+
+        fn read(&self, addr: u64, len: usize) -> Vec<u8> {
+            let mut buf = vec![0u8; len];
+            self.ram
+                .mem()
+                .read_slice(&mut buf, GuestAddress(addr))
+                .expect("device read");
+            buf
+        }
+
+        fn write(&self, addr: u64, bytes: &[u8]) {
+            self.ram
+                .mem()
+                .write_slice(bytes, GuestAddress(addr))
+                .expect("device write");
+        }
+
+        fn load(&self, addr: u64) -> u16 {
+            self.ram
+                .mem()
+                .load(GuestAddress(addr), Ordering::Acquire)
+                .expect("device load")
+        }
+
+        fn desc_at(&self, addr: u64) -> Desc {
+            let b = self.read(addr, 16);
+            let field = |r: std::ops::Range<usize>| {
+                b[r].iter()
+                    .rev()
+                    .fold(0u64, |acc, &byte| (acc << 8) | u64::from(byte))
+            };
+            Desc {
+                addr: field(0..8),
+                len: field(8..12) as u32,
+                flags: field(12..14) as u16,
+                next: field(14..16) as u16,
+            }
+        }
+
+        /// Pops the next available chain: (head, descriptors of the chain).
+        fn pop(&mut self) -> Option<(u16, Vec<Desc>)> {
+            if self.load(self.ring.avail + RING_IDX_OFFSET) == self.next_avail {
+                return None;
+            }
+            let slot = u64::from(self.next_avail % SIZE);
+            let head = self.load(self.ring.avail + RING_ENTRIES_OFFSET + 2 * slot);
+            self.next_avail = self.next_avail.wrapping_add(1);
+            let mut chain = Vec::new();
+            let mut id = head;
+            loop {
+                let d = self.desc_at(self.ring.desc + DESC_SIZE * u64::from(id));
+                let more = d.flags & VRING_DESC_F_NEXT as u16 != 0;
+                id = d.next;
+                chain.push(d);
+                if !more {
+                    break;
+                }
+            }
+            Some((head, chain))
+        }
+
+        /// Publishes a used entry for `id` (without signalling).
+        fn push(&mut self, id: u32, len: u32) {
+            let slot = u64::from(self.used_idx % SIZE);
+            let mut elem = [0u8; 8];
+            elem[0..4].copy_from_slice(&id.to_le_bytes());
+            elem[4..8].copy_from_slice(&len.to_le_bytes());
+            self.write(
+                self.ring.used + RING_ENTRIES_OFFSET + USED_ELEM_SIZE * slot,
+                &elem,
+            );
+            self.used_idx = self.used_idx.wrapping_add(1);
+            self.ram
+                .mem()
+                .store(
+                    self.used_idx,
+                    GuestAddress(self.ring.used + RING_IDX_OFFSET),
+                    Ordering::Release,
+                )
+                .expect("used idx");
+        }
+
+        /// Pops one chain, writes `status` into its last descriptor and publishes it.
+        fn complete_next(&mut self, status: u8) {
+            let (head, chain) = self.pop().expect("a chain is available");
+            let last = chain.last().expect("non-empty chain");
+            self.write(last.addr + u64::from(last.len) - 1, &[status]);
+            self.push(u32::from(head), 1);
+        }
+    }
+
+    fn signal(q: &BlkQueue) {
+        q.call_fd().write(1).expect("call");
+    }
+
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_secs(5)
+    }
+
+    #[test]
+    fn ring_layout_is_page_aligned() {
+        let layout = RingLayout::new(GUEST_MEMORY_BASE, 256);
+        assert_eq!(layout.desc, GUEST_MEMORY_BASE);
+        assert_eq!(layout.avail, GUEST_MEMORY_BASE + 4096);
+        assert_eq!(layout.used, GUEST_MEMORY_BASE + 8192);
+        assert_eq!(layout.end, GUEST_MEMORY_BASE + 8192 + 4096);
+    }
+
+    #[test]
+    fn need_event_matches_virtio_semantics() {
+        // Device asked to be kicked when index 5 is published.
+        assert!(need_event(5, 6, 5));
+        assert!(need_event(5, 8, 4));
+        assert!(!need_event(5, 5, 4));
+        assert!(!need_event(5, 9, 6));
+        // Wrap-around.
+        assert!(need_event(u16::MAX, 0, u16::MAX));
+    }
+
+    #[test]
+    fn queue_is_send() {
+        fn assert_send<T: Send>() {}
+        assert_send::<BlkQueue>();
+    }
+
+    #[test]
+    fn read_chain_layout_and_out_of_order_completion() {
+        let (mut q, _peer) = queue(false, false, false);
+        let tokens: Vec<Token> = (0..3)
+            .map(|i| {
+                q.submit(Request::Read {
+                    offset: 512 * i,
+                    len: 1024,
+                })
+                .expect("submit")
+            })
+            .collect();
+        assert_eq!(q.in_flight(), 3);
+        assert_eq!(q.free_descriptors(), usize::from(SIZE) - 9);
+        assert_eq!(q.stats().kicks, 3);
+
+        let mut dev = Device::new(&q);
+        let mut chains = Vec::new();
+        while let Some(chain) = dev.pop() {
+            chains.push(chain);
+        }
+        assert_eq!(chains.len(), 3);
+        for (i, (_, chain)) in chains.iter().enumerate() {
+            assert_eq!(chain.len(), 3);
+            let hdr = dev.read(chain[0].addr, chain[0].len as usize);
+            assert_eq!(hdr, blk_header(VIRTIO_BLK_T_IN, i as u64));
+            assert_eq!(chain[0].flags, VRING_DESC_F_NEXT as u16);
+            let data_flags = (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16;
+            assert_eq!((chain[1].len, chain[1].flags), (1024, data_flags));
+            assert_eq!(
+                (chain[2].len, chain[2].flags),
+                (1, VRING_DESC_F_WRITE as u16)
+            );
+            // Unwritten buffers carry the poison.
+            assert_eq!(dev.read(chain[2].addr, 1), [POISON_BYTE]);
+            dev.write(chain[1].addr, &[i as u8; 1024]);
+            let status = if i == 1 {
+                VIRTIO_BLK_S_IOERR
+            } else {
+                VIRTIO_BLK_S_OK
+            };
+            dev.write(chain[2].addr, &[status as u8]);
+        }
+        // Complete in the order 2, 0, 1.
+        for &i in &[2usize, 0, 1] {
+            dev.push(u32::from(chains[i].0), 1025);
+        }
+        signal(&q);
+
+        let mut out = Vec::new();
+        assert_eq!(q.poll_completions(&mut out).expect("poll"), 3);
+        let order: Vec<Token> = out.iter().map(|c| c.token).collect();
+        assert_eq!(order, [tokens[2], tokens[0], tokens[1]]);
+        assert_eq!(out[0].data, vec![2u8; 1024]);
+        assert_eq!(out[1].status, BlkStatus::Ok);
+        assert_eq!(out[2].status, BlkStatus::IoErr);
+        assert_eq!(out[2].used_len, 1025);
+        assert_eq!(q.in_flight(), 0);
+        assert_eq!(q.free_descriptors(), usize::from(SIZE));
+    }
+
+    #[test]
+    fn indirect_request_uses_one_ring_descriptor() {
+        let (mut q, _peer) = queue(false, true, false);
+        q.submit(Request::Write {
+            offset: 4096,
+            data: &[7; 512],
+        })
+        .expect("submit");
+        assert_eq!(q.free_descriptors(), usize::from(SIZE) - 1);
+        let mut dev = Device::new(&q);
+        let (_, chain) = dev.pop().expect("chain");
+        assert_eq!(chain.len(), 1);
+        assert_eq!(chain[0].flags, VRING_DESC_F_INDIRECT as u16);
+        assert_eq!(chain[0].len, 48);
+        let table: Vec<Desc> = (0..3)
+            .map(|i| dev.desc_at(chain[0].addr + 16 * i))
+            .collect();
+        assert_eq!(table[0].flags, VRING_DESC_F_NEXT as u16);
+        assert_eq!((table[0].next, table[1].next), (1, 2));
+        assert_eq!(table[1].flags, VRING_DESC_F_NEXT as u16);
+        assert_eq!(dev.read(table[1].addr, 512), vec![7; 512]);
+        assert_eq!(table[2].flags, VRING_DESC_F_WRITE as u16);
+    }
+
+    #[test]
+    fn raw_chain_reports_writable_buffers() {
+        let (mut q, _peer) = queue(false, false, false);
+        let token = q
+            .submit_raw(&[
+                RawDesc::readable(vec![1, 2, 3]),
+                RawDesc::writable(4),
+                RawDesc::addr(0, 8, true),
+                RawDesc::status(),
+            ])
+            .expect("submit");
+        let mut dev = Device::new(&q);
+        let (head, chain) = dev.pop().expect("chain");
+        assert_eq!(chain.len(), 4);
+        assert_eq!((chain[2].addr, chain[2].len), (0, 8));
+        dev.write(chain[1].addr, &[9, 9, 9, 9]);
+        dev.write(chain[3].addr, &[0]);
+        dev.push(u32::from(head), 5);
+        signal(&q);
+        // Typed polling leaves raw completions for wait().
+        let mut out = Vec::new();
+        assert_eq!(q.poll_completions(&mut out).expect("poll"), 0);
+        let done = q.wait(token, soon()).expect("wait");
+        assert_eq!(done.used_len, 5);
+        assert_eq!(done.writable, vec![vec![9, 9, 9, 9], vec![], vec![0]]);
+        assert_eq!(done.status_byte(), Some(0));
+        assert!(matches!(
+            q.wait(token, soon()),
+            Err(ClientError::UnknownToken { .. })
+        ));
+    }
+
+    #[test]
+    fn completion_already_published_needs_no_call() {
+        let (mut q, _peer) = queue(true, false, false);
+        let token = q.submit(Request::Flush).expect("submit");
+        let mut dev = Device::new(&q);
+        dev.complete_next(0);
+        assert!(q.wait_completion(token, soon()).expect("wait").is_ok());
+    }
+
+    #[test]
+    fn missed_notification_is_an_error() {
+        let (mut q, _peer) = queue(true, false, false);
+        let token = q.submit(Request::Flush).expect("submit");
+        let mut dev = Device::new(&q);
+        let used_event = q.used_event_addr();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // Complete while the client sleeps, and never signal.
+                std::thread::sleep(Duration::from_millis(50));
+                dev.complete_next(0);
+            });
+            let r = q.wait_completion(token, Instant::now() + Duration::from_secs(1));
+            assert!(
+                matches!(r, Err(ClientError::MissedNotification { .. })),
+                "{r:?}"
+            );
+        });
+        // EVENT_IDX asked for a call on the next completion after the one reaped.
+        assert_eq!(dev.load(used_event), 1);
+    }
+
+    #[test]
+    fn signalled_completion_wakes_the_waiter() {
+        let (mut q, _peer) = queue(true, false, false);
+        let token = q.submit(Request::Flush).expect("submit");
+        let mut dev = Device::new(&q);
+        let call = q.call_fd().try_clone().expect("clone call");
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(50));
+                dev.complete_next(0);
+                call.write(1).expect("signal");
+            });
+            let done = q.wait_completion(token, soon()).expect("wait");
+            assert!(done.is_ok());
+        });
+        assert!(start.elapsed() < Duration::from_secs(2));
+        assert_eq!(q.stats().calls, 1);
+    }
+
+    #[test]
+    fn bad_used_entries_are_errors_not_panics() {
+        let (mut q, _peer) = queue(false, false, false);
+        let token = q.submit(Request::Flush).expect("submit");
+        let mut dev = Device::new(&q);
+        dev.pop().expect("chain");
+        // An id that heads nothing.
+        dev.push(7, 1);
+        signal(&q);
+        assert!(matches!(
+            q.wait_completion(token, soon()),
+            Err(ClientError::BadUsedId { id: 7, .. })
+        ));
+        // An id far outside the table.
+        dev.push(u32::MAX, 1);
+        let mut out = Vec::new();
+        assert!(matches!(
+            q.poll_completions(&mut out),
+            Err(ClientError::BadUsedId { id: u32::MAX, .. })
+        ));
+        // A used index running ahead of what is in flight.
+        q.store_u16(q.ring.used + RING_IDX_OFFSET, 100, Ordering::Release)
+            .expect("idx");
+        assert!(matches!(
+            q.poll_completions(&mut out),
+            Err(ClientError::BadUsedIndex { used_idx: 100, .. })
+        ));
+    }
+
+    #[test]
+    fn unanswered_request_times_out() {
+        let (mut q, _peer) = queue(true, false, false);
+        let token = q.submit(Request::Flush).expect("submit");
+        let start = Instant::now();
+        let r = q.wait_completion(token, start + Duration::from_millis(100));
+        assert!(matches!(r, Err(ClientError::Timeout { .. })), "{r:?}");
+        assert!(start.elapsed() < Duration::from_secs(2));
+        assert_eq!(q.in_flight(), 1);
+    }
+
+    #[test]
+    fn backend_disconnect_ends_the_wait() {
+        let (mut q, peer) = queue(false, false, false);
+        let token = q.submit(Request::Flush).expect("submit");
+        drop(peer);
+        let start = Instant::now();
+        let r = q.wait_completion(token, start + Duration::from_secs(5));
+        assert!(
+            matches!(r, Err(ClientError::Disconnected { queue: 0 })),
+            "{r:?}"
+        );
+        assert!(start.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn queue_full_and_pool_exhaustion_leave_no_trace() {
+        let (mut q, _peer) = queue(false, false, false);
+        for _ in 0..5 {
+            q.submit(Request::Read {
+                offset: 0,
+                len: 512,
+            })
+            .expect("submit");
+        }
+        assert_eq!(q.free_descriptors(), 1);
+        assert!(matches!(
+            q.submit(Request::Flush),
+            Err(ClientError::QueueFull {
+                needed: 2,
+                free: 1,
+                ..
+            })
+        ));
+        assert!(matches!(
+            q.submit_raw(&[RawDesc::writable(u32::MAX)]),
+            Err(ClientError::OutOfBufferMemory { .. })
+        ));
+        assert_eq!(q.free_descriptors(), 1);
+        assert_eq!(q.in_flight(), 5);
+    }
+
+    #[test]
+    fn event_idx_kick_suppression() {
+        let (mut q, _peer) = queue(true, false, true);
+        // avail_event = 0: the device wants a kick when index 0 is published.
+        q.submit(Request::Flush).expect("submit");
+        assert_eq!(q.stats().kicks, 1);
+        // avail_event still 0: index 1 does not cross it.
+        q.submit(Request::Flush).expect("submit");
+        assert_eq!(q.stats().kicks, 1);
+        // The device asks for a kick at index 2.
+        q.store_u16(q.avail_event_addr(), 2, Ordering::Relaxed)
+            .expect("avail_event");
+        q.submit(Request::Flush).expect("submit");
+        assert_eq!(q.stats().kicks, 2);
+        assert_eq!(q.kick.read().expect("kick count"), 2);
+    }
+
+    #[test]
+    fn no_notify_flag_suppresses_kicks_without_event_idx() {
+        let (mut q, _peer) = queue(false, false, true);
+        q.store_u16(
+            q.ring.used,
+            VRING_USED_F_NO_NOTIFY as u16,
+            Ordering::Relaxed,
+        )
+        .expect("flags");
+        q.submit(Request::Flush).expect("submit");
+        assert_eq!(q.stats().kicks, 0);
+        q.store_u16(q.ring.used, 0, Ordering::Relaxed)
+            .expect("flags");
+        q.submit(Request::Flush).expect("submit");
+        assert_eq!(q.stats().kicks, 1);
+    }
+}
