@@ -4,4 +4,5 @@
 pub mod vhost_client;
 
 pub mod oci;
+pub mod process;
 pub mod support;
