@@ -1,0 +1,951 @@
+//! The per-node copy-on-write overlay: one file holding every block the
+//! guest wrote, zeroed or discarded, over a read-only base disk.
+//!
+//! The file has a 4 KiB header, a block-state map with one byte per 4 KiB
+//! block ([`BlockState`]), and a sparse data area in which block `i` lives
+//! at `data_offset + i * 4096` (see [`format`] for the offsets). Reads split
+//! a range into runs of equal state with [`Overlay::runs`]; the caller reads
+//! `Base` runs from the base disk, `Data` runs with [`Overlay::read_data`]
+//! and zero-fills `Zero` runs.
+//!
+//! # Concurrency
+//! All methods take `&self`; one worker thread per virtqueue shares the
+//! overlay. Reads take no lock: they load map entries with `Acquire`, and
+//! writers publish an entry with `Release` only after the block's data is in
+//! the file, so a reader that sees `Data` reads the new bytes. Writers lock
+//! one of 64 stripes per block: whole-block writes and zeroing take their
+//! stripes shared (they never read the block, so they need not exclude each
+//! other: a write racing a zeroing of the same block ends as one of the two
+//! orders, because a `Data` entry over a punched block reads zeros),
+//! read-modify-write of a partial block takes its stripe exclusive,
+//! so that no other writer changes the block between the read and the write
+//! back. Shared stripes are taken in ascending order and an exclusive holder
+//! takes nothing else, so there is no deadlock.
+
+pub mod format;
+mod sys;
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+pub use format::{BLOCK_SIZE, BlockState, FormatError, Header, parse_header, parse_map};
+
+use crate::iobuf::IoBufs;
+
+/// Reads base-disk bytes: fills the buffer with the base at the offset.
+pub type BaseReader<'a> = &'a dyn Fn(u64, &mut [u8]) -> io::Result<()>;
+
+const STRIPES: usize = 64;
+/// Map entries covered by one dirty bit: one 4 KiB page of the map.
+const MAP_PAGE: u64 = 4096;
+/// Map bytes read at a time when loading or counting.
+const MAP_CHUNK: u64 = 1 << 20;
+const BS: u64 = BLOCK_SIZE;
+
+/// Whether flushes reach stable storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushMode {
+    /// `fdatasync` on flush: acknowledged flushes survive power loss.
+    Safe,
+    /// No syncs (like QEMU's cache=unsafe): flushed writes survive the
+    /// process being killed, not the host losing power.
+    Unsafe,
+}
+
+/// What the overlay must match and how it flushes.
+#[derive(Debug, Clone)]
+pub struct OverlayConfig {
+    /// Size of the disk in bytes, a multiple of 512.
+    pub disk_size: u64,
+    /// Identifies the base disk; an overlay is only valid over the disk it
+    /// was made for.
+    pub fingerprint: [u8; 32],
+    pub flush: FlushMode,
+}
+
+/// A maximal byte range of one state, from [`Overlay::runs`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    pub offset: u64,
+    pub len: u64,
+    pub state: BlockState,
+}
+
+/// What [`Overlay::info`] reports. The counts are those of the map on
+/// disk: for an overlay in use, as of its last flush.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlayInfo {
+    pub disk_size: u64,
+    pub fingerprint: [u8; 32],
+    pub block_size: u64,
+    pub blocks: u64,
+    /// Blocks in state `Data`.
+    pub written: u64,
+    /// Blocks in state `Zero`.
+    pub zeroed: u64,
+    /// Bytes the file occupies on disk (`st_blocks * 512`).
+    pub allocated_bytes: u64,
+    /// Apparent file size.
+    pub file_size: u64,
+    /// Whether the last user closed it cleanly (false while in use).
+    pub clean: bool,
+}
+
+impl OverlayInfo {
+    pub fn fingerprint_hex(&self) -> String {
+        format::hex(&self.fingerprint)
+    }
+}
+
+/// Why an overlay cannot be opened, inspected or reset.
+#[derive(Debug, thiserror::Error)]
+pub enum OverlayError {
+    #[error("overlay {}: {op}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{} is not an ociblk overlay (bad magic): delete it or use another file", path.display())]
+    BadMagic { path: PathBuf },
+    #[error(
+        "overlay {} has format version {found}, this ociblk reads version {}",
+        path.display(),
+        format::FORMAT_VERSION
+    )]
+    Version { path: PathBuf, found: u32 },
+    #[error("overlay {} is corrupt: {reason}", path.display())]
+    Corrupt { path: PathBuf, reason: FormatError },
+    #[error(
+        "overlay {} was made for a different disk ({what}): use `ociblk overlay reset {}` or another file",
+        path.display(),
+        path.display()
+    )]
+    Mismatch { path: PathBuf, what: String },
+    #[error("overlay {} is in use by another process", path.display())]
+    Locked { path: PathBuf },
+    #[error("overlay {}: {reason}", path.display())]
+    Config { path: PathBuf, reason: FormatError },
+}
+
+impl OverlayError {
+    fn format(path: &Path, e: FormatError) -> Self {
+        let path = path.to_path_buf();
+        match e {
+            FormatError::BadMagic => Self::BadMagic { path },
+            FormatError::Version(found) => Self::Version { path, found },
+            reason => Self::Corrupt { path, reason },
+        }
+    }
+}
+
+fn io_err(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> OverlayError {
+    let path = path.to_path_buf();
+    move |source| OverlayError::Io { path, op, source }
+}
+
+fn invalid(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, msg)
+}
+
+/// Decodes an in-memory map entry; only valid values are ever stored.
+fn decode(v: u8) -> BlockState {
+    BlockState::from_u8(v).unwrap_or(BlockState::Base)
+}
+
+/// Part of a request range: a partial block, or a run of whole blocks.
+#[derive(Debug, Clone, Copy)]
+struct Piece {
+    offset: u64,
+    len: u64,
+    whole: bool,
+}
+
+/// What a partial-block update writes.
+#[derive(Clone, Copy)]
+enum Fill<'a, 'b> {
+    /// Bytes of a scatter list from this position.
+    Bytes(&'a IoBufs<'b>, usize),
+    Zeros,
+}
+
+/// A copy-on-write overlay file, open and locked for one server.
+pub struct Overlay {
+    file: File,
+    path: PathBuf,
+    header: Header,
+    mode: FlushMode,
+    /// One [`BlockState`] per block.
+    states: Box<[AtomicU8]>,
+    /// One bit per map page changed since it was last written.
+    dirty: Box<[AtomicU64]>,
+    stripes: Box<[RwLock<()>]>,
+    /// Serialises flushes: a flush must not return while another one still
+    /// holds map pages it took from `dirty` but has not written.
+    flush_lock: Mutex<()>,
+    /// An fdatasync failed: the kernel may have dropped dirty pages, so no
+    /// later flush can promise that earlier writes are durable. Sticky, unlike
+    /// write errors (ENOSPC on a write only fails that request).
+    sync_failed: AtomicBool,
+    /// A failed write may have left bytes in the data area of a block that
+    /// is not `Data`; the next open reclaims them.
+    leaked: AtomicBool,
+    closed: bool,
+}
+
+impl fmt::Debug for Overlay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Overlay")
+            .field("path", &self.path)
+            .field("disk_size", &self.header.disk_size)
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Overlay {
+    /// Opens the overlay at `path`, creating it if it does not exist or is
+    /// empty, and locks it for this process.
+    ///
+    /// An existing overlay must match `cfg`'s disk size and fingerprint,
+    /// unless no block was ever written or zeroed in it (a new or reset
+    /// overlay holds nothing of its old disk): such a file is made anew for
+    /// `cfg`.
+    pub fn open(path: impl AsRef<Path>, cfg: OverlayConfig) -> Result<Overlay, OverlayError> {
+        let path = path.as_ref();
+        format::check_disk_size(cfg.disk_size).map_err(|reason| OverlayError::Config {
+            path: path.to_path_buf(),
+            reason,
+        })?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(io_err(path, "open"))?;
+        if !sys::try_lock_exclusive(file.as_fd()).map_err(io_err(path, "lock"))? {
+            return Err(OverlayError::Locked {
+                path: path.to_path_buf(),
+            });
+        }
+        let safe = cfg.flush == FlushMode::Safe;
+        let len = file.metadata().map_err(io_err(path, "stat"))?.len();
+        let mut fresh = len == 0;
+        let header = if fresh {
+            create(&file, path, &cfg, safe)?
+        } else {
+            let header = read_header(&file, path, len)?;
+            match mismatch(&header, &cfg) {
+                None => header,
+                Some(what) => {
+                    let counts = read_counts(&file, path, &header)?;
+                    if counts[1] + counts[2] != 0 {
+                        return Err(OverlayError::Mismatch {
+                            path: path.to_path_buf(),
+                            what,
+                        });
+                    }
+                    tracing::info!(path = %path.display(), "re-creating unused overlay for another disk");
+                    file.set_len(0).map_err(io_err(path, "truncate"))?;
+                    fresh = true;
+                    create(&file, path, &cfg, safe)?
+                }
+            }
+        };
+        let states = read_map(&file, path, &header)?;
+        let pages = header.blocks().div_ceil(MAP_PAGE);
+        let ov = Overlay {
+            file,
+            path: path.to_path_buf(),
+            mode: cfg.flush,
+            states: states.into_boxed_slice(),
+            dirty: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+            flush_lock: Mutex::new(()),
+            sync_failed: AtomicBool::new(false),
+            leaked: AtomicBool::new(false),
+            closed: false,
+            header,
+        };
+        if fresh {
+            // Created in use (clean flag 0) with nothing to reclaim.
+        } else if !ov.header.clean {
+            tracing::info!(path = %path.display(), "overlay was not closed cleanly; reclaiming unused space");
+            ov.reclaim().map_err(io_err(path, "reclaim space"))?;
+        } else {
+            ov.set_clean(false).map_err(io_err(path, "mark in use"))?;
+        }
+        Ok(ov)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn disk_size(&self) -> u64 {
+        self.header.disk_size
+    }
+
+    pub fn fingerprint(&self) -> [u8; 32] {
+        self.header.fingerprint
+    }
+
+    pub fn flush_mode(&self) -> FlushMode {
+        self.mode
+    }
+
+    fn state(&self, block: u64) -> BlockState {
+        decode(self.states[block as usize].load(Ordering::Acquire))
+    }
+
+    /// Publishes a block's state. The caller has already written whatever
+    /// data the new state needs; `AcqRel` orders those writes before the
+    /// entry for readers (`Acquire` loads) and for `flush`.
+    fn set_state(&self, block: u64, state: BlockState) {
+        let old = self.states[block as usize].swap(state as u8, Ordering::AcqRel);
+        if old != state as u8 {
+            self.mark_dirty(block / MAP_PAGE);
+        }
+    }
+
+    /// Splits a byte range into maximal runs of equal state. The range is
+    /// clipped to the disk.
+    pub fn runs(&self, offset: u64, len: u64) -> Runs<'_> {
+        let end = offset.saturating_add(len).min(self.header.disk_size);
+        Runs {
+            overlay: self,
+            pos: offset.min(end),
+            end,
+        }
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> io::Result<u64> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.header.disk_size => Ok(end),
+            _ => Err(invalid(format!(
+                "range {offset}+{len} is beyond the {}-byte disk",
+                self.header.disk_size
+            ))),
+        }
+    }
+
+    fn check_bufs(bufs: &IoBufs<'_>, at: usize, len: usize) -> io::Result<()> {
+        match at.checked_add(len) {
+            Some(end) if end <= bufs.len() => Ok(()),
+            _ => Err(invalid(format!(
+                "buffer range {at}+{len} is beyond its {} bytes",
+                bufs.len()
+            ))),
+        }
+    }
+
+    /// Reads `len` bytes of the data area at disk offset `offset` into
+    /// `dst[at..]`. Meaningful for `Data` runs only.
+    pub fn read_data(
+        &self,
+        offset: u64,
+        dst: &IoBufs<'_>,
+        at: usize,
+        len: usize,
+    ) -> io::Result<()> {
+        self.check_range(offset, len as u64)?;
+        Self::check_bufs(dst, at, len)?;
+        // SAFETY: an IoBufs' ranges are valid for writes while it lives.
+        unsafe {
+            sys::preadv_all(
+                self.file.as_fd(),
+                dst.iovecs(at, len),
+                self.header.data_offset + offset,
+            )
+        }
+    }
+
+    /// Writes `src[at..at + len]` at disk offset `offset`. `base` reads the
+    /// base disk for partial blocks that were never written.
+    ///
+    /// On error, each block keeps its previous state; bytes of blocks that
+    /// were already `Data` may be partly overwritten, like a failed write
+    /// to a real disk.
+    pub fn write(
+        &self,
+        offset: u64,
+        src: &IoBufs<'_>,
+        at: usize,
+        len: usize,
+        base: BaseReader<'_>,
+    ) -> io::Result<()> {
+        let end = self.check_range(offset, len as u64)?;
+        Self::check_bufs(src, at, len)?;
+        for p in self.split(offset, end).into_iter().flatten() {
+            let pos = at + (p.offset - offset) as usize;
+            if p.whole {
+                self.write_whole(p, src, pos)?;
+            } else {
+                self.write_partial(p, Fill::Bytes(src, pos), base)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `len` bytes at `offset` read as zeros: whole blocks become
+    /// `Zero` and their data is deallocated, partial blocks are rewritten.
+    pub fn write_zeroes(&self, offset: u64, len: u64, base: BaseReader<'_>) -> io::Result<()> {
+        let end = self.check_range(offset, len)?;
+        for p in self.split(offset, end).into_iter().flatten() {
+            if p.whole {
+                self.zero_whole(p)?;
+            } else {
+                self.write_partial(p, Fill::Zeros, base)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops `len` bytes at `offset`. Same as [`Self::write_zeroes`]: the
+    /// base underneath must never show through again.
+    pub fn discard(&self, offset: u64, len: u64, base: BaseReader<'_>) -> io::Result<()> {
+        self.write_zeroes(offset, len, base)
+    }
+
+    /// Splits `[offset, end)` into a partial head block, whole blocks and
+    /// a partial tail block. The disk's last block counts as whole when
+    /// the range reaches the end of the disk.
+    fn split(&self, offset: u64, end: u64) -> [Option<Piece>; 3] {
+        let size = self.header.disk_size;
+        let block_end = |p: u64| ((p / BS + 1) * BS).min(size);
+        let mut out = [None; 3];
+        let mut pos = offset;
+        if pos < end && (!pos.is_multiple_of(BS) || end < block_end(pos)) {
+            let e = end.min(block_end(pos));
+            out[0] = Some(Piece {
+                offset: pos,
+                len: e - pos,
+                whole: false,
+            });
+            pos = e;
+        }
+        let whole_end = if end == size { end } else { end / BS * BS };
+        if pos < whole_end {
+            out[1] = Some(Piece {
+                offset: pos,
+                len: whole_end - pos,
+                whole: true,
+            });
+            pos = whole_end;
+        }
+        if pos < end {
+            out[2] = Some(Piece {
+                offset: pos,
+                len: end - pos,
+                whole: false,
+            });
+        }
+        out
+    }
+
+    /// Locks the stripes of blocks `[b0, b1)` shared, in ascending order.
+    fn lock_shared(&self, b0: u64, b1: u64) -> Vec<RwLockReadGuard<'_, ()>> {
+        let mut mask = if b1 - b0 >= STRIPES as u64 {
+            u64::MAX
+        } else {
+            (b0..b1).fold(0u64, |m, b| m | 1 << (b % STRIPES as u64))
+        };
+        let mut guards = Vec::with_capacity(mask.count_ones() as usize);
+        while mask != 0 {
+            let i = mask.trailing_zeros() as usize;
+            guards.push(
+                self.stripes[i]
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner),
+            );
+            mask &= mask - 1;
+        }
+        guards
+    }
+
+    fn lock_exclusive(&self, block: u64) -> RwLockWriteGuard<'_, ()> {
+        self.stripes[(block % STRIPES as u64) as usize]
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write_whole(&self, p: Piece, src: &IoBufs<'_>, at: usize) -> io::Result<()> {
+        let (b0, b1) = (p.offset / BS, (p.offset + p.len).div_ceil(BS));
+        let _locks = self.lock_shared(b0, b1);
+        // SAFETY: an IoBufs' ranges are valid for reads while it lives.
+        let r = unsafe {
+            sys::pwritev_all(
+                self.file.as_fd(),
+                src.iovecs(at, p.len as usize),
+                self.header.data_offset + p.offset,
+            )
+        };
+        if let Err(e) = r {
+            self.leaked.store(true, Ordering::Relaxed);
+            return Err(e);
+        }
+        for b in b0..b1 {
+            self.set_state(b, BlockState::Data);
+        }
+        Ok(())
+    }
+
+    fn zero_whole(&self, p: Piece) -> io::Result<()> {
+        let (b0, b1) = (p.offset / BS, (p.offset + p.len).div_ceil(BS));
+        let _locks = self.lock_shared(b0, b1);
+        // Punch before publishing `Zero`: if the punch fails the blocks keep
+        // their state. A reader that sees `Data` meanwhile gets old bytes or
+        // zeros, either a valid result for a read racing the zeroing.
+        self.punch(self.header.data_offset + b0 * BS, (b1 - b0) * BS)?;
+        for b in b0..b1 {
+            self.set_state(b, BlockState::Zero);
+        }
+        Ok(())
+    }
+
+    /// Deallocates part of the data area. Reads never depend on it (the map
+    /// says `Zero`), so a filesystem without hole punching only costs space.
+    fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
+        match sys::punch_hole(self.file.as_fd(), offset, len) {
+            Err(e) if sys::unsupported(&e) => Ok(()),
+            r => r,
+        }
+    }
+
+    /// Updates part of one block under its exclusive stripe lock.
+    fn write_partial(&self, p: Piece, fill: Fill<'_, '_>, base: BaseReader<'_>) -> io::Result<()> {
+        let block = p.offset / BS;
+        let block_start = block * BS;
+        let start = (p.offset - block_start) as usize;
+        let len = p.len as usize;
+        let data_pos = self.header.data_offset + block_start;
+        let _lock = self.lock_exclusive(block);
+        let state = self.state(block);
+        match (state, fill) {
+            (BlockState::Zero, Fill::Zeros) => return Ok(()),
+            // The rest of the block is already in the data area: write in
+            // place, nothing to read.
+            (BlockState::Data, Fill::Bytes(src, at)) => {
+                // SAFETY: an IoBufs' ranges are valid for reads while it lives.
+                return unsafe {
+                    sys::pwritev_all(
+                        self.file.as_fd(),
+                        src.iovecs(at, len),
+                        data_pos + start as u64,
+                    )
+                };
+            }
+            (BlockState::Data, Fill::Zeros) => {
+                return self
+                    .file
+                    .write_all_at(&vec![0u8; len], data_pos + start as u64);
+            }
+            _ => {}
+        }
+        let valid = (self.header.disk_size - block_start).min(BS) as usize;
+        let mut buf = vec![0u8; valid];
+        if state == BlockState::Base {
+            base(block_start, &mut buf)?;
+        }
+        match fill {
+            Fill::Bytes(src, at) => src.copy_to(at, &mut buf[start..start + len]),
+            Fill::Zeros => buf[start..start + len].fill(0),
+        }
+        if buf.iter().all(|&b| b == 0) {
+            // Keeps zeroing a sector of a fresh block from allocating it.
+            self.punch(data_pos, BS)?;
+            self.set_state(block, BlockState::Zero);
+            return Ok(());
+        }
+        if let Err(e) = self.file.write_all_at(&buf, data_pos) {
+            self.leaked.store(true, Ordering::Relaxed);
+            return Err(e);
+        }
+        self.set_state(block, BlockState::Data);
+        Ok(())
+    }
+
+    /// Makes every completed write durable (with [`FlushMode::Safe`]).
+    ///
+    /// Order: take a snapshot of the dirty map pages, `fdatasync` (every
+    /// `Data` entry in the snapshot was published after its data was
+    /// written, so that data is now durable), write the snapshot over the
+    /// map in place, `fdatasync` again. Updating entries in place is
+    /// crash-safe: an entry is one byte, so after a crash each reads either
+    /// its old or its new value, and both are valid: a new `Data` entry's
+    /// data is already durable, a `Zero` entry needs no data, and an old
+    /// `Data` entry whose block was since zeroed reads either its old bytes
+    /// or the hole punched over them. Entries changed after the snapshot
+    /// stay dirty for the next flush.
+    ///
+    /// With [`FlushMode::Unsafe`] the map is written without the syncs: it
+    /// reaches the page cache and survives the process, not the host.
+    pub fn flush(&self) -> io::Result<()> {
+        let _flush = self
+            .flush_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if self.sync_failed.load(Ordering::Relaxed) {
+            return Err(io::Error::other(format!(
+                "an earlier fdatasync of overlay {} failed; written data may be lost",
+                self.path.display()
+            )));
+        }
+        let safe = self.mode == FlushMode::Safe;
+        let pages = self.take_dirty();
+        if safe {
+            self.sync()?;
+        }
+        for (i, (page, bytes)) in pages.iter().enumerate() {
+            let at = self.header.map_offset + page * MAP_PAGE;
+            if let Err(e) = self.file.write_all_at(bytes, at) {
+                for (page, _) in &pages[i..] {
+                    self.mark_dirty(*page);
+                }
+                return Err(e);
+            }
+        }
+        if safe && !pages.is_empty() {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        sys::fdatasync(self.file.as_fd()).inspect_err(|e| {
+            tracing::error!(path = %self.path.display(), error = %e, "fdatasync failed");
+            self.sync_failed.store(true, Ordering::Relaxed);
+        })
+    }
+
+    fn mark_dirty(&self, page: u64) {
+        // Release: a flush that takes this bit sees the entries before it.
+        self.dirty[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::Release);
+    }
+
+    /// Clears the dirty bits and copies the pages they cover.
+    fn take_dirty(&self) -> Vec<(u64, Vec<u8>)> {
+        let blocks = self.header.blocks();
+        let mut out = Vec::new();
+        for (w, word) in self.dirty.iter().enumerate() {
+            // Acquire: pairs with the Release in set_state, so the entries
+            // behind each taken bit are visible below.
+            let mut bits = word.swap(0, Ordering::Acquire);
+            while bits != 0 {
+                let page = w as u64 * 64 + u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                let lo = page * MAP_PAGE;
+                let hi = (lo + MAP_PAGE).min(blocks);
+                let bytes = self.states[lo as usize..hi as usize]
+                    .iter()
+                    .map(|s| s.load(Ordering::Acquire))
+                    .collect();
+                out.push((page, bytes));
+            }
+        }
+        out
+    }
+
+    fn set_clean(&self, clean: bool) -> io::Result<()> {
+        self.file
+            .write_all_at(&[u8::from(clean)], format::CLEAN_OFFSET as u64)?;
+        if self.mode == FlushMode::Safe {
+            self.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Deallocates the data of every block that is not `Data`: after a
+    /// crash, blocks written but never published in the durable map keep
+    /// their bytes allocated.
+    fn reclaim(&self) -> io::Result<()> {
+        let fd = self.file.as_fd();
+        let start = self.header.data_offset;
+        let end = self.header.file_len();
+        let mut pos = start;
+        while pos < end {
+            let Some((s, e)) = sys::next_data(fd, pos)? else {
+                break;
+            };
+            if s >= end {
+                break;
+            }
+            let (b0, b1) = ((s - start) / BS, (e.min(end) - start).div_ceil(BS));
+            let mut b = b0;
+            while b < b1 {
+                if self.state(b) == BlockState::Data {
+                    b += 1;
+                    continue;
+                }
+                let first = b;
+                while b < b1 && self.state(b) != BlockState::Data {
+                    b += 1;
+                }
+                match sys::punch_hole(fd, start + first * BS, (b - first) * BS) {
+                    Err(e) if sys::unsupported(&e) => return Ok(()),
+                    r => r?,
+                }
+            }
+            pos = start + b1 * BS;
+        }
+        Ok(())
+    }
+
+    /// Flushes and marks the overlay cleanly closed.
+    fn shutdown(&self) -> io::Result<()> {
+        self.flush()?;
+        if !self.leaked.load(Ordering::Relaxed) {
+            self.set_clean(true)?;
+        }
+        Ok(())
+    }
+
+    /// Flushes the map and closes the file, releasing the lock.
+    pub fn close(mut self) -> Result<(), OverlayError> {
+        self.closed = true;
+        self.shutdown().map_err(io_err(&self.path, "close"))
+    }
+
+    /// Reports on the overlay at `path` without locking it; works while a
+    /// server uses it (the map is then as of its last flush).
+    pub fn info(path: impl AsRef<Path>) -> Result<OverlayInfo, OverlayError> {
+        let path = path.as_ref();
+        let file = File::open(path).map_err(io_err(path, "open"))?;
+        let meta = file.metadata().map_err(io_err(path, "stat"))?;
+        let header = read_header(&file, path, meta.len())?;
+        let counts = read_counts(&file, path, &header)?;
+        Ok(OverlayInfo {
+            disk_size: header.disk_size,
+            fingerprint: header.fingerprint,
+            block_size: BS,
+            blocks: header.blocks(),
+            written: counts[BlockState::Data as usize],
+            zeroed: counts[BlockState::Zero as usize],
+            allocated_bytes: meta.blocks() * 512,
+            file_size: meta.len(),
+            clean: header.clean,
+        })
+    }
+
+    /// Returns every block of the overlay at `path` to `Base` and frees its
+    /// data. Fails if a server has it open. An empty file is left alone.
+    pub fn reset(path: impl AsRef<Path>) -> Result<(), OverlayError> {
+        let path = path.as_ref();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(io_err(path, "open"))?;
+        if !sys::try_lock_exclusive(file.as_fd()).map_err(io_err(path, "lock"))? {
+            return Err(OverlayError::Locked {
+                path: path.to_path_buf(),
+            });
+        }
+        let len = file.metadata().map_err(io_err(path, "stat"))?.len();
+        if len == 0 {
+            return Ok(());
+        }
+        let header = read_header(&file, path, len)?;
+        let fd = file.as_fd();
+        let set_clean = |clean: bool| {
+            file.write_all_at(&[u8::from(clean)], format::CLEAN_OFFSET as u64)
+                .and_then(|()| sys::fdatasync(fd))
+        };
+        // Not clean while the map and data disagree with the flag, so that
+        // an interrupted reset is finished by the next open's reclaim.
+        set_clean(false).map_err(io_err(path, "mark in use"))?;
+        zero_map(&file, &header).map_err(io_err(path, "clear map"))?;
+        sys::fdatasync(fd).map_err(io_err(path, "sync"))?;
+        match sys::punch_hole(fd, header.data_offset, header.blocks() * BS) {
+            Err(e) if !sys::unsupported(&e) => return Err(io_err(path, "free data")(e)),
+            _ => {}
+        }
+        set_clean(true).map_err(io_err(path, "mark clean"))
+    }
+}
+
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        if self.closed {
+            return;
+        }
+        if let Err(e) = self.shutdown() {
+            tracing::error!(path = %self.path.display(), error = %e, "closing overlay failed");
+        }
+    }
+}
+
+/// Iterator over the [`Run`]s of a byte range; see [`Overlay::runs`].
+#[derive(Debug)]
+pub struct Runs<'a> {
+    overlay: &'a Overlay,
+    pos: u64,
+    end: u64,
+}
+
+impl Iterator for Runs<'_> {
+    type Item = Run;
+
+    fn next(&mut self) -> Option<Run> {
+        if self.pos >= self.end {
+            return None;
+        }
+        let mut block = self.pos / BS;
+        let state = self.overlay.state(block);
+        let mut run_end = (block + 1) * BS;
+        while run_end < self.end && self.overlay.state(block + 1) == state {
+            block += 1;
+            run_end += BS;
+        }
+        let run_end = run_end.min(self.end);
+        let run = Run {
+            offset: self.pos,
+            len: run_end - self.pos,
+            state,
+        };
+        self.pos = run_end;
+        Some(run)
+    }
+}
+
+/// Differences between an overlay's header and the disk it is opened for.
+fn mismatch(h: &Header, cfg: &OverlayConfig) -> Option<String> {
+    let mut what = Vec::new();
+    if h.disk_size != cfg.disk_size {
+        what.push(format!("size {} != {} bytes", h.disk_size, cfg.disk_size));
+    }
+    if h.fingerprint != cfg.fingerprint {
+        what.push(format!(
+            "fingerprint {}.. != {}..",
+            &format::hex(&h.fingerprint)[..12],
+            &format::hex(&cfg.fingerprint)[..12]
+        ));
+    }
+    (!what.is_empty()).then(|| what.join(", "))
+}
+
+/// Lays out a new overlay in an empty, locked file.
+fn create(
+    file: &File,
+    path: &Path,
+    cfg: &OverlayConfig,
+    safe: bool,
+) -> Result<Header, OverlayError> {
+    let mut header = Header::new(cfg.disk_size, cfg.fingerprint);
+    // The map is a hole, which reads as all `Base`; the data area too.
+    file.set_len(header.file_len())
+        .map_err(io_err(path, "set size"))?;
+    header.clean = false;
+    file.write_all_at(&header.encode(), 0)
+        .map_err(io_err(path, "write header"))?;
+    if safe {
+        sys::fdatasync(file.as_fd()).map_err(io_err(path, "sync"))?;
+        // Make the new directory entry durable too.
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(path, "sync directory"))?;
+    }
+    Ok(header)
+}
+
+/// Reads and checks the header, and that the file holds all it describes.
+fn read_header(file: &File, path: &Path, len: u64) -> Result<Header, OverlayError> {
+    let mut buf = vec![0u8; format::HEADER_SIZE];
+    let n = (len as usize).min(buf.len());
+    file.read_exact_at(&mut buf[..n], 0)
+        .map_err(io_err(path, "read header"))?;
+    buf.truncate(n);
+    let header = parse_header(&buf).map_err(|e| OverlayError::format(path, e))?;
+    if len < header.file_len() {
+        return Err(OverlayError::format(
+            path,
+            FormatError::Truncated {
+                what: "map and data area",
+                need: header.file_len(),
+                have: len,
+            },
+        ));
+    }
+    Ok(header)
+}
+
+enum MapError {
+    Io(io::Error),
+    Format(FormatError),
+}
+
+impl MapError {
+    fn at(self, path: &Path) -> OverlayError {
+        match self {
+            MapError::Io(e) => io_err(path, "read map")(e),
+            MapError::Format(e) => OverlayError::format(path, e),
+        }
+    }
+}
+
+/// Visits the on-disk map in chunks: `f(first_block, bytes)`.
+fn for_map_chunks(
+    file: &File,
+    header: &Header,
+    mut f: impl FnMut(u64, &[u8]) -> Result<(), FormatError>,
+) -> Result<(), MapError> {
+    let mut buf = vec![0u8; MAP_CHUNK.min(header.map_len) as usize];
+    let mut first = 0;
+    while first < header.map_len {
+        let n = MAP_CHUNK.min(header.map_len - first) as usize;
+        file.read_exact_at(&mut buf[..n], header.map_offset + first)
+            .map_err(MapError::Io)?;
+        f(first, &buf[..n]).map_err(MapError::Format)?;
+        first += n as u64;
+    }
+    Ok(())
+}
+
+fn read_map(file: &File, path: &Path, header: &Header) -> Result<Vec<AtomicU8>, OverlayError> {
+    let mut states = Vec::with_capacity(header.map_len as usize);
+    for_map_chunks(file, header, |first, b| {
+        format::decode_map(b, first, &mut states)
+    })
+    .map_err(|e| e.at(path))?;
+    Ok(states)
+}
+
+/// Blocks per state on disk: `[base, data, zero]`.
+fn read_counts(file: &File, path: &Path, header: &Header) -> Result<[u64; 3], OverlayError> {
+    let mut counts = [0u64; 3];
+    for_map_chunks(file, header, |first, b| {
+        format::count_states(b, first, &mut counts)
+    })
+    .map_err(|e| e.at(path))?;
+    Ok(counts)
+}
+
+/// Sets every map entry to `Base` (zero).
+fn zero_map(file: &File, header: &Header) -> io::Result<()> {
+    match sys::punch_hole(file.as_fd(), header.map_offset, header.map_len) {
+        Err(e) if sys::unsupported(&e) => {}
+        r => return r,
+    }
+    let zeros = vec![0u8; MAP_CHUNK.min(header.map_len) as usize];
+    let mut done = 0;
+    while done < header.map_len {
+        let n = MAP_CHUNK.min(header.map_len - done);
+        file.write_all_at(&zeros[..n as usize], header.map_offset + done)?;
+        done += n;
+    }
+    Ok(())
+}

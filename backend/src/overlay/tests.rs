@@ -1,0 +1,754 @@
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+
+use super::format::{CLEAN_OFFSET, HEADER_SIZE};
+use super::*;
+
+/// xorshift64*: reproducible randomness without extra crates.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// A non-zero, position-dependent base disk.
+fn base_byte(p: u64) -> u8 {
+    let x = (p ^ (p >> 9)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    ((x >> 56) as u8) | 1
+}
+
+fn base(offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = base_byte(offset + i as u64);
+    }
+    Ok(())
+}
+
+fn fp(n: u8) -> [u8; 32] {
+    let mut f = [0u8; 32];
+    f[0] = 0xab;
+    f[31] = n;
+    f
+}
+
+fn cfg(disk_size: u64, n: u8, flush: FlushMode) -> OverlayConfig {
+    OverlayConfig {
+        disk_size,
+        fingerprint: fp(n),
+        flush,
+    }
+}
+
+/// Splits `buf` into up to three pieces, so that I/O crosses iovecs.
+fn scatter<'a>(buf: &'a mut [u8], rng: &mut Rng) -> IoBufs<'a> {
+    let len = buf.len();
+    let a = rng.below(len as u64 + 1) as usize;
+    let b = a + rng.below((len - a) as u64 + 1) as usize;
+    let p = buf.as_mut_ptr();
+    // SAFETY: the three ranges partition `buf`, which stays mutably
+    // borrowed for 'a.
+    unsafe { IoBufs::from_raw([(p, a), (p.add(a), b - a), (p.add(b), len - b)]) }
+}
+
+/// Reads like the server: base for `Base`, data area for `Data`, zeros.
+fn read(ov: &Overlay, offset: u64, len: u64, rng: &mut Rng) -> Vec<u8> {
+    let mut out = vec![0xeeu8; len as usize];
+    let mut dst = vec![0u8; len as usize];
+    let bufs = scatter(&mut dst, rng);
+    for run in ov.runs(offset, len) {
+        let at = (run.offset - offset) as usize;
+        match run.state {
+            BlockState::Base => base(run.offset, &mut out[at..at + run.len as usize]).unwrap(),
+            BlockState::Zero => out[at..at + run.len as usize].fill(0),
+            BlockState::Data => {
+                ov.read_data(run.offset, &bufs, at, run.len as usize)
+                    .unwrap();
+                bufs.copy_to(at, &mut out[at..at + run.len as usize]);
+            }
+        }
+    }
+    drop(bufs);
+    out
+}
+
+/// Writes `data` at `offset` through a scattered list with a prefix.
+fn write(ov: &Overlay, offset: u64, data: &[u8], rng: &mut Rng) -> io::Result<()> {
+    write_over(ov, offset, data, rng, &base)
+}
+
+fn write_over(
+    ov: &Overlay,
+    offset: u64,
+    data: &[u8],
+    rng: &mut Rng,
+    base: BaseReader<'_>,
+) -> io::Result<()> {
+    let pre = rng.below(700) as usize;
+    let mut src = vec![0x5au8; pre + data.len() + 3];
+    src[pre..pre + data.len()].copy_from_slice(data);
+    let bufs = scatter(&mut src, rng);
+    ov.write(offset, &bufs, pre, data.len(), base)
+}
+
+fn allocated(path: &Path) -> u64 {
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// A random range: whole blocks, 512-byte sectors, or odd bytes.
+fn range(rng: &mut Rng, size: u64) -> (u64, u64) {
+    let (off, len) = match rng.below(3) {
+        0 => (rng.below(size / BS + 1) * BS, (1 + rng.below(8)) * BS),
+        1 => (rng.below(size / 512) * 512, (1 + rng.below(20)) * 512),
+        _ => (rng.below(size), 1 + rng.below(10_000)),
+    };
+    let off = off.min(size - 1);
+    (off, len.min(size - off))
+}
+
+fn check(ov: &Overlay, model: &[u8], off: u64, len: u64, rng: &mut Rng, what: &str) {
+    let got = read(ov, off, len, rng);
+    let want = &model[off as usize..(off + len) as usize];
+    if got != want {
+        let i = got.iter().zip(want).position(|(a, b)| a != b).unwrap();
+        panic!(
+            "{what}: byte {} differs: got {} want {}",
+            off + i as u64,
+            got[i],
+            want[i]
+        );
+    }
+}
+
+fn model_run(seed: u64, mode: FlushMode) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ov");
+    // Not a multiple of 4096: the last block is partial.
+    let size = (1 << 20) + 3 * 512;
+    let mut rng = Rng::new(seed);
+    let mut model: Vec<u8> = (0..size).map(base_byte).collect();
+    let mut ov = Overlay::open(&path, cfg(size, 1, mode)).unwrap();
+    for step in 0..600 {
+        let (off, len) = range(&mut rng, size);
+        let what = format!("seed {seed} step {step}");
+        match rng.below(12) {
+            0..=4 => {
+                let data = rng.bytes(len as usize);
+                write(&ov, off, &data, &mut rng).unwrap();
+                model[off as usize..(off + len) as usize].copy_from_slice(&data);
+            }
+            5 | 6 => {
+                ov.write_zeroes(off, len, &base).unwrap();
+                model[off as usize..(off + len) as usize].fill(0);
+            }
+            7 | 8 => {
+                ov.discard(off, len, &base).unwrap();
+                model[off as usize..(off + len) as usize].fill(0);
+            }
+            9 => ov.flush().unwrap(),
+            10 => {
+                ov.close().unwrap();
+                ov = Overlay::open(&path, cfg(size, 1, mode)).unwrap();
+            }
+            _ => {
+                // Drop flushes too.
+                drop(ov);
+                ov = Overlay::open(&path, cfg(size, 1, mode)).unwrap();
+            }
+        }
+        check(&ov, &model, off, len, &mut rng, &what);
+        let (off, len) = range(&mut rng, size);
+        check(&ov, &model, off, len, &mut rng, &what);
+        if step % 100 == 99 {
+            check(&ov, &model, 0, size, &mut rng, &what);
+        }
+    }
+    ov.flush().unwrap();
+    ov.close().unwrap();
+    let ov = Overlay::open(&path, cfg(size, 1, mode)).unwrap();
+    check(&ov, &model, 0, size, &mut rng, "after reopen");
+    drop(ov);
+
+    match Overlay::open(&path, cfg(size, 2, mode)) {
+        Err(OverlayError::Mismatch { what, .. }) => assert!(what.contains("fingerprint")),
+        r => panic!("expected a fingerprint mismatch, got {r:?}"),
+    }
+    match Overlay::open(&path, cfg(size + 512, 1, mode)) {
+        Err(e @ OverlayError::Mismatch { .. }) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("size") && msg.contains("ociblk overlay reset"),
+                "{msg}"
+            );
+        }
+        r => panic!("expected a size mismatch, got {r:?}"),
+    }
+    // The failed opens changed nothing.
+    let ov = Overlay::open(&path, cfg(size, 1, mode)).unwrap();
+    check(&ov, &model, 0, size, &mut rng, "after mismatches");
+}
+
+#[test]
+fn model_safe() {
+    for seed in 1..=3 {
+        model_run(seed, FlushMode::Safe);
+    }
+}
+
+#[test]
+fn model_unsafe() {
+    for seed in 11..=13 {
+        model_run(seed, FlushMode::Unsafe);
+    }
+}
+
+#[test]
+fn runs_split_and_clip() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ov");
+    let size = 10 * BS + 512;
+    let ov = Overlay::open(&path, cfg(size, 1, FlushMode::Safe)).unwrap();
+    let mut rng = Rng::new(5);
+    write(&ov, BS, &[7u8; BS as usize], &mut rng).unwrap();
+    write(&ov, 2 * BS, &[7u8; BS as usize], &mut rng).unwrap();
+    ov.write_zeroes(3 * BS, BS, &base).unwrap();
+    let runs: Vec<_> = ov.runs(100, 4 * BS).collect();
+    let run = |offset, len, state| Run { offset, len, state };
+    assert_eq!(
+        runs,
+        [
+            run(100, BS - 100, BlockState::Base),
+            run(BS, 2 * BS, BlockState::Data),
+            run(3 * BS, BS, BlockState::Zero),
+            run(4 * BS, 100, BlockState::Base),
+        ]
+    );
+    // Clipped to the disk; the partial last block is one run.
+    let runs: Vec<_> = ov.runs(size - 1000, 1 << 20).collect();
+    assert_eq!(runs, [run(size - 1000, 1000, BlockState::Base)]);
+    assert_eq!(ov.runs(size, 10).count(), 0);
+    assert_eq!(ov.runs(u64::MAX, u64::MAX).count(), 0);
+    // Out-of-range requests are errors, not panics.
+    let mut buf = [0u8; 1024];
+    let bufs = IoBufs::from_slice(&mut buf);
+    let kind = |r: io::Result<()>| r.unwrap_err().kind();
+    assert_eq!(
+        kind(ov.read_data(size - 512, &bufs, 0, 1024)),
+        io::ErrorKind::InvalidInput
+    );
+    assert_eq!(
+        kind(ov.write(size, &bufs, 0, 1, &base)),
+        io::ErrorKind::InvalidInput
+    );
+    assert_eq!(
+        kind(ov.write(0, &bufs, 1000, 25, &base)),
+        io::ErrorKind::InvalidInput
+    );
+    assert_eq!(
+        kind(ov.write_zeroes(u64::MAX, 2, &base)),
+        io::ErrorKind::InvalidInput
+    );
+    // Whole disk, including the partial last block.
+    let data = rng.bytes(size as usize);
+    write(&ov, 0, &data, &mut rng).unwrap();
+    assert_eq!(read(&ov, 0, size, &mut rng), data);
+    assert!(ov.runs(0, size).all(|r| r.state == BlockState::Data));
+}
+
+#[test]
+fn zeroes_hide_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ov");
+    let ov = Overlay::open(&path, cfg(1 << 20, 1, FlushMode::Safe)).unwrap();
+    let mut rng = Rng::new(1);
+    assert!(read(&ov, 0, BS, &mut rng).iter().all(|&b| b != 0));
+    ov.write_zeroes(0, BS, &base).unwrap();
+    ov.discard(2 * BS, 2 * BS, &base).unwrap();
+    // A partial zeroing of a Base block keeps the rest of the base.
+    ov.write_zeroes(5 * BS + 512, 1024, &base).unwrap();
+    ov.close().unwrap();
+    let ov = Overlay::open(&path, cfg(1 << 20, 1, FlushMode::Safe)).unwrap();
+    assert!(read(&ov, 0, BS, &mut rng).iter().all(|&b| b == 0));
+    assert!(read(&ov, 2 * BS, 2 * BS, &mut rng).iter().all(|&b| b == 0));
+    let b5 = read(&ov, 5 * BS, BS, &mut rng);
+    assert!(b5[512..1536].iter().all(|&b| b == 0));
+    let mut want = vec![0u8; 512];
+    base(5 * BS, &mut want).unwrap();
+    assert_eq!(b5[..512], want);
+    assert_eq!(read(&ov, BS, BS, &mut rng)[0], base_byte(BS));
+}
+
+#[test]
+fn zeroing_frees_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ov");
+    let mib = 1u64 << 20;
+    let ov = Overlay::open(&path, cfg(64 * mib, 1, FlushMode::Safe)).unwrap();
+    let mut rng = Rng::new(9);
+    write(&ov, 0, &rng.bytes(4 * mib as usize), &mut rng).unwrap();
+    ov.flush().unwrap();
+    let written = allocated(&path);
+    assert!(written >= 4 * mib, "{written}");
+    // Zeroing and discarding Base blocks (map page 0, already allocated)
+    // allocates nothing.
+    ov.write_zeroes(8 * mib, 4 * mib, &base).unwrap();
+    ov.discard(12 * mib, 2 * mib, &base).unwrap();
+    ov.flush().unwrap();
+    assert!(
+        allocated(&path) <= written,
+        "{} > {written}",
+        allocated(&path)
+    );
+    // Zeroing written data gives its space back.
+    ov.write_zeroes(0, 2 * mib, &base).unwrap();
+    ov.discard(2 * mib, 2 * mib, &base).unwrap();
+    ov.flush().unwrap();
+    let after = allocated(&path);
+    assert!(after + 4 * mib <= written, "{after} vs {written}");
+    // Zeroing a sector of a Zero block stays free.
+    ov.write_zeroes(512, 512, &base).unwrap();
+    ov.flush().unwrap();
+    assert_eq!(allocated(&path), after);
+    assert!(read(&ov, 0, 4 * mib, &mut rng).iter().all(|&b| b == 0));
+}
+
+#[test]
+fn locked_while_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ov");
+    let c = cfg(1 << 20, 1, FlushMode::Unsafe);
+    let ov = Overlay::open(&path, c.clone()).unwrap();
+    match Overlay::open(&path, c.clone()) {
+        Err(e @ OverlayError::Locked { .. }) => {
+            assert!(e.to_string().contains("in use by another process"))
+        }
+        r => panic!("expected Locked, got {r:?}"),
+    }
+    assert!(matches!(
+        Overlay::reset(&path),
+        Err(OverlayError::Locked { .. })
+    ));
+    // info needs no lock.
+    assert!(!Overlay::info(&path).unwrap().clean);
+    drop(ov);
+    Overlay::open(&path, c).unwrap();
+}
+
+#[test]
+fn info_and_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ov");
+    let size = 64 << 20;
+    let ov = Overlay::open(&path, cfg(size, 7, FlushMode::Safe)).unwrap();
+    let mut rng = Rng::new(3);
+    write(&ov, 0, &rng.bytes(3 * BS as usize), &mut rng).unwrap();
+    write(&ov, 100 * BS + 1, &[1, 2, 3], &mut rng).unwrap();
+    ov.write_zeroes(10 * BS, 2 * BS, &base).unwrap();
+    // Nothing flushed yet: the map on disk is empty.
+    assert_eq!(Overlay::info(&path).unwrap().written, 0);
+    ov.flush().unwrap();
+    let info = Overlay::info(&path).unwrap();
+    assert_eq!(info.disk_size, size);
+    assert_eq!(info.fingerprint, fp(7));
+    assert_eq!(info.fingerprint_hex().len(), 64);
+    assert!(info.fingerprint_hex().starts_with("ab00"));
+    assert_eq!(info.block_size, 4096);
+    assert_eq!(info.blocks, size / BS);
+    assert_eq!((info.written, info.zeroed), (4, 2));
+    assert!(!info.clean);
+    assert!(info.allocated_bytes >= 4 * BS);
+    assert!(info.file_size > size);
+    ov.close().unwrap();
+    assert!(Overlay::info(&path).unwrap().clean);
+
+    Overlay::reset(&path).unwrap();
+    let info = Overlay::info(&path).unwrap();
+    assert_eq!((info.written, info.zeroed), (0, 0));
+    assert!(info.clean);
+    assert!(info.allocated_bytes <= 2 * BS, "{}", info.allocated_bytes);
+    let ov = Overlay::open(&path, cfg(size, 7, FlushMode::Safe)).unwrap();
+    assert!(ov.runs(0, size).all(|r| r.state == BlockState::Base));
+    drop(ov);
+    // A reset overlay holds nothing, so another disk may take it.
+    let ov = Overlay::open(&path, cfg(size / 2, 8, FlushMode::Safe)).unwrap();
+    assert_eq!(ov.disk_size(), size / 2);
+    drop(ov);
+    assert_eq!(Overlay::info(&path).unwrap().fingerprint, fp(8));
+}
+
+#[test]
+fn concurrent_sector_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ov");
+    let size = 2 << 20;
+    let ov = Arc::new(Overlay::open(&path, cfg(size, 1, FlushMode::Unsafe)).unwrap());
+    const THREADS: u64 = 4;
+    const WRITES: u64 = 200;
+    // Write i goes to sector t of block i % BLOCKS: the first round hits
+    // fresh blocks, so all threads read-modify-write the same Base block at
+    // once (the barrier lines them up); later rounds overwrite in place.
+    const BLOCKS: u64 = 100;
+    let pattern = |t: u64, i: u64| [(t * 50 + i % 50) as u8 + 1; 512];
+    let barrier = Arc::new(std::sync::Barrier::new(THREADS as usize));
+    let mut writers = Vec::new();
+    for t in 0..THREADS {
+        let (ov, barrier) = (Arc::clone(&ov), Arc::clone(&barrier));
+        writers.push(std::thread::spawn(move || {
+            let mut rng = Rng::new(100 + t);
+            for i in 0..WRITES {
+                if i < BLOCKS {
+                    barrier.wait();
+                }
+                let off = (i % BLOCKS) * BS + t * 512;
+                write_over(&ov, off, &pattern(t, i), &mut rng, &slow_base).unwrap();
+            }
+        }));
+    }
+    // Whole-block writes and zeroing in the same stripes, and lock-free
+    // readers, run alongside.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut others = Vec::new();
+    for t in 0..2u64 {
+        let (ov, stop) = (Arc::clone(&ov), Arc::clone(&stop));
+        others.push(std::thread::spawn(move || {
+            let mut rng = Rng::new(200 + t);
+            while !stop.load(Ordering::Relaxed) {
+                let b = 256 + rng.below(256);
+                if t == 0 {
+                    write(&ov, b * BS, &[9u8; BS as usize], &mut rng).unwrap();
+                    ov.write_zeroes(b * BS, BS, &base).unwrap();
+                } else {
+                    let _ = read(&ov, 0, BLOCKS * BS, &mut rng);
+                }
+            }
+        }));
+    }
+    for h in writers {
+        h.join().unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    for h in others {
+        h.join().unwrap();
+    }
+    let mut rng = Rng::new(0);
+    let got = read(&ov, 0, BLOCKS * BS, &mut rng);
+    for b in 0..BLOCKS {
+        let last = (0..WRITES).rev().find(|i| i % BLOCKS == b).unwrap();
+        for s in 0..8 {
+            let at = (b * BS + s * 512) as usize;
+            let want = if s < THREADS {
+                pattern(s, last).to_vec()
+            } else {
+                let mut v = vec![0u8; 512];
+                base(at as u64, &mut v).unwrap();
+                v
+            };
+            assert_eq!(got[at..at + 512], want, "block {b} sector {s}");
+        }
+    }
+}
+
+/// Slow enough that a racing writer lands inside a read-modify-write.
+fn slow_base(offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    std::thread::sleep(std::time::Duration::from_micros(200));
+    base(offset, buf)
+}
+
+#[test]
+fn whole_block_write_races_partial_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ov");
+    let ov = Arc::new(Overlay::open(&path, cfg(1 << 20, 1, FlushMode::Unsafe)).unwrap());
+    const BLOCKS: u64 = 100;
+    let barrier = Arc::new(std::sync::Barrier::new(2));
+    let threads: Vec<_> = (0..2u64)
+        .map(|t| {
+            let (ov, barrier) = (Arc::clone(&ov), Arc::clone(&barrier));
+            std::thread::spawn(move || {
+                let mut rng = Rng::new(300 + t);
+                for b in 0..BLOCKS {
+                    barrier.wait();
+                    if t == 0 {
+                        write(&ov, b * BS, &[7u8; BS as usize], &mut rng).unwrap();
+                    } else {
+                        write_over(&ov, b * BS, &[8u8; 512], &mut rng, &slow_base).unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in threads {
+        h.join().unwrap();
+    }
+    // Sector 0 may hold either write; the rest only the whole-block one,
+    // never base bytes written back by a stale read-modify-write.
+    let got = read(&ov, 0, BLOCKS * BS, &mut Rng::new(0));
+    for b in 0..BLOCKS as usize {
+        let block = &got[b * BS as usize..(b + 1) * BS as usize];
+        assert!(
+            block[..512] == [7; 512] || block[..512] == [8; 512],
+            "block {b}"
+        );
+        assert!(block[512..].iter().all(|&x| x == 7), "block {b}");
+    }
+}
+
+#[test]
+fn overlay_is_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<Overlay>();
+}
+
+/// Simulates `kill -9`: the process ends without closing, the page cache
+/// keeps what was written.
+fn crash(mut ov: Overlay) {
+    ov.closed = true;
+    drop(ov);
+}
+
+#[test]
+fn crash_keeps_flushed_writes() {
+    for mode in [FlushMode::Safe, FlushMode::Unsafe] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ov");
+        let size = 8 << 20;
+        let mut rng = Rng::new(4);
+        let ov = Overlay::open(&path, cfg(size, 1, mode)).unwrap();
+        let flushed = rng.bytes(3 * BS as usize + 700);
+        write(&ov, 512, &flushed, &mut rng).unwrap();
+        ov.write_zeroes(20 * BS, 2 * BS, &base).unwrap();
+        ov.flush().unwrap();
+        // Not flushed: may be lost, and here the map never reaches the file.
+        write(&ov, 1 << 20, &rng.bytes(1 << 20), &mut rng).unwrap();
+        let before = allocated(&path);
+        crash(ov);
+
+        let ov = Overlay::open(&path, cfg(size, 1, mode)).unwrap();
+        assert_eq!(read(&ov, 512, flushed.len() as u64, &mut rng), flushed);
+        assert!(read(&ov, 20 * BS, 2 * BS, &mut rng).iter().all(|&b| b == 0));
+        let mut want = vec![0u8; 1 << 20];
+        base(1 << 20, &mut want).unwrap();
+        assert_eq!(read(&ov, 1 << 20, 1 << 20, &mut rng), want);
+        // The unpublished blocks' data was reclaimed on open.
+        let after = allocated(&path);
+        assert!(after + (1 << 20) <= before, "{mode:?}: {after} vs {before}");
+    }
+}
+
+#[test]
+fn failed_writes_keep_state() {
+    // Real ENOSPC needs a small filesystem (a tmpfs mount); here writes fail
+    // because the overlay's descriptor is swapped for a read-only one.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ov");
+    let size = 1 << 20;
+    let mut rng = Rng::new(6);
+    let ov = Overlay::open(&path, cfg(size, 1, FlushMode::Safe)).unwrap();
+    let mut model: Vec<u8> = (0..size).map(base_byte).collect();
+    let data = rng.bytes(2 * BS as usize);
+    write(&ov, 4 * BS, &data, &mut rng).unwrap();
+    model[4 * BS as usize..6 * BS as usize].copy_from_slice(&data);
+    ov.write_zeroes(8 * BS, BS, &base).unwrap();
+    model[8 * BS as usize..9 * BS as usize].fill(0);
+    ov.flush().unwrap();
+
+    let fd = ov.file.as_raw_fd();
+    let ro = std::fs::File::open(&path).unwrap();
+    // SAFETY: dup/dup2 on descriptors this test owns; `saved` keeps the
+    // overlay's open file description (and its lock) alive meanwhile.
+    let saved = unsafe { libc::dup(fd) };
+    assert!(saved >= 0);
+    // SAFETY: as above.
+    assert!(unsafe { libc::dup2(ro.as_raw_fd(), fd) } >= 0);
+
+    let states = |ov: &Overlay| ov.runs(0, size).collect::<Vec<_>>();
+    let before = states(&ov);
+    let page = vec![1u8; BS as usize];
+    assert!(write(&ov, 0, &page, &mut rng).is_err()); // Base, whole
+    assert!(write(&ov, BS + 512, &[1; 512], &mut rng).is_err()); // Base, partial
+    assert!(write(&ov, 8 * BS + 1, &[1; 3], &mut rng).is_err()); // Zero, partial
+    assert!(write(&ov, 4 * BS + 100, &[1; 3], &mut rng).is_err()); // Data, partial
+    assert!(ov.write_zeroes(4 * BS, BS, &base).is_err()); // Data, whole
+    assert_eq!(states(&ov), before);
+    check(&ov, &model, 0, size, &mut rng, "after failed writes");
+    // Base reads failing do not change state either.
+    let failing = |_: u64, _: &mut [u8]| Err(io::Error::other("base unavailable"));
+    let bufs_src = &mut [1u8; 512];
+    let bufs = IoBufs::from_slice(bufs_src);
+    assert!(ov.write(2 * BS, &bufs, 0, 512, &failing).is_err());
+    assert_eq!(states(&ov), before);
+
+    // SAFETY: restores the overlay's description on its descriptor number.
+    assert!(unsafe { libc::dup2(saved, fd) } >= 0);
+    // SAFETY: `saved` is ours and no longer needed.
+    unsafe { libc::close(saved) };
+    write(&ov, 0, &page, &mut rng).unwrap();
+    model[..BS as usize].copy_from_slice(&page);
+    ov.close().unwrap();
+    // A failed write may have left bytes behind: not marked clean, so the
+    // next open reclaims.
+    assert!(!Overlay::info(&path).unwrap().clean);
+    let ov = Overlay::open(&path, cfg(size, 1, FlushMode::Safe)).unwrap();
+    check(&ov, &model, 0, size, &mut rng, "after reopen");
+}
+
+#[test]
+fn bad_files_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ov");
+    let c = cfg(1 << 20, 1, FlushMode::Unsafe);
+    let reopen = || Overlay::open(&path, c.clone()).map(drop);
+    reopen().unwrap();
+    let full = std::fs::read(&path).unwrap();
+    let put = |bytes: &[u8]| std::fs::write(&path, bytes).unwrap();
+    let msg = |r: Result<(), OverlayError>| r.unwrap_err().to_string();
+
+    put(&full[..100]);
+    let m = msg(reopen());
+    assert!(
+        m.contains("truncated") && m.contains(&*path.to_string_lossy()),
+        "{m}"
+    );
+    put(&full[..full.len() - 4096]);
+    assert!(msg(reopen()).contains("truncated"));
+    assert!(matches!(
+        Overlay::info(&path),
+        Err(OverlayError::Corrupt { .. })
+    ));
+
+    let mut bad = full.clone();
+    bad[HEADER_SIZE + 5] = 7;
+    put(&bad);
+    let m = msg(reopen());
+    assert!(m.contains("unknown state byte 7 for block 5"), "{m}");
+    assert!(Overlay::info(&path).is_err());
+
+    let mut bad = full.clone();
+    bad[0] = b'X';
+    put(&bad);
+    assert!(matches!(
+        Overlay::open(&path, c.clone()),
+        Err(OverlayError::BadMagic { .. })
+    ));
+    assert!(matches!(
+        Overlay::reset(&path),
+        Err(OverlayError::BadMagic { .. })
+    ));
+
+    let mut bad = full.clone();
+    bad[20] ^= 0x10;
+    put(&bad);
+    assert!(msg(reopen()).contains("checksum"));
+
+    put(&full);
+    reopen().unwrap();
+    let odd = Overlay::open(&path, cfg(1000, 1, FlushMode::Unsafe));
+    assert!(matches!(odd, Err(OverlayError::Config { .. })));
+    assert!(matches!(
+        Overlay::info(dir.path().join("missing")),
+        Err(OverlayError::Io { .. })
+    ));
+}
+
+fn with_crc(mut h: Vec<u8>) -> Vec<u8> {
+    let crc = crc32fast::hash(&h[..80]);
+    h[80..84].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+#[test]
+fn parse_header_rejects_bad_input() {
+    let good = Header::new(1 << 30, fp(3));
+    let bytes = good.encode();
+    assert_eq!(parse_header(&bytes), Ok(good.clone()));
+    assert_eq!(good.data_offset, 1 << 20);
+    assert_eq!(good.map_len, 1 << 18);
+
+    assert!(matches!(
+        parse_header(&[]),
+        Err(FormatError::Truncated { .. })
+    ));
+    assert!(matches!(
+        parse_header(&bytes[..HEADER_SIZE - 1]),
+        Err(FormatError::Truncated { .. })
+    ));
+    let mut rng = Rng::new(77);
+    for _ in 0..1000 {
+        let junk = rng.bytes(HEADER_SIZE);
+        assert!(parse_header(&junk).is_err());
+    }
+    // Every single bit flip is caught, except the clean flag's own bit.
+    for byte in 0..HEADER_SIZE {
+        for bit in 0..8 {
+            let mut b = bytes.clone();
+            b[byte] ^= 1 << bit;
+            let r = parse_header(&b);
+            if byte == CLEAN_OFFSET && bit == 0 {
+                assert!(r.is_ok());
+            } else {
+                assert!(r.is_err(), "flip {byte}.{bit} accepted");
+            }
+        }
+    }
+    // Consistent checksums over inconsistent fields.
+    let field = |at: usize, v: u64| {
+        let mut b = bytes.clone();
+        b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+        parse_header(&with_crc(b))
+    };
+    let invalid = |r: Result<Header, FormatError>, what: &str| match r {
+        Err(FormatError::Invalid(m)) => assert!(m.contains(what), "{m}"),
+        r => panic!("expected {what}, got {r:?}"),
+    };
+    invalid(field(16, (1 << 30) + 1), "multiple of 512");
+    invalid(field(16, 0), "multiple of 512");
+    invalid(field(16, 1 << 60), "maximum");
+    invalid(field(64, 5), "entries");
+    invalid(field(56, 100), "map offset");
+    invalid(field(56, u64::MAX - 4095), "map offset");
+    invalid(field(72, 4096), "data offset");
+    invalid(field(72, 1 << 19), "data offset");
+    invalid(field(72, !((1u64 << 20) - 1)), "data offset");
+    let mut b = bytes.clone();
+    b[8] = 2;
+    assert_eq!(parse_header(&with_crc(b)), Err(FormatError::Version(2)));
+    let mut b = bytes.clone();
+    b[13] = 2; // block size 512 + 4096
+    invalid(parse_header(&with_crc(b)), "block size");
+
+    // Random corruption of valid headers never panics.
+    for _ in 0..20_000 {
+        let mut b = bytes.clone();
+        for _ in 0..1 + rng.below(4) {
+            let i = rng.below(90) as usize;
+            b[i] = rng.next() as u8;
+        }
+        let b = if rng.below(2) == 0 { with_crc(b) } else { b };
+        let _ = parse_header(&b);
+    }
+}
+
+#[test]
+fn parse_map_rejects_unknown_states() {
+    let map = parse_map(&[0, 1, 2, 0]).unwrap();
+    assert_eq!(map.len(), 4);
+    assert_eq!(
+        parse_map(&[0, 1, 3]).err(),
+        Some(FormatError::BadState { block: 2, value: 3 })
+    );
+}
