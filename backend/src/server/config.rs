@@ -1,0 +1,400 @@
+//! Server options, the feature bits the server offers and the virtio-blk
+//! configuration space it reports.
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
+    VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+
+use super::ServerError;
+
+/// Bytes per virtio-blk sector; request sectors are always in this unit.
+pub const SECTOR_SIZE: u64 = 512;
+/// `log2(SECTOR_SIZE)`.
+pub const SECTOR_SHIFT: u32 = 9;
+
+/// Largest number of request queues.
+pub const MAX_QUEUES: u16 = 16;
+/// Default number of request queues.
+pub const DEFAULT_QUEUES: u16 = 4;
+/// Smallest virtqueue size accepted: `seg_max` (queue size - 2) must stay positive.
+pub const MIN_QUEUE_SIZE: u16 = 4;
+/// Largest virtqueue size, the virtio limit QEMU enforces for `queue-size`.
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+/// Default largest virtqueue size; QEMU's default `queue-size` is 128.
+pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+
+/// Logical block size reported to the guest.
+pub const BLK_SIZE: u32 = SECTOR_SIZE as u32;
+/// Physical blocks are `2^3` logical blocks: 4 KiB, the overlay's granularity.
+pub const PHYSICAL_BLOCK_EXP: u8 = 3;
+/// Minimum I/O size in logical blocks (4 KiB).
+pub const MIN_IO_SIZE: u16 = 8;
+/// Optimal I/O size in logical blocks; 0 means "not reported".
+pub const OPT_IO_SIZE: u32 = 0;
+/// Largest single data segment of a request.
+pub const SIZE_MAX: u32 = 1 << 20;
+/// Largest discard, in sectors (1 GiB).
+pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
+/// Discard segments per request.
+pub const MAX_DISCARD_SEG: u32 = 1;
+/// Discard alignment hint in sectors (4 KiB).
+pub const DISCARD_SECTOR_ALIGNMENT: u32 = 8;
+/// Largest write-zeroes, in sectors (1 GiB).
+pub const MAX_WRITE_ZEROES_SECTORS: u32 = 1 << 21;
+/// Write-zeroes segments per request.
+pub const MAX_WRITE_ZEROES_SEG: u32 = 1;
+/// Write-zeroes with the UNMAP flag may deallocate.
+pub const WRITE_ZEROES_MAY_UNMAP: u8 = 1;
+/// Length of the GET_ID answer.
+pub const ID_BYTES: usize = VIRTIO_BLK_ID_BYTES as usize;
+
+// Byte offsets in `struct virtio_blk_config` (virtio 1.2, 5.2.4). All fields
+// are little endian. The tests check them against virtio-bindings.
+pub const CAPACITY_OFFSET: usize = 0;
+pub const SIZE_MAX_OFFSET: usize = 8;
+pub const SEG_MAX_OFFSET: usize = 12;
+pub const GEOMETRY_OFFSET: usize = 16;
+pub const BLK_SIZE_OFFSET: usize = 20;
+pub const PHYSICAL_BLOCK_EXP_OFFSET: usize = 24;
+pub const ALIGNMENT_OFFSET_OFFSET: usize = 25;
+pub const MIN_IO_SIZE_OFFSET: usize = 26;
+pub const OPT_IO_SIZE_OFFSET: usize = 28;
+pub const WRITEBACK_OFFSET: usize = 32;
+pub const NUM_QUEUES_OFFSET: usize = 34;
+pub const MAX_DISCARD_SECTORS_OFFSET: usize = 36;
+pub const MAX_DISCARD_SEG_OFFSET: usize = 40;
+pub const DISCARD_SECTOR_ALIGNMENT_OFFSET: usize = 44;
+pub const MAX_WRITE_ZEROES_SECTORS_OFFSET: usize = 48;
+pub const MAX_WRITE_ZEROES_SEG_OFFSET: usize = 52;
+pub const WRITE_ZEROES_MAY_UNMAP_OFFSET: usize = 56;
+/// Size of the whole `struct virtio_blk_config` (secure erase and zoned
+/// fields included, left zero because those features are not offered).
+pub const CONFIG_SPACE_SIZE: usize = 96;
+
+/// How the server presents the disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerOptions {
+    /// Number of request queues (`1..=MAX_QUEUES`), one worker thread each.
+    pub queues: u16,
+    /// Largest virtqueue the frontend may configure: a power of two up to
+    /// 1024, at least QEMU's `queue-size` (128 by default).
+    pub queue_size: u16,
+    /// Present the disk read-only, whatever the device says.
+    pub read_only: bool,
+    /// Serial number returned by GET_ID: its first 20 bytes, zero padded.
+    pub serial: String,
+    /// Initial write cache mode: write back (guest flushes) when true,
+    /// write through (every write flushed) when false. The guest may
+    /// change it through the `writeback` config field.
+    pub writeback: bool,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            queues: DEFAULT_QUEUES,
+            queue_size: DEFAULT_QUEUE_SIZE,
+            read_only: false,
+            serial: String::new(),
+            writeback: true,
+        }
+    }
+}
+
+impl ServerOptions {
+    /// Checks the queue count and size.
+    pub fn validate(&self) -> Result<(), ServerError> {
+        if !(1..=MAX_QUEUES).contains(&self.queues) {
+            return Err(ServerError::QueueCount(self.queues));
+        }
+        if !(MIN_QUEUE_SIZE..=MAX_QUEUE_SIZE).contains(&self.queue_size)
+            || !self.queue_size.is_power_of_two()
+        {
+            return Err(ServerError::QueueSize(self.queue_size));
+        }
+        Ok(())
+    }
+
+    /// The GET_ID answer: the serial's first 20 bytes, zero padded.
+    pub fn device_id(&self) -> [u8; ID_BYTES] {
+        let mut id = [0u8; ID_BYTES];
+        let serial = self.serial.as_bytes();
+        let n = serial.len().min(ID_BYTES);
+        id[..n].copy_from_slice(&serial[..n]);
+        id
+    }
+
+    /// Largest number of data segments per request: the queue size minus
+    /// the header and status descriptors.
+    pub fn seg_max(&self) -> u32 {
+        u32::from(self.queue_size).saturating_sub(2).max(1)
+    }
+}
+
+/// Virtio feature bits offered to the frontend.
+pub fn virtio_features(read_only: bool) -> u64 {
+    let mut features = [
+        VIRTIO_F_VERSION_1,
+        VIRTIO_RING_F_EVENT_IDX,
+        VIRTIO_RING_F_INDIRECT_DESC,
+        VIRTIO_BLK_F_SIZE_MAX,
+        VIRTIO_BLK_F_SEG_MAX,
+        VIRTIO_BLK_F_BLK_SIZE,
+        VIRTIO_BLK_F_TOPOLOGY,
+        VIRTIO_BLK_F_FLUSH,
+        VIRTIO_BLK_F_CONFIG_WCE,
+        VIRTIO_BLK_F_MQ,
+        VIRTIO_BLK_F_DISCARD,
+        VIRTIO_BLK_F_WRITE_ZEROES,
+    ]
+    .iter()
+    .fold(0u64, |acc, bit| acc | 1 << bit);
+    if read_only {
+        features |= 1 << VIRTIO_BLK_F_RO;
+    }
+    // QEMU's vhost-user-blk needs protocol feature negotiation (bit 30) for
+    // the CONFIG and MQ protocol features below.
+    features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+}
+
+/// vhost-user protocol features offered. QEMU requires CONFIG (GET_CONFIG)
+/// and MQ (GET_QUEUE_NUM); inflight tracking, status, dirty logging and
+/// packed rings are not implemented and must not be offered.
+pub fn protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+}
+
+/// The virtio-blk configuration space, encoded field by field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigSpace([u8; CONFIG_SPACE_SIZE]);
+
+impl ConfigSpace {
+    /// The configuration for a disk of `capacity` sectors.
+    pub fn new(capacity: u64, opts: &ServerOptions, writeback: bool) -> Self {
+        let mut space = ConfigSpace([0; CONFIG_SPACE_SIZE]);
+        space.put(CAPACITY_OFFSET, &capacity.to_le_bytes());
+        space.put(SIZE_MAX_OFFSET, &SIZE_MAX.to_le_bytes());
+        space.put(SEG_MAX_OFFSET, &opts.seg_max().to_le_bytes());
+        // Geometry stays zero: VIRTIO_BLK_F_GEOMETRY is not offered.
+        space.put(BLK_SIZE_OFFSET, &BLK_SIZE.to_le_bytes());
+        space.put(PHYSICAL_BLOCK_EXP_OFFSET, &[PHYSICAL_BLOCK_EXP]);
+        space.put(ALIGNMENT_OFFSET_OFFSET, &[0]);
+        space.put(MIN_IO_SIZE_OFFSET, &MIN_IO_SIZE.to_le_bytes());
+        space.put(OPT_IO_SIZE_OFFSET, &OPT_IO_SIZE.to_le_bytes());
+        space.set_writeback(writeback);
+        space.put(NUM_QUEUES_OFFSET, &opts.queues.to_le_bytes());
+        space.put(
+            MAX_DISCARD_SECTORS_OFFSET,
+            &MAX_DISCARD_SECTORS.to_le_bytes(),
+        );
+        space.put(MAX_DISCARD_SEG_OFFSET, &MAX_DISCARD_SEG.to_le_bytes());
+        space.put(
+            DISCARD_SECTOR_ALIGNMENT_OFFSET,
+            &DISCARD_SECTOR_ALIGNMENT.to_le_bytes(),
+        );
+        space.put(
+            MAX_WRITE_ZEROES_SECTORS_OFFSET,
+            &MAX_WRITE_ZEROES_SECTORS.to_le_bytes(),
+        );
+        space.put(
+            MAX_WRITE_ZEROES_SEG_OFFSET,
+            &MAX_WRITE_ZEROES_SEG.to_le_bytes(),
+        );
+        space.put(WRITE_ZEROES_MAY_UNMAP_OFFSET, &[WRITE_ZEROES_MAY_UNMAP]);
+        space
+    }
+
+    fn put(&mut self, offset: usize, bytes: &[u8]) {
+        self.0[offset..offset + bytes.len()].copy_from_slice(bytes);
+    }
+
+    /// Sets the `writeback` byte.
+    pub fn set_writeback(&mut self, writeback: bool) {
+        self.0[WRITEBACK_OFFSET] = u8::from(writeback);
+    }
+
+    /// The whole structure.
+    pub fn as_bytes(&self) -> &[u8; CONFIG_SPACE_SIZE] {
+        &self.0
+    }
+
+    /// Exactly `size` bytes from `offset`, zero past the end of the
+    /// structure: QEMU asks for sizes that depend on its own version and
+    /// flags and drops the connection on a short answer.
+    pub fn read(&self, offset: u32, size: u32) -> Vec<u8> {
+        let mut out = vec![0u8; size as usize];
+        let start = (offset as usize).min(CONFIG_SPACE_SIZE);
+        let end = (offset as usize)
+            .saturating_add(size as usize)
+            .min(CONFIG_SPACE_SIZE);
+        out[..end - start].copy_from_slice(&self.0[start..end]);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::mem::{offset_of, size_of};
+
+    use virtio_bindings::virtio_blk::{
+        virtio_blk_config, virtio_blk_config_virtio_blk_geometry as Geometry,
+    };
+
+    use super::*;
+
+    #[test]
+    fn offsets_match_virtio_bindings() {
+        type C = virtio_blk_config;
+        assert_eq!(size_of::<C>(), CONFIG_SPACE_SIZE);
+        assert_eq!(offset_of!(C, capacity), CAPACITY_OFFSET);
+        assert_eq!(offset_of!(C, size_max), SIZE_MAX_OFFSET);
+        assert_eq!(offset_of!(C, seg_max), SEG_MAX_OFFSET);
+        assert_eq!(offset_of!(C, geometry), GEOMETRY_OFFSET);
+        assert_eq!(offset_of!(C, blk_size), BLK_SIZE_OFFSET);
+        assert_eq!(offset_of!(C, physical_block_exp), PHYSICAL_BLOCK_EXP_OFFSET);
+        assert_eq!(offset_of!(C, alignment_offset), ALIGNMENT_OFFSET_OFFSET);
+        assert_eq!(offset_of!(C, min_io_size), MIN_IO_SIZE_OFFSET);
+        assert_eq!(offset_of!(C, opt_io_size), OPT_IO_SIZE_OFFSET);
+        assert_eq!(offset_of!(C, wce), WRITEBACK_OFFSET);
+        assert_eq!(offset_of!(C, num_queues), NUM_QUEUES_OFFSET);
+        assert_eq!(
+            offset_of!(C, max_discard_sectors),
+            MAX_DISCARD_SECTORS_OFFSET
+        );
+        assert_eq!(offset_of!(C, max_discard_seg), MAX_DISCARD_SEG_OFFSET);
+        assert_eq!(
+            offset_of!(C, discard_sector_alignment),
+            DISCARD_SECTOR_ALIGNMENT_OFFSET
+        );
+        assert_eq!(
+            offset_of!(C, max_write_zeroes_sectors),
+            MAX_WRITE_ZEROES_SECTORS_OFFSET
+        );
+        assert_eq!(
+            offset_of!(C, max_write_zeroes_seg),
+            MAX_WRITE_ZEROES_SEG_OFFSET
+        );
+        assert_eq!(
+            offset_of!(C, write_zeroes_may_unmap),
+            WRITE_ZEROES_MAY_UNMAP_OFFSET
+        );
+    }
+
+    #[test]
+    fn encoding_matches_virtio_bindings_struct() {
+        let opts = ServerOptions {
+            queues: 3,
+            queue_size: 128,
+            ..ServerOptions::default()
+        };
+        let capacity = 0x0102_0304_0506_0708;
+        let space = ConfigSpace::new(capacity, &opts, true);
+        let expected = virtio_blk_config {
+            capacity: capacity.to_le(),
+            size_max: SIZE_MAX.to_le(),
+            seg_max: 126u32.to_le(),
+            geometry: Geometry::default(),
+            blk_size: 512u32.to_le(),
+            physical_block_exp: 3,
+            alignment_offset: 0,
+            min_io_size: 8u16.to_le(),
+            opt_io_size: 0,
+            wce: 1,
+            num_queues: 3u16.to_le(),
+            max_discard_sectors: MAX_DISCARD_SECTORS.to_le(),
+            max_discard_seg: 1u32.to_le(),
+            discard_sector_alignment: 8u32.to_le(),
+            max_write_zeroes_sectors: MAX_WRITE_ZEROES_SECTORS.to_le(),
+            max_write_zeroes_seg: 1u32.to_le(),
+            write_zeroes_may_unmap: 1,
+            ..Default::default()
+        };
+        // SAFETY: virtio_blk_config is a packed plain-old-data struct of
+        // integers: every one of its size_of bytes is initialised.
+        let expected_bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&raw const expected).cast::<u8>(),
+                size_of::<virtio_blk_config>(),
+            )
+        };
+        assert_eq!(&space.as_bytes()[..], expected_bytes);
+    }
+
+    #[test]
+    fn read_is_exactly_the_requested_size() {
+        let space = ConfigSpace::new(2048, &ServerOptions::default(), false);
+        for size in [36, 48, 57, 60, 96, 128] {
+            let bytes = space.read(0, size);
+            assert_eq!(bytes.len(), size as usize);
+            assert_eq!(bytes[..8], 2048u64.to_le_bytes());
+        }
+        assert!(space.read(96, 32).iter().all(|&b| b == 0));
+        assert_eq!(space.read(NUM_QUEUES_OFFSET as u32, 2), [4, 0]);
+        assert_eq!(space.read(WRITEBACK_OFFSET as u32, 1), [0]);
+        assert_eq!(space.read(u32::MAX, 4), [0; 4]);
+    }
+
+    #[test]
+    fn options_validation() {
+        assert!(ServerOptions::default().validate().is_ok());
+        let bad = |queues, queue_size| {
+            ServerOptions {
+                queues,
+                queue_size,
+                ..ServerOptions::default()
+            }
+            .validate()
+            .unwrap_err()
+        };
+        assert!(matches!(bad(0, 256), ServerError::QueueCount(0)));
+        assert!(matches!(bad(17, 256), ServerError::QueueCount(17)));
+        assert!(matches!(bad(4, 100), ServerError::QueueSize(100)));
+        assert!(matches!(bad(4, 2048), ServerError::QueueSize(2048)));
+        assert!(matches!(bad(4, 2), ServerError::QueueSize(2)));
+        assert!(
+            ServerOptions {
+                queues: 16,
+                queue_size: 1024,
+                ..ServerOptions::default()
+            }
+            .validate()
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn device_id_is_truncated_and_padded() {
+        let mut opts = ServerOptions {
+            serial: "node-1".into(),
+            ..ServerOptions::default()
+        };
+        assert_eq!(&opts.device_id()[..7], b"node-1\0");
+        opts.serial = "0123456789abcdefghijKLMN".into();
+        assert_eq!(&opts.device_id(), b"0123456789abcdefghij");
+    }
+
+    #[test]
+    fn feature_bits() {
+        let rw = virtio_features(false);
+        assert_ne!(rw & 1 << VIRTIO_F_VERSION_1, 0);
+        assert_ne!(rw & 1 << 30, 0, "protocol features bit");
+        assert_eq!(rw & 1 << VIRTIO_BLK_F_RO, 0);
+        assert_ne!(virtio_features(true) & 1 << VIRTIO_BLK_F_RO, 0);
+        let proto = protocol_features();
+        assert!(proto.contains(VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ));
+        for unsupported in [
+            VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+            VhostUserProtocolFeatures::STATUS,
+            VhostUserProtocolFeatures::LOG_SHMFD,
+        ] {
+            assert!(!proto.intersects(unsupported));
+        }
+    }
+}

@@ -1,0 +1,524 @@
+//! The accept loop: one frontend connection at a time, until shutdown.
+//!
+//! A `VhostUserDaemon` serves a single connection, so every connection gets
+//! a fresh backend and daemon, while the listening socket is created once
+//! and stays in place: a frontend reconnecting (QEMU restarted, or QEMU's
+//! `reconnect` after our own restart) always finds it.
+//!
+//! Shutdown is an eventfd. The accept loop polls it together with the
+//! listening socket and only calls the daemon's (blocking) accept once a
+//! connection is pending; while a connection is served, a watcher thread
+//! polls it and shuts the connection's socket down, which ends the daemon's
+//! request loop.
+
+use std::fs;
+use std::io;
+use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+use std::thread;
+
+use tracing::{error, info, warn};
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
+
+use super::ServerError;
+use super::backend::{BlkBackend, GuestMemoryAtomic};
+use super::config::ServerOptions;
+use super::request::GuestMemoryMmap;
+use crate::device::BlockDevice;
+
+/// Name of the thread reading vhost-user messages.
+const DAEMON_THREAD_NAME: &str = "vhost-user-blk";
+/// Mode of the listening socket: only our user may connect.
+const SOCKET_MODE: u32 = 0o600;
+
+/// A level-triggered shutdown request, shared by the CLI (signals), the
+/// server and tests. Once triggered it stays triggered.
+#[derive(Debug, Clone)]
+pub struct ShutdownSignal {
+    event: Arc<EventFd>,
+}
+
+impl ShutdownSignal {
+    pub fn new() -> Result<Self, ServerError> {
+        let event = EventFd::new(EFD_CLOEXEC | EFD_NONBLOCK).map_err(ServerError::EventFd)?;
+        Ok(ShutdownSignal {
+            event: Arc::new(event),
+        })
+    }
+
+    /// Requests shutdown.
+    pub fn trigger(&self) {
+        // Fails only when the counter would overflow, i.e. when already
+        // triggered many times over.
+        let _ = self.event.write(1);
+    }
+
+    /// Whether shutdown was requested.
+    pub fn is_triggered(&self) -> bool {
+        // The counter is never read, so the eventfd stays readable.
+        matches!(poll_readable([self.fd()], 0), Ok([true]))
+    }
+
+    /// Triggers this signal on SIGTERM and SIGINT, for the rest of the process's life.
+    pub fn trigger_on_termination_signals(&self) -> Result<(), ServerError> {
+        self.trigger_on(&[libc::SIGTERM, libc::SIGINT])
+    }
+
+    fn trigger_on(&self, signals: &[libc::c_int]) -> Result<(), ServerError> {
+        // The handler gets its own descriptor, never closed: it may run at
+        // any moment, even after every ShutdownSignal is gone.
+        let fd = self
+            .event
+            .try_clone()
+            .map_err(ServerError::Signal)?
+            .into_raw_fd();
+        // A previous descriptor is left open too: a handler running right
+        // now may still be writing to it.
+        SIGNAL_EVENT_FD.store(fd, Ordering::SeqCst);
+        for &signal in signals {
+            // SAFETY: an all-zero sigaction is a valid value (empty mask, no
+            // flags) that is completed below.
+            let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+            action.sa_sigaction = on_termination_signal as extern "C" fn(libc::c_int) as usize;
+            // Restart interrupted syscalls in the worker threads.
+            action.sa_flags = libc::SA_RESTART;
+            // SAFETY: `action` is a valid sigaction, the handler is
+            // async-signal-safe, and the old action is not requested.
+            if unsafe { libc::sigaction(signal, &action, std::ptr::null_mut()) } != 0 {
+                return Err(ServerError::Signal(io::Error::last_os_error()));
+            }
+        }
+        Ok(())
+    }
+
+    fn fd(&self) -> RawFd {
+        self.event.as_raw_fd()
+    }
+}
+
+/// The eventfd the signal handler writes to, -1 before installation.
+static SIGNAL_EVENT_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_termination_signal(_signal: libc::c_int) {
+    let fd = SIGNAL_EVENT_FD.load(Ordering::SeqCst);
+    if fd < 0 {
+        return;
+    }
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: errno access and write(2) are async-signal-safe; `fd` is an
+    // eventfd that is never closed and `one` outlives the call. errno is
+    // restored so the interrupted code does not see ours.
+    unsafe {
+        let errno = *libc::__errno_location();
+        libc::write(fd, one.as_ptr().cast(), one.len());
+        *libc::__errno_location() = errno;
+    }
+}
+
+/// Polls `fds` for readability (or error/hangup), retrying on EINTR, and
+/// returns which ones are ready. `timeout_ms` is -1 for no timeout.
+fn poll_readable<const N: usize>(fds: [RawFd; N], timeout_ms: i32) -> io::Result<[bool; N]> {
+    let mut pollfds = fds.map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    loop {
+        // SAFETY: `pollfds` is an array of N initialised pollfd structures
+        // that lives across the call.
+        let ready = unsafe { libc::poll(pollfds.as_mut_ptr(), N as libc::nfds_t, timeout_ms) };
+        if ready >= 0 {
+            return Ok(pollfds.map(|p| p.revents != 0));
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Serves `device` on `socket` until `shutdown` is triggered.
+///
+/// Creates the socket (mode 0600; a stale socket at the path is replaced,
+/// anything else is refused) and serves one frontend connection after the
+/// other. On shutdown it stops accepting, closes the current connection,
+/// lets the queue workers finish the requests they have taken, flushes the
+/// device, removes the socket and returns `Ok`.
+pub fn serve(
+    device: Arc<dyn BlockDevice>,
+    socket: &Path,
+    opts: &ServerOptions,
+    shutdown: ShutdownSignal,
+) -> Result<(), ServerError> {
+    opts.validate()?;
+    let mut socket = ServerSocket::bind(socket)?;
+    info!(
+        socket = %socket.path.display(),
+        size = device.size(),
+        queues = opts.queues,
+        read_only = opts.read_only || device.read_only(),
+        "listening for vhost-user frontends"
+    );
+    let served = accept_loop(&device, &mut socket, opts, &shutdown);
+    info!("shutting down");
+    let flushed = device.flush().map_err(ServerError::Flush);
+    drop(socket);
+    served.and(flushed)
+}
+
+fn accept_loop(
+    device: &Arc<dyn BlockDevice>,
+    socket: &mut ServerSocket,
+    opts: &ServerOptions,
+    shutdown: &ShutdownSignal,
+) -> Result<(), ServerError> {
+    loop {
+        let [pending, stop] = poll_readable([socket.listener.as_raw_fd(), shutdown.fd()], -1)
+            .map_err(ServerError::Poll)?;
+        if stop {
+            return Ok(());
+        }
+        if pending {
+            serve_connection(device, &mut socket.listener, opts, shutdown)?;
+        }
+    }
+}
+
+/// Accepts the pending connection and serves it until the frontend leaves
+/// or shutdown is requested.
+fn serve_connection(
+    device: &Arc<dyn BlockDevice>,
+    listener: &mut Listener,
+    opts: &ServerOptions,
+    shutdown: &ShutdownSignal,
+) -> Result<(), ServerError> {
+    let ended = EventFd::new(EFD_CLOEXEC | EFD_NONBLOCK).map_err(ServerError::EventFd)?;
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let backend = Arc::new(BlkBackend::new(Arc::clone(device), opts, mem.clone())?);
+    let mut daemon = VhostUserDaemon::new(DAEMON_THREAD_NAME.to_owned(), Arc::clone(&backend), mem)
+        .map_err(daemon_error)?;
+    // A connection is pending, so this accept returns at once.
+    daemon.start(listener).map_err(daemon_error)?;
+    info!("frontend connected");
+
+    let handle = daemon.shutdown_handle();
+    let result = thread::scope(|scope| {
+        scope.spawn(|| close_on_shutdown(shutdown, &ended, handle));
+        let result = daemon.wait();
+        // Releases the watcher; the write cannot fail on a fresh eventfd.
+        let _ = ended.write(1);
+        result
+    });
+    match result {
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(
+            VhostUserError::Disconnected | VhostUserError::PartialMessage,
+        )) => info!("frontend disconnected"),
+        Err(e) => warn!("frontend disconnected after an error: {e}"),
+    }
+    // Joins the queue workers, which finish the requests they have started.
+    drop(daemon);
+    backend.log_stats();
+    if !shutdown.is_triggered() {
+        // Whatever the guest did not flush should not wait for the next
+        // connection (or be lost if the server is killed meanwhile).
+        if let Err(e) = device.flush() {
+            error!("flushing the device after disconnect: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// Waits for either shutdown or the end of the connection; on shutdown,
+/// closes the connection so the daemon's request loop ends.
+fn close_on_shutdown(shutdown: &ShutdownSignal, ended: &EventFd, handle: Option<ShutdownHandle>) {
+    match poll_readable([shutdown.fd(), ended.as_raw_fd()], -1) {
+        Ok([true, _]) => {
+            info!("shutdown requested, closing the frontend connection");
+            if let Some(handle) = handle {
+                handle.shutdown();
+            }
+        }
+        Ok(_) => {}
+        Err(e) => error!("waiting for shutdown: {e}"),
+    }
+}
+
+fn daemon_error(e: vhost_user_backend::Error) -> ServerError {
+    ServerError::Daemon(e.to_string())
+}
+
+/// The listening socket; removed on drop if it is still ours.
+struct ServerSocket {
+    listener: Listener,
+    path: PathBuf,
+    /// Device and inode of the socket we created.
+    id: (u64, u64),
+}
+
+impl ServerSocket {
+    fn bind(path: &Path) -> Result<Self, ServerError> {
+        let socket_error = |source| ServerError::Socket {
+            path: path.to_owned(),
+            source,
+        };
+        match fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_socket() => {
+                // Someone answering means a live server, not a stale socket.
+                if UnixStream::connect(path).is_ok() {
+                    return Err(ServerError::SocketInUse(path.to_owned()));
+                }
+                info!(socket = %path.display(), "replacing a stale socket");
+            }
+            Ok(_) => return Err(ServerError::NotASocket(path.to_owned())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(socket_error(e)),
+        }
+        let listener = bind_private(path).map_err(socket_error)?;
+        let meta = fs::symlink_metadata(path).map_err(socket_error)?;
+        Ok(ServerSocket {
+            // A Listener built from a UnixListener does not unlink the path
+            // on drop: ServerSocket does, only if the socket is still ours.
+            listener: Listener::from(listener),
+            path: path.to_owned(),
+            id: (meta.dev(), meta.ino()),
+        })
+    }
+}
+
+impl Drop for ServerSocket {
+    fn drop(&mut self) {
+        let ours =
+            fs::symlink_metadata(&self.path).is_ok_and(|meta| (meta.dev(), meta.ino()) == self.id);
+        if ours && let Err(e) = fs::remove_file(&self.path) {
+            warn!(socket = %self.path.display(), "cannot remove the socket: {e}");
+        }
+    }
+}
+
+/// Binds a socket at `path` that only our user can connect to. The socket
+/// is bound under a temporary name, restricted, then renamed into place,
+/// so it never appears with looser permissions and a stale socket is
+/// replaced atomically.
+fn bind_private(path: &Path) -> io::Result<UnixListener> {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let temp = dir.join(format!(".ociblk.{}.{n}", std::process::id()));
+    // A leftover of an earlier process that had our pid.
+    if fs::symlink_metadata(&temp).is_ok_and(|meta| meta.file_type().is_socket()) {
+        let _ = fs::remove_file(&temp);
+    }
+    let listener = match UnixListener::bind(&temp) {
+        Ok(listener) => listener,
+        // The temporary name does not fit in sun_path while the real one
+        // may: bind in place and restrict right after.
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+            let listener = UnixListener::bind(path)?;
+            fs::set_permissions(path, fs::Permissions::from_mode(SOCKET_MODE))?;
+            return Ok(listener);
+        }
+        Err(e) => return Err(e),
+    };
+    let placed = fs::set_permissions(&temp, fs::Permissions::from_mode(SOCKET_MODE))
+        .and_then(|()| fs::rename(&temp, path));
+    if let Err(e) = placed {
+        let _ = fs::remove_file(&temp);
+        return Err(e);
+    }
+    Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::server::config;
+    use crate::server::mem_disk::MemDisk;
+
+    const DEADLINE: Duration = Duration::from_secs(10);
+
+    /// Polls `condition` until it holds or the deadline passes.
+    fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+        let deadline = Instant::now() + DEADLINE;
+        while !condition() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Sends GET_FEATURES and returns the answer.
+    fn get_features(stream: &mut UnixStream) -> u64 {
+        const GET_FEATURES: u32 = 1;
+        const VERSION_1: u32 = 0x1;
+        let mut request = Vec::new();
+        for word in [GET_FEATURES, VERSION_1, 0] {
+            request.extend_from_slice(&word.to_le_bytes());
+        }
+        stream.write_all(&request).unwrap();
+        let mut reply = [0u8; 20];
+        stream.read_exact(&mut reply).unwrap();
+        assert_eq!(reply[..4], GET_FEATURES.to_le_bytes());
+        assert_eq!(reply[8..12], 8u32.to_le_bytes());
+        u64::from_le_bytes(reply[12..].try_into().unwrap())
+    }
+
+    struct Running {
+        disk: Arc<MemDisk>,
+        shutdown: ShutdownSignal,
+        server: Option<thread::JoinHandle<Result<(), ServerError>>>,
+        path: PathBuf,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Running {
+        fn start() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("disk.sock");
+            let disk = Arc::new(MemDisk::new(1 << 20));
+            let shutdown = ShutdownSignal::new().unwrap();
+            let server = {
+                let (disk, path, shutdown) = (disk.clone(), path.clone(), shutdown.clone());
+                thread::spawn(move || serve(disk, &path, &ServerOptions::default(), shutdown))
+            };
+            wait_until("the socket", || path.exists());
+            Running {
+                disk,
+                shutdown,
+                server: Some(server),
+                path,
+                _dir: dir,
+            }
+        }
+
+        fn stop(mut self) -> Result<(), ServerError> {
+            self.shutdown.trigger();
+            let server = self.server.take().unwrap();
+            wait_until("the server to stop", || server.is_finished());
+            server.join().unwrap()
+        }
+    }
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.shutdown.trigger();
+        }
+    }
+
+    #[test]
+    fn socket_mode_reconnect_and_shutdown() {
+        let running = Running::start();
+        let meta = fs::symlink_metadata(&running.path).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.permissions().mode() & 0o777, SOCKET_MODE);
+
+        // Served, disconnected, served again.
+        for _ in 0..2 {
+            let mut stream = UnixStream::connect(&running.path).unwrap();
+            let features = get_features(&mut stream);
+            assert_eq!(features, config::virtio_features(false));
+        }
+
+        // Shutdown while a frontend is connected.
+        let mut stream = UnixStream::connect(&running.path).unwrap();
+        get_features(&mut stream);
+        let path = running.path.clone();
+        let disk = running.disk.clone();
+        running.stop().unwrap();
+        assert!(!path.exists(), "socket not removed");
+        assert!(disk.flushes() >= 1, "device not flushed");
+        // The connection was closed by the server.
+        let mut buf = [0u8; 1];
+        assert_eq!(stream.read(&mut buf).unwrap_or(0), 0);
+    }
+
+    #[test]
+    fn shutdown_while_idle() {
+        let running = Running::start();
+        let path = running.path.clone();
+        running.stop().unwrap();
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn refuses_a_path_that_is_not_a_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("file");
+        fs::write(&path, b"keep me").unwrap();
+        let shutdown = ShutdownSignal::new().unwrap();
+        let err = serve(
+            Arc::new(MemDisk::new(4096)),
+            &path,
+            &ServerOptions::default(),
+            shutdown,
+        )
+        .unwrap_err();
+        assert!(matches!(err, ServerError::NotASocket(_)), "{err}");
+        assert_eq!(fs::read(&path).unwrap(), b"keep me");
+    }
+
+    #[test]
+    fn replaces_a_stale_socket_but_not_a_live_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.sock");
+        // A stale socket: bound, then its listener closed.
+        drop(UnixListener::bind(&path).unwrap());
+        let socket = ServerSocket::bind(&path).unwrap();
+        assert_eq!(
+            fs::symlink_metadata(&path).unwrap().permissions().mode() & 0o777,
+            SOCKET_MODE
+        );
+        // Now live: a second server must not take it over.
+        let err = ServerSocket::bind(&path).err().unwrap();
+        assert!(matches!(err, ServerError::SocketInUse(_)), "{err}");
+        drop(socket);
+        assert!(!path.exists());
+        // Nothing temporary left behind.
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn invalid_options_are_refused_before_binding() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.sock");
+        let opts = ServerOptions {
+            queues: 0,
+            ..ServerOptions::default()
+        };
+        let err = serve(
+            Arc::new(MemDisk::new(4096)),
+            &path,
+            &opts,
+            ShutdownSignal::new().unwrap(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, ServerError::QueueCount(0)));
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn signal_triggers_shutdown() {
+        let shutdown = ShutdownSignal::new().unwrap();
+        assert!(!shutdown.is_triggered());
+        // SIGUSR2 stands in for SIGTERM, which would end the test process
+        // if delivered before the handler is installed.
+        shutdown.trigger_on(&[libc::SIGUSR2]).unwrap();
+        // SAFETY: raise only sends a signal to this thread; its handler is
+        // installed just above.
+        assert_eq!(unsafe { libc::raise(libc::SIGUSR2) }, 0);
+        wait_until("the signal", || shutdown.is_triggered());
+        // Level-triggered: stays set, and clones see it.
+        assert!(shutdown.clone().is_triggered());
+    }
+}

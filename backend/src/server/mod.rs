@@ -1,0 +1,59 @@
+//! The vhost-user-blk server: serves one [`BlockDevice`](crate::device::BlockDevice)
+//! to a vhost-user frontend (QEMU's `vhost-user-blk-pci`) over a Unix socket.
+//!
+//! - [`config`]: server options, offered feature bits and the virtio-blk
+//!   configuration space.
+//! - [`request`]: parsing and executing one virtio-blk request.
+//! - [`backend`]: the `VhostUserBackend` implementation, one worker thread
+//!   per virtqueue.
+//! - [`daemon`]: the accept loop, one connection at a time, until shutdown.
+//! - [`mem_disk`]: an in-memory device for tests.
+
+use std::io;
+use std::path::PathBuf;
+
+pub mod backend;
+pub mod config;
+pub mod daemon;
+pub mod mem_disk;
+pub mod request;
+
+pub use backend::BlkBackend;
+pub use config::ServerOptions;
+pub use daemon::{ShutdownSignal, serve};
+pub use mem_disk::MemDisk;
+
+/// Errors of the vhost-user-blk server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("invalid queue count {0}: must be between 1 and {max}", max = config::MAX_QUEUES)]
+    QueueCount(u16),
+    #[error(
+        "invalid queue size {0}: must be a power of two between {min} and {max}",
+        min = config::MIN_QUEUE_SIZE,
+        max = config::MAX_QUEUE_SIZE
+    )]
+    QueueSize(u16),
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    #[error("{0} is a socket another server is listening on")]
+    SocketInUse(PathBuf),
+    #[error("socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("creating an eventfd: {0}")]
+    EventFd(#[source] io::Error),
+    #[error("installing signal handlers: {0}")]
+    Signal(#[source] io::Error),
+    #[error("waiting for a connection or shutdown: {0}")]
+    Poll(#[source] io::Error),
+    // The vhost-user-backend error is neither Sync nor std::error::Error,
+    // so only its message is kept.
+    #[error("vhost-user daemon: {0}")]
+    Daemon(String),
+    #[error("flushing the device at shutdown: {0}")]
+    Flush(#[source] io::Error),
+}

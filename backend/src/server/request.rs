@@ -1,0 +1,973 @@
+//! One virtio-blk request (virtio 1.2, 5.2.6): map its descriptor chain,
+//! check it, run it against the device and write the status byte.
+//!
+//! A request is a 16-byte header (type, reserved, sector), device-readable
+//! data (writes, discard segments), device-writable data (reads, GET_ID)
+//! and a final device-writable status byte. Data goes straight between the
+//! device and guest memory: the chain's buffers become an [`IoBufs`]
+//! scatter list over the guest's mapping.
+
+use std::fmt;
+use std::io;
+use std::ops::Deref;
+
+use tracing::{error, warn};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
+use virtio_queue::DescriptorChain;
+use vm_memory::{GuestMemory, GuestMemoryBackend};
+
+use super::config::{
+    ID_BYTES, MAX_DISCARD_SECTORS, MAX_WRITE_ZEROES_SECTORS, SECTOR_SHIFT, SECTOR_SIZE,
+};
+use crate::device::BlockDevice;
+use crate::iobuf::IoBufs;
+
+/// Guest memory as the server maps it. No dirty bitmap: dirty page logging
+/// (LOG_SHMFD) is not offered.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+
+/// Size of `struct virtio_blk_outhdr`.
+pub const HEADER_SIZE: usize = 16;
+/// Size of `struct virtio_blk_discard_write_zeroes`.
+pub const SEGMENT_SIZE: usize = 16;
+
+/// Status byte values, narrowed from the bindings' `u32` constants.
+const STATUS_OK: u8 = VIRTIO_BLK_S_OK as u8;
+const STATUS_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+const STATUS_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+
+/// The request types the server knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestType {
+    In,
+    Out,
+    Flush,
+    GetId,
+    Discard,
+    WriteZeroes,
+    Unsupported(u32),
+}
+
+impl From<u32> for RequestType {
+    fn from(value: u32) -> Self {
+        match value {
+            VIRTIO_BLK_T_IN => RequestType::In,
+            VIRTIO_BLK_T_OUT => RequestType::Out,
+            VIRTIO_BLK_T_FLUSH => RequestType::Flush,
+            VIRTIO_BLK_T_GET_ID => RequestType::GetId,
+            VIRTIO_BLK_T_DISCARD => RequestType::Discard,
+            VIRTIO_BLK_T_WRITE_ZEROES => RequestType::WriteZeroes,
+            other => RequestType::Unsupported(other),
+        }
+    }
+}
+
+impl fmt::Display for RequestType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RequestType::In => f.write_str("IN"),
+            RequestType::Out => f.write_str("OUT"),
+            RequestType::Flush => f.write_str("FLUSH"),
+            RequestType::GetId => f.write_str("GET_ID"),
+            RequestType::Discard => f.write_str("DISCARD"),
+            RequestType::WriteZeroes => f.write_str("WRITE_ZEROES"),
+            RequestType::Unsupported(t) => write!(f, "type {t}"),
+        }
+    }
+}
+
+/// What executing a request needs besides its descriptor chain.
+#[derive(Clone, Copy)]
+pub struct RequestContext<'a> {
+    pub device: &'a dyn BlockDevice,
+    /// Queue index, for log lines.
+    pub queue: u16,
+    /// Refuse writes, discards and write-zeroes.
+    pub read_only: bool,
+    /// Write-back cache mode; in write-through mode every write is flushed.
+    pub writeback: bool,
+    /// The GET_ID answer.
+    pub device_id: &'a [u8; ID_BYTES],
+}
+
+impl fmt::Debug for RequestContext<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RequestContext")
+            .field("queue", &self.queue)
+            .field("read_only", &self.read_only)
+            .field("writeback", &self.writeback)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The result of one request, for the used ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    /// Status byte written, or `None` when the chain had nowhere to put it.
+    pub status: Option<u8>,
+    /// Bytes written into the chain's buffers: data plus status byte.
+    pub used_len: u32,
+}
+
+impl Completion {
+    /// Whether the request completed with VIRTIO_BLK_S_OK.
+    pub fn is_ok(&self) -> bool {
+        self.status == Some(STATUS_OK)
+    }
+}
+
+/// Why a request failed.
+#[derive(Debug)]
+enum Failure {
+    /// Malformed or not allowed: VIRTIO_BLK_S_IOERR.
+    Invalid(String),
+    /// Not implemented, or the spec asks for UNSUPP: VIRTIO_BLK_S_UNSUPP.
+    Unsupported(String),
+    /// The device failed: VIRTIO_BLK_S_IOERR.
+    Device(io::Error),
+}
+
+impl Failure {
+    fn status(&self) -> u8 {
+        match self {
+            Failure::Invalid(_) | Failure::Device(_) => STATUS_IOERR,
+            Failure::Unsupported(_) => STATUS_UNSUPP,
+        }
+    }
+}
+
+/// The request header (`struct virtio_blk_outhdr`, little endian).
+#[derive(Debug, Clone, Copy)]
+struct Header {
+    request_type: RequestType,
+    sector: u64,
+}
+
+impl Header {
+    fn parse(bytes: &[u8; HEADER_SIZE]) -> Self {
+        let [t0, t1, t2, t3, _, _, _, _, s @ ..] = *bytes;
+        Header {
+            request_type: RequestType::from(u32::from_le_bytes([t0, t1, t2, t3])),
+            // Bytes 4..8 are the reserved/ioprio field, ignored.
+            sector: u64::from_le_bytes(s),
+        }
+    }
+}
+
+/// One discard or write-zeroes segment
+/// (`struct virtio_blk_discard_write_zeroes`, little endian).
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    sector: u64,
+    num_sectors: u32,
+    flags: u32,
+}
+
+impl Segment {
+    fn parse(bytes: &[u8; SEGMENT_SIZE]) -> Self {
+        let [
+            s0,
+            s1,
+            s2,
+            s3,
+            s4,
+            s5,
+            s6,
+            s7,
+            n0,
+            n1,
+            n2,
+            n3,
+            f0,
+            f1,
+            f2,
+            f3,
+        ] = *bytes;
+        Segment {
+            sector: u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]),
+            num_sectors: u32::from_le_bytes([n0, n1, n2, n3]),
+            flags: u32::from_le_bytes([f0, f1, f2, f3]),
+        }
+    }
+}
+
+/// The chain's buffers as host memory, split by direction.
+struct ChainBuffers<'m> {
+    /// Device-readable bytes, in chain order: header then data.
+    readable: IoBufs<'m>,
+    /// Device-writable bytes, in chain order: data then status.
+    writable: IoBufs<'m>,
+}
+
+/// Translates every descriptor of `chain` into host ranges of `mem`,
+/// splitting descriptors that cross memory regions. Returns the guest
+/// address of the first descriptor that is not backed by `mem`.
+fn map_chain<'m, M>(
+    mem: &'m GuestMemoryMmap,
+    chain: DescriptorChain<M>,
+) -> Result<ChainBuffers<'m>, u64>
+where
+    M: Deref,
+    M::Target: GuestMemory,
+{
+    let mut readable = Vec::new();
+    let mut writable = Vec::new();
+    for desc in chain {
+        let ranges = if desc.is_write_only() {
+            &mut writable
+        } else {
+            &mut readable
+        };
+        let slices = GuestMemoryBackend::get_slices(mem, desc.addr(), desc.len() as usize);
+        for slice in slices {
+            let slice = slice.map_err(|_| desc.addr().0)?;
+            // Without the `xen` feature the guard is a plain pointer into the
+            // region's mapping; the mapping lives as long as `mem`.
+            ranges.push((slice.ptr_guard_mut().as_ptr(), slice.len()));
+        }
+    }
+    // SAFETY: every range lies within a guest memory region of `mem`, mapped
+    // readable and writable (vhost-user maps guest memory shared, read-write)
+    // for as long as `mem` is borrowed, which bounds 'm. The guest may change
+    // the memory at any time; IoBufs only touches it through raw copies and
+    // syscalls.
+    let (readable, writable) = unsafe { (IoBufs::from_raw(readable), IoBufs::from_raw(writable)) };
+    Ok(ChainBuffers { readable, writable })
+}
+
+/// The bytes `[start, start + len)` of `bufs` as their own list.
+fn sub_bufs<'m>(bufs: &IoBufs<'m>, start: usize, len: usize) -> IoBufs<'m> {
+    let ranges = bufs
+        .iovecs(start, len)
+        .into_iter()
+        .map(|v| (v.iov_base.cast::<u8>(), v.iov_len));
+    // SAFETY: the iovecs are pieces of `bufs`' ranges, which are valid for
+    // reads and writes for 'm.
+    unsafe { IoBufs::from_raw(ranges) }
+}
+
+/// Processes the request in `chain`: runs it, writes its status byte and
+/// returns what goes into the used ring. Never fails: malformed requests
+/// get an error status (and a log line), device errors get IOERR.
+pub fn process_request<M>(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<M>,
+    ctx: &RequestContext<'_>,
+) -> Completion
+where
+    M: Deref,
+    M::Target: GuestMemory,
+{
+    let head = chain.head_index();
+    let bufs = match map_chain(mem, chain) {
+        Ok(bufs) => bufs,
+        Err(addr) => {
+            warn!(
+                queue = ctx.queue,
+                head, "dropping request: descriptor address {addr:#x} is outside guest memory"
+            );
+            return Completion {
+                status: None,
+                used_len: 0,
+            };
+        }
+    };
+    // The status byte is the last device-writable byte.
+    let Some(status_at) = bufs.writable.len().checked_sub(1) else {
+        warn!(
+            queue = ctx.queue,
+            head, "dropping request: no device-writable status byte"
+        );
+        return Completion {
+            status: None,
+            used_len: 0,
+        };
+    };
+
+    let (status, written) = if bufs.readable.len() < HEADER_SIZE {
+        warn!(
+            queue = ctx.queue,
+            head,
+            "request header is {} bytes, expected {HEADER_SIZE}",
+            bufs.readable.len()
+        );
+        (STATUS_IOERR, 0)
+    } else {
+        let mut raw = [0u8; HEADER_SIZE];
+        bufs.readable.copy_to(0, &mut raw);
+        let header = Header::parse(&raw);
+        match execute(&header, &bufs, status_at, ctx) {
+            Ok(written) => (STATUS_OK, written),
+            Err(failure) => {
+                log_failure(&header, &failure, ctx);
+                (failure.status(), 0)
+            }
+        }
+    };
+    bufs.writable.copy_from(status_at, &[status]);
+    Completion {
+        status: Some(status),
+        // Chains are limited to 4 GiB in total, so this saturates only for
+        // broken chains.
+        used_len: u32::try_from(written).unwrap_or(u32::MAX).saturating_add(1),
+    }
+}
+
+fn log_failure(header: &Header, failure: &Failure, ctx: &RequestContext<'_>) {
+    let request = header.request_type;
+    let sector = header.sector;
+    match failure {
+        Failure::Invalid(reason) | Failure::Unsupported(reason) => {
+            warn!(queue = ctx.queue, %request, sector, "rejected request: {reason}");
+        }
+        Failure::Device(e) => {
+            error!(queue = ctx.queue, %request, sector, "device I/O error: {e}");
+        }
+    }
+}
+
+/// Runs a request whose header is `header`. Returns the number of data
+/// bytes written into the guest's buffers (status byte excluded).
+fn execute(
+    header: &Header,
+    bufs: &ChainBuffers<'_>,
+    status_at: usize,
+    ctx: &RequestContext<'_>,
+) -> Result<usize, Failure> {
+    // Data the device reads (after the header) and writes (before the status).
+    let out_len = bufs.readable.len() - HEADER_SIZE;
+    let in_len = status_at;
+    let device = ctx.device;
+
+    match header.request_type {
+        RequestType::In => {
+            expect_no_data(out_len, "device-readable")?;
+            let offset = data_range(header.sector, in_len, device.size())?;
+            let dst = sub_bufs(&bufs.writable, 0, in_len);
+            device.read(offset, &dst).map_err(Failure::Device)?;
+            Ok(in_len)
+        }
+        RequestType::Out => {
+            refuse_if_read_only(ctx)?;
+            expect_no_data(in_len, "device-writable")?;
+            let offset = data_range(header.sector, out_len, device.size())?;
+            let src = sub_bufs(&bufs.readable, HEADER_SIZE, out_len);
+            device.write(offset, &src).map_err(Failure::Device)?;
+            write_through(ctx)?;
+            Ok(0)
+        }
+        RequestType::Flush => {
+            device.flush().map_err(Failure::Device)?;
+            Ok(0)
+        }
+        RequestType::GetId => {
+            expect_no_data(out_len, "device-readable")?;
+            if in_len < ID_BYTES {
+                return Err(Failure::Invalid(format!(
+                    "GET_ID buffer of {in_len} bytes, needs {ID_BYTES}"
+                )));
+            }
+            bufs.writable.copy_from(0, ctx.device_id);
+            Ok(ID_BYTES)
+        }
+        RequestType::Discard | RequestType::WriteZeroes => {
+            refuse_if_read_only(ctx)?;
+            expect_no_data(in_len, "device-writable")?;
+            if out_len != SEGMENT_SIZE {
+                return Err(Failure::Invalid(format!(
+                    "{out_len} bytes of segments, expected exactly one {SEGMENT_SIZE}-byte segment"
+                )));
+            }
+            let mut raw = [0u8; SEGMENT_SIZE];
+            bufs.readable.copy_to(HEADER_SIZE, &mut raw);
+            let segment = Segment::parse(&raw);
+            discard_or_write_zeroes(header.request_type, &segment, ctx)?;
+            write_through(ctx)?;
+            Ok(0)
+        }
+        RequestType::Unsupported(_) => Err(Failure::Unsupported("unknown request type".into())),
+    }
+}
+
+fn discard_or_write_zeroes(
+    request_type: RequestType,
+    segment: &Segment,
+    ctx: &RequestContext<'_>,
+) -> Result<(), Failure> {
+    let unmap = VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
+    let (max_sectors, allowed_flags) = match request_type {
+        RequestType::Discard => (MAX_DISCARD_SECTORS, 0),
+        _ => (MAX_WRITE_ZEROES_SECTORS, unmap),
+    };
+    // Virtio 1.2, 5.2.6.2: unknown flags, and UNMAP on a discard, are UNSUPP.
+    if segment.flags & !allowed_flags != 0 {
+        return Err(Failure::Unsupported(format!(
+            "segment flags {:#x} not supported",
+            segment.flags
+        )));
+    }
+    if segment.num_sectors > max_sectors {
+        return Err(Failure::Invalid(format!(
+            "segment of {} sectors exceeds the maximum of {max_sectors}",
+            segment.num_sectors
+        )));
+    }
+    let len = u64::from(segment.num_sectors) << SECTOR_SHIFT;
+    let offset = byte_range(segment.sector, len, ctx.device.size())?;
+    if len == 0 {
+        return Ok(());
+    }
+    let result = if request_type == RequestType::Discard || segment.flags & unmap != 0 {
+        // Discarded ranges read back as zeros, so UNMAP may deallocate.
+        ctx.device.discard(offset, len)
+    } else {
+        ctx.device.write_zeroes(offset, len)
+    };
+    result.map_err(Failure::Device)
+}
+
+fn refuse_if_read_only(ctx: &RequestContext<'_>) -> Result<(), Failure> {
+    if ctx.read_only {
+        return Err(Failure::Invalid("the disk is read-only".into()));
+    }
+    Ok(())
+}
+
+/// Flushes after a write in write-through mode.
+fn write_through(ctx: &RequestContext<'_>) -> Result<(), Failure> {
+    if !ctx.writeback {
+        ctx.device.flush().map_err(Failure::Device)?;
+    }
+    Ok(())
+}
+
+fn expect_no_data(len: usize, direction: &str) -> Result<(), Failure> {
+    if len != 0 {
+        return Err(Failure::Invalid(format!(
+            "{len} bytes of {direction} data in the wrong direction"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a read or write of `len` bytes at `sector` and returns its byte offset.
+fn data_range(sector: u64, len: usize, size: u64) -> Result<u64, Failure> {
+    if !(len as u64).is_multiple_of(SECTOR_SIZE) {
+        return Err(Failure::Invalid(format!(
+            "data length {len} is not a multiple of {SECTOR_SIZE}"
+        )));
+    }
+    byte_range(sector, len as u64, size)
+}
+
+/// Checks that `len` bytes from `sector` lie within a disk of `size` bytes
+/// and returns the byte offset of `sector`.
+fn byte_range(sector: u64, len: u64, size: u64) -> Result<u64, Failure> {
+    let offset = sector
+        .checked_mul(SECTOR_SIZE)
+        .ok_or_else(|| Failure::Invalid(format!("sector {sector} overflows")))?;
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(offset),
+        _ => Err(Failure::Invalid(format!(
+            "{len} bytes at sector {sector} go past the end of the disk ({} sectors)",
+            size / SECTOR_SIZE
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::server::mem_disk::MemDisk;
+
+    const DISK_SECTORS: u64 = 64;
+    const HEADER_ADDR: u64 = 0x1000;
+    const DATA_ADDR: u64 = 0x2000;
+    const STATUS_ADDR: u64 = 0xf000;
+    const ID: &[u8; ID_BYTES] = b"ociblk-test-serial\0\0";
+
+    /// One descriptor: guest address, length, device-writable.
+    #[derive(Clone, Copy)]
+    struct D(u64, u32, bool);
+
+    fn readable(addr: u64, len: u32) -> D {
+        D(addr, len, false)
+    }
+
+    fn writable(addr: u64, len: u32) -> D {
+        D(addr, len, true)
+    }
+
+    fn header() -> D {
+        readable(HEADER_ADDR, HEADER_SIZE as u32)
+    }
+
+    fn status() -> D {
+        writable(STATUS_ADDR, 1)
+    }
+
+    struct Harness {
+        mem: GuestMemoryMmap,
+        disk: Arc<MemDisk>,
+        read_only: bool,
+        writeback: bool,
+    }
+
+    impl Harness {
+        fn new() -> Self {
+            Self::with_memory(&[(GuestAddress(0), 0x10_0000)])
+        }
+
+        fn with_memory(ranges: &[(GuestAddress, usize)]) -> Self {
+            let disk = MemDisk::from_bytes(
+                (0..DISK_SECTORS * SECTOR_SIZE)
+                    .map(|i| (i / SECTOR_SIZE) as u8)
+                    .collect(),
+            );
+            Harness {
+                mem: GuestMemoryMmap::from_ranges(ranges).unwrap(),
+                disk: Arc::new(disk),
+                read_only: false,
+                writeback: true,
+            }
+        }
+
+        fn header(&self, request_type: u32, sector: u64) {
+            let mut raw = [0u8; HEADER_SIZE];
+            raw[..4].copy_from_slice(&request_type.to_le_bytes());
+            raw[8..].copy_from_slice(&sector.to_le_bytes());
+            self.write(HEADER_ADDR, &raw);
+        }
+
+        fn segment(&self, addr: u64, sector: u64, num_sectors: u32, flags: u32) {
+            let mut raw = [0u8; SEGMENT_SIZE];
+            raw[..8].copy_from_slice(&sector.to_le_bytes());
+            raw[8..12].copy_from_slice(&num_sectors.to_le_bytes());
+            raw[12..].copy_from_slice(&flags.to_le_bytes());
+            self.write(addr, &raw);
+        }
+
+        fn write(&self, addr: u64, bytes: &[u8]) {
+            self.mem.write_slice(bytes, GuestAddress(addr)).unwrap();
+        }
+
+        fn read(&self, addr: u64, len: usize) -> Vec<u8> {
+            let mut out = vec![0u8; len];
+            self.mem.read_slice(&mut out, GuestAddress(addr)).unwrap();
+            out
+        }
+
+        fn run(&self, descs: &[D]) -> Completion {
+            // Poison the status byte so a missing write shows.
+            self.write(STATUS_ADDR, &[0xff]);
+            let queue = MockSplitQueue::new(&self.mem, 16);
+            let raw: Vec<RawDescriptor> = descs
+                .iter()
+                .map(|&D(addr, len, w)| {
+                    let flags = if w { VRING_DESC_F_WRITE as u16 } else { 0 };
+                    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, 0))
+                })
+                .collect();
+            let chain = queue.build_desc_chain(&raw).unwrap();
+            let ctx = RequestContext {
+                device: &*self.disk,
+                queue: 0,
+                read_only: self.read_only,
+                writeback: self.writeback,
+                device_id: ID,
+            };
+            process_request(&self.mem, chain, &ctx)
+        }
+    }
+
+    fn ok(used_len: u32) -> Completion {
+        Completion {
+            status: Some(STATUS_OK),
+            used_len,
+        }
+    }
+
+    fn ioerr() -> Completion {
+        Completion {
+            status: Some(STATUS_IOERR),
+            used_len: 1,
+        }
+    }
+
+    fn unsupp() -> Completion {
+        Completion {
+            status: Some(STATUS_UNSUPP),
+            used_len: 1,
+        }
+    }
+
+    #[test]
+    fn read() {
+        let h = Harness::new();
+        h.header(VIRTIO_BLK_T_IN, 3);
+        let done = h.run(&[header(), writable(DATA_ADDR, 1024), status()]);
+        assert_eq!(done, ok(1025));
+        assert_eq!(h.read(STATUS_ADDR, 1), [STATUS_OK]);
+        assert_eq!(h.read(DATA_ADDR, 512), [3u8; 512]);
+        assert_eq!(h.read(DATA_ADDR + 512, 512), [4u8; 512]);
+    }
+
+    #[test]
+    fn read_multi_descriptor_and_status_in_data_descriptor() {
+        let h = Harness::new();
+        h.header(VIRTIO_BLK_T_IN, 1);
+        // 512 + 1024 + 513 writable bytes: the last byte is the status.
+        let done = h.run(&[
+            header(),
+            writable(DATA_ADDR, 512),
+            writable(0x4000, 1024),
+            writable(0x8000, 513),
+        ]);
+        assert_eq!(done, ok(2049));
+        assert_eq!(h.read(DATA_ADDR, 512), [1u8; 512]);
+        assert_eq!(h.read(0x4000, 512), [2u8; 512]);
+        assert_eq!(h.read(0x4200, 512), [3u8; 512]);
+        assert_eq!(h.read(0x8000, 512), [4u8; 512]);
+        assert_eq!(h.read(0x8200, 1), [STATUS_OK]);
+    }
+
+    #[test]
+    fn write() {
+        let h = Harness::new();
+        h.header(VIRTIO_BLK_T_OUT, 10);
+        h.write(DATA_ADDR, &[0xaa; 512]);
+        h.write(0x5000, &[0xbb; 1024]);
+        let done = h.run(&[
+            header(),
+            readable(DATA_ADDR, 512),
+            readable(0x5000, 1024),
+            status(),
+        ]);
+        assert_eq!(done, ok(1));
+        assert_eq!(h.disk.contents(10 * 512, 512), [0xaa; 512]);
+        assert_eq!(h.disk.contents(11 * 512, 1024), [0xbb; 1024]);
+        assert_eq!(h.disk.contents(13 * 512, 1), [13]);
+        assert_eq!(h.disk.flushes(), 0);
+    }
+
+    #[test]
+    fn header_and_data_in_one_descriptor() {
+        let h = Harness::new();
+        h.header(VIRTIO_BLK_T_OUT, 2);
+        h.write(HEADER_ADDR + HEADER_SIZE as u64, &[0x5a; 512]);
+        let done = h.run(&[readable(HEADER_ADDR, HEADER_SIZE as u32 + 512), status()]);
+        assert_eq!(done, ok(1));
+        assert_eq!(h.disk.contents(2 * 512, 512), [0x5a; 512]);
+    }
+
+    #[test]
+    fn write_through_flushes_every_write() {
+        let mut h = Harness::new();
+        h.writeback = false;
+        h.header(VIRTIO_BLK_T_OUT, 0);
+        let done = h.run(&[header(), readable(DATA_ADDR, 512), status()]);
+        assert_eq!(done, ok(1));
+        assert_eq!(h.disk.flushes(), 1);
+    }
+
+    #[test]
+    fn flush() {
+        let h = Harness::new();
+        h.header(VIRTIO_BLK_T_FLUSH, 0);
+        assert_eq!(h.run(&[header(), status()]), ok(1));
+        assert_eq!(h.disk.flushes(), 1);
+    }
+
+    #[test]
+    fn get_id() {
+        let h = Harness::new();
+        h.header(VIRTIO_BLK_T_GET_ID, 0);
+        h.write(DATA_ADDR, &[0xee; 32]);
+        let done = h.run(&[header(), writable(DATA_ADDR, 20), status()]);
+        assert_eq!(done, ok(21));
+        assert_eq!(h.read(DATA_ADDR, 20), ID);
+
+        // A larger buffer still gets exactly 20 bytes.
+        h.write(DATA_ADDR, &[0xee; 32]);
+        let done = h.run(&[header(), writable(DATA_ADDR, 32), status()]);
+        assert_eq!(done, ok(21));
+        assert_eq!(h.read(DATA_ADDR + 20, 1), [0xee]);
+    }
+
+    #[test]
+    fn get_id_buffer_too_small() {
+        let h = Harness::new();
+        h.header(VIRTIO_BLK_T_GET_ID, 0);
+        assert_eq!(
+            h.run(&[header(), writable(DATA_ADDR, 8), status()]),
+            ioerr()
+        );
+    }
+
+    #[test]
+    fn discard() {
+        let h = Harness::new();
+        h.header(VIRTIO_BLK_T_DISCARD, 0);
+        h.segment(DATA_ADDR, 8, 16, 0);
+        let done = h.run(&[header(), readable(DATA_ADDR, 16), status()]);
+        assert_eq!(done, ok(1));
+        assert_eq!(h.disk.contents(8 * 512, 16 * 512), vec![0; 16 * 512]);
+        assert_eq!(h.disk.contents(24 * 512, 1), [24]);
+        assert_eq!(h.disk.contents(7 * 512, 1), [7]);
+    }
+
+    #[test]
+    fn write_zeroes_with_and_without_unmap() {
+        let h = Harness::new();
+        h.header(VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        h.segment(DATA_ADDR, 1, 2, 0);
+        assert_eq!(h.run(&[header(), readable(DATA_ADDR, 16), status()]), ok(1));
+        assert_eq!(h.disk.contents(512, 1024), vec![0; 1024]);
+        assert_eq!(h.disk.contents(3 * 512, 1), [3]);
+
+        h.segment(DATA_ADDR, 5, 1, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
+        assert_eq!(h.run(&[header(), readable(DATA_ADDR, 16), status()]), ok(1));
+        assert_eq!(h.disk.contents(5 * 512, 512), vec![0; 512]);
+    }
+
+    #[test]
+    fn discard_and_write_zeroes_validation() {
+        let h = Harness::new();
+        let seg = || [header(), readable(DATA_ADDR, 16), status()];
+
+        // UNMAP on a discard and unknown flags are UNSUPP (virtio 1.2, 5.2.6.2).
+        h.header(VIRTIO_BLK_T_DISCARD, 0);
+        h.segment(DATA_ADDR, 0, 1, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
+        assert_eq!(h.run(&seg()), unsupp());
+        h.header(VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        h.segment(DATA_ADDR, 0, 1, 0x2);
+        assert_eq!(h.run(&seg()), unsupp());
+
+        // Oversized, out of range, overflowing.
+        h.segment(DATA_ADDR, 0, MAX_WRITE_ZEROES_SECTORS + 1, 0);
+        assert_eq!(h.run(&seg()), ioerr());
+        h.segment(DATA_ADDR, DISK_SECTORS - 1, 2, 0);
+        assert_eq!(h.run(&seg()), ioerr());
+        h.segment(DATA_ADDR, u64::MAX / 256, 1, 0);
+        assert_eq!(h.run(&seg()), ioerr());
+
+        // Two segments, half a segment.
+        h.segment(DATA_ADDR, 0, 1, 0);
+        h.segment(DATA_ADDR + 16, 2, 1, 0);
+        assert_eq!(
+            h.run(&[header(), readable(DATA_ADDR, 32), status()]),
+            ioerr()
+        );
+        assert_eq!(
+            h.run(&[header(), readable(DATA_ADDR, 8), status()]),
+            ioerr()
+        );
+        // Nothing was zeroed by the rejected requests.
+        assert_eq!(h.disk.contents(0, 1), [0]);
+        assert_eq!(h.disk.contents(2 * 512, 1), [2]);
+        assert_eq!(h.disk.contents((DISK_SECTORS - 1) as usize * 512, 1), [63]);
+    }
+
+    #[test]
+    fn unsupported_type() {
+        let h = Harness::new();
+        h.header(0x1234, 0);
+        assert_eq!(h.run(&[header(), status()]), unsupp());
+        assert_eq!(h.read(STATUS_ADDR, 1), [STATUS_UNSUPP]);
+    }
+
+    #[test]
+    fn out_of_range_and_overflowing_sectors() {
+        let h = Harness::new();
+        h.header(VIRTIO_BLK_T_IN, DISK_SECTORS - 1);
+        assert_eq!(
+            h.run(&[header(), writable(DATA_ADDR, 1024), status()]),
+            ioerr()
+        );
+        h.header(VIRTIO_BLK_T_IN, DISK_SECTORS);
+        assert_eq!(
+            h.run(&[header(), writable(DATA_ADDR, 512), status()]),
+            ioerr()
+        );
+        // sector * 512 overflows u64.
+        h.header(VIRTIO_BLK_T_IN, u64::MAX / 2);
+        assert_eq!(
+            h.run(&[header(), writable(DATA_ADDR, 512), status()]),
+            ioerr()
+        );
+        // sector * 512 fits, sector * 512 + len does not.
+        h.header(VIRTIO_BLK_T_OUT, u64::MAX / 512);
+        assert_eq!(
+            h.run(&[header(), readable(DATA_ADDR, 512), status()]),
+            ioerr()
+        );
+        // The last sector is fine.
+        h.header(VIRTIO_BLK_T_IN, DISK_SECTORS - 1);
+        assert_eq!(
+            h.run(&[header(), writable(DATA_ADDR, 512), status()]),
+            ok(513)
+        );
+    }
+
+    #[test]
+    fn length_not_a_multiple_of_512() {
+        let h = Harness::new();
+        h.header(VIRTIO_BLK_T_IN, 0);
+        assert_eq!(
+            h.run(&[header(), writable(DATA_ADDR, 100), status()]),
+            ioerr()
+        );
+        h.header(VIRTIO_BLK_T_OUT, 0);
+        assert_eq!(
+            h.run(&[header(), readable(DATA_ADDR, 700), status()]),
+            ioerr()
+        );
+    }
+
+    #[test]
+    fn short_header() {
+        let h = Harness::new();
+        h.header(VIRTIO_BLK_T_IN, 0);
+        let done = h.run(&[readable(HEADER_ADDR, 8), writable(DATA_ADDR, 512), status()]);
+        assert_eq!(done, ioerr());
+        assert_eq!(h.read(STATUS_ADDR, 1), [STATUS_IOERR]);
+    }
+
+    #[test]
+    fn missing_status() {
+        let h = Harness::new();
+        h.header(VIRTIO_BLK_T_FLUSH, 0);
+        let done = h.run(&[header()]);
+        assert_eq!(
+            done,
+            Completion {
+                status: None,
+                used_len: 0
+            }
+        );
+        assert_eq!(h.disk.flushes(), 0);
+    }
+
+    #[test]
+    fn read_only_status_descriptor() {
+        let h = Harness::new();
+        h.header(VIRTIO_BLK_T_OUT, 0);
+        let done = h.run(&[header(), readable(DATA_ADDR, 512), readable(STATUS_ADDR, 1)]);
+        assert_eq!(done.status, None);
+        assert_eq!(done.used_len, 0);
+        assert_eq!(h.read(STATUS_ADDR, 1), [0xff]);
+        assert_eq!(h.disk.contents(0, 1), [0]);
+    }
+
+    #[test]
+    fn data_in_the_wrong_direction() {
+        let h = Harness::new();
+        h.header(VIRTIO_BLK_T_IN, 0);
+        let done = h.run(&[
+            header(),
+            readable(DATA_ADDR, 512),
+            writable(0x4000, 512),
+            status(),
+        ]);
+        assert_eq!(done, ioerr());
+        h.header(VIRTIO_BLK_T_OUT, 0);
+        h.write(DATA_ADDR, &[0x77; 512]);
+        let done = h.run(&[header(), writable(DATA_ADDR, 512), status()]);
+        assert_eq!(done, ioerr());
+        assert_eq!(h.disk.contents(0, 1), [0]);
+    }
+
+    #[test]
+    fn writes_on_a_read_only_disk() {
+        let mut h = Harness::new();
+        h.read_only = true;
+        h.header(VIRTIO_BLK_T_OUT, 0);
+        h.write(DATA_ADDR, &[0x77; 512]);
+        assert_eq!(
+            h.run(&[header(), readable(DATA_ADDR, 512), status()]),
+            ioerr()
+        );
+        h.header(VIRTIO_BLK_T_DISCARD, 0);
+        h.segment(DATA_ADDR, 0, 1, 0);
+        assert_eq!(
+            h.run(&[header(), readable(DATA_ADDR, 16), status()]),
+            ioerr()
+        );
+        h.header(VIRTIO_BLK_T_WRITE_ZEROES, 0);
+        assert_eq!(
+            h.run(&[header(), readable(DATA_ADDR, 16), status()]),
+            ioerr()
+        );
+        assert_eq!(h.disk.contents(0, 512), vec![0; 512]);
+        assert_eq!(h.disk.contents(512, 1), [1]);
+        // Reads still work.
+        h.header(VIRTIO_BLK_T_IN, 1);
+        assert_eq!(
+            h.run(&[header(), writable(DATA_ADDR, 512), status()]),
+            ok(513)
+        );
+    }
+
+    #[test]
+    fn device_error_then_success() {
+        let h = Harness::new();
+        h.header(VIRTIO_BLK_T_IN, 2);
+        h.disk.fail_next(1);
+        let io = [header(), writable(DATA_ADDR, 512), status()];
+        assert_eq!(h.run(&io), ioerr());
+        assert_eq!(h.run(&io), ok(513));
+        assert_eq!(h.read(DATA_ADDR, 512), [2u8; 512]);
+
+        h.header(VIRTIO_BLK_T_FLUSH, 0);
+        h.disk.fail_next(1);
+        assert_eq!(h.run(&[header(), status()]), ioerr());
+    }
+
+    #[test]
+    fn descriptor_outside_guest_memory() {
+        let h = Harness::new();
+        h.header(VIRTIO_BLK_T_IN, 0);
+        let done = h.run(&[header(), writable(0x20_0000, 512), status()]);
+        assert_eq!(done.status, None);
+        assert_eq!(h.read(STATUS_ADDR, 1), [0xff]);
+    }
+
+    #[test]
+    fn descriptor_spanning_two_memory_regions() {
+        // Two separately mapped regions, contiguous in guest physical space.
+        let h = Harness::with_memory(&[
+            (GuestAddress(0), 0x1_0000),
+            (GuestAddress(0x1_0000), 0x1_0000),
+        ]);
+        let span = 0x1_0000 - 512;
+        h.header(VIRTIO_BLK_T_IN, 5);
+        let done = h.run(&[header(), writable(span, 1024), status()]);
+        assert_eq!(done, ok(1025));
+        assert_eq!(h.read(span, 512), [5u8; 512]);
+        assert_eq!(h.read(0x1_0000, 512), [6u8; 512]);
+
+        h.header(VIRTIO_BLK_T_OUT, 20);
+        h.write(span, &[0x42; 1024]);
+        let done = h.run(&[header(), readable(span, 1024), status()]);
+        assert_eq!(done, ok(1));
+        assert_eq!(h.disk.contents(20 * 512, 1024), vec![0x42; 1024]);
+    }
+
+    #[test]
+    fn request_type_names() {
+        assert_eq!(RequestType::from(VIRTIO_BLK_T_IN).to_string(), "IN");
+        assert_eq!(RequestType::from(99).to_string(), "type 99");
+    }
+}
