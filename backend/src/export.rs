@@ -7,6 +7,9 @@ use std::os::unix::fs::FileExt;
 
 use ociblk_layout::{Content, DiskReader};
 
+use crate::iobuf::IoBufs;
+use crate::overlay::{BlockState, Overlay};
+
 /// Bytes written by [`export_disk`].
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ExportStats {
@@ -120,6 +123,62 @@ fn copy_plain(
         dst.write_all_at(&buf[..n], d)?;
         (s, d, left) = (s + n as u64, d + n as u64, left - n as u64);
         progress(n as u64);
+    }
+    Ok(())
+}
+
+/// Applies `overlay` on top of an exported base disk in `out`: written
+/// blocks are copied in, zeroed blocks become holes. Returns the bytes copied.
+pub fn apply_overlay(overlay: &Overlay, out: &File) -> io::Result<u64> {
+    const CHUNK: u64 = 1 << 20;
+    let mut buf = vec![0u8; CHUNK as usize];
+    let mut copied = 0;
+    for run in overlay.runs(0, overlay.disk_size()) {
+        match run.state {
+            BlockState::Base => {}
+            BlockState::Data => {
+                let mut done = 0;
+                while done < run.len {
+                    let n = (run.len - done).min(CHUNK) as usize;
+                    overlay.read_data(
+                        run.offset + done,
+                        &IoBufs::from_slice(&mut buf[..n]),
+                        0,
+                        n,
+                    )?;
+                    out.write_all_at(&buf[..n], run.offset + done)?;
+                    done += n as u64;
+                }
+                copied += run.len;
+            }
+            BlockState::Zero => punch_hole(out, run.offset, run.len)?,
+        }
+    }
+    out.sync_all()?;
+    Ok(copied)
+}
+
+/// Deallocates a range so it reads as zeros; writes zeros where the file
+/// system cannot punch holes.
+fn punch_hole(out: &File, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: fallocate on an open file descriptor with plain integer args.
+    let rc = unsafe {
+        libc::fallocate(
+            out.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let zeros = vec![0u8; len.min(1 << 20) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        out.write_all_at(&zeros[..n], offset + done)?;
+        done += n as u64;
     }
     Ok(())
 }

@@ -5,7 +5,13 @@
 //! syscalls (`preadv`/`pwritev`) or byte copies through raw pointers, never
 //! through Rust references.
 
+use std::fs::File;
+use std::io;
 use std::marker::PhantomData;
+use std::os::fd::AsRawFd;
+
+/// Most iovecs one `preadv` takes (Linux's `UIO_MAXIOV`).
+const IOV_MAX: usize = 1024;
 
 /// A list of host memory ranges, in order, seen as one buffer of `len()` bytes.
 #[derive(Debug)]
@@ -119,6 +125,63 @@ impl<'a> IoBufs<'a> {
     }
 }
 
+impl IoBufs<'_> {
+    /// Reads `len` bytes of `file` at `file_offset` into bytes
+    /// `[at, at + len)` of the list with `preadv`, straight into the
+    /// target memory. A file that ends early is an error, never zeros.
+    pub fn read_from_file(
+        &self,
+        file: &File,
+        file_offset: u64,
+        at: usize,
+        len: usize,
+    ) -> io::Result<()> {
+        let mut iovs = self.iovecs(at, len);
+        let mut offset = file_offset;
+        while !iovs.is_empty() {
+            let cnt = iovs.len().min(IOV_MAX);
+            let off = libc::off_t::try_from(offset)
+                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+            // SAFETY: the iovecs point into ranges valid for writes (see
+            // `from_raw`) and `cnt` is within the list.
+            let n =
+                unsafe { libc::preadv(file.as_raw_fd(), iovs.as_ptr(), cnt as libc::c_int, off) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("file ends before offset {offset}"),
+                ));
+            }
+            offset += n as u64;
+            advance(&mut iovs, n as usize);
+        }
+        Ok(())
+    }
+}
+
+/// Drops the first `n` bytes from a list of iovecs.
+pub(crate) fn advance(iovs: &mut Vec<libc::iovec>, mut n: usize) {
+    let mut done = 0;
+    for v in iovs.iter_mut() {
+        if n < v.iov_len {
+            // SAFETY: n < iov_len, so the pointer stays inside the range.
+            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+            v.iov_len -= n;
+            break;
+        }
+        n -= v.iov_len;
+        done += 1;
+    }
+    iovs.drain(..done);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,5 +204,22 @@ mod tests {
         assert_eq!(v.iter().map(|v| v.iov_len).collect::<Vec<_>>(), [1, 3]);
         drop(bufs);
         assert_eq!((a, b), ([0, 1, 0], [0, 4, 0, 0, 0]));
+    }
+
+    #[test]
+    fn read_from_file_fills_and_reports_short_files() {
+        use std::io::Write;
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&(0..100u8).collect::<Vec<_>>()).unwrap();
+        let mut a = [0u8; 3];
+        let mut b = [0u8; 5];
+        // SAFETY: both arrays outlive the list and are not otherwise used.
+        let bufs = unsafe { IoBufs::from_raw([(a.as_mut_ptr(), 3), (b.as_mut_ptr(), 5)]) };
+        bufs.read_from_file(&f, 10, 1, 6).unwrap();
+        let mut got = [0u8; 8];
+        bufs.copy_to(0, &mut got);
+        assert_eq!(got, [0, 10, 11, 12, 13, 14, 15, 0]);
+        let err = bufs.read_from_file(&f, 97, 0, 8).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
     }
 }

@@ -4,5 +4,10 @@
 //! from the image's payload blobs, writes land in a per-node copy-on-write
 //! overlay file.
 
+pub mod cli;
 pub mod device;
+pub mod export;
 pub mod iobuf;
+pub mod node_disk;
+pub mod overlay;
+pub mod server;

@@ -10,11 +10,14 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Inspect(args) => ociblk::cli::inspect::run(args),
         Command::Export(args) => ociblk::cli::export::run(args),
+        Command::Serve(args) => ociblk::cli::serve::run(args),
+        Command::Overlay(args) => ociblk::cli::overlay::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,7 +8,8 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use super::layout_args::LayoutArgs;
-use crate::export::export_disk;
+use crate::export::{apply_overlay, export_disk};
+use crate::overlay::{FlushMode, Overlay, OverlayConfig};
 
 #[derive(Debug, Args)]
 pub struct ExportArgs {
@@ -17,10 +18,27 @@ pub struct ExportArgs {
     /// Raw disk file to write (created or truncated).
     #[arg(long, value_name = "FILE")]
     pub output: PathBuf,
+    /// Export the node's current disk: the base with this overlay's writes
+    /// on top. The overlay must exist and not be in use by a server.
+    #[arg(long, value_name = "FILE")]
+    pub overlay: Option<PathBuf>,
 }
 
 pub fn run(args: &ExportArgs) -> Result<()> {
     let (_, layout) = args.layout.load()?;
+    // Open (and lock) the overlay first: it may not fit this disk.
+    let overlay = match &args.overlay {
+        Some(path) => {
+            anyhow::ensure!(path.exists(), "overlay {} does not exist", path.display());
+            let cfg = OverlayConfig {
+                disk_size: layout.size,
+                fingerprint: layout.fingerprint,
+                flush: FlushMode::Unsafe,
+            };
+            Some(Overlay::open(path, cfg).context("cannot open the overlay")?)
+        }
+        None => None,
+    };
     let reader =
         ociblk_layout::DiskReader::open(layout).context("cannot open the image's payloads")?;
     let out: File = OpenOptions::new()
@@ -47,6 +65,11 @@ pub fn run(args: &ExportArgs) -> Result<()> {
     .with_context(|| format!("cannot write {}", args.output.display()))?;
     if let Some(bar) = progress {
         bar.finish_and_clear();
+    }
+    if let Some(overlay) = &overlay {
+        let n = apply_overlay(overlay, &out)
+            .with_context(|| format!("cannot apply the overlay to {}", args.output.display()))?;
+        eprintln!("applied {} bytes of overlay data", n);
     }
     eprintln!(
         "wrote {} ({} bytes; {} bytes of payloads copied, {} bytes of metadata)",

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use ociblk_layout::disk::{DEFAULT_DISK_SIZE, DEFAULT_ESP_SIZE, DEFAULT_SYSTEM_SIZE};
 use ociblk_layout::{DiskParams, Guid, Layout, OsImage, parse_size};
 
 /// Which node disk to compute from which image.
@@ -18,13 +17,13 @@ pub struct LayoutArgs {
     #[arg(long, default_value = "node")]
     pub seed: String,
     /// Disk size (bytes, or with K/M/G/T or KiB/MiB/GiB/TiB suffix).
-    #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_DISK_SIZE, value_name = "SIZE")]
+    #[arg(long, value_parser = parse_size, default_value = "5GiB", value_name = "SIZE")]
     pub disk_size: u64,
     /// Size of the EFI system partition.
-    #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_ESP_SIZE, value_name = "SIZE")]
+    #[arg(long, value_parser = parse_size, default_value = "128MiB", value_name = "SIZE")]
     pub esp_size: u64,
     /// Size of each system partition (A and B).
-    #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_SYSTEM_SIZE, value_name = "SIZE")]
+    #[arg(long, value_parser = parse_size, default_value = "1GiB", value_name = "SIZE")]
     pub system_size: u64,
     /// Leave out the data partition (METROPOLIS-NODE-DATA).
     #[arg(long)]
@@ -91,5 +90,57 @@ impl LayoutArgs {
         let layout = Layout::build(&image, &self.params())
             .with_context(|| format!("cannot lay out a node disk from {}", self.image.display()))?;
         Ok((image, layout))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+    use ociblk_layout::disk::{DEFAULT_DISK_SIZE, DEFAULT_ESP_SIZE, DEFAULT_SYSTEM_SIZE};
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        layout: LayoutArgs,
+    }
+
+    #[test]
+    fn defaults_are_the_upstream_test_launcher_sizes() {
+        let c = Cmd::parse_from(["x", "--image", "i"]);
+        let p = c.layout.params();
+        assert_eq!(
+            (p.disk_size, p.esp_size, p.system_size, p.data_partition),
+            (
+                DEFAULT_DISK_SIZE,
+                DEFAULT_ESP_SIZE,
+                DEFAULT_SYSTEM_SIZE,
+                true
+            )
+        );
+        assert_eq!(p.ids, ociblk_layout::DiskIds::from_seed("node"));
+    }
+
+    #[test]
+    fn pinned_ids_override_the_seed() {
+        let c = Cmd::parse_from([
+            "x",
+            "--image",
+            "i",
+            "--seed",
+            "n1",
+            "--data-guid",
+            "D1111111-2222-4333-8444-555555555555",
+            "--fat-volume-id",
+            "0x00c0ffee",
+        ]);
+        let p = c.layout.params();
+        assert_eq!(
+            p.ids.data.to_string(),
+            "D1111111-2222-4333-8444-555555555555"
+        );
+        assert_eq!(p.ids.fat_volume_id, 0x00C0_FFEE);
+        assert_eq!(p.ids.disk, ociblk_layout::DiskIds::from_seed("n1").disk);
     }
 }

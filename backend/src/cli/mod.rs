@@ -3,6 +3,8 @@
 pub mod export;
 pub mod inspect;
 pub mod layout_args;
+pub mod overlay;
+pub mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -19,6 +21,10 @@ pub struct Cli {
 pub enum Command {
     /// Show the image, the partition table, the ESP's files and the extent map.
     Inspect(inspect::InspectArgs),
-    /// Write the node disk to a sparse raw file.
+    /// Write the node disk (with an overlay: as the node sees it) to a sparse raw file.
     Export(export::ExportArgs),
+    /// Serve the node disk to QEMU over vhost-user-blk, writes going to an overlay.
+    Serve(serve::ServeArgs),
+    /// Inspect or reset an overlay file.
+    Overlay(overlay::OverlayArgs),
 }

@@ -1,0 +1,96 @@
+//! `ociblk serve`: the vhost-user-blk server for one node.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use tracing::info;
+
+use super::layout_args::LayoutArgs;
+use crate::node_disk::NodeDisk;
+use crate::overlay::{FlushMode, Overlay, OverlayConfig};
+use crate::server::{ServerOptions, ShutdownSignal, serve};
+
+/// What FLUSH requests promise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FlushArg {
+    /// Flushed writes survive a crash of ociblk, QEMU or the host.
+    Safe,
+    /// No syncs (like QEMU's cache=unsafe): flushed writes survive a crash
+    /// of ociblk or QEMU, not of the host. For throwaway test clusters.
+    Unsafe,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub layout: LayoutArgs,
+    /// Unix socket to listen on (created with mode 0600; QEMU connects here).
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// The node's copy-on-write overlay file (created when missing).
+    #[arg(long, value_name = "FILE", required_unless_present = "read_only")]
+    pub overlay: Option<PathBuf>,
+    /// Request queues offered, one worker thread each (QEMU may use fewer).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub queues: u16,
+    /// Largest virtqueue size accepted (power of two, at least QEMU's queue-size).
+    #[arg(long, default_value_t = 256)]
+    pub queue_size: u16,
+    /// Present the disk read-only (the overlay, if given, is only read).
+    #[arg(long)]
+    pub read_only: bool,
+    /// Serial number the guest sees (GET_ID, at most 20 bytes); default: the seed.
+    #[arg(long)]
+    pub serial: Option<String>,
+    /// Durability of guest flushes.
+    #[arg(long, value_enum, default_value_t = FlushArg::Safe)]
+    pub flush: FlushArg,
+}
+
+pub fn run(args: &ServeArgs) -> Result<()> {
+    let (_, layout) = args.layout.load()?;
+    let overlay = match &args.overlay {
+        Some(path) => Some(
+            Overlay::open(
+                path,
+                OverlayConfig {
+                    disk_size: layout.size,
+                    fingerprint: layout.fingerprint,
+                    flush: match args.flush {
+                        FlushArg::Safe => FlushMode::Safe,
+                        FlushArg::Unsafe => FlushMode::Unsafe,
+                    },
+                },
+            )
+            .context("cannot open the overlay")?,
+        ),
+        None => None,
+    };
+    let disk = NodeDisk::open(layout, overlay, args.read_only)
+        .context("cannot open the image's payloads")?;
+    info!(
+        image = %args.layout.image.display(),
+        seed = %args.layout.seed,
+        fingerprint = %disk.layout().fingerprint_hex(),
+        overlay = ?args.overlay,
+        "node disk ready"
+    );
+    let opts = ServerOptions {
+        queues: args.queues,
+        queue_size: args.queue_size,
+        read_only: args.read_only,
+        serial: args
+            .serial
+            .clone()
+            .unwrap_or_else(|| args.layout.seed.clone()),
+        ..ServerOptions::default()
+    };
+    let shutdown = ShutdownSignal::new()?;
+    shutdown.trigger_on_termination_signals()?;
+    serve(Arc::new(disk), &args.socket, &opts, shutdown)
+        .with_context(|| format!("serving on {}", args.socket.display()))?;
+    info!("stopped");
+    Ok(())
+}
