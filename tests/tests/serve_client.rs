@@ -1,0 +1,455 @@
+//! `ociblk serve` driven by the Rust vhost-user-blk client over its real
+//! socket: the disk it serves, writes into the overlay, bad requests,
+//! reconnects, restarts and crashes.
+
+#![allow(clippy::unwrap_used)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ociblk_tests::oci::{pseudo_random, sha256_hex};
+use ociblk_tests::process::Server;
+use ociblk_tests::support::{ociblk_bin, run_err, run_ok, sample_image};
+use ociblk_tests::vhost_client::{BlkStatus, ClientOptions, RawDesc, VhostBlkClient};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_RO, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+
+/// A small disk so that whole-disk comparisons stay quick.
+const DISK: &[&str] = &["--disk-size", "512MiB", "--system-size", "64MiB"];
+const DISK_SIZE: u64 = 512 << 20;
+
+struct Node {
+    dir: tempfile::TempDir,
+    image: PathBuf,
+    seed: String,
+}
+
+impl Node {
+    fn new(seed: &str) -> Node {
+        Node {
+            dir: tempfile::tempdir().unwrap(),
+            image: sample_image(),
+            seed: seed.into(),
+        }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("node.sock")
+    }
+
+    fn overlay(&self) -> PathBuf {
+        self.dir.path().join("node.overlay")
+    }
+
+    fn layout_args(&self) -> Vec<String> {
+        let mut v = vec![
+            "--image".into(),
+            self.image.display().to_string(),
+            "--seed".into(),
+            self.seed.clone(),
+        ];
+        v.extend(DISK.iter().map(|s| s.to_string()));
+        v
+    }
+
+    fn serve(&self, extra: &[&str]) -> Server {
+        let mut args = self.layout_args();
+        args.push("--overlay".into());
+        args.push(self.overlay().display().to_string());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Server::start(&self.socket(), &args)
+    }
+
+    fn connect(&self, queues: u16) -> VhostBlkClient {
+        let opts = ClientOptions {
+            queues,
+            ..ClientOptions::default()
+        };
+        VhostBlkClient::connect(&self.socket(), opts).unwrap()
+    }
+
+    /// `ociblk export`, with or without the overlay.
+    fn export(&self, with_overlay: bool) -> Vec<u8> {
+        let out = self.dir.path().join("export.raw");
+        let mut cmd = Command::new(ociblk_bin());
+        cmd.arg("export")
+            .args(self.layout_args())
+            .arg("--output")
+            .arg(&out);
+        if with_overlay {
+            cmd.arg("--overlay").arg(self.overlay());
+        }
+        run_ok(&mut cmd);
+        let bytes = fs::read(&out).unwrap();
+        fs::remove_file(&out).unwrap();
+        bytes
+    }
+}
+
+fn read_ok(c: &mut VhostBlkClient, q: u16, offset: u64, len: u32) -> Vec<u8> {
+    let done = c.read(q, offset, len).unwrap();
+    assert_eq!(done.status, BlkStatus::Ok, "read of {len} at {offset}");
+    assert_eq!(done.used_len, len + 1, "used length = data + status byte");
+    done.data
+}
+
+fn write_ok(c: &mut VhostBlkClient, q: u16, offset: u64, data: &[u8]) {
+    let done = c.write(q, offset, data).unwrap();
+    assert_eq!(
+        done.status,
+        BlkStatus::Ok,
+        "write of {} at {offset}",
+        data.len()
+    );
+}
+
+fn flush_ok(c: &mut VhostBlkClient, q: u16) {
+    assert_eq!(c.flush(q).unwrap().status, BlkStatus::Ok);
+}
+
+/// Reads the whole disk through the client, 1 MiB at a time.
+fn read_disk(c: &mut VhostBlkClient) -> Vec<u8> {
+    let size = c.config().capacity_bytes();
+    let mut out = Vec::with_capacity(size as usize);
+    let mut off = 0;
+    while off < size {
+        let n = (size - off).min(1 << 20) as u32;
+        out.extend(read_ok(c, (off >> 20) as u16 % c.num_queues(), off, n));
+        off += u64::from(n);
+    }
+    out
+}
+
+fn payload_hashes(image: &Path) -> Vec<String> {
+    let os = ociblk_layout::OsImage::open(image).unwrap();
+    os.payloads
+        .iter()
+        .map(|p| sha256_hex(&fs::read(&p.path).unwrap()))
+        .collect()
+}
+
+/// Offset of the data partition (partition 4) for this node's disk.
+fn data_partition_offset(node: &Node) -> u64 {
+    let out = run_ok(
+        Command::new(ociblk_bin())
+            .arg("inspect")
+            .arg("--json")
+            .args(node.layout_args()),
+    );
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    info["partitions"][3]["first_lba"].as_u64().unwrap() * 512
+}
+
+#[test]
+fn whole_disk_equals_export_and_config_is_right() {
+    let node = Node::new("client-1");
+    let _server = node.serve(&["--queues", "2"]);
+    let mut c = node.connect(2);
+    let cfg = c.config().clone();
+    assert_eq!(cfg.capacity_bytes(), DISK_SIZE);
+    assert_eq!(cfg.blk_size, Some(512));
+    assert_eq!(cfg.num_queues, Some(2));
+    assert!(!c.has_feature(VIRTIO_BLK_F_RO));
+    let id = c.get_id(0).unwrap();
+    assert_eq!(id.status, BlkStatus::Ok);
+    assert_eq!(&id.data[..8], b"client-1", "GET_ID defaults to the seed");
+    let disk = read_disk(&mut c);
+    let export = node.export(false);
+    assert_eq!(disk.len(), export.len());
+    assert!(
+        disk == export,
+        "disk read through the server differs from ociblk export"
+    );
+}
+
+#[test]
+fn writes_discards_and_write_zeroes_read_back() {
+    let node = Node::new("client-2");
+    let before = payload_hashes(&node.image);
+    let _server = node.serve(&["--queues", "2"]);
+    let mut c = node.connect(2);
+    let base = node.export(false);
+    let mut model = base.clone();
+    let data_off = data_partition_offset(&node);
+    // System A (over the payload), the ESP's FAT and the data partition.
+    let system_a = 264192u64 * 512;
+    let cases: Vec<(u64, usize)> = vec![
+        (system_a, 4096),                   // whole block over payload data
+        (system_a + 8192 + 512, 512),       // one sector inside a block
+        (system_a + 3 * 4096 - 1024, 3072), // crosses a block boundary, partial both ends
+        (1 << 20, 1536),                    // ESP boot sector area
+        (data_off, 64 << 10),               // 64 KiB into zeros
+        (DISK_SIZE - 4096, 4096),           // last block: backup GPT
+    ];
+    for (i, &(off, len)) in cases.iter().enumerate() {
+        let data = pseudo_random(len, 100 + i as u64);
+        write_ok(&mut c, (i % 2) as u16, off, &data);
+        model[off as usize..off as usize + len].copy_from_slice(&data);
+    }
+    // Zeroing over non-zero base data must never let the base show through.
+    for (off, len, discard) in [
+        (system_a + 16 * 4096, 8 * 4096u64, true),
+        (system_a + 64 * 4096 + 512, 4096 + 1024, false),
+    ] {
+        let done = if discard {
+            c.discard(0, off, len).unwrap()
+        } else {
+            c.write_zeroes(1, off, len, true).unwrap()
+        };
+        assert_eq!(done.status, BlkStatus::Ok);
+        model[off as usize..(off + len) as usize].fill(0);
+    }
+    for &(off, len) in &cases {
+        let start = off.saturating_sub(4096);
+        let n = (len as u64 + 8192).min(DISK_SIZE - start) as u32;
+        assert!(
+            read_ok(&mut c, 1, start, n) == model[start as usize..start as usize + n as usize],
+            "read around {off}"
+        );
+    }
+    flush_ok(&mut c, 0);
+    assert!(
+        read_disk(&mut c) == model,
+        "whole disk differs from the model"
+    );
+    drop(c);
+    drop(_server);
+    // The node's disk as exported with its overlay is what the guest saw.
+    assert!(
+        node.export(true) == model,
+        "export --overlay differs from the model"
+    );
+    assert_eq!(
+        payload_hashes(&node.image),
+        before,
+        "payload blobs were written"
+    );
+}
+
+#[test]
+fn bad_requests_get_ioerr_and_the_server_keeps_serving() {
+    let node = Node::new("client-3");
+    let mut server = node.serve(&[]);
+    let mut c = node.connect(1);
+    let sectors = DISK_SIZE / 512;
+    // Out of range, straddling the end, and overflowing sector numbers.
+    for (sector, len) in [
+        (sectors, 512u32),
+        (sectors - 1, 1024),
+        (u64::MAX / 512, 512),
+    ] {
+        let done = c.read(0, sector * 512, len);
+        match done {
+            Ok(done) => assert_eq!(done.status, BlkStatus::IoErr, "read at sector {sector}"),
+            Err(e) => panic!("read at sector {sector}: {e}"),
+        }
+        assert_eq!(
+            c.write(0, sector * 512, &vec![1; len as usize])
+                .unwrap()
+                .status,
+            BlkStatus::IoErr
+        );
+        assert_eq!(
+            read_ok(&mut c, 0, 0, 512)[510..],
+            [0x55, 0xAA],
+            "next good request works"
+        );
+    }
+    // Malformed chains: data length not a multiple of 512, a write whose data
+    // descriptor is writable, a short header. Each must end with IOERR.
+    let deadline = || Instant::now() + Duration::from_secs(5);
+    let chains: Vec<(&str, Vec<RawDesc>)> = vec![
+        (
+            "odd length",
+            vec![
+                RawDesc::header(VIRTIO_BLK_T_IN, 0),
+                RawDesc::writable(100),
+                RawDesc::status(),
+            ],
+        ),
+        (
+            "write with writable data",
+            vec![
+                RawDesc::header(VIRTIO_BLK_T_OUT, 8),
+                RawDesc::writable(512),
+                RawDesc::status(),
+            ],
+        ),
+        (
+            "short header",
+            vec![RawDesc::readable(vec![0u8; 8]), RawDesc::status()],
+        ),
+        (
+            "unknown type",
+            vec![RawDesc::header(99, 0), RawDesc::status()],
+        ),
+    ];
+    for (what, chain) in chains {
+        let t = c.submit_raw(0, &chain).unwrap();
+        let done = c
+            .wait(0, t, deadline())
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let status = done
+            .status_byte()
+            .unwrap_or_else(|| panic!("{what}: no status"));
+        let want = if what == "unknown type" { 2 } else { 1 };
+        assert_eq!(status, want, "{what}: status");
+        assert_eq!(
+            read_ok(&mut c, 0, 512, 512)[..8],
+            *b"EFI PART",
+            "{what}: next good request works"
+        );
+    }
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "server died:\n{}",
+        server.log.text()
+    );
+    assert!(
+        server.log.text().contains("WARN"),
+        "bad requests are logged:\n{}",
+        server.log.text()
+    );
+}
+
+#[test]
+fn reconnect_restart_and_kill_keep_flushed_data() {
+    let node = Node::new("client-4");
+    let data_off = data_partition_offset(&node);
+    let first = pseudo_random(64 << 10, 7);
+    let second = pseudo_random(8192, 8);
+    let mut server = node.serve(&[]);
+    {
+        let mut c = node.connect(1);
+        write_ok(&mut c, 0, data_off, &first);
+        c.disconnect().unwrap();
+    }
+    // A new connection to the same server sees the write.
+    {
+        let mut c = node.connect(1);
+        assert!(read_ok(&mut c, 0, data_off, first.len() as u32) == first);
+        flush_ok(&mut c, 0);
+    }
+    // SIGTERM: exit 0, socket removed; a new server on the overlay has the data.
+    let status = server.stop_with(libc::SIGTERM, Duration::from_secs(20));
+    assert!(
+        status.success(),
+        "SIGTERM exit: {status}\n{}",
+        server.log.text()
+    );
+    assert!(!node.socket().exists(), "socket removed on shutdown");
+    let mut server = node.serve(&[]);
+    {
+        let mut c = node.connect(1);
+        assert!(
+            read_ok(&mut c, 0, data_off, first.len() as u32) == first,
+            "data after restart"
+        );
+        write_ok(&mut c, 0, data_off + 4096, &second);
+        flush_ok(&mut c, 0);
+        // kill -9 right after the flush completed: nothing acknowledged is lost.
+        server.stop_with(libc::SIGKILL, Duration::from_secs(20));
+    }
+    let _server = node.serve(&[]);
+    let mut c = node.connect(1);
+    let mut want = first.clone();
+    want[4096..4096 + second.len()].copy_from_slice(&second);
+    assert!(
+        read_ok(&mut c, 0, data_off, want.len() as u32) == want,
+        "flushed data after kill -9"
+    );
+}
+
+#[test]
+fn overlay_is_locked_and_checked_against_the_disk() {
+    let node = Node::new("client-5");
+    let _server = node.serve(&[]);
+    // A second server on the same overlay fails with a clear error.
+    let other_socket = node.dir.path().join("other.sock");
+    let mut cmd = Command::new(ociblk_bin());
+    cmd.arg("serve")
+        .args(node.layout_args())
+        .arg("--socket")
+        .arg(&other_socket)
+        .arg("--overlay")
+        .arg(node.overlay());
+    let err = run_err(&mut cmd);
+    assert!(err.contains("in use"), "{err}");
+    drop(_server);
+    // The same overlay under another node's disk is refused once written.
+    let mut s = node.serve(&[]);
+    let mut c = node.connect(1);
+    write_ok(&mut c, 0, data_partition_offset(&node), &[1; 4096]);
+    flush_ok(&mut c, 0);
+    drop(c);
+    s.stop_with(libc::SIGTERM, Duration::from_secs(20));
+    let other = Node {
+        dir: tempfile::tempdir().unwrap(),
+        image: node.image.clone(),
+        seed: "another-node".into(),
+    };
+    let mut cmd = Command::new(ociblk_bin());
+    cmd.arg("serve")
+        .args(other.layout_args())
+        .arg("--socket")
+        .arg(&other_socket)
+        .arg("--overlay")
+        .arg(node.overlay());
+    let err = run_err(&mut cmd);
+    assert!(err.contains("different disk"), "{err}");
+    // info and reset.
+    let out = run_ok(
+        Command::new(ociblk_bin())
+            .args(["overlay", "info", "--json"])
+            .arg(node.overlay()),
+    );
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["blocks_written"], 1);
+    run_ok(
+        Command::new(ociblk_bin())
+            .args(["overlay", "reset"])
+            .arg(node.overlay()),
+    );
+    let out = run_ok(
+        Command::new(ociblk_bin())
+            .args(["overlay", "info", "--json"])
+            .arg(node.overlay()),
+    );
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["blocks_written"], 0);
+}
+
+#[test]
+fn read_only_serving() {
+    let node = Node::new("client-6");
+    let mut args = node.layout_args();
+    args.push("--read-only".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _server = Server::start(&node.socket(), &args);
+    let mut c = node.connect(1);
+    assert!(c.has_feature(VIRTIO_BLK_F_RO));
+    assert_eq!(c.write(0, 0, &[0; 512]).unwrap().status, BlkStatus::IoErr);
+    assert_eq!(
+        c.write_zeroes(0, 0, 4096, false).unwrap().status,
+        BlkStatus::IoErr
+    );
+    assert_eq!(read_ok(&mut c, 0, 0, 512)[510..], [0x55, 0xAA]);
+}
+
+#[test]
+fn socket_path_that_is_not_a_socket_is_refused() {
+    let node = Node::new("client-7");
+    fs::write(node.socket(), b"precious").unwrap();
+    let mut cmd = Command::new(ociblk_bin());
+    cmd.arg("serve")
+        .args(node.layout_args())
+        .arg("--socket")
+        .arg(node.socket())
+        .arg("--overlay")
+        .arg(node.overlay());
+    let err = run_err(&mut cmd);
+    assert!(err.contains("not a socket"), "{err}");
+    assert_eq!(fs::read(node.socket()).unwrap(), b"precious");
+}
