@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::FileExt;
 
 use ociblk_layout::{Content, DiskReader};
@@ -161,17 +161,9 @@ pub fn apply_overlay(overlay: &Overlay, out: &File) -> io::Result<u64> {
 /// Deallocates a range so it reads as zeros; writes zeros where the file
 /// system cannot punch holes.
 fn punch_hole(out: &File, offset: u64, len: u64) -> io::Result<()> {
-    // SAFETY: fallocate on an open file descriptor with plain integer args.
-    let rc = unsafe {
-        libc::fallocate(
-            out.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    if rc == 0 {
-        return Ok(());
+    match crate::overlay::sys::punch_hole(out.as_fd(), offset, len) {
+        Err(e) if crate::overlay::sys::unsupported(&e) => {}
+        other => return other,
     }
     let zeros = vec![0u8; len.min(1 << 20) as usize];
     let mut done = 0;

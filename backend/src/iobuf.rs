@@ -136,16 +136,46 @@ impl IoBufs<'_> {
         at: usize,
         len: usize,
     ) -> io::Result<()> {
+        self.vectored(file, file_offset, at, len, Direction::Read)
+    }
+
+    /// Writes bytes `[at, at + len)` of the list to `file` at `file_offset`
+    /// with `pwritev`, straight from the source memory.
+    pub fn write_to_file(
+        &self,
+        file: &File,
+        file_offset: u64,
+        at: usize,
+        len: usize,
+    ) -> io::Result<()> {
+        self.vectored(file, file_offset, at, len, Direction::Write)
+    }
+
+    fn vectored(
+        &self,
+        file: &File,
+        file_offset: u64,
+        at: usize,
+        len: usize,
+        dir: Direction,
+    ) -> io::Result<()> {
         let mut iovs = self.iovecs(at, len);
         let mut offset = file_offset;
         while !iovs.is_empty() {
-            let cnt = iovs.len().min(IOV_MAX);
+            let cnt = iovs.len().min(IOV_MAX) as libc::c_int;
             let off = libc::off_t::try_from(offset)
                 .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-            // SAFETY: the iovecs point into ranges valid for writes (see
-            // `from_raw`) and `cnt` is within the list.
-            let n =
-                unsafe { libc::preadv(file.as_raw_fd(), iovs.as_ptr(), cnt as libc::c_int, off) };
+            let n = match dir {
+                // SAFETY: the iovecs point into ranges valid for writes
+                // (see `from_raw`) and `cnt` is within the list.
+                Direction::Read => unsafe {
+                    libc::preadv(file.as_raw_fd(), iovs.as_ptr(), cnt, off)
+                },
+                // SAFETY: as above; the ranges are valid for reads too.
+                Direction::Write => unsafe {
+                    libc::pwritev(file.as_raw_fd(), iovs.as_ptr(), cnt, off)
+                },
+            };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -154,10 +184,13 @@ impl IoBufs<'_> {
                 return Err(e);
             }
             if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("file ends before offset {offset}"),
-                ));
+                return Err(match dir {
+                    Direction::Read => io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("file ends before offset {offset}"),
+                    ),
+                    Direction::Write => io::ErrorKind::WriteZero.into(),
+                });
             }
             offset += n as u64;
             advance(&mut iovs, n as usize);
@@ -166,8 +199,14 @@ impl IoBufs<'_> {
     }
 }
 
+#[derive(Debug, Clone, Copy)]
+enum Direction {
+    Read,
+    Write,
+}
+
 /// Drops the first `n` bytes from a list of iovecs.
-pub(crate) fn advance(iovs: &mut Vec<libc::iovec>, mut n: usize) {
+fn advance(iovs: &mut Vec<libc::iovec>, mut n: usize) {
     let mut done = 0;
     for v in iovs.iter_mut() {
         if n < v.iov_len {

@@ -23,7 +23,7 @@
 //! takes nothing else, so there is no deadlock.
 
 pub mod format;
-mod sys;
+pub(crate) mod sys;
 #[cfg(test)]
 mod tests;
 
@@ -360,14 +360,7 @@ impl Overlay {
     ) -> io::Result<()> {
         self.check_range(offset, len as u64)?;
         Self::check_bufs(dst, at, len)?;
-        // SAFETY: an IoBufs' ranges are valid for writes while it lives.
-        unsafe {
-            sys::preadv_all(
-                self.file.as_fd(),
-                dst.iovecs(at, len),
-                self.header.data_offset + offset,
-            )
-        }
+        dst.read_from_file(&self.file, self.header.data_offset + offset, at, len)
     }
 
     /// Writes `src[at..at + len]` at disk offset `offset`. `base` reads the
@@ -482,14 +475,12 @@ impl Overlay {
     fn write_whole(&self, p: Piece, src: &IoBufs<'_>, at: usize) -> io::Result<()> {
         let (b0, b1) = (p.offset / BS, (p.offset + p.len).div_ceil(BS));
         let _locks = self.lock_shared(b0, b1);
-        // SAFETY: an IoBufs' ranges are valid for reads while it lives.
-        let r = unsafe {
-            sys::pwritev_all(
-                self.file.as_fd(),
-                src.iovecs(at, p.len as usize),
-                self.header.data_offset + p.offset,
-            )
-        };
+        let r = src.write_to_file(
+            &self.file,
+            self.header.data_offset + p.offset,
+            at,
+            p.len as usize,
+        );
         if let Err(e) = r {
             self.leaked.store(true, Ordering::Relaxed);
             return Err(e);
@@ -536,14 +527,7 @@ impl Overlay {
             // The rest of the block is already in the data area: write in
             // place, nothing to read.
             (BlockState::Data, Fill::Bytes(src, at)) => {
-                // SAFETY: an IoBufs' ranges are valid for reads while it lives.
-                return unsafe {
-                    sys::pwritev_all(
-                        self.file.as_fd(),
-                        src.iovecs(at, len),
-                        data_pos + start as u64,
-                    )
-                };
+                return src.write_to_file(&self.file, data_pos + start as u64, at, len);
             }
             (BlockState::Data, Fill::Zeros) => {
                 return self
