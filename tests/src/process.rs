@@ -81,9 +81,13 @@ impl Server {
     pub fn start(socket: &Path, args: &[&str]) -> Server {
         let mut cmd = Command::new(ociblk_bin());
         cmd.arg("serve").arg("--socket").arg(socket).args(args);
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         cmd.env("OCIBLK_LOG", "info");
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
         let log = OutputLog::default();
         if let Some(out) = child.stdout.take() {
             log.follow(out, "[ociblk] ");
@@ -109,14 +113,23 @@ impl Server {
         if let Ok(Some(status)) = self.child.try_wait() {
             panic!("ociblk serve exited with {status}:\n{}", self.log.text());
         }
-        assert!(ok, "ociblk serve did not create {} in time:\n{}", self.socket.display(), self.log.text());
+        assert!(
+            ok,
+            "ociblk serve did not create {} in time:\n{}",
+            self.socket.display(),
+            self.log.text()
+        );
     }
 
     /// Sends `sig` and waits for the exit status.
     pub fn stop_with(&mut self, sig: i32, timeout: Duration) -> ExitStatus {
         signal(&self.child, sig);
-        wait_exit(&mut self.child, timeout)
-            .unwrap_or_else(|| panic!("ociblk serve did not exit after signal {sig}:\n{}", self.log.text()))
+        wait_exit(&mut self.child, timeout).unwrap_or_else(|| {
+            panic!(
+                "ociblk serve did not exit after signal {sig}:\n{}",
+                self.log.text()
+            )
+        })
     }
 }
 
@@ -144,7 +157,7 @@ pub struct Guest {
     child: Child,
     stdin: Option<ChildStdin>,
     console: Receiver<u8>,
-    /// Everything the console printed so far.
+    /// Everything the console printed so far, carriage returns dropped.
     pub transcript: String,
     /// Where the next `expect` starts searching.
     cursor: usize,
@@ -186,14 +199,31 @@ impl Guest {
         let mem = format!("{}M", cfg.memory_mib);
         let reconnect = if cfg.reconnect { ",reconnect=1" } else { "" };
         cmd.args(["-accel", "tcg", "-smp", "2", "-m", &mem])
-            .args(["-object", &format!("memory-backend-memfd,id=mem,size={mem},share=on")])
+            .args([
+                "-object",
+                &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+            ])
             .args(["-machine", "q35,memory-backend=mem"])
-            .args(["-chardev", &format!("socket,id=disk0,path={}{reconnect}", cfg.socket.display())])
+            .args([
+                "-chardev",
+                &format!("socket,id=disk0,path={}{reconnect}", cfg.socket.display()),
+            ])
             .args([
                 "-device",
-                &format!("vhost-user-blk-pci,chardev=disk0,num-queues={},disable-legacy=on,bootindex=1", cfg.queues),
+                &format!(
+                    "vhost-user-blk-pci,chardev=disk0,num-queues={},disable-legacy=on,bootindex=1",
+                    cfg.queues
+                ),
             ])
-            .args(["-display", "none", "-serial", "stdio", "-monitor", "none", "-nodefaults"]);
+            .args([
+                "-display",
+                "none",
+                "-serial",
+                "stdio",
+                "-monitor",
+                "none",
+                "-nodefaults",
+            ]);
         match cfg.boot {
             Boot::DirectKernel => {
                 let guest = workspace_root().join("build/sample-guest");
@@ -207,14 +237,27 @@ impl Guest {
             }
             Boot::Uefi => {
                 let code = Path::new("/usr/share/OVMF/OVMF_CODE.fd");
-                let vars = cfg.vars.clone().expect("UEFI boot needs a writable OVMF_VARS copy");
+                let vars = cfg
+                    .vars
+                    .clone()
+                    .expect("UEFI boot needs a writable OVMF_VARS copy");
                 assert!(code.exists(), "OVMF is not installed: run hack/setup");
-                cmd.args(["-drive", &format!("if=pflash,format=raw,readonly=on,file={}", code.display())])
-                    .args(["-drive", &format!("if=pflash,format=raw,file={}", vars.display())]);
+                cmd.args([
+                    "-drive",
+                    &format!("if=pflash,format=raw,readonly=on,file={}", code.display()),
+                ])
+                .args([
+                    "-drive",
+                    &format!("if=pflash,format=raw,file={}", vars.display()),
+                ]);
             }
         }
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
         let (tx, rx) = channel();
         if let Some(mut out) = child.stdout.take() {
             let tx = tx.clone();
@@ -262,7 +305,10 @@ impl Guest {
             }
             let now = Instant::now();
             if now >= deadline {
-                panic!("guest console did not show {pattern:?} within {timeout:?}:\n{}", self.tail());
+                panic!(
+                    "guest console did not show {pattern:?} within {timeout:?}:\n{}",
+                    self.tail()
+                );
             }
             match self.console.recv_timeout(deadline - now) {
                 Ok(b) => {
@@ -270,7 +316,10 @@ impl Guest {
                     while let Ok(b) = self.console.try_recv() {
                         pending.push(b);
                     }
-                    self.transcript.push_str(&String::from_utf8_lossy(&pending));
+                    // The serial tty ends lines with "\r\n"; keep only "\n" so
+                    // that patterns (and `run`'s marker) match either way.
+                    let text = String::from_utf8_lossy(&pending).replace('\r', "");
+                    self.transcript.push_str(&text);
                     if std::env::var_os("OCIBLK_TEST_VERBOSE").is_some() {
                         eprint!("{}", String::from_utf8_lossy(&pending));
                     }
@@ -278,7 +327,10 @@ impl Guest {
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
-                    panic!("QEMU exited before the console showed {pattern:?}:\n{}", self.tail());
+                    panic!(
+                        "QEMU exited before the console showed {pattern:?}:\n{}",
+                        self.tail()
+                    );
                 }
             }
         }
@@ -287,14 +339,18 @@ impl Guest {
     fn tail(&self) -> String {
         let t = &self.transcript;
         let from = t.len().saturating_sub(6000);
-        let from = (from..t.len()).find(|&i| t.is_char_boundary(i)).unwrap_or(t.len());
+        let from = (from..t.len())
+            .find(|&i| t.is_char_boundary(i))
+            .unwrap_or(t.len());
         t[from..].to_owned()
     }
 
     /// Types `line` into the console.
     pub fn send(&mut self, line: &str) {
         let stdin = self.stdin.as_mut().expect("guest stdin");
-        stdin.write_all(line.as_bytes()).expect("write to guest console");
+        stdin
+            .write_all(line.as_bytes())
+            .expect("write to guest console");
         stdin.write_all(b"\n").expect("write to guest console");
         stdin.flush().expect("flush guest console");
     }
@@ -308,18 +364,31 @@ impl Guest {
         self.send(&format!("{command}; echo \"@@done-{m} $?@@ $(({m}*7))\""));
         let out = self.expect(&format!(" {}\n", m * 7), timeout);
         let start = format!("@@done-{m} ");
-        let tail = out.rfind(&start).map(|i| &out[i + start.len()..]).unwrap_or_default();
-        let status = tail.split("@@").next().and_then(|s| s.trim().parse().ok()).unwrap_or(-1);
+        let tail = out
+            .rfind(&start)
+            .map(|i| &out[i + start.len()..])
+            .unwrap_or_default();
+        let status = tail
+            .split("@@")
+            .next()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(-1);
         let body_end = out.rfind(&start).unwrap_or(out.len());
         // Drop the echoed command line (the first line) from the output.
-        let body = out[..body_end].split_once('\n').map(|(_, b)| b).unwrap_or_default();
+        let body = out[..body_end]
+            .split_once('\n')
+            .map(|(_, b)| b)
+            .unwrap_or_default();
         (status, body.replace('\r', ""))
     }
 
     /// Runs a command that must succeed and returns its output.
     pub fn run_ok(&mut self, command: &str, timeout: Duration) -> String {
         let (status, out) = self.run(command, timeout);
-        assert_eq!(status, 0, "guest command {command:?} failed with {status}:\n{out}");
+        assert_eq!(
+            status, 0,
+            "guest command {command:?} failed with {status}:\n{out}"
+        );
         out
     }
 
