@@ -1,0 +1,134 @@
+//! Whole-disk sha256 of `ociblk export` for fixed inputs and pinned IDs,
+//! against disks that Monogon's installer code (`metropolis/installer`,
+//! `osbase/gpt`, `osbase/fat32` at upstream commit 8b9bf216) wrote for the
+//! very same inputs. Input files are generated from fixed seeds
+//! (`pseudo_random`), so the hashes below are stable.
+
+#![allow(clippy::unwrap_used)]
+
+use std::fs::{self, File};
+use std::io::Read;
+use std::process::Command;
+
+use ociblk_tests::oci::{ImageBuilder, PayloadSpec, pseudo_random};
+use ociblk_tests::support::{ociblk_bin, run_ok};
+use sha2::{Digest, Sha256};
+
+const IDS: &[&str] = &[
+    "--disk-guid",
+    "11111111-2222-4333-8444-555555555555",
+    "--esp-guid",
+    "A1111111-2222-4333-8444-555555555555",
+    "--system-a-guid",
+    "B1111111-2222-4333-8444-555555555555",
+    "--system-b-guid",
+    "C1111111-2222-4333-8444-555555555555",
+    "--data-guid",
+    "D1111111-2222-4333-8444-555555555555",
+    "--fat-volume-id",
+    "0xCAFEF00D",
+];
+
+struct Golden {
+    disk_size: u64,
+    esp_mib: u64,
+    system_mib: u64,
+    kernel: usize,
+    system: usize,
+    loader: Option<usize>,
+    params: Option<usize>,
+    data: bool,
+    sha256: &'static str,
+}
+
+fn check(g: &Golden) {
+    let t = tempfile::tempdir().unwrap();
+    let mut b = ImageBuilder::with_sizes(0, 0);
+    b.payloads = vec![
+        PayloadSpec::plain("system", pseudo_random(g.system, 1)),
+        PayloadSpec::plain("kernel.efi", pseudo_random(g.kernel, 2)),
+    ];
+    let img = b.write(&t.path().join("img")).unwrap();
+    let out = t.path().join("disk.raw");
+    let mut cmd = Command::new(ociblk_bin());
+    cmd.arg("export")
+        .arg("--image")
+        .arg(&img.dir)
+        .arg("--output")
+        .arg(&out)
+        .args(["--disk-size", &g.disk_size.to_string()])
+        .args(["--esp-size", &format!("{}MiB", g.esp_mib)])
+        .args(["--system-size", &format!("{}MiB", g.system_mib)])
+        .args(IDS);
+    if let Some(n) = g.loader {
+        let p = t.path().join("loader.efi");
+        fs::write(&p, pseudo_random(n, 9)).unwrap();
+        cmd.arg("--abloader").arg(p);
+    }
+    if let Some(n) = g.params {
+        let p = t.path().join("parameters.pb");
+        fs::write(&p, pseudo_random(n, if n == 1 { 11 } else { 10 })).unwrap();
+        cmd.arg("--node-parameters").arg(p);
+    }
+    if !g.data {
+        cmd.arg("--no-data-partition");
+    }
+    run_ok(&mut cmd);
+    let mut f = File::open(&out).unwrap();
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 16 << 20];
+    loop {
+        let n = f.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    let got: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(got, g.sha256, "disk differs from the upstream-written one");
+}
+
+#[test]
+fn loader_parameters_and_data_partition_on_1_gib() {
+    check(&Golden {
+        disk_size: 1 << 30,
+        esp_mib: 128,
+        system_mib: 256,
+        kernel: 18000123,
+        system: (1 << 20) + 1,
+        loader: Some(151234),
+        params: Some(3000),
+        data: true,
+        sha256: "a6fd3f1c731ec717c86c8cdc7055d8ac00fcc5cdf2182ce74b56f55a7979289d",
+    });
+}
+
+#[test]
+fn ha_disk_size_without_data_partition_or_loader() {
+    check(&Golden {
+        disk_size: 2818572288,
+        esp_mib: 128,
+        system_mib: 1024,
+        kernel: 513,
+        system: 4096,
+        loader: None,
+        params: None,
+        data: false,
+        sha256: "c3a06a245e3dacce639397c71124164d5d0606d20252c41cbb376c5e1931a832",
+    });
+}
+
+#[test]
+fn smallest_esp_with_one_byte_of_parameters() {
+    check(&Golden {
+        disk_size: 1 << 30,
+        esp_mib: 33,
+        system_mib: 256,
+        kernel: 4096,
+        system: 1 << 20,
+        loader: None,
+        params: Some(1),
+        data: true,
+        sha256: "9b78b269d3c1f28759d2cab79599e0a6e5336414b03c0d7a5f5d39cec67823cd",
+    });
+}
