@@ -8,6 +8,7 @@ pub mod cli;
 pub mod device;
 pub mod export;
 pub mod iobuf;
+pub mod launch;
 pub mod node_disk;
 pub mod overlay;
 pub mod server;

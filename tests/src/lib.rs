@@ -3,6 +3,7 @@
 
 pub mod vhost_client;
 
+pub mod bench;
 pub mod oci;
 pub mod process;
 pub mod support;

@@ -2,6 +2,7 @@
 
 pub mod export;
 pub mod inspect;
+pub mod launch;
 pub mod layout_args;
 pub mod overlay;
 pub mod serve;
@@ -27,4 +28,6 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Inspect or reset an overlay file.
     Overlay(overlay::OverlayArgs),
+    /// Launch a test cluster: per node an ociblk serve backend and a QEMU guest.
+    Launch(launch::LaunchArgs),
 }

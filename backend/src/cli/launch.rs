@@ -1,0 +1,285 @@
+//! `ociblk launch`: a test cluster of QEMU nodes, each booting its own node
+//! disk served by its own `ociblk serve`.
+
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::thread;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use ociblk_layout::parse_size;
+use tracing::info;
+
+use crate::launch::{
+    Cluster, ClusterSpec, DEFAULT_ACCEL, DEFAULT_CPUS, DEFAULT_OVMF_CODE, DEFAULT_OVMF_VARS,
+    DEFAULT_QEMU_BINARY, DEFAULT_QUEUES, LaunchError, NodeSpec, QemuSpec,
+};
+use crate::server::ShutdownSignal;
+
+/// Most nodes one launch starts.
+const MAX_NODES: u64 = 64;
+/// How often a running cluster is checked for signals and exited guests.
+const MONITOR_INTERVAL: Duration = Duration::from_millis(100);
+const MIB: u64 = 1 << 20;
+
+#[derive(Debug, Args)]
+pub struct LaunchArgs {
+    /// OS image: an OCI image layout directory in Monogon's format.
+    #[arg(long, value_name = "DIR")]
+    pub image: PathBuf,
+    /// Number of nodes.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=MAX_NODES))]
+    pub nodes: u64,
+    /// Nodes are named <PREFIX>-1, <PREFIX>-2, ...; a node's name is also its disk's seed.
+    #[arg(long, default_value = "node", value_name = "PREFIX")]
+    pub name_prefix: String,
+    /// Holds a directory per node: socket, overlay, OVMF variables, logs,
+    /// PID files. Relaunching with the same directory keeps the nodes' disks.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: PathBuf,
+    /// QEMU accelerator.
+    #[arg(long, default_value = DEFAULT_ACCEL)]
+    pub accel: String,
+    /// Guest memory per node (K/M/G suffixes; whole MiB).
+    #[arg(long, default_value = "512M", value_parser = parse_memory, value_name = "SIZE")]
+    pub memory: u32,
+    /// vCPUs per node.
+    #[arg(long, default_value_t = DEFAULT_CPUS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub cpus: u32,
+    /// Request queues per disk.
+    #[arg(long, default_value_t = DEFAULT_QUEUES, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub queues: u16,
+    /// Wait until every node's console shows this text (e.g. "ociblk-sample: ready").
+    #[arg(long, value_name = "TEXT")]
+    pub wait_for: Option<String>,
+    /// How long --wait-for waits (e.g. 120s, 2m, 500ms).
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Tear everything down and exit once every node showed --wait-for.
+    #[arg(long, requires = "wait_for")]
+    pub exit_when_ready: bool,
+    /// QEMU binary.
+    #[arg(long, default_value = DEFAULT_QEMU_BINARY, value_name = "PATH")]
+    pub qemu: PathBuf,
+    /// OVMF firmware code.
+    #[arg(long, default_value = DEFAULT_OVMF_CODE, value_name = "FILE")]
+    pub ovmf_code: PathBuf,
+    /// OVMF variable store template, copied to a node's directory once.
+    #[arg(long, default_value = DEFAULT_OVMF_VARS, value_name = "FILE")]
+    pub ovmf_vars: PathBuf,
+    /// Extra QEMU argument (repeatable), e.g. --qemu-arg=-no-reboot.
+    #[arg(long = "qemu-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub qemu_args: Vec<String>,
+    /// Do not copy consoles and backend logs to stderr (the node
+    /// directories still get them).
+    #[arg(long)]
+    pub quiet: bool,
+    /// Extra `ociblk serve` arguments: layout options, --flush unsafe, ...
+    #[arg(last = true, value_name = "SERVE_ARGS")]
+    pub serve_args: Vec<String>,
+}
+
+pub fn run(args: &LaunchArgs) -> Result<()> {
+    let shutdown = ShutdownSignal::new()?;
+    shutdown.trigger_on_termination_signals()?;
+
+    let count = usize::try_from(args.nodes).context("too many nodes")?;
+    let mut spec = ClusterSpec::new(
+        &args.image,
+        &args.state_dir,
+        NodeSpec::numbered(&args.name_prefix, count),
+    );
+    spec.qemu = QemuSpec {
+        binary: args.qemu.clone(),
+        accel: args.accel.clone(),
+        memory_mib: args.memory,
+        cpus: args.cpus,
+        ovmf_code: args.ovmf_code.clone(),
+        ovmf_vars_template: args.ovmf_vars.clone(),
+        extra_args: args.qemu_args.clone(),
+    };
+    spec.serve_args = args.serve_args.clone();
+    spec.queues = args.queues;
+    spec.echo = !args.quiet;
+    spec.cancel = Some(shutdown.clone());
+
+    let mut cluster = match Cluster::launch(spec) {
+        Ok(cluster) => cluster,
+        Err(LaunchError::Cancelled) => {
+            info!("interrupted while launching; everything stopped");
+            return Ok(());
+        }
+        Err(e) => return Err(e).context("launching the cluster"),
+    };
+    if let Some(pattern) = &args.wait_for {
+        match cluster.wait_all_for_console(pattern, args.timeout) {
+            Ok(_) => {}
+            Err(LaunchError::Cancelled) => {
+                print_times(&cluster, args.wait_for.as_deref())?;
+                return stop(cluster);
+            }
+            // Dropping the cluster on the way out tears it down.
+            Err(e) => return Err(e).context("waiting for the nodes"),
+        }
+    }
+    print_times(&cluster, args.wait_for.as_deref())?;
+    if args.exit_when_ready {
+        return stop(cluster);
+    }
+
+    info!(
+        state_dir = %cluster.state_dir().display(),
+        "cluster running; Ctrl-C or SIGTERM stops it"
+    );
+    while !shutdown.is_triggered() {
+        for (node, status) in cluster.poll_exits() {
+            info!(node, "QEMU exited ({status})");
+        }
+        if cluster.running_guests() == 0 {
+            info!("every guest has exited");
+            break;
+        }
+        thread::sleep(MONITOR_INTERVAL);
+    }
+    stop(cluster)
+}
+
+fn stop(cluster: Cluster) -> Result<()> {
+    info!("stopping the cluster");
+    cluster.shutdown().context("tearing the cluster down")?;
+    info!("stopped");
+    Ok(())
+}
+
+/// Prints each node's launch milestones, in seconds from the start.
+fn print_times(cluster: &Cluster, pattern: Option<&str>) -> Result<()> {
+    let seconds = |d: Option<Duration>| {
+        d.map_or_else(|| "-".to_owned(), |d| format!("{:.2} s", d.as_secs_f64()))
+    };
+    let name_width = cluster
+        .nodes()
+        .iter()
+        .map(|n| n.name().len())
+        .chain(["node".len()])
+        .max()
+        .unwrap_or_default();
+    let console_header = pattern.map_or_else(|| "console".to_owned(), |p| format!("{p:?}"));
+    let mut out = io::stdout().lock();
+    writeln!(
+        out,
+        "{:<name_width$}  {:>13}  {:>12}  {:>w$}",
+        "node",
+        "backend ready",
+        "QEMU started",
+        console_header,
+        w = console_header.len().max(8),
+    )?;
+    for node in cluster.nodes() {
+        let t = node.times();
+        writeln!(
+            out,
+            "{:<name_width$}  {:>13}  {:>12}  {:>w$}",
+            node.name(),
+            seconds(t.backend_ready),
+            seconds(t.qemu_started),
+            seconds(t.console_ready),
+            w = console_header.len().max(8),
+        )?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Guest memory in MiB.
+fn parse_memory(s: &str) -> Result<u32, String> {
+    let bytes = parse_size(s)?;
+    if bytes == 0 || bytes % MIB != 0 {
+        return Err(format!(
+            "memory {s:?} must be a positive number of whole MiB"
+        ));
+    }
+    u32::try_from(bytes / MIB).map_err(|_| format!("memory {s:?} is too large"))
+}
+
+/// A duration as `120s`, `2m`, `500ms`, `1h` or plain seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 120s, 2m or 500ms"))?;
+    let seconds = |factor: u64| {
+        n.checked_mul(factor)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("invalid duration {s:?}: too long"))
+    };
+    match unit.trim() {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => seconds(1),
+        "m" | "min" => seconds(60),
+        "h" => seconds(3600),
+        other => Err(format!(
+            "invalid duration {s:?}: unknown unit {other:?} (use ms, s, m or h)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        launch: LaunchArgs,
+    }
+
+    #[test]
+    fn durations_and_memory() {
+        assert_eq!(parse_duration("120s"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("3d").is_err());
+        assert_eq!(parse_memory("512M"), Ok(512));
+        assert_eq!(parse_memory("1G"), Ok(1024));
+        assert!(parse_memory("1000K").is_err());
+        assert!(parse_memory("0").is_err());
+    }
+
+    #[test]
+    fn defaults_and_serve_args() {
+        let c = Cmd::parse_from([
+            "x",
+            "--image",
+            "img",
+            "--state-dir",
+            "st",
+            "--nodes",
+            "3",
+            "--qemu-arg=-no-reboot",
+            "--",
+            "--flush",
+            "unsafe",
+        ]);
+        let a = c.launch;
+        assert_eq!((a.nodes, a.name_prefix.as_str()), (3, "node"));
+        assert_eq!((a.memory, a.cpus, a.queues), (512, 1, 2));
+        assert_eq!(a.accel, "tcg");
+        assert_eq!(a.timeout, Duration::from_secs(120));
+        assert_eq!(a.qemu_args, ["-no-reboot"]);
+        assert_eq!(a.serve_args, ["--flush", "unsafe"]);
+        assert!(!a.exit_when_ready);
+    }
+
+    #[test]
+    fn exit_when_ready_needs_a_pattern() {
+        let r = Cmd::try_parse_from(["x", "--image", "i", "--state-dir", "s", "--exit-when-ready"]);
+        assert!(r.is_err());
+    }
+}

@@ -1,0 +1,647 @@
+//! Launching a test cluster: per node one `ociblk serve` backend and one
+//! QEMU guest booting the node disk under OVMF.
+//!
+//! Every node has a state directory `<state_dir>/<node>/` holding its
+//! socket, its overlay, its OVMF variable store, the logs of the current
+//! launch and the PIDs of its running processes (see the `*_FILE`
+//! constants). Launching again with the same state directory gives the
+//! nodes back their disks and UEFI variables; a fresh directory gives fresh
+//! nodes.
+//!
+//! A launch starts every backend, starts each node's QEMU once its
+//! backend's socket accepts connections, and fails (stopping whatever it
+//! started) if a backend or a QEMU gives up. Teardown, on
+//! [`Cluster::shutdown`] or drop, stops the guests first (SIGTERM, then
+//! SIGKILL after a grace period), then the backends (SIGTERM: they flush
+//! their overlays and remove their sockets; SIGKILL after a grace period),
+//! reaps them and removes sockets left behind. Only processes the harness
+//! started are signalled, and only by their PIDs.
+
+mod log;
+mod node;
+mod process;
+
+use std::collections::HashSet;
+use std::io;
+use std::path::PathBuf;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tracing::warn;
+
+pub use node::{
+    CONSOLE_LOG_FILE, ConsoleMatch, LOCK_FILE, Node, NodeTimes, OVERLAY_FILE, OVMF_VARS_FILE,
+    QEMU_PID_FILE, SERVE_LOG_FILE, SERVE_PID_FILE, SOCKET_FILE,
+};
+
+use crate::server::ShutdownSignal;
+
+pub const DEFAULT_QEMU_BINARY: &str = "qemu-system-x86_64";
+/// KVM is avoided by default: guests are known to hang under it on some hosts.
+pub const DEFAULT_ACCEL: &str = "tcg";
+pub const DEFAULT_MEMORY_MIB: u32 = 512;
+/// One vCPU per node, so that two nodes fit two host cores.
+pub const DEFAULT_CPUS: u32 = 1;
+pub const DEFAULT_QUEUES: u16 = 2;
+pub const DEFAULT_OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE.fd";
+pub const DEFAULT_OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS.fd";
+/// How long a backend may take until its socket accepts connections.
+pub const DEFAULT_SOCKET_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest node name: it names a directory, a QEMU guest and log prefixes.
+pub const MAX_NODE_NAME: usize = 64;
+
+/// How long a fresh QEMU is watched for an early exit (bad option, missing
+/// accelerator, unusable socket), which happens within milliseconds.
+const QEMU_SETTLE: Duration = Duration::from_millis(500);
+/// Grace period between SIGTERM and SIGKILL for QEMU.
+const QEMU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Grace period between SIGTERM and SIGKILL for `ociblk serve`, which
+/// finishes requests in flight and flushes its overlay first.
+const SERVE_STOP_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long log copiers may take to drain the pipes of stopped children.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
+/// Interval of polls for sockets, exits and cancellation.
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// The QEMU side of every node.
+#[derive(Debug, Clone)]
+pub struct QemuSpec {
+    pub binary: PathBuf,
+    /// `-accel` value.
+    pub accel: String,
+    pub memory_mib: u32,
+    /// vCPUs per node.
+    pub cpus: u32,
+    /// OVMF firmware, mapped read-only.
+    pub ovmf_code: PathBuf,
+    /// Copied to each node's state directory unless a copy exists there.
+    pub ovmf_vars_template: PathBuf,
+    /// Appended to QEMU's command line.
+    pub extra_args: Vec<String>,
+}
+
+impl Default for QemuSpec {
+    fn default() -> Self {
+        QemuSpec {
+            binary: DEFAULT_QEMU_BINARY.into(),
+            accel: DEFAULT_ACCEL.into(),
+            memory_mib: DEFAULT_MEMORY_MIB,
+            cpus: DEFAULT_CPUS,
+            ovmf_code: DEFAULT_OVMF_CODE.into(),
+            ovmf_vars_template: DEFAULT_OVMF_VARS.into(),
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+/// One node: its name is its state directory's name and its disk's seed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSpec {
+    pub name: String,
+    /// Appended to this node's `ociblk serve` command line, after the
+    /// cluster's (e.g. its own `--node-parameters`).
+    pub serve_args: Vec<String>,
+}
+
+impl NodeSpec {
+    pub fn new(name: impl Into<String>) -> Self {
+        NodeSpec {
+            name: name.into(),
+            serve_args: Vec::new(),
+        }
+    }
+
+    /// `count` nodes named `<prefix>-1` to `<prefix>-<count>`.
+    pub fn numbered(prefix: &str, count: usize) -> Vec<NodeSpec> {
+        (1..=count)
+            .map(|i| NodeSpec::new(format!("{prefix}-{i}")))
+            .collect()
+    }
+}
+
+/// What to launch.
+#[derive(Debug, Clone)]
+pub struct ClusterSpec {
+    /// OS image: an OCI image layout directory.
+    pub image: PathBuf,
+    pub nodes: Vec<NodeSpec>,
+    /// Parent of the nodes' state directories; created when missing.
+    pub state_dir: PathBuf,
+    pub qemu: QemuSpec,
+    /// Appended to every `ociblk serve` command line: layout options,
+    /// `--flush unsafe`, ... (`--image`, `--seed`, `--socket`,
+    /// `--overlay` and `--queues` are set by the harness).
+    pub serve_args: Vec<String>,
+    /// The `ociblk` binary that serves the disks.
+    pub ociblk_binary: PathBuf,
+    /// Request queues of each disk (backend and QEMU).
+    pub queues: u16,
+    pub socket_timeout: Duration,
+    /// Copy consoles and backend logs to stderr, lines prefixed with
+    /// `[node] ` and `[node serve] `.
+    pub echo: bool,
+    /// Aborts a launch or a console wait with [`LaunchError::Cancelled`]
+    /// once triggered (e.g. on SIGINT).
+    pub cancel: Option<ShutdownSignal>,
+}
+
+impl ClusterSpec {
+    /// A spec with default QEMU settings, serving with the running binary
+    /// (or `ociblk` from `PATH` if its path is unknown).
+    pub fn new(
+        image: impl Into<PathBuf>,
+        state_dir: impl Into<PathBuf>,
+        nodes: Vec<NodeSpec>,
+    ) -> Self {
+        ClusterSpec {
+            image: image.into(),
+            nodes,
+            state_dir: state_dir.into(),
+            qemu: QemuSpec::default(),
+            serve_args: Vec::new(),
+            ociblk_binary: std::env::current_exe().unwrap_or_else(|_| "ociblk".into()),
+            queues: DEFAULT_QUEUES,
+            socket_timeout: DEFAULT_SOCKET_TIMEOUT,
+            echo: false,
+            cancel: None,
+        }
+    }
+
+    fn validate(&self) -> Result<(), LaunchError> {
+        let invalid = |reason: String| Err(LaunchError::InvalidSpec(reason));
+        if self.nodes.is_empty() {
+            return invalid("no nodes".into());
+        }
+        let mut names = HashSet::new();
+        for node in &self.nodes {
+            check_node_name(&node.name).map_err(LaunchError::InvalidSpec)?;
+            if !names.insert(node.name.as_str()) {
+                return invalid(format!("node name {:?} appears twice", node.name));
+            }
+        }
+        if self.queues == 0 {
+            return invalid("queues must be at least 1".into());
+        }
+        if self.qemu.cpus == 0 || self.qemu.memory_mib == 0 {
+            return invalid("QEMU needs at least one vCPU and 1 MiB of memory".into());
+        }
+        for (what, path) in [
+            ("OVMF firmware", &self.qemu.ovmf_code),
+            (
+                "OVMF variable store template",
+                &self.qemu.ovmf_vars_template,
+            ),
+        ] {
+            if !path.is_file() {
+                return invalid(format!("{what} {} is not a file", path.display()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Node names become directory names and QEMU option values: plain
+/// letters, digits, `.`, `_` and `-`, not starting with a dot or dash.
+fn check_node_name(name: &str) -> Result<(), String> {
+    let valid_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if name.is_empty() || name.len() > MAX_NODE_NAME {
+        return Err(format!(
+            "node name {name:?} must have 1 to {MAX_NODE_NAME} characters"
+        ));
+    }
+    if !name.chars().all(valid_char) || name.starts_with(['.', '-']) {
+        return Err(format!(
+            "node name {name:?} may only hold letters, digits, '.', '_' and '-', \
+             and must not start with '.' or '-'"
+        ));
+    }
+    Ok(())
+}
+
+/// Why a launch, a wait or a teardown failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("invalid cluster spec: {0}")]
+    InvalidSpec(String),
+    #[error("cannot create the state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("node {node}: {action} {path}: {source}")]
+    NodeFiles {
+        node: String,
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("node {node}: its state directory {dir} is in use by another launch")]
+    NodeInUse { node: String, dir: PathBuf },
+    #[error("node {node}: another process is listening on {socket}")]
+    SocketInUse { node: String, socket: PathBuf },
+    #[error(
+        "node {node}: socket path {path} is longer than the {max} bytes a Unix socket address holds"
+    )]
+    SocketPathTooLong {
+        node: String,
+        path: PathBuf,
+        max: usize,
+    },
+    #[error("node {node}: cannot start {program} ({binary}): {source}")]
+    Spawn {
+        node: String,
+        program: &'static str,
+        binary: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("node {node}: waiting for {program}: {source}")]
+    Wait {
+        node: String,
+        program: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "node {node}: ociblk serve exited ({status}) before its socket was ready; \
+         last lines of {log}:\n{tail}"
+    )]
+    ServeExited {
+        node: String,
+        status: String,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error(
+        "node {node}: socket {socket} did not accept a connection within {timeout:?}; \
+         last lines of {log}:\n{tail}"
+    )]
+    SocketTimeout {
+        node: String,
+        socket: PathBuf,
+        timeout: Duration,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error("node {node}: QEMU exited ({status}); last lines of {log}:\n{tail}")]
+    QemuExited {
+        node: String,
+        status: String,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error(
+        "node {node}: the console did not show {pattern:?} within {timeout:?}; \
+         last lines of {log}:\n{tail}"
+    )]
+    ConsoleTimeout {
+        node: String,
+        pattern: String,
+        timeout: Duration,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error("node {node}: cannot write to the console: {source}")]
+    ConsoleInput {
+        node: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("no node named {0:?}")]
+    UnknownNode(String),
+    #[error("node {node}: teardown: {problem}")]
+    Teardown { node: String, problem: String },
+    #[error("interrupted")]
+    Cancelled,
+}
+
+/// A running cluster. Dropping it tears it down; [`Cluster::shutdown`]
+/// does the same and reports what went wrong.
+///
+/// The children are also ended if the thread that launched them exits
+/// first (`PR_SET_PDEATHSIG`; QEMU: SIGKILL, `ociblk serve`: SIGTERM), so
+/// keep the cluster in the thread that launched it.
+#[derive(Debug)]
+pub struct Cluster {
+    nodes: Vec<Node>,
+    started: Instant,
+    state_dir: PathBuf,
+    cancel: Option<ShutdownSignal>,
+    torn_down: bool,
+}
+
+impl Cluster {
+    /// Starts every node's backend and, once its socket accepts a
+    /// connection, its QEMU; returns when every QEMU survived its first
+    /// moments. On error, whatever was started is stopped again.
+    pub fn launch(mut spec: ClusterSpec) -> Result<Cluster, LaunchError> {
+        let started = Instant::now();
+        spec.validate()?;
+        std::fs::create_dir_all(&spec.state_dir)
+            .and_then(|()| std::path::absolute(&spec.state_dir))
+            .map(|dir| spec.state_dir = dir)
+            .map_err(|source| LaunchError::StateDir {
+                path: spec.state_dir.clone(),
+                source,
+            })?;
+        // Children run in our working directory, but absolute paths make
+        // for clearer logs and errors.
+        if let Ok(image) = std::path::absolute(&spec.image) {
+            spec.image = image;
+        }
+        let mut cluster = Cluster {
+            nodes: Vec::with_capacity(spec.nodes.len()),
+            started,
+            state_dir: spec.state_dir.clone(),
+            cancel: spec.cancel.clone(),
+            torn_down: false,
+        };
+        // From here on an early return drops `cluster`, which stops
+        // whatever was started.
+        for node_spec in &spec.nodes {
+            let mut node = Node::prepare(&spec, node_spec)?;
+            let started = node.start_serve(&spec, node_spec);
+            cluster.nodes.push(node);
+            started?;
+        }
+        cluster.start_guests(&spec)?;
+        cluster.settle()?;
+        Ok(cluster)
+    }
+
+    /// Starts each node's QEMU as soon as its backend is ready.
+    fn start_guests(&mut self, spec: &ClusterSpec) -> Result<(), LaunchError> {
+        let deadline = Instant::now() + spec.socket_timeout;
+        let mut waiting: Vec<usize> = (0..self.nodes.len()).collect();
+        while !waiting.is_empty() {
+            self.check_cancel()?;
+            let mut still_waiting = Vec::with_capacity(waiting.len());
+            for i in waiting {
+                let node = &mut self.nodes[i];
+                if node.poll_backend(self.started, deadline, spec.socket_timeout)? {
+                    node.start_qemu(spec, self.started)?;
+                } else {
+                    still_waiting.push(i);
+                }
+            }
+            waiting = still_waiting;
+            if !waiting.is_empty() {
+                thread::sleep(POLL_INTERVAL);
+            }
+        }
+        Ok(())
+    }
+
+    /// Watches the fresh QEMUs for an early exit.
+    fn settle(&mut self) -> Result<(), LaunchError> {
+        let deadline = Instant::now() + QEMU_SETTLE;
+        loop {
+            for node in &mut self.nodes {
+                node.check_qemu()?;
+            }
+            self.check_cancel()?;
+            if Instant::now() >= deadline {
+                return Ok(());
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    fn check_cancel(&self) -> Result<(), LaunchError> {
+        match &self.cancel {
+            Some(cancel) if cancel.is_triggered() => Err(LaunchError::Cancelled),
+            _ => Ok(()),
+        }
+    }
+
+    /// The state directory holding the nodes' directories.
+    pub fn state_dir(&self) -> &std::path::Path {
+        &self.state_dir
+    }
+
+    /// The nodes, in the order of the spec.
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    pub fn node(&self, name: &str) -> Result<&Node, LaunchError> {
+        self.nodes
+            .iter()
+            .find(|n| n.name() == name)
+            .ok_or_else(|| LaunchError::UnknownNode(name.to_owned()))
+    }
+
+    fn node_index(&self, name: &str) -> Result<usize, LaunchError> {
+        self.nodes
+            .iter()
+            .position(|n| n.name() == name)
+            .ok_or_else(|| LaunchError::UnknownNode(name.to_owned()))
+    }
+
+    /// Waits until `node`'s console shows `pattern` after the previous
+    /// match on that node. Fails if QEMU exits first or `timeout` passes.
+    pub fn wait_for_console(
+        &mut self,
+        node: &str,
+        pattern: &str,
+        timeout: Duration,
+    ) -> Result<ConsoleMatch, LaunchError> {
+        let i = self.node_index(node)?;
+        let mut found = self.wait_nodes(&[i], pattern, timeout)?;
+        found
+            .pop()
+            .ok_or_else(|| LaunchError::UnknownNode(node.to_owned()))
+    }
+
+    /// Waits until every node's console shows `pattern`; the matches come
+    /// in node order. Fails as soon as one QEMU exits, or after `timeout`.
+    pub fn wait_all_for_console(
+        &mut self,
+        pattern: &str,
+        timeout: Duration,
+    ) -> Result<Vec<ConsoleMatch>, LaunchError> {
+        let all: Vec<usize> = (0..self.nodes.len()).collect();
+        self.wait_nodes(&all, pattern, timeout)
+    }
+
+    fn wait_nodes(
+        &mut self,
+        nodes: &[usize],
+        pattern: &str,
+        timeout: Duration,
+    ) -> Result<Vec<ConsoleMatch>, LaunchError> {
+        let deadline = Instant::now() + timeout;
+        let mut found: Vec<Option<ConsoleMatch>> = vec![None; nodes.len()];
+        loop {
+            self.check_cancel()?;
+            let mut missing = None;
+            for (slot, &i) in found.iter_mut().zip(nodes) {
+                if slot.is_some() {
+                    continue;
+                }
+                // Match times come from the output's arrival, so a short
+                // look at each node in turn loses no precision.
+                let until = deadline.min(Instant::now() + POLL_INTERVAL);
+                *slot = self.nodes[i].search_console(pattern, until, self.started)?;
+                if slot.is_none() {
+                    missing.get_or_insert(i);
+                }
+            }
+            match missing {
+                None => return Ok(found.into_iter().flatten().collect()),
+                Some(i) if Instant::now() >= deadline => {
+                    return Err(self.nodes[i].console_timeout(pattern, timeout));
+                }
+                Some(_) => {}
+            }
+        }
+    }
+
+    /// Types `line` and a newline into `node`'s serial console.
+    pub fn send_console(&mut self, node: &str, line: &str) -> Result<(), LaunchError> {
+        let i = self.node_index(node)?;
+        self.nodes[i].send_console(line)
+    }
+
+    /// Reaps guests that exited (e.g. powered off) since the last call and
+    /// returns their names and exit statuses.
+    pub fn poll_exits(&mut self) -> Vec<(String, std::process::ExitStatus)> {
+        self.nodes
+            .iter_mut()
+            .filter_map(|n| n.poll_exit().map(|status| (n.name().to_owned(), status)))
+            .collect()
+    }
+
+    /// How many guests are still running.
+    pub fn running_guests(&mut self) -> usize {
+        self.nodes
+            .iter_mut()
+            .map(Node::guest_running)
+            .filter(|&running| running)
+            .count()
+    }
+
+    /// Tears the cluster down; fails if a backend did not stop cleanly
+    /// (its overlay may then miss the last writes).
+    pub fn shutdown(mut self) -> Result<(), LaunchError> {
+        self.teardown()
+    }
+
+    fn teardown(&mut self) -> Result<(), LaunchError> {
+        if self.torn_down {
+            return Ok(());
+        }
+        self.torn_down = true;
+        let mut errors = Vec::new();
+        // Guests first: a backend must outlive its frontend, which talks to
+        // it while stopping.
+        for node in &mut self.nodes {
+            node.signal_qemu(libc::SIGTERM);
+        }
+        let deadline = Instant::now() + QEMU_STOP_TIMEOUT;
+        for node in &mut self.nodes {
+            errors.extend(node.finish_qemu(deadline).err());
+        }
+        for node in &mut self.nodes {
+            node.signal_serve(libc::SIGTERM);
+        }
+        let deadline = Instant::now() + SERVE_STOP_TIMEOUT;
+        for node in &mut self.nodes {
+            errors.extend(node.finish_serve(deadline).err());
+        }
+        let deadline = Instant::now() + OUTPUT_DRAIN;
+        for node in &mut self.nodes {
+            node.finish_output(deadline);
+            node.remove_leftovers();
+        }
+        let mut errors = errors.into_iter();
+        let first = errors.next();
+        for e in errors {
+            warn!("{e}");
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Err(e) = self.teardown() {
+            warn!("{e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_names() {
+        assert_eq!(
+            NodeSpec::numbered("node", 2),
+            [NodeSpec::new("node-1"), NodeSpec::new("node-2")]
+        );
+        for good in ["node-1", "a", "n_1.x"] {
+            assert!(check_node_name(good).is_ok(), "{good}");
+        }
+        let long = "x".repeat(MAX_NODE_NAME + 1);
+        for bad in ["", ".hidden", "-x", "a/b", "a,b", "a b", long.as_str()] {
+            assert!(check_node_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn invalid_specs_are_refused_before_anything_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let mut spec = ClusterSpec::new("img", &state, NodeSpec::numbered("n", 2));
+        spec.nodes[1].name = "n-1".into();
+        let err = Cluster::launch(spec).unwrap_err();
+        assert!(matches!(err, LaunchError::InvalidSpec(_)), "{err}");
+        assert!(!state.exists());
+
+        let mut spec = ClusterSpec::new("img", &state, NodeSpec::numbered("n", 1));
+        spec.qemu.ovmf_code = dir.path().join("missing.fd");
+        let err = Cluster::launch(spec).unwrap_err();
+        assert!(err.to_string().contains("missing.fd"), "{err}");
+    }
+
+    #[test]
+    fn a_node_directory_serves_one_launch_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = ClusterSpec::new("img", dir.path(), NodeSpec::numbered("n", 1));
+        let fd = dir.path().join("fw.fd");
+        std::fs::write(&fd, b"vars").unwrap();
+        spec.qemu.ovmf_vars_template = fd;
+        let node = Node::prepare(&spec, &spec.nodes[0]).unwrap();
+        let err = Node::prepare(&spec, &spec.nodes[0]).unwrap_err();
+        assert!(
+            matches!(&err, LaunchError::NodeInUse { node, .. } if node == "n-1"),
+            "{err}"
+        );
+        drop(node);
+        Node::prepare(&spec, &spec.nodes[0]).unwrap();
+    }
+
+    #[test]
+    fn a_missing_backend_binary_names_the_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = ClusterSpec::new("img", dir.path(), NodeSpec::numbered("n", 1));
+        // Firmware content does not matter before QEMU runs.
+        let fd = dir.path().join("fw.fd");
+        std::fs::write(&fd, b"").unwrap();
+        spec.qemu.ovmf_code = fd.clone();
+        spec.qemu.ovmf_vars_template = fd;
+        spec.ociblk_binary = dir.path().join("no-such-ociblk");
+        let err = Cluster::launch(spec).unwrap_err();
+        assert!(
+            matches!(&err, LaunchError::Spawn { node, .. } if node == "n-1"),
+            "{err}"
+        );
+        // The state directory was prepared, nothing else left behind.
+        assert!(dir.path().join("n-1").join(OVMF_VARS_FILE).is_file());
+        assert!(!dir.path().join("n-1").join(SERVE_PID_FILE).exists());
+    }
+}

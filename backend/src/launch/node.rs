@@ -1,0 +1,677 @@
+//! One node of a cluster: its state directory, its `ociblk serve` backend
+//! and its QEMU guest.
+
+use std::ffi::OsStr;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use super::log::{Search, Transcript, follow};
+use super::process::{Process, Stopped};
+use super::{ClusterSpec, LaunchError, NodeSpec};
+
+/// The vhost-user socket `ociblk serve` listens on and QEMU connects to.
+pub const SOCKET_FILE: &str = "node.sock";
+/// The node's copy-on-write overlay: its disk's state across launches.
+pub const OVERLAY_FILE: &str = "node.overlay";
+/// The node's UEFI variable store, copied from the template once.
+pub const OVMF_VARS_FILE: &str = "OVMF_VARS.fd";
+/// What `ociblk serve` printed during the current launch.
+pub const SERVE_LOG_FILE: &str = "serve.log";
+/// The guest's serial console (and QEMU's own messages) during the current launch.
+pub const CONSOLE_LOG_FILE: &str = "console.log";
+/// PID of the running `ociblk serve`; removed once it is reaped.
+pub const SERVE_PID_FILE: &str = "serve.pid";
+/// PID of the running QEMU; removed once it is reaped.
+pub const QEMU_PID_FILE: &str = "qemu.pid";
+/// Locked while a cluster uses the node, so two launches never share it.
+pub const LOCK_FILE: &str = "node.lock";
+
+/// Longest path a Unix socket address holds (`sun_path` less its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+/// Prefix of the temporary name `ociblk serve` binds its socket under.
+const SERVE_TEMP_SOCKET_PREFIX: &str = ".ociblk.";
+/// QEMU ids of the guest memory backend and of the disk's chardev.
+const MEMORY_ID: &str = "mem";
+const DISK_CHARDEV_ID: &str = "disk0";
+/// Lines of a log quoted in an error.
+const TAIL_LINES: usize = 25;
+/// How long the end of a dead child's output may take to reach its reader.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
+
+/// When a node reached each launch milestone, counted from the start of
+/// [`Cluster::launch`](super::Cluster::launch).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeTimes {
+    /// Its `ociblk serve` socket accepted a connection.
+    pub backend_ready: Option<Duration>,
+    /// Its QEMU process was started.
+    pub qemu_started: Option<Duration>,
+    /// Its console showed the pattern of the first successful
+    /// [`Cluster::wait_for_console`](super::Cluster::wait_for_console) on
+    /// it (the boot milestone); later waits leave it alone.
+    pub console_ready: Option<Duration>,
+}
+
+/// A pattern found on a node's console.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsoleMatch {
+    /// When the end of the match arrived, counted from the start of the launch.
+    pub at: Duration,
+    /// Console output from the end of the previous match on this node up
+    /// to the end of this one, carriage returns dropped.
+    pub text: String,
+}
+
+/// One node: the backend and guest processes and the files in its state
+/// directory.
+#[derive(Debug)]
+pub struct Node {
+    name: String,
+    dir: PathBuf,
+    serve: Option<Process>,
+    qemu: Option<Process>,
+    console_input: Option<ChildStdin>,
+    serve_output: Arc<Transcript>,
+    console: Arc<Transcript>,
+    readers: Vec<JoinHandle<()>>,
+    times: NodeTimes,
+    /// Where the next console search starts.
+    cursor: usize,
+    /// A pattern still being waited for and how far it was searched.
+    scanned: Option<(String, usize)>,
+    /// Held while the cluster lives: one launch per state directory.
+    _lock: File,
+    /// QEMU's exit was already handed out by `poll_exit`.
+    exit_reported: bool,
+    /// The backend's early exit was already reported as a launch error.
+    serve_exit_reported: bool,
+}
+
+impl Node {
+    /// Creates the node's state directory and its OVMF variable store
+    /// (only if missing: the guest's boot entries survive relaunches).
+    pub(super) fn prepare(spec: &ClusterSpec, node: &NodeSpec) -> Result<Node, LaunchError> {
+        let dir = spec.state_dir.join(&node.name);
+        let files_error = |action, path: &Path| {
+            let node = node.name.clone();
+            let path = path.to_owned();
+            move |source| LaunchError::NodeFiles {
+                node,
+                action,
+                path,
+                source,
+            }
+        };
+        fs::create_dir_all(&dir).map_err(files_error("creating", &dir))?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = File::create(&lock_path).map_err(files_error("creating", &lock_path))?;
+        // SAFETY: flock takes no pointers; `lock` is an open file.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let source = io::Error::last_os_error();
+            if source.kind() == io::ErrorKind::WouldBlock {
+                return Err(LaunchError::NodeInUse {
+                    node: node.name.clone(),
+                    dir,
+                });
+            }
+            return Err(files_error("locking", &lock_path)(source));
+        }
+        let socket = dir.join(SOCKET_FILE);
+        if socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(LaunchError::SocketPathTooLong {
+                node: node.name.clone(),
+                path: socket,
+                max: MAX_SOCKET_PATH,
+            });
+        }
+        // Readiness is judged by the socket answering, so it must not
+        // answer before our backend runs.
+        if UnixStream::connect(&socket).is_ok() {
+            return Err(LaunchError::SocketInUse {
+                node: node.name.clone(),
+                socket,
+            });
+        }
+        let vars = dir.join(OVMF_VARS_FILE);
+        if !vars.exists() {
+            // Copied under a temporary name, so an interrupted copy is
+            // never taken for a variable store.
+            let temp = dir.join(format!(".{OVMF_VARS_FILE}.tmp"));
+            fs::copy(&spec.qemu.ovmf_vars_template, &temp)
+                .and_then(|_| fs::rename(&temp, &vars))
+                .map_err(files_error("copying the OVMF variable store to", &vars))?;
+        }
+        Ok(Node {
+            name: node.name.clone(),
+            dir,
+            serve: None,
+            qemu: None,
+            console_input: None,
+            serve_output: Arc::default(),
+            console: Arc::default(),
+            readers: Vec::new(),
+            times: NodeTimes::default(),
+            cursor: 0,
+            scanned: None,
+            _lock: lock,
+            exit_reported: false,
+            serve_exit_reported: false,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The node's state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join(SOCKET_FILE)
+    }
+
+    pub fn overlay(&self) -> PathBuf {
+        self.dir.join(OVERLAY_FILE)
+    }
+
+    pub fn ovmf_vars(&self) -> PathBuf {
+        self.dir.join(OVMF_VARS_FILE)
+    }
+
+    pub fn serve_log(&self) -> PathBuf {
+        self.dir.join(SERVE_LOG_FILE)
+    }
+
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join(CONSOLE_LOG_FILE)
+    }
+
+    /// PID of `ociblk serve` while it is running (or exited, not yet reaped).
+    pub fn serve_pid(&self) -> Option<u32> {
+        running_pid(self.serve.as_ref())
+    }
+
+    /// PID of QEMU while it is running (or exited, not yet reaped).
+    pub fn qemu_pid(&self) -> Option<u32> {
+        running_pid(self.qemu.as_ref())
+    }
+
+    /// QEMU's exit status once it has exited and been reaped.
+    pub fn qemu_status(&self) -> Option<ExitStatus> {
+        self.qemu.as_ref().and_then(Process::status)
+    }
+
+    pub fn times(&self) -> NodeTimes {
+        self.times
+    }
+
+    /// The last `lines` lines of the console.
+    pub fn console_tail(&self, lines: usize) -> String {
+        self.console.tail(lines)
+    }
+
+    fn spawn_error(
+        &self,
+        program: &'static str,
+        binary: &Path,
+    ) -> impl FnOnce(io::Error) -> LaunchError {
+        let node = self.name.clone();
+        let binary = binary.to_owned();
+        move |source| LaunchError::Spawn {
+            node,
+            program,
+            binary,
+            source,
+        }
+    }
+
+    /// Starts the node's output copier: `source` to the log `file`, the
+    /// transcript and (if echoing) stderr.
+    fn follow_output(
+        &mut self,
+        source: io::PipeReader,
+        file: &Path,
+        transcript: &Arc<Transcript>,
+        echo_prefix: Option<String>,
+        thread_name: &str,
+    ) -> Result<(), LaunchError> {
+        let log = File::create(file).map_err(|source| LaunchError::NodeFiles {
+            node: self.name.clone(),
+            action: "creating",
+            path: file.to_owned(),
+            source,
+        })?;
+        let reader = follow(
+            format!("{thread_name}-{}", self.name),
+            source,
+            log,
+            echo_prefix,
+            Arc::clone(transcript),
+        )
+        .map_err(|source| LaunchError::NodeFiles {
+            node: self.name.clone(),
+            action: "starting the log copier for",
+            path: file.to_owned(),
+            source,
+        })?;
+        self.readers.push(reader);
+        Ok(())
+    }
+
+    /// Starts `ociblk serve` for this node (seed: the node's name).
+    pub(super) fn start_serve(
+        &mut self,
+        spec: &ClusterSpec,
+        node: &NodeSpec,
+    ) -> Result<(), LaunchError> {
+        const PROGRAM: &str = "ociblk serve";
+        let spawn_error = || self.spawn_error(PROGRAM, &spec.ociblk_binary);
+        let (output, output_writer) = io::pipe().map_err(spawn_error())?;
+        let mut cmd = Command::new(&spec.ociblk_binary);
+        cmd.arg("serve")
+            .arg("--image")
+            .arg(&spec.image)
+            .arg("--seed")
+            .arg(&self.name)
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--overlay")
+            .arg(self.overlay())
+            .arg("--queues")
+            .arg(spec.queues.to_string())
+            .args(&spec.serve_args)
+            .args(&node.serve_args)
+            .stdin(Stdio::null())
+            .stdout(output_writer.try_clone().map_err(spawn_error())?)
+            .stderr(output_writer);
+        // SIGTERM if the harness dies: serve then still flushes the overlay
+        // and removes its socket.
+        let serve = Process::spawn(&mut cmd, libc::SIGTERM, &self.dir.join(SERVE_PID_FILE))
+            .map_err(spawn_error())?;
+        // Our copies of the pipe's write end must go, or the copier would
+        // never see the end of the output.
+        drop(cmd);
+        info!(node = %self.name, pid = serve.pid(), "started ociblk serve");
+        self.serve = Some(serve);
+        let echo = spec.echo.then(|| format!("[{} serve] ", self.name));
+        let transcript = Arc::clone(&self.serve_output);
+        self.follow_output(output, &self.serve_log(), &transcript, echo, "serve")
+    }
+
+    /// Checks once whether the backend is ready: its socket accepts a
+    /// connection (closed at once; the server then waits for the next one).
+    /// Fails if the backend exited or `deadline` passed.
+    pub(super) fn poll_backend(
+        &mut self,
+        started: Instant,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<bool, LaunchError> {
+        let Some(serve) = self.serve.as_mut() else {
+            return Ok(false);
+        };
+        let exited = serve.try_exit().map_err(|source| LaunchError::Wait {
+            node: self.name.clone(),
+            program: "ociblk serve",
+            source,
+        })?;
+        if let Some(status) = exited {
+            self.serve_exit_reported = true;
+            self.serve_output.wait_closed(Instant::now() + OUTPUT_DRAIN);
+            return Err(LaunchError::ServeExited {
+                node: self.name.clone(),
+                status: status.to_string(),
+                log: self.serve_log(),
+                tail: self.serve_output.tail(TAIL_LINES),
+            });
+        }
+        if UnixStream::connect(self.socket()).is_ok() {
+            let ready = started.elapsed();
+            info!(node = %self.name, after = ?ready, "backend ready");
+            self.times.backend_ready = Some(ready);
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Err(LaunchError::SocketTimeout {
+                node: self.name.clone(),
+                socket: self.socket(),
+                timeout,
+                log: self.serve_log(),
+                tail: self.serve_output.tail(TAIL_LINES),
+            });
+        }
+        Ok(false)
+    }
+
+    /// Starts QEMU with the node's disk as its only (boot) disk, the
+    /// serial console on stdin/stdout.
+    pub(super) fn start_qemu(
+        &mut self,
+        spec: &ClusterSpec,
+        started: Instant,
+    ) -> Result<(), LaunchError> {
+        const PROGRAM: &str = "QEMU";
+        let spawn_error = || self.spawn_error(PROGRAM, &spec.qemu.binary);
+        let (output, output_writer) = io::pipe().map_err(spawn_error())?;
+        let mut cmd = self.qemu_command(spec);
+        cmd.stdin(Stdio::piped())
+            .stdout(output_writer.try_clone().map_err(spawn_error())?)
+            .stderr(output_writer);
+        // The guest's disk state lives in the backend, so QEMU can simply
+        // be killed if the harness dies.
+        let mut qemu = Process::spawn(&mut cmd, libc::SIGKILL, &self.dir.join(QEMU_PID_FILE))
+            .map_err(spawn_error())?;
+        drop(cmd);
+        let at = started.elapsed();
+        info!(node = %self.name, pid = qemu.pid(), after = ?at, "started QEMU");
+        self.times.qemu_started = Some(at);
+        self.console_input = qemu.child_mut().stdin.take();
+        self.qemu = Some(qemu);
+        let echo = spec.echo.then(|| format!("[{}] ", self.name));
+        let transcript = Arc::clone(&self.console);
+        self.follow_output(output, &self.console_log(), &transcript, echo, "console")
+    }
+
+    fn qemu_command(&self, spec: &ClusterSpec) -> Command {
+        let qemu = &spec.qemu;
+        let memory = format!("{}M", qemu.memory_mib);
+        let mut cmd = Command::new(&qemu.binary);
+        cmd.arg("-name")
+            .arg(&self.name)
+            .args(["-accel", &qemu.accel])
+            .args(["-smp", &qemu.cpus.to_string()])
+            .args(["-m", &memory])
+            // vhost-user needs guest memory the backend can map.
+            .arg("-object")
+            .arg(format!(
+                "memory-backend-memfd,id={MEMORY_ID},size={memory},share=on"
+            ))
+            .arg("-machine")
+            .arg(format!("q35,memory-backend={MEMORY_ID}"))
+            .arg("-chardev")
+            .arg(qemu_option(
+                &format!("socket,id={DISK_CHARDEV_ID},path="),
+                &self.socket(),
+            ))
+            .arg("-device")
+            .arg(format!(
+                "vhost-user-blk-pci,chardev={DISK_CHARDEV_ID},num-queues={},\
+                 disable-legacy=on,bootindex=1",
+                spec.queues
+            ))
+            .args(["-display", "none", "-serial", "stdio"])
+            .args(["-monitor", "none", "-nodefaults"])
+            .arg("-drive")
+            .arg(qemu_option(
+                "if=pflash,format=raw,readonly=on,file=",
+                &qemu.ovmf_code,
+            ))
+            .arg("-drive")
+            .arg(qemu_option("if=pflash,format=raw,file=", &self.ovmf_vars()))
+            .args(&qemu.extra_args);
+        cmd
+    }
+
+    /// Fails if QEMU has exited, quoting the end of the console.
+    pub(super) fn check_qemu(&mut self) -> Result<(), LaunchError> {
+        let Some(qemu) = self.qemu.as_mut() else {
+            return Ok(());
+        };
+        match qemu.try_exit() {
+            Ok(None) => Ok(()),
+            Ok(Some(_)) => Err(self.qemu_exited()),
+            Err(source) => Err(LaunchError::Wait {
+                node: self.name.clone(),
+                program: "QEMU",
+                source,
+            }),
+        }
+    }
+
+    /// The error for a QEMU whose console output ended.
+    fn qemu_exited(&mut self) -> LaunchError {
+        let deadline = Instant::now() + OUTPUT_DRAIN;
+        let status = match self.qemu.as_mut().map(|qemu| qemu.wait_until(deadline)) {
+            Some(Ok(Some(status))) => status.to_string(),
+            _ => "its console output ended".to_owned(),
+        };
+        self.console.wait_closed(deadline);
+        LaunchError::QemuExited {
+            node: self.name.clone(),
+            status,
+            log: self.console_log(),
+            tail: self.console.tail(TAIL_LINES),
+        }
+    }
+
+    /// Looks for `pattern` in the console output after the previous match,
+    /// waiting until `until`. `Ok(None)`: not there yet.
+    pub(super) fn search_console(
+        &mut self,
+        pattern: &str,
+        until: Instant,
+        started: Instant,
+    ) -> Result<Option<ConsoleMatch>, LaunchError> {
+        let resume = match &self.scanned {
+            Some((p, scanned)) if p == pattern => *scanned,
+            _ => self.cursor,
+        };
+        match self.console.search(pattern, self.cursor, resume, until) {
+            Search::Found { end, at, text } => {
+                self.cursor = end;
+                self.scanned = None;
+                let at = at.saturating_duration_since(started);
+                self.times.console_ready.get_or_insert(at);
+                Ok(Some(ConsoleMatch { at, text }))
+            }
+            Search::TimedOut { scanned } => {
+                self.scanned = Some((pattern.to_owned(), scanned));
+                Ok(None)
+            }
+            Search::Closed => Err(self.qemu_exited()),
+        }
+    }
+
+    pub(super) fn console_timeout(&self, pattern: &str, timeout: Duration) -> LaunchError {
+        LaunchError::ConsoleTimeout {
+            node: self.name.clone(),
+            pattern: pattern.to_owned(),
+            timeout,
+            log: self.console_log(),
+            tail: self.console.tail(TAIL_LINES),
+        }
+    }
+
+    /// Types `line` and a newline into the console.
+    pub(super) fn send_console(&mut self, line: &str) -> Result<(), LaunchError> {
+        let error = |source| LaunchError::ConsoleInput {
+            node: self.name.clone(),
+            source,
+        };
+        let input = self
+            .console_input
+            .as_mut()
+            .ok_or_else(|| error(io::ErrorKind::BrokenPipe.into()))?;
+        let mut data = Vec::with_capacity(line.len() + 1);
+        data.extend_from_slice(line.as_bytes());
+        data.push(b'\n');
+        input
+            .write_all(&data)
+            .and_then(|()| input.flush())
+            .map_err(error)
+    }
+
+    /// Reaps QEMU if it exited; returns its status the first time only.
+    pub(super) fn poll_exit(&mut self) -> Option<ExitStatus> {
+        let status = self.qemu.as_mut()?.try_exit().ok()??;
+        if self.exit_reported {
+            return None;
+        }
+        self.exit_reported = true;
+        Some(status)
+    }
+
+    /// Whether QEMU is still running (or has not been reaped yet).
+    pub(super) fn guest_running(&mut self) -> bool {
+        self.qemu
+            .as_mut()
+            .is_some_and(|qemu| matches!(qemu.try_exit(), Ok(None)))
+    }
+
+    pub(super) fn signal_qemu(&mut self, signal: libc::c_int) {
+        // Closing the console input first: QEMU must not block on it.
+        self.console_input = None;
+        if let Some(qemu) = self.qemu.as_mut() {
+            qemu.signal(signal);
+        }
+    }
+
+    pub(super) fn signal_serve(&mut self, signal: libc::c_int) {
+        if let Some(serve) = self.serve.as_mut() {
+            serve.signal(signal);
+        }
+    }
+
+    /// Waits until `deadline` for QEMU to exit, then kills it.
+    pub(super) fn finish_qemu(&mut self, deadline: Instant) -> Result<(), LaunchError> {
+        let Some(qemu) = self.qemu.as_mut() else {
+            return Ok(());
+        };
+        match qemu.finish_by(deadline) {
+            Ok(Stopped::Exited(_)) => Ok(()),
+            Ok(Stopped::Killed) => {
+                // The guest's disk state is in the backend: nothing is lost.
+                warn!(node = %self.name, "QEMU ignored SIGTERM and was killed");
+                Ok(())
+            }
+            Err(source) => Err(self.teardown_error(format!("cannot reap QEMU: {source}"))),
+        }
+    }
+
+    /// Waits until `deadline` for `ociblk serve` to exit, then kills it.
+    /// Fails unless it exited cleanly: only then is the overlay surely flushed.
+    pub(super) fn finish_serve(&mut self, deadline: Instant) -> Result<(), LaunchError> {
+        let Some(serve) = self.serve.as_mut() else {
+            return Ok(());
+        };
+        let problem = match serve.finish_by(deadline) {
+            Ok(Stopped::Exited(status)) if status.success() => return Ok(()),
+            Ok(Stopped::Exited(_)) if self.serve_exit_reported => return Ok(()),
+            Ok(Stopped::Exited(status)) => format!("ociblk serve exited with {status}"),
+            Ok(Stopped::Killed) => "ociblk serve did not stop after SIGTERM and was killed".into(),
+            Err(source) => format!("cannot reap ociblk serve: {source}"),
+        };
+        self.serve_output.wait_closed(Instant::now() + OUTPUT_DRAIN);
+        Err(self.teardown_error(format!(
+            "{problem}; last lines of {}:\n{}",
+            self.serve_log().display(),
+            self.serve_output.tail(TAIL_LINES)
+        )))
+    }
+
+    fn teardown_error(&self, problem: String) -> LaunchError {
+        LaunchError::Teardown {
+            node: self.name.clone(),
+            problem,
+        }
+    }
+
+    /// Waits (bounded) for the log copiers to reach the end of the output,
+    /// after both children are gone.
+    pub(super) fn finish_output(&mut self, deadline: Instant) {
+        for reader in self.readers.drain(..) {
+            while !reader.is_finished() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(5));
+            }
+            if reader.is_finished() {
+                let _ = reader.join();
+            } else {
+                // Someone else still holds the pipe; the thread is left to
+                // end with it.
+                warn!(node = %self.name, "a log copier did not finish");
+            }
+        }
+    }
+
+    /// Removes the sockets of an `ociblk serve` that was killed before it
+    /// could remove them itself. A serve that exited normally removed its
+    /// socket, or never had one (e.g. because another server owns it).
+    pub(super) fn remove_leftovers(&self) {
+        let Some(serve) = self.serve.as_ref() else {
+            return;
+        };
+        if serve.status().and_then(|s| s.signal()).is_none() {
+            return;
+        }
+        let temp_prefix = format!("{SERVE_TEMP_SOCKET_PREFIX}{}.", serve.pid());
+        let mut leftovers = vec![self.socket()];
+        if let Ok(entries) = fs::read_dir(&self.dir) {
+            leftovers.extend(
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|e| e.file_name().as_bytes().starts_with(temp_prefix.as_bytes()))
+                    .map(|e| e.path()),
+            );
+        }
+        for path in leftovers {
+            // A socket someone listens on is not a leftover.
+            if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket())
+                && UnixStream::connect(&path).is_err()
+            {
+                match fs::remove_file(&path) {
+                    Ok(()) => {
+                        info!(node = %self.name, socket = %path.display(), "removed a leftover socket")
+                    }
+                    Err(e) => {
+                        warn!(node = %self.name, socket = %path.display(), "cannot remove a leftover socket: {e}")
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn running_pid(process: Option<&Process>) -> Option<u32> {
+    process.filter(|p| p.status().is_none()).map(Process::pid)
+}
+
+/// `prefix` followed by `path` as a QEMU option value, in which a comma
+/// would end the value unless doubled.
+fn qemu_option(prefix: &str, path: &Path) -> std::ffi::OsString {
+    let mut value = std::ffi::OsString::from(prefix);
+    let escaped: Vec<u8> = path
+        .as_os_str()
+        .as_bytes()
+        .iter()
+        .flat_map(|&b| if b == b',' { vec![b',', b','] } else { vec![b] })
+        .collect();
+    value.push(OsStr::from_bytes(&escaped));
+    value
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commas_in_paths_are_doubled_for_qemu() {
+        assert_eq!(
+            qemu_option("file=", Path::new("/a,b/c")),
+            std::ffi::OsString::from("file=/a,,b/c")
+        );
+    }
+}

@@ -1,0 +1,243 @@
+// SPDX-License-Identifier: Apache-2.0
+
+//! Command line of `ociblk-bench`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Load generator for vhost-user-blk backends: drives a socket the way a guest's
+/// virtio-blk driver does and reports IOPS, bandwidth and latency.
+#[derive(Debug, Parser)]
+#[command(name = "ociblk-bench", version)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a workload and report its throughput and latency.
+    Run(RunArgs),
+    /// Read the whole disk sequentially; print its size and SHA-256.
+    Dump(DumpArgs),
+}
+
+/// The I/O pattern.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Rw {
+    /// Sequential reads (each queue walks its own slice of the region, wrapping).
+    Read,
+    /// Reads at random bs-aligned offsets.
+    Randread,
+    /// Sequential writes (each queue walks its own slice of the region, wrapping).
+    Write,
+    /// Writes at random bs-aligned offsets.
+    Randwrite,
+    /// Random reads and writes, --rwmix-read percent of them reads.
+    Mixed,
+}
+
+impl Rw {
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Rw::Read => "read",
+            Rw::Randread => "randread",
+            Rw::Write => "write",
+            Rw::Randwrite => "randwrite",
+            Rw::Mixed => "mixed",
+        }
+    }
+
+    /// Whether offsets are random (otherwise sequential).
+    pub fn is_random(self) -> bool {
+        matches!(self, Rw::Randread | Rw::Randwrite | Rw::Mixed)
+    }
+}
+
+/// Options shared by every subcommand that connects.
+#[derive(Clone, Debug, Args)]
+pub struct ConnectArgs {
+    /// The backend's vhost-user socket.
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// Bound on connecting, each vhost-user message and each request.
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_seconds)]
+    pub timeout: Duration,
+}
+
+/// Options of `run`.
+#[derive(Clone, Debug, Args)]
+pub struct RunArgs {
+    /// Connection.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// I/O pattern.
+    #[arg(long, value_enum, default_value_t = Rw::Randread)]
+    pub rw: Rw,
+    /// Percentage of reads with --rw mixed.
+    #[arg(long, value_name = "PCT", default_value_t = 70, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub rwmix_read: u8,
+    /// Bytes per request (suffixes K, M, G: powers of 1024).
+    #[arg(long, value_name = "SIZE", default_value = "4K", value_parser = parse_size)]
+    pub bs: u64,
+    /// Requests kept in flight on each queue.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8192))]
+    pub iodepth: u32,
+    /// Queues to use, each driven by its own thread.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub queues: u16,
+    /// Measure for this long, after --ramp [default: 10 without --size].
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds, conflicts_with = "size")]
+    pub runtime: Option<Duration>,
+    /// Measure until this many bytes were transferred, split across the queues.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub size: Option<u64>,
+    /// Start of the region, in bytes (a multiple of 512).
+    #[arg(long, value_name = "BYTES", default_value = "0", value_parser = parse_size)]
+    pub offset: u64,
+    /// Length of the region, in bytes [default: to the end of the disk].
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub length: Option<u64>,
+    /// Send a FLUSH after every N writes on each queue (it takes an iodepth slot);
+    /// 0 never flushes.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub flush_every: u64,
+    /// Seed for offsets, the read/write mix and the write pattern.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub seed: u64,
+    /// Run the workload this long before measuring.
+    #[arg(long, value_name = "SECONDS", default_value = "0", value_parser = parse_seconds)]
+    pub ramp: Duration,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Free text copied into the report.
+    #[arg(long, value_name = "STR")]
+    pub label: Option<String>,
+}
+
+/// Options of `dump`.
+#[derive(Clone, Debug, Args)]
+pub struct DumpArgs {
+    /// Connection.
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// Bytes per read request.
+    #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = parse_size)]
+    pub bs: u64,
+    /// Queues to spread the reads over.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub queues: u16,
+    /// Reads in flight on each queue.
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub iodepth: u32,
+    /// Also write the disk's content to this file.
+    #[arg(long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses a byte count: a number with an optional binary suffix (`K`, `M`, `G`, `T`,
+/// also `KiB`, `KB`, ...; case-insensitive).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let digits = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (number, suffix) = trimmed.split_at(digits);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (e.g. 4096, 4K, 1M)"))?;
+    let shift = match suffix.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(format!("{text:?}: unknown size suffix {suffix:?}")),
+    };
+    number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+/// Parses a duration in seconds (decimals allowed).
+pub fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let seconds: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("4K"), Ok(4096));
+        assert_eq!(parse_size("64k"), Ok(64 << 10));
+        assert_eq!(parse_size("1M"), Ok(1 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("K").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn seconds() {
+        assert_eq!(parse_seconds("1"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_seconds("0.5"), Ok(Duration::from_millis(500)));
+        assert!(parse_seconds("-1").is_err());
+        assert!(parse_seconds("soon").is_err());
+    }
+
+    #[test]
+    fn command_line() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "ociblk-bench",
+            "run",
+            "--socket",
+            "/s",
+            "--rw",
+            "mixed",
+            "--bs",
+            "64K",
+            "--size",
+            "8M",
+        ])
+        .expect("parses");
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(
+            (run.rw, run.bs, run.size),
+            (Rw::Mixed, 65536, Some(8 << 20))
+        );
+        assert_eq!((run.iodepth, run.queues, run.rwmix_read), (1, 1, 70));
+        assert!(
+            Cli::try_parse_from([
+                "ociblk-bench",
+                "run",
+                "--socket",
+                "/s",
+                "--size",
+                "1M",
+                "--runtime",
+                "1"
+            ])
+            .is_err()
+        );
+    }
+}

@@ -1,0 +1,66 @@
+// SPDX-License-Identifier: Apache-2.0
+
+//! `ociblk-bench`: load generator for vhost-user-blk backends. See `ociblk-bench --help`.
+
+use std::io::Write as _;
+use std::process::ExitCode;
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use ociblk_tests::bench::args::{Cli, Command};
+use ociblk_tests::bench::{dump, job};
+
+/// Prints the report; a closed stdout is an error, not a panic.
+fn emit(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .context("writing the report to stdout")
+}
+
+fn run(cli: &Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Run(args) => {
+            let report = job::run(args).with_context(|| {
+                format!(
+                    "{} benchmark against {}",
+                    args.rw.name(),
+                    args.connect.socket.display()
+                )
+            })?;
+            if args.json {
+                emit(&format!("{}\n", serde_json::to_string(&report)?))?;
+            } else {
+                emit(&report.text())?;
+            }
+            if report.errors > 0 {
+                bail!(
+                    "{} requests failed; first: {}",
+                    report.errors,
+                    report.first_error.as_deref().unwrap_or("unknown")
+                );
+            }
+        }
+        Command::Dump(args) => {
+            let report = dump::run(args)
+                .with_context(|| format!("dumping {}", args.connect.socket.display()))?;
+            if args.json {
+                emit(&format!("{}\n", serde_json::to_string(&report)?))?;
+            } else {
+                emit(&report.text())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ociblk-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,367 @@
+#![allow(clippy::unwrap_used)]
+//! The cluster launch harness end to end: sample-image nodes booting under
+//! OVMF (TCG), their disks surviving a relaunch, Ctrl-C on `ociblk launch`,
+//! and failures half-way through a launch. Every test checks that nothing
+//! it started is left running and that no socket is left behind.
+//!
+//! Library-level tests use `ociblk::launch` directly; the signal test runs
+//! the `ociblk launch` binary.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{RecvTimeoutError, channel};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use ociblk::launch::{
+    Cluster, ClusterSpec, LaunchError, NodeSpec, OVERLAY_FILE, QEMU_PID_FILE, SERVE_PID_FILE,
+    SOCKET_FILE,
+};
+use ociblk_tests::support::{ociblk_bin, require_tool, sample_image};
+
+const READY: &str = "ociblk-sample: ready";
+/// Boot to the ready line takes ~8 s under TCG on an idle host; two
+/// guests sharing two loaded cores take several times that.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(150);
+/// Enough for the sample guest, kind to a host running several.
+const MEMORY_MIB: u32 = 256;
+/// How long a guest shell command may take.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long `ociblk launch` may take to stop after SIGINT.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// The sample guest leaves its data partition alone: raw writes go there.
+const DATA_PARTITION: &str = "/dev/vda4";
+
+/// Booting tests run one at a time: each guest gets a whole core.
+static GUESTS: Mutex<()> = Mutex::new(());
+
+fn one_guest_test_at_a_time() -> MutexGuard<'static, ()> {
+    GUESTS.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn verbose() -> bool {
+    std::env::var_os("OCIBLK_TEST_VERBOSE").is_some()
+}
+
+fn spec(state_dir: &Path, nodes: Vec<NodeSpec>) -> ClusterSpec {
+    require_tool("qemu-system-x86_64");
+    let mut spec = ClusterSpec::new(sample_image(), state_dir, nodes);
+    spec.ociblk_binary = ociblk_bin();
+    spec.qemu.memory_mib = MEMORY_MIB;
+    spec.echo = verbose();
+    spec
+}
+
+fn pid_t(pid: u32) -> libc::pid_t {
+    libc::pid_t::try_from(pid).unwrap()
+}
+
+fn process_exists(pid: u32) -> bool {
+    // SAFETY: signal 0 sends nothing; it only checks that the PID exists.
+    let r = unsafe { libc::kill(pid_t(pid), 0) };
+    let errno = std::io::Error::last_os_error().raw_os_error();
+    assert!(
+        r == 0 || errno == Some(libc::ESRCH),
+        "kill({pid}, 0): {errno:?}"
+    );
+    r == 0
+}
+
+fn assert_gone(pids: &[u32]) {
+    for &pid in pids {
+        assert!(!process_exists(pid), "process {pid} is still there");
+    }
+}
+
+/// Processes whose command line mentions `dir` (every serve and QEMU the
+/// harness starts for a node in `dir` does).
+fn processes_mentioning(dir: &Path) -> Vec<String> {
+    let needle = dir.as_os_str().as_encoded_bytes();
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
+        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if cmdline.windows(needle.len()).any(|w| w == needle) {
+            found.push(String::from_utf8_lossy(&cmdline).replace('\0', " "));
+        }
+    }
+    found
+}
+
+/// Everything under `dir` that is a socket.
+fn sockets_under(dir: &Path) -> Vec<PathBuf> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut found = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for entry in fs::read_dir(&d).unwrap().filter_map(Result::ok) {
+            let kind = entry.file_type().unwrap();
+            if kind.is_dir() {
+                dirs.push(entry.path());
+            } else if kind.is_socket() {
+                found.push(entry.path());
+            }
+        }
+    }
+    found
+}
+
+/// Nothing of the cluster in `state_dir` runs, no socket and no PID file is left.
+fn assert_torn_down(state_dir: &Path, pids: &[u32]) {
+    assert_gone(pids);
+    assert_eq!(processes_mentioning(state_dir), Vec::<String>::new());
+    assert_eq!(sockets_under(state_dir), Vec::<PathBuf>::new());
+    for node in fs::read_dir(state_dir).unwrap().filter_map(Result::ok) {
+        for pid_file in [SERVE_PID_FILE, QEMU_PID_FILE] {
+            assert!(
+                !node.path().join(pid_file).exists(),
+                "{pid_file} left in {}",
+                node.path().display()
+            );
+        }
+    }
+}
+
+/// Waits up to `timeout` for `child` to exit.
+fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn read_pid(path: &Path) -> u32 {
+    fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn two_nodes_boot_and_teardown_leaves_nothing_running() {
+    let _guests = one_guest_test_at_a_time();
+    let state = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::launch(spec(state.path(), NodeSpec::numbered("node", 2))).unwrap();
+    let matches = cluster.wait_all_for_console(READY, BOOT_TIMEOUT).unwrap();
+    assert_eq!(matches.len(), 2);
+
+    let mut pids = Vec::new();
+    for node in cluster.nodes() {
+        let times = node.times();
+        eprintln!("{}: {times:?}", node.name());
+        let backend = times.backend_ready.unwrap();
+        let qemu = times.qemu_started.unwrap();
+        let ready = times.console_ready.unwrap();
+        assert!(backend <= qemu && qemu <= ready, "{times:?}");
+
+        let serve_pid = node.serve_pid().unwrap();
+        let qemu_pid = node.qemu_pid().unwrap();
+        assert_eq!(read_pid(&node.dir().join(SERVE_PID_FILE)), serve_pid);
+        assert_eq!(read_pid(&node.dir().join(QEMU_PID_FILE)), qemu_pid);
+        assert!(process_exists(serve_pid) && process_exists(qemu_pid));
+        pids.extend([serve_pid, qemu_pid]);
+
+        assert!(node.socket().exists());
+        let serve_log = fs::read_to_string(node.serve_log()).unwrap();
+        assert!(serve_log.contains("frontend connected"), "{serve_log}");
+        let console = fs::read_to_string(node.console_log()).unwrap();
+        assert!(console.contains(READY), "{console}");
+    }
+
+    // A second launch on the same state directory is refused and leaves
+    // the running one alone.
+    let err = Cluster::launch(spec(state.path(), NodeSpec::numbered("node", 2))).unwrap_err();
+    assert!(
+        matches!(&err, LaunchError::NodeInUse { node, .. } if node == "node-1"),
+        "{err}"
+    );
+    assert!(cluster.nodes().iter().all(|n| n.socket().exists()));
+    assert!(pids.iter().all(|&pid| process_exists(pid)));
+
+    cluster.shutdown().unwrap();
+    assert_torn_down(state.path(), &pids);
+    for node in ["node-1", "node-2"] {
+        let overlay = state.path().join(node).join(OVERLAY_FILE);
+        assert!(overlay.is_file(), "{} is gone", overlay.display());
+        assert!(!state.path().join(node).join(SOCKET_FILE).exists());
+    }
+}
+
+/// Runs `command` in `node`'s guest shell and returns its last output line,
+/// announced by `result-42: ` (computed, so the shell's echo of the command
+/// does not match).
+fn guest_result(cluster: &mut Cluster, node: &str, command: &str) -> String {
+    cluster
+        .send_console(node, &format!("{command}; echo \"result-$((40+2)): $r\""))
+        .unwrap();
+    cluster
+        .wait_for_console(node, "result-42: ", COMMAND_TIMEOUT)
+        .unwrap();
+    let line = cluster
+        .wait_for_console(node, "\n", COMMAND_TIMEOUT)
+        .unwrap();
+    line.text.trim().to_owned()
+}
+
+/// Sets `r` to whether the data partition starts with the marker.
+fn read_marker() -> String {
+    format!(
+        "if head -c 12 {DATA_PARTITION} | grep -q persisted-42; then r=found; else r=missing; fi"
+    )
+}
+
+#[test]
+fn relaunch_keeps_the_disk_and_a_fresh_state_dir_does_not() {
+    let _guests = one_guest_test_at_a_time();
+    let state = tempfile::tempdir().unwrap();
+    let node = "node-1";
+
+    let mut cluster = Cluster::launch(spec(state.path(), NodeSpec::numbered("node", 1))).unwrap();
+    cluster.wait_for_console(node, READY, BOOT_TIMEOUT).unwrap();
+    let written = guest_result(
+        &mut cluster,
+        node,
+        &format!(
+            "printf 'persisted-%s\\n' $((6*7)) | dd of={DATA_PARTITION} bs=512 conv=sync 2>/dev/null \
+             && sync && r=written || r=failed"
+        ),
+    );
+    assert_eq!(written, "written");
+    cluster.shutdown().unwrap();
+
+    // The same state directory, and beside it a fresh one with a node of
+    // the same name (hence the same computed disk).
+    let fresh = tempfile::tempdir().unwrap();
+    let mut again = Cluster::launch(spec(state.path(), NodeSpec::numbered("node", 1))).unwrap();
+    let mut other = Cluster::launch(spec(fresh.path(), NodeSpec::numbered("node", 1))).unwrap();
+    again.wait_for_console(node, READY, BOOT_TIMEOUT).unwrap();
+    other.wait_for_console(node, READY, BOOT_TIMEOUT).unwrap();
+    assert_eq!(guest_result(&mut again, node, &read_marker()), "found");
+    assert_eq!(guest_result(&mut other, node, &read_marker()), "missing");
+    again.shutdown().unwrap();
+    other.shutdown().unwrap();
+    assert_torn_down(state.path(), &[]);
+    assert_torn_down(fresh.path(), &[]);
+}
+
+/// Ends the `ociblk launch` child if a test fails before it exits; its own
+/// children then get their death signal.
+struct Launcher(Child);
+
+impl Drop for Launcher {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+#[test]
+fn sigint_stops_ociblk_launch_and_everything_it_started() {
+    let _guests = one_guest_test_at_a_time();
+    require_tool("qemu-system-x86_64");
+    let state = tempfile::tempdir().unwrap();
+    let stderr = fs::File::create(state.path().join("launch.stderr")).unwrap();
+    let mut cmd = Command::new(ociblk_bin());
+    cmd.arg("launch")
+        .arg("--image")
+        .arg(sample_image())
+        .args(["--nodes", "1", "--memory", &format!("{MEMORY_MIB}M")])
+        .arg("--state-dir")
+        .arg(state.path())
+        .args(["--wait-for", READY, "--timeout", "150s"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr);
+    let mut launcher = Launcher(cmd.spawn().unwrap());
+    let stderr_text = || fs::read_to_string(state.path().join("launch.stderr")).unwrap_or_default();
+
+    // The table row of node-1 appears once its console showed READY.
+    let (tx, rx) = channel();
+    let stdout = launcher.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + BOOT_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.starts_with("node-1 ") => {
+                eprintln!("{line}");
+                break;
+            }
+            Ok(_) => {}
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+                panic!("no ready row from ociblk launch:\n{}", stderr_text())
+            }
+        }
+    }
+
+    let node_dir = state.path().join("node-1");
+    let pids = [
+        read_pid(&node_dir.join(SERVE_PID_FILE)),
+        read_pid(&node_dir.join(QEMU_PID_FILE)),
+    ];
+    assert!(pids.iter().all(|&pid| process_exists(pid)));
+    assert!(node_dir.join(SOCKET_FILE).exists());
+
+    let launcher_pid = pid_t(launcher.0.id());
+    // SAFETY: kill(2) on our own, not yet reaped child.
+    let sent = unsafe { libc::kill(launcher_pid, libc::SIGINT) };
+    assert_eq!(sent, 0);
+    let status = wait_exit(&mut launcher.0, STOP_TIMEOUT)
+        .unwrap_or_else(|| panic!("ociblk launch still runs after SIGINT:\n{}", stderr_text()));
+    assert!(
+        status.success(),
+        "ociblk launch: {status}\n{}",
+        stderr_text()
+    );
+    assert_torn_down(state.path(), &pids);
+    assert!(node_dir.join(OVERLAY_FILE).is_file());
+}
+
+#[test]
+fn a_backend_failing_half_way_names_its_node_and_stops_the_others() {
+    let state = tempfile::tempdir().unwrap();
+    let mut nodes = NodeSpec::numbered("node", 2);
+    let missing = state.path().join("no-such-parameters.pb");
+    nodes[1].serve_args = vec!["--node-parameters".into(), missing.display().to_string()];
+    let err = Cluster::launch(spec(state.path(), nodes)).unwrap_err();
+    let message = err.to_string();
+    assert!(
+        matches!(&err, LaunchError::ServeExited { node, .. } if node == "node-2"),
+        "{message}"
+    );
+    assert!(message.contains("no-such-parameters.pb"), "{message}");
+    assert_torn_down(state.path(), &[]);
+}
+
+#[test]
+fn a_qemu_exiting_at_once_names_its_node_and_leaves_nothing_behind() {
+    let state = tempfile::tempdir().unwrap();
+    let mut spec = spec(state.path(), NodeSpec::numbered("node", 2));
+    spec.qemu.accel = "no-such-accelerator".into();
+    let err = Cluster::launch(spec).unwrap_err();
+    let message = err.to_string();
+    assert!(
+        matches!(&err, LaunchError::QemuExited { node, .. } if node.starts_with("node-")),
+        "{message}"
+    );
+    assert!(message.contains("no-such-accelerator"), "{message}");
+    assert_torn_down(state.path(), &[]);
+}
