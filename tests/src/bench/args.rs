@@ -24,6 +24,32 @@ pub enum Command {
     Run(RunArgs),
     /// Read the whole disk sequentially; print its size and SHA-256.
     Dump(DumpArgs),
+    /// Read a file sequentially with pread through the page cache: the limit
+    /// for a backend serving that file.
+    Pread(PreadArgs),
+}
+
+/// Options of `pread`.
+#[derive(Clone, Debug, Args)]
+pub struct PreadArgs {
+    /// File to read.
+    #[arg(long, value_name = "FILE")]
+    pub file: PathBuf,
+    /// Bytes per read.
+    #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = parse_size)]
+    pub bs: u64,
+    /// Start of the region.
+    #[arg(long, value_name = "BYTES", default_value = "0", value_parser = parse_size)]
+    pub offset: u64,
+    /// Length of the region [default: to the end of the file].
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub length: Option<u64>,
+    /// Measure for this long.
+    #[arg(long, value_name = "SECONDS", default_value = "5", value_parser = parse_seconds)]
+    pub runtime: Duration,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// The I/O pattern.

@@ -15,6 +15,7 @@ pub mod args;
 pub mod dump;
 pub mod histogram;
 pub mod job;
+pub mod pread;
 pub mod report;
 pub mod rng;
 

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use ociblk_tests::bench::args::{Cli, Command};
-use ociblk_tests::bench::{dump, job};
+use ociblk_tests::bench::{dump, job, pread};
 
 /// Prints the report; a closed stdout is an error, not a panic.
 fn emit(text: &str) -> anyhow::Result<()> {
@@ -39,6 +39,15 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                     report.errors,
                     report.first_error.as_deref().unwrap_or("unknown")
                 );
+            }
+        }
+        Command::Pread(args) => {
+            let report =
+                pread::run(args).with_context(|| format!("pread of {}", args.file.display()))?;
+            if args.json {
+                emit(&format!("{}\n", serde_json::to_string(&report)?))?;
+            } else {
+                emit(&report.text())?;
             }
         }
         Command::Dump(args) => {
