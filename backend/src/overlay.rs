@@ -199,6 +199,9 @@ pub struct Overlay {
     /// A failed write may have left bytes in the data area of a block that
     /// is not `Data`; the next open reclaims them.
     leaked: AtomicBool,
+    /// The file was created by this open: the first safe flush also makes
+    /// its directory entry durable.
+    new_entry: AtomicBool,
     closed: bool,
 }
 
@@ -238,11 +241,11 @@ impl Overlay {
                 path: path.to_path_buf(),
             });
         }
-        let safe = cfg.flush == FlushMode::Safe;
         let len = file.metadata().map_err(io_err(path, "stat"))?.len();
-        let mut fresh = len == 0;
+        let mut fresh = len == 0 || header_never_written(&file, path, len)?;
         let header = if fresh {
-            create(&file, path, &cfg, safe)?
+            file.set_len(0).map_err(io_err(path, "truncate"))?;
+            create(&file, path, &cfg)?
         } else {
             let header = read_header(&file, path, len)?;
             match mismatch(&header, &cfg) {
@@ -258,7 +261,7 @@ impl Overlay {
                     tracing::info!(path = %path.display(), "re-creating unused overlay for another disk");
                     file.set_len(0).map_err(io_err(path, "truncate"))?;
                     fresh = true;
-                    create(&file, path, &cfg, safe)?
+                    create(&file, path, &cfg)?
                 }
             }
         };
@@ -274,6 +277,7 @@ impl Overlay {
             flush_lock: Mutex::new(()),
             sync_failed: AtomicBool::new(false),
             leaked: AtomicBool::new(false),
+            new_entry: AtomicBool::new(fresh),
             closed: false,
             header,
         };
@@ -589,6 +593,10 @@ impl Overlay {
         let pages = self.take_dirty();
         if safe {
             self.sync()?;
+            if self.new_entry.load(Ordering::Relaxed) {
+                self.sync_directory()?;
+                self.new_entry.store(false, Ordering::Relaxed);
+            }
         }
         for (i, (page, bytes)) in pages.iter().enumerate() {
             let at = self.header.map_offset + page * MAP_PAGE;
@@ -610,6 +618,15 @@ impl Overlay {
             tracing::error!(path = %self.path.display(), error = %e, "fdatasync failed");
             self.sync_failed.store(true, Ordering::Relaxed);
         })
+    }
+
+    /// Makes the file's directory entry durable, once, for a new overlay.
+    fn sync_directory(&self) -> io::Result<()> {
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        File::open(dir).and_then(|d| d.sync_all())
     }
 
     fn mark_dirty(&self, page: u64) {
@@ -818,13 +835,12 @@ fn mismatch(h: &Header, cfg: &OverlayConfig) -> Option<String> {
     (!what.is_empty()).then(|| what.join(", "))
 }
 
-/// Lays out a new overlay in an empty, locked file.
-fn create(
-    file: &File,
-    path: &Path,
-    cfg: &OverlayConfig,
-    safe: bool,
-) -> Result<Header, OverlayError> {
+/// Lays out a new overlay in an empty, locked file. Nothing is synced here:
+/// a new overlay holds nothing worth keeping until the first flush, which
+/// makes the header (and, see [`Overlay::flush`], the directory entry)
+/// durable. A crash before it leaves an empty file or a zero header, which
+/// `open` treats as a new overlay: launching a node costs no sync.
+fn create(file: &File, path: &Path, cfg: &OverlayConfig) -> Result<Header, OverlayError> {
     let mut header = Header::new(cfg.disk_size, cfg.fingerprint);
     // The map is a hole, which reads as all `Base`; the data area too.
     file.set_len(header.file_len())
@@ -832,18 +848,16 @@ fn create(
     header.clean = false;
     file.write_all_at(&header.encode(), 0)
         .map_err(io_err(path, "write header"))?;
-    if safe {
-        sys::fdatasync(file.as_fd()).map_err(io_err(path, "sync"))?;
-        // Make the new directory entry durable too.
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err(path, "sync directory"))?;
-    }
     Ok(header)
+}
+
+/// Whether the file starts with a header that was never written (all
+/// zeros): what a crash right after creation can leave.
+fn header_never_written(file: &File, path: &Path, len: u64) -> Result<bool, OverlayError> {
+    let mut buf = vec![0u8; format::HEADER_SIZE.min(len as usize)];
+    file.read_exact_at(&mut buf, 0)
+        .map_err(io_err(path, "read header"))?;
+    Ok(buf.iter().all(|&b| b == 0))
 }
 
 /// Reads and checks the header, and that the file holds all it describes.

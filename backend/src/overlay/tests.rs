@@ -752,3 +752,20 @@ fn parse_map_rejects_unknown_states() {
         Some(FormatError::BadState { block: 2, value: 3 })
     );
 }
+
+#[test]
+fn a_header_that_never_reached_the_disk_means_a_new_overlay() {
+    // Creation does not sync: a crash right after it can leave the file
+    // with its size set but a zero header. That is a new overlay, not a
+    // corrupt one.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ov");
+    std::fs::File::create(&path).unwrap().set_len(8 << 20).unwrap();
+    let ov = Overlay::open(&path, cfg(1 << 20, 1, FlushMode::Safe)).unwrap();
+    let mut rng = Rng::new(5);
+    write(&ov, 4096, &[7u8; 4096], &mut rng).unwrap();
+    ov.flush().unwrap();
+    drop(ov);
+    let ov = Overlay::open(&path, cfg(1 << 20, 1, FlushMode::Safe)).unwrap();
+    assert_eq!(read(&ov, 4096, 4096, &mut rng), vec![7u8; 4096]);
+}
