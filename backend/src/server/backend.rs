@@ -170,6 +170,12 @@ impl BlkBackend {
                 popped += 1;
             }
             completed += popped;
+            // Tell the guest about this batch now rather than after the
+            // whole drain: with big requests and a deep queue the guest
+            // would otherwise wait for every request it keeps adding.
+            if popped > 0 {
+                signal_guest(&mut state, &mem, queue);
+            }
             // Re-enable and check again, so a request made available between
             // the last pop and the re-enable is not left waiting for a kick.
             match state.get_queue_mut().enable_notification(&*mem) {
@@ -188,10 +194,6 @@ impl BlkBackend {
             }
         }
         stats.requests.fetch_add(completed, Ordering::Relaxed);
-
-        if completed > 0 {
-            signal_guest(&mut state, &mem, queue);
-        }
     }
 }
 
