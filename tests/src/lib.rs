@@ -6,4 +6,5 @@ pub mod vhost_client;
 pub mod bench;
 pub mod oci;
 pub mod process;
+pub mod raw_vhost;
 pub mod support;

@@ -15,7 +15,7 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringMutex, VringState, VringT};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
 use virtio_queue::QueueT;
-use vm_memory::GuestAddressSpace;
+use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
@@ -234,6 +234,36 @@ impl Drop for BlkBackend {
     }
 }
 
+/// Checks that the file behind each guest memory region covers it: a
+/// mapping past the end of its file faults with SIGBUS when touched.
+/// Regions of other descriptors (devices such as `/dev/zero`) have no size
+/// to check.
+fn check_backing_files(mem: &GuestMemoryMmap) -> io::Result<()> {
+    for region in mem.iter() {
+        let Some(backing) = region.file_offset() else {
+            continue;
+        };
+        let meta = backing.file().metadata()?;
+        if !meta.file_type().is_file() {
+            continue;
+        }
+        let needed = backing.start().checked_add(region.len());
+        if needed.is_none_or(|end| end > meta.len()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "the region at guest address {:#x} maps {} bytes at offset {} of a {}-byte file",
+                    region.start_addr().0,
+                    region.len(),
+                    backing.start(),
+                    meta.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Identifies the eventfd open as `fd`: its `eventfd-id` line from fdinfo
 /// (Linux 5.16+), or a generic marker on older kernels. `None` when `fd` is
 /// not an eventfd.
@@ -313,8 +343,19 @@ impl VhostUserBackend for BlkBackend {
         Ok(())
     }
 
-    fn update_memory(&self, _mem: GuestMemoryAtomic) -> io::Result<()> {
-        // The handler updates the GuestMemoryAtomic shared with `self.mem`.
+    fn update_memory(&self, mem: GuestMemoryAtomic) -> io::Result<()> {
+        // The handler has already put the new map into the GuestMemoryAtomic
+        // shared with `self.mem`. A region larger than the file behind it
+        // would raise SIGBUS, which ends the whole process, on the first
+        // access to the missing part: drop such a map before anything reads
+        // it, and refuse the message.
+        if let Err(e) = check_backing_files(&mem.memory()) {
+            warn!("refusing the guest memory table: {e}");
+            mem.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .replace(GuestMemoryMmap::new());
+            return Err(e);
+        }
         Ok(())
     }
 
@@ -623,5 +664,27 @@ mod tests {
         for (fd, id) in raw.iter().zip(ids) {
             assert_ne!(eventfd_id(*fd), Some(id), "exit event consumer {fd} leaked");
         }
+    }
+
+    #[test]
+    fn memory_larger_than_its_file_is_refused() {
+        use vm_memory::{FileOffset, GuestRegionMmap, MmapRegion};
+        let table = |file_len: u64| {
+            let file = tempfile::tempfile().unwrap();
+            file.set_len(file_len).unwrap();
+            // Mapping past the end of the file is allowed; touching it is not.
+            let region = MmapRegion::from_file(FileOffset::new(file, 0), 0x10_0000).unwrap();
+            let region = GuestRegionMmap::new(region, GuestAddress(0)).unwrap();
+            GuestMemoryMmap::from_regions(vec![region]).unwrap()
+        };
+        let s = setup(&ServerOptions::default());
+        s.mem.lock().unwrap().replace(table(0x10_0000));
+        s.backend.update_memory(s.mem.clone()).unwrap();
+        assert_eq!(s.mem.memory().num_regions(), 1);
+        // The handler puts the table in place before telling the backend.
+        s.mem.lock().unwrap().replace(table(0x1_0000));
+        let err = s.backend.update_memory(s.mem.clone()).unwrap_err();
+        assert!(err.to_string().contains("65536-byte file"), "{err}");
+        assert_eq!(s.mem.memory().num_regions(), 0, "the table is dropped");
     }
 }

@@ -1,0 +1,541 @@
+//! Crash consistency of the overlay: random writes, discards, write-zeroes
+//! and flushes through the Rust client, several in flight on two queues,
+//! then `kill -9` of `ociblk serve` at a random point and a restart on the
+//! same overlay.
+//!
+//! A host-side model tracks, per 4 KiB block, every content the block had
+//! since the last completed flush. After the restart each block must hold
+//! exactly its content as of that flush if nothing touched it since, and
+//! otherwise one of the contents it had since (checked per block, and per
+//! sector if a block mixes two of them): never anything else.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ociblk_tests::process::Server;
+use ociblk_tests::support::{ociblk_bin, run_ok, sample_image};
+use ociblk_tests::vhost_client::{BlkStatus, ClientOptions, Request, Token, VhostBlkClient};
+
+const DISK: &[&str] = &["--disk-size", "512MiB", "--system-size", "64MiB"];
+const BS: u64 = 4096;
+const SECTOR: usize = 512;
+/// Blocks of the region the rounds work on (2 MiB: half payload, half zeros).
+const BLOCKS: u64 = 512;
+const ROUNDS: u64 = 150;
+/// Bound on waiting for completions.
+const WAIT: Duration = Duration::from_secs(20);
+
+/// SplitMix64: small, seedable, good enough to pick operations.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `lo..=hi`.
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+
+    fn bytes(&mut self, len: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(len + 8);
+        while out.len() < len {
+            out.extend_from_slice(&self.next().to_le_bytes());
+        }
+        out.truncate(len);
+        out
+    }
+}
+
+/// One content a block may hold.
+#[derive(Clone)]
+struct Version {
+    data: Vec<u8>,
+    /// Operation that produced it (0: known at the start of the round).
+    op: u64,
+    /// Completion number once the operation completed.
+    done: Option<u64>,
+}
+
+/// What the disk region may hold after a crash.
+struct Model {
+    /// Per block, oldest first: the content as of the last completed flush,
+    /// then every content since (the last may be of a request in flight).
+    blocks: Vec<Vec<Version>>,
+    /// Completions seen so far.
+    completed: u64,
+}
+
+impl Model {
+    fn new(contents: &[u8]) -> Model {
+        let blocks = contents
+            .chunks(BS as usize)
+            .map(|c| {
+                vec![Version {
+                    data: c.to_vec(),
+                    op: 0,
+                    done: Some(0),
+                }]
+            })
+            .collect();
+        Model {
+            blocks,
+            completed: 0,
+        }
+    }
+
+    fn current(&self, block: u64) -> &[u8] {
+        &self.blocks[block as usize].last().unwrap().data
+    }
+
+    /// Records a submitted write (`data`) or zeroing (`None`) of `len` bytes
+    /// at region offset `off`.
+    fn submit(&mut self, op: u64, off: u64, len: u64, data: Option<&[u8]>) {
+        for b in off / BS..(off + len).div_ceil(BS) {
+            let mut content = self.current(b).to_vec();
+            let (start, end) = (off.max(b * BS), (off + len).min((b + 1) * BS));
+            let dst = &mut content[(start - b * BS) as usize..(end - b * BS) as usize];
+            match data {
+                Some(d) => dst.copy_from_slice(&d[(start - off) as usize..(end - off) as usize]),
+                None => dst.fill(0),
+            }
+            self.blocks[b as usize].push(Version {
+                data: content,
+                op,
+                done: None,
+            });
+        }
+    }
+
+    /// Records the completion of data operation `op` over `off..off + len`.
+    fn complete(&mut self, op: u64, off: u64, len: u64) {
+        self.completed += 1;
+        for b in off / BS..(off + len).div_ceil(BS) {
+            let last = self.blocks[b as usize].last_mut().unwrap();
+            assert_eq!(last.op, op, "model: overlapping requests in flight");
+            last.done = Some(self.completed);
+        }
+    }
+
+    /// A flush submitted when `mark` completions had been seen has completed:
+    /// everything completed by then is durable.
+    fn flushed(&mut self, mark: u64) {
+        self.completed += 1;
+        for versions in &mut self.blocks {
+            if let Some(k) = versions
+                .iter()
+                .rposition(|v| v.done.is_some_and(|d| d <= mark))
+            {
+                versions.drain(..k);
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Write,
+    Discard,
+    WriteZeroes { unmap: bool },
+    Flush { mark: u64 },
+}
+
+struct InFlight {
+    op: u64,
+    kind: Kind,
+    off: u64,
+    len: u64,
+}
+
+/// Statistics over all rounds.
+#[derive(Debug, Default)]
+struct Stats {
+    rounds: u64,
+    ops: u64,
+    flushes: u64,
+    killed_in_flight: u64,
+    killed_after_flush: u64,
+    /// Blocks with unflushed changes at a crash, by what they showed.
+    showed_newest: u64,
+    showed_older: u64,
+    showed_mixed_sectors: u64,
+}
+
+struct Round<'a> {
+    client: VhostBlkClient,
+    model: Model,
+    rng: Rng,
+    /// Disk offset of the region.
+    base: u64,
+    in_flight: HashMap<(u16, Token), InFlight>,
+    next_op: u64,
+    stats: &'a mut Stats,
+    context: String,
+}
+
+impl Round<'_> {
+    fn busy_blocks(&self) -> Vec<(u64, u64)> {
+        self.in_flight
+            .values()
+            .filter(|f| !matches!(f.kind, Kind::Flush { .. }))
+            .map(|f| (f.off / BS, (f.off + f.len).div_ceil(BS)))
+            .collect()
+    }
+
+    /// Submits a random data operation on a range no request in flight
+    /// touches (so that the order of completions is the order of effects).
+    fn submit_data(&mut self) {
+        let busy = self.busy_blocks();
+        for _ in 0..20 {
+            let (off, len) = if self.rng.chance(40) {
+                let blocks = self.rng.range(1, 16);
+                let first = self.rng.range(0, BLOCKS - blocks);
+                (first * BS, blocks * BS)
+            } else {
+                let sectors = self.rng.range(1, 128);
+                let total = BLOCKS * BS / SECTOR as u64;
+                let first = self.rng.range(0, total - sectors);
+                (first * SECTOR as u64, sectors * SECTOR as u64)
+            };
+            let (b0, b1) = (off / BS, (off + len).div_ceil(BS));
+            if busy.iter().any(|&(s, e)| b0 < e && s < b1) {
+                continue;
+            }
+            let kind = match self.rng.range(0, 9) {
+                0 => Kind::Discard,
+                1 => Kind::WriteZeroes {
+                    unmap: self.rng.chance(50),
+                },
+                _ => Kind::Write,
+            };
+            self.next_op += 1;
+            let op = self.next_op;
+            let queue = (self.rng.next() % 2) as u16;
+            let offset = self.base + off;
+            let token = match kind {
+                Kind::Write => {
+                    let data = self.rng.bytes(len as usize);
+                    self.model.submit(op, off, len, Some(&data));
+                    self.client
+                        .submit(
+                            queue,
+                            Request::Write {
+                                offset,
+                                data: &data,
+                            },
+                        )
+                        .unwrap()
+                }
+                Kind::Discard => {
+                    self.model.submit(op, off, len, None);
+                    self.client
+                        .submit(queue, Request::Discard { offset, len })
+                        .unwrap()
+                }
+                Kind::WriteZeroes { unmap } => {
+                    self.model.submit(op, off, len, None);
+                    let r = Request::WriteZeroes { offset, len, unmap };
+                    self.client.submit(queue, r).unwrap()
+                }
+                Kind::Flush { .. } => unreachable!(),
+            };
+            self.stats.ops += 1;
+            self.in_flight
+                .insert((queue, token), InFlight { op, kind, off, len });
+            return;
+        }
+    }
+
+    fn submit_flush(&mut self) {
+        let queue = (self.rng.next() % 2) as u16;
+        let mark = self.model.completed;
+        let token = self.client.submit(queue, Request::Flush).unwrap();
+        self.next_op += 1;
+        self.stats.flushes += 1;
+        self.in_flight.insert(
+            (queue, token),
+            InFlight {
+                op: self.next_op,
+                kind: Kind::Flush { mark },
+                off: 0,
+                len: 0,
+            },
+        );
+    }
+
+    /// Takes whatever completed; with `all`, waits until nothing is in flight.
+    fn reap(&mut self, all: bool) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let mut done = Vec::new();
+            for q in 0..2u16 {
+                let mut out = Vec::new();
+                self.client.poll_completions(q, &mut out).unwrap();
+                done.extend(out.into_iter().map(|c| (q, c)));
+            }
+            let progress = !done.is_empty();
+            for (q, c) in done {
+                let f = self.in_flight.remove(&(q, c.token)).unwrap();
+                assert_eq!(
+                    c.status,
+                    BlkStatus::Ok,
+                    "{}: {:?} of {} bytes at region offset {} failed",
+                    self.context,
+                    f.kind,
+                    f.len,
+                    f.off
+                );
+                match f.kind {
+                    Kind::Flush { mark } => self.model.flushed(mark),
+                    _ => self.model.complete(f.op, f.off, f.len),
+                }
+            }
+            if !all || self.in_flight.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: {} requests still in flight after {WAIT:?}",
+                self.context,
+                self.in_flight.len()
+            );
+            if !progress {
+                let q = self.in_flight.keys().next().map_or(0, |k| k.0);
+                self.client.wait_call(q, Duration::from_millis(20)).unwrap();
+            }
+        }
+    }
+
+    fn submit_batch(&mut self) {
+        for _ in 0..self.rng.range(1, 6) {
+            self.submit_data();
+        }
+    }
+}
+
+struct Node {
+    dir: tempfile::TempDir,
+    mode: &'static str,
+}
+
+impl Node {
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("node.sock")
+    }
+
+    fn layout_args(&self) -> Vec<String> {
+        let mut v = vec![
+            "--image".to_owned(),
+            sample_image().display().to_string(),
+            "--seed".to_owned(),
+            format!("crash-{}", self.mode),
+        ];
+        v.extend(DISK.iter().map(|s| s.to_string()));
+        v
+    }
+
+    fn serve(&self) -> Server {
+        let mut args = self.layout_args();
+        let overlay = self.dir.path().join("node.overlay");
+        args.extend(
+            [
+                "--overlay",
+                &overlay.display().to_string(),
+                "--queues",
+                "2",
+                "--flush",
+                self.mode,
+            ]
+            .map(str::to_owned),
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Server::start(&self.socket(), &args)
+    }
+
+    /// Offset of system partition A: its first MiB is the system payload.
+    fn system_a_offset(&self) -> u64 {
+        let out = run_ok(
+            Command::new(ociblk_bin())
+                .args(["inspect", "--json"])
+                .args(self.layout_args()),
+        );
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        info["partitions"][1]["first_lba"].as_u64().unwrap() * 512
+    }
+}
+
+fn connect(node: &Node) -> VhostBlkClient {
+    let opts = ClientOptions {
+        queues: 2,
+        memory_size: 16 << 20,
+        timeout: Duration::from_secs(20),
+        ..ClientOptions::default()
+    };
+    VhostBlkClient::connect(&node.socket(), opts).unwrap()
+}
+
+fn read_region(c: &mut VhostBlkClient, base: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity((BLOCKS * BS) as usize);
+    for chunk in 0..BLOCKS * BS / (64 << 10) {
+        let r = c.read(0, base + chunk * (64 << 10), 64 << 10).unwrap();
+        assert_eq!(r.status, BlkStatus::Ok, "reading the region back");
+        out.extend(r.data);
+    }
+    out
+}
+
+/// Checks what the region holds after a crash against the model.
+fn check(model: &Model, got: &[u8], stats: &mut Stats, context: &str) {
+    for (b, versions) in model.blocks.iter().enumerate() {
+        let block = &got[b * BS as usize..(b + 1) * BS as usize];
+        if versions.len() == 1 {
+            assert!(
+                block == versions[0].data.as_slice(),
+                "{context}: block {b} lost flushed data (first differing byte {:?})",
+                block
+                    .iter()
+                    .zip(&versions[0].data)
+                    .position(|(x, y)| x != y)
+            );
+            continue;
+        }
+        if let Some(i) = versions.iter().rposition(|v| v.data == block) {
+            if i + 1 == versions.len() {
+                stats.showed_newest += 1;
+            } else {
+                stats.showed_older += 1;
+            }
+            continue;
+        }
+        // Mixed: each sector must still come from one of the versions.
+        for (s, sector) in block.chunks(SECTOR).enumerate() {
+            let range = s * SECTOR..(s + 1) * SECTOR;
+            assert!(
+                versions.iter().any(|v| v.data[range.clone()] == *sector),
+                "{context}: block {b} sector {s} holds data it never had \
+                 ({} candidate versions, ops {:?})",
+                versions.len(),
+                versions.iter().map(|v| (v.op, v.done)).collect::<Vec<_>>()
+            );
+        }
+        stats.showed_mixed_sectors += 1;
+    }
+}
+
+fn crash_rounds(mode: &'static str, seed: u64) {
+    let start = Instant::now();
+    let node = Node {
+        dir: tempfile::tempdir().unwrap(),
+        mode,
+    };
+    let base = node.system_a_offset();
+    let mut stats = Stats::default();
+    let mut server = node.serve();
+    let mut model: Option<Model> = None;
+    for round in 0..ROUNDS {
+        let round_seed = seed ^ round.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        let context = format!("--flush {mode}, round {round}, seed {round_seed:#x}");
+        let mut client = connect(&node);
+        // What survived the last crash; from now on it is the flushed state.
+        let got = read_region(&mut client, base);
+        if let Some(m) = &model {
+            check(m, &got, &mut stats, &context);
+        }
+        assert_eq!(client.flush(0).unwrap().status, BlkStatus::Ok, "{context}");
+        let mut r = Round {
+            client,
+            model: Model::new(&got),
+            rng: Rng(round_seed),
+            base,
+            in_flight: HashMap::new(),
+            next_op: 0,
+            stats: &mut stats,
+            context: context.clone(),
+        };
+        for _ in 0..r.rng.range(3, 24) {
+            if r.in_flight.len() > 24 {
+                r.reap(true);
+            }
+            match r.rng.range(0, 99) {
+                0..=11 => {
+                    r.reap(true);
+                    r.submit_flush();
+                    r.reap(true);
+                }
+                12..=21 => r.submit_flush(),
+                _ => r.submit_batch(),
+            }
+            match r.rng.range(0, 2) {
+                0 => r.reap(true),
+                1 => r.reap(false),
+                _ => {}
+            }
+        }
+        // The kill point.
+        match r.rng.range(0, 2) {
+            0 => {
+                r.reap(true);
+                r.submit_flush();
+                r.reap(true);
+                r.stats.killed_after_flush += 1;
+            }
+            1 => {
+                // Killed before the completions are even looked at.
+                r.submit_batch();
+                if r.rng.chance(30) {
+                    r.submit_flush();
+                }
+                if !r.in_flight.is_empty() {
+                    r.stats.killed_in_flight += 1;
+                }
+            }
+            _ => r.reap(true),
+        }
+        server.stop_with(libc::SIGKILL, Duration::from_secs(20));
+        let Round { model: m, .. } = r;
+        model = Some(m);
+        drop(fs::remove_file(node.socket()));
+        server = node.serve();
+        stats.rounds += 1;
+    }
+    // The last crash, checked too.
+    let mut client = connect(&node);
+    let got = read_region(&mut client, base);
+    check(
+        model.as_ref().unwrap(),
+        &got,
+        &mut stats,
+        &format!("--flush {mode}, after the last round"),
+    );
+    client.disconnect().unwrap();
+    drop(server);
+    eprintln!(
+        "crash consistency --flush {mode}: {} rounds survived kill -9 in {:.1?}: {stats:?}",
+        stats.rounds,
+        start.elapsed()
+    );
+}
+
+#[test]
+fn crash_consistency_flush_safe() {
+    crash_rounds("safe", 0x5afe_c0de_0000_0001);
+}
+
+#[test]
+fn crash_consistency_flush_unsafe() {
+    crash_rounds("unsafe", 0x0a5a_fe00_c0de_0002);
+}
