@@ -265,7 +265,12 @@ impl Overlay {
                 }
             }
         };
-        let states = read_map(&file, path, &header)?;
+        // A new map is all `Base`: nothing to read.
+        let states = if fresh {
+            base_map(header.map_len)
+        } else {
+            read_map(&file, path, &header)?
+        };
         let pages = header.blocks().div_ceil(MAP_PAGE);
         let ov = Overlay {
             file,
@@ -911,6 +916,22 @@ fn for_map_chunks(
         first += n as u64;
     }
     Ok(())
+}
+
+/// A map of `len` entries, all `Base` (zero). It is allocated zeroed, so
+/// the pages of a big map cost nothing until a block is written.
+fn base_map(len: u64) -> Vec<AtomicU8> {
+    let mut zeros = std::mem::ManuallyDrop::new(vec![0u8; len as usize]);
+    // SAFETY: AtomicU8 has the same size, alignment and bit validity as u8,
+    // and the allocation is handed over whole (pointer, length, capacity)
+    // from a vector that will not be dropped.
+    unsafe {
+        Vec::from_raw_parts(
+            zeros.as_mut_ptr().cast::<AtomicU8>(),
+            zeros.len(),
+            zeros.capacity(),
+        )
+    }
 }
 
 fn read_map(file: &File, path: &Path, header: &Header) -> Result<Vec<AtomicU8>, OverlayError> {
