@@ -760,7 +760,10 @@ fn a_header_that_never_reached_the_disk_means_a_new_overlay() {
     // corrupt one.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ov");
-    std::fs::File::create(&path).unwrap().set_len(8 << 20).unwrap();
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
     let ov = Overlay::open(&path, cfg(1 << 20, 1, FlushMode::Safe)).unwrap();
     let mut rng = Rng::new(5);
     write(&ov, 4096, &[7u8; 4096], &mut rng).unwrap();
