@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::{ociblk_bin, require_tool, sample_image, workspace_root};
 
-/// Polls `cond` every 10 ms until it holds or `timeout` passes.
+/// Polls `cond` every 2 ms until it holds or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
@@ -22,7 +22,7 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
         if Instant::now() >= deadline {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 

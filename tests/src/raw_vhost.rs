@@ -568,7 +568,7 @@ impl RawFrontend {
     /// Waits (polling, bounded) until the device has consumed the avail ring
     /// up to `want`.
     pub fn wait_consumed(&self, want: u16, timeout: Duration) -> bool {
-        wait_for(timeout, || self.avail_event() == want)
+        crate::process::wait_until(timeout, || self.avail_event() == want)
     }
 
     /// The avail index this frontend published last.
@@ -578,24 +578,10 @@ impl RawFrontend {
 
     /// Waits (polling, bounded) until the used index reaches `want`.
     pub fn wait_used(&self, want: u16, timeout: Duration) -> bool {
-        wait_for(timeout, || {
+        crate::process::wait_until(timeout, || {
             let _ = self.call.read();
             self.used_idx() == want
         })
-    }
-}
-
-/// Polls `cond` every 2 ms until it holds or `timeout` passes.
-pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(2));
     }
 }
 

@@ -973,7 +973,7 @@ fn valid_get_id_nowait(fe: &mut RawFrontend, first: u16) {
 fn valid_get_id(fe: &mut RawFrontend, first: u16) {
     valid_get_id_nowait(fe, first);
     let status = BUFFERS + u64::from(first) * 0x100 + 0x40 + 20;
-    let done = raw_vhost::wait_for(TIMEOUT, || fe.mem.read(status, 1) != [0xff]);
+    let done = ociblk_tests::process::wait_until(TIMEOUT, || fe.mem.read(status, 1) != [0xff]);
     assert!(done, "a valid GET_ID did not complete");
     assert_eq!(fe.mem.read(status, 1), [0], "GET_ID status");
     let id = BUFFERS + u64::from(first) * 0x100 + 0x40;
