@@ -139,6 +139,10 @@ def oci_seeds():
     )
     extra = (b"xf" + b"ABLOADER" * 8, b"yf" + b"\x0a\x04node")
     write("oci_image", "small-disk-abloader", oci_seed("x86_64", kernel, system, small, extra=extra))
+    # A disk of 2^64 - 512 bytes, read across its end (a regression seed:
+    # reads that ended past u64::MAX overflowed).
+    huge = size_param(5, 511) + bytes(len(DEFAULT_PARAMS) - 5)
+    write("oci_image", "huge-disk", oci_seed("x86_64", kernel, system, huge))
     # A 3 MiB sparse system payload.
     write("oci_image", "sparse-system", oci_seed("x86_64", kernel, system, sparse_system=3 << 20))
 

@@ -264,7 +264,9 @@ impl ExtentMap {
         mut file: impl FnMut(SourceId, u64, &mut [u8]) -> Result<(), E>,
     ) -> Result<(), E> {
         let mut done = 0usize;
-        for seg in self.segments(offset..offset + buf.len() as u64) {
+        // Saturating: a read that would end past u64::MAX still ends past the
+        // disk, and must not wrap to an empty range (or panic).
+        for seg in self.segments(offset..offset.saturating_add(buf.len() as u64)) {
             let dst = &mut buf[done..done + seg.len as usize];
             if let Piece::File { source, offset } = seg.piece {
                 file(source, offset, dst)?;
@@ -399,6 +401,18 @@ mod tests {
         let map = b.build().unwrap();
         assert_eq!(read(&map, 14, 4), [9, 9, 0, 0]);
         assert_eq!(map.segments(16..32).count(), 0);
+    }
+
+    #[test]
+    fn read_ending_past_u64_max_is_clamped() {
+        // Found by the oci_image fuzz target: a disk of 2^64 - 512 bytes,
+        // read across its end, overflowed `offset + len`.
+        let size = u64::MAX - 511;
+        let mut b = ExtentMapBuilder::new(size);
+        b.bytes(size - 2, &[7, 8]);
+        let map = b.build().unwrap();
+        assert_eq!(read(&map, size - 4, 8), [0, 0, 7, 8, 0, 0, 0, 0]);
+        assert_eq!(read(&map, u64::MAX - 1, 4), [0; 4]);
     }
 
     #[test]
