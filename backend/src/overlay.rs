@@ -229,18 +229,7 @@ impl Overlay {
             path: path.to_path_buf(),
             reason,
         })?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(io_err(path, "open"))?;
-        if !sys::try_lock_exclusive(file.as_fd()).map_err(io_err(path, "lock"))? {
-            return Err(OverlayError::Locked {
-                path: path.to_path_buf(),
-            });
-        }
+        let file = open_locked(path, true)?;
         let len = file.metadata().map_err(io_err(path, "stat"))?.len();
         let mut fresh = len == 0 || header_never_written(&file, path, len)?;
         let header = if fresh {
@@ -747,16 +736,7 @@ impl Overlay {
     /// data. Fails if a server has it open. An empty file is left alone.
     pub fn reset(path: impl AsRef<Path>) -> Result<(), OverlayError> {
         let path = path.as_ref();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(io_err(path, "open"))?;
-        if !sys::try_lock_exclusive(file.as_fd()).map_err(io_err(path, "lock"))? {
-            return Err(OverlayError::Locked {
-                path: path.to_path_buf(),
-            });
-        }
+        let file = open_locked(path, false)?;
         let len = file.metadata().map_err(io_err(path, "stat"))?.len();
         if len == 0 {
             return Ok(());
@@ -838,6 +818,24 @@ fn mismatch(h: &Header, cfg: &OverlayConfig) -> Option<String> {
         ));
     }
     (!what.is_empty()).then(|| what.join(", "))
+}
+
+/// Opens the overlay file for reading and writing (creating it when
+/// `create`) and takes its exclusive lock: one server per overlay.
+fn open_locked(path: &Path, create: bool) -> Result<File, OverlayError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(false)
+        .open(path)
+        .map_err(io_err(path, "open"))?;
+    if !sys::try_lock_exclusive(file.as_fd()).map_err(io_err(path, "lock"))? {
+        return Err(OverlayError::Locked {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(file)
 }
 
 /// Lays out a new overlay in an empty, locked file. Nothing is synced here:
