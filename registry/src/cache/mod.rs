@@ -1,0 +1,201 @@
+//! The host cache: one directory shared by every `ociblk` process.
+//!
+//! ```text
+//! DIR/                                  0700
+//!   blobs/sha256/<hex>                  payload blob, sparse, its full size  0600
+//!   blobs/sha256/<hex>.<chunk>.chunks   one byte per chunk of <chunk> bytes:
+//!                                       1 = present and verified when stored
+//!   meta/sha256/<hex>                   manifests and configs, whole, verified
+//!   tags/<host>/<repo>/<tag>            "sha256:<hex>" the tag last resolved to
+//! ```
+//!
+//! Locking, all advisory and per open file, so threads and processes follow
+//! the same rules:
+//! - fetching chunk `i` holds an OFD write lock on byte `i` of the chunk
+//!   map; the fetcher re-reads the byte under the lock, so each chunk is
+//!   fetched once however many threads and processes want it;
+//! - a process using a blob holds a shared `flock` on its data file; `gc`
+//!   removes a blob only under an exclusive `flock`, taken without waiting,
+//!   and a user that finds its file unlinked after locking opens it anew;
+//! - small files (manifests, configs, tag records) are written to a
+//!   temporary file and renamed into place.
+//!
+//! Crash safety: a chunk's bytes are written before its map byte, without
+//! fsync. A crash may leave a map byte set over torn bytes, so the reader
+//! verifies every chunk against its sha256 before use and calls
+//! [`BlobCache::invalidate_chunk`] when it does not match; the next
+//! [`BlobCache::ensure_chunk`] fetches it again.
+
+mod blob;
+mod chunk_lock;
+mod usage;
+
+pub use blob::{BlobCache, BlobSpec};
+pub use usage::{BlobUsage, CacheInfo, CachedImage, GcReport};
+
+use std::fs::{self, DirBuilder};
+use std::io::Write as _;
+use std::os::unix::fs::DirBuilderExt as _;
+use std::path::{Path, PathBuf};
+
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::reference::Reference;
+
+/// Largest manifest or config accepted into the cache.
+pub const METADATA_LIMIT: u64 = 4 << 20;
+
+/// An opened cache directory.
+#[derive(Clone, Debug)]
+pub struct Cache {
+    dir: PathBuf,
+}
+
+impl Cache {
+    /// Opens (creating, mode 0700) the cache at `dir`.
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Self> {
+        let dir = dir.into();
+        for sub in ["", "blobs/sha256", "meta/sha256", "tags"] {
+            create_private_dir(&dir.join(sub))?;
+        }
+        Ok(Cache { dir })
+    }
+
+    /// The default cache directory: `/var/cache/ociblk` for root, else
+    /// `$XDG_CACHE_HOME/ociblk`, else `~/.cache/ociblk`.
+    pub fn default_dir() -> Option<PathBuf> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            return Some(PathBuf::from("/var/cache/ociblk"));
+        }
+        if let Some(xdg) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+            return Some(PathBuf::from(xdg).join("ociblk"));
+        }
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/ociblk"))
+    }
+
+    /// The cache directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub(crate) fn blob_path(&self, digest: &Digest) -> PathBuf {
+        self.dir.join("blobs/sha256").join(digest.hex())
+    }
+
+    pub(crate) fn chunk_map_path(&self, digest: &Digest, chunk_size: u64) -> PathBuf {
+        self.dir
+            .join("blobs/sha256")
+            .join(format!("{}.{chunk_size}.chunks", digest.hex()))
+    }
+
+    fn meta_path(&self, digest: &Digest) -> PathBuf {
+        self.dir.join("meta/sha256").join(digest.hex())
+    }
+
+    fn tag_path(&self, reference: &Reference) -> PathBuf {
+        self.dir
+            .join("tags")
+            .join(&reference.host)
+            .join(&reference.repository)
+            .join(reference.tag_or_default())
+    }
+
+    /// A cached manifest or config, verified against `digest` (and `size`
+    /// when known); `Ok(None)` when absent. A cached file that does not
+    /// verify is removed and reported absent.
+    pub fn metadata(&self, digest: &Digest, size: Option<u64>) -> Result<Option<Vec<u8>>> {
+        let path = self.meta_path(digest);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        let expected = size.unwrap_or(bytes.len() as u64);
+        if let Err(err) = digest.verify("cached metadata", &bytes, expected) {
+            tracing::warn!(path = %path.display(), %err, "removing damaged cache file");
+            let _ = fs::remove_file(&path);
+            return Ok(None);
+        }
+        Ok(Some(bytes))
+    }
+
+    /// Stores verified metadata `bytes` under their digest.
+    pub fn store_metadata(&self, digest: &Digest, bytes: &[u8]) -> Result<()> {
+        write_atomic(&self.meta_path(digest), bytes)
+    }
+
+    /// The digest a tag last resolved to, if recorded.
+    pub fn tag(&self, reference: &Reference) -> Result<Option<Digest>> {
+        let path = self.tag_path(reference);
+        match fs::read_to_string(&path) {
+            Ok(text) => text.trim().parse().map(Some).map_err(|_| Error::Cache {
+                path,
+                message: format!("not a digest: {:?}", text.trim()),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(path, e)),
+        }
+    }
+
+    /// Records that `reference`'s tag resolved to `digest`.
+    pub fn store_tag(&self, reference: &Reference, digest: &Digest) -> Result<()> {
+        let path = self.tag_path(reference);
+        if let Some(parent) = path.parent() {
+            create_private_dir(parent)?;
+        }
+        write_atomic(&path, format!("{digest}\n").as_bytes())
+    }
+}
+
+fn create_private_dir(path: &Path) -> Result<()> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|e| Error::io(path, e))
+}
+
+/// Writes `bytes` to `path` through a private temporary file in the same
+/// directory and a rename, so readers see the old or the new file whole.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempfile_in(dir)
+        .map_err(|e| Error::io(dir, e))?;
+    tmp.write_all(bytes).map_err(|e| Error::io(tmp.path(), e))?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    #[test]
+    fn metadata_and_tags_round_trip_privately() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = Cache::open(dir.path().join("c")).expect("open");
+        let mode = |p: &Path| fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode(cache.dir()), 0o700);
+        let d = Digest::of(b"{}");
+        assert_eq!(cache.metadata(&d, Some(2)).expect("read"), None);
+        cache.store_metadata(&d, b"{}").expect("store");
+        assert_eq!(
+            cache.metadata(&d, Some(2)).expect("read").as_deref(),
+            Some(&b"{}"[..])
+        );
+        assert_eq!(mode(&cache.meta_path(&d)), 0o600);
+        // A damaged file is dropped, not served.
+        fs::write(cache.meta_path(&d), b"{ }").expect("damage");
+        assert_eq!(cache.metadata(&d, None).expect("read"), None);
+
+        let r = Reference::parse("127.0.0.1:5000/a/b:t").expect("ref");
+        assert_eq!(cache.tag(&r).expect("read"), None);
+        cache.store_tag(&r, &d).expect("store");
+        assert_eq!(cache.tag(&r).expect("read"), Some(d));
+        assert_eq!(mode(&cache.tag_path(&r)), 0o600);
+    }
+}

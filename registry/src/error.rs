@@ -1,0 +1,130 @@
+//! The one error type of the registry crate.
+
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything that can go wrong reading an image from a registry or the host cache.
+///
+/// Messages name the reference, URL, digest, chunk or file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{reference:?} is not an image reference: {message}")]
+    Reference { reference: String, message: String },
+    #[error(
+        "{arg:?} is neither an OCI image layout directory nor a registry reference \
+         (HOST[:PORT]/REPO[:TAG|@sha256:DIGEST]): {reason}"
+    )]
+    ImageSource { arg: String, reason: String },
+    #[error("{0:?} is not a sha256 digest (sha256: and 64 lowercase hex digits)")]
+    Digest(String),
+    #[error("GET {url}: {source}")]
+    Http {
+        url: String,
+        #[source]
+        source: Box<ureq::Error>,
+    },
+    #[error("GET {url}: HTTP {status}{}", detail_suffix(detail))]
+    Status {
+        url: String,
+        status: u16,
+        detail: String,
+    },
+    #[error("GET {url}: no answer within {timeout:?} (last: {last})")]
+    Timeout {
+        url: String,
+        timeout: Duration,
+        last: String,
+    },
+    #[error("GET {url}: {message}")]
+    Protocol { url: String, message: String },
+    #[error("GET {url}: authentication: {message}")]
+    Auth { url: String, message: String },
+    #[error("{what} {digest}: {actual} bytes, but {expected} expected")]
+    Size {
+        what: &'static str,
+        digest: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("{what}: sha256 of the bytes is {actual}, but {expected} expected")]
+    DigestMismatch {
+        what: &'static str,
+        expected: String,
+        actual: String,
+    },
+    #[error("blob {digest} chunk {index}: sha256 is {actual}, but the image says {expected}")]
+    ChunkDigest {
+        digest: String,
+        index: u64,
+        expected: String,
+        actual: String,
+    },
+    #[error("blob {digest}: chunk {index} is past the end ({chunks} chunks)")]
+    ChunkIndex {
+        digest: String,
+        index: u64,
+        chunks: u64,
+    },
+    #[error("{what}: field {field}: {message}")]
+    Invalid {
+        what: String,
+        field: String,
+        message: String,
+    },
+    #[error(
+        "{reference}: registry unreachable ({source}) and the image is not in the cache {}",
+        cache.display()
+    )]
+    Offline {
+        reference: String,
+        cache: PathBuf,
+        #[source]
+        source: Box<Error>,
+    },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{}: {message}", path.display())]
+    Cache { path: PathBuf, message: String },
+}
+
+fn detail_suffix(detail: &str) -> String {
+    if detail.is_empty() {
+        String::new()
+    } else {
+        format!(": {detail}")
+    }
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// Whether the registry could not be reached at all (as opposed to a
+    /// refusal or wrong bytes): only then may a cached image be used instead.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            Error::Http { source, .. } => matches!(
+                **source,
+                ureq::Error::Io(_)
+                    | ureq::Error::ConnectionFailed
+                    | ureq::Error::HostNotFound
+                    | ureq::Error::Timeout(_)
+            ),
+            Error::Timeout { .. } => true,
+            Error::Status { status, .. } => matches!(status, 429 | 502 | 503 | 504),
+            _ => false,
+        }
+    }
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

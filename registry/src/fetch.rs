@@ -1,0 +1,137 @@
+//! Fetching one chunk of a blob with an HTTP range request.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ureq::http::StatusCode;
+
+use crate::cache::BlobSpec;
+use crate::client::RegistryClient;
+use crate::error::{Error, Result};
+
+/// Where the blobs of one repository are fetched from.
+#[derive(Clone, Debug)]
+pub struct BlobSource {
+    client: Arc<RegistryClient>,
+    repository: String,
+}
+
+impl BlobSource {
+    pub fn new(client: Arc<RegistryClient>, repository: String) -> Self {
+        BlobSource { client, repository }
+    }
+
+    pub fn client(&self) -> &RegistryClient {
+        &self.client
+    }
+
+    /// Fetches chunk `index` of `blob` and hands it to `store`.
+    ///
+    /// Asks for exactly the chunk's bytes. A registry that ignores `Range`
+    /// answers 200 with the whole blob: then every chunk up to `index` is
+    /// read and handed to `store` in order (so the bytes that arrive are
+    /// not wasted), and the rest of the body is dropped.
+    pub fn fetch_chunk(
+        &self,
+        blob: &BlobSpec,
+        index: u64,
+        deadline: Instant,
+        store: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let (start, len) = blob.chunk_range(index);
+        let end = start + len - 1;
+        let range = format!("bytes={start}-{end}");
+        let fetched = self.client.get(
+            &self.repository,
+            &format!("blobs/{}", blob.digest),
+            &[("Range", &range)],
+            deadline,
+        )?;
+        let url = fetched.url.clone();
+        let mut response = fetched.response;
+        let status = response.status();
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let protocol = |message: String| Error::Protocol {
+            url: url.clone(),
+            message,
+        };
+        match status {
+            StatusCode::PARTIAL_CONTENT => {
+                let content_range = header("content-range").unwrap_or_default();
+                let expected = format!("bytes {start}-{end}/");
+                let total_ok = content_range
+                    .strip_prefix(&expected)
+                    .is_some_and(|t| t == "*" || t == blob.size.to_string());
+                if !total_ok {
+                    return Err(protocol(format!(
+                        "asked for {range} of a {}-byte blob, got Content-Range {content_range:?}",
+                        blob.size
+                    )));
+                }
+                let mut buf = vec![0; len as usize];
+                let mut reader = response.body_mut().as_reader();
+                read_exact(&mut reader, &mut buf, &url, self.client.timeout())?;
+                store(index, &buf)
+            }
+            StatusCode::OK => {
+                if let Some(length) = header("content-length")
+                    && length != blob.size.to_string()
+                {
+                    return Err(protocol(format!(
+                        "whole blob answer has Content-Length {length}, the blob has {} bytes",
+                        blob.size
+                    )));
+                }
+                tracing::debug!(%url, "registry ignored Range; reading the blob from its start");
+                let mut reader = response.body_mut().as_reader();
+                let mut buf = Vec::new();
+                for i in 0..=index {
+                    let (_, len) = blob.chunk_range(i);
+                    buf.resize(len as usize, 0);
+                    read_exact(&mut reader, &mut buf, &url, self.client.timeout())?;
+                    store(i, &buf)?;
+                }
+                Ok(())
+            }
+            StatusCode::NOT_FOUND => Err(Error::Status {
+                url,
+                status: 404,
+                detail: "the registry does not have this blob".into(),
+            }),
+            other => Err(Error::Status {
+                url,
+                status: other.as_u16(),
+                detail: format!("for {range}"),
+            }),
+        }
+    }
+}
+
+fn read_exact(
+    reader: &mut impl io::Read,
+    buf: &mut [u8],
+    url: &str,
+    timeout: std::time::Duration,
+) -> Result<()> {
+    reader.read_exact(buf).map_err(|e| {
+        if e.kind() == io::ErrorKind::TimedOut {
+            Error::Timeout {
+                url: url.to_string(),
+                timeout,
+                last: "reading the body".into(),
+            }
+        } else {
+            Error::Protocol {
+                url: url.to_string(),
+                message: format!("reading the body: {e}"),
+            }
+        }
+    })
+}

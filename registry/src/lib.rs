@@ -1,0 +1,37 @@
+//! `ociblk-registry` reads OS images from an OCI registry (distribution API
+//! v2) into a content-addressed host cache, payload chunk by payload chunk,
+//! each chunk verified against its sha256 before it is stored.
+//!
+//! - [`ImageSource::parse`] decides whether an argument is a local layout
+//!   or a registry [`Reference`].
+//! - [`RegistryImage::open`] resolves a tag to its manifest digest once,
+//!   fetches (or takes from the [`Cache`]) manifest and config, verified by
+//!   digest and size, and works offline when everything is cached.
+//! - [`BlobCache::ensure_chunk`] makes one payload chunk present in the
+//!   cached sparse file [`BlobCache::path`], fetching it with a `Range`
+//!   request when needed.
+//! - [`Cache::info`] and [`Cache::gc`] report and bound the cache.
+//!
+//! The cache layout and its locking are described in [`cache`].
+
+pub mod cache;
+pub mod challenge;
+pub mod client;
+pub mod credentials;
+pub mod digest;
+pub mod error;
+pub mod fetch;
+pub mod image;
+pub mod limiter;
+pub mod options;
+pub mod reference;
+pub mod retry;
+pub mod source;
+
+pub use cache::{BlobCache, BlobSpec, Cache, CacheInfo, GcReport};
+pub use digest::Digest;
+pub use error::{Error, Result};
+pub use image::{Layer, RegistryImage};
+pub use options::Options;
+pub use reference::Reference;
+pub use source::ImageSource;

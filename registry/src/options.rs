@@ -1,0 +1,35 @@
+//! How images are fetched: timeouts, concurrency, trust.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Default bound on fetching one chunk, retries included.
+pub const DEFAULT_CHUNK_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default number of requests in flight per registry host in one process.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 4;
+
+/// Settings for reaching registries.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Hosts (`name` or `name:port`) reached over plain HTTP although they
+    /// are not loopback addresses.
+    pub insecure_registries: Vec<String>,
+    /// Bound on one chunk fetch or one manifest/config request, including
+    /// waiting for a slot, retries and `Retry-After` waits.
+    pub chunk_timeout: Duration,
+    /// Requests in flight per registry host in this process.
+    pub max_in_flight: usize,
+    /// The credentials file; `None` reads [`crate::credentials::default_auth_file`].
+    pub auth_file: Option<PathBuf>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            insecure_registries: Vec::new(),
+            chunk_timeout: DEFAULT_CHUNK_TIMEOUT,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            auth_file: None,
+        }
+    }
+}
