@@ -120,8 +120,8 @@ pub fn host_name(host: &str) -> &str {
 }
 
 fn check_host(host: &str) -> Result<(), String> {
-    let (name, port) = if host.starts_with('[') {
-        let (inner, rest) = host[1..]
+    let (name, port) = if let Some(bracketed) = host.strip_prefix('[') {
+        let (inner, rest) = bracketed
             .split_once(']')
             .ok_or_else(|| format!("host {host:?}: unclosed '['"))?;
         if inner.parse::<std::net::Ipv6Addr>().is_err() {

@@ -1,0 +1,558 @@
+//! ociblk-registry against a real registry: Debian's `docker-registry`
+//! (CNCF distribution) on loopback, the sample image pushed with `skopeo`.
+
+mod support;
+
+use std::sync::Barrier;
+use std::time::Duration;
+
+use ociblk_registry::{BlobSpec, Cache, Error, Options, Reference, RegistryImage};
+use support::proxy::{Behaviour, Proxy};
+use support::{Registry, SampleImage, read_range};
+
+const REPO_TAG: &str = "monogon/os:v1";
+
+/// A registry holding the sample image as `REPO_TAG`.
+fn registry_with_sample() -> (Registry, SampleImage) {
+    let sample = SampleImage::load();
+    let registry = Registry::start();
+    registry.push(&sample.dir, REPO_TAG);
+    (registry, sample)
+}
+
+fn reference(host: &str, rest: &str) -> Reference {
+    Reference::parse(&format!("{host}/{rest}")).expect("valid reference")
+}
+
+fn temp_cache() -> (tempfile::TempDir, Cache) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cache = Cache::open(dir.path().join("cache")).expect("open cache");
+    (dir, cache)
+}
+
+fn open(host: &str, rest: &str, cache: &Cache) -> RegistryImage {
+    RegistryImage::open(&reference(host, rest), cache, &Options::default())
+        .unwrap_or_else(|e| panic!("open {host}/{rest}: {e}"))
+}
+
+/// Asserts that chunk `index` of `blob` in the cache equals the layout's.
+fn assert_cached_chunk(image: &RegistryImage, sample: &SampleImage, blob: &BlobSpec, index: u64) {
+    let (start, len) = blob.chunk_range(index);
+    let cached = read_range(&image.blobs.path(&blob.digest), start, len);
+    assert!(
+        cached == sample.chunk(blob, index),
+        "cached chunk {index} of {} differs from the image's",
+        blob.digest
+    );
+}
+
+#[test]
+fn tag_and_digest_references_open_the_pushed_image() {
+    let (registry, sample) = registry_with_sample();
+    let (_dir, cache) = temp_cache();
+
+    let by_tag = open(&registry.host(), REPO_TAG, &cache);
+    assert_eq!(by_tag.manifest_digest, sample.manifest_digest);
+    assert_eq!(by_tag.manifest, sample.manifest);
+    assert_eq!(by_tag.config, sample.config);
+    assert!(!by_tag.offline);
+    assert_eq!(
+        by_tag.reference.digest.as_ref(),
+        Some(&sample.manifest_digest)
+    );
+    let layers: Vec<_> = by_tag
+        .layers
+        .iter()
+        .map(|l| (l.digest.clone(), l.size))
+        .collect();
+    let expected: Vec<_> = sample
+        .payloads
+        .iter()
+        .map(|(_, p)| (p.digest.clone(), p.size))
+        .collect();
+    assert_eq!(layers, expected);
+    assert_eq!(
+        cache
+            .tag(&reference(&registry.host(), REPO_TAG))
+            .expect("tag record"),
+        Some(sample.manifest_digest.clone())
+    );
+
+    // A digest reference, into an empty cache: fetched by digest and verified.
+    let (_dir2, cache2) = temp_cache();
+    let pinned = open(
+        &registry.host(),
+        &format!("monogon/os@{}", sample.manifest_digest),
+        &cache2,
+    );
+    assert_eq!(pinned.manifest, sample.manifest);
+    assert_eq!(pinned.config, sample.config);
+
+    let err = RegistryImage::open(
+        &reference(&registry.host(), "monogon/os:nope"),
+        &cache,
+        &Options::default(),
+    )
+    .expect_err("unknown tag");
+    assert!(
+        matches!(&err, Error::Status { status: 404, url, .. } if url.ends_with("/v2/monogon/os/manifests/nope")),
+        "{err}"
+    );
+}
+
+#[test]
+fn config_or_manifest_tampered_in_registry_storage_is_refused() {
+    let (registry, sample) = registry_with_sample();
+    registry.corrupt_blob(&sample.config_digest, 10);
+    let (_dir, cache) = temp_cache();
+    let err = RegistryImage::open(
+        &reference(&registry.host(), REPO_TAG),
+        &cache,
+        &Options::default(),
+    )
+    .expect_err("tampered config");
+    let msg = err.to_string();
+    assert!(
+        matches!(err, Error::DigestMismatch { what: "config", .. }),
+        "{msg}"
+    );
+    assert!(msg.contains(&sample.config_digest.to_string()), "{msg}");
+
+    // Fresh caches: the first open already cached the (intact) manifest.
+    registry.rewrite_blob(&sample.manifest_digest, "os.image.v1\"", "os.image.v2\"");
+    for rest in [
+        format!("monogon/os@{}", sample.manifest_digest),
+        REPO_TAG.to_string(),
+    ] {
+        let (_dir, cache) = temp_cache();
+        let err = RegistryImage::open(
+            &reference(&registry.host(), &rest),
+            &cache,
+            &Options::default(),
+        )
+        .expect_err("tampered manifest");
+        let msg = err.to_string();
+        assert!(matches!(err, Error::DigestMismatch { .. }), "{rest}: {msg}");
+        assert!(
+            msg.contains("manifest") && msg.contains(&sample.manifest_digest.to_string()),
+            "{rest}: {msg}"
+        );
+        assert_eq!(
+            cache
+                .metadata(&sample.manifest_digest, None)
+                .expect("read cache"),
+            None
+        );
+    }
+}
+
+#[test]
+fn chunks_are_fetched_by_range_verified_and_stored_once() {
+    let (registry, sample) = registry_with_sample();
+    let proxy = Proxy::start(registry.addr, Behaviour::default());
+    let (_dir, cache) = temp_cache();
+    let image = open(&proxy.host(), REPO_TAG, &cache);
+    let kernel = sample.payload("kernel.efi");
+    let last = kernel.chunks() - 1;
+
+    image.blobs.ensure_chunk(kernel, 3).expect("chunk 3");
+    image.blobs.ensure_chunk(kernel, last).expect("last chunk");
+    assert_cached_chunk(&image, &sample, kernel, 3);
+    assert_cached_chunk(&image, &sample, kernel, last);
+    assert!(!image.blobs.chunk_present(kernel, 2).expect("map"));
+
+    let requests = proxy.blob_requests(kernel.digest.hex());
+    let ranges: Vec<_> = requests
+        .iter()
+        .map(|r| (r.status, r.range.clone()))
+        .collect();
+    let (start, len) = kernel.chunk_range(last);
+    assert_eq!(
+        ranges,
+        vec![
+            (206, Some("bytes=3145728-4194303".to_string())),
+            (206, Some(format!("bytes={start}-{}", start + len - 1))),
+        ]
+    );
+
+    // Present chunks are not fetched again.
+    image.blobs.ensure_chunk(kernel, 3).expect("chunk 3 again");
+    assert_eq!(proxy.blob_requests(kernel.digest.hex()).len(), 2);
+
+    // The cache files are private and the blob file sparse.
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let meta = std::fs::metadata(image.blobs.path(&kernel.digest)).expect("stat blob");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert_eq!(meta.len(), kernel.size);
+    assert!(
+        meta.blocks() * 512 < kernel.size / 2,
+        "blob file is not sparse"
+    );
+
+    let info = cache.info().expect("cache info");
+    assert_eq!(info.images.len(), 1);
+    assert_eq!(
+        info.images[0].reference,
+        format!("{}/{REPO_TAG}", proxy.host())
+    );
+    let usage = info
+        .blobs
+        .iter()
+        .find(|b| b.digest == kernel.digest)
+        .expect("kernel in info");
+    assert_eq!(usage.chunks, vec![(kernel.chunk_size, 2, kernel.chunks())]);
+}
+
+#[test]
+fn chunk_corrupted_in_registry_is_refused_naming_digest_and_chunk() {
+    let (registry, sample) = registry_with_sample();
+    let kernel = sample.payload("kernel.efi");
+    registry.corrupt_blob(&kernel.digest, 2 * kernel.chunk_size + 7);
+    let (_dir, cache) = temp_cache();
+    let image = open(&registry.host(), REPO_TAG, &cache);
+
+    let err = image
+        .blobs
+        .ensure_chunk(kernel, 2)
+        .expect_err("corrupt chunk");
+    let msg = err.to_string();
+    assert!(matches!(err, Error::ChunkDigest { index: 2, .. }), "{msg}");
+    assert!(
+        msg.contains(&kernel.digest.to_string()) && msg.contains("chunk 2"),
+        "{msg}"
+    );
+    assert!(
+        !image.blobs.chunk_present(kernel, 2).expect("map"),
+        "a bad chunk was stored"
+    );
+
+    image
+        .blobs
+        .ensure_chunk(kernel, 1)
+        .expect("intact neighbour");
+    assert_cached_chunk(&image, &sample, kernel, 1);
+}
+
+#[test]
+fn chunk_torn_in_the_cache_is_fetched_again_after_invalidation() {
+    let (registry, sample) = registry_with_sample();
+    let proxy = Proxy::start(registry.addr, Behaviour::default());
+    let (_dir, cache) = temp_cache();
+    let image = open(&proxy.host(), REPO_TAG, &cache);
+    let system = sample.payload("system");
+    image.blobs.ensure_chunk(system, 0).expect("chunk 0");
+
+    // What a crash between the data and the map write can leave behind.
+    use std::os::unix::fs::FileExt as _;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(image.blobs.path(&system.digest))
+        .expect("open cached blob");
+    file.write_all_at(&[0xee; 512], 4096).expect("tear chunk");
+    assert!(image.blobs.chunk_present(system, 0).expect("map"));
+
+    image.blobs.invalidate_chunk(system, 0).expect("invalidate");
+    image.blobs.ensure_chunk(system, 0).expect("refetch");
+    assert_cached_chunk(&image, &sample, system, 0);
+    assert_eq!(proxy.blob_requests(system.digest.hex()).len(), 2);
+}
+
+#[test]
+fn two_threads_wanting_one_chunk_fetch_it_once() {
+    let (registry, sample) = registry_with_sample();
+    // A slow registry keeps the first fetch running while the second
+    // thread asks for the same chunk.
+    let proxy = Proxy::start(registry.addr, Behaviour::default());
+    let (_dir, cache) = temp_cache();
+    let image = open(&proxy.host(), REPO_TAG, &cache);
+    proxy.set(|b| b.blob_delay = Duration::from_millis(300));
+    let kernel = sample.payload("kernel.efi");
+    let barrier = Barrier::new(2);
+    std::thread::scope(|s| {
+        let fetch = || {
+            barrier.wait();
+            image.blobs.ensure_chunk(kernel, 5)
+        };
+        let a = s.spawn(fetch);
+        let b = s.spawn(fetch);
+        a.join().expect("thread a").expect("fetch a");
+        b.join().expect("thread b").expect("fetch b");
+    });
+    assert_eq!(proxy.blob_requests(kernel.digest.hex()).len(), 1);
+    assert_cached_chunk(&image, &sample, kernel, 5);
+}
+
+#[test]
+fn two_processes_filling_one_cache_fetch_each_chunk_once() {
+    let (registry, sample) = registry_with_sample();
+    let proxy = Proxy::start(registry.addr, Behaviour::default());
+    proxy.set(|b| b.blob_delay = Duration::from_millis(50));
+    let (dir, cache) = temp_cache();
+    let kernel = sample.payload("kernel.efi");
+    let hashes = dir.path().join("hashes");
+    let lines: Vec<String> = kernel
+        .chunk_sha256
+        .iter()
+        .map(|h| ociblk_registry::digest::hex(h))
+        .collect();
+    std::fs::write(&hashes, lines.join("\n")).expect("write hashes");
+
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ociblk-registry-fetch"))
+            .arg("--cache")
+            .arg(cache.dir())
+            .arg(format!("{}/{REPO_TAG}", proxy.host()))
+            .arg(kernel.digest.to_string())
+            .arg(kernel.chunk_size.to_string())
+            .arg(&hashes)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn ociblk-registry-fetch")
+    };
+    let children = [spawn(), spawn()];
+    for child in children {
+        let out = child.wait_with_output().expect("wait for fetcher");
+        assert!(
+            out.status.success(),
+            "fetcher failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    let requests = proxy.blob_requests(kernel.digest.hex());
+    let mut ranges: Vec<_> = requests.iter().filter_map(|r| r.range.clone()).collect();
+    ranges.sort();
+    let before = ranges.len();
+    ranges.dedup();
+    assert_eq!(
+        before,
+        ranges.len(),
+        "a chunk was fetched twice: {requests:?}"
+    );
+    assert_eq!(
+        ranges.len() as u64,
+        kernel.chunks(),
+        "every chunk fetched once: {requests:?}"
+    );
+
+    let image = open(&registry.host(), REPO_TAG, &cache);
+    for i in 0..kernel.chunks() {
+        assert!(
+            image.blobs.chunk_present(kernel, i).expect("map"),
+            "chunk {i} missing"
+        );
+        assert_cached_chunk(&image, &sample, kernel, i);
+    }
+}
+
+#[test]
+fn fully_cached_image_opens_and_reads_with_the_registry_stopped() {
+    let (mut registry, sample) = registry_with_sample();
+    let (_dir, cache) = temp_cache();
+    let host = registry.host();
+    {
+        let image = open(&host, REPO_TAG, &cache);
+        for (_, blob) in &sample.payloads {
+            for i in 0..blob.chunks() {
+                image.blobs.ensure_chunk(blob, i).expect("fill cache");
+            }
+        }
+    }
+    registry.stop();
+
+    let image = open(&host, REPO_TAG, &cache);
+    assert!(image.offline, "opened without the registry, so offline");
+    assert_eq!(image.manifest_digest, sample.manifest_digest);
+    assert_eq!(image.config, sample.config);
+    for (_, blob) in &sample.payloads {
+        for i in 0..blob.chunks() {
+            image
+                .blobs
+                .ensure_chunk(blob, i)
+                .expect("cached chunk offline");
+            assert_cached_chunk(&image, &sample, blob, i);
+        }
+    }
+
+    // An image the cache does not have cannot start offline, and says so.
+    let err = RegistryImage::open(
+        &reference(&host, "monogon/os:other"),
+        &cache,
+        &Options::default(),
+    )
+    .expect_err("uncached tag offline");
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Offline { .. }), "{msg}");
+    assert!(
+        msg.contains("unreachable") && msg.contains("monogon/os:other"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn too_many_requests_is_retried_after_the_time_the_registry_asks() {
+    let (registry, sample) = registry_with_sample();
+    let proxy = Proxy::start(registry.addr, Behaviour::default());
+    let (_dir, cache) = temp_cache();
+    let image = open(&proxy.host(), REPO_TAG, &cache);
+    proxy.set(|b| {
+        b.too_many = 1;
+        b.retry_after_secs = 1;
+    });
+    let system = sample.payload("system");
+    image
+        .blobs
+        .ensure_chunk(system, 1)
+        .expect("chunk after 429");
+    assert_cached_chunk(&image, &sample, system, 1);
+    let requests = proxy.blob_requests(system.digest.hex());
+    let statuses: Vec<_> = requests.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, vec![429, 206]);
+    let waited = requests[1].at - requests[0].at;
+    assert!(
+        waited >= Duration::from_secs(1),
+        "retried after {waited:?}, Retry-After said 1 s"
+    );
+}
+
+#[test]
+fn retry_after_beyond_the_chunk_timeout_fails_the_request_clearly() {
+    let (registry, sample) = registry_with_sample();
+    let proxy = Proxy::start(registry.addr, Behaviour::default());
+    let (_dir, cache) = temp_cache();
+    let options = Options {
+        chunk_timeout: Duration::from_secs(2),
+        ..Options::default()
+    };
+    let image =
+        RegistryImage::open(&reference(&proxy.host(), REPO_TAG), &cache, &options).expect("open");
+    proxy.set(|b| {
+        b.too_many = 1;
+        b.retry_after_secs = 60;
+    });
+    let system = sample.payload("system");
+    let err = image
+        .blobs
+        .ensure_chunk(system, 0)
+        .expect_err("Retry-After too long");
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Status { status: 429, .. }), "{msg}");
+    assert!(
+        msg.contains("Retry-After 60s") && msg.contains(&system.digest.to_string()),
+        "{msg}"
+    );
+    // A later request tries again, and the registry serves it.
+    image.blobs.ensure_chunk(system, 0).expect("later request");
+    assert_cached_chunk(&image, &sample, system, 0);
+}
+
+#[test]
+fn registry_ignoring_range_still_serves_chunks_and_keeps_those_before() {
+    let (registry, sample) = registry_with_sample();
+    let proxy = Proxy::start(registry.addr, Behaviour::default());
+    let (_dir, cache) = temp_cache();
+    let image = open(&proxy.host(), REPO_TAG, &cache);
+    proxy.set(|b| b.ignore_range = true);
+    let kernel = sample.payload("kernel.efi");
+    image
+        .blobs
+        .ensure_chunk(kernel, 3)
+        .expect("chunk 3 from a whole-blob answer");
+    for i in 0..=3 {
+        assert!(
+            image.blobs.chunk_present(kernel, i).expect("map"),
+            "chunk {i} kept"
+        );
+        assert_cached_chunk(&image, &sample, kernel, i);
+    }
+    assert!(!image.blobs.chunk_present(kernel, 4).expect("map"));
+    let statuses: Vec<_> = proxy
+        .blob_requests(kernel.digest.hex())
+        .iter()
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(statuses, vec![200]);
+}
+
+#[test]
+fn redirect_to_storage_is_followed_with_the_range() {
+    let (registry, sample) = registry_with_sample();
+    let proxy = Proxy::start(registry.addr, Behaviour::default());
+    let (_dir, cache) = temp_cache();
+    let image = open(&proxy.host(), REPO_TAG, &cache);
+    proxy.set(|b| b.redirect_blobs = true);
+    let kernel = sample.payload("kernel.efi");
+    image
+        .blobs
+        .ensure_chunk(kernel, 7)
+        .expect("chunk through redirect");
+    assert_cached_chunk(&image, &sample, kernel, 7);
+    let requests = proxy.blob_requests(kernel.digest.hex());
+    let seen: Vec<_> = requests
+        .iter()
+        .map(|r| (r.path.starts_with("/storage/"), r.status, r.range.clone()))
+        .collect();
+    let range = Some("bytes=7340032-8388607".to_string());
+    assert_eq!(seen, vec![(false, 307, range.clone()), (true, 206, range)]);
+}
+
+#[test]
+fn slow_registry_times_out_the_chunk_and_a_later_request_recovers() {
+    let (registry, sample) = registry_with_sample();
+    let proxy = Proxy::start(registry.addr, Behaviour::default());
+    let (_dir, cache) = temp_cache();
+    let options = Options {
+        chunk_timeout: Duration::from_secs(1),
+        ..Options::default()
+    };
+    let image =
+        RegistryImage::open(&reference(&proxy.host(), REPO_TAG), &cache, &options).expect("open");
+    proxy.set(|b| b.blob_delay = Duration::from_secs(3));
+    let system = sample.payload("system");
+    let err = image
+        .blobs
+        .ensure_chunk(system, 0)
+        .expect_err("slow registry");
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Timeout { .. }), "{msg}");
+    assert!(msg.contains(&system.digest.to_string()), "{msg}");
+    assert!(!image.blobs.chunk_present(system, 0).expect("map"));
+    proxy.set(|b| b.blob_delay = Duration::ZERO);
+    image.blobs.ensure_chunk(system, 0).expect("recovered");
+    assert_cached_chunk(&image, &sample, system, 0);
+}
+
+#[test]
+fn gc_removes_least_recently_used_blobs_but_never_one_in_use() {
+    let (registry, sample) = registry_with_sample();
+    let (_dir, cache) = temp_cache();
+    let system = sample.payload("system");
+    let kernel = sample.payload("kernel.efi");
+    {
+        let image = open(&registry.host(), REPO_TAG, &cache);
+        image.blobs.ensure_chunk(system, 0).expect("system chunk");
+        image.blobs.ensure_chunk(kernel, 0).expect("kernel chunk");
+    }
+    let in_use = open(&registry.host(), REPO_TAG, &cache);
+    in_use
+        .blobs
+        .ensure_chunk(kernel, 1)
+        .expect("kernel chunk 1");
+
+    let report = cache.gc(0).expect("gc");
+    assert_eq!(report.removed, vec![system.digest.clone()]);
+    assert_eq!(report.in_use, vec![kernel.digest.clone()]);
+    assert!(!in_use.blobs.path(&system.digest).exists());
+    assert_cached_chunk(&in_use, &sample, kernel, 1);
+
+    drop(in_use);
+    let report = cache.gc(0).expect("gc");
+    assert_eq!(report.removed, vec![kernel.digest.clone()]);
+    assert_eq!(report.remaining, 0);
+    assert!(cache.info().expect("info").blobs.is_empty());
+
+    // The cache fills again after gc.
+    let image = open(&registry.host(), REPO_TAG, &cache);
+    image.blobs.ensure_chunk(kernel, 1).expect("refill");
+    assert_cached_chunk(&image, &sample, kernel, 1);
+}

@@ -1,0 +1,313 @@
+//! Test support: a real registry (Debian's `docker-registry`) on loopback
+//! with its own storage, the sample image pushed to it with `skopeo`, and a
+//! small loopback proxy that counts requests or rewrites answers.
+
+#![allow(dead_code)]
+
+pub mod proxy;
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use ociblk_registry::{BlobSpec, Digest};
+
+/// How long a registry may take to answer `/v2/` after start.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Finds `tool` on `PATH`, or fails the test saying how to install it.
+pub fn require_tool(tool: &str, package: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(tool))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("{tool} not found on PATH: install Debian's {package} package (hack/setup)")
+        })
+}
+
+/// A `docker-registry serve` process on 127.0.0.1, stopped on drop.
+#[derive(Debug)]
+pub struct Registry {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    storage: PathBuf,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    /// Starts a registry with empty storage on a free loopback port and
+    /// waits (bounded) until `/v2/` answers.
+    pub fn start() -> Registry {
+        let binary = require_tool("docker-registry", "docker-registry");
+        let dir = tempfile::tempdir().expect("temp dir for the registry");
+        let storage = dir.path().join("storage");
+        std::fs::create_dir(&storage).expect("create registry storage");
+        // The port is free when we ask; another program taking it before the
+        // registry binds shows as the registry exiting, reported below.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free loopback port")
+            .port();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+                 http:\n  addr: {addr}\n",
+                storage.display()
+            ),
+        )
+        .expect("write registry config");
+        let log = dir.path().join("registry.log");
+        let log_file = std::fs::File::create(&log).expect("create registry log");
+        let child = Command::new(binary)
+            .arg("serve")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log_file.try_clone().expect("dup log"))
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn docker-registry");
+        let mut registry = Registry {
+            child: Some(child),
+            addr,
+            storage,
+            log,
+            _dir: dir,
+        };
+        registry.wait_ready();
+        registry
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "docker-registry exited ({status}) before answering: {}",
+                    self.log_text()
+                );
+            }
+            if http_get_status(self.addr, "/v2/") == Some(200) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "docker-registry did not answer /v2/ on {} within {START_TIMEOUT:?}: {}",
+                self.addr,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `127.0.0.1:PORT`
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Pushes the OCI layout `image` as `repo_tag` with skopeo.
+    pub fn push(&self, image: &Path, repo_tag: &str) {
+        let skopeo = require_tool("skopeo", "skopeo");
+        let out = Command::new(skopeo)
+            .args([
+                "--insecure-policy",
+                "copy",
+                "--quiet",
+                "--dest-tls-verify=false",
+            ])
+            .arg(format!("oci:{}", image.display()))
+            .arg(format!("docker://{}/{repo_tag}", self.addr))
+            .output()
+            .expect("run skopeo");
+        assert!(
+            out.status.success(),
+            "skopeo copy to {}/{repo_tag} failed: {}",
+            self.addr,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The file in the registry's storage holding blob `digest`.
+    pub fn blob_file(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.storage
+            .join("docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+
+    /// Flips the bits of the byte at `offset` of blob `digest` in storage.
+    pub fn corrupt_blob(&self, digest: &Digest, offset: u64) {
+        let path = self.blob_file(digest);
+        let mut bytes = std::fs::read(&path).expect("read stored blob");
+        bytes[offset as usize] ^= 0xff;
+        std::fs::write(&path, bytes).expect("write stored blob");
+    }
+
+    /// Replaces `from` by `to` (same length) in blob `digest` in storage:
+    /// wrong bytes that still parse.
+    pub fn rewrite_blob(&self, digest: &Digest, from: &str, to: &str) {
+        assert_eq!(from.len(), to.len(), "a rewrite keeps the blob's size");
+        let path = self.blob_file(digest);
+        let text = std::fs::read_to_string(&path).expect("read stored blob");
+        assert!(
+            text.contains(from),
+            "{} does not contain {from:?}",
+            path.display()
+        );
+        std::fs::write(&path, text.replacen(from, to, 1)).expect("write stored blob");
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops the registry (by its PID) and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Status of a plain `GET path` to `addr`, `None` when nothing answers.
+pub fn http_get_status(addr: SocketAddr, path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).ok()?;
+    std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+}
+
+/// The sample OS image of the workspace (`build/sample-image`), read
+/// directly from its layout as the reference to compare against.
+#[derive(Debug)]
+pub struct SampleImage {
+    pub dir: PathBuf,
+    pub manifest_digest: Digest,
+    pub manifest: Vec<u8>,
+    pub config: Vec<u8>,
+    pub config_digest: Digest,
+    /// Payload blobs in layer order, with their chunk hashes.
+    pub payloads: Vec<(String, BlobSpec)>,
+}
+
+impl SampleImage {
+    pub fn load() -> SampleImage {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/sample-image");
+        let read = |p: PathBuf| {
+            std::fs::read(&p).unwrap_or_else(|e| {
+                panic!(
+                    "{}: {e} (build the sample image with hack/mkimage)",
+                    p.display()
+                )
+            })
+        };
+        let blob = |d: &str| {
+            dir.join("blobs/sha256")
+                .join(d.trim_start_matches("sha256:"))
+        };
+        let index: serde_json::Value =
+            serde_json::from_slice(&read(dir.join("index.json"))).expect("index.json");
+        let manifest_digest = index["manifests"][0]["digest"]
+            .as_str()
+            .expect("manifest digest");
+        let manifest = read(blob(manifest_digest));
+        let m: serde_json::Value = serde_json::from_slice(&manifest).expect("manifest JSON");
+        let config_digest = m["config"]["digest"].as_str().expect("config digest");
+        let config = read(blob(config_digest));
+        let c: serde_json::Value = serde_json::from_slice(&config).expect("config JSON");
+        let layers = m["layers"].as_array().expect("layers");
+        let payloads = c["payloads"].as_array().expect("payloads");
+        assert_eq!(layers.len(), payloads.len(), "one payload per layer");
+        let payloads = layers
+            .iter()
+            .zip(payloads)
+            .map(|(layer, payload)| {
+                let hashes: Vec<[u8; 32]> = payload["chunk_hashes_sha256"]
+                    .as_array()
+                    .expect("chunk_hashes_sha256")
+                    .iter()
+                    .map(|h| {
+                        base64::engine::general_purpose::STANDARD_NO_PAD
+                            .decode(h.as_str().expect("hash string"))
+                            .expect("base64 hash")
+                            .try_into()
+                            .expect("32-byte hash")
+                    })
+                    .collect();
+                let spec = BlobSpec {
+                    digest: layer["digest"]
+                        .as_str()
+                        .expect("digest")
+                        .parse()
+                        .expect("sha256"),
+                    size: layer["size"].as_u64().expect("size"),
+                    chunk_size: payload["hash_chunk_size"].as_u64().expect("chunk size"),
+                    chunk_sha256: Arc::from(hashes),
+                };
+                (payload["name"].as_str().expect("name").to_string(), spec)
+            })
+            .collect();
+        SampleImage {
+            manifest_digest: manifest_digest.parse().expect("sha256"),
+            config_digest: config_digest.parse().expect("sha256"),
+            manifest,
+            config,
+            payloads,
+            dir,
+        }
+    }
+
+    /// The payload named `name`.
+    pub fn payload(&self, name: &str) -> &BlobSpec {
+        &self
+            .payloads
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("sample image has no payload {name}"))
+            .1
+    }
+
+    /// The bytes of chunk `index` of `blob`, from the layout.
+    pub fn chunk(&self, blob: &BlobSpec, index: u64) -> Vec<u8> {
+        let bytes = std::fs::read(self.dir.join("blobs/sha256").join(blob.digest.hex()))
+            .expect("read payload blob");
+        let (start, len) = blob.chunk_range(index);
+        bytes[start as usize..(start + len) as usize].to_vec()
+    }
+}
+
+/// Bytes `[start, start+len)` of the file at `path`.
+pub fn read_range(path: &Path, start: u64, len: u64) -> Vec<u8> {
+    use std::os::unix::fs::FileExt as _;
+    let f = std::fs::File::open(path).expect("open cached blob");
+    let mut buf = vec![0; len as usize];
+    f.read_exact_at(&mut buf, start).expect("read cached blob");
+    buf
+}

@@ -1,0 +1,210 @@
+//! A loopback HTTP proxy in front of the real registry: it logs every
+//! request (to count fetches) and can rewrite blob answers the way some
+//! registries and storage back ends behave (429 with Retry-After, Range
+//! ignored, 307 redirect to storage, slow answers).
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+const IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How the proxy treats blob requests (`GET /v2/<repo>/blobs/<digest>`).
+#[derive(Clone, Debug, Default)]
+pub struct Behaviour {
+    /// Answer this many blob requests with 429 and `Retry-After`.
+    pub too_many: u32,
+    pub retry_after_secs: u32,
+    /// Drop the `Range` header before forwarding: the registry answers 200.
+    pub ignore_range: bool,
+    /// Answer blob requests with a 307 to `/storage/...` on the proxy,
+    /// which forwards to the registry, as a cloud storage back end does.
+    pub redirect_blobs: bool,
+    /// Hold each blob request this long before forwarding it (a slow registry).
+    pub blob_delay: Duration,
+}
+
+/// One request the proxy saw.
+#[derive(Clone, Debug)]
+pub struct Logged {
+    pub at: Instant,
+    pub path: String,
+    pub range: Option<String>,
+    pub status: u16,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    behaviour: Mutex<Behaviour>,
+    log: Mutex<Vec<Logged>>,
+}
+
+/// The proxy; stops accepting on drop.
+#[derive(Debug)]
+pub struct Proxy {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// Starts a proxy on a free loopback port in front of `upstream`.
+    pub fn start(upstream: SocketAddr, behaviour: Behaviour) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let state = Arc::new(State::default());
+        *state.behaviour.lock().expect("lock") = behaviour;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (state, stop) = (state.clone(), stop.clone());
+            std::thread::spawn(move || {
+                for conn in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(conn) = conn else { continue };
+                    let state = state.clone();
+                    std::thread::spawn(move || {
+                        let _ = serve(conn, upstream, addr, &state);
+                    });
+                }
+            })
+        };
+        Proxy {
+            addr,
+            state,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// `127.0.0.1:PORT`
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn set(&self, f: impl FnOnce(&mut Behaviour)) {
+        f(&mut self.state.behaviour.lock().expect("lock"));
+    }
+
+    /// Every request seen so far.
+    pub fn log(&self) -> Vec<Logged> {
+        self.state.log.lock().expect("lock").clone()
+    }
+
+    /// Requests for blob `hex` (by digest hex), redirects and 429s included.
+    pub fn blob_requests(&self, hex: &str) -> Vec<Logged> {
+        self.log()
+            .into_iter()
+            .filter(|l| l.path.contains("/blobs/sha256:") && l.path.ends_with(hex))
+            .collect()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop.
+        let _ = TcpStream::connect(self.addr);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Serves one request on `client`, then closes the connection.
+fn serve(
+    client: TcpStream,
+    upstream: SocketAddr,
+    me: SocketAddr,
+    state: &State,
+) -> std::io::Result<()> {
+    client.set_read_timeout(Some(IO_TIMEOUT))?;
+    client.set_write_timeout(Some(IO_TIMEOUT))?;
+    let mut reader = BufReader::new(client.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    let mut headers = Vec::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" {
+            break;
+        }
+        headers.push(line);
+    }
+    let mut parts = request_line.split_whitespace();
+    let (method, path) = (
+        parts.next().unwrap_or(""),
+        parts.next().unwrap_or("").to_string(),
+    );
+    let header = |name: &str| {
+        headers.iter().find_map(|h| {
+            let (n, v) = h.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+    };
+    let range = header("range");
+    let (upstream_path, via_storage) = match path.strip_prefix("/storage") {
+        Some(p) => (p.to_string(), true),
+        None => (path.clone(), false),
+    };
+    let is_blob = method == "GET" && upstream_path.contains("/blobs/sha256:");
+    let behaviour = state.behaviour.lock().expect("lock").clone();
+    let log = |status: u16| {
+        state.log.lock().expect("lock").push(Logged {
+            at: Instant::now(),
+            path: path.clone(),
+            range: range.clone(),
+            status,
+        });
+    };
+    let mut client = client;
+    if is_blob && !via_storage && behaviour.too_many > 0 {
+        state.behaviour.lock().expect("lock").too_many -= 1;
+        log(429);
+        write!(
+            client,
+            "HTTP/1.1 429 Too Many Requests\r\nRetry-After: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            behaviour.retry_after_secs
+        )?;
+        return client.shutdown(Shutdown::Both);
+    }
+    if is_blob && !via_storage && behaviour.redirect_blobs {
+        log(307);
+        write!(
+            client,
+            "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://{me}/storage{path}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )?;
+        return client.shutdown(Shutdown::Both);
+    }
+    if is_blob && !behaviour.blob_delay.is_zero() {
+        std::thread::sleep(behaviour.blob_delay);
+    }
+    let mut up = TcpStream::connect_timeout(&upstream, IO_TIMEOUT)?;
+    up.set_read_timeout(Some(IO_TIMEOUT))?;
+    let mut head = format!("{method} {upstream_path} HTTP/1.1\r\n");
+    for h in &headers {
+        let name = h.split(':').next().unwrap_or("").trim();
+        if name.eq_ignore_ascii_case("connection")
+            || (behaviour.ignore_range && name.eq_ignore_ascii_case("range"))
+        {
+            continue;
+        }
+        head.push_str(h);
+    }
+    head.push_str("Connection: close\r\n\r\n");
+    up.write_all(head.as_bytes())?;
+    let mut answer = Vec::new();
+    up.read_to_end(&mut answer)?;
+    let status = std::str::from_utf8(answer.get(9..12).unwrap_or(b"000"))
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    log(status);
+    client.write_all(&answer)?;
+    client.shutdown(Shutdown::Both)
+}
