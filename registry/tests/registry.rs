@@ -286,7 +286,9 @@ fn two_threads_wanting_one_chunk_fetch_it_once() {
 fn two_processes_filling_one_cache_fetch_each_chunk_once() {
     let (registry, sample) = registry_with_sample();
     let proxy = Proxy::start(registry.addr, Behaviour::default());
-    proxy.set(|b| b.blob_delay = Duration::from_millis(50));
+    // Slow enough that the second process catches up with the first and
+    // waits on a chunk the first is fetching.
+    proxy.set(|b| b.blob_delay = Duration::from_millis(100));
     let (dir, cache) = temp_cache();
     let kernel = sample.payload("kernel.efi");
     let hashes = dir.path().join("hashes");
@@ -305,19 +307,23 @@ fn two_processes_filling_one_cache_fetch_each_chunk_once() {
             .arg(kernel.digest.to_string())
             .arg(kernel.chunk_size.to_string())
             .arg(&hashes)
+            .env("RUST_LOG", "ociblk_registry=debug")
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("spawn ociblk-registry-fetch")
     };
     let children = [spawn(), spawn()];
+    let mut logs = String::new();
     for child in children {
         let out = child.wait_with_output().expect("wait for fetcher");
-        assert!(
-            out.status.success(),
-            "fetcher failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "fetcher failed: {log}");
+        logs.push_str(&log);
     }
+    assert!(
+        logs.contains("chunk stored by another fetcher while waiting"),
+        "the processes never wanted the same chunk at once: {logs}"
+    );
 
     let requests = proxy.blob_requests(kernel.digest.hex());
     let mut ranges: Vec<_> = requests.iter().filter_map(|r| r.range.clone()).collect();
@@ -528,17 +534,27 @@ fn gc_removes_least_recently_used_blobs_but_never_one_in_use() {
     let (_dir, cache) = temp_cache();
     let system = sample.payload("system");
     let kernel = sample.payload("kernel.efi");
-    {
+    let fill = |blobs: &[&BlobSpec]| {
         let image = open(&registry.host(), REPO_TAG, &cache);
-        image.blobs.ensure_chunk(system, 0).expect("system chunk");
-        image.blobs.ensure_chunk(kernel, 0).expect("kernel chunk");
-    }
+        for blob in blobs {
+            image.blobs.ensure_chunk(blob, 0).expect("fill chunk");
+        }
+    };
+    // system used first, kernel last: system is the least recently used.
+    fill(&[system, kernel]);
+    let total = cache.info().expect("info").blob_bytes();
+    let report = cache.gc(total - 1).expect("gc");
+    assert_eq!(report.removed, vec![system.digest.clone()]);
+    assert!(report.in_use.is_empty());
+    assert_eq!(report.remaining, total - report.freed);
+
+    // Now kernel first, system last, and kernel held open by an image.
+    fill(&[system]);
     let in_use = open(&registry.host(), REPO_TAG, &cache);
     in_use
         .blobs
         .ensure_chunk(kernel, 1)
         .expect("kernel chunk 1");
-
     let report = cache.gc(0).expect("gc");
     assert_eq!(report.removed, vec![system.digest.clone()]);
     assert_eq!(report.in_use, vec![kernel.digest.clone()]);
@@ -555,4 +571,53 @@ fn gc_removes_least_recently_used_blobs_but_never_one_in_use() {
     let image = open(&registry.host(), REPO_TAG, &cache);
     image.blobs.ensure_chunk(kernel, 1).expect("refill");
     assert_cached_chunk(&image, &sample, kernel, 1);
+}
+
+/// `ociblk:test-password`, bcrypt cost 4.
+const HTPASSWD: &str = "ociblk:$2b$04$1zGbIXKr/YkKwu3FCABTyuFbfoL4aZ1T0FcV0uB7HcF5qzwvNVHuy\n";
+
+#[test]
+fn basic_auth_uses_the_credentials_of_the_auth_file() {
+    let sample = SampleImage::load();
+    let registry = Registry::start_with_htpasswd(Some(HTPASSWD));
+    registry.push_as(&sample.dir, REPO_TAG, Some("ociblk:test-password"));
+    let (dir, cache) = temp_cache();
+    let auth_file = dir.path().join("auth.json");
+    let options = Options {
+        auth_file: Some(auth_file.clone()),
+        ..Options::default()
+    };
+    let r = reference(&registry.host(), REPO_TAG);
+
+    let err = RegistryImage::open(&r, &cache, &options).expect_err("no credentials");
+    assert!(
+        matches!(&err, Error::Auth { message, .. } if message.contains("none is stored")),
+        "{err}"
+    );
+
+    let write_auth = |userpass: &str| {
+        use base64::Engine as _;
+        let auth = base64::engine::general_purpose::STANDARD.encode(userpass);
+        let json = format!(
+            r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#,
+            registry.host()
+        );
+        std::fs::write(&auth_file, json).expect("write auth file");
+    };
+    write_auth("ociblk:wrong");
+    let err = RegistryImage::open(&r, &cache, &options).expect_err("wrong password");
+    assert!(
+        matches!(&err, Error::Auth { message, .. } if message.contains("stored credentials")),
+        "{err}"
+    );
+
+    write_auth("ociblk:test-password");
+    let image = RegistryImage::open(&r, &cache, &options).expect("open with credentials");
+    assert_eq!(image.manifest_digest, sample.manifest_digest);
+    let kernel = sample.payload("kernel.efi");
+    image
+        .blobs
+        .ensure_chunk(kernel, 4)
+        .expect("chunk with credentials");
+    assert_cached_chunk(&image, &sample, kernel, 4);
 }

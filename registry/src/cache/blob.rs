@@ -119,8 +119,10 @@ impl BlobCache {
             })?;
         // Another thread or process may have stored it while we waited.
         if is_present(&open, index)? {
+            tracing::debug!(digest = %blob.digest, index, "chunk stored by another fetcher while waiting");
             return Ok(());
         }
+        tracing::debug!(digest = %blob.digest, index, "fetching chunk");
         let data_path = self.path(&blob.digest);
         let mut store = |i: u64, bytes: &[u8]| -> Result<()> {
             let expected = &blob.chunk_sha256[i as usize];

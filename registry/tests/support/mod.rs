@@ -44,6 +44,12 @@ impl Registry {
     /// Starts a registry with empty storage on a free loopback port and
     /// waits (bounded) until `/v2/` answers.
     pub fn start() -> Registry {
+        Registry::start_with_htpasswd(None)
+    }
+
+    /// Starts a registry that asks for HTTP Basic credentials checked
+    /// against `htpasswd` (lines `user:bcrypt-hash`), when given.
+    pub fn start_with_htpasswd(htpasswd: Option<&str>) -> Registry {
         let binary = require_tool("docker-registry", "docker-registry");
         let dir = tempfile::tempdir().expect("temp dir for the registry");
         let storage = dir.path().join("storage");
@@ -65,6 +71,16 @@ impl Registry {
             ),
         )
         .expect("write registry config");
+        if let Some(lines) = htpasswd {
+            let file = dir.path().join("htpasswd");
+            std::fs::write(&file, lines).expect("write htpasswd");
+            let mut config_text = std::fs::read_to_string(&config).expect("read config");
+            config_text.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: ociblk-test\n    path: {}\n",
+                file.display()
+            ));
+            std::fs::write(&config, config_text).expect("write registry config");
+        }
         let log = dir.path().join("registry.log");
         let log_file = std::fs::File::create(&log).expect("create registry log");
         let child = Command::new(binary)
@@ -99,7 +115,8 @@ impl Registry {
                     self.log_text()
                 );
             }
-            if http_get_status(self.addr, "/v2/") == Some(200) {
+            // 401: up, and asking for credentials.
+            if matches!(http_get_status(self.addr, "/v2/"), Some(200 | 401)) {
                 return;
             }
             assert!(
@@ -119,14 +136,23 @@ impl Registry {
 
     /// Pushes the OCI layout `image` as `repo_tag` with skopeo.
     pub fn push(&self, image: &Path, repo_tag: &str) {
+        self.push_as(image, repo_tag, None);
+    }
+
+    /// Pushes with `user:password` credentials when given.
+    pub fn push_as(&self, image: &Path, repo_tag: &str, creds: Option<&str>) {
         let skopeo = require_tool("skopeo", "skopeo");
-        let out = Command::new(skopeo)
-            .args([
-                "--insecure-policy",
-                "copy",
-                "--quiet",
-                "--dest-tls-verify=false",
-            ])
+        let mut command = Command::new(skopeo);
+        command.args([
+            "--insecure-policy",
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+        ]);
+        if let Some(creds) = creds {
+            command.arg(format!("--dest-creds={creds}"));
+        }
+        let out = command
             .arg(format!("oci:{}", image.display()))
             .arg(format!("docker://{}/{repo_tag}", self.addr))
             .output()
