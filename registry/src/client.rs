@@ -61,6 +61,9 @@ impl RegistryClient {
         let scheme = if plain { "http" } else { "https" };
         let mut config = Agent::config_builder()
             .http_status_as_error(false)
+            // Keep the token on a redirect within the registry; never send
+            // it to another host (blob storage URLs carry their own grant).
+            .redirect_auth_headers(ureq::config::RedirectAuthHeaders::SameHost)
             .https_only(!plain)
             .timeout_connect(Some(options.chunk_timeout.min(Duration::from_secs(10))))
             .user_agent(concat!("ociblk/", env!("CARGO_PKG_VERSION")))

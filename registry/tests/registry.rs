@@ -621,3 +621,139 @@ fn basic_auth_uses_the_credentials_of_the_auth_file() {
         .expect("chunk with credentials");
     assert_cached_chunk(&image, &sample, kernel, 4);
 }
+
+#[test]
+fn a_fetcher_killed_mid_fill_leaves_a_cache_the_next_one_completes() {
+    let (registry, sample) = registry_with_sample();
+    let proxy = Proxy::start(registry.addr, Behaviour::default());
+    proxy.set(|b| b.blob_delay = Duration::from_millis(100));
+    let (dir, cache) = temp_cache();
+    let kernel = sample.payload("kernel.efi");
+    let hashes = dir.path().join("hashes");
+    let lines: Vec<String> = kernel
+        .chunk_sha256
+        .iter()
+        .map(|h| ociblk_registry::digest::hex(h))
+        .collect();
+    std::fs::write(&hashes, lines.join("\n")).expect("write hashes");
+    let fetcher = || {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_ociblk-registry-fetch"));
+        c.arg("--cache")
+            .arg(cache.dir())
+            .arg(format!("{}/{REPO_TAG}", proxy.host()))
+            .arg(kernel.digest.to_string())
+            .arg(kernel.chunk_size.to_string())
+            .arg(&hashes)
+            .stderr(std::process::Stdio::piped());
+        c
+    };
+    let map_path = cache.dir().join(format!(
+        "blobs/sha256/{}.{}.chunks",
+        kernel.digest.hex(),
+        kernel.chunk_size
+    ));
+    let present =
+        || std::fs::read(&map_path).map_or(0, |m| m.iter().filter(|&&b| b == 1).count() as u64);
+
+    let mut first = fetcher().spawn().expect("spawn fetcher");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while present() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first fetcher stored no chunks"
+        );
+        assert!(
+            first.try_wait().expect("poll fetcher").is_none(),
+            "the first fetcher ended early"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    first.kill().expect("kill -9 the first fetcher");
+    first.wait().expect("reap");
+    assert!(
+        present() < kernel.chunks(),
+        "killed after the fill was complete"
+    );
+
+    let out = fetcher().output().expect("run second fetcher");
+    assert!(
+        out.status.success(),
+        "second fetcher: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let image = open(&registry.host(), REPO_TAG, &cache);
+    for i in 0..kernel.chunks() {
+        assert!(
+            image.blobs.chunk_present(kernel, i).expect("map"),
+            "chunk {i} missing"
+        );
+        assert_cached_chunk(&image, &sample, kernel, i);
+    }
+}
+
+/// A tmpfs mounted for the life of the value (root only).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path, size: &str) -> Tmpfs {
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        assert_eq!(
+            euid, 0,
+            "this test mounts a tmpfs and must run as root (CI does); run it with sudo"
+        );
+        std::fs::create_dir_all(at).expect("create mount point");
+        let status = std::process::Command::new(support::require_tool("mount", "mount"))
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "mount tmpfs at {}: {status}",
+            at.display()
+        );
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_cache_file_system_fails_the_chunk_and_recovers_when_space_is_freed() {
+    let (registry, sample) = registry_with_sample();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let small = Tmpfs::mount(&dir.path().join("small"), "4M");
+    let cache = Cache::open(small.0.join("cache")).expect("open cache");
+    let image = open(&registry.host(), REPO_TAG, &cache);
+    let filler = small.0.join("filler");
+    std::fs::write(&filler, vec![0x5a; (3 << 20) + (512 << 10)]).expect("fill the tmpfs");
+
+    let kernel = sample.payload("kernel.efi");
+    let err = image
+        .blobs
+        .ensure_chunk(kernel, 0)
+        .expect_err("no space for a chunk");
+    let msg = err.to_string();
+    assert!(matches!(err, Error::Io { .. }), "{msg}");
+    assert!(
+        msg.contains(kernel.digest.hex()) && msg.contains("No space left"),
+        "{msg}"
+    );
+    assert!(
+        !image.blobs.chunk_present(kernel, 0).expect("map"),
+        "a partly written chunk is marked present"
+    );
+
+    std::fs::remove_file(&filler).expect("free space");
+    image
+        .blobs
+        .ensure_chunk(kernel, 0)
+        .expect("chunk after space was freed");
+    assert_cached_chunk(&image, &sample, kernel, 0);
+    drop(image);
+}
