@@ -579,7 +579,7 @@ const HTPASSWD: &str = "ociblk:$2b$04$1zGbIXKr/YkKwu3FCABTyuFbfoL4aZ1T0FcV0uB7Hc
 #[test]
 fn basic_auth_uses_the_credentials_of_the_auth_file() {
     let sample = SampleImage::load();
-    let registry = Registry::start_with_htpasswd(Some(HTPASSWD));
+    let registry = Registry::start_with(support::Auth::Htpasswd(HTPASSWD));
     registry.push_as(&sample.dir, REPO_TAG, Some("ociblk:test-password"));
     let (dir, cache) = temp_cache();
     let auth_file = dir.path().join("auth.json");
@@ -756,4 +756,43 @@ fn a_full_cache_file_system_fails_the_chunk_and_recovers_when_space_is_freed() {
         .expect("chunk after space was freed");
     assert_cached_chunk(&image, &sample, kernel, 0);
     drop(image);
+}
+
+#[test]
+fn bearer_token_from_the_challenge_realm_is_fetched_once_and_used() {
+    let sample = SampleImage::load();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let issuer = support::token::TokenIssuer::start(dir.path());
+    let registry = Registry::start_with(support::Auth::Token(&issuer));
+    registry.push(&sample.dir, REPO_TAG);
+    let pushed = issuer.requests().len();
+    assert!(
+        pushed > 0,
+        "skopeo pushed without a token: the registry does not ask for one"
+    );
+
+    let (_cache_dir, cache) = temp_cache();
+    let image = open(&registry.host(), REPO_TAG, &cache);
+    assert_eq!(image.manifest_digest, sample.manifest_digest);
+    let kernel = sample.payload("kernel.efi");
+    image
+        .blobs
+        .ensure_chunk(kernel, 2)
+        .expect("chunk with a token");
+    image
+        .blobs
+        .ensure_chunk(kernel, 9)
+        .expect("chunk with the same token");
+    assert_cached_chunk(&image, &sample, kernel, 2);
+    assert_cached_chunk(&image, &sample, kernel, 9);
+
+    // One token for manifest, config and chunks, for the scope the challenge named.
+    let ours = &issuer.requests()[pushed..];
+    assert_eq!(ours.len(), 1, "token requests: {ours:?}");
+    assert!(
+        ours[0].contains("scope=repository%3Amonogon%2Fos%3Apull")
+            && ours[0].contains(&format!("service={}", support::token::SERVICE)),
+        "token request: {}",
+        ours[0]
+    );
 }

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod proxy;
+pub mod token;
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -30,6 +31,16 @@ pub fn require_tool(tool: &str, package: &str) -> PathBuf {
         })
 }
 
+/// How the registry asks clients to authenticate.
+#[derive(Debug)]
+pub enum Auth<'a> {
+    Open,
+    /// HTTP Basic, checked against these `user:bcrypt-hash` lines.
+    Htpasswd(&'a str),
+    /// Bearer tokens from this issuer.
+    Token(&'a token::TokenIssuer),
+}
+
 /// A `docker-registry serve` process on 127.0.0.1, stopped on drop.
 #[derive(Debug)]
 pub struct Registry {
@@ -44,12 +55,11 @@ impl Registry {
     /// Starts a registry with empty storage on a free loopback port and
     /// waits (bounded) until `/v2/` answers.
     pub fn start() -> Registry {
-        Registry::start_with_htpasswd(None)
+        Registry::start_with(Auth::Open)
     }
 
-    /// Starts a registry that asks for HTTP Basic credentials checked
-    /// against `htpasswd` (lines `user:bcrypt-hash`), when given.
-    pub fn start_with_htpasswd(htpasswd: Option<&str>) -> Registry {
+    /// Starts a registry that asks clients to authenticate as `auth` says.
+    pub fn start_with(auth: Auth) -> Registry {
         let binary = require_tool("docker-registry", "docker-registry");
         let dir = tempfile::tempdir().expect("temp dir for the registry");
         let storage = dir.path().join("storage");
@@ -71,16 +81,21 @@ impl Registry {
             ),
         )
         .expect("write registry config");
-        if let Some(lines) = htpasswd {
-            let file = dir.path().join("htpasswd");
-            std::fs::write(&file, lines).expect("write htpasswd");
-            let mut config_text = std::fs::read_to_string(&config).expect("read config");
-            config_text.push_str(&format!(
-                "auth:\n  htpasswd:\n    realm: ociblk-test\n    path: {}\n",
-                file.display()
-            ));
-            std::fs::write(&config, config_text).expect("write registry config");
-        }
+        let auth_config = match auth {
+            Auth::Open => String::new(),
+            Auth::Htpasswd(lines) => {
+                let file = dir.path().join("htpasswd");
+                std::fs::write(&file, lines).expect("write htpasswd");
+                format!(
+                    "auth:\n  htpasswd:\n    realm: ociblk-test\n    path: {}\n",
+                    file.display()
+                )
+            }
+            Auth::Token(issuer) => issuer.registry_config(),
+        };
+        let mut config_text = std::fs::read_to_string(&config).expect("read config");
+        config_text.push_str(&auth_config);
+        std::fs::write(&config, config_text).expect("write registry config");
         let log = dir.path().join("registry.log");
         let log_file = std::fs::File::create(&log).expect("create registry log");
         let child = Command::new(binary)
