@@ -2,6 +2,7 @@
 
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use ureq::http::StatusCode;
@@ -15,11 +16,43 @@ use crate::error::{Error, Result};
 pub struct BlobSource {
     client: Arc<RegistryClient>,
     repository: String,
+    stats: Arc<Counters>,
+}
+
+/// What a [`BlobSource`] has fetched so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FetchStats {
+    /// Blob requests answered with bytes (206 or 200).
+    pub requests: u64,
+    /// Body bytes read from those answers.
+    pub bytes: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    requests: AtomicU64,
+    bytes: AtomicU64,
 }
 
 impl BlobSource {
     pub fn new(client: Arc<RegistryClient>, repository: String) -> Self {
-        BlobSource { client, repository }
+        BlobSource {
+            client,
+            repository,
+            stats: Arc::default(),
+        }
+    }
+
+    /// Requests and bytes fetched through this source (and its clones).
+    pub fn stats(&self) -> FetchStats {
+        FetchStats {
+            requests: self.stats.requests.load(Ordering::Relaxed),
+            bytes: self.stats.bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    fn count(&self, bytes: u64) {
+        self.stats.bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
     pub fn client(&self) -> &RegistryClient {
@@ -75,9 +108,11 @@ impl BlobSource {
                         blob.size
                     )));
                 }
+                self.stats.requests.fetch_add(1, Ordering::Relaxed);
                 let mut buf = vec![0; len as usize];
                 let mut reader = response.body_mut().as_reader();
                 read_exact(&mut reader, &mut buf, &url, self.client.timeout())?;
+                self.count(len);
                 store(index, &buf)
             }
             StatusCode::OK => {
@@ -90,12 +125,14 @@ impl BlobSource {
                     )));
                 }
                 tracing::debug!(%url, "registry ignored Range; reading the blob from its start");
+                self.stats.requests.fetch_add(1, Ordering::Relaxed);
                 let mut reader = response.body_mut().as_reader();
                 let mut buf = Vec::new();
                 for i in 0..=index {
                     let (_, len) = blob.chunk_range(i);
                     buf.resize(len as usize, 0);
                     read_exact(&mut reader, &mut buf, &url, self.client.timeout())?;
+                    self.count(len);
                     store(i, &buf)?;
                 }
                 Ok(())

@@ -31,6 +31,7 @@ pub mod source;
 pub use cache::{BlobCache, BlobSpec, Cache, CacheInfo, GcReport};
 pub use digest::Digest;
 pub use error::{Error, Result};
+pub use fetch::FetchStats;
 pub use image::{Layer, RegistryImage};
 pub use options::Options;
 pub use reference::Reference;

@@ -178,6 +178,16 @@ fn chunks_are_fetched_by_range_verified_and_stored_once() {
     // Present chunks are not fetched again.
     image.blobs.ensure_chunk(kernel, 3).expect("chunk 3 again");
     assert_eq!(proxy.blob_requests(kernel.digest.hex()).len(), 2);
+    assert_eq!(
+        image.blobs.fetch_stats(),
+        ociblk_registry::FetchStats {
+            requests: 2,
+            bytes: kernel.chunk_size + len
+        }
+    );
+    let present = image.blobs.present_chunks(kernel).expect("map");
+    let expected: Vec<bool> = (0..kernel.chunks()).map(|i| i == 3 || i == last).collect();
+    assert_eq!(present, expected);
 
     // The cache files are private and the blob file sparse.
     use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
@@ -472,6 +482,11 @@ fn registry_ignoring_range_still_serves_chunks_and_keeps_those_before() {
         assert_cached_chunk(&image, &sample, kernel, i);
     }
     assert!(!image.blobs.chunk_present(kernel, 4).expect("map"));
+    assert_eq!(
+        image.blobs.fetch_stats().bytes,
+        4 * kernel.chunk_size,
+        "read up to chunk 3 only"
+    );
     let statuses: Vec<_> = proxy
         .blob_requests(kernel.digest.hex())
         .iter()

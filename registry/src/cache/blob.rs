@@ -13,7 +13,7 @@ use super::Cache;
 use super::chunk_lock::ChunkLock;
 use crate::digest::{Digest, hex};
 use crate::error::{Error, Result};
-use crate::fetch::BlobSource;
+use crate::fetch::{BlobSource, FetchStats};
 
 /// A payload blob as the image describes it: its digest, size and the
 /// sha256 of each `chunk_size`-byte chunk (the last one may be shorter).
@@ -175,6 +175,22 @@ impl BlobCache {
         open.map
             .write_all_at(&[0], index)
             .map_err(|e| Error::io(&open.map_path, e))
+    }
+
+    /// Requests and bytes this cache fetched from the registry.
+    pub fn fetch_stats(&self) -> FetchStats {
+        self.source.stats()
+    }
+
+    /// Which chunks of `blob` are present, in chunk order: for a reader
+    /// that keeps its own map of chunks it has verified.
+    pub fn present_chunks(&self, blob: &BlobSpec) -> Result<Vec<bool>> {
+        let open = self.open_blob(blob)?;
+        let mut map = vec![0u8; blob.chunks() as usize];
+        open.map
+            .read_exact_at(&mut map, 0)
+            .map_err(|e| Error::io(&open.map_path, e))?;
+        Ok(map.into_iter().map(|b| b == 1).collect())
     }
 
     /// Whether chunk `index` is present.
