@@ -116,20 +116,24 @@ impl RegistryClient {
         let mut authenticated = false;
         let mut connect_failures = 0;
         let mut busy_answers = 0;
-        let mut last = String::from("no attempt");
+        // What went wrong with the previous attempt, for the timeout error.
+        let mut last: Option<String> = None;
         loop {
-            let timed_out = |last: String| Error::Timeout {
+            let timed_out = |what: &str, last: &Option<String>| Error::Timeout {
                 url: url.clone(),
                 timeout: self.timeout,
-                last,
+                last: match last {
+                    Some(l) => format!("{what}; the attempt before: {l}"),
+                    None => what.to_string(),
+                },
             };
             let permit = self
                 .limiter
                 .acquire(deadline)
-                .ok_or_else(|| timed_out(format!("{last}; waiting for a request slot")))?;
+                .ok_or_else(|| timed_out("waiting for a request slot", &last))?;
             let left = deadline
                 .checked_duration_since(Instant::now())
-                .ok_or_else(|| timed_out(last.clone()))?;
+                .ok_or_else(|| timed_out("retrying", &last))?;
             let mut request = self.agent.get(&url);
             for (name, value) in headers {
                 request = request.header(*name, *value);
@@ -140,10 +144,12 @@ impl RegistryClient {
             let result = request.config().timeout_global(Some(left)).build().call();
             let response = match result {
                 Ok(r) => r,
-                Err(ureq::Error::Timeout(_)) => return Err(timed_out(last)),
+                Err(ureq::Error::Timeout(_)) => {
+                    return Err(timed_out("waiting for the answer", &last));
+                }
                 Err(e @ (ureq::Error::Io(_) | ureq::Error::ConnectionFailed)) => {
                     connect_failures += 1;
-                    last = e.to_string();
+                    last = Some(e.to_string());
                     if connect_failures >= CONNECT_ATTEMPTS {
                         return Err(Error::Http {
                             url,
@@ -170,7 +176,7 @@ impl RegistryClient {
             }
             if matches!(status.as_u16(), 429 | 502 | 503 | 504) {
                 busy_answers += 1;
-                last = format!("HTTP {status}");
+                last = Some(format!("HTTP {status}"));
                 let asked = response
                     .headers()
                     .get("retry-after")

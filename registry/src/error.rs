@@ -30,11 +30,20 @@ pub enum Error {
         status: u16,
         detail: String,
     },
-    #[error("GET {url}: no answer within {timeout:?} (last: {last})")]
+    #[error("GET {url}: not done within {timeout:?} ({last})")]
     Timeout {
         url: String,
         timeout: Duration,
         last: String,
+    },
+    #[error(
+        "blob {digest} chunk {index}: another fetch of this chunk (in this or another \
+         process) did not finish within {timeout:?}"
+    )]
+    ChunkBusy {
+        digest: String,
+        index: u64,
+        timeout: Duration,
     },
     #[error("GET {url}: {message}")]
     Protocol { url: String, message: String },

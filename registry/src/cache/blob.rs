@@ -25,13 +25,17 @@ pub struct BlobSpec {
     pub chunk_sha256: Arc<[[u8; 32]]>,
 }
 
+/// Largest chunk size accepted: a chunk is held in memory while it is
+/// fetched and verified.
+pub const MAX_CHUNK_SIZE: u64 = 64 << 20;
+
 impl BlobSpec {
     /// Number of chunks.
     pub fn chunks(&self) -> u64 {
         self.size.div_ceil(self.chunk_size.max(1))
     }
 
-    /// Offset and length of chunk `index`.
+    /// Offset and length of chunk `index` (below [`BlobSpec::chunks`]).
     pub fn chunk_range(&self, index: u64) -> (u64, u64) {
         let start = index * self.chunk_size;
         (start, self.chunk_size.min(self.size - start))
@@ -39,7 +43,14 @@ impl BlobSpec {
 
     fn check(&self, index: u64) -> Result<()> {
         let chunks = self.chunks();
-        if self.chunk_size == 0 || self.chunk_sha256.len() as u64 != chunks {
+        if self.chunk_size == 0 || self.chunk_size > MAX_CHUNK_SIZE {
+            return Err(Error::Invalid {
+                what: format!("blob {}", self.digest),
+                field: "chunk_size".into(),
+                message: format!("{} is not in 1..={MAX_CHUNK_SIZE}", self.chunk_size),
+            });
+        }
+        if self.chunk_sha256.len() as u64 != chunks {
             return Err(Error::Invalid {
                 what: format!("blob {}", self.digest),
                 field: "chunk_sha256".into(),
@@ -112,10 +123,10 @@ impl BlobCache {
         let deadline = Instant::now() + timeout;
         let _lock = ChunkLock::acquire(&open.map_path, index, deadline)
             .map_err(|e| Error::io(&open.map_path, e))?
-            .ok_or_else(|| Error::Timeout {
-                url: format!("blob {} chunk {index}", blob.digest),
+            .ok_or_else(|| Error::ChunkBusy {
+                digest: blob.digest.to_string(),
+                index,
                 timeout,
-                last: "another fetch of this chunk is still running".into(),
             })?;
         // Another thread or process may have stored it while we waited.
         if is_present(&open, index)? {
@@ -166,10 +177,10 @@ impl BlobCache {
         let timeout = self.source.client().timeout();
         let _lock = ChunkLock::acquire(&open.map_path, index, Instant::now() + timeout)
             .map_err(|e| Error::io(&open.map_path, e))?
-            .ok_or_else(|| Error::Timeout {
-                url: format!("blob {} chunk {index}", blob.digest),
+            .ok_or_else(|| Error::ChunkBusy {
+                digest: blob.digest.to_string(),
+                index,
                 timeout,
-                last: "another fetch of this chunk is still running".into(),
             })?;
         tracing::warn!(digest = %blob.digest, index, "cached chunk failed verification; dropping it");
         open.map
@@ -281,4 +292,44 @@ fn open_in_use(path: &std::path::Path) -> Result<File> {
         path: path.to_path_buf(),
         message: "removed by a concurrent gc again and again".into(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(size: u64, chunk_size: u64, hashes: usize) -> BlobSpec {
+        BlobSpec {
+            digest: Digest::of(b"blob"),
+            size,
+            chunk_size,
+            chunk_sha256: vec![[0; 32]; hashes].into(),
+        }
+    }
+
+    #[test]
+    fn chunk_geometry_and_checks() {
+        let s = spec(2500, 1000, 3);
+        assert_eq!(s.chunks(), 3);
+        assert_eq!(s.chunk_range(2), (2000, 500));
+        assert!(s.check(2).is_ok());
+        assert!(matches!(
+            s.check(3),
+            Err(Error::ChunkIndex {
+                index: 3,
+                chunks: 3,
+                ..
+            })
+        ));
+        let field = |r: Result<()>| match r {
+            Err(Error::Invalid { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(field(spec(2500, 1000, 2).check(0)), "chunk_sha256");
+        assert_eq!(field(spec(2500, 0, 0).check(0)), "chunk_size");
+        assert_eq!(
+            field(spec(1 << 30, MAX_CHUNK_SIZE * 2, 8).check(0)),
+            "chunk_size"
+        );
+    }
 }

@@ -6,7 +6,9 @@
 //!   blobs/sha256/<hex>.<chunk>.chunks   one byte per chunk of <chunk> bytes:
 //!                                       1 = present and verified when stored
 //!   meta/sha256/<hex>                   manifests and configs, whole, verified
-//!   tags/<host>/<repo>/<tag>            "sha256:<hex>" the tag last resolved to
+//!   tags/<host>/<repo>/:<tag>           "sha256:<hex>" the tag last resolved to
+//!                                       (':' keeps tag files apart from
+//!                                       repository path components)
 //! ```
 //!
 //! Locking, all advisory and per open file, so threads and processes follow
@@ -98,7 +100,7 @@ impl Cache {
             .join("tags")
             .join(&reference.host)
             .join(&reference.repository)
-            .join(reference.tag_or_default())
+            .join(format!(":{}", reference.tag_or_default()))
     }
 
     /// A cached manifest or config, verified against `digest` (and `size`
@@ -195,7 +197,21 @@ mod tests {
         let r = Reference::parse("127.0.0.1:5000/a/b:t").expect("ref");
         assert_eq!(cache.tag(&r).expect("read"), None);
         cache.store_tag(&r, &d).expect("store");
-        assert_eq!(cache.tag(&r).expect("read"), Some(d));
+        assert_eq!(cache.tag(&r).expect("read"), Some(d.clone()));
         assert_eq!(mode(&cache.tag_path(&r)), 0o600);
+        // Repository a/b/t next to tag t of repository a/b.
+        let nested = Reference::parse("127.0.0.1:5000/a/b/t").expect("ref");
+        cache.store_tag(&nested, &d).expect("store nested");
+        let images: Vec<_> = cache
+            .info()
+            .expect("info")
+            .images
+            .into_iter()
+            .map(|i| i.reference)
+            .collect();
+        assert_eq!(
+            images,
+            ["127.0.0.1:5000/a/b/t:latest", "127.0.0.1:5000/a/b:t"]
+        );
     }
 }

@@ -69,22 +69,18 @@ impl Cache {
             info.metadata_bytes += fs::metadata(&path).map_err(|e| Error::io(&path, e))?.len();
         }
         let blob_dir = self.dir.join("blobs/sha256");
-        for entry in read_dir(&blob_dir)? {
-            let name = entry.file_name();
-            let Some(digest) = name
-                .to_str()
-                .and_then(|n| format!("sha256:{n}").parse().ok())
-            else {
+        let listing = list(&blob_dir)?;
+        for (name, path) in &listing {
+            let Ok(digest) = format!("sha256:{name}").parse::<Digest>() else {
                 continue;
             };
-            let path = entry.path();
-            let meta = match fs::metadata(&path) {
+            let meta = match fs::metadata(path) {
                 Ok(m) => m,
                 // Removed by a concurrent gc.
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(Error::io(path, e)),
             };
-            let chunks = chunk_maps(&blob_dir, &digest)?
+            let chunks = maps_of(&listing, &digest)
                 .into_iter()
                 .filter_map(|(chunk_size, map)| {
                     let bytes = fs::read(map).ok()?;
@@ -97,7 +93,7 @@ impl Cache {
                 size: meta.len(),
                 allocated: meta.blocks() * 512,
                 chunks,
-                last_used: meta.modified().map_err(|e| Error::io(&path, e))?,
+                last_used: meta.modified().map_err(|e| Error::io(path, e))?,
             });
         }
         info.blobs.sort_by_key(|b| b.last_used);
@@ -133,7 +129,7 @@ impl Cache {
             }
             // Under the exclusive lock no process uses the blob; one that
             // opens it meanwhile waits for the lock, then sees it unlinked.
-            for (_, map) in chunk_maps(&blob_dir, &blob.digest)? {
+            for (_, map) in maps_of(&list(&blob_dir)?, &blob.digest) {
                 remove(&map)?;
             }
             remove(&path)?;
@@ -161,32 +157,36 @@ fn read_dir(dir: &Path) -> Result<Vec<fs::DirEntry>> {
         .map_err(|e| Error::io(dir, e))
 }
 
-/// The chunk maps of `digest`: (chunk size, path).
-fn chunk_maps(blob_dir: &Path, digest: &Digest) -> Result<Vec<(u64, PathBuf)>> {
-    let prefix = format!("{}.", digest.hex());
-    let mut maps = Vec::new();
-    for entry in read_dir(blob_dir)? {
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if let Some(chunk_size) = name
-            .strip_prefix(&prefix)
-            .and_then(|rest| rest.strip_suffix(".chunks"))
-            .and_then(|n| n.parse().ok())
-        {
-            maps.push((chunk_size, entry.path()));
-        }
-    }
-    Ok(maps)
+/// File names (UTF-8 ones) and paths in `dir`.
+fn list(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    Ok(read_dir(dir)?
+        .into_iter()
+        .filter_map(|e| Some((e.file_name().into_string().ok()?, e.path())))
+        .collect())
 }
 
-/// Walks `tags/<host>/<repo...>/<tag>`: files are tags, directories path
-/// components.
+/// The chunk maps of `digest` in a listing of the blob directory:
+/// (chunk size, path).
+fn maps_of(listing: &[(String, PathBuf)], digest: &Digest) -> Vec<(u64, PathBuf)> {
+    let prefix = format!("{}.", digest.hex());
+    listing
+        .iter()
+        .filter_map(|(name, path)| {
+            let chunk_size = name
+                .strip_prefix(&prefix)?
+                .strip_suffix(".chunks")?
+                .parse()
+                .ok()?;
+            Some((chunk_size, path.clone()))
+        })
+        .collect()
+}
+
+/// Walks `tags/<host>/<repo...>/:<tag>`: files named `:<tag>` are tags,
+/// directories path components.
 fn collect_tags(dir: &Path, prefix: String, out: &mut Vec<CachedImage>) -> Result<()> {
     for entry in read_dir(dir)? {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with(".tmp-") {
-            continue;
-        }
         let path = entry.path();
         let is_dir = entry.file_type().map_err(|e| Error::io(&path, e))?.is_dir();
         if is_dir {
@@ -196,11 +196,12 @@ fn collect_tags(dir: &Path, prefix: String, out: &mut Vec<CachedImage>) -> Resul
                 format!("{prefix}/{name}")
             };
             collect_tags(&path, sub, out)?;
-        } else if let Ok(text) = fs::read_to_string(&path)
+        } else if let Some(tag) = name.strip_prefix(':')
+            && let Ok(text) = fs::read_to_string(&path)
             && let Ok(manifest_digest) = text.trim().parse()
         {
             out.push(CachedImage {
-                reference: format!("{prefix}:{name}"),
+                reference: format!("{prefix}:{tag}"),
                 manifest_digest,
             });
         }
