@@ -811,3 +811,43 @@ fn bearer_token_from_the_challenge_realm_is_fetched_once_and_used() {
         ours[0]
     );
 }
+
+#[test]
+fn requests_in_flight_per_registry_are_bounded() {
+    let (registry, sample) = registry_with_sample();
+    let proxy = Proxy::start(registry.addr, Behaviour::default());
+    let (_dir, cache) = temp_cache();
+    let options = Options {
+        max_in_flight: 2,
+        ..Options::default()
+    };
+    let image =
+        RegistryImage::open(&reference(&proxy.host(), REPO_TAG), &cache, &options).expect("open");
+    // Slow answers keep each request in flight while the others start.
+    proxy.set(|b| b.blob_delay = Duration::from_millis(200));
+    let kernel = sample.payload("kernel.efi");
+    let barrier = Barrier::new(6);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..6u64)
+            .map(|i| {
+                let (image, barrier) = (&image, &barrier);
+                s.spawn(move || {
+                    barrier.wait();
+                    image.blobs.ensure_chunk(kernel, i)
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().expect("thread").expect("chunk");
+        }
+    });
+    assert_eq!(proxy.blob_requests(kernel.digest.hex()).len(), 6);
+    let most = proxy.max_concurrent_blob_requests();
+    assert!(
+        most <= 2,
+        "{most} blob requests in flight at once, the bound is 2"
+    );
+    for i in 0..6 {
+        assert_cached_chunk(&image, &sample, kernel, i);
+    }
+}

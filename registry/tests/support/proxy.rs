@@ -5,7 +5,7 @@
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -40,6 +40,9 @@ pub struct Logged {
 struct State {
     behaviour: Mutex<Behaviour>,
     log: Mutex<Vec<Logged>>,
+    /// Blob requests being served now, and the most there ever were.
+    blob_active: AtomicUsize,
+    blob_max_active: AtomicUsize,
 }
 
 /// The proxy; stops accepting on drop.
@@ -94,6 +97,11 @@ impl Proxy {
     /// Every request seen so far.
     pub fn log(&self) -> Vec<Logged> {
         self.state.log.lock().expect("lock").clone()
+    }
+
+    /// The most blob requests that were in flight at one time.
+    pub fn max_concurrent_blob_requests(&self) -> usize {
+        self.state.blob_max_active.load(Ordering::SeqCst)
     }
 
     /// Requests for blob `hex` (by digest hex), redirects and 429s included.
@@ -153,6 +161,7 @@ fn serve(
         None => (path.clone(), false),
     };
     let is_blob = method == "GET" && upstream_path.contains("/blobs/sha256:");
+    let _active = is_blob.then(|| Active::enter(state));
     let behaviour = state.behaviour.lock().expect("lock").clone();
     let log = |status: u16| {
         state.log.lock().expect("lock").push(Logged {
@@ -207,4 +216,21 @@ fn serve(
     log(status);
     client.write_all(&answer)?;
     client.shutdown(Shutdown::Both)
+}
+
+/// Counts a blob request as in flight while alive.
+struct Active<'a>(&'a State);
+
+impl<'a> Active<'a> {
+    fn enter(state: &'a State) -> Self {
+        let now = state.blob_active.fetch_add(1, Ordering::SeqCst) + 1;
+        state.blob_max_active.fetch_max(now, Ordering::SeqCst);
+        Active(state)
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.blob_active.fetch_sub(1, Ordering::SeqCst);
+    }
 }
