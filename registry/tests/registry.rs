@@ -362,15 +362,19 @@ fn two_processes_filling_one_cache_fetch_each_chunk_once() {
 }
 
 #[test]
-fn fully_cached_image_opens_and_reads_with_the_registry_stopped() {
+fn cached_image_opens_and_reads_with_the_registry_stopped_and_recovers_when_it_returns() {
     let (mut registry, sample) = registry_with_sample();
     let (_dir, cache) = temp_cache();
     let host = registry.host();
+    let kernel = sample.payload("kernel.efi");
+    let missing = kernel.chunks() - 1;
     {
         let image = open(&host, REPO_TAG, &cache);
         for (_, blob) in &sample.payloads {
             for i in 0..blob.chunks() {
-                image.blobs.ensure_chunk(blob, i).expect("fill cache");
+                if !(blob.digest == kernel.digest && i == missing) {
+                    image.blobs.ensure_chunk(blob, i).expect("fill cache");
+                }
             }
         }
     }
@@ -382,15 +386,28 @@ fn fully_cached_image_opens_and_reads_with_the_registry_stopped() {
     assert_eq!(image.config, sample.config);
     for (_, blob) in &sample.payloads {
         for i in 0..blob.chunks() {
-            image
-                .blobs
-                .ensure_chunk(blob, i)
-                .expect("cached chunk offline");
-            assert_cached_chunk(&image, &sample, blob, i);
+            if !(blob.digest == kernel.digest && i == missing) {
+                image
+                    .blobs
+                    .ensure_chunk(blob, i)
+                    .expect("cached chunk offline");
+                assert_cached_chunk(&image, &sample, blob, i);
+            }
         }
     }
+    // A chunk the cache lacks fails while the registry is away...
+    let err = image
+        .blobs
+        .ensure_chunk(kernel, missing)
+        .expect_err("registry down");
+    assert!(err.is_unreachable(), "{err}");
+    assert!(
+        err.to_string().contains(&kernel.digest.to_string()),
+        "{err}"
+    );
+    assert!(!image.blobs.chunk_present(kernel, missing).expect("map"));
 
-    // An image the cache does not have cannot start offline, and says so.
+    // ... and an image the cache does not have cannot start, and says so.
     let err = RegistryImage::open(
         &reference(&host, "monogon/os:other"),
         &cache,
@@ -403,6 +420,14 @@ fn fully_cached_image_opens_and_reads_with_the_registry_stopped() {
         msg.contains("unreachable") && msg.contains("monogon/os:other"),
         "{msg}"
     );
+
+    // When the registry is back, the same image fetches the chunk.
+    registry.restart();
+    image
+        .blobs
+        .ensure_chunk(kernel, missing)
+        .expect("registry back");
+    assert_cached_chunk(&image, &sample, kernel, missing);
 }
 
 #[test]

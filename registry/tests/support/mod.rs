@@ -48,6 +48,7 @@ pub struct Registry {
     pub addr: SocketAddr,
     storage: PathBuf,
     log: PathBuf,
+    config: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -60,7 +61,8 @@ impl Registry {
 
     /// Starts a registry that asks clients to authenticate as `auth` says.
     pub fn start_with(auth: Auth) -> Registry {
-        let binary = require_tool("docker-registry", "docker-registry");
+        // Fail early, naming the package, when the registry is not installed.
+        require_tool("docker-registry", "docker-registry");
         let dir = tempfile::tempdir().expect("temp dir for the registry");
         let storage = dir.path().join("storage");
         std::fs::create_dir(&storage).expect("create registry storage");
@@ -96,25 +98,43 @@ impl Registry {
         let mut config_text = std::fs::read_to_string(&config).expect("read config");
         config_text.push_str(&auth_config);
         std::fs::write(&config, config_text).expect("write registry config");
-        let log = dir.path().join("registry.log");
-        let log_file = std::fs::File::create(&log).expect("create registry log");
+        let mut registry = Registry {
+            child: None,
+            addr,
+            storage,
+            log: dir.path().join("registry.log"),
+            config,
+            _dir: dir,
+        };
+        registry.spawn();
+        registry
+    }
+
+    /// Starts the registry process on its address and storage, and waits
+    /// until it answers.
+    fn spawn(&mut self) {
+        let binary = require_tool("docker-registry", "docker-registry");
+        let log_file = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open registry log");
         let child = Command::new(binary)
             .arg("serve")
-            .arg(&config)
+            .arg(&self.config)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("dup log"))
             .stderr(log_file)
             .spawn()
             .expect("spawn docker-registry");
-        let mut registry = Registry {
-            child: Some(child),
-            addr,
-            storage,
-            log,
-            _dir: dir,
-        };
-        registry.wait_ready();
-        registry
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    /// Starts a stopped registry again, same address and storage.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart of a running registry");
+        self.spawn();
     }
 
     fn wait_ready(&mut self) {
