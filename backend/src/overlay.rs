@@ -28,10 +28,10 @@ pub(crate) mod sys;
 mod tests;
 
 use std::fmt;
-use std::fs::{File, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -49,6 +49,8 @@ const MAP_PAGE: u64 = 4096;
 /// Map bytes read at a time when loading or counting.
 const MAP_CHUNK: u64 = 1 << 20;
 const BS: u64 = BLOCK_SIZE;
+/// Mode of a new overlay: it holds the guest's data, only our user reads it.
+pub const OVERLAY_MODE: u32 = 0o600;
 
 /// Whether flushes reach stable storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +99,31 @@ pub struct OverlayInfo {
     pub file_size: u64,
     /// Whether the last user closed it cleanly (false while in use).
     pub clean: bool,
+    /// What became of the map checksum.
+    pub map_check: MapCheck,
+}
+
+/// Whether the map was checked against the checksum recorded at the last
+/// clean close. A mismatch is an error, never a value of this type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MapCheck {
+    /// Closed cleanly and the map matches its recorded checksum.
+    Verified,
+    /// Closed cleanly by an ociblk that recorded no checksum.
+    NotRecorded,
+    /// In use, or not closed cleanly: the map may legitimately differ from
+    /// the checksum recorded at the last clean close.
+    NotClosedCleanly,
+}
+
+impl MapCheck {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MapCheck::Verified => "verified",
+            MapCheck::NotRecorded => "not recorded",
+            MapCheck::NotClosedCleanly => "not checked (in use or not closed cleanly)",
+        }
+    }
 }
 
 impl OverlayInfo {
@@ -108,7 +135,9 @@ impl OverlayInfo {
 /// Why an overlay cannot be opened, inspected or reset.
 #[derive(Debug, thiserror::Error)]
 pub enum OverlayError {
-    #[error("overlay {}: {op}: {source}", path.display())]
+    // The cause is the source, not part of the message: `{:#}` prints
+    // the chain, and would print it twice.
+    #[error("overlay {}: {op}", path.display())]
     Io {
         path: PathBuf,
         op: &'static str,
@@ -135,6 +164,14 @@ pub enum OverlayError {
     Locked { path: PathBuf },
     #[error("overlay {}: {reason}", path.display())]
     Config { path: PathBuf, reason: FormatError },
+    #[error("overlay {} is not a regular file (it is {kind})", path.display())]
+    NotRegular { path: PathBuf, kind: &'static str },
+    #[error(
+        "overlay {} has no header yet: nothing was ever written to it, \
+         `ociblk serve` initialises it as a new overlay",
+        path.display()
+    )]
+    NotInitialised { path: PathBuf },
 }
 
 impl OverlayError {
@@ -202,6 +239,9 @@ pub struct Overlay {
     /// The file was created by this open: the first safe flush also makes
     /// its directory entry durable.
     new_entry: AtomicBool,
+    /// Opened read-write. A read-only overlay is never written, synced or
+    /// marked, not even at close.
+    writable: bool,
     closed: bool,
 }
 
@@ -216,22 +256,35 @@ impl fmt::Debug for Overlay {
 }
 
 impl Overlay {
-    /// Opens the overlay at `path`, creating it if it does not exist or is
-    /// empty, and locks it for this process.
+    /// Opens the overlay at `path` read-write, creating it (mode 0600) if
+    /// it does not exist, and locks it exclusively for this process.
     ///
-    /// An existing overlay must match `cfg`'s disk size and fingerprint,
-    /// unless no block was ever written or zeroed in it (a new or reset
-    /// overlay holds nothing of its old disk): such a file is made anew for
-    /// `cfg`.
+    /// An existing empty file, or one whose header was never written (what
+    /// a crash right after creation leaves; nothing in it was ever
+    /// flushed), is initialised as a new overlay, with a log line. Anything
+    /// else must carry a valid header. An existing overlay must match
+    /// `cfg`'s disk size and fingerprint, unless no block was ever written
+    /// or zeroed in it (a new or reset overlay holds nothing of its old
+    /// disk): such a file is made anew for `cfg`. After a clean close the
+    /// map must match the checksum recorded then.
     pub fn open(path: impl AsRef<Path>, cfg: OverlayConfig) -> Result<Overlay, OverlayError> {
         let path = path.as_ref();
-        format::check_disk_size(cfg.disk_size).map_err(|reason| OverlayError::Config {
-            path: path.to_path_buf(),
-            reason,
-        })?;
-        let file = open_locked(path, true)?;
+        check_config(path, &cfg)?;
+        let (file, created) = open_file(path, Access::Create)?;
+        if !sys::try_lock_exclusive(file.as_fd()).map_err(io_err(path, "lock"))? {
+            return Err(OverlayError::Locked {
+                path: path.to_path_buf(),
+            });
+        }
         let len = file.metadata().map_err(io_err(path, "stat"))?.len();
         let mut fresh = len == 0 || header_never_written(&file, path, len)?;
+        if fresh && !created {
+            tracing::info!(
+                path = %path.display(),
+                bytes = len,
+                "initialising an existing file without an overlay header as a new overlay"
+            );
+        }
         let header = if fresh {
             file.set_len(0).map_err(io_err(path, "truncate"))?;
             create(&file, path, &cfg)?
@@ -240,7 +293,7 @@ impl Overlay {
             match mismatch(&header, &cfg) {
                 None => header,
                 Some(what) => {
-                    let counts = read_counts(&file, path, &header)?;
+                    let (counts, _) = read_counts(&file, path, &header)?;
                     if counts[1] + counts[2] != 0 {
                         return Err(OverlayError::Mismatch {
                             path: path.to_path_buf(),
@@ -258,7 +311,7 @@ impl Overlay {
         let states = if fresh {
             base_map(header.map_len)
         } else {
-            read_map(&file, path, &header)?
+            read_checked_map(&file, path, &header)?.0
         };
         let pages = header.blocks().div_ceil(MAP_PAGE);
         let ov = Overlay {
@@ -272,6 +325,7 @@ impl Overlay {
             sync_failed: AtomicBool::new(false),
             leaked: AtomicBool::new(false),
             new_entry: AtomicBool::new(fresh),
+            writable: true,
             closed: false,
             header,
         };
@@ -286,8 +340,84 @@ impl Overlay {
         Ok(ov)
     }
 
+    /// Opens the overlay at `path` for reading only: the file is opened
+    /// read-only (a 0400 file or a read-only mount will do), locked shared
+    /// (no server can write it meanwhile, other readers can share it) and
+    /// never modified, not even its clean flag. An empty file or one whose
+    /// header was never written holds no writes: it reads as the base disk.
+    pub fn open_read_only(
+        path: impl AsRef<Path>,
+        cfg: OverlayConfig,
+    ) -> Result<Overlay, OverlayError> {
+        let path = path.as_ref();
+        check_config(path, &cfg)?;
+        let (file, _) = open_file(path, Access::ReadOnly)?;
+        if !sys::try_lock_shared(file.as_fd()).map_err(io_err(path, "lock"))? {
+            return Err(OverlayError::Locked {
+                path: path.to_path_buf(),
+            });
+        }
+        let len = file.metadata().map_err(io_err(path, "stat"))?.len();
+        let unwritten = len == 0 || header_never_written(&file, path, len)?;
+        let (header, states) = if unwritten {
+            tracing::info!(path = %path.display(), "overlay has no header yet: serving the base disk");
+            let header = Header::new(cfg.disk_size, cfg.fingerprint);
+            let states = base_map(header.map_len);
+            (header, states)
+        } else {
+            let header = read_header(&file, path, len)?;
+            let (states, counts) = read_checked_map(&file, path, &header)?;
+            if let Some(what) = mismatch(&header, &cfg) {
+                if counts[1] + counts[2] != 0 {
+                    return Err(OverlayError::Mismatch {
+                        path: path.to_path_buf(),
+                        what,
+                    });
+                }
+                // Nothing written: reads as the base disk, whatever it is.
+                let header = Header::new(cfg.disk_size, cfg.fingerprint);
+                let states = base_map(header.map_len);
+                (header, states)
+            } else {
+                (header, states)
+            }
+        };
+        let pages = header.blocks().div_ceil(MAP_PAGE);
+        Ok(Overlay {
+            file,
+            path: path.to_path_buf(),
+            mode: cfg.flush,
+            states: states.into_boxed_slice(),
+            dirty: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+            flush_lock: Mutex::new(()),
+            sync_failed: AtomicBool::new(false),
+            leaked: AtomicBool::new(false),
+            new_entry: AtomicBool::new(false),
+            writable: false,
+            closed: false,
+            header,
+        })
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether the overlay was opened read-write.
+    pub fn writable(&self) -> bool {
+        self.writable
+    }
+
+    fn check_writable(&self) -> io::Result<()> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("overlay {} is open read-only", self.path.display()),
+            ))
+        }
     }
 
     pub fn disk_size(&self) -> u64 {
@@ -375,6 +505,7 @@ impl Overlay {
         len: usize,
         base: BaseReader<'_>,
     ) -> io::Result<()> {
+        self.check_writable()?;
         let end = self.check_range(offset, len as u64)?;
         Self::check_bufs(src, at, len)?;
         for p in self.split(offset, end).into_iter().flatten() {
@@ -391,6 +522,7 @@ impl Overlay {
     /// Makes `len` bytes at `offset` read as zeros: whole blocks become
     /// `Zero` and their data is deallocated, partial blocks are rewritten.
     pub fn write_zeroes(&self, offset: u64, len: u64, base: BaseReader<'_>) -> io::Result<()> {
+        self.check_writable()?;
         let end = self.check_range(offset, len)?;
         for p in self.split(offset, end).into_iter().flatten() {
             if p.whole {
@@ -572,7 +704,12 @@ impl Overlay {
     ///
     /// With [`FlushMode::Unsafe`] the map is written without the syncs: it
     /// reaches the page cache and survives the process, not the host.
+    ///
+    /// A read-only overlay has nothing to flush.
     pub fn flush(&self) -> io::Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
         let _flush = self
             .flush_lock
             .lock()
@@ -696,13 +833,39 @@ impl Overlay {
         Ok(())
     }
 
-    /// Flushes and marks the overlay cleanly closed.
+    /// Flushes, records the map's checksum and marks the overlay cleanly
+    /// closed. The checksum is durable before the flag: a clean flag on
+    /// disk always comes with the checksum of the map it closed.
     fn shutdown(&self) -> io::Result<()> {
+        if !self.writable {
+            return Ok(());
+        }
         self.flush()?;
         if !self.leaked.load(Ordering::Relaxed) {
+            let crc = self.map_crc();
+            self.file.write_all_at(
+                &format::encode_map_crc(Some(crc)),
+                format::MAP_CRC_FIELD_OFFSET as u64,
+            )?;
+            if self.mode == FlushMode::Safe {
+                self.sync()?;
+            }
             self.set_clean(true)?;
         }
         Ok(())
+    }
+
+    /// CRC32 of the in-memory map, which after a flush with no writer
+    /// left is the map on disk.
+    fn map_crc(&self) -> u32 {
+        let mut hasher = crc32fast::Hasher::new();
+        let mut buf = Vec::with_capacity(MAP_CHUNK as usize);
+        for chunk in self.states.chunks(MAP_CHUNK as usize) {
+            buf.clear();
+            buf.extend(chunk.iter().map(|s| s.load(Ordering::Acquire)));
+            hasher.update(&buf);
+        }
+        hasher.finalize()
     }
 
     /// Flushes the map and closes the file, releasing the lock.
@@ -713,12 +876,22 @@ impl Overlay {
 
     /// Reports on the overlay at `path` without locking it; works while a
     /// server uses it (the map is then as of its last flush).
+    ///
+    /// A file without a header (empty, or whose header was never written)
+    /// is [`OverlayError::NotInitialised`]: `open` makes it a new overlay.
+    /// After a clean close the map must match its recorded checksum.
     pub fn info(path: impl AsRef<Path>) -> Result<OverlayInfo, OverlayError> {
         let path = path.as_ref();
-        let file = File::open(path).map_err(io_err(path, "open"))?;
+        let (file, _) = open_file(path, Access::ReadOnly)?;
         let meta = file.metadata().map_err(io_err(path, "stat"))?;
+        if meta.len() == 0 || header_never_written(&file, path, meta.len())? {
+            return Err(OverlayError::NotInitialised {
+                path: path.to_path_buf(),
+            });
+        }
         let header = read_header(&file, path, meta.len())?;
-        let counts = read_counts(&file, path, &header)?;
+        let (counts, computed) = read_counts(&file, path, &header)?;
+        let map_check = check_map_crc(path, &header, computed)?;
         Ok(OverlayInfo {
             disk_size: header.disk_size,
             fingerprint: header.fingerprint,
@@ -729,14 +902,21 @@ impl Overlay {
             allocated_bytes: meta.blocks() * 512,
             file_size: meta.len(),
             clean: header.clean,
+            map_check,
         })
     }
 
     /// Returns every block of the overlay at `path` to `Base` and frees its
-    /// data. Fails if a server has it open. An empty file is left alone.
+    /// data. Fails if a server has it open. An empty regular file is left
+    /// alone (it already reads as the base disk).
     pub fn reset(path: impl AsRef<Path>) -> Result<(), OverlayError> {
         let path = path.as_ref();
-        let file = open_locked(path, false)?;
+        let (file, _) = open_file(path, Access::Existing)?;
+        if !sys::try_lock_exclusive(file.as_fd()).map_err(io_err(path, "lock"))? {
+            return Err(OverlayError::Locked {
+                path: path.to_path_buf(),
+            });
+        }
         let len = file.metadata().map_err(io_err(path, "stat"))?.len();
         if len == 0 {
             return Ok(());
@@ -751,6 +931,11 @@ impl Overlay {
         // an interrupted reset is finished by the next open's reclaim.
         set_clean(false).map_err(io_err(path, "mark in use"))?;
         zero_map(&file, &header).map_err(io_err(path, "clear map"))?;
+        file.write_all_at(
+            &format::encode_map_crc(Some(zero_map_crc(header.map_len))),
+            format::MAP_CRC_FIELD_OFFSET as u64,
+        )
+        .map_err(io_err(path, "record map checksum"))?;
         sys::fdatasync(fd).map_err(io_err(path, "sync"))?;
         match sys::punch_hole(fd, header.data_offset, header.blocks() * BS) {
             Err(e) if !sys::unsupported(&e) => return Err(io_err(path, "free data")(e)),
@@ -762,7 +947,7 @@ impl Overlay {
 
 impl Drop for Overlay {
     fn drop(&mut self) {
-        if self.closed {
+        if self.closed || !self.writable {
             return;
         }
         if let Err(e) = self.shutdown() {
@@ -820,22 +1005,95 @@ fn mismatch(h: &Header, cfg: &OverlayConfig) -> Option<String> {
     (!what.is_empty()).then(|| what.join(", "))
 }
 
-/// Opens the overlay file for reading and writing (creating it when
-/// `create`) and takes its exclusive lock: one server per overlay.
-fn open_locked(path: &Path, create: bool) -> Result<File, OverlayError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(create)
-        .truncate(false)
-        .open(path)
-        .map_err(io_err(path, "open"))?;
-    if !sys::try_lock_exclusive(file.as_fd()).map_err(io_err(path, "lock"))? {
-        return Err(OverlayError::Locked {
-            path: path.to_path_buf(),
-        });
+/// How [`open_file`] opens an overlay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Read-write, created (mode 0600) when missing.
+    Create,
+    /// Read-write, must exist.
+    Existing,
+    /// Read-only, must exist.
+    ReadOnly,
+}
+
+/// Opens an overlay file, which must be a regular file: anything else is
+/// [`OverlayError::NotRegular`]. The type is checked before opening (so
+/// that a directory or a device is never opened for writing) and again on
+/// the open descriptor (the path may have changed meanwhile). `O_NONBLOCK`
+/// keeps the open of a FIFO from waiting for a writer; it means nothing
+/// for a regular file. Returns whether the file was created.
+fn open_file(path: &Path, access: Access) -> Result<(File, bool), OverlayError> {
+    match fs::metadata(path) {
+        Ok(meta) => check_regular(path, &meta)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound && access == Access::Create => {}
+        Err(e) => return Err(io_err(path, "open")(e)),
     }
-    Ok(file)
+    let mut options = OpenOptions::new();
+    options
+        .read(true)
+        .write(access != Access::ReadOnly)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC);
+    let mut created = false;
+    let opened = if access == Access::Create {
+        match options
+            .clone()
+            .create_new(true)
+            .mode(OVERLAY_MODE)
+            .open(path)
+        {
+            Ok(file) => {
+                created = true;
+                // The umask may have taken bits away, never added: set
+                // exactly 0600, whatever it is.
+                file.set_permissions(fs::Permissions::from_mode(OVERLAY_MODE))
+                    .map_err(io_err(path, "set mode"))?;
+                Ok(file)
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => options.open(path),
+            Err(e) => Err(e),
+        }
+    } else {
+        options.open(path)
+    };
+    let file = opened.map_err(|e| match e.raw_os_error() {
+        Some(libc::EISDIR) => OverlayError::NotRegular {
+            path: path.to_path_buf(),
+            kind: "a directory",
+        },
+        _ => io_err(path, "open")(e),
+    })?;
+    check_regular(path, &file.metadata().map_err(io_err(path, "stat"))?)?;
+    Ok((file, created))
+}
+
+fn check_regular(path: &Path, meta: &fs::Metadata) -> Result<(), OverlayError> {
+    let t = meta.file_type();
+    let kind = if t.is_file() {
+        return Ok(());
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a file"
+    };
+    Err(OverlayError::NotRegular {
+        path: path.to_path_buf(),
+        kind,
+    })
+}
+
+fn check_config(path: &Path, cfg: &OverlayConfig) -> Result<(), OverlayError> {
+    format::check_disk_size(cfg.disk_size).map_err(|reason| OverlayError::Config {
+        path: path.to_path_buf(),
+        reason,
+    })
 }
 
 /// Lays out a new overlay in an empty, locked file. Nothing is synced here:
@@ -932,23 +1190,80 @@ fn base_map(len: u64) -> Vec<AtomicU8> {
     }
 }
 
-fn read_map(file: &File, path: &Path, header: &Header) -> Result<Vec<AtomicU8>, OverlayError> {
+/// Reads the map, counts its states and checks it against the checksum
+/// recorded at the last clean close.
+fn read_checked_map(
+    file: &File,
+    path: &Path,
+    header: &Header,
+) -> Result<(Vec<AtomicU8>, [u64; 3]), OverlayError> {
     let mut states = Vec::with_capacity(header.map_len as usize);
+    let mut counts = [0u64; 3];
+    let mut hasher = crc32fast::Hasher::new();
     for_map_chunks(file, header, |first, b| {
+        hasher.update(b);
+        format::count_states(b, first, &mut counts)?;
         format::decode_map(b, first, &mut states)
     })
     .map_err(|e| e.at(path))?;
-    Ok(states)
+    check_map_crc(path, header, hasher.finalize())?;
+    Ok((states, counts))
 }
 
-/// Blocks per state on disk: `[base, data, zero]`.
-fn read_counts(file: &File, path: &Path, header: &Header) -> Result<[u64; 3], OverlayError> {
+/// Blocks per state on disk, `[base, data, zero]`, and the map's CRC32.
+fn read_counts(
+    file: &File,
+    path: &Path,
+    header: &Header,
+) -> Result<([u64; 3], u32), OverlayError> {
     let mut counts = [0u64; 3];
+    let mut hasher = crc32fast::Hasher::new();
     for_map_chunks(file, header, |first, b| {
+        hasher.update(b);
         format::count_states(b, first, &mut counts)
     })
     .map_err(|e| e.at(path))?;
-    Ok(counts)
+    Ok((counts, hasher.finalize()))
+}
+
+/// Compares the map's CRC32 with the one recorded at the last clean close.
+/// Only a cleanly closed overlay is checked: while in use, or after a crash,
+/// the map legitimately differs from what was recorded.
+fn check_map_crc(path: &Path, header: &Header, computed: u32) -> Result<MapCheck, OverlayError> {
+    match (header.clean, header.map_crc) {
+        (true, Some(recorded)) if recorded != computed => Err(OverlayError::Corrupt {
+            path: path.to_path_buf(),
+            reason: FormatError::MapCrc { recorded, computed },
+        }),
+        (true, Some(_)) => Ok(MapCheck::Verified),
+        (true, None) => {
+            tracing::info!(
+                path = %path.display(),
+                "no map checksum recorded (closed by an older ociblk): map not verified"
+            );
+            Ok(MapCheck::NotRecorded)
+        }
+        (false, _) => {
+            tracing::info!(
+                path = %path.display(),
+                "overlay not closed cleanly: map checksum not verified"
+            );
+            Ok(MapCheck::NotClosedCleanly)
+        }
+    }
+}
+
+/// CRC32 of a map of `len` `Base` entries.
+fn zero_map_crc(len: u64) -> u32 {
+    let zeros = vec![0u8; MAP_CHUNK.min(len) as usize];
+    let mut hasher = crc32fast::Hasher::new();
+    let mut done = 0;
+    while done < len {
+        let n = MAP_CHUNK.min(len - done);
+        hasher.update(&zeros[..n as usize]);
+        done += n;
+    }
+    hasher.finalize()
 }
 
 /// Sets every map entry to `Base` (zero).

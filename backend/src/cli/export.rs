@@ -1,6 +1,7 @@
 //! `ociblk export`: the node disk as a sparse raw file.
 
-use std::fs::{File, OpenOptions};
+use std::fs::{File, OpenOptions, Permissions};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
@@ -9,17 +10,18 @@ use clap::Args;
 
 use super::layout_args::LayoutArgs;
 use crate::export::{apply_overlay, export_disk};
-use crate::overlay::{FlushMode, Overlay, OverlayConfig};
+use crate::overlay::{FlushMode, OVERLAY_MODE, Overlay, OverlayConfig};
 
 #[derive(Debug, Args)]
 pub struct ExportArgs {
     #[command(flatten)]
     pub layout: LayoutArgs,
-    /// Raw disk file to write (created or truncated).
+    /// Raw disk file to write (created or truncated; mode 0600).
     #[arg(long, value_name = "FILE")]
     pub output: PathBuf,
     /// Export the node's current disk: the base with this overlay's writes
-    /// on top. The overlay must exist and not be in use by a server.
+    /// on top. The overlay must exist and not be in use by a server; it is
+    /// only read.
     #[arg(long, value_name = "FILE")]
     pub overlay: Option<PathBuf>,
 }
@@ -35,17 +37,23 @@ pub fn run(args: &ExportArgs) -> Result<()> {
                 fingerprint: layout.fingerprint,
                 flush: FlushMode::Unsafe,
             };
-            Some(Overlay::open(path, cfg).context("cannot open the overlay")?)
+            Some(Overlay::open_read_only(path, cfg).context("cannot open the overlay")?)
         }
         None => None,
     };
     let reader =
         ociblk_layout::DiskReader::open(layout).context("cannot open the image's payloads")?;
+    // The export holds the node's data: private, like the overlay.
     let out: File = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
+        .mode(OVERLAY_MODE)
         .open(&args.output)
+        .and_then(|f| {
+            f.set_permissions(Permissions::from_mode(OVERLAY_MODE))
+                .map(|()| f)
+        })
         .with_context(|| format!("cannot create {}", args.output.display()))?;
     let progress = std::io::stderr().is_terminal().then(|| {
         let bar = indicatif::ProgressBar::new(reader.layout.extents.summary().file_bytes);

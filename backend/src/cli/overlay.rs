@@ -47,6 +47,7 @@ pub fn run(args: &OverlayArgs) -> Result<()> {
                         "allocated_bytes": i.allocated_bytes,
                         "file_size": i.file_size,
                         "clean": i.clean,
+                        "map_checksum": i.map_check.as_str(),
                     }))?
                 );
             } else {
@@ -72,6 +73,7 @@ pub fn run(args: &OverlayArgs) -> Result<()> {
                         "no (in use, or the server was killed)"
                     }
                 );
+                println!("Map checksum   {}", i.map_check.as_str());
             }
         }
         OverlayCommand::Reset { file } => {

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
@@ -38,7 +39,9 @@ pub struct ServeArgs {
     /// Largest virtqueue size accepted (power of two, at least QEMU's queue-size).
     #[arg(long, default_value_t = 256)]
     pub queue_size: u16,
-    /// Present the disk read-only (the overlay, if given, is only read).
+    /// Present the disk read-only. The overlay, if given, must exist; it is
+    /// opened read-only, locked shared (no server can write it meanwhile)
+    /// and never modified.
     #[arg(long)]
     pub read_only: bool,
     /// Serial number the guest sees (GET_ID, at most 20 bytes); default: the seed.
@@ -47,25 +50,46 @@ pub struct ServeArgs {
     /// Durability of guest flushes.
     #[arg(long, value_enum, default_value_t = FlushArg::Safe)]
     pub flush: FlushArg,
+    /// Seconds a new connection has to ask for its features (GET_FEATURES
+    /// and GET_PROTOCOL_FEATURES, which QEMU sends as it connects) before
+    /// it is dropped; an established frontend is never timed out.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub handshake_timeout: u64,
 }
 
 pub fn run(args: &ServeArgs) -> Result<()> {
+    let opts = ServerOptions {
+        queues: args.queues,
+        queue_size: args.queue_size,
+        read_only: args.read_only,
+        serial: args
+            .serial
+            .clone()
+            .unwrap_or_else(|| args.layout.seed.clone()),
+        handshake_timeout: Duration::from_secs(args.handshake_timeout),
+        ..ServerOptions::default()
+    };
+    // Every argument is checked before any file is created.
+    opts.validate()?;
     let (_, layout) = args.layout.load()?;
     let overlay = match &args.overlay {
-        Some(path) => Some(
-            Overlay::open(
-                path,
-                OverlayConfig {
-                    disk_size: layout.size,
-                    fingerprint: layout.fingerprint,
-                    flush: match args.flush {
-                        FlushArg::Safe => FlushMode::Safe,
-                        FlushArg::Unsafe => FlushMode::Unsafe,
-                    },
+        Some(path) => {
+            let cfg = OverlayConfig {
+                disk_size: layout.size,
+                fingerprint: layout.fingerprint,
+                flush: match args.flush {
+                    FlushArg::Safe => FlushMode::Safe,
+                    FlushArg::Unsafe => FlushMode::Unsafe,
                 },
-            )
-            .context("cannot open the overlay")?,
-        ),
+            };
+            let overlay = if args.read_only {
+                Overlay::open_read_only(path, cfg)
+            } else {
+                Overlay::open(path, cfg)
+            };
+            Some(overlay.context("cannot open the overlay")?)
+        }
         None => None,
     };
     let disk = NodeDisk::open(layout, overlay, args.read_only)
@@ -77,16 +101,6 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         overlay = ?args.overlay,
         "node disk ready"
     );
-    let opts = ServerOptions {
-        queues: args.queues,
-        queue_size: args.queue_size,
-        read_only: args.read_only,
-        serial: args
-            .serial
-            .clone()
-            .unwrap_or_else(|| args.layout.seed.clone()),
-        ..ServerOptions::default()
-    };
     let shutdown = ShutdownSignal::new()?;
     shutdown.trigger_on_termination_signals()?;
     serve(Arc::new(disk), &args.socket, &opts, shutdown)

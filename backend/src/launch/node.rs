@@ -4,9 +4,9 @@
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -20,6 +20,8 @@ use tracing::{info, warn};
 use super::log::{Search, Transcript, follow};
 use super::process::{Process, Stopped};
 use super::{ClusterSpec, LaunchError, NodeSpec};
+use crate::overlay::sys::try_lock_exclusive;
+use crate::server::daemon::lock_path;
 
 /// The vhost-user socket `ociblk serve` listens on and QEMU connects to.
 pub const SOCKET_FILE: &str = "node.sock";
@@ -149,8 +151,11 @@ impl Node {
             // Copied under a temporary name, so an interrupted copy is
             // never taken for a variable store.
             let temp = dir.join(format!(".{OVMF_VARS_FILE}.tmp"));
+            // The store holds the guest's variables: private (0600), like
+            // the overlay, whatever the template's mode.
             fs::copy(&spec.qemu.ovmf_vars_template, &temp)
-                .and_then(|_| fs::rename(&temp, &vars))
+                .and_then(|_| fs::set_permissions(&temp, fs::Permissions::from_mode(0o600)))
+                .and_then(|()| fs::rename(&temp, &vars))
                 .map_err(files_error("copying the OVMF variable store to", &vars))?;
         }
         Ok(Node {
@@ -607,8 +612,8 @@ impl Node {
         }
     }
 
-    /// Removes the sockets of an `ociblk serve` that was killed before it
-    /// could remove them itself. A serve that exited normally removed its
+    /// Removes the sockets (and the socket's lock file) of an `ociblk
+    /// serve` that was killed before it could remove them itself. A serve that exited normally removed its
     /// socket, or never had one (e.g. because another server owns it).
     pub(super) fn remove_leftovers(&self) {
         let Some(serve) = self.serve.as_ref() else {
@@ -641,6 +646,16 @@ impl Node {
                     }
                 }
             }
+        }
+        // Harmless if left (the next server takes it), but not ours to
+        // leave. Removed only if nobody holds it; a server that opened it
+        // meanwhile notices the removal and takes a new one.
+        let lock = lock_path(&self.socket());
+        if let Ok(file) = File::open(&lock)
+            && try_lock_exclusive(file.as_fd()).unwrap_or(false)
+            && let Err(e) = fs::remove_file(&lock)
+        {
+            warn!(node = %self.name, lock = %lock.display(), "cannot remove a leftover socket lock file: {e}");
         }
     }
 }

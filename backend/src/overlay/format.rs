@@ -13,12 +13,23 @@
 //!     72     8  data offset (u64 LE), 1 MiB aligned, after the map
 //!     80     4  CRC32 of bytes 0..80
 //!     84     1  clean flag: 1 = closed cleanly, 0 = in use or crashed
-//!     85  4011  reserved, zero
+//!     85     1  map checksum recorded: 1 = bytes 88..92 hold it, 0 = not
+//!     86     2  reserved, zero
+//!     88     4  CRC32 of the whole map as of the last clean close (u32 LE)
+//!     92  4004  reserved, zero
 //!   4096     …  block-state map; block i's data at data offset + i * 4096
 //! ```
 //!
 //! The clean flag sits outside the CRC so that it can be flipped with a
 //! one-byte write that can never tear the checksummed fields.
+//!
+//! The map checksum (bytes 85..92) is also outside the header CRC. It is
+//! written, and synced, just before the clean flag is set, and only
+//! believed while the flag says "closed cleanly": while the overlay is in
+//! use the map changes entry by entry (each a one-byte, crash-safe update)
+//! and the recorded checksum is stale. Files written before the checksum
+//! existed have zeros there, "not recorded"; ociblk releases before it
+//! refuse a file that records one ("reserved header byte 85 is not zero").
 
 use std::sync::atomic::AtomicU8;
 
@@ -37,7 +48,10 @@ pub const FORMAT_VERSION: u32 = 1;
 
 const CRC_OFFSET: usize = 80;
 pub(crate) const CLEAN_OFFSET: usize = 84;
-const RESERVED_START: usize = 85;
+/// Where the map checksum field (flag, padding, CRC32) starts.
+pub(crate) const MAP_CRC_FIELD_OFFSET: usize = 85;
+const MAP_CRC_OFFSET: usize = 88;
+const RESERVED_START: usize = 92;
 
 /// State of one block, as stored in the map (one byte per block).
 ///
@@ -86,6 +100,11 @@ pub enum FormatError {
     Invalid(String),
     #[error("unknown state byte {value} for block {block}")]
     BadState { block: u64, value: u8 },
+    #[error(
+        "map checksum mismatch (recorded {recorded:08x} at the last clean close, \
+         computed {computed:08x}): the map changed while the overlay was closed"
+    )]
+    MapCrc { recorded: u32, computed: u32 },
 }
 
 /// The decoded header.
@@ -98,6 +117,8 @@ pub struct Header {
     pub map_len: u64,
     pub data_offset: u64,
     pub clean: bool,
+    /// CRC32 of the map as of the last clean close, if one was recorded.
+    pub map_crc: Option<u32>,
 }
 
 /// Number of 4 KiB blocks covering `disk_size` bytes.
@@ -118,6 +139,7 @@ impl Header {
             map_len,
             data_offset: (map_offset + map_len).next_multiple_of(DATA_ALIGN),
             clean: true,
+            map_crc: None,
         }
     }
 
@@ -146,8 +168,19 @@ impl Header {
         let crc = crc32fast::hash(&b[..CRC_OFFSET]);
         b[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_le_bytes());
         b[CLEAN_OFFSET] = u8::from(self.clean);
+        b[MAP_CRC_FIELD_OFFSET..RESERVED_START].copy_from_slice(&encode_map_crc(self.map_crc));
         b
     }
+}
+
+/// The map checksum field, bytes 85..92 of the header.
+pub(crate) fn encode_map_crc(crc: Option<u32>) -> [u8; RESERVED_START - MAP_CRC_FIELD_OFFSET] {
+    let mut b = [0u8; RESERVED_START - MAP_CRC_FIELD_OFFSET];
+    if let Some(crc) = crc {
+        b[0] = 1;
+        b[MAP_CRC_OFFSET - MAP_CRC_FIELD_OFFSET..].copy_from_slice(&crc.to_le_bytes());
+    }
+    b
 }
 
 /// Checks a disk size asked for by a caller.
@@ -255,10 +288,24 @@ pub fn parse_header(b: &[u8]) -> Result<Header, FormatError> {
             )));
         }
     };
-    if let Some(i) = b[RESERVED_START..HEADER_SIZE].iter().position(|&x| x != 0) {
+    let map_crc = match b[MAP_CRC_FIELD_OFFSET] {
+        0 => None,
+        1 => Some(u32_at(b, MAP_CRC_OFFSET)),
+        v => {
+            return Err(FormatError::Invalid(format!(
+                "map checksum flag {v} is not 0 or 1"
+            )));
+        }
+    };
+    let reserved = (MAP_CRC_FIELD_OFFSET + 1..MAP_CRC_OFFSET).chain(RESERVED_START..HEADER_SIZE);
+    if map_crc.is_none() && b[MAP_CRC_OFFSET..RESERVED_START] != [0; 4] {
+        return Err(FormatError::Invalid(
+            "map checksum bytes are set but not marked recorded".into(),
+        ));
+    }
+    if let Some(i) = reserved.into_iter().find(|&i| b[i] != 0) {
         return Err(FormatError::Invalid(format!(
-            "reserved header byte {} is not zero",
-            RESERVED_START + i
+            "reserved header byte {i} is not zero"
         )));
     }
     Ok(Header {
@@ -268,6 +315,7 @@ pub fn parse_header(b: &[u8]) -> Result<Header, FormatError> {
         map_len,
         data_offset,
         clean,
+        map_crc,
     })
 }
 

@@ -56,9 +56,19 @@ pub fn fdatasync(fd: BorrowedFd<'_>) -> io::Result<()> {
 
 /// Takes an exclusive lock without waiting; `Ok(false)` if someone holds it.
 pub fn try_lock_exclusive(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    try_lock(fd, libc::LOCK_EX)
+}
+
+/// Takes a shared lock without waiting; `Ok(false)` if someone holds it
+/// exclusively.
+pub fn try_lock_shared(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    try_lock(fd, libc::LOCK_SH)
+}
+
+fn try_lock(fd: BorrowedFd<'_>, operation: libc::c_int) -> io::Result<bool> {
     loop {
         // SAFETY: flock takes no pointers.
-        if unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        if unsafe { libc::flock(fd.as_raw_fd(), operation | libc::LOCK_NB) } == 0 {
             return Ok(true);
         }
         let e = last_error();

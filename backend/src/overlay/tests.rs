@@ -692,13 +692,21 @@ fn parse_header_rejects_bad_input() {
         let junk = rng.bytes(HEADER_SIZE);
         assert!(parse_header(&junk).is_err());
     }
-    // Every single bit flip is caught, except the clean flag's own bit.
+    // A recorded map checksum round-trips.
+    let recorded = Header {
+        map_crc: Some(0xdead_beef),
+        ..good.clone()
+    };
+    assert_eq!(parse_header(&recorded.encode()), Ok(recorded));
+    // Every single bit flip is caught, except the clean flag's own bit and
+    // the map checksum's "recorded" bit (both outside the header CRC; the
+    // latter then claims a checksum of 0, which the next open compares).
     for byte in 0..HEADER_SIZE {
         for bit in 0..8 {
             let mut b = bytes.clone();
             b[byte] ^= 1 << bit;
             let r = parse_header(&b);
-            if byte == CLEAN_OFFSET && bit == 0 {
+            if (byte == CLEAN_OFFSET || byte == format::MAP_CRC_FIELD_OFFSET) && bit == 0 {
                 assert!(r.is_ok());
             } else {
                 assert!(r.is_err(), "flip {byte}.{bit} accepted");
@@ -771,4 +779,212 @@ fn a_header_that_never_reached_the_disk_means_a_new_overlay() {
     drop(ov);
     let ov = Overlay::open(&path, cfg(1 << 20, 1, FlushMode::Safe)).unwrap();
     assert_eq!(read(&ov, 4096, 4096, &mut rng), vec![7u8; 4096]);
+}
+
+/// Makes a FIFO at `path`.
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: `c` is a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+}
+
+#[test]
+fn anything_but_a_regular_file_is_refused_without_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    mkfifo(&fifo);
+    let subdir = dir.path().join("dir");
+    std::fs::create_dir(&subdir).unwrap();
+    let c = cfg(1 << 20, 1, FlushMode::Unsafe);
+    for path in [fifo.as_path(), Path::new("/dev/null"), subdir.as_path()] {
+        let results = [
+            Overlay::open(path, c.clone()).map(drop),
+            Overlay::open_read_only(path, c.clone()).map(drop),
+            Overlay::info(path).map(drop),
+            Overlay::reset(path),
+        ];
+        for r in results {
+            match r {
+                Err(e @ OverlayError::NotRegular { .. }) => {
+                    let m = e.to_string();
+                    assert!(
+                        m.contains("not a regular file") && m.contains(&*path.to_string_lossy()),
+                        "{m}"
+                    );
+                }
+                r => panic!("{}: expected NotRegular, got {r:?}", path.display()),
+            }
+        }
+    }
+    // Nothing was created or changed.
+    assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+    assert_eq!(std::fs::read_dir(&subdir).unwrap().count(), 0);
+}
+
+#[test]
+fn io_errors_name_their_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing");
+    let e = anyhow::Error::from(Overlay::info(&missing).unwrap_err());
+    let chain = format!("{e:#}");
+    assert_eq!(chain.matches("No such file or directory").count(), 1, "{chain}");
+    assert!(chain.contains(&*missing.to_string_lossy()), "{chain}");
+}
+
+#[test]
+fn new_overlays_are_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ov");
+    drop(Overlay::open(&path, cfg(1 << 20, 1, FlushMode::Unsafe)).unwrap());
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, OVERLAY_MODE, "{mode:o}");
+    // An existing file keeps the mode its owner gave it.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+    drop(Overlay::open(&path, cfg(1 << 20, 1, FlushMode::Unsafe)).unwrap());
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o640, "{mode:o}");
+}
+
+#[test]
+fn an_empty_file_is_a_new_overlay_for_open_and_info_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ov");
+    std::fs::File::create(&path).unwrap();
+    match Overlay::info(&path) {
+        Err(e @ OverlayError::NotInitialised { .. }) => {
+            assert!(e.to_string().contains("no header yet"), "{e}")
+        }
+        r => panic!("expected NotInitialised, got {r:?}"),
+    }
+    // Read-only: nothing written, the base disk shows, the file stays empty.
+    let ro = Overlay::open_read_only(&path, cfg(1 << 20, 1, FlushMode::Safe)).unwrap();
+    assert!(ro.runs(0, 1 << 20).all(|r| r.state == BlockState::Base));
+    drop(ro);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+    let ov = Overlay::open(&path, cfg(1 << 20, 1, FlushMode::Safe)).unwrap();
+    ov.close().unwrap();
+    assert!(Overlay::info(&path).unwrap().clean);
+}
+
+/// Sets map entry `block` of the overlay file at `path` to `state`.
+fn poke_map(path: &Path, block: u64, state: BlockState) {
+    let f = OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(&[state as u8], HEADER_SIZE as u64 + block).unwrap();
+}
+
+#[test]
+fn a_map_changed_after_a_clean_close_is_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ov");
+    let c = cfg(8 << 20, 1, FlushMode::Safe);
+    let mut rng = Rng::new(9);
+    let ov = Overlay::open(&path, c.clone()).unwrap();
+    write(&ov, 0, &[5u8; 4096], &mut rng).unwrap();
+    ov.close().unwrap();
+    assert_eq!(Overlay::info(&path).unwrap().map_check, MapCheck::Verified);
+
+    // One entry turned into another valid state.
+    poke_map(&path, 7, BlockState::Zero);
+    for r in [
+        Overlay::open(&path, c.clone()).map(drop),
+        Overlay::open_read_only(&path, c.clone()).map(drop),
+        Overlay::info(&path).map(drop),
+    ] {
+        match r {
+            Err(e @ OverlayError::Corrupt { .. }) => {
+                assert!(e.to_string().contains("map checksum mismatch"), "{e}")
+            }
+            r => panic!("expected a map checksum mismatch, got {r:?}"),
+        }
+    }
+    // Put back, it opens again.
+    poke_map(&path, 7, BlockState::Base);
+    let ov = Overlay::open(&path, c.clone()).unwrap();
+    // While in use (or after a crash) the map is not checked: it changes
+    // entry by entry, each a crash-safe one-byte update.
+    assert_eq!(
+        Overlay::info(&path).unwrap().map_check,
+        MapCheck::NotClosedCleanly
+    );
+    crash(ov);
+    poke_map(&path, 7, BlockState::Zero);
+    let ov = Overlay::open(&path, c.clone()).unwrap();
+    assert_eq!(ov.state(7), BlockState::Zero);
+    assert_eq!(read(&ov, 0, 4096, &mut rng), vec![5u8; 4096]);
+    ov.close().unwrap();
+    // The next clean close records the map as it is now.
+    assert_eq!(Overlay::info(&path).unwrap().map_check, MapCheck::Verified);
+
+    // A reset records the checksum of its empty map.
+    Overlay::reset(&path).unwrap();
+    assert_eq!(Overlay::info(&path).unwrap().map_check, MapCheck::Verified);
+    poke_map(&path, 3, BlockState::Data);
+    assert!(matches!(
+        Overlay::info(&path),
+        Err(OverlayError::Corrupt { .. })
+    ));
+}
+
+#[test]
+fn overlays_without_a_recorded_map_checksum_still_open() {
+    // What an ociblk before the map checksum wrote: the field all zeros.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ov");
+    let c = cfg(8 << 20, 1, FlushMode::Safe);
+    let mut rng = Rng::new(10);
+    let ov = Overlay::open(&path, c.clone()).unwrap();
+    write(&ov, 8192, &[6u8; 4096], &mut rng).unwrap();
+    ov.close().unwrap();
+    let f = OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(&[0u8; 7], format::MAP_CRC_FIELD_OFFSET as u64)
+        .unwrap();
+    let info = Overlay::info(&path).unwrap();
+    assert_eq!(info.map_check, MapCheck::NotRecorded);
+    assert!(info.clean);
+    let ov = Overlay::open(&path, c).unwrap();
+    assert_eq!(read(&ov, 8192, 4096, &mut rng), vec![6u8; 4096]);
+    ov.close().unwrap();
+    assert_eq!(Overlay::info(&path).unwrap().map_check, MapCheck::Verified);
+}
+
+#[test]
+fn read_only_opens_read_only_shares_and_never_modifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ov");
+    let c = cfg(8 << 20, 1, FlushMode::Safe);
+    let mut rng = Rng::new(11);
+    let ov = Overlay::open(&path, c.clone()).unwrap();
+    write(&ov, 4096, &[9u8; 4096], &mut rng).unwrap();
+    // A writer excludes readers.
+    assert!(matches!(
+        Overlay::open_read_only(&path, c.clone()),
+        Err(OverlayError::Locked { .. })
+    ));
+    ov.close().unwrap();
+
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
+    let before = std::fs::read(&path).unwrap();
+    let ro = Overlay::open_read_only(&path, c.clone()).unwrap();
+    // SAFETY: F_GETFL only reads the descriptor's flags.
+    let flags = unsafe { libc::fcntl(ro.file.as_raw_fd(), libc::F_GETFL) };
+    assert_eq!(flags & libc::O_ACCMODE, libc::O_RDONLY);
+    assert!(!ro.writable());
+    assert_eq!(read(&ro, 4096, 4096, &mut rng), vec![9u8; 4096]);
+    assert!(write(&ro, 0, &[1u8; 4096], &mut rng).is_err());
+    assert!(ro.write_zeroes(0, 4096, &base).is_err());
+    ro.flush().unwrap();
+    // Readers share; a writer is excluded.
+    let ro2 = Overlay::open_read_only(&path, c.clone()).unwrap();
+    assert!(matches!(
+        Overlay::open(&path, c.clone()),
+        Err(OverlayError::Locked { .. })
+    ));
+    assert!(matches!(
+        Overlay::reset(&path),
+        Err(OverlayError::Locked { .. })
+    ));
+    drop(ro2);
+    ro.close().unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), before, "file modified");
+    assert!(Overlay::info(&path).unwrap().clean);
 }

@@ -7,16 +7,17 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tracing::{debug, error, info, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringMutex, VringState, VringT};
-use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_SIZE_MAX};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
 };
@@ -53,7 +54,15 @@ pub struct BlkBackend {
     writeback: AtomicBool,
     /// Whether the driver acknowledged VIRTIO_BLK_F_FLUSH.
     flush_negotiated: AtomicBool,
+    /// Whether the driver acknowledged VIRTIO_BLK_F_SIZE_MAX: it then
+    /// keeps every descriptor within `size_max`, and longer ones are
+    /// refused. A driver that did not (OVMF's) owes no such limit.
+    size_max_negotiated: AtomicBool,
     stats: Box<[QueueStats]>,
+    /// Handshake requests seen so far (`HANDSHAKE_*` bits).
+    handshake: AtomicU8,
+    /// Written once every `HANDSHAKE_*` bit is set.
+    handshake_event: EventFd,
     /// One exit event per worker thread, created up front so that running
     /// out of descriptors fails `new` instead of leaving a worker that
     /// cannot be stopped.
@@ -64,6 +73,12 @@ pub struct BlkBackend {
 }
 
 type ExitEvent = (EventConsumer, EventNotifier);
+
+/// The frontend asked for the virtio features (GET_FEATURES).
+const HANDSHAKE_FEATURES: u8 = 1;
+/// The frontend asked for the protocol features (GET_PROTOCOL_FEATURES).
+const HANDSHAKE_PROTOCOL_FEATURES: u8 = 2;
+const HANDSHAKE_DONE: u8 = HANDSHAKE_FEATURES | HANDSHAKE_PROTOCOL_FEATURES;
 
 fn new_exit_event() -> io::Result<ExitEvent> {
     new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)
@@ -105,7 +120,11 @@ impl BlkBackend {
             device_id: opts.device_id(),
             writeback: AtomicBool::new(opts.writeback),
             flush_negotiated: AtomicBool::new(true),
+            size_max_negotiated: AtomicBool::new(false),
             stats: (0..opts.queues).map(|_| QueueStats::default()).collect(),
+            handshake: AtomicU8::new(0),
+            handshake_event: EventFd::new(EFD_CLOEXEC | EFD_NONBLOCK)
+                .map_err(ServerError::EventFd)?,
             exit_events: Mutex::new(exit_events),
             exit_fds: Mutex::new(Vec::new()),
         })
@@ -115,6 +134,21 @@ impl BlkBackend {
     /// write flushed) when the guest cleared `writeback` or cannot flush.
     pub fn writeback(&self) -> bool {
         self.writeback.load(Ordering::Relaxed) && self.flush_negotiated.load(Ordering::Relaxed)
+    }
+
+    /// Readable once the frontend has asked for both its virtio and its
+    /// protocol features: the first requests of every frontend (QEMU sends
+    /// them as it connects, before the guest even starts).
+    pub fn handshake_event(&self) -> &EventFd {
+        &self.handshake_event
+    }
+
+    fn handshake_step(&self, step: u8) {
+        let before = self.handshake.fetch_or(step, Ordering::AcqRel);
+        if before != HANDSHAKE_DONE && before | step == HANDSHAKE_DONE {
+            // Cannot fail: the counter is written once.
+            let _ = self.handshake_event.write(1);
+        }
     }
 
     /// Logs the request counters of each queue that saw requests.
@@ -147,6 +181,10 @@ impl BlkBackend {
             read_only: self.read_only,
             writeback: self.writeback(),
             device_id: &self.device_id,
+            size_max: self
+                .size_max_negotiated
+                .load(Ordering::Relaxed)
+                .then_some(config::SIZE_MAX),
         };
 
         let mut completed = 0u64;
@@ -289,6 +327,9 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn features(&self) -> u64 {
+        // Also called for SET_FEATURES, which only a frontend that knows
+        // the features sends.
+        self.handshake_step(HANDSHAKE_FEATURES);
         config::virtio_features(self.read_only)
     }
 
@@ -299,6 +340,8 @@ impl VhostUserBackend for BlkBackend {
         // to the next driver too.
         let flush = features & (1 << VIRTIO_BLK_F_FLUSH) != 0;
         self.flush_negotiated.store(flush, Ordering::Relaxed);
+        let size_max = features & (1 << VIRTIO_BLK_F_SIZE_MAX) != 0;
+        self.size_max_negotiated.store(size_max, Ordering::Relaxed);
         debug!(
             features = format_args!("{features:#x}"),
             "features acknowledged"
@@ -306,6 +349,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        self.handshake_step(HANDSHAKE_PROTOCOL_FEATURES);
         config::protocol_features()
     }
 

@@ -10,6 +10,8 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
+use std::time::Duration;
+
 use super::ServerError;
 
 /// Bytes per virtio-blk sector; request sectors are always in this unit.
@@ -27,6 +29,9 @@ pub const MIN_QUEUE_SIZE: u16 = 4;
 pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// Default largest virtqueue size; QEMU's default `queue-size` is 128.
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+
+/// How long a new connection may take to ask for its features.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Logical block size reported to the guest.
 pub const BLK_SIZE: u32 = SECTOR_SIZE as u32;
@@ -92,6 +97,11 @@ pub struct ServerOptions {
     /// write through (every write flushed) when false. The guest may
     /// change it through the `writeback` config field.
     pub writeback: bool,
+    /// A new connection whose frontend has not sent both GET_FEATURES and
+    /// GET_PROTOCOL_FEATURES within this time is dropped, so that a client
+    /// that connects and says nothing cannot hold the only connection slot.
+    /// QEMU sends both right when it connects.
+    pub handshake_timeout: Duration,
 }
 
 impl Default for ServerOptions {
@@ -102,13 +112,17 @@ impl Default for ServerOptions {
             read_only: false,
             serial: String::new(),
             writeback: true,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
         }
     }
 }
 
 impl ServerOptions {
-    /// Checks the queue count and size.
+    /// Checks the queue count and size and the handshake timeout.
     pub fn validate(&self) -> Result<(), ServerError> {
+        if self.handshake_timeout.is_zero() {
+            return Err(ServerError::HandshakeTimeout);
+        }
         if !(1..=MAX_QUEUES).contains(&self.queues) {
             return Err(ServerError::QueueCount(self.queues));
         }

@@ -11,15 +11,17 @@
 //! polls it and shuts the connection's socket down, which ends the daemon's
 //! request loop.
 
-use std::fs;
+use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::fd::{AsFd, AsRawFd, IntoRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
@@ -31,11 +33,19 @@ use super::backend::{BlkBackend, GuestMemoryAtomic};
 use super::config::ServerOptions;
 use super::request::GuestMemoryMmap;
 use crate::device::BlockDevice;
+use crate::overlay::sys::try_lock_exclusive;
 
 /// Name of the thread reading vhost-user messages.
 const DAEMON_THREAD_NAME: &str = "vhost-user-blk";
-/// Mode of the listening socket: only our user may connect.
+/// Mode of the listening socket and of its lock file: only our user.
 const SOCKET_MODE: u32 = 0o600;
+/// Longest socket path: `sun_path` holds 108 bytes with the final NUL.
+/// QEMU refuses longer paths too.
+pub const MAX_SOCKET_PATH: usize = 107;
+/// Appended to the socket path to name its lock file.
+pub const LOCK_SUFFIX: &str = ".lock";
+/// Tries at taking a lock file that other servers keep removing.
+const LOCK_ATTEMPTS: usize = 16;
 
 /// A level-triggered shutdown request, shared by the CLI (signals), the
 /// server and tests. Once triggered it stays triggered.
@@ -65,9 +75,13 @@ impl ShutdownSignal {
         matches!(poll_readable([self.fd()], 0), Ok([true]))
     }
 
-    /// Triggers this signal on SIGTERM and SIGINT, for the rest of the process's life.
+    /// Triggers this signal on SIGTERM, SIGINT and SIGHUP (a closing
+    /// terminal must not cost the final flush), and ignores SIGUSR1 and
+    /// SIGPIPE, for the rest of the process's life: no signal a user or a
+    /// terminal commonly sends ends the server without its clean shutdown.
     pub fn trigger_on_termination_signals(&self) -> Result<(), ServerError> {
-        self.trigger_on(&[libc::SIGTERM, libc::SIGINT])
+        self.trigger_on(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP])?;
+        ignore_signals(&[libc::SIGUSR1, libc::SIGPIPE])
     }
 
     fn trigger_on(&self, signals: &[libc::c_int]) -> Result<(), ServerError> {
@@ -100,6 +114,21 @@ impl ShutdownSignal {
     fn fd(&self) -> RawFd {
         self.event.as_raw_fd()
     }
+}
+
+/// Sets `signals` to be ignored. A broken pipe then shows as EPIPE on the
+/// write instead of ending the process.
+fn ignore_signals(signals: &[libc::c_int]) -> Result<(), ServerError> {
+    for &signal in signals {
+        // SAFETY: an all-zero sigaction is valid; SIG_IGN needs no handler.
+        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+        action.sa_sigaction = libc::SIG_IGN;
+        // SAFETY: `action` is a valid sigaction; the old one is not requested.
+        if unsafe { libc::sigaction(signal, &action, std::ptr::null_mut()) } != 0 {
+            return Err(ServerError::Signal(io::Error::last_os_error()));
+        }
+    }
+    Ok(())
 }
 
 /// The eventfd the signal handler writes to, -1 before installation.
@@ -145,8 +174,9 @@ fn poll_readable<const N: usize>(fds: [RawFd; N], timeout_ms: i32) -> io::Result
 
 /// Serves `device` on `socket` until `shutdown` is triggered.
 ///
-/// Creates the socket (mode 0600; a stale socket at the path is replaced,
-/// anything else is refused) and serves one frontend connection after the
+/// Takes the socket's lock file `<socket>.lock` (a second server on the
+/// same path fails), creates the socket (mode 0600; a stale socket at the
+/// path is replaced, anything else is refused) and serves one frontend connection after the
 /// other. On shutdown it stops accepting, closes the current connection,
 /// lets the queue workers finish the requests they have taken, flushes the
 /// device, removes the socket and returns `Ok`.
@@ -208,8 +238,14 @@ fn serve_connection(
     info!("frontend connected");
 
     let handle = daemon.shutdown_handle();
+    let watch = Watch {
+        shutdown,
+        ended: &ended,
+        handshake: backend.handshake_event(),
+        handshake_timeout: opts.handshake_timeout,
+    };
     let result = thread::scope(|scope| {
-        scope.spawn(|| close_on_shutdown(shutdown, &ended, handle));
+        scope.spawn(|| watch.run(handle));
         let result = daemon.wait();
         // Releases the watcher; the write cannot fail on a fresh eventfd.
         let _ = ended.write(1);
@@ -235,18 +271,66 @@ fn serve_connection(
     Ok(())
 }
 
-/// Waits for either shutdown or the end of the connection; on shutdown,
-/// closes the connection so the daemon's request loop ends.
-fn close_on_shutdown(shutdown: &ShutdownSignal, ended: &EventFd, handle: Option<ShutdownHandle>) {
-    match poll_readable([shutdown.fd(), ended.as_raw_fd()], -1) {
-        Ok([true, _]) => {
-            info!("shutdown requested, closing the frontend connection");
-            if let Some(handle) = handle {
-                handle.shutdown();
+/// What the watcher of one connection waits for.
+struct Watch<'a> {
+    shutdown: &'a ShutdownSignal,
+    /// Written when the daemon's request loop has ended.
+    ended: &'a EventFd,
+    /// Written once the frontend has made its first handshake requests.
+    handshake: &'a EventFd,
+    handshake_timeout: Duration,
+}
+
+impl Watch<'_> {
+    /// Waits for shutdown, the end of the connection or the handshake
+    /// deadline. On shutdown, or when the frontend has not made its first
+    /// handshake requests in time (it would hold the only connection slot),
+    /// closes the connection so the daemon's request loop ends. Once the
+    /// handshake is done the connection is never timed out: an established
+    /// frontend may stay idle for as long as it likes.
+    fn run(&self, handle: Option<ShutdownHandle>) {
+        let deadline = Instant::now() + self.handshake_timeout;
+        let mut handshake_done = false;
+        loop {
+            // poll(2) skips negative descriptors.
+            let (handshake_fd, timeout_ms) = if handshake_done {
+                (-1, -1)
+            } else {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+                (self.handshake.as_raw_fd(), ms)
+            };
+            let ready = poll_readable(
+                [self.shutdown.fd(), self.ended.as_raw_fd(), handshake_fd],
+                timeout_ms,
+            );
+            match ready {
+                Ok([true, _, _]) => {
+                    info!("shutdown requested, closing the frontend connection");
+                    break;
+                }
+                Ok([false, true, _]) => return,
+                Ok([false, false, true]) => handshake_done = true,
+                Ok([false, false, false]) => {
+                    if Instant::now() >= deadline {
+                        warn!(
+                            timeout = ?self.handshake_timeout,
+                            "the frontend did not ask for its features \
+                             (GET_FEATURES, GET_PROTOCOL_FEATURES) in time; \
+                             dropping the connection"
+                        );
+                        break;
+                    }
+                }
+                Err(e) => {
+                    error!("waiting for shutdown: {e}");
+                    return;
+                }
             }
         }
-        Ok(_) => {}
-        Err(e) => error!("waiting for shutdown: {e}"),
+        if let Some(handle) = handle {
+            handle.shutdown();
+        }
     }
 }
 
@@ -260,17 +344,32 @@ struct ServerSocket {
     path: PathBuf,
     /// Device and inode of the socket we created.
     id: (u64, u64),
+    /// Held for the server's life; dropped after the socket is removed.
+    _lock: SocketLock,
 }
 
 impl ServerSocket {
+    /// Checks the path, takes its lock file, then replaces a stale socket
+    /// or refuses a live one. Under the lock nobody else can be between
+    /// the check and the rename, so of two servers started together on one
+    /// path exactly one gets it.
     fn bind(path: &Path) -> Result<Self, ServerError> {
         let socket_error = |source| ServerError::Socket {
             path: path.to_owned(),
             source,
         };
+        let len = path.as_os_str().len();
+        if len > MAX_SOCKET_PATH {
+            return Err(ServerError::SocketPathTooLong {
+                path: path.to_owned(),
+                len,
+            });
+        }
+        let lock = SocketLock::take(path)?;
         match fs::symlink_metadata(path) {
             Ok(meta) if meta.file_type().is_socket() => {
                 // Someone answering means a live server, not a stale socket.
+                // (One that does not take lock files, e.g. an older ociblk.)
                 if UnixStream::connect(path).is_ok() {
                     return Err(ServerError::SocketInUse(path.to_owned()));
                 }
@@ -288,6 +387,7 @@ impl ServerSocket {
             listener: Listener::from(listener),
             path: path.to_owned(),
             id: (meta.dev(), meta.ino()),
+            _lock: lock,
         })
     }
 }
@@ -298,6 +398,70 @@ impl Drop for ServerSocket {
             fs::symlink_metadata(&self.path).is_ok_and(|meta| (meta.dev(), meta.ino()) == self.id);
         if ours && let Err(e) = fs::remove_file(&self.path) {
             warn!(socket = %self.path.display(), "cannot remove the socket: {e}");
+        }
+    }
+}
+
+/// The path of the lock file of the socket at `socket`.
+pub fn lock_path(socket: &Path) -> PathBuf {
+    let mut name = OsString::from(socket.as_os_str());
+    name.push(LOCK_SUFFIX);
+    PathBuf::from(name)
+}
+
+/// `<socket>.lock`, mode 0600, exclusively `flock`ed for the server's life.
+/// Removed (while still locked) when the server ends; a killed server's
+/// file stays behind unlocked and is simply taken by the next server.
+struct SocketLock {
+    file: File,
+    path: PathBuf,
+}
+
+impl SocketLock {
+    fn take(socket: &Path) -> Result<Self, ServerError> {
+        let path = lock_path(socket);
+        let lock_error = |source| ServerError::SocketLock {
+            path: path.clone(),
+            source,
+        };
+        for _ in 0..LOCK_ATTEMPTS {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(SOCKET_MODE)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&path)
+                .map_err(lock_error)?;
+            if !try_lock_exclusive(file.as_fd()).map_err(lock_error)? {
+                return Err(ServerError::SocketInUse(socket.to_owned()));
+            }
+            // The previous holder removes the file before unlocking it: if
+            // we locked a removed file, someone else may hold a new one.
+            let held = file.metadata().map_err(lock_error)?;
+            let current = fs::symlink_metadata(&path);
+            if current.is_ok_and(|m| (m.dev(), m.ino()) == (held.dev(), held.ino())) {
+                return Ok(SocketLock { file, path });
+            }
+        }
+        Err(lock_error(io::Error::other(
+            "the lock file keeps being replaced",
+        )))
+    }
+}
+
+impl Drop for SocketLock {
+    fn drop(&mut self) {
+        // Removed before the descriptor (and so the lock) goes: whoever
+        // opened the old file then sees it is gone and retries.
+        let ours = fs::symlink_metadata(&self.path).is_ok_and(|m| {
+            self.file
+                .metadata()
+                .is_ok_and(|held| (m.dev(), m.ino()) == (held.dev(), held.ino()))
+        });
+        if ours && let Err(e) = fs::remove_file(&self.path) {
+            warn!(lock = %self.path.display(), "cannot remove the socket's lock file: {e}");
         }
     }
 }
@@ -358,20 +522,40 @@ mod tests {
         }
     }
 
+    const GET_FEATURES: u32 = 1;
+    const GET_PROTOCOL_FEATURES: u32 = 15;
+
     /// Sends GET_FEATURES and returns the answer.
     fn get_features(stream: &mut UnixStream) -> u64 {
-        const GET_FEATURES: u32 = 1;
+        get_u64(stream, GET_FEATURES)
+    }
+
+    /// Sends a request without payload and returns its u64 answer.
+    fn get_u64(stream: &mut UnixStream, code: u32) -> u64 {
         const VERSION_1: u32 = 0x1;
         let mut request = Vec::new();
-        for word in [GET_FEATURES, VERSION_1, 0] {
+        for word in [code, VERSION_1, 0] {
             request.extend_from_slice(&word.to_le_bytes());
         }
         stream.write_all(&request).unwrap();
         let mut reply = [0u8; 20];
         stream.read_exact(&mut reply).unwrap();
-        assert_eq!(reply[..4], GET_FEATURES.to_le_bytes());
+        assert_eq!(reply[..4], code.to_le_bytes());
         assert_eq!(reply[8..12], 8u32.to_le_bytes());
         u64::from_le_bytes(reply[12..].try_into().unwrap())
+    }
+
+    /// Whether the server closed `stream` within `within` (read gives EOF).
+    fn closed_within(stream: &mut UnixStream, within: Duration) -> bool {
+        stream.set_read_timeout(Some(within)).unwrap();
+        let mut buf = [0u8; 1];
+        match stream.read(&mut buf) {
+            Ok(0) => true,
+            Ok(_) => panic!("unexpected bytes from the server"),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            Err(e) => panic!("reading from the server: {e}"),
+        }
     }
 
     struct Running {
@@ -384,13 +568,17 @@ mod tests {
 
     impl Running {
         fn start() -> Self {
+            Self::start_with(ServerOptions::default())
+        }
+
+        fn start_with(opts: ServerOptions) -> Self {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("disk.sock");
             let disk = Arc::new(MemDisk::new(1 << 20));
             let shutdown = ShutdownSignal::new().unwrap();
             let server = {
                 let (disk, path, shutdown) = (disk.clone(), path.clone(), shutdown.clone());
-                thread::spawn(move || serve(disk, &path, &ServerOptions::default(), shutdown))
+                thread::spawn(move || serve(disk, &path, &opts, shutdown))
             };
             wait_until("the socket", || path.exists());
             Running {
@@ -444,6 +632,122 @@ mod tests {
     }
 
     #[test]
+    fn silent_connection_is_dropped_but_an_idle_frontend_is_not() {
+        let timeout = Duration::from_millis(300);
+        let running = Running::start_with(ServerOptions {
+            handshake_timeout: timeout,
+            ..ServerOptions::default()
+        });
+        // Connects and says nothing: dropped, and the next client is served.
+        let mut silent = UnixStream::connect(&running.path).unwrap();
+        assert!(
+            closed_within(&mut silent, DEADLINE),
+            "silent connection kept"
+        );
+        // Only GET_FEATURES is not the whole handshake either.
+        let mut half = UnixStream::connect(&running.path).unwrap();
+        get_features(&mut half);
+        assert!(closed_within(&mut half, DEADLINE), "half handshake kept");
+        // A frontend that made its first requests may then stay idle.
+        let mut idle = UnixStream::connect(&running.path).unwrap();
+        get_features(&mut idle);
+        get_u64(&mut idle, GET_PROTOCOL_FEATURES);
+        assert!(
+            !closed_within(&mut idle, timeout * 4),
+            "established frontend dropped"
+        );
+        assert_eq!(get_features(&mut idle), config::virtio_features(false));
+        running.stop().unwrap();
+    }
+
+    #[test]
+    fn socket_path_longer_than_sun_path_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().as_os_str().len() + 1;
+        let fits = dir.path().join("s".repeat(MAX_SOCKET_PATH - base));
+        assert_eq!(fits.as_os_str().len(), MAX_SOCKET_PATH);
+        let too_long = dir.path().join("s".repeat(MAX_SOCKET_PATH + 1 - base));
+        let err = ServerSocket::bind(&too_long).err().unwrap();
+        assert!(
+            matches!(err, ServerError::SocketPathTooLong { len: 108, .. }),
+            "{err}"
+        );
+        let message = err.to_string();
+        assert!(
+            message.contains(&*too_long.to_string_lossy()) && message.contains("107 bytes"),
+            "{message}"
+        );
+        // Nothing was created for it.
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+        // 107 bytes work, and a client reaches the socket.
+        let socket = ServerSocket::bind(&fits).unwrap();
+        UnixStream::connect(&fits).unwrap();
+        drop(socket);
+    }
+
+    #[test]
+    fn lock_file_is_private_held_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.sock");
+        let socket = ServerSocket::bind(&path).unwrap();
+        let lock = lock_path(&path);
+        let meta = fs::symlink_metadata(&lock).unwrap();
+        assert!(meta.is_file());
+        assert_eq!(meta.permissions().mode() & 0o777, SOCKET_MODE);
+        let other = File::open(&lock).unwrap();
+        assert!(!try_lock_exclusive(other.as_fd()).unwrap(), "lock not held");
+        drop(socket);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+        // A killed server's lock file, left unlocked, is simply taken.
+        fs::write(&lock, b"").unwrap();
+        let socket = ServerSocket::bind(&path).unwrap();
+        drop(socket);
+        assert!(!lock.exists());
+    }
+
+    #[test]
+    fn a_held_lock_refuses_the_socket_even_without_a_socket_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.sock");
+        // Another server between taking the lock and binding.
+        let holder = File::create(lock_path(&path)).unwrap();
+        assert!(try_lock_exclusive(holder.as_fd()).unwrap());
+        let err = ServerSocket::bind(&path).err().unwrap();
+        assert!(matches!(err, ServerError::SocketInUse(_)), "{err}");
+        assert!(err.to_string().contains(&*path.to_string_lossy()), "{err}");
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn of_two_servers_binding_at_once_exactly_one_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.sock");
+        for round in 0..50 {
+            let barrier = std::sync::Barrier::new(2);
+            let results = thread::scope(|scope| {
+                let bind = || {
+                    barrier.wait();
+                    ServerSocket::bind(&path)
+                };
+                let a = scope.spawn(bind);
+                let b = scope.spawn(bind);
+                [a.join().unwrap(), b.join().unwrap()]
+            });
+            let winners = results.iter().filter(|r| r.is_ok()).count();
+            assert_eq!(winners, 1, "round {round}: {winners} servers bound");
+            for r in &results {
+                if let Err(e) = r {
+                    assert!(matches!(e, ServerError::SocketInUse(_)), "{e}");
+                }
+            }
+            // The winner's socket is the one at the path, and it answers.
+            UnixStream::connect(&path).unwrap();
+            drop(results);
+            assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+        }
+    }
+
+    #[test]
     fn shutdown_while_idle() {
         let running = Running::start();
         let path = running.path.clone();
@@ -480,6 +784,12 @@ mod tests {
             SOCKET_MODE
         );
         // Now live: a second server must not take it over.
+        let err = ServerSocket::bind(&path).err().unwrap();
+        assert!(matches!(err, ServerError::SocketInUse(_)), "{err}");
+        // Nor one that does not take the lock file (an older ociblk): the
+        // live check stays.
+        let lock = lock_path(&path);
+        fs::remove_file(&lock).unwrap();
         let err = ServerSocket::bind(&path).err().unwrap();
         assert!(matches!(err, ServerError::SocketInUse(_)), "{err}");
         drop(socket);

@@ -34,26 +34,42 @@ pub enum ServerError {
         max = config::MAX_QUEUE_SIZE
     )]
     QueueSize(u16),
-    #[error("{0} exists and is not a socket; refusing to replace it")]
+    #[error("{} exists and is not a socket; refusing to replace it", .0.display())]
     NotASocket(PathBuf),
-    #[error("{0} is a socket another server is listening on")]
+    #[error("socket {} is in use by another server", .0.display())]
     SocketInUse(PathBuf),
-    #[error("socket {path}: {source}")]
+    #[error(
+        "socket path {} is {len} bytes long, a Unix socket path holds at most {max} bytes",
+        path.display(),
+        max = daemon::MAX_SOCKET_PATH
+    )]
+    SocketPathTooLong { path: PathBuf, len: usize },
+    // The cause is the source, not part of the message: `{:#}` prints
+    // the chain, and would print it twice.
+    #[error("socket {}", path.display())]
     Socket {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("creating an eventfd: {0}")]
+    #[error("socket lock file {}", path.display())]
+    SocketLock {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("creating an eventfd")]
     EventFd(#[source] io::Error),
-    #[error("installing signal handlers: {0}")]
+    #[error("installing signal handlers")]
     Signal(#[source] io::Error),
-    #[error("waiting for a connection or shutdown: {0}")]
+    #[error("waiting for a connection or shutdown")]
     Poll(#[source] io::Error),
     // The vhost-user-backend error is neither Sync nor std::error::Error,
     // so only its message is kept.
     #[error("vhost-user daemon: {0}")]
     Daemon(String),
-    #[error("flushing the device at shutdown: {0}")]
+    #[error("flushing the device at shutdown")]
     Flush(#[source] io::Error),
+    #[error("invalid handshake timeout: must be positive")]
+    HandshakeTimeout,
 }

@@ -92,6 +92,9 @@ pub struct RequestContext<'a> {
     pub writeback: bool,
     /// The GET_ID answer.
     pub device_id: &'a [u8; ID_BYTES],
+    /// Largest descriptor accepted: `size_max` when the driver negotiated
+    /// VIRTIO_BLK_F_SIZE_MAX (and so promised to respect it), else none.
+    pub size_max: Option<u32>,
 }
 
 impl fmt::Debug for RequestContext<'_> {
@@ -201,6 +204,8 @@ struct ChainBuffers<'m> {
     readable: IoBufs<'m>,
     /// Device-writable bytes, in chain order: data then status.
     writable: IoBufs<'m>,
+    /// Length of the chain's longest descriptor.
+    longest: u32,
 }
 
 /// Translates every descriptor of `chain` into host ranges of `mem`,
@@ -216,7 +221,9 @@ where
 {
     let mut readable = Vec::new();
     let mut writable = Vec::new();
+    let mut longest = 0;
     for desc in chain {
+        longest = longest.max(desc.len());
         let ranges = if desc.is_write_only() {
             &mut writable
         } else {
@@ -236,7 +243,11 @@ where
     // the memory at any time; IoBufs only touches it through raw copies and
     // syscalls.
     let (readable, writable) = unsafe { (IoBufs::from_raw(readable), IoBufs::from_raw(writable)) };
-    Ok(ChainBuffers { readable, writable })
+    Ok(ChainBuffers {
+        readable,
+        writable,
+        longest,
+    })
 }
 
 /// The bytes `[start, start + len)` of `bufs` as their own list.
@@ -338,6 +349,14 @@ fn execute(
     status_at: usize,
     ctx: &RequestContext<'_>,
 ) -> Result<usize, Failure> {
+    if let Some(max) = ctx.size_max
+        && bufs.longest > max
+    {
+        return Err(Failure::Invalid(format!(
+            "a descriptor of {} bytes exceeds size_max ({max} bytes)",
+            bufs.longest
+        )));
+    }
     // Data the device reads (after the header) and writes (before the status).
     let out_len = bufs.readable.len() - HEADER_SIZE;
     let in_len = status_at;
@@ -523,6 +542,7 @@ mod tests {
         disk: Arc<MemDisk>,
         read_only: bool,
         writeback: bool,
+        size_max: Option<u32>,
     }
 
     impl Harness {
@@ -541,6 +561,7 @@ mod tests {
                 disk: Arc::new(disk),
                 read_only: false,
                 writeback: true,
+                size_max: None,
             }
         }
 
@@ -587,6 +608,7 @@ mod tests {
                 read_only: self.read_only,
                 writeback: self.writeback,
                 device_id: ID,
+                size_max: self.size_max,
             };
             process_request(&self.mem, chain, &ctx)
         }
@@ -641,6 +663,25 @@ mod tests {
         assert_eq!(h.read(0x4200, 512), [3u8; 512]);
         assert_eq!(h.read(0x8000, 512), [4u8; 512]);
         assert_eq!(h.read(0x8200, 1), [STATUS_OK]);
+    }
+
+    #[test]
+    fn descriptors_beyond_a_negotiated_size_max_are_refused() {
+        let mut h = Harness::new();
+        h.header(VIRTIO_BLK_T_IN, 0);
+        let one_long = [header(), writable(DATA_ADDR, 2048), status()];
+        let two_short = [
+            header(),
+            writable(DATA_ADDR, 1024),
+            writable(0x4000, 1024),
+            status(),
+        ];
+        // Not negotiated: no limit.
+        assert_eq!(h.run(&one_long), ok(2049));
+        h.size_max = Some(1024);
+        assert_eq!(h.run(&one_long), ioerr());
+        assert_eq!(h.read(STATUS_ADDR, 1), [STATUS_IOERR]);
+        assert_eq!(h.run(&two_short), ok(2049));
     }
 
     #[test]
