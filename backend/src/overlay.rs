@@ -1211,11 +1211,7 @@ fn read_checked_map(
 }
 
 /// Blocks per state on disk, `[base, data, zero]`, and the map's CRC32.
-fn read_counts(
-    file: &File,
-    path: &Path,
-    header: &Header,
-) -> Result<([u64; 3], u32), OverlayError> {
+fn read_counts(file: &File, path: &Path, header: &Header) -> Result<([u64; 3], u32), OverlayError> {
     let mut counts = [0u64; 3];
     let mut hasher = crc32fast::Hasher::new();
     for_map_chunks(file, header, |first, b| {

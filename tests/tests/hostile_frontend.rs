@@ -58,6 +58,10 @@ impl Node {
     }
 
     fn serve(&self) -> Server {
+        self.serve_with(&[])
+    }
+
+    fn serve_with(&self, extra: &[&str]) -> Server {
         let mut args = self.layout_args();
         let overlay = self.dir.path().join("node.overlay");
         args.extend([
@@ -66,6 +70,7 @@ impl Node {
             "--queues".to_owned(),
             QUEUES.to_string(),
         ]);
+        args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Server::start(&self.socket(), &args)
     }
@@ -340,6 +345,47 @@ fn own_socket_as_vring_eventfd_is_recovered_by_a_restart() {
         );
         c.disconnect().unwrap();
     }
+}
+
+/// A client that connects and says nothing, or stops after GET_FEATURES,
+/// would hold the server's only connection slot (QEMU's boot would wait
+/// behind it): it is dropped after the handshake timeout, and the frontend
+/// that comes next is served. One that made its first requests may idle.
+#[test]
+fn silent_clients_are_dropped_and_the_next_frontend_is_served() {
+    let node = Node {
+        dir: tempfile::tempdir().unwrap(),
+        seed: "hostile".into(),
+    };
+    let server = node.serve_with(&["--handshake-timeout", "1"]);
+    let silent = std::os::unix::net::UnixStream::connect(node.socket()).unwrap();
+    let half = RawConn::connect(&node.socket(), TIMEOUT).unwrap();
+    half.send(req::GET_FEATURES, VERSION, &[], &[]).unwrap();
+    // Queued behind both; served once they are dropped.
+    let mut c = connect(&node.socket());
+    assert_eq!(&c.read(0, 512, 512).unwrap().data[..8], b"EFI PART");
+    // The established client may stay idle for longer than the timeout.
+    let idle_from = Instant::now();
+    assert!(
+        !ociblk_tests::process::wait_until(Duration::from_secs(3), || server
+            .log
+            .text()
+            .matches("dropping the connection")
+            .count()
+            > 2),
+        "an established frontend was dropped:\n{}",
+        server.log.text()
+    );
+    assert!(idle_from.elapsed() >= Duration::from_secs(3));
+    assert_eq!(&c.read(0, 512, 512).unwrap().data[..8], b"EFI PART");
+    c.disconnect().unwrap();
+    let log = server.log.text();
+    assert_eq!(
+        log.matches("dropping the connection").count(),
+        2,
+        "both silent clients dropped, with a log line:\n{log}"
+    );
+    drop((silent, half));
 }
 
 #[test]

@@ -5,15 +5,18 @@
 #![allow(clippy::unwrap_used)]
 
 use std::fs;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ociblk_tests::oci::{pseudo_random, sha256_hex};
-use ociblk_tests::process::Server;
+use ociblk_tests::process::{Server, wait_exit, wait_until};
 use ociblk_tests::support::{ociblk_bin, run_err, run_ok, sample_image};
 use ociblk_tests::vhost_client::{BlkStatus, ClientOptions, RawDesc, VhostBlkClient};
-use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_RO, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
 
 /// A small disk so that whole-disk comparisons stay quick.
 const DISK: &[&str] = &["--disk-size", "512MiB", "--system-size", "64MiB"];
@@ -60,6 +63,27 @@ impl Node {
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Server::start(&self.socket(), &args)
+    }
+
+    /// `ociblk serve` for this node's disk, not started.
+    fn serve_cmd(&self, socket: &Path, extra: &[&str]) -> Command {
+        let mut cmd = Command::new(ociblk_bin());
+        cmd.arg("serve")
+            .args(self.layout_args())
+            .arg("--socket")
+            .arg(socket)
+            .args(extra);
+        cmd
+    }
+
+    /// `ociblk overlay info` of this node's overlay, as text.
+    fn overlay_info(&self) -> String {
+        let out = run_ok(
+            Command::new(ociblk_bin())
+                .args(["overlay", "info"])
+                .arg(self.overlay()),
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     fn connect(&self, queues: u16) -> VhostBlkClient {
@@ -302,6 +326,26 @@ fn bad_requests_get_ioerr_and_the_server_keeps_serving() {
             "{what}: next good request works"
         );
     }
+    // size_max is what the server advertises, and a driver that negotiated
+    // it (as this client and Linux do) gets IOERR beyond it.
+    let size_max = c.config().size_max.unwrap();
+    assert_eq!(size_max, 1 << 20);
+    assert_eq!(read_ok(&mut c, 0, 0, size_max).len(), size_max as usize);
+    let done = c.read(0, 0, 4 * size_max).unwrap();
+    assert_eq!(done.status, BlkStatus::IoErr, "4 MiB single segment");
+    let done = c.write(0, 0, &vec![0; 2 * size_max as usize]).unwrap();
+    assert_eq!(done.status, BlkStatus::IoErr, "2 MiB single segment");
+    c.disconnect().unwrap();
+    // A driver that did not negotiate it (OVMF does not) owes no limit.
+    let mut c = VhostBlkClient::connect(
+        &node.socket(),
+        ClientOptions {
+            feature_mask: !(1 << VIRTIO_BLK_F_SIZE_MAX),
+            ..ClientOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(read_ok(&mut c, 0, 0, 4 << 20).len(), 4 << 20);
     assert!(
         server.child.try_wait().unwrap().is_none(),
         "server died:\n{}",
@@ -452,4 +496,309 @@ fn socket_path_that_is_not_a_socket_is_refused() {
     let err = run_err(&mut cmd);
     assert!(err.contains("not a socket"), "{err}");
     assert_eq!(fs::read(node.socket()).unwrap(), b"precious");
+}
+
+/// Starts a command with its output collected, for a test that waits for it.
+fn spawn(cmd: &mut Command) -> Child {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"))
+}
+
+/// Waits (bounded) for a child to exit and returns its status and stderr.
+fn finish(mut child: Child, what: &str) -> (std::process::ExitStatus, String) {
+    let Some(status) = wait_exit(&mut child, Duration::from_secs(30)) else {
+        let _ = child.kill();
+        panic!("{what} did not exit within 30 s");
+    };
+    let out = child.wait_with_output().unwrap();
+    (status, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn socket_path_over_107_bytes_is_refused_before_any_file_is_made() {
+    let node = Node::new("client-8");
+    let base = node.dir.path().as_os_str().len() + 1;
+    let socket = node.dir.path().join("s".repeat(108 - base));
+    assert_eq!(socket.as_os_str().len(), 108);
+    let mut cmd = node.serve_cmd(&socket, &[]);
+    cmd.arg("--overlay").arg(node.overlay());
+    let err = run_err(&mut cmd);
+    assert!(
+        err.contains(&*socket.to_string_lossy()) && err.contains("at most 107 bytes"),
+        "{err}"
+    );
+    assert_eq!(fs::read_dir(node.dir.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn of_two_servers_started_together_on_one_socket_exactly_one_serves() {
+    let node = Node::new("client-9");
+    let socket = node.socket();
+    for round in 0..4 {
+        let overlays = [0, 1].map(|i| node.dir.path().join(format!("r{round}-{i}.overlay")));
+        let mut children = overlays.clone().map(|overlay| {
+            let mut cmd = node.serve_cmd(&socket, &["--overlay"]);
+            cmd.arg(&overlay);
+            Some(spawn(&mut cmd))
+        });
+        // One of them fails; find it.
+        let mut loser = None;
+        assert!(
+            wait_until(Duration::from_secs(60), || {
+                for (i, child) in children.iter_mut().enumerate() {
+                    if let Some(c) = child
+                        && c.try_wait().unwrap().is_some()
+                    {
+                        loser = Some(i);
+                        return true;
+                    }
+                }
+                false
+            }),
+            "round {round}: both servers kept running"
+        );
+        let loser = loser.unwrap();
+        let (status, err) = finish(children[loser].take().unwrap(), "the loser");
+        assert!(
+            !status.success(),
+            "round {round}: loser exited with {status}"
+        );
+        assert!(
+            err.contains("in use by another server") && err.contains(&*socket.to_string_lossy()),
+            "round {round}: {err}"
+        );
+        // The other serves, and stops cleanly.
+        let mut winner = children[1 - loser].take().unwrap();
+        assert!(wait_until(Duration::from_secs(30), || socket.exists()));
+        let mut c = node.connect(1);
+        assert_eq!(read_ok(&mut c, 0, 512, 512)[..8], *b"EFI PART");
+        c.disconnect().unwrap();
+        assert!(
+            winner.try_wait().unwrap().is_none(),
+            "round {round}: winner exited"
+        );
+        // SAFETY: kill(2) on the PID of a child we own and have not reaped.
+        unsafe { libc::kill(winner.id() as i32, libc::SIGTERM) };
+        let (status, err) = finish(winner, "the winner");
+        assert!(status.success(), "round {round}: winner: {status}\n{err}");
+        assert!(!socket.exists(), "round {round}: socket left behind");
+        assert!(
+            !node.dir.path().join("node.sock.lock").exists(),
+            "round {round}: lock file left behind"
+        );
+    }
+}
+
+#[test]
+fn sighup_sigusr1_and_sigpipe_never_cost_the_clean_shutdown() {
+    let node = Node::new("client-10");
+    let data_off = data_partition_offset(&node);
+    // SIGHUP: shuts down like SIGTERM.
+    let mut server = node.serve(&[]);
+    {
+        let mut c = node.connect(1);
+        write_ok(&mut c, 0, data_off, &[3; 4096]);
+        // Not flushed by the guest: the final flush keeps it.
+    }
+    let status = server.stop_with(libc::SIGHUP, Duration::from_secs(20));
+    assert!(status.success(), "SIGHUP: {status}\n{}", server.log.text());
+    assert!(!node.socket().exists(), "SIGHUP: socket left behind");
+    let info = node.overlay_info();
+    assert!(info.contains("Closed cleanly yes"), "SIGHUP:\n{info}");
+    assert!(info.contains("Written        1 blocks"), "SIGHUP:\n{info}");
+    // SIGUSR1 and SIGPIPE: ignored, the server keeps serving; a SIGTERM
+    // afterwards still ends it cleanly (a signal that killed it would show
+    // in the exit status).
+    let mut server = node.serve(&[]);
+    for (name, sig) in [("SIGUSR1", libc::SIGUSR1), ("SIGPIPE", libc::SIGPIPE)] {
+        // SAFETY: kill(2) on the PID of a child we own and have not reaped.
+        assert_eq!(unsafe { libc::kill(server.child.id() as i32, sig) }, 0);
+        let mut c = node.connect(1);
+        assert_eq!(read_ok(&mut c, 0, data_off, 4096), vec![3; 4096], "{name}");
+        c.disconnect().unwrap();
+        assert!(
+            server.child.try_wait().unwrap().is_none(),
+            "{name} ended it"
+        );
+    }
+    let status = server.stop_with(libc::SIGTERM, Duration::from_secs(20));
+    assert!(status.success(), "SIGTERM: {status}\n{}", server.log.text());
+    assert!(!node.socket().exists());
+    assert!(node.overlay_info().contains("Closed cleanly yes"));
+}
+
+#[test]
+fn overlay_paths_that_are_not_regular_files_are_refused() {
+    let node = Node::new("client-11");
+    let fifo = node.dir.path().join("fifo");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: `c` is a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let dir = node.dir.path().join("dir");
+    fs::create_dir(&dir).unwrap();
+    for path in [fifo.as_path(), Path::new("/dev/null"), dir.as_path()] {
+        let mut commands = Vec::new();
+        for sub in ["info", "reset"] {
+            let mut cmd = Command::new(ociblk_bin());
+            cmd.args(["overlay", sub]).arg(path);
+            commands.push(cmd);
+        }
+        for extra in [&[][..], &["--read-only"][..]] {
+            let mut cmd = node.serve_cmd(&node.socket(), extra);
+            cmd.arg("--overlay").arg(path);
+            commands.push(cmd);
+        }
+        for mut cmd in commands {
+            let what = format!("{cmd:?}");
+            let (status, err) = finish(spawn(&mut cmd), &what);
+            assert!(!status.success(), "{what} succeeded");
+            assert!(
+                err.contains("not a regular file") && err.contains(&*path.to_string_lossy()),
+                "{what}: {err}"
+            );
+        }
+    }
+    assert!(fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+    assert!(!node.socket().exists());
+    // An error's cause is printed once.
+    let missing = node.dir.path().join("missing");
+    let err = run_err(
+        Command::new(ociblk_bin())
+            .args(["overlay", "info"])
+            .arg(&missing),
+    );
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+}
+
+#[test]
+fn bad_arguments_leave_no_file_behind() {
+    let node = Node::new("client-12");
+    for bad in [
+        &["--queue-size", "3"][..],
+        &["--queue-size", "2048"][..],
+        &["--queues", "0"][..],
+        &["--handshake-timeout", "0"][..],
+    ] {
+        let mut cmd = node.serve_cmd(&node.socket(), bad);
+        cmd.arg("--overlay").arg(node.overlay());
+        let err = run_err(&mut cmd);
+        assert!(err.contains("invalid"), "{bad:?}: {err}");
+        assert_eq!(
+            fs::read_dir(node.dir.path()).unwrap().count(),
+            0,
+            "{bad:?} left a file"
+        );
+    }
+}
+
+#[test]
+fn overlays_and_exports_are_private_and_an_empty_overlay_is_initialised_aloud() {
+    let node = Node::new("client-13");
+    // Created by serve: 0600, whatever the umask lets through.
+    let mut server = node.serve(&[]);
+    let mode = fs::metadata(node.overlay()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "overlay mode {mode:o}");
+    server.stop_with(libc::SIGTERM, Duration::from_secs(20));
+    let out = node.dir.path().join("export.raw");
+    run_ok(
+        Command::new(ociblk_bin())
+            .arg("export")
+            .args(node.layout_args())
+            .arg("--overlay")
+            .arg(node.overlay())
+            .arg("--output")
+            .arg(&out),
+    );
+    let mode = fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "export mode {mode:o}");
+    fs::remove_file(&out).unwrap();
+
+    // An existing empty file: info and serve agree it is a new overlay,
+    // and serve says it initialises it.
+    fs::write(node.overlay(), b"").unwrap();
+    let err = run_err(
+        Command::new(ociblk_bin())
+            .args(["overlay", "info"])
+            .arg(node.overlay()),
+    );
+    assert!(err.contains("no header yet"), "{err}");
+    let mut server = node.serve(&[]);
+    let status = server.stop_with(libc::SIGTERM, Duration::from_secs(20));
+    assert!(status.success());
+    let log = server.log.text();
+    assert!(
+        log.contains("INFO") && log.contains("initialising an existing file"),
+        "{log}"
+    );
+    assert!(node.overlay_info().contains("Closed cleanly yes"));
+}
+
+#[test]
+fn read_only_serving_shares_the_overlay_and_never_modifies_it() {
+    let node = Node::new("client-14");
+    let data_off = data_partition_offset(&node);
+    let mut server = node.serve(&[]);
+    {
+        let mut c = node.connect(1);
+        write_ok(&mut c, 0, data_off, &[8; 4096]);
+        flush_ok(&mut c, 0);
+    }
+    server.stop_with(libc::SIGTERM, Duration::from_secs(20));
+    fs::set_permissions(node.overlay(), fs::Permissions::from_mode(0o400)).unwrap();
+    let before = fs::read(node.overlay()).unwrap();
+    let mtime = fs::metadata(node.overlay()).unwrap().mtime_nsec();
+
+    let overlay = node.overlay().display().to_string();
+    let ro = ["--read-only", "--overlay", overlay.as_str()];
+    let mut a = Server::start(
+        &node.socket(),
+        &{
+            let mut v = node.layout_args();
+            v.extend(ro.iter().map(|s| s.to_string()));
+            v
+        }
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>(),
+    );
+    // A second reader shares it, a writer is refused.
+    let second = node.dir.path().join("second.sock");
+    let mut b = Server::start(
+        &second,
+        &{
+            let mut v = node.layout_args();
+            v.extend(ro.iter().map(|s| s.to_string()));
+            v
+        }
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>(),
+    );
+    let mut cmd = node.serve_cmd(&node.dir.path().join("writer.sock"), &["--overlay"]);
+    cmd.arg(node.overlay());
+    let err = run_err(&mut cmd);
+    assert!(err.contains("in use"), "{err}");
+    // Not even marked in use.
+    assert!(node.overlay_info().contains("Closed cleanly yes"));
+    let mut c = node.connect(1);
+    assert!(c.has_feature(VIRTIO_BLK_F_RO));
+    assert_eq!(read_ok(&mut c, 0, data_off, 4096), vec![8; 4096]);
+    assert_eq!(
+        c.write(0, data_off, &[0; 4096]).unwrap().status,
+        BlkStatus::IoErr
+    );
+    flush_ok(&mut c, 0);
+    c.disconnect().unwrap();
+    for s in [&mut a, &mut b] {
+        let status = s.stop_with(libc::SIGTERM, Duration::from_secs(20));
+        assert!(status.success(), "{status}\n{}", s.log.text());
+    }
+    assert!(
+        fs::read(node.overlay()).unwrap() == before,
+        "overlay modified"
+    );
+    assert_eq!(fs::metadata(node.overlay()).unwrap().mtime_nsec(), mtime);
 }

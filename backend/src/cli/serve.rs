@@ -11,6 +11,7 @@ use tracing::info;
 use super::layout_args::LayoutArgs;
 use crate::node_disk::NodeDisk;
 use crate::overlay::{FlushMode, Overlay, OverlayConfig};
+use crate::server::daemon::check_socket_path;
 use crate::server::{ServerOptions, ShutdownSignal, serve};
 
 /// What FLUSH requests promise.
@@ -27,7 +28,9 @@ pub enum FlushArg {
 pub struct ServeArgs {
     #[command(flatten)]
     pub layout: LayoutArgs,
-    /// Unix socket to listen on (created with mode 0600; QEMU connects here).
+    /// Unix socket to listen on (created with mode 0600, at most 107 bytes;
+    /// QEMU connects here). `<PATH>.lock` is held while serving, so that
+    /// only one server at a time takes the path.
     #[arg(long, value_name = "PATH")]
     pub socket: PathBuf,
     /// The node's copy-on-write overlay file (created when missing).
@@ -72,6 +75,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     };
     // Every argument is checked before any file is created.
     opts.validate()?;
+    check_socket_path(&args.socket)?;
     let (_, layout) = args.layout.load()?;
     let overlay = match &args.overlay {
         Some(path) => {

@@ -817,7 +817,12 @@ fn anything_but_a_regular_file_is_refused_without_waiting() {
         }
     }
     // Nothing was created or changed.
-    assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+    assert!(
+        std::fs::symlink_metadata(&fifo)
+            .unwrap()
+            .file_type()
+            .is_fifo()
+    );
     assert_eq!(std::fs::read_dir(&subdir).unwrap().count(), 0);
 }
 
@@ -827,7 +832,11 @@ fn io_errors_name_their_cause_once() {
     let missing = dir.path().join("missing");
     let e = anyhow::Error::from(Overlay::info(&missing).unwrap_err());
     let chain = format!("{e:#}");
-    assert_eq!(chain.matches("No such file or directory").count(), 1, "{chain}");
+    assert_eq!(
+        chain.matches("No such file or directory").count(),
+        1,
+        "{chain}"
+    );
     assert!(chain.contains(&*missing.to_string_lossy()), "{chain}");
 }
 
@@ -869,7 +878,8 @@ fn an_empty_file_is_a_new_overlay_for_open_and_info_alike() {
 /// Sets map entry `block` of the overlay file at `path` to `state`.
 fn poke_map(path: &Path, block: u64, state: BlockState) {
     let f = OpenOptions::new().write(true).open(path).unwrap();
-    f.write_all_at(&[state as u8], HEADER_SIZE as u64 + block).unwrap();
+    f.write_all_at(&[state as u8], HEADER_SIZE as u64 + block)
+        .unwrap();
 }
 
 #[test]

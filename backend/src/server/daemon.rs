@@ -358,13 +358,7 @@ impl ServerSocket {
             path: path.to_owned(),
             source,
         };
-        let len = path.as_os_str().len();
-        if len > MAX_SOCKET_PATH {
-            return Err(ServerError::SocketPathTooLong {
-                path: path.to_owned(),
-                len,
-            });
-        }
+        check_socket_path(path)?;
         let lock = SocketLock::take(path)?;
         match fs::symlink_metadata(path) {
             Ok(meta) if meta.file_type().is_socket() => {
@@ -400,6 +394,19 @@ impl Drop for ServerSocket {
             warn!(socket = %self.path.display(), "cannot remove the socket: {e}");
         }
     }
+}
+
+/// Checks that a client can reach a socket at `path`: its length fits in
+/// `sun_path`. Callers may check early, before creating other files.
+pub fn check_socket_path(path: &Path) -> Result<(), ServerError> {
+    let len = path.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(ServerError::SocketPathTooLong {
+            path: path.to_owned(),
+            len,
+        });
+    }
+    Ok(())
 }
 
 /// The path of the lock file of the socket at `socket`.
