@@ -541,6 +541,9 @@ impl VhostBlkClient {
             indirect: opts.indirect,
             poison: opts.poison_buffers,
             timeout: opts.timeout,
+            // Like a driver that negotiated SIZE_MAX (Linux): data buffers
+            // are split into descriptors of at most size_max.
+            size_max: config.size_max.filter(|&m| m > 0),
         };
         let queues = setup_queues(&mut control, &ram, &sock, opts.queues, settings)?;
 

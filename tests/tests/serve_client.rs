@@ -327,14 +327,42 @@ fn bad_requests_get_ioerr_and_the_server_keeps_serving() {
         );
     }
     // size_max is what the server advertises, and a driver that negotiated
-    // it (as this client and Linux do) gets IOERR beyond it.
+    // it (as this client and Linux do) gets IOERR beyond it. The client
+    // splits its own buffers at size_max; raw chains do not.
     let size_max = c.config().size_max.unwrap();
     assert_eq!(size_max, 1 << 20);
-    assert_eq!(read_ok(&mut c, 0, 0, size_max).len(), size_max as usize);
-    let done = c.read(0, 0, 4 * size_max).unwrap();
-    assert_eq!(done.status, BlkStatus::IoErr, "4 MiB single segment");
-    let done = c.write(0, 0, &vec![0; 2 * size_max as usize]).unwrap();
-    assert_eq!(done.status, BlkStatus::IoErr, "2 MiB single segment");
+    assert_eq!(read_ok(&mut c, 0, 0, 4 * size_max).len(), 4 << 20);
+    for (what, chain) in [
+        (
+            "4 MiB single read segment",
+            vec![
+                RawDesc::header(VIRTIO_BLK_T_IN, 0),
+                RawDesc::writable(4 * size_max),
+                RawDesc::status(),
+            ],
+        ),
+        (
+            "one byte over",
+            vec![
+                RawDesc::header(VIRTIO_BLK_T_IN, 0),
+                RawDesc::writable(size_max + 512),
+                RawDesc::status(),
+            ],
+        ),
+        (
+            "2 MiB single write segment",
+            vec![
+                RawDesc::header(VIRTIO_BLK_T_OUT, 0),
+                RawDesc::readable(vec![0u8; 2 * size_max as usize]),
+                RawDesc::status(),
+            ],
+        ),
+    ] {
+        let t = c.submit_raw(0, &chain).unwrap();
+        let done = c.wait(0, t, deadline()).unwrap();
+        assert_eq!(done.status_byte(), Some(1), "{what}: IOERR");
+    }
+    assert_eq!(read_ok(&mut c, 0, 512, 512)[..8], *b"EFI PART");
     c.disconnect().unwrap();
     // A driver that did not negotiate it (OVMF does not) owes no limit.
     let mut c = VhostBlkClient::connect(

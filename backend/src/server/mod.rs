@@ -36,7 +36,10 @@ pub enum ServerError {
     QueueSize(u16),
     #[error("{} exists and is not a socket; refusing to replace it", .0.display())]
     NotASocket(PathBuf),
-    #[error("socket {} is in use by another server", .0.display())]
+    #[error(
+        "socket {} is in use by another server (listening on it, or starting up)",
+        .0.display()
+    )]
     SocketInUse(PathBuf),
     #[error(
         "socket path {} is {len} bytes long, a Unix socket path holds at most {max} bytes",

@@ -80,6 +80,8 @@ pub(crate) struct QueueSettings {
     pub(crate) indirect: bool,
     pub(crate) poison: bool,
     pub(crate) timeout: Duration,
+    /// Longest data descriptor, when SIZE_MAX was negotiated.
+    pub(crate) size_max: Option<u32>,
 }
 
 /// Counters of one queue's activity.
@@ -574,36 +576,42 @@ impl BlkQueue {
             })
         };
         let data_fill = self.settings.poison.then_some(POISON_BYTE);
+        let piece = self.settings.size_max.unwrap_or(u32::MAX);
         let (header, middle, has_data) = match request {
             Request::Read { offset, len } => (
                 blk_header(request.request_type(), sector(offset)?),
-                (len > 0).then_some(Segment {
-                    source: Source::Space {
-                        len,
-                        fill: data_fill,
-                    },
-                    writable: true,
-                }),
+                (0..len)
+                    .step_by(piece as usize)
+                    .map(|at| Segment {
+                        source: Source::Space {
+                            len: (len - at).min(piece),
+                            fill: data_fill,
+                        },
+                        writable: true,
+                    })
+                    .collect(),
                 len > 0,
             ),
             Request::Write { offset, data } => (
                 blk_header(request.request_type(), sector(offset)?),
-                (!data.is_empty()).then_some(Segment {
-                    source: Source::Bytes(data),
-                    writable: false,
-                }),
+                data.chunks(piece as usize)
+                    .map(|chunk| Segment {
+                        source: Source::Bytes(chunk),
+                        writable: false,
+                    })
+                    .collect(),
                 false,
             ),
-            Request::Flush => (blk_header(request.request_type(), 0), None, false),
+            Request::Flush => (blk_header(request.request_type(), 0), Vec::new(), false),
             Request::GetId => (
                 blk_header(request.request_type(), 0),
-                Some(Segment {
+                vec![Segment {
                     source: Source::Space {
                         len: BLK_ID_SIZE as u32,
                         fill: Some(0),
                     },
                     writable: true,
-                }),
+                }],
                 true,
             ),
             Request::Discard { offset, len } | Request::WriteZeroes { offset, len, .. } => {
@@ -611,10 +619,10 @@ impl BlkQueue {
                 let segment = blk_segment(sector(offset)?, sectors(len)?, unmap);
                 return self.submit_typed(
                     blk_header(request.request_type(), 0),
-                    Some(Segment {
+                    vec![Segment {
                         source: Source::Bytes(&segment),
                         writable: false,
-                    }),
+                    }],
                     false,
                 );
             }
@@ -625,10 +633,10 @@ impl BlkQueue {
     fn submit_typed(
         &mut self,
         header: [u8; 16],
-        middle: Option<Segment<'_>>,
+        middle: Vec<Segment<'_>>,
         has_data: bool,
     ) -> Result<Token, ClientError> {
-        let mut segments = Vec::with_capacity(3);
+        let mut segments = Vec::with_capacity(middle.len() + 2);
         segments.push(Segment {
             source: Source::Bytes(&header),
             writable: false,
@@ -718,10 +726,13 @@ impl BlkQueue {
                         .unwrap_or(POISON_BYTE),
                     _ => POISON_BYTE,
                 };
-                let data = match (has_data, flight.writable.first()) {
-                    (true, Some(&(addr, len))) => self.read_mem(addr, len)?,
-                    _ => Vec::new(),
-                };
+                // Every writable buffer but the status byte's, in order.
+                let mut data = Vec::new();
+                if has_data && let Some((_, buffers)) = flight.writable.split_last() {
+                    for &(addr, len) in buffers {
+                        data.extend(self.read_mem(addr, len)?);
+                    }
+                }
                 Ok(Finished::Typed(Completion {
                     token: flight.token,
                     status: BlkStatus::from(status),
@@ -1017,6 +1028,7 @@ mod tests {
             indirect,
             poison: true,
             timeout: Duration::from_secs(5),
+            size_max: None,
         };
         let q = BlkQueue::new(0, settings, ram, ring, pool, Arc::new(ours)).expect("queue");
         (q, peer)
