@@ -834,22 +834,25 @@ impl Overlay {
     }
 
     /// Flushes, records the map's checksum and marks the overlay cleanly
-    /// closed. The checksum is durable before the flag: a clean flag on
-    /// disk always comes with the checksum of the map it closed.
+    /// closed. The map and then the checksum are durable before the flag,
+    /// in both flush modes: a clean flag on disk always comes with the
+    /// checksum of the map on disk. (With [`FlushMode::Unsafe`] a clean
+    /// flag over a map the host lost would otherwise read as corruption
+    /// after a host crash.) Only the clean flag itself is left unsynced in
+    /// unsafe mode; losing it only costs a reclaim at the next open.
     fn shutdown(&self) -> io::Result<()> {
         if !self.writable {
             return Ok(());
         }
         self.flush()?;
         if !self.leaked.load(Ordering::Relaxed) {
+            self.sync()?;
             let crc = self.map_crc();
             self.file.write_all_at(
                 &format::encode_map_crc(Some(crc)),
                 format::MAP_CRC_FIELD_OFFSET as u64,
             )?;
-            if self.mode == FlushMode::Safe {
-                self.sync()?;
-            }
+            self.sync()?;
             self.set_clean(true)?;
         }
         Ok(())
@@ -889,9 +892,18 @@ impl Overlay {
                 path: path.to_path_buf(),
             });
         }
-        let header = read_header(&file, path, meta.len())?;
+        let mut header = read_header(&file, path, meta.len())?;
         let (counts, computed) = read_counts(&file, path, &header)?;
-        let map_check = check_map_crc(path, &header, computed)?;
+        let map_check = match check_map_crc(path, &header, computed) {
+            // A server may have opened it and changed the map while it was
+            // read: then it is in use, not corrupt.
+            Err(e) if !read_header(&file, path, meta.len()).is_ok_and(|h| h.clean) => {
+                tracing::debug!(path = %path.display(), "map changed while read: {e}");
+                header.clean = false;
+                MapCheck::NotClosedCleanly
+            }
+            r => r?,
+        };
         Ok(OverlayInfo {
             disk_size: header.disk_size,
             fingerprint: header.fingerprint,

@@ -616,6 +616,12 @@ mod tests {
         std::fs::write(&fd, b"vars").unwrap();
         spec.qemu.ovmf_vars_template = fd;
         let node = Node::prepare(&spec, &spec.nodes[0]).unwrap();
+        // The guest's variable store is private, whatever the template's mode.
+        let vars = dir.path().join("n-1").join(OVMF_VARS_FILE);
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&vars).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
         let err = Node::prepare(&spec, &spec.nodes[0]).unwrap_err();
         assert!(
             matches!(&err, LaunchError::NodeInUse { node, .. } if node == "n-1"),
