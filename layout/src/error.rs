@@ -9,13 +9,15 @@ use std::path::PathBuf;
 /// input without reading code.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{}: {source}", path.display())]
+    // The cause is the source, not part of the message: `{:#}` prints
+    // the chain, and would print it twice.
+    #[error("{}", path.display())]
     Io {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("{}: invalid JSON: {source}", path.display())]
+    #[error("{}: invalid JSON", path.display())]
     Json {
         path: PathBuf,
         #[source]

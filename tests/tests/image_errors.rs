@@ -18,12 +18,22 @@ fn image(dir: &Path) -> WrittenImage {
         .unwrap()
 }
 
-/// The error of opening the image and laying out a default node disk.
+/// The error of opening the image and laying out a default node disk,
+/// with its causes, as the command line prints it.
 fn layout_error(dir: &Path) -> String {
     let result = OsImage::open(dir).and_then(|img| Layout::build(&img, &DiskParams::new("n")));
     match result {
         Ok(_) => panic!("image in {} was accepted", dir.display()),
-        Err(e) => e.to_string(),
+        Err(e) => {
+            let mut msg = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                msg.push_str(": ");
+                msg.push_str(&c.to_string());
+                cause = c.source();
+            }
+            msg
+        }
     }
 }
 

@@ -223,13 +223,13 @@ fn check_node_name(name: &str) -> Result<(), String> {
 pub enum LaunchError {
     #[error("invalid cluster spec: {0}")]
     InvalidSpec(String),
-    #[error("cannot create the state directory {path}: {source}")]
+    #[error("cannot create the state directory {path}")]
     StateDir {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("node {node}: {action} {path}: {source}")]
+    #[error("node {node}: {action} {path}")]
     NodeFiles {
         node: String,
         action: &'static str,
@@ -249,7 +249,7 @@ pub enum LaunchError {
         path: PathBuf,
         max: usize,
     },
-    #[error("node {node}: cannot start {program} ({binary}): {source}")]
+    #[error("node {node}: cannot start {program} ({binary})")]
     Spawn {
         node: String,
         program: &'static str,
@@ -257,7 +257,7 @@ pub enum LaunchError {
         #[source]
         source: io::Error,
     },
-    #[error("node {node}: waiting for {program}: {source}")]
+    #[error("node {node}: waiting for {program}")]
     Wait {
         node: String,
         program: &'static str,
@@ -303,7 +303,7 @@ pub enum LaunchError {
         log: PathBuf,
         tail: String,
     },
-    #[error("node {node}: cannot write to the console: {source}")]
+    #[error("node {node}: cannot write to the console")]
     ConsoleInput {
         node: String,
         #[source]
@@ -559,7 +559,7 @@ impl Cluster {
         let mut errors = errors.into_iter();
         let first = errors.next();
         for e in errors {
-            warn!("{e}");
+            warn!("{:#}", anyhow::Error::new(e));
         }
         first.map_or(Ok(()), Err)
     }
@@ -568,7 +568,7 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         if let Err(e) = self.teardown() {
-            warn!("{e}");
+            warn!("{:#}", anyhow::Error::new(e));
         }
     }
 }
