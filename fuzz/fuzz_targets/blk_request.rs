@@ -10,7 +10,8 @@
 //!          device, bits 3-4 second memory region (none, adjacent, after a
 //!          gap, overlapping the end of the first), bits 5-7 faults to inject
 //! byte 1   queue size 2^(1 + b % 5) (2..32), number of available heads
-//!          (b >> 4, at most the queue size)
+//!          (b >> 4, at most the queue size); bit 3 also enforces a
+//!          size_max of MAX_LEN / 4 (a driver that negotiated SIZE_MAX)
 //! then     per available head: u16 head index (taken as is: may be out of
 //!          range)
 //! then     per descriptor (queue size of them): u64 address, u32 length,
@@ -137,6 +138,7 @@ fuzz_target!(|data: &[u8]| {
         read_only: cfg & 1 != 0,
         writeback: cfg & 2 == 0,
         device_id: ID,
+        size_max: (sizes & 8 != 0).then_some(MAX_LEN / 4),
     };
     let before = disk.contents(0, (DISK_SECTORS * 512) as usize);
 

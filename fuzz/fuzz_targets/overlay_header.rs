@@ -227,6 +227,8 @@ fn check_info(path: &Path) -> Option<OverlayInfo> {
         }
         Err(OverlayError::Io { .. } | OverlayError::Corrupt { .. }) => None,
         Err(OverlayError::BadMagic { .. } | OverlayError::Version { .. }) => None,
+        // Empty, or a header that was never written.
+        Err(OverlayError::NotInitialised { .. }) => None,
         Err(e) => panic!("info: unexpected error {e}"),
     }
 }
