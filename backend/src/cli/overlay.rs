@@ -17,14 +17,16 @@ pub struct OverlayArgs {
 #[derive(Debug, Subcommand)]
 pub enum OverlayCommand {
     /// Show what the overlay holds (works while a server uses it; counts are
-    /// as of its last flush).
+    /// as of its last flush). After a clean close the map is checked against
+    /// the checksum recorded then; a mismatch is an error.
     Info {
         file: PathBuf,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
-    /// Forget every write: the node's disk reads as the image again.
+    /// Forget every write: the node's disk reads as the image again. Refused
+    /// while a server uses the overlay.
     Reset { file: PathBuf },
 }
 
