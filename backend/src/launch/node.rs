@@ -681,6 +681,49 @@ fn qemu_option(prefix: &str, path: &Path) -> std::ffi::OsString {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::launch::NodeSpec;
+
+    /// A node whose backend was killed by a signal (a `sleep` stands in for
+    /// `ociblk serve`, which is not needed to leave files behind).
+    fn node_with_killed_backend(dir: &Path) -> Node {
+        let mut spec = ClusterSpec::new("img", dir, NodeSpec::numbered("n", 1));
+        let vars = dir.join("vars.fd");
+        fs::write(&vars, b"vars").unwrap();
+        spec.qemu.ovmf_vars_template = vars;
+        let mut node = Node::prepare(&spec, &spec.nodes[0]).unwrap();
+        let mut sleep = Command::new("sleep");
+        sleep.arg("60");
+        let mut serve =
+            Process::spawn(&mut sleep, libc::SIGKILL, &node.dir.join(SERVE_PID_FILE)).unwrap();
+        serve.kill();
+        node.serve = Some(serve);
+        node
+    }
+
+    #[test]
+    fn a_killed_backends_socket_and_lock_file_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = node_with_killed_backend(dir.path());
+        // What `ociblk serve` leaves when killed: a stale socket and an
+        // unlocked lock file.
+        drop(std::os::unix::net::UnixListener::bind(node.socket()).unwrap());
+        let lock = lock_path(&node.socket());
+        fs::write(&lock, b"").unwrap();
+        node.remove_leftovers();
+        assert!(!node.socket().exists(), "socket left");
+        assert!(!lock.exists(), "lock file left");
+    }
+
+    #[test]
+    fn a_lock_file_someone_holds_is_not_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = node_with_killed_backend(dir.path());
+        let lock = lock_path(&node.socket());
+        let held = File::create(&lock).unwrap();
+        assert!(try_lock_exclusive(held.as_fd()).unwrap());
+        node.remove_leftovers();
+        assert!(lock.exists(), "a held lock file was removed");
+    }
 
     #[test]
     fn commas_in_paths_are_doubled_for_qemu() {
