@@ -161,8 +161,8 @@ pub fn apply_overlay(overlay: &Overlay, out: &File) -> io::Result<u64> {
 /// Deallocates a range so it reads as zeros; writes zeros where the file
 /// system cannot punch holes.
 fn punch_hole(out: &File, offset: u64, len: u64) -> io::Result<()> {
-    match crate::overlay::sys::punch_hole(out.as_fd(), offset, len) {
-        Err(e) if crate::overlay::sys::unsupported(&e) => {}
+    match crate::sys::punch_hole(out.as_fd(), offset, len) {
+        Err(e) if crate::sys::unsupported(&e) => {}
         other => return other,
     }
     let zeros = vec![0u8; len.min(1 << 20) as usize];

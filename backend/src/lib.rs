@@ -12,3 +12,4 @@ pub mod launch;
 pub mod node_disk;
 pub mod overlay;
 pub mod server;
+pub(crate) mod sys;

@@ -20,8 +20,8 @@ use tracing::{info, warn};
 use super::log::{Search, Transcript, follow};
 use super::process::{Process, Stopped};
 use super::{ClusterSpec, LaunchError, NodeSpec};
-use crate::overlay::sys::try_lock_exclusive;
 use crate::server::daemon::lock_path;
+use crate::sys::try_lock_exclusive;
 
 /// The vhost-user socket `ociblk serve` listens on and QEMU connects to.
 pub const SOCKET_FILE: &str = "node.sock";

@@ -33,6 +33,8 @@
 
 use std::sync::atomic::AtomicU8;
 
+use super::map::StateCounts;
+
 /// Bytes reserved for the header at the start of the file.
 pub const HEADER_SIZE: usize = 4096;
 /// Size of one overlay block: the unit of copy-on-write.
@@ -339,14 +341,18 @@ pub(crate) fn decode_map(b: &[u8], first: u64, out: &mut Vec<AtomicU8>) -> Resul
 }
 
 /// Adds the blocks of map bytes `b` (starting at block `first`) to
-/// `counts`, indexed by state: `[base, data, zero]`.
-pub(crate) fn count_states(b: &[u8], first: u64, counts: &mut [u64; 3]) -> Result<(), FormatError> {
+/// `counts`.
+pub(crate) fn count_states(
+    b: &[u8],
+    first: u64,
+    counts: &mut StateCounts,
+) -> Result<(), FormatError> {
     for (i, &v) in b.iter().enumerate() {
         let s = BlockState::from_u8(v).ok_or(FormatError::BadState {
             block: first + i as u64,
             value: v,
         })?;
-        counts[s as usize] += 1;
+        counts.add(s);
     }
     Ok(())
 }

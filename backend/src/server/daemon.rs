@@ -33,7 +33,7 @@ use super::backend::{BlkBackend, GuestMemoryAtomic};
 use super::config::ServerOptions;
 use super::request::GuestMemoryMmap;
 use crate::device::BlockDevice;
-use crate::overlay::sys::try_lock_exclusive;
+use crate::sys::try_lock_exclusive;
 
 /// Name of the thread reading vhost-user messages.
 const DAEMON_THREAD_NAME: &str = "vhost-user-blk";

@@ -1,7 +1,13 @@
-//! Thin wrappers over the syscalls the overlay needs and std lacks.
+//! Thin wrappers over the file syscalls the overlay, the export and the
+//! server's lock files need and neither std nor vmm-sys-util covers as
+//! needed. vmm-sys-util's `SeekHole` wants a `&mut File` (it moves the
+//! file position), hence `next_data` here; `flock` and `fdatasync` have no
+//! wrapper there.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
+
+use vmm_sys_util::fallocate::{FallocateMode, fallocate};
 
 fn last_error() -> io::Error {
     io::Error::last_os_error()
@@ -14,21 +20,10 @@ pub fn punch_hole(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
         return Ok(());
     }
     loop {
-        // SAFETY: fallocate takes no pointers; the fd is open for writing.
-        let r = unsafe {
-            libc::fallocate(
-                fd.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if r == 0 {
-            return Ok(());
-        }
-        let e = last_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
+        match fallocate(&fd, FallocateMode::PunchHole, true, offset, len) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.errno() == libc::EINTR => {}
+            Err(e) => return Err(e.into()),
         }
     }
 }

@@ -1,0 +1,552 @@
+//! The overlay file: opening and locking it, creating it, reading and
+//! checking its header and map, reclaiming space after a crash, and
+//! reporting on or resetting an overlay that no server holds.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Mutex, RwLock};
+
+use super::format::{self, BLOCK_SIZE as BS, BlockState, FormatError, Header, parse_header};
+use super::map::{BlockMap, MAP_CHUNK, StateCounts};
+use super::{
+    MapCheck, OVERLAY_MODE, Overlay, OverlayConfig, OverlayError, OverlayInfo, STRIPES, io_err,
+};
+use crate::sys;
+
+impl Overlay {
+    /// Opens the overlay at `path` read-write, creating it (mode 0600) if
+    /// it does not exist, and locks it exclusively for this process.
+    ///
+    /// An existing empty file, or one whose header was never written (what
+    /// a crash right after creation leaves; nothing in it was ever
+    /// flushed), is initialised as a new overlay, with a log line. Anything
+    /// else must carry a valid header. An existing overlay must match
+    /// `cfg`'s disk size and fingerprint, unless no block was ever written
+    /// or zeroed in it (a new or reset overlay holds nothing of its old
+    /// disk): such a file is made anew for `cfg`. After a clean close the
+    /// map must match the checksum recorded then.
+    pub fn open(path: impl AsRef<Path>, cfg: OverlayConfig) -> Result<Overlay, OverlayError> {
+        let path = path.as_ref();
+        check_config(path, &cfg)?;
+        let (file, created) = open_file(path, Access::Create)?;
+        if !sys::try_lock_exclusive(file.as_fd()).map_err(io_err(path, "lock"))? {
+            return Err(OverlayError::Locked {
+                path: path.to_path_buf(),
+            });
+        }
+        let len = file.metadata().map_err(io_err(path, "stat"))?.len();
+        let mut fresh = len == 0 || header_never_written(&file, path, len)?;
+        if fresh && !created {
+            tracing::info!(
+                path = %path.display(),
+                bytes = len,
+                "initialising an existing file without an overlay header as a new overlay"
+            );
+        }
+        let header = if fresh {
+            file.set_len(0).map_err(io_err(path, "truncate"))?;
+            create(&file, path, &cfg)?
+        } else {
+            let header = read_header(&file, path, len)?;
+            match mismatch(&header, &cfg) {
+                None => header,
+                Some(what) => {
+                    let (counts, _) = read_counts(&file, path, &header)?;
+                    if counts.any_written() {
+                        return Err(OverlayError::Mismatch {
+                            path: path.to_path_buf(),
+                            what,
+                        });
+                    }
+                    tracing::info!(path = %path.display(), "re-creating unused overlay for another disk");
+                    file.set_len(0).map_err(io_err(path, "truncate"))?;
+                    fresh = true;
+                    create(&file, path, &cfg)?
+                }
+            }
+        };
+        // A new map is all `Base`: nothing to read.
+        let map = if fresh {
+            BlockMap::all_base(header.map_len)
+        } else {
+            read_checked_map(&file, path, &header)?.0
+        };
+        let ov = Overlay {
+            file,
+            path: path.to_path_buf(),
+            mode: cfg.flush,
+            map,
+            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+            flush_lock: Mutex::new(()),
+            sync_failed: AtomicBool::new(false),
+            leaked: AtomicBool::new(false),
+            new_entry: AtomicBool::new(fresh),
+            writable: true,
+            closed: false,
+            header,
+        };
+        if fresh {
+            // Created in use (clean flag 0) with nothing to reclaim.
+        } else if !ov.header.clean {
+            tracing::info!(path = %path.display(), "overlay was not closed cleanly; reclaiming unused space");
+            ov.reclaim().map_err(io_err(path, "reclaim space"))?;
+        } else {
+            ov.set_clean(false).map_err(io_err(path, "mark in use"))?;
+        }
+        Ok(ov)
+    }
+
+    /// Opens the overlay at `path` for reading only: the file is opened
+    /// read-only (a 0400 file or a read-only mount will do), locked shared
+    /// (no server can write it meanwhile, other readers can share it) and
+    /// never modified, not even its clean flag. An empty file or one whose
+    /// header was never written holds no writes: it reads as the base disk.
+    pub fn open_read_only(
+        path: impl AsRef<Path>,
+        cfg: OverlayConfig,
+    ) -> Result<Overlay, OverlayError> {
+        let path = path.as_ref();
+        check_config(path, &cfg)?;
+        let (file, _) = open_file(path, Access::ReadOnly)?;
+        if !sys::try_lock_shared(file.as_fd()).map_err(io_err(path, "lock"))? {
+            return Err(OverlayError::Locked {
+                path: path.to_path_buf(),
+            });
+        }
+        let len = file.metadata().map_err(io_err(path, "stat"))?.len();
+        let unwritten = len == 0 || header_never_written(&file, path, len)?;
+        let (header, map) = if unwritten {
+            tracing::info!(path = %path.display(), "overlay has no header yet: serving the base disk");
+            let header = Header::new(cfg.disk_size, cfg.fingerprint);
+            let map = BlockMap::all_base(header.map_len);
+            (header, map)
+        } else {
+            let header = read_header(&file, path, len)?;
+            let (map, counts) = read_checked_map(&file, path, &header)?;
+            if let Some(what) = mismatch(&header, &cfg) {
+                if counts.any_written() {
+                    return Err(OverlayError::Mismatch {
+                        path: path.to_path_buf(),
+                        what,
+                    });
+                }
+                // Nothing written: reads as the base disk, whatever it is.
+                let header = Header::new(cfg.disk_size, cfg.fingerprint);
+                let map = BlockMap::all_base(header.map_len);
+                (header, map)
+            } else {
+                (header, map)
+            }
+        };
+        Ok(Overlay {
+            file,
+            path: path.to_path_buf(),
+            mode: cfg.flush,
+            map,
+            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+            flush_lock: Mutex::new(()),
+            sync_failed: AtomicBool::new(false),
+            leaked: AtomicBool::new(false),
+            new_entry: AtomicBool::new(false),
+            writable: false,
+            closed: false,
+            header,
+        })
+    }
+
+    /// Deallocates the data of every block that is not `Data`: after a
+    /// crash, blocks written but never published in the durable map keep
+    /// their bytes allocated.
+    fn reclaim(&self) -> io::Result<()> {
+        let fd = self.file.as_fd();
+        let start = self.header.data_offset;
+        let end = self.header.file_len();
+        let mut pos = start;
+        while pos < end {
+            let Some((s, e)) = sys::next_data(fd, pos)? else {
+                break;
+            };
+            if s >= end {
+                break;
+            }
+            let (b0, b1) = ((s - start) / BS, (e.min(end) - start).div_ceil(BS));
+            let mut b = b0;
+            while b < b1 {
+                if self.map.get(b) == BlockState::Data {
+                    b += 1;
+                    continue;
+                }
+                let first = b;
+                while b < b1 && self.map.get(b) != BlockState::Data {
+                    b += 1;
+                }
+                match sys::punch_hole(fd, start + first * BS, (b - first) * BS) {
+                    Err(e) if sys::unsupported(&e) => return Ok(()),
+                    r => r?,
+                }
+            }
+            pos = start + b1 * BS;
+        }
+        Ok(())
+    }
+
+    /// Reports on the overlay at `path` without locking it; works while a
+    /// server uses it (the map is then as of its last flush).
+    ///
+    /// A file without a header (empty, or whose header was never written)
+    /// is [`OverlayError::NotInitialised`]: `open` makes it a new overlay.
+    /// After a clean close the map must match its recorded checksum.
+    pub fn info(path: impl AsRef<Path>) -> Result<OverlayInfo, OverlayError> {
+        let path = path.as_ref();
+        let (file, _) = open_file(path, Access::ReadOnly)?;
+        let meta = file.metadata().map_err(io_err(path, "stat"))?;
+        if meta.len() == 0 || header_never_written(&file, path, meta.len())? {
+            return Err(OverlayError::NotInitialised {
+                path: path.to_path_buf(),
+            });
+        }
+        let mut header = read_header(&file, path, meta.len())?;
+        let (counts, computed) = read_counts(&file, path, &header)?;
+        let map_check = match check_map_crc(path, &header, computed) {
+            // A server may have opened it and changed the map while it was
+            // read: then it is in use, not corrupt.
+            Err(e) if !read_header(&file, path, meta.len()).is_ok_and(|h| h.clean) => {
+                tracing::debug!(path = %path.display(), "map changed while read: {e}");
+                header.clean = false;
+                MapCheck::NotClosedCleanly
+            }
+            r => r?,
+        };
+        Ok(OverlayInfo {
+            disk_size: header.disk_size,
+            fingerprint: header.fingerprint,
+            block_size: BS,
+            blocks: header.blocks(),
+            written: counts.data,
+            zeroed: counts.zero,
+            allocated_bytes: meta.blocks() * 512,
+            file_size: meta.len(),
+            clean: header.clean,
+            map_check,
+        })
+    }
+
+    /// Returns every block of the overlay at `path` to `Base` and frees its
+    /// data. Fails if a server has it open. An empty regular file is left
+    /// alone (it already reads as the base disk).
+    pub fn reset(path: impl AsRef<Path>) -> Result<(), OverlayError> {
+        let path = path.as_ref();
+        let (file, _) = open_file(path, Access::Existing)?;
+        if !sys::try_lock_exclusive(file.as_fd()).map_err(io_err(path, "lock"))? {
+            return Err(OverlayError::Locked {
+                path: path.to_path_buf(),
+            });
+        }
+        let len = file.metadata().map_err(io_err(path, "stat"))?.len();
+        if len == 0 {
+            return Ok(());
+        }
+        let header = read_header(&file, path, len)?;
+        let fd = file.as_fd();
+        let set_clean = |clean: bool| {
+            file.write_all_at(&[u8::from(clean)], format::CLEAN_OFFSET as u64)
+                .and_then(|()| sys::fdatasync(fd))
+        };
+        // Not clean while the map and data disagree with the flag, so that
+        // an interrupted reset is finished by the next open's reclaim.
+        set_clean(false).map_err(io_err(path, "mark in use"))?;
+        zero_map(&file, &header).map_err(io_err(path, "clear map"))?;
+        file.write_all_at(
+            &format::encode_map_crc(Some(zero_map_crc(header.map_len))),
+            format::MAP_CRC_FIELD_OFFSET as u64,
+        )
+        .map_err(io_err(path, "record map checksum"))?;
+        sys::fdatasync(fd).map_err(io_err(path, "sync"))?;
+        match sys::punch_hole(fd, header.data_offset, header.blocks() * BS) {
+            Err(e) if !sys::unsupported(&e) => return Err(io_err(path, "free data")(e)),
+            _ => {}
+        }
+        set_clean(true).map_err(io_err(path, "mark clean"))
+    }
+}
+
+/// Differences between an overlay's header and the disk it is opened for.
+fn mismatch(h: &Header, cfg: &OverlayConfig) -> Option<String> {
+    let mut what = Vec::new();
+    if h.disk_size != cfg.disk_size {
+        what.push(format!("size {} != {} bytes", h.disk_size, cfg.disk_size));
+    }
+    if h.fingerprint != cfg.fingerprint {
+        what.push(format!(
+            "fingerprint {}.. != {}..",
+            &format::hex(&h.fingerprint)[..12],
+            &format::hex(&cfg.fingerprint)[..12]
+        ));
+    }
+    (!what.is_empty()).then(|| what.join(", "))
+}
+
+/// How [`open_file`] opens an overlay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Read-write, created (mode 0600) when missing.
+    Create,
+    /// Read-write, must exist.
+    Existing,
+    /// Read-only, must exist.
+    ReadOnly,
+}
+
+/// Opens an overlay file, which must be a regular file: anything else is
+/// [`OverlayError::NotRegular`]. The type is checked before opening (so
+/// that a directory or a device is never opened for writing) and again on
+/// the open descriptor (the path may have changed meanwhile). `O_NONBLOCK`
+/// keeps the open of a FIFO from waiting for a writer; it means nothing
+/// for a regular file. Returns whether the file was created.
+fn open_file(path: &Path, access: Access) -> Result<(File, bool), OverlayError> {
+    match fs::metadata(path) {
+        Ok(meta) => check_regular(path, &meta)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound && access == Access::Create => {}
+        Err(e) => return Err(io_err(path, "open")(e)),
+    }
+    let mut options = OpenOptions::new();
+    options
+        .read(true)
+        .write(access != Access::ReadOnly)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC);
+    let mut created = false;
+    let opened = if access == Access::Create {
+        match options
+            .clone()
+            .create_new(true)
+            .mode(OVERLAY_MODE)
+            .open(path)
+        {
+            Ok(file) => {
+                created = true;
+                // The umask may have taken bits away, never added: set
+                // exactly 0600, whatever it is.
+                file.set_permissions(fs::Permissions::from_mode(OVERLAY_MODE))
+                    .map_err(io_err(path, "set mode"))?;
+                Ok(file)
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => options.open(path),
+            Err(e) => Err(e),
+        }
+    } else {
+        options.open(path)
+    };
+    let file = opened.map_err(|e| match e.raw_os_error() {
+        Some(libc::EISDIR) => OverlayError::NotRegular {
+            path: path.to_path_buf(),
+            kind: "a directory",
+        },
+        _ => io_err(path, "open")(e),
+    })?;
+    check_regular(path, &file.metadata().map_err(io_err(path, "stat"))?)?;
+    Ok((file, created))
+}
+
+fn check_regular(path: &Path, meta: &fs::Metadata) -> Result<(), OverlayError> {
+    let t = meta.file_type();
+    let kind = if t.is_file() {
+        return Ok(());
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "not a file"
+    };
+    Err(OverlayError::NotRegular {
+        path: path.to_path_buf(),
+        kind,
+    })
+}
+
+fn check_config(path: &Path, cfg: &OverlayConfig) -> Result<(), OverlayError> {
+    format::check_disk_size(cfg.disk_size).map_err(|reason| OverlayError::Config {
+        path: path.to_path_buf(),
+        reason,
+    })
+}
+
+/// Lays out a new overlay in an empty, locked file. Nothing is synced here:
+/// a new overlay holds nothing worth keeping until the first flush, which
+/// makes the header (and, see [`Overlay::flush`], the directory entry)
+/// durable. A crash before it leaves an empty file or a zero header, which
+/// `open` treats as a new overlay: launching a node costs no sync.
+fn create(file: &File, path: &Path, cfg: &OverlayConfig) -> Result<Header, OverlayError> {
+    let mut header = Header::new(cfg.disk_size, cfg.fingerprint);
+    // The map is a hole, which reads as all `Base`; the data area too.
+    file.set_len(header.file_len())
+        .map_err(io_err(path, "set size"))?;
+    header.clean = false;
+    file.write_all_at(&header.encode(), 0)
+        .map_err(io_err(path, "write header"))?;
+    Ok(header)
+}
+
+/// Whether the file starts with a header that was never written (all
+/// zeros): what a crash right after creation can leave.
+fn header_never_written(file: &File, path: &Path, len: u64) -> Result<bool, OverlayError> {
+    let mut buf = vec![0u8; format::HEADER_SIZE.min(len as usize)];
+    file.read_exact_at(&mut buf, 0)
+        .map_err(io_err(path, "read header"))?;
+    Ok(buf.iter().all(|&b| b == 0))
+}
+
+/// Reads and checks the header, and that the file holds all it describes.
+fn read_header(file: &File, path: &Path, len: u64) -> Result<Header, OverlayError> {
+    let mut buf = vec![0u8; format::HEADER_SIZE];
+    let n = (len as usize).min(buf.len());
+    file.read_exact_at(&mut buf[..n], 0)
+        .map_err(io_err(path, "read header"))?;
+    buf.truncate(n);
+    let header = parse_header(&buf).map_err(|e| OverlayError::format(path, e))?;
+    if len < header.file_len() {
+        return Err(OverlayError::format(
+            path,
+            FormatError::Truncated {
+                what: "map and data area",
+                need: header.file_len(),
+                have: len,
+            },
+        ));
+    }
+    Ok(header)
+}
+
+enum MapError {
+    Io(io::Error),
+    Format(FormatError),
+}
+
+impl MapError {
+    fn at(self, path: &Path) -> OverlayError {
+        match self {
+            MapError::Io(e) => io_err(path, "read map")(e),
+            MapError::Format(e) => OverlayError::format(path, e),
+        }
+    }
+}
+
+/// Visits the on-disk map in chunks: `f(first_block, bytes)`.
+fn for_map_chunks(
+    file: &File,
+    header: &Header,
+    mut f: impl FnMut(u64, &[u8]) -> Result<(), FormatError>,
+) -> Result<(), MapError> {
+    let mut buf = vec![0u8; MAP_CHUNK.min(header.map_len) as usize];
+    let mut first = 0;
+    while first < header.map_len {
+        let n = MAP_CHUNK.min(header.map_len - first) as usize;
+        file.read_exact_at(&mut buf[..n], header.map_offset + first)
+            .map_err(MapError::Io)?;
+        f(first, &buf[..n]).map_err(MapError::Format)?;
+        first += n as u64;
+    }
+    Ok(())
+}
+
+/// Reads the map, counts its states and checks it against the checksum
+/// recorded at the last clean close.
+fn read_checked_map(
+    file: &File,
+    path: &Path,
+    header: &Header,
+) -> Result<(BlockMap, StateCounts), OverlayError> {
+    let mut states = Vec::with_capacity(header.map_len as usize);
+    let mut counts = StateCounts::default();
+    let mut hasher = crc32fast::Hasher::new();
+    for_map_chunks(file, header, |first, b| {
+        hasher.update(b);
+        format::count_states(b, first, &mut counts)?;
+        format::decode_map(b, first, &mut states)
+    })
+    .map_err(|e| e.at(path))?;
+    check_map_crc(path, header, hasher.finalize())?;
+    Ok((BlockMap::new(states), counts))
+}
+
+/// Blocks per state on disk, and the map's CRC32.
+fn read_counts(
+    file: &File,
+    path: &Path,
+    header: &Header,
+) -> Result<(StateCounts, u32), OverlayError> {
+    let mut counts = StateCounts::default();
+    let mut hasher = crc32fast::Hasher::new();
+    for_map_chunks(file, header, |first, b| {
+        hasher.update(b);
+        format::count_states(b, first, &mut counts)
+    })
+    .map_err(|e| e.at(path))?;
+    Ok((counts, hasher.finalize()))
+}
+
+/// Compares the map's CRC32 with the one recorded at the last clean close.
+/// Only a cleanly closed overlay is checked: while in use, or after a crash,
+/// the map legitimately differs from what was recorded.
+fn check_map_crc(path: &Path, header: &Header, computed: u32) -> Result<MapCheck, OverlayError> {
+    match (header.clean, header.map_crc) {
+        (true, Some(recorded)) if recorded != computed => Err(OverlayError::Corrupt {
+            path: path.to_path_buf(),
+            reason: FormatError::MapCrc { recorded, computed },
+        }),
+        (true, Some(_)) => Ok(MapCheck::Verified),
+        (true, None) => {
+            tracing::info!(
+                path = %path.display(),
+                "no map checksum recorded (closed by an older ociblk): map not verified"
+            );
+            Ok(MapCheck::NotRecorded)
+        }
+        (false, _) => {
+            tracing::info!(
+                path = %path.display(),
+                "overlay not closed cleanly: map checksum not verified"
+            );
+            Ok(MapCheck::NotClosedCleanly)
+        }
+    }
+}
+
+/// CRC32 of a map of `len` `Base` entries.
+fn zero_map_crc(len: u64) -> u32 {
+    let zeros = vec![0u8; MAP_CHUNK.min(len) as usize];
+    let mut hasher = crc32fast::Hasher::new();
+    let mut done = 0;
+    while done < len {
+        let n = MAP_CHUNK.min(len - done);
+        hasher.update(&zeros[..n as usize]);
+        done += n;
+    }
+    hasher.finalize()
+}
+
+/// Sets every map entry to `Base` (zero).
+fn zero_map(file: &File, header: &Header) -> io::Result<()> {
+    match sys::punch_hole(file.as_fd(), header.map_offset, header.map_len) {
+        Err(e) if sys::unsupported(&e) => {}
+        r => return r,
+    }
+    let zeros = vec![0u8; MAP_CHUNK.min(header.map_len) as usize];
+    let mut done = 0;
+    while done < header.map_len {
+        let n = MAP_CHUNK.min(header.map_len - done);
+        file.write_all_at(&zeros[..n as usize], header.map_offset + done)?;
+        done += n;
+    }
+    Ok(())
+}
