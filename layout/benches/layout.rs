@@ -39,7 +39,8 @@ fn write_image(dir: &Path, system: u64, kernel: u64) {
             .unwrap()
             .set_len(size)
             .unwrap();
-        let hashes: Vec<&str> = (0..size.div_ceil(CHUNK)).map(|_| "x").collect();
+        // Opening decodes every hash; the values are not compared here.
+        let hashes: Vec<String> = (0..size.div_ceil(CHUNK)).map(|_| "A".repeat(43)).collect();
         infos.push(json!({"name": name, "size": size, "hash_chunk_size": CHUNK, "chunk_hashes_sha256": hashes}));
         layers.push(json!({"mediaType": "application/octet-stream", "digest": format!("sha256:{digest}"), "size": size}));
     }

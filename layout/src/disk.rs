@@ -3,10 +3,12 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use sha2::{Digest as _, Sha256};
 
 use crate::SECTOR_SIZE;
+use crate::chunk_hashes::ChunkHashes;
 use crate::error::{Error, Result};
 use crate::extent::{ExtentMap, ExtentMapBuilder, SourceId};
 use crate::fat32::{Fat32, FatFileSpec};
@@ -99,6 +101,10 @@ pub struct Source {
     /// Hex sha256 of the content: the blob digest for payloads, computed for
     /// the small user files.
     pub sha256: String,
+    /// The chunk hashes the bytes are checked against: payloads have them,
+    /// user files (loader, node parameters) do not.
+    #[serde(skip)]
+    pub chunk_hashes: Option<Arc<ChunkHashes>>,
 }
 
 /// The computed disk.
@@ -121,6 +127,7 @@ fn user_file(role: &str, path: &Path) -> Result<Source> {
         path: path.to_path_buf(),
         size: bytes.len() as u64,
         sha256: crate::image::hex_sha256(&bytes),
+        chunk_hashes: None,
     })
 }
 
@@ -162,12 +169,14 @@ impl Layout {
                 path: system.path.clone(),
                 size: system.size,
                 sha256: system.digest.clone(),
+                chunk_hashes: Some(system.chunk_hashes.clone()),
             },
             Source {
                 name: kernel.name.clone(),
                 path: kernel.path.clone(),
                 size: kernel.size,
                 sha256: kernel.digest.clone(),
+                chunk_hashes: Some(kernel.chunk_hashes.clone()),
             },
         ];
         const SYSTEM: SourceId = 0;

@@ -2,16 +2,19 @@
 //!
 //! Only metadata is read: `oci-layout`, `index.json`, the manifest and the
 //! config (small, verified by sha256 and size). Payload blobs are checked for
-//! existence and size but never read.
+//! existence and size but never read; their chunk hashes are decoded here and
+//! checked against the bytes when they are read.
 
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use oci_spec::image::{Descriptor, ImageIndex, ImageManifest};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use crate::chunk_hashes::ChunkHashes;
 use crate::error::{Error, Result};
 
 pub const MEDIA_TYPE_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -85,6 +88,9 @@ pub struct Payload {
     /// `blobs/sha256/<digest>` inside the image directory (may be a symlink).
     pub path: PathBuf,
     pub hash_chunk_size: u64,
+    /// `chunk_hashes_sha256`, decoded.
+    #[serde(skip)]
+    pub chunk_hashes: Arc<ChunkHashes>,
 }
 
 /// A validated OS image.
@@ -273,17 +279,13 @@ fn check_payload(
             format!("{} is outside 1..={MAX_CHUNK_SIZE}", info.hash_chunk_size),
         ));
     }
-    let chunks = size.div_ceil(chunk);
-    if info.chunk_hashes_sha256.len() as u64 != chunks {
-        return Err(Error::invalid(
-            config_path,
-            field("chunk_hashes_sha256"),
-            format!(
-                "has {} hashes, {size} bytes in chunks of {chunk} need {chunks}",
-                info.chunk_hashes_sha256.len()
-            ),
-        ));
-    }
+    let chunk_hashes = ChunkHashes::decode(
+        config_path,
+        &field("chunk_hashes_sha256"),
+        size,
+        chunk,
+        &info.chunk_hashes_sha256,
+    )?;
     let media_type = layer.media_type().to_string();
     if media_type != MEDIA_TYPE_PAYLOAD && media_type != MEDIA_TYPE_PAYLOAD_ZSTD {
         return Err(Error::invalid(
@@ -326,6 +328,7 @@ fn check_payload(
         media_type,
         path,
         hash_chunk_size: chunk,
+        chunk_hashes: Arc::new(chunk_hashes),
     })
 }
 

@@ -6,6 +6,7 @@
 //! Computing a layout reads only the image's metadata; payload bytes are
 //! read when the disk is read (see [`DiskReader`]).
 
+pub mod chunk_hashes;
 pub mod disk;
 pub mod error;
 pub mod extent;
@@ -17,6 +18,7 @@ pub mod mbr;
 pub mod reader;
 pub mod size;
 
+pub use chunk_hashes::{ChunkHashes, ChunkMismatch, Sha256Digest};
 pub use disk::{DiskIds, DiskParams, Layout, Source};
 pub use error::{Error, Result};
 pub use extent::{Content, Extent, ExtentMap, Piece, Segment, SourceId};
