@@ -9,6 +9,7 @@ use ociblk_layout::{Content, DiskReader};
 
 use crate::iobuf::IoBufs;
 use crate::overlay::{BlockState, Overlay};
+use crate::verifier::Verifiers;
 
 /// Bytes written by [`export_disk`].
 #[derive(Debug, Default, Clone, Copy)]
@@ -21,9 +22,13 @@ pub struct ExportStats {
 
 /// Writes the disk of `reader` to `out`: the file gets the disk's size, zero
 /// extents stay holes, payload ranges are copied with `copy_file_range`
-/// (reflinked where the file system can). `progress` gets copied byte counts.
+/// (reflinked where the file system can). Payload sources that `verifiers`
+/// covers are hashed chunk by chunk before each chunk's bytes are copied; a
+/// mismatch stops the export with an error naming the chunk. `progress`
+/// gets copied byte counts.
 pub fn export_disk(
     reader: &DiskReader,
+    verifiers: &Verifiers,
     out: &File,
     mut progress: impl FnMut(u64),
 ) -> io::Result<ExportStats> {
@@ -36,14 +41,20 @@ pub fn export_disk(
         match e.content {
             Content::Zero => {}
             Content::File { source, offset } => {
-                copy_range(
-                    &reader.files[source],
-                    offset,
-                    out,
-                    e.start,
-                    e.len,
-                    &mut progress,
-                )?;
+                let file = &reader.files[source];
+                match verifiers.get(source) {
+                    None => copy_range(file, offset, out, e.start, e.len, &mut progress)?,
+                    Some(v) => {
+                        let end = offset + e.len;
+                        for c in v.hashes().chunks_touching(offset..end) {
+                            let chunk = v.hashes().range(c);
+                            let (from, to) = (chunk.start.max(offset), chunk.end.min(end));
+                            v.verify(file, c)?;
+                            let at = e.start + (from - offset);
+                            copy_range(file, from, out, at, to - from, &mut progress)?;
+                        }
+                    }
+                }
                 stats.copied += e.len;
             }
             Content::Metadata { .. } | Content::FatChain { .. } => {

@@ -13,3 +13,4 @@ pub mod node_disk;
 pub mod overlay;
 pub mod server;
 pub(crate) mod sys;
+pub mod verifier;

@@ -18,6 +18,7 @@ fn main() -> ExitCode {
         Command::Export(args) => ociblk::cli::export::run(args),
         Command::Serve(args) => ociblk::cli::serve::run(args),
         Command::Overlay(args) => ociblk::cli::overlay::run(args),
+        Command::Verify(args) => ociblk::cli::verify::run(args),
         Command::Launch(args) => ociblk::cli::launch::run(args),
     };
     match result {

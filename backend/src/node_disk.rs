@@ -9,33 +9,39 @@ use ociblk_layout::{Layout, Piece, Segment};
 use crate::device::BlockDevice;
 use crate::iobuf::IoBufs;
 use crate::overlay::{BlockState, Overlay};
+use crate::verifier::Verifiers;
 
 /// Bytes of FAT entries generated per copy when a read covers a FAT chain.
 const FAT_CHUNK: usize = 4096;
 
 /// Base disk + overlay. Payload files are opened read-only and read
-/// buffered, so every node on the host shares their page cache.
+/// buffered, so every node on the host shares their page cache. Payload
+/// bytes are served only from chunks that `verifiers` has checked.
 #[derive(Debug)]
 pub struct NodeDisk {
     layout: Layout,
     files: Vec<File>,
+    verifiers: Verifiers,
     overlay: Option<Overlay>,
     read_only: bool,
 }
 
 impl NodeDisk {
     /// Opens the layout's source files. Without an overlay the disk is
-    /// read-only.
+    /// read-only. `verifiers` (see [`Verifiers::new`]) must have been made
+    /// for `layout`, or be [`Verifiers::disabled`].
     pub fn open(
         layout: Layout,
         overlay: Option<Overlay>,
         read_only: bool,
+        verifiers: Verifiers,
     ) -> ociblk_layout::Result<Self> {
         let reader = ociblk_layout::DiskReader::open(layout)?;
         let read_only = read_only || overlay.is_none();
         Ok(NodeDisk {
             layout: reader.layout,
             files: reader.files,
+            verifiers,
             overlay,
             read_only,
         })
@@ -49,6 +55,10 @@ impl NodeDisk {
         self.overlay.as_ref()
     }
 
+    pub fn verifiers(&self) -> &Verifiers {
+        &self.verifiers
+    }
+
     /// Reads base-disk bytes `[offset, offset + len)` into `dst[at..]`.
     fn read_base(&self, offset: u64, dst: &IoBufs<'_>, at: usize, len: usize) -> io::Result<()> {
         let mut pos = at;
@@ -56,6 +66,12 @@ impl NodeDisk {
             let n = seg.len as usize;
             match seg.piece {
                 Piece::File { source, offset } => {
+                    if let Some(v) = self.verifiers.get(source)
+                        && let Err(e) = v.ensure(&self.files[source], offset, n as u64)
+                    {
+                        v.log_failure(&e);
+                        return Err(e.into());
+                    }
                     dst.read_from_file(&self.files[source], offset, pos, n)
                         .map_err(|e| {
                             let path = &self.layout.sources[source].path;

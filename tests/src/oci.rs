@@ -3,7 +3,7 @@
 //!
 //! The format follows Monogon's image builder: payload blobs are relative
 //! symlinks into the layout directory by default, chunk hashes are base64
-//! (no padding) sha256 of 1 MiB chunks.
+//! (no padding) sha256 of 1 MiB chunks unless a test picks another size.
 
 use std::fs;
 use std::io;
@@ -31,6 +31,8 @@ pub struct ImageBuilder {
     pub payloads: Vec<PayloadSpec>,
     /// Store payload blobs as symlinks into `payloads/` (upstream's way).
     pub symlink_blobs: bool,
+    /// `hash_chunk_size` of every payload.
+    pub chunk_size: u64,
 }
 
 /// The files of a written image, for tests that break them on purpose.
@@ -80,6 +82,7 @@ impl ImageBuilder {
                 PayloadSpec::plain("kernel.efi", pseudo_random(kernel, 2)),
             ],
             symlink_blobs: true,
+            chunk_size: CHUNK_SIZE,
         }
     }
 
@@ -106,11 +109,11 @@ impl ImageBuilder {
             }
             let hashes: Vec<String> = p
                 .data
-                .chunks(CHUNK_SIZE as usize)
+                .chunks(self.chunk_size as usize)
                 .map(|c| base64::engine::general_purpose::STANDARD_NO_PAD.encode(Sha256::digest(c)))
                 .collect();
             infos.push(json!({
-                "name": p.name, "size": p.data.len(), "hash_chunk_size": CHUNK_SIZE,
+                "name": p.name, "size": p.data.len(), "hash_chunk_size": self.chunk_size,
                 "chunk_hashes_sha256": hashes,
             }));
             layers.push(json!({"mediaType": p.media_type, "digest": format!("sha256:{digest}"), "size": p.data.len()}));

@@ -11,6 +11,7 @@ use clap::Args;
 use super::layout_args::LayoutArgs;
 use crate::export::{apply_overlay, export_disk};
 use crate::overlay::{FlushMode, OVERLAY_MODE, Overlay, OverlayConfig};
+use crate::verifier::Verifiers;
 
 #[derive(Debug, Args)]
 pub struct ExportArgs {
@@ -24,6 +25,10 @@ pub struct ExportArgs {
     /// only read.
     #[arg(long, value_name = "FILE")]
     pub overlay: Option<PathBuf>,
+    /// Copy payload bytes without checking them against the image's chunk
+    /// hashes (by default each chunk is verified before it is copied).
+    #[arg(long)]
+    pub no_verify: bool,
 }
 
 pub fn run(args: &ExportArgs) -> Result<()> {
@@ -65,12 +70,29 @@ pub fn run(args: &ExportArgs) -> Result<()> {
         );
         bar
     });
-    let stats = export_disk(&reader, &out, |n| {
+    let verifiers = if args.no_verify {
+        eprintln!("--no-verify: payload bytes are copied without checking their chunk hashes");
+        Verifiers::disabled()
+    } else {
+        Verifiers::new(&reader.layout, &args.layout.image)
+    };
+    let stats = match export_disk(&reader, &verifiers, &out, |n| {
         if let Some(bar) = &progress {
             bar.inc(n);
         }
-    })
-    .with_context(|| format!("cannot write {}", args.output.display()))?;
+    }) {
+        Ok(stats) => stats,
+        Err(e) => {
+            // A partial disk must not pass for the node's disk.
+            drop(out);
+            let removed = std::fs::remove_file(&args.output).is_ok();
+            return Err(anyhow::Error::new(e).context(format!(
+                "cannot write {}{}",
+                args.output.display(),
+                if removed { " (removed)" } else { "" }
+            )));
+        }
+    };
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }
@@ -80,10 +102,15 @@ pub fn run(args: &ExportArgs) -> Result<()> {
         eprintln!("applied {} bytes of overlay data", n);
     }
     eprintln!(
-        "wrote {} ({} bytes; {} bytes of payloads copied, {} bytes of metadata)",
+        "wrote {} ({} bytes; {} bytes of payloads copied{}, {} bytes of metadata)",
         args.output.display(),
         reader.layout.size,
         stats.copied,
+        if verifiers.is_enabled() {
+            " and verified"
+        } else {
+            ""
+        },
         stats.generated
     );
     Ok(())

@@ -6,6 +6,7 @@ pub mod launch;
 pub mod layout_args;
 pub mod overlay;
 pub mod serve;
+pub mod verify;
 
 use clap::{Parser, Subcommand};
 
@@ -28,6 +29,8 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Inspect or reset an overlay file.
     Overlay(overlay::OverlayArgs),
+    /// Check every chunk of every payload against the image's chunk hashes.
+    Verify(verify::VerifyArgs),
     /// Launch a test cluster: per node an ociblk serve backend and a QEMU guest.
     Launch(launch::LaunchArgs),
 }

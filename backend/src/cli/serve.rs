@@ -6,13 +6,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::layout_args::LayoutArgs;
 use crate::node_disk::NodeDisk;
 use crate::overlay::{FlushMode, Overlay, OverlayConfig};
 use crate::server::daemon::check_socket_path;
 use crate::server::{ServerOptions, ShutdownSignal, serve};
+use crate::verifier::Verifiers;
 
 /// What FLUSH requests promise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -59,6 +60,10 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub handshake_timeout: u64,
+    /// Serve payload bytes without checking them against the image's chunk
+    /// hashes (by default each chunk is verified when it is first read).
+    #[arg(long)]
+    pub no_verify: bool,
 }
 
 pub fn run(args: &ServeArgs) -> Result<()> {
@@ -96,13 +101,20 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         }
         None => None,
     };
-    let disk = NodeDisk::open(layout, overlay, args.read_only)
+    let verifiers = if args.no_verify {
+        warn!("--no-verify: payload bytes are served without checking their chunk hashes");
+        Verifiers::disabled()
+    } else {
+        Verifiers::new(&layout, &args.layout.image)
+    };
+    let disk = NodeDisk::open(layout, overlay, args.read_only, verifiers)
         .context("cannot open the image's payloads")?;
     info!(
         image = %args.layout.image.display(),
         seed = %args.layout.seed,
         fingerprint = %disk.layout().fingerprint_hex(),
         overlay = ?args.overlay,
+        verify = disk.verifiers().is_enabled(),
         "node disk ready"
     );
     let shutdown = ShutdownSignal::new()?;

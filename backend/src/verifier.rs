@@ -1,0 +1,348 @@
+//! Lazy verification of payload bytes against the image's chunk hashes.
+//!
+//! The first read that touches chunk *c* of a payload reads the whole chunk
+//! from the blob, hashes it and compares it with `chunk_hashes_sha256[c]`;
+//! only then are bytes of that chunk served. A verified chunk is a set bit:
+//! later reads cost an atomic load per chunk and take no lock. The stripe
+//! locks are taken only on a miss, so that two queues touching the same new
+//! chunk hash it once.
+//!
+//! A mismatch leaves the chunk unverified: every later read tries again, so
+//! a blob fixed on disk recovers without a restart. A blob changed after
+//! its chunk was verified is not checked again.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use ociblk_layout::chunk_hashes::hex;
+use ociblk_layout::{ChunkHashes, ChunkMismatch, Layout, Source};
+use sha2::{Digest as _, Sha256};
+use tracing::error;
+
+/// Bytes read per `pread` while hashing a chunk: small enough to stay in
+/// the CPU cache between the read and the hash.
+const READ_PIECE: usize = 128 << 10;
+/// Locks that serialise the hashing of new chunks (chunk index modulo this).
+const STRIPES: usize = 16;
+
+/// Why a chunk could not be verified.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("payload {payload:?} ({}): {mismatch}", path.display())]
+    Mismatch {
+        payload: String,
+        path: PathBuf,
+        mismatch: Box<ChunkMismatch>,
+    },
+    #[error(
+        "payload {payload:?} ({}): chunk {chunk} (bytes {}..{}): the blob ends at byte {at}",
+        path.display(), range.start, range.end
+    )]
+    Truncated {
+        payload: String,
+        path: PathBuf,
+        chunk: u64,
+        range: std::ops::Range<u64>,
+        at: u64,
+    },
+    #[error("payload {payload:?} ({}): reading chunk {chunk}: {source}", path.display())]
+    Read {
+        payload: String,
+        path: PathBuf,
+        chunk: u64,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl VerifyError {
+    /// The chunk that failed.
+    pub fn chunk(&self) -> u64 {
+        match self {
+            VerifyError::Mismatch { mismatch, .. } => mismatch.chunk,
+            VerifyError::Truncated { chunk, .. } | VerifyError::Read { chunk, .. } => *chunk,
+        }
+    }
+}
+
+impl From<VerifyError> for io::Error {
+    fn from(e: VerifyError) -> Self {
+        let kind = match &e {
+            VerifyError::Mismatch { .. } => io::ErrorKind::InvalidData,
+            VerifyError::Truncated { .. } => io::ErrorKind::UnexpectedEof,
+            VerifyError::Read { source, .. } => source.kind(),
+        };
+        io::Error::new(kind, e)
+    }
+}
+
+/// Reads chunk `c` of the payload in `file` and compares its sha256 with
+/// the expected one. Stateless: for `ociblk verify` and the verifier below.
+pub fn check_chunk(
+    payload: &str,
+    path: &Path,
+    file: &File,
+    hashes: &ChunkHashes,
+    c: u64,
+) -> Result<(), VerifyError> {
+    let range = hashes.range(c);
+    let mut buf = vec![0u8; READ_PIECE.min((range.end - range.start) as usize)];
+    let mut hasher = Sha256::new();
+    let mut pos = range.start;
+    while pos < range.end {
+        let n = ((range.end - pos) as usize).min(buf.len());
+        match file.read_at(&mut buf[..n], pos) {
+            Ok(0) => {
+                return Err(VerifyError::Truncated {
+                    payload: payload.to_owned(),
+                    path: path.to_path_buf(),
+                    chunk: c,
+                    range,
+                    at: pos,
+                });
+            }
+            Ok(k) => {
+                hasher.update(&buf[..k]);
+                pos += k as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(source) => {
+                return Err(VerifyError::Read {
+                    payload: payload.to_owned(),
+                    path: path.to_path_buf(),
+                    chunk: c,
+                    source,
+                });
+            }
+        }
+    }
+    hashes
+        .check(c, hasher.finalize().into())
+        .map_err(|mismatch| VerifyError::Mismatch {
+            payload: payload.to_owned(),
+            path: path.to_path_buf(),
+            mismatch: Box::new(mismatch),
+        })
+}
+
+/// The verified-chunk bitmap of one payload.
+#[derive(Debug)]
+pub struct PayloadVerifier {
+    image: PathBuf,
+    payload: String,
+    path: PathBuf,
+    hashes: Arc<ChunkHashes>,
+    verified: Box<[AtomicU64]>,
+    stripes: [Mutex<()>; STRIPES],
+}
+
+impl PayloadVerifier {
+    /// A verifier for `source`, or `None` for a source without chunk hashes
+    /// (loader, node parameters). `image` names the image in log lines.
+    pub fn new(image: &Path, source: &Source) -> Option<Self> {
+        let hashes = source.chunk_hashes.clone()?;
+        let words = hashes.count().div_ceil(64) as usize;
+        Some(PayloadVerifier {
+            image: image.to_path_buf(),
+            payload: source.name.clone(),
+            path: source.path.clone(),
+            hashes,
+            verified: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            stripes: std::array::from_fn(|_| Mutex::new(())),
+        })
+    }
+
+    pub fn payload(&self) -> &str {
+        &self.payload
+    }
+
+    pub fn hashes(&self) -> &ChunkHashes {
+        &self.hashes
+    }
+
+    fn bit(c: u64) -> (usize, u64) {
+        ((c / 64) as usize, 1 << (c % 64))
+    }
+
+    /// Whether chunk `c` was verified.
+    pub fn is_verified(&self, c: u64) -> bool {
+        let (word, mask) = Self::bit(c);
+        // Acquire pairs with the Release in `verify`: a set bit is seen
+        // only after the hashing that set it.
+        self.verified
+            .get(word)
+            .is_some_and(|w| w.load(Ordering::Acquire) & mask != 0)
+    }
+
+    /// Chunks verified so far.
+    pub fn verified_count(&self) -> u64 {
+        self.verified
+            .iter()
+            .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
+            .sum()
+    }
+
+    /// Makes sure every chunk that payload bytes `[offset, offset + len)`
+    /// touch is verified, hashing those that are not yet. On a mismatch the
+    /// chunk stays unverified.
+    pub fn ensure(&self, file: &File, offset: u64, len: u64) -> Result<(), VerifyError> {
+        let chunks = self
+            .hashes
+            .chunks_touching(offset..offset.saturating_add(len));
+        for c in chunks {
+            if !self.is_verified(c) {
+                self.verify(file, c)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Verifies chunk `c` (the miss path).
+    pub fn verify(&self, file: &File, c: u64) -> Result<(), VerifyError> {
+        let stripe = &self.stripes[(c % STRIPES as u64) as usize];
+        // A poisoned lock guards nothing: the bitmap is the state.
+        let _guard = stripe.lock().unwrap_or_else(|p| p.into_inner());
+        if self.is_verified(c) {
+            return Ok(());
+        }
+        check_chunk(&self.payload, &self.path, file, &self.hashes, c)?;
+        let (word, mask) = Self::bit(c);
+        self.verified[word].fetch_or(mask, Ordering::Release);
+        Ok(())
+    }
+
+    /// The log line for a chunk that was not served.
+    pub fn log_failure(&self, e: &VerifyError) {
+        let c = e.chunk();
+        let range = self.hashes.range(c);
+        let expected = self.hashes.expected(c).map(hex).unwrap_or_default();
+        let (image, blob) = (self.image.display(), self.path.display());
+        let bytes = format_args!("{}..{}", range.start, range.end);
+        match e {
+            VerifyError::Mismatch { mismatch, .. } => error!(
+                image = %image,
+                payload = %self.payload,
+                blob = %blob,
+                chunk = c,
+                bytes = %bytes,
+                expected_sha256 = %expected,
+                actual_sha256 = %hex(&mismatch.actual),
+                "payload chunk failed verification, not served"
+            ),
+            _ => error!(
+                image = %image,
+                payload = %self.payload,
+                blob = %blob,
+                chunk = c,
+                bytes = %bytes,
+                expected_sha256 = %expected,
+                "payload chunk failed verification, not served: {e}"
+            ),
+        }
+    }
+}
+
+/// One optional verifier per source of a layout, by source index.
+#[derive(Debug, Default)]
+pub struct Verifiers(Vec<Option<PayloadVerifier>>);
+
+impl Verifiers {
+    /// Verifiers for every payload source of `layout`, from image `image`.
+    pub fn new(layout: &Layout, image: &Path) -> Self {
+        Verifiers(
+            layout
+                .sources
+                .iter()
+                .map(|s| PayloadVerifier::new(image, s))
+                .collect(),
+        )
+    }
+
+    /// No verification: every source is served as it is.
+    pub fn disabled() -> Self {
+        Verifiers(Vec::new())
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.0.iter().any(Option::is_some)
+    }
+
+    /// The verifier of source `source`, if it is a verified payload.
+    pub fn get(&self, source: usize) -> Option<&PayloadVerifier> {
+        self.0.get(source).and_then(Option::as_ref)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use base64::Engine as _;
+
+    use super::*;
+
+    fn source(dir: &Path, data: &[u8], chunk: u64) -> (Source, File) {
+        let path = dir.join("blob");
+        let mut f = File::create(&path).expect("create blob");
+        f.write_all(data).expect("write blob");
+        let enc: Vec<String> = data
+            .chunks(chunk as usize)
+            .map(|c| base64::engine::general_purpose::STANDARD_NO_PAD.encode(Sha256::digest(c)))
+            .collect();
+        let hashes =
+            ChunkHashes::decode(Path::new("cfg"), "f", data.len() as u64, chunk, &enc).expect("ok");
+        let s = Source {
+            name: "system".into(),
+            path: path.clone(),
+            size: data.len() as u64,
+            sha256: String::new(),
+            chunk_hashes: Some(Arc::new(hashes)),
+        };
+        (s, File::open(&path).expect("open blob"))
+    }
+
+    #[test]
+    fn bad_chunk_is_refused_until_fixed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7) as u8).collect();
+        let (s, f) = source(dir.path(), &data, 4096);
+        let v = PayloadVerifier::new(Path::new("img"), &s).expect("payload");
+        let mut bad = data.clone();
+        bad[5000] ^= 1;
+        std::fs::write(&s.path, &bad).expect("corrupt");
+        v.ensure(&f, 0, 10).expect("chunk 0 is fine");
+        let err = v.ensure(&f, 4095, 2).expect_err("chunk 1 is bad");
+        assert_eq!(err.chunk(), 1);
+        assert!(matches!(err, VerifyError::Mismatch { .. }));
+        assert!(
+            err.to_string().contains("chunk 1 (bytes 4096..8192)"),
+            "{err}"
+        );
+        assert!(v.is_verified(0) && !v.is_verified(1) && !v.is_verified(2));
+        v.ensure(&f, 9000, 1000).expect("short last chunk is fine");
+        std::fs::write(&s.path, &data).expect("fix");
+        v.ensure(&f, 4096, 1).expect("fixed chunk verifies");
+        assert_eq!(v.verified_count(), 3);
+    }
+
+    #[test]
+    fn truncated_blob_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = vec![7u8; 10_000];
+        let (s, f) = source(dir.path(), &data, 4096);
+        let v = PayloadVerifier::new(Path::new("img"), &s).expect("payload");
+        File::options()
+            .write(true)
+            .open(&s.path)
+            .and_then(|w| w.set_len(6000))
+            .expect("truncate");
+        let err = v.ensure(&f, 8192, 10).expect_err("truncated");
+        assert!(matches!(err, VerifyError::Truncated { chunk: 2, .. }));
+        assert!(err.to_string().contains("ends at byte 8192"), "{err}");
+    }
+}
