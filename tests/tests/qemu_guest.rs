@@ -1,7 +1,8 @@
 //! End to end: QEMU guests (TCG) booting the sample OS image from
 //! `ociblk serve` over vhost-user-blk, by direct kernel boot and by OVMF from
 //! the virtual ESP; writes surviving reboots and restarts; QEMU reconnecting
-//! to a restarted server; several request queues at once.
+//! to a restarted server; several request queues at once; a corrupted
+//! payload never reaching the guest.
 
 #![allow(clippy::unwrap_used)]
 
@@ -607,4 +608,53 @@ fn multiqueue_guest_io() {
     let busy = stats.iter().filter(|s| s.1 > 0).count();
     assert!(busy >= 2, "requests on {busy} queue(s) only:\n{log}");
     assert!(stats.iter().all(|s| s.2 == 0), "queue errors:\n{log}");
+}
+
+#[test]
+fn corrupted_system_payload_fails_the_guest_mount_with_an_io_error() {
+    // A copy of the sample image with real files, one bit flipped in the
+    // system payload's first chunk, far from the erofs superblock: the
+    // whole chunk is checked before any byte of it reaches the guest.
+    let mut node = Node::new("e2e-6");
+    let image = node.dir.path().join("image");
+    run_ok(Command::new("cp").arg("-rL").arg(&node.image).arg(&image));
+    node.image = image;
+    let system = payload_path(&node.inspect(), "system");
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&system)
+        .unwrap();
+    let at = 300_000;
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 1], at).unwrap();
+
+    let server = node.serve(&[]);
+    let mut guest = Guest::start(&node.guest_config(Boot::DirectKernel));
+    guest.expect("ociblk-sample: FATAL: cannot mount", BOOT);
+    let status = guest.wait_exit(EXIT);
+    assert!(status.success(), "QEMU exited with {status}");
+    let console = &guest.transcript;
+    // busybox prints strerror(EIO); erofs would complain about the
+    // superblock's contents had it seen the corrupted bytes.
+    assert!(
+        console.contains("I/O error") || console.contains("Input/output error"),
+        "no I/O error on the console:\n{console}"
+    );
+    assert!(
+        !console.contains("ociblk-sample: ready") && !console.contains("valid erofs"),
+        "{console}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            server.log.text().lines().any(|l| {
+                l.contains("failed verification")
+                    && l.contains("payload=system")
+                    && l.contains("chunk=0")
+            })
+        }),
+        "no verification failure in the server log:\n{}",
+        server.log.text()
+    );
 }

@@ -75,6 +75,10 @@ pub struct LaunchArgs {
     /// directories still get them).
     #[arg(long)]
     pub quiet: bool,
+    /// Serve payload bytes without checking them against the image's chunk
+    /// hashes (passes --no-verify to every node's `ociblk serve`).
+    #[arg(long)]
+    pub no_verify: bool,
     /// Extra `ociblk serve` arguments: layout options, --flush unsafe, ...
     #[arg(last = true, value_name = "SERVE_ARGS")]
     pub serve_args: Vec<String>,
@@ -100,6 +104,9 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
         extra_args: args.qemu_args.clone(),
     };
     spec.serve_args = args.serve_args.clone();
+    if args.no_verify && !spec.serve_args.iter().any(|a| a == "--no-verify") {
+        spec.serve_args.push("--no-verify".into());
+    }
     spec.queues = args.queues;
     spec.echo = !args.quiet;
     spec.cancel = Some(shutdown.clone());
@@ -275,6 +282,7 @@ mod tests {
         assert_eq!(a.qemu_args, ["-no-reboot"]);
         assert_eq!(a.serve_args, ["--flush", "unsafe"]);
         assert!(!a.exit_when_ready);
+        assert!(!a.no_verify, "payloads are verified by default");
     }
 
     #[test]
