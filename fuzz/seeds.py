@@ -145,6 +145,15 @@ def oci_seeds():
     write("oci_image", "huge-disk", oci_seed("x86_64", kernel, system, huge))
     # A 3 MiB sparse system payload.
     write("oci_image", "sparse-system", oci_seed("x86_64", kernel, system, sparse_system=3 << 20))
+    # The direct chunk-table check (parameter bytes 40..): 3000 bytes in
+    # chunks of 2^10, and a last record (payloads/q) holding its 3 hashes.
+    table = bytes([0]) + struct.pack("<I", 3000) + bytes([2, 10])
+    hashes = ",".join(chunk_hashes(bytes(range(256)) * 12, 1024)[:3]).encode()
+    write(
+        "oci_image",
+        "chunk-table",
+        oci_seed("x86_64", kernel, system, DEFAULT_PARAMS + table, extra=(b"qf" + hashes,)),
+    )
 
 
 # ---- blk_request ----------------------------------------------------------

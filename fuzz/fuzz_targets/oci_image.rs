@@ -22,6 +22,14 @@
 //!
 //! Everything happens in a fresh temporary directory; nothing outside it is
 //! written or followed.
+//!
+//! Chunk tables get a second, direct look: bytes 40.. of the parameter block
+//! pick a payload size and chunk size, and the last record's contents (after its path
+//! and kind bytes), split at `,`, are its `chunk_hashes_sha256`. `ChunkHashes::decode` must accept
+//! them exactly when an independent check says they are right (count, and
+//! each entry canonical base64 without padding of 32 bytes), and give back
+//! the same bytes. Payloads of an image that opens have their first and last
+//! chunks checked against their tables, which must agree with sha256.
 
 #![no_main]
 
@@ -30,7 +38,9 @@ use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
 use libfuzzer_sys::fuzz_target;
-use ociblk_layout::{DiskParams, DiskReader, Layout, OsImage, SECTOR_SIZE};
+use std::os::unix::fs::FileExt;
+
+use ociblk_layout::{ChunkHashes, DiskParams, DiskReader, Layout, OsImage, SECTOR_SIZE};
 use sha2::{Digest as _, Sha256};
 
 const SEP: &[u8] = b"\n@@";
@@ -44,6 +54,9 @@ const USER_FILE_MAX: u64 = 1 << 20;
 const MAX_RECORDS: usize = 32;
 /// Largest read of one range of the disk.
 const MAX_READ: usize = 256 << 10;
+/// Largest chunk hashed when checking an opened image's payloads.
+const MAX_CHUNK_CHECK: u64 = 1 << 20;
+const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -297,8 +310,110 @@ fn read_ranges(reader: &DiskReader, p: &mut Params<'_>) {
     }
 }
 
+/// Decodes `s` as unpadded standard base64 of exactly 32 bytes, written
+/// independently of the library: 43 characters, the last carrying 4 bits.
+fn reference_decode(s: &str) -> Option<[u8; 32]> {
+    let b = s.as_bytes();
+    if b.len() != 43 {
+        return None;
+    }
+    let mut bits: u32 = 0;
+    let mut nbits = 0;
+    let mut out = Vec::with_capacity(33);
+    for &c in b {
+        let v = BASE64.iter().position(|&a| a == c)? as u32;
+        bits = bits << 6 | v;
+        nbits += 6;
+        if nbits >= 8 {
+            nbits -= 8;
+            out.push((bits >> nbits) as u8);
+            bits &= (1 << nbits) - 1;
+        }
+    }
+    // Two bits are left over; a canonical encoding has them zero.
+    if bits != 0 {
+        return None;
+    }
+    out.try_into().ok()
+}
+
+fn check_chunk_table(p: &mut Params<'_>, last_record: &[u8]) {
+    let size = match p.byte() % 4 {
+        0 => u64::from(p.u32() % 4096),
+        1 => u64::from(p.u32()),
+        2 => p.u64(),
+        _ => u64::MAX - u64::from(p.u32()),
+    };
+    let chunk = match p.byte() % 4 {
+        0 => u64::from(p.u32() % 64),
+        1 => u64::from(p.u32()),
+        2 => 1 << (p.byte() % 64),
+        _ => p.u64(),
+    };
+    let text = String::from_utf8_lossy(last_record);
+    let entries: Vec<String> = if text.is_empty() {
+        Vec::new()
+    } else {
+        text.split(',').map(str::to_owned).collect()
+    };
+    let field = "payloads[0].chunk_hashes_sha256";
+    let got = ChunkHashes::decode(Path::new("config"), field, size, chunk, &entries);
+    let expected: Option<Vec<[u8; 32]>> = if chunk == 0
+        || entries.len() as u64 != size.div_ceil(chunk)
+    {
+        None
+    } else {
+        entries.iter().map(|e| reference_decode(e)).collect()
+    };
+    match (got, expected) {
+        (Ok(h), Some(want)) => {
+            assert_eq!(h.count(), want.len() as u64);
+            for (c, w) in want.iter().enumerate() {
+                assert_eq!(h.expected(c as u64), Some(w), "entry {c}");
+                let r = h.range(c as u64);
+                assert!(r.start < r.end && r.end <= size && r.end - r.start <= chunk);
+            }
+            assert_eq!(h.chunks_touching(0..size), 0..h.count());
+        }
+        (Err(e), None) => {
+            let msg = e.to_string();
+            assert!(msg.contains(field), "error does not name the field: {msg}");
+        }
+        (Ok(_), None) => panic!("accepted a bad chunk table: {entries:?}"),
+        (Err(e), Some(_)) => panic!("refused a good chunk table: {e}"),
+    }
+}
+
+/// The first and last chunk of each payload, checked against its table.
+fn check_payload_chunks(image: &OsImage) {
+    for payload in &image.payloads {
+        let h = &payload.chunk_hashes;
+        if h.chunk_size() > MAX_CHUNK_CHECK || h.count() == 0 {
+            continue;
+        }
+        let Ok(f) = fs::File::open(&payload.path) else {
+            continue;
+        };
+        for c in [0, h.count() - 1] {
+            let r = h.range(c);
+            let mut buf = vec![0u8; (r.end - r.start) as usize];
+            if f.read_exact_at(&mut buf, r.start).is_err() {
+                continue;
+            }
+            let matches = h.check_bytes(c, &buf).is_ok();
+            let digest: [u8; 32] = Sha256::digest(&buf).into();
+            assert_eq!(matches, h.expected(c) == Some(&digest), "chunk {c}");
+        }
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let (params, parts) = split_records(data);
+    // The disk and read parameters use the block's first 40 bytes.
+    check_chunk_table(
+        &mut Params(params.get(40..).unwrap_or_default()),
+        parts.last().and_then(|r| r.get(2..)).unwrap_or_default(),
+    );
     let records = parse_records(&parts);
     let tmp = tempfile::Builder::new()
         .prefix("ociblk-fuzz-")
@@ -310,6 +425,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(image) = OsImage::open(dir) else {
         return;
     };
+    check_payload_chunks(&image);
 
     let mut p = Params(params);
     let mut disk = DiskParams::new("fuzz");

@@ -69,7 +69,6 @@ impl ChunkHashes {
     /// Decodes `encoded` (base64 without padding, as Monogon's image builder
     /// writes them) for a payload of `size` bytes. `config` and `field`
     /// (e.g. `payloads[1].chunk_hashes_sha256`) name the source in errors.
-    /// `chunk_size` must be non-zero.
     pub fn decode(
         config: &Path,
         field: &str,
@@ -77,7 +76,9 @@ impl ChunkHashes {
         chunk_size: u64,
         encoded: &[String],
     ) -> Result<Self> {
-        assert!(chunk_size > 0, "chunk size checked by the caller");
+        if chunk_size == 0 {
+            return Err(Error::invalid(config, field, "chunk size is zero"));
+        }
         let count = size.div_ceil(chunk_size);
         if encoded.len() as u64 != count {
             return Err(Error::invalid(
