@@ -222,6 +222,36 @@ fn chunk_hash_count_and_chunk_size() {
 }
 
 #[test]
+fn chunk_hash_that_is_not_unpadded_base64_sha256() {
+    for (bad, why) in [
+        // Padded: upstream writes base64 without padding.
+        ("{h}=", "43 characters"),
+        // A sha1-sized digest.
+        ("AAAAAAAAAAAAAAAAAAAAAAAAAAA", "43 characters"),
+        ("{h43}", "not base64"),
+        ("%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%%", "not base64"),
+    ] {
+        let t = tempfile::tempdir().unwrap();
+        let mut img = image(t.path());
+        img.edit_config(|c| {
+            let hashes = &mut c["payloads"][1]["chunk_hashes_sha256"];
+            let good = hashes[0].as_str().unwrap().to_owned();
+            let value = if bad == "{h43}" {
+                // Same length, last character with its unused bits set.
+                let last = if good.ends_with('B') { "C" } else { "B" };
+                format!("{}{last}", &good[..42])
+            } else {
+                bad.replace("{h}", &good)
+            };
+            hashes[0] = json!(value);
+        })
+        .unwrap();
+        let err = layout_error(&img.dir);
+        assert_contains(&err, &["payloads[1].chunk_hashes_sha256[0]", why]);
+    }
+}
+
+#[test]
 fn payload_larger_than_its_partition() {
     let t = tempfile::tempdir().unwrap();
     let img = image(t.path());
