@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """ociblk's benchmark: launch preparation, I/O and guest boot, side by side
-with the ways test clusters are launched today, in one run.
+with the ways test clusters are launched today, in one run; and the cost of
+payload verification (the default) against --no-verify.
 
 Contenders alternate within every repetition; each figure is the median of
 the repetitions, and comparisons are ratios of medians. Results go to
@@ -331,6 +332,154 @@ def bench_boot(image, reps, scratch):
     return {"median_s": {k: median(v) for k, v in times.items()}, "samples": times}
 
 
+# --- 4. payload verification ---------------------------------------------------------
+
+
+def verify_gbps(image):
+    """`ociblk verify` throughput (GB/s) from its summary line."""
+    out = run([OCIBLK, "verify", "--image", image]).stdout.decode()
+    line = next(l for l in out.splitlines() if "GB/s" in l)
+    return float(line.split("(")[1].split(" GB/s")[0])
+
+
+def bench_verify(image, boot_image, reps, runtime, scratch, boot=True):
+    """ociblk serving with verification (the default) and with --no-verify,
+    alternating within each repetition: the first pass over every chunk of
+    the system payload (page cache warm, so the difference is hashing), the
+    steady-state read jobs, boot to ready, and `ociblk verify`."""
+    info = inspect(image, "bench")
+    parts = info["partitions"]
+    system = next(p for p in info["payloads"] if p["name"] == "system")
+    chunk = system["hash_chunk_size"]
+    sys_off = parts[1]["first_lba"] * SECTOR
+    sys_len = system["size"] // chunk * chunk
+    blob = system["path"]
+    region = ["--offset", sys_off, "--length", sys_len]
+    first = ["--rw", "read", "--bs", chunk, "--iodepth", "1", "--queues", "1", "--size", sys_len, *region]
+    steady = [
+        ("seqread 1M", ["--rw", "read", "--bs", "1M", "--iodepth", "4", "--queues", "1", "--runtime", runtime,
+                        *region], "mib_s"),
+        ("randread 4K QD1", ["--rw", "randread", "--bs", "4K", "--iodepth", "1", "--queues", "1",
+                             "--runtime", runtime, *region], "iops"),
+        ("randread 4K QD32", ["--rw", "randread", "--bs", "4K", "--iodepth", "32", "--queues", "1",
+                              "--runtime", runtime, *region], "iops"),
+    ]
+    first = [str(a) for a in first]
+    steady = [(n, [str(a) for a in args], m) for n, args, m in steady]
+    variants = {"verify": [], "no-verify": ["--no-verify"]}
+    samples = {}
+    boot_s = {k: [] for k in variants}
+    gbps = {"sample": [], "synthetic 1 GiB": []}
+    for rep in range(reps):
+        for name, extra in variants.items():
+            # The payload in the page cache, as on a host that runs nodes.
+            pread_job(blob, ["--bs", "1M", "--length", str(sys_len), "--runtime", "1"])
+            with tempfile.TemporaryDirectory(dir=scratch) as d:
+                d = Path(d)
+                sock = d / "s.sock"
+                c = Contender(name, [OCIBLK, "serve", "--image", image, "--seed", "bench", "--socket", sock,
+                                     "--overlay", d / "o.overlay", "--queues", "1", *extra], sock)
+                c.start()
+                try:
+                    r = bench_job(sock, first)
+                    samples.setdefault("first pass", {}).setdefault(name, []).append(r)
+                    print(f"verify rep{rep} {name:9} first pass    mean {r['lat_us']['mean']:8.1f} us "
+                          f"per {chunk >> 20} MiB chunk", flush=True)
+                    r = bench_job(sock, first)
+                    samples.setdefault("second pass", {}).setdefault(name, []).append(r)
+                    for job, args, metric in steady:
+                        r = bench_job(sock, args)
+                        samples.setdefault(job, {}).setdefault(name, []).append(r)
+                        print(f"verify rep{rep} {name:9} {job:17} {r[metric]:10.1f} {metric}", flush=True)
+                finally:
+                    c.stop()
+            if boot:
+                boot_s[name].append(boot_ociblk(boot_image, scratch, extra))
+                print(f"verify rep{rep} {name:9} boot {boot_s[name][-1]:.2f} s", flush=True)
+        gbps["sample"].append(verify_gbps(boot_image))
+        gbps["synthetic 1 GiB"].append(verify_gbps(image))
+        print(f"verify rep{rep} ociblk verify " + ", ".join(f"{k} {v[-1]:.2f} GB/s" for k, v in gbps.items()),
+              flush=True)
+    mean = lambda job, name: median([r["lat_us"]["mean"] for r in samples[job][name]])
+    res = {
+        "chunk_bytes": chunk,
+        "first_touch_us": mean("first pass", "verify") - mean("first pass", "no-verify"),
+        "first_pass_mean_us": {k: mean("first pass", k) for k in variants},
+        "second_pass_mean_us": {k: mean("second pass", k) for k in variants},
+        "steady": [{"job": job, "metric": metric,
+                    "median": {k: median([r[metric] for r in samples[job][k]]) for k in variants}}
+                   for job, _, metric in steady],
+        "boot_s": {k: median(v) for k, v in boot_s.items()} if boot else None,
+        "verify_gbps": {k: median(v) for k, v in gbps.items()},
+    }
+    return res
+
+
+def boot_ociblk(image, scratch, extra):
+    with tempfile.TemporaryDirectory(dir=scratch) as d:
+        d = Path(d)
+        sock = d / "s.sock"
+        srv = Contender("ociblk", [OCIBLK, "serve", "--image", image, "--seed", "boot", "--socket", sock,
+                                   "--overlay", d / "o.overlay", "--queues", "2", *extra], sock)
+        srv.start()
+        try:
+            cmd = qemu_base(d / "vars.fd") + [
+                "-chardev", f"socket,id=d0,path={sock}",
+                "-device", "vhost-user-blk-pci,chardev=d0,num-queues=2,disable-legacy=on,bootindex=1"]
+            return boot_once(cmd, d / "vars.fd")
+        finally:
+            srv.stop()
+
+
+def verify_lines(v):
+    L = []
+    L.append("## 4. Payload verification\n")
+    L.append("`ociblk serve` as it runs by default (each payload chunk hashed on first read) vs `--no-verify`, "
+             "alternating within each repetition, page cache warm. *First pass*: one read per "
+             f"{v['chunk_bytes'] >> 20} MiB chunk over the system payload of a fresh server, queue depth 1; "
+             "the difference of the mean latencies is the first-touch cost of a chunk. *Second pass* and the "
+             "jobs after it read verified chunks (steady state).\n")
+    fp, sp = v["first_pass_mean_us"], v["second_pass_mean_us"]
+    L.append("| | verify | --no-verify | verify / --no-verify |")
+    L.append("|---|---|---|---|")
+    L.append(f"| first pass, mean per chunk | {fp['verify']:.0f} µs | {fp['no-verify']:.0f} µs | "
+             f"{ratio(fp['verify'], fp['no-verify']):.2f}x |")
+    L.append(f"| second pass, mean per chunk | {sp['verify']:.0f} µs | {sp['no-verify']:.0f} µs | "
+             f"{ratio(sp['verify'], sp['no-verify']):.2f}x |")
+    for r in v["steady"]:
+        m = r["median"]
+        unit = "IOPS" if r["metric"] == "iops" else "MiB/s"
+        L.append(f"| {r['job']} | {m['verify']:.0f} {unit} | {m['no-verify']:.0f} | "
+                 f"{ratio(m['verify'], m['no-verify']):.3f}x |")
+    if v.get("boot_s"):
+        b = v["boot_s"]
+        L.append(f"| boot to ready (OVMF, sample image) | {b['verify']:.2f} s | {b['no-verify']:.2f} s | "
+                 f"{ratio(b['verify'], b['no-verify']):.3f}x |")
+    L.append("")
+    L.append(f"First-touch cost: {v['first_touch_us']:.0f} µs per {v['chunk_bytes'] >> 20} MiB chunk. "
+             "`ociblk verify` (one core, page cache warm): " +
+             ", ".join(f"{k} {g:.2f} GB/s" for k, g in v["verify_gbps"].items()) + ".\n")
+    return L
+
+
+def verify_verdicts(v):
+    out = []
+    for r in v["steady"]:
+        m = r["median"]
+        x = ratio(m["verify"], m["no-verify"])
+        out.append(f"- Verification, steady-state {r['job']}: {x:.3f}x of --no-verify (target within 2%): "
+                   f"{'met' if x >= 0.98 else 'MISSED'}.")
+    if v.get("boot_s"):
+        b = v["boot_s"]
+        x = ratio(b["verify"], b["no-verify"])
+        out.append(f"- Verification, boot to ready: {x:.3f}x the time of --no-verify (target within 3%): "
+                   f"{'met' if x <= 1.03 else 'MISSED'}.")
+    g = min(v["verify_gbps"].values())
+    out.append(f"- `ociblk verify`: {g:.2f} GB/s at the slowest image (target 1 GB/s): "
+               f"{'met' if g >= 1 else 'MISSED'}.")
+    return out
+
+
 # --- report -------------------------------------------------------------------------
 
 
@@ -410,6 +559,8 @@ def write_md(res, path, command):
         L.append("|---|---|---|")
         L.append(f"| {b['ociblk']:.2f} s | {b['virtio-blk qcow2']:.2f} s | {ratio(b['ociblk'], b['virtio-blk qcow2']):.2f}x |")
         L.append("")
+    if res.get("verify"):
+        L.extend(verify_lines(res["verify"]))
     L.append("## Targets\n")
     L.extend(res["verdicts"])
     L.append("")
@@ -461,6 +612,8 @@ def verdicts(res):
     s = io["seqread 1M"]
     pct = 100 * ratio(s["ociblk"], s["page cache pread"])
     out.append(f"- Sequential read: {pct:.0f}% of the page-cache limit (target 70%): {'met' if pct >= 70 else 'MISSED'}.")
+    if res.get("verify"):
+        out.extend(verify_verdicts(res["verify"]))
     return out
 
 
@@ -475,6 +628,8 @@ def main():
     ap.add_argument("--write-md", action="store_true", help="rewrite BENCHMARKS.md and bench-io.png")
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite BENCHMARKS.md and bench-io.png from the last build/bench/results.json")
+    ap.add_argument("--only-verify", action="store_true",
+                    help="run only the verification comparison; print it, write build/bench/verify.json")
     ap.add_argument("--command", default="hack/bench", help=argparse.SUPPRESS)
     a = ap.parse_args()
     scratch = ROOT / "build/bench"
@@ -487,9 +642,15 @@ def main():
     res = {"command": a.command, "machine": f"{os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') >> 30} GiB, "
                       f"{os.uname().release}",
            "date": time.strftime("%Y-%m-%d"), "reps": a.reps}
+    if a.only_verify:
+        v = bench_verify(a.synthetic, a.image, a.reps, a.runtime, scratch, boot=not a.skip_boot)
+        (scratch / "verify.json").write_text(json.dumps(v, indent=1))
+        print("\n".join(verify_lines(v) + verify_verdicts(v)))
+        return 0
     res["launch"] = bench_launch([("sample", a.image), ("synthetic 1 GiB", a.synthetic)], [1, 20], a.reps, scratch)
     res["io"] = bench_io(a.synthetic, a.reps, a.runtime, scratch)
     res["boot"] = None if a.skip_boot else bench_boot(a.image, a.reps, scratch)
+    res["verify"] = bench_verify(a.synthetic, a.image, a.reps, a.runtime, scratch, boot=not a.skip_boot)
     res["verdicts"] = verdicts(res)
     (scratch / "results.json").write_text(json.dumps(res, indent=1))
     print("\n".join(res["verdicts"]))
