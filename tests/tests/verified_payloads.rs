@@ -212,6 +212,21 @@ fn flipped_system_byte_is_never_served_and_recovers_when_fixed() {
     let (status, data) = read(&mut c, base + k * CHUNK, CHUNK as u32);
     assert_eq!(status, BlkStatus::Ok);
     assert!(data == fx.system[(k * CHUNK) as usize..((k + 1) * CHUNK) as usize]);
+
+    // At exit the server says how much it verified.
+    drop(c);
+    let mut server = server;
+    let status = server.stop_with(libc::SIGTERM, Duration::from_secs(30));
+    assert!(status.success(), "{}", server.log.text());
+    wait_for_log(
+        &server,
+        &[
+            "payload verification",
+            "payload=system",
+            "chunks=6",
+            "verified=6",
+        ],
+    );
 }
 
 #[test]

@@ -119,8 +119,18 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     );
     let shutdown = ShutdownSignal::new()?;
     shutdown.trigger_on_termination_signals()?;
-    serve(Arc::new(disk), &args.socket, &opts, shutdown)
+    let disk = Arc::new(disk);
+    serve(disk.clone(), &args.socket, &opts, shutdown)
         .with_context(|| format!("serving on {}", args.socket.display()))?;
+    for v in disk.verifiers().iter() {
+        info!(
+            payload = %v.payload(),
+            chunks = v.hashes().count(),
+            verified = v.verified_count(),
+            hashed = v.hashed_count(),
+            "payload verification"
+        );
+    }
     info!("stopped");
     Ok(())
 }
