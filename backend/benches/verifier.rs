@@ -1,0 +1,76 @@
+//! Payload verification on the read path, without the vhost-user round
+//! trip: a chunk's first touch (read and hash 1 MiB from the page cache)
+//! and the check a read of a verified chunk pays.
+
+#![allow(clippy::unwrap_used)]
+
+use std::fs::File;
+use std::hint::black_box;
+use std::io::Write as _;
+use std::path::Path;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use ociblk::verifier::{PayloadVerifier, check_chunk};
+use ociblk_layout::{ChunkHashes, Source};
+use sha2::{Digest as _, Sha256};
+
+const CHUNK: u64 = 1 << 20;
+const CHUNKS: u64 = 64;
+
+fn verifier(c: &mut Criterion) {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("blob");
+    let data: Vec<u8> = (0..CHUNK * CHUNKS).map(|i| (i * 31 % 251) as u8).collect();
+    File::create(&path).unwrap().write_all(&data).unwrap();
+    let encoded: Vec<String> = data
+        .chunks(CHUNK as usize)
+        .map(|c| base64::engine::general_purpose::STANDARD_NO_PAD.encode(Sha256::digest(c)))
+        .collect();
+    let hashes = ChunkHashes::decode(
+        Path::new("config"),
+        "bench",
+        data.len() as u64,
+        CHUNK,
+        &encoded,
+    )
+    .unwrap();
+    let source = Source {
+        name: "system".into(),
+        path: path.clone(),
+        size: data.len() as u64,
+        sha256: String::new(),
+        chunk_hashes: Some(Arc::new(hashes)),
+    };
+    let file = File::open(&path).unwrap();
+    let v = PayloadVerifier::new(Path::new("image"), &source).unwrap();
+
+    let mut group = c.benchmark_group("verify");
+    group.throughput(Throughput::Bytes(CHUNK));
+    // What a first read of a chunk adds: read it whole and hash it.
+    let mut next = 0;
+    group.bench_function("first_touch_1MiB_chunk", |b| {
+        b.iter(|| {
+            next = (next + 1) % CHUNKS;
+            check_chunk("system", &path, &file, v.hashes(), black_box(next)).unwrap()
+        })
+    });
+    group.finish();
+
+    for chunk in 0..CHUNKS {
+        v.verify(&file, chunk).unwrap();
+    }
+    let mut group = c.benchmark_group("verified");
+    // What every later read pays: an atomic load per chunk it touches.
+    group.bench_function("read_4KiB", |b| {
+        b.iter(|| v.ensure(&file, black_box(5 * CHUNK + 8192), 4096).unwrap())
+    });
+    group.bench_function("read_1MiB_across_2_chunks", |b| {
+        b.iter(|| v.ensure(&file, black_box(5 * CHUNK + 4096), CHUNK).unwrap())
+    });
+    group.finish();
+}
+
+criterion_group!(benches, verifier);
+criterion_main!(benches);
