@@ -353,6 +353,27 @@ fn verify_command_refuses_a_short_blob() {
     );
 }
 
+#[test]
+fn verify_command_does_not_pass_a_compressed_payload() {
+    let t = tempfile::tempdir().unwrap();
+    let mut b = ImageBuilder::with_sizes(1 << 20, 1000);
+    b.payloads[0].media_type = "application/zstd".into();
+    let img = b.write(t.path()).unwrap();
+    let out = verify_cmd(&img.dir).output().unwrap();
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("payload \"system\": compressed (application/zstd)")
+            && stderr.contains("1 compressed payloads were not checked"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("1 chunks, 1000 bytes of 1 payloads"),
+        "{stdout}"
+    );
+}
+
 fn export(fx: &Fixture, extra: &[&str]) -> (std::process::Output, PathBuf) {
     let out = fx.dir.path().join("disk.raw");
     let o = Command::new(ociblk_bin())
