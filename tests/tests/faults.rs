@@ -286,11 +286,24 @@ fn payload_blob_replaced_or_truncated_while_serving() {
     let status = server.stop_with(libc::SIGTERM, Duration::from_secs(20));
     assert!(status.success(), "SIGTERM: {status}");
 
-    // Restarted: the new file is served as it is (same size, same digest
-    // in the manifest; its content is not checked).
+    // Restarted: the new file is checked against the image's chunk hashes
+    // like any other, and is never served.
     let mut server = serve(&image, seed, &socket, &overlay);
     let mut c = connect(&socket);
-    assert!(read_ok(&mut c, system_a, size) == replacement);
+    let r = c.read(0, system_a, 4096).unwrap();
+    assert_eq!(r.status, BlkStatus::IoErr, "a swapped blob is not served");
+    let refused = wait_until(Duration::from_secs(5), || {
+        server
+            .log
+            .text()
+            .lines()
+            .any(|l| l.contains("failed verification") && l.contains("chunk=0"))
+    });
+    assert!(refused, "no verification failure logged:\n{}", server.log.text());
+    // The right bytes written back into the file the server holds: served
+    // from the next read on, no restart.
+    fs::write(&blob, &original).unwrap();
+    assert!(read_ok(&mut c, system_a, size) == original);
 
     // Truncated in place: the server's open file shrinks.
     let keep = 512u64 << 10;
@@ -325,7 +338,7 @@ fn payload_blob_replaced_or_truncated_while_serving() {
         server.log.text()
     );
     // Before the new end, and elsewhere on the disk, all is well.
-    assert!(read_ok(&mut c, system_a, keep as u32) == replacement[..keep as usize]);
+    assert!(read_ok(&mut c, system_a, keep as u32) == original[..keep as usize]);
     assert_eq!(&read_ok(&mut c, 512, 512)[..8], b"EFI PART");
     read_ok(&mut c, system_a - (1 << 20), 1 << 20);
     let fresh = pseudo_random(8192, 9);
