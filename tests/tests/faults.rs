@@ -299,7 +299,11 @@ fn payload_blob_replaced_or_truncated_while_serving() {
             .lines()
             .any(|l| l.contains("failed verification") && l.contains("chunk=0"))
     });
-    assert!(refused, "no verification failure logged:\n{}", server.log.text());
+    assert!(
+        refused,
+        "no verification failure logged:\n{}",
+        server.log.text()
+    );
     // The right bytes written back into the file the server holds: served
     // from the next read on, no restart.
     fs::write(&blob, &original).unwrap();

@@ -286,6 +286,13 @@ mod tests {
     }
 
     #[test]
+    fn no_verify_is_a_launch_option() {
+        let c = Cmd::parse_from(["x", "--image", "i", "--state-dir", "s", "--no-verify"]);
+        assert!(c.launch.no_verify);
+        assert!(c.launch.serve_args.is_empty());
+    }
+
+    #[test]
     fn exit_when_ready_needs_a_pattern() {
         let r = Cmd::try_parse_from(["x", "--image", "i", "--state-dir", "s", "--exit-when-ready"]);
         assert!(r.is_err());
