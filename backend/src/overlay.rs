@@ -22,15 +22,29 @@
 //! back. Shared stripes are taken in ascending order and an exclusive holder
 //! takes nothing else, so there is no deadlock.
 //!
+//! # Layers
+//! An overlay may sit on a chain of frozen layers (see [`layer`]): a
+//! `Base` block of the overlay then reads from the topmost layer that holds
+//! the block, or from the base disk if none does. The chain is immutable,
+//! so one merged index, built at open, answers that in one lookup. Reads
+//! of layer data come through [`Overlay::read_data`] like the overlay's
+//! own: the caller still sees only `Base`, `Data` and `Zero` runs. Writes
+//! only ever go to the overlay; a partial write over a block held by a
+//! layer reads the rest of the block from that layer.
+//!
 //! # Modules
 //! [`format`] parses and encodes the on-disk header and map; `map` holds
 //! the in-memory block states and their dirty pages; `file` opens, locks,
 //! creates, checks, reports on and resets the file; `write` splits a write
-//! or zeroing into partial and whole blocks and applies it. Flushing and
-//! closing live here, next to the state they order.
+//! or zeroing into partial and whole blocks and applies it; `chain` opens
+//! the layers under an overlay and merges their maps; [`layer`] freezes an
+//! overlay into a layer, creates overlays over layers and verifies layers.
+//! Flushing and closing live here, next to the state they order.
 
+mod chain;
 mod file;
 pub mod format;
+pub mod layer;
 mod map;
 #[cfg(test)]
 mod tests;
@@ -45,10 +59,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError, RwLock};
 
-pub use format::{BLOCK_SIZE, BlockState, FormatError, Header, parse_header, parse_map};
+pub use chain::{Chain, Layer};
+pub use format::{
+    BLOCK_SIZE, BlockState, ChainEntry, FormatError, Header, LayerFields, parse_header, parse_map,
+};
 
 use crate::iobuf::IoBufs;
 use crate::sys;
+use chain::Lower;
 use map::BlockMap;
 
 /// Reads base-disk bytes: fills the buffer with the base at the offset.
@@ -108,6 +126,14 @@ pub struct OverlayInfo {
     pub clean: bool,
     /// What became of the map checksum.
     pub map_check: MapCheck,
+    /// The layers the overlay sits on, bottom first, as its header records
+    /// them (empty for a layer and for an overlay over the base disk).
+    pub chain: Vec<ChainEntry>,
+    /// Why the recorded chain cannot be opened now (a layer missing,
+    /// modified, ...), if it cannot.
+    pub chain_problem: Option<String>,
+    /// For a frozen layer: its digests.
+    pub layer: Option<LayerFields>,
 }
 
 /// Whether the map was checked against the checksum recorded at the last
@@ -154,8 +180,9 @@ pub enum OverlayError {
     #[error("{} is not an ociblk overlay (bad magic): delete it or use another file", path.display())]
     BadMagic { path: PathBuf },
     #[error(
-        "overlay {} has format version {found}, this ociblk reads version {}",
+        "overlay {} has format version {found}, this ociblk reads versions {} and {}",
         path.display(),
+        format::FORMAT_VERSION_PLAIN,
         format::FORMAT_VERSION
     )]
     Version { path: PathBuf, found: u32 },
@@ -179,6 +206,36 @@ pub enum OverlayError {
         path.display()
     )]
     NotInitialised { path: PathBuf },
+    #[error(
+        "{} is a frozen layer, not an overlay: give it with --layer and use a new overlay file",
+        path.display()
+    )]
+    IsALayer { path: PathBuf },
+    #[error("{} is an overlay, not a frozen layer (make one with `ociblk overlay freeze`)", path.display())]
+    NotALayer { path: PathBuf },
+    #[error("layer {} is missing{}", path.display(), recorded_in(overlay))]
+    LayerMissing {
+        path: PathBuf,
+        /// The overlay whose header names it, if it came from there.
+        overlay: Option<PathBuf>,
+    },
+    #[error("layer {} was made for a different disk ({what})", path.display())]
+    LayerMismatch { path: PathBuf, what: String },
+    #[error("layer {} was modified: {what}", path.display())]
+    LayerModified { path: PathBuf, what: String },
+    #[error("layer {} does not fit the chain: {what}", path.display())]
+    ChainBroken { path: PathBuf, what: String },
+    #[error("overlay {} was made over another chain of layers: {what}", path.display())]
+    ChainMismatch { path: PathBuf, what: String },
+    #[error("layer {} already exists: a layer is never overwritten", path.display())]
+    LayerExists { path: PathBuf },
+}
+
+fn recorded_in(overlay: &Option<PathBuf>) -> String {
+    match overlay {
+        Some(o) => format!(" (recorded in overlay {})", o.display()),
+        None => String::new(),
+    }
 }
 
 impl OverlayError {
@@ -228,6 +285,8 @@ pub struct Overlay {
     /// marked, not even at close.
     writable: bool,
     closed: bool,
+    /// The layers under the overlay; empty over the base disk.
+    chain: Chain,
 }
 
 impl fmt::Debug for Overlay {
@@ -273,6 +332,24 @@ impl Overlay {
         self.mode
     }
 
+    /// The layers under the overlay, bottom first.
+    pub fn chain(&self) -> &Chain {
+        &self.chain
+    }
+
+    /// Where block `block` currently reads from.
+    fn source(&self, block: u64) -> Source {
+        match self.map.get(block) {
+            BlockState::Data => Source::Top,
+            BlockState::Zero => Source::Zero,
+            BlockState::Base => match self.chain.lower(block) {
+                Lower::Base => Source::Base,
+                Lower::Zero => Source::Zero,
+                Lower::Layer(k) => Source::Layer(k),
+            },
+        }
+    }
+
     /// Splits a byte range into maximal runs of equal state. The range is
     /// clipped to the disk.
     pub fn runs(&self, offset: u64, len: u64) -> Runs<'_> {
@@ -304,8 +381,11 @@ impl Overlay {
         }
     }
 
-    /// Reads `len` bytes of the data area at disk offset `offset` into
-    /// `dst[at..]`. Meaningful for `Data` runs only.
+    /// Reads `len` bytes of written data at disk offset `offset` into
+    /// `dst[at..]`: from the overlay's data area, or from the layer that
+    /// holds the block. Meaningful for `Data` runs only. Each block is
+    /// looked up again, so a block the overlay wrote or zeroed since the
+    /// run was found reads as its new content.
     pub fn read_data(
         &self,
         offset: u64,
@@ -313,9 +393,32 @@ impl Overlay {
         at: usize,
         len: usize,
     ) -> io::Result<()> {
-        self.check_range(offset, len as u64)?;
+        let end = self.check_range(offset, len as u64)?;
         Self::check_bufs(dst, at, len)?;
-        dst.read_from_file(&self.file, self.header.data_offset + offset, at, len)
+        if self.chain.is_empty() {
+            return dst.read_from_file(&self.file, self.header.data_offset + offset, at, len);
+        }
+        let mut pos = offset;
+        while pos < end {
+            let block = pos / BS;
+            let source = self.source(block);
+            let mut run_end = ((block + 1) * BS).min(end);
+            while run_end < end && self.source(run_end / BS) == source {
+                run_end = ((run_end / BS + 1) * BS).min(end);
+            }
+            let (o, n) = (at + (pos - offset) as usize, (run_end - pos) as usize);
+            match source {
+                // `Base` cannot be asked for by a caller that read the
+                // runs first; read the data area (a hole) as before.
+                Source::Top | Source::Base => {
+                    dst.read_from_file(&self.file, self.header.data_offset + pos, o, n)?
+                }
+                Source::Zero => dst.fill_zero(o, n),
+                Source::Layer(k) => self.chain.read_layer(k, pos, dst, o, n)?,
+            }
+            pos = run_end;
+        }
+        Ok(())
     }
 
     /// Makes every completed write durable (with [`FlushMode::Safe`]).
@@ -441,6 +544,27 @@ impl Drop for Overlay {
     }
 }
 
+/// Where a block reads from: what a [`Run`] is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Base,
+    Zero,
+    /// The overlay's own data area.
+    Top,
+    /// The data area of layer `k` of the chain.
+    Layer(u8),
+}
+
+impl Source {
+    fn state(self) -> BlockState {
+        match self {
+            Source::Base => BlockState::Base,
+            Source::Zero => BlockState::Zero,
+            Source::Top | Source::Layer(_) => BlockState::Data,
+        }
+    }
+}
+
 /// Iterator over the [`Run`]s of a byte range; see [`Overlay::runs`].
 #[derive(Debug)]
 pub struct Runs<'a> {
@@ -457,9 +581,10 @@ impl Iterator for Runs<'_> {
             return None;
         }
         let mut block = self.pos / BS;
-        let state = self.overlay.map.get(block);
+        // A run has one source, so that `read_data` reads it from one file.
+        let source = self.overlay.source(block);
         let mut run_end = (block + 1) * BS;
-        while run_end < self.end && self.overlay.map.get(block + 1) == state {
+        while run_end < self.end && self.overlay.source(block + 1) == source {
             block += 1;
             run_end += BS;
         }
@@ -467,7 +592,7 @@ impl Iterator for Runs<'_> {
         let run = Run {
             offset: self.pos,
             len: run_end - self.pos,
-            state,
+            state: source.state(),
         };
         self.pos = run_end;
         Some(run)

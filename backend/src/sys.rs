@@ -2,7 +2,7 @@
 //! server's lock files need and neither std nor vmm-sys-util covers as
 //! needed. vmm-sys-util's `SeekHole` wants a `&mut File` (it moves the
 //! file position), hence `next_data` here; `flock` and `fdatasync` have no
-//! wrapper there.
+//! wrapper there; neither has `FICLONERANGE` or `copy_file_range`.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -99,4 +99,62 @@ pub fn next_data(fd: BorrowedFd<'_>, offset: u64) -> io::Result<Option<(u64, u64
     // A hole always follows data: at worst the virtual one at end of file.
     let end = seek(fd, start, libc::SEEK_HOLE)?.unwrap_or(u64::MAX);
     Ok(Some((start, end)))
+}
+
+/// Shares `len` bytes of `src` at `src_off` into `dst` at `dst_off`
+/// (`FICLONERANGE`: a reflink, no data copied). Offsets and length must
+/// be multiples of the file system block size, except a length reaching
+/// the end of `src`. Fails with `EOPNOTSUPP`, `EXDEV` or `EINVAL` where the
+/// file system cannot share extents.
+pub fn clone_range(
+    src: BorrowedFd<'_>,
+    src_off: u64,
+    dst: BorrowedFd<'_>,
+    dst_off: u64,
+    len: u64,
+) -> io::Result<()> {
+    let arg = libc::file_clone_range {
+        src_fd: i64::from(src.as_raw_fd()),
+        src_offset: src_off,
+        src_length: len,
+        dest_offset: dst_off,
+    };
+    loop {
+        // SAFETY: `arg` is a valid file_clone_range that outlives the call;
+        // the kernel only reads it.
+        if unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONERANGE, &arg) } == 0 {
+            return Ok(());
+        }
+        let e = last_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// `copy_file_range` of up to `len` bytes between positions; returns the
+/// bytes copied (0 at the end of `src`). The kernel copies in place, and
+/// shares extents where the file system can.
+pub fn copy_file_range(
+    src: BorrowedFd<'_>,
+    src_off: u64,
+    dst: BorrowedFd<'_>,
+    dst_off: u64,
+    len: usize,
+) -> io::Result<usize> {
+    let (mut s, mut d) = (src_off as libc::loff_t, dst_off as libc::loff_t);
+    loop {
+        // SAFETY: both descriptors are open and the offset pointers are
+        // valid locals for the duration of the call.
+        let n = unsafe {
+            libc::copy_file_range(src.as_raw_fd(), &mut s, dst.as_raw_fd(), &mut d, len, 0)
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = last_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
 }

@@ -6,11 +6,15 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Mutex, RwLock};
 
-use super::format::{self, BLOCK_SIZE as BS, BlockState, FormatError, Header, parse_header};
+use super::chain::{Chain, short};
+use super::format::{
+    self, BLOCK_SIZE as BS, BlockState, ChainEntry, FormatError, Header, Kind, MAX_LAYER_PATH,
+    parse_header,
+};
 use super::map::{BlockMap, MAP_CHUNK, StateCounts};
 use super::{
     MapCheck, OVERLAY_MODE, Overlay, OverlayConfig, OverlayError, OverlayInfo, STRIPES, io_err,
@@ -30,8 +34,23 @@ impl Overlay {
     /// disk): such a file is made anew for `cfg`. After a clean close the
     /// map must match the checksum recorded then.
     pub fn open(path: impl AsRef<Path>, cfg: OverlayConfig) -> Result<Overlay, OverlayError> {
+        Self::open_over(path, cfg, None)
+    }
+
+    /// [`Overlay::open`] over a chain of layers. `layers` (bottom first)
+    /// is the chain a new overlay is created over; an existing overlay
+    /// must have been made over the same layers (the same digests in the
+    /// same order, see [`resolve_chain`]); `None` takes the chain its
+    /// header records (none for a new overlay).
+    pub fn open_over(
+        path: impl AsRef<Path>,
+        cfg: OverlayConfig,
+        layers: Option<&[PathBuf]>,
+    ) -> Result<Overlay, OverlayError> {
         let path = path.as_ref();
         check_config(path, &cfg)?;
+        // Layers given are checked before any file is created.
+        let mut given = open_given(layers, &cfg)?;
         let (file, created) = open_file(path, Access::Create)?;
         if !sys::try_lock_exclusive(file.as_fd()).map_err(io_err(path, "lock"))? {
             return Err(OverlayError::Locked {
@@ -47,28 +66,40 @@ impl Overlay {
                 "initialising an existing file without an overlay header as a new overlay"
             );
         }
-        let header = if fresh {
+        let (header, chain) = if fresh {
+            let chain = given.take().unwrap_or_default();
             file.set_len(0).map_err(io_err(path, "truncate"))?;
-            create(&file, path, &cfg)?
+            (create(&file, path, &cfg, &chain)?, chain)
         } else {
             let header = read_header(&file, path, len)?;
+            check_overlay_kind(path, &header)?;
             match mismatch(&header, &cfg) {
-                None => header,
+                None => {
+                    let chain = resolve_chain(&file, path, &header, &cfg, given)?;
+                    (header, chain)
+                }
                 Some(what) => {
                     let (counts, _) = read_counts(&file, path, &header)?;
-                    if counts.any_written() {
+                    if counts.any_written() || header.chain_len() != 0 {
                         return Err(OverlayError::Mismatch {
                             path: path.to_path_buf(),
                             what,
                         });
                     }
+                    let chain = given.take().unwrap_or_default();
                     tracing::info!(path = %path.display(), "re-creating unused overlay for another disk");
                     file.set_len(0).map_err(io_err(path, "truncate"))?;
                     fresh = true;
-                    create(&file, path, &cfg)?
+                    (create(&file, path, &cfg, &chain)?, chain)
                 }
             }
         };
+        if fresh && !chain.is_empty() {
+            // Unlike an empty overlay over the base disk, this one must not
+            // come back as a new file without its chain after a crash: the
+            // node's disk would lose the layers.
+            make_durable(&file, path)?;
+        }
         // A new map is all `Base`: nothing to read.
         let map = if fresh {
             BlockMap::all_base(header.map_len)
@@ -88,6 +119,7 @@ impl Overlay {
             writable: true,
             closed: false,
             header,
+            chain,
         };
         if fresh {
             // Created in use (clean flag 0) with nothing to reclaim.
@@ -109,8 +141,19 @@ impl Overlay {
         path: impl AsRef<Path>,
         cfg: OverlayConfig,
     ) -> Result<Overlay, OverlayError> {
+        Self::open_read_only_over(path, cfg, None)
+    }
+
+    /// [`Overlay::open_read_only`] over a chain of layers, checked as by
+    /// [`Overlay::open_over`]. A file without a header reads as the chain.
+    pub fn open_read_only_over(
+        path: impl AsRef<Path>,
+        cfg: OverlayConfig,
+        layers: Option<&[PathBuf]>,
+    ) -> Result<Overlay, OverlayError> {
         let path = path.as_ref();
         check_config(path, &cfg)?;
+        let mut given = open_given(layers, &cfg)?;
         let (file, _) = open_file(path, Access::ReadOnly)?;
         if !sys::try_lock_shared(file.as_fd()).map_err(io_err(path, "lock"))? {
             return Err(OverlayError::Locked {
@@ -119,16 +162,17 @@ impl Overlay {
         }
         let len = file.metadata().map_err(io_err(path, "stat"))?.len();
         let unwritten = len == 0 || header_never_written(&file, path, len)?;
-        let (header, map) = if unwritten {
-            tracing::info!(path = %path.display(), "overlay has no header yet: serving the base disk");
+        let (header, map, chain) = if unwritten {
+            tracing::info!(path = %path.display(), "overlay has no header yet: serving the base disk and layers given");
             let header = Header::new(cfg.disk_size, cfg.fingerprint);
             let map = BlockMap::all_base(header.map_len);
-            (header, map)
+            (header, map, given.take().unwrap_or_default())
         } else {
             let header = read_header(&file, path, len)?;
+            check_overlay_kind(path, &header)?;
             let (map, counts) = read_checked_map(&file, path, &header)?;
             if let Some(what) = mismatch(&header, &cfg) {
-                if counts.any_written() {
+                if counts.any_written() || header.chain_len() != 0 {
                     return Err(OverlayError::Mismatch {
                         path: path.to_path_buf(),
                         what,
@@ -137,9 +181,10 @@ impl Overlay {
                 // Nothing written: reads as the base disk, whatever it is.
                 let header = Header::new(cfg.disk_size, cfg.fingerprint);
                 let map = BlockMap::all_base(header.map_len);
-                (header, map)
+                (header, map, given.take().unwrap_or_default())
             } else {
-                (header, map)
+                let chain = resolve_chain(&file, path, &header, &cfg, given)?;
+                (header, map, chain)
             }
         };
         Ok(Overlay {
@@ -155,6 +200,7 @@ impl Overlay {
             writable: false,
             closed: false,
             header,
+            chain,
         })
     }
 
@@ -211,15 +257,36 @@ impl Overlay {
         }
         let mut header = read_header(&file, path, meta.len())?;
         let (counts, computed) = read_counts(&file, path, &header)?;
-        let map_check = match check_map_crc(path, &header, computed) {
-            // A server may have opened it and changed the map while it was
-            // read: then it is in use, not corrupt.
-            Err(e) if !read_header(&file, path, meta.len()).is_ok_and(|h| h.clean) => {
-                tracing::debug!(path = %path.display(), "map changed while read: {e}");
-                header.clean = false;
-                MapCheck::NotClosedCleanly
+        let chain = read_chain(&file, path, &header)?;
+        // Open the recorded chain as a server would, to tell what is wrong.
+        let chain_problem = if chain.is_empty() {
+            None
+        } else {
+            let cfg = OverlayConfig {
+                disk_size: header.disk_size,
+                fingerprint: header.fingerprint,
+                flush: super::FlushMode::Unsafe,
+            };
+            resolve_chain(&file, path, &header, &cfg, None)
+                .err()
+                .map(|e| e.to_string())
+        };
+        let map_check = if header.layer().is_some() {
+            // A layer's map is checked by its metadata digest, which covers
+            // the header fields too.
+            super::chain::Layer::open(path, None)?;
+            MapCheck::Verified
+        } else {
+            match check_map_crc(path, &header, computed) {
+                // A server may have opened it and changed the map while it
+                // was read: then it is in use, not corrupt.
+                Err(e) if !read_header(&file, path, meta.len()).is_ok_and(|h| h.clean) => {
+                    tracing::debug!(path = %path.display(), "map changed while read: {e}");
+                    header.clean = false;
+                    MapCheck::NotClosedCleanly
+                }
+                r => r?,
             }
-            r => r?,
         };
         Ok(OverlayInfo {
             disk_size: header.disk_size,
@@ -232,6 +299,9 @@ impl Overlay {
             file_size: meta.len(),
             clean: header.clean,
             map_check,
+            chain,
+            chain_problem,
+            layer: header.layer().copied(),
         })
     }
 
@@ -251,6 +321,7 @@ impl Overlay {
             return Ok(());
         }
         let header = read_header(&file, path, len)?;
+        check_overlay_kind(path, &header)?;
         let fd = file.as_fd();
         let set_clean = |clean: bool| {
             file.write_all_at(&[u8::from(clean)], format::CLEAN_OFFSET as u64)
@@ -290,9 +361,142 @@ fn mismatch(h: &Header, cfg: &OverlayConfig) -> Option<String> {
     (!what.is_empty()).then(|| what.join(", "))
 }
 
+/// Refuses a frozen layer where an overlay is wanted.
+fn check_overlay_kind(path: &Path, header: &Header) -> Result<(), OverlayError> {
+    match header.kind {
+        Kind::Layer(_) => Err(OverlayError::IsALayer {
+            path: path.to_path_buf(),
+        }),
+        Kind::Overlay { .. } => Ok(()),
+    }
+}
+
+/// Makes layer paths absolute (without resolving links), as the chain
+/// records them.
+pub(super) fn absolute_paths(paths: &[PathBuf]) -> Result<Vec<PathBuf>, OverlayError> {
+    paths
+        .iter()
+        .map(|p| std::path::absolute(p).map_err(io_err(p, "make the layer path absolute")))
+        .collect()
+}
+
+/// Reads the chain an overlay's header records (empty for none).
+pub(super) fn read_chain(
+    file: &File,
+    path: &Path,
+    header: &Header,
+) -> Result<Vec<ChainEntry>, OverlayError> {
+    let Kind::Overlay {
+        chain_len,
+        chain_bytes,
+        chain_crc,
+    } = header.kind
+    else {
+        return Ok(Vec::new());
+    };
+    if chain_len == 0 {
+        return Ok(Vec::new());
+    }
+    let mut buf = vec![0u8; chain_bytes as usize];
+    file.read_exact_at(&mut buf, format::HEADER_SIZE as u64)
+        .map_err(io_err(path, "read chain"))?;
+    format::parse_chain(&buf, chain_len, chain_crc).map_err(|e| OverlayError::format(path, e))
+}
+
+/// Opens the layers given for an overlay (made absolute), if any.
+fn open_given(
+    layers: Option<&[PathBuf]>,
+    cfg: &OverlayConfig,
+) -> Result<Option<Chain>, OverlayError> {
+    layers
+        .map(|l| Chain::open(&absolute_paths(l)?, cfg.disk_size, &cfg.fingerprint, None))
+        .transpose()
+}
+
+/// Opens the chain of an existing overlay. `given` layers (already
+/// opened) must be the recorded ones: as many, with the same digests in
+/// the same order (their paths may differ: moved layers can be named where
+/// they are now, the header keeps the recorded paths). Without, the
+/// recorded paths are opened and each must still hold the recorded digest.
+pub(super) fn resolve_chain(
+    file: &File,
+    path: &Path,
+    header: &Header,
+    cfg: &OverlayConfig,
+    given: Option<Chain>,
+) -> Result<Chain, OverlayError> {
+    use std::os::unix::ffi::OsStrExt;
+    let recorded = read_chain(file, path, header)?;
+    let describe = |n: usize| match n {
+        0 => "no layers".to_string(),
+        1 => "1 layer".to_string(),
+        n => format!("{n} layers"),
+    };
+    if let Some(given) = &given
+        && given.layers().len() != recorded.len()
+    {
+        return Err(OverlayError::ChainMismatch {
+            path: path.to_path_buf(),
+            what: format!(
+                "it records {}, --layer gives {}",
+                describe(recorded.len()),
+                describe(given.layers().len())
+            ),
+        });
+    }
+    let was_given = given.is_some();
+    let chain = match given {
+        Some(chain) => chain,
+        None => {
+            let paths: Vec<PathBuf> = recorded
+                .iter()
+                .map(|e| PathBuf::from(std::ffi::OsStr::from_bytes(&e.path)))
+                .collect();
+            Chain::open(&paths, cfg.disk_size, &cfg.fingerprint, Some(path))?
+        }
+    };
+    for (i, (layer, want)) in chain.layers().iter().zip(&recorded).enumerate() {
+        if layer.digest() == want.digest {
+            if layer.path().as_os_str().as_bytes() != want.path.as_slice() {
+                tracing::info!(
+                    overlay = %path.display(),
+                    layer = %layer.path().display(),
+                    recorded = %String::from_utf8_lossy(&want.path),
+                    "layer given at another path than recorded; same digest"
+                );
+            }
+            continue;
+        }
+        let recorded_path = String::from_utf8_lossy(&want.path);
+        return Err(if was_given {
+            OverlayError::ChainMismatch {
+                path: path.to_path_buf(),
+                what: format!(
+                    "layer {} is {}, but it records {} ({recorded_path}) as layer {}",
+                    layer.path().display(),
+                    short(&layer.digest()),
+                    short(&want.digest),
+                    i + 1
+                ),
+            }
+        } else {
+            OverlayError::LayerModified {
+                path: layer.path().to_path_buf(),
+                what: format!(
+                    "its digest is {}, overlay {} records {}",
+                    short(&layer.digest()),
+                    path.display(),
+                    short(&want.digest)
+                ),
+            }
+        });
+    }
+    Ok(chain)
+}
+
 /// How [`open_file`] opens an overlay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Access {
+pub(super) enum Access {
     /// Read-write, created (mode 0600) when missing.
     Create,
     /// Read-write, must exist.
@@ -307,7 +511,7 @@ enum Access {
 /// the open descriptor (the path may have changed meanwhile). `O_NONBLOCK`
 /// keeps the open of a FIFO from waiting for a writer; it means nothing
 /// for a regular file. Returns whether the file was created.
-fn open_file(path: &Path, access: Access) -> Result<(File, bool), OverlayError> {
+pub(super) fn open_file(path: &Path, access: Access) -> Result<(File, bool), OverlayError> {
     match fs::metadata(path) {
         Ok(meta) => check_regular(path, &meta)?,
         Err(e) if e.kind() == io::ErrorKind::NotFound && access == Access::Create => {}
@@ -381,20 +585,58 @@ fn check_config(path: &Path, cfg: &OverlayConfig) -> Result<(), OverlayError> {
     })
 }
 
-/// Lays out a new overlay in an empty, locked file. Nothing is synced here:
-/// a new overlay holds nothing worth keeping until the first flush, which
-/// makes the header (and, see [`Overlay::flush`], the directory entry)
-/// durable. A crash before it leaves an empty file or a zero header, which
-/// `open` treats as a new overlay: launching a node costs no sync.
-fn create(file: &File, path: &Path, cfg: &OverlayConfig) -> Result<Header, OverlayError> {
-    let mut header = Header::new(cfg.disk_size, cfg.fingerprint);
+/// Lays out a new overlay over `chain` in an empty, locked file. Nothing
+/// is synced here: a new overlay holds nothing worth keeping until the
+/// first flush, which makes the header (and, see [`Overlay::flush`], the
+/// directory entry) durable. A crash before it leaves an empty file or a
+/// zero header, which `open` treats as a new overlay: launching a node
+/// costs no sync.
+pub(super) fn create(
+    file: &File,
+    path: &Path,
+    cfg: &OverlayConfig,
+    chain: &Chain,
+) -> Result<Header, OverlayError> {
+    let entries = chain.entries();
+    if let Some(e) = entries.iter().find(|e| e.path.len() > MAX_LAYER_PATH) {
+        return Err(OverlayError::Config {
+            path: path.to_path_buf(),
+            reason: FormatError::Invalid(format!(
+                "layer path {} is longer than {MAX_LAYER_PATH} bytes",
+                String::from_utf8_lossy(&e.path)
+            )),
+        });
+    }
+    let section = format::encode_chain(&entries);
+    let kind = Kind::Overlay {
+        chain_len: entries.len() as u32,
+        chain_bytes: section.len() as u64,
+        chain_crc: crc32fast::hash(&section),
+    };
+    let mut header = Header::with_kind(cfg.disk_size, cfg.fingerprint, kind);
     // The map is a hole, which reads as all `Base`; the data area too.
     file.set_len(header.file_len())
         .map_err(io_err(path, "set size"))?;
+    if !section.is_empty() {
+        file.write_all_at(&section, format::HEADER_SIZE as u64)
+            .map_err(io_err(path, "write chain"))?;
+    }
     header.clean = false;
     file.write_all_at(&header.encode(), 0)
         .map_err(io_err(path, "write header"))?;
     Ok(header)
+}
+
+/// Syncs a new file and its directory entry.
+fn make_durable(file: &File, path: &Path) -> Result<(), OverlayError> {
+    file.sync_all().map_err(io_err(path, "sync"))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(path, "sync its directory"))
 }
 
 /// Whether the file starts with a header that was never written (all
@@ -407,7 +649,7 @@ fn header_never_written(file: &File, path: &Path, len: u64) -> Result<bool, Over
 }
 
 /// Reads and checks the header, and that the file holds all it describes.
-fn read_header(file: &File, path: &Path, len: u64) -> Result<Header, OverlayError> {
+pub(super) fn read_header(file: &File, path: &Path, len: u64) -> Result<Header, OverlayError> {
     let mut buf = vec![0u8; format::HEADER_SIZE];
     let n = (len as usize).min(buf.len());
     file.read_exact_at(&mut buf[..n], 0)
@@ -427,13 +669,13 @@ fn read_header(file: &File, path: &Path, len: u64) -> Result<Header, OverlayErro
     Ok(header)
 }
 
-enum MapError {
+pub(super) enum MapError {
     Io(io::Error),
     Format(FormatError),
 }
 
 impl MapError {
-    fn at(self, path: &Path) -> OverlayError {
+    pub(super) fn at(self, path: &Path) -> OverlayError {
         match self {
             MapError::Io(e) => io_err(path, "read map")(e),
             MapError::Format(e) => OverlayError::format(path, e),
@@ -442,7 +684,7 @@ impl MapError {
 }
 
 /// Visits the on-disk map in chunks: `f(first_block, bytes)`.
-fn for_map_chunks(
+pub(super) fn for_map_chunks(
     file: &File,
     header: &Header,
     mut f: impl FnMut(u64, &[u8]) -> Result<(), FormatError>,

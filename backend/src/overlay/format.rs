@@ -4,20 +4,37 @@
 //! ```text
 //! offset  size  field
 //!      0     8  magic "OCIBLKOV"
-//!      8     4  format version (u32 LE) = 1
+//!      8     4  format version (u32 LE): 1, or 2 for a file with a chain
+//!                 of layers below it or for a frozen layer
 //!     12     4  block size (u32 LE) = 4096
 //!     16     8  disk size in bytes (u64 LE), a multiple of 512
 //!     24    32  layout fingerprint of the base disk
-//!     56     8  map offset (u64 LE) = 4096
+//!     56     8  map offset (u64 LE): 4096, or after the chain section
 //!     64     8  map length = number of blocks, one state byte each
 //!     72     8  data offset (u64 LE), 1 MiB aligned, after the map
-//!     80     4  CRC32 of bytes 0..80
+//!     80     4  CRC32 of bytes 0..80 (version 2: of 0..80 and 96..4096)
 //!     84     1  clean flag: 1 = closed cleanly, 0 = in use or crashed
 //!     85     1  map checksum recorded: 1 = bytes 88..92 hold it, 0 = not
 //!     86     2  reserved, zero
 //!     88     4  CRC32 of the whole map as of the last clean close (u32 LE)
-//!     92  4004  reserved, zero
-//!   4096     …  block-state map; block i's data at data offset + i * 4096
+//!     92     4  reserved, zero
+//!   version 2 only (zero in version 1):
+//!     96     1  kind: 0 = overlay, 1 = frozen layer
+//!     97     3  reserved, zero
+//!    100     4  overlay: layers in its chain (u32 LE); layer: 0
+//!    104     8  overlay: bytes of the chain section at 4096 (u64 LE)
+//!    112     4  overlay: CRC32 of the chain section (u32 LE)
+//!    116     1  layer: 1 = it has a parent layer, 0 = it sits on the base
+//!    117    11  reserved, zero
+//!    128    32  layer: content digest (sha256, see below)
+//!    160    32  layer: parent's content digest (zero without a parent)
+//!    192    32  layer: metadata digest (sha256 of the digest input up to
+//!                 the end of the map)
+//!    224  3872  reserved, zero
+//!   4096     …  overlay with a chain: the chain section, bottom layer
+//!                 first, per layer: content digest (32), path length
+//!                 (u32 LE), absolute path (bytes)
+//!   map offset  block-state map; block i's data at data offset + i * 4096
 //! ```
 //!
 //! The clean flag sits outside the CRC so that it can be flipped with a
@@ -30,6 +47,33 @@
 //! and the recorded checksum is stale. Files written before the checksum
 //! existed have zeros there, "not recorded"; ociblk releases before it
 //! refuse a file that records one ("reserved header byte 85 is not zero").
+//!
+//! An overlay without a chain is still written as version 1, which every
+//! ociblk reads. Version 2 is written only for an overlay over layers and
+//! for a layer: an ociblk that reads only version 1 refuses it ("format
+//! version 2"), rather than serving the base disk without the layers.
+//!
+//! # Layer digests
+//! A layer's content digest is the sha256 of, in this order:
+//!
+//! ```text
+//! "ociblk layer v1\n"            16 bytes
+//! disk size                      u64 LE
+//! block size                     u32 LE
+//! fingerprint                    32 bytes
+//! has parent                     1 byte (0 or 1)
+//! parent digest                  32 bytes (zero without a parent)
+//! map length                     u64 LE
+//! the map                        map length bytes
+//! each Data block, ascending     its bytes within the disk (4096, or
+//!                                fewer for a partial last block)
+//! ```
+//!
+//! None of the file's offsets enter it: the digest names the disk content
+//! a layer adds, not how the file lays it out. The metadata digest is the
+//! same hash stopped after the map; it is checked at every open (it costs
+//! reading the map, which the open reads anyway), the content digest by
+//! `ociblk overlay verify` (it reads every data block).
 
 use std::sync::atomic::AtomicU8;
 
@@ -46,7 +90,16 @@ pub const DATA_ALIGN: u64 = 1 << 20;
 pub const MAX_DISK_SIZE: u64 = 1 << 50;
 
 pub const MAGIC: [u8; 8] = *b"OCIBLKOV";
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest format version: files with a chain or frozen layers.
+pub const FORMAT_VERSION: u32 = 2;
+/// The version of an overlay without layers, which older ociblk read too.
+pub const FORMAT_VERSION_PLAIN: u32 = 1;
+/// Most layers a chain may have (the merged index names a layer in a byte).
+pub const MAX_CHAIN: usize = 64;
+/// Longest layer path recorded in a chain.
+pub const MAX_LAYER_PATH: usize = 4096;
+/// Start of a layer's content digest input.
+pub const DIGEST_DOMAIN: &[u8; 16] = b"ociblk layer v1\n";
 
 const CRC_OFFSET: usize = 80;
 pub(crate) const CLEAN_OFFSET: usize = 84;
@@ -54,6 +107,17 @@ pub(crate) const CLEAN_OFFSET: usize = 84;
 pub(crate) const MAP_CRC_FIELD_OFFSET: usize = 85;
 const MAP_CRC_OFFSET: usize = 88;
 const RESERVED_START: usize = 92;
+/// Version 2 fields, covered by the header CRC.
+const V2_START: usize = 96;
+const KIND_OFFSET: usize = 96;
+const CHAIN_COUNT_OFFSET: usize = 100;
+const CHAIN_BYTES_OFFSET: usize = 104;
+const CHAIN_CRC_OFFSET: usize = 112;
+const HAS_PARENT_OFFSET: usize = 116;
+const DIGEST_OFFSET: usize = 128;
+const PARENT_OFFSET: usize = 160;
+const META_DIGEST_OFFSET: usize = 192;
+const V2_END: usize = 224;
 
 /// State of one block, as stored in the map (one byte per block).
 ///
@@ -107,6 +171,41 @@ pub enum FormatError {
          computed {computed:08x}): the map changed while the overlay was closed"
     )]
     MapCrc { recorded: u32, computed: u32 },
+    #[error("chain section checksum mismatch (stored {stored:08x}, computed {computed:08x})")]
+    ChainCrc { stored: u32, computed: u32 },
+}
+
+/// What a frozen layer's header records about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerFields {
+    /// Content digest: what names the layer (see the module docs).
+    pub digest: [u8; 32],
+    /// The content digest of the layer below it, if any.
+    pub parent: Option<[u8; 32]>,
+    /// Digest of the same input stopped after the map.
+    pub meta_digest: [u8; 32],
+}
+
+/// What kind of file a header describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A node's overlay, over `chain_len` layers (0: over the base disk).
+    Overlay {
+        chain_len: u32,
+        /// Bytes of the chain section at [`HEADER_SIZE`].
+        chain_bytes: u64,
+        chain_crc: u32,
+    },
+    /// A frozen, immutable layer.
+    Layer(LayerFields),
+}
+
+/// One layer of a chain as an overlay records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainEntry {
+    pub digest: [u8; 32],
+    /// Absolute path, as bytes.
+    pub path: Vec<u8>,
 }
 
 /// The decoded header.
@@ -121,6 +220,7 @@ pub struct Header {
     pub clean: bool,
     /// CRC32 of the map as of the last clean close, if one was recorded.
     pub map_crc: Option<u32>,
+    pub kind: Kind,
 }
 
 /// Number of 4 KiB blocks covering `disk_size` bytes.
@@ -132,7 +232,25 @@ impl Header {
     /// The header of a fresh overlay for a disk of `disk_size` bytes.
     /// `disk_size` must be valid (see [`check_disk_size`]).
     pub fn new(disk_size: u64, fingerprint: [u8; 32]) -> Self {
-        let map_offset = HEADER_SIZE as u64;
+        Self::with_kind(
+            disk_size,
+            fingerprint,
+            Kind::Overlay {
+                chain_len: 0,
+                chain_bytes: 0,
+                chain_crc: 0,
+            },
+        )
+    }
+
+    /// The header of a fresh file of `kind`; the map follows the chain
+    /// section, if any.
+    pub fn with_kind(disk_size: u64, fingerprint: [u8; 32], kind: Kind) -> Self {
+        let chain_bytes = match kind {
+            Kind::Overlay { chain_bytes, .. } => chain_bytes,
+            Kind::Layer(_) => 0,
+        };
+        let map_offset = HEADER_SIZE as u64 + chain_bytes.next_multiple_of(BLOCK_SIZE);
         let map_len = block_count(disk_size);
         Header {
             disk_size,
@@ -142,6 +260,31 @@ impl Header {
             data_offset: (map_offset + map_len).next_multiple_of(DATA_ALIGN),
             clean: true,
             map_crc: None,
+            kind,
+        }
+    }
+
+    /// The version this header is written as: 1 unless it needs 2.
+    pub fn version(&self) -> u32 {
+        match self.kind {
+            Kind::Overlay { chain_len: 0, .. } => FORMAT_VERSION_PLAIN,
+            _ => FORMAT_VERSION,
+        }
+    }
+
+    /// The layer fields, for a frozen layer.
+    pub fn layer(&self) -> Option<&LayerFields> {
+        match &self.kind {
+            Kind::Layer(l) => Some(l),
+            Kind::Overlay { .. } => None,
+        }
+    }
+
+    /// Layers below an overlay (0 for a layer, which records only its parent).
+    pub fn chain_len(&self) -> usize {
+        match self.kind {
+            Kind::Overlay { chain_len, .. } => chain_len as usize,
+            Kind::Layer(_) => 0,
         }
     }
 
@@ -159,20 +302,53 @@ impl Header {
     /// The 4 KiB header block.
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; HEADER_SIZE];
+        let version = self.version();
         b[0..8].copy_from_slice(&MAGIC);
-        b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b[8..12].copy_from_slice(&version.to_le_bytes());
         b[12..16].copy_from_slice(&(BLOCK_SIZE as u32).to_le_bytes());
         b[16..24].copy_from_slice(&self.disk_size.to_le_bytes());
         b[24..56].copy_from_slice(&self.fingerprint);
         b[56..64].copy_from_slice(&self.map_offset.to_le_bytes());
         b[64..72].copy_from_slice(&self.map_len.to_le_bytes());
         b[72..80].copy_from_slice(&self.data_offset.to_le_bytes());
-        let crc = crc32fast::hash(&b[..CRC_OFFSET]);
+        match &self.kind {
+            Kind::Overlay {
+                chain_len,
+                chain_bytes,
+                chain_crc,
+            } => {
+                b[CHAIN_COUNT_OFFSET..CHAIN_COUNT_OFFSET + 4]
+                    .copy_from_slice(&chain_len.to_le_bytes());
+                b[CHAIN_BYTES_OFFSET..CHAIN_BYTES_OFFSET + 8]
+                    .copy_from_slice(&chain_bytes.to_le_bytes());
+                b[CHAIN_CRC_OFFSET..CHAIN_CRC_OFFSET + 4].copy_from_slice(&chain_crc.to_le_bytes());
+            }
+            Kind::Layer(l) => {
+                b[KIND_OFFSET] = 1;
+                b[DIGEST_OFFSET..DIGEST_OFFSET + 32].copy_from_slice(&l.digest);
+                if let Some(p) = &l.parent {
+                    b[HAS_PARENT_OFFSET] = 1;
+                    b[PARENT_OFFSET..PARENT_OFFSET + 32].copy_from_slice(p);
+                }
+                b[META_DIGEST_OFFSET..META_DIGEST_OFFSET + 32].copy_from_slice(&l.meta_digest);
+            }
+        }
+        let crc = header_crc(&b, version);
         b[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_le_bytes());
         b[CLEAN_OFFSET] = u8::from(self.clean);
         b[MAP_CRC_FIELD_OFFSET..RESERVED_START].copy_from_slice(&encode_map_crc(self.map_crc));
         b
     }
+}
+
+/// The header CRC: of bytes 0..80, and in version 2 also of 96..4096.
+fn header_crc(b: &[u8], version: u32) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&b[..CRC_OFFSET]);
+    if version >= FORMAT_VERSION {
+        h.update(&b[V2_START..HEADER_SIZE]);
+    }
+    h.finalize()
 }
 
 /// The map checksum field, bytes 85..92 of the header.
@@ -230,11 +406,11 @@ pub fn parse_header(b: &[u8]) -> Result<Header, FormatError> {
         return Err(FormatError::BadMagic);
     }
     let version = u32_at(b, 8);
-    if version != FORMAT_VERSION {
+    if version != FORMAT_VERSION && version != FORMAT_VERSION_PLAIN {
         return Err(FormatError::Version(version));
     }
     let stored = u32_at(b, CRC_OFFSET);
-    let computed = crc32fast::hash(&b[..CRC_OFFSET]);
+    let computed = header_crc(b, version);
     if stored != computed {
         return Err(FormatError::Crc { stored, computed });
     }
@@ -252,9 +428,15 @@ pub fn parse_header(b: &[u8]) -> Result<Header, FormatError> {
     let map_len = u64_at(b, 64);
     let data_offset = u64_at(b, 72);
     let blocks = block_count(disk_size);
-    if map_offset < HEADER_SIZE as u64 || !map_offset.is_multiple_of(BLOCK_SIZE) {
+    let kind = parse_kind(b, version)?;
+    let chain_end = match kind {
+        Kind::Overlay { chain_bytes, .. } => HEADER_SIZE as u64 + chain_bytes,
+        Kind::Layer(_) => HEADER_SIZE as u64,
+    };
+    if map_offset < chain_end || !map_offset.is_multiple_of(BLOCK_SIZE) {
         return Err(FormatError::Invalid(format!(
-            "map offset {map_offset} is not a 4 KiB boundary after the header"
+            "map offset {map_offset} is not a 4 KiB boundary after the header and chain \
+             (which end at {chain_end})"
         )));
     }
     if map_len != blocks {
@@ -299,7 +481,17 @@ pub fn parse_header(b: &[u8]) -> Result<Header, FormatError> {
             )));
         }
     };
-    let reserved = (MAP_CRC_FIELD_OFFSET + 1..MAP_CRC_OFFSET).chain(RESERVED_START..HEADER_SIZE);
+    let v2_reserved = if version == FORMAT_VERSION {
+        (KIND_OFFSET + 1..CHAIN_COUNT_OFFSET)
+            .chain(HAS_PARENT_OFFSET + 1..DIGEST_OFFSET)
+            .chain(V2_END..HEADER_SIZE)
+            .collect::<Vec<_>>()
+    } else {
+        (V2_START..HEADER_SIZE).collect()
+    };
+    let reserved = (MAP_CRC_FIELD_OFFSET + 1..MAP_CRC_OFFSET)
+        .chain(RESERVED_START..V2_START)
+        .chain(v2_reserved);
     if map_crc.is_none() && b[MAP_CRC_OFFSET..RESERVED_START] != [0; 4] {
         return Err(FormatError::Invalid(
             "map checksum bytes are set but not marked recorded".into(),
@@ -318,7 +510,160 @@ pub fn parse_header(b: &[u8]) -> Result<Header, FormatError> {
         data_offset,
         clean,
         map_crc,
+        kind,
     })
+}
+
+/// Decodes the version 2 fields; a version 1 file is an overlay without
+/// a chain.
+fn parse_kind(b: &[u8], version: u32) -> Result<Kind, FormatError> {
+    if version == FORMAT_VERSION_PLAIN {
+        return Ok(Kind::Overlay {
+            chain_len: 0,
+            chain_bytes: 0,
+            chain_crc: 0,
+        });
+    }
+    let digest_at = |at: usize| {
+        let mut d = [0u8; 32];
+        d.copy_from_slice(&b[at..at + 32]);
+        d
+    };
+    match b[KIND_OFFSET] {
+        0 => {
+            let chain_len = u32_at(b, CHAIN_COUNT_OFFSET);
+            let chain_bytes = u64_at(b, CHAIN_BYTES_OFFSET);
+            if chain_len == 0 || chain_len as usize > MAX_CHAIN {
+                return Err(FormatError::Invalid(format!(
+                    "chain of {chain_len} layers: a version 2 overlay has 1 to {MAX_CHAIN}"
+                )));
+            }
+            if chain_bytes > max_chain_bytes(chain_len as usize) {
+                return Err(FormatError::Invalid(format!(
+                    "chain section of {chain_bytes} bytes is too long for {chain_len} layers"
+                )));
+            }
+            if b[HAS_PARENT_OFFSET..V2_END].iter().any(|&v| v != 0) {
+                return Err(FormatError::Invalid(
+                    "an overlay's header has layer fields set".into(),
+                ));
+            }
+            Ok(Kind::Overlay {
+                chain_len,
+                chain_bytes,
+                chain_crc: u32_at(b, CHAIN_CRC_OFFSET),
+            })
+        }
+        1 => {
+            if b[CHAIN_COUNT_OFFSET..HAS_PARENT_OFFSET]
+                .iter()
+                .any(|&v| v != 0)
+            {
+                return Err(FormatError::Invalid(
+                    "a layer's header has chain fields set".into(),
+                ));
+            }
+            let parent = match b[HAS_PARENT_OFFSET] {
+                0 if b[PARENT_OFFSET..PARENT_OFFSET + 32].iter().all(|&v| v == 0) => None,
+                0 => {
+                    return Err(FormatError::Invalid(
+                        "parent digest set but not marked present".into(),
+                    ));
+                }
+                1 => Some(digest_at(PARENT_OFFSET)),
+                v => {
+                    return Err(FormatError::Invalid(format!(
+                        "parent flag {v} is not 0 or 1"
+                    )));
+                }
+            };
+            Ok(Kind::Layer(LayerFields {
+                digest: digest_at(DIGEST_OFFSET),
+                parent,
+                meta_digest: digest_at(META_DIGEST_OFFSET),
+            }))
+        }
+        v => Err(FormatError::Invalid(format!("file kind {v} is not 0 or 1"))),
+    }
+}
+
+fn max_chain_bytes(layers: usize) -> u64 {
+    (layers * (32 + 4 + MAX_LAYER_PATH)) as u64
+}
+
+/// Encodes a chain section (bottom layer first).
+pub fn encode_chain(chain: &[ChainEntry]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for e in chain {
+        b.extend_from_slice(&e.digest);
+        b.extend_from_slice(&(e.path.len() as u32).to_le_bytes());
+        b.extend_from_slice(&e.path);
+    }
+    b
+}
+
+/// Decodes a chain section of `count` entries whose CRC32 is `crc`.
+pub fn parse_chain(b: &[u8], count: u32, crc: u32) -> Result<Vec<ChainEntry>, FormatError> {
+    let computed = crc32fast::hash(b);
+    if computed != crc {
+        return Err(FormatError::ChainCrc {
+            stored: crc,
+            computed,
+        });
+    }
+    let mut out = Vec::with_capacity(count as usize);
+    let mut pos = 0usize;
+    let truncated = |i: u32| FormatError::Invalid(format!("chain entry {i} is truncated"));
+    for i in 0..count {
+        let head = b.get(pos..pos + 36).ok_or_else(|| truncated(i))?;
+        let mut digest = [0u8; 32];
+        digest.copy_from_slice(&head[..32]);
+        let len = u32_at(head, 32) as usize;
+        if len == 0 || len > MAX_LAYER_PATH {
+            return Err(FormatError::Invalid(format!(
+                "chain entry {i} has a path of {len} bytes"
+            )));
+        }
+        let path = b
+            .get(pos + 36..pos + 36 + len)
+            .ok_or_else(|| truncated(i))?;
+        if path[0] != b'/' || path.contains(&0) {
+            return Err(FormatError::Invalid(format!(
+                "chain entry {i}'s path is not absolute"
+            )));
+        }
+        out.push(ChainEntry {
+            digest,
+            path: path.to_vec(),
+        });
+        pos += 36 + len;
+    }
+    if pos != b.len() {
+        return Err(FormatError::Invalid(format!(
+            "chain section has {} bytes after its {count} entries",
+            b.len() - pos
+        )));
+    }
+    Ok(out)
+}
+
+/// The digest input a layer's metadata digest covers: everything before
+/// the data of its Data blocks (see the module docs).
+pub fn digest_prefix(
+    disk_size: u64,
+    fingerprint: &[u8; 32],
+    parent: Option<&[u8; 32]>,
+    map_len: u64,
+) -> Vec<u8> {
+    let mut b = Vec::with_capacity(16 + 8 + 4 + 32 + 1 + 32 + 8);
+    b.extend_from_slice(DIGEST_DOMAIN);
+    b.extend_from_slice(&disk_size.to_le_bytes());
+    b.extend_from_slice(&(BLOCK_SIZE as u32).to_le_bytes());
+    b.extend_from_slice(fingerprint);
+    b.push(u8::from(parent.is_some()));
+    b.extend_from_slice(parent.unwrap_or(&[0u8; 32]));
+    b.extend_from_slice(&map_len.to_le_bytes());
+    b
 }
 
 /// Decodes the block-state map, rejecting unknown state bytes.

@@ -110,6 +110,14 @@ impl BlockMap {
         out
     }
 
+    /// The map's bytes as they are now.
+    pub(super) fn snapshot(&self) -> Vec<u8> {
+        self.states
+            .iter()
+            .map(|s| s.load(Ordering::Acquire))
+            .collect()
+    }
+
     /// CRC32 of the map, which after a flush with no writer left is the
     /// map on disk.
     pub(super) fn crc(&self) -> u32 {

@@ -8,6 +8,8 @@ use std::sync::Arc;
 use super::format::{CLEAN_OFFSET, HEADER_SIZE};
 use super::*;
 
+mod chain;
+
 /// xorshift64*: reproducible randomness without extra crates.
 struct Rng(u64);
 
@@ -735,8 +737,8 @@ fn parse_header_rejects_bad_input() {
     invalid(field(72, 1 << 19), "data offset");
     invalid(field(72, !((1u64 << 20) - 1)), "data offset");
     let mut b = bytes.clone();
-    b[8] = 2;
-    assert_eq!(parse_header(&with_crc(b)), Err(FormatError::Version(2)));
+    b[8] = 3;
+    assert_eq!(parse_header(&with_crc(b)), Err(FormatError::Version(3)));
     let mut b = bytes.clone();
     b[13] = 2; // block size 512 + 4096
     invalid(parse_header(&with_crc(b)), "block size");

@@ -32,7 +32,8 @@ enum Fill<'a, 'b> {
 
 impl Overlay {
     /// Writes `src[at..at + len]` at disk offset `offset`. `base` reads the
-    /// base disk for partial blocks that were never written.
+    /// base disk for partial blocks that neither the overlay nor a layer
+    /// under it holds.
     ///
     /// On error, each block keeps its previous state; bytes of blocks that
     /// were already `Data` may be partly overwritten, like a failed write
@@ -209,7 +210,8 @@ impl Overlay {
         let valid = (self.header.disk_size - block_start).min(BS) as usize;
         let mut buf = vec![0u8; valid];
         if state == BlockState::Base {
-            base(block_start, &mut buf)?;
+            // The block's content below the overlay: a layer's, or the base.
+            self.chain.read_lower(block_start, &mut buf, base)?;
         }
         match fill {
             Fill::Bytes(src, at) => src.copy_to(at, &mut buf[start..start + len]),

@@ -1,0 +1,557 @@
+//! Frozen layers: freezing a node's overlay into an immutable layer file,
+//! creating a new overlay over a chain of layers, and verifying a layer's
+//! content digest.
+//!
+//! A layer has the overlay's layout (header, map, sparse data area) with
+//! the layer fields of the header set (see [`super::format`]). It is
+//! written once, under a temporary name, synced, made read-only (0400) and
+//! linked into place; it is never opened for writing again.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest as _, Sha256};
+
+use super::chain::Layer;
+use super::file::{Access, absolute_paths, open_file, read_header, resolve_chain};
+use super::format::{self, BLOCK_SIZE as BS, BlockState, Header, Kind, LayerFields};
+use super::{FlushMode, OVERLAY_MODE, Overlay, OverlayConfig, OverlayError, io_err};
+use crate::sys;
+
+/// Mode of a layer file: read-only, private (it holds a node's data).
+pub const LAYER_MODE: u32 = 0o400;
+
+/// How the data blocks of a new layer got there, in bytes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CopyStats {
+    /// Shared with the overlay (`FICLONERANGE`): no data copied.
+    pub cloned: u64,
+    /// Copied by the kernel (`copy_file_range`).
+    pub copied: u64,
+    /// Read and written (all-zero blocks left as holes).
+    pub written: u64,
+}
+
+/// What [`freeze`] made.
+#[derive(Debug, Clone)]
+pub struct Frozen {
+    /// The new layer, as an absolute path.
+    pub layer: PathBuf,
+    pub digest: [u8; 32],
+    pub parent: Option<[u8; 32]>,
+    /// Blocks the layer holds data for, and blocks it zeroes.
+    pub data_blocks: u64,
+    pub zero_blocks: u64,
+    pub copy: CopyStats,
+    /// The chain the overlay now sits on, bottom first (ends with `layer`).
+    pub chain: Vec<PathBuf>,
+}
+
+/// Removes a temporary file unless it was kept.
+struct TempFile(Option<PathBuf>);
+
+impl TempFile {
+    fn keep(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+/// A name for a temporary file next to `path`.
+fn temp_beside(path: &Path, what: &str) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    let name = format!(
+        ".{}.{what}-{}",
+        name.as_deref().unwrap_or("layer"),
+        std::process::id()
+    );
+    path.with_file_name(name)
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
+fn sync_dir(path: &Path) -> Result<(), OverlayError> {
+    let dir = parent_dir(path);
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir, "sync directory"))
+}
+
+/// Reads the header of an existing overlay or layer file.
+fn peek_header(path: &Path) -> Result<Header, OverlayError> {
+    let (file, _) = open_file(path, Access::ReadOnly)?;
+    let len = file.metadata().map_err(io_err(path, "stat"))?.len();
+    let mut first = vec![0u8; format::HEADER_SIZE.min(len as usize)];
+    file.read_exact_at(&mut first, 0)
+        .map_err(io_err(path, "read header"))?;
+    if first.iter().all(|&b| b == 0) {
+        return Err(OverlayError::NotInitialised {
+            path: path.to_path_buf(),
+        });
+    }
+    read_header(&file, path, len)
+}
+
+/// Freezes the overlay at `overlay` into a new layer file at `layer`.
+///
+/// The overlay must not be in use (its lock is taken exclusively, as by a
+/// server). One that was not closed cleanly is first recovered exactly as
+/// a restarted server would recover it (its map is valid entry by entry,
+/// data a failed write left outside `Data` blocks is freed): the layer
+/// holds what the node would see on its next start. The layer records the
+/// overlay's disk fingerprint, its map and the data of its `Data` blocks,
+/// shared with the overlay by `FICLONERANGE` where the file system can,
+/// else copied by `copy_file_range`, else read and written; holes stay
+/// holes. Its parent is the top layer of the overlay's chain.
+///
+/// The overlay is then replaced (atomically, by a rename) by an empty
+/// overlay over its chain plus the new layer: the node's disk reads the
+/// same, and goes on from there. A crash before that rename leaves the
+/// overlay as it was (and the new layer beside it); nothing is lost.
+pub fn freeze(overlay: &Path, layer: &Path) -> Result<Frozen, OverlayError> {
+    let ov_path = fs::canonicalize(overlay).map_err(io_err(overlay, "open"))?;
+    let layer_path = absolute_paths(&[layer.to_path_buf()])?.remove(0);
+    if fs::symlink_metadata(&layer_path).is_ok() {
+        return Err(OverlayError::LayerExists { path: layer_path });
+    }
+    let header = peek_header(&ov_path)?;
+    if header.layer().is_some() {
+        return Err(OverlayError::IsALayer { path: ov_path });
+    }
+    let cfg = OverlayConfig {
+        disk_size: header.disk_size,
+        fingerprint: header.fingerprint,
+        flush: FlushMode::Safe,
+    };
+    let mut ov = Overlay::open_over(&ov_path, cfg.clone(), None)?;
+    ov.flush().map_err(io_err(&ov_path, "flush"))?;
+    let (fields, counts, copy) = write_layer(&ov, &layer_path)?;
+
+    // Re-base the overlay: an empty one over the longer chain, renamed over it.
+    let mut chain: Vec<PathBuf> = ov
+        .chain
+        .layers()
+        .iter()
+        .map(|l| l.path().to_path_buf())
+        .collect();
+    chain.push(layer_path.clone());
+    let mode = fs::metadata(&ov_path)
+        .map_err(io_err(&ov_path, "stat"))?
+        .permissions()
+        .mode()
+        & 0o7777;
+    let rebased = temp_beside(&ov_path, "rebasing");
+    let mut guard = TempFile(Some(rebased.clone()));
+    create_new_over(&rebased, &cfg, &chain)?;
+    fs::set_permissions(&rebased, fs::Permissions::from_mode(mode))
+        .map_err(io_err(&rebased, "set mode"))?;
+    fs::rename(&rebased, &ov_path)
+        .map_err(io_err(&ov_path, "replace with the re-based overlay"))?;
+    guard.keep();
+    sync_dir(&ov_path)?;
+    // The old file is unlinked: release its lock without marking it.
+    ov.closed = true;
+    drop(ov);
+    tracing::info!(
+        overlay = %ov_path.display(),
+        layer = %layer_path.display(),
+        digest = %format::hex(&fields.digest),
+        "froze the overlay into a layer; the overlay now sits on it, empty"
+    );
+    Ok(Frozen {
+        layer: layer_path,
+        digest: fields.digest,
+        parent: fields.parent,
+        data_blocks: counts.0,
+        zero_blocks: counts.1,
+        copy,
+        chain,
+    })
+}
+
+/// Writes the layer for the open overlay `ov` at `path`: under a
+/// temporary name, synced, made 0400, then linked into place (never over
+/// an existing file).
+fn write_layer(
+    ov: &Overlay,
+    path: &Path,
+) -> Result<(LayerFields, (u64, u64), CopyStats), OverlayError> {
+    let map = ov.map.snapshot();
+    let parent = ov.chain.top_digest();
+    let mut hasher = Sha256::new();
+    hasher.update(format::digest_prefix(
+        ov.header.disk_size,
+        &ov.header.fingerprint,
+        parent.as_ref(),
+        ov.header.map_len,
+    ));
+    hasher.update(&map);
+    let meta_digest: [u8; 32] = hasher.clone().finalize().into();
+    let mut header = Header::with_kind(
+        ov.header.disk_size,
+        ov.header.fingerprint,
+        Kind::Layer(LayerFields {
+            digest: [0; 32],
+            parent,
+            meta_digest,
+        }),
+    );
+
+    let tmp = temp_beside(path, "freezing");
+    let mut guard = TempFile(Some(tmp.clone()));
+    let out = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(OVERLAY_MODE)
+        .open(&tmp)
+        .map_err(io_err(&tmp, "create"))?;
+    out.set_len(header.file_len())
+        .map_err(io_err(&tmp, "set size"))?;
+    out.write_all_at(&map, header.map_offset)
+        .map_err(io_err(&tmp, "write map"))?;
+
+    let mut copy = CopyStats::default();
+    let mut method = Method::Clone;
+    let (mut data_blocks, mut zero_blocks) = (0, 0);
+    let mut b = 0u64;
+    while b < header.map_len {
+        let state = BlockState::from_u8(map[b as usize]);
+        if state == Some(BlockState::Zero) {
+            zero_blocks += 1;
+        }
+        if state != Some(BlockState::Data) {
+            b += 1;
+            continue;
+        }
+        let first = b;
+        while b < header.map_len && map[b as usize] == BlockState::Data as u8 {
+            b += 1;
+        }
+        data_blocks += b - first;
+        copy_blocks(
+            &ov.file,
+            ov.header.data_offset + first * BS,
+            &out,
+            header.data_offset + first * BS,
+            (b - first) * BS,
+            &mut method,
+            &mut copy,
+        )
+        .map_err(io_err(&tmp, "copy data blocks"))?;
+    }
+    // The digest is of what the layer holds: read its data back.
+    hash_data(&out, &header, &map, &mut hasher).map_err(io_err(&tmp, "read data back"))?;
+    let fields = LayerFields {
+        digest: hasher.finalize().into(),
+        parent,
+        meta_digest,
+    };
+    header.kind = Kind::Layer(fields);
+    header.clean = true;
+    header.map_crc = Some(crc32fast::hash(&map));
+    out.write_all_at(&header.encode(), 0)
+        .map_err(io_err(&tmp, "write header"))?;
+    out.sync_all().map_err(io_err(&tmp, "sync"))?;
+    out.set_permissions(fs::Permissions::from_mode(LAYER_MODE))
+        .map_err(io_err(&tmp, "set mode"))?;
+    drop(out);
+    // A link never replaces an existing file, unlike a rename.
+    fs::hard_link(&tmp, path).map_err(|e| {
+        if e.kind() == io::ErrorKind::AlreadyExists {
+            OverlayError::LayerExists {
+                path: path.to_path_buf(),
+            }
+        } else {
+            io_err(path, "link into place")(e)
+        }
+    })?;
+    drop(guard.0.take().map(fs::remove_file));
+    sync_dir(path)?;
+    Ok((fields, (data_blocks, zero_blocks), copy))
+}
+
+/// Feeds the data of every `Data` block of `map` (its bytes within the
+/// disk) to `hasher`, in block order.
+fn hash_data(file: &File, header: &Header, map: &[u8], hasher: &mut Sha256) -> io::Result<()> {
+    const CHUNK_BLOCKS: u64 = 256;
+    let mut buf = vec![0u8; (CHUNK_BLOCKS * BS) as usize];
+    let mut b = 0u64;
+    while b < header.map_len {
+        if map[b as usize] != BlockState::Data as u8 {
+            b += 1;
+            continue;
+        }
+        let first = b;
+        while b < header.map_len
+            && b - first < CHUNK_BLOCKS
+            && map[b as usize] == BlockState::Data as u8
+        {
+            b += 1;
+        }
+        let start = first * BS;
+        let len = ((b * BS).min(header.disk_size) - start) as usize;
+        file.read_exact_at(&mut buf[..len], header.data_offset + start)?;
+        hasher.update(&buf[..len]);
+    }
+    Ok(())
+}
+
+/// How data blocks are copied; each falls back to the next for good.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Method {
+    Clone,
+    CopyRange,
+    Plain,
+}
+
+/// Whether an error says the method cannot work between these files.
+fn cannot(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::EOPNOTSUPP
+                | libc::EXDEV
+                | libc::EINVAL
+                | libc::ENOSYS
+                | libc::ENOTTY
+                | libc::EBADF
+                | libc::ETXTBSY
+        )
+    )
+}
+
+/// Copies `len` bytes at `src_off` to `dst_off`; only the allocated
+/// extents of the source, so that holes stay holes.
+pub(super) fn copy_blocks(
+    src: &File,
+    src_off: u64,
+    dst: &File,
+    dst_off: u64,
+    len: u64,
+    method: &mut Method,
+    stats: &mut CopyStats,
+) -> io::Result<()> {
+    let end = src_off + len;
+    let mut pos = src_off;
+    while pos < end {
+        let Some((s, e)) = sys::next_data(src.as_fd(), pos)? else {
+            break;
+        };
+        if s >= end {
+            break;
+        }
+        // Whole blocks: a clone works in file system blocks.
+        let s = src_off + (s.max(pos) - src_off) / BS * BS;
+        let e = (src_off + (e.min(end) - src_off).div_ceil(BS) * BS).min(end);
+        copy_extent(src, s, dst, dst_off + (s - src_off), e - s, method, stats)?;
+        pos = e;
+    }
+    Ok(())
+}
+
+fn copy_extent(
+    src: &File,
+    src_off: u64,
+    dst: &File,
+    dst_off: u64,
+    len: u64,
+    method: &mut Method,
+    stats: &mut CopyStats,
+) -> io::Result<()> {
+    if *method == Method::Clone {
+        match sys::clone_range(src.as_fd(), src_off, dst.as_fd(), dst_off, len) {
+            Ok(()) => {
+                stats.cloned += len;
+                return Ok(());
+            }
+            Err(e) if cannot(&e) => {
+                tracing::debug!(error = %e, "FICLONERANGE unavailable: copying with copy_file_range");
+                *method = Method::CopyRange;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let mut done = 0;
+    if *method == Method::CopyRange {
+        while done < len {
+            let want = (len - done).min(1 << 30) as usize;
+            match sys::copy_file_range(
+                src.as_fd(),
+                src_off + done,
+                dst.as_fd(),
+                dst_off + done,
+                want,
+            ) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "overlay data area ended early",
+                    ));
+                }
+                Ok(n) => {
+                    done += n as u64;
+                    stats.copied += n as u64;
+                }
+                Err(e) if cannot(&e) && done == 0 => {
+                    tracing::debug!(error = %e, "copy_file_range unavailable: copying plainly");
+                    *method = Method::Plain;
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if done == len {
+            return Ok(());
+        }
+    }
+    copy_plain(src, src_off + done, dst, dst_off + done, len - done, stats)
+}
+
+/// Reads and writes, leaving all-zero blocks as holes.
+fn copy_plain(
+    src: &File,
+    src_off: u64,
+    dst: &File,
+    dst_off: u64,
+    len: u64,
+    stats: &mut CopyStats,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; (1 << 20).min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        src.read_exact_at(&mut buf[..n], src_off + done)?;
+        for (i, block) in buf[..n].chunks(BS as usize).enumerate() {
+            if block.iter().any(|&b| b != 0) {
+                dst.write_all_at(block, dst_off + done + (i as u64) * BS)?;
+                stats.written += block.len() as u64;
+            }
+        }
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// Creates a new, empty overlay at `path` over `layers` (bottom first),
+/// for the disk the layers were frozen from, and closes it cleanly: what
+/// a fork of a node starts from. The header, chain and directory entry
+/// are durable when it returns. `path` must not exist.
+pub fn create_over(path: &Path, layers: &[PathBuf]) -> Result<(), OverlayError> {
+    let Some(top) = layers.last() else {
+        return Err(OverlayError::Config {
+            path: path.to_path_buf(),
+            reason: format::FormatError::Invalid("no layers given".into()),
+        });
+    };
+    let header = peek_header(top).map_err(|e| match e {
+        OverlayError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => {
+            OverlayError::LayerMissing {
+                path: top.clone(),
+                overlay: None,
+            }
+        }
+        e => e,
+    })?;
+    if header.layer().is_none() {
+        return Err(OverlayError::NotALayer { path: top.clone() });
+    }
+    let cfg = OverlayConfig {
+        disk_size: header.disk_size,
+        fingerprint: header.fingerprint,
+        flush: FlushMode::Safe,
+    };
+    create_new_over(path, &cfg, layers)
+}
+
+fn create_new_over(
+    path: &Path,
+    cfg: &OverlayConfig,
+    layers: &[PathBuf],
+) -> Result<(), OverlayError> {
+    if fs::symlink_metadata(path).is_ok() {
+        return Err(io_err(path, "create")(io::Error::from(
+            io::ErrorKind::AlreadyExists,
+        )));
+    }
+    let ov = Overlay::open_over(path, cfg.clone(), Some(layers))?;
+    ov.close()
+}
+
+/// A layer whose content digest was recomputed and matched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub path: PathBuf,
+    pub digest: [u8; 32],
+    /// Bytes of data read to check it.
+    pub data_bytes: u64,
+}
+
+/// Recomputes the content digest of the layer at `path`, or of every
+/// layer of the chain the overlay at `path` records (opened and checked
+/// as a server would), reading all their data. A mismatch is
+/// [`OverlayError::LayerModified`].
+pub fn verify(path: &Path) -> Result<Vec<Verified>, OverlayError> {
+    let header = peek_header(path)?;
+    if header.layer().is_some() {
+        return Ok(vec![verify_layer(path)?]);
+    }
+    let (file, _) = open_file(path, Access::ReadOnly)?;
+    let cfg = OverlayConfig {
+        disk_size: header.disk_size,
+        fingerprint: header.fingerprint,
+        flush: FlushMode::Unsafe,
+    };
+    let chain = resolve_chain(&file, path, &header, &cfg, None)?;
+    chain
+        .layers()
+        .iter()
+        .map(|l| verify_layer(l.path()))
+        .collect()
+}
+
+fn verify_layer(path: &Path) -> Result<Verified, OverlayError> {
+    let (layer, map) = Layer::open(path, None)?;
+    let h = layer.header();
+    let mut hasher = Sha256::new();
+    hasher.update(format::digest_prefix(
+        h.disk_size,
+        &h.fingerprint,
+        layer.parent().as_ref(),
+        h.map_len,
+    ));
+    hasher.update(&map);
+    hash_data(layer.file(), h, &map, &mut hasher).map_err(io_err(path, "read data"))?;
+    let computed: [u8; 32] = hasher.finalize().into();
+    if computed != layer.digest() {
+        return Err(OverlayError::LayerModified {
+            path: path.to_path_buf(),
+            what: format!(
+                "its data does not match its digest (recorded {}, computed {})",
+                super::chain::short(&layer.digest()),
+                super::chain::short(&computed)
+            ),
+        });
+    }
+    let data = map.iter().filter(|&&v| v == BlockState::Data as u8).count() as u64;
+    Ok(Verified {
+        path: path.to_path_buf(),
+        digest: computed,
+        data_bytes: data * BS,
+    })
+}
