@@ -27,7 +27,7 @@ pub enum Command {
     Export(export::ExportArgs),
     /// Serve the node disk to QEMU over vhost-user-blk, writes going to an overlay.
     Serve(serve::ServeArgs),
-    /// Inspect or reset an overlay file.
+    /// Inspect, reset, freeze or verify an overlay or a frozen layer.
     Overlay(overlay::OverlayArgs),
     /// Check every chunk of every payload against the image's chunk hashes.
     Verify(verify::VerifyArgs),

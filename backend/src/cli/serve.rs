@@ -37,6 +37,12 @@ pub struct ServeArgs {
     /// The node's copy-on-write overlay file (created when missing).
     #[arg(long, value_name = "FILE", required_unless_present = "read_only")]
     pub overlay: Option<PathBuf>,
+    /// A frozen layer under the overlay (`ociblk overlay freeze`); repeat,
+    /// bottom layer first. A new overlay records the chain (paths made
+    /// absolute), so later starts need no --layer; for an existing one the
+    /// layers given must have the digests it records, in order.
+    #[arg(long = "layer", value_name = "FILE", requires = "overlay")]
+    pub layers: Vec<PathBuf>,
     /// Request queues offered, one worker thread each (QEMU may use fewer).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=16))]
     pub queues: u16,
@@ -92,10 +98,11 @@ pub fn run(args: &ServeArgs) -> Result<()> {
                     FlushArg::Unsafe => FlushMode::Unsafe,
                 },
             };
+            let layers = (!args.layers.is_empty()).then_some(args.layers.as_slice());
             let overlay = if args.read_only {
-                Overlay::open_read_only(path, cfg)
+                Overlay::open_read_only_over(path, cfg, layers)
             } else {
-                Overlay::open(path, cfg)
+                Overlay::open_over(path, cfg, layers)
             };
             Some(overlay.context("cannot open the overlay")?)
         }
@@ -115,6 +122,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         fingerprint = %disk.layout().fingerprint_hex(),
         overlay = ?args.overlay,
         verify = disk.verifiers().is_enabled(),
+        layers = disk.overlay().map_or(0, |o| o.chain().layers().len()),
         "node disk ready"
     );
     let shutdown = ShutdownSignal::new()?;
