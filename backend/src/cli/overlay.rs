@@ -1,6 +1,6 @@
 //! `ociblk overlay`: look at, empty, freeze or verify a node's overlay file.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
@@ -115,7 +115,7 @@ fn chain_json(i: &OverlayInfo) -> serde_json::Value {
         .collect()
 }
 
-fn print_json(file: &PathBuf, i: &OverlayInfo) -> Result<()> {
+fn print_json(file: &Path, i: &OverlayInfo) -> Result<()> {
     let mut v = json!({
         "file": file,
         "kind": if i.layer.is_some() { "layer" } else { "overlay" },
@@ -140,7 +140,7 @@ fn print_json(file: &PathBuf, i: &OverlayInfo) -> Result<()> {
     Ok(())
 }
 
-fn print_text(file: &PathBuf, i: &OverlayInfo) {
+fn print_text(file: &Path, i: &OverlayInfo) {
     if let Some(l) = &i.layer {
         println!("Layer          {}", file.display());
         println!("Digest         sha256:{}", hex(&l.digest));
