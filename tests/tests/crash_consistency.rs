@@ -8,6 +8,11 @@
 //! exactly its content as of that flush if nothing touched it since, and
 //! otherwise one of the contents it had since (checked per block, and per
 //! sector if a block mixes two of them): never anything else.
+//!
+//! A variant runs the same rounds on an overlay over a chain of two frozen
+//! layers (each holding writes and zeroes over the region), so that reads
+//! and partial writes fall through to the layers; the layers must come out
+//! byte-identical and verified.
 
 #![allow(clippy::unwrap_used)]
 
@@ -27,6 +32,8 @@ const SECTOR: usize = 512;
 /// Blocks of the region the rounds work on (2 MiB: half payload, half zeros).
 const BLOCKS: u64 = 512;
 const ROUNDS: u64 = 150;
+/// Rounds of the variant over a chain of layers.
+const CHAIN_ROUNDS: u64 = 60;
 /// Bound on waiting for completions.
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -436,17 +443,70 @@ fn check(model: &Model, got: &[u8], stats: &mut Stats, context: &str) {
     }
 }
 
+/// Writes random data and zeroes over parts of the region through a
+/// server, stops it cleanly and freezes the overlay into a new layer,
+/// `layers` times. Returns the layers with their sha256 (of the files),
+/// and what the region must read as over them.
+#[allow(clippy::type_complexity)]
+fn build_chain(
+    node: &Node,
+    base: u64,
+    layers: usize,
+    seed: u64,
+) -> (Vec<(PathBuf, String)>, Option<Vec<u8>>) {
+    let mut rng = Rng(seed);
+    let mut out = Vec::new();
+    let mut region = None;
+    for n in 0..layers {
+        let mut server = node.serve();
+        let mut c = connect(node);
+        let region = region.get_or_insert_with(|| read_region(&mut c, base));
+        for _ in 0..40 {
+            let off = rng.range(0, BLOCKS * BS / 512 - 16) * 512;
+            let len = rng.range(1, 16) * 512;
+            let span = off as usize..(off + len) as usize;
+            let r = if rng.chance(25) {
+                region[span].fill(0);
+                c.write_zeroes(0, base + off, len, false).unwrap()
+            } else {
+                let data = rng.bytes(len as usize);
+                region[span].copy_from_slice(&data);
+                c.write(0, base + off, &data).unwrap()
+            };
+            assert_eq!(r.status, BlkStatus::Ok, "building layer {n}");
+        }
+        assert_eq!(c.flush(0).unwrap().status, BlkStatus::Ok);
+        c.disconnect().unwrap();
+        assert!(server.stop_with(libc::SIGTERM, WAIT).success());
+        let layer = node.dir.path().join(format!("layer{n}"));
+        run_ok(
+            Command::new(ociblk_bin())
+                .args(["overlay", "freeze"])
+                .arg(node.dir.path().join("node.overlay"))
+                .arg(&layer),
+        );
+        let sha = ociblk_tests::oci::sha256_hex(&fs::read(&layer).unwrap());
+        out.push((layer, sha));
+    }
+    (out, region)
+}
+
 fn crash_rounds(mode: &'static str, seed: u64) {
+    crash_rounds_over(mode, seed, 0, ROUNDS);
+}
+
+fn crash_rounds_over(mode: &'static str, seed: u64, layers: usize, rounds: u64) {
     let start = Instant::now();
     let node = Node {
         dir: tempfile::tempdir().unwrap(),
         mode,
     };
     let base = node.system_a_offset();
+    let (chain, over_chain) = build_chain(&node, base, layers, seed ^ 0x1a7e);
     let mut stats = Stats::default();
     let mut server = node.serve();
     let mut model: Option<Model> = None;
-    for round in 0..ROUNDS {
+    for round in 0..rounds {
         let round_seed = seed ^ round.wrapping_mul(0x2545_f491_4f6c_dd1d);
         let context = format!("--flush {mode}, round {round}, seed {round_seed:#x}");
         let mut client = connect(&node);
@@ -454,6 +514,11 @@ fn crash_rounds(mode: &'static str, seed: u64) {
         let got = read_region(&mut client, base);
         if let Some(m) = &model {
             check(m, &got, &mut stats, &context);
+        } else if let Some(want) = &over_chain {
+            assert!(
+                got == *want,
+                "{context}: the region does not read as the layers"
+            );
         }
         assert_eq!(client.flush(0).unwrap().status, BlkStatus::Ok, "{context}");
         let mut r = Round {
@@ -523,8 +588,22 @@ fn crash_rounds(mode: &'static str, seed: u64) {
     );
     client.disconnect().unwrap();
     drop(server);
+    for (layer, sha) in &chain {
+        let now = ociblk_tests::oci::sha256_hex(&fs::read(layer).unwrap());
+        assert_eq!(&now, sha, "{} was written to", layer.display());
+    }
+    if !chain.is_empty() {
+        let out = run_ok(
+            Command::new(ociblk_bin())
+                .args(["overlay", "verify"])
+                .arg(node.dir.path().join("node.overlay")),
+        );
+        let out = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.matches("verified").count(), chain.len(), "{out}");
+    }
     eprintln!(
-        "crash consistency --flush {mode}: {} rounds survived kill -9 in {:.1?}: {stats:?}",
+        "crash consistency --flush {mode} over {layers} layers: {} rounds survived kill -9 \
+         in {:.1?}: {stats:?}",
         stats.rounds,
         start.elapsed()
     );
@@ -538,4 +617,9 @@ fn crash_consistency_flush_safe() {
 #[test]
 fn crash_consistency_flush_unsafe() {
     crash_rounds("unsafe", 0x0a5a_fe00_c0de_0002);
+}
+
+#[test]
+fn crash_consistency_over_two_layers() {
+    crash_rounds_over("safe", 0x1a7e_c0de_0000_0003, 2, CHAIN_ROUNDS);
 }
