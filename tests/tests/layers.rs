@@ -163,6 +163,28 @@ fn a_frozen_node_forks_twice_and_the_forks_diverge_leaving_the_layer_intact() {
             && info.contains("Chain          ok"),
         "{info}"
     );
+    let digest = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Digest         "))
+        .map(str::to_owned);
+    let json: serde_json::Value =
+        serde_json::from_str(&env.ok(&["overlay", "info", "--json", "node.overlay"])).unwrap();
+    assert_eq!(
+        json["chain"][0]["digest"].as_str(),
+        digest.as_deref(),
+        "{json}"
+    );
+    assert_eq!(
+        json["chain"][0]["path"],
+        layer.display().to_string(),
+        "{json}"
+    );
+    assert_eq!(json["chain_problem"], serde_json::Value::Null, "{json}");
+    let json: serde_json::Value =
+        serde_json::from_str(&env.ok(&["overlay", "info", "--json", "snap.layer"])).unwrap();
+    assert_eq!(json["kind"], "layer", "{json}");
+    assert_eq!(json["digest"].as_str(), digest.as_deref(), "{json}");
+    assert_eq!(json["parent"], serde_json::Value::Null, "{json}");
     let info = env.ok(&["overlay", "info", "snap.layer"]);
     assert!(info.starts_with("Layer "), "{info}");
     assert!(
