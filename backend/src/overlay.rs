@@ -229,6 +229,8 @@ pub enum OverlayError {
     ChainMismatch { path: PathBuf, what: String },
     #[error("layer {} already exists: a layer is never overwritten", path.display())]
     LayerExists { path: PathBuf },
+    #[error("layer {} is not a regular file (it is {kind})", path.display())]
+    LayerNotRegular { path: PathBuf, kind: &'static str },
 }
 
 fn recorded_in(overlay: &Option<PathBuf>) -> String {

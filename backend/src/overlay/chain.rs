@@ -57,6 +57,7 @@ impl Layer {
                     overlay: overlay.map(Path::to_path_buf),
                 }
             }
+            OverlayError::NotRegular { path, kind } => OverlayError::LayerNotRegular { path, kind },
             e => e,
         })?;
         if !sys::try_lock_shared(file.as_fd()).map_err(io_err(path, "lock"))? {

@@ -464,6 +464,19 @@ fn missing_layers_are_refused_naming_the_overlay() {
         msg.contains(&format!("layer {} is missing", l1.display())),
         "{msg}"
     );
+    // A directory where a layer should be.
+    let msg = err_text(Overlay::open_over(
+        &dir.path().join("g.ov"),
+        safe(1),
+        Some(&[dir.path().to_path_buf()]),
+    ));
+    assert_eq!(
+        msg,
+        format!(
+            "layer {} is not a regular file (it is a directory)",
+            dir.path().display()
+        )
+    );
 }
 
 #[test]
