@@ -466,7 +466,7 @@ fn missing_layers_are_refused_naming_the_overlay() {
     );
     // A directory where a layer should be.
     let msg = err_text(Overlay::open_over(
-        &dir.path().join("g.ov"),
+        dir.path().join("g.ov"),
         safe(1),
         Some(&[dir.path().to_path_buf()]),
     ));
