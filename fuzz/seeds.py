@@ -303,6 +303,55 @@ def overlay_header(disk_size, fingerprint, clean):
     return bytes(b), blocks
 
 
+def v2_crc(b):
+    """Header CRC of a version 2 file: bytes 0..80 and 96..4096."""
+    return zlib.crc32(bytes(b[96:4096]), zlib.crc32(bytes(b[:80])))
+
+
+def layer_file(disk_size, fingerprint, states):
+    """A frozen layer (version 2, kind 1) with a valid metadata digest."""
+    blocks = (disk_size + BLOCK - 1) // BLOCK
+    data_offset = (BLOCK + blocks + MIB - 1) // MIB * MIB
+    m = bytes(states) + bytes(blocks - len(states))
+    prefix = (
+        b"ociblk layer v1\n"
+        + struct.pack("<QI", disk_size, BLOCK)
+        + fingerprint
+        + bytes(1 + 32)
+        + struct.pack("<Q", blocks)
+    )
+    meta = hashlib.sha256(prefix + m).digest()
+    b = bytearray(4096)
+    b[0:8] = b"OCIBLKOV"
+    b[8:56] = struct.pack("<IIQ", 2, BLOCK, disk_size) + fingerprint
+    b[56:80] = struct.pack("<QQQ", BLOCK, blocks, data_offset)
+    b[96] = 1
+    b[128:160] = hashlib.sha256(b"content").digest()
+    b[192:224] = meta
+    b[80:84] = struct.pack("<I", v2_crc(b))
+    b[84] = 1
+    return bytes(b) + m
+
+
+def chain_overlay(disk_size, fingerprint, paths):
+    """An overlay (version 2) over a chain of layers at `paths`."""
+    section = b"".join(
+        hashlib.sha256(p).digest() + struct.pack("<I", len(p)) + p for p in paths
+    )
+    blocks = (disk_size + BLOCK - 1) // BLOCK
+    map_offset = BLOCK + (len(section) + BLOCK - 1) // BLOCK * BLOCK
+    data_offset = (map_offset + blocks + MIB - 1) // MIB * MIB
+    b = bytearray(4096)
+    b[0:8] = b"OCIBLKOV"
+    b[8:56] = struct.pack("<IIQ", 2, BLOCK, disk_size) + fingerprint
+    b[56:80] = struct.pack("<QQQ", map_offset, blocks, data_offset)
+    b[100:116] = struct.pack("<IQI", len(paths), len(section), zlib.crc32(section))
+    b[80:84] = struct.pack("<I", v2_crc(b))
+    b[84] = 1
+    pad = bytes(map_offset - BLOCK - len(section))
+    return bytes(b) + section + pad + bytes([1, 2]) + bytes(blocks - 2)
+
+
 def ops(items):
     """(kind, offset, len, seed): kind < 0x80 sector units, else bytes."""
     return b"".join(struct.pack("<BIIB", k, o, n, s) + b"\0\0" for k, o, n, s in items)
@@ -347,6 +396,20 @@ def overlay_seeds():
     )
     # An empty file: created anew.
     write("overlay_header", "empty", bytes([0, 0]))
+    # A frozen layer: info checks it, open and reset refuse it.
+    write(
+        "overlay_header",
+        "layer",
+        bytes([2 | 16, 2]) + struct.pack("<Q", 0) + layer_file(32 << 10, fp, [1, 2, 0, 1]),
+    )
+    # An overlay over a chain of two layers that do not exist.
+    write(
+        "overlay_header",
+        "chain",
+        bytes([2 | 8, 2])
+        + struct.pack("<Q", 0)
+        + chain_overlay(32 << 10, fp, [b"/nonexistent/l1", b"/nonexistent/l2"]),
+    )
 
 
 if __name__ == "__main__":
