@@ -3,7 +3,7 @@
 //!
 //! The file has a 4 KiB header, a block-state map with one byte per 4 KiB
 //! block ([`BlockState`]), and a sparse data area in which block `i` lives
-//! at `data_offset + i * 4096` (see [`format`] for the offsets). Reads split
+//! at `data_offset + i * 4096` (see [`format`](mod@format) for the offsets). Reads split
 //! a range into runs of equal state with [`Overlay::runs`]; the caller reads
 //! `Base` runs from the base disk, `Data` runs with [`Overlay::read_data`]
 //! and zero-fills `Zero` runs.
@@ -33,7 +33,7 @@
 //! layer reads the rest of the block from that layer.
 //!
 //! # Modules
-//! [`format`] parses and encodes the on-disk header and map; `map` holds
+//! [`format`](mod@format) parses and encodes the on-disk header and map; `map` holds
 //! the in-memory block states and their dirty pages; `file` opens, locks,
 //! creates, checks, reports on and resets the file; `write` splits a write
 //! or zeroing into partial and whole blocks and applies it; `chain` opens

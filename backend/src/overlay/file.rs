@@ -40,7 +40,7 @@ impl Overlay {
     /// [`Overlay::open`] over a chain of layers. `layers` (bottom first)
     /// is the chain a new overlay is created over; an existing overlay
     /// must have been made over the same layers (the same digests in the
-    /// same order, see [`resolve_chain`]); `None` takes the chain its
+    /// same order; their paths may differ); `None` takes the chain its
     /// header records (none for a new overlay).
     pub fn open_over(
         path: impl AsRef<Path>,
