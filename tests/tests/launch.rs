@@ -31,7 +31,8 @@ const MEMORY_MIB: u32 = 256;
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long `ociblk launch` may take to stop after SIGINT.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
-/// The sample guest leaves its data partition alone: raw writes go there.
+/// The sample guest's ext2 on its data partition leaves the first KiB
+/// (the boot block) alone: raw writes go there.
 const DATA_PARTITION: &str = "/dev/vda4";
 
 /// Booting tests run one at a time: each guest gets a whole core.

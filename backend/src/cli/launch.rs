@@ -13,7 +13,7 @@ use tracing::info;
 
 use crate::launch::{
     Cluster, ClusterSpec, DEFAULT_ACCEL, DEFAULT_CPUS, DEFAULT_OVMF_CODE, DEFAULT_OVMF_VARS,
-    DEFAULT_QEMU_BINARY, DEFAULT_QUEUES, LaunchError, NodeSpec, QemuSpec,
+    DEFAULT_QEMU_BINARY, DEFAULT_QUEUES, DEFAULT_SWTPM_BINARY, LaunchError, NetworkSpec, NodeSpec, QemuSpec, TpmSpec,
 };
 use crate::server::ShutdownSignal;
 
@@ -79,6 +79,24 @@ pub struct LaunchArgs {
     /// hashes (passes --no-verify to every node's `ociblk serve`).
     #[arg(long)]
     pub no_verify: bool,
+    /// Connect the nodes to one virtual Ethernet segment (a UDP multicast
+    /// group on 127.0.0.1 joined by every QEMU; nothing leaves the machine).
+    /// Each node's MAC is 52:54:00 and three bytes of SHA-256 of its name;
+    /// the sample guest takes 10.77.<5th MAC byte>.<6th MAC byte>/16.
+    #[arg(long)]
+    pub network: bool,
+    /// Also give every node a NIC on QEMU's user-mode network (NAT to the
+    /// host; the sample guest takes 10.0.2.15/24 with 10.0.2.2 as gateway).
+    /// Implies --network.
+    #[arg(long)]
+    pub uplink: bool,
+    /// Give every node a TPM 2.0: one `swtpm socket` per node, its state in
+    /// <state-dir>/<node>/tpm, started before QEMU and stopped after it.
+    #[arg(long)]
+    pub tpm: bool,
+    /// swtpm binary (for --tpm).
+    #[arg(long, default_value = DEFAULT_SWTPM_BINARY, value_name = "PATH")]
+    pub swtpm: PathBuf,
     /// Extra `ociblk serve` arguments: layout options, --flush unsafe, ...
     #[arg(last = true, value_name = "SERVE_ARGS")]
     pub serve_args: Vec<String>,
@@ -110,6 +128,17 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
     spec.queues = args.queues;
     spec.echo = !args.quiet;
     spec.cancel = Some(shutdown.clone());
+    if args.tpm {
+        spec.tpm = Some(TpmSpec {
+            binary: args.swtpm.clone(),
+        });
+    }
+    if args.network || args.uplink {
+        spec.network = Some(
+            NetworkSpec::on_loopback(args.uplink)
+                .context("choosing a UDP port for the cluster network")?,
+        );
+    }
 
     let mut cluster = match Cluster::launch(spec) {
         Ok(cluster) => cluster,

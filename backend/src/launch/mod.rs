@@ -18,6 +18,7 @@
 //! started are signalled, and only by their PIDs.
 
 mod log;
+pub mod network;
 mod node;
 mod process;
 
@@ -31,12 +32,16 @@ use tracing::warn;
 
 pub use node::{
     CONSOLE_LOG_FILE, ConsoleMatch, LOCK_FILE, Node, NodeTimes, OVERLAY_FILE, OVMF_VARS_FILE,
-    QEMU_PID_FILE, SERVE_LOG_FILE, SERVE_PID_FILE, SOCKET_FILE,
+    QEMU_PID_FILE, SERVE_LOG_FILE, SERVE_PID_FILE, SOCKET_FILE, TPM_LOG_FILE, TPM_PID_FILE,
+    TPM_SOCKET_FILE, TPM_STATE_DIR,
 };
+
+pub use network::NetworkSpec;
 
 use crate::server::ShutdownSignal;
 
 pub const DEFAULT_QEMU_BINARY: &str = "qemu-system-x86_64";
+pub const DEFAULT_SWTPM_BINARY: &str = "swtpm";
 /// KVM is avoided by default: guests are known to hang under it on some hosts.
 pub const DEFAULT_ACCEL: &str = "tcg";
 pub const DEFAULT_MEMORY_MIB: u32 = 512;
@@ -55,6 +60,8 @@ pub const MAX_NODE_NAME: usize = 64;
 const QEMU_SETTLE: Duration = Duration::from_millis(500);
 /// Grace period between SIGTERM and SIGKILL for QEMU.
 const QEMU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Grace period between SIGTERM and SIGKILL for swtpm.
+const TPM_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Grace period between SIGTERM and SIGKILL for `ociblk serve`, which
 /// finishes requests in flight and flushes its overlay first.
 const SERVE_STOP_TIMEOUT: Duration = Duration::from_secs(15);
@@ -143,6 +150,26 @@ pub struct ClusterSpec {
     /// Aborts a launch or a console wait with [`LaunchError::Cancelled`]
     /// once triggered (e.g. on SIGINT).
     pub cancel: Option<ShutdownSignal>,
+    /// The L2 network the nodes share; `None`: no network devices.
+    pub network: Option<NetworkSpec>,
+    /// A TPM per node (swtpm); `None`: no TPM.
+    pub tpm: Option<TpmSpec>,
+}
+
+/// The emulated TPM 2.0 of every node: one `swtpm socket` per node, its
+/// state in `<node dir>/tpm`, started before QEMU and stopped after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TpmSpec {
+    /// The swtpm binary.
+    pub binary: PathBuf,
+}
+
+impl Default for TpmSpec {
+    fn default() -> Self {
+        TpmSpec {
+            binary: DEFAULT_SWTPM_BINARY.into(),
+        }
+    }
 }
 
 impl ClusterSpec {
@@ -164,6 +191,8 @@ impl ClusterSpec {
             socket_timeout: DEFAULT_SOCKET_TIMEOUT,
             echo: false,
             cancel: None,
+            network: None,
+            tpm: None,
         }
     }
 
@@ -178,6 +207,16 @@ impl ClusterSpec {
             if !names.insert(node.name.as_str()) {
                 return invalid(format!("node name {:?} appears twice", node.name));
             }
+        }
+        if self.network.is_some() {
+            network::check_addresses(self.nodes.iter().map(|n| n.name.as_str()))
+                .map_err(LaunchError::InvalidSpec)?;
+        }
+        if self.tpm.is_some() && self.state_dir.as_os_str().as_encoded_bytes().contains(&b',') {
+            return invalid(format!(
+                "state directory {} holds a comma, which swtpm's options cannot carry",
+                self.state_dir.display()
+            ));
         }
         if self.queues == 0 {
             return invalid("queues must be at least 1".into());
@@ -239,6 +278,12 @@ pub enum LaunchError {
     },
     #[error("node {node}: its state directory {dir} is in use by another launch")]
     NodeInUse { node: String, dir: PathBuf },
+    #[error("node {node}: cannot start its TPM: {problem}; swtpm's log:\n{log}")]
+    Tpm {
+        node: String,
+        problem: String,
+        log: String,
+    },
     #[error("node {node}: another process is listening on {socket}")]
     SocketInUse { node: String, socket: PathBuf },
     #[error(
@@ -543,6 +588,10 @@ impl Cluster {
         let deadline = Instant::now() + QEMU_STOP_TIMEOUT;
         for node in &mut self.nodes {
             errors.extend(node.finish_qemu(deadline).err());
+        }
+        let deadline = Instant::now() + TPM_STOP_TIMEOUT;
+        for node in &mut self.nodes {
+            errors.extend(node.finish_tpm(deadline).err());
         }
         for node in &mut self.nodes {
             node.signal_serve(libc::SIGTERM);

@@ -19,7 +19,7 @@ use tracing::{info, warn};
 
 use super::log::{Search, Transcript, follow};
 use super::process::{Process, Stopped};
-use super::{ClusterSpec, LaunchError, NodeSpec};
+use super::{ClusterSpec, LaunchError, NodeSpec, TpmSpec, network};
 use crate::server::daemon::lock_path;
 use crate::sys::try_lock_exclusive;
 
@@ -39,6 +39,14 @@ pub const SERVE_PID_FILE: &str = "serve.pid";
 pub const QEMU_PID_FILE: &str = "qemu.pid";
 /// Locked while a cluster uses the node, so two launches never share it.
 pub const LOCK_FILE: &str = "node.lock";
+/// The node's TPM state (`swtpm --tpmstate dir=`), with `--tpm`.
+pub const TPM_STATE_DIR: &str = "tpm";
+/// The control socket QEMU talks to swtpm over.
+pub const TPM_SOCKET_FILE: &str = "tpm.sock";
+/// What swtpm logged during the current launch.
+pub const TPM_LOG_FILE: &str = "swtpm.log";
+/// PID of the running swtpm; removed once it is reaped.
+pub const TPM_PID_FILE: &str = "swtpm.pid";
 
 /// Longest path a Unix socket address holds (`sun_path` less its NUL).
 const MAX_SOCKET_PATH: usize = 107;
@@ -47,6 +55,12 @@ const SERVE_TEMP_SOCKET_PREFIX: &str = ".ociblk.";
 /// QEMU ids of the guest memory backend and of the disk's chardev.
 const MEMORY_ID: &str = "mem";
 const DISK_CHARDEV_ID: &str = "disk0";
+/// QEMU ids of the cluster network and the user-mode uplink.
+const CLUSTER_NETDEV_ID: &str = "cluster";
+const UPLINK_NETDEV_ID: &str = "uplink";
+/// QEMU ids of the TPM's chardev and backend.
+const TPM_CHARDEV_ID: &str = "chrtpm";
+const TPM_ID: &str = "tpm0";
 /// Lines of a log quoted in an error.
 const TAIL_LINES: usize = 25;
 /// How long the end of a dead child's output may take to reach its reader.
@@ -84,6 +98,7 @@ pub struct Node {
     dir: PathBuf,
     serve: Option<Process>,
     qemu: Option<Process>,
+    tpm: Option<Process>,
     console_input: Option<ChildStdin>,
     serve_output: Arc<Transcript>,
     console: Arc<Transcript>,
@@ -163,6 +178,7 @@ impl Node {
             dir,
             serve: None,
             qemu: None,
+            tpm: None,
             console_input: None,
             serve_output: Arc::default(),
             console: Arc::default(),
@@ -369,6 +385,9 @@ impl Node {
         spec: &ClusterSpec,
         started: Instant,
     ) -> Result<(), LaunchError> {
+        if let Some(tpm) = &spec.tpm {
+            self.start_tpm(tpm, spec.socket_timeout)?;
+        }
         const PROGRAM: &str = "QEMU";
         let spawn_error = || self.spawn_error(PROGRAM, &spec.qemu.binary);
         let (output, output_writer) = io::pipe().map_err(spawn_error())?;
@@ -389,6 +408,102 @@ impl Node {
         let echo = spec.echo.then(|| format!("[{}] ", self.name));
         let transcript = Arc::clone(&self.console);
         self.follow_output(output, &self.console_log(), &transcript, echo, "console")
+    }
+
+    /// Starts the node's swtpm and waits until its control socket exists
+    /// (swtpm creates it before it serves, within milliseconds).
+    fn start_tpm(&mut self, tpm: &TpmSpec, timeout: Duration) -> Result<(), LaunchError> {
+        const PROGRAM: &str = "swtpm";
+        let spawn_error = || self.spawn_error(PROGRAM, &tpm.binary);
+        let state = self.dir.join(TPM_STATE_DIR);
+        fs::create_dir_all(&state)
+            .and_then(|()| fs::set_permissions(&state, fs::Permissions::from_mode(0o700)))
+            .map_err(|source| LaunchError::NodeFiles {
+                node: self.name.clone(),
+                action: "creating",
+                path: state.clone(),
+                source,
+            })?;
+        let socket = self.tpm_socket();
+        // A socket left by a killed swtpm: swtpm would refuse to bind.
+        if fs::symlink_metadata(&socket).is_ok_and(|m| m.file_type().is_socket()) {
+            let _ = fs::remove_file(&socket);
+        }
+        let log = File::create(self.dir.join(TPM_LOG_FILE)).map_err(spawn_error())?;
+        let mut cmd = Command::new(&tpm.binary);
+        cmd.args(["socket", "--tpm2"])
+            .arg("--tpmstate")
+            .arg(swtpm_option("dir=", &state))
+            .arg("--ctrl")
+            .arg(swtpm_option("type=unixio,path=", &socket))
+            // Exit once QEMU closes the connection: a TPM outlives no guest.
+            .arg("--terminate")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(spawn_error())?)
+            .stderr(log);
+        let mut swtpm = Process::spawn(&mut cmd, libc::SIGTERM, &self.dir.join(TPM_PID_FILE))
+            .map_err(spawn_error())?;
+        info!(node = %self.name, pid = swtpm.pid(), "started swtpm");
+        let deadline = Instant::now() + timeout;
+        let problem = loop {
+            if fs::symlink_metadata(&socket).is_ok_and(|m| m.file_type().is_socket()) {
+                self.tpm = Some(swtpm);
+                return Ok(());
+            }
+            match swtpm.try_exit() {
+                Ok(None) => {}
+                Ok(Some(status)) => break format!("swtpm exited ({status})"),
+                Err(e) => break format!("cannot wait for swtpm: {e}"),
+            }
+            if Instant::now() >= deadline {
+                swtpm.kill();
+                break format!("swtpm made no socket {} within {timeout:?}", socket.display());
+            }
+            thread::sleep(Duration::from_millis(10));
+        };
+        let log = fs::read_to_string(self.dir.join(TPM_LOG_FILE)).unwrap_or_default();
+        Err(LaunchError::Tpm {
+            node: self.name.clone(),
+            problem,
+            log: last_lines(&log, TAIL_LINES),
+        })
+    }
+
+    /// The control socket of the node's swtpm.
+    pub fn tpm_socket(&self) -> PathBuf {
+        self.dir.join(TPM_SOCKET_FILE)
+    }
+
+    /// PID of the running swtpm, if any.
+    pub fn tpm_pid(&self) -> Option<u32> {
+        running_pid(self.tpm.as_ref())
+    }
+
+    /// Stops swtpm (after QEMU is gone): SIGTERM, bounded wait, SIGKILL.
+    /// swtpm writes its state as the guest changes it, so a kill loses
+    /// nothing the guest was told is stored.
+    pub(super) fn finish_tpm(&mut self, deadline: Instant) -> Result<(), LaunchError> {
+        let Some(tpm) = self.tpm.as_mut() else {
+            return Ok(());
+        };
+        if matches!(tpm.try_exit(), Ok(None)) {
+            tpm.signal(libc::SIGTERM);
+        }
+        match tpm.finish_by(deadline) {
+            Ok(Stopped::Exited(_)) => {}
+            Ok(Stopped::Killed) => {
+                warn!(node = %self.name, "swtpm ignored SIGTERM and was killed")
+            }
+            Err(source) => {
+                return Err(self.teardown_error(format!("cannot reap swtpm: {source}")));
+            }
+        }
+        // swtpm leaves its control socket behind.
+        let socket = self.tpm_socket();
+        if fs::symlink_metadata(&socket).is_ok_and(|m| m.file_type().is_socket()) {
+            let _ = fs::remove_file(&socket);
+        }
+        Ok(())
     }
 
     fn qemu_command(&self, spec: &ClusterSpec) -> Command {
@@ -426,8 +541,42 @@ impl Node {
                 &qemu.ovmf_code,
             ))
             .arg("-drive")
-            .arg(qemu_option("if=pflash,format=raw,file=", &self.ovmf_vars()))
-            .args(&qemu.extra_args);
+            .arg(qemu_option("if=pflash,format=raw,file=", &self.ovmf_vars()));
+        if let Some(network) = &spec.network {
+            // romfile= (empty): no iPXE option ROM, OVMF boots the disk
+            // without trying the network first.
+            cmd.arg("-netdev")
+                .arg(format!(
+                    "socket,id={CLUSTER_NETDEV_ID},mcast={},localaddr=127.0.0.1",
+                    network.group
+                ))
+                .arg("-device")
+                .arg(format!(
+                    "virtio-net-pci,netdev={CLUSTER_NETDEV_ID},mac={},romfile=",
+                    network::format_mac(network::node_mac(&self.name))
+                ));
+            if network.uplink {
+                cmd.arg("-netdev")
+                    .arg(format!("user,id={UPLINK_NETDEV_ID}"))
+                    .arg("-device")
+                    .arg(format!(
+                        "virtio-net-pci,netdev={UPLINK_NETDEV_ID},mac={},romfile=",
+                        network::format_mac(network::uplink_mac(&self.name))
+                    ));
+            }
+        }
+        if spec.tpm.is_some() {
+            cmd.arg("-chardev")
+                .arg(qemu_option(
+                    &format!("socket,id={TPM_CHARDEV_ID},path="),
+                    &self.tpm_socket(),
+                ))
+                .arg("-tpmdev")
+                .arg(format!("emulator,id={TPM_ID},chardev={TPM_CHARDEV_ID}"))
+                .arg("-device")
+                .arg(format!("tpm-tis,tpmdev={TPM_ID}"));
+        }
+        cmd.args(&qemu.extra_args);
         cmd
     }
 
@@ -666,6 +815,20 @@ fn running_pid(process: Option<&Process>) -> Option<u32> {
 
 /// `prefix` followed by `path` as a QEMU option value, in which a comma
 /// would end the value unless doubled.
+/// The last `count` lines of `text`.
+fn last_lines(text: &str, count: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(count)..].join("\n")
+}
+
+/// swtpm's option values are comma-separated like QEMU's, but it has no
+/// escape for a comma; such paths are refused when the spec is validated.
+fn swtpm_option(prefix: &str, path: &Path) -> std::ffi::OsString {
+    let mut value = std::ffi::OsString::from(prefix);
+    value.push(path.as_os_str());
+    value
+}
+
 fn qemu_option(prefix: &str, path: &Path) -> std::ffi::OsString {
     let mut value = std::ffi::OsString::from(prefix);
     let escaped: Vec<u8> = path

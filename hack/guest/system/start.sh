@@ -52,6 +52,34 @@ bootstrap() {
 }
 bootstrap
 
+# Network (ociblk launch --network/--uplink): the NIC whose MAC starts
+# 52:54:00 is on the cluster segment and takes 10.77.<5th>.<6th MAC
+# byte>/16, so every node knows every other node's address from its name;
+# the one starting 52:55:00 is QEMU's user-mode uplink.
+network() {
+	for dev in /sys/class/net/*; do
+		name=${dev##*/}
+		mac=$(cat "$dev/address" 2>/dev/null)
+		case $mac in
+		52:54:00:*)
+			b5=$(printf %d "0x$(echo "$mac" | cut -d: -f5)")
+			b6=$(printf %d "0x$(echo "$mac" | cut -d: -f6)")
+			ip link set "$name" up &&
+				ip addr add "10.77.$b5.$b6/16" dev "$name" &&
+				echo "ociblk-sample: network $name 10.77.$b5.$b6/16"
+			;;
+		52:55:00:*)
+			ip link set "$name" up &&
+				ip addr add 10.0.2.15/24 dev "$name" &&
+				ip route add default via 10.0.2.2 dev "$name" &&
+				echo "ociblk-sample: uplink $name 10.0.2.15/24"
+			;;
+		esac
+	done
+	ip link set lo up
+}
+network
+
 echo "ociblk-sample: ready"
 
 # ociblk.halt=1: boot benchmarks and demos only need the ready line.
