@@ -2,7 +2,7 @@
 //! disk served by its own `ociblk serve`.
 
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::Duration;
 
@@ -11,9 +11,11 @@ use clap::Args;
 use ociblk_layout::parse_size;
 use tracing::info;
 
+use crate::launch::snapshot;
 use crate::launch::{
     Cluster, ClusterSpec, DEFAULT_ACCEL, DEFAULT_CPUS, DEFAULT_OVMF_CODE, DEFAULT_OVMF_VARS,
-    DEFAULT_QEMU_BINARY, DEFAULT_QUEUES, DEFAULT_SWTPM_BINARY, LaunchError, NetworkSpec, NodeSpec, QemuSpec, TpmSpec,
+    DEFAULT_QEMU_BINARY, DEFAULT_QUEUES, DEFAULT_SWTPM_BINARY, LaunchError, NetworkSpec, NodeSpec,
+    QemuSpec, TpmSpec,
 };
 use crate::server::ShutdownSignal;
 
@@ -22,18 +24,36 @@ const MAX_NODES: u64 = 64;
 /// How often a running cluster is checked for signals and exited guests.
 const MONITOR_INTERVAL: Duration = Duration::from_millis(100);
 const MIB: u64 = 1 << 20;
+/// Typed on every console before a save: the guest's writes reach the
+/// backend, then the machine powers off (QEMU exits).
+const POWER_OFF_COMMAND: &str = "sync && poweroff -f";
 
 #[derive(Debug, Args)]
 pub struct LaunchArgs {
     /// OS image: an OCI image layout directory in Monogon's format.
-    #[arg(long, value_name = "DIR")]
-    pub image: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "from")]
+    pub image: Option<PathBuf>,
     /// Number of nodes.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=MAX_NODES))]
     pub nodes: u64,
     /// Nodes are named <PREFIX>-1, <PREFIX>-2, ...; a node's name is also its disk's seed.
     #[arg(long, default_value = "node", value_name = "PREFIX")]
     pub name_prefix: String,
+    /// Once every node showed --wait-for: power the guests off (`sync &&
+    /// poweroff -f` on their consoles, bounded by --timeout), stop the
+    /// backends, and save the cluster into the new directory SNAPDIR: every
+    /// node's overlay frozen into a layer, its OVMF variables and TPM state,
+    /// and cluster.json. The state directory's overlays then sit over the
+    /// new layers. All files in SNAPDIR are read-only.
+    #[arg(long, value_name = "SNAPDIR", requires = "wait_for")]
+    pub save: Option<PathBuf>,
+    /// Start a fork of the snapshot SNAPDIR in a fresh --state-dir: every
+    /// node gets a new overlay over its frozen layers and copies of its
+    /// OVMF variables and TPM state; image, nodes, serve arguments, queues,
+    /// TPM and network come from the snapshot. Forks of one snapshot run
+    /// side by side; a fork can be saved and forked again.
+    #[arg(long, value_name = "SNAPDIR", conflicts_with_all = ["image", "nodes", "name_prefix", "serve_args", "network", "uplink", "tpm"])]
+    pub from: Option<PathBuf>,
     /// Holds a directory per node: socket, overlay, OVMF variables, logs,
     /// PID files. Relaunching with the same directory keeps the nodes' disks.
     #[arg(long, value_name = "DIR")]
@@ -106,12 +126,26 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
     let shutdown = ShutdownSignal::new()?;
     shutdown.trigger_on_termination_signals()?;
 
-    let count = usize::try_from(args.nodes).context("too many nodes")?;
-    let mut spec = ClusterSpec::new(
-        &args.image,
-        &args.state_dir,
-        NodeSpec::numbered(&args.name_prefix, count),
-    );
+    let mut spec = match (&args.from, &args.image) {
+        (Some(snapshot_dir), _) => {
+            let snapshot = snapshot::load(snapshot_dir)?;
+            let spec = snapshot
+                .cluster_spec(&args.state_dir)
+                .context("choosing a UDP port for the cluster network")?;
+            snapshot::prepare_fork(&snapshot, snapshot_dir, &args.state_dir)
+                .with_context(|| format!("forking {}", snapshot_dir.display()))?;
+            spec
+        }
+        (None, Some(image)) => {
+            let count = usize::try_from(args.nodes).context("too many nodes")?;
+            ClusterSpec::new(
+                image,
+                &args.state_dir,
+                NodeSpec::numbered(&args.name_prefix, count),
+            )
+        }
+        (None, None) => anyhow::bail!("--image or --from is needed"),
+    };
     spec.qemu = QemuSpec {
         binary: args.qemu.clone(),
         accel: args.accel.clone(),
@@ -121,17 +155,20 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
         ovmf_vars_template: args.ovmf_vars.clone(),
         extra_args: args.qemu_args.clone(),
     };
-    spec.serve_args = args.serve_args.clone();
+    if args.from.is_none() {
+        spec.serve_args = args.serve_args.clone();
+        spec.queues = args.queues;
+    }
     if args.no_verify && !spec.serve_args.iter().any(|a| a == "--no-verify") {
         spec.serve_args.push("--no-verify".into());
     }
-    spec.queues = args.queues;
     spec.echo = !args.quiet;
     spec.cancel = Some(shutdown.clone());
     if args.tpm {
-        spec.tpm = Some(TpmSpec {
-            binary: args.swtpm.clone(),
-        });
+        spec.tpm = Some(TpmSpec::default());
+    }
+    if let Some(tpm) = spec.tpm.as_mut() {
+        tpm.binary = args.swtpm.clone();
     }
     if args.network || args.uplink {
         spec.network = Some(
@@ -140,6 +177,7 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
         );
     }
 
+    let launched = spec.clone();
     let mut cluster = match Cluster::launch(spec) {
         Ok(cluster) => cluster,
         Err(LaunchError::Cancelled) => {
@@ -160,6 +198,9 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
         }
     }
     print_times(&cluster, args.wait_for.as_deref())?;
+    if let Some(snapshot_dir) = &args.save {
+        return save(cluster, &launched, snapshot_dir, args.timeout);
+    }
     if args.exit_when_ready {
         return stop(cluster);
     }
@@ -179,6 +220,28 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
         thread::sleep(MONITOR_INTERVAL);
     }
     stop(cluster)
+}
+
+/// Powers the guests off, stops everything and saves the cluster.
+fn save(
+    mut cluster: Cluster,
+    spec: &ClusterSpec,
+    snapshot_dir: &Path,
+    timeout: Duration,
+) -> Result<()> {
+    info!("powering the guests off");
+    cluster
+        .power_off(POWER_OFF_COMMAND, timeout)
+        .context("powering the guests off for --save")?;
+    stop(cluster)?;
+    let saved = snapshot::save(spec, snapshot_dir)
+        .with_context(|| format!("saving the cluster into {}", snapshot_dir.display()))?;
+    info!(
+        snapshot = %snapshot_dir.display(),
+        nodes = saved.nodes.len(),
+        "saved; fork it with ociblk launch --from SNAPDIR --state-dir NEW"
+    );
+    Ok(())
 }
 
 fn stop(cluster: Cluster) -> Result<()> {

@@ -21,6 +21,7 @@ mod log;
 pub mod network;
 mod node;
 mod process;
+pub mod snapshot;
 
 use std::collections::HashSet;
 use std::io;
@@ -212,7 +213,13 @@ impl ClusterSpec {
             network::check_addresses(self.nodes.iter().map(|n| n.name.as_str()))
                 .map_err(LaunchError::InvalidSpec)?;
         }
-        if self.tpm.is_some() && self.state_dir.as_os_str().as_encoded_bytes().contains(&b',') {
+        if self.tpm.is_some()
+            && self
+                .state_dir
+                .as_os_str()
+                .as_encoded_bytes()
+                .contains(&b',')
+        {
             return invalid(format!(
                 "state directory {} holds a comma, which swtpm's options cannot carry",
                 self.state_dir.display()
@@ -284,6 +291,8 @@ pub enum LaunchError {
         problem: String,
         log: String,
     },
+    #[error("guests still running {timeout:?} after the power-off command: {nodes}")]
+    PowerOffTimeout { nodes: String, timeout: Duration },
     #[error("node {node}: another process is listening on {socket}")]
     SocketInUse { node: String, socket: PathBuf },
     #[error(
@@ -566,6 +575,38 @@ impl Cluster {
             .map(Node::guest_running)
             .filter(|&running| running)
             .count()
+    }
+
+    /// Shuts the guests down cleanly: types `command` (e.g. `sync &&
+    /// poweroff -f`) on every running guest's console and waits until
+    /// every QEMU has exited, at most `timeout`. The backends, which have
+    /// then seen every write and flush, keep running until
+    /// [`Cluster::shutdown`].
+    pub fn power_off(&mut self, command: &str, timeout: Duration) -> Result<(), LaunchError> {
+        let deadline = Instant::now() + timeout;
+        for node in &mut self.nodes {
+            if node.guest_running() {
+                node.send_console(command)?;
+            }
+        }
+        loop {
+            self.check_cancel()?;
+            let running: Vec<String> = self
+                .nodes
+                .iter_mut()
+                .filter_map(|n| n.guest_running().then(|| n.name().to_owned()))
+                .collect();
+            if running.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(LaunchError::PowerOffTimeout {
+                    nodes: running.join(", "),
+                    timeout,
+                });
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
     }
 
     /// Tears the cluster down; fails if a backend did not stop cleanly

@@ -457,7 +457,10 @@ impl Node {
             }
             if Instant::now() >= deadline {
                 swtpm.kill();
-                break format!("swtpm made no socket {} within {timeout:?}", socket.display());
+                break format!(
+                    "swtpm made no socket {} within {timeout:?}",
+                    socket.display()
+                );
             }
             thread::sleep(Duration::from_millis(10));
         };
