@@ -1,0 +1,313 @@
+#![allow(clippy::unwrap_used)]
+//! Clusters that are saved and forked, end to end with real parts: two
+//! sample-image nodes under OVMF (TCG) on a shared network (QEMU socket
+//! netdevs over loopback multicast), each with its own swtpm; the nodes
+//! ping each other and see their TPM. The cluster is powered off and saved;
+//! two forks of the snapshot run side by side, boot with the saved node
+//! state, and diverge; one fork is saved again (a chain of two layers) and
+//! forked. Snapshots stay byte-identical throughout.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ociblk::launch::network::{guest_address, node_mac};
+use ociblk::launch::snapshot::{self, SnapshotSpec};
+use ociblk::launch::{
+    Cluster, ClusterSpec, NetworkSpec, NodeSpec, TPM_PID_FILE, TPM_SOCKET_FILE, TpmSpec,
+};
+use ociblk_tests::support::{ociblk_bin, require_tool, sample_image};
+use sha2::{Digest, Sha256};
+
+const READY: &str = "ociblk-sample: ready";
+/// Up to four guests share two cores here.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+const MEMORY_MIB: u32 = 256;
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(90);
+const POWER_OFF_TIMEOUT: Duration = Duration::from_secs(60);
+/// The sample guest's data partition (its ext2 holds /node-state).
+const DATA_PARTITION: &str = "/dev/vda4";
+const NODES: [&str; 2] = ["node-1", "node-2"];
+
+fn verbose() -> bool {
+    std::env::var_os("OCIBLK_TEST_VERBOSE").is_some()
+}
+
+fn configure(spec: &mut ClusterSpec) {
+    spec.ociblk_binary = ociblk_bin();
+    spec.qemu.memory_mib = MEMORY_MIB;
+    spec.echo = verbose();
+}
+
+fn fresh_spec(state_dir: &Path) -> ClusterSpec {
+    require_tool("qemu-system-x86_64");
+    let swtpm = require_tool("swtpm");
+    let mut spec = ClusterSpec::new(sample_image(), state_dir, NodeSpec::numbered("node", 2));
+    configure(&mut spec);
+    spec.network = Some(NetworkSpec::on_loopback(false).unwrap());
+    spec.tpm = Some(TpmSpec { binary: swtpm });
+    spec
+}
+
+/// Prepares and launches a fork of `snapshot_dir` in `state_dir`.
+fn fork(snapshot_dir: &Path, state_dir: &Path) -> (ClusterSpec, Cluster) {
+    let saved = snapshot::load(snapshot_dir).unwrap();
+    let mut spec = saved.cluster_spec(state_dir).unwrap();
+    configure(&mut spec);
+    snapshot::prepare_fork(&saved, snapshot_dir, state_dir).unwrap();
+    let cluster = Cluster::launch(spec.clone()).unwrap();
+    (spec, cluster)
+}
+
+fn wait_ready(cluster: &mut Cluster) {
+    for node in NODES {
+        cluster.wait_for_console(node, READY, BOOT_TIMEOUT).unwrap();
+    }
+}
+
+/// Runs `command` in `node`'s guest shell; returns the value of `$r` it
+/// set, announced by `result-42: ` (computed, so the shell's echo of the
+/// command does not match).
+fn guest_result(cluster: &mut Cluster, node: &str, command: &str) -> String {
+    cluster
+        .send_console(node, &format!("{command}; echo \"result-$((40+2)): $r\""))
+        .unwrap();
+    cluster
+        .wait_for_console(node, "result-42: ", COMMAND_TIMEOUT)
+        .unwrap();
+    let line = cluster
+        .wait_for_console(node, "\n", COMMAND_TIMEOUT)
+        .unwrap();
+    line.text.trim().to_owned()
+}
+
+/// The id in `node`'s console line `ociblk-sample: <what> <id>`.
+fn console_id(cluster: &Cluster, node: &str, what: &str) -> Option<String> {
+    let console = fs::read_to_string(cluster.node(node).unwrap().console_log()).unwrap();
+    let prefix = format!("ociblk-sample: {what} ");
+    console
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(&prefix).map(str::to_owned))
+}
+
+/// Reads the marker file on the node's data file system.
+fn read_marker(cluster: &mut Cluster, node: &str) -> String {
+    guest_result(
+        cluster,
+        node,
+        &format!(
+            "mkdir -p /data && mount -t ext4 {DATA_PARTITION} /data && \
+             r=$(cat /data/marker 2>/dev/null || echo none); umount /data"
+        ),
+    )
+}
+
+fn write_marker(cluster: &mut Cluster, node: &str, value: &str) {
+    let out = guest_result(
+        cluster,
+        node,
+        &format!(
+            "mkdir -p /data && mount -t ext4 {DATA_PARTITION} /data && \
+             echo {value} > /data/marker && umount /data && sync && r=written || r=failed"
+        ),
+    );
+    assert_eq!(out, "written", "writing the marker on {node}");
+}
+
+/// SHA-256 of a file's content, reading only its data extents (holes
+/// read as zeros, so this is the hash of the whole content with the
+/// holes' lengths mixed in): layers are sparse files of several GiB.
+fn content_hash(path: &Path) -> String {
+    let mut file = File::open(path).unwrap();
+    let size = file.metadata().unwrap().len();
+    let fd = file.as_raw_fd();
+    let mut hash = Sha256::new();
+    hash.update(size.to_le_bytes());
+    let mut offset: u64 = 0;
+    let mut buf = vec![0u8; 1 << 20];
+    while offset < size {
+        // SAFETY: lseek on a file descriptor we own; no pointers.
+        let data = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // ENXIO: only a hole up to the end.
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        assert!(hole >= data, "SEEK_HOLE on {}", path.display());
+        let (data, hole) = (data as u64, hole as u64);
+        hash.update(data.to_le_bytes());
+        // SAFETY: as above; positions the file for the reads below.
+        unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_SET) };
+        let mut left = hole - data;
+        while left > 0 {
+            let n = buf.len().min(usize::try_from(left).unwrap());
+            file.read_exact(&mut buf[..n]).unwrap();
+            hash.update(&buf[..n]);
+            left -= n as u64;
+        }
+        offset = hole;
+    }
+    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Every file under `dir` with its content hash and mode.
+fn tree_hashes(dir: &Path) -> BTreeMap<PathBuf, (String, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut found = BTreeMap::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for entry in fs::read_dir(&d).unwrap().filter_map(Result::ok) {
+            let path = entry.path();
+            let meta = entry.metadata().unwrap();
+            if meta.is_dir() {
+                dirs.push(path);
+            } else {
+                let mode = meta.permissions().mode() & 0o777;
+                found.insert(path.clone(), (content_hash(&path), mode));
+            }
+        }
+    }
+    found
+}
+
+fn save(mut cluster: Cluster, spec: &ClusterSpec, snapshot_dir: &Path) -> SnapshotSpec {
+    cluster
+        .power_off("sync && poweroff -f", POWER_OFF_TIMEOUT)
+        .unwrap();
+    cluster.shutdown().unwrap();
+    snapshot::save(spec, snapshot_dir).unwrap()
+}
+
+#[test]
+fn a_networked_cluster_with_tpms_is_saved_forked_twice_and_forked_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (state, snap1, snap2) = (
+        tmp.path().join("state"),
+        tmp.path().join("snap1"),
+        tmp.path().join("snap2"),
+    );
+    let address = |node: &str| guest_address(node_mac(node)).to_string();
+
+    // A fresh cluster: every node bootstraps, reaches the other, has a TPM.
+    let spec = fresh_spec(&state);
+    let mut cluster = Cluster::launch(spec.clone()).unwrap();
+    wait_ready(&mut cluster);
+    let mut ids = BTreeMap::new();
+    let mut tpm_pids = Vec::new();
+    for node in NODES {
+        let id = console_id(&cluster, node, "bootstrapped")
+            .unwrap_or_else(|| panic!("{node} did not bootstrap"));
+        ids.insert(node, id);
+        let tpm = cluster.node(node).unwrap().tpm_pid().unwrap();
+        assert!(state.join(node).join(TPM_PID_FILE).exists(), "{tpm}");
+        tpm_pids.push(tpm);
+        assert_eq!(
+            guest_result(
+                &mut cluster,
+                node,
+                "if [ -c /dev/tpm0 ] && [ -e /sys/class/tpm/tpm0 ]; then r=tpm; else r=none; fi"
+            ),
+            "tpm",
+            "{node} sees no TPM"
+        );
+    }
+    assert_ne!(ids["node-1"], ids["node-2"]);
+    for (from, to) in [("node-1", "node-2"), ("node-2", "node-1")] {
+        let ping = format!(
+            "if ping -c 2 -W 20 {} >/dev/null; then r=reached; else r=unreachable; fi",
+            address(to)
+        );
+        assert_eq!(
+            guest_result(&mut cluster, from, &ping),
+            "reached",
+            "{from} pinging {to} at {}",
+            address(to)
+        );
+    }
+    write_marker(&mut cluster, "node-1", "saved");
+    let saved = save(cluster, &spec, &snap1);
+    // swtpm is stopped with its guest, by PID, and leaves no socket.
+    for pid in tpm_pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "swtpm {pid} still runs"
+        );
+    }
+    for node in NODES {
+        assert!(!state.join(node).join(TPM_PID_FILE).exists());
+        assert!(!state.join(node).join(TPM_SOCKET_FILE).exists());
+    }
+    assert!(saved.tpm && saved.network);
+    for node in &saved.nodes {
+        assert_eq!(node.layers, [snap1.join(&node.name).join("disk.layer")]);
+        assert!(
+            snap1
+                .join(&node.name)
+                .join("tpm")
+                .read_dir()
+                .unwrap()
+                .count()
+                > 0
+        );
+    }
+    let snap1_files = tree_hashes(&snap1);
+    assert!(
+        snap1_files.values().all(|(_, mode)| *mode == 0o400),
+        "{snap1_files:?}"
+    );
+
+    // Two forks side by side: both boot with the saved state, then diverge.
+    let (fork_a, fork_b) = (tmp.path().join("fork-a"), tmp.path().join("fork-b"));
+    let (spec_a, mut a) = fork(&snap1, &fork_a);
+    let (_, mut b) = fork(&snap1, &fork_b);
+    wait_ready(&mut a);
+    wait_ready(&mut b);
+    for cluster in [&a, &b] {
+        for node in NODES {
+            assert_eq!(
+                console_id(cluster, node, "found state"),
+                Some(ids[node].clone())
+            );
+            assert_eq!(console_id(cluster, node, "bootstrapped"), None);
+        }
+    }
+    assert_eq!(read_marker(&mut a, "node-1"), "saved");
+    write_marker(&mut a, "node-1", "fork-a");
+    assert_eq!(read_marker(&mut b, "node-1"), "saved");
+    write_marker(&mut b, "node-1", "fork-b");
+    assert_eq!(read_marker(&mut a, "node-1"), "fork-a");
+    // The forks' networks are separate segments; within one, nodes meet.
+    let ping = format!(
+        "if ping -c 2 -W 20 {} >/dev/null; then r=reached; else r=unreachable; fi",
+        address("node-2")
+    );
+    assert_eq!(guest_result(&mut b, "node-1", &ping), "reached");
+    b.shutdown().unwrap();
+
+    // Fork A saved again: a chain of two layers; its fork sees fork A's writes.
+    let saved2 = save(a, &spec_a, &snap2);
+    for node in &saved2.nodes {
+        assert_eq!(
+            node.layers,
+            [
+                snap1.join(&node.name).join("disk.layer"),
+                snap2.join(&node.name).join("disk.layer")
+            ]
+        );
+    }
+    let snap2_files = tree_hashes(&snap2);
+    let (_, mut c) = fork(&snap2, &tmp.path().join("fork-c"));
+    wait_ready(&mut c);
+    for node in NODES {
+        assert_eq!(console_id(&c, node, "found state"), Some(ids[node].clone()));
+    }
+    assert_eq!(read_marker(&mut c, "node-1"), "fork-a");
+    write_marker(&mut c, "node-1", "fork-c");
+    c.shutdown().unwrap();
+
+    assert_eq!(tree_hashes(&snap1), snap1_files, "snapshot 1 changed");
+    assert_eq!(tree_hashes(&snap2), snap2_files, "snapshot 2 changed");
+}
