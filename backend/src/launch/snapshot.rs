@@ -370,6 +370,75 @@ mod tests {
         }
     }
 
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    /// Save and fork of a stopped cluster's files, without guests: an
+    /// overlay holding one written block, an OVMF store, a TPM state.
+    #[test]
+    fn save_freezes_and_copies_and_a_fork_gets_its_own_files_over_the_layer() {
+        use crate::overlay::{FlushMode, Overlay, OverlayConfig};
+        let dir = tempfile::tempdir().unwrap();
+        let (state, snap, fork) = (
+            dir.path().join("state"),
+            dir.path().join("snap"),
+            dir.path().join("fork"),
+        );
+        let node = state.join("n-1");
+        fs::create_dir_all(node.join(TPM_STATE_DIR)).unwrap();
+        let cfg = OverlayConfig {
+            disk_size: 1 << 20,
+            fingerprint: [7; 32],
+            flush: FlushMode::Safe,
+        };
+        Overlay::open(node.join(OVERLAY_FILE), cfg.clone())
+            .unwrap()
+            .close()
+            .unwrap();
+        fs::write(node.join(OVMF_VARS_FILE), b"vars").unwrap();
+        fs::write(node.join(TPM_STATE_DIR).join("tpm2-00.permall"), b"tpm").unwrap();
+        fs::write(node.join(TPM_STATE_DIR).join(".lock"), b"").unwrap();
+        let mut spec = ClusterSpec::new("/img", &state, NodeSpec::numbered("n", 1));
+        spec.tpm = Some(TpmSpec::default());
+
+        let saved = save(&spec, &snap).unwrap();
+        let layer_path = snap.join("n-1").join(LAYER_FILE);
+        assert_eq!(saved.nodes[0].layers, [layer_path.clone()]);
+        assert_eq!(load(&snap).unwrap(), saved);
+        for file in [
+            snap.join(SPEC_FILE),
+            layer_path.clone(),
+            snap.join("n-1").join(OVMF_VARS_FILE),
+            snap.join("n-1/tpm/tpm2-00.permall"),
+        ] {
+            assert_eq!(mode(&file), FILE_MODE, "{}", file.display());
+        }
+        assert!(!snap.join("n-1/tpm/.lock").exists());
+        // The node's own overlay now sits on the new layer.
+        let own = Overlay::open(node.join(OVERLAY_FILE), cfg.clone()).unwrap();
+        assert_eq!(own.chain().layers().len(), 1);
+        own.close().unwrap();
+
+        prepare_fork(&saved, &snap, &fork).unwrap();
+        let forked = Overlay::open(fork.join("n-1").join(OVERLAY_FILE), cfg).unwrap();
+        assert_eq!(forked.chain().layers()[0].path(), layer_path);
+        forked.close().unwrap();
+        for (file, content) in [
+            (OVMF_VARS_FILE, &b"vars"[..]),
+            ("tpm/tpm2-00.permall", &b"tpm"[..]),
+        ] {
+            let copy = fork.join("n-1").join(file);
+            assert_eq!(fs::read(&copy).unwrap(), content);
+            assert_eq!(mode(&copy), PRIVATE_FILE_MODE, "{}", copy.display());
+        }
+        let err = prepare_fork(&saved, &snap, &fork).unwrap_err();
+        assert!(
+            matches!(&err, SnapshotError::NodeExists { node, .. } if node == "n-1"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn saving_into_a_non_empty_directory_is_refused() {
         let dir = tempfile::tempdir().unwrap();
