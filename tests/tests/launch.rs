@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use ociblk::launch::{
     Cluster, ClusterSpec, LaunchError, NodeSpec, OVERLAY_FILE, QEMU_PID_FILE, SERVE_PID_FILE,
-    SOCKET_FILE,
+    SOCKET_FILE, TPM_PID_FILE, TPM_STATE_DIR, TpmSpec,
 };
 use ociblk_tests::support::{ociblk_bin, require_tool, sample_image};
 
@@ -116,7 +116,7 @@ fn assert_torn_down(state_dir: &Path, pids: &[u32]) {
     assert_eq!(processes_mentioning(state_dir), Vec::<String>::new());
     assert_eq!(sockets_under(state_dir), Vec::<PathBuf>::new());
     for node in fs::read_dir(state_dir).unwrap().filter_map(Result::ok) {
-        for pid_file in [SERVE_PID_FILE, QEMU_PID_FILE] {
+        for pid_file in [SERVE_PID_FILE, QEMU_PID_FILE, TPM_PID_FILE] {
             assert!(
                 !node.path().join(pid_file).exists(),
                 "{pid_file} left in {}",
@@ -364,5 +364,41 @@ fn a_qemu_exiting_at_once_names_its_node_and_leaves_nothing_behind() {
         "{message}"
     );
     assert!(message.contains("no-such-accelerator"), "{message}");
+    assert_torn_down(state.path(), &[]);
+}
+
+#[test]
+fn a_tpm_that_cannot_start_names_its_node_and_leaves_nothing_behind() {
+    let state = tempfile::tempdir().unwrap();
+    let mut spec = spec(state.path(), NodeSpec::numbered("node", 2));
+    // swtpm refuses a state directory it cannot use: here a file stands
+    // where node-1's TPM state directory goes.
+    fs::create_dir_all(state.path().join("node-1")).unwrap();
+    fs::write(
+        state.path().join("node-1").join(TPM_STATE_DIR),
+        b"not a dir",
+    )
+    .unwrap();
+    spec.tpm = Some(TpmSpec {
+        binary: require_tool("swtpm"),
+    });
+    let err = Cluster::launch(spec).unwrap_err();
+    let message = err.to_string();
+    assert!(
+        matches!(&err, LaunchError::NodeFiles { node, .. } if node == "node-1"),
+        "{message}"
+    );
+    assert_torn_down(state.path(), &[]);
+
+    let mut spec = self::spec(state.path(), NodeSpec::numbered("node", 1));
+    fs::remove_file(state.path().join("node-1").join(TPM_STATE_DIR)).unwrap();
+    spec.tpm = Some(TpmSpec {
+        binary: state.path().join("no-such-swtpm"),
+    });
+    let err = Cluster::launch(spec).unwrap_err();
+    assert!(
+        matches!(&err, LaunchError::Spawn { node, program: "swtpm", .. } if node == "node-1"),
+        "{err}"
+    );
     assert_torn_down(state.path(), &[]);
 }

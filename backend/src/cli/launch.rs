@@ -385,6 +385,35 @@ mod tests {
     }
 
     #[test]
+    fn save_needs_a_pattern_and_from_replaces_the_cluster_options() {
+        let save = ["x", "--image", "i", "--state-dir", "s", "--save", "snap"];
+        assert!(
+            Cmd::try_parse_from(save).is_err(),
+            "--save without --wait-for"
+        );
+        let c = Cmd::parse_from(save.into_iter().chain(["--wait-for", "ready", "--tpm"]));
+        assert_eq!(c.launch.save.as_deref(), Some(Path::new("snap")));
+        assert!(c.launch.tpm && !c.launch.network);
+
+        let c = Cmd::parse_from(["x", "--from", "snap", "--state-dir", "f"]);
+        assert_eq!(c.launch.from.as_deref(), Some(Path::new("snap")));
+        assert_eq!(c.launch.image, None);
+        for clash in [
+            &["--image", "i"][..],
+            &["--nodes", "2"],
+            &["--tpm"],
+            &["--network"],
+            &["--", "--flush", "unsafe"],
+        ] {
+            let args = ["x", "--from", "snap", "--state-dir", "f"];
+            let r = Cmd::try_parse_from(args.into_iter().chain(clash.iter().copied()));
+            assert!(r.is_err(), "--from with {clash:?}");
+        }
+        let r = Cmd::try_parse_from(["x", "--state-dir", "f"]);
+        assert!(r.is_err(), "neither --image nor --from");
+    }
+
+    #[test]
     fn exit_when_ready_needs_a_pattern() {
         let r = Cmd::try_parse_from(["x", "--image", "i", "--state-dir", "s", "--exit-when-ready"]);
         assert!(r.is_err());
