@@ -404,7 +404,7 @@ mod tests {
 
         let saved = save(&spec, &snap).unwrap();
         let layer_path = snap.join("n-1").join(LAYER_FILE);
-        assert_eq!(saved.nodes[0].layers, [layer_path.clone()]);
+        assert_eq!(saved.nodes[0].layers, std::slice::from_ref(&layer_path));
         assert_eq!(load(&snap).unwrap(), saved);
         for file in [
             snap.join(SPEC_FILE),
