@@ -6,13 +6,16 @@
 //! launch and the PIDs of its running processes (see the `*_FILE`
 //! constants). Launching again with the same state directory gives the
 //! nodes back their disks and UEFI variables; a fresh directory gives fresh
-//! nodes.
+//! nodes. With a TPM ([`ClusterSpec::tpm`]) it also holds the node's swtpm
+//! state; with a network ([`ClusterSpec::network`], see [`network`]) the
+//! nodes share one Ethernet segment on loopback multicast. [`snapshot`]
+//! saves a stopped cluster and prepares forks of it.
 //!
-//! A launch starts every backend, starts each node's QEMU once its
-//! backend's socket accepts connections, and fails (stopping whatever it
-//! started) if a backend or a QEMU gives up. Teardown, on
-//! [`Cluster::shutdown`] or drop, stops the guests first (SIGTERM, then
-//! SIGKILL after a grace period), then the backends (SIGTERM: they flush
+//! A launch starts every backend, starts each node's swtpm (if any) and
+//! QEMU once its backend's socket accepts connections, and fails (stopping
+//! whatever it started) if a backend, a swtpm or a QEMU gives up. Teardown,
+//! on [`Cluster::shutdown`] or drop, stops the guests first (SIGTERM, then
+//! SIGKILL after a grace period), then the swtpms, then the backends (SIGTERM: they flush
 //! their overlays and remove their sockets; SIGKILL after a grace period),
 //! reaps them and removes sockets left behind. Only processes the harness
 //! started are signalled, and only by their PIDs.
