@@ -41,10 +41,10 @@ pub struct LaunchArgs {
     pub name_prefix: String,
     /// Once every node showed --wait-for: power the guests off (`sync &&
     /// poweroff -f` on their consoles, bounded by --timeout), stop the
-    /// backends, and save the cluster into the new directory SNAPDIR: every
-    /// node's overlay frozen into a layer, its OVMF variables and TPM state,
-    /// and cluster.json. The state directory's overlays then sit over the
-    /// new layers. All files in SNAPDIR are read-only.
+    /// backends and swtpms, and save the cluster into the new directory
+    /// SNAPDIR: every node's overlay frozen into a layer, its OVMF variables
+    /// and TPM state, and cluster.json. The state directory's overlays then
+    /// sit over the new layers. All files in SNAPDIR are read-only.
     #[arg(long, value_name = "SNAPDIR", requires = "wait_for")]
     pub save: Option<PathBuf>,
     /// Start a fork of the snapshot SNAPDIR in a fresh --state-dir: every
@@ -54,8 +54,8 @@ pub struct LaunchArgs {
     /// side by side; a fork can be saved and forked again.
     #[arg(long, value_name = "SNAPDIR", conflicts_with_all = ["image", "nodes", "name_prefix", "serve_args", "network", "uplink", "tpm"])]
     pub from: Option<PathBuf>,
-    /// Holds a directory per node: socket, overlay, OVMF variables, logs,
-    /// PID files. Relaunching with the same directory keeps the nodes' disks.
+    /// Holds a directory per node: socket, overlay, OVMF variables, TPM
+    /// state, logs, PID files. Relaunching with the same directory keeps the nodes' disks.
     #[arg(long, value_name = "DIR")]
     pub state_dir: PathBuf,
     /// QEMU accelerator.
@@ -102,7 +102,7 @@ pub struct LaunchArgs {
     /// Connect the nodes to one virtual Ethernet segment (a UDP multicast
     /// group on 127.0.0.1 joined by every QEMU; nothing leaves the machine).
     /// Each node's MAC is 52:54:00 and three bytes of SHA-256 of its name;
-    /// the sample guest takes 10.77.<5th MAC byte>.<6th MAC byte>/16.
+    /// the sample guest takes `10.77.<5th MAC byte>.<6th MAC byte>/16`.
     #[arg(long)]
     pub network: bool,
     /// Also give every node a NIC on QEMU's user-mode network (NAT to the
@@ -111,7 +111,7 @@ pub struct LaunchArgs {
     #[arg(long)]
     pub uplink: bool,
     /// Give every node a TPM 2.0: one `swtpm socket` per node, its state in
-    /// <state-dir>/<node>/tpm, started before QEMU and stopped after it.
+    /// `<state-dir>/<node>/tpm`, started before QEMU and stopped after it.
     #[arg(long)]
     pub tpm: bool,
     /// swtpm binary (for --tpm).
@@ -126,6 +126,15 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
     let shutdown = ShutdownSignal::new()?;
     shutdown.trigger_on_termination_signals()?;
 
+    // Refused before anything boots, not after.
+    if let Some(snapshot_dir) = &args.save
+        && std::fs::read_dir(snapshot_dir).is_ok_and(|mut d| d.next().is_some())
+    {
+        anyhow::bail!(
+            "--save {}: the directory exists and is not empty; a snapshot goes into a new directory",
+            snapshot_dir.display()
+        );
+    }
     let mut spec = match (&args.from, &args.image) {
         (Some(snapshot_dir), _) => {
             let snapshot = snapshot::load(snapshot_dir)?;
