@@ -402,3 +402,22 @@ fn a_tpm_that_cannot_start_names_its_node_and_leaves_nothing_behind() {
     );
     assert_torn_down(state.path(), &[]);
 }
+
+#[test]
+fn launch_from_a_directory_that_is_no_snapshot_names_its_cluster_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("fork");
+    let out = Command::new(ociblk_bin())
+        .arg("launch")
+        .arg("--from")
+        .arg(dir.path())
+        .arg("--state-dir")
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let spec = dir.path().join("cluster.json");
+    assert!(stderr.contains(&spec.display().to_string()), "{stderr}");
+    assert!(!state.exists(), "a failed fork created {}", state.display());
+}
