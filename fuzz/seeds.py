@@ -412,7 +412,75 @@ def overlay_seeds():
     )
 
 
+# ---- registry_parsing -----------------------------------------------------
+
+D = "sha256:" + hashlib.sha256(b"manifest").hexdigest()
+
+
+def registry_seeds():
+    refs = [
+        "localhost:5000/monogon/os-image:v1.2",
+        "127.0.0.1:5000/os@" + D,
+        "[::1]:5000/os:t@" + D,
+        "registry.example.com/a/b-c__d/e.f:latest",
+        "docker.io/library/debian:12",
+        "ghcr.io/monogon-dev/monogon/os-image@" + D,
+        "build/sample-image",
+    ]
+    for i, r in enumerate(refs):
+        write("registry_parsing", "reference-%d" % i, b"R" + r.encode())
+    challenges = [
+        # docker-registry (distribution) with token auth, as it answers a pull.
+        'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
+        'scope="repository:library/debian:pull"',
+        'Bearer realm="http://127.0.0.1:5001/auth",service="Docker registry",'
+        'scope="repository:os:pull,push",error="invalid_token"',
+        'Basic realm="Registry Realm"',
+        'Bearer realm=x, scope="a\\"b"',
+    ]
+    for i, c in enumerate(challenges):
+        write("registry_parsing", "challenge-%d" % i, b"C" + c.encode())
+    auth = lambda s: base64.b64encode(s.encode()).decode()
+    config = {
+        "auths": {
+            "localhost:5000": {"auth": auth("alice:s3cr:et")},
+            "https://index.docker.io/v1/": {"auth": auth("bob:pw")},
+            "ghcr.io": {},
+        },
+        "credsStore": "desktop",
+    }
+    for i, host in enumerate(["localhost:5000", "docker.io", "ghcr.io"]):
+        write("registry_parsing", "auth-%d" % i, b"A" + host.encode() + b"\n" + dumps(config))
+    write("registry_parsing", "auth-bad-base64", b'Ah.example\n{"auths":{"h.example":{"auth":"!!"}}}')
+    layer = {
+        "mediaType": "application/octet-stream",
+        "digest": "sha256:" + hashlib.sha256(b"kernel").hexdigest(),
+        "size": 64,
+    }
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": MEDIA_MANIFEST,
+        "artifactType": ARTIFACT,
+        "config": {
+            "mediaType": MEDIA_CONFIG,
+            "digest": "sha256:" + hashlib.sha256(b"config").hexdigest(),
+            "size": 512,
+        },
+        "layers": [layer, dict(layer, size=1 << 40)],
+        "annotations": {"org.opencontainers.image.title": "os"},
+    }
+    write("registry_parsing", "manifest", b"M" + dumps(manifest))
+    index = {
+        "schemaVersion": 2,
+        "mediaType": MEDIA_INDEX,
+        "manifests": [dict(layer, mediaType=MEDIA_MANIFEST, platform={"architecture": "amd64", "os": "linux"})],
+    }
+    write("registry_parsing", "index", b"M" + dumps(index))
+    write("registry_parsing", "digest", b"D" + D.encode())
+
+
 if __name__ == "__main__":
     oci_seeds()
     blk_seeds()
     overlay_seeds()
+    registry_seeds()

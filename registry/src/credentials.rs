@@ -67,8 +67,14 @@ pub fn lookup(file: &Path, host: &str) -> Result<Option<Credentials>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io(file, e)),
     };
+    parse_auth_file(file, &text, host)
+}
+
+/// The credentials for registry `host` in `text`, the contents of the
+/// auth file `file` (named in errors).
+pub fn parse_auth_file(file: &Path, text: &[u8], host: &str) -> Result<Option<Credentials>> {
     let what = file.display().to_string();
-    let parsed: AuthFile = serde_json::from_slice(&text).map_err(|e| Error::Invalid {
+    let parsed: AuthFile = serde_json::from_slice(text).map_err(|e| Error::Invalid {
         what: what.clone(),
         field: "auths".into(),
         message: e.to_string(),

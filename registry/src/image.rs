@@ -17,7 +17,7 @@ use crate::reference::Reference;
 /// The media type asked for and accepted for image manifests.
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
-/// One layer (payload blob) of the manifest.
+/// A descriptor of the manifest: its config or one layer (payload blob).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Layer {
     pub digest: Digest,
@@ -94,11 +94,9 @@ impl RegistryImage {
                 m
             }
         };
-        let parsed = parse_manifest(&manifest, &manifest_digest)?;
-        let config_desc = parsed.config();
-        let config_digest =
-            descriptor_digest(&manifest_digest, "config.digest", config_desc.digest())?;
-        let config_size = config_desc.size();
+        let parsed = Manifest::parse(&manifest, &manifest_digest)?;
+        let config_digest = parsed.config.digest.clone();
+        let config_size = parsed.config.size;
         let config = match cache.metadata(&config_digest, Some(config_size))? {
             Some(c) => c,
             None => {
@@ -122,30 +120,14 @@ impl RegistryImage {
                 c
             }
         };
-        let layers = parsed
-            .layers()
-            .iter()
-            .enumerate()
-            .map(|(i, l)| {
-                Ok(Layer {
-                    digest: descriptor_digest(
-                        &manifest_digest,
-                        &format!("layers[{i}].digest"),
-                        l.digest(),
-                    )?,
-                    size: l.size(),
-                    media_type: l.media_type().to_string(),
-                })
-            })
-            .collect::<Result<_>>()?;
         let blobs = BlobCache::new(cache.clone(), BlobSource::new(client, repo.to_string()));
         Ok(RegistryImage {
             reference: reference.with_digest(manifest_digest.clone()),
             manifest_digest,
             manifest,
             config,
-            config_media_type: config_desc.media_type().to_string(),
-            layers,
+            config_media_type: parsed.config.media_type,
+            layers: parsed.layers,
             blobs,
             offline,
         })
@@ -246,32 +228,121 @@ fn read_metadata(
     Ok((url, bytes))
 }
 
-fn parse_manifest(bytes: &[u8], digest: &Digest) -> Result<ImageManifest> {
-    let manifest: ImageManifest = serde_json::from_slice(bytes).map_err(|e| Error::Invalid {
-        what: format!("manifest {digest}"),
-        field: "(document)".into(),
-        message: e.to_string(),
-    })?;
-    if let Some(mt) = manifest.media_type()
-        && mt.to_string() != OCI_MANIFEST
-    {
-        return Err(Error::Invalid {
-            what: format!("manifest {digest}"),
-            field: "mediaType".into(),
-            message: format!("{mt}, not {OCI_MANIFEST}"),
-        });
-    }
-    Ok(manifest)
+/// What ociblk reads from an image manifest: the config and layer
+/// descriptors, with sha256 digests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Manifest {
+    pub config: Layer,
+    pub layers: Vec<Layer>,
 }
 
-fn descriptor_digest(
-    manifest: &Digest,
-    field: &str,
-    d: &oci_spec::image::Digest,
-) -> Result<Digest> {
-    d.to_string().parse().map_err(|_| Error::Invalid {
-        what: format!("manifest {manifest}"),
-        field: field.to_string(),
-        message: format!("{d} is not a sha256 digest"),
-    })
+impl Manifest {
+    /// Parses the manifest `bytes` whose digest is `digest`; errors name
+    /// the manifest by digest and the field at fault.
+    pub fn parse(bytes: &[u8], digest: &Digest) -> Result<Self> {
+        let invalid = |field: &str, message: String| Error::Invalid {
+            what: format!("manifest {digest}"),
+            field: field.to_string(),
+            message,
+        };
+        let manifest: ImageManifest =
+            serde_json::from_slice(bytes).map_err(|e| invalid("(document)", e.to_string()))?;
+        if manifest.schema_version() != 2 {
+            return Err(invalid(
+                "schemaVersion",
+                format!("{}, not 2", manifest.schema_version()),
+            ));
+        }
+        if let Some(mt) = manifest.media_type()
+            && mt.to_string() != OCI_MANIFEST
+        {
+            return Err(invalid("mediaType", format!("{mt}, not {OCI_MANIFEST}")));
+        }
+        let descriptor = |field: String, d: &oci_spec::image::Descriptor| {
+            let digest = d.digest().to_string().parse().map_err(|_| {
+                invalid(
+                    &format!("{field}.digest"),
+                    format!("{} is not a sha256 digest", d.digest()),
+                )
+            })?;
+            Ok(Layer {
+                digest,
+                size: d.size(),
+                media_type: d.media_type().to_string(),
+            })
+        };
+        Ok(Manifest {
+            config: descriptor("config".into(), manifest.config())?,
+            layers: manifest
+                .layers()
+                .iter()
+                .enumerate()
+                .map(|(i, l)| descriptor(format!("layers[{i}]"), l))
+                .collect::<Result<_>>()?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(schema_version: u32, media_type: &str, layer_digest: &str) -> Vec<u8> {
+        let config = Digest::of(b"config");
+        format!(
+            r#"{{"schemaVersion":{schema_version},"mediaType":"{media_type}",
+            "config":{{"mediaType":"application/vnd.monogon.os.image.config.v1+json","digest":"{config}","size":6}},
+            "layers":[{{"mediaType":"application/octet-stream","digest":"{layer_digest}","size":64}}]}}"#
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn parses_descriptors() {
+        let layer = Digest::of(b"kernel");
+        let bytes = manifest(2, OCI_MANIFEST, &layer.to_string());
+        let m = Manifest::parse(&bytes, &Digest::of(&bytes)).expect("manifest");
+        assert_eq!(m.config.digest, Digest::of(b"config"));
+        assert_eq!(m.config.size, 6);
+        assert_eq!(
+            m.layers,
+            [Layer {
+                digest: layer,
+                size: 64,
+                media_type: "application/octet-stream".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn refuses_other_schema_versions_naming_manifest_and_field() {
+        let layer = Digest::of(b"kernel").to_string();
+        for (bytes, field) in [
+            (
+                manifest(1, OCI_MANIFEST, &layer),
+                "field schemaVersion: 1, not 2",
+            ),
+            (
+                manifest(3, OCI_MANIFEST, &layer),
+                "field schemaVersion: 3, not 2",
+            ),
+            (
+                manifest(2, "application/vnd.oci.image.index.v1+json", &layer),
+                "field mediaType",
+            ),
+            (
+                manifest(2, OCI_MANIFEST, &format!("sha512:{}", "0".repeat(128))),
+                "field layers[0].digest",
+            ),
+        ] {
+            let digest = Digest::of(&bytes);
+            let err = Manifest::parse(&bytes, &digest)
+                .expect_err(field)
+                .to_string();
+            assert!(
+                err.contains(&format!("manifest {digest}: {field}")),
+                "{err}"
+            );
+        }
+    }
 }

@@ -32,7 +32,7 @@ pub use cache::{BlobCache, BlobSpec, Cache, CacheInfo, GcReport};
 pub use digest::Digest;
 pub use error::{Error, Result};
 pub use fetch::FetchStats;
-pub use image::{Layer, RegistryImage};
+pub use image::{Layer, Manifest, RegistryImage};
 pub use options::Options;
 pub use reference::Reference;
 pub use source::ImageSource;

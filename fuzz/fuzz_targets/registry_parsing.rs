@@ -1,0 +1,237 @@
+//! What a registry, a user or an auth file hands the registry client, parsed
+//! as the registry path parses it.
+//!
+//! Input: one selector byte, then the text (invalid UTF-8 is replaced):
+//!
+//! - `R` an image reference: a parsed reference prints back to exactly the
+//!   input, which parses to the same value; its host and repository give
+//!   only safe cache path components; an error quotes the input.
+//! - `C` a `WWW-Authenticate` challenge: a parsed challenge, written back
+//!   in RFC 7235 form (quoted values, escapes), parses to the same value.
+//! - `A` an auth file: the first line is the registry host, the rest the
+//!   JSON. Credentials found are `user:password` without a `:` in the user,
+//!   an auth file written for them gives them back, their `Debug` hides the
+//!   password; an error names the file.
+//! - `M` a manifest: accepted only with `schemaVersion` 2, the OCI manifest
+//!   media type if any, and descriptors that agree with an independent read
+//!   of the JSON; an error names the manifest's digest and a field.
+//! - `D` a digest (as in a tag record): parsed digests print back to the
+//!   input; `verify` agrees with the digest of the bytes.
+//!
+//! Other selector bytes pick one of these by value.
+
+#![no_main]
+
+use std::path::Path;
+
+use base64::Engine as _;
+use libfuzzer_sys::fuzz_target;
+use ociblk_registry::challenge::Challenge;
+use ociblk_registry::credentials::parse_auth_file;
+use ociblk_registry::image::OCI_MANIFEST;
+use ociblk_registry::{Digest, Manifest, Reference};
+
+fn check_reference(s: &str) {
+    match Reference::parse(s) {
+        Ok(r) => {
+            let printed = r.to_string();
+            assert_eq!(printed, s, "reference prints differently");
+            let again = Reference::parse(&printed)
+                .unwrap_or_else(|e| panic!("printed reference {printed:?} does not parse: {e}"));
+            assert_eq!(again, r);
+            // The cache keeps tag records under tags/HOST/REPOSITORY/:TAG.
+            assert!(
+                !r.host.is_empty() && !r.host.contains('/'),
+                "host {:?}",
+                r.host
+            );
+            assert!(
+                !matches!(r.host.as_str(), "." | ".."),
+                "host {:?} is a path step",
+                r.host
+            );
+            for c in r.repository.split('/') {
+                assert!(
+                    !c.is_empty() && c != "." && c != "..",
+                    "repository component {c:?}"
+                );
+            }
+            assert!(!r.host_name().is_empty(), "empty host name in {s:?}");
+            assert!(!r.tag_or_default().contains('/'));
+            let pinned = r.with_digest(Digest::of(s.as_bytes()));
+            assert_eq!(Reference::parse(&pinned.to_string()).ok(), Some(pinned));
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&format!("{s:?}")),
+                "error does not quote the input: {msg}"
+            );
+        }
+    }
+}
+
+/// `c` as an RFC 7235 header value, every parameter value quoted.
+fn write_challenge(c: &Challenge) -> String {
+    let params: Vec<String> = c
+        .params
+        .iter()
+        .map(|(name, value)| {
+            let escaped: String = value
+                .chars()
+                .flat_map(|ch| match ch {
+                    '"' | '\\' => vec!['\\', ch],
+                    ch => vec![ch],
+                })
+                .collect();
+            format!("{name}=\"{escaped}\"")
+        })
+        .collect();
+    if params.is_empty() {
+        c.scheme.clone()
+    } else {
+        format!("{} {}", c.scheme, params.join(", "))
+    }
+}
+
+fn check_challenge(s: &str) {
+    let Some(c) = Challenge::parse(s) else {
+        return;
+    };
+    assert!(c.is(&c.scheme.to_ascii_uppercase()));
+    for (name, value) in &c.params {
+        assert_eq!(
+            *name,
+            name.to_ascii_lowercase(),
+            "parameter name not lowercased"
+        );
+        assert_eq!(c.param(name), Some(value.as_str()));
+    }
+    let written = write_challenge(&c);
+    let again = Challenge::parse(&written)
+        .unwrap_or_else(|| panic!("written challenge {written:?} does not parse"));
+    assert_eq!(again, c, "written as {written:?}");
+}
+
+fn check_auth_file(s: &str) {
+    let (host, json) = s.split_once('\n').unwrap_or((s, ""));
+    let file = Path::new("/fuzz/auth.json");
+    match parse_auth_file(file, json.as_bytes(), host) {
+        Ok(None) => {}
+        Ok(Some(c)) => {
+            assert!(
+                !c.username.contains(':'),
+                "user name {:?} holds ':'",
+                c.username
+            );
+            assert_eq!(
+                format!("{c:?}"),
+                format!("Credentials {{ username: {:?}, .. }}", c.username)
+            );
+            let encoded = base64::engine::general_purpose::STANDARD
+                .encode(format!("{}:{}", c.username, c.password));
+            assert_eq!(c.basic_header(), format!("Basic {encoded}"));
+            let written = serde_json::json!({ "auths": { host: { "auth": encoded } } });
+            let again = parse_auth_file(file, written.to_string().as_bytes(), host)
+                .unwrap_or_else(|e| panic!("written auth file refused: {e}"));
+            assert_eq!(again.as_ref(), Some(&c));
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("/fuzz/auth.json"),
+                "error does not name the file: {msg}"
+            );
+            assert!(
+                msg.contains("field auths"),
+                "error does not name the field: {msg}"
+            );
+        }
+    }
+}
+
+/// The descriptor at `v` as (digest, size, media type), read independently.
+fn descriptor(v: &serde_json::Value) -> Option<(String, u64, String)> {
+    Some((
+        v.get("digest")?.as_str()?.to_string(),
+        v.get("size")?.as_u64()?,
+        v.get("mediaType")?.as_str()?.to_string(),
+    ))
+}
+
+fn check_manifest(bytes: &[u8]) {
+    let digest = Digest::of(bytes);
+    match Manifest::parse(bytes, &digest) {
+        Ok(m) => {
+            let v: serde_json::Value =
+                serde_json::from_slice(bytes).expect("an accepted manifest is JSON");
+            assert_eq!(v.get("schemaVersion").and_then(|s| s.as_u64()), Some(2));
+            if let Some(mt) = v.get("mediaType") {
+                assert_eq!(mt.as_str(), Some(OCI_MANIFEST));
+            }
+            let layer =
+                |l: &ociblk_registry::Layer| (l.digest.to_string(), l.size, l.media_type.clone());
+            assert_eq!(
+                v.get("config").and_then(descriptor),
+                Some(layer(&m.config)),
+                "config"
+            );
+            let layers: Option<Vec<_>> = v
+                .get("layers")
+                .and_then(|l| l.as_array())
+                .map(|a| a.iter().map(descriptor).collect::<Option<_>>())
+                .unwrap_or_default();
+            let parsed: Vec<_> = m.layers.iter().map(layer).collect();
+            assert_eq!(layers, Some(parsed), "layers");
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&format!("manifest {digest}: field ")),
+                "error does not name the manifest and a field: {msg}"
+            );
+        }
+    }
+}
+
+fn check_digest(s: &str) {
+    match s.parse::<Digest>() {
+        Ok(d) => {
+            assert_eq!(d.to_string(), s);
+            assert_eq!(format!("sha256:{}", d.hex()), s);
+            assert_eq!(
+                d.verify("blob", s.as_bytes(), s.len() as u64).is_ok(),
+                d == Digest::of(s.as_bytes())
+            );
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&format!("{s:?}")),
+                "error does not quote the input: {msg}"
+            );
+        }
+    }
+    let of = Digest::of(s.as_bytes());
+    assert!(of.verify("blob", s.as_bytes(), s.len() as u64).is_ok());
+    assert!(of.verify("blob", s.as_bytes(), s.len() as u64 + 1).is_err());
+    assert_eq!(of.to_string().parse::<Digest>().ok(), Some(of));
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&selector, rest)) = data.split_first() else {
+        return;
+    };
+    let text = String::from_utf8_lossy(rest);
+    let selector = match selector {
+        b'R' | b'C' | b'A' | b'M' | b'D' => selector,
+        s => [b'R', b'C', b'A', b'M', b'D'][usize::from(s % 5)],
+    };
+    match selector {
+        b'R' => check_reference(&text),
+        b'C' => check_challenge(&text),
+        b'A' => check_auth_file(&text),
+        b'M' => check_manifest(rest),
+        _ => check_digest(&text),
+    }
+});
