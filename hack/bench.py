@@ -633,8 +633,9 @@ def write_md(res, path, command):
                  "contender (p50 latencies above). ociblk's own service time is a few microseconds.")
     if missed("- first write"):
         L.append("- **First write.** Each FLUSH makes the data durable and then the overlay's map, in that "
-                 "order (two `fdatasync`s, see the README), on the queue's one worker thread, so writes "
-                 "behind a flush wait for both. qcow2's first write copies a 64 KiB cluster but syncs once.")
+                 "order (two `fdatasync`s, see the README), on the disk's flush thread; writes keep being "
+                 "served, but completions reach the guest in order, so those behind a FLUSH on its queue "
+                 "wait for both. qcow2's first write copies a 64 KiB cluster but syncs once.")
     if missed("- Sequential read"):
         L.append("- **Sequential read.** All three backends deliver about the same through the vhost-user "
                  "path here, well below a plain `pread` loop: with two vCPUs the client, the server and the "

@@ -12,7 +12,7 @@ use super::layout_args::LayoutArgs;
 use crate::node_disk::NodeDisk;
 use crate::overlay::{FlushMode, Overlay, OverlayConfig};
 use crate::server::daemon::check_socket_path;
-use crate::server::{ServerOptions, ShutdownSignal, serve};
+use crate::server::{ServerOptions, ShutdownSignal, config, serve};
 use crate::verifier::Verifiers;
 
 /// What FLUSH requests promise.
@@ -70,6 +70,19 @@ pub struct ServeArgs {
     /// hashes (by default each chunk is verified when it is first read).
     #[arg(long)]
     pub no_verify: bool,
+    /// I/O helper threads that, with the queue workers, run a queue's
+    /// requests concurrently (completions still reach the guest in order);
+    /// 0: every request runs on its queue's worker.
+    #[arg(long, value_name = "N", default_value_t = config::DEFAULT_IO_THREADS as u16,
+          value_parser = clap::value_parser!(u16).range(0..=config::MAX_IO_THREADS as i64))]
+    pub io_threads: u16,
+    /// Longest time, in microseconds, a queue worker polls its ring for the
+    /// next request before sleeping; the window adapts between 0 and this,
+    /// and polling pauses while the host's CPUs are contended. 0 (the
+    /// default) disables polling.
+    #[arg(long, value_name = "US", default_value_t = config::DEFAULT_POLL_MAX_US,
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(config::MAX_POLL_US)))]
+    pub poll_max_us: u32,
 }
 
 pub fn run(args: &ServeArgs) -> Result<()> {
@@ -82,6 +95,8 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             .clone()
             .unwrap_or_else(|| args.layout.seed.clone()),
         handshake_timeout: Duration::from_secs(args.handshake_timeout),
+        io_threads: usize::from(args.io_threads),
+        poll_max_us: args.poll_max_us,
         ..ServerOptions::default()
     };
     // Every argument is checked before any file is created.

@@ -1,20 +1,30 @@
 //! The vhost-user backend: device description for the frontend and the
 //! request loop of each virtqueue.
 //!
-//! Every queue has its own worker thread (`queues_per_thread`), and the
-//! request path shares no lock between queues: the device is `Sync`, the
-//! vring mutex is only contended by control messages for that same vring.
+//! Every queue has its own worker thread (`queues_per_thread`). A worker
+//! pops every available request, admits each into its queue's
+//! publication order ([`Completions`]) and runs them on the device's I/O
+//! pool, taking part itself ([`IoPool::run_batch`](super::io_pool::IoPool::run_batch)).
+//! Requests that need a flush wait on the device's flush thread.
+//! Whichever thread finishes a request publishes the used entries that
+//! are ready, strictly in available-ring order: see [`super::completion`]
+//! for why a restarted server depends on it. With `poll_max_us` set, the
+//! worker then polls the ring for more ([`super::poll`]).
+//!
+//! Lock order: a queue's completion window, then its vring mutex. The
+//! vring mutex is otherwise only taken by control messages for that vring.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringMutex, VringState, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_SIZE_MAX};
-use virtio_queue::QueueT;
+use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -23,30 +33,53 @@ use vmm_sys_util::event::{
 use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
 use super::ServerError;
+use super::completion::{Completions, Ticket, Used};
 use super::config::{self, ConfigSpace, ID_BYTES, SECTOR_SHIFT, ServerOptions, WRITEBACK_OFFSET};
-use super::request::{GuestMemoryMmap, RequestContext, process_request};
+use super::engine::DeviceEngine;
+use super::flusher::FlushHandle;
+use super::io_pool::Job;
+use super::poll::{CpuSample, Poller};
+use super::request::{Completion, GuestMemoryMmap, Outcome, RequestContext, process_request};
 use crate::device::BlockDevice;
 
 /// Guest memory shared between the vhost-user handler and the backend.
 pub type GuestMemoryAtomic = vm_memory::GuestMemoryAtomic<GuestMemoryMmap>;
-/// The vring type: one mutex per vring, taken by its worker for a batch.
+/// The vring type: one mutex per vring.
 pub type Vring = VringMutex<GuestMemoryAtomic>;
 
-/// Per-queue counters, touched only by that queue's worker thread.
+/// Per-queue counters.
 #[derive(Debug, Default)]
 struct QueueStats {
     requests: AtomicU64,
     errors: AtomicU64,
 }
 
+/// What running and completing a request needs, shared with the threads
+/// that do it.
+struct RequestShared {
+    device: Arc<dyn BlockDevice>,
+    flusher: FlushHandle,
+    /// The guest memory of the connection, for publishing.
+    mem: GuestMemoryAtomic,
+    read_only: bool,
+    device_id: [u8; ID_BYTES],
+    queues: Box<[QueueShared]>,
+}
+
+#[derive(Default)]
+struct QueueShared {
+    stats: QueueStats,
+    completions: Completions,
+}
+
 /// A vhost-user-blk backend for one frontend connection.
 pub struct BlkBackend {
-    device: Arc<dyn BlockDevice>,
+    engine: Arc<DeviceEngine>,
+    shared: Arc<RequestShared>,
     mem: GuestMemoryAtomic,
     num_queues: u16,
     max_queue_size: u16,
     read_only: bool,
-    device_id: [u8; ID_BYTES],
     /// Config space as first reported; the `writeback` byte is patched in
     /// from `writeback` on every read.
     config: ConfigSpace,
@@ -58,11 +91,12 @@ pub struct BlkBackend {
     /// keeps every descriptor within `size_max`, and longer ones are
     /// refused. A driver that did not (OVMF's) owes no such limit.
     size_max_negotiated: AtomicBool,
-    stats: Box<[QueueStats]>,
     /// Handshake requests seen so far (`HANDSHAKE_*` bits).
     handshake: AtomicU8,
     /// Written once every `HANDSHAKE_*` bit is set.
     handshake_event: EventFd,
+    /// Each queue worker's polling state.
+    pollers: Box<[Mutex<Poller>]>,
     /// One exit event per worker thread, created up front so that running
     /// out of descriptors fails `new` instead of leaving a worker that
     /// cannot be stopped.
@@ -95,36 +129,52 @@ impl std::fmt::Debug for BlkBackend {
     }
 }
 
+/// A popped request on its way to the I/O pool.
+type Chain = DescriptorChain<Arc<GuestMemoryMmap>>;
+
 impl BlkBackend {
-    /// A backend serving `device`. `mem` must be the same object given to
-    /// `VhostUserDaemon::new`: the vhost-user handler replaces the memory
-    /// map inside it, and the backend reads guest buffers through it.
+    /// A backend serving `engine`'s device. `mem` must be the same object
+    /// given to `VhostUserDaemon::new`: the vhost-user handler replaces
+    /// the memory map inside it, and the backend reads guest buffers
+    /// through it.
     pub fn new(
-        device: Arc<dyn BlockDevice>,
+        engine: Arc<DeviceEngine>,
         opts: &ServerOptions,
         mem: GuestMemoryAtomic,
     ) -> Result<Self, ServerError> {
+        let device = Arc::clone(engine.device());
         let read_only = opts.read_only || device.read_only();
         let capacity = device.size() >> SECTOR_SHIFT;
         let exit_events = (0..opts.queues)
             .map(|_| new_exit_event().map(Some))
             .collect::<io::Result<_>>()
             .map_err(ServerError::EventFd)?;
+        let poll_max = Duration::from_micros(u64::from(opts.poll_max_us));
+        let shared = Arc::new(RequestShared {
+            device,
+            flusher: engine.flusher(),
+            mem: mem.clone(),
+            read_only,
+            device_id: opts.device_id(),
+            queues: (0..opts.queues).map(|_| QueueShared::default()).collect(),
+        });
         Ok(BlkBackend {
             config: ConfigSpace::new(capacity, opts, opts.writeback),
-            device,
+            engine,
+            shared,
             mem,
             num_queues: opts.queues,
             max_queue_size: opts.queue_size,
             read_only,
-            device_id: opts.device_id(),
             writeback: AtomicBool::new(opts.writeback),
             flush_negotiated: AtomicBool::new(true),
             size_max_negotiated: AtomicBool::new(false),
-            stats: (0..opts.queues).map(|_| QueueStats::default()).collect(),
             handshake: AtomicU8::new(0),
             handshake_event: EventFd::new(EFD_CLOEXEC | EFD_NONBLOCK)
                 .map_err(ServerError::EventFd)?,
+            pollers: (0..opts.queues)
+                .map(|_| Mutex::new(Poller::new(poll_max)))
+                .collect(),
             exit_events: Mutex::new(exit_events),
             exit_fds: Mutex::new(Vec::new()),
         })
@@ -153,86 +203,242 @@ impl BlkBackend {
 
     /// Logs the request counters of each queue that saw requests.
     pub fn log_stats(&self) {
-        for (queue, stats) in self.stats.iter().enumerate() {
-            let requests = stats.requests.load(Ordering::Relaxed);
+        for (queue, q) in self.shared.queues.iter().enumerate() {
+            let requests = q.stats.requests.load(Ordering::Relaxed);
             if requests > 0 {
-                let errors = stats.errors.load(Ordering::Relaxed);
+                let errors = q.stats.errors.load(Ordering::Relaxed);
                 info!(queue, requests, errors, "queue statistics");
             }
         }
     }
 
-    /// Drains `vring`: runs every available request, then notifies the
-    /// guest once if it asked for it.
+    /// Waits until every request popped on any queue has completed and
+    /// been published.
+    pub fn drain(&self) {
+        for q in &self.shared.queues {
+            q.completions.wait_idle();
+        }
+    }
+
+    /// Serves `vring` until it has nothing left: runs every available
+    /// request, polls for more while the poll window is open, then
+    /// re-enables kicks.
     fn process_queue(&self, vring: &Vring, queue: u16) {
-        let Some(stats) = self.stats.get(usize::from(queue)) else {
+        let Some(poller) = self.pollers.get(usize::from(queue)) else {
             return;
         };
-        let mem = self.mem.memory();
+        // Only this queue's worker takes it.
+        let mut poller = poller.lock().unwrap_or_else(PoisonError::into_inner);
+        poller.busy(Instant::now());
+        // Work was announced (by a poll or by the ring index) but nothing
+        // could be popped since.
+        let mut announced = false;
+        loop {
+            let mem = self.mem.memory().into_inner();
+            let Some(Batch { jobs, full }) = self.pop_batch(vring, queue, &mem) else {
+                return;
+            };
+            if !jobs.is_empty() {
+                announced = false;
+                self.engine.pool().run_batch(jobs);
+                continue;
+            }
+            if let Some(limit) = full {
+                // A ring's worth of requests is in flight: only a guest
+                // that reuses descriptors it has not got back gets here.
+                // Wait for the oldest instead of growing without bound.
+                self.shared.queues[usize::from(queue)]
+                    .completions
+                    .wait_below(limit);
+                announced = false;
+                continue;
+            }
+            if announced {
+                // More is available but nothing could be popped: the
+                // available ring is broken. Do not spin on it.
+                warn!(queue, "available ring index is invalid");
+                let _ = vring.get_mut().get_queue_mut().enable_notification(&*mem);
+                return;
+            }
+            poller.idle(Instant::now());
+            if self.poll_ring(vring, &mem, &mut poller) {
+                poller.busy(Instant::now());
+                announced = true;
+                continue;
+            }
+            // Re-enable kicks and check again, so a request made available
+            // just before is not left waiting for a kick.
+            match vring.get_mut().get_queue_mut().enable_notification(&*mem) {
+                Ok(true) => {
+                    poller.busy(Instant::now());
+                    announced = true;
+                }
+                Ok(false) => return,
+                Err(e) => {
+                    warn!(queue, "cannot enable vring notifications: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Pops every available request of `vring`, with kicks suppressed, and
+    /// admits each into the queue's publication order, up to a ring's
+    /// worth in flight. `None` when the vring is stopped or cannot be used.
+    fn pop_batch(&self, vring: &Vring, queue: u16, mem: &Arc<GuestMemoryMmap>) -> Option<Batch> {
+        let q = self.shared.queues.get(usize::from(queue))?;
+        let mut window = q.completions.lock();
         let mut state = vring.get_mut();
         // A kick may race with GET_VRING_BASE stopping the ring.
         if !state.get_queue().ready() {
             debug!(queue, "kick on a stopped vring");
-            return;
+            return None;
         }
-        let ctx = RequestContext {
-            device: &*self.device,
-            queue,
-            read_only: self.read_only,
-            writeback: self.writeback(),
-            device_id: &self.device_id,
-            size_max: self
-                .size_max_negotiated
-                .load(Ordering::Relaxed)
-                .then_some(config::SIZE_MAX),
-        };
-
-        let mut completed = 0u64;
-        loop {
-            // Suppress kicks while draining; with EVENT_IDX this is a no-op
-            // and enable_notification publishes avail_event instead.
-            if let Err(e) = state.get_queue_mut().disable_notification(&*mem) {
-                warn!(queue, "cannot disable vring notifications: {e}");
-                break;
-            }
-            let mut popped = 0u64;
-            while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) {
-                let head = chain.head_index();
-                let done = process_request(&mem, chain, &ctx);
-                if !done.is_ok() {
-                    stats.errors.fetch_add(1, Ordering::Relaxed);
-                }
-                if let Err(e) = state.get_queue_mut().add_used(&*mem, head, done.used_len) {
-                    warn!(queue, head, "cannot add to the used ring: {e}");
-                }
-                popped += 1;
-            }
-            completed += popped;
-            // Tell the guest about this batch now rather than after the
-            // whole drain: with big requests and a deep queue the guest
-            // would otherwise wait for every request it keeps adding.
-            if popped > 0 {
-                signal_guest(&mut state, &mem, queue);
-            }
-            // Re-enable and check again, so a request made available between
-            // the last pop and the re-enable is not left waiting for a kick.
-            match state.get_queue_mut().enable_notification(&*mem) {
-                Ok(true) if popped == 0 => {
-                    // More is available but nothing could be popped: the
-                    // available ring is broken. Do not spin on it.
-                    warn!(queue, "available ring index is invalid");
-                    break;
-                }
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    warn!(queue, "cannot enable vring notifications: {e}");
-                    break;
-                }
-            }
+        // With EVENT_IDX this is a no-op, and enable_notification
+        // publishes avail_event instead.
+        if let Err(e) = state.get_queue_mut().disable_notification(&**mem) {
+            warn!(queue, "cannot disable vring notifications: {e}");
+            return None;
         }
-        stats.requests.fetch_add(completed, Ordering::Relaxed);
+        let writeback = self.writeback();
+        let size_max = self
+            .size_max_negotiated
+            .load(Ordering::Relaxed)
+            .then_some(config::SIZE_MAX);
+        let limit = usize::from(state.get_queue().size()).max(1);
+        let mut jobs = Vec::new();
+        while window.in_flight() < limit
+            && let Some(chain) = state.get_queue_mut().pop_descriptor_chain(Arc::clone(mem))
+        {
+            let ticket = window.admit();
+            let request = PoppedRequest {
+                shared: Arc::clone(&self.shared),
+                vring: vring.clone(),
+                queue,
+                ticket,
+                writeback,
+                size_max,
+            };
+            let mem = Arc::clone(mem);
+            jobs.push(Box::new(move || request.run(chain, mem)) as Job);
+        }
+        let full = (window.in_flight() >= limit).then_some(limit);
+        Some(Batch { jobs, full })
     }
+
+    /// Polls the available ring for the poller's window. Returns whether
+    /// a request showed up.
+    fn poll_ring(&self, vring: &Vring, mem: &GuestMemoryMmap, poller: &mut Poller) -> bool {
+        let start = Instant::now();
+        let window = poller.window(start);
+        if window.is_zero() {
+            return false;
+        }
+        let before = CpuSample::of_this_thread();
+        let deadline = start + window;
+        let found = loop {
+            if has_available(vring, mem) {
+                break true;
+            }
+            if Instant::now() >= deadline {
+                break false;
+            }
+            std::hint::spin_loop();
+        };
+        if let (Ok(before), Ok(after)) = (before, CpuSample::of_this_thread()) {
+            poller.window_ran(start, Instant::now(), before, after);
+        }
+        found
+    }
+}
+
+/// What [`BlkBackend::pop_batch`] popped.
+struct Batch {
+    jobs: Vec<Job>,
+    /// The in-flight limit when it was reached.
+    full: Option<usize>,
+}
+
+/// Whether the (ready) ring has requests not yet popped.
+fn has_available(vring: &Vring, mem: &GuestMemoryMmap) -> bool {
+    let state = vring.get_ref();
+    let queue = state.get_queue();
+    queue.ready()
+        && queue
+            .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+            .is_ok_and(|idx| idx.0 != queue.next_avail())
+}
+
+/// A request popped from a queue, as it travels to the thread that runs it.
+struct PoppedRequest {
+    shared: Arc<RequestShared>,
+    vring: Vring,
+    queue: u16,
+    ticket: Ticket,
+    writeback: bool,
+    /// `size_max`, when the driver negotiated it.
+    size_max: Option<u32>,
+}
+
+impl PoppedRequest {
+    /// Runs the request, and completes it now or after its flush.
+    fn run(self, chain: Chain, mem: Arc<GuestMemoryMmap>) {
+        let head = chain.head_index();
+        let shared = &self.shared;
+        let ctx = RequestContext {
+            device: &*shared.device,
+            queue: self.queue,
+            read_only: shared.read_only,
+            writeback: self.writeback,
+            device_id: &shared.device_id,
+            size_max: self.size_max,
+        };
+        match process_request(&mem, chain, &ctx) {
+            Outcome::Complete(done) => self.finish(head, done),
+            Outcome::AfterFlush(pending) => {
+                let flusher = shared.flusher.clone();
+                flusher.submit(Box::new(move |result| {
+                    let done = pending.complete(&mem, result);
+                    self.finish(head, done);
+                }));
+            }
+        }
+    }
+
+    fn finish(self, head: u16, done: Completion) {
+        let Some(q) = self.shared.queues.get(usize::from(self.queue)) else {
+            return;
+        };
+        q.stats.requests.fetch_add(1, Ordering::Relaxed);
+        if !done.is_ok() {
+            q.stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        let used = Used {
+            head,
+            len: done.used_len,
+        };
+        q.completions.complete(self.ticket, used, |ready| {
+            publish(&self.vring, &self.shared.mem.memory(), self.queue, ready);
+        });
+    }
+}
+
+/// Puts `ready` into the used ring and notifies the guest once.
+///
+/// Invariant (see [`super::completion`]): `ready` holds completions in
+/// the order their requests were made available, and every request made
+/// available before them has already been published. Only
+/// [`Completions::complete`] calls this, with its window locked, so the
+/// used ring always counts a prefix of the available ring; QEMU relies on
+/// that to resume a restarted server from the used index.
+fn publish(vring: &Vring, mem: &GuestMemoryMmap, queue: u16, ready: &[Used]) {
+    let mut state = vring.get_mut();
+    for used in ready {
+        if let Err(e) = state.get_queue_mut().add_used(mem, used.head, used.len) {
+            warn!(queue, head = used.head, "cannot add to the used ring: {e}");
+        }
+    }
+    signal_guest(&mut state, mem, queue);
 }
 
 /// Interrupts the guest unless EVENT_IDX (or NO_INTERRUPT) says it does not
@@ -403,6 +609,23 @@ impl VhostUserBackend for BlkBackend {
         Ok(())
     }
 
+    /// RESET_DEVICE: the rings are disabled; let what was popped finish.
+    fn reset_device(&self) {
+        self.drain();
+    }
+
+    /// GET_VRING_BASE: the ring is already marked not ready, so nothing
+    /// more is popped; wait until every request popped from it has been
+    /// published, so that the index the frontend gets back (next
+    /// available) equals the used index.
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        let queue = usize::try_from(queue_index).ok();
+        if let Some(q) = queue.and_then(|i| self.shared.queues.get(i)) {
+            q.completions.wait_idle();
+        }
+        Ok(())
+    }
+
     fn queues_per_thread(&self) -> Vec<u64> {
         // One worker thread per queue.
         (0..self.num_queues).map(|queue| 1u64 << queue).collect()
@@ -476,21 +699,26 @@ mod tests {
 
     use super::*;
     use crate::server::mem_disk::MemDisk;
+    use crate::server::test_disk::GatedDisk;
 
     const QUEUE_SIZE: u16 = 16;
 
-    struct Setup {
+    struct Setup<D> {
         backend: BlkBackend,
-        disk: Arc<MemDisk>,
+        disk: Arc<D>,
         mem: GuestMemoryAtomic,
     }
 
-    fn setup(opts: &ServerOptions) -> Setup {
+    fn setup(opts: &ServerOptions) -> Setup<MemDisk> {
+        setup_with(Arc::new(MemDisk::new(64 * 512)), opts)
+    }
+
+    fn setup_with<D: BlockDevice + 'static>(disk: Arc<D>, opts: &ServerOptions) -> Setup<D> {
         let mem = GuestMemoryAtomic::new(
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap(),
         );
-        let disk = Arc::new(MemDisk::new(64 * 512));
-        let backend = BlkBackend::new(disk.clone(), opts, mem.clone()).unwrap();
+        let engine = Arc::new(DeviceEngine::new(disk.clone(), opts).unwrap());
+        let backend = BlkBackend::new(engine, opts, mem.clone()).unwrap();
         Setup { backend, disk, mem }
     }
 
@@ -574,8 +802,8 @@ mod tests {
         )
     }
 
-    fn run_batch(event_idx: bool) {
-        let s = setup(&ServerOptions::default());
+    fn run_batch(event_idx: bool, opts: &ServerOptions) {
+        let s = setup(opts);
         let guard = s.mem.memory();
         let queue = MockSplitQueue::new(&*guard, QUEUE_SIZE);
         let vring = vring(&s.mem, &queue, event_idx);
@@ -596,6 +824,7 @@ mod tests {
         s.backend
             .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
             .unwrap();
+        s.backend.drain();
 
         assert_eq!(used_idx(&guard, &queue), 3);
         assert_eq!(used_elem(&guard, &queue, 0), (0, 513));
@@ -603,8 +832,9 @@ mod tests {
         assert_eq!(used_elem(&guard, &queue, 2), (6, 1));
         assert_eq!(s.disk.contents(3 * 512, 512), vec![0xcd; 512]);
         assert!(consumer.consume().is_ok(), "the guest was not notified");
-        assert_eq!(s.backend.stats[0].requests.load(Ordering::Relaxed), 3);
-        assert_eq!(s.backend.stats[0].errors.load(Ordering::Relaxed), 1);
+        let stats = &s.backend.shared.queues[0].stats;
+        assert_eq!(stats.requests.load(Ordering::Relaxed), 3);
+        assert_eq!(stats.errors.load(Ordering::Relaxed), 1);
 
         // Nothing to do: no completion, no notification.
         s.backend
@@ -616,12 +846,155 @@ mod tests {
 
     #[test]
     fn batch_without_event_idx() {
-        run_batch(false);
+        run_batch(false, &ServerOptions::default());
     }
 
     #[test]
     fn batch_with_event_idx() {
-        run_batch(true);
+        run_batch(true, &ServerOptions::default());
+    }
+
+    #[test]
+    fn batch_on_the_worker_alone() {
+        let opts = ServerOptions {
+            io_threads: 0,
+            ..ServerOptions::default()
+        };
+        run_batch(false, &opts);
+    }
+
+    #[test]
+    fn batch_with_polling() {
+        // The worker polls for at most 1 ms after the batch, then sleeps.
+        let opts = ServerOptions {
+            poll_max_us: 1000,
+            ..ServerOptions::default()
+        };
+        run_batch(true, &opts);
+    }
+
+    fn used_heads(mem: &GuestMemoryMmap, queue: &MockSplitQueue<'_, GuestMemoryMmap>) -> Vec<u32> {
+        (0..u64::from(used_idx(mem, queue)))
+            .map(|i| used_elem(mem, queue, i).0)
+            .collect()
+    }
+
+    #[test]
+    fn a_slow_request_is_published_before_faster_ones_behind_it() {
+        let s = setup_with(
+            Arc::new(GatedDisk::new(64 * 512)),
+            &ServerOptions::default(),
+        );
+        let guard = s.mem.memory();
+        let queue = MockSplitQueue::new(&*guard, QUEUE_SIZE);
+        let vring = vring(&s.mem, &queue, true);
+        s.disk.close_reads_at(0);
+        add_requests(
+            &queue,
+            &guard,
+            &[
+                (VIRTIO_BLK_T_IN, 0),
+                (VIRTIO_BLK_T_IN, 1),
+                (VIRTIO_BLK_T_OUT, 2),
+                (VIRTIO_BLK_T_IN, 3),
+            ],
+        );
+        std::thread::scope(|scope| {
+            // Whichever thread runs the slow read stays in it.
+            let worker = scope.spawn(|| {
+                s.backend
+                    .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+                    .unwrap();
+            });
+            // The requests behind the slow read run and finish...
+            s.disk.wait_for_io(2, 1);
+            // ...but none is published ahead of it.
+            assert_eq!(used_idx(&guard, &queue), 0);
+            s.disk.open_reads();
+            worker.join().unwrap();
+        });
+        s.backend.drain();
+        assert_eq!(used_heads(&guard, &queue), [0, 3, 6, 9]);
+        assert_eq!(used_elem(&guard, &queue, 0), (0, 513));
+    }
+
+    #[test]
+    fn a_waiting_flush_holds_back_its_queue_but_not_the_writes_behind_it() {
+        let s = setup_with(
+            Arc::new(GatedDisk::new(64 * 512)),
+            &ServerOptions::default(),
+        );
+        let guard = s.mem.memory();
+        let queue = MockSplitQueue::new(&*guard, QUEUE_SIZE);
+        let vring = vring(&s.mem, &queue, false);
+        guard
+            .write_slice(&[0xab; 512], GuestAddress(0x1_2100))
+            .unwrap();
+        s.disk.close_flushes();
+        add_requests(
+            &queue,
+            &guard,
+            &[
+                (VIRTIO_BLK_T_OUT, 0),
+                (virtio_bindings::virtio_blk::VIRTIO_BLK_T_FLUSH, 0),
+                (VIRTIO_BLK_T_OUT, 5),
+            ],
+        );
+        // The worker hands the flush over and does not wait for it.
+        s.backend
+            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+            .unwrap();
+        s.disk.wait_for_flush_started(1);
+        s.disk.wait_for_io(0, 2);
+        assert_eq!(s.disk.inner().contents(5 * 512, 512), [0xab; 512]);
+        // Only the write ahead of the flush is published.
+        assert_eq!(used_heads(&guard, &queue), [0]);
+
+        // GET_VRING_BASE: the ring is stopped, and stop_vring returns only
+        // once everything popped is published.
+        vring.set_queue_ready(false);
+        let used_at = queue.used_addr().unchecked_add(2);
+        std::thread::scope(|scope| {
+            let stop = scope.spawn(|| {
+                s.backend.stop_vring(0).unwrap();
+                s.mem.memory().read_obj::<u16>(used_at).unwrap()
+            });
+            s.disk.open_flushes();
+            assert_eq!(stop.join().unwrap(), 3);
+        });
+        assert_eq!(used_heads(&guard, &queue), [0, 3, 6]);
+        assert_eq!(used_elem(&guard, &queue, 1), (3, 1));
+        assert_eq!(vring.queue_next_avail(), 3);
+        assert_eq!(s.disk.flushes(), 1);
+    }
+
+    #[test]
+    fn write_through_writes_complete_after_a_flush() {
+        let s = setup_with(
+            Arc::new(GatedDisk::new(64 * 512)),
+            &ServerOptions {
+                writeback: false,
+                ..ServerOptions::default()
+            },
+        );
+        let guard = s.mem.memory();
+        let queue = MockSplitQueue::new(&*guard, QUEUE_SIZE);
+        let vring = vring(&s.mem, &queue, false);
+        s.disk.close_flushes();
+        add_requests(
+            &queue,
+            &guard,
+            &[(VIRTIO_BLK_T_OUT, 0), (VIRTIO_BLK_T_IN, 1)],
+        );
+        s.backend
+            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+            .unwrap();
+        s.disk.wait_for_io(1, 1);
+        assert_eq!(used_idx(&guard, &queue), 0);
+        s.disk.open_flushes();
+        s.backend.drain();
+        assert_eq!(used_heads(&guard, &queue), [0, 3]);
+        assert_eq!(s.disk.flushes(), 1);
     }
 
     #[test]

@@ -29,6 +29,14 @@ pub const MIN_QUEUE_SIZE: u16 = 4;
 pub const MAX_QUEUE_SIZE: u16 = 1024;
 /// Default largest virtqueue size; QEMU's default `queue-size` is 128.
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
+/// I/O helper threads per device by default (besides the queue workers).
+pub const DEFAULT_IO_THREADS: usize = 2;
+/// Most I/O helper threads per device.
+pub const MAX_IO_THREADS: usize = 64;
+/// Longest poll window by default, in microseconds: 0, polling is off.
+pub const DEFAULT_POLL_MAX_US: u32 = 0;
+/// Longest poll window accepted, in microseconds.
+pub const MAX_POLL_US: u32 = 1_000_000;
 
 /// How long a new connection may take to ask for its features.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -102,6 +110,13 @@ pub struct ServerOptions {
     /// that connects and says nothing cannot hold the only connection slot.
     /// QEMU sends both right when it connects.
     pub handshake_timeout: Duration,
+    /// I/O helper threads per device: with the queue workers, they run a
+    /// queue's requests concurrently. 0: each request runs on its queue's
+    /// worker.
+    pub io_threads: usize,
+    /// Longest window, in microseconds, a queue worker polls the available
+    /// ring after a batch before sleeping on the kick; 0 disables polling.
+    pub poll_max_us: u32,
 }
 
 impl Default for ServerOptions {
@@ -113,15 +128,24 @@ impl Default for ServerOptions {
             serial: String::new(),
             writeback: true,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            io_threads: DEFAULT_IO_THREADS,
+            poll_max_us: DEFAULT_POLL_MAX_US,
         }
     }
 }
 
 impl ServerOptions {
-    /// Checks the queue count and size and the handshake timeout.
+    /// Checks the queue count and size, the handshake timeout, the I/O
+    /// threads and the poll window.
     pub fn validate(&self) -> Result<(), ServerError> {
         if self.handshake_timeout.is_zero() {
             return Err(ServerError::HandshakeTimeout);
+        }
+        if self.io_threads > MAX_IO_THREADS {
+            return Err(ServerError::IoThreads(self.io_threads));
+        }
+        if self.poll_max_us > MAX_POLL_US {
+            return Err(ServerError::PollMax(self.poll_max_us));
         }
         if !(1..=MAX_QUEUES).contains(&self.queues) {
             return Err(ServerError::QueueCount(self.queues));
@@ -372,6 +396,19 @@ mod tests {
         assert!(matches!(bad(4, 100), ServerError::QueueSize(100)));
         assert!(matches!(bad(4, 2048), ServerError::QueueSize(2048)));
         assert!(matches!(bad(4, 2), ServerError::QueueSize(2)));
+        let threads = ServerOptions {
+            io_threads: MAX_IO_THREADS + 1,
+            ..ServerOptions::default()
+        };
+        assert!(matches!(
+            threads.validate(),
+            Err(ServerError::IoThreads(65))
+        ));
+        let poll = ServerOptions {
+            poll_max_us: MAX_POLL_US + 1,
+            ..ServerOptions::default()
+        };
+        assert!(matches!(poll.validate(), Err(ServerError::PollMax(_))));
         assert!(
             ServerOptions {
                 queues: 16,

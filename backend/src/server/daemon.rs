@@ -31,6 +31,7 @@ use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 use super::ServerError;
 use super::backend::{BlkBackend, GuestMemoryAtomic};
 use super::config::ServerOptions;
+use super::engine::DeviceEngine;
 use super::request::GuestMemoryMmap;
 use crate::device::BlockDevice;
 use crate::sys::try_lock_exclusive;
@@ -178,8 +179,9 @@ fn poll_readable<const N: usize>(fds: [RawFd; N], timeout_ms: i32) -> io::Result
 /// same path fails), creates the socket (mode 0600; a stale socket at the
 /// path is replaced, anything else is refused) and serves one frontend connection after the
 /// other. On shutdown it stops accepting, closes the current connection,
-/// lets the queue workers finish the requests they have taken, flushes the
-/// device, removes the socket and returns `Ok`.
+/// waits for every request taken from the rings to complete, flushes the
+/// device, removes the socket and returns `Ok`. The device's I/O pool and
+/// flush thread ([`DeviceEngine`]) serve every connection.
 pub fn serve(
     device: Arc<dyn BlockDevice>,
     socket: &Path,
@@ -187,6 +189,7 @@ pub fn serve(
     shutdown: ShutdownSignal,
 ) -> Result<(), ServerError> {
     opts.validate()?;
+    let engine = Arc::new(DeviceEngine::new(Arc::clone(&device), opts)?);
     let mut socket = ServerSocket::bind(socket)?;
     info!(
         socket = %socket.path.display(),
@@ -195,15 +198,16 @@ pub fn serve(
         read_only = opts.read_only || device.read_only(),
         "listening for vhost-user frontends"
     );
-    let served = accept_loop(&device, &mut socket, opts, &shutdown);
+    let served = accept_loop(&engine, &mut socket, opts, &shutdown);
     info!("shutting down");
     let flushed = device.flush().map_err(ServerError::Flush);
     drop(socket);
+    drop(engine);
     served.and(flushed)
 }
 
 fn accept_loop(
-    device: &Arc<dyn BlockDevice>,
+    engine: &Arc<DeviceEngine>,
     socket: &mut ServerSocket,
     opts: &ServerOptions,
     shutdown: &ShutdownSignal,
@@ -215,7 +219,7 @@ fn accept_loop(
             return Ok(());
         }
         if pending {
-            serve_connection(device, &mut socket.listener, opts, shutdown)?;
+            serve_connection(engine, &mut socket.listener, opts, shutdown)?;
         }
     }
 }
@@ -223,14 +227,14 @@ fn accept_loop(
 /// Accepts the pending connection and serves it until the frontend leaves
 /// or shutdown is requested.
 fn serve_connection(
-    device: &Arc<dyn BlockDevice>,
+    engine: &Arc<DeviceEngine>,
     listener: &mut Listener,
     opts: &ServerOptions,
     shutdown: &ShutdownSignal,
 ) -> Result<(), ServerError> {
     let ended = EventFd::new(EFD_CLOEXEC | EFD_NONBLOCK).map_err(ServerError::EventFd)?;
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let backend = Arc::new(BlkBackend::new(Arc::clone(device), opts, mem.clone())?);
+    let backend = Arc::new(BlkBackend::new(Arc::clone(engine), opts, mem.clone())?);
     let mut daemon = VhostUserDaemon::new(DAEMON_THREAD_NAME.to_owned(), Arc::clone(&backend), mem)
         .map_err(daemon_error)?;
     // A connection is pending, so this accept returns at once.
@@ -258,13 +262,15 @@ fn serve_connection(
         )) => info!("frontend disconnected"),
         Err(e) => warn!("frontend disconnected after an error: {e}"),
     }
-    // Joins the queue workers, which finish the requests they have started.
+    // Joins the queue workers; requests they handed to the I/O pool or
+    // the flush thread may still run: wait for them.
     drop(daemon);
+    backend.drain();
     backend.log_stats();
     if !shutdown.is_triggered() {
         // Whatever the guest did not flush should not wait for the next
         // connection (or be lost if the server is killed meanwhile).
-        if let Err(e) = device.flush() {
+        if let Err(e) = engine.device().flush() {
             error!("flushing the device after disconnect: {e}");
         }
     }

@@ -5,7 +5,10 @@
 //!   configuration space.
 //! - [`request`]: parsing and executing one virtio-blk request.
 //! - [`backend`]: the `VhostUserBackend` implementation, one worker thread
-//!   per virtqueue.
+//!   per virtqueue that pops requests and polls the ring ([`poll`]).
+//! - [`engine`]: per device, the I/O pool ([`io_pool`]) that runs a queue's
+//!   requests concurrently and the flush thread ([`flusher`]) that merges
+//!   flushes; [`completion`] publishes each queue's completions in order.
 //! - [`daemon`]: the accept loop, one connection at a time, until shutdown.
 //! - [`mem_disk`]: an in-memory device for tests.
 
@@ -13,14 +16,22 @@ use std::io;
 use std::path::PathBuf;
 
 pub mod backend;
+pub mod completion;
 pub mod config;
 pub mod daemon;
+pub mod engine;
+pub mod flusher;
+pub mod io_pool;
 pub mod mem_disk;
+pub mod poll;
 pub mod request;
+#[cfg(test)]
+mod test_disk;
 
 pub use backend::BlkBackend;
 pub use config::ServerOptions;
 pub use daemon::{ShutdownSignal, serve};
+pub use engine::DeviceEngine;
 pub use mem_disk::MemDisk;
 
 /// Errors of the vhost-user-blk server.
@@ -71,6 +82,12 @@ pub enum ServerError {
     // so only its message is kept.
     #[error("vhost-user daemon: {0}")]
     Daemon(String),
+    #[error("invalid I/O thread count {0}: must be at most {max}", max = config::MAX_IO_THREADS)]
+    IoThreads(usize),
+    #[error("invalid poll window {0} us: must be at most {max}", max = config::MAX_POLL_US)]
+    PollMax(u32),
+    #[error("starting the device's I/O threads")]
+    Threads(#[source] io::Error),
     #[error("flushing the device at shutdown")]
     Flush(#[source] io::Error),
     #[error("invalid handshake timeout: must be positive")]

@@ -6,6 +6,12 @@
 //! and a final device-writable status byte. Data goes straight between the
 //! device and guest memory: the chain's buffers become an [`IoBufs`]
 //! scatter list over the guest's mapping.
+//!
+//! A request that must be durable before it completes (FLUSH, and every
+//! write in write-through mode) does its data part here and comes back as
+//! [`Outcome::AfterFlush`]: the caller runs the device flush (the server
+//! hands it to the device's flush thread) and then completes it with
+//! [`PendingFlush::complete`].
 
 use std::fmt;
 use std::io;
@@ -18,7 +24,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::DescriptorChain;
-use vm_memory::{GuestMemory, GuestMemoryBackend};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend};
 
 use super::config::{
     ID_BYTES, MAX_DISCARD_SECTORS, MAX_WRITE_ZEROES_SECTORS, SECTOR_SHIFT, SECTOR_SIZE,
@@ -123,6 +129,66 @@ impl Completion {
     }
 }
 
+/// What [`process_request`] leaves to do.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The request is finished and its status byte written.
+    Complete(Completion),
+    /// The request's data part succeeded; it completes once a device flush
+    /// that started after this point has succeeded (FLUSH, or a write in
+    /// write-through mode).
+    AfterFlush(PendingFlush),
+}
+
+/// A request waiting for a device flush; see [`Outcome::AfterFlush`].
+#[derive(Debug)]
+pub struct PendingFlush {
+    /// Guest address of the status byte.
+    status_addr: GuestAddress,
+    /// Data bytes already written into the guest's buffers.
+    written: usize,
+    request: RequestType,
+    sector: u64,
+    queue: u16,
+}
+
+impl PendingFlush {
+    /// Writes the status byte for the flush's `result` and returns what goes
+    /// into the used ring. `mem` must be the guest memory the request was
+    /// processed with.
+    pub fn complete(self, mem: &GuestMemoryMmap, result: &io::Result<()>) -> Completion {
+        let status = match result {
+            Ok(()) => STATUS_OK,
+            Err(e) => {
+                error!(
+                    queue = self.queue,
+                    request = %self.request,
+                    sector = self.sector,
+                    "device flush failed: {e}"
+                );
+                STATUS_IOERR
+            }
+        };
+        if let Err(e) = mem.write_slice(&[status], self.status_addr) {
+            // The memory table changed under the request: the status
+            // address was valid when the chain was mapped.
+            warn!(
+                queue = self.queue,
+                "cannot write the status byte at {:#x}: {e}", self.status_addr.0
+            );
+            return Completion {
+                status: None,
+                used_len: 0,
+            };
+        }
+        let written = if status == STATUS_OK { self.written } else { 0 };
+        Completion {
+            status: Some(status),
+            used_len: u32::try_from(written).unwrap_or(u32::MAX).saturating_add(1),
+        }
+    }
+}
+
 /// Why a request failed.
 #[derive(Debug)]
 enum Failure {
@@ -206,6 +272,8 @@ struct ChainBuffers<'m> {
     writable: IoBufs<'m>,
     /// Length of the chain's longest descriptor.
     longest: u32,
+    /// Guest address of the last device-writable byte (the status byte).
+    last_writable: Option<GuestAddress>,
 }
 
 /// Translates every descriptor of `chain` into host ranges of `mem`,
@@ -222,9 +290,13 @@ where
     let mut readable = Vec::new();
     let mut writable = Vec::new();
     let mut longest = 0;
+    let mut last_writable = None;
     for desc in chain {
         longest = longest.max(desc.len());
         let ranges = if desc.is_write_only() {
+            if let Some(last) = desc.len().checked_sub(1) {
+                last_writable = desc.addr().checked_add(u64::from(last));
+            }
             &mut writable
         } else {
             &mut readable
@@ -247,6 +319,7 @@ where
         readable,
         writable,
         longest,
+        last_writable,
     })
 }
 
@@ -261,18 +334,23 @@ fn sub_bufs<'m>(bufs: &IoBufs<'m>, start: usize, len: usize) -> IoBufs<'m> {
     unsafe { IoBufs::from_raw(ranges) }
 }
 
-/// Processes the request in `chain`: runs it, writes its status byte and
+/// Processes the request in `chain`: runs it and, unless it must wait for
+/// a device flush ([`Outcome::AfterFlush`]), writes its status byte and
 /// returns what goes into the used ring. Never fails: malformed requests
 /// get an error status (and a log line), device errors get IOERR.
 pub fn process_request<M>(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<M>,
     ctx: &RequestContext<'_>,
-) -> Completion
+) -> Outcome
 where
     M: Deref,
     M::Target: GuestMemory,
 {
+    let dropped = Outcome::Complete(Completion {
+        status: None,
+        used_len: 0,
+    });
     let head = chain.head_index();
     let bufs = match map_chain(mem, chain) {
         Ok(bufs) => bufs,
@@ -281,22 +359,18 @@ where
                 queue = ctx.queue,
                 head, "dropping request: descriptor address {addr:#x} is outside guest memory"
             );
-            return Completion {
-                status: None,
-                used_len: 0,
-            };
+            return dropped;
         }
     };
     // The status byte is the last device-writable byte.
-    let Some(status_at) = bufs.writable.len().checked_sub(1) else {
+    let (Some(status_at), Some(status_addr)) =
+        (bufs.writable.len().checked_sub(1), bufs.last_writable)
+    else {
         warn!(
             queue = ctx.queue,
             head, "dropping request: no device-writable status byte"
         );
-        return Completion {
-            status: None,
-            used_len: 0,
-        };
+        return dropped;
     };
 
     let (status, written) = if bufs.readable.len() < HEADER_SIZE {
@@ -312,7 +386,22 @@ where
         bufs.readable.copy_to(0, &mut raw);
         let header = Header::parse(&raw);
         match execute(&header, &bufs, status_at, ctx) {
-            Ok(written) => (STATUS_OK, written),
+            Ok(Executed {
+                written,
+                flush: false,
+            }) => (STATUS_OK, written),
+            Ok(Executed {
+                written,
+                flush: true,
+            }) => {
+                return Outcome::AfterFlush(PendingFlush {
+                    status_addr,
+                    written,
+                    request: header.request_type,
+                    sector: header.sector,
+                    queue: ctx.queue,
+                });
+            }
             Err(failure) => {
                 log_failure(&header, &failure, ctx);
                 (failure.status(), 0)
@@ -320,11 +409,46 @@ where
         }
     };
     bufs.writable.copy_from(status_at, &[status]);
-    Completion {
+    Outcome::Complete(Completion {
         status: Some(status),
         // Chains are limited to 4 GiB in total, so this saturates only for
         // broken chains.
         used_len: u32::try_from(written).unwrap_or(u32::MAX).saturating_add(1),
+    })
+}
+
+/// Processes the request in `chain` to the end, running a flush it needs
+/// on the calling thread.
+#[cfg(test)]
+pub fn process_request_now<M>(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<M>,
+    ctx: &RequestContext<'_>,
+) -> Completion
+where
+    M: Deref,
+    M::Target: GuestMemory,
+{
+    match process_request(mem, chain, ctx) {
+        Outcome::Complete(done) => done,
+        Outcome::AfterFlush(pending) => pending.complete(mem, &ctx.device.flush()),
+    }
+}
+
+/// What a request's data part did.
+struct Executed {
+    /// Data bytes written into the guest's buffers (status byte excluded).
+    written: usize,
+    /// The request completes only after a device flush.
+    flush: bool,
+}
+
+impl Executed {
+    fn done(written: usize) -> Self {
+        Executed {
+            written,
+            flush: false,
+        }
     }
 }
 
@@ -341,14 +465,13 @@ fn log_failure(header: &Header, failure: &Failure, ctx: &RequestContext<'_>) {
     }
 }
 
-/// Runs a request whose header is `header`. Returns the number of data
-/// bytes written into the guest's buffers (status byte excluded).
+/// Runs the data part of a request whose header is `header`.
 fn execute(
     header: &Header,
     bufs: &ChainBuffers<'_>,
     status_at: usize,
     ctx: &RequestContext<'_>,
-) -> Result<usize, Failure> {
+) -> Result<Executed, Failure> {
     if let Some(max) = ctx.size_max
         && bufs.longest > max
     {
@@ -368,7 +491,7 @@ fn execute(
             let offset = data_range(header.sector, in_len, device.size())?;
             let dst = sub_bufs(&bufs.writable, 0, in_len);
             device.read(offset, &dst).map_err(Failure::Device)?;
-            Ok(in_len)
+            Ok(Executed::done(in_len))
         }
         RequestType::Out => {
             refuse_if_read_only(ctx)?;
@@ -376,13 +499,12 @@ fn execute(
             let offset = data_range(header.sector, out_len, device.size())?;
             let src = sub_bufs(&bufs.readable, HEADER_SIZE, out_len);
             device.write(offset, &src).map_err(Failure::Device)?;
-            write_through(ctx)?;
-            Ok(0)
+            Ok(write_through(ctx))
         }
-        RequestType::Flush => {
-            device.flush().map_err(Failure::Device)?;
-            Ok(0)
-        }
+        RequestType::Flush => Ok(Executed {
+            written: 0,
+            flush: true,
+        }),
         RequestType::GetId => {
             expect_no_data(out_len, "device-readable")?;
             if in_len < ID_BYTES {
@@ -391,7 +513,7 @@ fn execute(
                 )));
             }
             bufs.writable.copy_from(0, ctx.device_id);
-            Ok(ID_BYTES)
+            Ok(Executed::done(ID_BYTES))
         }
         RequestType::Discard | RequestType::WriteZeroes => {
             refuse_if_read_only(ctx)?;
@@ -405,8 +527,7 @@ fn execute(
             bufs.readable.copy_to(HEADER_SIZE, &mut raw);
             let segment = Segment::parse(&raw);
             discard_or_write_zeroes(header.request_type, &segment, ctx)?;
-            write_through(ctx)?;
-            Ok(0)
+            Ok(write_through(ctx))
         }
         RequestType::Unsupported(_) => Err(Failure::Unsupported("unknown request type".into())),
     }
@@ -456,12 +577,12 @@ fn refuse_if_read_only(ctx: &RequestContext<'_>) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Flushes after a write in write-through mode.
-fn write_through(ctx: &RequestContext<'_>) -> Result<(), Failure> {
-    if !ctx.writeback {
-        ctx.device.flush().map_err(Failure::Device)?;
+/// A finished write: in write-through mode it completes after a flush.
+fn write_through(ctx: &RequestContext<'_>) -> Executed {
+    Executed {
+        written: 0,
+        flush: !ctx.writeback,
     }
-    Ok(())
 }
 
 fn expect_no_data(len: usize, direction: &str) -> Result<(), Failure> {
@@ -502,14 +623,12 @@ fn byte_range(sector: u64, len: u64, size: u64) -> Result<u64, Failure> {
 mod tests {
     use std::sync::Arc;
 
+    use super::*;
+    use crate::server::mem_disk::MemDisk;
     use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::desc::split::Descriptor as SplitDescriptor;
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::{Bytes, GuestAddress};
-
-    use super::*;
-    use crate::server::mem_disk::MemDisk;
 
     const DISK_SECTORS: u64 = 64;
     const HEADER_ADDR: u64 = 0x1000;
@@ -610,7 +729,7 @@ mod tests {
                 device_id: ID,
                 size_max: self.size_max,
             };
-            process_request(&self.mem, chain, &ctx)
+            process_request_now(&self.mem, chain, &ctx)
         }
     }
 
