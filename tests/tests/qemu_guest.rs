@@ -380,6 +380,9 @@ fn data_survives_guest_reboot_and_qemu_restart() {
     assert_eq!(payload_hashes(&info), before, "payload blobs changed");
 }
 
+/// O_DIRECT readers running across the restart in `qemu_reconnects_after_server_restart`.
+const DIRECT_READERS: u64 = 8;
+
 #[test]
 fn qemu_reconnects_after_server_restart() {
     let node = Node::new("e2e-3");
@@ -415,9 +418,11 @@ fn qemu_reconnects_after_server_restart() {
         "read before the restart"
     );
 
-    // I/O in flight across the restart: a 128 MiB reader (the ESP) and a
-    // 64 MiB writer (blob.bin over and over, each piece fsynced) take
-    // seconds under TCG. Observed with QEMU 7.2: when the backend dies,
+    // I/O in flight across the restart: a 128 MiB reader (the ESP), eight
+    // O_DIRECT readers of 8 MiB each that keep a deeper queue (the server
+    // runs a queue's requests concurrently and must still complete them
+    // in order for the restart to be exact) and a 64 MiB writer (blob.bin
+    // over and over, each piece fsynced) take seconds under TCG. Observed with QEMU 7.2: when the backend dies,
     // QEMU cannot fetch the ring state ("vhost VQ n ring restore failed" on
     // its stderr), rewinds each queue to its used index, and on reconnect
     // the new server processes every request the old one had not
@@ -428,7 +433,11 @@ fn qemu_reconnects_after_server_restart() {
         &format!(
             "(dd if=/dev/vda bs=1M skip={esp_mib} count=128 2>/dev/null | sha256sum > /tmp/r) & rp=$!; \
              (for k in $(seq 0 63); do dd if=/system/data/blob.bin of=/dev/{data} bs=64k \
-             seek=$((k * 16)) conv=fsync 2>/dev/null || exit 1; done) & wp=$!"
+             seek=$((k * 16)) conv=fsync 2>/dev/null || exit 1; done) & wp=$!; \
+             dps=; for k in $(seq 0 {last}); do \
+             (dd if=/dev/vda iflag=direct bs=64k skip=$(( ({esp_mib} + k * 8) * 16 )) count=128 \
+             2>/dev/null | sha256sum > /tmp/d$k) & dps=\"$dps $!\"; done",
+            last = DIRECT_READERS - 1,
         ),
         CMD,
     );
@@ -449,13 +458,22 @@ fn qemu_reconnects_after_server_restart() {
     );
 
     let out = guest.run_ok(
-        &format!("wait $rp && wait $wp && echo \"{TAG} $(cut -c1-64 /tmp/r)\""),
+        &format!(
+            "wait $rp && wait $wp && for p in $dps; do wait $p || exit 1; done && \
+             echo \"{TAG} $(cut -c1-64 /tmp/r)\" && \
+             for k in $(seq 0 {last}); do echo \"{TAG} $(cut -c1-64 /tmp/d$k)\"; done",
+            last = DIRECT_READERS - 1,
+        ),
         Duration::from_secs(180),
+    );
+    let mut want_reads = vec![sha256_hex(&read_at(&base, esp_mib << 20, 128 << 20))];
+    want_reads.extend(
+        (0..DIRECT_READERS).map(|k| sha256_hex(&read_at(&base, (esp_mib + k * 8) << 20, 8 << 20))),
     );
     assert_eq!(
         tagged(&out),
-        [sha256_hex(&read_at(&base, esp_mib << 20, 128 << 20))],
-        "read in flight across the restart:\n{out}"
+        want_reads,
+        "reads in flight across the restart:\n{out}"
     );
 
     // New reads and writes on the new connection.
