@@ -702,6 +702,10 @@ mod tests {
     use crate::server::test_disk::GatedDisk;
 
     const QUEUE_SIZE: u16 = 16;
+    /// The vrings' used ring. Not the mock's: virtio-queue 0.18's mock
+    /// places its used ring over the second half of its available ring
+    /// (it aligns the end of the ring's first `len` bytes, not entries).
+    const USED_RING: GuestAddress = GuestAddress(0x8000);
 
     struct Setup<D> {
         backend: BlkBackend,
@@ -731,11 +735,7 @@ mod tests {
         let vring = Vring::new(mem.clone(), QUEUE_SIZE).unwrap();
         vring.set_queue_size(QUEUE_SIZE);
         vring
-            .set_queue_info(
-                queue.desc_table_addr().0,
-                queue.avail_addr().0,
-                queue.used_addr().0,
-            )
+            .set_queue_info(queue.desc_table_addr().0, queue.avail_addr().0, USED_RING.0)
             .unwrap();
         vring.set_queue_event_idx(event_idx);
         vring.set_queue_ready(true);
@@ -785,17 +785,12 @@ mod tests {
         queue.add_desc_chains(&descs, 0).unwrap();
     }
 
-    fn used_idx(mem: &GuestMemoryMmap, queue: &MockSplitQueue<'_, GuestMemoryMmap>) -> u16 {
-        mem.read_obj::<u16>(queue.used_addr().unchecked_add(2))
-            .unwrap()
+    fn used_idx(mem: &GuestMemoryMmap) -> u16 {
+        mem.read_obj::<u16>(USED_RING.unchecked_add(2)).unwrap()
     }
 
-    fn used_elem(
-        mem: &GuestMemoryMmap,
-        queue: &MockSplitQueue<'_, GuestMemoryMmap>,
-        i: u64,
-    ) -> (u32, u32) {
-        let at = queue.used_addr().unchecked_add(4 + 8 * i);
+    fn used_elem(mem: &GuestMemoryMmap, i: u64) -> (u32, u32) {
+        let at = USED_RING.unchecked_add(4 + 8 * i);
         (
             mem.read_obj::<u32>(at).unwrap(),
             mem.read_obj::<u32>(at.unchecked_add(4)).unwrap(),
@@ -826,10 +821,10 @@ mod tests {
             .unwrap();
         s.backend.drain();
 
-        assert_eq!(used_idx(&guard, &queue), 3);
-        assert_eq!(used_elem(&guard, &queue, 0), (0, 513));
-        assert_eq!(used_elem(&guard, &queue, 1), (3, 1));
-        assert_eq!(used_elem(&guard, &queue, 2), (6, 1));
+        assert_eq!(used_idx(&guard), 3);
+        assert_eq!(used_elem(&guard, 0), (0, 513));
+        assert_eq!(used_elem(&guard, 1), (3, 1));
+        assert_eq!(used_elem(&guard, 2), (6, 1));
         assert_eq!(s.disk.contents(3 * 512, 512), vec![0xcd; 512]);
         assert!(consumer.consume().is_ok(), "the guest was not notified");
         let stats = &s.backend.shared.queues[0].stats;
@@ -840,7 +835,7 @@ mod tests {
         s.backend
             .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
             .unwrap();
-        assert_eq!(used_idx(&guard, &queue), 3);
+        assert_eq!(used_idx(&guard), 3);
         assert!(consumer.consume().is_err());
     }
 
@@ -873,9 +868,21 @@ mod tests {
         run_batch(true, &opts);
     }
 
-    fn used_heads(mem: &GuestMemoryMmap, queue: &MockSplitQueue<'_, GuestMemoryMmap>) -> Vec<u32> {
-        (0..u64::from(used_idx(mem, queue)))
-            .map(|i| used_elem(mem, queue, i).0)
+    /// Waits until the used index reaches `n`.
+    fn wait_for_used(mem: &GuestMemoryMmap, n: u16) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while used_idx(mem) < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {n} used entries"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    fn used_heads(mem: &GuestMemoryMmap) -> Vec<u32> {
+        (0..u64::from(used_idx(mem)))
+            .map(|i| used_elem(mem, i).0)
             .collect()
     }
 
@@ -909,13 +916,13 @@ mod tests {
             // The requests behind the slow read run and finish...
             s.disk.wait_for_io(2, 1);
             // ...but none is published ahead of it.
-            assert_eq!(used_idx(&guard, &queue), 0);
+            assert_eq!(used_idx(&guard), 0);
             s.disk.open_reads();
             worker.join().unwrap();
         });
         s.backend.drain();
-        assert_eq!(used_heads(&guard, &queue), [0, 3, 6, 9]);
-        assert_eq!(used_elem(&guard, &queue, 0), (0, 513));
+        assert_eq!(used_heads(&guard), [0, 3, 6, 9]);
+        assert_eq!(used_elem(&guard, 0), (0, 513));
     }
 
     #[test]
@@ -948,12 +955,13 @@ mod tests {
         s.disk.wait_for_io(0, 2);
         assert_eq!(s.disk.inner().contents(5 * 512, 512), [0xab; 512]);
         // Only the write ahead of the flush is published.
-        assert_eq!(used_heads(&guard, &queue), [0]);
+        wait_for_used(&guard, 1);
+        assert_eq!(used_heads(&guard), [0]);
 
         // GET_VRING_BASE: the ring is stopped, and stop_vring returns only
         // once everything popped is published.
         vring.set_queue_ready(false);
-        let used_at = queue.used_addr().unchecked_add(2);
+        let used_at = USED_RING.unchecked_add(2);
         std::thread::scope(|scope| {
             let stop = scope.spawn(|| {
                 s.backend.stop_vring(0).unwrap();
@@ -962,10 +970,71 @@ mod tests {
             s.disk.open_flushes();
             assert_eq!(stop.join().unwrap(), 3);
         });
-        assert_eq!(used_heads(&guard, &queue), [0, 3, 6]);
-        assert_eq!(used_elem(&guard, &queue, 1), (3, 1));
+        assert_eq!(used_heads(&guard), [0, 3, 6]);
+        assert_eq!(used_elem(&guard, 1), (3, 1));
         assert_eq!(vring.queue_next_avail(), 3);
         assert_eq!(s.disk.flushes(), 1);
+    }
+
+    #[test]
+    fn a_guest_reposting_descriptors_cannot_exceed_a_ring_of_requests_in_flight() {
+        let s = setup_with(
+            Arc::new(GatedDisk::new(64 * 512)),
+            &ServerOptions::default(),
+        );
+        let guard = s.mem.memory();
+        let queue = MockSplitQueue::new(&*guard, QUEUE_SIZE);
+        let vring = vring(&s.mem, &queue, false);
+        s.disk.close_flushes();
+        // A FLUSH that will wait, then reads (heads 3, 6, 9, 12)...
+        add_requests(
+            &queue,
+            &guard,
+            &[
+                (virtio_bindings::virtio_blk::VIRTIO_BLK_T_FLUSH, 0),
+                (VIRTIO_BLK_T_IN, 1),
+                (VIRTIO_BLK_T_IN, 2),
+                (VIRTIO_BLK_T_IN, 3),
+                (VIRTIO_BLK_T_IN, 4),
+            ],
+        );
+        // ...and head 3 posted again and again without having come back.
+        let post = |from: u16, to: u16, head: u16| {
+            for at in from..to {
+                let slot = usize::from(at % QUEUE_SIZE);
+                queue
+                    .avail()
+                    .ring()
+                    .ref_at(slot)
+                    .unwrap()
+                    .store(head.to_le());
+            }
+            queue.avail().idx().store(to.to_le());
+        };
+        post(5, QUEUE_SIZE, 3);
+        std::thread::scope(|scope| {
+            let worker = scope.spawn(|| {
+                s.backend
+                    .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
+                    .unwrap();
+            });
+            s.disk.wait_for_flush_started(1);
+            s.disk.wait_for_io(15, 0);
+            // A ring's worth is in flight, held back by the FLUSH: the
+            // worker must not pop these until something completes.
+            post(QUEUE_SIZE, 2 * QUEUE_SIZE, 6);
+            assert_eq!(s.disk.reads_done(), 15);
+            s.disk.open_flushes();
+            worker.join().unwrap();
+        });
+        s.backend.drain();
+        // Everything completed; the ring now holds the second round.
+        assert_eq!(used_idx(&guard), 2 * QUEUE_SIZE);
+        let heads: Vec<_> = (0..u64::from(QUEUE_SIZE))
+            .map(|i| used_elem(&guard, i).0)
+            .collect();
+        assert_eq!(heads, [6; QUEUE_SIZE as usize]);
+        assert_eq!(s.disk.reads_done(), 31);
     }
 
     #[test]
@@ -990,10 +1059,10 @@ mod tests {
             .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
             .unwrap();
         s.disk.wait_for_io(1, 1);
-        assert_eq!(used_idx(&guard, &queue), 0);
+        assert_eq!(used_idx(&guard), 0);
         s.disk.open_flushes();
         s.backend.drain();
-        assert_eq!(used_heads(&guard, &queue), [0, 3]);
+        assert_eq!(used_heads(&guard), [0, 3]);
         assert_eq!(s.disk.flushes(), 1);
     }
 
@@ -1008,7 +1077,7 @@ mod tests {
         s.backend
             .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
             .unwrap();
-        assert_eq!(used_idx(&guard, &queue), 0);
+        assert_eq!(used_idx(&guard), 0);
         // An unknown vring index is logged, not fatal to the worker.
         assert!(s.backend.handle_event(5, EventSet::IN, &[], 0).is_ok());
     }

@@ -51,13 +51,39 @@ impl GatedDisk {
         self.changed.notify_all();
     }
 
-    /// Waits until `done` holds; panics after the deadline.
+    /// Waits, on the test's side, until `done` holds. After the deadline
+    /// it opens every gate, so that no server thread stays blocked, and
+    /// panics.
     fn wait(&self, what: &str, done: impl Fn(&Gates) -> bool) {
         let deadline = Instant::now() + DEADLINE;
         let mut gates = self.gates();
         while !done(&gates) {
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "timed out waiting for {what}");
+            if left.is_zero() {
+                gates.reads_closed = false;
+                gates.flushes_closed = false;
+                drop(gates);
+                self.changed.notify_all();
+                panic!("timed out waiting for {what}");
+            }
+            gates = self
+                .changed
+                .wait_timeout(gates, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Blocks a device call while `closed` holds, at most until the
+    /// deadline: a test that failed before opening a gate must still end.
+    fn gate(&self, closed: impl Fn(&Gates) -> bool) {
+        let deadline = Instant::now() + DEADLINE;
+        let mut gates = self.gates();
+        while closed(&gates) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
             gates = self
                 .changed
                 .wait_timeout(gates, left)
@@ -97,6 +123,10 @@ impl GatedDisk {
         });
     }
 
+    pub fn reads_done(&self) -> u64 {
+        self.gates().reads_done
+    }
+
     pub fn flushes(&self) -> u64 {
         self.disk.flushes()
     }
@@ -112,9 +142,7 @@ impl BlockDevice for GatedDisk {
     }
 
     fn read(&self, offset: u64, dst: &IoBufs<'_>) -> io::Result<()> {
-        self.wait("the read gate", |g| {
-            !(g.reads_closed && g.slow_read_offset == Some(offset))
-        });
+        self.gate(|g| g.reads_closed && g.slow_read_offset == Some(offset));
         let result = self.disk.read(offset, dst);
         self.update(|g| g.reads_done += 1);
         result
@@ -128,7 +156,7 @@ impl BlockDevice for GatedDisk {
 
     fn flush(&self) -> io::Result<()> {
         self.update(|g| g.flushes_started += 1);
-        self.wait("the flush gate", |g| !g.flushes_closed);
+        self.gate(|g| g.flushes_closed);
         self.disk.flush()
     }
 
