@@ -28,7 +28,7 @@ use libfuzzer_sys::fuzz_target;
 use ociblk::device::BlockDevice as _;
 use ociblk::server::MemDisk;
 use ociblk::server::config::ID_BYTES;
-use ociblk::server::request::{GuestMemoryMmap, RequestContext, process_request};
+use ociblk::server::request::{GuestMemoryMmap, Outcome, RequestContext, process_request};
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::mock::MockSplitQueue;
@@ -158,7 +158,12 @@ fuzz_target!(|data: &[u8]| {
             .filter(|d| d.is_write_only())
             .map(|d| u64::from(d.len()))
             .sum();
-        let done = process_request(&mem, chain, &ctx);
+        // A request that waits for a flush completes after one runs here,
+        // as the server's flush thread does.
+        let done = match process_request(&mem, chain, &ctx) {
+            Outcome::Complete(done) => done,
+            Outcome::AfterFlush(pending) => pending.complete(&mem, &disk.flush()),
+        };
         assert_eq!(
             done.status.is_none(),
             done.used_len == 0,
