@@ -170,8 +170,8 @@ impl PendingFlush {
             }
         };
         if let Err(e) = mem.write_slice(&[status], self.status_addr) {
-            // The memory table changed under the request: the status
-            // address was valid when the chain was mapped.
+            // Only with memory other than the map the chain was checked
+            // against, where the status address was valid.
             warn!(
                 queue = self.queue,
                 "cannot write the status byte at {:#x}: {e}", self.status_addr.0
