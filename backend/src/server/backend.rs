@@ -566,7 +566,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let mut space = self.config.clone();
+        let mut space = self.config;
         space.set_writeback(self.writeback.load(Ordering::Relaxed));
         space.read(offset, size)
     }

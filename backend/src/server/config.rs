@@ -5,12 +5,15 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
     VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
-    VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES,
+    VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES, virtio_blk_config,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
+use std::mem::offset_of;
 use std::time::Duration;
+
+use vm_memory::ByteValued;
 
 use super::ServerError;
 
@@ -66,28 +69,9 @@ pub const WRITE_ZEROES_MAY_UNMAP: u8 = 1;
 /// Length of the GET_ID answer.
 pub const ID_BYTES: usize = VIRTIO_BLK_ID_BYTES as usize;
 
-// Byte offsets in `struct virtio_blk_config` (virtio 1.2, 5.2.4). All fields
-// are little endian. The tests check them against virtio-bindings.
-pub const CAPACITY_OFFSET: usize = 0;
-pub const SIZE_MAX_OFFSET: usize = 8;
-pub const SEG_MAX_OFFSET: usize = 12;
-pub const GEOMETRY_OFFSET: usize = 16;
-pub const BLK_SIZE_OFFSET: usize = 20;
-pub const PHYSICAL_BLOCK_EXP_OFFSET: usize = 24;
-pub const ALIGNMENT_OFFSET_OFFSET: usize = 25;
-pub const MIN_IO_SIZE_OFFSET: usize = 26;
-pub const OPT_IO_SIZE_OFFSET: usize = 28;
-pub const WRITEBACK_OFFSET: usize = 32;
-pub const NUM_QUEUES_OFFSET: usize = 34;
-pub const MAX_DISCARD_SECTORS_OFFSET: usize = 36;
-pub const MAX_DISCARD_SEG_OFFSET: usize = 40;
-pub const DISCARD_SECTOR_ALIGNMENT_OFFSET: usize = 44;
-pub const MAX_WRITE_ZEROES_SECTORS_OFFSET: usize = 48;
-pub const MAX_WRITE_ZEROES_SEG_OFFSET: usize = 52;
-pub const WRITE_ZEROES_MAY_UNMAP_OFFSET: usize = 56;
-/// Size of the whole `struct virtio_blk_config` (secure erase and zoned
-/// fields included, left zero because those features are not offered).
-pub const CONFIG_SPACE_SIZE: usize = 96;
+/// Offset of the `writeback` byte (`wce`), the one field the driver
+/// may write.
+pub const WRITEBACK_OFFSET: usize = offset_of!(virtio_blk_config, wce);
 
 /// How the server presents the disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -209,121 +193,67 @@ pub fn protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::REPLY_ACK
 }
 
-/// The virtio-blk configuration space, encoded field by field.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigSpace([u8; CONFIG_SPACE_SIZE]);
+/// The virtio-blk configuration space: the bindings' `virtio_blk_config`,
+/// every field little endian.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(transparent)]
+pub struct ConfigSpace(virtio_blk_config);
+
+// SAFETY: `virtio_blk_config` is `repr(C, packed)` and made of integers and
+// byte arrays only: it has no padding and every bit pattern is valid.
+unsafe impl ByteValued for ConfigSpace {}
 
 impl ConfigSpace {
     /// The configuration for a disk of `capacity` sectors.
     pub fn new(capacity: u64, opts: &ServerOptions, writeback: bool) -> Self {
-        let mut space = ConfigSpace([0; CONFIG_SPACE_SIZE]);
-        space.put(CAPACITY_OFFSET, &capacity.to_le_bytes());
-        space.put(SIZE_MAX_OFFSET, &SIZE_MAX.to_le_bytes());
-        space.put(SEG_MAX_OFFSET, &opts.seg_max().to_le_bytes());
-        // Geometry stays zero: VIRTIO_BLK_F_GEOMETRY is not offered.
-        space.put(BLK_SIZE_OFFSET, &BLK_SIZE.to_le_bytes());
-        space.put(PHYSICAL_BLOCK_EXP_OFFSET, &[PHYSICAL_BLOCK_EXP]);
-        space.put(ALIGNMENT_OFFSET_OFFSET, &[0]);
-        space.put(MIN_IO_SIZE_OFFSET, &MIN_IO_SIZE.to_le_bytes());
-        space.put(OPT_IO_SIZE_OFFSET, &OPT_IO_SIZE.to_le_bytes());
-        space.set_writeback(writeback);
-        space.put(NUM_QUEUES_OFFSET, &opts.queues.to_le_bytes());
-        space.put(
-            MAX_DISCARD_SECTORS_OFFSET,
-            &MAX_DISCARD_SECTORS.to_le_bytes(),
-        );
-        space.put(MAX_DISCARD_SEG_OFFSET, &MAX_DISCARD_SEG.to_le_bytes());
-        space.put(
-            DISCARD_SECTOR_ALIGNMENT_OFFSET,
-            &DISCARD_SECTOR_ALIGNMENT.to_le_bytes(),
-        );
-        space.put(
-            MAX_WRITE_ZEROES_SECTORS_OFFSET,
-            &MAX_WRITE_ZEROES_SECTORS.to_le_bytes(),
-        );
-        space.put(
-            MAX_WRITE_ZEROES_SEG_OFFSET,
-            &MAX_WRITE_ZEROES_SEG.to_le_bytes(),
-        );
-        space.put(WRITE_ZEROES_MAY_UNMAP_OFFSET, &[WRITE_ZEROES_MAY_UNMAP]);
-        space
-    }
-
-    fn put(&mut self, offset: usize, bytes: &[u8]) {
-        self.0[offset..offset + bytes.len()].copy_from_slice(bytes);
+        // Geometry and the secure erase and zoned fields stay zero: their
+        // features are not offered.
+        ConfigSpace(virtio_blk_config {
+            capacity: capacity.to_le(),
+            size_max: SIZE_MAX.to_le(),
+            seg_max: opts.seg_max().to_le(),
+            blk_size: BLK_SIZE.to_le(),
+            physical_block_exp: PHYSICAL_BLOCK_EXP,
+            alignment_offset: 0,
+            min_io_size: MIN_IO_SIZE.to_le(),
+            opt_io_size: OPT_IO_SIZE.to_le(),
+            wce: u8::from(writeback),
+            num_queues: opts.queues.to_le(),
+            max_discard_sectors: MAX_DISCARD_SECTORS.to_le(),
+            max_discard_seg: MAX_DISCARD_SEG.to_le(),
+            discard_sector_alignment: DISCARD_SECTOR_ALIGNMENT.to_le(),
+            max_write_zeroes_sectors: MAX_WRITE_ZEROES_SECTORS.to_le(),
+            max_write_zeroes_seg: MAX_WRITE_ZEROES_SEG.to_le(),
+            write_zeroes_may_unmap: WRITE_ZEROES_MAY_UNMAP,
+            ..virtio_blk_config::default()
+        })
     }
 
     /// Sets the `writeback` byte.
     pub fn set_writeback(&mut self, writeback: bool) {
-        self.0[WRITEBACK_OFFSET] = u8::from(writeback);
-    }
-
-    /// The whole structure.
-    pub fn as_bytes(&self) -> &[u8; CONFIG_SPACE_SIZE] {
-        &self.0
+        self.0.wce = u8::from(writeback);
     }
 
     /// Exactly `size` bytes from `offset`, zero past the end of the
     /// structure: QEMU asks for sizes that depend on its own version and
     /// flags and drops the connection on a short answer.
     pub fn read(&self, offset: u32, size: u32) -> Vec<u8> {
+        let bytes = self.as_slice();
         let mut out = vec![0u8; size as usize];
-        let start = (offset as usize).min(CONFIG_SPACE_SIZE);
+        let start = (offset as usize).min(bytes.len());
         let end = (offset as usize)
             .saturating_add(size as usize)
-            .min(CONFIG_SPACE_SIZE);
-        out[..end - start].copy_from_slice(&self.0[start..end]);
+            .min(bytes.len());
+        out[..end - start].copy_from_slice(&bytes[start..end]);
         out
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::mem::{offset_of, size_of};
-
-    use virtio_bindings::virtio_blk::{
-        virtio_blk_config, virtio_blk_config_virtio_blk_geometry as Geometry,
-    };
+    use virtio_bindings::virtio_blk::virtio_blk_config_virtio_blk_geometry as Geometry;
 
     use super::*;
-
-    #[test]
-    fn offsets_match_virtio_bindings() {
-        type C = virtio_blk_config;
-        assert_eq!(size_of::<C>(), CONFIG_SPACE_SIZE);
-        assert_eq!(offset_of!(C, capacity), CAPACITY_OFFSET);
-        assert_eq!(offset_of!(C, size_max), SIZE_MAX_OFFSET);
-        assert_eq!(offset_of!(C, seg_max), SEG_MAX_OFFSET);
-        assert_eq!(offset_of!(C, geometry), GEOMETRY_OFFSET);
-        assert_eq!(offset_of!(C, blk_size), BLK_SIZE_OFFSET);
-        assert_eq!(offset_of!(C, physical_block_exp), PHYSICAL_BLOCK_EXP_OFFSET);
-        assert_eq!(offset_of!(C, alignment_offset), ALIGNMENT_OFFSET_OFFSET);
-        assert_eq!(offset_of!(C, min_io_size), MIN_IO_SIZE_OFFSET);
-        assert_eq!(offset_of!(C, opt_io_size), OPT_IO_SIZE_OFFSET);
-        assert_eq!(offset_of!(C, wce), WRITEBACK_OFFSET);
-        assert_eq!(offset_of!(C, num_queues), NUM_QUEUES_OFFSET);
-        assert_eq!(
-            offset_of!(C, max_discard_sectors),
-            MAX_DISCARD_SECTORS_OFFSET
-        );
-        assert_eq!(offset_of!(C, max_discard_seg), MAX_DISCARD_SEG_OFFSET);
-        assert_eq!(
-            offset_of!(C, discard_sector_alignment),
-            DISCARD_SECTOR_ALIGNMENT_OFFSET
-        );
-        assert_eq!(
-            offset_of!(C, max_write_zeroes_sectors),
-            MAX_WRITE_ZEROES_SECTORS_OFFSET
-        );
-        assert_eq!(
-            offset_of!(C, max_write_zeroes_seg),
-            MAX_WRITE_ZEROES_SEG_OFFSET
-        );
-        assert_eq!(
-            offset_of!(C, write_zeroes_may_unmap),
-            WRITE_ZEROES_MAY_UNMAP_OFFSET
-        );
-    }
 
     #[test]
     fn encoding_matches_virtio_bindings_struct() {
@@ -354,15 +284,12 @@ mod tests {
             write_zeroes_may_unmap: 1,
             ..Default::default()
         };
-        // SAFETY: virtio_blk_config is a packed plain-old-data struct of
-        // integers: every one of its size_of bytes is initialised.
-        let expected_bytes = unsafe {
-            std::slice::from_raw_parts(
-                (&raw const expected).cast::<u8>(),
-                size_of::<virtio_blk_config>(),
-            )
-        };
-        assert_eq!(&space.as_bytes()[..], expected_bytes);
+        assert_eq!(space.as_slice(), ConfigSpace(expected).as_slice());
+        // The whole virtio 1.2 structure, secure erase and zoned fields too.
+        assert_eq!(space.as_slice().len(), 96);
+        // Little endian on the wire, whatever the host.
+        assert_eq!(space.read(0, 8), capacity.to_le_bytes());
+        assert_eq!(space.read(WRITEBACK_OFFSET as u32 + 2, 2), [3, 0]);
     }
 
     #[test]
@@ -374,7 +301,10 @@ mod tests {
             assert_eq!(bytes[..8], 2048u64.to_le_bytes());
         }
         assert!(space.read(96, 32).iter().all(|&b| b == 0));
-        assert_eq!(space.read(NUM_QUEUES_OFFSET as u32, 2), [4, 0]);
+        assert_eq!(
+            space.read(offset_of!(virtio_blk_config, num_queues) as u32, 2),
+            [4, 0]
+        );
         assert_eq!(space.read(WRITEBACK_OFFSET as u32, 1), [0]);
         assert_eq!(space.read(u32::MAX, 4), [0; 4]);
     }

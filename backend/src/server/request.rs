@@ -21,10 +21,11 @@ use tracing::{error, warn};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
-    VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+    VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP, virtio_blk_discard_write_zeroes,
+    virtio_blk_outhdr,
 };
 use virtio_queue::DescriptorChain;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend};
+use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend};
 
 use super::config::{
     ID_BYTES, MAX_DISCARD_SECTORS, MAX_WRITE_ZEROES_SECTORS, SECTOR_SHIFT, SECTOR_SIZE,
@@ -37,9 +38,9 @@ use crate::iobuf::IoBufs;
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
 
 /// Size of `struct virtio_blk_outhdr`.
-pub const HEADER_SIZE: usize = 16;
+pub const HEADER_SIZE: usize = size_of::<virtio_blk_outhdr>();
 /// Size of `struct virtio_blk_discard_write_zeroes`.
-pub const SEGMENT_SIZE: usize = 16;
+pub const SEGMENT_SIZE: usize = size_of::<virtio_blk_discard_write_zeroes>();
 
 /// Status byte values, narrowed from the bindings' `u32` constants.
 const STATUS_OK: u8 = VIRTIO_BLK_S_OK as u8;
@@ -189,46 +190,94 @@ impl PendingFlush {
     }
 }
 
-/// Why a request failed.
-#[derive(Debug)]
+/// Why a request failed; each case maps to the status byte the guest gets.
+#[derive(Debug, thiserror::Error)]
 enum Failure {
-    /// Malformed or not allowed: VIRTIO_BLK_S_IOERR.
-    Invalid(String),
-    /// Not implemented, or the spec asks for UNSUPP: VIRTIO_BLK_S_UNSUPP.
-    Unsupported(String),
-    /// The device failed: VIRTIO_BLK_S_IOERR.
-    Device(io::Error),
+    #[error("request header is {len} bytes, expected {HEADER_SIZE}")]
+    ShortHeader { len: usize },
+    #[error("a descriptor of {len} bytes exceeds size_max ({max} bytes)")]
+    SizeMax { len: u32, max: u32 },
+    #[error("{len} bytes of {direction} data in the wrong direction")]
+    WrongDirection { len: usize, direction: &'static str },
+    #[error("data length {len} is not a multiple of {SECTOR_SIZE}")]
+    Unaligned { len: usize },
+    /// Past the end of the disk, or a sector whose byte offset overflows.
+    #[error("{len} bytes at sector {sector} go past the end of the disk ({disk_sectors} sectors)")]
+    OutOfRange {
+        sector: u64,
+        len: u64,
+        disk_sectors: u64,
+    },
+    #[error("the disk is read-only")]
+    ReadOnly,
+    #[error("GET_ID buffer of {len} bytes, needs {ID_BYTES}")]
+    IdBufferTooSmall { len: usize },
+    #[error("{len} bytes of segments, expected exactly one {SEGMENT_SIZE}-byte segment")]
+    BadSegments { len: usize },
+    #[error("segment of {sectors} sectors exceeds the maximum of {max}")]
+    SegmentTooLarge { sectors: u32, max: u32 },
+    /// Virtio 1.2, 5.2.6.2: unknown flags, and UNMAP on a discard, are
+    /// UNSUPP.
+    #[error("segment flags {flags:#x} not supported")]
+    UnsupportedFlags { flags: u32 },
+    #[error("unknown request type {0}")]
+    UnknownType(u32),
+    #[error("device I/O error: {0}")]
+    Device(#[source] io::Error),
 }
 
 impl Failure {
     fn status(&self) -> u8 {
         match self {
-            Failure::Invalid(_) | Failure::Device(_) => STATUS_IOERR,
-            Failure::Unsupported(_) => STATUS_UNSUPP,
+            Failure::UnsupportedFlags { .. } | Failure::UnknownType(_) => STATUS_UNSUPP,
+            _ => STATUS_IOERR,
         }
     }
 }
 
-/// The request header (`struct virtio_blk_outhdr`, little endian).
+/// A wire struct of the bindings, read from guest buffers as raw bytes.
+#[derive(Clone, Copy, Default)]
+#[repr(transparent)]
+struct Wire<T>(T);
+
+// SAFETY: both structs are `repr(C)` integers with no padding (the
+// bindings assert their sizes and offsets), so every bit pattern is valid.
+unsafe impl ByteValued for Wire<virtio_blk_outhdr> {}
+// SAFETY: as above.
+unsafe impl ByteValued for Wire<virtio_blk_discard_write_zeroes> {}
+
+impl<T> Wire<T>
+where
+    Wire<T>: ByteValued + Default,
+{
+    /// Reads the struct from `bufs` at byte `at`; the caller checked that
+    /// it fits.
+    fn read(bufs: &IoBufs<'_>, at: usize) -> T {
+        let mut wire = Wire::<T>::default();
+        bufs.copy_to(at, wire.as_mut_slice());
+        wire.0
+    }
+}
+
+/// The request header (`struct virtio_blk_outhdr`), decoded.
 #[derive(Debug, Clone, Copy)]
 struct Header {
     request_type: RequestType,
     sector: u64,
 }
 
-impl Header {
-    fn parse(bytes: &[u8; HEADER_SIZE]) -> Self {
-        let [t0, t1, t2, t3, _, _, _, _, s @ ..] = *bytes;
+impl From<virtio_blk_outhdr> for Header {
+    fn from(raw: virtio_blk_outhdr) -> Self {
+        // `ioprio` is ignored.
         Header {
-            request_type: RequestType::from(u32::from_le_bytes([t0, t1, t2, t3])),
-            // Bytes 4..8 are the reserved/ioprio field, ignored.
-            sector: u64::from_le_bytes(s),
+            request_type: RequestType::from(u32::from_le(raw.type_)),
+            sector: u64::from_le(raw.sector),
         }
     }
 }
 
 /// One discard or write-zeroes segment
-/// (`struct virtio_blk_discard_write_zeroes`, little endian).
+/// (`struct virtio_blk_discard_write_zeroes`), decoded.
 #[derive(Debug, Clone, Copy)]
 struct Segment {
     sector: u64,
@@ -236,30 +285,12 @@ struct Segment {
     flags: u32,
 }
 
-impl Segment {
-    fn parse(bytes: &[u8; SEGMENT_SIZE]) -> Self {
-        let [
-            s0,
-            s1,
-            s2,
-            s3,
-            s4,
-            s5,
-            s6,
-            s7,
-            n0,
-            n1,
-            n2,
-            n3,
-            f0,
-            f1,
-            f2,
-            f3,
-        ] = *bytes;
+impl From<virtio_blk_discard_write_zeroes> for Segment {
+    fn from(raw: virtio_blk_discard_write_zeroes) -> Self {
         Segment {
-            sector: u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]),
-            num_sectors: u32::from_le_bytes([n0, n1, n2, n3]),
-            flags: u32::from_le_bytes([f0, f1, f2, f3]),
+            sector: u64::from_le(raw.sector),
+            num_sectors: u32::from_le(raw.num_sectors),
+            flags: u32::from_le(raw.flags),
         }
     }
 }
@@ -347,7 +378,20 @@ where
     M: Deref,
     M::Target: GuestMemory,
 {
-    let dropped = Outcome::Complete(Completion {
+    process(mem, chain, ctx).0
+}
+
+/// [`process_request`], also returning why the request failed.
+fn process<M>(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<M>,
+    ctx: &RequestContext<'_>,
+) -> (Outcome, Option<Failure>)
+where
+    M: Deref,
+    M::Target: GuestMemory,
+{
+    const DROPPED: Outcome = Outcome::Complete(Completion {
         status: None,
         used_len: 0,
     });
@@ -359,7 +403,7 @@ where
                 queue = ctx.queue,
                 head, "dropping request: descriptor address {addr:#x} is outside guest memory"
             );
-            return dropped;
+            return (DROPPED, None);
         }
     };
     // The status byte is the last device-writable byte.
@@ -370,51 +414,50 @@ where
             queue = ctx.queue,
             head, "dropping request: no device-writable status byte"
         );
-        return dropped;
+        return (DROPPED, None);
     };
 
-    let (status, written) = if bufs.readable.len() < HEADER_SIZE {
-        warn!(
-            queue = ctx.queue,
-            head,
-            "request header is {} bytes, expected {HEADER_SIZE}",
-            bufs.readable.len()
-        );
-        (STATUS_IOERR, 0)
+    let result = if bufs.readable.len() < HEADER_SIZE {
+        let len = bufs.readable.len();
+        Err((None, Failure::ShortHeader { len }))
     } else {
-        let mut raw = [0u8; HEADER_SIZE];
-        bufs.readable.copy_to(0, &mut raw);
-        let header = Header::parse(&raw);
+        let header = Header::from(Wire::<virtio_blk_outhdr>::read(&bufs.readable, 0));
         match execute(&header, &bufs, status_at, ctx) {
-            Ok(Executed {
-                written,
-                flush: false,
-            }) => (STATUS_OK, written),
             Ok(Executed {
                 written,
                 flush: true,
             }) => {
-                return Outcome::AfterFlush(PendingFlush {
+                let pending = PendingFlush {
                     status_addr,
                     written,
                     request: header.request_type,
                     sector: header.sector,
                     queue: ctx.queue,
-                });
+                };
+                return (Outcome::AfterFlush(pending), None);
             }
-            Err(failure) => {
-                log_failure(&header, &failure, ctx);
-                (failure.status(), 0)
-            }
+            Ok(Executed {
+                written,
+                flush: false,
+            }) => Ok(written),
+            Err(failure) => Err((Some(header), failure)),
+        }
+    };
+    let (status, written, failure) = match result {
+        Ok(written) => (STATUS_OK, written, None),
+        Err((header, failure)) => {
+            log_failure(head, header.as_ref(), &failure, ctx);
+            (failure.status(), 0, Some(failure))
         }
     };
     bufs.writable.copy_from(status_at, &[status]);
-    Outcome::Complete(Completion {
+    let done = Outcome::Complete(Completion {
         status: Some(status),
         // Chains are limited to 4 GiB in total, so this saturates only for
         // broken chains.
         used_len: u32::try_from(written).unwrap_or(u32::MAX).saturating_add(1),
-    })
+    });
+    (done, failure)
 }
 
 /// Processes the request in `chain` to the end, running a flush it needs
@@ -429,7 +472,13 @@ where
     M: Deref,
     M::Target: GuestMemory,
 {
-    match process_request(mem, chain, ctx) {
+    complete_now(mem, process_request(mem, chain, ctx), ctx)
+}
+
+/// Completes `outcome`, running the flush it waits for on this thread.
+#[cfg(test)]
+fn complete_now(mem: &GuestMemoryMmap, outcome: Outcome, ctx: &RequestContext<'_>) -> Completion {
+    match outcome {
         Outcome::Complete(done) => done,
         Outcome::AfterFlush(pending) => pending.complete(mem, &ctx.device.flush()),
     }
@@ -452,15 +501,17 @@ impl Executed {
     }
 }
 
-fn log_failure(header: &Header, failure: &Failure, ctx: &RequestContext<'_>) {
-    let request = header.request_type;
-    let sector = header.sector;
-    match failure {
-        Failure::Invalid(reason) | Failure::Unsupported(reason) => {
-            warn!(queue = ctx.queue, %request, sector, "rejected request: {reason}");
+fn log_failure(head: u16, header: Option<&Header>, failure: &Failure, ctx: &RequestContext<'_>) {
+    let queue = ctx.queue;
+    match (header, failure) {
+        (None, _) => warn!(queue, head, "rejected request: {failure}"),
+        (Some(h), Failure::Device(e)) => {
+            let (request, sector) = (h.request_type, h.sector);
+            error!(queue, head, %request, sector, "device I/O error: {e}");
         }
-        Failure::Device(e) => {
-            error!(queue = ctx.queue, %request, sector, "device I/O error: {e}");
+        (Some(h), _) => {
+            let (request, sector) = (h.request_type, h.sector);
+            warn!(queue, head, %request, sector, "rejected request: {failure}");
         }
     }
 }
@@ -475,10 +526,10 @@ fn execute(
     if let Some(max) = ctx.size_max
         && bufs.longest > max
     {
-        return Err(Failure::Invalid(format!(
-            "a descriptor of {} bytes exceeds size_max ({max} bytes)",
-            bufs.longest
-        )));
+        return Err(Failure::SizeMax {
+            len: bufs.longest,
+            max,
+        });
     }
     // Data the device reads (after the header) and writes (before the status).
     let out_len = bufs.readable.len() - HEADER_SIZE;
@@ -508,9 +559,7 @@ fn execute(
         RequestType::GetId => {
             expect_no_data(out_len, "device-readable")?;
             if in_len < ID_BYTES {
-                return Err(Failure::Invalid(format!(
-                    "GET_ID buffer of {in_len} bytes, needs {ID_BYTES}"
-                )));
+                return Err(Failure::IdBufferTooSmall { len: in_len });
             }
             bufs.writable.copy_from(0, ctx.device_id);
             Ok(Executed::done(ID_BYTES))
@@ -519,17 +568,16 @@ fn execute(
             refuse_if_read_only(ctx)?;
             expect_no_data(in_len, "device-writable")?;
             if out_len != SEGMENT_SIZE {
-                return Err(Failure::Invalid(format!(
-                    "{out_len} bytes of segments, expected exactly one {SEGMENT_SIZE}-byte segment"
-                )));
+                return Err(Failure::BadSegments { len: out_len });
             }
-            let mut raw = [0u8; SEGMENT_SIZE];
-            bufs.readable.copy_to(HEADER_SIZE, &mut raw);
-            let segment = Segment::parse(&raw);
+            let segment = Segment::from(Wire::<virtio_blk_discard_write_zeroes>::read(
+                &bufs.readable,
+                HEADER_SIZE,
+            ));
             discard_or_write_zeroes(header.request_type, &segment, ctx)?;
             Ok(write_through(ctx))
         }
-        RequestType::Unsupported(_) => Err(Failure::Unsupported("unknown request type".into())),
+        RequestType::Unsupported(t) => Err(Failure::UnknownType(t)),
     }
 }
 
@@ -545,16 +593,15 @@ fn discard_or_write_zeroes(
     };
     // Virtio 1.2, 5.2.6.2: unknown flags, and UNMAP on a discard, are UNSUPP.
     if segment.flags & !allowed_flags != 0 {
-        return Err(Failure::Unsupported(format!(
-            "segment flags {:#x} not supported",
-            segment.flags
-        )));
+        return Err(Failure::UnsupportedFlags {
+            flags: segment.flags,
+        });
     }
     if segment.num_sectors > max_sectors {
-        return Err(Failure::Invalid(format!(
-            "segment of {} sectors exceeds the maximum of {max_sectors}",
-            segment.num_sectors
-        )));
+        return Err(Failure::SegmentTooLarge {
+            sectors: segment.num_sectors,
+            max: max_sectors,
+        });
     }
     let len = u64::from(segment.num_sectors) << SECTOR_SHIFT;
     let offset = byte_range(segment.sector, len, ctx.device.size())?;
@@ -572,7 +619,7 @@ fn discard_or_write_zeroes(
 
 fn refuse_if_read_only(ctx: &RequestContext<'_>) -> Result<(), Failure> {
     if ctx.read_only {
-        return Err(Failure::Invalid("the disk is read-only".into()));
+        return Err(Failure::ReadOnly);
     }
     Ok(())
 }
@@ -585,11 +632,9 @@ fn write_through(ctx: &RequestContext<'_>) -> Executed {
     }
 }
 
-fn expect_no_data(len: usize, direction: &str) -> Result<(), Failure> {
+fn expect_no_data(len: usize, direction: &'static str) -> Result<(), Failure> {
     if len != 0 {
-        return Err(Failure::Invalid(format!(
-            "{len} bytes of {direction} data in the wrong direction"
-        )));
+        return Err(Failure::WrongDirection { len, direction });
     }
     Ok(())
 }
@@ -597,9 +642,7 @@ fn expect_no_data(len: usize, direction: &str) -> Result<(), Failure> {
 /// Checks a read or write of `len` bytes at `sector` and returns its byte offset.
 fn data_range(sector: u64, len: usize, size: u64) -> Result<u64, Failure> {
     if !(len as u64).is_multiple_of(SECTOR_SIZE) {
-        return Err(Failure::Invalid(format!(
-            "data length {len} is not a multiple of {SECTOR_SIZE}"
-        )));
+        return Err(Failure::Unaligned { len });
     }
     byte_range(sector, len as u64, size)
 }
@@ -607,15 +650,13 @@ fn data_range(sector: u64, len: usize, size: u64) -> Result<u64, Failure> {
 /// Checks that `len` bytes from `sector` lie within a disk of `size` bytes
 /// and returns the byte offset of `sector`.
 fn byte_range(sector: u64, len: u64, size: u64) -> Result<u64, Failure> {
-    let offset = sector
-        .checked_mul(SECTOR_SIZE)
-        .ok_or_else(|| Failure::Invalid(format!("sector {sector} overflows")))?;
-    match offset.checked_add(len) {
-        Some(end) if end <= size => Ok(offset),
-        _ => Err(Failure::Invalid(format!(
-            "{len} bytes at sector {sector} go past the end of the disk ({} sectors)",
-            size / SECTOR_SIZE
-        ))),
+    match sector.checked_mul(SECTOR_SIZE) {
+        Some(offset) if offset.checked_add(len).is_some_and(|end| end <= size) => Ok(offset),
+        _ => Err(Failure::OutOfRange {
+            sector,
+            len,
+            disk_sectors: size / SECTOR_SIZE,
+        }),
     }
 }
 
@@ -685,18 +726,25 @@ mod tests {
         }
 
         fn header(&self, request_type: u32, sector: u64) {
-            let mut raw = [0u8; HEADER_SIZE];
-            raw[..4].copy_from_slice(&request_type.to_le_bytes());
-            raw[8..].copy_from_slice(&sector.to_le_bytes());
-            self.write(HEADER_ADDR, &raw);
+            let header = virtio_blk_outhdr {
+                type_: request_type.to_le(),
+                ioprio: 0,
+                sector: sector.to_le(),
+            };
+            self.mem
+                .write_obj(Wire(header), GuestAddress(HEADER_ADDR))
+                .unwrap();
         }
 
         fn segment(&self, addr: u64, sector: u64, num_sectors: u32, flags: u32) {
-            let mut raw = [0u8; SEGMENT_SIZE];
-            raw[..8].copy_from_slice(&sector.to_le_bytes());
-            raw[8..12].copy_from_slice(&num_sectors.to_le_bytes());
-            raw[12..].copy_from_slice(&flags.to_le_bytes());
-            self.write(addr, &raw);
+            let segment = virtio_blk_discard_write_zeroes {
+                sector: sector.to_le(),
+                num_sectors: num_sectors.to_le(),
+                flags: flags.to_le(),
+            };
+            self.mem
+                .write_obj(Wire(segment), GuestAddress(addr))
+                .unwrap();
         }
 
         fn write(&self, addr: u64, bytes: &[u8]) {
@@ -710,6 +758,10 @@ mod tests {
         }
 
         fn run(&self, descs: &[D]) -> Completion {
+            self.process(descs).0
+        }
+
+        fn process(&self, descs: &[D]) -> (Completion, Option<Failure>) {
             // Poison the status byte so a missing write shows.
             self.write(STATUS_ADDR, &[0xff]);
             let queue = MockSplitQueue::new(&self.mem, 16);
@@ -729,8 +781,23 @@ mod tests {
                 device_id: ID,
                 size_max: self.size_max,
             };
-            process_request_now(&self.mem, chain, &ctx)
+            let (outcome, failure) = process(&self.mem, chain, &ctx);
+            (complete_now(&self.mem, outcome, &ctx), failure)
         }
+    }
+
+    /// Runs a request that must fail: checks its completion and which
+    /// failure fired.
+    macro_rules! assert_fails {
+        ($h:expr, $descs:expr, $done:expr, $failure:pat $(if $guard:expr)?) => {{
+            let (done, failure) = $h.process(&$descs);
+            assert_eq!(done, $done);
+            assert!(
+                matches!(failure, Some($failure) $(if $guard)?),
+                "expected {}, got {failure:?}",
+                stringify!($failure)
+            );
+        }};
     }
 
     fn ok(used_len: u32) -> Completion {
@@ -798,7 +865,15 @@ mod tests {
         // Not negotiated: no limit.
         assert_eq!(h.run(&one_long), ok(2049));
         h.size_max = Some(1024);
-        assert_eq!(h.run(&one_long), ioerr());
+        assert_fails!(
+            h,
+            one_long,
+            ioerr(),
+            Failure::SizeMax {
+                len: 2048,
+                max: 1024
+            }
+        );
         assert_eq!(h.read(STATUS_ADDR, 1), [STATUS_IOERR]);
         assert_eq!(h.run(&two_short), ok(2049));
     }
@@ -870,9 +945,11 @@ mod tests {
     fn get_id_buffer_too_small() {
         let h = Harness::new();
         h.header(VIRTIO_BLK_T_GET_ID, 0);
-        assert_eq!(
-            h.run(&[header(), writable(DATA_ADDR, 8), status()]),
-            ioerr()
+        assert_fails!(
+            h,
+            [header(), writable(DATA_ADDR, 8), status()],
+            ioerr(),
+            Failure::IdBufferTooSmall { len: 8 }
         );
     }
 
@@ -910,29 +987,53 @@ mod tests {
         // UNMAP on a discard and unknown flags are UNSUPP (virtio 1.2, 5.2.6.2).
         h.header(VIRTIO_BLK_T_DISCARD, 0);
         h.segment(DATA_ADDR, 0, 1, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
-        assert_eq!(h.run(&seg()), unsupp());
+        assert_fails!(h, seg(), unsupp(), Failure::UnsupportedFlags { flags: 1 });
         h.header(VIRTIO_BLK_T_WRITE_ZEROES, 0);
         h.segment(DATA_ADDR, 0, 1, 0x2);
-        assert_eq!(h.run(&seg()), unsupp());
+        assert_fails!(h, seg(), unsupp(), Failure::UnsupportedFlags { flags: 2 });
 
         // Oversized, out of range, overflowing.
         h.segment(DATA_ADDR, 0, MAX_WRITE_ZEROES_SECTORS + 1, 0);
-        assert_eq!(h.run(&seg()), ioerr());
+        assert_fails!(
+            h,
+            seg(),
+            ioerr(),
+            Failure::SegmentTooLarge { sectors, max }
+                if sectors == MAX_WRITE_ZEROES_SECTORS + 1 && max == MAX_WRITE_ZEROES_SECTORS
+        );
         h.segment(DATA_ADDR, DISK_SECTORS - 1, 2, 0);
-        assert_eq!(h.run(&seg()), ioerr());
+        assert_fails!(
+            h,
+            seg(),
+            ioerr(),
+            Failure::OutOfRange {
+                sector: 63,
+                len: 1024,
+                disk_sectors: 64
+            }
+        );
         h.segment(DATA_ADDR, u64::MAX / 256, 1, 0);
-        assert_eq!(h.run(&seg()), ioerr());
+        assert_fails!(
+            h,
+            seg(),
+            ioerr(),
+            Failure::OutOfRange { sector, len: 512, .. } if sector == u64::MAX / 256
+        );
 
         // Two segments, half a segment.
         h.segment(DATA_ADDR, 0, 1, 0);
         h.segment(DATA_ADDR + 16, 2, 1, 0);
-        assert_eq!(
-            h.run(&[header(), readable(DATA_ADDR, 32), status()]),
-            ioerr()
+        assert_fails!(
+            h,
+            [header(), readable(DATA_ADDR, 32), status()],
+            ioerr(),
+            Failure::BadSegments { len: 32 }
         );
-        assert_eq!(
-            h.run(&[header(), readable(DATA_ADDR, 8), status()]),
-            ioerr()
+        assert_fails!(
+            h,
+            [header(), readable(DATA_ADDR, 8), status()],
+            ioerr(),
+            Failure::BadSegments { len: 8 }
         );
         // Nothing was zeroed by the rejected requests.
         assert_eq!(h.disk.contents(0, 1), [0]);
@@ -944,7 +1045,12 @@ mod tests {
     fn unsupported_type() {
         let h = Harness::new();
         h.header(0x1234, 0);
-        assert_eq!(h.run(&[header(), status()]), unsupp());
+        assert_fails!(
+            h,
+            [header(), status()],
+            unsupp(),
+            Failure::UnknownType(0x1234)
+        );
         assert_eq!(h.read(STATUS_ADDR, 1), [STATUS_UNSUPP]);
     }
 
@@ -952,26 +1058,42 @@ mod tests {
     fn out_of_range_and_overflowing_sectors() {
         let h = Harness::new();
         h.header(VIRTIO_BLK_T_IN, DISK_SECTORS - 1);
-        assert_eq!(
-            h.run(&[header(), writable(DATA_ADDR, 1024), status()]),
-            ioerr()
+        assert_fails!(
+            h,
+            [header(), writable(DATA_ADDR, 1024), status()],
+            ioerr(),
+            Failure::OutOfRange {
+                sector: 63,
+                len: 1024,
+                disk_sectors: 64
+            }
         );
         h.header(VIRTIO_BLK_T_IN, DISK_SECTORS);
-        assert_eq!(
-            h.run(&[header(), writable(DATA_ADDR, 512), status()]),
-            ioerr()
+        assert_fails!(
+            h,
+            [header(), writable(DATA_ADDR, 512), status()],
+            ioerr(),
+            Failure::OutOfRange {
+                sector: 64,
+                len: 512,
+                ..
+            }
         );
         // sector * 512 overflows u64.
         h.header(VIRTIO_BLK_T_IN, u64::MAX / 2);
-        assert_eq!(
-            h.run(&[header(), writable(DATA_ADDR, 512), status()]),
-            ioerr()
+        assert_fails!(
+            h,
+            [header(), writable(DATA_ADDR, 512), status()],
+            ioerr(),
+            Failure::OutOfRange { sector, len: 512, .. } if sector == u64::MAX / 2
         );
         // sector * 512 fits, sector * 512 + len does not.
         h.header(VIRTIO_BLK_T_OUT, u64::MAX / 512);
-        assert_eq!(
-            h.run(&[header(), readable(DATA_ADDR, 512), status()]),
-            ioerr()
+        assert_fails!(
+            h,
+            [header(), readable(DATA_ADDR, 512), status()],
+            ioerr(),
+            Failure::OutOfRange { sector, len: 512, .. } if sector == u64::MAX / 512
         );
         // The last sector is fine.
         h.header(VIRTIO_BLK_T_IN, DISK_SECTORS - 1);
@@ -985,14 +1107,18 @@ mod tests {
     fn length_not_a_multiple_of_512() {
         let h = Harness::new();
         h.header(VIRTIO_BLK_T_IN, 0);
-        assert_eq!(
-            h.run(&[header(), writable(DATA_ADDR, 100), status()]),
-            ioerr()
+        assert_fails!(
+            h,
+            [header(), writable(DATA_ADDR, 100), status()],
+            ioerr(),
+            Failure::Unaligned { len: 100 }
         );
         h.header(VIRTIO_BLK_T_OUT, 0);
-        assert_eq!(
-            h.run(&[header(), readable(DATA_ADDR, 700), status()]),
-            ioerr()
+        assert_fails!(
+            h,
+            [header(), readable(DATA_ADDR, 700), status()],
+            ioerr(),
+            Failure::Unaligned { len: 700 }
         );
     }
 
@@ -1000,8 +1126,12 @@ mod tests {
     fn short_header() {
         let h = Harness::new();
         h.header(VIRTIO_BLK_T_IN, 0);
-        let done = h.run(&[readable(HEADER_ADDR, 8), writable(DATA_ADDR, 512), status()]);
-        assert_eq!(done, ioerr());
+        assert_fails!(
+            h,
+            [readable(HEADER_ADDR, 8), writable(DATA_ADDR, 512), status()],
+            ioerr(),
+            Failure::ShortHeader { len: 8 }
+        );
         assert_eq!(h.read(STATUS_ADDR, 1), [STATUS_IOERR]);
     }
 
@@ -1035,17 +1165,31 @@ mod tests {
     fn data_in_the_wrong_direction() {
         let h = Harness::new();
         h.header(VIRTIO_BLK_T_IN, 0);
-        let done = h.run(&[
-            header(),
-            readable(DATA_ADDR, 512),
-            writable(0x4000, 512),
-            status(),
-        ]);
-        assert_eq!(done, ioerr());
+        assert_fails!(
+            h,
+            [
+                header(),
+                readable(DATA_ADDR, 512),
+                writable(0x4000, 512),
+                status(),
+            ],
+            ioerr(),
+            Failure::WrongDirection {
+                len: 512,
+                direction: "device-readable"
+            }
+        );
         h.header(VIRTIO_BLK_T_OUT, 0);
         h.write(DATA_ADDR, &[0x77; 512]);
-        let done = h.run(&[header(), writable(DATA_ADDR, 512), status()]);
-        assert_eq!(done, ioerr());
+        assert_fails!(
+            h,
+            [header(), writable(DATA_ADDR, 512), status()],
+            ioerr(),
+            Failure::WrongDirection {
+                len: 512,
+                direction: "device-writable"
+            }
+        );
         assert_eq!(h.disk.contents(0, 1), [0]);
     }
 
@@ -1055,21 +1199,18 @@ mod tests {
         h.read_only = true;
         h.header(VIRTIO_BLK_T_OUT, 0);
         h.write(DATA_ADDR, &[0x77; 512]);
-        assert_eq!(
-            h.run(&[header(), readable(DATA_ADDR, 512), status()]),
-            ioerr()
+        assert_fails!(
+            h,
+            [header(), readable(DATA_ADDR, 512), status()],
+            ioerr(),
+            Failure::ReadOnly
         );
         h.header(VIRTIO_BLK_T_DISCARD, 0);
         h.segment(DATA_ADDR, 0, 1, 0);
-        assert_eq!(
-            h.run(&[header(), readable(DATA_ADDR, 16), status()]),
-            ioerr()
-        );
+        let seg = [header(), readable(DATA_ADDR, 16), status()];
+        assert_fails!(h, seg, ioerr(), Failure::ReadOnly);
         h.header(VIRTIO_BLK_T_WRITE_ZEROES, 0);
-        assert_eq!(
-            h.run(&[header(), readable(DATA_ADDR, 16), status()]),
-            ioerr()
-        );
+        assert_fails!(h, seg, ioerr(), Failure::ReadOnly);
         assert_eq!(h.disk.contents(0, 512), vec![0; 512]);
         assert_eq!(h.disk.contents(512, 1), [1]);
         // Reads still work.
@@ -1086,11 +1227,13 @@ mod tests {
         h.header(VIRTIO_BLK_T_IN, 2);
         h.disk.fail_next(1);
         let io = [header(), writable(DATA_ADDR, 512), status()];
-        assert_eq!(h.run(&io), ioerr());
+        assert_fails!(h, io, ioerr(), Failure::Device(_));
         assert_eq!(h.run(&io), ok(513));
         assert_eq!(h.read(DATA_ADDR, 512), [2u8; 512]);
 
         h.header(VIRTIO_BLK_T_FLUSH, 0);
+        // A failed flush is not a rejected request: the status comes from
+        // the flush that the request waited for.
         h.disk.fail_next(1);
         assert_eq!(h.run(&[header(), status()]), ioerr());
     }
