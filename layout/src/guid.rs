@@ -4,45 +4,44 @@ use std::fmt;
 use std::str::FromStr;
 
 use sha2::{Digest, Sha256};
+use uuid::{Builder, Uuid};
 
-/// A GUID, held in the byte order of its text form
-/// (`C12A7328-F81F-11D2-BA4B-00A0C93EC93B` is `[0xC1, 0x2A, ...]`).
+/// A GUID. GPT stores it "mixed-endian" (the first three fields little
+/// endian), which is `uuid`'s `_le` byte order; it prints in upper case.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct Guid(pub [u8; 16]);
+pub struct Guid(Uuid);
 
 impl Guid {
-    /// Parses a GUID at compile time; for the constant type GUIDs.
+    /// A GUID from its text form read as one big-endian number; for the
+    /// constant type GUIDs.
     pub const fn from_u128(v: u128) -> Self {
-        Guid(v.to_be_bytes())
+        Guid(Uuid::from_u128(v))
+    }
+
+    /// The bytes in the order of the text form
+    /// (`C12A7328-F81F-11D2-BA4B-00A0C93EC93B` is `[0xC1, 0x2A, ...]`).
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        self.0.as_bytes()
     }
 
     /// The on-disk ("mixed-endian") encoding used by GPT: the first three
     /// fields little-endian, the last two as they are.
     pub fn to_mixed_endian(self) -> [u8; 16] {
-        let b = self.0;
-        [
-            b[3], b[2], b[1], b[0], b[5], b[4], b[7], b[6], b[8], b[9], b[10], b[11], b[12], b[13],
-            b[14], b[15],
-        ]
+        self.0.to_bytes_le()
     }
 
     /// Inverse of [`Guid::to_mixed_endian`].
     pub fn from_mixed_endian(b: [u8; 16]) -> Self {
-        Guid([
-            b[3], b[2], b[1], b[0], b[5], b[4], b[7], b[6], b[8], b[9], b[10], b[11], b[12], b[13],
-            b[14], b[15],
-        ])
+        Guid(Uuid::from_bytes_le(b))
     }
 
-    /// A version-4-shaped GUID derived from `seed` for one `purpose`
-    /// ("disk", "esp", ...): the same seed always gives the same disk.
+    /// A version 4 GUID derived from `seed` for one `purpose` ("disk",
+    /// "esp", ...): the same seed always gives the same disk.
     pub fn derive(seed: &str, purpose: &str) -> Self {
         let hash = seed_hash(seed, purpose);
         let mut b = [0u8; 16];
         b.copy_from_slice(&hash[..16]);
-        b[6] = (b[6] & 0x0F) | 0x40;
-        b[8] = (b[8] & 0x3F) | 0x80;
-        Guid(b)
+        Guid(Builder::from_random_bytes(b).into_uuid())
     }
 }
 
@@ -58,27 +57,7 @@ pub(crate) fn seed_hash(seed: &str, purpose: &str) -> [u8; 32] {
 
 impl fmt::Display for Guid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let b = &self.0;
-        write!(
-            f,
-            "{:02X}{:02X}{:02X}{:02X}-{:02X}{:02X}-{:02X}{:02X}-{:02X}{:02X}-{:02X}{:02X}{:02X}{:02X}{:02X}{:02X}",
-            b[0],
-            b[1],
-            b[2],
-            b[3],
-            b[4],
-            b[5],
-            b[6],
-            b[7],
-            b[8],
-            b[9],
-            b[10],
-            b[11],
-            b[12],
-            b[13],
-            b[14],
-            b[15]
-        )
+        fmt::UpperHex::fmt(self.0.as_hyphenated(), f)
     }
 }
 
@@ -96,20 +75,14 @@ pub struct ParseGuidError(pub String);
 impl FromStr for Guid {
     type Err = ParseGuidError;
 
+    /// Only the hyphenated form: `uuid` also reads the simple, braced and
+    /// URN forms, which are not GUIDs as GPT tools print them.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || ParseGuidError(s.to_owned());
-        let groups: Vec<&str> = s.split('-').collect();
-        let lens = [8, 4, 4, 4, 12];
-        if groups.len() != lens.len() || groups.iter().zip(lens).any(|(g, l)| g.len() != l) {
-            return Err(err());
+        let hyphenated = s.len() == uuid::fmt::Hyphenated::LENGTH;
+        match Uuid::try_parse(s) {
+            Ok(u) if hyphenated => Ok(Guid(u)),
+            _ => Err(ParseGuidError(s.to_owned())),
         }
-        let hex: String = groups.concat();
-        let mut b = [0u8; 16];
-        for (i, out) in b.iter_mut().enumerate() {
-            *out = u8::from_str_radix(hex.get(2 * i..2 * i + 2).ok_or_else(err)?, 16)
-                .map_err(|_| err())?;
-        }
-        Ok(Guid(b))
     }
 }
 
@@ -129,6 +102,11 @@ mod tests {
         );
         assert_eq!(Guid::from_mixed_endian(esp.to_mixed_endian()), esp);
         assert_eq!(esp.to_string(), "C12A7328-F81F-11D2-BA4B-00A0C93EC93B");
+        assert_eq!(esp, Guid::from_u128(0xC12A7328_F81F_11D2_BA4B_00A0C93EC93B));
+        assert_eq!(esp.as_bytes()[..2], [0xC1, 0x2A]);
+        // Lower case parses too; it prints in upper case.
+        let lower: Guid = "c12a7328-f81f-11d2-ba4b-00a0c93ec93b".parse().unwrap();
+        assert_eq!(lower, esp);
     }
 
     #[test]
@@ -139,6 +117,9 @@ mod tests {
             "C12A7328-F81F-11D2-BA4B-00A0C93EC93",
             "G12A7328-F81F-11D2-BA4B-00A0C93EC93B",
             "C12A7328-F81F-11D2-BA4B00-A0C93EC93B",
+            "{C12A7328-F81F-11D2-BA4B-00A0C93EC93B}",
+            "urn:uuid:C12A7328-F81F-11D2-BA4B-00A0C93EC93B",
+            "C12A7328-F81F-11D2-BA4B-00A0C93EC93B ",
         ] {
             assert!(bad.parse::<Guid>().is_err(), "{bad}");
         }
@@ -150,7 +131,7 @@ mod tests {
         assert_eq!(a, Guid::derive("node0", "disk"));
         assert_ne!(a, Guid::derive("node1", "disk"));
         assert_ne!(a, Guid::derive("node0", "esp"));
-        assert_eq!(a.0[6] >> 4, 4, "version 4");
-        assert_eq!(a.0[8] >> 6, 0b10, "RFC 4122 variant");
+        assert_eq!(a.as_bytes()[6] >> 4, 4, "version 4");
+        assert_eq!(a.as_bytes()[8] >> 6, 0b10, "RFC 4122 variant");
     }
 }

@@ -10,15 +10,15 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use oci_spec::image::{Descriptor, ImageIndex, ImageManifest};
+use oci_spec::image::{Descriptor, ImageIndex, ImageManifest, MediaType};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
 use crate::chunk_hashes::ChunkHashes;
 use crate::error::{Error, Result};
 
-pub const MEDIA_TYPE_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const MEDIA_TYPE_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+// The OCI types are oci-spec's `MediaType`s; these are Monogon's own (and
+// the generic payload types), `MediaType::Other` to oci-spec.
 pub const ARTIFACT_TYPE_OS_IMAGE: &str = "application/vnd.monogon.os.image.v1";
 pub const MEDIA_TYPE_CONFIG: &str = "application/vnd.monogon.os.image.config.v1+json";
 pub const MEDIA_TYPE_PAYLOAD: &str = "application/octet-stream";
@@ -84,13 +84,22 @@ pub struct Payload {
     pub size: u64,
     /// Hex sha256 of the blob.
     pub digest: String,
-    pub media_type: String,
+    /// [`MEDIA_TYPE_PAYLOAD`] or [`MEDIA_TYPE_PAYLOAD_ZSTD`].
+    pub media_type: MediaType,
     /// `blobs/sha256/<digest>` inside the image directory (may be a symlink).
     pub path: PathBuf,
     pub hash_chunk_size: u64,
     /// `chunk_hashes_sha256`, decoded.
     #[serde(skip)]
     pub chunk_hashes: Arc<ChunkHashes>,
+}
+
+impl Payload {
+    /// Whether the blob is uncompressed ([`MEDIA_TYPE_PAYLOAD`]): only
+    /// such a blob can be served in place.
+    pub fn is_uncompressed(&self) -> bool {
+        self.media_type.as_ref() == MEDIA_TYPE_PAYLOAD
+    }
 }
 
 /// A validated OS image.
@@ -125,12 +134,12 @@ impl OsImage {
         )?;
         let index: ImageIndex = parse_json(&index_path, &index_bytes)?;
         if let Some(mt) = index.media_type()
-            && mt.as_ref() != MEDIA_TYPE_INDEX
+            && *mt != MediaType::ImageIndex
         {
             return Err(Error::invalid(
                 &index_path,
                 "mediaType",
-                format!("is {mt}, expected {MEDIA_TYPE_INDEX}"),
+                format!("is {mt}, expected {}", MediaType::ImageIndex),
             ));
         }
         let manifests = index.manifests();
@@ -145,11 +154,15 @@ impl OsImage {
             ));
         }
         let desc = &manifests[0];
-        if desc.media_type().as_ref() != MEDIA_TYPE_MANIFEST {
+        if *desc.media_type() != MediaType::ImageManifest {
             return Err(Error::invalid(
                 &index_path,
                 "manifests[0].mediaType",
-                format!("is {}, expected {MEDIA_TYPE_MANIFEST}", desc.media_type()),
+                format!(
+                    "is {}, expected {}",
+                    desc.media_type(),
+                    MediaType::ImageManifest
+                ),
             ));
         }
         let (manifest_digest, manifest_path) =
@@ -245,10 +258,10 @@ impl OsImage {
             .iter()
             .find(|p| p.name == name)
             .ok_or_else(|| Error::MissingPayload(name.to_owned()))?;
-        if p.media_type != MEDIA_TYPE_PAYLOAD {
+        if !p.is_uncompressed() {
             return Err(Error::CompressedPayload {
                 name: p.name.clone(),
-                media_type: p.media_type.clone(),
+                media_type: p.media_type.to_string(),
             });
         }
         Ok(p)
@@ -286,8 +299,9 @@ fn check_payload(
         chunk,
         &info.chunk_hashes_sha256,
     )?;
-    let media_type = layer.media_type().to_string();
-    if media_type != MEDIA_TYPE_PAYLOAD && media_type != MEDIA_TYPE_PAYLOAD_ZSTD {
+    let media_type = layer.media_type().clone();
+    let raw = media_type.as_ref() == MEDIA_TYPE_PAYLOAD;
+    if !raw && media_type.as_ref() != MEDIA_TYPE_PAYLOAD_ZSTD {
         return Err(Error::invalid(
             manifest_path,
             format!("layers[{i}].mediaType"),
@@ -295,7 +309,7 @@ fn check_payload(
         ));
     }
     let (digest, path) = blob_path(dir, manifest_path, &format!("layers[{i}].digest"), layer)?;
-    if media_type == MEDIA_TYPE_PAYLOAD {
+    if raw {
         if layer.size() != size {
             return Err(Error::invalid(
                 manifest_path,

@@ -18,6 +18,7 @@ use crate::launch::{
     QemuSpec, TpmSpec,
 };
 use crate::server::ShutdownSignal;
+use crate::server::config::MAX_QUEUES;
 
 /// Most nodes one launch starts.
 const MAX_NODES: u64 = 64;
@@ -68,7 +69,8 @@ pub struct LaunchArgs {
     #[arg(long, default_value_t = DEFAULT_CPUS, value_parser = clap::value_parser!(u32).range(1..))]
     pub cpus: u32,
     /// Request queues per disk.
-    #[arg(long, default_value_t = DEFAULT_QUEUES, value_parser = clap::value_parser!(u16).range(1..=16))]
+    #[arg(long, default_value_t = DEFAULT_QUEUES,
+          value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_QUEUES)))]
     pub queues: u16,
     /// Wait until every node's console shows this text (e.g. "ociblk-sample: ready").
     #[arg(long, value_name = "TEXT")]

@@ -44,10 +44,11 @@ pub struct ServeArgs {
     #[arg(long = "layer", value_name = "FILE", requires = "overlay")]
     pub layers: Vec<PathBuf>,
     /// Request queues offered, one worker thread each (QEMU may use fewer).
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=16))]
+    #[arg(long, default_value_t = config::DEFAULT_QUEUES,
+          value_parser = clap::value_parser!(u16).range(1..=i64::from(config::MAX_QUEUES)))]
     pub queues: u16,
     /// Largest virtqueue size accepted (power of two, at least QEMU's queue-size).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = config::DEFAULT_QUEUE_SIZE)]
     pub queue_size: u16,
     /// Present the disk read-only. The overlay, if given, must exist; it is
     /// opened read-only, locked shared (no server can write it meanwhile)
@@ -63,7 +64,8 @@ pub struct ServeArgs {
     /// Seconds a new connection has to ask for its features (GET_FEATURES
     /// and GET_PROTOCOL_FEATURES, which QEMU sends as it connects) before
     /// it is dropped; an established frontend is never timed out.
-    #[arg(long, value_name = "SECONDS", default_value_t = 5,
+    #[arg(long, value_name = "SECONDS",
+          default_value_t = config::DEFAULT_HANDSHAKE_TIMEOUT.as_secs(),
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub handshake_timeout: u64,
     /// Serve payload bytes without checking them against the image's chunk

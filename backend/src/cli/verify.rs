@@ -9,7 +9,6 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use ociblk_layout::OsImage;
-use ociblk_layout::image::MEDIA_TYPE_PAYLOAD;
 
 use crate::verifier::check_chunk;
 
@@ -37,7 +36,7 @@ pub fn run(args: &VerifyArgs) -> Result<()> {
     let start = Instant::now();
     let (mut chunks, mut bytes, mut bad, mut unchecked) = (0u64, 0u64, 0u64, 0usize);
     for p in &image.payloads {
-        if p.media_type != MEDIA_TYPE_PAYLOAD {
+        if !p.is_uncompressed() {
             eprintln!(
                 "payload {:?}: compressed ({}), its chunks are not checked",
                 p.name, p.media_type

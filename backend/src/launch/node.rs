@@ -20,7 +20,7 @@ use tracing::{info, warn};
 use super::log::{Search, Transcript, follow};
 use super::process::{Process, Stopped};
 use super::{ClusterSpec, LaunchError, NodeSpec, TpmSpec, network};
-use crate::server::daemon::lock_path;
+use crate::server::daemon::{lock_path, temp_socket_prefix};
 use crate::sys::try_lock_exclusive;
 
 /// The vhost-user socket `ociblk serve` listens on and QEMU connects to.
@@ -50,8 +50,6 @@ pub const TPM_PID_FILE: &str = "swtpm.pid";
 
 /// Longest path a Unix socket address holds (`sun_path` less its NUL).
 const MAX_SOCKET_PATH: usize = 107;
-/// Prefix of the temporary name `ociblk serve` binds its socket under.
-const SERVE_TEMP_SOCKET_PREFIX: &str = ".ociblk.";
 /// QEMU ids of the guest memory backend and of the disk's chardev.
 const MEMORY_ID: &str = "mem";
 const DISK_CHARDEV_ID: &str = "disk0";
@@ -774,7 +772,7 @@ impl Node {
         if serve.status().and_then(|s| s.signal()).is_none() {
             return;
         }
-        let temp_prefix = format!("{SERVE_TEMP_SOCKET_PREFIX}{}.", serve.pid());
+        let temp_prefix = temp_socket_prefix(serve.pid());
         let mut leftovers = vec![self.socket()];
         if let Ok(entries) = fs::read_dir(&self.dir) {
             leftovers.extend(

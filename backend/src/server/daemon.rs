@@ -96,6 +96,8 @@ impl ShutdownSignal {
         // A previous descriptor is left open too: a handler running right
         // now may still be writing to it.
         SIGNAL_EVENT_FD.store(fd, Ordering::SeqCst);
+        // Not vmm-sys-util's register_signal_handler: it installs without
+        // SA_RESTART, and the workers' syscalls must not fail with EINTR.
         for &signal in signals {
             // SAFETY: an all-zero sigaction is a valid value (empty mask, no
             // flags) that is completed below.
@@ -479,6 +481,16 @@ impl Drop for SocketLock {
     }
 }
 
+/// Start of the temporary names a server binds its socket under, in the
+/// socket's directory: `.ociblk.<pid>.<n>`.
+const TEMP_SOCKET_PREFIX: &str = ".ociblk.";
+
+/// The start of every temporary socket name the server with process id
+/// `pid` uses; what a crashed server may leave behind.
+pub(crate) fn temp_socket_prefix(pid: u32) -> String {
+    format!("{TEMP_SOCKET_PREFIX}{pid}.")
+}
+
 /// Binds a socket at `path` that only our user can connect to. The socket
 /// is bound under a temporary name, restricted, then renamed into place,
 /// so it never appears with looser permissions and a stale socket is
@@ -490,7 +502,7 @@ fn bind_private(path: &Path) -> io::Result<UnixListener> {
         _ => Path::new("."),
     };
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let temp = dir.join(format!(".ociblk.{}.{n}", std::process::id()));
+    let temp = dir.join(format!("{}{n}", temp_socket_prefix(std::process::id())));
     // A leftover of an earlier process that had our pid.
     if fs::symlink_metadata(&temp).is_ok_and(|meta| meta.file_type().is_socket()) {
         let _ = fs::remove_file(&temp);

@@ -10,7 +10,8 @@
 //!   requests concurrently and the flush thread ([`flusher`]) that merges
 //!   flushes; [`completion`] publishes each queue's completions in order.
 //! - [`daemon`]: the accept loop, one connection at a time, until shutdown.
-//! - [`mem_disk`]: an in-memory device for tests.
+//! - `mem_disk`: an in-memory device for tests (with the `test-utils`
+//!   feature).
 
 use std::io;
 use std::path::PathBuf;
@@ -22,6 +23,7 @@ pub mod daemon;
 pub mod engine;
 pub mod flusher;
 pub mod io_pool;
+#[cfg(any(test, feature = "test-utils"))]
 pub mod mem_disk;
 pub mod poll;
 pub mod request;
@@ -32,6 +34,7 @@ pub use backend::BlkBackend;
 pub use config::ServerOptions;
 pub use daemon::{ShutdownSignal, serve};
 pub use engine::DeviceEngine;
+#[cfg(any(test, feature = "test-utils"))]
 pub use mem_disk::MemDisk;
 
 /// Errors of the vhost-user-blk server.
