@@ -78,16 +78,19 @@ fn copy_range(
     progress: &mut impl FnMut(u64),
 ) -> io::Result<()> {
     const CHUNK: u64 = 64 << 20;
-    let (mut s, mut d, mut left) = (src_off as i64, dst_off as i64, len);
+    let offset = |o: u64| {
+        libc::loff_t::try_from(o).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+    };
+    let (mut s, mut d, mut left) = (offset(src_off)?, offset(dst_off)?, len);
     while left > 0 {
         // SAFETY: both descriptors are open files owned by the caller and the
         // offset pointers are valid locals for the duration of the call.
         let n = unsafe {
             libc::copy_file_range(
                 src.as_raw_fd(),
-                &mut s,
+                &raw mut s,
                 dst.as_raw_fd(),
-                &mut d,
+                &raw mut d,
                 left.min(CHUNK) as usize,
                 0,
             )

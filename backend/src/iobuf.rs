@@ -11,7 +11,7 @@ use std::marker::PhantomData;
 use std::os::fd::AsRawFd;
 
 /// Most iovecs one `preadv` takes (Linux's `UIO_MAXIOV`).
-const IOV_MAX: usize = 1024;
+const IOV_MAX: libc::c_int = 1024;
 
 /// A list of host memory ranges, in order, seen as one buffer of `len()` bytes.
 #[derive(Debug)]
@@ -162,7 +162,7 @@ impl IoBufs<'_> {
         let mut iovs = self.iovecs(at, len);
         let mut offset = file_offset;
         while !iovs.is_empty() {
-            let cnt = iovs.len().min(IOV_MAX) as libc::c_int;
+            let cnt = libc::c_int::try_from(iovs.len()).map_or(IOV_MAX, |n| n.min(IOV_MAX));
             let off = libc::off_t::try_from(offset)
                 .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
             let n = match dir {

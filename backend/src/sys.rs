@@ -77,9 +77,11 @@ fn try_lock(fd: BorrowedFd<'_>, operation: libc::c_int) -> io::Result<bool> {
 
 /// `lseek(SEEK_DATA / SEEK_HOLE)`; `Ok(None)` when no data follows `offset`.
 fn seek(fd: BorrowedFd<'_>, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+    let offset =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: lseek takes no pointers. It moves the shared file position,
     // which the overlay never uses (all I/O is positional).
-    let r = unsafe { libc::lseek(fd.as_raw_fd(), offset as libc::off_t, whence) };
+    let r = unsafe { libc::lseek(fd.as_raw_fd(), offset, whence) };
     if r < 0 {
         let e = last_error();
         return if e.raw_os_error() == Some(libc::ENXIO) {

@@ -420,10 +420,10 @@ mod tests {
         let mut b = ExtentMapBuilder::new(100);
         b.bytes(10, &[1; 10]);
         b.file(15, 10, 0, 0);
-        assert!(b.build().is_err());
+        b.build().unwrap_err();
         let mut b = ExtentMapBuilder::new(100);
         b.file(95, 10, 0, 0);
-        assert!(b.build().is_err());
+        b.build().unwrap_err();
     }
 
     #[test]

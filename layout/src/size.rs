@@ -41,9 +41,9 @@ mod tests {
         assert_eq!(parse_size("128MiB"), Ok(128 << 20));
         assert_eq!(parse_size("5GiB"), Ok(5 << 30));
         assert_eq!(parse_size("1k"), Ok(1024));
-        assert!(parse_size("").is_err());
-        assert!(parse_size("12X").is_err());
-        assert!(parse_size("-1").is_err());
-        assert!(parse_size("99999999999T").is_err());
+        parse_size("").unwrap_err();
+        parse_size("12X").unwrap_err();
+        parse_size("-1").unwrap_err();
+        parse_size("99999999999T").unwrap_err();
     }
 }

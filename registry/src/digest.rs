@@ -108,7 +108,7 @@ mod tests {
     #[test]
     fn verify_names_size_and_digest() {
         let d = Digest::of(b"abc");
-        assert!(d.verify("config", b"abc", 3).is_ok());
+        d.verify("config", b"abc", 3).unwrap();
         assert!(matches!(
             d.verify("config", b"abc", 4),
             Err(Error::Size { .. })

@@ -692,6 +692,10 @@ fn a_fetcher_killed_mid_fill_leaves_a_cache_the_next_one_completes() {
         kernel.digest.hex(),
         kernel.chunk_size
     ));
+    #[allow(
+        clippy::naive_bytecount,
+        reason = "one byte per chunk: too few to need the bytecount crate"
+    )]
     let present =
         || std::fs::read(&map_path).map_or(0, |m| m.iter().filter(|&&b| b == 1).count() as u64);
 

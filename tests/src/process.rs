@@ -27,8 +27,11 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 }
 
 fn signal(child: &Child, sig: i32) {
+    let Ok(pid) = libc::pid_t::try_from(child.id()) else {
+        return;
+    };
     // SAFETY: kill(2) on the PID of a child we own and have not reaped yet.
-    unsafe { libc::kill(child.id() as i32, sig) };
+    unsafe { libc::kill(pid, sig) };
 }
 
 /// Waits up to `timeout` for `child` to exit.

@@ -209,18 +209,18 @@ impl RawConn {
         };
         // SAFETY: an all-zero msghdr is valid; the fields are set below.
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
+        msg.msg_iov = &raw mut iov;
         msg.msg_iovlen = 1;
         msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
+        msg.msg_controllen = space;
         // SAFETY: msg_control points at `space` bytes, enough for one cmsg
         // holding `fd_bytes` bytes, so CMSG_FIRSTHDR is non-null and the
         // header and its data are inside `control`.
         unsafe {
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            let cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
             (*cmsg).cmsg_level = libc::SOL_SOCKET;
             (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes as u32) as _;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes as u32) as usize;
             std::ptr::copy_nonoverlapping(
                 fds.as_ptr().cast::<u8>(),
                 libc::CMSG_DATA(cmsg),
@@ -229,7 +229,7 @@ impl RawConn {
         }
         // SAFETY: msg points at live iovec and control buffers; the
         // descriptor is our socket.
-        let n = unsafe { libc::sendmsg(self.sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        let n = unsafe { libc::sendmsg(self.sock.as_raw_fd(), &raw const msg, libc::MSG_NOSIGNAL) };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }

@@ -929,6 +929,6 @@ mod tests {
                 Err(ClientError::InvalidOptions(_))
             ));
         }
-        assert!(validate(&ClientOptions::default()).is_ok());
+        validate(&ClientOptions::default()).unwrap();
     }
 }

@@ -136,7 +136,7 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         // SAFETY: kill(2) on the PID of our own child, which has not been reaped yet
         // (it is reaped just below), so the PID cannot have been reused.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGKILL) };
+        unsafe { libc::kill(pid_t(&self.child), libc::SIGKILL) };
         let _ = self.child.wait();
     }
 }
@@ -488,7 +488,7 @@ fn stalled_daemon_times_out() {
         ])
     });
     std::thread::sleep(Duration::from_millis(300));
-    let pid = daemon.child.id() as libc::pid_t;
+    let pid = pid_t(&daemon.child);
     // SAFETY: kill(2) on the PID of our own unreaped child.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     let started = Instant::now();
@@ -505,4 +505,9 @@ fn stalled_daemon_times_out() {
     );
     assert!(started.elapsed() < Duration::from_secs(5));
     daemon.assert_running();
+}
+
+/// A child's process id as kill(2) takes it.
+fn pid_t(child: &std::process::Child) -> libc::pid_t {
+    libc::pid_t::try_from(child.id()).unwrap()
 }

@@ -94,7 +94,7 @@ fn run_bounded(cmd: &mut Command, timeout: Duration) -> Output {
     });
     let Some(status) = wait_exit(&mut child, timeout) else {
         // SAFETY: kill(2) on the PID of our own child, not yet reaped.
-        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        unsafe { libc::kill(libc::pid_t::try_from(child.id()).unwrap(), libc::SIGKILL) };
         let _ = child.wait();
         panic!("{cmd:?} did not finish within {timeout:?}");
     };

@@ -611,7 +611,7 @@ fn of_two_servers_started_together_on_one_socket_exactly_one_serves() {
             "round {round}: winner exited"
         );
         // SAFETY: kill(2) on the PID of a child we own and have not reaped.
-        unsafe { libc::kill(winner.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(libc::pid_t::try_from(winner.id()).unwrap(), libc::SIGTERM) };
         let (status, err) = finish(winner, "the winner");
         assert!(status.success(), "round {round}: winner: {status}\n{err}");
         assert!(!socket.exists(), "round {round}: socket left behind");
@@ -644,8 +644,9 @@ fn sighup_sigusr1_and_sigpipe_never_cost_the_clean_shutdown() {
     // in the exit status).
     let mut server = node.serve(&[]);
     for (name, sig) in [("SIGUSR1", libc::SIGUSR1), ("SIGPIPE", libc::SIGPIPE)] {
+        let pid = libc::pid_t::try_from(server.child.id()).unwrap();
         // SAFETY: kill(2) on the PID of a child we own and have not reaped.
-        assert_eq!(unsafe { libc::kill(server.child.id() as i32, sig) }, 0);
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
         let mut c = node.connect(1);
         assert_eq!(read_ok(&mut c, 0, data_off, 4096), vec![3; 4096], "{name}");
         c.disconnect().unwrap();

@@ -37,8 +37,13 @@ pub struct LaunchArgs {
     /// Number of nodes.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=MAX_NODES))]
     pub nodes: u64,
-    /// Nodes are named <PREFIX>-1, <PREFIX>-2, ...; a node's name is also its disk's seed.
-    #[arg(long, default_value = "node", value_name = "PREFIX")]
+    // Not a doc comment: rustdoc would read <PREFIX> as HTML.
+    #[arg(
+        long,
+        default_value = "node",
+        value_name = "PREFIX",
+        help = "Nodes are named <PREFIX>-1, <PREFIX>-2, ...; a node's name is also its disk's seed"
+    )]
     pub name_prefix: String,
     /// Once every node showed --wait-for: power the guests off (`sync &&
     /// poweroff -f` on their consoles, bounded by --timeout), stop the
@@ -354,12 +359,12 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
-        assert!(parse_duration("s").is_err());
-        assert!(parse_duration("3d").is_err());
+        parse_duration("s").unwrap_err();
+        parse_duration("3d").unwrap_err();
         assert_eq!(parse_memory("512M"), Ok(512));
         assert_eq!(parse_memory("1G"), Ok(1024));
-        assert!(parse_memory("1000K").is_err());
-        assert!(parse_memory("0").is_err());
+        parse_memory("1000K").unwrap_err();
+        parse_memory("0").unwrap_err();
     }
 
     #[test]
@@ -427,6 +432,6 @@ mod tests {
     #[test]
     fn exit_when_ready_needs_a_pattern() {
         let r = Cmd::try_parse_from(["x", "--image", "i", "--state-dir", "s", "--exit-when-ready"]);
-        assert!(r.is_err());
+        r.unwrap_err();
     }
 }

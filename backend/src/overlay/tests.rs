@@ -640,7 +640,7 @@ fn bad_files_are_clear_errors() {
     put(&bad);
     let m = msg(reopen());
     assert!(m.contains("unknown state byte 7 for block 5"), "{m}");
-    assert!(Overlay::info(&path).is_err());
+    Overlay::info(&path).unwrap_err();
 
     let mut bad = full.clone();
     bad[0] = b'X';
@@ -694,7 +694,7 @@ fn parse_header_rejects_bad_input() {
     let mut rng = Rng::new(77);
     for _ in 0..1000 {
         let junk = rng.bytes(HEADER_SIZE);
-        assert!(parse_header(&junk).is_err());
+        parse_header(&junk).unwrap_err();
     }
     // A recorded map checksum round-trips.
     let recorded = Header {

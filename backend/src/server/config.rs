@@ -311,7 +311,7 @@ mod tests {
 
     #[test]
     fn options_validation() {
-        assert!(ServerOptions::default().validate().is_ok());
+        ServerOptions::default().validate().unwrap();
         let bad = |queues, queue_size| {
             ServerOptions {
                 queues,
@@ -339,15 +339,13 @@ mod tests {
             ..ServerOptions::default()
         };
         assert!(matches!(poll.validate(), Err(ServerError::PollMax(_))));
-        assert!(
-            ServerOptions {
-                queues: 16,
-                queue_size: 1024,
-                ..ServerOptions::default()
-            }
-            .validate()
-            .is_ok()
-        );
+        ServerOptions {
+            queues: 16,
+            queue_size: 1024,
+            ..ServerOptions::default()
+        }
+        .validate()
+        .unwrap();
     }
 
     #[test]

@@ -107,7 +107,7 @@ impl ShutdownSignal {
             action.sa_flags = libc::SA_RESTART;
             // SAFETY: `action` is a valid sigaction, the handler is
             // async-signal-safe, and the old action is not requested.
-            if unsafe { libc::sigaction(signal, &action, std::ptr::null_mut()) } != 0 {
+            if unsafe { libc::sigaction(signal, &raw const action, std::ptr::null_mut()) } != 0 {
                 return Err(ServerError::Signal(io::Error::last_os_error()));
             }
         }
@@ -127,7 +127,7 @@ fn ignore_signals(signals: &[libc::c_int]) -> Result<(), ServerError> {
         let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
         action.sa_sigaction = libc::SIG_IGN;
         // SAFETY: `action` is a valid sigaction; the old one is not requested.
-        if unsafe { libc::sigaction(signal, &action, std::ptr::null_mut()) } != 0 {
+        if unsafe { libc::sigaction(signal, &raw const action, std::ptr::null_mut()) } != 0 {
             return Err(ServerError::Signal(io::Error::last_os_error()));
         }
     }

@@ -23,7 +23,8 @@ struct Args {
     /// Bound on fetching one chunk, in seconds.
     #[arg(long, default_value_t = 30)]
     timeout_secs: u64,
-    /// HOST[:PORT]/REPO[:TAG|@sha256:DIGEST]
+    // Not a doc comment: rustdoc would read the brackets as links.
+    #[arg(help = "HOST[:PORT]/REPO[:TAG|@sha256:DIGEST]")]
     reference: String,
     /// The payload layer's digest.
     layer: String,

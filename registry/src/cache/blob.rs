@@ -312,7 +312,7 @@ mod tests {
         let s = spec(2500, 1000, 3);
         assert_eq!(s.chunks(), 3);
         assert_eq!(s.chunk_range(2), (2000, 500));
-        assert!(s.check(2).is_ok());
+        s.check(2).unwrap();
         assert!(matches!(
             s.check(3),
             Err(Error::ChunkIndex {

@@ -84,6 +84,10 @@ impl Cache {
                 .into_iter()
                 .filter_map(|(chunk_size, map)| {
                     let bytes = fs::read(map).ok()?;
+                    #[allow(
+                        clippy::naive_bytecount,
+                        reason = "one byte per chunk: too few to need the bytecount crate"
+                    )]
                     let present = bytes.iter().filter(|&&b| b == 1).count() as u64;
                     Some((chunk_size, present, bytes.len() as u64))
                 })

@@ -215,17 +215,17 @@ mod tests {
         assert_eq!(parse_size("64k"), Ok(64 << 10));
         assert_eq!(parse_size("1M"), Ok(1 << 20));
         assert_eq!(parse_size("2GiB"), Ok(2 << 30));
-        assert!(parse_size("1X").is_err());
-        assert!(parse_size("K").is_err());
-        assert!(parse_size("99999999999T").is_err());
+        parse_size("1X").unwrap_err();
+        parse_size("K").unwrap_err();
+        parse_size("99999999999T").unwrap_err();
     }
 
     #[test]
     fn seconds() {
         assert_eq!(parse_seconds("1"), Ok(Duration::from_secs(1)));
         assert_eq!(parse_seconds("0.5"), Ok(Duration::from_millis(500)));
-        assert!(parse_seconds("-1").is_err());
-        assert!(parse_seconds("soon").is_err());
+        parse_seconds("-1").unwrap_err();
+        parse_seconds("soon").unwrap_err();
     }
 
     #[test]
@@ -252,18 +252,16 @@ mod tests {
             (Rw::Mixed, 65536, Some(8 << 20))
         );
         assert_eq!((run.iodepth, run.queues, run.rwmix_read), (1, 1, 70));
-        assert!(
-            Cli::try_parse_from([
-                "ociblk-bench",
-                "run",
-                "--socket",
-                "/s",
-                "--size",
-                "1M",
-                "--runtime",
-                "1"
-            ])
-            .is_err()
-        );
+        Cli::try_parse_from([
+            "ociblk-bench",
+            "run",
+            "--socket",
+            "/s",
+            "--size",
+            "1M",
+            "--runtime",
+            "1",
+        ])
+        .unwrap_err();
     }
 }
