@@ -6,18 +6,16 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest as _, Sha256};
 
-use super::file::{Access, for_map_chunks, open_file, read_header};
+use super::OverlayError;
+use super::file::{Access, for_map_chunks, open_locked, read_header};
 use super::format::{
     self, BLOCK_SIZE as BS, BlockState, ChainEntry, FormatError, Header, LayerFields, MAX_CHAIN,
 };
-use super::{OverlayError, io_err};
 use crate::iobuf::IoBufs;
-use crate::sys;
 
 /// Index value of a block a layer zeroed.
 const INDEX_ZERO: u8 = u8::MAX;
@@ -50,7 +48,7 @@ impl Layer {
         path: &Path,
         overlay: Option<&Path>,
     ) -> Result<(Layer, Vec<u8>), OverlayError> {
-        let (file, _) = open_file(path, Access::ReadOnly).map_err(|e| match e {
+        let (file, _, len) = open_locked(path, Access::ReadOnly).map_err(|e| match e {
             OverlayError::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => {
                 OverlayError::LayerMissing {
                     path: path.to_path_buf(),
@@ -60,12 +58,6 @@ impl Layer {
             OverlayError::NotRegular { path, kind } => OverlayError::LayerNotRegular { path, kind },
             e => e,
         })?;
-        if !sys::try_lock_shared(file.as_fd()).map_err(io_err(path, "lock"))? {
-            return Err(OverlayError::Locked {
-                path: path.to_path_buf(),
-            });
-        }
-        let len = file.metadata().map_err(io_err(path, "stat"))?.len();
         let header = read_header(&file, path, len).map_err(|e| match e {
             OverlayError::Corrupt {
                 reason: reason @ FormatError::Truncated { .. },

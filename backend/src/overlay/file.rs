@@ -17,7 +17,8 @@ use super::format::{
 };
 use super::map::{BlockMap, MAP_CHUNK, StateCounts};
 use super::{
-    MapCheck, OVERLAY_MODE, Overlay, OverlayConfig, OverlayError, OverlayInfo, STRIPES, io_err,
+    FlushMode, MapCheck, OVERLAY_MODE, Overlay, OverlayConfig, OverlayError, OverlayInfo, STRIPES,
+    io_err,
 };
 use crate::sys;
 
@@ -51,13 +52,7 @@ impl Overlay {
         check_config(path, &cfg)?;
         // Layers given are checked before any file is created.
         let mut given = open_given(layers, &cfg)?;
-        let (file, created) = open_file(path, Access::Create)?;
-        if !sys::try_lock_exclusive(file.as_fd()).map_err(io_err(path, "lock"))? {
-            return Err(OverlayError::Locked {
-                path: path.to_path_buf(),
-            });
-        }
-        let len = file.metadata().map_err(io_err(path, "stat"))?.len();
+        let (file, created, len) = open_locked(path, Access::Create)?;
         let mut fresh = len == 0 || header_never_written(&file, path, len)?;
         if fresh && !created {
             tracing::info!(
@@ -106,21 +101,8 @@ impl Overlay {
         } else {
             read_checked_map(&file, path, &header)?.0
         };
-        let ov = Overlay {
-            file,
-            path: path.to_path_buf(),
-            mode: cfg.flush,
-            map,
-            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
-            flush_lock: Mutex::new(()),
-            sync_failed: AtomicBool::new(false),
-            leaked: AtomicBool::new(false),
-            new_entry: AtomicBool::new(fresh),
-            writable: true,
-            closed: false,
-            header,
-            chain,
-        };
+        let access = Opened::ReadWrite { created: fresh };
+        let ov = Overlay::assemble(file, path, cfg.flush, header, map, chain, access);
         if fresh {
             // Created in use (clean flag 0) with nothing to reclaim.
         } else if !ov.header.clean {
@@ -154,13 +136,7 @@ impl Overlay {
         let path = path.as_ref();
         check_config(path, &cfg)?;
         let mut given = open_given(layers, &cfg)?;
-        let (file, _) = open_file(path, Access::ReadOnly)?;
-        if !sys::try_lock_shared(file.as_fd()).map_err(io_err(path, "lock"))? {
-            return Err(OverlayError::Locked {
-                path: path.to_path_buf(),
-            });
-        }
-        let len = file.metadata().map_err(io_err(path, "stat"))?.len();
+        let (file, _, len) = open_locked(path, Access::ReadOnly)?;
         let unwritten = len == 0 || header_never_written(&file, path, len)?;
         let (header, map, chain) = if unwritten {
             tracing::info!(path = %path.display(), "overlay has no header yet: serving the base disk and layers given");
@@ -187,21 +163,10 @@ impl Overlay {
                 (header, map, chain)
             }
         };
-        Ok(Overlay {
-            file,
-            path: path.to_path_buf(),
-            mode: cfg.flush,
-            map,
-            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
-            flush_lock: Mutex::new(()),
-            sync_failed: AtomicBool::new(false),
-            leaked: AtomicBool::new(false),
-            new_entry: AtomicBool::new(false),
-            writable: false,
-            closed: false,
-            header,
-            chain,
-        })
+        let access = Opened::ReadOnly;
+        Ok(Overlay::assemble(
+            file, path, cfg.flush, header, map, chain, access,
+        ))
     }
 
     /// Deallocates the data of every block that is not `Data`: after a
@@ -310,13 +275,7 @@ impl Overlay {
     /// alone (it already reads as the base disk).
     pub fn reset(path: impl AsRef<Path>) -> Result<(), OverlayError> {
         let path = path.as_ref();
-        let (file, _) = open_file(path, Access::Existing)?;
-        if !sys::try_lock_exclusive(file.as_fd()).map_err(io_err(path, "lock"))? {
-            return Err(OverlayError::Locked {
-                path: path.to_path_buf(),
-            });
-        }
-        let len = file.metadata().map_err(io_err(path, "stat"))?.len();
+        let (file, _, len) = open_locked(path, Access::Existing)?;
         if len == 0 {
             return Ok(());
         }
@@ -342,6 +301,44 @@ impl Overlay {
             _ => {}
         }
         set_clean(true).map_err(io_err(path, "mark clean"))
+    }
+}
+
+/// How an [`Overlay`] was opened.
+#[derive(Debug, Clone, Copy)]
+enum Opened {
+    /// Read-write; `created` when this open laid it out anew.
+    ReadWrite {
+        created: bool,
+    },
+    ReadOnly,
+}
+
+impl Overlay {
+    fn assemble(
+        file: File,
+        path: &Path,
+        mode: FlushMode,
+        header: Header,
+        map: BlockMap,
+        chain: Chain,
+        access: Opened,
+    ) -> Overlay {
+        Overlay {
+            file,
+            path: path.to_path_buf(),
+            mode,
+            map,
+            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+            flush_lock: Mutex::new(()),
+            sync_failed: AtomicBool::new(false),
+            leaked: AtomicBool::new(false),
+            new_entry: AtomicBool::new(matches!(access, Opened::ReadWrite { created: true })),
+            writable: matches!(access, Opened::ReadWrite { .. }),
+            closed: false,
+            header,
+            chain,
+        }
     }
 }
 
@@ -553,6 +550,24 @@ pub(super) fn open_file(path: &Path, access: Access) -> Result<(File, bool), Ove
     })?;
     check_regular(path, &file.metadata().map_err(io_err(path, "stat"))?)?;
     Ok((file, created))
+}
+
+/// [`open_file`], then the lock without waiting: shared for reading,
+/// exclusive for writing. Returns the file, whether it was created and its
+/// length.
+pub(super) fn open_locked(path: &Path, access: Access) -> Result<(File, bool, u64), OverlayError> {
+    let (file, created) = open_file(path, access)?;
+    let locked = match access {
+        Access::ReadOnly => sys::try_lock_shared(file.as_fd()),
+        Access::Create | Access::Existing => sys::try_lock_exclusive(file.as_fd()),
+    };
+    if !locked.map_err(io_err(path, "lock"))? {
+        return Err(OverlayError::Locked {
+            path: path.to_path_buf(),
+        });
+    }
+    let len = file.metadata().map_err(io_err(path, "stat"))?.len();
+    Ok((file, created, len))
 }
 
 fn check_regular(path: &Path, meta: &fs::Metadata) -> Result<(), OverlayError> {
