@@ -2,13 +2,14 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 
 use ociblk_layout::{Content, DiskReader};
 
 use crate::iobuf::IoBufs;
 use crate::overlay::{BlockState, Overlay};
+use crate::sys;
 use crate::verifier::Verifiers;
 
 /// Bytes written by [`export_disk`].
@@ -77,46 +78,32 @@ fn copy_range(
     len: u64,
     progress: &mut impl FnMut(u64),
 ) -> io::Result<()> {
-    const CHUNK: u64 = 64 << 20;
-    let offset = |o: u64| {
-        libc::loff_t::try_from(o).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
-    };
-    let (mut s, mut d, mut left) = (offset(src_off)?, offset(dst_off)?, len);
-    while left > 0 {
-        // SAFETY: both descriptors are open files owned by the caller and the
-        // offset pointers are valid locals for the duration of the call.
-        let n = unsafe {
-            libc::copy_file_range(
-                src.as_raw_fd(),
-                &raw mut s,
-                dst.as_raw_fd(),
-                &raw mut d,
-                left.min(CHUNK) as usize,
-                0,
-            )
-        };
-        match n {
-            n if n > 0 => {
-                left -= n as u64;
-                progress(n as u64);
-            }
-            0 => {
+    const CHUNK: usize = 64 << 20;
+    let mut done = 0;
+    while done < len {
+        let want = usize::try_from(len - done).map_or(CHUNK, |n| n.min(CHUNK));
+        let (s, d) = (src_off + done, dst_off + done);
+        match sys::copy_file_range(src.as_fd(), s, dst.as_fd(), d, want) {
+            Ok(0) => {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
-                    format!("source ended {left} bytes early"),
+                    format!("source ended {} bytes early", len - done),
                 ));
             }
-            _ => {
-                let err = io::Error::last_os_error();
-                match err.raw_os_error() {
-                    // Not supported across these files: fall back to plain copies.
-                    Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => {
-                        return copy_plain(src, s as u64, dst, d as u64, left, progress);
-                    }
-                    Some(libc::EINTR) => {}
-                    _ => return Err(err),
-                }
+            Ok(n) => {
+                done += n as u64;
+                progress(n as u64);
             }
+            // Not supported across these files: fall back to plain copies.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
+                ) =>
+            {
+                return copy_plain(src, s, dst, d, len - done, progress);
+            }
+            Err(e) => return Err(e),
         }
     }
     Ok(())
@@ -175,8 +162,8 @@ pub fn apply_overlay(overlay: &Overlay, out: &File) -> io::Result<u64> {
 /// Deallocates a range so it reads as zeros; writes zeros where the file
 /// system cannot punch holes.
 fn punch_hole(out: &File, offset: u64, len: u64) -> io::Result<()> {
-    match crate::sys::punch_hole(out.as_fd(), offset, len) {
-        Err(e) if crate::sys::unsupported(&e) => {}
+    match sys::punch_hole(out.as_fd(), offset, len) {
+        Err(e) if sys::unsupported(&e) => {}
         other => return other,
     }
     let zeros = vec![0u8; len.min(1 << 20) as usize];

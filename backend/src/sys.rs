@@ -144,15 +144,26 @@ pub fn copy_file_range(
     dst_off: u64,
     len: usize,
 ) -> io::Result<usize> {
-    let (mut s, mut d) = (src_off as libc::loff_t, dst_off as libc::loff_t);
+    let offset = |o: u64| {
+        libc::loff_t::try_from(o).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+    };
+    let (mut s, mut d) = (offset(src_off)?, offset(dst_off)?);
     loop {
         // SAFETY: both descriptors are open and the offset pointers are
         // valid locals for the duration of the call.
         let n = unsafe {
-            libc::copy_file_range(src.as_raw_fd(), &mut s, dst.as_raw_fd(), &mut d, len, 0)
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &raw mut s,
+                dst.as_raw_fd(),
+                &raw mut d,
+                len,
+                0,
+            )
         };
-        if n >= 0 {
-            return Ok(n as usize);
+        // Negative is an error, reported below.
+        if let Ok(n) = usize::try_from(n) {
+            return Ok(n);
         }
         let e = last_error();
         if e.kind() != io::ErrorKind::Interrupted {
