@@ -49,11 +49,14 @@ impl Overlay {
         layers: Option<&[PathBuf]>,
     ) -> Result<Overlay, OverlayError> {
         let path = path.as_ref();
-        check_config(path, &cfg)?;
-        // Layers given are checked before any file is created.
-        let mut given = open_given(layers, &cfg)?;
-        let (file, created, len) = open_locked(path, Access::Create)?;
-        let mut fresh = len == 0 || header_never_written(&file, path, len)?;
+        let Opening {
+            file,
+            created,
+            len,
+            unwritten,
+            mut given,
+        } = Opening::start(path, &cfg, layers, Access::Create)?;
+        let mut fresh = unwritten;
         if fresh && !created {
             tracing::info!(
                 path = %path.display(),
@@ -134,10 +137,13 @@ impl Overlay {
         layers: Option<&[PathBuf]>,
     ) -> Result<Overlay, OverlayError> {
         let path = path.as_ref();
-        check_config(path, &cfg)?;
-        let mut given = open_given(layers, &cfg)?;
-        let (file, _, len) = open_locked(path, Access::ReadOnly)?;
-        let unwritten = len == 0 || header_never_written(&file, path, len)?;
+        let Opening {
+            file,
+            len,
+            unwritten,
+            mut given,
+            ..
+        } = Opening::start(path, &cfg, layers, Access::ReadOnly)?;
         let (header, map, chain) = if unwritten {
             tracing::info!(path = %path.display(), "overlay has no header yet: serving the base disk and layers given");
             let header = Header::new(cfg.disk_size, cfg.fingerprint);
@@ -401,6 +407,42 @@ pub(super) fn read_chain(
 }
 
 /// Opens the layers given for an overlay (made absolute), if any.
+/// What both opens start from.
+struct Opening {
+    file: File,
+    /// The file was created by this open.
+    created: bool,
+    len: u64,
+    /// The file never got a header: empty, or a zero header (what a crash
+    /// right after creation leaves).
+    unwritten: bool,
+    /// The layers given, opened and checked.
+    given: Option<Chain>,
+}
+
+impl Opening {
+    /// Checks `cfg` and the layers given (before any file is created),
+    /// then opens and locks the file.
+    fn start(
+        path: &Path,
+        cfg: &OverlayConfig,
+        layers: Option<&[PathBuf]>,
+        access: Access,
+    ) -> Result<Opening, OverlayError> {
+        check_config(path, cfg)?;
+        let given = open_given(layers, cfg)?;
+        let (file, created, len) = open_locked(path, access)?;
+        let unwritten = len == 0 || header_never_written(&file, path, len)?;
+        Ok(Opening {
+            file,
+            created,
+            len,
+            unwritten,
+            given,
+        })
+    }
+}
+
 fn open_given(
     layers: Option<&[PathBuf]>,
     cfg: &OverlayConfig,
