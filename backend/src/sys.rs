@@ -3,14 +3,26 @@
 //! needed. vmm-sys-util's `SeekHole` wants a `&mut File` (it moves the
 //! file position), hence `next_data` here; `flock` and `fdatasync` have no
 //! wrapper there; neither has `FICLONERANGE` or `copy_file_range`.
+//! Return codes are read with vmm-sys-util's `SyscallReturnCode`.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 use vmm_sys_util::fallocate::{FallocateMode, fallocate};
+use vmm_sys_util::syscall::SyscallReturnCode;
 
-fn last_error() -> io::Error {
-    io::Error::last_os_error()
+/// Runs `call` again for as long as it fails with `EINTR`.
+fn retry_interrupted<T>(mut call: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    loop {
+        match call() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            result => return result,
+        }
+    }
+}
+
+fn invalid_input() -> io::Error {
+    io::Error::from(io::ErrorKind::InvalidInput)
 }
 
 /// Deallocates `[offset, offset + len)`; the range reads back as zeros and
@@ -19,13 +31,9 @@ pub fn punch_hole(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
     if len == 0 {
         return Ok(());
     }
-    loop {
-        match fallocate(&fd, FallocateMode::PunchHole, true, offset, len) {
-            Ok(()) => return Ok(()),
-            Err(e) if e.errno() == libc::EINTR => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
+    retry_interrupted(|| {
+        fallocate(&fd, FallocateMode::PunchHole, true, offset, len).map_err(io::Error::from)
+    })
 }
 
 /// Whether a punch failed only because the filesystem cannot punch holes.
@@ -37,16 +45,10 @@ pub fn unsupported(e: &io::Error) -> bool {
 }
 
 pub fn fdatasync(fd: BorrowedFd<'_>) -> io::Result<()> {
-    loop {
+    retry_interrupted(|| {
         // SAFETY: fdatasync takes no pointers.
-        if unsafe { libc::fdatasync(fd.as_raw_fd()) } == 0 {
-            return Ok(());
-        }
-        let e = last_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
+        SyscallReturnCode(unsafe { libc::fdatasync(fd.as_raw_fd()) }).into_empty_result()
+    })
 }
 
 /// Takes an exclusive lock without waiting; `Ok(false)` if someone holds it.
@@ -61,36 +63,28 @@ pub fn try_lock_shared(fd: BorrowedFd<'_>) -> io::Result<bool> {
 }
 
 fn try_lock(fd: BorrowedFd<'_>, operation: libc::c_int) -> io::Result<bool> {
-    loop {
+    let locked = retry_interrupted(|| {
         // SAFETY: flock takes no pointers.
-        if unsafe { libc::flock(fd.as_raw_fd(), operation | libc::LOCK_NB) } == 0 {
-            return Ok(true);
-        }
-        let e = last_error();
-        match e.raw_os_error() {
-            Some(libc::EWOULDBLOCK) => return Ok(false),
-            Some(libc::EINTR) => continue,
-            _ => return Err(e),
-        }
+        let r = unsafe { libc::flock(fd.as_raw_fd(), operation | libc::LOCK_NB) };
+        SyscallReturnCode(r).into_empty_result()
+    });
+    match locked {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
 /// `lseek(SEEK_DATA / SEEK_HOLE)`; `Ok(None)` when no data follows `offset`.
 fn seek(fd: BorrowedFd<'_>, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
-    let offset =
-        libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let offset = libc::off_t::try_from(offset).map_err(|_| invalid_input())?;
     // SAFETY: lseek takes no pointers. It moves the shared file position,
     // which the overlay never uses (all I/O is positional).
-    let r = unsafe { libc::lseek(fd.as_raw_fd(), offset, whence) };
-    if r < 0 {
-        let e = last_error();
-        return if e.raw_os_error() == Some(libc::ENXIO) {
-            Ok(None)
-        } else {
-            Err(e)
-        };
+    match SyscallReturnCode(unsafe { libc::lseek(fd.as_raw_fd(), offset, whence) }).into_result() {
+        Ok(position) => Ok(u64::try_from(position).ok()),
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+        Err(e) => Err(e),
     }
-    Ok(Some(r as u64))
 }
 
 /// The next allocated extent `[start, end)` at or after `offset`.
@@ -121,17 +115,12 @@ pub fn clone_range(
         src_length: len,
         dest_offset: dst_off,
     };
-    loop {
+    retry_interrupted(|| {
         // SAFETY: `arg` is a valid file_clone_range that outlives the call;
         // the kernel only reads it.
-        if unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONERANGE, &arg) } == 0 {
-            return Ok(());
-        }
-        let e = last_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
+        let r = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONERANGE, &raw const arg) };
+        SyscallReturnCode(r).into_empty_result()
+    })
 }
 
 /// `copy_file_range` of up to `len` bytes between positions; returns the
@@ -144,11 +133,9 @@ pub fn copy_file_range(
     dst_off: u64,
     len: usize,
 ) -> io::Result<usize> {
-    let offset = |o: u64| {
-        libc::loff_t::try_from(o).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
-    };
-    let (mut s, mut d) = (offset(src_off)?, offset(dst_off)?);
-    loop {
+    let mut s = libc::loff_t::try_from(src_off).map_err(|_| invalid_input())?;
+    let mut d = libc::loff_t::try_from(dst_off).map_err(|_| invalid_input())?;
+    let copied = retry_interrupted(|| {
         // SAFETY: both descriptors are open and the offset pointers are
         // valid locals for the duration of the call.
         let n = unsafe {
@@ -161,13 +148,7 @@ pub fn copy_file_range(
                 0,
             )
         };
-        // Negative is an error, reported below.
-        if let Ok(n) = usize::try_from(n) {
-            return Ok(n);
-        }
-        let e = last_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
+        SyscallReturnCode(n).into_result()
+    })?;
+    usize::try_from(copied).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))
 }
