@@ -130,17 +130,18 @@ fn content_hash(path: &Path) -> String {
     let mut buf = vec![0u8; 1 << 20];
     while offset < size {
         // SAFETY: lseek on a file descriptor we own; no pointers.
-        let data = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_DATA) };
+        let data =
+            unsafe { libc::lseek(fd, libc::off_t::try_from(offset).unwrap(), libc::SEEK_DATA) };
         if data < 0 {
             break; // ENXIO: only a hole up to the end.
         }
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
         assert!(hole >= data, "SEEK_HOLE on {}", path.display());
+        // SAFETY: as above; positions the file for the reads below.
+        unsafe { libc::lseek(fd, data, libc::SEEK_SET) };
         let (data, hole) = (data as u64, hole as u64);
         hash.update(data.to_le_bytes());
-        // SAFETY: as above; positions the file for the reads below.
-        unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_SET) };
         let mut left = hole - data;
         while left > 0 {
             let n = buf.len().min(usize::try_from(left).unwrap());
