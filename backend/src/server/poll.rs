@@ -48,7 +48,7 @@ impl CpuSample {
         // overwrite.
         let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
         // SAFETY: `usage` is a valid, writable rusage for the call.
-        if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) } != 0 {
+        if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &raw mut usage) } != 0 {
             return Err(io::Error::last_os_error());
         }
         let time = |t: libc::timeval| {
