@@ -20,6 +20,7 @@ fn main() -> ExitCode {
         Command::Overlay(args) => ociblk::cli::overlay::run(args),
         Command::Verify(args) => ociblk::cli::verify::run(args),
         Command::Launch(args) => ociblk::cli::launch::run(args),
+        Command::QemuCommand(args) => ociblk::cli::qemu_command::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,7 +1,8 @@
 //! Byte sizes as users type them: `5GiB`, `128M`, `4096`.
 
-/// Parses a size in bytes with an optional suffix: K/M/G/T or KiB/MiB/GiB/TiB
-/// (all powers of 1024, as disk sizes are), or none for bytes.
+/// Parses a size in bytes with an optional suffix, in any case: K/M/G/T or
+/// KiB/MiB/GiB/TiB (all powers of 1024, as disk sizes are), B or none for bytes.
+/// The one grammar of every size option (`ociblk`, `ociblk-bench`).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
@@ -14,12 +15,12 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let n: u64 = digits
         .parse()
         .map_err(|_| format!("invalid size {s:?}: number too large"))?;
-    let shift = match suffix.trim() {
-        "" | "B" => 0,
-        "K" | "k" | "KiB" => 10,
-        "M" | "MiB" => 20,
-        "G" | "GiB" => 30,
-        "T" | "TiB" => 40,
+    let shift = match suffix.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        "t" | "tib" => 40,
         other => {
             return Err(format!(
                 "invalid size {s:?}: unknown suffix {other:?} (use K, M, G, T, KiB, MiB, GiB or TiB)"
@@ -41,7 +42,18 @@ mod tests {
         assert_eq!(parse_size("128MiB"), Ok(128 << 20));
         assert_eq!(parse_size("5GiB"), Ok(5 << 30));
         assert_eq!(parse_size("1k"), Ok(1024));
+        assert_eq!(parse_size("4K"), Ok(4096));
+        assert_eq!(parse_size("64k"), Ok(64 << 10));
+        assert_eq!(parse_size("1M"), Ok(1 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("1m"), Ok(1 << 20));
+        assert_eq!(parse_size("3gib"), Ok(3 << 30));
+        assert_eq!(parse_size("512b"), Ok(512));
         parse_size("").unwrap_err();
+        parse_size("K").unwrap_err();
+        parse_size("1X").unwrap_err();
+        // Ambiguous (1000 or 1024?): refused.
+        parse_size("1KB").unwrap_err();
         parse_size("12X").unwrap_err();
         parse_size("-1").unwrap_err();
         parse_size("99999999999T").unwrap_err();

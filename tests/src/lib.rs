@@ -1,9 +1,7 @@
-//! Test support for ociblk: a vhost-user-blk client used by the integration tests and
-//! the benchmark tool.
+//! Test support for ociblk, shared by every integration test: finding the
+//! programs, `ociblk serve` and QEMU guests as child processes, one node
+//! helper, OCI images built on the fly and a raw vhost-user frontend.
 
-pub mod vhost_client;
-
-pub mod bench;
 pub mod oci;
 pub mod process;
 pub mod raw_vhost;

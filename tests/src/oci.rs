@@ -5,6 +5,7 @@
 //! symlinks into the layout directory by default, chunk hashes are base64
 //! (no padding) sha256 of 1 MiB chunks unless a test picks another size.
 
+pub use ociblk_client::rng::pseudo_random;
 use std::fs;
 use std::io;
 use std::os::unix::fs::symlink;
@@ -50,20 +51,6 @@ pub fn sha256_hex(data: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-/// Deterministic pseudo-random bytes (xorshift), so tests need no data files.
-pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 impl ImageBuilder {

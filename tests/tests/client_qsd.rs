@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ociblk_tests::vhost_client::{
+use ociblk_client::{
     BlkStatus, ClientError, ClientOptions, GUEST_MEMORY_BASE, RawDesc, Request, SECTOR_SIZE, Token,
     VhostBlkClient,
 };
@@ -381,7 +381,7 @@ fn run_in_flight(client: &mut VhostBlkClient, count: usize, len: usize) {
 }
 
 fn reap_all(
-    queue: &mut ociblk_tests::vhost_client::BlkQueue,
+    queue: &mut ociblk_client::BlkQueue,
     count: usize,
 ) -> std::collections::HashMap<Token, (BlkStatus, Vec<u8>)> {
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use ociblk_tests::process::Server;
 use ociblk_tests::support::{ociblk_bin, run_ok, sample_image};
-use ociblk_tests::vhost_client::{BlkStatus, ClientOptions, Request, Token, VhostBlkClient};
+use ociblk_client::{BlkStatus, ClientOptions, Request, Token, VhostBlkClient};
 
 const DISK: &[&str] = &["--disk-size", "512MiB", "--system-size", "64MiB"];
 const BS: u64 = 4096;

@@ -15,7 +15,7 @@ use std::time::Duration;
 use ociblk_tests::oci::pseudo_random;
 use ociblk_tests::process::{Server, wait_exit, wait_until};
 use ociblk_tests::support::{ociblk_bin, require_tool, run_ok, sample_image};
-use ociblk_tests::vhost_client::{BlkStatus, ClientOptions, VhostBlkClient};
+use ociblk_client::{BlkStatus, ClientOptions, VhostBlkClient};
 
 const DISK: &[&str] = &["--disk-size", "512MiB", "--system-size", "64MiB"];
 /// Digest of the sample image's `system` payload.

@@ -21,7 +21,7 @@ use ociblk_tests::raw_vhost::{
     vring_state,
 };
 use ociblk_tests::support::{ociblk_bin, run_ok, sample_image};
-use ociblk_tests::vhost_client::{BlkStatus, ClientOptions, VhostBlkClient};
+use ociblk_client::{BlkStatus, ClientOptions, VhostBlkClient};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 const DISK: &[&str] = &["--disk-size", "512MiB", "--system-size", "64MiB"];

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use ociblk_tests::oci::{pseudo_random, sha256_hex};
 use ociblk_tests::process::{Server, wait_exit, wait_until};
 use ociblk_tests::support::{ociblk_bin, run_err, run_ok, sample_image};
-use ociblk_tests::vhost_client::{BlkStatus, ClientOptions, RawDesc, VhostBlkClient};
+use ociblk_client::{BlkStatus, ClientOptions, RawDesc, VhostBlkClient};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };

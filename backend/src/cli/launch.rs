@@ -307,7 +307,7 @@ fn print_times(cluster: &Cluster, pattern: Option<&str>) -> Result<()> {
 }
 
 /// Guest memory in MiB.
-fn parse_memory(s: &str) -> Result<u32, String> {
+pub(crate) fn parse_memory(s: &str) -> Result<u32, String> {
     let bytes = parse_size(s)?;
     if bytes == 0 || bytes % MIB != 0 {
         return Err(format!(

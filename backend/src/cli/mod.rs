@@ -5,6 +5,7 @@ pub mod inspect;
 pub mod launch;
 pub mod layout_args;
 pub mod overlay;
+pub mod qemu_command;
 pub mod serve;
 pub mod verify;
 
@@ -33,4 +34,6 @@ pub enum Command {
     Verify(verify::VerifyArgs),
     /// Launch a test cluster: per node an ociblk serve backend and a QEMU guest.
     Launch(launch::LaunchArgs),
+    /// Print the QEMU command line `launch` runs for a node, one argument a line.
+    QemuCommand(qemu_command::QemuCommandArgs),
 }

@@ -24,7 +24,7 @@ const TAIL_BYTES: usize = 8192;
 
 /// Everything a child printed, with the time each piece arrived.
 #[derive(Debug, Default)]
-pub(crate) struct Transcript {
+pub struct Transcript {
     state: Mutex<State>,
     changed: Condvar,
 }
@@ -68,7 +68,7 @@ impl State {
 
 /// Where a search for a pattern ended.
 #[derive(Debug)]
-pub(crate) enum Search {
+pub enum Search {
     Found {
         /// Offset just after the match.
         end: usize,
@@ -116,7 +116,7 @@ impl Transcript {
     }
 
     /// Waits until the output is closed or `deadline` passes.
-    pub(crate) fn wait_closed(&self, deadline: Instant) -> bool {
+    pub fn wait_closed(&self, deadline: Instant) -> bool {
         let mut state = self.lock();
         loop {
             if state.closed {
@@ -136,7 +136,7 @@ impl Transcript {
     /// Waits until `pattern` appears at or after offset `from`, the output
     /// ends, or `deadline` passes. Bytes before `resume` (from an earlier
     /// search for the same pattern) are known not to hold a match.
-    pub(crate) fn search(
+    pub fn search(
         &self,
         pattern: &str,
         from: usize,
@@ -176,8 +176,13 @@ impl Transcript {
         }
     }
 
+    /// All the output kept in memory (the last 2 to 4 MiB at least).
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.lock().text).into_owned()
+    }
+
     /// The last `lines` lines of the output.
-    pub(crate) fn tail(&self, lines: usize) -> String {
+    pub fn tail(&self, lines: usize) -> String {
         let state = self.lock();
         let from = state.text.len().saturating_sub(TAIL_BYTES);
         let text = String::from_utf8_lossy(&state.text[from..]);
@@ -241,12 +246,13 @@ fn write_stderr(out: &[u8]) {
     }
 }
 
-/// Starts a thread that copies `source` to `file`, to `transcript` and, if
-/// `echo_prefix` is given, line by line to stderr, until end of file.
-pub(crate) fn follow(
+/// Starts a thread that copies `source` to `file` (if given), to
+/// `transcript` and, if `echo_prefix` is given, line by line to stderr,
+/// until end of file.
+pub fn follow(
     thread_name: String,
     mut source: impl Read + Send + 'static,
-    mut file: File,
+    mut file: Option<File>,
     echo_prefix: Option<String>,
     transcript: std::sync::Arc<Transcript>,
 ) -> io::Result<JoinHandle<()>> {
@@ -256,7 +262,6 @@ pub(crate) fn follow(
             prefix,
             partial: Vec::new(),
         });
-        let mut file_ok = true;
         loop {
             let n = match source.read(&mut buf) {
                 Ok(0) => break,
@@ -268,10 +273,12 @@ pub(crate) fn follow(
                 }
             };
             let data = &buf[..n];
-            if file_ok && let Err(e) = file.write_all(data) {
+            if let Some(f) = &mut file
+                && let Err(e) = f.write_all(data)
+            {
                 // Keep draining the pipe: the child must not block.
                 warn!("writing a log file: {e}");
-                file_ok = false;
+                file = None;
             }
             if let Some(echo) = &mut echo {
                 echo.push(data);

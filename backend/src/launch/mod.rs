@@ -20,10 +20,12 @@
 //! reaps them and removes sockets left behind. Only processes the harness
 //! started are signalled, and only by their PIDs.
 
-mod log;
+pub mod console;
+pub mod log;
 pub mod network;
 mod node;
-mod process;
+pub mod process;
+pub mod qemu;
 pub mod snapshot;
 
 use std::collections::HashSet;
@@ -39,6 +41,7 @@ pub use node::{
     QEMU_PID_FILE, SERVE_LOG_FILE, SERVE_PID_FILE, SOCKET_FILE, TPM_LOG_FILE, TPM_PID_FILE,
     TPM_SOCKET_FILE, TPM_STATE_DIR,
 };
+pub use qemu::{QemuBoot, QemuCommand, QemuDisk, QemuNetwork};
 
 pub use network::NetworkSpec;
 

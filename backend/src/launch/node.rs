@@ -1,24 +1,25 @@
 //! One node of a cluster: its state directory, its `ociblk serve` backend
 //! and its QEMU guest.
 
-use std::ffi::OsStr;
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{ChildStdin, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use super::log::{Search, Transcript, follow};
+use super::console::{Console, ConsoleSearch};
+use super::log::{Transcript, follow};
 use super::process::{Process, Stopped};
+use super::qemu::{QemuBoot, QemuCommand, QemuDisk, QemuNetwork};
 use super::{ClusterSpec, LaunchError, NodeSpec, TpmSpec, network};
 use crate::server::daemon::{lock_path, temp_socket_prefix};
 use crate::sys::try_lock_exclusive;
@@ -50,15 +51,6 @@ pub const TPM_PID_FILE: &str = "swtpm.pid";
 
 /// Longest path a Unix socket address holds (`sun_path` less its NUL).
 const MAX_SOCKET_PATH: usize = 107;
-/// QEMU ids of the guest memory backend and of the disk's chardev.
-const MEMORY_ID: &str = "mem";
-const DISK_CHARDEV_ID: &str = "disk0";
-/// QEMU ids of the cluster network and the user-mode uplink.
-const CLUSTER_NETDEV_ID: &str = "cluster";
-const UPLINK_NETDEV_ID: &str = "uplink";
-/// QEMU ids of the TPM's chardev and backend.
-const TPM_CHARDEV_ID: &str = "chrtpm";
-const TPM_ID: &str = "tpm0";
 /// Lines of a log quoted in an error.
 const TAIL_LINES: usize = 25;
 /// How long the end of a dead child's output may take to reach its reader.
@@ -97,15 +89,10 @@ pub struct Node {
     serve: Option<Process>,
     qemu: Option<Process>,
     tpm: Option<Process>,
-    console_input: Option<ChildStdin>,
     serve_output: Arc<Transcript>,
-    console: Arc<Transcript>,
+    console: Console,
     readers: Vec<JoinHandle<()>>,
     times: NodeTimes,
-    /// Where the next console search starts.
-    cursor: usize,
-    /// A pattern still being waited for and how far it was searched.
-    scanned: Option<(String, usize)>,
     /// Held while the cluster lives: one launch per state directory.
     _lock: File,
     /// QEMU's exit was already handed out by `poll_exit`.
@@ -177,13 +164,10 @@ impl Node {
             serve: None,
             qemu: None,
             tpm: None,
-            console_input: None,
             serve_output: Arc::default(),
-            console: Arc::default(),
+            console: Console::new(Arc::default(), None),
             readers: Vec::new(),
             times: NodeTimes::default(),
-            cursor: 0,
-            scanned: None,
             _lock: lock,
             exit_reported: false,
             serve_exit_reported: false,
@@ -240,7 +224,7 @@ impl Node {
 
     /// The last `lines` lines of the console.
     pub fn console_tail(&self, lines: usize) -> String {
-        self.console.tail(lines)
+        self.console.output().tail(lines)
     }
 
     fn spawn_error(
@@ -277,7 +261,7 @@ impl Node {
         let reader = follow(
             format!("{thread_name}-{}", self.name),
             source,
-            log,
+            Some(log),
             echo_prefix,
             Arc::clone(transcript),
         )
@@ -319,7 +303,7 @@ impl Node {
             .stderr(output_writer);
         // SIGTERM if the harness dies: serve then still flushes the overlay
         // and removes its socket.
-        let serve = Process::spawn(&mut cmd, libc::SIGTERM, &self.dir.join(SERVE_PID_FILE))
+        let serve = Process::spawn(&mut cmd, libc::SIGTERM, Some(&self.dir.join(SERVE_PID_FILE)))
             .map_err(spawn_error())?;
         // Our copies of the pipe's write end must go, or the copier would
         // never see the end of the output.
@@ -395,16 +379,16 @@ impl Node {
             .stderr(output_writer);
         // The guest's disk state lives in the backend, so QEMU can simply
         // be killed if the harness dies.
-        let mut qemu = Process::spawn(&mut cmd, libc::SIGKILL, &self.dir.join(QEMU_PID_FILE))
+        let mut qemu = Process::spawn(&mut cmd, libc::SIGKILL, Some(&self.dir.join(QEMU_PID_FILE)))
             .map_err(spawn_error())?;
         drop(cmd);
         let at = started.elapsed();
         info!(node = %self.name, pid = qemu.pid(), after = ?at, "started QEMU");
         self.times.qemu_started = Some(at);
-        self.console_input = qemu.child_mut().stdin.take();
+        let transcript = Arc::new(Transcript::default());
+        self.console = Console::new(Arc::clone(&transcript), qemu.child_mut().stdin.take());
         self.qemu = Some(qemu);
         let echo = spec.echo.then(|| format!("[{}] ", self.name));
-        let transcript = Arc::clone(&self.console);
         self.follow_output(output, &self.console_log(), &transcript, echo, "console")
     }
 
@@ -439,7 +423,7 @@ impl Node {
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(spawn_error())?)
             .stderr(log);
-        let mut swtpm = Process::spawn(&mut cmd, libc::SIGTERM, &self.dir.join(TPM_PID_FILE))
+        let mut swtpm = Process::spawn(&mut cmd, libc::SIGTERM, Some(&self.dir.join(TPM_PID_FILE)))
             .map_err(spawn_error())?;
         info!(node = %self.name, pid = swtpm.pid(), "started swtpm");
         let deadline = Instant::now() + timeout;
@@ -509,76 +493,33 @@ impl Node {
 
     fn qemu_command(&self, spec: &ClusterSpec) -> Command {
         let qemu = &spec.qemu;
-        let memory = format!("{}M", qemu.memory_mib);
-        let mut cmd = Command::new(&qemu.binary);
-        cmd.arg("-name")
-            .arg(&self.name)
-            .args(["-accel", &qemu.accel])
-            .args(["-smp", &qemu.cpus.to_string()])
-            .args(["-m", &memory])
-            // vhost-user needs guest memory the backend can map.
-            .arg("-object")
-            .arg(format!(
-                "memory-backend-memfd,id={MEMORY_ID},size={memory},share=on"
-            ))
-            .arg("-machine")
-            .arg(format!("q35,memory-backend={MEMORY_ID}"))
-            .arg("-chardev")
-            .arg(qemu_option(
-                &format!("socket,id={DISK_CHARDEV_ID},path="),
-                &self.socket(),
-            ))
-            .arg("-device")
-            .arg(format!(
-                "vhost-user-blk-pci,chardev={DISK_CHARDEV_ID},num-queues={},\
-                 disable-legacy=on,bootindex=1",
-                spec.queues
-            ))
-            .args(["-display", "none", "-serial", "stdio"])
-            .args(["-monitor", "none", "-nodefaults"])
-            .arg("-drive")
-            .arg(qemu_option(
-                "if=pflash,format=raw,readonly=on,file=",
-                &qemu.ovmf_code,
-            ))
-            .arg("-drive")
-            .arg(qemu_option("if=pflash,format=raw,file=", &self.ovmf_vars()));
-        if let Some(network) = &spec.network {
-            // romfile= (empty): no iPXE option ROM, OVMF boots the disk
-            // without trying the network first.
-            cmd.arg("-netdev")
-                .arg(format!(
-                    "socket,id={CLUSTER_NETDEV_ID},mcast={},localaddr=127.0.0.1",
-                    network.group
-                ))
-                .arg("-device")
-                .arg(format!(
-                    "virtio-net-pci,netdev={CLUSTER_NETDEV_ID},mac={},romfile=",
-                    network::format_mac(network::node_mac(&self.name))
-                ));
-            if network.uplink {
-                cmd.arg("-netdev")
-                    .arg(format!("user,id={UPLINK_NETDEV_ID}"))
-                    .arg("-device")
-                    .arg(format!(
-                        "virtio-net-pci,netdev={UPLINK_NETDEV_ID},mac={},romfile=",
-                        network::format_mac(network::uplink_mac(&self.name))
-                    ));
-            }
+        let network = spec.network.as_ref().map(|network| QemuNetwork {
+            group: network.group.to_string(),
+            mac: network::format_mac(network::node_mac(&self.name)),
+            uplink_mac: network
+                .uplink
+                .then(|| network::format_mac(network::uplink_mac(&self.name))),
+        });
+        QemuCommand {
+            binary: qemu.binary.clone(),
+            name: Some(self.name.clone()),
+            accel: qemu.accel.clone(),
+            cpus: qemu.cpus,
+            memory_mib: qemu.memory_mib,
+            disk: QemuDisk::VhostUser {
+                socket: self.socket(),
+                reconnect: false,
+            },
+            queues: spec.queues,
+            boot: QemuBoot::Uefi {
+                code: qemu.ovmf_code.clone(),
+                vars: self.ovmf_vars(),
+            },
+            network,
+            tpm_socket: spec.tpm.is_some().then(|| self.tpm_socket()),
+            extra_args: qemu.extra_args.clone(),
         }
-        if spec.tpm.is_some() {
-            cmd.arg("-chardev")
-                .arg(qemu_option(
-                    &format!("socket,id={TPM_CHARDEV_ID},path="),
-                    &self.tpm_socket(),
-                ))
-                .arg("-tpmdev")
-                .arg(format!("emulator,id={TPM_ID},chardev={TPM_CHARDEV_ID}"))
-                .arg("-device")
-                .arg(format!("tpm-tis,tpmdev={TPM_ID}"));
-        }
-        cmd.args(&qemu.extra_args);
-        cmd
+        .command()
     }
 
     /// Fails if QEMU has exited, quoting the end of the console.
@@ -604,12 +545,12 @@ impl Node {
             Some(Ok(Some(status))) => status.to_string(),
             _ => "its console output ended".to_owned(),
         };
-        self.console.wait_closed(deadline);
+        self.console.output().wait_closed(deadline);
         LaunchError::QemuExited {
             node: self.name.clone(),
             status,
             log: self.console_log(),
-            tail: self.console.tail(TAIL_LINES),
+            tail: self.console_tail(TAIL_LINES),
         }
     }
 
@@ -621,23 +562,14 @@ impl Node {
         until: Instant,
         started: Instant,
     ) -> Result<Option<ConsoleMatch>, LaunchError> {
-        let resume = match &self.scanned {
-            Some((p, scanned)) if p == pattern => *scanned,
-            _ => self.cursor,
-        };
-        match self.console.search(pattern, self.cursor, resume, until) {
-            Search::Found { end, at, text } => {
-                self.cursor = end;
-                self.scanned = None;
+        match self.console.search(pattern, until) {
+            ConsoleSearch::Found { at, text } => {
                 let at = at.saturating_duration_since(started);
                 self.times.console_ready.get_or_insert(at);
                 Ok(Some(ConsoleMatch { at, text }))
             }
-            Search::TimedOut { scanned } => {
-                self.scanned = Some((pattern.to_owned(), scanned));
-                Ok(None)
-            }
-            Search::Closed => Err(self.qemu_exited()),
+            ConsoleSearch::NotYet => Ok(None),
+            ConsoleSearch::Closed => Err(self.qemu_exited()),
         }
     }
 
@@ -647,27 +579,18 @@ impl Node {
             pattern: pattern.to_owned(),
             timeout,
             log: self.console_log(),
-            tail: self.console.tail(TAIL_LINES),
+            tail: self.console_tail(TAIL_LINES),
         }
     }
 
     /// Types `line` and a newline into the console.
     pub(super) fn send_console(&mut self, line: &str) -> Result<(), LaunchError> {
-        let error = |source| LaunchError::ConsoleInput {
-            node: self.name.clone(),
-            source,
-        };
-        let input = self
-            .console_input
-            .as_mut()
-            .ok_or_else(|| error(io::ErrorKind::BrokenPipe.into()))?;
-        let mut data = Vec::with_capacity(line.len() + 1);
-        data.extend_from_slice(line.as_bytes());
-        data.push(b'\n');
-        input
-            .write_all(&data)
-            .and_then(|()| input.flush())
-            .map_err(error)
+        self.console
+            .send(line)
+            .map_err(|source| LaunchError::ConsoleInput {
+                node: self.name.clone(),
+                source,
+            })
     }
 
     /// Reaps QEMU if it exited; returns its status the first time only.
@@ -689,7 +612,7 @@ impl Node {
 
     pub(super) fn signal_qemu(&mut self, signal: libc::c_int) {
         // Closing the console input first: QEMU must not block on it.
-        self.console_input = None;
+        self.console.close_input();
         if let Some(qemu) = self.qemu.as_mut() {
             qemu.signal(signal);
         }
@@ -814,8 +737,6 @@ fn running_pid(process: Option<&Process>) -> Option<u32> {
     process.filter(|p| p.status().is_none()).map(Process::pid)
 }
 
-/// `prefix` followed by `path` as a QEMU option value, in which a comma
-/// would end the value unless doubled.
 /// The last `count` lines of `text`.
 fn last_lines(text: &str, count: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
@@ -827,18 +748,6 @@ fn last_lines(text: &str, count: usize) -> String {
 fn swtpm_option(prefix: &str, path: &Path) -> std::ffi::OsString {
     let mut value = std::ffi::OsString::from(prefix);
     value.push(path.as_os_str());
-    value
-}
-
-fn qemu_option(prefix: &str, path: &Path) -> std::ffi::OsString {
-    let mut value = std::ffi::OsString::from(prefix);
-    let escaped: Vec<u8> = path
-        .as_os_str()
-        .as_bytes()
-        .iter()
-        .flat_map(|&b| if b == b',' { vec![b',', b','] } else { vec![b] })
-        .collect();
-    value.push(OsStr::from_bytes(&escaped));
     value
 }
 
@@ -858,7 +767,7 @@ mod tests {
         let mut sleep = Command::new("sleep");
         sleep.arg("60");
         let mut serve =
-            Process::spawn(&mut sleep, libc::SIGKILL, &node.dir.join(SERVE_PID_FILE)).unwrap();
+            Process::spawn(&mut sleep, libc::SIGKILL, Some(&node.dir.join(SERVE_PID_FILE))).unwrap();
         serve.kill();
         node.serve = Some(serve);
         node
@@ -887,13 +796,5 @@ mod tests {
         assert!(try_lock_exclusive(held.as_fd()).unwrap());
         node.remove_leftovers();
         assert!(lock.exists(), "a held lock file was removed");
-    }
-
-    #[test]
-    fn commas_in_paths_are_doubled_for_qemu() {
-        assert_eq!(
-            qemu_option("file=", Path::new("/a,b/c")),
-            std::ffi::OsString::from("file=/a,,b/c")
-        );
     }
 }

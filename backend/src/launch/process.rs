@@ -17,18 +17,19 @@ const EXIT_POLL: Duration = Duration::from_millis(10);
 
 /// How a stopped child ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Stopped {
+pub enum Stopped {
     /// It exited by itself or after the polite signal.
     Exited(ExitStatus),
     /// It outlived the grace period and was killed.
     Killed,
 }
 
+/// A spawned child; dropping it kills and reaps it.
 #[derive(Debug)]
-pub(crate) struct Process {
+pub struct Process {
     child: Child,
     /// Holds the PID while the child runs, for outside observers.
-    pid_file: PathBuf,
+    pid_file: Option<PathBuf>,
     /// Set once the child is reaped.
     status: Option<ExitStatus>,
 }
@@ -37,11 +38,11 @@ impl Process {
     /// Spawns `cmd` in its own process group (a Ctrl-C on the terminal
     /// reaches only the harness, which then stops the children in order)
     /// with `death_signal` sent to it if the spawning thread dies first.
-    /// Writes the PID to `pid_file`.
-    pub(crate) fn spawn(
+    /// Writes the PID to `pid_file`, if given.
+    pub fn spawn(
         cmd: &mut Command,
         death_signal: libc::c_int,
-        pid_file: &Path,
+        pid_file: Option<&Path>,
     ) -> io::Result<Process> {
         // SAFETY: getpid is always safe to call.
         let parent = unsafe { libc::getpid() };
@@ -66,31 +67,33 @@ impl Process {
         let child = cmd.spawn()?;
         let mut process = Process {
             child,
-            pid_file: pid_file.to_owned(),
+            pid_file: pid_file.map(Path::to_owned),
             status: None,
         };
-        if let Err(e) = fs::write(pid_file, format!("{}\n", process.pid())) {
+        if let Some(pid_file) = pid_file
+            && let Err(e) = fs::write(pid_file, format!("{}\n", process.pid()))
+        {
             process.kill();
             return Err(e);
         }
         Ok(process)
     }
 
-    pub(crate) fn pid(&self) -> u32 {
+    pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
-    pub(crate) fn child_mut(&mut self) -> &mut Child {
+    pub fn child_mut(&mut self) -> &mut Child {
         &mut self.child
     }
 
     /// The exit status, once reaped.
-    pub(crate) fn status(&self) -> Option<ExitStatus> {
+    pub fn status(&self) -> Option<ExitStatus> {
         self.status
     }
 
     /// Reaps the child if it has exited; returns its status then.
-    pub(crate) fn try_exit(&mut self) -> io::Result<Option<ExitStatus>> {
+    pub fn try_exit(&mut self) -> io::Result<Option<ExitStatus>> {
         if self.status.is_none()
             && let Some(status) = self.child.try_wait()?
         {
@@ -100,7 +103,7 @@ impl Process {
     }
 
     /// Sends `signal` unless the child is already reaped.
-    pub(crate) fn signal(&mut self, signal: libc::c_int) {
+    pub fn signal(&mut self, signal: libc::c_int) {
         if self.status.is_some() {
             return;
         }
@@ -113,7 +116,7 @@ impl Process {
     }
 
     /// Waits until `deadline` for the child to exit; reaps it if it did.
-    pub(crate) fn wait_until(&mut self, deadline: Instant) -> io::Result<Option<ExitStatus>> {
+    pub fn wait_until(&mut self, deadline: Instant) -> io::Result<Option<ExitStatus>> {
         loop {
             if let Some(status) = self.try_exit()? {
                 return Ok(Some(status));
@@ -126,7 +129,7 @@ impl Process {
     }
 
     /// Waits until `deadline` for the child to exit, then kills it; reaps it.
-    pub(crate) fn finish_by(&mut self, deadline: Instant) -> io::Result<Stopped> {
+    pub fn finish_by(&mut self, deadline: Instant) -> io::Result<Stopped> {
         if let Some(status) = self.wait_until(deadline)? {
             return Ok(Stopped::Exited(status));
         }
@@ -143,7 +146,7 @@ impl Process {
     }
 
     /// SIGKILL and reap.
-    pub(crate) fn kill(&mut self) {
+    pub fn kill(&mut self) {
         if self.status.is_some() {
             return;
         }
@@ -155,7 +158,9 @@ impl Process {
 
     fn reaped(&mut self, status: ExitStatus) {
         self.status = Some(status);
-        let _ = fs::remove_file(&self.pid_file);
+        if let Some(pid_file) = &self.pid_file {
+            let _ = fs::remove_file(pid_file);
+        }
     }
 }
 

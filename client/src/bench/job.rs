@@ -15,9 +15,10 @@ use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
 use super::args::{RunArgs, Rw};
 use super::histogram::Histogram;
 use super::report::{Latency, RunReport, rates};
-use super::rng::{WritePattern, XorShift};
+use super::pattern::WritePattern;
 use super::{BenchError, client_options, connect, is_read_only};
-use crate::vhost_client::{BlkQueue, BlkStatus, Completion, Request, SECTOR_SIZE, Token};
+use crate::rng::Rng;
+use crate::{BlkQueue, BlkStatus, Completion, Request, SECTOR_SIZE, Token};
 
 /// Runtime when neither `--runtime` nor `--size` is given.
 pub const DEFAULT_RUNTIME: Duration = Duration::from_secs(10);
@@ -256,7 +257,7 @@ struct Worker<'a> {
     job: &'a Job,
     index: u16,
     abort: &'a AtomicBool,
-    rng: XorShift,
+    rng: Rng,
     pattern: Option<WritePattern>,
     first_block: u64,
     blocks: u64,
@@ -284,7 +285,7 @@ impl<'a> Worker<'a> {
             job,
             index,
             abort,
-            rng: XorShift::new(job.seed, u64::from(index)),
+            rng: Rng::for_stream(job.seed, u64::from(index)),
             pattern: job.writes().then(|| WritePattern::new(bs, job.seed)),
             first_block,
             blocks,

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 
 //! `ociblk-bench`: a load generator for vhost-user-blk backends, built on
-//! [`vhost_client`](crate::vhost_client).
+//! this crate's vhost-user-blk client.
 //!
 //! * [`args`]: the command line;
 //! * [`job`]: the workload runner, one thread per queue keeping `iodepth` requests in
@@ -9,22 +9,22 @@
 //! * [`histogram`]: the latency histogram;
 //! * [`report`]: the results, as text or JSON;
 //! * [`dump`]: reads a whole disk and hashes it;
-//! * [`rng`]: seeded offsets and the write pattern.
+//! * [`pattern`]: the write pattern; offsets come from [`crate::rng`].
 
 pub mod args;
 pub mod dump;
 pub mod histogram;
 pub mod job;
+pub mod pattern;
 pub mod pread;
 pub mod report;
-pub mod rng;
 
 use std::path::Path;
 use std::time::Duration;
 
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_RO;
 
-use crate::vhost_client::{
+use crate::{
     ClientError, ClientOptions, MAX_QUEUE_SIZE, SECTOR_SIZE, VhostBlkClient,
 };
 

@@ -7,8 +7,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use ociblk_tests::bench::args::{Cli, Command};
-use ociblk_tests::bench::{dump, job, pread};
+use ociblk_client::bench::args::{Cli, Command};
+use ociblk_client::bench::{dump, job, pread};
 
 /// Prints the report; a closed stdout is an error, not a panic.
 fn emit(text: &str) -> anyhow::Result<()> {

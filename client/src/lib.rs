@@ -25,7 +25,7 @@
 //! ```no_run
 //! use std::path::Path;
 //! use std::time::Duration;
-//! use ociblk_tests::vhost_client::{BlkStatus, ClientOptions, Request, VhostBlkClient};
+//! use ociblk_client::{BlkStatus, ClientOptions, Request, VhostBlkClient};
 //!
 //! let opts = ClientOptions { queues: 2, ..ClientOptions::default() };
 //! let mut client = VhostBlkClient::connect(Path::new("/run/disk.sock"), opts)?;
@@ -44,13 +44,15 @@
 //!     }
 //! }
 //! client.disconnect()?;
-//! # Ok::<(), ociblk_tests::vhost_client::ClientError>(())
+//! # Ok::<(), ociblk_client::ClientError>(())
 //! ```
 
+pub mod bench;
 mod config;
 mod memory;
 mod queue;
 mod request;
+pub mod rng;
 
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;

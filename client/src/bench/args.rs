@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use ociblk_layout::parse_size;
 
 /// Load generator for vhost-user-blk backends: drives a socket the way a guest's
 /// virtio-blk driver does and reports IOPS, bandwidth and latency.
@@ -170,30 +171,6 @@ pub struct DumpArgs {
     pub json: bool,
 }
 
-/// Parses a byte count: a number with an optional binary suffix (`K`, `M`, `G`, `T`,
-/// also `KiB`, `KB`, ...; case-insensitive).
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let trimmed = text.trim();
-    let digits = trimmed
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(trimmed.len());
-    let (number, suffix) = trimmed.split_at(digits);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size (e.g. 4096, 4K, 1M)"))?;
-    let shift = match suffix.to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
-        _ => return Err(format!("{text:?}: unknown size suffix {suffix:?}")),
-    };
-    number
-        .checked_mul(1 << shift)
-        .ok_or_else(|| format!("{text:?} is too large"))
-}
-
 /// Parses a duration in seconds (decimals allowed).
 pub fn parse_seconds(text: &str) -> Result<Duration, String> {
     let seconds: f64 = text
@@ -207,18 +184,6 @@ pub fn parse_seconds(text: &str) -> Result<Duration, String> {
 mod tests {
     use super::*;
     use clap::CommandFactory;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("4K"), Ok(4096));
-        assert_eq!(parse_size("64k"), Ok(64 << 10));
-        assert_eq!(parse_size("1M"), Ok(1 << 20));
-        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
-        parse_size("1X").unwrap_err();
-        parse_size("K").unwrap_err();
-        parse_size("99999999999T").unwrap_err();
-    }
 
     #[test]
     fn seconds() {

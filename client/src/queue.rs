@@ -1010,7 +1010,7 @@ enum Finished {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vhost_client::memory::GuestRam;
+    use crate::memory::GuestRam;
     use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN};
 
     const SIZE: u16 = 16;

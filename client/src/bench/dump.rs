@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use super::args::DumpArgs;
 use super::report::{DumpReport, rates};
 use super::{BenchError, client_options, connect};
-use crate::vhost_client::{BlkStatus, Completion, Request, Token, VhostBlkClient};
+use crate::{BlkStatus, Completion, Request, Token, VhostBlkClient};
 
 /// Longest single sleep while waiting for completions.
 const MAX_WAIT: Duration = Duration::from_millis(100);

@@ -1,0 +1,144 @@
+//! `ociblk qemu-command`: the QEMU command line `ociblk launch` would run
+//! for one node, printed for scripts that start QEMU themselves.
+
+use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use super::launch::parse_memory;
+use crate::launch::{
+    DEFAULT_ACCEL, DEFAULT_CPUS, DEFAULT_OVMF_CODE, DEFAULT_QEMU_BINARY, DEFAULT_QUEUES,
+    QemuBoot, QemuCommand, QemuDisk,
+};
+
+#[derive(Debug, Args)]
+pub struct QemuCommandArgs {
+    /// The vhost-user socket of the node's `ociblk serve`.
+    #[arg(long, value_name = "PATH", required_unless_present = "image")]
+    pub socket: Option<PathBuf>,
+    /// Reconnect to a restarted backend.
+    #[arg(long, requires = "socket")]
+    pub reconnect: bool,
+    /// Instead of a socket: boot QEMU's own virtio-blk from this image file
+    /// (writes are not flushed to it), for comparisons.
+    #[arg(long, value_name = "FILE", conflicts_with = "socket")]
+    pub image: Option<PathBuf>,
+    /// Format of --image (raw, qcow2, ...).
+    #[arg(long, default_value = "raw", requires = "image")]
+    pub image_format: String,
+    /// The node's own writable copy of the OVMF variable store.
+    #[arg(long, value_name = "FILE")]
+    pub ovmf_vars: PathBuf,
+    /// OVMF firmware code.
+    #[arg(long, default_value = DEFAULT_OVMF_CODE, value_name = "FILE")]
+    pub ovmf_code: PathBuf,
+    /// QEMU's -name.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// QEMU accelerator.
+    #[arg(long, default_value = DEFAULT_ACCEL)]
+    pub accel: String,
+    /// Guest memory (K/M/G suffixes; whole MiB).
+    #[arg(long, default_value = "512M", value_parser = parse_memory, value_name = "SIZE")]
+    pub memory: u32,
+    /// vCPUs.
+    #[arg(long, default_value_t = DEFAULT_CPUS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub cpus: u32,
+    /// Request queues of the disk.
+    #[arg(long, default_value_t = DEFAULT_QUEUES, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub queues: u16,
+    /// QEMU binary.
+    #[arg(long, default_value = DEFAULT_QEMU_BINARY, value_name = "PATH")]
+    pub qemu: PathBuf,
+    /// Extra QEMU argument (repeatable).
+    #[arg(long = "qemu-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub qemu_args: Vec<String>,
+}
+
+impl QemuCommandArgs {
+    fn command(&self) -> QemuCommand {
+        let disk = match (&self.socket, &self.image) {
+            (Some(socket), _) => QemuDisk::VhostUser {
+                socket: socket.clone(),
+                reconnect: self.reconnect,
+            },
+            (None, Some(path)) => QemuDisk::Image {
+                path: path.clone(),
+                format: self.image_format.clone(),
+            },
+            // clap requires one of the two.
+            (None, None) => unreachable!("--socket or --image is required"),
+        };
+        QemuCommand {
+            binary: self.qemu.clone(),
+            name: self.name.clone(),
+            accel: self.accel.clone(),
+            cpus: self.cpus,
+            memory_mib: self.memory,
+            disk,
+            queues: self.queues,
+            boot: QemuBoot::Uefi {
+                code: self.ovmf_code.clone(),
+                vars: self.ovmf_vars.clone(),
+            },
+            network: None,
+            tpm_socket: None,
+            extra_args: self.qemu_args.clone(),
+        }
+    }
+}
+
+/// Prints the binary and each argument on a line of its own.
+pub fn run(args: &QemuCommandArgs) -> Result<()> {
+    let cmd = args.command();
+    let mut out = io::stdout().lock();
+    for arg in std::iter::once(cmd.binary.as_os_str().to_owned()).chain(cmd.args()) {
+        out.write_all(arg.as_bytes())?;
+        out.write_all(b"\n")?;
+    }
+    out.flush().context("writing to stdout")
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        args: QemuCommandArgs,
+    }
+
+    #[test]
+    fn a_socket_or_an_image_but_not_both() {
+        let parse = |argv: &[&str]| {
+            Cmd::try_parse_from(std::iter::once("x").chain(argv.iter().copied()))
+                .map(|c| c.args.command())
+        };
+        let cmd = parse(&["--socket", "/s", "--ovmf-vars", "/v", "--cpus", "2"]).unwrap();
+        assert_eq!(
+            cmd.disk,
+            QemuDisk::VhostUser {
+                socket: "/s".into(),
+                reconnect: false
+            }
+        );
+        assert_eq!(cmd.cpus, 2);
+        let cmd = parse(&["--image", "/i", "--image-format", "qcow2", "--ovmf-vars", "/v"]).unwrap();
+        assert_eq!(
+            cmd.disk,
+            QemuDisk::Image {
+                path: "/i".into(),
+                format: "qcow2".into()
+            }
+        );
+        assert!(parse(&["--ovmf-vars", "/v"]).is_err());
+        assert!(parse(&["--socket", "/s", "--image", "/i", "--ovmf-vars", "/v"]).is_err());
+        assert!(parse(&["--socket", "/s"]).is_err());
+    }
+}

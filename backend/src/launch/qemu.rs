@@ -1,0 +1,326 @@
+//! The QEMU command line of a node: a q35 machine whose memory a vhost-user
+//! backend can map, one virtio-blk boot disk, the serial console on stdio
+//! and nothing else. `ociblk launch`, the tests and (through
+//! `ociblk qemu-command`) the scripts all start QEMU from here.
+
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::{DEFAULT_ACCEL, DEFAULT_CPUS, DEFAULT_MEMORY_MIB, DEFAULT_QEMU_BINARY, DEFAULT_QUEUES};
+
+/// QEMU ids of the guest memory backend and of the disk.
+const MEMORY_ID: &str = "mem";
+const DISK_ID: &str = "disk0";
+/// QEMU ids of the cluster network and the user-mode uplink.
+const CLUSTER_NETDEV_ID: &str = "cluster";
+const UPLINK_NETDEV_ID: &str = "uplink";
+/// QEMU ids of the TPM's chardev and backend.
+const TPM_CHARDEV_ID: &str = "chrtpm";
+const TPM_ID: &str = "tpm0";
+
+/// The guest's NIC on a cluster network (a QEMU socket netdev, multicast on
+/// loopback) and, optionally, a second NIC with user-mode networking.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuNetwork {
+    /// Multicast group and port, e.g. `239.255.1.2:5000`.
+    pub group: String,
+    pub mac: String,
+    /// MAC of the uplink NIC, if the guest has one.
+    pub uplink_mac: Option<String>,
+}
+
+/// The guest's boot disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QemuDisk {
+    /// A vhost-user-blk device on a backend's Unix socket.
+    VhostUser {
+        socket: PathBuf,
+        /// Reconnect to a backend that restarts (after a second).
+        reconnect: bool,
+    },
+    /// QEMU's own virtio-blk on an image file, for comparisons. Writes are
+    /// never flushed to the file (`cache=unsafe`): a throwaway disk.
+    Image { path: PathBuf, format: String },
+}
+
+/// How the guest boots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QemuBoot {
+    /// OVMF from the disk's ESP; `vars` is the node's own writable copy of
+    /// the variable store.
+    Uefi { code: PathBuf, vars: PathBuf },
+    /// QEMU loads a kernel and initramfs directly; the console is ttyS0.
+    Kernel {
+        kernel: PathBuf,
+        initrd: PathBuf,
+        /// Kernel arguments after `console=ttyS0 panic=-1`.
+        append: String,
+    },
+}
+
+/// Everything that goes into one QEMU command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuCommand {
+    pub binary: PathBuf,
+    /// `-name`, if any.
+    pub name: Option<String>,
+    /// `-accel` value.
+    pub accel: String,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    pub disk: QemuDisk,
+    /// Request queues of the disk.
+    pub queues: u16,
+    pub boot: QemuBoot,
+    pub network: Option<QemuNetwork>,
+    /// The control socket of the guest's swtpm, if it has a TPM.
+    pub tpm_socket: Option<PathBuf>,
+    /// Appended to the command line.
+    pub extra_args: Vec<String>,
+}
+
+impl QemuCommand {
+    /// A command with the default binary, accelerator, vCPUs, memory and queues.
+    pub fn new(disk: QemuDisk, boot: QemuBoot) -> Self {
+        QemuCommand {
+            binary: DEFAULT_QEMU_BINARY.into(),
+            name: None,
+            accel: DEFAULT_ACCEL.into(),
+            cpus: DEFAULT_CPUS,
+            memory_mib: DEFAULT_MEMORY_MIB,
+            disk,
+            queues: DEFAULT_QUEUES,
+            boot,
+            network: None,
+            tpm_socket: None,
+            extra_args: Vec::new(),
+        }
+    }
+
+    /// The arguments after the binary.
+    pub fn args(&self) -> Vec<OsString> {
+        let memory = format!("{}M", self.memory_mib);
+        let mut args: Vec<OsString> = Vec::new();
+        let mut push = |a: &[OsString]| args.extend_from_slice(a);
+        if let Some(name) = &self.name {
+            push(&["-name".into(), name.into()]);
+        }
+        push(&[
+            "-accel".into(),
+            (&self.accel).into(),
+            "-smp".into(),
+            self.cpus.to_string().into(),
+            "-m".into(),
+            (&memory).into(),
+            // vhost-user needs guest memory the backend can map.
+            "-object".into(),
+            format!("memory-backend-memfd,id={MEMORY_ID},size={memory},share=on").into(),
+            "-machine".into(),
+            format!("q35,memory-backend={MEMORY_ID}").into(),
+        ]);
+        let queues = self.queues;
+        match &self.disk {
+            QemuDisk::VhostUser { socket, reconnect } => {
+                let mut chardev = option_value(&format!("socket,id={DISK_ID},path="), socket);
+                if *reconnect {
+                    chardev.push(",reconnect=1");
+                }
+                push(&[
+                    "-chardev".into(),
+                    chardev,
+                    "-device".into(),
+                    format!(
+                        "vhost-user-blk-pci,chardev={DISK_ID},num-queues={queues},\
+                         disable-legacy=on,bootindex=1"
+                    )
+                    .into(),
+                ]);
+            }
+            QemuDisk::Image { path, format } => {
+                let mut drive = option_value("file=", path);
+                drive.push(format!(
+                    ",format={format},if=none,id={DISK_ID},cache=unsafe"
+                ));
+                push(&[
+                    "-drive".into(),
+                    drive,
+                    "-device".into(),
+                    format!(
+                        "virtio-blk-pci,drive={DISK_ID},num-queues={queues},\
+                         disable-legacy=on,bootindex=1"
+                    )
+                    .into(),
+                ]);
+            }
+        }
+        push(&[
+            "-display".into(),
+            "none".into(),
+            "-serial".into(),
+            "stdio".into(),
+            "-monitor".into(),
+            "none".into(),
+            "-nodefaults".into(),
+        ]);
+        match &self.boot {
+            QemuBoot::Uefi { code, vars } => push(&[
+                "-drive".into(),
+                option_value("if=pflash,format=raw,readonly=on,file=", code),
+                "-drive".into(),
+                option_value("if=pflash,format=raw,file=", vars),
+            ]),
+            QemuBoot::Kernel {
+                kernel,
+                initrd,
+                append,
+            } => push(&[
+                "-kernel".into(),
+                kernel.into(),
+                "-initrd".into(),
+                initrd.into(),
+                "-append".into(),
+                format!("console=ttyS0 panic=-1 {append}").into(),
+            ]),
+        }
+        if let Some(network) = &self.network {
+            // romfile= (empty): no iPXE option ROM, OVMF boots the disk
+            // without trying the network first.
+            args.extend([
+                "-netdev".into(),
+                format!(
+                    "socket,id={CLUSTER_NETDEV_ID},mcast={},localaddr=127.0.0.1",
+                    network.group
+                )
+                .into(),
+                "-device".into(),
+                format!(
+                    "virtio-net-pci,netdev={CLUSTER_NETDEV_ID},mac={},romfile=",
+                    network.mac
+                )
+                .into(),
+            ]);
+            if let Some(mac) = &network.uplink_mac {
+                args.extend([
+                    "-netdev".into(),
+                    format!("user,id={UPLINK_NETDEV_ID}").into(),
+                    "-device".into(),
+                    format!("virtio-net-pci,netdev={UPLINK_NETDEV_ID},mac={mac},romfile=").into(),
+                ]);
+            }
+        }
+        if let Some(socket) = &self.tpm_socket {
+            args.extend([
+                "-chardev".into(),
+                option_value(&format!("socket,id={TPM_CHARDEV_ID},path="), socket),
+                "-tpmdev".into(),
+                format!("emulator,id={TPM_ID},chardev={TPM_CHARDEV_ID}").into(),
+                "-device".into(),
+                format!("tpm-tis,tpmdev={TPM_ID}").into(),
+            ]);
+        }
+        args.extend(self.extra_args.iter().map(OsString::from));
+        args
+    }
+
+    /// The command, ready for its stdio to be set.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(self.args());
+        cmd
+    }
+}
+
+/// `prefix` followed by `path` as a QEMU option value, in which a comma
+/// would end the value unless doubled.
+fn option_value(prefix: &str, path: &Path) -> OsString {
+    let mut value = OsString::from(prefix);
+    let escaped: Vec<u8> = path
+        .as_os_str()
+        .as_bytes()
+        .iter()
+        .flat_map(|&b| if b == b',' { vec![b',', b','] } else { vec![b] })
+        .collect();
+    value.push(OsStr::from_bytes(&escaped));
+    value
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(cmd: &QemuCommand) -> String {
+        cmd.args()
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn commas_in_paths_are_doubled_for_qemu() {
+        assert_eq!(
+            option_value("file=", Path::new("/a,b/c")),
+            OsString::from("file=/a,,b/c")
+        );
+    }
+
+    #[test]
+    fn a_vhost_user_node_under_ovmf() {
+        let mut cmd = QemuCommand::new(
+            QemuDisk::VhostUser {
+                socket: "/s/node.sock".into(),
+                reconnect: true,
+            },
+            QemuBoot::Uefi {
+                code: "/fw/code.fd".into(),
+                vars: "/s/vars.fd".into(),
+            },
+        );
+        cmd.name = Some("n-1".into());
+        cmd.cpus = 2;
+        cmd.extra_args = vec!["-no-reboot".into()];
+        assert_eq!(
+            text(&cmd),
+            "-name n-1 -accel tcg -smp 2 -m 512M \
+             -object memory-backend-memfd,id=mem,size=512M,share=on \
+             -machine q35,memory-backend=mem \
+             -chardev socket,id=disk0,path=/s/node.sock,reconnect=1 \
+             -device vhost-user-blk-pci,chardev=disk0,num-queues=2,disable-legacy=on,bootindex=1 \
+             -display none -serial stdio -monitor none -nodefaults \
+             -drive if=pflash,format=raw,readonly=on,file=/fw/code.fd \
+             -drive if=pflash,format=raw,file=/s/vars.fd -no-reboot"
+        );
+    }
+
+    #[test]
+    fn an_image_file_with_a_direct_kernel() {
+        let cmd = QemuCommand::new(
+            QemuDisk::Image {
+                path: "/d/n,1.qcow2".into(),
+                format: "qcow2".into(),
+            },
+            QemuBoot::Kernel {
+                kernel: "/k/vmlinuz".into(),
+                initrd: "/k/initrd".into(),
+                append: "quiet".into(),
+            },
+        );
+        let text = text(&cmd);
+        assert!(
+            text.contains(
+                "-drive file=/d/n,,1.qcow2,format=qcow2,if=none,id=disk0,cache=unsafe \
+                 -device virtio-blk-pci,drive=disk0,num-queues=2,disable-legacy=on,bootindex=1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.ends_with(
+                "-kernel /k/vmlinuz -initrd /k/initrd -append console=ttyS0 panic=-1 quiet"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("pflash"), "{text}");
+    }
+}
