@@ -1,105 +1,75 @@
-//! Child processes for end-to-end tests: an `ociblk serve` backend and a
-//! QEMU guest with a console the test can read and type into. Every wait has
-//! a deadline; every child is ended by its PID when its guard drops.
+//! Child processes of end-to-end tests, on the launch harness's own
+//! [`Process`] (ended by PID only, reaped on drop) and [`Transcript`]:
+//! an `ociblk serve` backend, a QEMU guest with a console the test reads and
+//! types into, and QEMU's `qemu-storage-daemon` as a reference backend.
+//! Every wait has a deadline.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::support::{ociblk_bin, require_tool, sample_image, workspace_root};
+use ociblk::launch::console::{Console, ConsoleSearch};
+use ociblk::launch::log::{Transcript, follow};
+use ociblk::launch::process::Process;
+use ociblk::launch::{DEFAULT_OVMF_CODE, QemuBoot, QemuCommand, QemuDisk};
+use ociblk_client::{ClientOptions, VhostBlkClient};
 
-/// Polls `cond` every 2 ms until it holds or `timeout` passes.
-pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
+use crate::support::{ociblk_bin, require_tool, sample_guest, verbose, wait_until};
 
-fn signal(child: &Child, sig: i32) {
-    let Ok(pid) = libc::pid_t::try_from(child.id()) else {
-        return;
-    };
-    // SAFETY: kill(2) on the PID of a child we own and have not reaped yet.
-    unsafe { libc::kill(pid, sig) };
-}
+/// Lines of a console quoted when a wait fails.
+const TAIL_LINES: usize = 80;
 
-/// Waits up to `timeout` for `child` to exit.
-pub fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let mut status = None;
-    wait_until(timeout, || {
-        status = child.try_wait().ok().flatten();
-        status.is_some()
+/// Spawns `cmd` with its stdout and stderr into one transcript (echoed to
+/// stderr under `OCIBLK_TEST_VERBOSE`, lines prefixed with `echo`).
+fn spawn_followed(cmd: &mut Command, echo: &str) -> (Process, Arc<Transcript>) {
+    let (output, writer) = std::io::pipe().expect("pipe");
+    cmd.stdout(writer.try_clone().expect("pipe")).stderr(writer);
+    let mut process = Process::spawn(cmd, libc::SIGKILL, None)
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    // The pipe's write ends in `cmd` must go, or the output never ends.
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    let log = Arc::new(Transcript::default());
+    let echo = verbose().then(|| echo.to_owned());
+    follow(
+        format!("output-{}", process.pid()),
+        output,
+        None,
+        echo,
+        Arc::clone(&log),
+    )
+    .unwrap_or_else(|e| {
+        process.kill();
+        panic!("cannot follow the output of {cmd:?}: {e}")
     });
-    status
-}
-
-/// Collects a child's output lines in the background.
-#[derive(Debug, Clone, Default)]
-pub struct OutputLog(Arc<Mutex<String>>);
-
-impl OutputLog {
-    fn follow(&self, stream: impl Read + Send + 'static, prefix: &'static str) {
-        let log = self.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines() {
-                let Ok(line) = line else { break };
-                if std::env::var_os("OCIBLK_TEST_VERBOSE").is_some() {
-                    eprintln!("{prefix}{line}");
-                }
-                if let Ok(mut s) = log.0.lock() {
-                    s.push_str(&line);
-                    s.push('\n');
-                }
-            }
-        });
-    }
-
-    pub fn text(&self) -> String {
-        self.0.lock().map(|s| s.clone()).unwrap_or_default()
-    }
+    (process, log)
 }
 
 /// An `ociblk serve` process. Dropping it sends SIGKILL.
 #[derive(Debug)]
 pub struct Server {
-    pub child: Child,
+    process: Process,
     pub socket: PathBuf,
-    pub log: OutputLog,
+    /// What it printed so far.
+    pub log: Arc<Transcript>,
 }
 
 impl Server {
     /// Starts `ociblk serve` with `args` (plus `--socket`) and waits until
-    /// the socket accepts connections.
+    /// the socket exists.
     pub fn start(socket: &Path, args: &[&str]) -> Server {
         let mut cmd = Command::new(ociblk_bin());
-        cmd.arg("serve").arg("--socket").arg(socket).args(args);
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        cmd.env("OCIBLK_LOG", "info");
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-        let log = OutputLog::default();
-        if let Some(out) = child.stdout.take() {
-            log.follow(out, "[ociblk] ");
-        }
-        if let Some(err) = child.stderr.take() {
-            log.follow(err, "[ociblk] ");
-        }
+        cmd.arg("serve")
+            .arg("--socket")
+            .arg(socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .env("OCIBLK_LOG", "info");
+        let (process, log) = spawn_followed(&mut cmd, "[ociblk] ");
         let mut server = Server {
-            child,
+            process,
             socket: socket.to_path_buf(),
             log,
         };
@@ -111,9 +81,9 @@ impl Server {
     /// server's one connection slot, so existence is what is checked).
     pub fn wait_ready(&mut self, timeout: Duration) {
         let ok = wait_until(timeout, || {
-            self.socket.exists() || self.child.try_wait().ok().flatten().is_some()
+            self.socket.exists() || self.try_exit().is_some()
         });
-        if let Ok(Some(status)) = self.child.try_wait() {
+        if let Some(status) = self.try_exit() {
             panic!("ociblk serve exited with {status}:\n{}", self.log.text());
         }
         assert!(
@@ -124,10 +94,15 @@ impl Server {
         );
     }
 
+    /// Its exit status, once it has exited.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        self.process.try_exit().expect("waiting for ociblk serve")
+    }
+
     /// Sends `sig` and waits for the exit status.
     pub fn stop_with(&mut self, sig: i32, timeout: Duration) -> ExitStatus {
-        signal(&self.child, sig);
-        wait_exit(&mut self.child, timeout).unwrap_or_else(|| {
+        self.process.signal(sig);
+        wait_exit(&mut self.process, timeout).unwrap_or_else(|| {
             panic!(
                 "ociblk serve did not exit after signal {sig}:\n{}",
                 self.log.text()
@@ -136,13 +111,11 @@ impl Server {
     }
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            signal(&self.child, libc::SIGKILL);
-            let _ = self.child.wait();
-        }
-    }
+/// Waits up to `timeout` for `process` to exit.
+pub fn wait_exit(process: &mut Process, timeout: Duration) -> Option<ExitStatus> {
+    process
+        .wait_until(Instant::now() + timeout)
+        .expect("waiting for a child")
 }
 
 /// How the guest boots.
@@ -152,19 +125,6 @@ pub enum Boot {
     DirectKernel,
     /// OVMF firmware boots the ESP's `EFI/BOOT/BOOTx64.EFI`.
     Uefi,
-}
-
-/// A QEMU guest whose only disk is a vhost-user-blk device.
-#[derive(Debug)]
-pub struct Guest {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    console: Receiver<u8>,
-    /// Everything the console printed so far, carriage returns dropped.
-    pub transcript: String,
-    /// Where the next `expect` starts searching.
-    cursor: usize,
-    marker: u64,
 }
 
 /// QEMU options for a guest on `socket`.
@@ -178,6 +138,7 @@ pub struct GuestConfig {
     pub append: String,
     /// Let QEMU reconnect to a restarted backend.
     pub reconnect: bool,
+    /// The guest's own writable OVMF variable store (UEFI boot).
     pub vars: Option<PathBuf>,
 }
 
@@ -193,169 +154,94 @@ impl GuestConfig {
             vars: None,
         }
     }
+
+    /// The QEMU command, from the launch harness's builder.
+    pub fn command(&self) -> QemuCommand {
+        let boot = match self.boot {
+            Boot::DirectKernel => {
+                let guest = sample_guest();
+                QemuBoot::Kernel {
+                    kernel: guest.join("vmlinuz"),
+                    initrd: guest.join("initramfs.cpio.gz"),
+                    append: self.append.clone(),
+                }
+            }
+            Boot::Uefi => {
+                let code = PathBuf::from(DEFAULT_OVMF_CODE);
+                assert!(code.exists(), "OVMF is not installed: run hack/setup");
+                QemuBoot::Uefi {
+                    code,
+                    vars: self
+                        .vars
+                        .clone()
+                        .expect("UEFI boot needs a writable OVMF_VARS copy"),
+                }
+            }
+        };
+        let mut cmd = QemuCommand::new(
+            QemuDisk::VhostUser {
+                socket: self.socket.clone(),
+                reconnect: self.reconnect,
+            },
+            boot,
+        );
+        cmd.binary = require_tool("qemu-system-x86_64");
+        cmd.cpus = 2;
+        cmd.memory_mib = self.memory_mib;
+        cmd.queues = self.queues;
+        cmd
+    }
+}
+
+/// A QEMU guest whose only disk is a vhost-user-blk device.
+#[derive(Debug)]
+pub struct Guest {
+    process: Process,
+    console: Console,
+    marker: u64,
 }
 
 impl Guest {
     pub fn start(cfg: &GuestConfig) -> Guest {
-        let qemu = require_tool("qemu-system-x86_64");
-        let mut cmd = Command::new(qemu);
-        let mem = format!("{}M", cfg.memory_mib);
-        let reconnect = if cfg.reconnect { ",reconnect=1" } else { "" };
-        cmd.args(["-accel", "tcg", "-smp", "2", "-m", &mem])
-            .args([
-                "-object",
-                &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
-            ])
-            .args(["-machine", "q35,memory-backend=mem"])
-            .args([
-                "-chardev",
-                &format!("socket,id=disk0,path={}{reconnect}", cfg.socket.display()),
-            ])
-            .args([
-                "-device",
-                &format!(
-                    "vhost-user-blk-pci,chardev=disk0,num-queues={},disable-legacy=on,bootindex=1",
-                    cfg.queues
-                ),
-            ])
-            .args([
-                "-display",
-                "none",
-                "-serial",
-                "stdio",
-                "-monitor",
-                "none",
-                "-nodefaults",
-            ]);
-        match cfg.boot {
-            Boot::DirectKernel => {
-                let guest = workspace_root().join("build/sample-guest");
-                sample_image();
-                cmd.arg("-kernel")
-                    .arg(guest.join("vmlinuz"))
-                    .arg("-initrd")
-                    .arg(guest.join("initramfs.cpio.gz"))
-                    .arg("-append")
-                    .arg(format!("console=ttyS0 panic=-1 {}", cfg.append));
-            }
-            Boot::Uefi => {
-                let code = Path::new("/usr/share/OVMF/OVMF_CODE.fd");
-                let vars = cfg
-                    .vars
-                    .clone()
-                    .expect("UEFI boot needs a writable OVMF_VARS copy");
-                assert!(code.exists(), "OVMF is not installed: run hack/setup");
-                cmd.args([
-                    "-drive",
-                    &format!("if=pflash,format=raw,readonly=on,file={}", code.display()),
-                ])
-                .args([
-                    "-drive",
-                    &format!("if=pflash,format=raw,file={}", vars.display()),
-                ]);
-            }
-        }
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-        let (tx, rx) = channel();
-        if let Some(mut out) = child.stdout.take() {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = out.read(&mut buf) {
-                    if n == 0 || buf[..n].iter().any(|&b| tx.send(b).is_err()) {
-                        break;
-                    }
-                }
-            });
-        }
-        if let Some(mut err) = child.stderr.take() {
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n) = err.read(&mut buf) {
-                    if n == 0 || buf[..n].iter().any(|&b| tx.send(b).is_err()) {
-                        break;
-                    }
-                }
-            });
-        }
-        let stdin = child.stdin.take();
+        let mut cmd = cfg.command().command();
+        cmd.stdin(Stdio::piped());
+        let (mut process, output) = spawn_followed(&mut cmd, "");
+        let input = process.child_mut().stdin.take();
         Guest {
-            child,
-            stdin,
-            console: rx,
-            transcript: String::new(),
-            cursor: 0,
+            process,
+            console: Console::new(output, input),
             marker: 0,
         }
     }
 
-    /// Reads console output until `pattern` appears (after what was
-    /// already matched) or `timeout` passes; returns the text up to it.
+    /// Everything the console printed so far, carriage returns dropped.
+    pub fn transcript(&self) -> String {
+        self.console.output().text()
+    }
+
+    /// Waits until the console shows `pattern` after what was already
+    /// matched, or `timeout` passes; returns the text up to it.
     pub fn expect(&mut self, pattern: &str, timeout: Duration) -> String {
-        let start = self.cursor;
-        let deadline = Instant::now() + timeout;
-        let mut pending = Vec::new();
-        loop {
-            if let Some(i) = self.transcript[start..].find(pattern) {
-                let end = start + i + pattern.len();
-                self.cursor = end;
-                return self.transcript[start..end].to_owned();
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                panic!(
-                    "guest console did not show {pattern:?} within {timeout:?}:\n{}",
-                    self.tail()
-                );
-            }
-            match self.console.recv_timeout(deadline - now) {
-                Ok(b) => {
-                    pending.push(b);
-                    while let Ok(b) = self.console.try_recv() {
-                        pending.push(b);
-                    }
-                    // The serial tty ends lines with "\r\n"; keep only "\n" so
-                    // that patterns (and `run`'s marker) match either way.
-                    let text = String::from_utf8_lossy(&pending).replace('\r', "");
-                    self.transcript.push_str(&text);
-                    if std::env::var_os("OCIBLK_TEST_VERBOSE").is_some() {
-                        eprint!("{}", String::from_utf8_lossy(&pending));
-                    }
-                    pending.clear();
-                }
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    panic!(
-                        "QEMU exited before the console showed {pattern:?}:\n{}",
-                        self.tail()
-                    );
-                }
-            }
+        match self.console.search(pattern, Instant::now() + timeout) {
+            ConsoleSearch::Found { text, .. } => text,
+            ConsoleSearch::NotYet => panic!(
+                "guest console did not show {pattern:?} within {timeout:?}:\n{}",
+                self.tail()
+            ),
+            ConsoleSearch::Closed => panic!(
+                "QEMU exited before the console showed {pattern:?}:\n{}",
+                self.tail()
+            ),
         }
     }
 
     fn tail(&self) -> String {
-        let t = &self.transcript;
-        let from = t.len().saturating_sub(6000);
-        let from = (from..t.len())
-            .find(|&i| t.is_char_boundary(i))
-            .unwrap_or(t.len());
-        t[from..].to_owned()
+        self.console.output().tail(TAIL_LINES)
     }
 
     /// Types `line` into the console.
     pub fn send(&mut self, line: &str) {
-        let stdin = self.stdin.as_mut().expect("guest stdin");
-        stdin
-            .write_all(line.as_bytes())
-            .expect("write to guest console");
-        stdin.write_all(b"\n").expect("write to guest console");
-        stdin.flush().expect("flush guest console");
+        self.console.send(line).expect("write to guest console");
     }
 
     /// Runs a shell command in the guest and returns (exit status, output).
@@ -397,30 +283,138 @@ impl Guest {
 
     /// Waits for QEMU to exit by itself.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        wait_exit(&mut self.child, timeout)
+        wait_exit(&mut self.process, timeout)
             .unwrap_or_else(|| panic!("QEMU did not exit within {timeout:?}:\n{}", self.tail()))
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
     }
 
     /// Ends QEMU by its PID (SIGKILL) and reaps it.
     pub fn kill(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            signal(&self.child, libc::SIGKILL);
-            let _ = self.child.wait();
+        self.process.kill();
+    }
+}
+
+/// A `qemu-storage-daemon` exporting a raw file over vhost-user-blk
+/// (writable); killed by its PID and reaped on drop.
+#[derive(Debug)]
+pub struct StorageDaemon {
+    process: Process,
+    dir: tempfile::TempDir,
+    pub image: PathBuf,
+    pub socket: PathBuf,
+}
+
+impl StorageDaemon {
+    /// Starts the daemon over a `size`-byte file whose content `fill`
+    /// writes first, with `queues` request queues. With `failing`, a
+    /// blkdebug filter between the file and the raw format fails every read
+    /// with EIO.
+    pub fn start(size: u64, queues: u16, failing: bool, fill: impl FnOnce(&File)) -> Self {
+        let qsd = require_tool("qemu-storage-daemon");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let image = dir.path().join("disk.raw");
+        let socket = dir.path().join("vhost.sock");
+        let file = File::create(&image).expect("create image");
+        file.set_len(size).expect("size image");
+        fill(&file);
+        file.sync_all().expect("sync image");
+        drop(file);
+        let log = File::create(dir.path().join("qsd.log")).expect("create log");
+        let mut cmd = Command::new(&qsd);
+        cmd.arg("--blockdev").arg(format!(
+            "driver=file,node-name=file0,filename={}",
+            image.display()
+        ));
+        if failing {
+            cmd.args([
+                "--blockdev",
+                r#"{"driver":"blkdebug","node-name":"faulty","image":"file0",
+                    "inject-error":[{"event":"read_aio","errno":5,"once":false}]}"#,
+                "--blockdev",
+                "driver=raw,node-name=disk0,file=faulty",
+            ]);
+        } else {
+            cmd.args(["--blockdev", "driver=raw,node-name=disk0,file=file0"]);
         }
+        cmd.arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},\
+                 writable=on,num-queues={queues}",
+                socket.display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log"))
+            .stderr(log);
+        let process = Process::spawn(&mut cmd, libc::SIGKILL, None)
+            .unwrap_or_else(|e| panic!("starting {}: {e}", qsd.display()));
+        let mut daemon = StorageDaemon {
+            process,
+            dir,
+            image,
+            socket,
+        };
+        let ready = wait_until(Duration::from_secs(10), || {
+            daemon.socket.exists() || !daemon.is_running()
+        });
+        assert!(
+            daemon.is_running(),
+            "qemu-storage-daemon exited at startup:\n{}",
+            daemon.log()
+        );
+        assert!(
+            ready,
+            "qemu-storage-daemon did not create {} in time:\n{}",
+            daemon.socket.display(),
+            daemon.log()
+        );
+        daemon
     }
-}
 
-impl Drop for Guest {
-    fn drop(&mut self) {
-        self.kill();
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("qsd.log")).unwrap_or_default()
     }
-}
 
-/// Whether a Unix socket at `path` accepts a connection right now.
-pub fn socket_accepts(path: &Path) -> bool {
-    UnixStream::connect(path).is_ok()
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.process.try_exit(), Ok(None))
+    }
+
+    pub fn assert_running(&mut self) {
+        assert!(
+            self.is_running(),
+            "qemu-storage-daemon died:\n{}",
+            self.log()
+        );
+    }
+
+    /// The daemon's temp directory (its file, socket and log).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Sends `signal` to the daemon (by its PID, while it is unreaped).
+    pub fn signal(&mut self, signal: libc::c_int) {
+        self.process.signal(signal);
+    }
+
+    /// The socket path as a command-line argument.
+    pub fn socket_arg(&self) -> &str {
+        self.socket.to_str().expect("temp paths are UTF-8")
+    }
+
+    /// Connects the vhost-user-blk client.
+    pub fn connect(&self, opts: ClientOptions) -> VhostBlkClient {
+        VhostBlkClient::connect(&self.socket, opts)
+            .unwrap_or_else(|e| panic!("connecting to qemu-storage-daemon: {e}\n{}", self.log()))
+    }
+
+    /// `len` bytes of the file at `offset`.
+    pub fn read_image(&self, offset: u64, len: usize) -> Vec<u8> {
+        let file = File::open(&self.image).expect("open image");
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, offset).expect("read image");
+        buf
+    }
 }

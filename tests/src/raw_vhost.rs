@@ -568,7 +568,7 @@ impl RawFrontend {
     /// Waits (polling, bounded) until the device has consumed the avail ring
     /// up to `want`.
     pub fn wait_consumed(&self, want: u16, timeout: Duration) -> bool {
-        crate::process::wait_until(timeout, || self.avail_event() == want)
+        crate::support::wait_until(timeout, || self.avail_event() == want)
     }
 
     /// The avail index this frontend published last.
@@ -578,7 +578,7 @@ impl RawFrontend {
 
     /// Waits (polling, bounded) until the used index reaches `want`.
     pub fn wait_used(&self, want: u16, timeout: Duration) -> bool {
-        crate::process::wait_until(timeout, || {
+        crate::support::wait_until(timeout, || {
             let _ = self.call.read();
             self.used_idx() == want
         })

@@ -1,7 +1,30 @@
-//! Finding the programs the tests drive.
+//! Finding the programs the tests drive, running them, and polling.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use ociblk::launch::process::Process;
+
+/// Polls `cond` every 2 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Whether children's output is copied to stderr (`OCIBLK_TEST_VERBOSE`).
+pub fn verbose() -> bool {
+    std::env::var_os("OCIBLK_TEST_VERBOSE").is_some()
+}
 
 /// Root of the workspace.
 pub fn workspace_root() -> PathBuf {
@@ -11,21 +34,31 @@ pub fn workspace_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-/// The `ociblk` binary of this build (`OCIBLK_BIN` overrides). Test binaries
-/// live in `target/<profile>/deps/`, the binary one level up.
+/// The `ociblk` binary of this build (`OCIBLK_BIN` overrides).
 pub fn ociblk_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("OCIBLK_BIN") {
+    workspace_bin("ociblk", "OCIBLK_BIN", "ociblk")
+}
+
+/// The `ociblk-bench` binary of this build (`OCIBLK_BENCH_BIN` overrides).
+pub fn bench_bin() -> PathBuf {
+    workspace_bin("ociblk-bench", "OCIBLK_BENCH_BIN", "ociblk-client")
+}
+
+/// Binary `name` of package `package` of this build, or what `env` names.
+/// Test binaries live in `target/<profile>/deps/`, the binaries one level up.
+fn workspace_bin(name: &str, env: &str, package: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("current_exe");
     let candidate = exe
         .parent()
         .and_then(Path::parent)
-        .map(|d| d.join("ociblk"))
+        .map(|d| d.join(name))
         .expect("test binary has no parent directory");
     assert!(
         candidate.exists(),
-        "{} does not exist: build it first (`cargo build -p ociblk`, which hack/test does)",
+        "{} does not exist: build it first (`cargo build -p {package}`, which hack/test does)",
         candidate.display()
     );
     candidate
@@ -58,6 +91,12 @@ pub fn sample_image() -> PathBuf {
     dir
 }
 
+/// Kernel and initramfs of the sample guest, built with the sample image.
+pub fn sample_guest() -> PathBuf {
+    sample_image();
+    workspace_root().join("build/sample-guest")
+}
+
 /// Runs `cmd` and returns its output; panics with stderr when it fails.
 pub fn run_ok(cmd: &mut Command) -> Output {
     let out = cmd
@@ -71,6 +110,40 @@ pub fn run_ok(cmd: &mut Command) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+/// Runs `cmd` to its end, at most `timeout` (then kills it and fails).
+pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> Output {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut process = Process::spawn(cmd, libc::SIGKILL, None)
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let child = process.child_mut();
+    let pipes = (child.stdout.take(), child.stderr.take());
+    let out = std::thread::spawn(move || {
+        let (mut o, mut e) = (Vec::new(), Vec::new());
+        if let Some(mut stdout) = pipes.0 {
+            let _ = stdout.read_to_end(&mut o);
+        }
+        if let Some(mut stderr) = pipes.1 {
+            let _ = stderr.read_to_end(&mut e);
+        }
+        (o, e)
+    });
+    let Some(status) = process
+        .wait_until(Instant::now() + timeout)
+        .unwrap_or_else(|e| panic!("waiting for {cmd:?}: {e}"))
+    else {
+        process.kill();
+        panic!("{cmd:?} did not finish within {timeout:?}");
+    };
+    let (stdout, stderr) = out.join().expect("output reader");
+    Output {
+        status,
+        stdout,
+        stderr,
+    }
 }
 
 /// Runs `cmd`, expects it to fail, and returns its stderr.

@@ -8,137 +8,30 @@
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ociblk_tests::support::require_tool;
+use ociblk_tests::process::StorageDaemon;
+use ociblk_tests::support::bench_bin;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-const BENCH: &str = env!("CARGO_BIN_EXE_ociblk-bench");
 const DISK_SIZE: u64 = 64 << 20;
 const QUEUES: u16 = 2;
-/// Bound on the daemon creating its socket.
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bound on one `ociblk-bench` invocation.
 const BENCH_TIMEOUT: Duration = Duration::from_secs(20);
 /// The seed `ociblk-bench run` uses unless told otherwise.
 const DEFAULT_SEED: u64 = 1;
 
-/// A qemu-storage-daemon exporting a 64 MiB raw file over vhost-user-blk (2 queues,
-/// writable). Dropping it kills the daemon by its PID and reaps it.
-struct Daemon {
-    child: Child,
-    dir: tempfile::TempDir,
-    image: PathBuf,
-    socket: PathBuf,
+/// A qemu-storage-daemon exporting a 64 MiB raw file (2 queues, writable) whose content
+/// `fill` writes first; with `failing`, every read fails with EIO.
+fn daemon_with(fill: impl FnOnce(&File), failing: bool) -> StorageDaemon {
+    StorageDaemon::start(DISK_SIZE, QUEUES, failing, fill)
 }
 
-impl Daemon {
-    /// Starts the daemon over a file whose content `fill` writes first.
-    fn start(fill: impl FnOnce(&File)) -> Self {
-        Self::start_with(fill, false)
-    }
-
-    /// Starts the daemon; with `failing`, a blkdebug filter between the file and the
-    /// raw format fails every request with EIO.
-    fn start_with(fill: impl FnOnce(&File), failing: bool) -> Self {
-        let qsd = require_tool("qemu-storage-daemon");
-        let dir = tempfile::tempdir().unwrap();
-        let image = dir.path().join("disk.raw");
-        let socket = dir.path().join("vhost.sock");
-        let file = File::create(&image).unwrap();
-        file.set_len(DISK_SIZE).unwrap();
-        fill(&file);
-        file.sync_all().unwrap();
-        drop(file);
-        let log = File::create(dir.path().join("qsd.log")).unwrap();
-        let child = Command::new(&qsd)
-            .arg("--blockdev")
-            .arg(format!(
-                "driver=file,node-name=file0,filename={}",
-                image.display()
-            ))
-            .args(if failing {
-                vec![
-                    "--blockdev".to_string(),
-                    r#"{"driver":"blkdebug","node-name":"faulty","image":"file0",
-                        "inject-error":[{"event":"read_aio","errno":5,"once":false}]}"#
-                        .to_string(),
-                    "--blockdev".to_string(),
-                    "driver=raw,node-name=disk0,file=faulty".to_string(),
-                ]
-            } else {
-                vec![
-                    "--blockdev".to_string(),
-                    "driver=raw,node-name=disk0,file=file0".to_string(),
-                ]
-            })
-            .arg("--export")
-            .arg(format!(
-                "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},\
-                 writable=on,num-queues={QUEUES}",
-                socket.display()
-            ))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", qsd.display()));
-        let mut daemon = Self {
-            child,
-            dir,
-            image,
-            socket,
-        };
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        while !daemon.socket.exists() {
-            if let Ok(Some(status)) = daemon.child.try_wait() {
-                panic!(
-                    "qemu-storage-daemon exited with {status}:\n{}",
-                    daemon.log()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "qemu-storage-daemon created no socket within {STARTUP_TIMEOUT:?}:\n{}",
-                daemon.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        daemon
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("qsd.log")).unwrap_or_default()
-    }
-
-    fn socket(&self) -> &str {
-        self.socket.to_str().unwrap()
-    }
-
-    fn image(&self) -> Vec<u8> {
-        std::fs::read(&self.image).unwrap()
-    }
-
-    fn assert_running(&mut self) {
-        assert!(
-            matches!(self.child.try_wait(), Ok(None)),
-            "qemu-storage-daemon died:\n{}",
-            self.log()
-        );
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on the PID of our own child, which has not been reaped yet
-        // (it is reaped just below), so the PID cannot have been reused.
-        unsafe { libc::kill(pid_t(&self.child), libc::SIGKILL) };
-        let _ = self.child.wait();
-    }
+fn daemon(fill: impl FnOnce(&File)) -> StorageDaemon {
+    daemon_with(fill, false)
 }
 
 /// What one `ociblk-bench` invocation did.
@@ -158,13 +51,13 @@ fn drain(mut stream: impl Read + Send + 'static) -> JoinHandle<String> {
 
 /// Runs `ociblk-bench args`, bounded by [`BENCH_TIMEOUT`].
 fn bench(args: &[&str]) -> Outcome {
-    let mut child = Command::new(BENCH)
+    let mut child = Command::new(bench_bin())
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("starting {BENCH}: {e}"));
+        .unwrap_or_else(|e| panic!("starting ociblk-bench: {e}"));
     let stdout = drain(child.stdout.take().unwrap());
     let stderr = drain(child.stderr.take().unwrap());
     let deadline = Instant::now() + BENCH_TIMEOUT;
@@ -249,13 +142,13 @@ fn assert_stamped(sector: &[u8], offset: u64) {
 
 #[test]
 fn dump_matches_the_file() {
-    let daemon = Daemon::start(fill_distinct);
-    let expected = sha256_hex(&daemon.image());
-    let saved = daemon.dir.path().join("dump.raw");
+    let daemon = daemon(fill_distinct);
+    let expected = sha256_hex(&std::fs::read(&daemon.image).unwrap());
+    let saved = daemon.dir().join("dump.raw");
     let report = bench_json(&[
         "dump",
         "--socket",
-        daemon.socket(),
+        daemon.socket_arg(),
         "--queues",
         "2",
         "--output",
@@ -264,21 +157,21 @@ fn dump_matches_the_file() {
     ]);
     assert_eq!(u64_of(&report, "size"), DISK_SIZE);
     assert_eq!(report["sha256"], expected.as_str());
-    assert!(std::fs::read(&saved).unwrap() == daemon.image());
+    assert!(std::fs::read(&saved).unwrap() == std::fs::read(&daemon.image).unwrap());
 
     // The text form, over one queue with small reads.
-    let text = bench_ok(&["dump", "--socket", daemon.socket(), "--bs", "64K"]);
+    let text = bench_ok(&["dump", "--socket", daemon.socket_arg(), "--bs", "64K"]);
     assert!(text.contains(&format!("size {DISK_SIZE}\n")), "{text}");
     assert!(text.contains(&format!("sha256 {expected}\n")), "{text}");
 }
 
 #[test]
 fn randread_reports_latency_and_throughput() {
-    let mut daemon = Daemon::start(|_| {});
+    let mut daemon = daemon(|_| {});
     let report = bench_json(&[
         "run",
         "--socket",
-        daemon.socket(),
+        daemon.socket_arg(),
         "--rw",
         "randread",
         "--bs",
@@ -320,11 +213,11 @@ fn randread_reports_latency_and_throughput() {
 
 #[test]
 fn randwrite_with_flushes_lands_in_the_file() {
-    let mut daemon = Daemon::start(|_| {});
+    let mut daemon = daemon(|_| {});
     let report = bench_json(&[
         "run",
         "--socket",
-        daemon.socket(),
+        daemon.socket_arg(),
         "--rw",
         "randwrite",
         "--flush-every",
@@ -342,7 +235,7 @@ fn randwrite_with_flushes_lands_in_the_file() {
     assert!(f64_of(&report, &["flush_lat_us", "max"]) > 0.0);
 
     // Random 4 KiB blocks were written, each carrying its own offset.
-    let image = daemon.image();
+    let image = std::fs::read(&daemon.image).unwrap();
     let written: Vec<usize> = (0..image.len())
         .step_by(4096)
         .filter(|&o| image[o..o + 4096] != [0u8; 4096])
@@ -357,17 +250,17 @@ fn randwrite_with_flushes_lands_in_the_file() {
 
     // The daemon still serves, and serves what the file holds.
     daemon.assert_running();
-    let dump = bench_json(&["dump", "--socket", daemon.socket(), "--json"]);
+    let dump = bench_json(&["dump", "--socket", daemon.socket_arg(), "--json"]);
     assert_eq!(dump["sha256"], sha256_hex(&image).as_str());
 }
 
 #[test]
 fn mixed_and_sequential_writes() {
-    let mut daemon = Daemon::start(|_| {});
+    let mut daemon = daemon(|_| {});
     let text = bench_ok(&[
         "run",
         "--socket",
-        daemon.socket(),
+        daemon.socket_arg(),
         "--rw",
         "mixed",
         "--bs",
@@ -383,7 +276,7 @@ fn mixed_and_sequential_writes() {
     let report = bench_json(&[
         "run",
         "--socket",
-        daemon.socket(),
+        daemon.socket_arg(),
         "--rw",
         "write",
         "--bs",
@@ -397,7 +290,7 @@ fn mixed_and_sequential_writes() {
         "--json",
     ]);
     assert_eq!(u64_of(&report, "write_bytes"), DISK_SIZE);
-    let image = daemon.image();
+    let image = std::fs::read(&daemon.image).unwrap();
     for sector in (0..image.len()).step_by(512) {
         assert_stamped(&image[sector..sector + 512], sector as u64);
     }
@@ -406,8 +299,8 @@ fn mixed_and_sequential_writes() {
 
 #[test]
 fn failures_are_reported() {
-    let mut daemon = Daemon::start(|_| {});
-    let missing = daemon.dir.path().join("missing.sock");
+    let mut daemon = daemon(|_| {});
+    let missing = daemon.dir().join("missing.sock");
     let out = bench(&[
         "run",
         "--socket",
@@ -418,7 +311,7 @@ fn failures_are_reported() {
     assert!(!out.success);
     assert!(out.stderr.contains("socket unreachable"), "{}", out.stderr);
 
-    let out = bench(&["run", "--socket", daemon.socket(), "--queues", "3"]);
+    let out = bench(&["run", "--socket", daemon.socket_arg(), "--queues", "3"]);
     assert!(!out.success);
     assert!(
         out.stderr.contains("negotiation failed") && out.stderr.contains("3 queues requested"),
@@ -429,7 +322,7 @@ fn failures_are_reported() {
     let out = bench(&[
         "run",
         "--socket",
-        daemon.socket(),
+        daemon.socket_arg(),
         "--offset",
         "64M",
         "--runtime",
@@ -442,11 +335,11 @@ fn failures_are_reported() {
 
 #[test]
 fn device_errors_fail_the_run() {
-    let mut daemon = Daemon::start_with(|_| {}, true);
+    let mut daemon = daemon_with(|_| {}, true);
     let out = bench(&[
         "run",
         "--socket",
-        daemon.socket(),
+        daemon.socket_arg(),
         "--rw",
         "randread",
         "--iodepth",
@@ -464,7 +357,7 @@ fn device_errors_fail_the_run() {
         out.stderr
     );
 
-    let out = bench(&["dump", "--socket", daemon.socket()]);
+    let out = bench(&["dump", "--socket", daemon.socket_arg()]);
     assert!(!out.success);
     assert!(out.stderr.contains("status IoErr"), "{}", out.stderr);
     daemon.assert_running();
@@ -472,8 +365,8 @@ fn device_errors_fail_the_run() {
 
 #[test]
 fn stalled_daemon_times_out() {
-    let mut daemon = Daemon::start(|_| {});
-    let socket = daemon.socket().to_string();
+    let mut daemon = daemon(|_| {});
+    let socket = daemon.socket_arg().to_string();
     let run = std::thread::spawn(move || {
         bench(&[
             "run",
@@ -488,13 +381,10 @@ fn stalled_daemon_times_out() {
         ])
     });
     std::thread::sleep(Duration::from_millis(300));
-    let pid = pid_t(&daemon.child);
-    // SAFETY: kill(2) on the PID of our own unreaped child.
-    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    daemon.signal(libc::SIGSTOP);
     let started = Instant::now();
     let out = run.join().unwrap();
-    // SAFETY: as above.
-    unsafe { libc::kill(pid, libc::SIGCONT) };
+    daemon.signal(libc::SIGCONT);
     assert!(!out.success, "{}", out.stdout);
     // Stopped mid-run a request times out; stopped before the handshake, a message.
     assert!(

@@ -4,16 +4,15 @@
 //! the client speaks the protocol the way the reference implementation expects.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ociblk_client::{
     BlkStatus, ClientError, ClientOptions, GUEST_MEMORY_BASE, RawDesc, Request, SECTOR_SIZE, Token,
     VhostBlkClient,
 };
+use ociblk_tests::oci::pseudo_random;
+use ociblk_tests::process::StorageDaemon;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -21,132 +20,21 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 const QSD: &str = "qemu-storage-daemon";
 const DISK_SIZE: u64 = 64 << 20;
 const QSD_QUEUES: u16 = 2;
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
-const STARTUP_POLL: Duration = Duration::from_millis(10);
 /// How long a malformed request is given before it counts as dropped by the backend.
 const MALFORMED_WAIT: Duration = Duration::from_secs(1);
 
-fn find_qsd() -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/bin")])
-        .map(|dir| dir.join(QSD))
-        .find(|candidate| candidate.is_file())
-        .unwrap_or_else(|| {
-            panic!("{QSD} not found in PATH or /usr/bin: run hack/setup (as root) to install QEMU")
-        })
+/// A daemon exporting a 64 MiB raw file; `fill` may write into it first.
+fn qsd_with(fill: impl FnOnce(&File)) -> StorageDaemon {
+    StorageDaemon::start(DISK_SIZE, QSD_QUEUES, false, fill)
 }
 
-/// A running qemu-storage-daemon exporting a 64 MiB raw file; killed and reaped on drop.
-struct Qsd {
-    child: Child,
-    dir: tempfile::TempDir,
-    image: PathBuf,
-    socket: PathBuf,
-}
-
-impl Qsd {
-    /// Starts the daemon; `prepare` may write into the image first.
-    fn start_with(prepare: impl FnOnce(&File)) -> Self {
-        let binary = find_qsd();
-        let dir = tempfile::tempdir().expect("temp dir");
-        let image = dir.path().join("disk.raw");
-        let socket = dir.path().join("qsd.sock");
-        let file = File::create(&image).expect("create image");
-        file.set_len(DISK_SIZE).expect("size image");
-        prepare(&file);
-        file.sync_all().expect("sync image");
-        drop(file);
-        let log = File::create(dir.path().join("qsd.log")).expect("create log");
-        let child = Command::new(&binary)
-            .arg("--blockdev")
-            .arg(format!(
-                "driver=file,node-name=file0,filename={}",
-                image.display()
-            ))
-            .arg("--blockdev")
-            .arg("driver=raw,node-name=disk0,file=file0")
-            .arg("--export")
-            .arg(format!(
-                "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},\
-                 writable=on,num-queues={QSD_QUEUES}",
-                socket.display()
-            ))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone log"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawning {}: {e}", binary.display()));
-        let mut qsd = Self {
-            child,
-            dir,
-            image,
-            socket,
-        };
-        qsd.wait_for_socket();
-        qsd
-    }
-
-    fn start() -> Self {
-        Self::start_with(|_| {})
-    }
-
-    fn wait_for_socket(&mut self) {
-        let deadline = Instant::now() + STARTUP_TIMEOUT;
-        while !self.socket.exists() {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("{QSD} exited with {status} at startup:\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{QSD} did not create {} within {STARTUP_TIMEOUT:?}:\n{}",
-                self.socket.display(),
-                self.log()
-            );
-            std::thread::sleep(STARTUP_POLL);
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("qsd.log")).unwrap_or_default()
-    }
-
-    fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    fn connect(&self, opts: ClientOptions) -> VhostBlkClient {
-        VhostBlkClient::connect(&self.socket, opts)
-            .unwrap_or_else(|e| panic!("connecting to {QSD}: {e}\n{}", self.log()))
-    }
-
-    fn read_image(&self, offset: u64, len: usize) -> Vec<u8> {
-        let mut file = File::open(&self.image).expect("open image");
-        file.seek(SeekFrom::Start(offset)).expect("seek image");
-        let mut buf = vec![0u8; len];
-        file.read_exact(&mut buf).expect("read image");
-        buf
-    }
-}
-
-impl Drop for Qsd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn qsd() -> StorageDaemon {
+    qsd_with(|_| {})
 }
 
 /// Deterministic bytes, different for every seed.
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
+    pseudo_random(len, seed)
 }
 
 fn opts(queues: u16) -> ClientOptions {
@@ -158,7 +46,7 @@ fn opts(queues: u16) -> ClientOptions {
 
 #[test]
 fn handshake_and_config() {
-    let qsd = Qsd::start();
+    let qsd = qsd();
     let mut client = qsd.connect(opts(QSD_QUEUES));
     assert!(client.has_feature(VIRTIO_F_VERSION_1));
     let config = client.config().clone();
@@ -196,7 +84,7 @@ fn handshake_and_config() {
 
 #[test]
 fn write_read_patterns_reach_the_file() {
-    let qsd = Qsd::start();
+    let qsd = qsd();
     let mut client = qsd.connect(opts(1));
     // Disjoint ranges, 4 KiB aligned and only 512-byte aligned.
     let cases: [(u64, usize); 6] = [
@@ -229,7 +117,7 @@ fn write_read_patterns_reach_the_file() {
 fn read_returns_what_the_file_holds() {
     const OFFSET: u64 = 5 << 20;
     let contents = pattern(77, 12288);
-    let qsd = Qsd::start_with(|file| file.write_all_at(&contents, OFFSET).expect("preload"));
+    let qsd = qsd_with(|file| file.write_all_at(&contents, OFFSET).expect("preload"));
     let mut client = qsd.connect(opts(1));
     let done = client.read(0, OFFSET, contents.len() as u32).expect("read");
     assert_eq!(done.status, BlkStatus::Ok);
@@ -243,7 +131,7 @@ fn read_returns_what_the_file_holds() {
 fn flush_write_zeroes_and_discard() {
     const OFFSET: u64 = 8 << 20;
     const LEN: u64 = 64 * 1024;
-    let qsd = Qsd::start();
+    let qsd = qsd();
     let mut client = qsd.connect(opts(1));
     let data = pattern(5, LEN as usize);
     assert!(client.write(0, OFFSET, &data).expect("write").is_ok());
@@ -271,7 +159,7 @@ fn flush_write_zeroes_and_discard() {
 
 #[test]
 fn out_of_range_requests_fail_with_ioerr() {
-    let qsd = Qsd::start();
+    let qsd = qsd();
     let mut client = qsd.connect(opts(1));
     let end = client.config().capacity_bytes();
     let past = client.read(0, end, 512).expect("read past end");
@@ -295,7 +183,7 @@ fn out_of_range_requests_fail_with_ioerr() {
 
 #[test]
 fn second_queue_works() {
-    let qsd = Qsd::start();
+    let qsd = qsd();
     let mut client = qsd.connect(opts(2));
     let data = pattern(9, 4096);
     assert!(
@@ -316,7 +204,7 @@ fn second_queue_works() {
 
 #[test]
 fn disconnect_and_reconnect() {
-    let qsd = Qsd::start();
+    let qsd = qsd();
     let data = pattern(11, 8192);
     let mut client = qsd.connect(opts(2));
     assert!(client.write(0, 4096, &data).expect("write").is_ok());
@@ -404,7 +292,7 @@ fn reap_all(
 
 #[test]
 fn thirty_two_requests_in_flight() {
-    let qsd = Qsd::start();
+    let qsd = qsd();
     let mut client = qsd.connect(opts(1));
     run_in_flight(&mut client, 32, 4096);
     let stats = client.queue(0).expect("queue").stats();
@@ -415,7 +303,7 @@ fn thirty_two_requests_in_flight() {
 
 #[test]
 fn thirty_two_in_flight_indirect_with_event_idx_suppression() {
-    let qsd = Qsd::start();
+    let qsd = qsd();
     let mut client = qsd.connect(ClientOptions {
         queue_size: 32,
         indirect: true,
@@ -433,7 +321,7 @@ fn thirty_two_in_flight_indirect_with_event_idx_suppression() {
 
 #[test]
 fn without_event_idx() {
-    let qsd = Qsd::start();
+    let qsd = qsd();
     let mut client = qsd.connect(ClientOptions {
         event_idx: false,
         kick_suppression: true,
@@ -463,7 +351,7 @@ impl std::fmt::Display for Outcome {
     }
 }
 
-fn submit_malformed(qsd: &mut Qsd, name: &str, chain: &[RawDesc]) -> Outcome {
+fn submit_malformed(qsd: &mut StorageDaemon, name: &str, chain: &[RawDesc]) -> Outcome {
     let mut client = qsd.connect(opts(1));
     let token = client.submit_raw(0, chain).expect("submit_raw");
     let started = Instant::now();
@@ -485,7 +373,7 @@ fn submit_malformed(qsd: &mut Qsd, name: &str, chain: &[RawDesc]) -> Outcome {
 
 #[test]
 fn malformed_chains_do_not_hang() {
-    let mut qsd = Qsd::start();
+    let mut qsd = qsd();
     let no_status = submit_malformed(
         &mut qsd,
         "no writable status descriptor",
@@ -556,7 +444,7 @@ fn malformed_chains_do_not_hang() {
 
 #[test]
 fn unaligned_offsets_are_rejected_by_the_client() {
-    let qsd = Qsd::start();
+    let qsd = qsd();
     let mut client = qsd.connect(opts(1));
     assert!(matches!(
         client.read(0, 100, 512),

@@ -18,15 +18,13 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ociblk_tests::process::Server;
-use ociblk_tests::support::{ociblk_bin, run_ok, sample_image};
+use ociblk_client::rng::Rng;
 use ociblk_client::{BlkStatus, ClientOptions, Request, Token, VhostBlkClient};
+use ociblk_tests::node::TestNode;
+use ociblk_tests::process::Server;
 
-const DISK: &[&str] = &["--disk-size", "512MiB", "--system-size", "64MiB"];
 const BS: u64 = 4096;
 const SECTOR: usize = 512;
 /// Blocks of the region the rounds work on (2 MiB: half payload, half zeros).
@@ -36,37 +34,6 @@ const ROUNDS: u64 = 150;
 const CHAIN_ROUNDS: u64 = 60;
 /// Bound on waiting for completions.
 const WAIT: Duration = Duration::from_secs(20);
-
-/// SplitMix64: small, seedable, good enough to pick operations.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-
-    fn bytes(&mut self, len: usize) -> Vec<u8> {
-        let mut out = Vec::with_capacity(len + 8);
-        while out.len() < len {
-            out.extend_from_slice(&self.next().to_le_bytes());
-        }
-        out.truncate(len);
-        out
-    }
-}
 
 /// One content a block may hold.
 #[derive(Clone)]
@@ -231,7 +198,7 @@ impl Round<'_> {
             };
             self.next_op += 1;
             let op = self.next_op;
-            let queue = (self.rng.next() % 2) as u16;
+            let queue = (self.rng.next_u64() % 2) as u16;
             let offset = self.base + off;
             let token = match kind {
                 Kind::Write => {
@@ -268,7 +235,7 @@ impl Round<'_> {
     }
 
     fn submit_flush(&mut self) {
-        let queue = (self.rng.next() % 2) as u16;
+        let queue = (self.rng.next_u64() % 2) as u16;
         let mark = self.model.completed;
         let token = self.client.submit(queue, Request::Flush).unwrap();
         self.next_op += 1;
@@ -334,65 +301,17 @@ impl Round<'_> {
     }
 }
 
-struct Node {
-    dir: tempfile::TempDir,
-    mode: &'static str,
+fn serve(node: &TestNode, mode: &str) -> Server {
+    node.serve(&["--queues", "2", "--flush", mode])
 }
 
-impl Node {
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("node.sock")
-    }
-
-    fn layout_args(&self) -> Vec<String> {
-        let mut v = vec![
-            "--image".to_owned(),
-            sample_image().display().to_string(),
-            "--seed".to_owned(),
-            format!("crash-{}", self.mode),
-        ];
-        v.extend(DISK.iter().map(|s| s.to_string()));
-        v
-    }
-
-    fn serve(&self) -> Server {
-        let mut args = self.layout_args();
-        let overlay = self.dir.path().join("node.overlay");
-        args.extend(
-            [
-                "--overlay",
-                &overlay.display().to_string(),
-                "--queues",
-                "2",
-                "--flush",
-                self.mode,
-            ]
-            .map(str::to_owned),
-        );
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Server::start(&self.socket(), &args)
-    }
-
-    /// Offset of system partition A: its first MiB is the system payload.
-    fn system_a_offset(&self) -> u64 {
-        let out = run_ok(
-            Command::new(ociblk_bin())
-                .args(["inspect", "--json"])
-                .args(self.layout_args()),
-        );
-        let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        info["partitions"][1]["first_lba"].as_u64().unwrap() * 512
-    }
-}
-
-fn connect(node: &Node) -> VhostBlkClient {
-    let opts = ClientOptions {
+fn connect(node: &TestNode) -> VhostBlkClient {
+    node.connect(ClientOptions {
         queues: 2,
         memory_size: 16 << 20,
         timeout: Duration::from_secs(20),
         ..ClientOptions::default()
-    };
-    VhostBlkClient::connect(&node.socket(), opts).unwrap()
+    })
 }
 
 fn read_region(c: &mut VhostBlkClient, base: u64) -> Vec<u8> {
@@ -449,16 +368,17 @@ fn check(model: &Model, got: &[u8], stats: &mut Stats, context: &str) {
 /// and what the region must read as over them.
 #[allow(clippy::type_complexity)]
 fn build_chain(
-    node: &Node,
+    node: &TestNode,
+    mode: &str,
     base: u64,
     layers: usize,
     seed: u64,
 ) -> (Vec<(PathBuf, String)>, Option<Vec<u8>>) {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::for_stream(seed, 0);
     let mut out = Vec::new();
     let mut region = None;
     for n in 0..layers {
-        let mut server = node.serve();
+        let mut server = serve(node, mode);
         let mut c = connect(node);
         let region = region.get_or_insert_with(|| read_region(&mut c, base));
         for _ in 0..40 {
@@ -497,14 +417,12 @@ fn crash_rounds(mode: &'static str, seed: u64) {
 
 fn crash_rounds_over(mode: &'static str, seed: u64, layers: usize, rounds: u64) {
     let start = Instant::now();
-    let node = Node {
-        dir: tempfile::tempdir().unwrap(),
-        mode,
-    };
-    let base = node.system_a_offset();
-    let (chain, over_chain) = build_chain(&node, base, layers, seed ^ 0x1a7e);
+    let node = TestNode::small(&format!("crash-{mode}"));
+    // System partition A: its first MiB is the system payload.
+    let base = node.partition_offset(1);
+    let (chain, over_chain) = build_chain(&node, mode, base, layers, seed ^ 0x1a7e);
     let mut stats = Stats::default();
-    let mut server = node.serve();
+    let mut server = serve(&node, mode);
     let mut model: Option<Model> = None;
     for round in 0..rounds {
         let round_seed = seed ^ round.wrapping_mul(0x2545_f491_4f6c_dd1d);
@@ -524,7 +442,7 @@ fn crash_rounds_over(mode: &'static str, seed: u64, layers: usize, rounds: u64) 
         let mut r = Round {
             client,
             model: Model::new(&got),
-            rng: Rng(round_seed),
+            rng: Rng::for_stream(round_seed, 0),
             base,
             in_flight: HashMap::new(),
             next_op: 0,
@@ -574,7 +492,7 @@ fn crash_rounds_over(mode: &'static str, seed: u64, layers: usize, rounds: u64) 
         let Round { model: m, .. } = r;
         model = Some(m);
         drop(fs::remove_file(node.socket()));
-        server = node.serve();
+        server = serve(&node, mode);
         stats.rounds += 1;
     }
     // The last crash, checked too.

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use ociblk_layout::{DiskParams, DiskReader, Layout, OsImage};
+use ociblk_tests::node::PINNED_IDS;
 use ociblk_tests::oci::{ImageBuilder, pseudo_random, sha256_hex};
 use ociblk_tests::support::{ociblk_bin, require_tool, run_ok, sample_image};
 use serde_json::Value;
@@ -241,20 +242,9 @@ fn loader_parameters_and_pinned_ids_on_the_ha_disk_size() {
         loader.to_str().unwrap(),
         "--node-parameters",
         params.to_str().unwrap(),
-        "--disk-guid",
-        "11111111-2222-4333-8444-555555555555",
-        "--esp-guid",
-        "A1111111-2222-4333-8444-555555555555",
-        "--system-a-guid",
-        "B1111111-2222-4333-8444-555555555555",
-        "--system-b-guid",
-        "C1111111-2222-4333-8444-555555555555",
-        "--data-guid",
-        "D1111111-2222-4333-8444-555555555555",
-        "--fat-volume-id",
-        "0xCAFEF00D",
     ]
     .iter()
+    .chain(PINNED_IDS)
     .map(|s| s.to_string())
     .collect();
     let case = Case {

@@ -6,49 +6,20 @@
 #![allow(clippy::unwrap_used)]
 
 use std::fs;
-use std::io::Read;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use ociblk_tests::oci::pseudo_random;
-use ociblk_tests::process::{Server, wait_exit, wait_until};
-use ociblk_tests::support::{ociblk_bin, require_tool, run_ok, sample_image};
 use ociblk_client::{BlkStatus, ClientOptions, VhostBlkClient};
+use ociblk_tests::node::{SMALL_DISK, TestNode};
+use ociblk_tests::oci::pseudo_random;
+use ociblk_tests::process::Server;
+use ociblk_tests::support::wait_until;
+use ociblk_tests::support::{ociblk_bin, require_tool, run_bounded, run_ok, sample_image};
 
-const DISK: &[&str] = &["--disk-size", "512MiB", "--system-size", "64MiB"];
 /// Digest of the sample image's `system` payload.
 const SYSTEM_BLOB: &str = "3b7adc9bf62b6361117d4d08821f452b2931c3ce35bbb4a3196119c156fd4f00";
-
-fn layout_args(image: &Path, seed: &str) -> Vec<String> {
-    let mut v = vec![
-        "--image".to_owned(),
-        image.display().to_string(),
-        "--seed".to_owned(),
-        seed.to_owned(),
-    ];
-    v.extend(DISK.iter().map(|s| s.to_string()));
-    v
-}
-
-fn serve(image: &Path, seed: &str, socket: &Path, overlay: &Path) -> Server {
-    let mut args = layout_args(image, seed);
-    args.extend(["--overlay".to_owned(), overlay.display().to_string()]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Server::start(socket, &args)
-}
-
-/// First byte of partition `index` (0-based) of the node's disk.
-fn partition_offset(image: &Path, seed: &str, index: usize) -> u64 {
-    let out = run_ok(
-        Command::new(ociblk_bin())
-            .args(["inspect", "--json"])
-            .args(layout_args(image, seed)),
-    );
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    info["partitions"][index]["first_lba"].as_u64().unwrap() * 512
-}
 
 fn connect(socket: &Path) -> VhostBlkClient {
     let opts = ClientOptions {
@@ -71,39 +42,10 @@ fn status_of_write(c: &mut VhostBlkClient, offset: u64, data: &[u8]) -> BlkStatu
 
 fn assert_alive(server: &mut Server, what: &str) {
     assert!(
-        server.child.try_wait().unwrap().is_none(),
+        server.try_exit().is_none(),
         "{what}: the server died:\n{}",
         server.log.text()
     );
-}
-
-/// Runs `cmd` to its end, at most `timeout` (then kills it and fails).
-fn run_bounded(cmd: &mut Command, timeout: Duration) -> Output {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    let mut pipes = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-    let out = std::thread::spawn(move || {
-        let (mut o, mut e) = (Vec::new(), Vec::new());
-        let _ = pipes.0.read_to_end(&mut o);
-        let _ = pipes.1.read_to_end(&mut e);
-        (o, e)
-    });
-    let Some(status) = wait_exit(&mut child, timeout) else {
-        // SAFETY: kill(2) on the PID of our own child, not yet reaped.
-        unsafe { libc::kill(libc::pid_t::try_from(child.id()).unwrap(), libc::SIGKILL) };
-        let _ = child.wait();
-        panic!("{cmd:?} did not finish within {timeout:?}");
-    };
-    let (stdout, stderr) = out.join().unwrap();
-    Output {
-        status,
-        stdout,
-        stderr,
-    }
 }
 
 /// A copy of the sample image with regular files only (blob symlinks
@@ -167,15 +109,13 @@ impl Drop for Tmpfs {
 #[test]
 fn overlay_on_a_full_file_system() {
     let dir = tempfile::tempdir().unwrap();
-    let image = sample_image();
-    let seed = "full-fs";
     let small = Tmpfs::mount(&dir.path().join("small"), "8M");
-    let overlay = small.0.join("node.overlay");
+    let node = TestNode::small("full-fs").overlay_at(&small.0.join("node.overlay"));
     let filler = small.0.join("filler");
     fs::write(&filler, vec![0x5a; 1 << 20]).unwrap();
-    let socket = dir.path().join("node.sock");
-    let data = partition_offset(&image, seed, 3);
-    let mut server = serve(&image, seed, &socket, &overlay);
+    let socket = node.socket();
+    let data = node.partition_offset(3);
+    let mut server = node.serve(&[]);
     let mut c = connect(&socket);
 
     let marker = pseudo_random(64 << 10, 1);
@@ -241,7 +181,7 @@ fn overlay_on_a_full_file_system() {
     // A clean stop and a restart on the same overlay.
     let status = server.stop_with(libc::SIGTERM, Duration::from_secs(20));
     assert!(status.success(), "SIGTERM: {status}\n{}", server.log.text());
-    let _server = serve(&image, seed, &socket, &overlay);
+    let _server = node.serve(&[]);
     let mut c = connect(&socket);
     assert!(read_ok(&mut c, data, marker.len() as u32) == marker);
     assert!(read_ok(&mut c, failed_at, chunk as u32) == last);
@@ -258,15 +198,14 @@ fn overlay_on_a_full_file_system() {
 fn payload_blob_replaced_or_truncated_while_serving() {
     let dir = tempfile::tempdir().unwrap();
     let image = copy_image(dir.path());
-    let seed = "blob-faults";
-    let socket = dir.path().join("node.sock");
-    let overlay = dir.path().join("node.overlay");
-    let system_a = partition_offset(&image, seed, 1);
+    let node = TestNode::with_image(&image, "blob-faults").layout(SMALL_DISK);
+    let socket = node.socket();
+    let system_a = node.partition_offset(1);
     let blob = image.join("blobs/sha256").join(SYSTEM_BLOB);
     let original = fs::read(&blob).unwrap();
     let size = original.len() as u32;
-    let data = partition_offset(&image, seed, 3);
-    let mut server = serve(&image, seed, &socket, &overlay);
+    let data = node.partition_offset(3);
+    let mut server = node.serve(&[]);
     let mut c = connect(&socket);
     assert!(
         read_ok(&mut c, system_a, size) == original,
@@ -288,7 +227,7 @@ fn payload_blob_replaced_or_truncated_while_serving() {
 
     // Restarted: the new file is checked against the image's chunk hashes
     // like any other, and is never served.
-    let mut server = serve(&image, seed, &socket, &overlay);
+    let mut server = node.serve(&[]);
     let mut c = connect(&socket);
     let r = c.read(0, system_a, 4096).unwrap();
     assert_eq!(r.status, BlkStatus::IoErr, "a swapped blob is not served");
@@ -365,12 +304,11 @@ fn payload_blob_replaced_or_truncated_while_serving() {
 /// The socket is private to the caller and a live overlay is locked.
 #[test]
 fn socket_is_private_and_overlay_is_locked() {
-    let dir = tempfile::tempdir().unwrap();
-    let image = sample_image();
-    let seed = "security";
-    let socket = dir.path().join("node.sock");
-    let overlay = dir.path().join("node.overlay");
-    let _server = serve(&image, seed, &socket, &overlay);
+    let node = TestNode::small("security");
+    let dir = node.dir();
+    let socket = node.socket();
+    let overlay = node.overlay();
+    let _server = node.serve(&[]);
     let meta = fs::symlink_metadata(&socket).unwrap();
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o7777, 0o600, "socket mode");
@@ -382,23 +320,23 @@ fn socket_is_private_and_overlay_is_locked() {
     // A second server on the same overlay, from another process.
     let mut cmd = Command::new(ociblk_bin());
     cmd.arg("serve")
-        .args(layout_args(&image, seed))
+        .args(node.layout_args())
         .arg("--socket")
-        .arg(dir.path().join("other.sock"))
+        .arg(dir.join("other.sock"))
         .arg("--overlay")
         .arg(&overlay);
     let out = run_bounded(&mut cmd, Duration::from_secs(20));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("in use"), "{err}");
-    assert!(!dir.path().join("other.sock").exists());
+    assert!(!dir.join("other.sock").exists());
     // Another overlay on the same, live, socket.
     let mut cmd = Command::new(ociblk_bin());
     cmd.arg("serve")
-        .args(layout_args(&image, seed))
+        .args(node.layout_args())
         .arg("--socket")
         .arg(&socket)
         .arg("--overlay")
-        .arg(dir.path().join("other.overlay"));
+        .arg(dir.join("other.overlay"));
     let out = run_bounded(&mut cmd, Duration::from_secs(20));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("listening"), "{err}");
@@ -425,10 +363,11 @@ fn blob_links_to_non_files_are_refused() {
     for target in [subdir.as_path(), fifo.as_path(), Path::new("/dev/zero")] {
         fs::remove_file(&blob).unwrap();
         std::os::unix::fs::symlink(target, &blob).unwrap();
-        let socket = dir.path().join("node.sock");
+        let node = TestNode::with_image(&image, "links").layout(SMALL_DISK);
+        let socket = node.socket();
         let mut cmd = Command::new(ociblk_bin());
         cmd.arg("serve")
-            .args(layout_args(&image, "links"))
+            .args(node.layout_args())
             .arg("--socket")
             .arg(&socket)
             .arg("--overlay")

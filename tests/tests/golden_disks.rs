@@ -10,24 +10,10 @@ use std::fs::{self, File};
 use std::io::Read;
 use std::process::Command;
 
+use ociblk_tests::node::PINNED_IDS;
 use ociblk_tests::oci::{ImageBuilder, PayloadSpec, pseudo_random};
 use ociblk_tests::support::{ociblk_bin, run_ok};
 use sha2::{Digest, Sha256};
-
-const IDS: &[&str] = &[
-    "--disk-guid",
-    "11111111-2222-4333-8444-555555555555",
-    "--esp-guid",
-    "A1111111-2222-4333-8444-555555555555",
-    "--system-a-guid",
-    "B1111111-2222-4333-8444-555555555555",
-    "--system-b-guid",
-    "C1111111-2222-4333-8444-555555555555",
-    "--data-guid",
-    "D1111111-2222-4333-8444-555555555555",
-    "--fat-volume-id",
-    "0xCAFEF00D",
-];
 
 struct Golden {
     disk_size: u64,
@@ -59,7 +45,7 @@ fn check(g: &Golden) {
         .args(["--disk-size", &g.disk_size.to_string()])
         .args(["--esp-size", &format!("{}MiB", g.esp_mib)])
         .args(["--system-size", &format!("{}MiB", g.system_mib)])
-        .args(IDS);
+        .args(PINNED_IDS);
     if let Some(n) = g.loader {
         let p = t.path().join("loader.efi");
         fs::write(&p, pseudo_random(n, 9)).unwrap();

@@ -9,9 +9,10 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+use ociblk_client::{BlkStatus, ClientOptions, VhostBlkClient};
+use ociblk_tests::node::TestNode;
 use ociblk_tests::oci::pseudo_random;
 use ociblk_tests::process::Server;
 use ociblk_tests::raw_vhost::{
@@ -20,11 +21,8 @@ use ociblk_tests::raw_vhost::{
     USED_RING, VERSION, VRING_NOFD, config_payload, mem_table, req, u64_payload, vring_addr,
     vring_state,
 };
-use ociblk_tests::support::{ociblk_bin, run_ok, sample_image};
-use ociblk_client::{BlkStatus, ClientOptions, VhostBlkClient};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-const DISK: &[&str] = &["--disk-size", "512MiB", "--system-size", "64MiB"];
 /// Bound of every exchange with the server.
 const TIMEOUT: Duration = Duration::from_secs(5);
 /// Queues the server offers.
@@ -36,70 +34,37 @@ const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
 const T_GET_ID: u32 = 8;
 
-struct Node {
-    dir: tempfile::TempDir,
-    seed: String,
+fn hostile_node() -> TestNode {
+    TestNode::small("hostile")
 }
 
-impl Node {
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("node.sock")
-    }
-
-    fn layout_args(&self) -> Vec<String> {
-        let mut v = vec![
-            "--image".to_owned(),
-            sample_image().display().to_string(),
-            "--seed".to_owned(),
-            self.seed.clone(),
-        ];
-        v.extend(DISK.iter().map(|s| s.to_string()));
-        v
-    }
-
-    fn serve(&self) -> Server {
-        self.serve_with(&[])
-    }
-
-    fn serve_with(&self, extra: &[&str]) -> Server {
-        let mut args = self.layout_args();
-        let overlay = self.dir.path().join("node.overlay");
-        args.extend([
-            "--overlay".to_owned(),
-            overlay.display().to_string(),
-            "--queues".to_owned(),
-            QUEUES.to_string(),
-        ]);
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Server::start(&self.socket(), &args)
-    }
-
-    /// First byte of partition `index` (0-based).
-    fn partition_offset(&self, index: usize) -> u64 {
-        let out = run_ok(
-            Command::new(ociblk_bin())
-                .args(["inspect", "--json"])
-                .args(self.layout_args()),
-        );
-        let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        info["partitions"][index]["first_lba"].as_u64().unwrap() * 512
-    }
+fn serve(node: &TestNode) -> Server {
+    serve_with(node, &[])
 }
 
-fn connect(socket: &Path) -> VhostBlkClient {
-    let opts = ClientOptions {
+fn serve_with(node: &TestNode, extra: &[&str]) -> Server {
+    let queues = QUEUES.to_string();
+    let mut args = vec!["--queues", queues.as_str()];
+    args.extend_from_slice(extra);
+    node.serve(&args)
+}
+
+fn client_options() -> ClientOptions {
+    ClientOptions {
         queues: 1,
         memory_size: 1 << 20,
         timeout: Duration::from_secs(10),
         ..ClientOptions::default()
-    };
-    VhostBlkClient::connect(socket, opts).unwrap()
+    }
+}
+
+fn connect(socket: &Path) -> VhostBlkClient {
+    VhostBlkClient::connect(socket, client_options()).unwrap()
 }
 
 /// Runs the cases and checks the server after each.
 struct Harness {
-    node: Node,
+    node: TestNode,
     server: Server,
     /// Data written and flushed, expected to stay: (offset, bytes).
     kept: Vec<(u64, Vec<u8>)>,
@@ -113,7 +78,7 @@ impl Harness {
     }
 
     fn alive(&mut self, case: &str) {
-        if let Ok(Some(status)) = self.server.child.try_wait() {
+        if let Some(status) = self.server.try_exit() {
             panic!(
                 "case {case:?} killed the server ({status}):\n{}",
                 self.server.log.text()
@@ -135,14 +100,8 @@ impl Harness {
 
     /// A normal client reads LBA 1 and does a write, flush, read round trip.
     fn check(&mut self, name: &str) {
-        let opts = ClientOptions {
-            queues: 1,
-            memory_size: 1 << 20,
-            timeout: Duration::from_secs(10),
-            ..ClientOptions::default()
-        };
-        let mut c = VhostBlkClient::connect(&self.socket(), opts).unwrap_or_else(|e| {
-            let status = self.server.child.try_wait();
+        let mut c = VhostBlkClient::connect(&self.socket(), client_options()).unwrap_or_else(|e| {
+            let status = self.server.try_exit();
             panic!(
                 "after case {name:?}: cannot connect ({e}); server: {status:?}\n{}",
                 self.server.log.text()
@@ -315,18 +274,15 @@ fn own_socket_as_vring_eventfd_is_recovered_by_a_restart() {
         ("SET_VRING_CALL", req::SET_VRING_CALL),
         ("SET_VRING_KICK", req::SET_VRING_KICK),
     ] {
-        let node = Node {
-            dir: tempfile::tempdir().unwrap(),
-            seed: "hostile".into(),
-        };
-        let mut server = node.serve();
+        let node = hostile_node();
+        let mut server = serve(&node);
         {
             let fe = RawFrontend::setup(&node.socket(), MEM, 16, TIMEOUT).unwrap();
             let own = fe.conn.raw_fd();
             send_and_settle(&fe.conn, which, &u64_payload(0), &[own]);
         }
         assert!(
-            server.child.try_wait().unwrap().is_none(),
+            server.try_exit().is_none(),
             "{name}: the server died\n{}",
             server.log.text()
         );
@@ -336,7 +292,7 @@ fn own_socket_as_vring_eventfd_is_recovered_by_a_restart() {
             "{name}: SIGTERM: {status}\n{}",
             server.log.text()
         );
-        let _server = node.serve();
+        let _server = serve(&node);
         let mut c = connect(&node.socket());
         assert_eq!(
             &c.read(0, 512, 512).unwrap().data[..8],
@@ -353,11 +309,8 @@ fn own_socket_as_vring_eventfd_is_recovered_by_a_restart() {
 /// that comes next is served. One that made its first requests may idle.
 #[test]
 fn silent_clients_are_dropped_and_the_next_frontend_is_served() {
-    let node = Node {
-        dir: tempfile::tempdir().unwrap(),
-        seed: "hostile".into(),
-    };
-    let server = node.serve_with(&["--handshake-timeout", "1"]);
+    let node = hostile_node();
+    let server = serve_with(&node, &["--handshake-timeout", "1"]);
     let silent = std::os::unix::net::UnixStream::connect(node.socket()).unwrap();
     let half = RawConn::connect(&node.socket(), TIMEOUT).unwrap();
     half.send(req::GET_FEATURES, VERSION, &[], &[]).unwrap();
@@ -367,7 +320,7 @@ fn silent_clients_are_dropped_and_the_next_frontend_is_served() {
     // The established client may stay idle for longer than the timeout.
     let idle_from = Instant::now();
     assert!(
-        !ociblk_tests::process::wait_until(Duration::from_secs(3), || server
+        !ociblk_tests::support::wait_until(Duration::from_secs(3), || server
             .log
             .text()
             .matches("dropping the connection")
@@ -390,13 +343,10 @@ fn silent_clients_are_dropped_and_the_next_frontend_is_served() {
 
 #[test]
 fn hostile_frontends_do_not_take_the_server_down() {
-    let node = Node {
-        dir: tempfile::tempdir().unwrap(),
-        seed: "hostile".into(),
-    };
+    let node = hostile_node();
     let data_off = node.partition_offset(3);
     let system_a = node.partition_offset(1);
-    let server = node.serve();
+    let server = serve(&node);
     let mut h = Harness {
         probe_base: data_off + (8 << 20),
         node,
@@ -434,11 +384,11 @@ fn hostile_frontends_do_not_take_the_server_down() {
         "SIGTERM: {status}\n{}",
         h.server.log.text()
     );
-    h.server = h.node.serve();
+    h.server = serve(&h.node);
     h.verify_kept("after a restart");
     h.server.stop_with(libc::SIGKILL, Duration::from_secs(20));
     let _ = fs::remove_file(h.socket());
-    h.server = h.node.serve();
+    h.server = serve(&h.node);
     h.verify_kept("after kill -9 and a restart");
     eprintln!(
         "hostile frontend: {} cases tried, server survived all, in {:.1?}",
@@ -1019,7 +969,7 @@ fn valid_get_id_nowait(fe: &mut RawFrontend, first: u16) {
 fn valid_get_id(fe: &mut RawFrontend, first: u16) {
     valid_get_id_nowait(fe, first);
     let status = BUFFERS + u64::from(first) * 0x100 + 0x40 + 20;
-    let done = ociblk_tests::process::wait_until(TIMEOUT, || fe.mem.read(status, 1) != [0xff]);
+    let done = ociblk_tests::support::wait_until(TIMEOUT, || fe.mem.read(status, 1) != [0xff]);
     assert!(done, "a valid GET_ID did not complete");
     assert_eq!(fe.mem.read(status, 1), [0], "GET_ID status");
     let id = BUFFERS + u64::from(first) * 0x100 + 0x40;

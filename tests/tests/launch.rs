@@ -10,16 +10,18 @@
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc::{RecvTimeoutError, channel};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use ociblk::launch::process::Process;
 use ociblk::launch::{
     Cluster, ClusterSpec, LaunchError, NodeSpec, OVERLAY_FILE, QEMU_PID_FILE, SERVE_PID_FILE,
     SOCKET_FILE, TPM_PID_FILE, TPM_STATE_DIR, TpmSpec,
 };
-use ociblk_tests::support::{ociblk_bin, require_tool, sample_image};
+use ociblk_tests::process::wait_exit;
+use ociblk_tests::support::{ociblk_bin, require_tool, sample_image, verbose};
 
 const READY: &str = "ociblk-sample: ready";
 /// Boot to the ready line takes ~8 s under TCG on an idle host; two
@@ -40,10 +42,6 @@ static GUESTS: Mutex<()> = Mutex::new(());
 
 fn one_guest_test_at_a_time() -> MutexGuard<'static, ()> {
     GUESTS.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn verbose() -> bool {
-    std::env::var_os("OCIBLK_TEST_VERBOSE").is_some()
 }
 
 fn spec(state_dir: &Path, nodes: Vec<NodeSpec>) -> ClusterSpec {
@@ -123,20 +121,6 @@ fn assert_torn_down(state_dir: &Path, pids: &[u32]) {
                 node.path().display()
             );
         }
-    }
-}
-
-/// Waits up to `timeout` for `child` to exit.
-fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(status);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -255,19 +239,6 @@ fn relaunch_keeps_the_disk_and_a_fresh_state_dir_does_not() {
     assert_torn_down(fresh.path(), &[]);
 }
 
-/// Ends the `ociblk launch` child if a test fails before it exits; its own
-/// children then get their death signal.
-struct Launcher(Child);
-
-impl Drop for Launcher {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
 #[test]
 fn sigint_stops_ociblk_launch_and_everything_it_started() {
     let _guests = one_guest_test_at_a_time();
@@ -285,12 +256,14 @@ fn sigint_stops_ociblk_launch_and_everything_it_started() {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(stderr);
-    let mut launcher = Launcher(cmd.spawn().unwrap());
+    // Dropping it (if the test fails first) kills it; its own children then
+    // get their death signal.
+    let mut launcher = Process::spawn(&mut cmd, libc::SIGKILL, None).unwrap();
     let stderr_text = || fs::read_to_string(state.path().join("launch.stderr")).unwrap_or_default();
 
     // The table row of node-1 appears once its console showed READY.
     let (tx, rx) = channel();
-    let stdout = launcher.0.stdout.take().unwrap();
+    let stdout = launcher.child_mut().stdout.take().unwrap();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if tx.send(line).is_err() {
@@ -321,11 +294,11 @@ fn sigint_stops_ociblk_launch_and_everything_it_started() {
     assert!(pids.iter().all(|&pid| process_exists(pid)));
     assert!(node_dir.join(SOCKET_FILE).exists());
 
-    let launcher_pid = pid_t(launcher.0.id());
+    let launcher_pid = pid_t(launcher.pid());
     // SAFETY: kill(2) on our own, not yet reaped child.
     let sent = unsafe { libc::kill(launcher_pid, libc::SIGINT) };
     assert_eq!(sent, 0);
-    let status = wait_exit(&mut launcher.0, STOP_TIMEOUT)
+    let status = wait_exit(&mut launcher, STOP_TIMEOUT)
         .unwrap_or_else(|| panic!("ociblk launch still runs after SIGINT:\n{}", stderr_text()));
     assert!(
         status.success(),

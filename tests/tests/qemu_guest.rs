@@ -9,12 +9,12 @@
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
+use ociblk_tests::node::TestNode;
 use ociblk_tests::oci::sha256_hex;
-use ociblk_tests::process::{Boot, Guest, GuestConfig, Server, wait_until};
-use ociblk_tests::support::{ociblk_bin, run_ok, sample_image};
+use ociblk_tests::process::{Boot, Guest, GuestConfig, Server};
+use ociblk_tests::support::wait_until;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -24,77 +24,6 @@ const BOOT: Duration = Duration::from_secs(120);
 const CMD: Duration = Duration::from_secs(60);
 /// A process exiting after a signal or power-off.
 const EXIT: Duration = Duration::from_secs(60);
-
-/// One node: its seed, temp dir, socket and overlay.
-struct Node {
-    dir: tempfile::TempDir,
-    image: PathBuf,
-    seed: String,
-}
-
-impl Node {
-    fn new(seed: &str) -> Node {
-        Node {
-            dir: tempfile::tempdir().unwrap(),
-            image: sample_image().canonicalize().unwrap(),
-            seed: seed.into(),
-        }
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("node.sock")
-    }
-
-    fn overlay(&self) -> PathBuf {
-        self.dir.path().join("node.overlay")
-    }
-
-    fn layout_args(&self) -> Vec<String> {
-        vec![
-            "--image".into(),
-            self.image.display().to_string(),
-            "--seed".into(),
-            self.seed.clone(),
-        ]
-    }
-
-    fn serve(&self, extra: &[&str]) -> Server {
-        let mut args = self.layout_args();
-        args.push("--overlay".into());
-        args.push(self.overlay().display().to_string());
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Server::start(&self.socket(), &args)
-    }
-
-    fn inspect(&self) -> Value {
-        let out = run_ok(
-            Command::new(ociblk_bin())
-                .args(["inspect", "--json"])
-                .args(self.layout_args()),
-        );
-        serde_json::from_slice(&out.stdout).expect("inspect --json prints JSON")
-    }
-
-    /// `ociblk export` (with the overlay, if asked) into the temp dir.
-    fn export(&self, with_overlay: bool) -> PathBuf {
-        let out = self.dir.path().join("export.raw");
-        let mut cmd = Command::new(ociblk_bin());
-        cmd.arg("export")
-            .args(self.layout_args())
-            .arg("--output")
-            .arg(&out);
-        if with_overlay {
-            cmd.arg("--overlay").arg(self.overlay());
-        }
-        run_ok(&mut cmd);
-        out
-    }
-
-    fn guest_config(&self, boot: Boot) -> GuestConfig {
-        GuestConfig::new(&self.socket(), boot)
-    }
-}
 
 /// A partition as `inspect --json` describes it.
 struct Part {
@@ -231,7 +160,7 @@ fn log_has(server: &Server, message: &str) -> bool {
 
 #[test]
 fn guest_sees_partitions_esp_and_system() {
-    let node = Node::new("e2e-1");
+    let node = TestNode::new("e2e-1");
     let info = node.inspect();
     let _server = node.serve(&[]);
     let mut guest = boot(&node.guest_config(Boot::DirectKernel));
@@ -313,7 +242,7 @@ fn guest_sees_partitions_esp_and_system() {
 
 #[test]
 fn data_survives_guest_reboot_and_qemu_restart() {
-    let node = Node::new("e2e-2");
+    let node = TestNode::new("e2e-2");
     let info = node.inspect();
     let before = payload_hashes(&info);
     let blob = sha256_hex(&sample_blob());
@@ -385,7 +314,7 @@ const DIRECT_READERS: u64 = 8;
 
 #[test]
 fn qemu_reconnects_after_server_restart() {
-    let node = Node::new("e2e-3");
+    let node = TestNode::new("e2e-3");
     let info = node.inspect();
     let parts = partitions(&info);
     let base = node.export(false);
@@ -520,13 +449,13 @@ fn qemu_reconnects_after_server_restart() {
 
 #[test]
 fn uefi_boots_kernel_from_the_virtual_esp() {
-    let node = Node::new("e2e-4");
+    let node = TestNode::new("e2e-4");
     let system_a = partitions(&node.inspect())
         .iter()
         .find(|p| p.name == "METROPOLIS-SYSTEM-A")
         .unwrap()
         .number;
-    let vars = node.dir.path().join("OVMF_VARS.fd");
+    let vars = node.dir().join("OVMF_VARS.fd");
     fs::copy("/usr/share/OVMF/OVMF_VARS.fd", &vars).expect("copy OVMF_VARS.fd (run hack/setup)");
     let _server = node.serve(&[]);
     let mut cfg = node.guest_config(Boot::Uefi);
@@ -549,7 +478,7 @@ fn uefi_boots_kernel_from_the_virtual_esp() {
 
 #[test]
 fn multiqueue_guest_io() {
-    let node = Node::new("e2e-5");
+    let node = TestNode::new("e2e-5");
     let base = node.export(false);
     let mut server = node.serve(&["--queues", "4"]);
     let mut cfg = node.guest_config(Boot::DirectKernel);

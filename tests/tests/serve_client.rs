@@ -6,109 +6,25 @@
 
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ociblk_tests::oci::{pseudo_random, sha256_hex};
-use ociblk_tests::process::{Server, wait_exit, wait_until};
-use ociblk_tests::support::{ociblk_bin, run_err, run_ok, sample_image};
 use ociblk_client::{BlkStatus, ClientOptions, RawDesc, VhostBlkClient};
+use ociblk_tests::node::{SMALL_DISK, TestNode};
+use ociblk_tests::oci::{pseudo_random, sha256_hex};
+use ociblk_tests::process::{Server, wait_exit};
+use ociblk_tests::support::{ociblk_bin, run_err, run_ok, wait_until};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 
-/// A small disk so that whole-disk comparisons stay quick.
-const DISK: &[&str] = &["--disk-size", "512MiB", "--system-size", "64MiB"];
 const DISK_SIZE: u64 = 512 << 20;
 
-struct Node {
-    dir: tempfile::TempDir,
-    image: PathBuf,
-    seed: String,
-}
-
-impl Node {
-    fn new(seed: &str) -> Node {
-        Node {
-            dir: tempfile::tempdir().unwrap(),
-            image: sample_image(),
-            seed: seed.into(),
-        }
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("node.sock")
-    }
-
-    fn overlay(&self) -> PathBuf {
-        self.dir.path().join("node.overlay")
-    }
-
-    fn layout_args(&self) -> Vec<String> {
-        let mut v = vec![
-            "--image".into(),
-            self.image.display().to_string(),
-            "--seed".into(),
-            self.seed.clone(),
-        ];
-        v.extend(DISK.iter().map(|s| s.to_string()));
-        v
-    }
-
-    fn serve(&self, extra: &[&str]) -> Server {
-        let mut args = self.layout_args();
-        args.push("--overlay".into());
-        args.push(self.overlay().display().to_string());
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Server::start(&self.socket(), &args)
-    }
-
-    /// `ociblk serve` for this node's disk, not started.
-    fn serve_cmd(&self, socket: &Path, extra: &[&str]) -> Command {
-        let mut cmd = Command::new(ociblk_bin());
-        cmd.arg("serve")
-            .args(self.layout_args())
-            .arg("--socket")
-            .arg(socket)
-            .args(extra);
-        cmd
-    }
-
-    /// `ociblk overlay info` of this node's overlay, as text.
-    fn overlay_info(&self) -> String {
-        let out = run_ok(
-            Command::new(ociblk_bin())
-                .args(["overlay", "info"])
-                .arg(self.overlay()),
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn connect(&self, queues: u16) -> VhostBlkClient {
-        let opts = ClientOptions {
-            queues,
-            ..ClientOptions::default()
-        };
-        VhostBlkClient::connect(&self.socket(), opts).unwrap()
-    }
-
-    /// `ociblk export`, with or without the overlay.
-    fn export(&self, with_overlay: bool) -> Vec<u8> {
-        let out = self.dir.path().join("export.raw");
-        let mut cmd = Command::new(ociblk_bin());
-        cmd.arg("export")
-            .args(self.layout_args())
-            .arg("--output")
-            .arg(&out);
-        if with_overlay {
-            cmd.arg("--overlay").arg(self.overlay());
-        }
-        run_ok(&mut cmd);
-        let bytes = fs::read(&out).unwrap();
-        fs::remove_file(&out).unwrap();
-        bytes
+fn opts(queues: u16) -> ClientOptions {
+    ClientOptions {
+        queues,
+        ..ClientOptions::default()
     }
 }
 
@@ -154,23 +70,11 @@ fn payload_hashes(image: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Offset of the data partition (partition 4) for this node's disk.
-fn data_partition_offset(node: &Node) -> u64 {
-    let out = run_ok(
-        Command::new(ociblk_bin())
-            .arg("inspect")
-            .arg("--json")
-            .args(node.layout_args()),
-    );
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    info["partitions"][3]["first_lba"].as_u64().unwrap() * 512
-}
-
 #[test]
 fn whole_disk_equals_export_and_config_is_right() {
-    let node = Node::new("client-1");
+    let node = TestNode::small("client-1");
     let _server = node.serve(&["--queues", "2"]);
-    let mut c = node.connect(2);
+    let mut c = node.connect(opts(2));
     let cfg = c.config().clone();
     assert_eq!(cfg.capacity_bytes(), DISK_SIZE);
     assert_eq!(cfg.blk_size, Some(512));
@@ -180,7 +84,7 @@ fn whole_disk_equals_export_and_config_is_right() {
     assert_eq!(id.status, BlkStatus::Ok);
     assert_eq!(&id.data[..8], b"client-1", "GET_ID defaults to the seed");
     let disk = read_disk(&mut c);
-    let export = node.export(false);
+    let export = node.export_bytes(false);
     assert_eq!(disk.len(), export.len());
     assert!(
         disk == export,
@@ -190,13 +94,13 @@ fn whole_disk_equals_export_and_config_is_right() {
 
 #[test]
 fn writes_discards_and_write_zeroes_read_back() {
-    let node = Node::new("client-2");
-    let before = payload_hashes(&node.image);
+    let node = TestNode::small("client-2");
+    let before = payload_hashes(node.image());
     let _server = node.serve(&["--queues", "2"]);
-    let mut c = node.connect(2);
-    let base = node.export(false);
+    let mut c = node.connect(opts(2));
+    let base = node.export_bytes(false);
     let mut model = base.clone();
-    let data_off = data_partition_offset(&node);
+    let data_off = node.partition_offset(3);
     // System A (over the payload), the ESP's FAT and the data partition.
     let system_a = 264192u64 * 512;
     let cases: Vec<(u64, usize)> = vec![
@@ -242,11 +146,11 @@ fn writes_discards_and_write_zeroes_read_back() {
     drop(_server);
     // The node's disk as exported with its overlay is what the guest saw.
     assert!(
-        node.export(true) == model,
+        node.export_bytes(true) == model,
         "export --overlay differs from the model"
     );
     assert_eq!(
-        payload_hashes(&node.image),
+        payload_hashes(node.image()),
         before,
         "payload blobs were written"
     );
@@ -254,9 +158,9 @@ fn writes_discards_and_write_zeroes_read_back() {
 
 #[test]
 fn bad_requests_get_ioerr_and_the_server_keeps_serving() {
-    let node = Node::new("client-3");
+    let node = TestNode::small("client-3");
     let mut server = node.serve(&[]);
-    let mut c = node.connect(1);
+    let mut c = node.connect(opts(1));
     let sectors = DISK_SIZE / 512;
     // Out of range, straddling the end, and overflowing sector numbers.
     for (sector, len) in [
@@ -375,7 +279,7 @@ fn bad_requests_get_ioerr_and_the_server_keeps_serving() {
     .unwrap();
     assert_eq!(read_ok(&mut c, 0, 0, 4 << 20).len(), 4 << 20);
     assert!(
-        server.child.try_wait().unwrap().is_none(),
+        server.try_exit().is_none(),
         "server died:\n{}",
         server.log.text()
     );
@@ -388,19 +292,19 @@ fn bad_requests_get_ioerr_and_the_server_keeps_serving() {
 
 #[test]
 fn reconnect_restart_and_kill_keep_flushed_data() {
-    let node = Node::new("client-4");
-    let data_off = data_partition_offset(&node);
+    let node = TestNode::small("client-4");
+    let data_off = node.partition_offset(3);
     let first = pseudo_random(64 << 10, 7);
     let second = pseudo_random(8192, 8);
     let mut server = node.serve(&[]);
     {
-        let mut c = node.connect(1);
+        let mut c = node.connect(opts(1));
         write_ok(&mut c, 0, data_off, &first);
         c.disconnect().unwrap();
     }
     // A new connection to the same server sees the write.
     {
-        let mut c = node.connect(1);
+        let mut c = node.connect(opts(1));
         assert!(read_ok(&mut c, 0, data_off, first.len() as u32) == first);
         flush_ok(&mut c, 0);
     }
@@ -414,7 +318,7 @@ fn reconnect_restart_and_kill_keep_flushed_data() {
     assert!(!node.socket().exists(), "socket removed on shutdown");
     let mut server = node.serve(&[]);
     {
-        let mut c = node.connect(1);
+        let mut c = node.connect(opts(1));
         assert!(
             read_ok(&mut c, 0, data_off, first.len() as u32) == first,
             "data after restart"
@@ -425,7 +329,7 @@ fn reconnect_restart_and_kill_keep_flushed_data() {
         server.stop_with(libc::SIGKILL, Duration::from_secs(20));
     }
     let _server = node.serve(&[]);
-    let mut c = node.connect(1);
+    let mut c = node.connect(opts(1));
     let mut want = first.clone();
     want[4096..4096 + second.len()].copy_from_slice(&second);
     assert!(
@@ -436,10 +340,10 @@ fn reconnect_restart_and_kill_keep_flushed_data() {
 
 #[test]
 fn overlay_is_locked_and_checked_against_the_disk() {
-    let node = Node::new("client-5");
+    let node = TestNode::small("client-5");
     let _server = node.serve(&[]);
     // A second server on the same overlay fails with a clear error.
-    let other_socket = node.dir.path().join("other.sock");
+    let other_socket = node.dir().join("other.sock");
     let mut cmd = Command::new(ociblk_bin());
     cmd.arg("serve")
         .args(node.layout_args())
@@ -452,16 +356,12 @@ fn overlay_is_locked_and_checked_against_the_disk() {
     drop(_server);
     // The same overlay under another node's disk is refused once written.
     let mut s = node.serve(&[]);
-    let mut c = node.connect(1);
-    write_ok(&mut c, 0, data_partition_offset(&node), &[1; 4096]);
+    let mut c = node.connect(opts(1));
+    write_ok(&mut c, 0, node.partition_offset(3), &[1; 4096]);
     flush_ok(&mut c, 0);
     drop(c);
     s.stop_with(libc::SIGTERM, Duration::from_secs(20));
-    let other = Node {
-        dir: tempfile::tempdir().unwrap(),
-        image: node.image.clone(),
-        seed: "another-node".into(),
-    };
+    let other = TestNode::with_image(node.image(), "another-node").layout(SMALL_DISK);
     let mut cmd = Command::new(ociblk_bin());
     cmd.arg("serve")
         .args(other.layout_args())
@@ -495,12 +395,12 @@ fn overlay_is_locked_and_checked_against_the_disk() {
 
 #[test]
 fn read_only_serving() {
-    let node = Node::new("client-6");
+    let node = TestNode::small("client-6");
     let mut args = node.layout_args();
     args.push("--read-only".into());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let _server = Server::start(&node.socket(), &args);
-    let mut c = node.connect(1);
+    let mut c = node.connect(opts(1));
     assert!(c.has_feature(VIRTIO_BLK_F_RO));
     assert_eq!(c.write(0, 0, &[0; 512]).unwrap().status, BlkStatus::IoErr);
     assert_eq!(
@@ -512,7 +412,7 @@ fn read_only_serving() {
 
 #[test]
 fn socket_path_that_is_not_a_socket_is_refused() {
-    let node = Node::new("client-7");
+    let node = TestNode::small("client-7");
     fs::write(node.socket(), b"precious").unwrap();
     let mut cmd = Command::new(ociblk_bin());
     cmd.arg("serve")

@@ -10,8 +10,8 @@ use clap::Args;
 
 use super::launch::parse_memory;
 use crate::launch::{
-    DEFAULT_ACCEL, DEFAULT_CPUS, DEFAULT_OVMF_CODE, DEFAULT_QEMU_BINARY, DEFAULT_QUEUES,
-    QemuBoot, QemuCommand, QemuDisk,
+    DEFAULT_ACCEL, DEFAULT_CPUS, DEFAULT_OVMF_CODE, DEFAULT_QEMU_BINARY, DEFAULT_QUEUES, QemuBoot,
+    QemuCommand, QemuDisk,
 };
 
 #[derive(Debug, Args)]
@@ -129,7 +129,15 @@ mod tests {
             }
         );
         assert_eq!(cmd.cpus, 2);
-        let cmd = parse(&["--image", "/i", "--image-format", "qcow2", "--ovmf-vars", "/v"]).unwrap();
+        let cmd = parse(&[
+            "--image",
+            "/i",
+            "--image-format",
+            "qcow2",
+            "--ovmf-vars",
+            "/v",
+        ])
+        .unwrap();
         assert_eq!(
             cmd.disk,
             QemuDisk::Image {

@@ -136,13 +136,7 @@ impl Transcript {
     /// Waits until `pattern` appears at or after offset `from`, the output
     /// ends, or `deadline` passes. Bytes before `resume` (from an earlier
     /// search for the same pattern) are known not to hold a match.
-    pub fn search(
-        &self,
-        pattern: &str,
-        from: usize,
-        resume: usize,
-        deadline: Instant,
-    ) -> Search {
+    pub fn search(&self, pattern: &str, from: usize, resume: usize, deadline: Instant) -> Search {
         let pattern = pattern.as_bytes();
         let mut state = self.lock();
         // Where the next look starts: earlier bytes were searched already.

@@ -303,8 +303,12 @@ impl Node {
             .stderr(output_writer);
         // SIGTERM if the harness dies: serve then still flushes the overlay
         // and removes its socket.
-        let serve = Process::spawn(&mut cmd, libc::SIGTERM, Some(&self.dir.join(SERVE_PID_FILE)))
-            .map_err(spawn_error())?;
+        let serve = Process::spawn(
+            &mut cmd,
+            libc::SIGTERM,
+            Some(&self.dir.join(SERVE_PID_FILE)),
+        )
+        .map_err(spawn_error())?;
         // Our copies of the pipe's write end must go, or the copier would
         // never see the end of the output.
         drop(cmd);

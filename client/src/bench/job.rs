@@ -14,8 +14,8 @@ use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
 
 use super::args::{RunArgs, Rw};
 use super::histogram::Histogram;
-use super::report::{Latency, RunReport, rates};
 use super::pattern::WritePattern;
+use super::report::{Latency, RunReport, rates};
 use super::{BenchError, client_options, connect, is_read_only};
 use crate::rng::Rng;
 use crate::{BlkQueue, BlkStatus, Completion, Request, SECTOR_SIZE, Token};

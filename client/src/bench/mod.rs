@@ -24,9 +24,7 @@ use std::time::Duration;
 
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_RO;
 
-use crate::{
-    ClientError, ClientOptions, MAX_QUEUE_SIZE, SECTOR_SIZE, VhostBlkClient,
-};
+use crate::{ClientError, ClientOptions, MAX_QUEUE_SIZE, SECTOR_SIZE, VhostBlkClient};
 
 /// Failures of a benchmark or dump. Requests the device completes with an error status
 /// are not failures of this kind: they are counted in the report (and make the command
