@@ -25,7 +25,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 OCIBLK = ROOT / "target/release/ociblk"
 BENCH = ROOT / "target/release/ociblk-bench"
-OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS.fd")
 SECTOR = 512
 READY = b"ociblk-sample: ready"
@@ -293,13 +292,11 @@ def boot_once(cmd, vars_file, timeout=240):
         stop(q, signal.SIGKILL)
 
 
-def qemu_base(vars_file):
-    return ["qemu-system-x86_64", "-accel", "tcg", "-smp", "2", "-m", "512M",
-            "-object", "memory-backend-memfd,id=mem,size=512M,share=on",
-            "-machine", "q35,memory-backend=mem", "-display", "none", "-serial", "stdio",
-            "-monitor", "none", "-nodefaults",
-            "-drive", f"if=pflash,format=raw,readonly=on,file={OVMF_CODE}",
-            "-drive", f"if=pflash,format=raw,file={vars_file}"]
+def qemu_command(vars_file, *disk):
+    """The QEMU command line ociblk launch runs for a node (2 vCPUs here), from
+    `ociblk qemu-command`; `disk` selects --socket PATH or --image FILE."""
+    out = run([OCIBLK, "qemu-command", "--cpus", "2", "--ovmf-vars", vars_file, *disk])
+    return out.stdout.decode().splitlines()
 
 
 def bench_boot(image, reps, scratch):
@@ -314,18 +311,14 @@ def bench_boot(image, reps, scratch):
                                        "--overlay", d / "o.overlay", "--queues", "2"], sock)
             srv.start()
             try:
-                cmd = qemu_base(d / "vars.fd") + [
-                    "-chardev", f"socket,id=d0,path={sock}",
-                    "-device", "vhost-user-blk-pci,chardev=d0,num-queues=2,disable-legacy=on,bootindex=1"]
+                cmd = qemu_command(d / "vars.fd", "--socket", sock)
                 times["ociblk"].append(boot_once(cmd, d / "vars.fd"))
             finally:
                 srv.stop()
         with tempfile.TemporaryDirectory(dir=scratch) as d:
             d = Path(d)
             run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", d / "n.qcow2"])
-            cmd = qemu_base(d / "vars.fd") + [
-                "-drive", f"file={d / 'n.qcow2'},format=qcow2,if=none,id=d0,cache=unsafe",
-                "-device", "virtio-blk-pci,drive=d0,num-queues=2,disable-legacy=on,bootindex=1"]
+            cmd = qemu_command(d / "vars.fd", "--image", d / "n.qcow2", "--image-format", "qcow2")
             times["virtio-blk qcow2"].append(boot_once(cmd, d / "vars.fd"))
         print("boot " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
     base.unlink()

@@ -5,7 +5,7 @@ use std::io::{self, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use super::launch::parse_memory;
@@ -59,7 +59,7 @@ pub struct QemuCommandArgs {
 }
 
 impl QemuCommandArgs {
-    fn command(&self) -> QemuCommand {
+    fn command(&self) -> Result<QemuCommand> {
         let disk = match (&self.socket, &self.image) {
             (Some(socket), _) => QemuDisk::VhostUser {
                 socket: socket.clone(),
@@ -69,10 +69,9 @@ impl QemuCommandArgs {
                 path: path.clone(),
                 format: self.image_format.clone(),
             },
-            // clap requires one of the two.
-            (None, None) => unreachable!("--socket or --image is required"),
+            (None, None) => bail!("--socket or --image is required"),
         };
-        QemuCommand {
+        Ok(QemuCommand {
             binary: self.qemu.clone(),
             name: self.name.clone(),
             accel: self.accel.clone(),
@@ -87,13 +86,13 @@ impl QemuCommandArgs {
             network: None,
             tpm_socket: None,
             extra_args: self.qemu_args.clone(),
-        }
+        })
     }
 }
 
 /// Prints the binary and each argument on a line of its own.
 pub fn run(args: &QemuCommandArgs) -> Result<()> {
-    let cmd = args.command();
+    let cmd = args.command()?;
     let mut out = io::stdout().lock();
     for arg in std::iter::once(cmd.binary.as_os_str().to_owned()).chain(cmd.args()) {
         out.write_all(arg.as_bytes())?;
@@ -118,7 +117,7 @@ mod tests {
     fn a_socket_or_an_image_but_not_both() {
         let parse = |argv: &[&str]| {
             Cmd::try_parse_from(std::iter::once("x").chain(argv.iter().copied()))
-                .map(|c| c.args.command())
+                .map(|c| c.args.command().unwrap())
         };
         let cmd = parse(&["--socket", "/s", "--ovmf-vars", "/v", "--cpus", "2"]).unwrap();
         assert_eq!(
