@@ -80,7 +80,7 @@ pub use config::{
     BlkConfig, DEFAULT_CONFIG_SIZE, DiscardLimits, Geometry, SECTOR_SIZE, Topology,
     WriteZeroesLimits,
 };
-pub use memory::GUEST_MEMORY_BASE;
+pub use memory::{GUEST_MEMORY_BASE, GuestRam};
 pub use queue::{BlkQueue, QueueStats};
 pub use request::{
     BLK_HEADER_SIZE, BLK_ID_SIZE, BLK_SEGMENT_SIZE, BlkStatus, Completion, POISON_BYTE,
@@ -88,7 +88,7 @@ pub use request::{
 };
 
 use config::MIN_CONFIG_SIZE;
-use memory::{BufferPool, GuestRam, PAGE_SIZE, SharedRam};
+use memory::{BufferPool, PAGE_SIZE, SharedRam};
 use queue::{QueueSettings, RingLayout};
 
 /// Largest split virtqueue size allowed by the virtio spec.

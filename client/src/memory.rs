@@ -33,16 +33,23 @@ pub(crate) fn align_up(value: u64, align: u64) -> u64 {
     (value + align - 1) & !(align - 1)
 }
 
-/// Guest memory: one shared mapping of a memfd at [`GUEST_MEMORY_BASE`].
+/// Guest memory: one shared mapping of a memfd, at [`GUEST_MEMORY_BASE`] for the
+/// client.
 #[derive(Debug)]
-pub(crate) struct GuestRam {
+pub struct GuestRam {
     mem: GuestMemoryMmap,
     size: u64,
 }
 
 impl GuestRam {
-    /// Creates a memfd of `size` bytes and maps it shared.
-    pub(crate) fn new(size: usize) -> Result<Self, ClientError> {
+    /// Creates a memfd of `size` bytes and maps it shared at [`GUEST_MEMORY_BASE`].
+    pub fn new(size: usize) -> Result<Self, ClientError> {
+        Self::at(GUEST_MEMORY_BASE, size)
+    }
+
+    /// Creates a memfd of `size` bytes and maps it shared at guest physical
+    /// address `base`.
+    pub fn at(base: u64, size: usize) -> Result<Self, ClientError> {
         // SAFETY: `MEMFD_NAME` is a valid NUL-terminated string and the flags are valid;
         // the return value is checked before use.
         let fd = unsafe { libc::memfd_create(MEMFD_NAME.as_ptr(), libc::MFD_CLOEXEC) };
@@ -57,7 +64,7 @@ impl GuestRam {
         file.set_len(size as u64)
             .map_err(|e| ClientError::Memory(format!("sizing memfd to {size} bytes: {e}")))?;
         let mem = GuestMemoryMmap::from_ranges_with_files([(
-            GuestAddress(GUEST_MEMORY_BASE),
+            GuestAddress(base),
             size,
             Some(FileOffset::new(file, 0)),
         )])
@@ -69,17 +76,17 @@ impl GuestRam {
     }
 
     /// The vm-memory view of guest memory.
-    pub(crate) fn mem(&self) -> &GuestMemoryMmap {
+    pub fn mem(&self) -> &GuestMemoryMmap {
         &self.mem
     }
 
     /// Size of guest memory in bytes.
-    pub(crate) fn size(&self) -> u64 {
+    pub fn size(&self) -> u64 {
         self.size
     }
 
     /// Describes the region for `VHOST_USER_SET_MEM_TABLE`.
-    pub(crate) fn region_info(&self) -> Result<VhostUserMemoryRegionInfo, ClientError> {
+    pub fn region_info(&self) -> Result<VhostUserMemoryRegionInfo, ClientError> {
         let region = self
             .mem
             .iter()
@@ -90,7 +97,7 @@ impl GuestRam {
     }
 
     /// This process's virtual address of guest physical address `gpa`.
-    pub(crate) fn host_address(&self, gpa: u64) -> Result<u64, ClientError> {
+    pub fn host_address(&self, gpa: u64) -> Result<u64, ClientError> {
         self.mem
             .get_host_address(GuestAddress(gpa))
             .map(|p| p as u64)

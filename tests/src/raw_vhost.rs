@@ -5,7 +5,9 @@
 //! [`RawConn`] is the byte-level connection (12-byte header: request,
 //! flags, size; payload; descriptors with `SCM_RIGHTS`). [`RawFrontend`]
 //! performs a valid setup of queue 0 over a memfd of its own, then lets the
-//! test write descriptor tables and ring indexes by hand.
+//! test write descriptor tables (virtio-queue's mock views) and ring
+//! indexes by hand. Request codes are vhost's [`FrontendReq`], flags and
+//! feature bits come from vhost and virtio-bindings.
 //!
 //! Every receive is bounded by the socket timeout given at connect.
 
@@ -15,59 +17,46 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use ociblk_client::GuestRam;
+use vhost::VhostUserMemoryRegionInfo;
+pub use vhost::vhost_user::message::FrontendReq;
+use vhost::vhost_user::message::{
+    VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use virtio_bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+};
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+use virtio_queue::mock::{AvailRing, DescriptorTable, UsedRing};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
-
-/// vhost-user request codes (frontend to backend).
-pub mod req {
-    pub const GET_FEATURES: u32 = 1;
-    pub const SET_FEATURES: u32 = 2;
-    pub const SET_OWNER: u32 = 3;
-    pub const RESET_OWNER: u32 = 4;
-    pub const SET_MEM_TABLE: u32 = 5;
-    pub const SET_LOG_BASE: u32 = 6;
-    pub const SET_LOG_FD: u32 = 7;
-    pub const SET_VRING_NUM: u32 = 8;
-    pub const SET_VRING_ADDR: u32 = 9;
-    pub const SET_VRING_BASE: u32 = 10;
-    pub const GET_VRING_BASE: u32 = 11;
-    pub const SET_VRING_KICK: u32 = 12;
-    pub const SET_VRING_CALL: u32 = 13;
-    pub const SET_VRING_ERR: u32 = 14;
-    pub const GET_PROTOCOL_FEATURES: u32 = 15;
-    pub const SET_PROTOCOL_FEATURES: u32 = 16;
-    pub const GET_QUEUE_NUM: u32 = 17;
-    pub const SET_VRING_ENABLE: u32 = 18;
-    pub const GET_CONFIG: u32 = 24;
-    pub const SET_CONFIG: u32 = 25;
-    pub const GET_INFLIGHT_FD: u32 = 31;
-    pub const GET_MAX_MEM_SLOTS: u32 = 36;
-    pub const ADD_MEM_REG: u32 = 37;
-}
 
 /// Header size: request, flags, size (all `u32`, little endian).
 pub const HEADER_SIZE: usize = 12;
-/// Protocol version in the flags.
+/// Protocol version 1, in the bits [`VhostUserHeaderFlag::VERSION`] masks.
 pub const VERSION: u32 = 0x1;
 /// Flag of a reply.
-pub const FLAG_REPLY: u32 = 0x4;
+pub const FLAG_REPLY: u32 = VhostUserHeaderFlag::REPLY.bits();
 /// Flag asking for a REPLY_ACK.
-pub const FLAG_NEED_REPLY: u32 = 0x8;
-/// Bit of a vring fd message's payload: no descriptor attached.
+pub const FLAG_NEED_REPLY: u32 = VhostUserHeaderFlag::NEED_REPLY.bits();
+/// Bit of a vring fd message's payload: no descriptor attached (the
+/// vhost-user specification's `VHOST_USER_VRING_NOFD_MASK`).
 pub const VRING_NOFD: u64 = 0x100;
 
 /// `VHOST_USER_F_PROTOCOL_FEATURES`.
-pub const F_PROTOCOL_FEATURES: u64 = 1 << 30;
+pub const F_PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 /// `VIRTIO_RING_F_EVENT_IDX`.
-pub const F_EVENT_IDX: u64 = 1 << 29;
+pub const F_EVENT_IDX: u64 = 1 << VIRTIO_RING_F_EVENT_IDX;
 /// Protocol features: MQ, REPLY_ACK, CONFIG.
-pub const PF_MQ: u64 = 1 << 0;
-pub const PF_REPLY_ACK: u64 = 1 << 3;
-pub const PF_CONFIG: u64 = 1 << 9;
+pub const PF_MQ: u64 = VhostUserProtocolFeatures::MQ.bits();
+pub const PF_REPLY_ACK: u64 = VhostUserProtocolFeatures::REPLY_ACK.bits();
+pub const PF_CONFIG: u64 = VhostUserProtocolFeatures::CONFIG.bits();
 
 /// The 12 header bytes.
-pub fn header(request: u32, flags: u32, size: u32) -> [u8; HEADER_SIZE] {
+pub fn header(request: impl Into<u32>, flags: u32, size: u32) -> [u8; HEADER_SIZE] {
     let mut h = [0u8; HEADER_SIZE];
-    h[0..4].copy_from_slice(&request.to_le_bytes());
+    h[0..4].copy_from_slice(&request.into().to_le_bytes());
     h[4..8].copy_from_slice(&flags.to_le_bytes());
     h[8..12].copy_from_slice(&size.to_le_bytes());
     h
@@ -240,15 +229,22 @@ impl RawConn {
         Ok(())
     }
 
-    /// Sends a message whose size field is `payload.len()`.
-    pub fn send(&self, request: u32, flags: u32, payload: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    /// Sends a message whose size field is `payload.len()`. `request` is a
+    /// [`FrontendReq`] or any number.
+    pub fn send(
+        &self,
+        request: impl Into<u32>,
+        flags: u32,
+        payload: &[u8],
+        fds: &[RawFd],
+    ) -> io::Result<()> {
         self.send_sized(request, flags, payload.len() as u32, payload, fds)
     }
 
     /// Sends a message with an arbitrary size field.
     pub fn send_sized(
         &self,
-        request: u32,
+        request: impl Into<u32>,
         flags: u32,
         size: u32,
         payload: &[u8],
@@ -301,7 +297,7 @@ impl RawConn {
     /// Sends a request (version flag plus `NEED_REPLY`) and waits for its
     /// answer: the reply of a getter or the REPLY_ACK of a setter (once
     /// REPLY_ACK is negotiated).
-    pub fn call(&self, request: u32, payload: &[u8], fds: &[RawFd]) -> Answer {
+    pub fn call(&self, request: impl Into<u32>, payload: &[u8], fds: &[RawFd]) -> Answer {
         if self
             .send(request, VERSION | FLAG_NEED_REPLY, payload, fds)
             .is_err()
@@ -312,85 +308,60 @@ impl RawConn {
     }
 }
 
-/// Memory shared with the backend: a memfd mapped into this process.
+/// Memory shared with the backend: the client's [`GuestRam`] at guest
+/// physical address 0, with accessors that panic outside it (a test bug).
 #[derive(Debug)]
 pub struct GuestMem {
-    fd: OwnedFd,
-    ptr: *mut u8,
-    len: usize,
+    ram: GuestRam,
 }
-
-// SAFETY: the mapping is plain shared memory owned by this value; it is
-// only accessed through bounds-checked copies.
-unsafe impl Send for GuestMem {}
 
 impl GuestMem {
     /// A memfd of `len` bytes (a multiple of the page size), mapped shared.
     pub fn new(len: usize) -> io::Result<GuestMem> {
-        let fd = memfd(len as u64)?;
-        // SAFETY: a fresh shared mapping of a descriptor we own, checked
-        // for MAP_FAILED below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(GuestMem {
-            fd,
-            ptr: ptr.cast(),
-            len,
-        })
+        let ram = GuestRam::at(0, len).map_err(io::Error::other)?;
+        Ok(GuestMem { ram })
     }
 
+    /// The vm-memory view, e.g. for virtio-queue's ring views.
+    pub fn mem(&self) -> &GuestMemoryMmap {
+        self.ram.mem()
+    }
+
+    /// The memfd (what `SET_MEM_TABLE` passes).
     pub fn fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+        self.region().mmap_handle
     }
 
     pub fn len(&self) -> u64 {
-        self.len as u64
+        self.ram.size()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
     /// This process's address of offset 0 (what `user_addr` describes).
     pub fn addr(&self) -> u64 {
-        self.ptr as u64
+        self.region().userspace_addr
     }
 
-    fn check(&self, offset: u64, len: usize) -> usize {
-        let off = usize::try_from(offset).expect("offset fits usize");
-        assert!(
-            off.checked_add(len).is_some_and(|end| end <= self.len),
-            "{len} bytes at {offset:#x} are outside the {}-byte memory",
-            self.len
-        );
-        off
+    fn region(&self) -> VhostUserMemoryRegionInfo {
+        self.ram.region_info().expect("one region")
     }
 
     /// Writes `bytes` at `offset` (panics outside the memory).
     pub fn write(&self, offset: u64, bytes: &[u8]) {
-        let off = self.check(offset, bytes.len());
-        // SAFETY: the range is inside our live mapping (checked above); the
-        // backend may access it concurrently, as guest memory is.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(off), bytes.len()) }
+        self.mem()
+            .write_slice(bytes, GuestAddress(offset))
+            .unwrap_or_else(|e| panic!("{} bytes at {offset:#x}: {e}", bytes.len()));
     }
 
     /// Reads `len` bytes at `offset` (panics outside the memory).
     pub fn read(&self, offset: u64, len: usize) -> Vec<u8> {
-        let off = self.check(offset, len);
         let mut out = vec![0u8; len];
-        // SAFETY: as in `write`.
-        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(off), out.as_mut_ptr(), len) }
+        self.mem()
+            .read_slice(&mut out, GuestAddress(offset))
+            .unwrap_or_else(|e| panic!("{len} bytes at {offset:#x}: {e}"));
         out
     }
 
@@ -402,13 +373,12 @@ impl GuestMem {
         let b = self.read(offset, 2);
         u16::from_le_bytes([b[0], b[1]])
     }
-}
 
-impl Drop for GuestMem {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `new`, which nothing
-        // references any more.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    /// Writes split-ring descriptor `index` of a table at `table`.
+    pub fn write_desc(&self, table: u64, index: u16, desc: SplitDescriptor) {
+        DescriptorTable::new(self.mem(), GuestAddress(table), index.saturating_add(1))
+            .store(index, RawDescriptor::from(desc))
+            .unwrap_or_else(|e| panic!("descriptor {index} at {table:#x}: {e:?}"));
     }
 }
 
@@ -433,9 +403,9 @@ pub const USED_RING: u64 = 0x3000;
 pub const BUFFERS: u64 = 0x10000;
 
 /// Split-ring descriptor flags.
-pub const DESC_F_NEXT: u16 = 1;
-pub const DESC_F_WRITE: u16 = 2;
-pub const DESC_F_INDIRECT: u16 = 4;
+pub const DESC_F_NEXT: u16 = VRING_DESC_F_NEXT as u16;
+pub const DESC_F_WRITE: u16 = VRING_DESC_F_WRITE as u16;
+pub const DESC_F_INDIRECT: u16 = VRING_DESC_F_INDIRECT as u16;
 
 /// A frontend that set up queue 0 correctly over its own memory, and then
 /// writes rings by hand.
@@ -463,56 +433,72 @@ impl RawFrontend {
     ) -> io::Result<RawFrontend> {
         let conn = RawConn::connect(socket, timeout)?;
         let fail = |what: &str, a: &Answer| io::Error::other(format!("{what}: {a:?}"));
-        let get = |request: u32| match conn.call(request, &[], &[]) {
+        let get = |request: FrontendReq| match conn.call(request, &[], &[]) {
             Answer::Reply(r) if r.u64().is_some() => Ok(r.u64().unwrap_or_default()),
             a => Err(fail("getter", &a)),
         };
-        let offered = get(req::GET_FEATURES)?;
-        let protocol = get(req::GET_PROTOCOL_FEATURES)?;
+        let offered = get(FrontendReq::GET_FEATURES)?;
+        let protocol = get(FrontendReq::GET_PROTOCOL_FEATURES)?;
         conn.send(
-            req::SET_PROTOCOL_FEATURES,
+            FrontendReq::SET_PROTOCOL_FEATURES,
             VERSION,
             &u64_payload(protocol & (PF_MQ | PF_REPLY_ACK | PF_CONFIG)),
             &[],
         )?;
         let features = offered;
+        let mem = GuestMem::new(mem_size)?;
+        // Zeroed rings: flags, indexes and event fields.
+        AvailRing::new(mem.mem(), GuestAddress(AVAIL_RING), queue_size);
+        UsedRing::new(mem.mem(), GuestAddress(USED_RING), queue_size);
         let fe = RawFrontend {
             conn,
-            mem: GuestMem::new(mem_size)?,
+            mem,
             queue_size,
             kick: EventFd::new(EFD_NONBLOCK)?,
             call: EventFd::new(EFD_NONBLOCK)?,
             features,
             next_avail: 0,
         };
-        fe.ack(req::SET_OWNER, &[], &[])?;
-        fe.ack(req::SET_FEATURES, &u64_payload(features), &[])?;
+        fe.ack(FrontendReq::SET_OWNER, &[], &[])?;
+        fe.ack(FrontendReq::SET_FEATURES, &u64_payload(features), &[])?;
         let region = MemRegion {
             guest_phys_addr: 0,
             memory_size: mem_size as u64,
             user_addr: fe.mem.addr(),
             mmap_offset: 0,
         };
-        fe.ack(req::SET_MEM_TABLE, &mem_table(1, &[region]), &[fe.mem.fd()])?;
         fe.ack(
-            req::SET_VRING_NUM,
+            FrontendReq::SET_MEM_TABLE,
+            &mem_table(1, &[region]),
+            &[fe.mem.fd()],
+        )?;
+        fe.ack(
+            FrontendReq::SET_VRING_NUM,
             &vring_state(0, u32::from(queue_size)),
             &[],
         )?;
-        fe.ack(req::SET_VRING_BASE, &vring_state(0, 0), &[])?;
+        fe.ack(FrontendReq::SET_VRING_BASE, &vring_state(0, 0), &[])?;
         let addr = vring_addr(0, fe.va(DESC_TABLE), fe.va(USED_RING), fe.va(AVAIL_RING));
-        fe.ack(req::SET_VRING_ADDR, &addr, &[])?;
-        fe.ack(req::SET_VRING_CALL, &u64_payload(0), &[fe.call.as_raw_fd()])?;
-        fe.ack(req::SET_VRING_KICK, &u64_payload(0), &[fe.kick.as_raw_fd()])?;
-        fe.ack(req::SET_VRING_ENABLE, &vring_state(0, 1), &[])?;
+        fe.ack(FrontendReq::SET_VRING_ADDR, &addr, &[])?;
+        fe.ack(
+            FrontendReq::SET_VRING_CALL,
+            &u64_payload(0),
+            &[fe.call.as_raw_fd()],
+        )?;
+        fe.ack(
+            FrontendReq::SET_VRING_KICK,
+            &u64_payload(0),
+            &[fe.kick.as_raw_fd()],
+        )?;
+        fe.ack(FrontendReq::SET_VRING_ENABLE, &vring_state(0, 1), &[])?;
         Ok(fe)
     }
 
     /// Sends a setter and requires a successful REPLY_ACK.
-    pub fn ack(&self, request: u32, payload: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    pub fn ack(&self, request: FrontendReq, payload: &[u8], fds: &[RawFd]) -> io::Result<()> {
         match self.conn.call(request, payload, fds) {
             a if a.is_ack_ok() => Ok(()),
-            a => Err(io::Error::other(format!("request {request}: {a:?}"))),
+            a => Err(io::Error::other(format!("{request:?}: {a:?}"))),
         }
     }
 
@@ -523,13 +509,10 @@ impl RawFrontend {
 
     /// Writes descriptor `index` of the table at [`DESC_TABLE`].
     pub fn set_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        write_desc(
-            &self.mem,
-            DESC_TABLE + 16 * u64::from(index),
-            addr,
-            len,
-            flags,
-            next,
+        self.mem.write_desc(
+            DESC_TABLE,
+            index,
+            SplitDescriptor::new(addr, len, flags, next),
         );
     }
 
@@ -587,10 +570,5 @@ impl RawFrontend {
 
 /// Writes a split-ring descriptor at guest offset `at` of `mem`.
 pub fn write_desc(mem: &GuestMem, at: u64, addr: u64, len: u32, flags: u16, next: u16) {
-    let mut d = [0u8; 16];
-    d[0..8].copy_from_slice(&addr.to_le_bytes());
-    d[8..12].copy_from_slice(&len.to_le_bytes());
-    d[12..14].copy_from_slice(&flags.to_le_bytes());
-    d[14..16].copy_from_slice(&next.to_le_bytes());
-    mem.write(at, &d);
+    mem.write_desc(at, 0, SplitDescriptor::new(addr, len, flags, next));
 }

@@ -17,9 +17,9 @@ use ociblk_tests::oci::pseudo_random;
 use ociblk_tests::process::Server;
 use ociblk_tests::raw_vhost::{
     self, AVAIL_RING, Answer, BUFFERS, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DESC_TABLE,
-    F_PROTOCOL_FEATURES, FLAG_NEED_REPLY, FLAG_REPLY, GuestMem, MemRegion, RawConn, RawFrontend,
-    USED_RING, VERSION, VRING_NOFD, config_payload, mem_table, req, u64_payload, vring_addr,
-    vring_state,
+    F_PROTOCOL_FEATURES, FLAG_NEED_REPLY, FLAG_REPLY, FrontendReq, GuestMem, MemRegion, RawConn,
+    RawFrontend, USED_RING, VERSION, VRING_NOFD, config_payload, mem_table, u64_payload,
+    vring_addr, vring_state,
 };
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -147,7 +147,10 @@ impl Harness {
 /// Sends GET_FEATURES and waits for the answer: after it, every earlier
 /// message has been handled. Returns whether the connection is still up.
 fn barrier(conn: &RawConn) -> bool {
-    matches!(conn.call(req::GET_FEATURES, &[], &[]), Answer::Reply(_))
+    matches!(
+        conn.call(FrontendReq::GET_FEATURES, &[], &[]),
+        Answer::Reply(_)
+    )
 }
 
 /// A connection that negotiated REPLY_ACK (and nothing else yet), so that
@@ -155,7 +158,7 @@ fn barrier(conn: &RawConn) -> bool {
 fn acked_conn(socket: &Path) -> RawConn {
     let conn = RawConn::connect(socket, TIMEOUT).unwrap();
     conn.send(
-        req::SET_PROTOCOL_FEATURES,
+        FrontendReq::SET_PROTOCOL_FEATURES,
         VERSION,
         &u64_payload(raw_vhost::PF_REPLY_ACK | raw_vhost::PF_MQ | raw_vhost::PF_CONFIG),
         &[],
@@ -169,18 +172,18 @@ fn acked_conn(socket: &Path) -> RawConn {
 /// (`mem` at GPA 0), rings not set up.
 fn with_memory(socket: &Path, mem: &GuestMem) -> RawConn {
     let conn = acked_conn(socket);
-    let features = match conn.call(req::GET_FEATURES, &[], &[]) {
+    let features = match conn.call(FrontendReq::GET_FEATURES, &[], &[]) {
         Answer::Reply(r) => r.u64().unwrap(),
         a => panic!("GET_FEATURES: {a:?}"),
     };
     for (r, p) in [
-        (req::SET_OWNER, vec![]),
+        (FrontendReq::SET_OWNER, vec![]),
         (
-            req::SET_FEATURES,
+            FrontendReq::SET_FEATURES,
             u64_payload(features & !raw_vhost::F_EVENT_IDX),
         ),
     ] {
-        assert!(conn.call(r, &p, &[]).is_ack_ok(), "request {r}");
+        assert!(conn.call(r, &p, &[]).is_ack_ok(), "{r:?}");
     }
     let region = MemRegion {
         guest_phys_addr: 0,
@@ -188,20 +191,24 @@ fn with_memory(socket: &Path, mem: &GuestMem) -> RawConn {
         user_addr: mem.addr(),
         mmap_offset: 0,
     };
-    let a = conn.call(req::SET_MEM_TABLE, &mem_table(1, &[region]), &[mem.fd()]);
+    let a = conn.call(
+        FrontendReq::SET_MEM_TABLE,
+        &mem_table(1, &[region]),
+        &[mem.fd()],
+    );
     assert!(a.is_ack_ok(), "SET_MEM_TABLE: {a:?}");
     conn
 }
 
 /// Sends `request` with `payload` and `fds` on an acked connection, then a
 /// barrier: the server handled it (answer or not) before this returns.
-fn send_and_settle(conn: &RawConn, request: u32, payload: &[u8], fds: &[RawFd]) {
+fn send_and_settle(conn: &RawConn, request: FrontendReq, payload: &[u8], fds: &[RawFd]) {
     match conn.call(request, payload, fds) {
         Answer::Reply(_) => {
             barrier(conn);
         }
         Answer::Closed => {}
-        Answer::Silent => panic!("request {request}: no answer within {TIMEOUT:?}"),
+        Answer::Silent => panic!("{request:?}: no answer within {TIMEOUT:?}"),
     }
 }
 
@@ -270,9 +277,9 @@ fn own_socket_as_vring_eventfd_is_recovered_by_a_restart() {
     // checked here: the process stays up, SIGTERM still stops it cleanly,
     // and a restarted server serves the next frontend.
     for (name, which) in [
-        ("SET_VRING_ERR", req::SET_VRING_ERR),
-        ("SET_VRING_CALL", req::SET_VRING_CALL),
-        ("SET_VRING_KICK", req::SET_VRING_KICK),
+        ("SET_VRING_ERR", FrontendReq::SET_VRING_ERR),
+        ("SET_VRING_CALL", FrontendReq::SET_VRING_CALL),
+        ("SET_VRING_KICK", FrontendReq::SET_VRING_KICK),
     ] {
         let node = hostile_node();
         let mut server = serve(&node);
@@ -404,30 +411,50 @@ fn framing_cases(h: &mut Harness) {
     });
     h.case("truncated header", |s| {
         let c = RawConn::connect(s, TIMEOUT).unwrap();
-        c.send_bytes(&raw_vhost::header(req::GET_FEATURES, VERSION, 0)[..5], &[])
-            .unwrap();
+        c.send_bytes(
+            &raw_vhost::header(FrontendReq::GET_FEATURES, VERSION, 0)[..5],
+            &[],
+        )
+        .unwrap();
     });
     h.case("size larger than the payload", |s| {
         let c = RawConn::connect(s, TIMEOUT).unwrap();
-        c.send_sized(req::SET_FEATURES, VERSION, 64, &u64_payload(0), &[])
+        c.send_sized(FrontendReq::SET_FEATURES, VERSION, 64, &u64_payload(0), &[])
             .unwrap();
     });
     h.case("size smaller than the payload", |s| {
         let c = RawConn::connect(s, TIMEOUT).unwrap();
-        c.send_sized(req::SET_FEATURES, VERSION, 4, &u64_payload(1 << 32), &[])
-            .unwrap();
+        c.send_sized(
+            FrontendReq::SET_FEATURES,
+            VERSION,
+            4,
+            &u64_payload(1 << 32),
+            &[],
+        )
+        .unwrap();
         barrier(&c);
     });
     h.case("size field of 4 GiB", |s| {
         let c = RawConn::connect(s, TIMEOUT).unwrap();
-        c.send_sized(req::SET_MEM_TABLE, VERSION, u32::MAX, &[0u8; 64], &[])
-            .unwrap();
+        c.send_sized(
+            FrontendReq::SET_MEM_TABLE,
+            VERSION,
+            u32::MAX,
+            &[0u8; 64],
+            &[],
+        )
+        .unwrap();
         barrier(&c);
     });
     h.case("payload on a message without one", |s| {
         let c = RawConn::connect(s, TIMEOUT).unwrap();
-        c.send(req::GET_FEATURES, VERSION, &[1, 2, 3, 4, 5, 6, 7, 8], &[])
-            .unwrap();
+        c.send(
+            FrontendReq::GET_FEATURES,
+            VERSION,
+            &[1, 2, 3, 4, 5, 6, 7, 8],
+            &[],
+        )
+        .unwrap();
         barrier(&c);
     });
     for code in [0u32, 99, 1000, u32::MAX] {
@@ -441,7 +468,7 @@ fn framing_cases(h: &mut Harness) {
     for flags in [0u32, 2, VERSION | FLAG_REPLY, u32::MAX] {
         h.case(&format!("header flags {flags:#x}"), |s| {
             let c = RawConn::connect(s, TIMEOUT).unwrap();
-            c.send(req::SET_OWNER, flags, &[], &[]).unwrap();
+            c.send(FrontendReq::SET_OWNER, flags, &[], &[]).unwrap();
             barrier(&c);
         });
     }
@@ -453,7 +480,7 @@ fn framing_cases(h: &mut Harness) {
     h.case("descriptor attached to GET_FEATURES", |s| {
         let c = RawConn::connect(s, TIMEOUT).unwrap();
         let e = EventFd::new(EFD_NONBLOCK).unwrap();
-        c.send(req::GET_FEATURES, VERSION, &[], &[e.as_raw_fd()])
+        c.send(FrontendReq::GET_FEATURES, VERSION, &[], &[e.as_raw_fd()])
             .unwrap();
         barrier(&c);
     });
@@ -465,7 +492,7 @@ fn framing_cases(h: &mut Harness) {
         let fds: Vec<RawFd> = events.iter().map(AsRawFd::as_raw_fd).collect();
         // The server cannot receive that many: the message is lost and the
         // connection stalls until the frontend gives up.
-        let _ = c.call(req::SET_VRING_CALL, &u64_payload(0), &fds);
+        let _ = c.call(FrontendReq::SET_VRING_CALL, &u64_payload(0), &fds);
     });
 }
 
@@ -474,31 +501,31 @@ fn control_cases(h: &mut Harness) {
     h.case("SET_OWNER twice, RESET_OWNER, SET_OWNER", |s| {
         let c = acked_conn(s);
         for r in [
-            req::SET_OWNER,
-            req::SET_OWNER,
-            req::RESET_OWNER,
-            req::SET_OWNER,
+            FrontendReq::SET_OWNER,
+            FrontendReq::SET_OWNER,
+            FrontendReq::RESET_OWNER,
+            FrontendReq::SET_OWNER,
         ] {
             send_and_settle(&c, r, &[], &[]);
         }
     });
     h.case("SET_FEATURES with bits never offered", |s| {
         let c = acked_conn(s);
-        send_and_settle(&c, req::SET_FEATURES, &u64_payload(u64::MAX), &[]);
+        send_and_settle(&c, FrontendReq::SET_FEATURES, &u64_payload(u64::MAX), &[]);
     });
     h.case("messages of features not offered", |s| {
         let c = acked_conn(s);
         let e = EventFd::new(EFD_NONBLOCK).unwrap();
-        send_and_settle(&c, req::SET_LOG_BASE, &[0u8; 16], &[e.as_raw_fd()]);
+        send_and_settle(&c, FrontendReq::SET_LOG_BASE, &[0u8; 16], &[e.as_raw_fd()]);
         let c = acked_conn(s);
-        send_and_settle(&c, req::GET_INFLIGHT_FD, &[0u8; 24], &[]);
+        send_and_settle(&c, FrontendReq::GET_INFLIGHT_FD, &[0u8; 24], &[]);
         let c = acked_conn(s);
-        send_and_settle(&c, req::GET_MAX_MEM_SLOTS, &[], &[]);
+        send_and_settle(&c, FrontendReq::GET_MAX_MEM_SLOTS, &[], &[]);
         let c = acked_conn(s);
         let m = raw_vhost::memfd(4096).unwrap();
-        send_and_settle(&c, req::ADD_MEM_REG, &[0u8; 40], &[m.as_raw_fd()]);
+        send_and_settle(&c, FrontendReq::ADD_MEM_REG, &[0u8; 40], &[m.as_raw_fd()]);
         let c = acked_conn(s);
-        send_and_settle(&c, req::SET_LOG_FD, &[], &[e.as_raw_fd()]);
+        send_and_settle(&c, FrontendReq::SET_LOG_FD, &[], &[e.as_raw_fd()]);
     });
     for (offset, size) in [
         (0u32, 0x1000u32),
@@ -515,7 +542,7 @@ fn control_cases(h: &mut Harness) {
                 let data = vec![0u8; (size as usize).min(0x1000)];
                 send_and_settle(
                     &c,
-                    req::GET_CONFIG,
+                    FrontendReq::GET_CONFIG,
                     &config_payload(offset, size, 0, &data),
                     &[],
                 );
@@ -526,7 +553,7 @@ fn control_cases(h: &mut Harness) {
         let c = acked_conn(s);
         send_and_settle(
             &c,
-            req::GET_CONFIG,
+            FrontendReq::GET_CONFIG,
             &config_payload(0, 60, 0, &[0u8; 8]),
             &[],
         );
@@ -540,7 +567,7 @@ fn control_cases(h: &mut Harness) {
             let flags = if i % 5 == 0 { u32::from(r[2]) } else { 0 };
             let data = pseudo_random(len, i);
             let p = config_payload(offset, len as u32, flags, &data);
-            if !matches!(c.call(req::SET_CONFIG, &p, &[]), Answer::Reply(_)) {
+            if !matches!(c.call(FrontendReq::SET_CONFIG, &p, &[]), Answer::Reply(_)) {
                 return;
             }
         }
@@ -549,24 +576,24 @@ fn control_cases(h: &mut Harness) {
     h.case("GET_VRING_BASE of rings never set up", |s| {
         let c = acked_conn(s);
         for q in 0..QUEUES {
-            send_and_settle(&c, req::GET_VRING_BASE, &vring_state(q, 0), &[]);
+            send_and_settle(&c, FrontendReq::GET_VRING_BASE, &vring_state(q, 0), &[]);
         }
     });
     h.case("kick before any setup", |s| {
         // SET_FEATURES without the protocol-features bit enables every ring.
         let c = acked_conn(s);
-        send_and_settle(&c, req::SET_FEATURES, &u64_payload(1 << 32), &[]);
+        send_and_settle(&c, FrontendReq::SET_FEATURES, &u64_payload(1 << 32), &[]);
         let kick = EventFd::new(EFD_NONBLOCK).unwrap();
         let call = EventFd::new(EFD_NONBLOCK).unwrap();
         send_and_settle(
             &c,
-            req::SET_VRING_CALL,
+            FrontendReq::SET_VRING_CALL,
             &u64_payload(0),
             &[call.as_raw_fd()],
         );
         send_and_settle(
             &c,
-            req::SET_VRING_KICK,
+            FrontendReq::SET_VRING_KICK,
             &u64_payload(0),
             &[kick.as_raw_fd()],
         );
@@ -575,13 +602,18 @@ fn control_cases(h: &mut Harness) {
         }
         barrier(&c);
         let e = EventFd::new(EFD_NONBLOCK).unwrap();
-        send_and_settle(&c, req::SET_VRING_KICK, &u64_payload(1), &[e.as_raw_fd()]);
+        send_and_settle(
+            &c,
+            FrontendReq::SET_VRING_KICK,
+            &u64_payload(1),
+            &[e.as_raw_fd()],
+        );
         e.write(1).unwrap();
         barrier(&c);
     });
     h.case("SET_VRING_ENABLE before features", |s| {
         let c = acked_conn(s);
-        send_and_settle(&c, req::SET_VRING_ENABLE, &vring_state(0, 1), &[]);
+        send_and_settle(&c, FrontendReq::SET_VRING_ENABLE, &vring_state(0, 1), &[]);
     });
 }
 
@@ -595,18 +627,18 @@ fn mem_table_cases(h: &mut Harness, scratch: &Path) {
     };
     h.case("SET_MEM_TABLE with 0 regions", |s| {
         let c = acked_conn(s);
-        send_and_settle(&c, req::SET_MEM_TABLE, &mem_table(0, &[]), &[]);
+        send_and_settle(&c, FrontendReq::SET_MEM_TABLE, &mem_table(0, &[]), &[]);
     });
     h.case("SET_MEM_TABLE count 2, one region", |s| {
         let c = acked_conn(s);
         let m = raw_vhost::memfd(MEM as u64).unwrap();
         let p = mem_table(2, &[region(0, MEM as u64, 0x7000_0000)]);
-        send_and_settle(&c, req::SET_MEM_TABLE, &p, &[m.as_raw_fd()]);
+        send_and_settle(&c, FrontendReq::SET_MEM_TABLE, &p, &[m.as_raw_fd()]);
     });
     h.case("SET_MEM_TABLE region without a descriptor", |s| {
         let c = acked_conn(s);
         let p = mem_table(1, &[region(0, MEM as u64, 0x7000_0000)]);
-        send_and_settle(&c, req::SET_MEM_TABLE, &p, &[]);
+        send_and_settle(&c, FrontendReq::SET_MEM_TABLE, &p, &[]);
     });
     for n in [9u64, 33] {
         h.case(&format!("SET_MEM_TABLE with {n} regions"), |s| {
@@ -616,7 +648,12 @@ fn mem_table_cases(h: &mut Harness, scratch: &Path) {
                 .map(|i| region(i << 16, 1 << 16, 0x7000_0000 + (i << 16)))
                 .collect();
             let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-            send_and_settle(&c, req::SET_MEM_TABLE, &mem_table(n as u32, &regions), &raw);
+            send_and_settle(
+                &c,
+                FrontendReq::SET_MEM_TABLE,
+                &mem_table(n as u32, &regions),
+                &raw,
+            );
         });
     }
     h.case("SET_MEM_TABLE with overlapping regions", |s| {
@@ -632,19 +669,24 @@ fn mem_table_cases(h: &mut Harness, scratch: &Path) {
                 region(MEM as u64 / 2, MEM as u64, 0x8000_0000),
             ],
         );
-        send_and_settle(&c, req::SET_MEM_TABLE, &p, &[a.as_raw_fd(), b.as_raw_fd()]);
+        send_and_settle(
+            &c,
+            FrontendReq::SET_MEM_TABLE,
+            &p,
+            &[a.as_raw_fd(), b.as_raw_fd()],
+        );
     });
     h.case("SET_MEM_TABLE with overflowing addresses", |s| {
         let c = acked_conn(s);
         let m = raw_vhost::memfd(MEM as u64).unwrap();
         let p = mem_table(1, &[region(u64::MAX - 4095, MEM as u64, 0x7000_0000)]);
-        send_and_settle(&c, req::SET_MEM_TABLE, &p, &[m.as_raw_fd()]);
+        send_and_settle(&c, FrontendReq::SET_MEM_TABLE, &p, &[m.as_raw_fd()]);
     });
     h.case("SET_MEM_TABLE region of size 0", |s| {
         let c = acked_conn(s);
         let m = raw_vhost::memfd(MEM as u64).unwrap();
         let p = mem_table(1, &[region(0, 0, 0x7000_0000)]);
-        send_and_settle(&c, req::SET_MEM_TABLE, &p, &[m.as_raw_fd()]);
+        send_and_settle(&c, FrontendReq::SET_MEM_TABLE, &p, &[m.as_raw_fd()]);
     });
     h.case("SET_MEM_TABLE with an unaligned mmap offset", |s| {
         let c = acked_conn(s);
@@ -653,7 +695,7 @@ fn mem_table_cases(h: &mut Harness, scratch: &Path) {
         r.mmap_offset = 100;
         send_and_settle(
             &c,
-            req::SET_MEM_TABLE,
+            FrontendReq::SET_MEM_TABLE,
             &mem_table(1, &[r]),
             &[m.as_raw_fd()],
         );
@@ -666,19 +708,19 @@ fn mem_table_cases(h: &mut Harness, scratch: &Path) {
             .open("/dev/zero")
             .unwrap();
         let p = mem_table(1, &[region(0, 1 << 46, 0x7000_0000)]);
-        send_and_settle(&c, req::SET_MEM_TABLE, &p, &[z.as_raw_fd()]);
+        send_and_settle(&c, FrontendReq::SET_MEM_TABLE, &p, &[z.as_raw_fd()]);
     });
     for (what, fd) in bad_fds(scratch) {
         h.case(&format!("SET_MEM_TABLE backed by a {what}"), |s| {
             let c = acked_conn(s);
             let p = mem_table(1, &[region(0, 1 << 16, 0x7000_0000)]);
-            send_and_settle(&c, req::SET_MEM_TABLE, &p, &[fd.as_raw_fd()]);
+            send_and_settle(&c, FrontendReq::SET_MEM_TABLE, &p, &[fd.as_raw_fd()]);
         });
     }
     h.case("SET_MEM_TABLE backed by the connection itself", |s| {
         let c = acked_conn(s);
         let p = mem_table(1, &[region(0, 1 << 16, 0x7000_0000)]);
-        send_and_settle(&c, req::SET_MEM_TABLE, &p, &[c.raw_fd()]);
+        send_and_settle(&c, FrontendReq::SET_MEM_TABLE, &p, &[c.raw_fd()]);
     });
     // The memory file is smaller than the region: touching the missing part
     // would raise SIGBUS in the server.
@@ -687,9 +729,9 @@ fn mem_table_cases(h: &mut Harness, scratch: &Path) {
             &format!("region of {MEM} bytes over {file_len} bytes of file at offset {mmap_offset}"),
             |s| {
                 let c = acked_conn(s);
-                send_and_settle(&c, req::SET_OWNER, &[], &[]);
+                send_and_settle(&c, FrontendReq::SET_OWNER, &[], &[]);
                 let features = F_PROTOCOL_FEATURES | (1 << 32);
-                send_and_settle(&c, req::SET_FEATURES, &u64_payload(features), &[]);
+                send_and_settle(&c, FrontendReq::SET_FEATURES, &u64_payload(features), &[]);
                 let m = raw_vhost::memfd(file_len).unwrap();
                 let user = 0x7000_0000u64;
                 let r = MemRegion {
@@ -700,7 +742,7 @@ fn mem_table_cases(h: &mut Harness, scratch: &Path) {
                 };
                 send_and_settle(
                     &c,
-                    req::SET_MEM_TABLE,
+                    FrontendReq::SET_MEM_TABLE,
                     &mem_table(1, &[r]),
                     &[m.as_raw_fd()],
                 );
@@ -708,27 +750,27 @@ fn mem_table_cases(h: &mut Harness, scratch: &Path) {
                 let ring = user + MEM as u64 - 0x4000;
                 let kick = EventFd::new(EFD_NONBLOCK).unwrap();
                 let call = EventFd::new(EFD_NONBLOCK).unwrap();
-                send_and_settle(&c, req::SET_VRING_NUM, &vring_state(0, 16), &[]);
-                send_and_settle(&c, req::SET_VRING_BASE, &vring_state(0, 0), &[]);
+                send_and_settle(&c, FrontendReq::SET_VRING_NUM, &vring_state(0, 16), &[]);
+                send_and_settle(&c, FrontendReq::SET_VRING_BASE, &vring_state(0, 0), &[]);
                 send_and_settle(
                     &c,
-                    req::SET_VRING_ADDR,
+                    FrontendReq::SET_VRING_ADDR,
                     &vring_addr(0, ring, ring + 0x2000, ring + 0x1000),
                     &[],
                 );
                 send_and_settle(
                     &c,
-                    req::SET_VRING_CALL,
+                    FrontendReq::SET_VRING_CALL,
                     &u64_payload(0),
                     &[call.as_raw_fd()],
                 );
                 send_and_settle(
                     &c,
-                    req::SET_VRING_KICK,
+                    FrontendReq::SET_VRING_KICK,
                     &u64_payload(0),
                     &[kick.as_raw_fd()],
                 );
-                send_and_settle(&c, req::SET_VRING_ENABLE, &vring_state(0, 1), &[]);
+                send_and_settle(&c, FrontendReq::SET_VRING_ENABLE, &vring_state(0, 1), &[]);
                 kick.write(1).unwrap();
                 barrier(&c);
             },
@@ -749,7 +791,7 @@ fn mem_table_cases(h: &mut Harness, scratch: &Path) {
             };
             send_and_settle(
                 &fe.conn,
-                req::SET_MEM_TABLE,
+                FrontendReq::SET_MEM_TABLE,
                 &mem_table(1, &[r]),
                 &[small.fd()],
             );
@@ -766,22 +808,22 @@ fn vring_cases(h: &mut Harness, scratch: &Path) {
         h.case(&format!("SET_VRING_NUM {num}"), |s| {
             let m = GuestMem::new(MEM).unwrap();
             let c = with_memory(s, &m);
-            send_and_settle(&c, req::SET_VRING_NUM, &vring_state(0, num), &[]);
+            send_and_settle(&c, FrontendReq::SET_VRING_NUM, &vring_state(0, num), &[]);
             let a = vring_addr(
                 0,
                 m.addr() + DESC_TABLE,
                 m.addr() + USED_RING,
                 m.addr() + AVAIL_RING,
             );
-            send_and_settle(&c, req::SET_VRING_ADDR, &a, &[]);
+            send_and_settle(&c, FrontendReq::SET_VRING_ADDR, &a, &[]);
             let kick = EventFd::new(EFD_NONBLOCK).unwrap();
             send_and_settle(
                 &c,
-                req::SET_VRING_KICK,
+                FrontendReq::SET_VRING_KICK,
                 &u64_payload(0),
                 &[kick.as_raw_fd()],
             );
-            send_and_settle(&c, req::SET_VRING_ENABLE, &vring_state(0, 1), &[]);
+            send_and_settle(&c, FrontendReq::SET_VRING_ENABLE, &vring_state(0, 1), &[]);
             kick.write(1).unwrap();
             barrier(&c);
         });
@@ -790,7 +832,7 @@ fn vring_cases(h: &mut Harness, scratch: &Path) {
         let c = acked_conn(s);
         send_and_settle(
             &c,
-            req::SET_VRING_ADDR,
+            FrontendReq::SET_VRING_ADDR,
             &vring_addr(0, 0x1000, 0x3000, 0x2000),
             &[],
         );
@@ -826,10 +868,10 @@ fn vring_cases(h: &mut Harness, scratch: &Path) {
             let m = GuestMem::new(MEM).unwrap();
             let c = with_memory(s, &m);
             let va = |gpa: u64| m.addr().wrapping_add(gpa);
-            send_and_settle(&c, req::SET_VRING_NUM, &vring_state(0, 16), &[]);
+            send_and_settle(&c, FrontendReq::SET_VRING_NUM, &vring_state(0, 16), &[]);
             send_and_settle(
                 &c,
-                req::SET_VRING_ADDR,
+                FrontendReq::SET_VRING_ADDR,
                 &vring_addr(0, va(desc), va(used), va(avail)),
                 &[],
             );
@@ -837,17 +879,17 @@ fn vring_cases(h: &mut Harness, scratch: &Path) {
             let call = EventFd::new(EFD_NONBLOCK).unwrap();
             send_and_settle(
                 &c,
-                req::SET_VRING_CALL,
+                FrontendReq::SET_VRING_CALL,
                 &u64_payload(0),
                 &[call.as_raw_fd()],
             );
             send_and_settle(
                 &c,
-                req::SET_VRING_KICK,
+                FrontendReq::SET_VRING_KICK,
                 &u64_payload(0),
                 &[kick.as_raw_fd()],
             );
-            send_and_settle(&c, req::SET_VRING_ENABLE, &vring_state(0, 1), &[]);
+            send_and_settle(&c, FrontendReq::SET_VRING_ENABLE, &vring_state(0, 1), &[]);
             // Something to pop, should the rings be used.
             m.write_u16(AVAIL_RING + 2, 1);
             kick.write(1).unwrap();
@@ -862,10 +904,10 @@ fn vring_cases(h: &mut Harness, scratch: &Path) {
                 let m = GuestMem::new(MEM).unwrap();
                 let e = EventFd::new(EFD_NONBLOCK).unwrap();
                 let fd_payload = u64_payload(u64::from(index));
-                let messages: Vec<(u32, Vec<u8>, Vec<RawFd>)> = vec![
-                    (req::SET_VRING_NUM, vring_state(index, 16), vec![]),
+                let messages: Vec<(FrontendReq, Vec<u8>, Vec<RawFd>)> = vec![
+                    (FrontendReq::SET_VRING_NUM, vring_state(index, 16), vec![]),
                     (
-                        req::SET_VRING_ADDR,
+                        FrontendReq::SET_VRING_ADDR,
                         vring_addr(
                             index,
                             m.addr() + DESC_TABLE,
@@ -874,12 +916,20 @@ fn vring_cases(h: &mut Harness, scratch: &Path) {
                         ),
                         vec![],
                     ),
-                    (req::SET_VRING_BASE, vring_state(index, 0), vec![]),
-                    (req::SET_VRING_ENABLE, vring_state(index, 1), vec![]),
-                    (req::SET_VRING_KICK, fd_payload.clone(), vec![e.as_raw_fd()]),
-                    (req::SET_VRING_CALL, fd_payload.clone(), vec![e.as_raw_fd()]),
-                    (req::SET_VRING_ERR, fd_payload, vec![e.as_raw_fd()]),
-                    (req::GET_VRING_BASE, vring_state(index, 0), vec![]),
+                    (FrontendReq::SET_VRING_BASE, vring_state(index, 0), vec![]),
+                    (FrontendReq::SET_VRING_ENABLE, vring_state(index, 1), vec![]),
+                    (
+                        FrontendReq::SET_VRING_KICK,
+                        fd_payload.clone(),
+                        vec![e.as_raw_fd()],
+                    ),
+                    (
+                        FrontendReq::SET_VRING_CALL,
+                        fd_payload.clone(),
+                        vec![e.as_raw_fd()],
+                    ),
+                    (FrontendReq::SET_VRING_ERR, fd_payload, vec![e.as_raw_fd()]),
+                    (FrontendReq::GET_VRING_BASE, vring_state(index, 0), vec![]),
                 ];
                 // Each on a fresh connection, as the first may end it.
                 for (r, p, fds) in messages {
@@ -896,7 +946,7 @@ fn vring_cases(h: &mut Harness, scratch: &Path) {
         "SET_VRING_KICK without a descriptor and without NOFD",
         |s| {
             let c = acked_conn(s);
-            send_and_settle(&c, req::SET_VRING_KICK, &u64_payload(0), &[]);
+            send_and_settle(&c, FrontendReq::SET_VRING_KICK, &u64_payload(0), &[]);
         },
     );
     h.case("SET_VRING_CALL with NOFD and a descriptor", |s| {
@@ -904,19 +954,24 @@ fn vring_cases(h: &mut Harness, scratch: &Path) {
         let e = EventFd::new(EFD_NONBLOCK).unwrap();
         send_and_settle(
             &c,
-            req::SET_VRING_CALL,
+            FrontendReq::SET_VRING_CALL,
             &u64_payload(VRING_NOFD),
             &[e.as_raw_fd()],
         );
     });
     h.case("SET_VRING_KICK with NOFD on a set-up ring", |s| {
         let mut fe = RawFrontend::setup(s, MEM, 16, TIMEOUT).unwrap();
-        send_and_settle(&fe.conn, req::SET_VRING_KICK, &u64_payload(VRING_NOFD), &[]);
+        send_and_settle(
+            &fe.conn,
+            FrontendReq::SET_VRING_KICK,
+            &u64_payload(VRING_NOFD),
+            &[],
+        );
         fe.publish(0);
         barrier(&fe.conn);
     });
-    for which in [req::SET_VRING_KICK, req::SET_VRING_CALL] {
-        let name = if which == req::SET_VRING_KICK {
+    for which in [FrontendReq::SET_VRING_KICK, FrontendReq::SET_VRING_CALL] {
+        let name = if which == FrontendReq::SET_VRING_KICK {
             "KICK"
         } else {
             "CALL"
@@ -932,7 +987,7 @@ fn vring_cases(h: &mut Harness, scratch: &Path) {
                 // call through the bad descriptor.
                 valid_get_id_nowait(&mut fe, 0);
                 fe.kick();
-                if which == req::SET_VRING_CALL && accepted {
+                if which == FrontendReq::SET_VRING_CALL && accepted {
                     // The kick still works: the request is served, then the
                     // server signals through the bad descriptor.
                     assert!(
@@ -1161,7 +1216,7 @@ fn ring_cases(h: &mut Harness) {
         // Only descriptor 0 of the table is memory.
         let desc = MEM as u64 - 16;
         let addr = vring_addr(0, fe.va(desc), fe.va(USED_RING), fe.va(AVAIL_RING));
-        send_and_settle(&fe.conn, req::SET_VRING_ADDR, &addr, &[]);
+        send_and_settle(&fe.conn, FrontendReq::SET_VRING_ADDR, &addr, &[]);
         raw_vhost::write_desc(&fe.mem, desc, BUFFERS, 16, DESC_F_NEXT, 1);
         fe.publish(0);
         fe.publish(5);
