@@ -1012,6 +1012,8 @@ mod tests {
     use super::*;
     use crate::memory::GuestRam;
     use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN};
+    use virtio_queue::desc::split::Descriptor;
+    use virtio_queue::{Queue, QueueT};
 
     const SIZE: u16 = 16;
 
@@ -1034,29 +1036,31 @@ mod tests {
         (q, peer)
     }
 
-    /// The device side, reading and writing the rings the way a backend does.
+    /// The device side: virtio-queue's own `Queue`, as a backend uses it, over the
+    /// client's rings.
     struct Device {
         ram: SharedRam,
+        queue: Queue,
         ring: RingLayout,
-        next_avail: u16,
-        used_idx: u16,
-    }
-
-    #[derive(Debug)]
-    struct Desc {
-        addr: u64,
-        len: u32,
-        flags: u16,
-        next: u16,
     }
 
     impl Device {
         fn new(q: &BlkQueue) -> Self {
+            let mut queue = Queue::new(SIZE).expect("device queue");
+            let split = |addr: u64| (Some(addr as u32), Some((addr >> 32) as u32));
+            let (lo, hi) = split(q.ring.desc);
+            queue.set_desc_table_address(lo, hi);
+            let (lo, hi) = split(q.ring.avail);
+            queue.set_avail_ring_address(lo, hi);
+            let (lo, hi) = split(q.ring.used);
+            queue.set_used_ring_address(lo, hi);
+            queue.set_event_idx(q.settings.event_idx);
+            queue.set_ready(true);
+            assert!(queue.is_valid(q.ram.mem()), "the client's rings are valid");
             Self {
                 ram: Arc::clone(&q.ram),
+                queue,
                 ring: q.ring,
-                next_avail: 0,
-                used_idx: 0,
             }
         }
 
@@ -1083,70 +1087,54 @@ mod tests {
                 .expect("device load")
         }
 
-        fn desc_at(&self, addr: u64) -> Desc {
-            let b = self.read(addr, 16);
-            let field = |r: std::ops::Range<usize>| {
-                b[r].iter()
-                    .rev()
-                    .fold(0u64, |acc, &byte| (acc << 8) | u64::from(byte))
-            };
-            Desc {
-                addr: field(0..8),
-                len: field(8..12) as u32,
-                flags: field(12..14) as u16,
-                next: field(14..16) as u16,
-            }
+        /// Descriptor `index` of the ring's own table.
+        fn desc(&self, index: u16) -> Descriptor {
+            self.ram
+                .mem()
+                .read_obj(GuestAddress(self.ring.desc + DESC_SIZE * u64::from(index)))
+                .expect("descriptor")
         }
 
-        /// Pops the next available chain: (head, descriptors of the chain).
-        fn pop(&mut self) -> Option<(u16, Vec<Desc>)> {
-            if self.load(self.ring.avail + RING_IDX_OFFSET) == self.next_avail {
-                return None;
-            }
-            let slot = u64::from(self.next_avail % SIZE);
-            let head = self.load(self.ring.avail + RING_ENTRIES_OFFSET + 2 * slot);
-            self.next_avail = self.next_avail.wrapping_add(1);
-            let mut chain = Vec::new();
-            let mut id = head;
-            loop {
-                let d = self.desc_at(self.ring.desc + DESC_SIZE * u64::from(id));
-                let more = d.flags & VRING_DESC_F_NEXT as u16 != 0;
-                id = d.next;
-                chain.push(d);
-                if !more {
-                    break;
-                }
-            }
-            Some((head, chain))
+        /// Pops the next available chain: (head, its descriptors, indirect tables
+        /// followed).
+        fn pop(&mut self) -> Option<(u16, Vec<Descriptor>)> {
+            let chain = self.queue.pop_descriptor_chain(self.ram.mem())?;
+            Some((chain.head_index(), chain.collect()))
         }
 
         /// Publishes a used entry for `id` (without signalling).
-        fn push(&mut self, id: u32, len: u32) {
-            let slot = u64::from(self.used_idx % SIZE);
-            let mut elem = [0u8; 8];
-            elem[0..4].copy_from_slice(&id.to_le_bytes());
-            elem[4..8].copy_from_slice(&len.to_le_bytes());
-            self.write(
-                self.ring.used + RING_ENTRIES_OFFSET + USED_ELEM_SIZE * slot,
-                &elem,
-            );
-            self.used_idx = self.used_idx.wrapping_add(1);
-            self.ram
-                .mem()
-                .store(
-                    self.used_idx,
-                    GuestAddress(self.ring.used + RING_IDX_OFFSET),
-                    Ordering::Release,
-                )
-                .expect("used idx");
+        fn push(&mut self, id: u16, len: u32) {
+            self.queue
+                .add_used(self.ram.mem(), id, len)
+                .expect("used entry");
+        }
+
+        /// Publishes a used entry whatever its id, as a broken device would.
+        fn push_raw(&mut self, id: u32, len: u32) {
+            let next = self.queue.next_used();
+            let slot = u64::from(next % SIZE);
+            let entry = self.ring.used + RING_ENTRIES_OFFSET + USED_ELEM_SIZE * slot;
+            let mem = self.ram.mem();
+            mem.write_obj(id.to_le(), GuestAddress(entry))
+                .expect("used id");
+            mem.write_obj(len.to_le(), GuestAddress(entry + 4))
+                .expect("used len");
+            let next = next.wrapping_add(1);
+            mem.store(
+                next.to_le(),
+                GuestAddress(self.ring.used + RING_IDX_OFFSET),
+                Ordering::Release,
+            )
+            .expect("used idx");
+            self.queue.set_next_used(next);
         }
 
         /// Pops one chain, writes `status` into its last descriptor and publishes it.
         fn complete_next(&mut self, status: u8) {
             let (head, chain) = self.pop().expect("a chain is available");
             let last = chain.last().expect("non-empty chain");
-            self.write(last.addr + u64::from(last.len) - 1, &[status]);
-            self.push(u32::from(head), 1);
+            self.write(last.addr().0 + u64::from(last.len()) - 1, &[status]);
+            self.push(head, 1);
         }
     }
 
@@ -1208,28 +1196,28 @@ mod tests {
         assert_eq!(chains.len(), 3);
         for (i, (_, chain)) in chains.iter().enumerate() {
             assert_eq!(chain.len(), 3);
-            let hdr = dev.read(chain[0].addr, chain[0].len as usize);
+            let hdr = dev.read(chain[0].addr().0, chain[0].len() as usize);
             assert_eq!(hdr, blk_header(VIRTIO_BLK_T_IN, i as u64));
-            assert_eq!(chain[0].flags, VRING_DESC_F_NEXT as u16);
+            assert_eq!(chain[0].flags(), VRING_DESC_F_NEXT as u16);
             let data_flags = (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16;
-            assert_eq!((chain[1].len, chain[1].flags), (1024, data_flags));
+            assert_eq!((chain[1].len(), chain[1].flags()), (1024, data_flags));
             assert_eq!(
-                (chain[2].len, chain[2].flags),
+                (chain[2].len(), chain[2].flags()),
                 (1, VRING_DESC_F_WRITE as u16)
             );
             // Unwritten buffers carry the poison.
-            assert_eq!(dev.read(chain[2].addr, 1), [POISON_BYTE]);
-            dev.write(chain[1].addr, &[i as u8; 1024]);
+            assert_eq!(dev.read(chain[2].addr().0, 1), [POISON_BYTE]);
+            dev.write(chain[1].addr().0, &[i as u8; 1024]);
             let status = if i == 1 {
                 VIRTIO_BLK_S_IOERR
             } else {
                 VIRTIO_BLK_S_OK
             };
-            dev.write(chain[2].addr, &[status as u8]);
+            dev.write(chain[2].addr().0, &[status as u8]);
         }
         // Complete in the order 2, 0, 1.
         for &i in &[2usize, 0, 1] {
-            dev.push(u32::from(chains[i].0), 1025);
+            dev.push(chains[i].0, 1025);
         }
         signal(&q);
 
@@ -1255,18 +1243,18 @@ mod tests {
         .expect("submit");
         assert_eq!(q.free_descriptors(), usize::from(SIZE) - 1);
         let mut dev = Device::new(&q);
-        let (_, chain) = dev.pop().expect("chain");
-        assert_eq!(chain.len(), 1);
-        assert_eq!(chain[0].flags, VRING_DESC_F_INDIRECT as u16);
-        assert_eq!(chain[0].len, 48);
-        let table: Vec<Desc> = (0..3)
-            .map(|i| dev.desc_at(chain[0].addr + 16 * i))
-            .collect();
-        assert_eq!(table[0].flags, VRING_DESC_F_NEXT as u16);
-        assert_eq!((table[0].next, table[1].next), (1, 2));
-        assert_eq!(table[1].flags, VRING_DESC_F_NEXT as u16);
-        assert_eq!(dev.read(table[1].addr, 512), vec![7; 512]);
-        assert_eq!(table[2].flags, VRING_DESC_F_WRITE as u16);
+        // The device follows the indirect table: three descriptors.
+        let (head, table) = dev.pop().expect("chain");
+        assert_eq!(table.len(), 3);
+        let ring_desc = dev.desc(head);
+        assert!(!ring_desc.has_next(), "one ring descriptor");
+        assert_eq!(ring_desc.flags(), VRING_DESC_F_INDIRECT as u16);
+        assert_eq!(ring_desc.len(), 48);
+        assert_eq!(table[0].flags(), VRING_DESC_F_NEXT as u16);
+        assert_eq!((table[0].next(), table[1].next()), (1, 2));
+        assert_eq!(table[1].flags(), VRING_DESC_F_NEXT as u16);
+        assert_eq!(dev.read(table[1].addr().0, 512), vec![7; 512]);
+        assert_eq!(table[2].flags(), VRING_DESC_F_WRITE as u16);
     }
 
     #[test]
@@ -1283,10 +1271,10 @@ mod tests {
         let mut dev = Device::new(&q);
         let (head, chain) = dev.pop().expect("chain");
         assert_eq!(chain.len(), 4);
-        assert_eq!((chain[2].addr, chain[2].len), (0, 8));
-        dev.write(chain[1].addr, &[9, 9, 9, 9]);
-        dev.write(chain[3].addr, &[0]);
-        dev.push(u32::from(head), 5);
+        assert_eq!((chain[2].addr().0, chain[2].len()), (0, 8));
+        dev.write(chain[1].addr().0, &[9, 9, 9, 9]);
+        dev.write(chain[3].addr().0, &[0]);
+        dev.push(head, 5);
         signal(&q);
         // Typed polling leaves raw completions for wait().
         let mut out = Vec::new();
@@ -1366,7 +1354,7 @@ mod tests {
             Err(ClientError::BadUsedId { id: 7, .. })
         ));
         // An id far outside the table.
-        dev.push(u32::MAX, 1);
+        dev.push_raw(u32::MAX, 1);
         let mut out = Vec::new();
         assert!(matches!(
             q.poll_completions(&mut out),
