@@ -127,6 +127,19 @@ impl TestNode {
         Server::start(&self.socket(), &args)
     }
 
+    /// The `ociblk serve` command for the node on `socket` and `overlay`, not
+    /// started: for runs expected to fail.
+    pub fn serve_command(&self, socket: &Path, overlay: &Path) -> Command {
+        let mut cmd = Command::new(ociblk_bin());
+        cmd.arg("serve")
+            .args(self.layout_args())
+            .arg("--socket")
+            .arg(socket)
+            .arg("--overlay")
+            .arg(overlay);
+        cmd
+    }
+
     /// Connects the vhost-user-blk client to the node's socket.
     pub fn connect(&self, opts: ClientOptions) -> VhostBlkClient {
         VhostBlkClient::connect(&self.socket(), opts)
@@ -150,6 +163,25 @@ impl TestNode {
             .as_u64()
             .unwrap_or_else(|| panic!("inspect shows no partition {index}:\n{info:#}"));
         lba * SECTOR
+    }
+
+    /// `ociblk overlay info --json` of the node's overlay.
+    pub fn overlay_info(&self) -> Value {
+        let out = run_ok(
+            Command::new(ociblk_bin())
+                .args(["overlay", "info", "--json"])
+                .arg(self.overlay()),
+        );
+        serde_json::from_slice(&out.stdout).expect("overlay info --json prints JSON")
+    }
+
+    /// `ociblk overlay reset` of the node's overlay.
+    pub fn overlay_reset(&self) {
+        run_ok(
+            Command::new(ociblk_bin())
+                .args(["overlay", "reset"])
+                .arg(self.overlay()),
+        );
     }
 
     /// `ociblk export` (with the overlay, if asked) into the temp dir.

@@ -109,6 +109,17 @@ impl Server {
             )
         })
     }
+
+    /// Sends SIGTERM and requires a clean exit (requests finished, the
+    /// overlay flushed, the socket removed); `context` names the moment.
+    pub fn stop_cleanly(&mut self, timeout: Duration, context: &str) {
+        let status = self.stop_with(libc::SIGTERM, timeout);
+        assert!(
+            status.success(),
+            "{context}: ociblk serve exited with {status} after SIGTERM:\n{}",
+            self.log.text()
+        );
+    }
 }
 
 /// Waits up to `timeout` for `process` to exit.

@@ -118,6 +118,21 @@ fn sha256_hex(data: &[u8]) -> String {
         .collect()
 }
 
+/// `ociblk-bench run --rw <rw> <args> --json` against `daemon`.
+fn run_json(daemon: &StorageDaemon, rw: &str, args: &[&str]) -> Value {
+    let mut argv = vec!["run", "--socket", daemon.socket_arg(), "--rw", rw];
+    argv.extend_from_slice(args);
+    argv.push("--json");
+    bench_json(&argv)
+}
+
+/// `ociblk-bench run --rw <rw> <args>`: the text report.
+fn run_text(daemon: &StorageDaemon, rw: &str, args: &[&str]) -> String {
+    let mut argv = vec!["run", "--socket", daemon.socket_arg(), "--rw", rw];
+    argv.extend_from_slice(args);
+    bench_ok(&argv)
+}
+
 /// Fills the file with bytes that differ from sector to sector.
 fn fill_distinct(file: &File) {
     let mut chunk: Vec<u8> = (0..1u32 << 20).map(|j| (j * 13) as u8).collect();
@@ -168,24 +183,22 @@ fn dump_matches_the_file() {
 #[test]
 fn randread_reports_latency_and_throughput() {
     let mut daemon = daemon(|_| {});
-    let report = bench_json(&[
-        "run",
-        "--socket",
-        daemon.socket_arg(),
-        "--rw",
+    let report = run_json(
+        &daemon,
         "randread",
-        "--bs",
-        "4K",
-        "--iodepth",
-        "8",
-        "--queues",
-        "2",
-        "--runtime",
-        "1",
-        "--json",
-        "--label",
-        "qsd",
-    ]);
+        &[
+            "--bs",
+            "4K",
+            "--iodepth",
+            "8",
+            "--queues",
+            "2",
+            "--runtime",
+            "1",
+            "--label",
+            "qsd",
+        ],
+    );
     eprintln!("{report}");
     let ops = u64_of(&report, "ops");
     assert!(ops > 0);
@@ -214,18 +227,8 @@ fn randread_reports_latency_and_throughput() {
 #[test]
 fn randwrite_with_flushes_lands_in_the_file() {
     let mut daemon = daemon(|_| {});
-    let report = bench_json(&[
-        "run",
-        "--socket",
-        daemon.socket_arg(),
-        "--rw",
-        "randwrite",
-        "--flush-every",
-        "16",
-        "--size",
-        "4M",
-        "--json",
-    ]);
+    let args = ["--flush-every", "16", "--size", "4M"];
+    let report = run_json(&daemon, "randwrite", &args);
     assert_eq!(u64_of(&report, "errors"), 0);
     assert_eq!(u64_of(&report, "write_ops"), 1024);
     assert_eq!(u64_of(&report, "write_bytes"), 4 << 20);
@@ -257,38 +260,26 @@ fn randwrite_with_flushes_lands_in_the_file() {
 #[test]
 fn mixed_and_sequential_writes() {
     let mut daemon = daemon(|_| {});
-    let text = bench_ok(&[
-        "run",
-        "--socket",
-        daemon.socket_arg(),
-        "--rw",
-        "mixed",
-        "--bs",
-        "64K",
-        "--size",
-        "8M",
-    ]);
+    let text = run_text(&daemon, "mixed", &["--bs", "64K", "--size", "8M"]);
     assert!(text.contains("total     128 ops"), "{text}");
     assert!(text.contains("errors    0"), "{text}");
     assert!(text.contains("mixed (70% reads)"), "{text}");
 
     // Two queues writing their halves of the disk sequentially cover all of it.
-    let report = bench_json(&[
-        "run",
-        "--socket",
-        daemon.socket_arg(),
-        "--rw",
+    let report = run_json(
+        &daemon,
         "write",
-        "--bs",
-        "64K",
-        "--queues",
-        "2",
-        "--iodepth",
-        "4",
-        "--size",
-        "64M",
-        "--json",
-    ]);
+        &[
+            "--bs",
+            "64K",
+            "--queues",
+            "2",
+            "--iodepth",
+            "4",
+            "--size",
+            "64M",
+        ],
+    );
     assert_eq!(u64_of(&report, "write_bytes"), DISK_SIZE);
     let image = std::fs::read(&daemon.image).unwrap();
     for sector in (0..image.len()).step_by(512) {

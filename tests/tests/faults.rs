@@ -16,7 +16,7 @@ use ociblk_tests::node::{SMALL_DISK, TestNode};
 use ociblk_tests::oci::pseudo_random;
 use ociblk_tests::process::Server;
 use ociblk_tests::support::wait_until;
-use ociblk_tests::support::{ociblk_bin, require_tool, run_bounded, run_ok, sample_image};
+use ociblk_tests::support::{require_tool, run_bounded, run_ok, sample_image};
 
 /// Digest of the sample image's `system` payload.
 const SYSTEM_BLOB: &str = "3b7adc9bf62b6361117d4d08821f452b2931c3ce35bbb4a3196119c156fd4f00";
@@ -179,8 +179,7 @@ fn overlay_on_a_full_file_system() {
     c.disconnect().unwrap();
 
     // A clean stop and a restart on the same overlay.
-    let status = server.stop_with(libc::SIGTERM, Duration::from_secs(20));
-    assert!(status.success(), "SIGTERM: {status}\n{}", server.log.text());
+    server.stop_cleanly(Duration::from_secs(20), "stopping");
     let _server = node.serve(&[]);
     let mut c = connect(&socket);
     assert!(read_ok(&mut c, data, marker.len() as u32) == marker);
@@ -222,8 +221,7 @@ fn payload_blob_replaced_or_truncated_while_serving() {
         "a blob renamed over is not seen by the running server"
     );
     c.disconnect().unwrap();
-    let status = server.stop_with(libc::SIGTERM, Duration::from_secs(20));
-    assert!(status.success(), "SIGTERM: {status}");
+    server.stop_cleanly(Duration::from_secs(20), "stopping");
 
     // Restarted: the new file is checked against the image's chunk hashes
     // like any other, and is never served.
@@ -318,25 +316,13 @@ fn socket_is_private_and_overlay_is_locked() {
     assert_eq!(meta.gid(), gid, "socket group");
 
     // A second server on the same overlay, from another process.
-    let mut cmd = Command::new(ociblk_bin());
-    cmd.arg("serve")
-        .args(node.layout_args())
-        .arg("--socket")
-        .arg(dir.join("other.sock"))
-        .arg("--overlay")
-        .arg(&overlay);
+    let mut cmd = node.serve_command(&dir.join("other.sock"), &overlay);
     let out = run_bounded(&mut cmd, Duration::from_secs(20));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("in use"), "{err}");
     assert!(!dir.join("other.sock").exists());
     // Another overlay on the same, live, socket.
-    let mut cmd = Command::new(ociblk_bin());
-    cmd.arg("serve")
-        .args(node.layout_args())
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--overlay")
-        .arg(dir.join("other.overlay"));
+    let mut cmd = node.serve_command(&socket, &dir.join("other.overlay"));
     let out = run_bounded(&mut cmd, Duration::from_secs(20));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("listening"), "{err}");
@@ -365,13 +351,7 @@ fn blob_links_to_non_files_are_refused() {
         std::os::unix::fs::symlink(target, &blob).unwrap();
         let node = TestNode::with_image(&image, "links").layout(SMALL_DISK);
         let socket = node.socket();
-        let mut cmd = Command::new(ociblk_bin());
-        cmd.arg("serve")
-            .args(node.layout_args())
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--overlay")
-            .arg(dir.path().join("node.overlay"));
+        let mut cmd = node.serve_command(&socket, &dir.path().join("node.overlay"));
         let out = run_bounded(&mut cmd, Duration::from_secs(20));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(

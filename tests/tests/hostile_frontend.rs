@@ -212,6 +212,21 @@ fn send_and_settle(conn: &RawConn, request: FrontendReq, payload: &[u8], fds: &[
     }
 }
 
+/// A fresh eventfd, passed for queue 0 with `which` (SET_VRING_KICK or
+/// SET_VRING_CALL).
+fn vring_eventfd(conn: &RawConn, which: FrontendReq) -> EventFd {
+    let e = EventFd::new(EFD_NONBLOCK).unwrap();
+    send_and_settle(conn, which, &u64_payload(0), &[e.as_raw_fd()]);
+    e
+}
+
+/// Queue 0's call and kick eventfds, passed in that order: (kick, call).
+fn vring_eventfds(conn: &RawConn) -> (EventFd, EventFd) {
+    let call = vring_eventfd(conn, FrontendReq::SET_VRING_CALL);
+    let kick = vring_eventfd(conn, FrontendReq::SET_VRING_KICK);
+    (kick, call)
+}
+
 fn pipe() -> (OwnedFd, OwnedFd) {
     let mut fds = [0; 2];
     // SAFETY: pipe2 fills the two-element array; the result is checked.
@@ -293,12 +308,7 @@ fn own_socket_as_vring_eventfd_is_recovered_by_a_restart() {
             "{name}: the server died\n{}",
             server.log.text()
         );
-        let status = server.stop_with(libc::SIGTERM, Duration::from_secs(20));
-        assert!(
-            status.success(),
-            "{name}: SIGTERM: {status}\n{}",
-            server.log.text()
-        );
+        server.stop_cleanly(Duration::from_secs(20), name);
         let _server = serve(&node);
         let mut c = connect(&node.socket());
         assert_eq!(
@@ -385,12 +395,7 @@ fn hostile_frontends_do_not_take_the_server_down() {
 
     // Nothing of the overlay was lost, now and after restarts.
     h.verify_kept("after the hostile cases");
-    let status = h.server.stop_with(libc::SIGTERM, Duration::from_secs(20));
-    assert!(
-        status.success(),
-        "SIGTERM: {status}\n{}",
-        h.server.log.text()
-    );
+    h.server.stop_cleanly(Duration::from_secs(20), "stopping");
     h.server = serve(&h.node);
     h.verify_kept("after a restart");
     h.server.stop_with(libc::SIGKILL, Duration::from_secs(20));
@@ -422,41 +427,33 @@ fn framing_cases(h: &mut Harness) {
         c.send_sized(FrontendReq::SET_FEATURES, VERSION, 64, &u64_payload(0), &[])
             .unwrap();
     });
-    h.case("size smaller than the payload", |s| {
-        let c = RawConn::connect(s, TIMEOUT).unwrap();
-        c.send_sized(
+    // Size fields that lie about the payload.
+    for (name, request, size, payload) in [
+        (
+            "size smaller than the payload",
             FrontendReq::SET_FEATURES,
-            VERSION,
             4,
-            &u64_payload(1 << 32),
-            &[],
-        )
-        .unwrap();
-        barrier(&c);
-    });
-    h.case("size field of 4 GiB", |s| {
-        let c = RawConn::connect(s, TIMEOUT).unwrap();
-        c.send_sized(
+            u64_payload(1 << 32),
+        ),
+        (
+            "size field of 4 GiB",
             FrontendReq::SET_MEM_TABLE,
-            VERSION,
             u32::MAX,
-            &[0u8; 64],
-            &[],
-        )
-        .unwrap();
-        barrier(&c);
-    });
-    h.case("payload on a message without one", |s| {
-        let c = RawConn::connect(s, TIMEOUT).unwrap();
-        c.send(
+            vec![0u8; 64],
+        ),
+        (
+            "payload on a message without one",
             FrontendReq::GET_FEATURES,
-            VERSION,
-            &[1, 2, 3, 4, 5, 6, 7, 8],
-            &[],
-        )
-        .unwrap();
-        barrier(&c);
-    });
+            8,
+            vec![1, 2, 3, 4, 5, 6, 7, 8],
+        ),
+    ] {
+        h.case(name, |s| {
+            let c = RawConn::connect(s, TIMEOUT).unwrap();
+            c.send_sized(request, VERSION, size, &payload, &[]).unwrap();
+            barrier(&c);
+        });
+    }
     for code in [0u32, 99, 1000, u32::MAX] {
         h.case(&format!("unknown request code {code}"), |s| {
             let c = RawConn::connect(s, TIMEOUT).unwrap();
@@ -583,20 +580,7 @@ fn control_cases(h: &mut Harness) {
         // SET_FEATURES without the protocol-features bit enables every ring.
         let c = acked_conn(s);
         send_and_settle(&c, FrontendReq::SET_FEATURES, &u64_payload(1 << 32), &[]);
-        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
-        let call = EventFd::new(EFD_NONBLOCK).unwrap();
-        send_and_settle(
-            &c,
-            FrontendReq::SET_VRING_CALL,
-            &u64_payload(0),
-            &[call.as_raw_fd()],
-        );
-        send_and_settle(
-            &c,
-            FrontendReq::SET_VRING_KICK,
-            &u64_payload(0),
-            &[kick.as_raw_fd()],
-        );
+        let (kick, _call) = vring_eventfds(&c);
         for _ in 0..3 {
             kick.write(1).unwrap();
         }
@@ -748,8 +732,6 @@ fn mem_table_cases(h: &mut Harness, scratch: &Path) {
                 );
                 // Rings in the part the file does not cover.
                 let ring = user + MEM as u64 - 0x4000;
-                let kick = EventFd::new(EFD_NONBLOCK).unwrap();
-                let call = EventFd::new(EFD_NONBLOCK).unwrap();
                 send_and_settle(&c, FrontendReq::SET_VRING_NUM, &vring_state(0, 16), &[]);
                 send_and_settle(&c, FrontendReq::SET_VRING_BASE, &vring_state(0, 0), &[]);
                 send_and_settle(
@@ -758,18 +740,7 @@ fn mem_table_cases(h: &mut Harness, scratch: &Path) {
                     &vring_addr(0, ring, ring + 0x2000, ring + 0x1000),
                     &[],
                 );
-                send_and_settle(
-                    &c,
-                    FrontendReq::SET_VRING_CALL,
-                    &u64_payload(0),
-                    &[call.as_raw_fd()],
-                );
-                send_and_settle(
-                    &c,
-                    FrontendReq::SET_VRING_KICK,
-                    &u64_payload(0),
-                    &[kick.as_raw_fd()],
-                );
+                let (kick, _call) = vring_eventfds(&c);
                 send_and_settle(&c, FrontendReq::SET_VRING_ENABLE, &vring_state(0, 1), &[]);
                 kick.write(1).unwrap();
                 barrier(&c);
@@ -816,13 +787,7 @@ fn vring_cases(h: &mut Harness, scratch: &Path) {
                 m.addr() + AVAIL_RING,
             );
             send_and_settle(&c, FrontendReq::SET_VRING_ADDR, &a, &[]);
-            let kick = EventFd::new(EFD_NONBLOCK).unwrap();
-            send_and_settle(
-                &c,
-                FrontendReq::SET_VRING_KICK,
-                &u64_payload(0),
-                &[kick.as_raw_fd()],
-            );
+            let kick = vring_eventfd(&c, FrontendReq::SET_VRING_KICK);
             send_and_settle(&c, FrontendReq::SET_VRING_ENABLE, &vring_state(0, 1), &[]);
             kick.write(1).unwrap();
             barrier(&c);
@@ -875,20 +840,7 @@ fn vring_cases(h: &mut Harness, scratch: &Path) {
                 &vring_addr(0, va(desc), va(used), va(avail)),
                 &[],
             );
-            let kick = EventFd::new(EFD_NONBLOCK).unwrap();
-            let call = EventFd::new(EFD_NONBLOCK).unwrap();
-            send_and_settle(
-                &c,
-                FrontendReq::SET_VRING_CALL,
-                &u64_payload(0),
-                &[call.as_raw_fd()],
-            );
-            send_and_settle(
-                &c,
-                FrontendReq::SET_VRING_KICK,
-                &u64_payload(0),
-                &[kick.as_raw_fd()],
-            );
+            let (kick, _call) = vring_eventfds(&c);
             send_and_settle(&c, FrontendReq::SET_VRING_ENABLE, &vring_state(0, 1), &[]);
             // Something to pop, should the rings be used.
             m.write_u16(AVAIL_RING + 2, 1);

@@ -43,10 +43,21 @@ fn assert_contains(msg: &str, parts: &[&str]) {
     }
 }
 
-#[test]
-fn valid_image_is_accepted() {
+/// The valid test image in a fresh temp directory (kept while the guard lives).
+fn fresh_image() -> (tempfile::TempDir, WrittenImage) {
     let t = tempfile::tempdir().unwrap();
     let img = image(t.path());
+    (t, img)
+}
+
+/// Fails unless opening `img` fails with an error naming every one of `parts`.
+fn assert_layout_error(img: &WrittenImage, parts: &[&str]) {
+    assert_contains(&layout_error(&img.dir), parts);
+}
+
+#[test]
+fn valid_image_is_accepted() {
+    let (_t, img) = fresh_image();
     let os = OsImage::open(&img.dir).unwrap();
     assert_eq!(os.payloads.len(), 2);
     assert_eq!(os.product_info.architecture(), "x86_64");
@@ -55,35 +66,32 @@ fn valid_image_is_accepted() {
 
 #[test]
 fn missing_index_json() {
-    let t = tempfile::tempdir().unwrap();
-    let img = image(t.path());
+    let (_t, img) = fresh_image();
     fs::remove_file(img.index_path()).unwrap();
-    assert_contains(&layout_error(&img.dir), &["index.json", "No such file"]);
+    assert_layout_error(&img, &["index.json", "No such file"]);
 }
 
 #[test]
 fn two_manifests() {
-    let t = tempfile::tempdir().unwrap();
-    let img = image(t.path());
+    let (_t, img) = fresh_image();
     img.edit_index(|v| {
         let m = v["manifests"][0].clone();
         v["manifests"].as_array_mut().unwrap().push(m);
     })
     .unwrap();
-    assert_contains(
-        &layout_error(&img.dir),
+    assert_layout_error(
+        &img,
         &["index.json", "manifests", "2 entries", "exactly one"],
     );
 }
 
 #[test]
 fn wrong_artifact_type() {
-    let t = tempfile::tempdir().unwrap();
-    let mut img = image(t.path());
+    let (_t, mut img) = fresh_image();
     img.edit_manifest(|m| m["artifactType"] = json!("application/vnd.example.other"))
         .unwrap();
-    assert_contains(
-        &layout_error(&img.dir),
+    assert_layout_error(
+        &img,
         &[
             "artifactType",
             "application/vnd.example.other",
@@ -95,14 +103,10 @@ fn wrong_artifact_type() {
 
 #[test]
 fn wrong_format_version() {
-    let t = tempfile::tempdir().unwrap();
-    let mut img = image(t.path());
+    let (_t, mut img) = fresh_image();
     img.edit_config(|c| c["format_version"] = json!("2"))
         .unwrap();
-    assert_contains(
-        &layout_error(&img.dir),
-        &["format_version", "\"2\"", &img.config_digest],
-    );
+    assert_layout_error(&img, &["format_version", "\"2\"", &img.config_digest]);
 }
 
 #[test]
@@ -111,10 +115,7 @@ fn zstd_payload_is_refused() {
     let mut b = ImageBuilder::with_sizes(1 << 20, 1000);
     b.payloads[0].media_type = "application/zstd".into();
     let img = b.write(t.path()).unwrap();
-    assert_contains(
-        &layout_error(&img.dir),
-        &["\"system\"", "application/zstd", "uncompressed"],
-    );
+    assert_layout_error(&img, &["\"system\"", "application/zstd", "uncompressed"]);
 }
 
 #[test]
@@ -125,14 +126,13 @@ fn missing_system_or_kernel_payload() {
         b.payloads.retain(|p| p.name != missing);
         b.payloads.push(PayloadSpec::plain("extra", vec![1, 2, 3]));
         let img = b.write(t.path()).unwrap();
-        assert_contains(&layout_error(&img.dir), &["no payload", missing]);
+        assert_layout_error(&img, &["no payload", missing]);
     }
 }
 
 #[test]
 fn blob_size_mismatch() {
-    let t = tempfile::tempdir().unwrap();
-    let img = image(t.path());
+    let (_t, img) = fresh_image();
     // Truncate the payload behind the symlink: the descriptor no longer fits.
     let target = fs::canonicalize(img.payload_blob("kernel.efi")).unwrap();
     fs::OpenOptions::new()
@@ -142,7 +142,7 @@ fn blob_size_mismatch() {
         .set_len(99_999)
         .unwrap();
     let (_, digest) = &img.payload_digests[1];
-    assert_contains(&layout_error(&img.dir), &[digest, "99999 bytes", "100000"]);
+    assert_layout_error(&img, &[digest, "99999 bytes", "100000"]);
 }
 
 #[test]
@@ -153,8 +153,7 @@ fn digests_that_are_paths_are_refused() {
         "sha256:..",
         "md5:0123",
     ] {
-        let t = tempfile::tempdir().unwrap();
-        let mut img = image(t.path());
+        let (_t, mut img) = fresh_image();
         img.edit_manifest(|m| m["layers"][1]["digest"] = json!(bad))
             .unwrap();
         assert_contains(
@@ -170,41 +169,33 @@ fn digests_that_are_paths_are_refused() {
     }
 }
 
+/// Changes the first byte `from` of the blob `digest` picks to `to` (same
+/// size, different content: only the hash can tell) and expects the error
+/// to name the blob.
+fn expect_sha256_mismatch(digest: impl Fn(&WrittenImage) -> String, from: u8, to: u8) {
+    let (_t, img) = fresh_image();
+    let digest = digest(&img);
+    let path = img.blob(&digest);
+    let mut bytes = fs::read(&path).unwrap();
+    let i = bytes.iter().position(|&b| b == from).unwrap();
+    bytes[i] = to;
+    fs::write(&path, bytes).unwrap();
+    assert_layout_error(&img, &[&digest, "sha256 of blob is"]);
+}
+
 #[test]
 fn manifest_sha256_mismatch() {
-    let t = tempfile::tempdir().unwrap();
-    let img = image(t.path());
-    let path = img.blob(&img.manifest_digest);
-    let mut bytes = fs::read(&path).unwrap();
-    // Same size, different content: only the hash can tell.
-    let i = bytes.iter().position(|&b| b == b'2').unwrap();
-    bytes[i] = b'3';
-    fs::write(&path, bytes).unwrap();
-    assert_contains(
-        &layout_error(&img.dir),
-        &[&img.manifest_digest, "sha256 of blob is"],
-    );
+    expect_sha256_mismatch(|img| img.manifest_digest.clone(), b'2', b'3');
 }
 
 #[test]
 fn config_sha256_mismatch() {
-    let t = tempfile::tempdir().unwrap();
-    let img = image(t.path());
-    let path = img.blob(&img.config_digest);
-    let mut bytes = fs::read(&path).unwrap();
-    let i = bytes.iter().position(|&b| b == b'1').unwrap();
-    bytes[i] = b'7';
-    fs::write(&path, bytes).unwrap();
-    assert_contains(
-        &layout_error(&img.dir),
-        &[&img.config_digest, "sha256 of blob is"],
-    );
+    expect_sha256_mismatch(|img| img.config_digest.clone(), b'1', b'7');
 }
 
 #[test]
 fn chunk_hash_count_and_chunk_size() {
-    let t = tempfile::tempdir().unwrap();
-    let mut img = image(t.path());
+    let (_t, mut img) = fresh_image();
     img.edit_config(|c| {
         c["payloads"][0]["chunk_hashes_sha256"]
             .as_array_mut()
@@ -219,6 +210,15 @@ fn chunk_hash_count_and_chunk_size() {
     img.edit_config(|c| c["payloads"][0]["hash_chunk_size"] = json!(32 << 20))
         .unwrap();
     assert_contains(&layout_error(&img.dir), &["payloads[0].hash_chunk_size"]);
+}
+
+/// The error of computing the layout of node "n" of `img`, with `params`
+/// changed from the defaults.
+fn layout_build_error(img: &WrittenImage, params: impl FnOnce(&mut DiskParams)) -> String {
+    let os = OsImage::open(&img.dir).unwrap();
+    let mut p = DiskParams::new("n");
+    params(&mut p);
+    Layout::build(&os, &p).unwrap_err().to_string()
 }
 
 #[test]
@@ -254,20 +254,14 @@ fn chunk_hash_that_is_not_unpadded_base64_sha256() {
 #[test]
 fn payload_larger_than_its_partition() {
     let t = tempfile::tempdir().unwrap();
-    let img = image(t.path());
-    let os = OsImage::open(&img.dir).unwrap();
-    let mut p = DiskParams::new("n");
-    p.system_size = 2 << 20;
-    let e = Layout::build(&os, &p).unwrap_err().to_string();
-    assert_contains(
-        &e,
-        &[
-            "\"system\"",
-            "3145728 bytes",
-            "METROPOLIS-SYSTEM-A",
-            "2097152",
-        ],
-    );
+    let e = layout_build_error(&image(t.path()), |p| p.system_size = 2 << 20);
+    let want = [
+        "\"system\"",
+        "3145728 bytes",
+        "METROPOLIS-SYSTEM-A",
+        "2097152",
+    ];
+    assert_contains(&e, &want);
 }
 
 #[test]
@@ -276,21 +270,15 @@ fn esp_content_too_large() {
     let img = ImageBuilder::with_sizes(1 << 20, 20 << 20)
         .write(t.path())
         .unwrap();
-    let os = OsImage::open(&img.dir).unwrap();
-    let mut p = DiskParams::new("n");
-    p.esp_size = 40 << 20; // kernel twice (boot-a.efi and BOOTx64.EFI) does not fit
-    let e = Layout::build(&os, &p).unwrap_err().to_string();
+    // kernel twice (boot-a.efi and BOOTx64.EFI) does not fit
+    let e = layout_build_error(&img, |p| p.esp_size = 40 << 20);
     assert_contains(&e, &["ESP content too large"]);
 }
 
 #[test]
 fn disk_too_small_for_the_partitions() {
-    let t = tempfile::tempdir().unwrap();
-    let img = image(t.path());
-    let os = OsImage::open(&img.dir).unwrap();
-    let mut p = DiskParams::new("n");
-    p.disk_size = 1 << 30;
-    let e = Layout::build(&os, &p).unwrap_err().to_string();
+    let (_t, img) = fresh_image();
+    let e = layout_build_error(&img, |p| p.disk_size = 1 << 30);
     assert_contains(
         &e,
         &[
@@ -304,8 +292,7 @@ fn disk_too_small_for_the_partitions() {
 
 #[test]
 fn cli_reports_errors_with_context_and_exit_status() {
-    let t = tempfile::tempdir().unwrap();
-    let img = image(t.path());
+    let (_t, img) = fresh_image();
     fs::remove_file(img.index_path()).unwrap();
     let err = run_err(
         Command::new(ociblk_bin())

@@ -287,12 +287,7 @@ fn data_survives_guest_reboot_and_qemu_restart() {
     check(&mut guest, "after a QEMU restart");
 
     // SIGTERM with the guest still connected: clean exit, socket removed.
-    let status = server.stop_with(libc::SIGTERM, EXIT);
-    assert!(
-        status.success(),
-        "ociblk serve exited with {status} after SIGTERM:\n{}",
-        server.log.text()
-    );
+    server.stop_cleanly(EXIT, "stopping");
     assert!(
         !node.socket().exists(),
         "socket left behind after SIGTERM:\n{}",
@@ -428,12 +423,7 @@ fn qemu_reconnects_after_server_restart() {
         "write read back after the restart"
     );
     power_off(&mut guest);
-    let status = server.stop_with(libc::SIGTERM, EXIT);
-    assert!(
-        status.success(),
-        "ociblk serve exited with {status}:\n{}",
-        server.log.text()
-    );
+    server.stop_cleanly(EXIT, "stopping");
 
     // Both writes are in the overlay.
     let disk = node.export(true);
@@ -526,12 +516,7 @@ fn multiqueue_guest_io() {
     );
     power_off(&mut guest);
 
-    let status = server.stop_with(libc::SIGTERM, EXIT);
-    assert!(
-        status.success(),
-        "ociblk serve exited with {status}:\n{}",
-        server.log.text()
-    );
+    server.stop_cleanly(EXIT, "stopping");
     assert!(
         wait_until(Duration::from_secs(10), || log_has(&server, "stopped")),
         "no final log line:\n{}",

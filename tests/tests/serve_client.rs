@@ -309,12 +309,7 @@ fn reconnect_restart_and_kill_keep_flushed_data() {
         flush_ok(&mut c, 0);
     }
     // SIGTERM: exit 0, socket removed; a new server on the overlay has the data.
-    let status = server.stop_with(libc::SIGTERM, Duration::from_secs(20));
-    assert!(
-        status.success(),
-        "SIGTERM exit: {status}\n{}",
-        server.log.text()
-    );
+    server.stop_cleanly(Duration::from_secs(20), "stopping");
     assert!(!node.socket().exists(), "socket removed on shutdown");
     let mut server = node.serve(&[]);
     {
@@ -344,13 +339,7 @@ fn overlay_is_locked_and_checked_against_the_disk() {
     let _server = node.serve(&[]);
     // A second server on the same overlay fails with a clear error.
     let other_socket = node.dir().join("other.sock");
-    let mut cmd = Command::new(ociblk_bin());
-    cmd.arg("serve")
-        .args(node.layout_args())
-        .arg("--socket")
-        .arg(&other_socket)
-        .arg("--overlay")
-        .arg(node.overlay());
+    let mut cmd = node.serve_command(&other_socket, &node.overlay());
     let err = run_err(&mut cmd);
     assert!(err.contains("in use"), "{err}");
     drop(_server);
@@ -362,35 +351,13 @@ fn overlay_is_locked_and_checked_against_the_disk() {
     drop(c);
     s.stop_with(libc::SIGTERM, Duration::from_secs(20));
     let other = TestNode::with_image(node.image(), "another-node").layout(SMALL_DISK);
-    let mut cmd = Command::new(ociblk_bin());
-    cmd.arg("serve")
-        .args(other.layout_args())
-        .arg("--socket")
-        .arg(&other_socket)
-        .arg("--overlay")
-        .arg(node.overlay());
+    let mut cmd = other.serve_command(&other_socket, &node.overlay());
     let err = run_err(&mut cmd);
     assert!(err.contains("different disk"), "{err}");
     // info and reset.
-    let out = run_ok(
-        Command::new(ociblk_bin())
-            .args(["overlay", "info", "--json"])
-            .arg(node.overlay()),
-    );
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(info["blocks_written"], 1);
-    run_ok(
-        Command::new(ociblk_bin())
-            .args(["overlay", "reset"])
-            .arg(node.overlay()),
-    );
-    let out = run_ok(
-        Command::new(ociblk_bin())
-            .args(["overlay", "info", "--json"])
-            .arg(node.overlay()),
-    );
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(info["blocks_written"], 0);
+    assert_eq!(node.overlay_info()["blocks_written"], 1);
+    node.overlay_reset();
+    assert_eq!(node.overlay_info()["blocks_written"], 0);
 }
 
 #[test]
@@ -414,13 +381,7 @@ fn read_only_serving() {
 fn socket_path_that_is_not_a_socket_is_refused() {
     let node = TestNode::small("client-7");
     fs::write(node.socket(), b"precious").unwrap();
-    let mut cmd = Command::new(ociblk_bin());
-    cmd.arg("serve")
-        .args(node.layout_args())
-        .arg("--socket")
-        .arg(node.socket())
-        .arg("--overlay")
-        .arg(node.overlay());
+    let mut cmd = node.serve_command(&node.socket(), &node.overlay());
     let err = run_err(&mut cmd);
     assert!(err.contains("not a socket"), "{err}");
     assert_eq!(fs::read(node.socket()).unwrap(), b"precious");

@@ -64,19 +64,6 @@ pub struct LaunchArgs {
     /// state, logs, PID files. Relaunching with the same directory keeps the nodes' disks.
     #[arg(long, value_name = "DIR")]
     pub state_dir: PathBuf,
-    /// QEMU accelerator.
-    #[arg(long, default_value = DEFAULT_ACCEL)]
-    pub accel: String,
-    /// Guest memory per node (K/M/G suffixes; whole MiB).
-    #[arg(long, default_value = "512M", value_parser = parse_memory, value_name = "SIZE")]
-    pub memory: u32,
-    /// vCPUs per node.
-    #[arg(long, default_value_t = DEFAULT_CPUS, value_parser = clap::value_parser!(u32).range(1..))]
-    pub cpus: u32,
-    /// Request queues per disk.
-    #[arg(long, default_value_t = DEFAULT_QUEUES,
-          value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_QUEUES)))]
-    pub queues: u16,
     /// Wait until every node's console shows this text (e.g. "ociblk-sample: ready").
     #[arg(long, value_name = "TEXT")]
     pub wait_for: Option<String>,
@@ -86,18 +73,12 @@ pub struct LaunchArgs {
     /// Tear everything down and exit once every node showed --wait-for.
     #[arg(long, requires = "wait_for")]
     pub exit_when_ready: bool,
-    /// QEMU binary.
-    #[arg(long, default_value = DEFAULT_QEMU_BINARY, value_name = "PATH")]
-    pub qemu: PathBuf,
-    /// OVMF firmware code.
-    #[arg(long, default_value = DEFAULT_OVMF_CODE, value_name = "FILE")]
-    pub ovmf_code: PathBuf,
+    /// The guests: QEMU, its machine and the disk's queues.
+    #[command(flatten)]
+    pub machine: MachineArgs,
     /// OVMF variable store template, copied to a node's directory once.
     #[arg(long, default_value = DEFAULT_OVMF_VARS, value_name = "FILE")]
     pub ovmf_vars: PathBuf,
-    /// Extra QEMU argument (repeatable), e.g. --qemu-arg=-no-reboot.
-    #[arg(long = "qemu-arg", value_name = "ARG", allow_hyphen_values = true)]
-    pub qemu_args: Vec<String>,
     /// Do not copy consoles and backend logs to stderr (the node
     /// directories still get them).
     #[arg(long)]
@@ -162,18 +143,19 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
         }
         (None, None) => anyhow::bail!("--image or --from is needed"),
     };
+    let machine = &args.machine;
     spec.qemu = QemuSpec {
-        binary: args.qemu.clone(),
-        accel: args.accel.clone(),
-        memory_mib: args.memory,
-        cpus: args.cpus,
-        ovmf_code: args.ovmf_code.clone(),
+        binary: machine.qemu.clone(),
+        accel: machine.accel.clone(),
+        memory_mib: machine.memory,
+        cpus: machine.cpus,
+        ovmf_code: machine.ovmf_code.clone(),
         ovmf_vars_template: args.ovmf_vars.clone(),
-        extra_args: args.qemu_args.clone(),
+        extra_args: machine.qemu_args.clone(),
     };
     if args.from.is_none() {
         spec.serve_args = args.serve_args.clone();
-        spec.queues = args.queues;
+        spec.queues = machine.queues;
     }
     if args.no_verify && !spec.serve_args.iter().any(|a| a == "--no-verify") {
         spec.serve_args.push("--no-verify".into());
@@ -306,8 +288,35 @@ fn print_times(cluster: &Cluster, pattern: Option<&str>) -> Result<()> {
     Ok(())
 }
 
+/// QEMU and its machine, for `launch` and `qemu-command`.
+#[derive(Debug, Args)]
+pub struct MachineArgs {
+    /// QEMU binary.
+    #[arg(long, default_value = DEFAULT_QEMU_BINARY, value_name = "PATH")]
+    pub qemu: PathBuf,
+    /// QEMU accelerator.
+    #[arg(long, default_value = DEFAULT_ACCEL)]
+    pub accel: String,
+    /// Guest memory per node (K/M/G suffixes; whole MiB).
+    #[arg(long, default_value = "512M", value_parser = parse_memory, value_name = "SIZE")]
+    pub memory: u32,
+    /// vCPUs per node.
+    #[arg(long, default_value_t = DEFAULT_CPUS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub cpus: u32,
+    /// Request queues per disk.
+    #[arg(long, default_value_t = DEFAULT_QUEUES,
+          value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_QUEUES)))]
+    pub queues: u16,
+    /// OVMF firmware code.
+    #[arg(long, default_value = DEFAULT_OVMF_CODE, value_name = "FILE")]
+    pub ovmf_code: PathBuf,
+    /// Extra QEMU argument (repeatable), e.g. --qemu-arg=-no-reboot.
+    #[arg(long = "qemu-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub qemu_args: Vec<String>,
+}
+
 /// Guest memory in MiB.
-pub(crate) fn parse_memory(s: &str) -> Result<u32, String> {
+fn parse_memory(s: &str) -> Result<u32, String> {
     let bytes = parse_size(s)?;
     if bytes == 0 || bytes % MIB != 0 {
         return Err(format!(
@@ -384,10 +393,11 @@ mod tests {
         ]);
         let a = c.launch;
         assert_eq!((a.nodes, a.name_prefix.as_str()), (3, "node"));
-        assert_eq!((a.memory, a.cpus, a.queues), (512, 1, 2));
-        assert_eq!(a.accel, "tcg");
+        let m = &a.machine;
+        assert_eq!((m.memory, m.cpus, m.queues), (512, 1, 2));
+        assert_eq!(m.accel, "tcg");
         assert_eq!(a.timeout, Duration::from_secs(120));
-        assert_eq!(a.qemu_args, ["-no-reboot"]);
+        assert_eq!(m.qemu_args, ["-no-reboot"]);
         assert_eq!(a.serve_args, ["--flush", "unsafe"]);
         assert!(!a.exit_when_ready);
         assert!(!a.no_verify, "payloads are verified by default");

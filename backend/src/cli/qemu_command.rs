@@ -8,11 +8,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
-use super::launch::parse_memory;
-use crate::launch::{
-    DEFAULT_ACCEL, DEFAULT_CPUS, DEFAULT_OVMF_CODE, DEFAULT_QEMU_BINARY, DEFAULT_QUEUES, QemuBoot,
-    QemuCommand, QemuDisk,
-};
+use super::launch::MachineArgs;
+use crate::launch::{QemuBoot, QemuCommand, QemuDisk};
 
 #[derive(Debug, Args)]
 pub struct QemuCommandArgs {
@@ -32,30 +29,11 @@ pub struct QemuCommandArgs {
     /// The node's own writable copy of the OVMF variable store.
     #[arg(long, value_name = "FILE")]
     pub ovmf_vars: PathBuf,
-    /// OVMF firmware code.
-    #[arg(long, default_value = DEFAULT_OVMF_CODE, value_name = "FILE")]
-    pub ovmf_code: PathBuf,
     /// QEMU's -name.
     #[arg(long)]
     pub name: Option<String>,
-    /// QEMU accelerator.
-    #[arg(long, default_value = DEFAULT_ACCEL)]
-    pub accel: String,
-    /// Guest memory (K/M/G suffixes; whole MiB).
-    #[arg(long, default_value = "512M", value_parser = parse_memory, value_name = "SIZE")]
-    pub memory: u32,
-    /// vCPUs.
-    #[arg(long, default_value_t = DEFAULT_CPUS, value_parser = clap::value_parser!(u32).range(1..))]
-    pub cpus: u32,
-    /// Request queues of the disk.
-    #[arg(long, default_value_t = DEFAULT_QUEUES, value_parser = clap::value_parser!(u16).range(1..=16))]
-    pub queues: u16,
-    /// QEMU binary.
-    #[arg(long, default_value = DEFAULT_QEMU_BINARY, value_name = "PATH")]
-    pub qemu: PathBuf,
-    /// Extra QEMU argument (repeatable).
-    #[arg(long = "qemu-arg", value_name = "ARG", allow_hyphen_values = true)]
-    pub qemu_args: Vec<String>,
+    #[command(flatten)]
+    pub machine: MachineArgs,
 }
 
 impl QemuCommandArgs {
@@ -71,21 +49,22 @@ impl QemuCommandArgs {
             },
             (None, None) => bail!("--socket or --image is required"),
         };
+        let machine = &self.machine;
         Ok(QemuCommand {
-            binary: self.qemu.clone(),
+            binary: machine.qemu.clone(),
             name: self.name.clone(),
-            accel: self.accel.clone(),
-            cpus: self.cpus,
-            memory_mib: self.memory,
+            accel: machine.accel.clone(),
+            cpus: machine.cpus,
+            memory_mib: machine.memory,
             disk,
-            queues: self.queues,
+            queues: machine.queues,
             boot: QemuBoot::Uefi {
-                code: self.ovmf_code.clone(),
+                code: machine.ovmf_code.clone(),
                 vars: self.ovmf_vars.clone(),
             },
             network: None,
             tpm_socket: None,
-            extra_args: self.qemu_args.clone(),
+            extra_args: machine.qemu_args.clone(),
         })
     }
 }
@@ -128,6 +107,7 @@ mod tests {
             }
         );
         assert_eq!(cmd.cpus, 2);
+        assert_eq!(cmd.memory_mib, 512);
         let cmd = parse(&[
             "--image",
             "/i",
