@@ -5,30 +5,16 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
+use ociblk_client::rng::Rng;
+
 use super::format::{CLEAN_OFFSET, HEADER_SIZE};
 use super::*;
 
 mod chain;
 
-/// xorshift64*: reproducible randomness without extra crates.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
+/// The generator of the tests and the bench, seeds spread.
+fn rng(seed: u64) -> Rng {
+    Rng::for_stream(seed, 0)
 }
 
 /// A non-zero, position-dependent base disk.
@@ -144,7 +130,7 @@ fn model_run(seed: u64, mode: FlushMode) {
     let path = dir.path().join("ov");
     // Not a multiple of 4096: the last block is partial.
     let size = (1 << 20) + 3 * 512;
-    let mut rng = Rng::new(seed);
+    let mut rng = rng(seed);
     let mut model: Vec<u8> = (0..size).map(base_byte).collect();
     let mut ov = Overlay::open(&path, cfg(size, 1, mode)).unwrap();
     for step in 0..600 {
@@ -227,7 +213,7 @@ fn runs_split_and_clip() {
     let path = dir.path().join("ov");
     let size = 10 * BS + 512;
     let ov = Overlay::open(&path, cfg(size, 1, FlushMode::Safe)).unwrap();
-    let mut rng = Rng::new(5);
+    let mut rng = rng(5);
     write(&ov, BS, &[7u8; BS as usize], &mut rng).unwrap();
     write(&ov, 2 * BS, &[7u8; BS as usize], &mut rng).unwrap();
     ov.write_zeroes(3 * BS, BS, &base).unwrap();
@@ -279,7 +265,7 @@ fn zeroes_hide_base() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ov");
     let ov = Overlay::open(&path, cfg(1 << 20, 1, FlushMode::Safe)).unwrap();
-    let mut rng = Rng::new(1);
+    let mut rng = rng(1);
     assert!(read(&ov, 0, BS, &mut rng).iter().all(|&b| b != 0));
     ov.write_zeroes(0, BS, &base).unwrap();
     ov.discard(2 * BS, 2 * BS, &base).unwrap();
@@ -303,7 +289,7 @@ fn zeroing_frees_space() {
     let path = dir.path().join("ov");
     let mib = 1u64 << 20;
     let ov = Overlay::open(&path, cfg(64 * mib, 1, FlushMode::Safe)).unwrap();
-    let mut rng = Rng::new(9);
+    let mut rng = rng(9);
     write(&ov, 0, &rng.bytes(4 * mib as usize), &mut rng).unwrap();
     ov.flush().unwrap();
     let written = allocated(&path);
@@ -359,7 +345,7 @@ fn info_and_reset() {
     let path = dir.path().join("ov");
     let size = 64 << 20;
     let ov = Overlay::open(&path, cfg(size, 7, FlushMode::Safe)).unwrap();
-    let mut rng = Rng::new(3);
+    let mut rng = rng(3);
     write(&ov, 0, &rng.bytes(3 * BS as usize), &mut rng).unwrap();
     write(&ov, 100 * BS + 1, &[1, 2, 3], &mut rng).unwrap();
     ov.write_zeroes(10 * BS, 2 * BS, &base).unwrap();
@@ -413,7 +399,7 @@ fn concurrent_sector_writes() {
     for t in 0..THREADS {
         let (ov, barrier) = (Arc::clone(&ov), Arc::clone(&barrier));
         writers.push(std::thread::spawn(move || {
-            let mut rng = Rng::new(100 + t);
+            let mut rng = rng(100 + t);
             for i in 0..WRITES {
                 if i < BLOCKS {
                     barrier.wait();
@@ -430,7 +416,7 @@ fn concurrent_sector_writes() {
     for t in 0..2u64 {
         let (ov, stop) = (Arc::clone(&ov), Arc::clone(&stop));
         others.push(std::thread::spawn(move || {
-            let mut rng = Rng::new(200 + t);
+            let mut rng = rng(200 + t);
             while !stop.load(Ordering::Relaxed) {
                 let b = 256 + rng.below(256);
                 if t == 0 {
@@ -449,7 +435,7 @@ fn concurrent_sector_writes() {
     for h in others {
         h.join().unwrap();
     }
-    let mut rng = Rng::new(0);
+    let mut rng = rng(0);
     let got = read(&ov, 0, BLOCKS * BS, &mut rng);
     for b in 0..BLOCKS {
         let last = (0..WRITES).rev().find(|i| i % BLOCKS == b).unwrap();
@@ -484,7 +470,7 @@ fn whole_block_write_races_partial_write() {
         .map(|t| {
             let (ov, barrier) = (Arc::clone(&ov), Arc::clone(&barrier));
             std::thread::spawn(move || {
-                let mut rng = Rng::new(300 + t);
+                let mut rng = rng(300 + t);
                 for b in 0..BLOCKS {
                     barrier.wait();
                     if t == 0 {
@@ -501,7 +487,7 @@ fn whole_block_write_races_partial_write() {
     }
     // Sector 0 may hold either write; the rest only the whole-block one,
     // never base bytes written back by a stale read-modify-write.
-    let got = read(&ov, 0, BLOCKS * BS, &mut Rng::new(0));
+    let got = read(&ov, 0, BLOCKS * BS, &mut rng(0));
     for b in 0..BLOCKS as usize {
         let block = &got[b * BS as usize..(b + 1) * BS as usize];
         assert!(
@@ -531,7 +517,7 @@ fn crash_keeps_flushed_writes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ov");
         let size = 8 << 20;
-        let mut rng = Rng::new(4);
+        let mut rng = rng(4);
         let ov = Overlay::open(&path, cfg(size, 1, mode)).unwrap();
         let flushed = rng.bytes(3 * BS as usize + 700);
         write(&ov, 512, &flushed, &mut rng).unwrap();
@@ -561,7 +547,7 @@ fn failed_writes_keep_state() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ov");
     let size = 1 << 20;
-    let mut rng = Rng::new(6);
+    let mut rng = rng(6);
     let ov = Overlay::open(&path, cfg(size, 1, FlushMode::Safe)).unwrap();
     let mut model: Vec<u8> = (0..size).map(base_byte).collect();
     let data = rng.bytes(2 * BS as usize);
@@ -691,7 +677,7 @@ fn parse_header_rejects_bad_input() {
         parse_header(&bytes[..HEADER_SIZE - 1]),
         Err(FormatError::Truncated { .. })
     ));
-    let mut rng = Rng::new(77);
+    let mut rng = rng(77);
     for _ in 0..1000 {
         let junk = rng.bytes(HEADER_SIZE);
         parse_header(&junk).unwrap_err();
@@ -748,7 +734,7 @@ fn parse_header_rejects_bad_input() {
         let mut b = bytes.clone();
         for _ in 0..1 + rng.below(4) {
             let i = rng.below(90) as usize;
-            b[i] = rng.next() as u8;
+            b[i] = rng.next_u64() as u8;
         }
         let b = if rng.below(2) == 0 { with_crc(b) } else { b };
         let _ = parse_header(&b);
@@ -777,7 +763,7 @@ fn a_header_that_never_reached_the_disk_means_a_new_overlay() {
         .set_len(8 << 20)
         .unwrap();
     let ov = Overlay::open(&path, cfg(1 << 20, 1, FlushMode::Safe)).unwrap();
-    let mut rng = Rng::new(5);
+    let mut rng = rng(5);
     write(&ov, 4096, &[7u8; 4096], &mut rng).unwrap();
     ov.flush().unwrap();
     drop(ov);
@@ -891,7 +877,7 @@ fn a_map_changed_after_a_clean_close_is_detected() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ov");
     let c = cfg(8 << 20, 1, FlushMode::Safe);
-    let mut rng = Rng::new(9);
+    let mut rng = rng(9);
     let ov = Overlay::open(&path, c.clone()).unwrap();
     write(&ov, 0, &[5u8; 4096], &mut rng).unwrap();
     ov.close().unwrap();
@@ -945,7 +931,7 @@ fn overlays_without_a_recorded_map_checksum_still_open() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ov");
     let c = cfg(8 << 20, 1, FlushMode::Safe);
-    let mut rng = Rng::new(10);
+    let mut rng = rng(10);
     let ov = Overlay::open(&path, c.clone()).unwrap();
     write(&ov, 8192, &[6u8; 4096], &mut rng).unwrap();
     ov.close().unwrap();
@@ -966,7 +952,7 @@ fn read_only_opens_read_only_shares_and_never_modifies() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ov");
     let c = cfg(8 << 20, 1, FlushMode::Safe);
-    let mut rng = Rng::new(11);
+    let mut rng = rng(11);
     let ov = Overlay::open(&path, c.clone()).unwrap();
     write(&ov, 4096, &[9u8; 4096], &mut rng).unwrap();
     // A writer excludes readers.

@@ -97,7 +97,7 @@ fn freeze_and_reopen(
 fn chain_model_run(seed: u64, depth: usize) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("node.ov");
-    let mut rng = Rng::new(seed);
+    let mut rng = rng(seed);
     let mut model: Vec<u8> = (0..SIZE).map(base_byte).collect();
     let mut ov = Overlay::open(&path, safe(1)).unwrap();
     let mut chain: Vec<PathBuf> = Vec::new();
@@ -174,7 +174,7 @@ fn chains_of_zero_to_three_layers_read_like_the_model() {
 fn layer_blocks_fall_through_zero_and_read_modify_write() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ov");
-    let mut rng = Rng::new(5);
+    let mut rng = rng(5);
     let ov = Overlay::open(&path, safe(1)).unwrap();
     // Block 0 data, block 1 zero, block 2 untouched (base).
     write(&ov, 0, &[7u8; 4096], &mut rng).unwrap();
@@ -214,7 +214,7 @@ fn layer_blocks_fall_through_zero_and_read_modify_write() {
 fn two_forks_of_one_layer_diverge_and_leave_it_byte_identical() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("node.ov");
-    let mut rng = Rng::new(9);
+    let mut rng = rng(9);
     let mut model: Vec<u8> = (0..SIZE).map(base_byte).collect();
     let ov = Overlay::open(&path, safe(1)).unwrap();
     let ov = random_ops(ov, &path, &[], &mut model, &mut rng, 100, "before");
@@ -254,7 +254,7 @@ fn digests_name_content_not_file_layout() {
     for name in ["x", "y"] {
         let p = dir.path().join(format!("{name}.ov"));
         let ov = Overlay::open(&p, safe(1)).unwrap();
-        let mut rng = Rng::new(3);
+        let mut rng = rng(3);
         write(&ov, 8192, &rng.bytes(10_000), &mut rng).unwrap();
         ov.write_zeroes(65536, 8192, &base).unwrap();
         ov.close().unwrap();
@@ -279,7 +279,7 @@ fn digests_name_content_not_file_layout() {
 fn one_layer(dir: &Path) -> (PathBuf, PathBuf) {
     let path = dir.join("node.ov");
     let ov = Overlay::open(&path, safe(1)).unwrap();
-    write(&ov, 0, &[1u8; 8192], &mut Rng::new(1)).unwrap();
+    write(&ov, 0, &[1u8; 8192], &mut rng(1)).unwrap();
     ov.close().unwrap();
     let l1 = dir.join("l1");
     layer::freeze(&path, &l1).unwrap();
@@ -578,7 +578,7 @@ fn layers_are_not_overlays_and_never_overwritten() {
 fn freeze_refuses_an_overlay_in_use_and_recovers_an_unclean_one() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("node.ov");
-    let mut rng = Rng::new(4);
+    let mut rng = rng(4);
     let ov = Overlay::open(&path, safe(1)).unwrap();
     write(&ov, 4096, &[3u8; 4096], &mut rng).unwrap();
     ov.flush().unwrap();
@@ -602,7 +602,7 @@ fn freeze_refuses_an_overlay_in_use_and_recovers_an_unclean_one() {
 fn new_overlays_over_layers_keep_their_chain_and_read_only_serves_it() {
     let dir = tempfile::tempdir().unwrap();
     let (_, l1) = one_layer(dir.path());
-    let mut rng = Rng::new(2);
+    let mut rng = rng(2);
     // An empty file given layers read-only reads as the chain.
     let empty = dir.path().join("empty.ov");
     fs::write(&empty, b"").unwrap();
@@ -686,7 +686,7 @@ fn v2_headers_round_trip_and_reject_bad_fields() {
 fn freeze_copies_only_data_blocks_and_falls_back_from_cloning() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("node.ov");
-    let mut rng = Rng::new(6);
+    let mut rng = rng(6);
     let ov = Overlay::open(&path, safe(1)).unwrap();
     write(&ov, 0, &rng.bytes(3 * 4096), &mut rng).unwrap();
     write(&ov, 40 * 4096, &[0u8; 4096], &mut rng).unwrap();
