@@ -2,13 +2,14 @@
 
 //! Parsing of the virtio-blk configuration space (`struct virtio_blk_config`).
 
-use std::mem::offset_of;
+use std::mem::{offset_of, size_of};
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_GEOMETRY,
     VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY,
     VIRTIO_BLK_F_WRITE_ZEROES, virtio_blk_config,
 };
+use vm_memory::ByteValued;
 
 /// Size of a virtio-blk sector: the unit of `capacity` and of request header sectors.
 pub const SECTOR_SIZE: u64 = 512;
@@ -100,30 +101,14 @@ fn has(features: u64, bit: u32) -> bool {
     features & (1u64 << bit) != 0
 }
 
-fn bytes<const N: usize>(raw: &[u8], offset: usize) -> Option<[u8; N]> {
-    raw.get(offset..offset.checked_add(N)?)?.try_into().ok()
-}
+/// The config space as the bindings lay it out.
+#[derive(Clone, Copy, Default)]
+#[repr(transparent)]
+struct WireConfig(virtio_blk_config);
 
-fn u8_at(raw: &[u8], offset: usize) -> Option<u8> {
-    raw.get(offset).copied()
-}
-
-fn u16_at(raw: &[u8], offset: usize) -> Option<u16> {
-    bytes(raw, offset).map(u16::from_le_bytes)
-}
-
-fn u32_at(raw: &[u8], offset: usize) -> Option<u32> {
-    bytes(raw, offset).map(u32::from_le_bytes)
-}
-
-fn u64_at(raw: &[u8], offset: usize) -> Option<u64> {
-    bytes(raw, offset).map(u64::from_le_bytes)
-}
-
-/// `Some(f())` if feature `bit` is in `features`, else `None`.
-fn gated<T>(features: u64, bit: u32, f: impl FnOnce() -> Option<T>) -> Option<T> {
-    if has(features, bit) { f() } else { None }
-}
+// SAFETY: `virtio_blk_config` is a packed C struct of integers and integer arrays: it
+// has no padding and every byte pattern is a valid value.
+unsafe impl ByteValued for WireConfig {}
 
 impl BlkConfig {
     /// Parses `raw` (config space from offset 0) given the negotiated virtio `features`.
@@ -131,52 +116,53 @@ impl BlkConfig {
     /// Returns `None` if `raw` is too short to hold the capacity.
     pub fn parse(raw: &[u8], features: u64) -> Option<Self> {
         type C = virtio_blk_config;
-        let geometry = offset_of!(C, geometry);
+        if raw.len() < MIN_CONFIG_SIZE as usize {
+            return None;
+        }
+        let mut wire = WireConfig::default();
+        let n = raw.len().min(size_of::<WireConfig>());
+        wire.as_mut_slice()[..n].copy_from_slice(&raw[..n]);
+        let c = wire.0;
+        // A field (or group) is there if its feature was negotiated and the bytes read
+        // reach its end: the offset of the field after it.
+        let present = |bit: u32, end: usize| has(features, bit) && end <= raw.len();
         Some(Self {
-            capacity: u64_at(raw, offset_of!(C, capacity))?,
-            size_max: gated(features, VIRTIO_BLK_F_SIZE_MAX, || {
-                u32_at(raw, offset_of!(C, size_max))
+            capacity: u64::from_le(c.capacity),
+            size_max: present(VIRTIO_BLK_F_SIZE_MAX, offset_of!(C, seg_max))
+                .then(|| u32::from_le(c.size_max)),
+            seg_max: present(VIRTIO_BLK_F_SEG_MAX, offset_of!(C, geometry))
+                .then(|| u32::from_le(c.seg_max)),
+            geometry: present(VIRTIO_BLK_F_GEOMETRY, offset_of!(C, blk_size)).then(|| Geometry {
+                cylinders: u16::from_le(c.geometry.cylinders),
+                heads: c.geometry.heads,
+                sectors: c.geometry.sectors,
             }),
-            seg_max: gated(features, VIRTIO_BLK_F_SEG_MAX, || {
-                u32_at(raw, offset_of!(C, seg_max))
+            blk_size: present(VIRTIO_BLK_F_BLK_SIZE, offset_of!(C, physical_block_exp))
+                .then(|| u32::from_le(c.blk_size)),
+            topology: present(VIRTIO_BLK_F_TOPOLOGY, offset_of!(C, wce)).then(|| Topology {
+                physical_block_exp: c.physical_block_exp,
+                alignment_offset: c.alignment_offset,
+                min_io_size: u16::from_le(c.min_io_size),
+                opt_io_size: u32::from_le(c.opt_io_size),
             }),
-            geometry: gated(features, VIRTIO_BLK_F_GEOMETRY, || {
-                Some(Geometry {
-                    cylinders: u16_at(raw, geometry + offset_of!(C, geometry.cylinders))?,
-                    heads: u8_at(raw, geometry + offset_of!(C, geometry.heads))?,
-                    sectors: u8_at(raw, geometry + offset_of!(C, geometry.sectors))?,
-                })
+            writeback: present(VIRTIO_BLK_F_CONFIG_WCE, offset_of!(C, unused)).then_some(c.wce),
+            num_queues: present(VIRTIO_BLK_F_MQ, offset_of!(C, max_discard_sectors))
+                .then(|| u16::from_le(c.num_queues)),
+            discard: present(
+                VIRTIO_BLK_F_DISCARD,
+                offset_of!(C, max_write_zeroes_sectors),
+            )
+            .then(|| DiscardLimits {
+                max_sectors: u32::from_le(c.max_discard_sectors),
+                max_segments: u32::from_le(c.max_discard_seg),
+                sector_alignment: u32::from_le(c.discard_sector_alignment),
             }),
-            blk_size: gated(features, VIRTIO_BLK_F_BLK_SIZE, || {
-                u32_at(raw, offset_of!(C, blk_size))
-            }),
-            topology: gated(features, VIRTIO_BLK_F_TOPOLOGY, || {
-                Some(Topology {
-                    physical_block_exp: u8_at(raw, offset_of!(C, physical_block_exp))?,
-                    alignment_offset: u8_at(raw, offset_of!(C, alignment_offset))?,
-                    min_io_size: u16_at(raw, offset_of!(C, min_io_size))?,
-                    opt_io_size: u32_at(raw, offset_of!(C, opt_io_size))?,
-                })
-            }),
-            writeback: gated(features, VIRTIO_BLK_F_CONFIG_WCE, || {
-                u8_at(raw, offset_of!(C, wce))
-            }),
-            num_queues: gated(features, VIRTIO_BLK_F_MQ, || {
-                u16_at(raw, offset_of!(C, num_queues))
-            }),
-            discard: gated(features, VIRTIO_BLK_F_DISCARD, || {
-                Some(DiscardLimits {
-                    max_sectors: u32_at(raw, offset_of!(C, max_discard_sectors))?,
-                    max_segments: u32_at(raw, offset_of!(C, max_discard_seg))?,
-                    sector_alignment: u32_at(raw, offset_of!(C, discard_sector_alignment))?,
-                })
-            }),
-            write_zeroes: gated(features, VIRTIO_BLK_F_WRITE_ZEROES, || {
-                Some(WriteZeroesLimits {
-                    max_sectors: u32_at(raw, offset_of!(C, max_write_zeroes_sectors))?,
-                    max_segments: u32_at(raw, offset_of!(C, max_write_zeroes_seg))?,
-                    may_unmap: u8_at(raw, offset_of!(C, write_zeroes_may_unmap))? != 0,
-                })
+            write_zeroes: present(VIRTIO_BLK_F_WRITE_ZEROES, offset_of!(C, unused1)).then(|| {
+                WriteZeroesLimits {
+                    max_sectors: u32::from_le(c.max_write_zeroes_sectors),
+                    max_segments: u32::from_le(c.max_write_zeroes_seg),
+                    may_unmap: c.write_zeroes_may_unmap != 0,
+                }
             }),
             raw: raw.to_vec(),
         })
