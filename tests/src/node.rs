@@ -119,12 +119,18 @@ impl TestNode {
     /// Starts `ociblk serve` on the node's socket and overlay, with `extra`
     /// options.
     pub fn serve(&self, extra: &[&str]) -> Server {
+        self.serve_on(&self.socket(), extra)
+    }
+
+    /// Starts `ociblk serve` on `socket` and the node's overlay, with `extra`
+    /// options.
+    pub fn serve_on(&self, socket: &Path, extra: &[&str]) -> Server {
         let mut args = self.layout_args();
         args.push("--overlay".into());
         args.push(self.overlay().display().to_string());
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Server::start(&self.socket(), &args)
+        Server::start(socket, &args)
     }
 
     /// The `ociblk serve` command for the node on `socket` and `overlay`, not
@@ -165,8 +171,18 @@ impl TestNode {
         lba * SECTOR
     }
 
+    /// `ociblk overlay info` of the node's overlay, as text.
+    pub fn overlay_info(&self) -> String {
+        let out = run_ok(
+            Command::new(ociblk_bin())
+                .args(["overlay", "info"])
+                .arg(self.overlay()),
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// `ociblk overlay info --json` of the node's overlay.
-    pub fn overlay_info(&self) -> Value {
+    pub fn overlay_info_json(&self) -> Value {
         let out = run_ok(
             Command::new(ociblk_bin())
                 .args(["overlay", "info", "--json"])

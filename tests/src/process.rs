@@ -99,6 +99,11 @@ impl Server {
         self.process.try_exit().expect("waiting for ociblk serve")
     }
 
+    /// Sends `sig`; whether it was sent (the server was not reaped yet).
+    pub fn signal(&mut self, sig: i32) -> bool {
+        self.process.signal(sig)
+    }
+
     /// Sends `sig` and waits for the exit status.
     pub fn stop_with(&mut self, sig: i32, timeout: Duration) -> ExitStatus {
         self.process.signal(sig);

@@ -2,7 +2,7 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use ociblk::launch::process::Process;
@@ -112,38 +112,81 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     out
 }
 
+/// A child started with its stdout and stderr collected, ended by its PID
+/// only (killed on drop).
+#[derive(Debug)]
+pub struct Collected {
+    process: Process,
+    what: String,
+    output: Option<std::thread::JoinHandle<(Vec<u8>, Vec<u8>)>>,
+}
+
+impl Collected {
+    /// Starts `cmd`, its stdin closed and its output collected.
+    pub fn spawn(cmd: &mut Command) -> Collected {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut process = Process::spawn(cmd, libc::SIGKILL, None)
+            .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+        let child = process.child_mut();
+        let pipes = (child.stdout.take(), child.stderr.take());
+        let output = std::thread::spawn(move || {
+            let (mut o, mut e) = (Vec::new(), Vec::new());
+            if let Some(mut stdout) = pipes.0 {
+                let _ = stdout.read_to_end(&mut o);
+            }
+            if let Some(mut stderr) = pipes.1 {
+                let _ = stderr.read_to_end(&mut e);
+            }
+            (o, e)
+        });
+        Collected {
+            process,
+            what: format!("{cmd:?}"),
+            output: Some(output),
+        }
+    }
+
+    /// Its exit status, once it has exited.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        self.process
+            .try_exit()
+            .unwrap_or_else(|e| panic!("waiting for {}: {e}", self.what))
+    }
+
+    /// Sends `signal`; whether it was sent (the child was not reaped yet).
+    pub fn signal(&mut self, signal: libc::c_int) -> bool {
+        self.process.signal(signal)
+    }
+
+    /// Waits at most `timeout` for the end (then kills it and fails) and
+    /// returns what it printed.
+    pub fn finish(mut self, timeout: Duration) -> Output {
+        let status = self
+            .process
+            .wait_until(Instant::now() + timeout)
+            .unwrap_or_else(|e| panic!("waiting for {}: {e}", self.what));
+        let Some(status) = status else {
+            self.process.kill();
+            panic!("{} did not finish within {timeout:?}", self.what);
+        };
+        let (stdout, stderr) = self
+            .output
+            .take()
+            .map(|t| t.join().expect("output reader"))
+            .unwrap_or_default();
+        Output {
+            status,
+            stdout,
+            stderr,
+        }
+    }
+}
+
 /// Runs `cmd` to its end, at most `timeout` (then kills it and fails).
 pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> Output {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut process = Process::spawn(cmd, libc::SIGKILL, None)
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    let child = process.child_mut();
-    let pipes = (child.stdout.take(), child.stderr.take());
-    let out = std::thread::spawn(move || {
-        let (mut o, mut e) = (Vec::new(), Vec::new());
-        if let Some(mut stdout) = pipes.0 {
-            let _ = stdout.read_to_end(&mut o);
-        }
-        if let Some(mut stderr) = pipes.1 {
-            let _ = stderr.read_to_end(&mut e);
-        }
-        (o, e)
-    });
-    let Some(status) = process
-        .wait_until(Instant::now() + timeout)
-        .unwrap_or_else(|e| panic!("waiting for {cmd:?}: {e}"))
-    else {
-        process.kill();
-        panic!("{cmd:?} did not finish within {timeout:?}");
-    };
-    let (stdout, stderr) = out.join().expect("output reader");
-    Output {
-        status,
-        stdout,
-        stderr,
-    }
+    Collected::spawn(cmd).finish(timeout)
 }
 
 /// Runs `cmd`, expects it to fail, and returns its stderr.

@@ -330,7 +330,8 @@ fn silent_clients_are_dropped_and_the_next_frontend_is_served() {
     let server = serve_with(&node, &["--handshake-timeout", "1"]);
     let silent = std::os::unix::net::UnixStream::connect(node.socket()).unwrap();
     let half = RawConn::connect(&node.socket(), TIMEOUT).unwrap();
-    half.send(req::GET_FEATURES, VERSION, &[], &[]).unwrap();
+    half.send(FrontendReq::GET_FEATURES, VERSION, &[], &[])
+        .unwrap();
     // Queued behind both; served once they are dropped.
     let mut c = connect(&node.socket());
     assert_eq!(&c.read(0, 512, 512).unwrap().data[..8], b"EFI PART");

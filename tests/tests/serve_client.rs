@@ -7,14 +7,14 @@
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ociblk_client::{BlkStatus, ClientOptions, RawDesc, VhostBlkClient};
 use ociblk_tests::node::{SMALL_DISK, TestNode};
 use ociblk_tests::oci::{pseudo_random, sha256_hex};
-use ociblk_tests::process::{Server, wait_exit};
-use ociblk_tests::support::{ociblk_bin, run_err, run_ok, wait_until};
+use ociblk_tests::process::Server;
+use ociblk_tests::support::{Collected, ociblk_bin, run_bounded, run_err, wait_until};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
@@ -355,9 +355,9 @@ fn overlay_is_locked_and_checked_against_the_disk() {
     let err = run_err(&mut cmd);
     assert!(err.contains("different disk"), "{err}");
     // info and reset.
-    assert_eq!(node.overlay_info()["blocks_written"], 1);
+    assert_eq!(node.overlay_info_json()["blocks_written"], 1);
     node.overlay_reset();
-    assert_eq!(node.overlay_info()["blocks_written"], 0);
+    assert_eq!(node.overlay_info_json()["blocks_written"], 0);
 }
 
 #[test]
@@ -387,61 +387,63 @@ fn socket_path_that_is_not_a_socket_is_refused() {
     assert_eq!(fs::read(node.socket()).unwrap(), b"precious");
 }
 
-/// Starts a command with its output collected, for a test that waits for it.
-fn spawn(cmd: &mut Command) -> Child {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"))
+/// A node whose data partition starts with a block of `byte` (flushed if
+/// `flush`), and its running server.
+fn node_with_a_written_block(seed: &str, byte: u8, flush: bool) -> (TestNode, u64, Server) {
+    let node = TestNode::small(seed);
+    let data_off = node.partition_offset(3);
+    let server = node.serve(&[]);
+    let mut c = node.connect(opts(1));
+    write_ok(&mut c, 0, data_off, &[byte; 4096]);
+    if flush {
+        flush_ok(&mut c, 0);
+    }
+    drop(c);
+    (node, data_off, server)
 }
 
-/// Waits (bounded) for a child to exit and returns its status and stderr.
-fn finish(mut child: Child, what: &str) -> (std::process::ExitStatus, String) {
-    let Some(status) = wait_exit(&mut child, Duration::from_secs(30)) else {
-        let _ = child.kill();
-        panic!("{what} did not exit within 30 s");
-    };
-    let out = child.wait_with_output().unwrap();
-    (status, String::from_utf8_lossy(&out.stderr).into_owned())
+/// Runs `cmd` to its end (bounded) and returns its status and stderr.
+fn run_to_end(cmd: &mut Command) -> (std::process::ExitStatus, String) {
+    let out = run_bounded(cmd, Duration::from_secs(30));
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
 fn socket_path_over_107_bytes_is_refused_before_any_file_is_made() {
-    let node = Node::new("client-8");
-    let base = node.dir.path().as_os_str().len() + 1;
-    let socket = node.dir.path().join("s".repeat(108 - base));
+    let node = TestNode::small("client-8");
+    let base = node.dir().as_os_str().len() + 1;
+    let socket = node.dir().join("s".repeat(108 - base));
     assert_eq!(socket.as_os_str().len(), 108);
-    let mut cmd = node.serve_cmd(&socket, &[]);
-    cmd.arg("--overlay").arg(node.overlay());
+    let mut cmd = node.serve_command(&socket, &node.overlay());
     // Bounded: a server that accepted the path would serve on forever.
-    let (status, err) = finish(spawn(&mut cmd), "serve on a 108-byte path");
+    let (status, err) = run_to_end(&mut cmd);
     assert!(!status.success(), "{status}");
     assert!(
         err.contains(&*socket.to_string_lossy()) && err.contains("at most 107 bytes"),
         "{err}"
     );
-    assert_eq!(fs::read_dir(node.dir.path()).unwrap().count(), 0);
+    assert_eq!(fs::read_dir(node.dir()).unwrap().count(), 0);
 }
 
 #[test]
 fn of_two_servers_started_together_on_one_socket_exactly_one_serves() {
-    let node = Node::new("client-9");
+    let node = TestNode::small("client-9");
     let socket = node.socket();
     for round in 0..4 {
-        let overlays = [0, 1].map(|i| node.dir.path().join(format!("r{round}-{i}.overlay")));
-        let mut children = overlays.clone().map(|overlay| {
-            let mut cmd = node.serve_cmd(&socket, &["--overlay"]);
-            cmd.arg(&overlay);
-            Some(spawn(&mut cmd))
-        });
+        let overlays = [0, 1].map(|i| node.dir().join(format!("r{round}-{i}.overlay")));
+        let mut children = overlays
+            .clone()
+            .map(|overlay| Some(Collected::spawn(&mut node.serve_command(&socket, &overlay))));
         // One of them fails; find it.
         let mut loser = None;
         assert!(
             wait_until(Duration::from_secs(60), || {
                 for (i, child) in children.iter_mut().enumerate() {
                     if let Some(c) = child
-                        && c.try_wait().unwrap().is_some()
+                        && c.try_exit().is_some()
                     {
                         loser = Some(i);
                         return true;
@@ -452,7 +454,11 @@ fn of_two_servers_started_together_on_one_socket_exactly_one_serves() {
             "round {round}: both servers kept running"
         );
         let loser = loser.unwrap();
-        let (status, err) = finish(children[loser].take().unwrap(), "the loser");
+        let out = children[loser]
+            .take()
+            .unwrap()
+            .finish(Duration::from_secs(30));
+        let (status, err) = (out.status, String::from_utf8_lossy(&out.stderr));
         assert!(
             !status.success(),
             "round {round}: loser exited with {status}"
@@ -464,20 +470,17 @@ fn of_two_servers_started_together_on_one_socket_exactly_one_serves() {
         // The other serves, and stops cleanly.
         let mut winner = children[1 - loser].take().unwrap();
         assert!(wait_until(Duration::from_secs(30), || socket.exists()));
-        let mut c = node.connect(1);
+        let mut c = node.connect(opts(1));
         assert_eq!(read_ok(&mut c, 0, 512, 512)[..8], *b"EFI PART");
         c.disconnect().unwrap();
-        assert!(
-            winner.try_wait().unwrap().is_none(),
-            "round {round}: winner exited"
-        );
-        // SAFETY: kill(2) on the PID of a child we own and have not reaped.
-        unsafe { libc::kill(libc::pid_t::try_from(winner.id()).unwrap(), libc::SIGTERM) };
-        let (status, err) = finish(winner, "the winner");
+        assert!(winner.try_exit().is_none(), "round {round}: winner exited");
+        assert!(winner.signal(libc::SIGTERM));
+        let out = winner.finish(Duration::from_secs(30));
+        let (status, err) = (out.status, String::from_utf8_lossy(&out.stderr));
         assert!(status.success(), "round {round}: winner: {status}\n{err}");
         assert!(!socket.exists(), "round {round}: socket left behind");
         assert!(
-            !node.dir.path().join("node.sock.lock").exists(),
+            !node.dir().join("node.sock.lock").exists(),
             "round {round}: lock file left behind"
         );
     }
@@ -485,15 +488,9 @@ fn of_two_servers_started_together_on_one_socket_exactly_one_serves() {
 
 #[test]
 fn sighup_sigusr1_and_sigpipe_never_cost_the_clean_shutdown() {
-    let node = Node::new("client-10");
-    let data_off = data_partition_offset(&node);
+    // Not flushed by the guest: the final flush keeps it.
+    let (node, data_off, mut server) = node_with_a_written_block("client-10", 3, false);
     // SIGHUP: shuts down like SIGTERM.
-    let mut server = node.serve(&[]);
-    {
-        let mut c = node.connect(1);
-        write_ok(&mut c, 0, data_off, &[3; 4096]);
-        // Not flushed by the guest: the final flush keeps it.
-    }
     let status = server.stop_with(libc::SIGHUP, Duration::from_secs(20));
     assert!(status.success(), "SIGHUP: {status}\n{}", server.log.text());
     assert!(!node.socket().exists(), "SIGHUP: socket left behind");
@@ -505,31 +502,25 @@ fn sighup_sigusr1_and_sigpipe_never_cost_the_clean_shutdown() {
     // in the exit status).
     let mut server = node.serve(&[]);
     for (name, sig) in [("SIGUSR1", libc::SIGUSR1), ("SIGPIPE", libc::SIGPIPE)] {
-        let pid = libc::pid_t::try_from(server.child.id()).unwrap();
-        // SAFETY: kill(2) on the PID of a child we own and have not reaped.
-        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
-        let mut c = node.connect(1);
+        assert!(server.signal(sig), "{name} sent");
+        let mut c = node.connect(opts(1));
         assert_eq!(read_ok(&mut c, 0, data_off, 4096), vec![3; 4096], "{name}");
         c.disconnect().unwrap();
-        assert!(
-            server.child.try_wait().unwrap().is_none(),
-            "{name} ended it"
-        );
+        assert!(server.try_exit().is_none(), "{name} ended it");
     }
-    let status = server.stop_with(libc::SIGTERM, Duration::from_secs(20));
-    assert!(status.success(), "SIGTERM: {status}\n{}", server.log.text());
+    server.stop_cleanly(Duration::from_secs(20), "stopping");
     assert!(!node.socket().exists());
     assert!(node.overlay_info().contains("Closed cleanly yes"));
 }
 
 #[test]
 fn overlay_paths_that_are_not_regular_files_are_refused() {
-    let node = Node::new("client-11");
-    let fifo = node.dir.path().join("fifo");
+    let node = TestNode::small("client-11");
+    let fifo = node.dir().join("fifo");
     let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: `c` is a NUL-terminated path that outlives the call.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-    let dir = node.dir.path().join("dir");
+    let dir = node.dir().join("dir");
     fs::create_dir(&dir).unwrap();
     for path in [fifo.as_path(), Path::new("/dev/null"), dir.as_path()] {
         let mut commands = Vec::new();
@@ -539,13 +530,13 @@ fn overlay_paths_that_are_not_regular_files_are_refused() {
             commands.push(cmd);
         }
         for extra in [&[][..], &["--read-only"][..]] {
-            let mut cmd = node.serve_cmd(&node.socket(), extra);
-            cmd.arg("--overlay").arg(path);
+            let mut cmd = node.serve_command(&node.socket(), path);
+            cmd.args(extra);
             commands.push(cmd);
         }
         for mut cmd in commands {
             let what = format!("{cmd:?}");
-            let (status, err) = finish(spawn(&mut cmd), &what);
+            let (status, err) = run_to_end(&mut cmd);
             assert!(!status.success(), "{what} succeeded");
             assert!(
                 err.contains("not a regular file") && err.contains(&*path.to_string_lossy()),
@@ -556,7 +547,7 @@ fn overlay_paths_that_are_not_regular_files_are_refused() {
     assert!(fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
     assert!(!node.socket().exists());
     // An error's cause is printed once.
-    let missing = node.dir.path().join("missing");
+    let missing = node.dir().join("missing");
     let err = run_err(
         Command::new(ociblk_bin())
             .args(["overlay", "info"])
@@ -567,19 +558,19 @@ fn overlay_paths_that_are_not_regular_files_are_refused() {
 
 #[test]
 fn bad_arguments_leave_no_file_behind() {
-    let node = Node::new("client-12");
+    let node = TestNode::small("client-12");
     for bad in [
         &["--queue-size", "3"][..],
         &["--queue-size", "2048"][..],
         &["--queues", "0"][..],
         &["--handshake-timeout", "0"][..],
     ] {
-        let mut cmd = node.serve_cmd(&node.socket(), bad);
-        cmd.arg("--overlay").arg(node.overlay());
+        let mut cmd = node.serve_command(&node.socket(), &node.overlay());
+        cmd.args(bad);
         let err = run_err(&mut cmd);
         assert!(err.contains("invalid"), "{bad:?}: {err}");
         assert_eq!(
-            fs::read_dir(node.dir.path()).unwrap().count(),
+            fs::read_dir(node.dir()).unwrap().count(),
             0,
             "{bad:?} left a file"
         );
@@ -588,22 +579,13 @@ fn bad_arguments_leave_no_file_behind() {
 
 #[test]
 fn overlays_and_exports_are_private_and_an_empty_overlay_is_initialised_aloud() {
-    let node = Node::new("client-13");
+    let node = TestNode::small("client-13");
     // Created by serve: 0600, whatever the umask lets through.
     let mut server = node.serve(&[]);
     let mode = fs::metadata(node.overlay()).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "overlay mode {mode:o}");
     server.stop_with(libc::SIGTERM, Duration::from_secs(20));
-    let out = node.dir.path().join("export.raw");
-    run_ok(
-        Command::new(ociblk_bin())
-            .arg("export")
-            .args(node.layout_args())
-            .arg("--overlay")
-            .arg(node.overlay())
-            .arg("--output")
-            .arg(&out),
-    );
+    let out = node.export(true);
     let mode = fs::metadata(&out).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "export mode {mode:o}");
     fs::remove_file(&out).unwrap();
@@ -630,52 +612,21 @@ fn overlays_and_exports_are_private_and_an_empty_overlay_is_initialised_aloud() 
 
 #[test]
 fn read_only_serving_shares_the_overlay_and_never_modifies_it() {
-    let node = Node::new("client-14");
-    let data_off = data_partition_offset(&node);
-    let mut server = node.serve(&[]);
-    {
-        let mut c = node.connect(1);
-        write_ok(&mut c, 0, data_off, &[8; 4096]);
-        flush_ok(&mut c, 0);
-    }
+    let (node, data_off, mut server) = node_with_a_written_block("client-14", 8, true);
     server.stop_with(libc::SIGTERM, Duration::from_secs(20));
     fs::set_permissions(node.overlay(), fs::Permissions::from_mode(0o400)).unwrap();
     let before = fs::read(node.overlay()).unwrap();
     let mtime = fs::metadata(node.overlay()).unwrap().mtime_nsec();
 
-    let overlay = node.overlay().display().to_string();
-    let ro = ["--read-only", "--overlay", overlay.as_str()];
-    let mut a = Server::start(
-        &node.socket(),
-        &{
-            let mut v = node.layout_args();
-            v.extend(ro.iter().map(|s| s.to_string()));
-            v
-        }
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>(),
-    );
+    let mut a = node.serve(&["--read-only"]);
     // A second reader shares it, a writer is refused.
-    let second = node.dir.path().join("second.sock");
-    let mut b = Server::start(
-        &second,
-        &{
-            let mut v = node.layout_args();
-            v.extend(ro.iter().map(|s| s.to_string()));
-            v
-        }
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>(),
-    );
-    let mut cmd = node.serve_cmd(&node.dir.path().join("writer.sock"), &["--overlay"]);
-    cmd.arg(node.overlay());
+    let mut b = node.serve_on(&node.dir().join("second.sock"), &["--read-only"]);
+    let mut cmd = node.serve_command(&node.dir().join("writer.sock"), &node.overlay());
     let err = run_err(&mut cmd);
     assert!(err.contains("in use"), "{err}");
     // Not even marked in use.
     assert!(node.overlay_info().contains("Closed cleanly yes"));
-    let mut c = node.connect(1);
+    let mut c = node.connect(opts(1));
     assert!(c.has_feature(VIRTIO_BLK_F_RO));
     assert_eq!(read_ok(&mut c, 0, data_off, 4096), vec![8; 4096]);
     assert_eq!(
@@ -685,8 +636,7 @@ fn read_only_serving_shares_the_overlay_and_never_modifies_it() {
     flush_ok(&mut c, 0);
     c.disconnect().unwrap();
     for s in [&mut a, &mut b] {
-        let status = s.stop_with(libc::SIGTERM, Duration::from_secs(20));
-        assert!(status.success(), "{status}\n{}", s.log.text());
+        s.stop_cleanly(Duration::from_secs(20), "stopping");
     }
     assert!(
         fs::read(node.overlay()).unwrap() == before,

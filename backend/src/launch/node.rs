@@ -770,8 +770,12 @@ mod tests {
         let mut node = Node::prepare(&spec, &spec.nodes[0]).unwrap();
         let mut sleep = Command::new("sleep");
         sleep.arg("60");
-        let mut serve =
-            Process::spawn(&mut sleep, libc::SIGKILL, Some(&node.dir.join(SERVE_PID_FILE))).unwrap();
+        let mut serve = Process::spawn(
+            &mut sleep,
+            libc::SIGKILL,
+            Some(&node.dir.join(SERVE_PID_FILE)),
+        )
+        .unwrap();
         serve.kill();
         node.serve = Some(serve);
         node

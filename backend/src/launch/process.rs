@@ -102,17 +102,18 @@ impl Process {
         Ok(self.status)
     }
 
-    /// Sends `signal` unless the child is already reaped.
-    pub fn signal(&mut self, signal: libc::c_int) {
+    /// Sends `signal` unless the child is already reaped; returns whether
+    /// it was sent.
+    pub fn signal(&mut self, signal: libc::c_int) -> bool {
         if self.status.is_some() {
-            return;
+            return false;
         }
         let Ok(pid) = libc::pid_t::try_from(self.child.id()) else {
-            return;
+            return false;
         };
         // SAFETY: kill(2) with the PID of our unreaped child, which no
         // other process can have.
-        unsafe { libc::kill(pid, signal) };
+        unsafe { libc::kill(pid, signal) == 0 }
     }
 
     /// Waits until `deadline` for the child to exit; reaps it if it did.
