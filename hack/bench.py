@@ -428,10 +428,7 @@ def boot_ociblk(image, scratch, extra):
                         log=d / "serve.log")
         srv.start()
         try:
-            cmd = qemu_base(d / "vars.fd") + [
-                "-chardev", f"socket,id=d0,path={sock}",
-                "-device", "vhost-user-blk-pci,chardev=d0,num-queues=2,disable-legacy=on,bootindex=1"]
-            seconds = boot_once(cmd, d / "vars.fd")
+            seconds = boot_once(qemu_command(d / "vars.fd", "--socket", sock), d / "vars.fd")
         finally:
             srv.stop()
         hashed = sum(int(w.split("=")[1]) for line in (d / "serve.log").read_text().splitlines()

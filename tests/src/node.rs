@@ -11,7 +11,7 @@ use ociblk_client::{ClientOptions, VhostBlkClient};
 use serde_json::Value;
 
 use crate::process::{Boot, GuestConfig, Server};
-use crate::support::{ociblk_bin, run_ok, sample_image};
+use crate::support::{copy_sample_image, ociblk_bin, run_ok, sample_image};
 
 /// A small disk, so that whole-disk comparisons stay quick.
 pub const SMALL_DISK: &[&str] = &["--disk-size", "512MiB", "--system-size", "64MiB"];
@@ -59,6 +59,14 @@ impl TestNode {
     /// A node of the sample image on a [`SMALL_DISK`].
     pub fn small(seed: &str) -> TestNode {
         TestNode::new(seed).layout(SMALL_DISK)
+    }
+
+    /// A node of its own copy of the sample image (regular files, in the
+    /// node's temp directory), which the test may change.
+    pub fn with_sample_copy(seed: &str) -> TestNode {
+        let mut node = TestNode::new(seed);
+        node.image = copy_sample_image(node.dir());
+        node
     }
 
     /// A node of `image`.

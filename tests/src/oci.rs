@@ -56,6 +56,14 @@ pub fn sha256_hex(data: &[u8]) -> String {
 impl ImageBuilder {
     /// An x86_64 image with a `system` and a `kernel.efi` payload of the
     /// given sizes (pseudo-random content).
+    /// An image (1 MiB system, 1000-byte kernel) whose `system` payload
+    /// claims zstd compression, which ociblk does not serve.
+    pub fn with_compressed_system() -> Self {
+        let mut b = ImageBuilder::with_sizes(1 << 20, 1000);
+        b.payloads[0].media_type = "application/zstd".into();
+        b
+    }
+
     pub fn with_sizes(system: usize, kernel: usize) -> Self {
         ImageBuilder {
             product_info: json!({
@@ -74,6 +82,14 @@ impl ImageBuilder {
     }
 
     /// Writes the image into `dir` (which must not exist or be empty).
+    /// Writes the image into a fresh temp directory, kept while the guard
+    /// lives.
+    pub fn write_temp(&self) -> (tempfile::TempDir, WrittenImage) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let img = self.write(dir.path()).expect("write the image");
+        (dir, img)
+    }
+
     pub fn write(&self, dir: &Path) -> io::Result<WrittenImage> {
         let blobs = dir.join("blobs/sha256");
         fs::create_dir_all(&blobs)?;

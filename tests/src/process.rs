@@ -230,6 +230,11 @@ impl Guest {
         }
     }
 
+    /// Everything the console printed so far, carriage returns dropped.
+    pub fn transcript(&self) -> String {
+        self.console.output().text()
+    }
+
     /// Waits until the console shows `pattern` after what was already
     /// matched, or `timeout` passes; returns the text up to it.
     pub fn expect(&mut self, pattern: &str, timeout: Duration) -> String {

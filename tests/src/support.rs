@@ -91,6 +91,29 @@ pub fn sample_image() -> PathBuf {
     dir
 }
 
+/// A copy of the sample image in `to/image` with regular files only (blob
+/// symlinks resolved), so that tests may change it; build/sample-image is
+/// never touched.
+pub fn copy_sample_image(to: &Path) -> PathBuf {
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).expect("create the copy's directory");
+        for entry in std::fs::read_dir(from).expect("read the sample image") {
+            let entry = entry.expect("read the sample image");
+            let target = to.join(entry.file_name());
+            // metadata() follows symlinks: a linked blob becomes a file.
+            let meta = std::fs::metadata(entry.path()).expect("stat a sample image file");
+            if meta.is_dir() {
+                copy_dir(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), &target).expect("copy a sample image file");
+            }
+        }
+    }
+    let dir = to.join("image");
+    copy_dir(&sample_image(), &dir);
+    dir
+}
+
 /// Kernel and initramfs of the sample guest, built with the sample image.
 pub fn sample_guest() -> PathBuf {
     sample_image();

@@ -16,7 +16,7 @@ use ociblk_tests::node::{SMALL_DISK, TestNode};
 use ociblk_tests::oci::pseudo_random;
 use ociblk_tests::process::Server;
 use ociblk_tests::support::wait_until;
-use ociblk_tests::support::{require_tool, run_bounded, run_ok, sample_image};
+use ociblk_tests::support::{copy_sample_image, require_tool, run_bounded, run_ok};
 
 /// Digest of the sample image's `system` payload.
 const SYSTEM_BLOB: &str = "3b7adc9bf62b6361117d4d08821f452b2931c3ce35bbb4a3196119c156fd4f00";
@@ -48,25 +48,9 @@ fn assert_alive(server: &mut Server, what: &str) {
     );
 }
 
-/// A copy of the sample image with regular files only (blob symlinks
-/// resolved), so that tests may change it; build/sample-image is never
-/// touched.
+/// A copy of the sample image in `to` whose system blob is a regular file.
 fn copy_image(to: &Path) -> PathBuf {
-    fn copy_dir(from: &Path, to: &Path) {
-        fs::create_dir_all(to).unwrap();
-        for entry in fs::read_dir(from).unwrap() {
-            let entry = entry.unwrap();
-            let target = to.join(entry.file_name());
-            // metadata() follows symlinks: a linked blob becomes a file.
-            if fs::metadata(entry.path()).unwrap().is_dir() {
-                copy_dir(&entry.path(), &target);
-            } else {
-                fs::copy(entry.path(), &target).unwrap();
-            }
-        }
-    }
-    let dir = to.join("image");
-    copy_dir(&sample_image(), &dir);
+    let dir = copy_sample_image(to);
     let blob = dir.join("blobs/sha256").join(SYSTEM_BLOB);
     assert!(
         fs::symlink_metadata(&blob).unwrap().file_type().is_file(),

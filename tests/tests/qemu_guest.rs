@@ -547,10 +547,7 @@ fn corrupted_system_payload_fails_the_guest_mount_with_an_io_error() {
     // A copy of the sample image with real files, one bit flipped in the
     // system payload's first chunk, far from the erofs superblock: the
     // whole chunk is checked before any byte of it reaches the guest.
-    let mut node = Node::new("e2e-6");
-    let image = node.dir.path().join("image");
-    run_ok(Command::new("cp").arg("-rL").arg(&node.image).arg(&image));
-    node.image = image;
+    let node = TestNode::with_sample_copy("e2e-6");
     let system = payload_path(&node.inspect(), "system");
     let f = fs::OpenOptions::new()
         .read(true)
@@ -567,7 +564,7 @@ fn corrupted_system_payload_fails_the_guest_mount_with_an_io_error() {
     guest.expect("ociblk-sample: FATAL: cannot mount", BOOT);
     let status = guest.wait_exit(EXIT);
     assert!(status.success(), "QEMU exited with {status}");
-    let console = &guest.transcript;
+    let console = &guest.transcript();
     // busybox prints strerror(EIO); erofs would complain about the
     // superblock's contents had it seen the corrupted bytes.
     assert!(

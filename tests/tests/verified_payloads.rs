@@ -10,11 +10,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use ociblk_client::{BlkStatus, ClientOptions, VhostBlkClient};
 use ociblk_layout::{Content, DiskParams, Layout, OsImage};
+use ociblk_tests::node::TestNode;
 use ociblk_tests::oci::{ImageBuilder, WrittenImage, sha256_hex};
-use ociblk_tests::process::{Server, wait_until};
-use ociblk_tests::support::{ociblk_bin, run_err, run_ok};
-use ociblk_tests::vhost_client::{BlkStatus, ClientOptions, VhostBlkClient};
+use ociblk_tests::process::Server;
+use ociblk_tests::support::{ociblk_bin, run_err, run_ok, wait_until};
 
 /// Small chunks keep the images small while still having many chunks.
 const CHUNK: u64 = 64 << 10;
@@ -25,8 +26,10 @@ const SEED: &str = "verify";
 const DISK: &[&str] = &["--disk-size", "256MiB", "--system-size", "16MiB"];
 
 struct Fixture {
+    /// Holds the image.
     dir: tempfile::TempDir,
     image: WrittenImage,
+    node: TestNode,
     system: Vec<u8>,
     kernel: Vec<u8>,
     layout: Layout,
@@ -45,41 +48,23 @@ impl Fixture {
         params.disk_size = 256 << 20;
         params.system_size = 16 << 20;
         let layout = Layout::build(&os, &params).unwrap();
+        let node = TestNode::with_image(&image.dir, SEED).layout(DISK);
         Fixture {
             dir,
             image,
+            node,
             system,
             kernel,
             layout,
         }
     }
 
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("node.sock")
-    }
-
-    fn layout_args(&self) -> Vec<String> {
-        let mut v = vec![
-            "--image".to_owned(),
-            self.image.dir.display().to_string(),
-            "--seed".to_owned(),
-            SEED.to_owned(),
-        ];
-        v.extend(DISK.iter().map(|s| s.to_string()));
-        v
-    }
-
     fn serve(&self, extra: &[&str]) -> Server {
-        let mut args = self.layout_args();
-        args.push("--overlay".into());
-        args.push(self.dir.path().join("node.overlay").display().to_string());
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Server::start(&self.socket(), &args)
+        self.node.serve(extra)
     }
 
     fn connect(&self) -> VhostBlkClient {
-        VhostBlkClient::connect(&self.socket(), ClientOptions::default()).unwrap()
+        self.node.connect(ClientOptions::default())
     }
 
     fn blob(&self, payload: &str) -> PathBuf {
@@ -216,8 +201,7 @@ fn flipped_system_byte_is_never_served_and_recovers_when_fixed() {
     // At exit the server says how much it verified.
     drop(c);
     let mut server = server;
-    let status = server.stop_with(libc::SIGTERM, Duration::from_secs(30));
-    assert!(status.success(), "{}", server.log.text());
+    server.stop_cleanly(Duration::from_secs(30), "stopping");
     wait_for_log(
         &server,
         &[
@@ -355,10 +339,7 @@ fn verify_command_refuses_a_short_blob() {
 
 #[test]
 fn verify_command_does_not_pass_a_compressed_payload() {
-    let t = tempfile::tempdir().unwrap();
-    let mut b = ImageBuilder::with_sizes(1 << 20, 1000);
-    b.payloads[0].media_type = "application/zstd".into();
-    let img = b.write(t.path()).unwrap();
+    let (_t, img) = ImageBuilder::with_compressed_system().write_temp();
     let out = verify_cmd(&img.dir).output().unwrap();
     assert!(!out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -378,7 +359,7 @@ fn export(fx: &Fixture, extra: &[&str]) -> (std::process::Output, PathBuf) {
     let out = fx.dir.path().join("disk.raw");
     let o = Command::new(ociblk_bin())
         .arg("export")
-        .args(fx.layout_args())
+        .args(fx.node.layout_args())
         .arg("--output")
         .arg(&out)
         .args(extra)
