@@ -133,9 +133,14 @@ impl TestNode {
     /// Starts `ociblk serve` on `socket` and the node's overlay, with `extra`
     /// options.
     pub fn serve_on(&self, socket: &Path, extra: &[&str]) -> Server {
+        self.serve_files(socket, &self.overlay(), extra)
+    }
+
+    /// Starts `ociblk serve` on `socket` and `overlay`, with `extra` options.
+    pub fn serve_files(&self, socket: &Path, overlay: &Path, extra: &[&str]) -> Server {
         let mut args = self.layout_args();
         args.push("--overlay".into());
-        args.push(self.overlay().display().to_string());
+        args.push(overlay.display().to_string());
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Server::start(socket, &args)
@@ -197,6 +202,16 @@ impl TestNode {
                 .arg(self.overlay()),
         );
         serde_json::from_slice(&out.stdout).expect("overlay info --json prints JSON")
+    }
+
+    /// `ociblk overlay freeze` of the node's overlay into `layer`.
+    pub fn overlay_freeze(&self, layer: &Path) {
+        run_ok(
+            Command::new(ociblk_bin())
+                .args(["overlay", "freeze"])
+                .arg(self.overlay())
+                .arg(layer),
+        );
     }
 
     /// `ociblk overlay reset` of the node's overlay.

@@ -18,12 +18,15 @@
 
 use std::collections::HashMap;
 use std::fs;
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ociblk_client::rng::Rng;
 use ociblk_client::{BlkStatus, ClientOptions, Request, Token, VhostBlkClient};
 use ociblk_tests::node::TestNode;
 use ociblk_tests::process::Server;
+use ociblk_tests::support::{ociblk_bin, run_ok};
 
 const BS: u64 = 4096;
 const SECTOR: usize = 512;
@@ -397,14 +400,9 @@ fn build_chain(
         }
         assert_eq!(c.flush(0).unwrap().status, BlkStatus::Ok);
         c.disconnect().unwrap();
-        assert!(server.stop_with(libc::SIGTERM, WAIT).success());
-        let layer = node.dir.path().join(format!("layer{n}"));
-        run_ok(
-            Command::new(ociblk_bin())
-                .args(["overlay", "freeze"])
-                .arg(node.dir.path().join("node.overlay"))
-                .arg(&layer),
-        );
+        server.stop_cleanly(WAIT, &format!("building layer {n}"));
+        let layer = node.dir().join(format!("layer{n}"));
+        node.overlay_freeze(&layer);
         let sha = ociblk_tests::oci::sha256_hex(&fs::read(&layer).unwrap());
         out.push((layer, sha));
     }
@@ -514,7 +512,7 @@ fn crash_rounds_over(mode: &'static str, seed: u64, layers: usize, rounds: u64) 
         let out = run_ok(
             Command::new(ociblk_bin())
                 .args(["overlay", "verify"])
-                .arg(node.dir.path().join("node.overlay")),
+                .arg(node.overlay()),
         );
         let out = String::from_utf8_lossy(&out.stdout);
         assert_eq!(out.matches("verified").count(), chain.len(), "{out}");

@@ -12,73 +12,51 @@ use std::process::Command;
 use std::time::Duration;
 
 use ociblk::overlay::parse_header;
+use ociblk_client::{BlkStatus, ClientOptions, VhostBlkClient};
+use ociblk_tests::node::{SMALL_DISK, TestNode};
 use ociblk_tests::oci::sha256_hex;
 use ociblk_tests::process::Server;
-use ociblk_tests::support::{ociblk_bin, run_err, run_ok, sample_image};
-use ociblk_tests::vhost_client::{BlkStatus, ClientOptions, VhostBlkClient};
+use ociblk_tests::support::{ociblk_bin, run_err, run_ok};
 
-const DISK: &[&str] = &["--disk-size", "512MiB", "--system-size", "64MiB"];
 /// Where the tests write: the data partition of the small disk, whose base
 /// is zeros, and a block of system A, whose base is payload.
 const DATA_AT: u64 = 300 << 20;
 const STOP: Duration = Duration::from_secs(20);
 
+/// The test's directory (the node's temp directory) and its node.
 struct Env {
-    dir: tempfile::TempDir,
-    image: PathBuf,
+    node: TestNode,
 }
 
 impl Env {
     fn new() -> Env {
         Env {
-            dir: tempfile::tempdir().unwrap(),
-            image: sample_image(),
+            node: TestNode::small("node"),
         }
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn layout_args(&self, seed: &str) -> Vec<String> {
-        let mut v = vec![
-            "--image".into(),
-            self.image.display().to_string(),
-            "--seed".into(),
-            seed.into(),
-        ];
-        v.extend(DISK.iter().map(|s| s.to_string()));
-        v
+        self.node.dir().join(name)
     }
 
     /// `ociblk serve` of seed `node` on `overlay`, with `extra` arguments.
     fn serve(&self, overlay: &Path, extra: &[&str]) -> Server {
-        let mut args = self.layout_args("node");
-        args.push("--overlay".into());
-        args.push(overlay.display().to_string());
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Server::start(&self.path("node.sock"), &args)
+        self.node.serve_files(&self.node.socket(), overlay, extra)
     }
 
     /// `ociblk serve` that must fail before serving; its stderr.
     fn serve_err(&self, seed: &str, overlay: &Path, extra: &[&str]) -> String {
+        let node = TestNode::with_image(self.node.image(), seed).layout(SMALL_DISK);
         run_err(
-            Command::new(ociblk_bin())
-                .arg("serve")
-                .args(self.layout_args(seed))
-                .arg("--socket")
-                .arg(self.path("refused.sock"))
-                .arg("--overlay")
-                .arg(overlay)
+            node.serve_command(&self.path("refused.sock"), overlay)
                 .args(extra)
-                .current_dir(self.dir.path()),
+                .current_dir(self.node.dir()),
         )
     }
 
     fn ociblk(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(ociblk_bin());
-        cmd.args(args).current_dir(self.dir.path());
+        cmd.args(args).current_dir(self.node.dir());
         cmd
     }
 
@@ -91,7 +69,7 @@ impl Env {
     }
 
     fn connect(&self) -> VhostBlkClient {
-        VhostBlkClient::connect(&self.path("node.sock"), ClientOptions::default()).unwrap()
+        self.node.connect(ClientOptions::default())
     }
 
     /// Serves `overlay`, writes `writes`, flushes, stops cleanly.
@@ -104,7 +82,7 @@ impl Env {
         }
         assert_eq!(c.flush(0).unwrap().status, BlkStatus::Ok);
         drop(c);
-        assert!(server.stop_with(libc::SIGTERM, STOP).success());
+        server.stop_cleanly(STOP, "stopping");
     }
 
     /// Serves `overlay` (by its recorded chain) and reads `len` at each offset.
@@ -120,7 +98,7 @@ impl Env {
             })
             .collect();
         drop(c);
-        assert!(server.stop_with(libc::SIGTERM, STOP).success());
+        server.stop_cleanly(STOP, "stopping");
         out
     }
 }
@@ -195,7 +173,7 @@ fn a_frozen_node_forks_twice_and_the_forks_diverge_leaving_the_layer_intact() {
     // Two forks over the layer, given relative to the working directory
     // (which `ociblk serve` inherits; no other test of this file depends
     // on it): the chain records it absolute.
-    std::env::set_current_dir(env.dir.path()).unwrap();
+    std::env::set_current_dir(env.node.dir()).unwrap();
     let mut expect_sys_a = base[0].clone();
     expect_sys_a[512..1024].fill(0xa2);
     for (name, byte) in [("fork1.overlay", 0xb1u8), ("fork2.overlay", 0xb2)] {
@@ -234,7 +212,7 @@ fn a_frozen_node_forks_twice_and_the_forks_diverge_leaving_the_layer_intact() {
         // export --overlay reads through the chain.
         let raw = env.path("export.raw");
         let mut cmd = env.ociblk(&["export"]);
-        cmd.args(env.layout_args("node"))
+        cmd.args(env.node.layout_args())
             .arg("--output")
             .arg(&raw)
             .arg("--overlay")
