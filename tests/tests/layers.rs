@@ -44,6 +44,13 @@ impl Env {
         self.node.serve_files(&self.node.socket(), overlay, extra)
     }
 
+    /// Fails unless `ociblk serve` of `seed` on `overlay` fails before
+    /// serving with an error holding `want`.
+    fn refused(&self, seed: &str, overlay: &Path, extra: &[&str], want: &str) {
+        let msg = self.serve_err(seed, overlay, extra);
+        assert!(msg.contains(want), "{msg}");
+    }
+
     /// `ociblk serve` that must fail before serving; its stderr.
     fn serve_err(&self, seed: &str, overlay: &Path, extra: &[&str]) -> String {
         let node = TestNode::with_image(self.node.image(), seed).layout(SMALL_DISK);
@@ -255,43 +262,44 @@ fn every_refusal_names_the_file() {
     let new = env.path("new.overlay");
 
     // A layer for another disk: the seed changes the disk's IDs.
-    let msg = env.serve_err("other", &new, &["--layer", "l1"]);
-    assert!(
-        msg.contains(&format!(
-            "layer {} was made for a different disk",
-            l1.display()
-        )),
-        "{msg}"
+    env.refused(
+        "other",
+        &new,
+        &["--layer", "l1"],
+        &format!("layer {} was made for a different disk", l1.display()),
     );
     assert!(!new.exists(), "nothing is created for a refused chain");
     // Parents that do not match.
-    let msg = env.serve_err("node", &new, &["--layer", "l2"]);
-    assert!(
-        msg.contains(&format!(
+    env.refused(
+        "node",
+        &new,
+        &["--layer", "l2"],
+        &format!(
             "layer {} does not fit the chain: it was frozen over layer sha256:",
             l2.display()
-        )),
-        "{msg}"
+        ),
     );
-    let msg = env.serve_err("node", &new, &["--layer", "l2", "--layer", "l1"]);
-    assert!(msg.contains("does not fit the chain"), "{msg}");
+    env.refused(
+        "node",
+        &new,
+        &["--layer", "l2", "--layer", "l1"],
+        "does not fit the chain",
+    );
     // A list that disagrees with the recorded chain.
-    let msg = env.serve_err("node", &node, &["--layer", "l1"]);
-    assert!(
-        msg.contains(&format!("overlay {} was made over another chain of layers: it records 2 layers, --layer gives 1 layer", node.display())),
-        "{msg}"
-    );
+    env.refused("node", &node, &["--layer", "l1"], &format!("overlay {} was made over another chain of layers: it records 2 layers, --layer gives 1 layer", node.display()));
     // A layer given where an overlay is wanted, and the other way round.
-    let msg = env.serve_err("node", &l1, &[]);
-    assert!(
-        msg.contains(&format!(
-            "{} is a frozen layer, not an overlay",
-            l1.display()
-        )),
-        "{msg}"
+    env.refused(
+        "node",
+        &l1,
+        &[],
+        &format!("{} is a frozen layer, not an overlay", l1.display()),
     );
-    let msg = env.serve_err("node", &new, &["--layer", "node.overlay"]);
-    assert!(msg.contains("is an overlay, not a frozen layer"), "{msg}");
+    env.refused(
+        "node",
+        &new,
+        &["--layer", "node.overlay"],
+        "is an overlay, not a frozen layer",
+    );
     // Freezing onto an existing file, and a layer again.
     let msg = env.err(&["overlay", "freeze", "node.overlay", "l1"]);
     assert!(
@@ -329,10 +337,11 @@ fn every_refusal_names_the_file() {
         old[0]
     };
     let old = poke(header.map_offset + 3, 2);
-    let msg = env.serve_err("node", &node, &[]);
-    assert!(
-        msg.contains(&format!("layer {} was modified", l1.display())),
-        "{msg}"
+    env.refused(
+        "node",
+        &node,
+        &[],
+        &format!("layer {} was modified", l1.display()),
     );
     let info = env.ok(&["overlay", "info", "node.overlay"]);
     assert!(info.contains("Chain          BROKEN: layer"), "{info}");
@@ -353,14 +362,15 @@ fn every_refusal_names_the_file() {
     assert!(out.contains("verified"), "{out}");
     // A missing layer.
     fs::rename(&l1, env.path("moved")).unwrap();
-    let msg = env.serve_err("node", &node, &[]);
-    assert!(
-        msg.contains(&format!(
+    env.refused(
+        "node",
+        &node,
+        &[],
+        &format!(
             "layer {} is missing (recorded in overlay {})",
             l1.display(),
             node.display()
-        )),
-        "{msg}"
+        ),
     );
     // Named where it is now, with the digest recorded: accepted.
     let moved = env.path("moved").display().to_string();
