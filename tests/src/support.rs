@@ -91,6 +91,24 @@ pub fn sample_image() -> PathBuf {
     dir
 }
 
+/// Writes byte `value` at `at` of a read-only (0400) file, which stays
+/// read-only; returns the byte that was there.
+pub fn poke_read_only(path: &Path, at: u64, value: u8) -> u8 {
+    use std::os::unix::fs::{FileExt, PermissionsExt};
+    let mode = |m| std::fs::set_permissions(path, std::fs::Permissions::from_mode(m));
+    mode(0o600).expect("make the file writable");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open the file");
+    let mut old = [0u8];
+    f.read_exact_at(&mut old, at).expect("read the byte");
+    f.write_all_at(&[value], at).expect("write the byte");
+    mode(0o400).expect("make the file read-only again");
+    old[0]
+}
+
 /// A copy of the sample image in `to/image` with regular files only (blob
 /// symlinks resolved), so that tests may change it; build/sample-image is
 /// never touched.

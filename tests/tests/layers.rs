@@ -16,7 +16,7 @@ use ociblk_client::{BlkStatus, ClientOptions, VhostBlkClient};
 use ociblk_tests::node::{SMALL_DISK, TestNode};
 use ociblk_tests::oci::sha256_hex;
 use ociblk_tests::process::Server;
-use ociblk_tests::support::{ociblk_bin, run_err, run_ok};
+use ociblk_tests::support::{ociblk_bin, poke_read_only, run_err, run_ok};
 
 /// Where the tests write: the data partition of the small disk, whose base
 /// is zeros, and a block of system A, whose base is payload.
@@ -323,19 +323,7 @@ fn every_refusal_names_the_file() {
 
     // A modified map: caught at every start.
     let header = parse_header(&fs::read(&l1).unwrap()[..4096]).unwrap();
-    let poke = |at: u64, v: u8| {
-        fs::set_permissions(&l1, fs::Permissions::from_mode(0o600)).unwrap();
-        let f = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&l1)
-            .unwrap();
-        let mut old = [0u8];
-        f.read_exact_at(&mut old, at).unwrap();
-        f.write_all_at(&[v], at).unwrap();
-        fs::set_permissions(&l1, fs::Permissions::from_mode(0o400)).unwrap();
-        old[0]
-    };
+    let poke = |at: u64, v: u8| poke_read_only(&l1, at, v);
     let old = poke(header.map_offset + 3, 2);
     env.refused(
         "node",
