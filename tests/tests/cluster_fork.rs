@@ -19,7 +19,7 @@ use ociblk::launch::snapshot::{self, SnapshotSpec};
 use ociblk::launch::{
     Cluster, ClusterSpec, NetworkSpec, NodeSpec, TPM_PID_FILE, TPM_SOCKET_FILE, TpmSpec,
 };
-use ociblk_tests::support::{ociblk_bin, require_tool, sample_image};
+use ociblk_tests::support::{ociblk_bin, require_tool, sample_image, verbose};
 use sha2::{Digest, Sha256};
 
 const READY: &str = "ociblk-sample: ready";
@@ -31,10 +31,6 @@ const POWER_OFF_TIMEOUT: Duration = Duration::from_secs(60);
 /// The sample guest's data partition (its ext2 holds /node-state).
 const DATA_PARTITION: &str = "/dev/vda4";
 const NODES: [&str; 2] = ["node-1", "node-2"];
-
-fn verbose() -> bool {
-    std::env::var_os("OCIBLK_TEST_VERBOSE").is_some()
-}
 
 fn configure(spec: &mut ClusterSpec) {
     spec.ociblk_binary = ociblk_bin();

@@ -295,6 +295,40 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_nic_an_uplink_and_a_tpm() {
+        let mut cmd = QemuCommand::new(
+            QemuDisk::VhostUser {
+                socket: "/s/node.sock".into(),
+                reconnect: false,
+            },
+            QemuBoot::Uefi {
+                code: "/fw/code.fd".into(),
+                vars: "/s/vars.fd".into(),
+            },
+        );
+        cmd.network = Some(QemuNetwork {
+            group: "239.255.1.2:5000".into(),
+            mac: "52:54:00:00:00:01".into(),
+            uplink_mac: Some("52:54:00:00:00:02".into()),
+        });
+        cmd.tpm_socket = Some("/s/swtpm.sock".into());
+        cmd.extra_args = vec!["-no-reboot".into()];
+        assert!(
+            text(&cmd).ends_with(
+                "-drive if=pflash,format=raw,file=/s/vars.fd \
+                 -netdev socket,id=cluster,mcast=239.255.1.2:5000,localaddr=127.0.0.1 \
+                 -device virtio-net-pci,netdev=cluster,mac=52:54:00:00:00:01,romfile= \
+                 -netdev user,id=uplink \
+                 -device virtio-net-pci,netdev=uplink,mac=52:54:00:00:00:02,romfile= \
+                 -chardev socket,id=chrtpm,path=/s/swtpm.sock \
+                 -tpmdev emulator,id=tpm0,chardev=chrtpm -device tpm-tis,tpmdev=tpm0 -no-reboot"
+            ),
+            "{}",
+            text(&cmd)
+        );
+    }
+
+    #[test]
     fn an_image_file_with_a_direct_kernel() {
         let cmd = QemuCommand::new(
             QemuDisk::Image {
