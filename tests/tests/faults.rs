@@ -18,9 +18,6 @@ use ociblk_tests::process::Server;
 use ociblk_tests::support::wait_until;
 use ociblk_tests::support::{copy_sample_image, require_tool, run_bounded, run_ok};
 
-/// Digest of the sample image's `system` payload.
-const SYSTEM_BLOB: &str = "3b7adc9bf62b6361117d4d08821f452b2931c3ce35bbb4a3196119c156fd4f00";
-
 fn connect(socket: &Path) -> VhostBlkClient {
     let opts = ClientOptions {
         memory_size: 4 << 20,
@@ -48,10 +45,18 @@ fn assert_alive(server: &mut Server, what: &str) {
     );
 }
 
+/// The blob of `image`'s `system` payload (read from the image, so that a
+/// rebuilt sample image needs no new digest here).
+fn system_blob(image: &Path) -> PathBuf {
+    let os = ociblk_layout::OsImage::open(image).unwrap();
+    let system = os.payloads.iter().find(|p| p.name == "system").unwrap();
+    image.join("blobs/sha256").join(&system.digest)
+}
+
 /// A copy of the sample image in `to` whose system blob is a regular file.
 fn copy_image(to: &Path) -> PathBuf {
     let dir = copy_sample_image(to);
-    let blob = dir.join("blobs/sha256").join(SYSTEM_BLOB);
+    let blob = system_blob(&dir);
     assert!(
         fs::symlink_metadata(&blob).unwrap().file_type().is_file(),
         "{} is not a regular file in the copy",
@@ -184,7 +189,7 @@ fn payload_blob_replaced_or_truncated_while_serving() {
     let node = TestNode::with_image(&image, "blob-faults").layout(SMALL_DISK);
     let socket = node.socket();
     let system_a = node.partition_offset(1);
-    let blob = image.join("blobs/sha256").join(SYSTEM_BLOB);
+    let blob = system_blob(&image);
     let original = fs::read(&blob).unwrap();
     let size = original.len() as u32;
     let data = node.partition_offset(3);
@@ -323,7 +328,7 @@ fn socket_is_private_and_overlay_is_locked() {
 fn blob_links_to_non_files_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let image = copy_image(dir.path());
-    let blob = image.join("blobs/sha256").join(SYSTEM_BLOB);
+    let blob = system_blob(&image);
     let fifo = dir.path().join("fifo");
     let c_fifo = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: a valid NUL-terminated path; the result is checked.
