@@ -4,6 +4,7 @@
 //! process and console code), one test node helper, OCI images built on the
 //! fly and a raw vhost-user frontend.
 
+pub mod cluster;
 pub mod node;
 pub mod oci;
 pub mod process;

@@ -64,20 +64,8 @@ fn wait_ready(cluster: &mut Cluster) {
     }
 }
 
-/// Runs `command` in `node`'s guest shell; returns the value of `$r` it
-/// set, announced by `result-42: ` (computed, so the shell's echo of the
-/// command does not match).
 fn guest_result(cluster: &mut Cluster, node: &str, command: &str) -> String {
-    cluster
-        .send_console(node, &format!("{command}; echo \"result-$((40+2)): $r\""))
-        .unwrap();
-    cluster
-        .wait_for_console(node, "result-42: ", COMMAND_TIMEOUT)
-        .unwrap();
-    let line = cluster
-        .wait_for_console(node, "\n", COMMAND_TIMEOUT)
-        .unwrap();
-    line.text.trim().to_owned()
+    ociblk_tests::cluster::guest_result(cluster, node, command, COMMAND_TIMEOUT)
 }
 
 /// The id in `node`'s console line `ociblk-sample: <what> <id>`.

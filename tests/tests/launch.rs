@@ -182,20 +182,8 @@ fn two_nodes_boot_and_teardown_leaves_nothing_running() {
     }
 }
 
-/// Runs `command` in `node`'s guest shell and returns its last output line,
-/// announced by `result-42: ` (computed, so the shell's echo of the command
-/// does not match).
 fn guest_result(cluster: &mut Cluster, node: &str, command: &str) -> String {
-    cluster
-        .send_console(node, &format!("{command}; echo \"result-$((40+2)): $r\""))
-        .unwrap();
-    cluster
-        .wait_for_console(node, "result-42: ", COMMAND_TIMEOUT)
-        .unwrap();
-    let line = cluster
-        .wait_for_console(node, "\n", COMMAND_TIMEOUT)
-        .unwrap();
-    line.text.trim().to_owned()
+    ociblk_tests::cluster::guest_result(cluster, node, command, COMMAND_TIMEOUT)
 }
 
 /// Sets `r` to whether the data partition starts with the marker.
