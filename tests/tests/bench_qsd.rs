@@ -387,8 +387,3 @@ fn stalled_daemon_times_out() {
     assert!(started.elapsed() < Duration::from_secs(5));
     daemon.assert_running();
 }
-
-/// A child's process id as kill(2) takes it.
-fn pid_t(child: &std::process::Child) -> libc::pid_t {
-    libc::pid_t::try_from(child.id()).unwrap()
-}

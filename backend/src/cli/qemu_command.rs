@@ -124,8 +124,8 @@ mod tests {
                 format: "qcow2".into()
             }
         );
-        assert!(parse(&["--ovmf-vars", "/v"]).is_err());
-        assert!(parse(&["--socket", "/s", "--image", "/i", "--ovmf-vars", "/v"]).is_err());
-        assert!(parse(&["--socket", "/s"]).is_err());
+        parse(&["--ovmf-vars", "/v"]).unwrap_err();
+        parse(&["--socket", "/s", "--image", "/i", "--ovmf-vars", "/v"]).unwrap_err();
+        parse(&["--socket", "/s"]).unwrap_err();
     }
 }
