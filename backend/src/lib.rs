@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod device;
 pub mod export;
+pub mod image_source;
 pub mod iobuf;
 pub mod launch;
 pub mod node_disk;

@@ -21,6 +21,8 @@ fn main() -> ExitCode {
         Command::Verify(args) => ociblk::cli::verify::run(args),
         Command::Launch(args) => ociblk::cli::launch::run(args),
         Command::QemuCommand(args) => ociblk::cli::qemu_command::run(args),
+        Command::Pull(args) => ociblk::cli::pull::run(args),
+        Command::Cache(args) => ociblk::cli::cache::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -10,6 +10,12 @@
 //! A mismatch leaves the chunk unverified: every later read tries again, so
 //! a blob fixed on disk recovers without a restart. A blob changed after
 //! its chunk was verified is not checked again.
+//!
+//! For a registry image the blob is the cache's sparse file: before a
+//! chunk is hashed it is made present ([`ChunkFetcher::ensure_chunk`],
+//! which verifies what it fetches too). A cached chunk that does not match
+//! (torn by a crash) is dropped from the cache and fetched once more. A
+//! chunk that cannot be fetched fails the read; a later read tries again.
 
 use std::fs::File;
 use std::io;
@@ -21,8 +27,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use ociblk_layout::chunk_hashes::hex;
 use ociblk_layout::{ChunkHashes, ChunkMismatch, Layout, Source};
+use ociblk_registry::BlobSpec;
 use sha2::{Digest as _, Sha256};
-use tracing::error;
+use tracing::{error, warn};
+
+use crate::image_source::ChunkFetcher;
 
 /// Bytes read per `pread` while hashing a chunk: small enough to stay in
 /// the CPU cache between the read and the hash.
@@ -58,6 +67,13 @@ pub enum VerifyError {
         #[source]
         source: io::Error,
     },
+    #[error("payload {payload:?}: fetching chunk {chunk}: {source}")]
+    Fetch {
+        payload: String,
+        chunk: u64,
+        #[source]
+        source: Box<ociblk_registry::Error>,
+    },
 }
 
 impl VerifyError {
@@ -65,7 +81,9 @@ impl VerifyError {
     pub fn chunk(&self) -> u64 {
         match self {
             VerifyError::Mismatch { mismatch, .. } => mismatch.chunk,
-            VerifyError::Truncated { chunk, .. } | VerifyError::Read { chunk, .. } => *chunk,
+            VerifyError::Truncated { chunk, .. }
+            | VerifyError::Read { chunk, .. }
+            | VerifyError::Fetch { chunk, .. } => *chunk,
         }
     }
 }
@@ -76,6 +94,7 @@ impl From<VerifyError> for io::Error {
             VerifyError::Mismatch { .. } => io::ErrorKind::InvalidData,
             VerifyError::Truncated { .. } => io::ErrorKind::UnexpectedEof,
             VerifyError::Read { source, .. } => source.kind(),
+            VerifyError::Fetch { .. } => io::ErrorKind::TimedOut,
         };
         io::Error::new(kind, e)
     }
@@ -130,6 +149,13 @@ pub fn check_chunk(
         })
 }
 
+/// Where a registry image's payload chunks come from.
+#[derive(Debug)]
+struct Fetch {
+    fetcher: Arc<ChunkFetcher>,
+    blob: BlobSpec,
+}
+
 /// The verified-chunk bitmap of one payload.
 #[derive(Debug)]
 pub struct PayloadVerifier {
@@ -137,6 +163,12 @@ pub struct PayloadVerifier {
     payload: String,
     path: PathBuf,
     hashes: Arc<ChunkHashes>,
+    /// For a registry image: fetches a chunk into the cache before it is
+    /// hashed.
+    fetch: Option<Fetch>,
+    /// Whether chunks are hashed here (off with `--no-verify`, which for a
+    /// registry image still fetches, and the fetch still verifies).
+    hash: bool,
     verified: Box<[AtomicU64]>,
     /// Chunks hashed, counting failures and re-checks.
     hashed: AtomicU64,
@@ -147,13 +179,35 @@ impl PayloadVerifier {
     /// A verifier for `source`, or `None` for a source without chunk hashes
     /// (loader, node parameters). `image` names the image in log lines.
     pub fn new(image: &Path, source: &Source) -> Option<Self> {
+        Self::with_fetch(image, source, None, true)
+    }
+
+    /// A verifier that, when `fetcher` holds `source`'s blob, fetches each
+    /// chunk before hashing it; with `hash` false it only fetches.
+    pub fn with_fetch(
+        image: &Path,
+        source: &Source,
+        fetcher: Option<&Arc<ChunkFetcher>>,
+        hash: bool,
+    ) -> Option<Self> {
         let hashes = source.chunk_hashes.clone()?;
+        let fetch = fetcher.and_then(|f| {
+            f.blob(&source.path).map(|blob| Fetch {
+                fetcher: f.clone(),
+                blob: blob.clone(),
+            })
+        });
+        if !hash && fetch.is_none() {
+            return None;
+        }
         let words = hashes.count().div_ceil(64) as usize;
         Some(PayloadVerifier {
             image: image.to_path_buf(),
             payload: source.name.clone(),
             path: source.path.clone(),
             hashes,
+            fetch,
+            hash,
             verified: (0..words).map(|_| AtomicU64::new(0)).collect(),
             hashed: AtomicU64::new(0),
             stripes: std::array::from_fn(|_| Mutex::new(())),
@@ -213,20 +267,63 @@ impl PayloadVerifier {
 
     /// Verifies chunk `c` (the miss path).
     pub fn verify(&self, file: &File, c: u64) -> Result<(), VerifyError> {
+        // Fetching waits on the network: outside the stripe lock, so that a
+        // slow chunk holds up no other. The cache fetches each chunk once
+        // however many threads and processes ask.
+        self.fetch_chunk(c)?;
         let stripe = &self.stripes[(c % STRIPES as u64) as usize];
         // A poisoned lock guards nothing: the bitmap is the state.
         let _guard = stripe.lock().unwrap_or_else(|p| p.into_inner());
         if self.is_verified(c) {
             return Ok(());
         }
-        self.hashed.fetch_add(1, Ordering::Relaxed);
-        check_chunk(&self.payload, &self.path, file, &self.hashes, c)?;
+        if self.hash {
+            self.hashed.fetch_add(1, Ordering::Relaxed);
+            match (
+                check_chunk(&self.payload, &self.path, file, &self.hashes, c),
+                &self.fetch,
+            ) {
+                (Ok(()), _) => {}
+                (Err(e @ VerifyError::Mismatch { .. }), Some(fetch)) => {
+                    // A cached chunk torn by a crash: drop it, fetch it again
+                    // and check once more.
+                    warn!(image = %self.image.display(), "{e}; fetching the chunk again");
+                    fetch
+                        .fetcher
+                        .invalidate_chunk(&fetch.blob, c)
+                        .map_err(|source| self.fetch_error(c, source))?;
+                    self.fetch_chunk(c)?;
+                    self.hashed.fetch_add(1, Ordering::Relaxed);
+                    check_chunk(&self.payload, &self.path, file, &self.hashes, c)?;
+                }
+                (Err(e), _) => return Err(e),
+            }
+        }
         let (word, mask) = Self::bit(c);
         // A chunk past the end has no expected hash, so it never gets here.
         if let Some(w) = self.verified.get(word) {
             w.fetch_or(mask, Ordering::Release);
         }
         Ok(())
+    }
+
+    /// Makes chunk `c` present in the cache for a registry image.
+    fn fetch_chunk(&self, c: u64) -> Result<(), VerifyError> {
+        match &self.fetch {
+            Some(fetch) => fetch
+                .fetcher
+                .ensure_chunk(&fetch.blob, c)
+                .map_err(|source| self.fetch_error(c, source)),
+            None => Ok(()),
+        }
+    }
+
+    fn fetch_error(&self, chunk: u64, source: ociblk_registry::Error) -> VerifyError {
+        VerifyError::Fetch {
+            payload: self.payload.clone(),
+            chunk,
+            source: Box::new(source),
+        }
     }
 
     /// The log line for a chunk that was not served.
@@ -236,7 +333,20 @@ impl PayloadVerifier {
         let expected = self.hashes.expected(c).map(hex).unwrap_or_default();
         let (image, blob) = (self.image.display(), self.path.display());
         let bytes = format_args!("{}..{}", range.start, range.end);
+        let digest = self
+            .fetch
+            .as_ref()
+            .map(|f| f.blob.digest.to_string())
+            .unwrap_or_default();
         match e {
+            VerifyError::Fetch { source, .. } => error!(
+                image = %image,
+                payload = %self.payload,
+                blob = %digest,
+                chunk = c,
+                bytes = %bytes,
+                "payload chunk could not be fetched, not served: {source}"
+            ),
             VerifyError::Mismatch { mismatch, .. } => error!(
                 image = %image,
                 payload = %self.payload,
@@ -267,11 +377,24 @@ pub struct Verifiers(Vec<Option<PayloadVerifier>>);
 impl Verifiers {
     /// Verifiers for every payload source of `layout`, from image `image`.
     pub fn new(layout: &Layout, image: &Path) -> Self {
+        Self::for_image(layout, image, None, true)
+    }
+
+    /// Verifiers for an image whose payloads `fetcher` fetches from a
+    /// registry (`None`: a local layout). With `hash` false (`--no-verify`)
+    /// local payloads are served unchecked; registry chunks are still
+    /// fetched, and the fetch verifies them before they are cached.
+    pub fn for_image(
+        layout: &Layout,
+        image: &Path,
+        fetcher: Option<&Arc<ChunkFetcher>>,
+        hash: bool,
+    ) -> Self {
         Verifiers(
             layout
                 .sources
                 .iter()
-                .map(|s| PayloadVerifier::new(image, s))
+                .map(|s| PayloadVerifier::with_fetch(image, s, fetcher, hash))
                 .collect(),
         )
     }
@@ -281,8 +404,9 @@ impl Verifiers {
         Verifiers(Vec::new())
     }
 
+    /// Whether payload chunks are hashed before they are served.
     pub fn is_enabled(&self) -> bool {
-        self.0.iter().any(Option::is_some)
+        self.iter().any(|v| v.hash)
     }
 
     /// Every payload verifier.

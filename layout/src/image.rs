@@ -168,87 +168,54 @@ impl OsImage {
         let (manifest_digest, manifest_path) =
             blob_path(&dir, &index_path, "manifests[0].digest", desc)?;
         let manifest_bytes = read_verified(&manifest_path, &manifest_digest, desc.size())?;
-        check_digests(
+        let store = BlobStore::Directory(&dir);
+        from_manifest(
+            dir.clone(),
             &manifest_path,
-            &parse_json(&manifest_path, &manifest_bytes)?,
-            &["config", "layers"],
-        )?;
-        let manifest: ImageManifest = parse_json(&manifest_path, &manifest_bytes)?;
-        match manifest.artifact_type() {
-            Some(at) if at.as_ref() == ARTIFACT_TYPE_OS_IMAGE => {}
-            other => {
-                return Err(Error::invalid(
-                    &manifest_path,
-                    "artifactType",
-                    format!(
-                        "is {}, expected {ARTIFACT_TYPE_OS_IMAGE}",
-                        other
-                            .as_ref()
-                            .map_or("missing".to_owned(), |m| m.to_string())
-                    ),
-                ));
-            }
-        }
-        let cdesc = manifest.config();
-        if cdesc.media_type().as_ref() != MEDIA_TYPE_CONFIG {
-            return Err(Error::invalid(
-                &manifest_path,
-                "config.mediaType",
-                format!("is {}, expected {MEDIA_TYPE_CONFIG}", cdesc.media_type()),
-            ));
-        }
-        let (config_digest, config_path) = blob_path(&dir, &manifest_path, "config.digest", cdesc)?;
-        let config_bytes = read_verified(&config_path, &config_digest, cdesc.size())?;
-        let config: Config = parse_json(&config_path, &config_bytes)?;
-        if config.format_version != FORMAT_VERSION {
-            return Err(Error::invalid(
-                &config_path,
-                "format_version",
-                format!(
-                    "is {:?}, this version of ociblk reads \"{FORMAT_VERSION}\"",
-                    config.format_version
-                ),
-            ));
-        }
-        let layers = manifest.layers();
-        if layers.len() != config.payloads.len() {
-            return Err(Error::invalid(
-                &manifest_path,
-                "layers",
-                format!(
-                    "has {} entries but the config lists {} payloads",
-                    layers.len(),
-                    config.payloads.len()
-                ),
-            ));
-        }
-
-        let mut payloads = Vec::with_capacity(layers.len());
-        for (i, (info, layer)) in config.payloads.iter().zip(layers).enumerate() {
-            payloads.push(check_payload(
-                &dir,
-                &config_path,
-                &manifest_path,
-                i,
-                info,
-                layer,
-            )?);
-        }
-        for (i, p) in payloads.iter().enumerate() {
-            if payloads[..i].iter().any(|q| q.name == p.name) {
-                return Err(Error::invalid(
-                    &config_path,
-                    format!("payloads[{i}].name"),
-                    format!("{:?} appears twice", p.name),
-                ));
-            }
-        }
-        Ok(OsImage {
-            dir,
             manifest_digest,
-            product_info: config.product_info,
-            payloads,
-        })
+            &manifest_bytes,
+            &store,
+        )
+    }
+
+    /// Builds the image from a manifest and config that were fetched and
+    /// verified elsewhere (from a registry: the manifest against its digest,
+    /// the config against the manifest's descriptor), with every check of
+    /// [`OsImage::open`] from the manifest on. `origin` names the image in
+    /// errors and in [`OsImage::dir`] (e.g. the registry reference with its
+    /// digest); `blob_path` gives the file that holds (or will hold) a
+    /// payload blob by its hex digest. Payload files are not looked at: the
+    /// caller makes them exist with the right size before reading.
+    pub fn from_verified(
+        origin: impl Into<PathBuf>,
+        manifest_digest: &str,
+        manifest: &[u8],
+        config: &[u8],
+        blob_path: &dyn Fn(&str) -> PathBuf,
+    ) -> Result<Self> {
+        let origin = origin.into();
+        let manifest_path = origin.join("manifest");
+        check_hex(&manifest_path, "digest", manifest_digest)?;
+        let actual = hex_sha256(manifest);
+        if actual != manifest_digest {
+            return Err(Error::BlobDigest {
+                path: manifest_path,
+                expected: manifest_digest.to_owned(),
+                actual,
+            });
+        }
+        let store = BlobStore::Resolved {
+            origin: &origin,
+            config,
+            blob_path,
+        };
+        from_manifest(
+            origin.clone(),
+            &manifest_path,
+            manifest_digest.to_owned(),
+            manifest,
+            &store,
+        )
     }
 
     /// The payload called `name`, which must be uncompressed.
@@ -268,8 +235,152 @@ impl OsImage {
     }
 }
 
+/// Where an image's config and payload blobs are.
+enum BlobStore<'a> {
+    /// `blobs/sha256/<hex>` of an OCI image layout directory.
+    Directory(&'a Path),
+    /// A config already in hand and payload files named by a resolver
+    /// (the registry cache's sparse blobs).
+    Resolved {
+        origin: &'a Path,
+        config: &'a [u8],
+        blob_path: &'a dyn Fn(&str) -> PathBuf,
+    },
+}
+
+impl BlobStore<'_> {
+    /// The config blob's path (for errors) and bytes, checked against its
+    /// descriptor's size and sha256.
+    fn config(&self, referrer: &Path, desc: &Descriptor) -> Result<(PathBuf, Vec<u8>)> {
+        match self {
+            BlobStore::Directory(dir) => {
+                let (hex, path) = blob_path(dir, referrer, "config.digest", desc)?;
+                let bytes = read_verified(&path, &hex, desc.size())?;
+                Ok((path, bytes))
+            }
+            BlobStore::Resolved { origin, config, .. } => {
+                let hex = descriptor_hex(referrer, "config.digest", desc)?;
+                let path = origin.join("blobs/sha256").join(hex);
+                check_verified(&path, hex, desc.size(), config)?;
+                Ok((path, config.to_vec()))
+            }
+        }
+    }
+
+    /// The path of a payload blob, and whether to check the file now.
+    fn payload(
+        &self,
+        referrer: &Path,
+        field: &str,
+        desc: &Descriptor,
+    ) -> Result<(String, PathBuf, bool)> {
+        match self {
+            BlobStore::Directory(dir) => {
+                let (hex, path) = blob_path(dir, referrer, field, desc)?;
+                Ok((hex, path, true))
+            }
+            BlobStore::Resolved { blob_path, .. } => {
+                let hex = descriptor_hex(referrer, field, desc)?;
+                Ok((hex.to_owned(), blob_path(hex), false))
+            }
+        }
+    }
+}
+
+/// Everything from the verified manifest on, shared by both ways of
+/// opening an image.
+fn from_manifest(
+    dir: PathBuf,
+    manifest_path: &Path,
+    manifest_digest: String,
+    manifest_bytes: &[u8],
+    store: &BlobStore<'_>,
+) -> Result<OsImage> {
+    let manifest_path = manifest_path.to_path_buf();
+    check_digests(
+        &manifest_path,
+        &parse_json(&manifest_path, manifest_bytes)?,
+        &["config", "layers"],
+    )?;
+    let manifest: ImageManifest = parse_json(&manifest_path, manifest_bytes)?;
+    match manifest.artifact_type() {
+        Some(at) if at.as_ref() == ARTIFACT_TYPE_OS_IMAGE => {}
+        other => {
+            return Err(Error::invalid(
+                &manifest_path,
+                "artifactType",
+                format!(
+                    "is {}, expected {ARTIFACT_TYPE_OS_IMAGE}",
+                    other
+                        .as_ref()
+                        .map_or("missing".to_owned(), |m| m.to_string())
+                ),
+            ));
+        }
+    }
+    let cdesc = manifest.config();
+    if cdesc.media_type().as_ref() != MEDIA_TYPE_CONFIG {
+        return Err(Error::invalid(
+            &manifest_path,
+            "config.mediaType",
+            format!("is {}, expected {MEDIA_TYPE_CONFIG}", cdesc.media_type()),
+        ));
+    }
+    let (config_path, config_bytes) = store.config(&manifest_path, cdesc)?;
+    let config: Config = parse_json(&config_path, &config_bytes)?;
+    if config.format_version != FORMAT_VERSION {
+        return Err(Error::invalid(
+            &config_path,
+            "format_version",
+            format!(
+                "is {:?}, this version of ociblk reads \"{FORMAT_VERSION}\"",
+                config.format_version
+            ),
+        ));
+    }
+    let layers = manifest.layers();
+    if layers.len() != config.payloads.len() {
+        return Err(Error::invalid(
+            &manifest_path,
+            "layers",
+            format!(
+                "has {} entries but the config lists {} payloads",
+                layers.len(),
+                config.payloads.len()
+            ),
+        ));
+    }
+
+    let mut payloads = Vec::with_capacity(layers.len());
+    for (i, (info, layer)) in config.payloads.iter().zip(layers).enumerate() {
+        payloads.push(check_payload(
+            store,
+            &config_path,
+            &manifest_path,
+            i,
+            info,
+            layer,
+        )?);
+    }
+    for (i, p) in payloads.iter().enumerate() {
+        if payloads[..i].iter().any(|q| q.name == p.name) {
+            return Err(Error::invalid(
+                &config_path,
+                format!("payloads[{i}].name"),
+                format!("{:?} appears twice", p.name),
+            ));
+        }
+    }
+    Ok(OsImage {
+        dir,
+        manifest_digest,
+        product_info: config.product_info,
+        payloads,
+    })
+}
+
 fn check_payload(
-    dir: &Path,
+    store: &BlobStore<'_>,
     config_path: &Path,
     manifest_path: &Path,
     i: usize,
@@ -308,19 +419,20 @@ fn check_payload(
             format!("is {media_type}, expected {MEDIA_TYPE_PAYLOAD} or {MEDIA_TYPE_PAYLOAD_ZSTD}"),
         ));
     }
-    let (digest, path) = blob_path(dir, manifest_path, &format!("layers[{i}].digest"), layer)?;
-    if raw {
-        if layer.size() != size {
-            return Err(Error::invalid(
-                manifest_path,
-                format!("layers[{i}].size"),
-                format!(
-                    "is {}, but payload {:?} has {size} bytes",
-                    layer.size(),
-                    info.name
-                ),
-            ));
-        }
+    let (digest, path, check_file) =
+        store.payload(manifest_path, &format!("layers[{i}].digest"), layer)?;
+    if raw && layer.size() != size {
+        return Err(Error::invalid(
+            manifest_path,
+            format!("layers[{i}].size"),
+            format!(
+                "is {}, but payload {:?} has {size} bytes",
+                layer.size(),
+                info.name
+            ),
+        ));
+    }
+    if raw && check_file {
         // Follows the symlinks upstream writes; the target must be a regular file.
         let meta = fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
         if !meta.is_file() {
@@ -354,6 +466,12 @@ fn blob_path(
     field: &str,
     desc: &Descriptor,
 ) -> Result<(String, PathBuf)> {
+    let hex = descriptor_hex(referrer, field, desc)?;
+    Ok((hex.to_owned(), dir.join("blobs").join("sha256").join(hex)))
+}
+
+/// The 64 lowercase hex digits of a sha256 descriptor.
+fn descriptor_hex<'d>(referrer: &Path, field: &str, desc: &'d Descriptor) -> Result<&'d str> {
     let Some(hex) = desc.as_digest_sha256() else {
         return Err(Error::invalid(
             referrer,
@@ -362,7 +480,7 @@ fn blob_path(
         ));
     };
     check_hex(referrer, field, hex)?;
-    Ok((hex.to_owned(), dir.join("blobs").join("sha256").join(hex)))
+    Ok(hex)
 }
 
 fn check_hex(referrer: &Path, field: &str, hex: &str) -> Result<()> {
@@ -445,6 +563,12 @@ fn read_verified(path: &Path, hex: &str, size: u64) -> Result<Vec<u8>> {
         ));
     }
     let bytes = read_small(path)?;
+    check_verified(path, hex, size, &bytes)?;
+    Ok(bytes)
+}
+
+/// Checks a small blob's bytes against its descriptor's size and sha256.
+fn check_verified(path: &Path, hex: &str, size: u64, bytes: &[u8]) -> Result<()> {
     if bytes.len() as u64 != size {
         return Err(Error::BlobSize {
             path: path.to_path_buf(),
@@ -453,7 +577,7 @@ fn read_verified(path: &Path, hex: &str, size: u64) -> Result<Vec<u8>> {
             actual: bytes.len() as u64,
         });
     }
-    let actual = hex_sha256(&bytes);
+    let actual = hex_sha256(bytes);
     if actual != hex {
         return Err(Error::BlobDigest {
             path: path.to_path_buf(),
@@ -461,7 +585,7 @@ fn read_verified(path: &Path, hex: &str, size: u64) -> Result<Vec<u8>> {
             actual,
         });
     }
-    Ok(bytes)
+    Ok(())
 }
 
 pub(crate) fn hex_sha256(bytes: &[u8]) -> String {

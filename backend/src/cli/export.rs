@@ -32,7 +32,7 @@ pub struct ExportArgs {
 }
 
 pub fn run(args: &ExportArgs) -> Result<()> {
-    let (_, layout) = args.layout.load()?;
+    let (loaded, layout) = args.layout.load()?;
     // Open (and lock) the overlay first: it may not fit this disk.
     let overlay = match &args.overlay {
         Some(path) => {
@@ -70,12 +70,15 @@ pub fn run(args: &ExportArgs) -> Result<()> {
         );
         bar
     });
-    let verifiers = if args.no_verify {
+    if args.no_verify {
         eprintln!("--no-verify: payload bytes are copied without checking their chunk hashes");
-        Verifiers::disabled()
-    } else {
-        Verifiers::new(&reader.layout, &args.layout.image)
-    };
+    }
+    let verifiers = Verifiers::for_image(
+        &reader.layout,
+        &loaded.origin,
+        loaded.fetcher.as_ref(),
+        !args.no_verify,
+    );
     let stats = match export_disk(&reader, &verifiers, &out, |n| {
         if let Some(bar) = &progress {
             bar.inc(n);

@@ -19,13 +19,14 @@ pub struct InspectArgs {
 }
 
 pub fn run(args: &InspectArgs) -> Result<()> {
-    let (image, layout) = args.layout.load()?;
+    let (loaded, layout) = args.layout.load()?;
+    let image = &loaded.image;
     let mut out = std::io::stdout().lock();
     if args.json {
-        serde_json::to_writer_pretty(&mut out, &to_json(&image, &layout))?;
+        serde_json::to_writer_pretty(&mut out, &to_json(image, &layout))?;
         writeln!(out)?;
     } else {
-        print_text(&mut out, &image, &layout)?;
+        print_text(&mut out, image, &layout)?;
     }
     Ok(())
 }

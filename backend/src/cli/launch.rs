@@ -31,8 +31,11 @@ const POWER_OFF_COMMAND: &str = "sync && poweroff -f";
 
 #[derive(Debug, Args)]
 pub struct LaunchArgs {
-    /// OS image: an OCI image layout directory in Monogon's format.
-    #[arg(long, value_name = "DIR", required_unless_present = "from")]
+    /// OS image: an OCI image layout directory in Monogon's format, or a
+    /// registry reference HOST[:PORT]/REPO[:TAG|@sha256:DIGEST] (pass
+    /// --cache, --insecure-registry, --fetch-timeout after --). Every node
+    /// shares the host cache.
+    #[arg(long, value_name = "DIR|REF", required_unless_present = "from")]
     pub image: Option<PathBuf>,
     /// Number of nodes.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=MAX_NODES))]

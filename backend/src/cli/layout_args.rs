@@ -1,17 +1,74 @@
 //! Options that describe the node disk, shared by every command.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use ociblk_layout::{DiskParams, Guid, Layout, OsImage, parse_size};
+use ociblk_layout::{DiskParams, Guid, Layout, parse_size};
+use ociblk_registry::Options;
+
+use crate::image_source::{LoadedImage, RegistrySettings, open_image};
+
+/// How registry images are reached and where their chunks are cached.
+#[derive(Debug, Clone, Args)]
+pub struct RegistryArgs {
+    /// Host cache for registry images, shared by every ociblk process on
+    /// the host [default: /var/cache/ociblk as root, else
+    /// $XDG_CACHE_HOME/ociblk or ~/.cache/ociblk].
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+    /// Reach this registry (HOST or HOST:PORT) over plain HTTP although it
+    /// is not a loopback address (repeatable). Loopback registries always
+    /// may use HTTP.
+    #[arg(long = "insecure-registry", value_name = "HOST")]
+    pub insecure_registries: Vec<String>,
+    /// Seconds one chunk fetch may take, waiting and retries included; a
+    /// guest read of a chunk not fetched in time gets an I/O error.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub fetch_timeout: u64,
+}
+
+impl RegistryArgs {
+    pub fn settings(&self) -> RegistrySettings {
+        RegistrySettings {
+            cache: self.cache.clone(),
+            options: Options {
+                insecure_registries: self.insecure_registries.clone(),
+                chunk_timeout: Duration::from_secs(self.fetch_timeout),
+                ..Options::default()
+            },
+        }
+    }
+}
+
+/// The OS image argument, with the options for registry images.
+#[derive(Debug, Clone, Args)]
+pub struct ImageArgs {
+    /// OS image: an OCI image layout directory in Monogon's format, or a
+    /// registry reference HOST[:PORT]/REPO[:TAG|@sha256:DIGEST]. An
+    /// existing directory always wins; write ./NAME for a directory whose
+    /// name looks like a reference.
+    #[arg(long, value_name = "DIR|REF")]
+    pub image: PathBuf,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+impl ImageArgs {
+    /// Opens the image (for a registry image: resolves its tag once and
+    /// opens its manifest and config, from the cache when offline).
+    pub fn open(&self) -> Result<LoadedImage> {
+        Ok(open_image(&self.image, &self.registry.settings())?)
+    }
+}
 
 /// Which node disk to compute from which image.
 #[derive(Debug, Clone, Args)]
 pub struct LayoutArgs {
-    /// OS image: an OCI image layout directory in Monogon's format.
-    #[arg(long, value_name = "DIR")]
-    pub image: PathBuf,
+    #[command(flatten)]
+    pub image: ImageArgs,
     /// Seed (usually the node name) that the disk's GUIDs and FAT volume ID
     /// are derived from: same seed, same disk.
     #[arg(long, default_value = "node")]
@@ -84,12 +141,15 @@ impl LayoutArgs {
     }
 
     /// Opens the image and computes the layout.
-    pub fn load(&self) -> Result<(OsImage, Layout)> {
-        let image = OsImage::open(&self.image)
-            .with_context(|| format!("cannot read OS image {}", self.image.display()))?;
-        let layout = Layout::build(&image, &self.params())
-            .with_context(|| format!("cannot lay out a node disk from {}", self.image.display()))?;
-        Ok((image, layout))
+    pub fn load(&self) -> Result<(LoadedImage, Layout)> {
+        let loaded = self.image.open()?;
+        let layout = Layout::build(&loaded.image, &self.params()).with_context(|| {
+            format!(
+                "cannot lay out a node disk from {}",
+                loaded.origin.display()
+            )
+        })?;
+        Ok((loaded, layout))
     }
 }
 

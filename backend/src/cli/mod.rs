@@ -1,10 +1,12 @@
 //! The `ociblk` command line.
 
+pub mod cache;
 pub mod export;
 pub mod inspect;
 pub mod launch;
 pub mod layout_args;
 pub mod overlay;
+pub mod pull;
 pub mod qemu_command;
 pub mod serve;
 pub mod verify;
@@ -36,4 +38,8 @@ pub enum Command {
     Launch(launch::LaunchArgs),
     /// Print the QEMU command line `launch` runs for a node, one argument a line.
     QemuCommand(qemu_command::QemuCommandArgs),
+    /// Fetch every chunk of a registry image into the host cache.
+    Pull(pull::PullArgs),
+    /// Show or shrink the host cache of registry images.
+    Cache(cache::CacheArgs),
 }

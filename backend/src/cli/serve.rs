@@ -104,7 +104,8 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     // Every argument is checked before any file is created.
     opts.validate()?;
     check_socket_path(&args.socket)?;
-    let (_, layout) = args.layout.load()?;
+    let (loaded, layout) = args.layout.load()?;
+    let fetcher = loaded.fetcher.clone();
     let overlay = match &args.overlay {
         Some(path) => {
             let cfg = OverlayConfig {
@@ -125,16 +126,23 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         }
         None => None,
     };
-    let verifiers = if args.no_verify {
-        warn!("--no-verify: payload bytes are served without checking their chunk hashes");
-        Verifiers::disabled()
-    } else {
-        Verifiers::new(&layout, &args.layout.image)
-    };
+    if args.no_verify {
+        match &fetcher {
+            None => {
+                warn!("--no-verify: payload bytes are served without checking their chunk hashes")
+            }
+            Some(_) => warn!(
+                "--no-verify: cached chunks are served without checking them again; \
+                 chunks fetched from the registry are still verified before they are cached"
+            ),
+        }
+    }
+    let verifiers =
+        Verifiers::for_image(&layout, &loaded.origin, fetcher.as_ref(), !args.no_verify);
     let disk = NodeDisk::open(layout, overlay, args.read_only, verifiers)
         .context("cannot open the image's payloads")?;
     info!(
-        image = %args.layout.image.display(),
+        image = %loaded.origin.display(),
         seed = %args.layout.seed,
         fingerprint = %disk.layout().fingerprint_hex(),
         overlay = ?args.overlay,
@@ -154,6 +162,14 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             verified = v.verified_count(),
             hashed = v.hashed_count(),
             "payload verification"
+        );
+    }
+    if let Some(f) = &fetcher {
+        let stats = f.stats();
+        info!(
+            requests = stats.requests,
+            bytes = stats.bytes,
+            "fetched from the registry"
         );
     }
     info!("stopped");

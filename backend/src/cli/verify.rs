@@ -3,25 +3,80 @@
 
 use std::fs::File;
 use std::io::IsTerminal;
-use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use ociblk_layout::OsImage;
+use ociblk_layout::Source;
 
-use crate::verifier::check_chunk;
+use super::layout_args::ImageArgs;
+use crate::image_source::LoadedImage;
+use crate::verifier::{PayloadVerifier, VerifyError};
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    /// OS image: an OCI image layout directory in Monogon's format.
-    #[arg(long, value_name = "DIR")]
-    pub image: PathBuf,
+    #[command(flatten)]
+    pub image: ImageArgs,
 }
 
 pub fn run(args: &VerifyArgs) -> Result<()> {
-    let image = OsImage::open(&args.image)
-        .with_context(|| format!("cannot open the OS image {}", args.image.display()))?;
+    let loaded = args.image.open()?;
+    let summary = check_every_chunk(&loaded)?;
+    println!("{}", summary.line());
+    summary.result(&loaded)
+}
+
+/// What [`check_every_chunk`] found.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub payloads: usize,
+    pub chunks: u64,
+    pub bytes: u64,
+    pub bad: u64,
+    /// Compressed payloads, whose chunks are not checked.
+    pub unchecked: usize,
+    pub elapsed: Duration,
+}
+
+impl Summary {
+    pub fn line(&self) -> String {
+        let secs = self.elapsed.as_secs_f64();
+        format!(
+            "{} chunks, {} bytes of {} payloads in {secs:.3} s ({:.2} GB/s): {}",
+            self.chunks,
+            self.bytes,
+            self.payloads,
+            self.bytes as f64 / 1e9 / secs.max(1e-9),
+            if self.bad == 0 {
+                "all match".to_owned()
+            } else {
+                format!("{} bad", self.bad)
+            }
+        )
+    }
+
+    /// Fails when a chunk was bad or a payload could not be checked.
+    pub fn result(&self, loaded: &LoadedImage) -> Result<()> {
+        if self.bad > 0 {
+            bail!(
+                "{} of {} chunks of {} could not be verified against the image's chunk hashes",
+                self.bad,
+                self.chunks,
+                loaded.origin.display()
+            );
+        }
+        if self.unchecked > 0 {
+            bail!("{} compressed payloads were not checked", self.unchecked);
+        }
+        Ok(())
+    }
+}
+
+/// Hashes every chunk of every uncompressed payload (for a registry image:
+/// fetching each chunk into the cache first), listing each bad chunk on
+/// stdout as `BAD ...`; a progress bar on a terminal.
+pub fn check_every_chunk(loaded: &LoadedImage) -> Result<Summary> {
+    let image = &loaded.image;
     let total: u64 = image.payloads.iter().map(|p| p.size).sum();
     let progress = std::io::stderr().is_terminal().then(|| {
         let bar = indicatif::ProgressBar::new(total);
@@ -34,61 +89,58 @@ pub fn run(args: &VerifyArgs) -> Result<()> {
         bar
     });
     let start = Instant::now();
-    let (mut chunks, mut bytes, mut bad, mut unchecked) = (0u64, 0u64, 0u64, 0usize);
+    let mut summary = Summary::default();
     for p in &image.payloads {
         if !p.is_uncompressed() {
             eprintln!(
                 "payload {:?}: compressed ({}), its chunks are not checked",
                 p.name, p.media_type
             );
-            unchecked += 1;
+            summary.unchecked += 1;
             continue;
         }
+        summary.payloads += 1;
         if let Some(bar) = &progress {
             bar.set_message(p.name.clone());
         }
+        let source = Source {
+            name: p.name.clone(),
+            path: p.path.clone(),
+            size: p.size,
+            sha256: p.digest.clone(),
+            chunk_hashes: Some(p.chunk_hashes.clone()),
+        };
+        let Some(verifier) =
+            PayloadVerifier::with_fetch(&loaded.origin, &source, loaded.fetcher.as_ref(), true)
+        else {
+            continue;
+        };
         let file =
             File::open(&p.path).with_context(|| format!("cannot open {}", p.path.display()))?;
         let hashes = &p.chunk_hashes;
         for c in 0..hashes.count() {
             let range = hashes.range(c);
-            if let Err(e) = check_chunk(&p.name, &p.path, &file, hashes, c) {
-                let line = format!("BAD {e}");
+            if let Err(e) = verifier.verify(&file, c) {
+                let line = match &e {
+                    VerifyError::Fetch { source, .. } => format!("BAD {e}: {source}"),
+                    _ => format!("BAD {e}"),
+                };
                 match &progress {
                     Some(bar) => bar.println(line),
                     None => println!("{line}"),
                 }
-                bad += 1;
+                summary.bad += 1;
             }
-            chunks += 1;
-            bytes += range.end - range.start;
+            summary.chunks += 1;
+            summary.bytes += range.end - range.start;
             if let Some(bar) = &progress {
                 bar.inc(range.end - range.start);
             }
         }
     }
-    let secs = start.elapsed().as_secs_f64();
+    summary.elapsed = start.elapsed();
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }
-    println!(
-        "{chunks} chunks, {bytes} bytes of {} payloads in {secs:.3} s ({:.2} GB/s): {}",
-        image.payloads.len() - unchecked,
-        bytes as f64 / 1e9 / secs.max(1e-9),
-        if bad == 0 {
-            "all match".to_owned()
-        } else {
-            format!("{bad} bad")
-        }
-    );
-    if bad > 0 {
-        bail!(
-            "{bad} of {chunks} chunks of {} do not match the image's chunk hashes",
-            args.image.display()
-        );
-    }
-    if unchecked > 0 {
-        bail!("{unchecked} compressed payloads were not checked");
-    }
-    Ok(())
+    Ok(summary)
 }

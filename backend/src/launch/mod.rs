@@ -136,7 +136,8 @@ impl NodeSpec {
 /// What to launch.
 #[derive(Debug, Clone)]
 pub struct ClusterSpec {
-    /// OS image: an OCI image layout directory.
+    /// OS image: an OCI image layout directory or a registry reference
+    /// (registry options such as `--cache` go in `serve_args`).
     pub image: PathBuf,
     pub nodes: Vec<NodeSpec>,
     /// Parent of the nodes' state directories; created when missing.
@@ -408,7 +409,10 @@ impl Cluster {
             })?;
         // Children run in our working directory, but absolute paths make
         // for clearer logs and errors.
-        if let Ok(image) = std::path::absolute(&spec.image) {
+        // A registry reference is passed on as it is.
+        if spec.image.is_dir()
+            && let Ok(image) = std::path::absolute(&spec.image)
+        {
             spec.image = image;
         }
         let mut cluster = Cluster {

@@ -1,0 +1,191 @@
+//! Opening an OS image from its argument: an OCI image layout directory, or
+//! a reference to an image in a registry whose payload chunks are fetched
+//! into the host cache as they are first read.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ociblk_layout::OsImage;
+use ociblk_registry::{BlobSpec, Cache, Digest, FetchStats, ImageSource, Options, RegistryImage};
+
+/// Why an image could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot open OS image {arg}")]
+    Registry {
+        arg: String,
+        #[source]
+        source: ociblk_registry::Error,
+    },
+    #[error("cannot open the cache")]
+    Cache(#[source] ociblk_registry::Error),
+    #[error("cannot read OS image {}", origin.display())]
+    Layout {
+        origin: PathBuf,
+        #[source]
+        source: ociblk_layout::Error,
+    },
+    #[error("no cache directory: neither root, nor $XDG_CACHE_HOME or $HOME set; give --cache DIR")]
+    NoCacheDir,
+}
+
+/// How registry images are reached and cached.
+#[derive(Debug, Clone)]
+pub struct RegistrySettings {
+    /// The host cache; `None` for the default directory.
+    pub cache: Option<PathBuf>,
+    pub options: Options,
+}
+
+impl RegistrySettings {
+    /// Opens (creating) the cache directory.
+    pub fn open_cache(&self) -> Result<Cache, OpenError> {
+        let dir = match &self.cache {
+            Some(dir) => dir.clone(),
+            None => Cache::default_dir().ok_or(OpenError::NoCacheDir)?,
+        };
+        Cache::open(dir).map_err(OpenError::Cache)
+    }
+}
+
+/// An opened OS image and, for a registry image, what fetches its chunks.
+#[derive(Debug)]
+pub struct LoadedImage {
+    pub image: OsImage,
+    /// Names the image in logs: the directory, or the reference pinned to
+    /// its manifest digest.
+    pub origin: PathBuf,
+    pub fetcher: Option<Arc<ChunkFetcher>>,
+}
+
+/// Opens the image `arg` names: a directory is an OCI image layout, anything
+/// else a registry reference (see [`ImageSource::parse`]). A registry
+/// image's tag is resolved once, here; its payload files in the cache are
+/// created (sparse) and marked in use, so that the layout can be read
+/// through them while chunks arrive.
+pub fn open_image(arg: &Path, settings: &RegistrySettings) -> Result<LoadedImage, OpenError> {
+    let text = arg.to_string_lossy();
+    let registry_error = |source| OpenError::Registry {
+        arg: text.to_string(),
+        source,
+    };
+    let source = if arg.is_dir() {
+        ImageSource::Layout(arg.to_path_buf())
+    } else {
+        ImageSource::parse(&text).map_err(registry_error)?
+    };
+    match source {
+        ImageSource::Layout(dir) => {
+            let image = OsImage::open(&dir).map_err(|source| OpenError::Layout {
+                origin: dir.clone(),
+                source,
+            })?;
+            Ok(LoadedImage {
+                image,
+                origin: dir,
+                fetcher: None,
+            })
+        }
+        ImageSource::Registry(reference) => {
+            let cache = settings.open_cache()?;
+            let registry = RegistryImage::open(&reference, &cache, &settings.options)
+                .map_err(registry_error)?;
+            let origin = PathBuf::from(registry.reference.to_string());
+            tracing::info!(
+                image = %reference,
+                digest = %registry.manifest_digest,
+                cache = %cache.dir().display(),
+                offline = registry.offline,
+                "registry image pinned to its manifest digest"
+            );
+            // The layout crate passes only checked 64-digit hex digests.
+            let blob_path = |hex: &str| match format!("sha256:{hex}").parse::<Digest>() {
+                Ok(digest) => registry.blobs.path(&digest),
+                Err(_) => cache.dir().join("blobs/sha256").join(hex),
+            };
+            let image = OsImage::from_verified(
+                &origin,
+                registry.manifest_digest.hex(),
+                &registry.manifest,
+                &registry.config,
+                &blob_path,
+            )
+            .map_err(|source| OpenError::Layout {
+                origin: origin.clone(),
+                source,
+            })?;
+            let fetcher = ChunkFetcher::new(registry, &image).map_err(registry_error)?;
+            Ok(LoadedImage {
+                image,
+                origin,
+                fetcher: Some(Arc::new(fetcher)),
+            })
+        }
+    }
+}
+
+/// Fetches payload chunks of one registry image into the cache.
+#[derive(Debug)]
+pub struct ChunkFetcher {
+    registry: RegistryImage,
+    /// Uncompressed payload blobs by their file in the cache.
+    blobs: HashMap<PathBuf, BlobSpec>,
+}
+
+impl ChunkFetcher {
+    fn new(registry: RegistryImage, image: &OsImage) -> ociblk_registry::Result<Self> {
+        let mut blobs = HashMap::new();
+        for p in image.payloads.iter().filter(|p| p.is_uncompressed()) {
+            let hashes = &p.chunk_hashes;
+            let spec = BlobSpec {
+                digest: format!("sha256:{}", p.digest).parse()?,
+                size: p.size,
+                chunk_size: p.hash_chunk_size,
+                chunk_sha256: (0..hashes.count())
+                    .map(|c| hashes.expected(c).copied().unwrap_or_default())
+                    .collect(),
+            };
+            // Creates the sparse file of the blob's size and holds it in use.
+            registry.blobs.present_chunks(&spec)?;
+            blobs.insert(p.path.clone(), spec);
+        }
+        Ok(ChunkFetcher { registry, blobs })
+    }
+
+    /// The blob held in the cache file `path`, if it is one of this image's.
+    pub fn blob(&self, path: &Path) -> Option<&BlobSpec> {
+        self.blobs.get(path)
+    }
+
+    /// Every payload blob of the image.
+    pub fn blobs(&self) -> impl Iterator<Item = &BlobSpec> {
+        self.blobs.values()
+    }
+
+    /// Makes chunk `c` of `blob` present in the cache, fetching and
+    /// verifying it when it is not.
+    pub fn ensure_chunk(&self, blob: &BlobSpec, c: u64) -> ociblk_registry::Result<()> {
+        self.registry.blobs.ensure_chunk(blob, c)
+    }
+
+    /// Marks a cached chunk whose bytes did not verify absent.
+    pub fn invalidate_chunk(&self, blob: &BlobSpec, c: u64) -> ociblk_registry::Result<()> {
+        self.registry.blobs.invalidate_chunk(blob, c)
+    }
+
+    /// Whether chunk `c` of `blob` is in the cache.
+    pub fn chunk_present(&self, blob: &BlobSpec, c: u64) -> ociblk_registry::Result<bool> {
+        self.registry.blobs.chunk_present(blob, c)
+    }
+
+    /// Requests and bytes fetched from the registry by this process.
+    pub fn stats(&self) -> FetchStats {
+        self.registry.blobs.fetch_stats()
+    }
+
+    /// Whether the image was opened from the cache alone.
+    pub fn offline(&self) -> bool {
+        self.registry.offline
+    }
+}
