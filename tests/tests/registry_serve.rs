@@ -1,0 +1,426 @@
+//! `ociblk serve` from a registry reference, driven over its socket by the
+//! Rust vhost-user client: a real registry (Debian's `docker-registry` on
+//! loopback, the sample image pushed with `skopeo`), a counting proxy in
+//! front of it, and the bytes compared with `ociblk export` of the local
+//! layout.
+
+#![allow(clippy::unwrap_used)]
+
+#[path = "../../registry/tests/support/mod.rs"]
+mod support;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use ociblk_layout::{Content, DiskParams, Layout, OsImage};
+use ociblk_tests::process::{Server, wait_until};
+use ociblk_tests::support::{ociblk_bin, run_err, run_ok};
+use ociblk_tests::vhost_client::{BlkStatus, ClientOptions, VhostBlkClient};
+use support::proxy::{Behaviour, Proxy};
+use support::{Registry, SampleImage};
+
+const REPO_TAG: &str = "monogon/os:v1";
+const SEED: &str = "reg";
+/// A small disk: the whole of it is exported for comparison.
+const DISK: &[&str] = &["--disk-size", "1GiB", "--system-size", "64MiB"];
+const MIB: u64 = 1 << 20;
+
+/// The sample image in a registry behind a counting proxy, a cache
+/// directory, and the disk exported from the local layout.
+struct Fixture {
+    dir: tempfile::TempDir,
+    sample: SampleImage,
+    registry: Registry,
+    proxy: Proxy,
+    layout: Layout,
+    local_disk: PathBuf,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let sample = SampleImage::load();
+        let registry = Registry::start();
+        registry.push(&sample.dir, REPO_TAG);
+        let proxy = Proxy::start(registry.addr, Behaviour::default());
+        let dir = tempfile::tempdir().unwrap();
+        let local_disk = dir.path().join("local.raw");
+        let mut export = Command::new(ociblk_bin());
+        export
+            .arg("export")
+            .arg("--image")
+            .arg(&sample.dir)
+            .args(["--seed", SEED])
+            .args(DISK)
+            .arg("--output")
+            .arg(&local_disk);
+        run_ok(&mut export);
+        let mut params = DiskParams::new(SEED);
+        params.disk_size = 1 << 30;
+        params.system_size = 64 << 20;
+        let layout = Layout::build(&OsImage::open(&sample.dir).unwrap(), &params).unwrap();
+        Fixture {
+            dir,
+            sample,
+            registry,
+            proxy,
+            layout,
+            local_disk,
+        }
+    }
+
+    fn reference(&self) -> String {
+        format!("{}/{REPO_TAG}", self.proxy.host())
+    }
+
+    fn cache(&self) -> PathBuf {
+        self.dir.path().join("cache")
+    }
+
+    fn socket(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.sock"))
+    }
+
+    /// `ociblk serve --read-only` of the registry reference.
+    fn serve(&self, name: &str, extra: &[&str]) -> Server {
+        let reference = self.reference();
+        let cache = self.cache().display().to_string();
+        let mut args = vec![
+            "--image",
+            &reference,
+            "--cache",
+            &cache,
+            "--seed",
+            SEED,
+            "--read-only",
+            "--fetch-timeout",
+            "5",
+        ];
+        args.extend(DISK);
+        args.extend(extra);
+        Server::start(&self.socket(name), &args)
+    }
+
+    fn connect(&self, name: &str) -> VhostBlkClient {
+        VhostBlkClient::connect(&self.socket(name), ClientOptions::default()).unwrap()
+    }
+
+    /// Where byte `at` of payload `name` first appears on the disk.
+    fn disk_offset(&self, name: &str, at: u64) -> u64 {
+        let source = self
+            .layout
+            .sources
+            .iter()
+            .position(|s| s.name == name)
+            .unwrap();
+        self.layout
+            .extents
+            .extents()
+            .iter()
+            .find_map(|e| match e.content {
+                Content::File { source: s, offset }
+                    if s == source && (offset..offset + e.len).contains(&at) =>
+                {
+                    Some(e.start + (at - offset))
+                }
+                _ => None,
+            })
+            .unwrap()
+    }
+
+    /// The local layout's disk bytes `[offset, offset + len)`.
+    fn local(&self, offset: u64, len: u64) -> Vec<u8> {
+        support::read_range(&self.local_disk, offset, len)
+    }
+
+    /// Blob requests that the proxy saw answered with bytes, for payload `name`.
+    fn fetches(&self, name: &str) -> Vec<String> {
+        let hex = self.sample.payload(name).digest.hex().to_owned();
+        self.proxy
+            .blob_requests(&hex)
+            .into_iter()
+            .filter(|l| matches!(l.status, 200 | 206))
+            .map(|l| l.range.unwrap_or_default())
+            .collect()
+    }
+}
+
+/// Reads `len` bytes at `offset` and checks them against the local disk.
+fn read_same(fx: &Fixture, c: &mut VhostBlkClient, offset: u64, len: u64) {
+    let done = c.read(0, offset, len as u32).unwrap();
+    assert_eq!(done.status, BlkStatus::Ok, "read of {len} at {offset}");
+    assert!(
+        done.data == fx.local(offset, len),
+        "{len} bytes at {offset} differ from the local layout's disk"
+    );
+}
+
+fn read_status(c: &mut VhostBlkClient, offset: u64, len: u32) -> BlkStatus {
+    c.read(0, offset, len).unwrap().status
+}
+
+/// Waits until the server's log has a line containing every part.
+fn wait_for_log(server: &Server, parts: &[&str]) -> String {
+    let has = |text: &str| {
+        text.lines()
+            .find(|l| parts.iter().all(|p| l.contains(p)))
+            .map(str::to_owned)
+    };
+    let found = wait_until(Duration::from_secs(10), || {
+        has(&server.log.text()).is_some()
+    });
+    let text = server.log.text();
+    assert!(found, "no log line with {parts:?} in:\n{text}");
+    has(&text).unwrap_or_default()
+}
+
+/// Reads the whole disk through the client in 1 MiB requests and compares
+/// it with the local layout's export.
+fn read_whole_disk_same(fx: &Fixture, c: &mut VhostBlkClient) {
+    let size = fx.layout.size;
+    let mut offset = 0;
+    while offset < size {
+        let len = MIB.min(size - offset);
+        read_same(fx, c, offset, len);
+        offset += len;
+    }
+}
+
+#[test]
+fn cold_cache_serves_the_layouts_bytes_fetching_only_touched_chunks_then_warm_and_offline() {
+    let mut fx = Fixture::new();
+    let system = fx.sample.payload("system").clone();
+    let kernel = fx.sample.payload("kernel.efi").clone();
+
+    // Cold cache: the partition table needs no payload at all.
+    let server = fx.serve("cold", &[]);
+    wait_for_log(
+        &server,
+        &[
+            "pinned to its manifest digest",
+            &fx.sample.manifest_digest.to_string(),
+        ],
+    );
+    let mut c = fx.connect("cold");
+    read_same(&fx, &mut c, 0, MIB);
+    assert!(fx.fetches("system").is_empty() && fx.fetches("kernel.efi").is_empty());
+
+    // One sector of system chunk 1: exactly that chunk is fetched.
+    let sys = fx.disk_offset("system", 0);
+    read_same(&fx, &mut c, sys + system.chunk_size, 512);
+    assert_eq!(
+        fx.fetches("system"),
+        [format!(
+            "bytes={}-{}",
+            system.chunk_size,
+            system.size.min(2 * system.chunk_size) - 1
+        )]
+    );
+    assert!(fx.fetches("kernel.efi").is_empty());
+
+    // Kernel chunk 3, through the ESP's file: one more fetch, that chunk.
+    let k3 = fx.disk_offset("kernel.efi", 3 * kernel.chunk_size);
+    read_same(&fx, &mut c, k3, 4096);
+    assert_eq!(
+        fx.fetches("kernel.efi"),
+        [format!(
+            "bytes={}-{}",
+            3 * kernel.chunk_size,
+            4 * kernel.chunk_size - 1
+        )]
+    );
+
+    // The whole disk equals the local layout's; each chunk fetched once.
+    read_whole_disk_same(&fx, &mut c);
+    assert_eq!(fx.fetches("system").len() as u64, system.chunks());
+    assert_eq!(fx.fetches("kernel.efi").len() as u64, kernel.chunks());
+    let fetched: u64 = fx
+        .proxy
+        .log()
+        .iter()
+        .filter(|l| l.path.contains("/blobs/") && l.status == 206)
+        .count() as u64;
+    assert_eq!(fetched, system.chunks() + kernel.chunks());
+    drop(c);
+    drop(server);
+
+    // A warm cache: a second server reads everything, fetching nothing.
+    let before = fx.proxy.log().len();
+    let server = fx.serve("warm", &[]);
+    let mut c = fx.connect("warm");
+    read_whole_disk_same(&fx, &mut c);
+    let blob_requests_since = fx.proxy.log()[before..]
+        .iter()
+        .filter(|l| l.path.contains("/blobs/"))
+        .count();
+    assert_eq!(blob_requests_since, 0, "a warm cache fetches nothing");
+    drop(c);
+    drop(server);
+
+    // Registry stopped: the cached tag, manifest, config and chunks serve.
+    fx.registry.stop();
+    let server = fx.serve("offline", &[]);
+    wait_for_log(&server, &["offline start"]);
+    let mut c = fx.connect("offline");
+    read_whole_disk_same(&fx, &mut c);
+    drop(c);
+    drop(server);
+}
+
+#[test]
+fn registry_stopped_mid_run_fails_reads_of_missing_chunks_then_recovers() {
+    let mut fx = Fixture::new();
+    let kernel = fx.sample.payload("kernel.efi").clone();
+    let server = fx.serve("node", &[]);
+    let mut c = fx.connect("node");
+    let k0 = fx.disk_offset("kernel.efi", 0);
+    read_same(&fx, &mut c, k0, 4096);
+
+    fx.registry.stop();
+    let k5 = fx.disk_offset("kernel.efi", 5 * kernel.chunk_size);
+    assert_eq!(read_status(&mut c, k5, 4096), BlkStatus::IoErr);
+    let line = wait_for_log(&server, &["could not be fetched", "chunk=5"]);
+    assert!(line.contains(&kernel.digest.to_string()), "{line}");
+    // Cached chunks keep serving, and the server keeps serving.
+    read_same(&fx, &mut c, k0, 4096);
+
+    fx.registry.restart();
+    read_same(&fx, &mut c, k5, 4096);
+    read_same(&fx, &mut c, k5 + kernel.chunk_size, 8192);
+    drop(server);
+}
+
+#[test]
+fn blob_corrupted_in_registry_storage_gets_ioerr_naming_digest_and_chunk() {
+    let fx = Fixture::new();
+    let kernel = fx.sample.payload("kernel.efi").clone();
+    fx.registry
+        .corrupt_blob(&kernel.digest, 2 * kernel.chunk_size + 100);
+    let server = fx.serve("node", &[]);
+    let mut c = fx.connect("node");
+    let k2 = fx.disk_offset("kernel.efi", 2 * kernel.chunk_size);
+    assert_eq!(read_status(&mut c, k2, 4096), BlkStatus::IoErr);
+    let line = wait_for_log(&server, &["could not be fetched", "chunk=2"]);
+    assert!(
+        line.contains(&format!("blob {} chunk 2: sha256 is", kernel.digest)),
+        "{line}"
+    );
+    // Its neighbours read right; the bad chunk is never cached.
+    read_same(&fx, &mut c, k2 - 4096, 4096);
+    read_same(&fx, &mut c, k2 + kernel.chunk_size, 4096);
+    assert_eq!(read_status(&mut c, k2 + 8192, 512), BlkStatus::IoErr);
+    drop(server);
+}
+
+#[test]
+fn no_verify_still_fetches_verified_chunks() {
+    let fx = Fixture::new();
+    let kernel = fx.sample.payload("kernel.efi").clone();
+    fx.registry.corrupt_blob(&kernel.digest, 100);
+    let server = fx.serve("node", &["--no-verify"]);
+    wait_for_log(&server, &["--no-verify", "still verified"]);
+    let mut c = fx.connect("node");
+    let k0 = fx.disk_offset("kernel.efi", 0);
+    assert_eq!(read_status(&mut c, k0, 4096), BlkStatus::IoErr);
+    read_same(&fx, &mut c, k0 + kernel.chunk_size, 4096);
+    drop(server);
+}
+
+#[test]
+fn pull_fills_the_cache_and_cache_tools_report_and_collect() {
+    let fx = Fixture::new();
+    let cache = fx.cache();
+    let ociblk = |args: &[&str]| {
+        let mut cmd = Command::new(ociblk_bin());
+        cmd.args(args);
+        cmd
+    };
+    let cache_arg = cache.display().to_string();
+    let out = run_ok(&mut ociblk(&[
+        "pull",
+        &fx.reference(),
+        "--cache",
+        &cache_arg,
+    ]));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let total: u64 = fx.sample.payloads.iter().map(|(_, p)| p.size).sum();
+    assert!(
+        stdout.contains(&format!("{total} bytes of 2 payloads")) && stdout.contains("all match"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("fetched {total} bytes")),
+        "{stdout}"
+    );
+
+    let info = run_ok(&mut ociblk(&[
+        "cache", "info", "--cache", &cache_arg, "--json",
+    ]));
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(
+        info["images"][0]["manifest_digest"],
+        fx.sample.manifest_digest.to_string()
+    );
+    for (_, p) in &fx.sample.payloads {
+        let blob = info["blobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["digest"] == p.digest.to_string())
+            .unwrap();
+        assert_eq!(blob["chunks"][0]["present"], p.chunks());
+    }
+
+    // A server over the pulled cache fetches nothing, even from a stopped registry.
+    let mut fx = fx;
+    fx.registry.stop();
+    let before = fx.proxy.log().len();
+    let server = fx.serve("node", &[]);
+    let mut c = fx.connect("node");
+    read_whole_disk_same(&fx, &mut c);
+    let blob_requests_since = fx.proxy.log()[before..]
+        .iter()
+        .filter(|l| l.path.contains("/blobs/"))
+        .count();
+    assert_eq!(blob_requests_since, 0, "a pulled cache fetches nothing");
+    // Blobs in use are kept by gc.
+    let gc = run_ok(&mut ociblk(&[
+        "cache",
+        "gc",
+        "--cache",
+        &cache_arg,
+        "--max-size",
+        "0",
+    ]));
+    let gc_out = String::from_utf8_lossy(&gc.stdout);
+    assert!(gc_out.contains("in use, kept"), "{gc_out}");
+    drop(c);
+    drop(server);
+    let gc = run_ok(&mut ociblk(&[
+        "cache",
+        "gc",
+        "--cache",
+        &cache_arg,
+        "--max-size",
+        "0",
+    ]));
+    let gc_out = String::from_utf8_lossy(&gc.stdout);
+    assert!(
+        gc_out.contains("removed") && gc_out.contains("0 bytes of payload blobs remain"),
+        "{gc_out}"
+    );
+
+    // A directory wins; neither reading gives an error naming both.
+    let err = run_err(&mut ociblk(&[
+        "inspect",
+        "--image",
+        "no-such-dir/os",
+        "--cache",
+        &cache_arg,
+    ]));
+    assert!(
+        err.contains("neither an OCI image layout directory nor a registry reference")
+            && err.contains("no such directory"),
+        "{err}"
+    );
+}
