@@ -310,3 +310,46 @@ fn cli_reports_errors_with_context_and_exit_status() {
     ]));
     assert_contains(&err, &["--disk-guid", "invalid GUID"]);
 }
+
+/// Opens the layout's image from its manifest and config bytes, as a
+/// registry image is opened, with payload files resolved elsewhere.
+fn from_verified(img: &WrittenImage) -> ociblk_layout::Result<OsImage> {
+    let manifest = fs::read(img.blob(&img.manifest_digest)).unwrap();
+    let config = fs::read(img.blob(&img.config_digest)).unwrap();
+    OsImage::from_verified(
+        "registry.example/os@sha256:x",
+        &img.manifest_digest,
+        &manifest,
+        &config,
+        &|hex| Path::new("/cache/blobs/sha256").join(hex),
+    )
+}
+
+#[test]
+fn verified_bytes_open_like_the_directory_with_the_same_checks() {
+    let t = tempfile::tempdir().unwrap();
+    let mut img = image(t.path());
+    let from_dir = OsImage::open(&img.dir).unwrap();
+    let from_bytes = from_verified(&img).unwrap();
+    assert_eq!(from_bytes.manifest_digest, from_dir.manifest_digest);
+    assert_eq!(from_bytes.product_info, from_dir.product_info);
+    for (a, b) in from_bytes.payloads.iter().zip(&from_dir.payloads) {
+        assert_eq!((&a.name, a.size, &a.digest), (&b.name, b.size, &b.digest));
+        assert_eq!(a.chunk_hashes, b.chunk_hashes);
+        assert_eq!(a.path, Path::new("/cache/blobs/sha256").join(&a.digest));
+    }
+    // The checks are the directory's, naming the field.
+    img.edit_manifest(|m| m["artifactType"] = json!("application/x-other"))
+        .unwrap();
+    let err = from_verified(&img).unwrap_err().to_string();
+    assert_contains(
+        &err,
+        &["registry.example/os@sha256:x/manifest", "artifactType"],
+    );
+    // Manifest bytes that are not the digest's are refused.
+    let manifest = fs::read(img.blob(&img.manifest_digest)).unwrap();
+    let err = OsImage::from_verified("r", &"0".repeat(64), &manifest, b"{}", &|h| h.into())
+        .unwrap_err()
+        .to_string();
+    assert_contains(&err, &["sha256 of blob is", &"0".repeat(64)]);
+}
