@@ -1,4 +1,5 @@
-//! Reading a Monogon OS image from an OCI image layout directory.
+//! Reading a Monogon OS image from an OCI image layout directory, or from
+//! a manifest and config verified elsewhere (a registry).
 //!
 //! Only metadata is read: `oci-layout`, `index.json`, the manifest and the
 //! config (small, verified by sha256 and size). Payload blobs are checked for
@@ -86,7 +87,8 @@ pub struct Payload {
     pub digest: String,
     /// [`MEDIA_TYPE_PAYLOAD`] or [`MEDIA_TYPE_PAYLOAD_ZSTD`].
     pub media_type: MediaType,
-    /// `blobs/sha256/<digest>` inside the image directory (may be a symlink).
+    /// `blobs/sha256/<digest>` inside the image directory (may be a
+    /// symlink), or the file the resolver of [`OsImage::from_verified`] named.
     pub path: PathBuf,
     pub hash_chunk_size: u64,
     /// `chunk_hashes_sha256`, decoded.
@@ -105,6 +107,9 @@ impl Payload {
 /// A validated OS image.
 #[derive(Debug, Clone)]
 pub struct OsImage {
+    /// The image layout directory, or for an image opened with
+    /// [`OsImage::from_verified`] the name it was given (a registry
+    /// reference pinned to its digest).
     pub dir: PathBuf,
     pub manifest_digest: String,
     pub product_info: ProductInfo,

@@ -26,7 +26,8 @@ pub struct ExportArgs {
     #[arg(long, value_name = "FILE")]
     pub overlay: Option<PathBuf>,
     /// Copy payload bytes without checking them against the image's chunk
-    /// hashes (by default each chunk is verified before it is copied).
+    /// hashes (by default each chunk is verified before it is copied). A
+    /// registry image's chunks are still verified as they are fetched.
     #[arg(long)]
     pub no_verify: bool,
 }

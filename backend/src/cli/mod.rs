@@ -32,7 +32,8 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Inspect, reset, freeze or verify an overlay or a frozen layer.
     Overlay(overlay::OverlayArgs),
-    /// Check every chunk of every payload against the image's chunk hashes.
+    /// Check every chunk of every payload against the image's chunk hashes
+    /// (fetching a registry image's missing chunks into the cache first).
     Verify(verify::VerifyArgs),
     /// Launch a test cluster: per node an ociblk serve backend and a QEMU guest.
     Launch(launch::LaunchArgs),

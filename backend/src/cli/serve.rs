@@ -70,6 +70,8 @@ pub struct ServeArgs {
     pub handshake_timeout: u64,
     /// Serve payload bytes without checking them against the image's chunk
     /// hashes (by default each chunk is verified when it is first read).
+    /// For a registry image only cached chunks go unchecked: a chunk is
+    /// still verified when it is fetched, before it enters the cache.
     #[arg(long)]
     pub no_verify: bool,
     /// I/O helper threads that, with the queue workers, run a queue's
