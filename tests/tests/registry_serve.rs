@@ -529,3 +529,29 @@ fn qemu_guest_boots_from_a_registry_reference_with_a_cold_cache() {
         "cold-cache UEFI boot: fetched {bytes} of {payloads} payload bytes in {requests} chunk requests"
     );
 }
+
+#[test]
+fn two_servers_filling_one_cache_fetch_each_chunk_once() {
+    let fx = Fixture::new();
+    let _a = fx.serve("a", &[]);
+    let _b = fx.serve("b", &[]);
+    std::thread::scope(|scope| {
+        for name in ["a", "b"] {
+            let fx = &fx;
+            scope.spawn(move || {
+                let mut c = fx.connect(name);
+                read_whole_disk_same(fx, &mut c);
+            });
+        }
+    });
+    for (name, p) in &fx.sample.payloads {
+        let mut fetched = fx.fetches(name);
+        fetched.sort();
+        fetched.dedup();
+        assert_eq!(
+            (fetched.len() as u64, fx.fetches(name).len() as u64),
+            (p.chunks(), p.chunks()),
+            "{name}: every chunk fetched exactly once by the two servers"
+        );
+    }
+}

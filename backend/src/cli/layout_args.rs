@@ -183,6 +183,33 @@ mod tests {
     }
 
     #[test]
+    fn registry_options() {
+        let c = Cmd::parse_from([
+            "x",
+            "--image",
+            "127.0.0.1:5000/os:v1",
+            "--cache",
+            "/c",
+            "--insecure-registry",
+            "a.example",
+            "--insecure-registry",
+            "b.example:5000",
+            "--fetch-timeout",
+            "7",
+        ]);
+        let s = c.layout.image.registry.settings();
+        assert_eq!(s.cache, Some(PathBuf::from("/c")));
+        assert_eq!(
+            s.options.insecure_registries,
+            ["a.example", "b.example:5000"]
+        );
+        assert_eq!(s.options.chunk_timeout, Duration::from_secs(7));
+        let d = Cmd::parse_from(["x", "--image", "i"]).layout.image.registry;
+        assert_eq!(d.settings().options.chunk_timeout, Duration::from_secs(30));
+        assert!(Cmd::try_parse_from(["x", "--image", "i", "--fetch-timeout", "0"]).is_err());
+    }
+
+    #[test]
     fn pinned_ids_override_the_seed() {
         let c = Cmd::parse_from([
             "x",
