@@ -93,9 +93,10 @@ impl Fixture {
             "--seed",
             SEED,
             "--read-only",
-            "--fetch-timeout",
-            "5",
         ];
+        if !extra.contains(&"--fetch-timeout") {
+            args.extend(["--fetch-timeout", "5"]);
+        }
         args.extend(DISK);
         args.extend(extra);
         Server::start(&self.socket(name), &args)
@@ -554,4 +555,19 @@ fn two_servers_filling_one_cache_fetch_each_chunk_once() {
             "{name}: every chunk fetched exactly once by the two servers"
         );
     }
+}
+
+#[test]
+fn chunk_not_fetched_in_time_fails_the_read_and_a_later_read_succeeds() {
+    let fx = Fixture::new();
+    let kernel = fx.sample.payload("kernel.efi").clone();
+    let server = fx.serve("node", &["--fetch-timeout", "1"]);
+    let mut c = fx.connect("node");
+    fx.proxy.set(|b| b.blob_delay = Duration::from_secs(3));
+    let k1 = fx.disk_offset("kernel.efi", kernel.chunk_size);
+    assert_eq!(read_status(&mut c, k1, 4096), BlkStatus::IoErr);
+    wait_for_log(&server, &["could not be fetched", "chunk=1"]);
+    fx.proxy.set(|b| b.blob_delay = Duration::ZERO);
+    read_same(&fx, &mut c, k1, 4096);
+    drop(server);
 }
