@@ -571,3 +571,34 @@ fn chunk_not_fetched_in_time_fails_the_read_and_a_later_read_succeeds() {
     read_same(&fx, &mut c, k1, 4096);
     drop(server);
 }
+
+/// `ociblk launch` resolves a tag once and serves every node that digest.
+#[test]
+fn launch_pins_a_tag_once_for_the_cluster() {
+    let fx = Fixture::new();
+    let state = fx.dir.path().join("cluster");
+    let cache = fx.cache().display().to_string();
+    let out = run_ok(
+        Command::new(ociblk_bin())
+            .args(["launch", "--image", &fx.reference(), "--cache", &cache])
+            .args(["--nodes", "1", "--quiet"])
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["--wait-for", "ociblk-sample: ready", "--timeout", "180s"])
+            .arg("--exit-when-ready"),
+    );
+    let serve_log = std::fs::read_to_string(state.join("node-1/serve.log")).unwrap();
+    let pinned = format!("{}@{}", fx.reference(), fx.sample.manifest_digest);
+    assert!(
+        serve_log.contains(&format!("image={pinned}")),
+        "{serve_log}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tag_lookups = fx
+        .proxy
+        .log()
+        .iter()
+        .filter(|l| l.path.ends_with("/manifests/v1"))
+        .count();
+    assert_eq!(tag_lookups, 1, "the tag is resolved by launch alone");
+}

@@ -11,6 +11,8 @@ use clap::Args;
 use ociblk_layout::parse_size;
 use tracing::info;
 
+use super::layout_args::RegistryArgs;
+use crate::image_source::open_image;
 use crate::launch::snapshot;
 use crate::launch::{
     Cluster, ClusterSpec, DEFAULT_ACCEL, DEFAULT_CPUS, DEFAULT_OVMF_CODE, DEFAULT_OVMF_VARS,
@@ -32,11 +34,13 @@ const POWER_OFF_COMMAND: &str = "sync && poweroff -f";
 #[derive(Debug, Args)]
 pub struct LaunchArgs {
     /// OS image: an OCI image layout directory in Monogon's format, or a
-    /// registry reference HOST[:PORT]/REPO[:TAG|@sha256:DIGEST] (pass
-    /// --cache, --insecure-registry, --fetch-timeout after --). Every node
-    /// shares the host cache.
+    /// registry reference HOST[:PORT]/REPO[:TAG|@sha256:DIGEST]. A tag is
+    /// resolved once, here, and every node is served that digest from the
+    /// shared host cache.
     #[arg(long, value_name = "DIR|REF", required_unless_present = "from")]
     pub image: Option<PathBuf>,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
     /// Number of nodes.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=MAX_NODES))]
     pub nodes: u64,
@@ -126,6 +130,7 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
             snapshot_dir.display()
         );
     }
+    let mut node_registry_args = Vec::new();
     let mut spec = match (&args.from, &args.image) {
         (Some(snapshot_dir), _) => {
             let snapshot = snapshot::load(snapshot_dir)?;
@@ -138,8 +143,17 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
         }
         (None, Some(image)) => {
             let count = usize::try_from(args.nodes).context("too many nodes")?;
+            let image = if image.is_dir() {
+                image.clone()
+            } else {
+                // Resolve a tag once for the whole cluster: every node gets
+                // the same image even if the tag moves while nodes start.
+                let loaded = open_image(image, &args.registry.settings())?;
+                node_registry_args = registry_serve_args(&args.registry);
+                loaded.origin
+            };
             ClusterSpec::new(
-                image,
+                &image,
                 &args.state_dir,
                 NodeSpec::numbered(&args.name_prefix, count),
             )
@@ -157,7 +171,8 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
         extra_args: machine.qemu_args.clone(),
     };
     if args.from.is_none() {
-        spec.serve_args = args.serve_args.clone();
+        spec.serve_args = node_registry_args;
+        spec.serve_args.extend(args.serve_args.iter().cloned());
         spec.queues = machine.queues;
     }
     if args.no_verify && !spec.serve_args.iter().any(|a| a == "--no-verify") {
@@ -316,6 +331,20 @@ pub struct MachineArgs {
     /// Extra QEMU argument (repeatable), e.g. --qemu-arg=-no-reboot.
     #[arg(long = "qemu-arg", value_name = "ARG", allow_hyphen_values = true)]
     pub qemu_args: Vec<String>,
+}
+
+/// The registry options as `ociblk serve` arguments.
+fn registry_serve_args(r: &RegistryArgs) -> Vec<String> {
+    let mut v = Vec::new();
+    if let Some(cache) = &r.cache {
+        let cache = std::path::absolute(cache).unwrap_or_else(|_| cache.clone());
+        v.extend(["--cache".to_owned(), cache.display().to_string()]);
+    }
+    for host in &r.insecure_registries {
+        v.extend(["--insecure-registry".to_owned(), host.clone()]);
+    }
+    v.extend(["--fetch-timeout".to_owned(), r.fetch_timeout.to_string()]);
+    v
 }
 
 /// Guest memory in MiB.
