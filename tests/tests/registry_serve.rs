@@ -602,3 +602,24 @@ fn launch_pins_a_tag_once_for_the_cluster() {
         .count();
     assert_eq!(tag_lookups, 1, "the tag is resolved by launch alone");
 }
+
+#[test]
+fn verify_of_a_reference_lists_a_chunk_corrupted_in_the_registry() {
+    let fx = Fixture::new();
+    let system = fx.sample.payload("system").clone();
+    fx.registry.corrupt_blob(&system.digest, 5);
+    let cache = fx.cache().display().to_string();
+    let mut cmd = Command::new(ociblk_bin());
+    cmd.args(["verify", "--image", &fx.reference(), "--cache", &cache]);
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let bad: Vec<&str> = stdout.lines().filter(|l| l.starts_with("BAD ")).collect();
+    assert_eq!(bad.len(), 1, "{stdout}");
+    assert!(
+        bad[0].contains(&format!("blob {} chunk 0", system.digest)),
+        "{}",
+        bad[0]
+    );
+    assert!(stdout.contains("1 bad"), "{stdout}");
+}
