@@ -72,7 +72,14 @@ pub fn run(args: &ExportArgs) -> Result<()> {
         bar
     });
     if args.no_verify {
-        eprintln!("--no-verify: payload bytes are copied without checking their chunk hashes");
+        eprintln!(
+            "--no-verify: payload bytes are copied without checking their chunk hashes{}",
+            if loaded.fetcher.is_some() {
+                " (chunks fetched from the registry are still verified before they are cached)"
+            } else {
+                ""
+            }
+        );
     }
     let verifiers = Verifiers::for_image(
         &reader.layout,
