@@ -623,3 +623,21 @@ fn verify_of_a_reference_lists_a_chunk_corrupted_in_the_registry() {
     );
     assert!(stdout.contains("1 bad"), "{stdout}");
 }
+
+#[test]
+fn a_registry_ignoring_range_still_serves_the_right_bytes() {
+    let fx = Fixture::new();
+    fx.proxy.set(|b| b.ignore_range = true);
+    let kernel = fx.sample.payload("kernel.efi").clone();
+    let server = fx.serve("node", &[]);
+    let mut c = fx.connect("node");
+    let k3 = fx.disk_offset("kernel.efi", 3 * kernel.chunk_size);
+    read_same(&fx, &mut c, k3, 8192);
+    // The whole-blob answer brought chunks 0 to 3: reading them fetches nothing more.
+    let answers = fx.fetches("kernel.efi").len();
+    assert_eq!(answers, 1);
+    let k0 = fx.disk_offset("kernel.efi", 0);
+    read_same(&fx, &mut c, k0, 3 * kernel.chunk_size);
+    assert_eq!(fx.fetches("kernel.efi").len(), answers);
+    drop(server);
+}
