@@ -39,7 +39,8 @@ const PRIVATE_FILE_MODE: u32 = 0o600;
 #[serde(deny_unknown_fields)]
 pub struct SnapshotSpec {
     pub version: u32,
-    /// The OS image the nodes' disks are computed from (absolute).
+    /// The OS image the nodes' disks are computed from: an absolute
+    /// directory, or a registry reference pinned to its manifest digest.
     pub image: PathBuf,
     pub serve_args: Vec<String>,
     pub queues: u16,
@@ -116,7 +117,12 @@ pub fn save(spec: &ClusterSpec, snapshot_dir: &Path) -> Result<SnapshotSpec, Sna
         std::path::absolute(snapshot_dir).map_err(io_error(snapshot_dir, "resolving"))?;
     let state_dir =
         std::path::absolute(&spec.state_dir).map_err(io_error(&spec.state_dir, "resolving"))?;
-    let image = std::path::absolute(&spec.image).map_err(io_error(&spec.image, "resolving"))?;
+    // A registry reference (pinned to its digest by launch) is kept as it is.
+    let image = if spec.image.is_dir() {
+        std::path::absolute(&spec.image).map_err(io_error(&spec.image, "resolving"))?
+    } else {
+        spec.image.clone()
+    };
     let mut nodes = Vec::with_capacity(spec.nodes.len());
     for node in &spec.nodes {
         let from = state_dir.join(&node.name);
