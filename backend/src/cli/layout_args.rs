@@ -206,7 +206,7 @@ mod tests {
         assert_eq!(s.options.chunk_timeout, Duration::from_secs(7));
         let d = Cmd::parse_from(["x", "--image", "i"]).layout.image.registry;
         assert_eq!(d.settings().options.chunk_timeout, Duration::from_secs(30));
-        assert!(Cmd::try_parse_from(["x", "--image", "i", "--fetch-timeout", "0"]).is_err());
+        Cmd::try_parse_from(["x", "--image", "i", "--fetch-timeout", "0"]).unwrap_err();
     }
 
     #[test]
