@@ -115,6 +115,20 @@ impl Server {
         })
     }
 
+    /// Waits up to 10 s for a line of its log containing every part, and
+    /// returns that line.
+    pub fn wait_for_line(&self, parts: &[&str]) -> String {
+        let find = |text: &str| {
+            text.lines()
+                .find(|l| parts.iter().all(|p| l.contains(p)))
+                .map(str::to_owned)
+        };
+        let found = wait_until(Duration::from_secs(10), || find(&self.log.text()).is_some());
+        let text = self.log.text();
+        assert!(found, "no log line with {parts:?} in:\n{text}");
+        find(&text).unwrap_or_default()
+    }
+
     /// Sends SIGTERM and requires a clean exit (requests finished, the
     /// overlay flushed, the socket removed); `context` names the moment.
     pub fn stop_cleanly(&mut self, timeout: Duration, context: &str) {

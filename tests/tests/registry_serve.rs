@@ -13,10 +13,11 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
+use ociblk_client::{BlkStatus, ClientOptions, VhostBlkClient};
 use ociblk_layout::{Content, DiskParams, Layout, OsImage};
-use ociblk_tests::process::{Server, wait_until};
+use ociblk_tests::node::TestNode;
+use ociblk_tests::process::Server;
 use ociblk_tests::support::{ociblk_bin, run_err, run_ok};
-use ociblk_tests::vhost_client::{BlkStatus, ClientOptions, VhostBlkClient};
 use support::proxy::{Behaviour, Proxy};
 use support::{Registry, SampleImage};
 
@@ -29,7 +30,9 @@ const MIB: u64 = 1 << 20;
 /// The sample image in a registry behind a counting proxy, a cache
 /// directory, and the disk exported from the local layout.
 struct Fixture {
-    dir: tempfile::TempDir,
+    /// The local layout's node: its temp dir holds the sockets, the cache
+    /// and the export.
+    node: TestNode,
     sample: SampleImage,
     registry: Registry,
     proxy: Proxy,
@@ -43,24 +46,14 @@ impl Fixture {
         let registry = Registry::start();
         registry.push(&sample.dir, REPO_TAG);
         let proxy = Proxy::start(registry.addr, Behaviour::default());
-        let dir = tempfile::tempdir().unwrap();
-        let local_disk = dir.path().join("local.raw");
-        let mut export = Command::new(ociblk_bin());
-        export
-            .arg("export")
-            .arg("--image")
-            .arg(&sample.dir)
-            .args(["--seed", SEED])
-            .args(DISK)
-            .arg("--output")
-            .arg(&local_disk);
-        run_ok(&mut export);
+        let node = TestNode::with_image(&sample.dir, SEED).layout(DISK);
+        let local_disk = node.export(false);
         let mut params = DiskParams::new(SEED);
         params.disk_size = 1 << 30;
         params.system_size = 64 << 20;
         let layout = Layout::build(&OsImage::open(&sample.dir).unwrap(), &params).unwrap();
         Fixture {
-            dir,
+            node,
             sample,
             registry,
             proxy,
@@ -74,11 +67,11 @@ impl Fixture {
     }
 
     fn cache(&self) -> PathBuf {
-        self.dir.path().join("cache")
+        self.node.dir().join("cache")
     }
 
     fn socket(&self, name: &str) -> PathBuf {
-        self.dir.path().join(format!("{name}.sock"))
+        self.node.dir().join(format!("{name}.sock"))
     }
 
     /// `ociblk serve --read-only` of the registry reference.
@@ -160,21 +153,6 @@ fn read_status(c: &mut VhostBlkClient, offset: u64, len: u32) -> BlkStatus {
     c.read(0, offset, len).unwrap().status
 }
 
-/// Waits until the server's log has a line containing every part.
-fn wait_for_log(server: &Server, parts: &[&str]) -> String {
-    let has = |text: &str| {
-        text.lines()
-            .find(|l| parts.iter().all(|p| l.contains(p)))
-            .map(str::to_owned)
-    };
-    let found = wait_until(Duration::from_secs(10), || {
-        has(&server.log.text()).is_some()
-    });
-    let text = server.log.text();
-    assert!(found, "no log line with {parts:?} in:\n{text}");
-    has(&text).unwrap_or_default()
-}
-
 /// Reads the whole disk through the client in 1 MiB requests and compares
 /// it with the local layout's export.
 fn read_whole_disk_same(fx: &Fixture, c: &mut VhostBlkClient) {
@@ -195,13 +173,10 @@ fn cold_cache_serves_the_layouts_bytes_fetching_only_touched_chunks_then_warm_an
 
     // Cold cache: the partition table needs no payload at all.
     let server = fx.serve("cold", &[]);
-    wait_for_log(
-        &server,
-        &[
-            "pinned to its manifest digest",
-            &fx.sample.manifest_digest.to_string(),
-        ],
-    );
+    server.wait_for_line(&[
+        "pinned to its manifest digest",
+        &fx.sample.manifest_digest.to_string(),
+    ]);
     let mut c = fx.connect("cold");
     read_same(&fx, &mut c, 0, MIB);
     assert!(fx.fetches("system").is_empty() && fx.fetches("kernel.efi").is_empty());
@@ -261,7 +236,7 @@ fn cold_cache_serves_the_layouts_bytes_fetching_only_touched_chunks_then_warm_an
     // Registry stopped: the cached tag, manifest, config and chunks serve.
     fx.registry.stop();
     let server = fx.serve("offline", &[]);
-    wait_for_log(&server, &["offline start"]);
+    server.wait_for_line(&["offline start"]);
     let mut c = fx.connect("offline");
     read_whole_disk_same(&fx, &mut c);
     drop(c);
@@ -280,7 +255,7 @@ fn registry_stopped_mid_run_fails_reads_of_missing_chunks_then_recovers() {
     fx.registry.stop();
     let k5 = fx.disk_offset("kernel.efi", 5 * kernel.chunk_size);
     assert_eq!(read_status(&mut c, k5, 4096), BlkStatus::IoErr);
-    let line = wait_for_log(&server, &["could not be fetched", "chunk=5"]);
+    let line = server.wait_for_line(&["could not be fetched", "chunk=5"]);
     assert!(line.contains(&kernel.digest.to_string()), "{line}");
     // Cached chunks keep serving, and the server keeps serving.
     read_same(&fx, &mut c, k0, 4096);
@@ -301,7 +276,7 @@ fn blob_corrupted_in_registry_storage_gets_ioerr_naming_digest_and_chunk() {
     let mut c = fx.connect("node");
     let k2 = fx.disk_offset("kernel.efi", 2 * kernel.chunk_size);
     assert_eq!(read_status(&mut c, k2, 4096), BlkStatus::IoErr);
-    let line = wait_for_log(&server, &["could not be fetched", "chunk=2"]);
+    let line = server.wait_for_line(&["could not be fetched", "chunk=2"]);
     assert!(
         line.contains(&format!("blob {} chunk 2: sha256 is", kernel.digest)),
         "{line}"
@@ -319,7 +294,7 @@ fn no_verify_still_fetches_verified_chunks() {
     let kernel = fx.sample.payload("kernel.efi").clone();
     fx.registry.corrupt_blob(&kernel.digest, 100);
     let server = fx.serve("node", &["--no-verify"]);
-    wait_for_log(&server, &["--no-verify", "still verified"]);
+    server.wait_for_line(&["--no-verify", "still verified"]);
     let mut c = fx.connect("node");
     let k0 = fx.disk_offset("kernel.efi", 0);
     assert_eq!(read_status(&mut c, k0, 4096), BlkStatus::IoErr);
@@ -452,7 +427,7 @@ fn torn_cached_chunk_is_fetched_again_and_served_right() {
     let mut c = fx.connect("node");
     let k4 = fx.disk_offset("kernel.efi", 4 * kernel.chunk_size);
     read_same(&fx, &mut c, k4, 4096);
-    wait_for_log(&server, &["chunk 4", "fetching the chunk again"]);
+    server.wait_for_line(&["chunk 4", "fetching the chunk again"]);
     assert_eq!(
         fx.fetches("kernel.efi")[before..],
         [format!(
@@ -472,12 +447,12 @@ fn qemu_guest_boots_from_a_registry_reference_with_a_cold_cache() {
     use ociblk_tests::process::{Boot, Guest, GuestConfig};
 
     let fx = Fixture::new();
-    let vars = fx.dir.path().join("OVMF_VARS.fd");
+    let vars = fx.node.dir().join("OVMF_VARS.fd");
     std::fs::copy("/usr/share/OVMF/OVMF_VARS.fd", &vars)
         .expect("copy OVMF_VARS.fd (run hack/setup)");
     let reference = fx.reference();
     let cache = fx.cache().display().to_string();
-    let overlay = fx.dir.path().join("node.overlay").display().to_string();
+    let overlay = fx.node.dir().join("node.overlay").display().to_string();
     let socket = fx.socket("guest");
     let mut server = Server::start(
         &socket,
@@ -499,7 +474,7 @@ fn qemu_guest_boots_from_a_registry_reference_with_a_cold_cache() {
     guest.kill();
     let status = server.stop_with(libc::SIGTERM, Duration::from_secs(30));
     assert!(status.success(), "{}", server.log.text());
-    let line = wait_for_log(&server, &["fetched from the registry"]);
+    let line = server.wait_for_line(&["fetched from the registry"]);
     let bytes: u64 = line
         .split_whitespace()
         .find_map(|w| w.strip_prefix("bytes="))
@@ -566,7 +541,7 @@ fn chunk_not_fetched_in_time_fails_the_read_and_a_later_read_succeeds() {
     fx.proxy.set(|b| b.blob_delay = Duration::from_secs(3));
     let k1 = fx.disk_offset("kernel.efi", kernel.chunk_size);
     assert_eq!(read_status(&mut c, k1, 4096), BlkStatus::IoErr);
-    wait_for_log(&server, &["could not be fetched", "chunk=1"]);
+    server.wait_for_line(&["could not be fetched", "chunk=1"]);
     fx.proxy.set(|b| b.blob_delay = Duration::ZERO);
     read_same(&fx, &mut c, k1, 4096);
     drop(server);
@@ -576,7 +551,7 @@ fn chunk_not_fetched_in_time_fails_the_read_and_a_later_read_succeeds() {
 #[test]
 fn launch_pins_a_tag_once_for_the_cluster() {
     let fx = Fixture::new();
-    let state = fx.dir.path().join("cluster");
+    let state = fx.node.dir().join("cluster");
     let cache = fx.cache().display().to_string();
     let out = run_ok(
         Command::new(ociblk_bin())

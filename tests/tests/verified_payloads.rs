@@ -15,7 +15,7 @@ use ociblk_layout::{Content, DiskParams, Layout, OsImage};
 use ociblk_tests::node::TestNode;
 use ociblk_tests::oci::{ImageBuilder, WrittenImage, sha256_hex};
 use ociblk_tests::process::Server;
-use ociblk_tests::support::{ociblk_bin, run_err, run_ok, wait_until};
+use ociblk_tests::support::{ociblk_bin, run_err, run_ok};
 
 /// Small chunks keep the images small while still having many chunks.
 const CHUNK: u64 = 64 << 10;
@@ -111,23 +111,6 @@ fn read(c: &mut VhostBlkClient, offset: u64, len: u32) -> (BlkStatus, Vec<u8>) {
     (done.status, done.data)
 }
 
-/// Waits until the server's log has a line containing every part.
-fn wait_for_log(server: &Server, parts: &[&str]) -> String {
-    let found = wait_until(Duration::from_secs(10), || {
-        server
-            .log
-            .text()
-            .lines()
-            .any(|l| parts.iter().all(|p| l.contains(p)))
-    });
-    let text = server.log.text();
-    assert!(found, "no log line with {parts:?} in:\n{text}");
-    text.lines()
-        .find(|l| parts.iter().all(|p| l.contains(p)))
-        .unwrap_or_default()
-        .to_owned()
-}
-
 #[test]
 fn flipped_system_byte_is_never_served_and_recovers_when_fixed() {
     let fx = Fixture::new();
@@ -144,19 +127,16 @@ fn flipped_system_byte_is_never_served_and_recovers_when_fixed() {
     let (status, _) = read(&mut c, base + CHUNK, 3 * CHUNK as u32);
     assert_eq!(status, BlkStatus::IoErr, "a read spanning the bad chunk");
     let expected = sha256_hex(&fx.system[(k * CHUNK) as usize..((k + 1) * CHUNK) as usize]);
-    let line = wait_for_log(
-        &server,
-        &[
-            "failed verification",
-            &format!("image={}", fx.image.dir.display()),
-            "payload=system",
-            &format!("blob={}", fx.blob("system").display()),
-            "chunk=2",
-            &format!("bytes={}..{}", k * CHUNK, (k + 1) * CHUNK),
-            &format!("expected_sha256={expected}"),
-            "actual_sha256=",
-        ],
-    );
+    let line = server.wait_for_line(&[
+        "failed verification",
+        &format!("image={}", fx.image.dir.display()),
+        "payload=system",
+        &format!("blob={}", fx.blob("system").display()),
+        "chunk=2",
+        &format!("bytes={}..{}", k * CHUNK, (k + 1) * CHUNK),
+        &format!("expected_sha256={expected}"),
+        "actual_sha256=",
+    ]);
     assert!(
         !line.contains(&format!("actual_sha256={expected}")),
         "{line}"
@@ -202,15 +182,12 @@ fn flipped_system_byte_is_never_served_and_recovers_when_fixed() {
     drop(c);
     let mut server = server;
     server.stop_cleanly(Duration::from_secs(30), "stopping");
-    wait_for_log(
-        &server,
-        &[
-            "payload verification",
-            "payload=system",
-            "chunks=6",
-            "verified=6",
-        ],
-    );
+    server.wait_for_line(&[
+        "payload verification",
+        "payload=system",
+        "chunks=6",
+        "verified=6",
+    ]);
 }
 
 #[test]
@@ -226,10 +203,7 @@ fn flipped_kernel_byte_is_refused_in_both_esp_files() {
         let sector = at - at % 512;
         assert_eq!(read(&mut c, sector, 512).0, BlkStatus::IoErr, "at {at}");
     }
-    wait_for_log(
-        &server,
-        &["failed verification", "payload=kernel.efi", "chunk=1"],
-    );
+    server.wait_for_line(&["failed verification", "payload=kernel.efi", "chunk=1"]);
     // Chunk 0 and the short last chunk of the kernel are fine in both files.
     for at in [0, 3 * CHUNK] {
         for off in fx.disk_offsets("kernel.efi", at) {
@@ -247,7 +221,7 @@ fn no_verify_serves_the_flipped_byte() {
     let bad_at = 3 * CHUNK + 10;
     flip(&fx.blob("system"), bad_at);
     let server = fx.serve(&["--no-verify"]);
-    wait_for_log(&server, &["--no-verify"]);
+    server.wait_for_line(&["--no-verify"]);
     let mut c = fx.connect();
     let base = fx.disk_offsets("system", 0)[0];
     let (status, data) = read(&mut c, base + 3 * CHUNK, 512);
@@ -270,10 +244,7 @@ fn blob_truncated_under_a_running_server() {
     blob.set_len(2 * CHUNK + 100).unwrap();
     let (status, _) = read(&mut c, base + 4 * CHUNK, 512);
     assert_eq!(status, BlkStatus::IoErr);
-    wait_for_log(
-        &server,
-        &["failed verification", "chunk=4", "the blob ends at byte"],
-    );
+    server.wait_for_line(&["failed verification", "chunk=4", "the blob ends at byte"]);
     let (status, _) = read(&mut c, base + 2 * CHUNK, 512);
     assert_eq!(status, BlkStatus::IoErr, "chunk 2 is cut short");
     // The chunk verified before the truncation is still served.
