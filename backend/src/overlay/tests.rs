@@ -125,6 +125,54 @@ fn check(ov: &Overlay, model: &[u8], off: u64, len: u64, rng: &mut Rng, what: &s
     }
 }
 
+/// How `random_op` ended the overlay before opening it again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reopen {
+    /// `Overlay::close`.
+    AfterClose,
+    /// A plain drop.
+    AfterDrop,
+}
+
+/// One random guest operation on `ov` over `off..off + len` (a write,
+/// write-zeroes, discard, flush, or a close or drop followed by `reopen`),
+/// mirrored in `model`. Returns the overlay to go on with.
+fn random_op(
+    mut ov: Overlay,
+    model: &mut [u8],
+    off: u64,
+    len: u64,
+    rng: &mut Rng,
+    reopen: impl FnOnce(Reopen) -> Overlay,
+) -> Overlay {
+    let span = off as usize..(off + len) as usize;
+    match rng.below(12) {
+        0..=4 => {
+            let data = rng.bytes(len as usize);
+            write(&ov, off, &data, rng).unwrap();
+            model[span].copy_from_slice(&data);
+        }
+        5 | 6 => {
+            ov.write_zeroes(off, len, &base).unwrap();
+            model[span].fill(0);
+        }
+        7 | 8 => {
+            ov.discard(off, len, &base).unwrap();
+            model[span].fill(0);
+        }
+        9 => ov.flush().unwrap(),
+        10 => {
+            ov.close().unwrap();
+            ov = reopen(Reopen::AfterClose);
+        }
+        _ => {
+            drop(ov);
+            ov = reopen(Reopen::AfterDrop);
+        }
+    }
+    ov
+}
+
 fn model_run(seed: u64, mode: FlushMode) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ov");
@@ -136,31 +184,11 @@ fn model_run(seed: u64, mode: FlushMode) {
     for step in 0..600 {
         let (off, len) = range(&mut rng, size);
         let what = format!("seed {seed} step {step}");
-        match rng.below(12) {
-            0..=4 => {
-                let data = rng.bytes(len as usize);
-                write(&ov, off, &data, &mut rng).unwrap();
-                model[off as usize..(off + len) as usize].copy_from_slice(&data);
-            }
-            5 | 6 => {
-                ov.write_zeroes(off, len, &base).unwrap();
-                model[off as usize..(off + len) as usize].fill(0);
-            }
-            7 | 8 => {
-                ov.discard(off, len, &base).unwrap();
-                model[off as usize..(off + len) as usize].fill(0);
-            }
-            9 => ov.flush().unwrap(),
-            10 => {
-                ov.close().unwrap();
-                ov = Overlay::open(&path, cfg(size, 1, mode)).unwrap();
-            }
-            _ => {
-                // Drop flushes too.
-                drop(ov);
-                ov = Overlay::open(&path, cfg(size, 1, mode)).unwrap();
-            }
-        }
+        // After a close or a drop alike (a drop flushes too), the overlay
+        // opens again as it was.
+        ov = random_op(ov, &mut model, off, len, &mut rng, |_| {
+            Overlay::open(&path, cfg(size, 1, mode)).unwrap()
+        });
         check(&ov, &model, off, len, &mut rng, &what);
         let (off, len) = range(&mut rng, size);
         check(&ov, &model, off, len, &mut rng, &what);

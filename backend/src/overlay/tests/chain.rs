@@ -37,32 +37,12 @@ fn random_ops(
     for step in 0..steps {
         let (off, len) = range(rng, size);
         let what = format!("{what} step {step}");
-        match rng.below(12) {
-            0..=4 => {
-                let data = rng.bytes(len as usize);
-                write(&ov, off, &data, rng).unwrap();
-                model[off as usize..(off + len) as usize].copy_from_slice(&data);
-            }
-            5 | 6 => {
-                ov.write_zeroes(off, len, &base).unwrap();
-                model[off as usize..(off + len) as usize].fill(0);
-            }
-            7 | 8 => {
-                ov.discard(off, len, &base).unwrap();
-                model[off as usize..(off + len) as usize].fill(0);
-            }
-            9 => ov.flush().unwrap(),
-            10 => {
-                ov.close().unwrap();
-                // The recorded chain: no --layer needed.
-                ov = Overlay::open(path, safe(1)).unwrap();
-            }
-            _ => {
-                drop(ov);
-                // The same chain given again is accepted.
-                ov = Overlay::open_over(path, safe(1), Some(chain)).unwrap();
-            }
-        }
+        ov = random_op(ov, model, off, len, rng, |how| match how {
+            // The recorded chain: no --layer needed.
+            Reopen::AfterClose => Overlay::open(path, safe(1)).unwrap(),
+            // The same chain given again is accepted.
+            Reopen::AfterDrop => Overlay::open_over(path, safe(1), Some(chain)).unwrap(),
+        });
         check(&ov, model, off, len, rng, &what);
         let (off, len) = range(rng, size);
         check(&ov, model, off, len, rng, &what);
