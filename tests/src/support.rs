@@ -6,6 +6,7 @@ use std::process::{Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use ociblk::launch::process::Process;
+use ociblk_layout::{Content, Layout};
 
 /// Polls `cond` every 2 ms until it holds or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
@@ -240,4 +241,25 @@ pub fn run_err(cmd: &mut Command) -> String {
         "{cmd:?} succeeded but should have failed"
     );
     String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Disk offsets of `layout` where byte `at` of payload `name` is served, in
+/// extent order (a file can appear more than once, like the kernel on the
+/// ESP as boot-a.efi and BOOTx64.EFI).
+pub fn payload_disk_offsets(layout: &Layout, name: &str, at: u64) -> Vec<u64> {
+    let source = layout
+        .sources
+        .iter()
+        .position(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no payload {name} in the layout"));
+    let mut out = Vec::new();
+    for e in layout.extents.extents() {
+        if let Content::File { source: s, offset } = e.content
+            && s == source
+            && (offset..offset + e.len).contains(&at)
+        {
+            out.push(e.start + (at - offset));
+        }
+    }
+    out
 }

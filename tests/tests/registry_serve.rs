@@ -14,10 +14,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use ociblk_client::{BlkStatus, ClientOptions, VhostBlkClient};
-use ociblk_layout::{Content, DiskParams, Layout, OsImage};
+use ociblk_layout::{DiskParams, Layout, OsImage};
 use ociblk_tests::node::TestNode;
 use ociblk_tests::process::Server;
-use ociblk_tests::support::{ociblk_bin, run_err, run_ok};
+use ociblk_tests::support::{ociblk_bin, payload_disk_offsets, run_err, run_ok};
 use support::proxy::{Behaviour, Proxy};
 use support::{Registry, SampleImage};
 
@@ -95,31 +95,21 @@ impl Fixture {
         Server::start(&self.socket(name), &args)
     }
 
+    /// Blob requests the registry saw after the first `before` of its log.
+    fn blob_requests_since(&self, before: usize) -> usize {
+        self.proxy.log()[before..]
+            .iter()
+            .filter(|l| l.path.contains("/blobs/"))
+            .count()
+    }
+
     fn connect(&self, name: &str) -> VhostBlkClient {
         VhostBlkClient::connect(&self.socket(name), ClientOptions::default()).unwrap()
     }
 
     /// Where byte `at` of payload `name` first appears on the disk.
     fn disk_offset(&self, name: &str, at: u64) -> u64 {
-        let source = self
-            .layout
-            .sources
-            .iter()
-            .position(|s| s.name == name)
-            .unwrap();
-        self.layout
-            .extents
-            .extents()
-            .iter()
-            .find_map(|e| match e.content {
-                Content::File { source: s, offset }
-                    if s == source && (offset..offset + e.len).contains(&at) =>
-                {
-                    Some(e.start + (at - offset))
-                }
-                _ => None,
-            })
-            .unwrap()
+        payload_disk_offsets(&self.layout, name, at)[0]
     }
 
     /// The local layout's disk bytes `[offset, offset + len)`.
@@ -225,10 +215,7 @@ fn cold_cache_serves_the_layouts_bytes_fetching_only_touched_chunks_then_warm_an
     let server = fx.serve("warm", &[]);
     let mut c = fx.connect("warm");
     read_whole_disk_same(&fx, &mut c);
-    let blob_requests_since = fx.proxy.log()[before..]
-        .iter()
-        .filter(|l| l.path.contains("/blobs/"))
-        .count();
+    let blob_requests_since = fx.blob_requests_since(before);
     assert_eq!(blob_requests_since, 0, "a warm cache fetches nothing");
     drop(c);
     drop(server);
@@ -354,10 +341,7 @@ fn pull_fills_the_cache_and_cache_tools_report_and_collect() {
     let server = fx.serve("node", &[]);
     let mut c = fx.connect("node");
     read_whole_disk_same(&fx, &mut c);
-    let blob_requests_since = fx.proxy.log()[before..]
-        .iter()
-        .filter(|l| l.path.contains("/blobs/"))
-        .count();
+    let blob_requests_since = fx.blob_requests_since(before);
     assert_eq!(blob_requests_since, 0, "a pulled cache fetches nothing");
     // Blobs in use are kept by gc.
     let gc = run_ok(&mut ociblk(&[

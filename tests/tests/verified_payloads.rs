@@ -11,11 +11,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use ociblk_client::{BlkStatus, ClientOptions, VhostBlkClient};
-use ociblk_layout::{Content, DiskParams, Layout, OsImage};
+use ociblk_layout::{DiskParams, Layout, OsImage};
 use ociblk_tests::node::TestNode;
 use ociblk_tests::oci::{ImageBuilder, WrittenImage, sha256_hex};
 use ociblk_tests::process::Server;
-use ociblk_tests::support::{ociblk_bin, run_err, run_ok};
+use ociblk_tests::support::{ociblk_bin, payload_disk_offsets, run_err, run_ok};
 
 /// Small chunks keep the images small while still having many chunks.
 const CHUNK: u64 = 64 << 10;
@@ -74,22 +74,7 @@ impl Fixture {
     /// Disk offsets where byte `at` of payload `name` is served (the kernel
     /// appears twice on the ESP: boot-a.efi and BOOTx64.EFI).
     fn disk_offsets(&self, name: &str, at: u64) -> Vec<u64> {
-        let source = self
-            .layout
-            .sources
-            .iter()
-            .position(|s| s.name == name)
-            .unwrap();
-        let mut out = Vec::new();
-        for e in self.layout.extents.extents() {
-            if let Content::File { source: s, offset } = e.content
-                && s == source
-                && (offset..offset + e.len).contains(&at)
-            {
-                out.push(e.start + (at - offset));
-            }
-        }
-        out
+        payload_disk_offsets(&self.layout, name, at)
     }
 }
 
