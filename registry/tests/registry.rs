@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ociblk_registry::{BlobSpec, Cache, Error, Options, Reference, RegistryImage};
 use support::proxy::{Behaviour, Proxy};
-use support::{Registry, SampleImage, read_range};
+use support::{Registry, SampleImage, read_range, write_chunk_hashes};
 
 const REPO_TAG: &str = "monogon/os:v1";
 
@@ -301,13 +301,7 @@ fn two_processes_filling_one_cache_fetch_each_chunk_once() {
     proxy.set(|b| b.blob_delay = Duration::from_millis(100));
     let (dir, cache) = temp_cache();
     let kernel = sample.payload("kernel.efi");
-    let hashes = dir.path().join("hashes");
-    let lines: Vec<String> = kernel
-        .chunk_sha256
-        .iter()
-        .map(|h| ociblk_registry::digest::hex(h))
-        .collect();
-    std::fs::write(&hashes, lines.join("\n")).expect("write hashes");
+    let hashes = write_chunk_hashes(dir.path(), kernel);
 
     let spawn = || {
         std::process::Command::new(env!("CARGO_BIN_EXE_ociblk-registry-fetch"))
@@ -669,13 +663,7 @@ fn a_fetcher_killed_mid_fill_leaves_a_cache_the_next_one_completes() {
     proxy.set(|b| b.blob_delay = Duration::from_millis(100));
     let (dir, cache) = temp_cache();
     let kernel = sample.payload("kernel.efi");
-    let hashes = dir.path().join("hashes");
-    let lines: Vec<String> = kernel
-        .chunk_sha256
-        .iter()
-        .map(|h| ociblk_registry::digest::hex(h))
-        .collect();
-    std::fs::write(&hashes, lines.join("\n")).expect("write hashes");
+    let hashes = write_chunk_hashes(dir.path(), kernel);
     let fetcher = || {
         let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_ociblk-registry-fetch"));
         c.arg("--cache")

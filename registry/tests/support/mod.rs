@@ -372,3 +372,16 @@ pub fn read_range(path: &Path, start: u64, len: u64) -> Vec<u8> {
     f.read_exact_at(&mut buf, start).expect("read cached blob");
     buf
 }
+
+/// Writes the chunk SHA-256s of `blob`, one hex digest a line (the
+/// `--hashes` file of `ociblk-registry-fetch`), to `dir/hashes`.
+pub fn write_chunk_hashes(dir: &Path, blob: &BlobSpec) -> PathBuf {
+    let hashes = dir.join("hashes");
+    let lines: Vec<String> = blob
+        .chunk_sha256
+        .iter()
+        .map(|h| ociblk_registry::digest::hex(h))
+        .collect();
+    std::fs::write(&hashes, lines.join("\n")).expect("write hashes");
+    hashes
+}
