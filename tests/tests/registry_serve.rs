@@ -334,6 +334,19 @@ fn pull_fills_the_cache_and_cache_tools_report_and_collect() {
         assert_eq!(blob["chunks"][0]["present"], p.chunks());
     }
 
+    // `cache gc` asked to shrink the cache to nothing; returns its report.
+    let gc_to_nothing = || {
+        let gc = run_ok(&mut ociblk(&[
+            "cache",
+            "gc",
+            "--cache",
+            &cache_arg,
+            "--max-size",
+            "0",
+        ]));
+        String::from_utf8_lossy(&gc.stdout).into_owned()
+    };
+
     // A server over the pulled cache fetches nothing, even from a stopped registry.
     let mut fx = fx;
     fx.registry.stop();
@@ -344,27 +357,11 @@ fn pull_fills_the_cache_and_cache_tools_report_and_collect() {
     let blob_requests_since = fx.blob_requests_since(before);
     assert_eq!(blob_requests_since, 0, "a pulled cache fetches nothing");
     // Blobs in use are kept by gc.
-    let gc = run_ok(&mut ociblk(&[
-        "cache",
-        "gc",
-        "--cache",
-        &cache_arg,
-        "--max-size",
-        "0",
-    ]));
-    let gc_out = String::from_utf8_lossy(&gc.stdout);
+    let gc_out = gc_to_nothing();
     assert!(gc_out.contains("in use, kept"), "{gc_out}");
     drop(c);
     drop(server);
-    let gc = run_ok(&mut ociblk(&[
-        "cache",
-        "gc",
-        "--cache",
-        &cache_arg,
-        "--max-size",
-        "0",
-    ]));
-    let gc_out = String::from_utf8_lossy(&gc.stdout);
+    let gc_out = gc_to_nothing();
     assert!(
         gc_out.contains("removed") && gc_out.contains("0 bytes of payload blobs remain"),
         "{gc_out}"
