@@ -245,8 +245,13 @@ impl Manifest {
             field: field.to_string(),
             message,
         };
-        let manifest: ImageManifest =
-            serde_json::from_slice(bytes).map_err(|e| invalid("(document)", e.to_string()))?;
+        // The whole document is read as JSON first: a typed parse skips
+        // unknown fields without checking them, and would accept a manifest
+        // that is not JSON (invalid UTF-8, lone surrogates) as long as the
+        // fields it knows are fine.
+        let manifest: ImageManifest = serde_json::from_slice::<serde_json::Value>(bytes)
+            .and_then(serde_json::from_value)
+            .map_err(|e| invalid("(document)", e.to_string()))?;
         if manifest.schema_version() != 2 {
             return Err(invalid(
                 "schemaVersion",
@@ -344,5 +349,27 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn refuses_a_document_that_is_not_json_even_in_unknown_fields() {
+        let layer = Digest::of(b"kernel").to_string();
+        let good = manifest(2, OCI_MANIFEST, &layer);
+        // An unknown field whose value is not valid JSON text: invalid
+        // UTF-8, and a lone surrogate escape (found by fuzzing).
+        for junk in [&b"\"x\":\"\xff\xff\","[..], &b"\"x\":\"\\udc00\","[..]] {
+            let mut bytes = b"{".to_vec();
+            bytes.extend_from_slice(junk);
+            bytes.extend_from_slice(&good[1..]);
+            let digest = Digest::of(&bytes);
+            let err = Manifest::parse(&bytes, &digest)
+                .expect_err("not JSON")
+                .to_string();
+            assert!(
+                err.contains(&format!("manifest {digest}: field (document)")),
+                "{err}"
+            );
+        }
+        Manifest::parse(&good, &Digest::of(&good)).expect("the same manifest without junk");
     }
 }
