@@ -28,7 +28,7 @@ pub struct NodeDisk {
 
 impl NodeDisk {
     /// Opens the layout's source files. Without an overlay the disk is
-    /// read-only. `verifiers` (see [`Verifiers::new`]) must have been made
+    /// read-only. `verifiers` (see [`Verifiers::for_image`]) must have been made
     /// for `layout`, or be [`Verifiers::disabled`].
     pub fn open(
         layout: Layout,

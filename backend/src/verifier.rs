@@ -378,11 +378,6 @@ impl PayloadVerifier {
 pub struct Verifiers(Vec<Option<PayloadVerifier>>);
 
 impl Verifiers {
-    /// Verifiers for every payload source of `layout`, from image `image`.
-    pub fn new(layout: &Layout, image: &Path) -> Self {
-        Self::for_image(layout, image, None, true)
-    }
-
     /// Verifiers for an image whose payloads `fetcher` fetches from a
     /// registry (`None`: a local layout). With `hash` false (`--no-verify`)
     /// local payloads are served unchecked; registry chunks are still
