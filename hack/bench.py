@@ -12,62 +12,17 @@ bench-io.png next to it. Run through hack/bench, which builds what is needed.
 import argparse
 import json
 import os
-import shutil
-import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-OCIBLK = ROOT / "target/release/ociblk"
-BENCH = ROOT / "target/release/ociblk-bench"
-OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS.fd")
-SECTOR = 512
-READY = b"ociblk-sample: ready"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import (BENCH, OCIBLK, ROOT, SECTOR, Contender, allocated, boot_once, inspect, median,  # noqa: E402
+                      qemu_command, ratio, replace_section, run, sections_from, stop,
+                      wait_accepting)
 
-
-def run(cmd, **kw):
-    return subprocess.run([str(c) for c in cmd], check=True, capture_output=True, **kw)
-
-
-def median(xs):
-    return statistics.median(xs) if xs else float("nan")
-
-
-def wait_accepting(path, deadline):
-    """Polls until a Unix socket accepts a connection (bounded)."""
-    while time.monotonic() < deadline:
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.connect(str(path))
-                return True
-        except OSError:
-            time.sleep(0.0005)
-    return False
-
-
-def stop(proc, sig=signal.SIGTERM, timeout=30):
-    """Ends a process this script started, by its PID."""
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def inspect(image, seed):
-    out = run([OCIBLK, "inspect", "--json", "--image", image, "--seed", seed]).stdout
-    return json.loads(out)
-
-
-def allocated(path):
-    return os.stat(path).st_blocks * 512
 
 
 # --- 1. launch preparation ----------------------------------------------------
@@ -141,32 +96,6 @@ def bench_launch(images, node_counts, reps, scratch):
 
 
 # --- 2. I/O ---------------------------------------------------------------------
-
-
-class Contender:
-    """A vhost-user-blk server for the I/O jobs."""
-
-    def __init__(self, name, cmd, sock, log=None):
-        self.name, self.cmd, self.sock, self.log = name, cmd, sock, log
-        self.proc = None
-
-    def start(self):
-        if self.sock.exists():
-            self.sock.unlink()
-        out = open(self.log, "w") if self.log else subprocess.DEVNULL
-        self.proc = subprocess.Popen([str(c) for c in self.cmd], stdout=out, stderr=out)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not self.sock.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited at start")
-            time.sleep(0.01)
-        if not self.sock.exists():
-            raise RuntimeError(f"{self.name} did not create {self.sock}")
-
-    def stop(self):
-        if self.proc:
-            stop(self.proc)
-            self.proc = None
 
 
 def bench_job(sock, args):
@@ -266,37 +195,6 @@ def bench_io(image, reps, runtime, scratch):
 
 
 # --- 3. guest boot ----------------------------------------------------------------
-
-
-def boot_once(cmd, vars_file, timeout=240):
-    shutil.copy(OVMF_VARS, vars_file)
-    t0 = time.perf_counter()
-    q = subprocess.Popen([str(c) for c in cmd], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT)
-    seen = b""
-    os.set_blocking(q.stdout.fileno(), False)
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            chunk = q.stdout.read(65536)
-            if chunk:
-                seen = (seen + chunk)[-4096:]
-                if READY in seen:
-                    return time.perf_counter() - t0
-            elif q.poll() is not None:
-                break
-            else:
-                time.sleep(0.005)
-        raise RuntimeError("guest did not reach its ready line")
-    finally:
-        stop(q, signal.SIGKILL)
-
-
-def qemu_command(vars_file, *disk):
-    """The QEMU command line ociblk launch runs for a node (2 vCPUs here), from
-    `ociblk qemu-command`; `disk` selects --socket PATH or --image FILE."""
-    out = run([OCIBLK, "qemu-command", "--cpus", "2", "--ovmf-vars", vars_file, *disk])
-    return out.stdout.decode().splitlines()
 
 
 def bench_boot(image, reps, scratch):
@@ -489,19 +387,10 @@ def verify_lines(v):
 def replace_verify_section(path, v, command, reps):
     """Puts a separate run's section 4 (with its own command, date and
     verdicts) into BENCHMARKS.md, leaving the other sections as they are."""
-    text = path.read_text()
     lines = verify_lines(v)
     lines.insert(1, f"From a separate run: `{command}`, {time.strftime('%Y-%m-%d')}, {reps} repetitions.\n")
     lines += verify_verdicts(v) + [""]
-    section = "\n".join(lines) + "\n"
-    start = text.find("## 4. Payload verification")
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + text[end + 1:]
-    else:
-        at = text.find("## Targets")
-        text = text[:at] + section + text[at:]
-    path.write_text(text)
+    replace_section(path, 4, "\n".join(lines) + "\n")
 
 
 def verify_verdicts(v):
@@ -523,10 +412,6 @@ def verify_verdicts(v):
 
 
 # --- report -------------------------------------------------------------------------
-
-
-def ratio(a, b):
-    return a / b if b else float("nan")
 
 
 def write_plot(io, path):
@@ -603,6 +488,10 @@ def write_md(res, path, command):
         L.append("")
     if res.get("verify"):
         L.extend(verify_lines(res["verify"]))
+    # Sections from separate runs (forks, registry) are kept as they are.
+    later = sections_from(path, 5)
+    if later:
+        L.append(later)
     L.append("## Targets\n")
     L.extend(res["verdicts"])
     L.append("")
