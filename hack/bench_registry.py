@@ -1,0 +1,537 @@
+#!/usr/bin/env python3
+"""ociblk serving an image straight from an OCI registry, against the local
+layout and against what a user would otherwise do: `skopeo copy` the whole
+image to a local layout, then serve that.
+
+A `docker-registry` (Debian's CNCF distribution) runs on a free loopback
+port with its own storage under build/bench; the sample image and the 1 GiB
+synthetic image are pushed to it with `skopeo copy`. Per repetition, the
+contenders alternate (their order rotates from one repetition to the next):
+
+- sample image: a UEFI guest (OVMF, TCG) booted to its ready line;
+- synthetic 1 GiB image (its system payload is pseudo-random bytes, not a
+  file system, so it does not boot): a fixed read pattern through
+  `ociblk-bench run` (see READ_PATTERN).
+
+Each time runs from starting `ociblk serve` (and, for copy-then-serve, from
+starting `skopeo copy`) to the ready line or the last read. Payload bytes
+fetched from the registry are counted twice: by ociblk (its exit log line
+"fetched from the registry requests=N bytes=M") and by the registry's access
+log (bytes sent for each GET of a payload blob).
+
+Results go to build/bench/registry.json; --write-md replaces section 6 of
+BENCHMARKS.md. Run through `hack/bench --only-registry`, which builds what
+is needed and the synthetic image.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchlib import (BENCH, OCIBLK, ROOT, SECTOR, Contender, boot_once, inspect, median,  # noqa: E402
+                      qemu_command, ratio, replace_section, run, stop)
+
+SECTION = 6
+SEED = "bench"
+REGISTRY_START_TIMEOUT = 30
+SKOPEO_TIMEOUT = 900
+BENCH_RUN_TIMEOUT = 600
+# The access log line of a response may follow the client's last byte by a
+# moment; its count is polled for this long before being taken as it is.
+ACCESS_LOG_SETTLE = 5
+MIB = 1 << 20
+
+# What the synthetic image's read pattern reads, in the system partition
+# (the system payload starts at its first byte): the first SEQ_BYTES in 1 MiB
+# reads at queue depth 4, as a guest mounting and scanning a file system
+# would, then RANDOM_READS reads of 4 KiB at random 4 KiB-aligned offsets
+# over the whole payload, one at a time (fixed seed: the same offsets for
+# every contender).
+SEQ_BYTES = 64 * MIB
+RANDOM_READS = 32
+
+BOOT = ["registry, cold cache", "registry, warm cache", "local layout", "skopeo copy, then local serve"]
+PREFETCH = "registry, second host with --prefetch"
+
+
+def free_loopback_port():
+    """A TCP port free on 127.0.0.1 when asked (the registry binds it next;
+    another program taking it first shows as the registry exiting)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Registry:
+    """A `docker-registry serve` on loopback with its own storage in `work`,
+    ended by its PID."""
+
+    BLOB_GET = re.compile(rb'"GET /v2/\S+/blobs/sha256:([0-9a-f]{64}) HTTP/[0-9.]+" (\d{3}) (\d+)')
+
+    def __init__(self, work):
+        self.work = work
+        self.addr = f"127.0.0.1:{free_loopback_port()}"
+        self.log = work / "registry.log"
+        self.config = work / "config.yml"
+        storage = work / "storage"
+        storage.mkdir()
+        self.config.write_text(
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n"
+            f"storage:\n  filesystem:\n    rootdirectory: {storage}\n"
+            f"http:\n  addr: {self.addr}\n")
+        self.proc = None
+
+    def start(self):
+        exe = shutil.which("docker-registry")
+        if not exe:
+            raise RuntimeError("docker-registry not found: install Debian's docker-registry (hack/setup)")
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([exe, "serve", self.config], stdin=subprocess.DEVNULL,
+                                         stdout=log, stderr=log)
+        deadline = time.monotonic() + REGISTRY_START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"docker-registry exited ({self.proc.returncode}) at start: "
+                                   f"{self.log.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"http://{self.addr}/v2/", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.02)
+        raise RuntimeError(f"docker-registry did not answer /v2/ on {self.addr} within "
+                           f"{REGISTRY_START_TIMEOUT} s")
+
+    def stop(self):
+        if self.proc:
+            stop(self.proc)
+            self.proc = None
+
+    def push(self, image, repo_tag):
+        run(["skopeo", "--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false",
+             f"oci:{image}", f"docker://{self.addr}/{repo_tag}"], timeout=SKOPEO_TIMEOUT)
+
+    def ref(self, repo_tag):
+        return f"{self.addr}/{repo_tag}"
+
+    def log_offset(self):
+        return self.log.stat().st_size
+
+    def blob_bytes_since(self, offset, digests):
+        """(requests, bytes) the registry answered with content for GETs of
+        the blobs `digests` (hex), from its access log after `offset`."""
+        with open(self.log, "rb") as f:
+            f.seek(offset)
+            text = f.read()
+        requests = sent = 0
+        for m in self.BLOB_GET.finditer(text):
+            if m.group(1).decode() in digests and m.group(2) in (b"200", b"206"):
+                requests += 1
+                sent += int(m.group(3))
+        return requests, sent
+
+    def settled_blob_bytes(self, offset, digests, expected):
+        """blob_bytes_since, polled (bounded) until it reaches `expected`
+        bytes: the access log is written just after each response."""
+        deadline = time.monotonic() + ACCESS_LOG_SETTLE
+        while True:
+            got = self.blob_bytes_since(offset, digests)
+            if got[1] >= expected or time.monotonic() >= deadline:
+                return got
+            time.sleep(0.01)
+
+
+def fetched_line(log):
+    """(requests, bytes) from `ociblk serve`'s exit line "fetched from the
+    registry", or None when there is none (a local image)."""
+    for line in log.read_text().splitlines():
+        if "fetched from the registry" in line:
+            words = dict(w.split("=", 1) for w in line.split() if "=" in w)
+            return int(words["requests"]), int(words["bytes"])
+    return None
+
+
+def serve_args(image, cache):
+    return ["--image", image, *(["--cache", cache] if cache else [])]
+
+
+def start_server(name, image_args, work, queues, extra=()):
+    """Starts `ociblk serve` on a fresh overlay; returns it and the seconds
+    until its socket existed (tag resolution, manifest and config included)."""
+    sock = work / f"{name}.sock"
+    log = work / f"{name}.log"
+    cmd = [OCIBLK, "serve", *image_args, "--seed", SEED, "--socket", sock,
+           "--overlay", work / f"{name}.overlay", "--queues", str(queues), *extra]
+    server = Contender(name, cmd, sock, log=log)
+    t0 = time.perf_counter()
+    try:
+        server.start()
+    except RuntimeError as e:
+        server.stop()
+        raise RuntimeError(f"{e}: {log.read_text()[-2000:]}") from None
+    return server, time.perf_counter() - t0
+
+
+def skopeo_copy(registry, repo_tag, dest):
+    """`skopeo copy` of the whole image from the registry to a local OCI
+    layout, as a user would before serving it; returns seconds."""
+    t0 = time.perf_counter()
+    run(["skopeo", "--insecure-policy", "copy", "--quiet", "--src-tls-verify=false",
+         f"docker://{registry.ref(repo_tag)}", f"oci:{dest}:{repo_tag.split(':')[-1]}"],
+        timeout=SKOPEO_TIMEOUT)
+    return time.perf_counter() - t0
+
+
+class Image:
+    """One image in the registry and the local layout it was pushed from."""
+
+    def __init__(self, label, layout, repo_tag, registry):
+        self.label, self.layout, self.repo_tag, self.registry = label, layout, repo_tag, registry
+        info = inspect(layout, SEED)
+        self.payloads = {p["digest"]: p["size"] for p in info["payloads"]}
+        self.payload_bytes = sum(self.payloads.values())
+        system = next(p for p in info["payloads"] if p["name"] == "system")
+        self.system_size = system["size"]
+        self.system_offset = next(p for p in info["partitions"]
+                                  if p["name"] == "METROPOLIS-SYSTEM-A")["first_lba"] * SECTOR
+        self.manifest_digest = info["manifest_digest"]
+
+    @property
+    def ref(self):
+        return self.registry.ref(self.repo_tag)
+
+
+def measure(image, contender, work, workload, queues, cache, state):
+    """Runs `workload(socket)` against a server for one contender; returns
+    a sample dict: seconds in all and in parts, and bytes fetched."""
+    reg = image.registry
+    at = reg.log_offset()
+    copy_s = 0.0
+    if contender == BOOT[3]:
+        dest = work / "copied"
+        copy_s = skopeo_copy(reg, image.repo_tag, dest)
+        image_args = serve_args(dest, None)
+    elif contender == BOOT[2]:
+        image_args = serve_args(image.layout, None)
+    else:
+        image_args = serve_args(image.ref, cache)
+    extra = []
+    if contender == BOOT[0] and state.get("record"):
+        extra = ["--record-access", state["record"]]
+    elif contender == PREFETCH:
+        extra = ["--prefetch", state["record"]]
+    name = re.sub(r"[^a-z]+", "-", contender).strip("-")
+    server, start_s = start_server(name, image_args, work, queues, extra)
+    try:
+        work_s = workload(server.sock)
+    finally:
+        server.stop()
+    fetched = fetched_line(work / f"{name}.log")
+    if contender in (BOOT[2], BOOT[3]):
+        if fetched is not None:
+            raise RuntimeError(f"{contender}: ociblk fetched from a registry serving a local layout")
+    elif fetched is None:
+        raise RuntimeError(f"{contender}: no 'fetched from the registry' line in {work / (name + '.log')}")
+    # What the registry should have sent: what ociblk counted, the whole
+    # payloads for skopeo, nothing for the local layout.
+    expected = fetched[1] if fetched else image.payload_bytes if contender == BOOT[3] else 0
+    log_requests, log_bytes = reg.settled_blob_bytes(at, image.payloads, expected)
+    if contender == BOOT[3]:
+        shutil.rmtree(work / "copied")
+    return {"seconds": copy_s + start_s + work_s, "copy_s": copy_s, "serve_start_s": start_s,
+            "work_s": work_s,
+            "ociblk_requests": fetched[0] if fetched else None,
+            "ociblk_bytes": fetched[1] if fetched else None,
+            "registry_requests": log_requests, "registry_bytes": log_bytes}
+
+
+def boot_workload(work):
+    def boot(sock):
+        vars_file = work / "vars.fd"
+        return boot_once(qemu_command(vars_file, "--socket", sock), vars_file)
+    return boot
+
+
+def read_pattern_args(image):
+    off = str(image.system_offset)
+    return [
+        ["--rw", "read", "--bs", "1M", "--iodepth", "4", "--queues", "1",
+         "--offset", off, "--length", str(SEQ_BYTES), "--size", str(SEQ_BYTES)],
+        ["--rw", "randread", "--bs", "4K", "--iodepth", "1", "--queues", "1", "--seed", "1",
+         "--offset", off, "--length", str(image.system_size // 4096 * 4096),
+         "--size", str(RANDOM_READS * 4096)],
+    ]
+
+
+def read_workload(image):
+    jobs = read_pattern_args(image)
+
+    def reads(sock):
+        t0 = time.perf_counter()
+        for args in jobs:
+            out = run([BENCH, "run", "--socket", sock, "--json", *args], timeout=BENCH_RUN_TIMEOUT).stdout
+            report = json.loads(out)
+            if report["errors"]:
+                raise RuntimeError(f"ociblk-bench {' '.join(args)}: {report['errors']} errors, "
+                                   f"first: {report['first_error']}")
+        return time.perf_counter() - t0
+    return reads
+
+
+def prefetch_supported():
+    """Whether this `ociblk serve` records a boot's chunk order and replays
+    it (`--record-access FILE`, `--prefetch FILE`): the hook for the
+    second-host row, measured only when both exist."""
+    usage = run([OCIBLK, "serve", "--help"]).stdout.decode()
+    return "--record-access" in usage and "--prefetch" in usage
+
+
+def bench_image(image, contenders, workload_for, queues, reps, scratch, prefetch=False):
+    """Per repetition: the registry group (cold, warm on the same cache,
+    and the second host with prefetch when measured), the local layout and
+    copy-then-serve, in an order that rotates per repetition."""
+    samples = {c: [] for c in contenders}
+    groups = [[c for c in contenders if c.startswith("registry")], [BOOT[2]], [BOOT[3]]]
+    for rep in range(reps):
+        order = groups[rep % 3:] + groups[:rep % 3]
+        for group in order:
+            with tempfile.TemporaryDirectory(dir=scratch) as d:
+                work = Path(d)
+                cache = work / "cache"
+                state = {"record": work / "access.record" if prefetch else None}
+                for contender in group:
+                    # The second host: its own empty cache, the first host's record.
+                    c = work / "cache-second-host" if contender == PREFETCH else cache
+                    s = measure(image, contender, work, workload_for(work), queues, c, state)
+                    samples[contender].append(s)
+                    fetched = s["ociblk_bytes"] if s["ociblk_bytes"] is not None else s["registry_bytes"]
+                    print(f"registry {image.label} rep{rep} {contender:38} {s['seconds']:8.3f} s "
+                          f"(copy {s['copy_s']:.3f}, serve start {s['serve_start_s']:.3f}, "
+                          f"{s['work_s']:.3f}), fetched {fetched} B", flush=True)
+    return summarize(image, samples)
+
+
+def summarize(image, samples):
+    out = {"image": image.label, "manifest_digest": image.manifest_digest,
+           "payload_bytes": image.payload_bytes, "contenders": {}}
+    for c, ss in samples.items():
+        seconds = [s["seconds"] for s in ss]
+        pick = lambda k: [s[k] for s in ss if s[k] is not None]  # noqa: E731
+        out["contenders"][c] = {
+            "median_s": median(seconds), "range_s": [min(seconds), max(seconds)],
+            "copy_s": median(pick("copy_s")), "serve_start_s": median(pick("serve_start_s")),
+            "work_s": median(pick("work_s")),
+            "ociblk_bytes": median(pick("ociblk_bytes")) if pick("ociblk_bytes") else None,
+            "ociblk_requests": median(pick("ociblk_requests")) if pick("ociblk_requests") else None,
+            "registry_bytes": median(pick("registry_bytes")),
+            "registry_requests": median(pick("registry_requests")),
+            "samples": ss}
+    return out
+
+
+# --- report -------------------------------------------------------------------------
+
+
+def fmt_bytes(n):
+    return f"{n / MIB:.1f} MiB" if n >= MIB else f"{n / 1024:.0f} KiB" if n >= 1024 else f"{n:.0f} B"
+
+
+def time_table(res, what):
+    c = res["contenders"]
+    local = c[BOOT[2]]["median_s"]
+    L = [f"| how the image reaches the server | {what} | / local layout | range over repetitions | "
+         "of it: skopeo copy; serve start |", "|---|---|---|---|---|"]
+    for name, r in c.items():
+        copy = f"{r['copy_s']:.2f} s" if r["copy_s"] else "–"
+        L.append(f"| {name} | {r['median_s']:.2f} s | {ratio(r['median_s'], local):.2f}x | "
+                 f"{r['range_s'][0]:.2f}-{r['range_s'][1]:.2f} s | {copy}; {r['serve_start_s'] * 1e3:.0f} ms |")
+    return L
+
+
+def bytes_rows(res):
+    L = []
+    for name, r in res["contenders"].items():
+        if name == BOOT[2]:
+            continue
+        ours = f"{r['ociblk_bytes']:.0f} in {r['ociblk_requests']:.0f} requests" \
+            if r["ociblk_bytes"] is not None else "– (skopeo)"
+        share = r["ociblk_bytes"] if r["ociblk_bytes"] is not None else r["registry_bytes"]
+        L.append(f"| {res['image']} | {name} | {ours} | {r['registry_bytes']:.0f} in "
+                 f"{r['registry_requests']:.0f} requests | {res['payload_bytes']} | "
+                 f"{100 * ratio(share, res['payload_bytes']):.1f}% |")
+    return L
+
+
+def verdicts(res):
+    boot = res["sample"]["contenders"]
+    syn = res["synthetic"]["contenders"]
+    out = []
+    x = ratio(boot[BOOT[0]]["median_s"], boot[BOOT[2]]["median_s"])
+    out.append(f"- Registry, cold-cache boot of the sample image: {x:.2f}x the local layout's time "
+               f"(target within 1.5x): {'met' if x <= 1.5 else 'MISSED'}.")
+    cold, copy = syn[BOOT[0]]["median_s"], syn[BOOT[3]]["median_s"]
+    out.append(f"- Registry, cold cache, 1 GiB synthetic image (read pattern): {cold:.2f} s against "
+               f"{copy:.2f} s for skopeo copy then local serve, which takes {ratio(copy, cold):.2f}x as long "
+               f"(target faster than copy-then-serve): {'met' if cold < copy else 'MISSED'}.")
+    x = ratio(boot[BOOT[1]]["median_s"], boot[BOOT[2]]["median_s"])
+    out.append(f"- Registry, warm-cache boot of the sample image: {x:.3f}x the local layout's time "
+               f"(target within 5%): {'met' if x <= 1.05 else 'MISSED'}.")
+    return out
+
+
+def why_missed(res):
+    boot = res["sample"]["contenders"]
+    syn = res["synthetic"]["contenders"]
+    L = []
+    cold, warm, local = boot[BOOT[0]], boot[BOOT[1]], boot[BOOT[2]]
+    if ratio(cold["median_s"], local["median_s"]) > 1.5:
+        extra = cold["median_s"] - local["median_s"]
+        per_chunk = extra / max(cold["ociblk_requests"], 1)
+        scold, slocal = syn[BOOT[0]], syn[BOOT[2]]
+        fetch = (scold["work_s"] - slocal["work_s"]) / max(scold["ociblk_requests"], 1)
+        lo, hi = local["range_s"]
+        L.append(f"- **Cold-cache boot.** It took {extra:.2f} s more than from the local layout while "
+                 f"fetching {fmt_bytes(cold['ociblk_bytes'])} in {cold['ociblk_requests']:.0f} chunk requests: "
+                 f"{per_chunk * 1e3:.0f} ms per chunk, which the guest waits for at its first read of each "
+                 "chunk (fetch, hash, store, hash again from the cache). Without a guest, the same work costs "
+                 f"{fetch * 1e3:.1f} ms per chunk (the 1 GiB read pattern, cold minus local, over its "
+                 f"{scold['ociblk_requests']:.0f} chunk requests); the server's start (tag, manifest, config) "
+                 f"took {cold['serve_start_s'] * 1e3:.0f} ms against {local['serve_start_s'] * 1e3:.0f} ms; "
+                 f"boots from the local layout alone ranged {lo:.2f}-{hi:.2f} s over the repetitions.")
+    if ratio(warm["median_s"], local["median_s"]) > 1.05:
+        lo, hi = local["range_s"]
+        L.append(f"- **Warm-cache boot.** It fetched {warm['ociblk_bytes']:.0f} bytes and took "
+                 f"{warm['median_s'] - local['median_s']:.2f} s more than from the local layout "
+                 f"({warm['serve_start_s'] * 1e3:.0f} ms of it the server's start, against "
+                 f"{local['serve_start_s'] * 1e3:.0f} ms); boots from the local layout alone ranged "
+                 f"{lo:.2f}-{hi:.2f} s over the repetitions (TCG guests on a shared 2-core machine).")
+    scold, scopy = syn[BOOT[0]], syn[BOOT[3]]
+    if scold["median_s"] >= scopy["median_s"]:
+        L.append(f"- **1 GiB image, cold cache vs copy-then-serve.** The cold read pattern fetched "
+                 f"{fmt_bytes(scold['ociblk_bytes'])} in {scold['ociblk_requests']:.0f} chunk requests in "
+                 f"{scold['work_s']:.2f} s ({scold['ociblk_bytes'] / MIB / scold['work_s']:.0f} MiB/s), "
+                 f"while skopeo copied {fmt_bytes(scopy['registry_bytes'])} in {scopy['copy_s']:.2f} s "
+                 f"({scopy['registry_bytes'] / MIB / scopy['copy_s']:.0f} MiB/s).")
+    return L
+
+
+def section(res):
+    boot, syn = res["sample"], res["synthetic"]
+    L = [f"## {SECTION}. Serving from a registry\n",
+         f"From a separate run: `{res['command']}`, {res['date']}, repetitions: {res['reps']}; "
+         f"{res['machine']}.\n",
+         "`ociblk serve --image 127.0.0.1:PORT/REPO:TAG --cache DIR` against a `docker-registry` "
+         "(Debian's CNCF distribution 2.8, filesystem storage) on loopback, the images pushed to it "
+         "with `skopeo copy`. Contenders: *registry, cold cache* (an empty `--cache` directory), "
+         "*registry, warm cache* (a second server on the same cache, after the cold one), *local "
+         "layout* (the OCI layout the image was pushed from), and *skopeo copy, then local serve* "
+         "(`skopeo copy docker://… oci:DIR`, the whole image, then `ociblk serve` of DIR): what a user "
+         "would do without registry support. Each time runs from starting `skopeo copy` or `ociblk "
+         "serve` to the end; a fresh overlay per server. Contenders alternate within each repetition, "
+         "their order rotating between repetitions; figures are medians, ratios are ratios of "
+         "medians.\n",
+         "### Sample image: boot to the ready line\n",
+         "A UEFI guest (OVMF, TCG, 2 vCPUs, the command line of `ociblk qemu-command`) from QEMU's start "
+         "to `ociblk-sample: ready`, plus the server's start before it.\n"]
+    L += time_table(boot, "to ready")
+    L.append("")
+    L += ["### Synthetic 1 GiB image: a read pattern\n",
+          "Its system payload is 1 GiB of pseudo-random bytes (`hack/mkimage --synthetic 1G`), not a file "
+          "system, so a guest cannot boot from it. Instead `ociblk-bench run` reads, in the system "
+          f"partition: the first {SEQ_BYTES >> 20} MiB in 1 MiB reads at queue depth 4, then "
+          f"{RANDOM_READS} reads of 4 KiB at random offsets over the whole 1 GiB payload, one at a time "
+          "(same seed, so the same offsets, for every contender). Each 4 KiB read of a chunk not yet in "
+          "the cache fetches its whole 1 MiB chunk.\n"]
+    L += time_table(syn, "read pattern")
+    L.append("")
+    L += ["### Bytes fetched from the registry\n",
+          "Payload bytes only (manifest and config are a few KiB). *ociblk*: the server's exit log line "
+          "`fetched from the registry requests=N bytes=M`; *registry*: bytes the registry's access log "
+          "shows sent for GETs of the payload blobs (`206` answers to `Range` requests, `200` for "
+          "skopeo's whole blobs). A warm cache fetches nothing.\n",
+          "| image | how | ociblk's count (bytes) | registry access log (bytes) | payload size (bytes) | "
+          "fetched / payload |", "|---|---|---|---|---|---|"]
+    L += bytes_rows(boot) + bytes_rows(syn)
+    L.append("")
+    if res["prefetch"] is None:
+        L.append("*Second host with prefetch*: not measured; this `ociblk serve` has no `--record-access` / "
+                 "`--prefetch`. When it has, this benchmark records the cold boot's chunk order and boots a "
+                 "second host (an empty cache of its own) with `--prefetch`, as a row of the boot table.\n")
+    else:
+        L.append("*Registry, second host with --prefetch*: an empty cache of its own, `--prefetch` of the "
+                 "record the cold boot of the same repetition wrote with `--record-access`.\n")
+    L.append("Targets:\n")
+    L += res["verdicts"]
+    why = why_missed(res)
+    if why:
+        L += ["", "Why targets are missed, from the figures above:\n"] + why
+    L.append("")
+    return "\n".join(L) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--image", default=str(ROOT / "build/sample-image"))
+    ap.add_argument("--synthetic", default=str(ROOT / "build/synthetic-1g"),
+                    help="image with a 1 GiB system payload (hack/mkimage --synthetic 1G DIR)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--write-md", action="store_true", help=f"replace section {SECTION} of BENCHMARKS.md")
+    ap.add_argument("--command", default="hack/bench --only-registry", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.reps < 1:
+        ap.error("--reps must be at least 1")
+    for tool in ("skopeo", "docker-registry", "qemu-system-x86_64"):
+        if not shutil.which(tool):
+            sys.exit(f"bench_registry: {tool} not found: run hack/setup")
+    scratch = ROOT / "build/bench"
+    scratch.mkdir(parents=True, exist_ok=True)
+    prefetch = prefetch_supported()
+    res = {"command": a.command, "date": time.strftime("%Y-%m-%d"), "reps": a.reps,
+           "machine": f"{os.cpu_count()} cores, "
+                      f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') >> 30} GiB, "
+                      f"{os.uname().release}",
+           "read_pattern": {"sequential_bytes": SEQ_BYTES, "random_4k_reads": RANDOM_READS}}
+    with tempfile.TemporaryDirectory(dir=scratch, prefix="registry-") as d:
+        registry = Registry(Path(d))
+        registry.start()
+        try:
+            t0 = time.perf_counter()
+            registry.push(a.image, "bench/sample:v1")
+            registry.push(a.synthetic, "bench/synthetic-1g:v1")
+            print(f"registry on {registry.addr}; pushed both images in {time.perf_counter() - t0:.1f} s",
+                  flush=True)
+            sample = Image("sample", a.image, "bench/sample:v1", registry)
+            synthetic = Image("synthetic 1 GiB", a.synthetic, "bench/synthetic-1g:v1", registry)
+            boot_contenders = BOOT[:2] + ([PREFETCH] if prefetch else []) + BOOT[2:]
+            res["sample"] = bench_image(sample, boot_contenders, boot_workload, 2, a.reps, scratch,
+                                        prefetch=prefetch)
+            res["synthetic"] = bench_image(synthetic, BOOT, lambda _work: read_workload(synthetic), 1,
+                                           a.reps, scratch)
+        finally:
+            registry.stop()
+    res["prefetch"] = PREFETCH if prefetch else None
+    res["verdicts"] = verdicts(res)
+    res["load_average_at_end"] = os.getloadavg()[0]
+    (scratch / "registry.json").write_text(json.dumps(res, indent=1))
+    text = section(res)
+    print(text)
+    if a.write_md:
+        replace_section(ROOT / "BENCHMARKS.md", SECTION, text)
+        print(f"rewrote section {SECTION} of BENCHMARKS.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
