@@ -61,8 +61,12 @@ MIB = 1 << 20
 SEQ_BYTES = 64 * MIB
 RANDOM_READS = 32
 
-BOOT = ["registry, cold cache", "registry, warm cache", "local layout", "skopeo copy, then local serve"]
+COLD = "registry, cold cache"
+WARM = "registry, warm cache"
 PREFETCH = "registry, second host with --prefetch"
+LOCAL = "local layout"
+COPY = "skopeo copy, then local serve"
+CONTENDERS = [COLD, WARM, LOCAL, COPY]
 
 
 def free_loopback_port():
@@ -219,16 +223,16 @@ def measure(image, contender, work, workload, queues, cache, state):
     reg = image.registry
     at = reg.log_offset()
     copy_s = 0.0
-    if contender == BOOT[3]:
+    if contender == COPY:
         dest = work / "copied"
         copy_s = skopeo_copy(reg, image.repo_tag, dest)
         image_args = serve_args(dest, None)
-    elif contender == BOOT[2]:
+    elif contender == LOCAL:
         image_args = serve_args(image.layout, None)
     else:
         image_args = serve_args(image.ref, cache)
     extra = []
-    if contender == BOOT[0] and state.get("record"):
+    if contender == COLD and state.get("record"):
         extra = ["--record-access", state["record"]]
     elif contender == PREFETCH:
         extra = ["--prefetch", state["record"]]
@@ -239,16 +243,19 @@ def measure(image, contender, work, workload, queues, cache, state):
     finally:
         server.stop()
     fetched = fetched_line(work / f"{name}.log")
-    if contender in (BOOT[2], BOOT[3]):
+    if contender in (LOCAL, COPY):
         if fetched is not None:
             raise RuntimeError(f"{contender}: ociblk fetched from a registry serving a local layout")
     elif fetched is None:
         raise RuntimeError(f"{contender}: no 'fetched from the registry' line in {work / (name + '.log')}")
     # What the registry should have sent: what ociblk counted, the whole
     # payloads for skopeo, nothing for the local layout.
-    expected = fetched[1] if fetched else image.payload_bytes if contender == BOOT[3] else 0
+    expected = fetched[1] if fetched else image.payload_bytes if contender == COPY else 0
     log_requests, log_bytes = reg.settled_blob_bytes(at, image.payloads, expected)
-    if contender == BOOT[3]:
+    if log_bytes != expected:
+        print(f"warning: {contender}: the registry's access log shows {log_bytes} payload bytes sent, "
+              f"expected {expected}", flush=True)
+    if contender == COPY:
         shutil.rmtree(work / "copied")
     return {"seconds": copy_s + start_s + work_s, "copy_s": copy_s, "serve_start_s": start_s,
             "work_s": work_s,
@@ -303,7 +310,7 @@ def bench_image(image, contenders, workload_for, queues, reps, scratch, prefetch
     and the second host with prefetch when measured), the local layout and
     copy-then-serve, in an order that rotates per repetition."""
     samples = {c: [] for c in contenders}
-    groups = [[c for c in contenders if c.startswith("registry")], [BOOT[2]], [BOOT[3]]]
+    groups = [[c for c in contenders if c.startswith("registry")], [LOCAL], [COPY]]
     for rep in range(reps):
         order = groups[rep % 3:] + groups[:rep % 3]
         for group in order:
@@ -350,7 +357,7 @@ def fmt_bytes(n):
 
 def time_table(res, what):
     c = res["contenders"]
-    local = c[BOOT[2]]["median_s"]
+    local = c[LOCAL]["median_s"]
     L = [f"| how the image reaches the server | {what} | / local layout | range over repetitions | "
          "of it: skopeo copy; serve start |", "|---|---|---|---|---|"]
     for name, r in c.items():
@@ -363,7 +370,7 @@ def time_table(res, what):
 def bytes_rows(res):
     L = []
     for name, r in res["contenders"].items():
-        if name == BOOT[2]:
+        if name == LOCAL:
             continue
         ours = f"{r['ociblk_bytes']:.0f} in {r['ociblk_requests']:.0f} requests" \
             if r["ociblk_bytes"] is not None else "– (skopeo)"
@@ -378,14 +385,14 @@ def verdicts(res):
     boot = res["sample"]["contenders"]
     syn = res["synthetic"]["contenders"]
     out = []
-    x = ratio(boot[BOOT[0]]["median_s"], boot[BOOT[2]]["median_s"])
+    x = ratio(boot[COLD]["median_s"], boot[LOCAL]["median_s"])
     out.append(f"- Registry, cold-cache boot of the sample image: {x:.2f}x the local layout's time "
                f"(target within 1.5x): {'met' if x <= 1.5 else 'MISSED'}.")
-    cold, copy = syn[BOOT[0]]["median_s"], syn[BOOT[3]]["median_s"]
+    cold, copy = syn[COLD]["median_s"], syn[COPY]["median_s"]
     out.append(f"- Registry, cold cache, 1 GiB synthetic image (read pattern): {cold:.2f} s against "
                f"{copy:.2f} s for skopeo copy then local serve, which takes {ratio(copy, cold):.2f}x as long "
                f"(target faster than copy-then-serve): {'met' if cold < copy else 'MISSED'}.")
-    x = ratio(boot[BOOT[1]]["median_s"], boot[BOOT[2]]["median_s"])
+    x = ratio(boot[WARM]["median_s"], boot[LOCAL]["median_s"])
     out.append(f"- Registry, warm-cache boot of the sample image: {x:.3f}x the local layout's time "
                f"(target within 5%): {'met' if x <= 1.05 else 'MISSED'}.")
     return out
@@ -395,11 +402,11 @@ def why_missed(res):
     boot = res["sample"]["contenders"]
     syn = res["synthetic"]["contenders"]
     L = []
-    cold, warm, local = boot[BOOT[0]], boot[BOOT[1]], boot[BOOT[2]]
+    cold, warm, local = boot[COLD], boot[WARM], boot[LOCAL]
     if ratio(cold["median_s"], local["median_s"]) > 1.5:
         extra = cold["median_s"] - local["median_s"]
         per_chunk = extra / max(cold["ociblk_requests"], 1)
-        scold, slocal = syn[BOOT[0]], syn[BOOT[2]]
+        scold, slocal = syn[COLD], syn[LOCAL]
         fetch = (scold["work_s"] - slocal["work_s"]) / max(scold["ociblk_requests"], 1)
         lo, hi = local["range_s"]
         L.append(f"- **Cold-cache boot.** It took {extra:.2f} s more than from the local layout while "
@@ -417,7 +424,7 @@ def why_missed(res):
                  f"({warm['serve_start_s'] * 1e3:.0f} ms of it the server's start, against "
                  f"{local['serve_start_s'] * 1e3:.0f} ms); boots from the local layout alone ranged "
                  f"{lo:.2f}-{hi:.2f} s over the repetitions (TCG guests on a shared 2-core machine).")
-    scold, scopy = syn[BOOT[0]], syn[BOOT[3]]
+    scold, scopy = syn[COLD], syn[COPY]
     if scold["median_s"] >= scopy["median_s"]:
         L.append(f"- **1 GiB image, cold cache vs copy-then-serve.** The cold read pattern fetched "
                  f"{fmt_bytes(scold['ociblk_bytes'])} in {scold['ociblk_requests']:.0f} chunk requests in "
@@ -514,10 +521,10 @@ def main():
                   flush=True)
             sample = Image("sample", a.image, "bench/sample:v1", registry)
             synthetic = Image("synthetic 1 GiB", a.synthetic, "bench/synthetic-1g:v1", registry)
-            boot_contenders = BOOT[:2] + ([PREFETCH] if prefetch else []) + BOOT[2:]
+            boot_contenders = [COLD, WARM] + ([PREFETCH] if prefetch else []) + [LOCAL, COPY]
             res["sample"] = bench_image(sample, boot_contenders, boot_workload, 2, a.reps, scratch,
                                         prefetch=prefetch)
-            res["synthetic"] = bench_image(synthetic, BOOT, lambda _work: read_workload(synthetic), 1,
+            res["synthetic"] = bench_image(synthetic, CONTENDERS, lambda _work: read_workload(synthetic), 1,
                                            a.reps, scratch)
         finally:
             registry.stop()
