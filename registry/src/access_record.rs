@@ -93,9 +93,9 @@ impl AccessRecord {
             ));
         }
         let text = std::str::from_utf8(bytes).map_err(|e| {
-            let line = 1 + bytes[..e.valid_up_to()]
-                .iter()
-                .filter(|&&b| b == b'\n')
+            // The bytes before the first bad one are valid UTF-8.
+            let line = 1 + String::from_utf8_lossy(&bytes[..e.valid_up_to()])
+                .matches('\n')
                 .count();
             err(line, "not UTF-8 text".into())
         })?;
