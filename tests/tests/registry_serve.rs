@@ -441,6 +441,8 @@ fn qemu_guest_boots_from_a_registry_reference_with_a_cold_cache() {
     let cache = fx.cache().display().to_string();
     let overlay = fx.node.dir().join("node.overlay").display().to_string();
     let socket = fx.socket("guest");
+    let record = fx.node.dir().join("boot.access");
+    let record_arg = record.display().to_string();
     let mut server = Server::start(
         &socket,
         &[
@@ -452,6 +454,8 @@ fn qemu_guest_boots_from_a_registry_reference_with_a_cold_cache() {
             "guest",
             "--overlay",
             &overlay,
+            "--record-access",
+            &record_arg,
         ],
     );
     let mut cfg = GuestConfig::new(&socket, Boot::Uefi);
@@ -491,6 +495,42 @@ fn qemu_guest_boots_from_a_registry_reference_with_a_cold_cache() {
     eprintln!(
         "cold-cache UEFI boot: fetched {bytes} of {payloads} payload bytes in {requests} chunk requests"
     );
+
+    // The boot's record lists exactly the chunks it fetched (every fetch
+    // was for a guest read), and replayed into an empty cache with no
+    // guest it fetches them all again.
+    let recorded = AccessRecord::read(&record).unwrap();
+    assert_eq!(recorded.manifest, fx.sample.manifest_digest);
+    assert_eq!(recorded.chunks.len(), requests, "{recorded:?}");
+    let recorded_chunks = |blob: &BlobSpec| -> Vec<u64> {
+        let mut v: Vec<u64> = recorded
+            .chunks
+            .iter()
+            .filter(|c| c.chunk.blob == blob.digest)
+            .map(|c| c.chunk.index)
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    for (_, blob) in &fx.sample.payloads {
+        assert_eq!(recorded_chunks(blob), cached_chunks(&fx.cache(), blob));
+    }
+    let empty = fx.node.dir().join("cache2");
+    let mut replay = fx.serve_in(&empty, "replay", &["--prefetch", &record_arg]);
+    let filled = wait_until(Duration::from_secs(60), || {
+        fx.sample
+            .payloads
+            .iter()
+            .all(|(_, b)| cached_chunks(&empty, b) == recorded_chunks(b))
+    });
+    assert!(
+        filled,
+        "prefetch did not fill the cache:\n{}",
+        replay.log.text()
+    );
+    let line = replay.wait_for_line(&["prefetch done"]);
+    assert!(line.contains(&format!("fetched={requests} ")), "{line}");
+    replay.stop_cleanly(Duration::from_secs(20), "after the replay");
 }
 
 #[test]
