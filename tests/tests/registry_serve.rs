@@ -809,6 +809,23 @@ fn recorded_access_is_prefetched_into_an_empty_cache_without_guest_reads() {
     let line = auto.wait_for_line(&["prefetch done"]);
     assert!(line.contains("fetched=4"), "{line}");
     drop(auto);
+
+    // --no-prefetch leaves the cache's record alone; a damaged one is
+    // ignored with a warning naming it, and the server serves.
+    let mut off = fx.serve("off", &["--no-prefetch"]);
+    off.stop_cleanly(Duration::from_secs(20), "with --no-prefetch");
+    assert!(!off.log.text().contains("prefetch"), "{}", off.log.text());
+    std::fs::write(&in_cache, "ociblk-access-record 1\nmanifest x\n").unwrap();
+    let damaged = fx.serve("damaged", &[]);
+    let line = damaged.wait_for_line(&["not prefetching from the cache's access record"]);
+    assert!(
+        line.contains(&in_cache.display().to_string()) && line.contains("line 2"),
+        "{line}"
+    );
+    let mut c = fx.connect("damaged");
+    read_same(&fx, &mut c, fx.disk_offset("kernel.efi", 0), 4096);
+    drop(c);
+    drop(damaged);
 }
 
 #[test]
