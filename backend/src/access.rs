@@ -24,14 +24,21 @@ pub struct AccessRecorder {
 impl AccessRecorder {
     /// A recorder for the payloads of `layout`.
     pub fn new(layout: &Layout) -> Self {
-        let blobs = layout
-            .sources
-            .iter()
-            .map(|s| {
-                s.chunk_hashes.as_ref()?;
-                format!("sha256:{}", s.sha256).parse().ok()
-            })
-            .collect();
+        Self::for_blobs(
+            layout
+                .sources
+                .iter()
+                .map(|s| {
+                    s.chunk_hashes.as_ref()?;
+                    format!("sha256:{}", s.sha256).parse().ok()
+                })
+                .collect(),
+        )
+    }
+
+    /// A recorder for sources with these blob digests (`None`: not a
+    /// payload).
+    pub(crate) fn for_blobs(blobs: Vec<Option<Digest>>) -> Self {
         AccessRecorder {
             blobs,
             order: Mutex::new(Vec::new()),

@@ -6,8 +6,9 @@
 //! the cache's per-chunk locks, the fetch's verification, the registry
 //! host's request limit), with these differences: its requests take a slot
 //! only while no guest fetch waits for one (so it holds at most one slot,
-//! behind guest reads), the thread runs at the lowest CPU priority, and its
-//! reads are not recorded as the guest's. A chunk the guest reads first is
+//! behind guest reads), the thread runs at the lowest CPU priority and
+//! takes no lock a guest read could wait on other than the cache's lock on
+//! the chunk it is fetching, and its reads are not recorded as the guest's. A chunk the guest reads first is
 //! simply found verified. For a local layout a prefetch reads and verifies
 //! the chunks ahead, warming the page cache and taking the hashing off the
 //! guest's first reads.

@@ -318,8 +318,12 @@ impl PayloadVerifier {
         // however many threads and processes ask.
         let fetched = self.fetch_chunk(c, priority)?;
         let stripe = &self.stripes[(c % STRIPES as u64) as usize];
-        // A poisoned lock guards nothing: the bitmap is the state.
-        let _guard = stripe.lock().unwrap_or_else(|p| p.into_inner());
+        // A prefetch runs at the lowest CPU priority: it takes no stripe
+        // lock, so that a guest read never waits for it (at worst a chunk
+        // both read is hashed twice). A poisoned lock guards nothing: the
+        // bitmap is the state.
+        let _guard = (priority == Priority::Foreground)
+            .then(|| stripe.lock().unwrap_or_else(|p| p.into_inner()));
         let outcome = if fetched {
             Prefetched::Fetched
         } else {
@@ -565,6 +569,41 @@ mod tests {
         });
         assert_eq!(v.verified_count(), 10);
         assert_eq!(v.hashed_count(), 10, "each chunk hashed once");
+    }
+
+    #[test]
+    fn prefetch_verifies_ahead_and_only_guest_reads_are_recorded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 3) as u8).collect();
+        let (s, f) = source(dir.path(), &data, 4096);
+        let blob = ociblk_registry::Digest::of(b"blob");
+        let recorder = Arc::new(AccessRecorder::for_blobs(vec![None, Some(blob.clone())]));
+        let v = PayloadVerifier::with_fetch(Path::new("img"), &s, None, true, Some((1, &recorder)))
+            .expect("payload");
+        assert_eq!(v.prefetch(&f, 2).expect("good"), Prefetched::Present);
+        assert!(v.is_verified(2) && v.hashed_count() == 1);
+        assert!(recorder.is_empty(), "a prefetch is not a guest read");
+        // Guest reads: chunk 2 costs no second hash; each chunk recorded
+        // once, in the order first read.
+        v.ensure(&f, 2 * 4096, 10).expect("read");
+        v.ensure(&f, 0, 4097).expect("read");
+        v.ensure(&f, 8191, 2).expect("read");
+        assert_eq!(v.hashed_count(), 3);
+        let order: Vec<u64> = recorder
+            .record(ociblk_registry::Digest::of(b"manifest"))
+            .chunks
+            .iter()
+            .map(|c| {
+                assert_eq!(c.chunk.blob, blob);
+                c.chunk.index
+            })
+            .collect();
+        assert_eq!(order, [2, 0, 1]);
+        // Past the end: nothing to do, nothing recorded.
+        assert_eq!(
+            v.prefetch(&f, 3).expect("past the end"),
+            Prefetched::Present
+        );
     }
 
     #[test]
