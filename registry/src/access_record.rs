@@ -300,6 +300,44 @@ mod tests {
         assert!(refused_bytes(&big).message.contains("more than"));
     }
 
+    /// Every one-byte change or deletion of a small record: a refusal names
+    /// a line of the input, an accepted record writes back to itself.
+    #[test]
+    fn single_byte_changes_are_refused_on_a_line_of_the_input_or_round_trip() {
+        let good = AccessRecord::new(d(9), [chunk(1, 10), chunk(2, 0)]).to_text();
+        let mut accepted = 0;
+        for at in 0..good.len() {
+            for with in [
+                None,
+                Some(b' '),
+                Some(b'\n'),
+                Some(b'0'),
+                Some(b'#'),
+                Some(0xff),
+            ] {
+                let mut bytes = good.as_bytes().to_vec();
+                match with {
+                    Some(b) => bytes[at] = b,
+                    None => {
+                        bytes.remove(at);
+                    }
+                }
+                let lines = bytes.split(|&b| b == b'\n').count();
+                match AccessRecord::parse(&bytes) {
+                    Ok(r) => {
+                        accepted += 1;
+                        let again = AccessRecord::parse(r.to_text().as_bytes()).expect("written");
+                        assert_eq!(again.manifest, r.manifest);
+                        assert_eq!(again.chunks.len(), r.chunks.len());
+                    }
+                    Err(e) => assert!((1..=lines).contains(&e.line), "{e} of {lines} lines"),
+                }
+            }
+        }
+        // Some changes keep a valid record (a digit of an index, the comment).
+        assert!(accepted > 0);
+    }
+
     fn refused_bytes(bytes: &[u8]) -> ParseError {
         AccessRecord::parse(bytes).expect_err("refused")
     }
