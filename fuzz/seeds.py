@@ -477,6 +477,13 @@ def registry_seeds():
     }
     write("registry_parsing", "index", b"M" + dumps(index))
     write("registry_parsing", "digest", b"D" + D.encode())
+    kernel = "sha256:" + hashlib.sha256(b"kernel").hexdigest()
+    system = "sha256:" + hashlib.sha256(b"system").hexdigest()
+    record = "ociblk-access-record 1\nmanifest %s\n# payload chunks in the order they were first read\n" % D
+    for blob, index in [(system, 1), (kernel, 3), (system, 0), (kernel, 14)]:
+        record += "%s %d\n" % (blob, index)
+    write("registry_parsing", "access-record", b"P" + record.encode())
+    write("registry_parsing", "access-record-empty", b"P" + ("ociblk-access-record 1\nmanifest %s\n" % D).encode())
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ociblk_layout::OsImage;
+use ociblk_registry::limiter::Priority;
 use ociblk_registry::{BlobSpec, Cache, Digest, FetchStats, ImageSource, Options, RegistryImage};
 
 /// Why an image could not be opened.
@@ -115,7 +116,7 @@ pub fn open_image(arg: &Path, settings: &RegistrySettings) -> Result<LoadedImage
                 origin: origin.clone(),
                 source,
             })?;
-            let fetcher = ChunkFetcher::new(registry, &image).map_err(registry_error)?;
+            let fetcher = ChunkFetcher::new(registry, &image, cache).map_err(registry_error)?;
             Ok(LoadedImage {
                 image,
                 origin,
@@ -129,12 +130,17 @@ pub fn open_image(arg: &Path, settings: &RegistrySettings) -> Result<LoadedImage
 #[derive(Debug)]
 pub struct ChunkFetcher {
     registry: RegistryImage,
+    cache: Cache,
     /// Uncompressed payload blobs by their file in the cache.
     blobs: HashMap<PathBuf, BlobSpec>,
 }
 
 impl ChunkFetcher {
-    fn new(registry: RegistryImage, image: &OsImage) -> ociblk_registry::Result<Self> {
+    fn new(
+        registry: RegistryImage,
+        image: &OsImage,
+        cache: Cache,
+    ) -> ociblk_registry::Result<Self> {
         let mut blobs = HashMap::new();
         for p in image.payloads.iter().filter(|p| p.is_uncompressed()) {
             let hashes = &p.chunk_hashes;
@@ -150,7 +156,11 @@ impl ChunkFetcher {
             registry.blobs.present_chunks(&spec)?;
             blobs.insert(p.path.clone(), spec);
         }
-        Ok(ChunkFetcher { registry, blobs })
+        Ok(ChunkFetcher {
+            registry,
+            cache,
+            blobs,
+        })
     }
 
     /// The blob held in the cache file `path`, if it is one of this image's.
@@ -167,6 +177,23 @@ impl ChunkFetcher {
     /// verifying it when it is not.
     pub fn ensure_chunk(&self, blob: &BlobSpec, c: u64) -> ociblk_registry::Result<()> {
         self.registry.blobs.ensure_chunk(blob, c)
+    }
+
+    /// [`ChunkFetcher::ensure_chunk`] taking request slots at `priority`;
+    /// `Ok(true)` when this call fetched the chunk.
+    pub fn ensure_chunk_as(
+        &self,
+        blob: &BlobSpec,
+        c: u64,
+        priority: Priority,
+    ) -> ociblk_registry::Result<bool> {
+        self.registry.blobs.ensure_chunk_as(blob, c, priority)
+    }
+
+    /// Where the cache keeps this image's access record.
+    pub fn access_record_path(&self) -> PathBuf {
+        self.cache
+            .access_record_path(&self.registry.manifest_digest)
     }
 
     /// Marks a cached chunk whose bytes did not verify absent.

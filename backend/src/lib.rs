@@ -4,6 +4,7 @@
 //! from the image's payload blobs, writes land in a per-node copy-on-write
 //! overlay file.
 
+pub mod access;
 pub mod cli;
 pub mod device;
 pub mod export;
@@ -12,6 +13,7 @@ pub mod iobuf;
 pub mod launch;
 pub mod node_disk;
 pub mod overlay;
+pub mod prefetch;
 pub mod server;
 pub(crate) mod sys;
 pub mod verifier;

@@ -28,9 +28,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use ociblk_layout::chunk_hashes::hex;
 use ociblk_layout::{ChunkHashes, ChunkMismatch, Layout, Source};
 use ociblk_registry::BlobSpec;
+use ociblk_registry::limiter::Priority;
 use sha2::{Digest as _, Sha256};
 use tracing::{error, warn};
 
+use crate::access::{AccessRecorder, Touched};
 use crate::image_source::ChunkFetcher;
 
 /// Bytes read per `pread` while hashing a chunk: small enough to stay in
@@ -173,22 +175,38 @@ pub struct PayloadVerifier {
     /// Chunks hashed, counting failures and re-checks.
     hashed: AtomicU64,
     stripes: [Mutex<()>; STRIPES],
+    /// With `--record-access`: the chunks read so far, and where their
+    /// first reads are recorded.
+    touched: Option<Touched>,
+}
+
+/// What a prefetch of a chunk found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefetched {
+    /// The chunk was fetched from the registry (and verified).
+    Fetched,
+    /// It was there already: in the cache, in a local layout, or verified
+    /// by an earlier read. It is verified now.
+    Present,
 }
 
 impl PayloadVerifier {
     /// A verifier for `source`, or `None` for a source without chunk hashes
     /// (loader, node parameters). `image` names the image in log lines.
     pub fn new(image: &Path, source: &Source) -> Option<Self> {
-        Self::with_fetch(image, source, None, true)
+        Self::with_fetch(image, source, None, true, None)
     }
 
     /// A verifier that, when `fetcher` holds `source`'s blob, fetches each
-    /// chunk before hashing it; with `hash` false it only fetches.
+    /// chunk before hashing it; with `hash` false it only fetches. With
+    /// `recorder` (the source's index in the layout and the recorder) the
+    /// first read of each chunk is recorded.
     pub fn with_fetch(
         image: &Path,
         source: &Source,
         fetcher: Option<&Arc<ChunkFetcher>>,
         hash: bool,
+        recorder: Option<(usize, &Arc<AccessRecorder>)>,
     ) -> Option<Self> {
         let hashes = source.chunk_hashes.clone()?;
         let fetch = fetcher.and_then(|f| {
@@ -197,10 +215,11 @@ impl PayloadVerifier {
                 blob: blob.clone(),
             })
         });
-        if !hash && fetch.is_none() {
+        if !hash && fetch.is_none() && recorder.is_none() {
             return None;
         }
         let words = hashes.count().div_ceil(64) as usize;
+        let touched = recorder.map(|(index, r)| Touched::new(r.clone(), index, hashes.count()));
         Some(PayloadVerifier {
             image: image.to_path_buf(),
             payload: source.name.clone(),
@@ -211,6 +230,7 @@ impl PayloadVerifier {
             verified: (0..words).map(|_| AtomicU64::new(0)).collect(),
             hashed: AtomicU64::new(0),
             stripes: std::array::from_fn(|_| Mutex::new(())),
+            touched,
         })
     }
 
@@ -258,6 +278,9 @@ impl PayloadVerifier {
             .hashes
             .chunks_touching(offset..offset.saturating_add(len));
         for c in chunks {
+            if let Some(t) = &self.touched {
+                t.touch(c);
+            }
             if !self.is_verified(c) {
                 self.verify(file, c)?;
             }
@@ -267,18 +290,47 @@ impl PayloadVerifier {
 
     /// Verifies chunk `c` (the miss path).
     pub fn verify(&self, file: &File, c: u64) -> Result<(), VerifyError> {
+        self.verify_as(file, c, Priority::Foreground).map(|_| ())
+    }
+
+    /// Verifies chunk `c` ahead of any read of it, fetching it first at
+    /// background priority (for a registry image). Not recorded as read.
+    pub fn prefetch(&self, file: &File, c: u64) -> Result<Prefetched, VerifyError> {
+        if c >= self.hashes.count() {
+            // The caller checked the index against the image; keep it safe.
+            return Ok(Prefetched::Present);
+        }
+        self.verify_as(file, c, Priority::Background)
+    }
+
+    /// [`PayloadVerifier::verify`] fetching at `priority`.
+    fn verify_as(
+        &self,
+        file: &File,
+        c: u64,
+        priority: Priority,
+    ) -> Result<Prefetched, VerifyError> {
         if self.is_verified(c) {
-            return Ok(());
+            return Ok(Prefetched::Present);
         }
         // Fetching waits on the network: outside the stripe lock, so that a
         // slow chunk holds up no other. The cache fetches each chunk once
         // however many threads and processes ask.
-        self.fetch_chunk(c)?;
+        let fetched = self.fetch_chunk(c, priority)?;
         let stripe = &self.stripes[(c % STRIPES as u64) as usize];
-        // A poisoned lock guards nothing: the bitmap is the state.
-        let _guard = stripe.lock().unwrap_or_else(|p| p.into_inner());
+        // A prefetch runs at the lowest CPU priority: it takes no stripe
+        // lock, so that a guest read never waits for it (at worst a chunk
+        // both read is hashed twice). A poisoned lock guards nothing: the
+        // bitmap is the state.
+        let _guard = (priority == Priority::Foreground)
+            .then(|| stripe.lock().unwrap_or_else(|p| p.into_inner()));
+        let outcome = if fetched {
+            Prefetched::Fetched
+        } else {
+            Prefetched::Present
+        };
         if self.is_verified(c) {
-            return Ok(());
+            return Ok(outcome);
         }
         if self.hash {
             self.hashed.fetch_add(1, Ordering::Relaxed);
@@ -295,7 +347,7 @@ impl PayloadVerifier {
                         .fetcher
                         .invalidate_chunk(&fetch.blob, c)
                         .map_err(|source| self.fetch_error(c, source))?;
-                    self.fetch_chunk(c)?;
+                    self.fetch_chunk(c, priority)?;
                     self.hashed.fetch_add(1, Ordering::Relaxed);
                     check_chunk(&self.payload, &self.path, file, &self.hashes, c)?;
                 }
@@ -307,17 +359,18 @@ impl PayloadVerifier {
         if let Some(w) = self.verified.get(word) {
             w.fetch_or(mask, Ordering::Release);
         }
-        Ok(())
+        Ok(outcome)
     }
 
-    /// Makes chunk `c` present in the cache for a registry image.
-    fn fetch_chunk(&self, c: u64) -> Result<(), VerifyError> {
+    /// Makes chunk `c` present in the cache for a registry image; `true`
+    /// when this call fetched it.
+    fn fetch_chunk(&self, c: u64, priority: Priority) -> Result<bool, VerifyError> {
         match &self.fetch {
             Some(fetch) => fetch
                 .fetcher
-                .ensure_chunk(&fetch.blob, c)
+                .ensure_chunk_as(&fetch.blob, c, priority)
                 .map_err(|source| self.fetch_error(c, source)),
-            None => Ok(()),
+            None => Ok(false),
         }
     }
 
@@ -375,7 +428,7 @@ impl PayloadVerifier {
 
 /// One optional verifier per source of a layout, by source index.
 #[derive(Debug, Default)]
-pub struct Verifiers(Vec<Option<PayloadVerifier>>);
+pub struct Verifiers(Vec<Option<Arc<PayloadVerifier>>>);
 
 impl Verifiers {
     /// Verifiers for an image whose payloads `fetcher` fetches from a
@@ -388,11 +441,27 @@ impl Verifiers {
         fetcher: Option<&Arc<ChunkFetcher>>,
         hash: bool,
     ) -> Self {
+        Self::recording(layout, image, fetcher, hash, None)
+    }
+
+    /// [`Verifiers::for_image`] that, with `recorder`, records the first
+    /// read of every payload chunk (also with `--no-verify`).
+    pub fn recording(
+        layout: &Layout,
+        image: &Path,
+        fetcher: Option<&Arc<ChunkFetcher>>,
+        hash: bool,
+        recorder: Option<&Arc<AccessRecorder>>,
+    ) -> Self {
         Verifiers(
             layout
                 .sources
                 .iter()
-                .map(|s| PayloadVerifier::with_fetch(image, s, fetcher, hash))
+                .enumerate()
+                .map(|(i, s)| {
+                    PayloadVerifier::with_fetch(image, s, fetcher, hash, recorder.map(|r| (i, r)))
+                        .map(Arc::new)
+                })
                 .collect(),
         )
     }
@@ -409,12 +478,17 @@ impl Verifiers {
 
     /// Every payload verifier.
     pub fn iter(&self) -> impl Iterator<Item = &PayloadVerifier> {
-        self.0.iter().flatten()
+        self.0.iter().flatten().map(|v| &**v)
     }
 
     /// The verifier of source `source`, if it is a verified payload.
     pub fn get(&self, source: usize) -> Option<&PayloadVerifier> {
-        self.0.get(source).and_then(Option::as_ref)
+        self.0.get(source).and_then(Option::as_deref)
+    }
+
+    /// The verifier of source `source`, to use beside the disk (prefetch).
+    pub fn shared(&self, source: usize) -> Option<Arc<PayloadVerifier>> {
+        self.0.get(source).and_then(Option::clone)
     }
 }
 
@@ -495,6 +569,41 @@ mod tests {
         });
         assert_eq!(v.verified_count(), 10);
         assert_eq!(v.hashed_count(), 10, "each chunk hashed once");
+    }
+
+    #[test]
+    fn prefetch_verifies_ahead_and_only_guest_reads_are_recorded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 3) as u8).collect();
+        let (s, f) = source(dir.path(), &data, 4096);
+        let blob = ociblk_registry::Digest::of(b"blob");
+        let recorder = Arc::new(AccessRecorder::for_blobs(vec![None, Some(blob.clone())]));
+        let v = PayloadVerifier::with_fetch(Path::new("img"), &s, None, true, Some((1, &recorder)))
+            .expect("payload");
+        assert_eq!(v.prefetch(&f, 2).expect("good"), Prefetched::Present);
+        assert!(v.is_verified(2) && v.hashed_count() == 1);
+        assert!(recorder.is_empty(), "a prefetch is not a guest read");
+        // Guest reads: chunk 2 costs no second hash; each chunk recorded
+        // once, in the order first read.
+        v.ensure(&f, 2 * 4096, 10).expect("read");
+        v.ensure(&f, 0, 4097).expect("read");
+        v.ensure(&f, 8191, 2).expect("read");
+        assert_eq!(v.hashed_count(), 3);
+        let order: Vec<u64> = recorder
+            .record(ociblk_registry::Digest::of(b"manifest"))
+            .chunks
+            .iter()
+            .map(|c| {
+                assert_eq!(c.chunk.blob, blob);
+                c.chunk.index
+            })
+            .collect();
+        assert_eq!(order, [2, 0, 1]);
+        // Past the end: nothing to do, nothing recorded.
+        assert_eq!(
+            v.prefetch(&f, 3).expect("past the end"),
+            Prefetched::Present
+        );
     }
 
     #[test]

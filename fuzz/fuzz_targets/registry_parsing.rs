@@ -17,6 +17,10 @@
 //!   of the JSON; an error names the manifest's digest and a field.
 //! - `D` a digest (as in a tag record): parsed digests print back to the
 //!   input; `verify` agrees with the digest of the bytes.
+//! - `P` an access record (`serve --record-access`, `--prefetch`; the raw
+//!   bytes): an accepted record lists each chunk once, with line numbers
+//!   that point at its line, and written back it parses to the same
+//!   manifest and chunks; a refusal names a line within the input.
 //!
 //! Other selector bytes pick one of these by value.
 
@@ -29,7 +33,7 @@ use libfuzzer_sys::fuzz_target;
 use ociblk_registry::challenge::Challenge;
 use ociblk_registry::credentials::parse_auth_file;
 use ociblk_registry::image::OCI_MANIFEST;
-use ociblk_registry::{Digest, Manifest, Reference};
+use ociblk_registry::{AccessRecord, Digest, Manifest, Reference};
 
 fn check_reference(s: &str) {
     match Reference::parse(s) {
@@ -218,20 +222,57 @@ fn check_digest(s: &str) {
     assert_eq!(of.to_string().parse::<Digest>().ok(), Some(of));
 }
 
+fn check_access_record(bytes: &[u8]) {
+    match AccessRecord::parse(bytes) {
+        Ok(r) => {
+            let lines: Vec<&[u8]> = bytes.split(|&b| b == b'\n').collect();
+            let mut seen = std::collections::HashSet::new();
+            for c in &r.chunks {
+                assert!(seen.insert(c.chunk.clone()), "{:?} listed twice", c.chunk);
+                let line = lines[c.line - 1];
+                assert_eq!(
+                    line,
+                    format!("{} {}", c.chunk.blob, c.chunk.index).as_bytes(),
+                    "line {} is not the chunk's",
+                    c.line
+                );
+            }
+            let written = r.to_text();
+            let again = AccessRecord::parse(written.as_bytes())
+                .unwrap_or_else(|e| panic!("written record refused: {e}\n{written}"));
+            assert_eq!(again.manifest, r.manifest);
+            let chunks =
+                |r: &AccessRecord| r.chunks.iter().map(|c| c.chunk.clone()).collect::<Vec<_>>();
+            assert_eq!(chunks(&again), chunks(&r));
+            assert_eq!(again, AccessRecord::new(r.manifest.clone(), chunks(&r)));
+        }
+        Err(e) => {
+            let lines = bytes.split(|&b| b == b'\n').count().max(1);
+            assert!(
+                (1..=lines).contains(&e.line),
+                "line {} of {lines}: {e}",
+                e.line
+            );
+            assert!(!e.message.is_empty());
+        }
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some((&selector, rest)) = data.split_first() else {
         return;
     };
     let text = String::from_utf8_lossy(rest);
     let selector = match selector {
-        b'R' | b'C' | b'A' | b'M' | b'D' => selector,
-        s => [b'R', b'C', b'A', b'M', b'D'][usize::from(s % 5)],
+        b'R' | b'C' | b'A' | b'M' | b'D' | b'P' => selector,
+        s => [b'R', b'C', b'A', b'M', b'D', b'P'][usize::from(s % 6)],
     };
     match selector {
         b'R' => check_reference(&text),
         b'C' => check_challenge(&text),
         b'A' => check_auth_file(&text),
         b'M' => check_manifest(rest),
+        b'P' => check_access_record(rest),
         _ => check_digest(&text),
     }
 });

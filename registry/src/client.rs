@@ -14,7 +14,7 @@ use ureq::{Agent, Body};
 use crate::challenge::Challenge;
 use crate::credentials::{self, Credentials};
 use crate::error::{Error, Result};
-use crate::limiter::{Limiter, Permit};
+use crate::limiter::{Limiter, Permit, Priority};
 use crate::options::Options;
 use crate::reference::{Reference, host_name};
 use crate::retry;
@@ -111,6 +111,18 @@ impl RegistryClient {
         headers: &[(&str, &str)],
         deadline: Instant,
     ) -> Result<Fetched> {
+        self.get_as(repository, path, headers, deadline, Priority::Foreground)
+    }
+
+    /// [`RegistryClient::get`] whose request slots are taken at `priority`.
+    pub fn get_as(
+        &self,
+        repository: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        deadline: Instant,
+        priority: Priority,
+    ) -> Result<Fetched> {
         let url = format!("{}/v2/{repository}/{path}", self.base);
         let scope = format!("repository:{repository}:pull");
         let mut authenticated = false;
@@ -129,7 +141,7 @@ impl RegistryClient {
             };
             let permit = self
                 .limiter
-                .acquire(deadline)
+                .acquire_as(deadline, priority)
                 .ok_or_else(|| timed_out("waiting for a request slot", &last))?;
             let left = deadline
                 .checked_duration_since(Instant::now())

@@ -99,6 +99,12 @@ pub enum Error {
     },
     #[error("{}: {message}", path.display())]
     Cache { path: PathBuf, message: String },
+    #[error("access record {}: line {line}: {message}", path.display())]
+    AccessRecord {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
 }
 
 fn detail_suffix(detail: &str) -> String {

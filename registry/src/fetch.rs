@@ -10,6 +10,7 @@ use ureq::http::StatusCode;
 use crate::cache::BlobSpec;
 use crate::client::RegistryClient;
 use crate::error::{Error, Result};
+use crate::limiter::Priority;
 
 /// Where the blobs of one repository are fetched from.
 #[derive(Clone, Debug)]
@@ -59,7 +60,8 @@ impl BlobSource {
         &self.client
     }
 
-    /// Fetches chunk `index` of `blob` and hands it to `store`.
+    /// Fetches chunk `index` of `blob` and hands it to `store`, taking
+    /// request slots at `priority`.
     ///
     /// Asks for exactly the chunk's bytes. A registry that ignores `Range`
     /// answers 200 with the whole blob: then every chunk up to `index` is
@@ -70,16 +72,18 @@ impl BlobSource {
         blob: &BlobSpec,
         index: u64,
         deadline: Instant,
+        priority: Priority,
         store: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
     ) -> Result<()> {
         let (start, len) = blob.chunk_range(index);
         let end = start + len - 1;
         let range = format!("bytes={start}-{end}");
-        let fetched = self.client.get(
+        let fetched = self.client.get_as(
             &self.repository,
             &format!("blobs/{}", blob.digest),
             &[("Range", &range)],
             deadline,
+            priority,
         )?;
         let url = fetched.url.clone();
         let mut response = fetched.response;

@@ -11,9 +11,12 @@
 //!   cached sparse file [`BlobCache::path`], fetching it with a `Range`
 //!   request when needed.
 //! - [`Cache::info`] and [`Cache::gc`] report and bound the cache.
+//! - [`AccessRecord`] lists the chunks a guest read, in order, for
+//!   prefetching them on a later start.
 //!
 //! The cache layout and its locking are described in [`cache`].
 
+pub mod access_record;
 pub mod cache;
 pub mod challenge;
 pub mod client;
@@ -28,6 +31,7 @@ pub mod reference;
 pub mod retry;
 pub mod source;
 
+pub use access_record::{AccessRecord, ChunkRef};
 pub use cache::{BlobCache, BlobSpec, Cache, CacheInfo, GcReport};
 pub use digest::Digest;
 pub use error::{Error, Result};

@@ -9,15 +9,16 @@
 #[path = "../../registry/tests/support/mod.rs"]
 mod support;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use ociblk_client::{BlkStatus, ClientOptions, VhostBlkClient};
 use ociblk_layout::{DiskParams, Layout, OsImage};
+use ociblk_registry::{AccessRecord, BlobSpec, ChunkRef};
 use ociblk_tests::node::TestNode;
 use ociblk_tests::process::Server;
-use ociblk_tests::support::{ociblk_bin, payload_disk_offsets, run_err, run_ok};
+use ociblk_tests::support::{ociblk_bin, payload_disk_offsets, run_err, run_ok, wait_until};
 use support::proxy::{Behaviour, Proxy};
 use support::{Registry, SampleImage};
 
@@ -76,8 +77,13 @@ impl Fixture {
 
     /// `ociblk serve --read-only` of the registry reference.
     fn serve(&self, name: &str, extra: &[&str]) -> Server {
+        self.serve_in(&self.cache(), name, extra)
+    }
+
+    /// [`Fixture::serve`] with the cache `cache`.
+    fn serve_in(&self, cache: &Path, name: &str, extra: &[&str]) -> Server {
         let reference = self.reference();
-        let cache = self.cache().display().to_string();
+        let cache = cache.display().to_string();
         let mut args = vec![
             "--image",
             &reference,
@@ -435,6 +441,8 @@ fn qemu_guest_boots_from_a_registry_reference_with_a_cold_cache() {
     let cache = fx.cache().display().to_string();
     let overlay = fx.node.dir().join("node.overlay").display().to_string();
     let socket = fx.socket("guest");
+    let record = fx.node.dir().join("boot.access");
+    let record_arg = record.display().to_string();
     let mut server = Server::start(
         &socket,
         &[
@@ -446,6 +454,8 @@ fn qemu_guest_boots_from_a_registry_reference_with_a_cold_cache() {
             "guest",
             "--overlay",
             &overlay,
+            "--record-access",
+            &record_arg,
         ],
     );
     let mut cfg = GuestConfig::new(&socket, Boot::Uefi);
@@ -485,6 +495,42 @@ fn qemu_guest_boots_from_a_registry_reference_with_a_cold_cache() {
     eprintln!(
         "cold-cache UEFI boot: fetched {bytes} of {payloads} payload bytes in {requests} chunk requests"
     );
+
+    // The boot's record lists exactly the chunks it fetched (every fetch
+    // was for a guest read), and replayed into an empty cache with no
+    // guest it fetches them all again.
+    let recorded = AccessRecord::read(&record).unwrap();
+    assert_eq!(recorded.manifest, fx.sample.manifest_digest);
+    assert_eq!(recorded.chunks.len(), requests, "{recorded:?}");
+    let recorded_chunks = |blob: &BlobSpec| -> Vec<u64> {
+        let mut v: Vec<u64> = recorded
+            .chunks
+            .iter()
+            .filter(|c| c.chunk.blob == blob.digest)
+            .map(|c| c.chunk.index)
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    for (_, blob) in &fx.sample.payloads {
+        assert_eq!(recorded_chunks(blob), cached_chunks(&fx.cache(), blob));
+    }
+    let empty = fx.node.dir().join("cache2");
+    let mut replay = fx.serve_in(&empty, "replay", &["--prefetch", &record_arg]);
+    let filled = wait_until(Duration::from_secs(60), || {
+        fx.sample
+            .payloads
+            .iter()
+            .all(|(_, b)| cached_chunks(&empty, b) == recorded_chunks(b))
+    });
+    assert!(
+        filled,
+        "prefetch did not fill the cache:\n{}",
+        replay.log.text()
+    );
+    let line = replay.wait_for_line(&["prefetch done"]);
+    assert!(line.contains(&format!("fetched={requests} ")), "{line}");
+    replay.stop_cleanly(Duration::from_secs(20), "after the replay");
 }
 
 #[test]
@@ -596,4 +642,243 @@ fn a_registry_ignoring_range_still_serves_the_right_bytes() {
     read_same(&fx, &mut c, k0, 3 * kernel.chunk_size);
     assert_eq!(fx.fetches("kernel.efi").len(), answers);
     drop(server);
+}
+
+/// The chunks of `blob` present in the cache `cache` (its chunk map).
+fn cached_chunks(cache: &Path, blob: &BlobSpec) -> Vec<u64> {
+    let map = cache.join("blobs/sha256").join(format!(
+        "{}.{}.chunks",
+        blob.digest.hex(),
+        blob.chunk_size
+    ));
+    match std::fs::read(&map) {
+        Ok(bytes) => (0..bytes.len() as u64)
+            .filter(|&i| bytes[i as usize] == 1)
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => panic!("{}: {e}", map.display()),
+    }
+}
+
+#[test]
+fn recorded_access_is_prefetched_into_an_empty_cache_without_guest_reads() {
+    let fx = Fixture::new();
+    let system = fx.sample.payload("system").clone();
+    let kernel = fx.sample.payload("kernel.efi").clone();
+    let record = fx.node.dir().join("boot.access");
+    let record_arg = record.display().to_string();
+
+    // Record: first reads in this order, a repeat and the partition table
+    // (no payload) in between.
+    let mut server = fx.serve("rec", &["--record-access", &record_arg]);
+    let mut c = fx.connect("rec");
+    let reads = [
+        (&system, 1),
+        (&kernel, 3),
+        (&system, 0),
+        (&kernel, 3),
+        (&kernel, 0),
+    ];
+    for (blob, chunk) in reads {
+        let name = if blob.digest == system.digest {
+            "system"
+        } else {
+            "kernel.efi"
+        };
+        read_same(
+            &fx,
+            &mut c,
+            fx.disk_offset(name, chunk * blob.chunk_size),
+            4096,
+        );
+        read_same(&fx, &mut c, 0, 4096);
+    }
+    drop(c);
+    server.stop_cleanly(Duration::from_secs(20), "after recording");
+    server.wait_for_line(&["access record written", "chunks=4"]);
+    let expected: Vec<ChunkRef> = [(&system, 1), (&kernel, 3), (&system, 0), (&kernel, 0)]
+        .iter()
+        .map(|(b, i)| ChunkRef {
+            blob: b.digest.clone(),
+            index: *i,
+        })
+        .collect();
+    let written = AccessRecord::read(&record).unwrap();
+    assert_eq!(written.manifest, fx.sample.manifest_digest);
+    let order: Vec<ChunkRef> = written.chunks.iter().map(|c| c.chunk.clone()).collect();
+    assert_eq!(order, expected);
+    let mode = std::fs::metadata(&record).unwrap().permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    let in_cache = fx
+        .cache()
+        .join("access/sha256")
+        .join(fx.sample.manifest_digest.hex());
+    assert_eq!(
+        std::fs::read(&in_cache).unwrap(),
+        std::fs::read(&record).unwrap()
+    );
+
+    // Replay on an empty cache (another host's): exactly the recorded
+    // chunks arrive, in order, with no client connected.
+    let empty = fx.node.dir().join("cache2");
+    let before = fx.proxy.log().len();
+    let mut replay = fx.serve_in(&empty, "replay", &["--prefetch", &record_arg]);
+    let want = |blob: &BlobSpec| -> Vec<u64> {
+        let mut v: Vec<u64> = expected
+            .iter()
+            .filter(|c| c.blob == blob.digest)
+            .map(|c| c.index)
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    let filled = wait_until(Duration::from_secs(30), || {
+        cached_chunks(&empty, &system) == want(&system)
+            && cached_chunks(&empty, &kernel) == want(&kernel)
+    });
+    assert!(
+        filled,
+        "prefetch did not fill the cache: system {:?}, kernel {:?}\n{}",
+        cached_chunks(&empty, &system),
+        cached_chunks(&empty, &kernel),
+        replay.log.text()
+    );
+    let line = replay.wait_for_line(&["prefetch done"]);
+    assert!(
+        line.contains("fetched=4")
+            && line.contains("already_present=0")
+            && line.contains("failed=0"),
+        "{line}"
+    );
+    // Payload requests only: the empty cache fetched manifest and config too.
+    let payload_ranges = || -> Vec<String> {
+        fx.proxy.log()[before..]
+            .iter()
+            .filter(|l| {
+                [&system, &kernel]
+                    .iter()
+                    .any(|b| l.path.ends_with(&b.digest.to_string()))
+                    && matches!(l.status, 200 | 206)
+            })
+            .map(|l| l.range.clone().unwrap_or_default())
+            .collect()
+    };
+    let ranges = payload_ranges();
+    let expected_ranges: Vec<String> = [(&system, 1), (&kernel, 3), (&system, 0), (&kernel, 0)]
+        .iter()
+        .map(|(b, i)| {
+            let (start, len) = b.chunk_range(*i);
+            format!("bytes={start}-{}", start + len - 1)
+        })
+        .collect();
+    assert_eq!(
+        ranges, expected_ranges,
+        "one request per recorded chunk, in order"
+    );
+    // The guest's read of a prefetched chunk fetches nothing more.
+    let mut c = fx.connect("replay");
+    read_same(
+        &fx,
+        &mut c,
+        fx.disk_offset("system", system.chunk_size),
+        4096,
+    );
+    assert_eq!(payload_ranges(), expected_ranges);
+    drop(c);
+    replay.stop_cleanly(Duration::from_secs(20), "after the replay");
+
+    // The record kept in the first cache is replayed there without
+    // --prefetch, once gc has emptied it.
+    run_ok(Command::new(ociblk_bin()).args([
+        "cache",
+        "gc",
+        "--max-size",
+        "0",
+        "--cache",
+        &fx.cache().display().to_string(),
+    ]));
+    assert!(cached_chunks(&fx.cache(), &kernel).is_empty());
+    let auto = fx.serve("auto", &[]);
+    auto.wait_for_line(&[
+        "prefetching recorded chunks",
+        &in_cache.display().to_string(),
+    ]);
+    let line = auto.wait_for_line(&["prefetch done"]);
+    assert!(line.contains("fetched=4"), "{line}");
+    drop(auto);
+
+    // --no-prefetch leaves the cache's record alone; a damaged one is
+    // ignored with a warning naming it, and the server serves.
+    let mut off = fx.serve("off", &["--no-prefetch"]);
+    off.stop_cleanly(Duration::from_secs(20), "with --no-prefetch");
+    assert!(!off.log.text().contains("prefetch"), "{}", off.log.text());
+    std::fs::write(&in_cache, "ociblk-access-record 1\nmanifest x\n").unwrap();
+    let damaged = fx.serve("damaged", &[]);
+    let line = damaged.wait_for_line(&["not prefetching from the cache's access record"]);
+    assert!(
+        line.contains(&in_cache.display().to_string()) && line.contains("line 2"),
+        "{line}"
+    );
+    let mut c = fx.connect("damaged");
+    read_same(&fx, &mut c, fx.disk_offset("kernel.efi", 0), 4096);
+    drop(c);
+    drop(damaged);
+}
+
+#[test]
+fn prefetch_records_for_other_images_or_past_a_blobs_end_are_refused_naming_the_file() {
+    let fx = Fixture::new();
+    let kernel = fx.sample.payload("kernel.efi").clone();
+    let reference = fx.reference();
+    let cache = fx.cache().display().to_string();
+    let serve = |record: &Path| {
+        let mut cmd = Command::new(ociblk_bin());
+        cmd.args([
+            "serve",
+            "--image",
+            &reference,
+            "--cache",
+            &cache,
+            "--read-only",
+        ])
+        .arg("--socket")
+        .arg(fx.socket("refused"))
+        .arg("--prefetch")
+        .arg(record);
+        run_err(&mut cmd)
+    };
+    let other = fx.node.dir().join("other.access");
+    let elsewhere = ociblk_registry::Digest::of(b"another image");
+    AccessRecord::new(elsewhere.clone(), [])
+        .write(&other)
+        .unwrap();
+    let err = serve(&other);
+    assert!(
+        err.contains(&other.display().to_string())
+            && err.contains(&format!("made for the image with manifest {elsewhere}"))
+            && err.contains(&fx.sample.manifest_digest.to_string()),
+        "{err}"
+    );
+    let past = fx.node.dir().join("past.access");
+    let chunks = kernel.chunks();
+    AccessRecord::new(
+        fx.sample.manifest_digest.clone(),
+        [ChunkRef {
+            blob: kernel.digest.clone(),
+            index: chunks,
+        }],
+    )
+    .write(&past)
+    .unwrap();
+    let err = serve(&past);
+    assert!(
+        err.contains(&past.display().to_string())
+            && err.contains("line 4")
+            && err.contains(&format!("chunk {chunks} of blob {}", kernel.digest)),
+        "{err}"
+    );
+    assert!(!fx.socket("refused").exists());
 }

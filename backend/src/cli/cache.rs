@@ -20,7 +20,8 @@ pub struct CacheArgs {
 #[derive(Debug, Subcommand)]
 pub enum CacheCommand {
     /// List the images (tags and the digests they resolved to) and payload
-    /// blobs in the cache: size, bytes on disk, chunks present, last use.
+    /// blobs in the cache: size, bytes on disk, chunks present, last use;
+    /// and the images it keeps an access record for.
     Info {
         /// The cache directory [default: as for serve].
         #[arg(long, value_name = "DIR")]
@@ -88,6 +89,7 @@ pub fn run(args: &CacheArgs) -> Result<()> {
                             })).collect::<Vec<_>>(),
                             "last_used_unix": unix(b.last_used),
                         })).collect::<Vec<_>>(),
+                        "access_records": info.access_records.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
                         "blob_bytes": info.blob_bytes(),
                         "metadata_bytes": info.metadata_bytes,
                     }))?
@@ -114,6 +116,12 @@ pub fn run(args: &CacheArgs) -> Result<()> {
                     chunks.join(", "),
                     age(b.last_used)
                 );
+            }
+            if !info.access_records.is_empty() {
+                println!("Access records (prefetched when the image starts)");
+                for d in &info.access_records {
+                    println!("  {d}");
+                }
             }
             println!(
                 "Total      {} bytes of payload blobs on disk, {} bytes of manifests and configs",

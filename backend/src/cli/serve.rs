@@ -1,16 +1,22 @@
 //! `ociblk serve`: the vhost-user-blk server for one node.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use tracing::{info, warn};
 
+use ociblk_layout::Layout;
+use ociblk_registry::{AccessRecord, Digest};
+
 use super::layout_args::LayoutArgs;
+use crate::access::AccessRecorder;
+use crate::image_source::ChunkFetcher;
 use crate::node_disk::NodeDisk;
 use crate::overlay::{FlushMode, Overlay, OverlayConfig};
+use crate::prefetch::{PrefetchPlan, Prefetcher};
 use crate::server::daemon::check_socket_path;
 use crate::server::{ServerOptions, ShutdownSignal, config, serve};
 use crate::verifier::Verifiers;
@@ -87,6 +93,49 @@ pub struct ServeArgs {
     #[arg(long, value_name = "US", default_value_t = config::DEFAULT_POLL_MAX_US,
           value_parser = clap::value_parser!(u32).range(0..=i64::from(config::MAX_POLL_US)))]
     pub poll_max_us: u32,
+    /// Record the order in which the guest first reads payload chunks, and
+    /// write it to FILE (mode 0600, replaced atomically) when the server
+    /// stops on SIGTERM, SIGINT or SIGHUP (not after SIGKILL). For a
+    /// registry image a copy is kept in the cache, and later starts of the
+    /// image on this host prefetch from it. Replay it with --prefetch.
+    #[arg(long, value_name = "FILE")]
+    pub record_access: Option<PathBuf>,
+    /// Prefetch the chunks an access record (--record-access) lists, in its
+    /// order, in one background thread behind guest reads, from the start:
+    /// a registry image's chunks are fetched into the cache and verified,
+    /// a local layout's are read and verified ahead. A record made for
+    /// another image is refused. Without this option a registry image is
+    /// prefetched from the record the cache holds for it, if any.
+    #[arg(long, value_name = "FILE", conflicts_with = "no_prefetch")]
+    pub prefetch: Option<PathBuf>,
+    /// Do not prefetch from the access record the cache holds for a
+    /// registry image.
+    #[arg(long)]
+    pub no_prefetch: bool,
+}
+
+/// How long a stopping server waits for the prefetch thread to finish the
+/// chunk it is fetching.
+const PREFETCH_STOP_WAIT: Duration = Duration::from_secs(2);
+
+/// Checks that `path` can take a file written at shutdown: its directory
+/// exists and it is not a directory itself.
+fn check_record_path(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        bail!("--record-access {}: is a directory", path.display());
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        bail!(
+            "--record-access {}: no directory {}",
+            path.display(),
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 pub fn run(args: &ServeArgs) -> Result<()> {
@@ -106,8 +155,15 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     // Every argument is checked before any file is created.
     opts.validate()?;
     check_socket_path(&args.socket)?;
+    if let Some(path) = &args.record_access {
+        check_record_path(path)?;
+    }
     let (loaded, layout) = args.layout.load()?;
     let fetcher = loaded.fetcher.clone();
+    let manifest: Digest = format!("sha256:{}", loaded.image.manifest_digest)
+        .parse()
+        .context("the image's manifest digest")?;
+    let plan = prefetch_plan(args, fetcher.as_deref(), &manifest, &layout)?;
     let overlay = match &args.overlay {
         Some(path) => {
             let cfg = OverlayConfig {
@@ -139,8 +195,17 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             ),
         }
     }
-    let verifiers =
-        Verifiers::for_image(&layout, &loaded.origin, fetcher.as_ref(), !args.no_verify);
+    let recorder = args
+        .record_access
+        .as_ref()
+        .map(|_| Arc::new(AccessRecorder::new(&layout)));
+    let verifiers = Verifiers::recording(
+        &layout,
+        &loaded.origin,
+        fetcher.as_ref(),
+        !args.no_verify,
+        recorder.as_ref(),
+    );
     let disk = NodeDisk::open(layout, overlay, args.read_only, verifiers)
         .context("cannot open the image's payloads")?;
     info!(
@@ -154,9 +219,35 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     );
     let shutdown = ShutdownSignal::new()?;
     shutdown.trigger_on_termination_signals()?;
+    let prefetcher = match plan {
+        Some(plan) => {
+            info!(
+                record = %plan.path().display(),
+                chunks = plan.len(),
+                "prefetching recorded chunks in the background"
+            );
+            Some(
+                Prefetcher::start(plan, disk.layout(), disk.verifiers())
+                    .context("cannot start prefetching")?,
+            )
+        }
+        None => None,
+    };
     let disk = Arc::new(disk);
-    serve(disk.clone(), &args.socket, &opts, shutdown)
-        .with_context(|| format!("serving on {}", args.socket.display()))?;
+    let served = serve(disk.clone(), &args.socket, &opts, shutdown)
+        .with_context(|| format!("serving on {}", args.socket.display()));
+    if let Some(p) = prefetcher {
+        p.stop(PREFETCH_STOP_WAIT);
+    }
+    // Written also when serving failed after the guest read something:
+    // that is still worth prefetching. A server that never served keeps
+    // an earlier record.
+    if let (Some(path), Some(recorder)) = (&args.record_access, &recorder)
+        && (served.is_ok() || !recorder.is_empty())
+    {
+        write_record(path, recorder.record(manifest.clone()), fetcher.as_deref())?;
+    }
+    served?;
     for v in disk.verifiers().iter() {
         info!(
             payload = %v.payload(),
@@ -175,5 +266,61 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         );
     }
     info!("stopped");
+    Ok(())
+}
+
+/// The record to prefetch: `--prefetch FILE` (refused when it does not fit
+/// the image), else for a registry image the one the cache holds (ignored
+/// with a warning when it does not fit), unless `--no-prefetch`.
+fn prefetch_plan(
+    args: &ServeArgs,
+    fetcher: Option<&ChunkFetcher>,
+    manifest: &Digest,
+    layout: &Layout,
+) -> Result<Option<PrefetchPlan>> {
+    if let Some(path) = &args.prefetch {
+        if fetcher.is_none() && args.no_verify {
+            bail!(
+                "--prefetch {}: a local layout is prefetched by verifying its chunks ahead, \
+                 and --no-verify turns that off; leave out one of the two",
+                path.display()
+            );
+        }
+        return Ok(Some(PrefetchPlan::load(path, manifest.hex(), layout)?));
+    }
+    let Some(fetcher) = fetcher.filter(|_| !args.no_prefetch) else {
+        return Ok(None);
+    };
+    let path = fetcher.access_record_path();
+    if !path.exists() {
+        return Ok(None);
+    }
+    match PrefetchPlan::load(&path, manifest.hex(), layout) {
+        Ok(plan) => Ok(Some(plan)),
+        Err(e) => {
+            warn!("not prefetching from the cache's access record: {e}");
+            Ok(None)
+        }
+    }
+}
+
+/// Writes the access record to `path` and, for a registry image, to the
+/// cache (where a failure costs only a warning).
+fn write_record(path: &Path, record: AccessRecord, fetcher: Option<&ChunkFetcher>) -> Result<()> {
+    record
+        .write(path)
+        .with_context(|| format!("cannot write the access record {}", path.display()))?;
+    info!(
+        record = %path.display(),
+        chunks = record.chunks.len(),
+        "access record written"
+    );
+    // An empty record would only replace a useful one.
+    if let Some(f) = fetcher.filter(|_| !record.chunks.is_empty()) {
+        let cached = f.access_record_path();
+        if let Err(e) = record.write(&cached) {
+            warn!("cannot keep the access record in the cache: {e}");
+        }
+    }
     Ok(())
 }

@@ -110,9 +110,13 @@ pub fn check_every_chunk(loaded: &LoadedImage) -> Result<Summary> {
             sha256: p.digest.clone(),
             chunk_hashes: Some(p.chunk_hashes.clone()),
         };
-        let Some(verifier) =
-            PayloadVerifier::with_fetch(&loaded.origin, &source, loaded.fetcher.as_ref(), true)
-        else {
+        let Some(verifier) = PayloadVerifier::with_fetch(
+            &loaded.origin,
+            &source,
+            loaded.fetcher.as_ref(),
+            true,
+            None,
+        ) else {
             continue;
         };
         let file =

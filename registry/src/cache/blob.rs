@@ -14,6 +14,7 @@ use super::chunk_lock::ChunkLock;
 use crate::digest::{Digest, hex};
 use crate::error::{Error, Result};
 use crate::fetch::{BlobSource, FetchStats};
+use crate::limiter::Priority;
 
 /// A payload blob as the image describes it: its digest, size and the
 /// sha256 of each `chunk_size`-byte chunk (the last one may be shorter).
@@ -114,10 +115,19 @@ impl BlobCache {
     /// Fails within the request timeout, naming the blob and chunk, when
     /// the registry cannot deliver or delivers wrong bytes.
     pub fn ensure_chunk(&self, blob: &BlobSpec, index: u64) -> Result<()> {
+        self.ensure_chunk_as(blob, index, Priority::Foreground)
+            .map(|_| ())
+    }
+
+    /// [`BlobCache::ensure_chunk`] fetching at `priority` (a prefetch takes
+    /// a request slot only when no guest read waits for one). `Ok(true)`
+    /// when this call fetched the chunk, `Ok(false)` when it was present
+    /// (or another fetcher stored it meanwhile).
+    pub fn ensure_chunk_as(&self, blob: &BlobSpec, index: u64, priority: Priority) -> Result<bool> {
         blob.check(index)?;
         let open = self.open_blob(blob)?;
         if is_present(&open, index)? {
-            return Ok(());
+            return Ok(false);
         }
         let timeout = self.source.client().timeout();
         let deadline = Instant::now() + timeout;
@@ -131,7 +141,7 @@ impl BlobCache {
         // Another thread or process may have stored it while we waited.
         if is_present(&open, index)? {
             tracing::debug!(digest = %blob.digest, index, "chunk stored by another fetcher while waiting");
-            return Ok(());
+            return Ok(false);
         }
         tracing::debug!(digest = %blob.digest, index, "fetching chunk");
         let data_path = self.path(&blob.digest);
@@ -164,8 +174,9 @@ impl BlobCache {
                 .write_all_at(&[1], i)
                 .map_err(|e| Error::io(&open.map_path, e))
         };
-        self.source.fetch_chunk(blob, index, deadline, &mut store)?;
-        Ok(())
+        self.source
+            .fetch_chunk(blob, index, deadline, priority, &mut store)?;
+        Ok(true)
     }
 
     /// Marks chunk `index` absent, so that the next `ensure_chunk` fetches it

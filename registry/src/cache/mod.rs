@@ -9,6 +9,8 @@
 //!   tags/<host>/<repo>/:<tag>           "sha256:<hex>" the tag last resolved to
 //!                                       (':' keeps tag files apart from
 //!                                       repository path components)
+//!   access/sha256/<manifest hex>        the image's latest access record
+//!                                       (see [`crate::access_record`])
 //! ```
 //!
 //! Locking, all advisory and per open file, so threads and processes follow
@@ -57,7 +59,7 @@ impl Cache {
     /// Opens (creating, mode 0700) the cache at `dir`.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self> {
         let dir = dir.into();
-        for sub in ["", "blobs/sha256", "meta/sha256", "tags"] {
+        for sub in ["", "blobs/sha256", "meta/sha256", "tags", "access/sha256"] {
             create_private_dir(&dir.join(sub))?;
         }
         Ok(Cache { dir })
@@ -127,6 +129,13 @@ impl Cache {
         write_atomic(&self.meta_path(digest), bytes)
     }
 
+    /// Where the access record of the image with manifest digest
+    /// `manifest` is kept: `ociblk serve --record-access` stores a copy
+    /// there, and a later start of the image prefetches what it lists.
+    pub fn access_record_path(&self, manifest: &Digest) -> PathBuf {
+        self.dir.join("access/sha256").join(manifest.hex())
+    }
+
     /// The digest a tag last resolved to, if recorded.
     pub fn tag(&self, reference: &Reference) -> Result<Option<Digest>> {
         let path = self.tag_path(reference);
@@ -160,7 +169,7 @@ fn create_private_dir(path: &Path) -> Result<()> {
 
 /// Writes `bytes` to `path` through a private temporary file in the same
 /// directory and a rename, so readers see the old or the new file whole.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp = tempfile::Builder::new()
         .prefix(".tmp-")

@@ -38,6 +38,8 @@ pub struct CacheInfo {
     pub blobs: Vec<BlobUsage>,
     /// Bytes of manifests and configs.
     pub metadata_bytes: u64,
+    /// Manifest digests of the images the cache keeps an access record for.
+    pub access_records: Vec<Digest>,
 }
 
 impl CacheInfo {
@@ -67,6 +69,14 @@ impl Cache {
         for entry in read_dir(&self.dir.join("meta/sha256"))? {
             let path = entry.path();
             info.metadata_bytes += fs::metadata(&path).map_err(|e| Error::io(&path, e))?.len();
+        }
+        let records = self.dir.join("access/sha256");
+        if records.is_dir() {
+            info.access_records = list(&records)?
+                .into_iter()
+                .filter_map(|(name, _)| format!("sha256:{name}").parse().ok())
+                .collect();
+            info.access_records.sort();
         }
         let blob_dir = self.dir.join("blobs/sha256");
         let listing = list(&blob_dir)?;
