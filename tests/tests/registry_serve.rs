@@ -19,9 +19,9 @@ use ociblk_tests::node::TestNode;
 use ociblk_tests::process::Server;
 use ociblk_tests::support::{ociblk_bin, payload_disk_offsets, run_err, run_ok};
 use support::proxy::{Behaviour, Proxy};
+use support::fixture::REPO_TAG;
 use support::{Registry, SampleImage};
 
-const REPO_TAG: &str = "monogon/os:v1";
 const SEED: &str = "reg";
 /// A small disk: the whole of it is exported for comparison.
 const DISK: &[&str] = &["--disk-size", "1GiB", "--system-size", "64MiB"];
