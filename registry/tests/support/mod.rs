@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod fixture;
+pub mod loopback;
 pub mod proxy;
 pub mod token;
 
