@@ -18,8 +18,8 @@ use ociblk_layout::{DiskParams, Layout, OsImage};
 use ociblk_tests::node::TestNode;
 use ociblk_tests::process::Server;
 use ociblk_tests::support::{ociblk_bin, payload_disk_offsets, run_err, run_ok};
-use support::proxy::{Behaviour, Proxy};
 use support::fixture::REPO_TAG;
+use support::proxy::{Behaviour, Proxy};
 use support::{Registry, SampleImage};
 
 const SEED: &str = "reg";

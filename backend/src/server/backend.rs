@@ -707,14 +707,31 @@ mod tests {
     /// (it aligns the end of the ring's first `len` bytes, not entries).
     const USED_RING: GuestAddress = GuestAddress(0x8000);
 
+    /// The size of the test disks: 64 sectors.
+    const DISK_BYTES: usize = 64 * 512;
+
     struct Setup<D> {
         backend: BlkBackend,
         disk: Arc<D>,
         mem: GuestMemoryAtomic,
     }
 
+    impl<D> Setup<D> {
+        /// The worker's handling of the guest's kick on queue 0.
+        fn kick(&self, vring: &Vring) {
+            self.backend
+                .handle_event(0, EventSet::IN, std::slice::from_ref(vring), 0)
+                .unwrap();
+        }
+    }
+
     fn setup(opts: &ServerOptions) -> Setup<MemDisk> {
-        setup_with(Arc::new(MemDisk::new(64 * 512)), opts)
+        setup_with(Arc::new(MemDisk::new(DISK_BYTES)), opts)
+    }
+
+    /// A backend over a disk whose requests the test holds and releases.
+    fn gated_setup(opts: &ServerOptions) -> Setup<GatedDisk> {
+        setup_with(Arc::new(GatedDisk::new(DISK_BYTES)), opts)
     }
 
     fn setup_with<D: BlockDevice + 'static>(disk: Arc<D>, opts: &ServerOptions) -> Setup<D> {
@@ -816,9 +833,7 @@ mod tests {
             &guard,
             &[(VIRTIO_BLK_T_IN, 0), (VIRTIO_BLK_T_OUT, 3), (99, 0)],
         );
-        s.backend
-            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-            .unwrap();
+        s.kick(&vring);
         s.backend.drain();
 
         assert_eq!(used_idx(&guard), 3);
@@ -832,9 +847,7 @@ mod tests {
         assert_eq!(stats.errors.load(Ordering::Relaxed), 1);
 
         // Nothing to do: no completion, no notification.
-        s.backend
-            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-            .unwrap();
+        s.kick(&vring);
         assert_eq!(used_idx(&guard), 3);
         assert!(consumer.consume().is_err());
     }
@@ -888,10 +901,7 @@ mod tests {
 
     #[test]
     fn a_slow_request_is_published_before_faster_ones_behind_it() {
-        let s = setup_with(
-            Arc::new(GatedDisk::new(64 * 512)),
-            &ServerOptions::default(),
-        );
+        let s = gated_setup(&ServerOptions::default());
         let guard = s.mem.memory();
         let queue = MockSplitQueue::new(&*guard, QUEUE_SIZE);
         let vring = vring(&s.mem, &queue, true);
@@ -909,9 +919,7 @@ mod tests {
         std::thread::scope(|scope| {
             // Whichever thread runs the slow read stays in it.
             let worker = scope.spawn(|| {
-                s.backend
-                    .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-                    .unwrap();
+                s.kick(&vring);
             });
             // The requests behind the slow read run and finish...
             s.disk.wait_for_io(2, 1);
@@ -927,10 +935,7 @@ mod tests {
 
     #[test]
     fn a_waiting_flush_holds_back_its_queue_but_not_the_writes_behind_it() {
-        let s = setup_with(
-            Arc::new(GatedDisk::new(64 * 512)),
-            &ServerOptions::default(),
-        );
+        let s = gated_setup(&ServerOptions::default());
         let guard = s.mem.memory();
         let queue = MockSplitQueue::new(&*guard, QUEUE_SIZE);
         let vring = vring(&s.mem, &queue, false);
@@ -948,9 +953,7 @@ mod tests {
             ],
         );
         // The worker hands the flush over and does not wait for it.
-        s.backend
-            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-            .unwrap();
+        s.kick(&vring);
         s.disk.wait_for_flush_started(1);
         s.disk.wait_for_io(0, 2);
         assert_eq!(s.disk.inner().contents(5 * 512, 512), [0xab; 512]);
@@ -978,10 +981,7 @@ mod tests {
 
     #[test]
     fn a_guest_reposting_descriptors_cannot_exceed_a_ring_of_requests_in_flight() {
-        let s = setup_with(
-            Arc::new(GatedDisk::new(64 * 512)),
-            &ServerOptions::default(),
-        );
+        let s = gated_setup(&ServerOptions::default());
         let guard = s.mem.memory();
         let queue = MockSplitQueue::new(&*guard, QUEUE_SIZE);
         let vring = vring(&s.mem, &queue, false);
@@ -1014,9 +1014,7 @@ mod tests {
         post(5, QUEUE_SIZE, 3);
         std::thread::scope(|scope| {
             let worker = scope.spawn(|| {
-                s.backend
-                    .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-                    .unwrap();
+                s.kick(&vring);
             });
             s.disk.wait_for_flush_started(1);
             s.disk.wait_for_io(15, 0);
@@ -1039,13 +1037,10 @@ mod tests {
 
     #[test]
     fn write_through_writes_complete_after_a_flush() {
-        let s = setup_with(
-            Arc::new(GatedDisk::new(64 * 512)),
-            &ServerOptions {
-                writeback: false,
-                ..ServerOptions::default()
-            },
-        );
+        let s = gated_setup(&ServerOptions {
+            writeback: false,
+            ..ServerOptions::default()
+        });
         let guard = s.mem.memory();
         let queue = MockSplitQueue::new(&*guard, QUEUE_SIZE);
         let vring = vring(&s.mem, &queue, false);
@@ -1055,9 +1050,7 @@ mod tests {
             &guard,
             &[(VIRTIO_BLK_T_OUT, 0), (VIRTIO_BLK_T_IN, 1)],
         );
-        s.backend
-            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-            .unwrap();
+        s.kick(&vring);
         s.disk.wait_for_io(1, 1);
         assert_eq!(used_idx(&guard), 0);
         s.disk.open_flushes();
@@ -1074,9 +1067,7 @@ mod tests {
         let vring = vring(&s.mem, &queue, false);
         add_requests(&queue, &guard, &[(VIRTIO_BLK_T_IN, 0)]);
         vring.set_queue_ready(false);
-        s.backend
-            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-            .unwrap();
+        s.kick(&vring);
         assert_eq!(used_idx(&guard), 0);
         // An unknown vring index is logged, not fatal to the worker.
         s.backend.handle_event(5, EventSet::IN, &[], 0).unwrap();
