@@ -690,18 +690,9 @@ fn freeze_copies_only_data_blocks_and_falls_back_from_cloning() {
         let src_w = fs::OpenOptions::new().write(true).open(&path).unwrap();
         src_w.write_all_at(&data, 1 << 24).unwrap();
         dst.set_len(1 << 25).unwrap();
-        let mut m = method;
-        let mut stats = layer::CopyStats::default();
-        layer::copy_blocks(
-            &src,
-            (1 << 24) - 8192,
-            &dst,
-            1 << 24,
-            3 * 8192,
-            &mut m,
-            &mut stats,
-        )
-        .unwrap();
+        layer::BlockCopier::new(&src, &dst, method)
+            .copy_blocks((1 << 24) - 8192, 1 << 24, 3 * 8192)
+            .unwrap();
         let mut got = vec![0u8; 8192];
         dst.read_exact_at(&mut got, (1 << 24) + 8192).unwrap();
         assert_eq!(got, data, "{method:?}");
