@@ -266,6 +266,14 @@ fn one_layer(dir: &Path) -> (PathBuf, PathBuf) {
     (path, l1)
 }
 
+/// [`one_layer`], frozen again into `l2` on top of `l1`.
+fn two_layers(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let (path, l1) = one_layer(dir);
+    let l2 = dir.join("l2");
+    layer::freeze(&path, &l2).unwrap();
+    (path, l1, l2)
+}
+
 fn err_text(r: Result<impl std::fmt::Debug, OverlayError>) -> String {
     match r {
         Ok(v) => panic!("expected an error, got {v:?}"),
@@ -303,9 +311,7 @@ fn layers_for_another_disk_are_refused() {
 #[test]
 fn chains_whose_parents_do_not_match_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let (path, l1) = one_layer(dir.path());
-    let l2 = dir.path().join("l2");
-    layer::freeze(&path, &l2).unwrap();
+    let (path, l1, l2) = two_layers(dir.path());
     // Another layer on the base disk.
     let other = dir.path().join("other.ov");
     Overlay::open(&other, safe(1)).unwrap().close().unwrap();
@@ -462,9 +468,7 @@ fn missing_layers_are_refused_naming_the_overlay() {
 #[test]
 fn a_layer_list_that_disagrees_with_the_recorded_chain_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let (path, l1) = one_layer(dir.path());
-    let l2 = dir.path().join("l2");
-    layer::freeze(&path, &l2).unwrap();
+    let (path, l1, l2) = two_layers(dir.path());
     let plain = dir.path().join("plain.ov");
     Overlay::open(&plain, safe(1)).unwrap().close().unwrap();
     let msg = err_text(Overlay::open_over(
