@@ -311,7 +311,7 @@ fn layers_for_another_disk_are_refused() {
 #[test]
 fn chains_whose_parents_do_not_match_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let (path, l1, l2) = two_layers(dir.path());
+    let (_, l1, l2) = two_layers(dir.path());
     // Another layer on the base disk.
     let other = dir.path().join("other.ov");
     Overlay::open(&other, safe(1)).unwrap().close().unwrap();
