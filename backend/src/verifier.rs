@@ -387,42 +387,38 @@ impl PayloadVerifier {
         let c = e.chunk();
         let range = self.hashes.range(c);
         let expected = self.hashes.expected(c).map(hex).unwrap_or_default();
-        let (image, blob) = (self.image.display(), self.path.display());
-        let bytes = format_args!("{}..{}", range.start, range.end);
-        let digest = self
-            .fetch
-            .as_ref()
-            .map(|f| f.blob.digest.to_string())
-            .unwrap_or_default();
-        match e {
-            VerifyError::Fetch { source, .. } => error!(
-                image = %image,
-                payload = %self.payload,
-                blob = %digest,
-                chunk = c,
-                bytes = %bytes,
-                "payload chunk could not be fetched, not served: {source}"
-            ),
-            VerifyError::Mismatch { mismatch, .. } => error!(
-                image = %image,
-                payload = %self.payload,
-                blob = %blob,
-                chunk = c,
-                bytes = %bytes,
-                expected_sha256 = %expected,
-                actual_sha256 = %hex(&mismatch.actual),
-                "payload chunk failed verification, not served"
-            ),
-            _ => error!(
-                image = %image,
-                payload = %self.payload,
-                blob = %blob,
-                chunk = c,
-                bytes = %bytes,
-                expected_sha256 = %expected,
-                "payload chunk failed verification, not served: {e}"
-            ),
-        }
+        let blob = self.path.display().to_string();
+        // A fetch failure names the registry blob, whose bytes never came;
+        // a verification failure the cached file and the hash it missed.
+        let (blob, expected, actual, what) = match e {
+            VerifyError::Fetch { source, .. } => {
+                let digest = self
+                    .fetch
+                    .as_ref()
+                    .map(|f| f.blob.digest.to_string())
+                    .unwrap_or_default();
+                let what = format!("could not be fetched, not served: {source}");
+                (digest, None, None, what)
+            }
+            VerifyError::Mismatch { mismatch, .. } => {
+                let what = "failed verification, not served".to_owned();
+                (blob, Some(expected), Some(hex(&mismatch.actual)), what)
+            }
+            _ => {
+                let what = format!("failed verification, not served: {e}");
+                (blob, Some(expected), None, what)
+            }
+        };
+        error!(
+            image = %self.image.display(),
+            payload = %self.payload,
+            blob = %blob,
+            chunk = c,
+            bytes = %format_args!("{}..{}", range.start, range.end),
+            expected_sha256 = expected.map(tracing::field::display),
+            actual_sha256 = actual.map(tracing::field::display),
+            "payload chunk {what}"
+        );
     }
 }
 

@@ -3,55 +3,36 @@
 
 mod support;
 
+use std::process::Command;
 use std::sync::Barrier;
 use std::time::Duration;
 
-use ociblk_registry::{BlobSpec, Cache, Error, Options, Reference, RegistryImage};
-use support::proxy::{Behaviour, Proxy};
-use support::{Registry, SampleImage, read_range, write_chunk_hashes};
+use ociblk_registry::{BlobSpec, Cache, Error, Options, RegistryImage};
+use support::fixture::{Fixture, REPO_TAG, reference, temp_cache};
+use support::{Registry, write_chunk_hashes};
 
-const REPO_TAG: &str = "monogon/os:v1";
-
-/// A registry holding the sample image as `REPO_TAG`.
-fn registry_with_sample() -> (Registry, SampleImage) {
-    let sample = SampleImage::load();
-    let registry = Registry::start();
-    registry.push(&sample.dir, REPO_TAG);
-    (registry, sample)
-}
-
-fn reference(host: &str, rest: &str) -> Reference {
-    Reference::parse(&format!("{host}/{rest}")).expect("valid reference")
-}
-
-fn temp_cache() -> (tempfile::TempDir, Cache) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let cache = Cache::open(dir.path().join("cache")).expect("open cache");
-    (dir, cache)
-}
-
-fn open(host: &str, rest: &str, cache: &Cache) -> RegistryImage {
-    RegistryImage::open(&reference(host, rest), cache, &Options::default())
-        .unwrap_or_else(|e| panic!("open {host}/{rest}: {e}"))
-}
-
-/// Asserts that chunk `index` of `blob` in the cache equals the layout's.
-fn assert_cached_chunk(image: &RegistryImage, sample: &SampleImage, blob: &BlobSpec, index: u64) {
-    let (start, len) = blob.chunk_range(index);
-    let cached = read_range(&image.blobs.path(&blob.digest), start, len);
-    assert!(
-        cached == sample.chunk(blob, index),
-        "cached chunk {index} of {} differs from the image's",
-        blob.digest
-    );
+/// `ociblk-registry-fetch` filling every chunk of `blob` of [`REPO_TAG`] at
+/// `host` into the fixture's cache, checked against the `hashes` file;
+/// its log goes to a pipe.
+fn fetcher(fixture: &Fixture, host: &str, blob: &BlobSpec, hashes: &std::path::Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ociblk-registry-fetch"));
+    command
+        .arg("--cache")
+        .arg(fixture.cache.dir())
+        .arg(format!("{host}/{REPO_TAG}"))
+        .arg(blob.digest.to_string())
+        .arg(blob.chunk_size.to_string())
+        .arg(hashes)
+        .stderr(std::process::Stdio::piped());
+    command
 }
 
 #[test]
 fn tag_and_digest_references_open_the_pushed_image() {
-    let (registry, sample) = registry_with_sample();
-    let (_dir, cache) = temp_cache();
+    let f = Fixture::new();
+    let (sample, host) = (&f.sample, f.registry.host());
 
-    let by_tag = open(&registry.host(), REPO_TAG, &cache);
+    let by_tag = f.open(&host);
     assert_eq!(by_tag.manifest_digest, sample.manifest_digest);
     assert_eq!(by_tag.manifest, sample.manifest);
     assert_eq!(by_tag.config, sample.config);
@@ -72,28 +53,26 @@ fn tag_and_digest_references_open_the_pushed_image() {
         .collect();
     assert_eq!(layers, expected);
     assert_eq!(
-        cache
-            .tag(&reference(&registry.host(), REPO_TAG))
+        f.cache
+            .tag(&reference(&host, REPO_TAG))
             .expect("tag record"),
         Some(sample.manifest_digest.clone())
     );
 
     // A digest reference, into an empty cache: fetched by digest and verified.
     let (_dir2, cache2) = temp_cache();
-    let pinned = open(
-        &registry.host(),
-        &format!("monogon/os@{}", sample.manifest_digest),
+    let pinned = RegistryImage::open(
+        &reference(&host, &format!("monogon/os@{}", sample.manifest_digest)),
         &cache2,
-    );
+        &Options::default(),
+    )
+    .expect("open by digest");
     assert_eq!(pinned.manifest, sample.manifest);
     assert_eq!(pinned.config, sample.config);
 
-    let err = RegistryImage::open(
-        &reference(&registry.host(), "monogon/os:nope"),
-        &cache,
-        &Options::default(),
-    )
-    .expect_err("unknown tag");
+    let err = f
+        .try_open(&host, "monogon/os:nope", &Options::default())
+        .expect_err("unknown tag");
     assert!(
         matches!(&err, Error::Status { status: 404, url, .. } if url.ends_with("/v2/monogon/os/manifests/nope")),
         "{err}"
@@ -102,15 +81,12 @@ fn tag_and_digest_references_open_the_pushed_image() {
 
 #[test]
 fn config_or_manifest_tampered_in_registry_storage_is_refused() {
-    let (registry, sample) = registry_with_sample();
+    let f = Fixture::new();
+    let (registry, sample) = (&f.registry, &f.sample);
     registry.corrupt_blob(&sample.config_digest, 10);
-    let (_dir, cache) = temp_cache();
-    let err = RegistryImage::open(
-        &reference(&registry.host(), REPO_TAG),
-        &cache,
-        &Options::default(),
-    )
-    .expect_err("tampered config");
+    let err = f
+        .try_open(&registry.host(), REPO_TAG, &Options::default())
+        .expect_err("tampered config");
     let msg = err.to_string();
     assert!(
         matches!(err, Error::DigestMismatch { what: "config", .. }),
@@ -148,17 +124,16 @@ fn config_or_manifest_tampered_in_registry_storage_is_refused() {
 
 #[test]
 fn chunks_are_fetched_by_range_verified_and_stored_once() {
-    let (registry, sample) = registry_with_sample();
-    let proxy = Proxy::start(registry.addr, Behaviour::default());
-    let (_dir, cache) = temp_cache();
-    let image = open(&proxy.host(), REPO_TAG, &cache);
-    let kernel = sample.payload("kernel.efi");
+    let f = Fixture::new();
+    let proxy = f.proxy();
+    let image = f.open(&proxy.host());
+    let kernel = f.sample.payload("kernel.efi");
     let last = kernel.chunks() - 1;
 
     image.blobs.ensure_chunk(kernel, 3).expect("chunk 3");
     image.blobs.ensure_chunk(kernel, last).expect("last chunk");
-    assert_cached_chunk(&image, &sample, kernel, 3);
-    assert_cached_chunk(&image, &sample, kernel, last);
+    f.assert_cached_chunk(&image, kernel, 3);
+    f.assert_cached_chunk(&image, kernel, last);
     assert!(!image.blobs.chunk_present(kernel, 2).expect("map"));
 
     let requests = proxy.blob_requests(kernel.digest.hex());
@@ -199,7 +174,7 @@ fn chunks_are_fetched_by_range_verified_and_stored_once() {
         "blob file is not sparse"
     );
 
-    let info = cache.info().expect("cache info");
+    let info = f.cache.info().expect("cache info");
     assert_eq!(info.images.len(), 1);
     assert_eq!(
         info.images[0].reference,
@@ -215,11 +190,11 @@ fn chunks_are_fetched_by_range_verified_and_stored_once() {
 
 #[test]
 fn chunk_corrupted_in_registry_is_refused_naming_digest_and_chunk() {
-    let (registry, sample) = registry_with_sample();
-    let kernel = sample.payload("kernel.efi");
-    registry.corrupt_blob(&kernel.digest, 2 * kernel.chunk_size + 7);
-    let (_dir, cache) = temp_cache();
-    let image = open(&registry.host(), REPO_TAG, &cache);
+    let f = Fixture::new();
+    let kernel = f.sample.payload("kernel.efi");
+    f.registry
+        .corrupt_blob(&kernel.digest, 2 * kernel.chunk_size + 7);
+    let image = f.open(&f.registry.host());
 
     let err = image
         .blobs
@@ -240,16 +215,15 @@ fn chunk_corrupted_in_registry_is_refused_naming_digest_and_chunk() {
         .blobs
         .ensure_chunk(kernel, 1)
         .expect("intact neighbour");
-    assert_cached_chunk(&image, &sample, kernel, 1);
+    f.assert_cached_chunk(&image, kernel, 1);
 }
 
 #[test]
 fn chunk_torn_in_the_cache_is_fetched_again_after_invalidation() {
-    let (registry, sample) = registry_with_sample();
-    let proxy = Proxy::start(registry.addr, Behaviour::default());
-    let (_dir, cache) = temp_cache();
-    let image = open(&proxy.host(), REPO_TAG, &cache);
-    let system = sample.payload("system");
+    let f = Fixture::new();
+    let proxy = f.proxy();
+    let image = f.open(&proxy.host());
+    let system = f.sample.payload("system");
     image.blobs.ensure_chunk(system, 0).expect("chunk 0");
 
     // What a crash between the data and the map write can leave behind.
@@ -263,20 +237,19 @@ fn chunk_torn_in_the_cache_is_fetched_again_after_invalidation() {
 
     image.blobs.invalidate_chunk(system, 0).expect("invalidate");
     image.blobs.ensure_chunk(system, 0).expect("refetch");
-    assert_cached_chunk(&image, &sample, system, 0);
+    f.assert_cached_chunk(&image, system, 0);
     assert_eq!(proxy.blob_requests(system.digest.hex()).len(), 2);
 }
 
 #[test]
 fn two_threads_wanting_one_chunk_fetch_it_once() {
-    let (registry, sample) = registry_with_sample();
+    let f = Fixture::new();
     // A slow registry keeps the first fetch running while the second
     // thread asks for the same chunk.
-    let proxy = Proxy::start(registry.addr, Behaviour::default());
-    let (_dir, cache) = temp_cache();
-    let image = open(&proxy.host(), REPO_TAG, &cache);
+    let proxy = f.proxy();
+    let image = f.open(&proxy.host());
     proxy.set(|b| b.blob_delay = Duration::from_millis(300));
-    let kernel = sample.payload("kernel.efi");
+    let kernel = f.sample.payload("kernel.efi");
     let barrier = Barrier::new(2);
     std::thread::scope(|s| {
         let fetch = || {
@@ -289,30 +262,22 @@ fn two_threads_wanting_one_chunk_fetch_it_once() {
         b.join().expect("thread b").expect("fetch b");
     });
     assert_eq!(proxy.blob_requests(kernel.digest.hex()).len(), 1);
-    assert_cached_chunk(&image, &sample, kernel, 5);
+    f.assert_cached_chunk(&image, kernel, 5);
 }
 
 #[test]
 fn two_processes_filling_one_cache_fetch_each_chunk_once() {
-    let (registry, sample) = registry_with_sample();
-    let proxy = Proxy::start(registry.addr, Behaviour::default());
+    let f = Fixture::new();
+    let proxy = f.proxy();
     // Slow enough that the second process catches up with the first and
     // waits on a chunk the first is fetching.
     proxy.set(|b| b.blob_delay = Duration::from_millis(100));
-    let (dir, cache) = temp_cache();
-    let kernel = sample.payload("kernel.efi");
-    let hashes = write_chunk_hashes(dir.path(), kernel);
+    let kernel = f.sample.payload("kernel.efi");
+    let hashes = write_chunk_hashes(f.dir.path(), kernel);
 
     let spawn = || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_ociblk-registry-fetch"))
-            .arg("--cache")
-            .arg(cache.dir())
-            .arg(format!("{}/{REPO_TAG}", proxy.host()))
-            .arg(kernel.digest.to_string())
-            .arg(kernel.chunk_size.to_string())
-            .arg(&hashes)
+        fetcher(&f, &proxy.host(), kernel, &hashes)
             .env("RUST_LOG", "ociblk_registry=debug")
-            .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("spawn ociblk-registry-fetch")
     };
@@ -345,26 +310,19 @@ fn two_processes_filling_one_cache_fetch_each_chunk_once() {
         "every chunk fetched once: {requests:?}"
     );
 
-    let image = open(&registry.host(), REPO_TAG, &cache);
-    for i in 0..kernel.chunks() {
-        assert!(
-            image.blobs.chunk_present(kernel, i).expect("map"),
-            "chunk {i} missing"
-        );
-        assert_cached_chunk(&image, &sample, kernel, i);
-    }
+    let image = f.open(&f.registry.host());
+    f.assert_all_chunks_cached(&image, kernel);
 }
 
 #[test]
 fn cached_image_opens_and_reads_with_the_registry_stopped_and_recovers_when_it_returns() {
-    let (mut registry, sample) = registry_with_sample();
-    let (_dir, cache) = temp_cache();
-    let host = registry.host();
-    let kernel = sample.payload("kernel.efi");
+    let mut f = Fixture::new();
+    let host = f.registry.host();
+    let kernel = f.sample.payload("kernel.efi");
     let missing = kernel.chunks() - 1;
     {
-        let image = open(&host, REPO_TAG, &cache);
-        for (_, blob) in &sample.payloads {
+        let image = f.open(&host);
+        for (_, blob) in &f.sample.payloads {
             for i in 0..blob.chunks() {
                 if !(blob.digest == kernel.digest && i == missing) {
                     image.blobs.ensure_chunk(blob, i).expect("fill cache");
@@ -372,20 +330,20 @@ fn cached_image_opens_and_reads_with_the_registry_stopped_and_recovers_when_it_r
             }
         }
     }
-    registry.stop();
+    f.registry.stop();
 
-    let image = open(&host, REPO_TAG, &cache);
+    let image = f.open(&host);
     assert!(image.offline, "opened without the registry, so offline");
-    assert_eq!(image.manifest_digest, sample.manifest_digest);
-    assert_eq!(image.config, sample.config);
-    for (_, blob) in &sample.payloads {
+    assert_eq!(image.manifest_digest, f.sample.manifest_digest);
+    assert_eq!(image.config, f.sample.config);
+    for (_, blob) in &f.sample.payloads {
         for i in 0..blob.chunks() {
             if !(blob.digest == kernel.digest && i == missing) {
                 image
                     .blobs
                     .ensure_chunk(blob, i)
                     .expect("cached chunk offline");
-                assert_cached_chunk(&image, &sample, blob, i);
+                f.assert_cached_chunk(&image, blob, i);
             }
         }
     }
@@ -402,12 +360,9 @@ fn cached_image_opens_and_reads_with_the_registry_stopped_and_recovers_when_it_r
     assert!(!image.blobs.chunk_present(kernel, missing).expect("map"));
 
     // ... and an image the cache does not have cannot start, and says so.
-    let err = RegistryImage::open(
-        &reference(&host, "monogon/os:other"),
-        &cache,
-        &Options::default(),
-    )
-    .expect_err("uncached tag offline");
+    let err = f
+        .try_open(&host, "monogon/os:other", &Options::default())
+        .expect_err("uncached tag offline");
     let msg = err.to_string();
     assert!(matches!(err, Error::Offline { .. }), "{msg}");
     assert!(
@@ -416,30 +371,29 @@ fn cached_image_opens_and_reads_with_the_registry_stopped_and_recovers_when_it_r
     );
 
     // When the registry is back, the same image fetches the chunk.
-    registry.restart();
+    f.registry.restart();
     image
         .blobs
         .ensure_chunk(kernel, missing)
         .expect("registry back");
-    assert_cached_chunk(&image, &sample, kernel, missing);
+    f.assert_cached_chunk(&image, kernel, missing);
 }
 
 #[test]
 fn too_many_requests_is_retried_after_the_time_the_registry_asks() {
-    let (registry, sample) = registry_with_sample();
-    let proxy = Proxy::start(registry.addr, Behaviour::default());
-    let (_dir, cache) = temp_cache();
-    let image = open(&proxy.host(), REPO_TAG, &cache);
+    let f = Fixture::new();
+    let proxy = f.proxy();
+    let image = f.open(&proxy.host());
     proxy.set(|b| {
         b.too_many = 1;
         b.retry_after_secs = 1;
     });
-    let system = sample.payload("system");
+    let system = f.sample.payload("system");
     image
         .blobs
         .ensure_chunk(system, 1)
         .expect("chunk after 429");
-    assert_cached_chunk(&image, &sample, system, 1);
+    f.assert_cached_chunk(&image, system, 1);
     let requests = proxy.blob_requests(system.digest.hex());
     let statuses: Vec<_> = requests.iter().map(|r| r.status).collect();
     assert_eq!(statuses, vec![429, 206]);
@@ -452,20 +406,18 @@ fn too_many_requests_is_retried_after_the_time_the_registry_asks() {
 
 #[test]
 fn retry_after_beyond_the_chunk_timeout_fails_the_request_clearly() {
-    let (registry, sample) = registry_with_sample();
-    let proxy = Proxy::start(registry.addr, Behaviour::default());
-    let (_dir, cache) = temp_cache();
+    let f = Fixture::new();
+    let proxy = f.proxy();
     let options = Options {
         chunk_timeout: Duration::from_secs(2),
         ..Options::default()
     };
-    let image =
-        RegistryImage::open(&reference(&proxy.host(), REPO_TAG), &cache, &options).expect("open");
+    let image = f.open_with(&proxy.host(), &options);
     proxy.set(|b| {
         b.too_many = 1;
         b.retry_after_secs = 60;
     });
-    let system = sample.payload("system");
+    let system = f.sample.payload("system");
     let err = image
         .blobs
         .ensure_chunk(system, 0)
@@ -478,17 +430,16 @@ fn retry_after_beyond_the_chunk_timeout_fails_the_request_clearly() {
     );
     // A later request tries again, and the registry serves it.
     image.blobs.ensure_chunk(system, 0).expect("later request");
-    assert_cached_chunk(&image, &sample, system, 0);
+    f.assert_cached_chunk(&image, system, 0);
 }
 
 #[test]
 fn registry_ignoring_range_still_serves_chunks_and_keeps_those_before() {
-    let (registry, sample) = registry_with_sample();
-    let proxy = Proxy::start(registry.addr, Behaviour::default());
-    let (_dir, cache) = temp_cache();
-    let image = open(&proxy.host(), REPO_TAG, &cache);
+    let f = Fixture::new();
+    let proxy = f.proxy();
+    let image = f.open(&proxy.host());
     proxy.set(|b| b.ignore_range = true);
-    let kernel = sample.payload("kernel.efi");
+    let kernel = f.sample.payload("kernel.efi");
     image
         .blobs
         .ensure_chunk(kernel, 3)
@@ -498,7 +449,7 @@ fn registry_ignoring_range_still_serves_chunks_and_keeps_those_before() {
             image.blobs.chunk_present(kernel, i).expect("map"),
             "chunk {i} kept"
         );
-        assert_cached_chunk(&image, &sample, kernel, i);
+        f.assert_cached_chunk(&image, kernel, i);
     }
     assert!(!image.blobs.chunk_present(kernel, 4).expect("map"));
     assert_eq!(
@@ -516,17 +467,16 @@ fn registry_ignoring_range_still_serves_chunks_and_keeps_those_before() {
 
 #[test]
 fn redirect_to_storage_is_followed_with_the_range() {
-    let (registry, sample) = registry_with_sample();
-    let proxy = Proxy::start(registry.addr, Behaviour::default());
-    let (_dir, cache) = temp_cache();
-    let image = open(&proxy.host(), REPO_TAG, &cache);
+    let f = Fixture::new();
+    let proxy = f.proxy();
+    let image = f.open(&proxy.host());
     proxy.set(|b| b.redirect_blobs = true);
-    let kernel = sample.payload("kernel.efi");
+    let kernel = f.sample.payload("kernel.efi");
     image
         .blobs
         .ensure_chunk(kernel, 7)
         .expect("chunk through redirect");
-    assert_cached_chunk(&image, &sample, kernel, 7);
+    f.assert_cached_chunk(&image, kernel, 7);
     let requests = proxy.blob_requests(kernel.digest.hex());
     let seen: Vec<_> = requests
         .iter()
@@ -538,17 +488,15 @@ fn redirect_to_storage_is_followed_with_the_range() {
 
 #[test]
 fn slow_registry_times_out_the_chunk_and_a_later_request_recovers() {
-    let (registry, sample) = registry_with_sample();
-    let proxy = Proxy::start(registry.addr, Behaviour::default());
-    let (_dir, cache) = temp_cache();
+    let f = Fixture::new();
+    let proxy = f.proxy();
     let options = Options {
         chunk_timeout: Duration::from_secs(1),
         ..Options::default()
     };
-    let image =
-        RegistryImage::open(&reference(&proxy.host(), REPO_TAG), &cache, &options).expect("open");
+    let image = f.open_with(&proxy.host(), &options);
     proxy.set(|b| b.blob_delay = Duration::from_secs(3));
-    let system = sample.payload("system");
+    let system = f.sample.payload("system");
     let err = image
         .blobs
         .ensure_chunk(system, 0)
@@ -559,17 +507,17 @@ fn slow_registry_times_out_the_chunk_and_a_later_request_recovers() {
     assert!(!image.blobs.chunk_present(system, 0).expect("map"));
     proxy.set(|b| b.blob_delay = Duration::ZERO);
     image.blobs.ensure_chunk(system, 0).expect("recovered");
-    assert_cached_chunk(&image, &sample, system, 0);
+    f.assert_cached_chunk(&image, system, 0);
 }
 
 #[test]
 fn gc_removes_least_recently_used_blobs_but_never_one_in_use() {
-    let (registry, sample) = registry_with_sample();
-    let (_dir, cache) = temp_cache();
-    let system = sample.payload("system");
-    let kernel = sample.payload("kernel.efi");
+    let f = Fixture::new();
+    let (cache, host) = (&f.cache, f.registry.host());
+    let system = f.sample.payload("system");
+    let kernel = f.sample.payload("kernel.efi");
     let fill = |blobs: &[&BlobSpec]| {
-        let image = open(&registry.host(), REPO_TAG, &cache);
+        let image = f.open(&host);
         for blob in blobs {
             image.blobs.ensure_chunk(blob, 0).expect("fill chunk");
         }
@@ -584,7 +532,7 @@ fn gc_removes_least_recently_used_blobs_but_never_one_in_use() {
 
     // Now kernel first, system last, and kernel held open by an image.
     fill(&[system]);
-    let in_use = open(&registry.host(), REPO_TAG, &cache);
+    let in_use = f.open(&host);
     in_use
         .blobs
         .ensure_chunk(kernel, 1)
@@ -593,7 +541,7 @@ fn gc_removes_least_recently_used_blobs_but_never_one_in_use() {
     assert_eq!(report.removed, vec![system.digest.clone()]);
     assert_eq!(report.in_use, vec![kernel.digest.clone()]);
     assert!(!in_use.blobs.path(&system.digest).exists());
-    assert_cached_chunk(&in_use, &sample, kernel, 1);
+    f.assert_cached_chunk(&in_use, kernel, 1);
 
     drop(in_use);
     let report = cache.gc(0).expect("gc");
@@ -602,9 +550,9 @@ fn gc_removes_least_recently_used_blobs_but_never_one_in_use() {
     assert!(cache.info().expect("info").blobs.is_empty());
 
     // The cache fills again after gc.
-    let image = open(&registry.host(), REPO_TAG, &cache);
+    let image = f.open(&host);
     image.blobs.ensure_chunk(kernel, 1).expect("refill");
-    assert_cached_chunk(&image, &sample, kernel, 1);
+    f.assert_cached_chunk(&image, kernel, 1);
 }
 
 /// `ociblk:test-password`, bcrypt cost 4.
@@ -612,18 +560,20 @@ const HTPASSWD: &str = "ociblk:$2b$04$1zGbIXKr/YkKwu3FCABTyuFbfoL4aZ1T0FcV0uB7Hc
 
 #[test]
 fn basic_auth_uses_the_credentials_of_the_auth_file() {
-    let sample = SampleImage::load();
-    let registry = Registry::start_with(support::Auth::Htpasswd(HTPASSWD));
-    registry.push_as(&sample.dir, REPO_TAG, Some("ociblk:test-password"));
-    let (dir, cache) = temp_cache();
-    let auth_file = dir.path().join("auth.json");
+    let f = Fixture::pushed_to(
+        Registry::start_with(support::Auth::Htpasswd(HTPASSWD)),
+        Some("ociblk:test-password"),
+    );
+    let host = f.registry.host();
+    let auth_file = f.dir.path().join("auth.json");
     let options = Options {
         auth_file: Some(auth_file.clone()),
         ..Options::default()
     };
-    let r = reference(&registry.host(), REPO_TAG);
 
-    let err = RegistryImage::open(&r, &cache, &options).expect_err("no credentials");
+    let err = f
+        .try_open(&host, REPO_TAG, &options)
+        .expect_err("no credentials");
     assert!(
         matches!(&err, Error::Auth { message, .. } if message.contains("none is stored")),
         "{err}"
@@ -632,50 +582,40 @@ fn basic_auth_uses_the_credentials_of_the_auth_file() {
     let write_auth = |userpass: &str| {
         use base64::Engine as _;
         let auth = base64::engine::general_purpose::STANDARD.encode(userpass);
-        let json = format!(
-            r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#,
-            registry.host()
-        );
+        let json = format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, host);
         std::fs::write(&auth_file, json).expect("write auth file");
     };
     write_auth("ociblk:wrong");
-    let err = RegistryImage::open(&r, &cache, &options).expect_err("wrong password");
+    let err = f
+        .try_open(&host, REPO_TAG, &options)
+        .expect_err("wrong password");
     assert!(
         matches!(&err, Error::Auth { message, .. } if message.contains("stored credentials")),
         "{err}"
     );
 
     write_auth("ociblk:test-password");
-    let image = RegistryImage::open(&r, &cache, &options).expect("open with credentials");
-    assert_eq!(image.manifest_digest, sample.manifest_digest);
-    let kernel = sample.payload("kernel.efi");
+    let image = f
+        .try_open(&host, REPO_TAG, &options)
+        .expect("open with credentials");
+    assert_eq!(image.manifest_digest, f.sample.manifest_digest);
+    let kernel = f.sample.payload("kernel.efi");
     image
         .blobs
         .ensure_chunk(kernel, 4)
         .expect("chunk with credentials");
-    assert_cached_chunk(&image, &sample, kernel, 4);
+    f.assert_cached_chunk(&image, kernel, 4);
 }
 
 #[test]
 fn a_fetcher_killed_mid_fill_leaves_a_cache_the_next_one_completes() {
-    let (registry, sample) = registry_with_sample();
-    let proxy = Proxy::start(registry.addr, Behaviour::default());
+    let f = Fixture::new();
+    let proxy = f.proxy();
     proxy.set(|b| b.blob_delay = Duration::from_millis(100));
-    let (dir, cache) = temp_cache();
-    let kernel = sample.payload("kernel.efi");
-    let hashes = write_chunk_hashes(dir.path(), kernel);
-    let fetcher = || {
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_ociblk-registry-fetch"));
-        c.arg("--cache")
-            .arg(cache.dir())
-            .arg(format!("{}/{REPO_TAG}", proxy.host()))
-            .arg(kernel.digest.to_string())
-            .arg(kernel.chunk_size.to_string())
-            .arg(&hashes)
-            .stderr(std::process::Stdio::piped());
-        c
-    };
-    let map_path = cache.dir().join(format!(
+    let kernel = f.sample.payload("kernel.efi");
+    let hashes = write_chunk_hashes(f.dir.path(), kernel);
+    let fetcher = || fetcher(&f, &proxy.host(), kernel, &hashes);
+    let map_path = f.cache.dir().join(format!(
         "blobs/sha256/{}.{}.chunks",
         kernel.digest.hex(),
         kernel.chunk_size
@@ -713,14 +653,8 @@ fn a_fetcher_killed_mid_fill_leaves_a_cache_the_next_one_completes() {
         "second fetcher: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let image = open(&registry.host(), REPO_TAG, &cache);
-    for i in 0..kernel.chunks() {
-        assert!(
-            image.blobs.chunk_present(kernel, i).expect("map"),
-            "chunk {i} missing"
-        );
-        assert_cached_chunk(&image, &sample, kernel, i);
-    }
+    let image = f.open(&f.registry.host());
+    f.assert_all_chunks_cached(&image, kernel);
 }
 
 /// A tmpfs mounted for the life of the value (root only).
@@ -757,15 +691,19 @@ impl Drop for Tmpfs {
 
 #[test]
 fn a_full_cache_file_system_fails_the_chunk_and_recovers_when_space_is_freed() {
-    let (registry, sample) = registry_with_sample();
-    let dir = tempfile::tempdir().expect("temp dir");
-    let small = Tmpfs::mount(&dir.path().join("small"), "4M");
+    let f = Fixture::new();
+    let small = Tmpfs::mount(&f.dir.path().join("small"), "4M");
     let cache = Cache::open(small.0.join("cache")).expect("open cache");
-    let image = open(&registry.host(), REPO_TAG, &cache);
+    let image = RegistryImage::open(
+        &reference(&f.registry.host(), REPO_TAG),
+        &cache,
+        &Options::default(),
+    )
+    .expect("open into the tmpfs cache");
     let filler = small.0.join("filler");
     std::fs::write(&filler, vec![0x5a; (3 << 20) + (512 << 10)]).expect("fill the tmpfs");
 
-    let kernel = sample.payload("kernel.efi");
+    let kernel = f.sample.payload("kernel.efi");
     let err = image
         .blobs
         .ensure_chunk(kernel, 0)
@@ -786,27 +724,24 @@ fn a_full_cache_file_system_fails_the_chunk_and_recovers_when_space_is_freed() {
         .blobs
         .ensure_chunk(kernel, 0)
         .expect("chunk after space was freed");
-    assert_cached_chunk(&image, &sample, kernel, 0);
+    f.assert_cached_chunk(&image, kernel, 0);
     drop(image);
 }
 
 #[test]
 fn bearer_token_from_the_challenge_realm_is_fetched_once_and_used() {
-    let sample = SampleImage::load();
     let dir = tempfile::tempdir().expect("temp dir");
     let issuer = support::token::TokenIssuer::start(dir.path());
-    let registry = Registry::start_with(support::Auth::Token(&issuer));
-    registry.push(&sample.dir, REPO_TAG);
+    let f = Fixture::pushed_to(Registry::start_with(support::Auth::Token(&issuer)), None);
     let pushed = issuer.requests().len();
     assert!(
         pushed > 0,
         "skopeo pushed without a token: the registry does not ask for one"
     );
 
-    let (_cache_dir, cache) = temp_cache();
-    let image = open(&registry.host(), REPO_TAG, &cache);
-    assert_eq!(image.manifest_digest, sample.manifest_digest);
-    let kernel = sample.payload("kernel.efi");
+    let image = f.open(&f.registry.host());
+    assert_eq!(image.manifest_digest, f.sample.manifest_digest);
+    let kernel = f.sample.payload("kernel.efi");
     image
         .blobs
         .ensure_chunk(kernel, 2)
@@ -815,8 +750,8 @@ fn bearer_token_from_the_challenge_realm_is_fetched_once_and_used() {
         .blobs
         .ensure_chunk(kernel, 9)
         .expect("chunk with the same token");
-    assert_cached_chunk(&image, &sample, kernel, 2);
-    assert_cached_chunk(&image, &sample, kernel, 9);
+    f.assert_cached_chunk(&image, kernel, 2);
+    f.assert_cached_chunk(&image, kernel, 9);
 
     // One token for manifest, config and chunks, for the scope the challenge named.
     let ours = &issuer.requests()[pushed..];
@@ -831,18 +766,16 @@ fn bearer_token_from_the_challenge_realm_is_fetched_once_and_used() {
 
 #[test]
 fn requests_in_flight_per_registry_are_bounded() {
-    let (registry, sample) = registry_with_sample();
-    let proxy = Proxy::start(registry.addr, Behaviour::default());
-    let (_dir, cache) = temp_cache();
+    let f = Fixture::new();
+    let proxy = f.proxy();
     let options = Options {
         max_in_flight: 2,
         ..Options::default()
     };
-    let image =
-        RegistryImage::open(&reference(&proxy.host(), REPO_TAG), &cache, &options).expect("open");
+    let image = f.open_with(&proxy.host(), &options);
     // Slow answers keep each request in flight while the others start.
     proxy.set(|b| b.blob_delay = Duration::from_millis(200));
-    let kernel = sample.payload("kernel.efi");
+    let kernel = f.sample.payload("kernel.efi");
     let barrier = Barrier::new(6);
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..6u64)
@@ -865,6 +798,6 @@ fn requests_in_flight_per_registry_are_bounded() {
         "{most} blob requests in flight at once, the bound is 2"
     );
     for i in 0..6 {
-        assert_cached_chunk(&image, &sample, kernel, i);
+        f.assert_cached_chunk(&image, kernel, i);
     }
 }

@@ -19,30 +19,21 @@ use ociblk::launch::snapshot::{self, SnapshotSpec};
 use ociblk::launch::{
     Cluster, ClusterSpec, NetworkSpec, NodeSpec, TPM_PID_FILE, TPM_SOCKET_FILE, TpmSpec,
 };
-use ociblk_tests::support::{ociblk_bin, require_tool, sample_image, verbose};
+use ociblk_tests::cluster::{SAMPLE_DATA_PARTITION, SAMPLE_READY, configure_for_test};
+use ociblk_tests::support::{require_tool, sample_image};
 use sha2::{Digest, Sha256};
 
-const READY: &str = "ociblk-sample: ready";
 /// Up to four guests share two cores here.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
-const MEMORY_MIB: u32 = 256;
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(90);
 const POWER_OFF_TIMEOUT: Duration = Duration::from_secs(60);
-/// The sample guest's data partition (its ext2 holds /node-state).
-const DATA_PARTITION: &str = "/dev/vda4";
 const NODES: [&str; 2] = ["node-1", "node-2"];
-
-fn configure(spec: &mut ClusterSpec) {
-    spec.ociblk_binary = ociblk_bin();
-    spec.qemu.memory_mib = MEMORY_MIB;
-    spec.echo = verbose();
-}
 
 fn fresh_spec(state_dir: &Path) -> ClusterSpec {
     require_tool("qemu-system-x86_64");
     let swtpm = require_tool("swtpm");
     let mut spec = ClusterSpec::new(sample_image(), state_dir, NodeSpec::numbered("node", 2));
-    configure(&mut spec);
+    configure_for_test(&mut spec);
     spec.network = Some(NetworkSpec::on_loopback(false).unwrap());
     spec.tpm = Some(TpmSpec { binary: swtpm });
     spec
@@ -52,7 +43,7 @@ fn fresh_spec(state_dir: &Path) -> ClusterSpec {
 fn fork(snapshot_dir: &Path, state_dir: &Path) -> (ClusterSpec, Cluster) {
     let saved = snapshot::load(snapshot_dir).unwrap();
     let mut spec = saved.cluster_spec(state_dir).unwrap();
-    configure(&mut spec);
+    configure_for_test(&mut spec);
     snapshot::prepare_fork(&saved, snapshot_dir, state_dir).unwrap();
     let cluster = Cluster::launch(spec.clone()).unwrap();
     (spec, cluster)
@@ -60,7 +51,9 @@ fn fork(snapshot_dir: &Path, state_dir: &Path) -> (ClusterSpec, Cluster) {
 
 fn wait_ready(cluster: &mut Cluster) {
     for node in NODES {
-        cluster.wait_for_console(node, READY, BOOT_TIMEOUT).unwrap();
+        cluster
+            .wait_for_console(node, SAMPLE_READY, BOOT_TIMEOUT)
+            .unwrap();
     }
 }
 
@@ -83,7 +76,7 @@ fn read_marker(cluster: &mut Cluster, node: &str) -> String {
         cluster,
         node,
         &format!(
-            "mkdir -p /data && mount -t ext4 {DATA_PARTITION} /data && \
+            "mkdir -p /data && mount -t ext4 {SAMPLE_DATA_PARTITION} /data && \
              r=$(cat /data/marker 2>/dev/null || echo none); umount /data"
         ),
     )
@@ -94,7 +87,7 @@ fn write_marker(cluster: &mut Cluster, node: &str, value: &str) {
         cluster,
         node,
         &format!(
-            "mkdir -p /data && mount -t ext4 {DATA_PARTITION} /data && \
+            "mkdir -p /data && mount -t ext4 {SAMPLE_DATA_PARTITION} /data && \
              echo {value} > /data/marker && umount /data && sync && r=written || r=failed"
         ),
     );

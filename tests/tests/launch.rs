@@ -20,22 +20,19 @@ use ociblk::launch::{
     Cluster, ClusterSpec, LaunchError, NodeSpec, OVERLAY_FILE, QEMU_PID_FILE, SERVE_PID_FILE,
     SOCKET_FILE, TPM_PID_FILE, TPM_STATE_DIR, TpmSpec,
 };
+use ociblk_tests::cluster::{
+    GUEST_MEMORY_MIB, SAMPLE_DATA_PARTITION, SAMPLE_READY, configure_for_test,
+};
 use ociblk_tests::process::wait_exit;
-use ociblk_tests::support::{ociblk_bin, require_tool, sample_image, verbose};
+use ociblk_tests::support::{ociblk_bin, require_tool, sample_image};
 
-const READY: &str = "ociblk-sample: ready";
 /// Boot to the ready line takes ~8 s under TCG on an idle host; two
 /// guests sharing two loaded cores take several times that.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(150);
-/// Enough for the sample guest, kind to a host running several.
-const MEMORY_MIB: u32 = 256;
 /// How long a guest shell command may take.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long `ociblk launch` may take to stop after SIGINT.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
-/// The sample guest's ext2 on its data partition leaves the first KiB
-/// (the boot block) alone: raw writes go there.
-const DATA_PARTITION: &str = "/dev/vda4";
 
 /// Booting tests run one at a time: each guest gets a whole core.
 static GUESTS: Mutex<()> = Mutex::new(());
@@ -47,9 +44,7 @@ fn one_guest_test_at_a_time() -> MutexGuard<'static, ()> {
 fn spec(state_dir: &Path, nodes: Vec<NodeSpec>) -> ClusterSpec {
     require_tool("qemu-system-x86_64");
     let mut spec = ClusterSpec::new(sample_image(), state_dir, nodes);
-    spec.ociblk_binary = ociblk_bin();
-    spec.qemu.memory_mib = MEMORY_MIB;
-    spec.echo = verbose();
+    configure_for_test(&mut spec);
     spec
 }
 
@@ -137,7 +132,9 @@ fn two_nodes_boot_and_teardown_leaves_nothing_running() {
     let _guests = one_guest_test_at_a_time();
     let state = tempfile::tempdir().unwrap();
     let mut cluster = Cluster::launch(spec(state.path(), NodeSpec::numbered("node", 2))).unwrap();
-    let matches = cluster.wait_all_for_console(READY, BOOT_TIMEOUT).unwrap();
+    let matches = cluster
+        .wait_all_for_console(SAMPLE_READY, BOOT_TIMEOUT)
+        .unwrap();
     assert_eq!(matches.len(), 2);
 
     let mut pids = Vec::new();
@@ -160,7 +157,7 @@ fn two_nodes_boot_and_teardown_leaves_nothing_running() {
         let serve_log = fs::read_to_string(node.serve_log()).unwrap();
         assert!(serve_log.contains("frontend connected"), "{serve_log}");
         let console = fs::read_to_string(node.console_log()).unwrap();
-        assert!(console.contains(READY), "{console}");
+        assert!(console.contains(SAMPLE_READY), "{console}");
     }
 
     // A second launch on the same state directory is refused and leaves
@@ -189,7 +186,7 @@ fn guest_result(cluster: &mut Cluster, node: &str, command: &str) -> String {
 /// Sets `r` to whether the data partition starts with the marker.
 fn read_marker() -> String {
     format!(
-        "if head -c 12 {DATA_PARTITION} | grep -q persisted-42; then r=found; else r=missing; fi"
+        "if head -c 12 {SAMPLE_DATA_PARTITION} | grep -q persisted-42; then r=found; else r=missing; fi"
     )
 }
 
@@ -200,12 +197,14 @@ fn relaunch_keeps_the_disk_and_a_fresh_state_dir_does_not() {
     let node = "node-1";
 
     let mut cluster = Cluster::launch(spec(state.path(), NodeSpec::numbered("node", 1))).unwrap();
-    cluster.wait_for_console(node, READY, BOOT_TIMEOUT).unwrap();
+    cluster
+        .wait_for_console(node, SAMPLE_READY, BOOT_TIMEOUT)
+        .unwrap();
     let written = guest_result(
         &mut cluster,
         node,
         &format!(
-            "printf 'persisted-%s\\n' $((6*7)) | dd of={DATA_PARTITION} bs=512 conv=sync 2>/dev/null \
+            "printf 'persisted-%s\\n' $((6*7)) | dd of={SAMPLE_DATA_PARTITION} bs=512 conv=sync 2>/dev/null \
              && sync && r=written || r=failed"
         ),
     );
@@ -217,8 +216,12 @@ fn relaunch_keeps_the_disk_and_a_fresh_state_dir_does_not() {
     let fresh = tempfile::tempdir().unwrap();
     let mut again = Cluster::launch(spec(state.path(), NodeSpec::numbered("node", 1))).unwrap();
     let mut other = Cluster::launch(spec(fresh.path(), NodeSpec::numbered("node", 1))).unwrap();
-    again.wait_for_console(node, READY, BOOT_TIMEOUT).unwrap();
-    other.wait_for_console(node, READY, BOOT_TIMEOUT).unwrap();
+    again
+        .wait_for_console(node, SAMPLE_READY, BOOT_TIMEOUT)
+        .unwrap();
+    other
+        .wait_for_console(node, SAMPLE_READY, BOOT_TIMEOUT)
+        .unwrap();
     assert_eq!(guest_result(&mut again, node, &read_marker()), "found");
     assert_eq!(guest_result(&mut other, node, &read_marker()), "missing");
     again.shutdown().unwrap();
@@ -237,10 +240,10 @@ fn sigint_stops_ociblk_launch_and_everything_it_started() {
     cmd.arg("launch")
         .arg("--image")
         .arg(sample_image())
-        .args(["--nodes", "1", "--memory", &format!("{MEMORY_MIB}M")])
+        .args(["--nodes", "1", "--memory", &format!("{GUEST_MEMORY_MIB}M")])
         .arg("--state-dir")
         .arg(state.path())
-        .args(["--wait-for", READY, "--timeout", "150s"])
+        .args(["--wait-for", SAMPLE_READY, "--timeout", "150s"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(stderr);
@@ -249,7 +252,7 @@ fn sigint_stops_ociblk_launch_and_everything_it_started() {
     let mut launcher = Process::spawn(&mut cmd, libc::SIGKILL, None).unwrap();
     let stderr_text = || fs::read_to_string(state.path().join("launch.stderr")).unwrap_or_default();
 
-    // The table row of node-1 appears once its console showed READY.
+    // The table row of node-1 appears once its console showed the ready line.
     let (tx, rx) = channel();
     let stdout = launcher.child_mut().stdout.take().unwrap();
     std::thread::spawn(move || {

@@ -19,10 +19,10 @@ use ociblk_registry::{AccessRecord, BlobSpec, ChunkRef};
 use ociblk_tests::node::TestNode;
 use ociblk_tests::process::Server;
 use ociblk_tests::support::{ociblk_bin, payload_disk_offsets, run_err, run_ok, wait_until};
+use support::fixture::REPO_TAG;
 use support::proxy::{Behaviour, Proxy};
 use support::{Registry, SampleImage};
 
-const REPO_TAG: &str = "monogon/os:v1";
 const SEED: &str = "reg";
 /// A small disk: the whole of it is exported for comparison.
 const DISK: &[&str] = &["--disk-size", "1GiB", "--system-size", "64MiB"];
@@ -161,6 +161,22 @@ fn read_whole_disk_same(fx: &Fixture, c: &mut VhostBlkClient) {
     }
 }
 
+/// Serves the cache as `name` and reads the whole disk, checked against
+/// the local layout's, asserting that no blob was fetched meanwhile (`why`
+/// says why none may be).
+fn serve_whole_disk_fetching_nothing(
+    fx: &Fixture,
+    name: &str,
+    why: &str,
+) -> (Server, VhostBlkClient) {
+    let before = fx.proxy.log().len();
+    let server = fx.serve(name, &[]);
+    let mut c = fx.connect(name);
+    read_whole_disk_same(fx, &mut c);
+    assert_eq!(fx.blob_requests_since(before), 0, "{why}");
+    (server, c)
+}
+
 #[test]
 fn cold_cache_serves_the_layouts_bytes_fetching_only_touched_chunks_then_warm_and_offline() {
     let mut fx = Fixture::new();
@@ -217,12 +233,8 @@ fn cold_cache_serves_the_layouts_bytes_fetching_only_touched_chunks_then_warm_an
     drop(server);
 
     // A warm cache: a second server reads everything, fetching nothing.
-    let before = fx.proxy.log().len();
-    let server = fx.serve("warm", &[]);
-    let mut c = fx.connect("warm");
-    read_whole_disk_same(&fx, &mut c);
-    let blob_requests_since = fx.blob_requests_since(before);
-    assert_eq!(blob_requests_since, 0, "a warm cache fetches nothing");
+    let (server, c) =
+        serve_whole_disk_fetching_nothing(&fx, "warm", "a warm cache fetches nothing");
     drop(c);
     drop(server);
 
@@ -356,12 +368,8 @@ fn pull_fills_the_cache_and_cache_tools_report_and_collect() {
     // A server over the pulled cache fetches nothing, even from a stopped registry.
     let mut fx = fx;
     fx.registry.stop();
-    let before = fx.proxy.log().len();
-    let server = fx.serve("node", &[]);
-    let mut c = fx.connect("node");
-    read_whole_disk_same(&fx, &mut c);
-    let blob_requests_since = fx.blob_requests_since(before);
-    assert_eq!(blob_requests_since, 0, "a pulled cache fetches nothing");
+    let (server, c) =
+        serve_whole_disk_fetching_nothing(&fx, "node", "a pulled cache fetches nothing");
     // Blobs in use are kept by gc.
     let gc_out = gc_to_nothing();
     assert!(gc_out.contains("in use, kept"), "{gc_out}");

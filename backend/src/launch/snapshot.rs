@@ -135,18 +135,7 @@ pub fn save(spec: &ClusterSpec, snapshot_dir: &Path) -> Result<SnapshotSpec, Sna
                     source,
                 }
             })?;
-        copy_read_only(
-            &from.join(OVMF_VARS_FILE),
-            &to.join(OVMF_VARS_FILE),
-            FILE_MODE,
-        )?;
-        if spec.tpm.is_some() {
-            copy_dir(
-                &from.join(TPM_STATE_DIR),
-                &to.join(TPM_STATE_DIR),
-                FILE_MODE,
-            )?;
-        }
+        copy_firmware_state(&from, &to, spec.tpm.is_some(), FILE_MODE)?;
         set_mode(&to, DIR_MODE)?;
         nodes.push(SnapshotNode {
             name: node.name.clone(),
@@ -257,18 +246,7 @@ pub fn prepare_fork(
                 source,
             }
         })?;
-        copy_read_only(
-            &from.join(OVMF_VARS_FILE),
-            &to.join(OVMF_VARS_FILE),
-            PRIVATE_FILE_MODE,
-        )?;
-        if snapshot.tpm {
-            copy_dir(
-                &from.join(TPM_STATE_DIR),
-                &to.join(TPM_STATE_DIR),
-                PRIVATE_FILE_MODE,
-            )?;
-        }
+        copy_firmware_state(&from, &to, snapshot.tpm, PRIVATE_FILE_MODE)?;
     }
     Ok(())
 }
@@ -278,8 +256,18 @@ fn set_mode(path: &Path, mode: u32) -> Result<(), SnapshotError> {
         .map_err(io_error(path, "setting the mode of"))
 }
 
+/// Copies a node's firmware state from its directory `from` to `to`: the
+/// OVMF variable store and, with `tpm`, the TPM state; the files get `mode`.
+fn copy_firmware_state(from: &Path, to: &Path, tpm: bool, mode: u32) -> Result<(), SnapshotError> {
+    copy_file(&from.join(OVMF_VARS_FILE), &to.join(OVMF_VARS_FILE), mode)?;
+    if tpm {
+        copy_dir(&from.join(TPM_STATE_DIR), &to.join(TPM_STATE_DIR), mode)?;
+    }
+    Ok(())
+}
+
 /// Copies one file (contents only) to the new path `to` with `mode`, synced.
-fn copy_read_only(from: &Path, to: &Path, mode: u32) -> Result<(), SnapshotError> {
+fn copy_file(from: &Path, to: &Path, mode: u32) -> Result<(), SnapshotError> {
     fs::copy(from, to).map_err(io_error(from, "copying"))?;
     set_mode(to, mode)?;
     fs::File::open(to)
@@ -299,7 +287,7 @@ fn copy_dir(from: &Path, to: &Path, mode: u32) -> Result<(), SnapshotError> {
         if !is_file || name == ".lock" {
             continue;
         }
-        copy_read_only(&entry.path(), &to.join(&name), mode)?;
+        copy_file(&entry.path(), &to.join(&name), mode)?;
     }
     set_mode(to, DIR_MODE)
 }

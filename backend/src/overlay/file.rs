@@ -69,8 +69,7 @@ impl Overlay {
             file.set_len(0).map_err(io_err(path, "truncate"))?;
             (create(&file, path, &cfg, &chain)?, chain)
         } else {
-            let header = read_header(&file, path, len)?;
-            check_overlay_kind(path, &header)?;
+            let header = read_overlay_header(&file, path, len)?;
             match mismatch(&header, &cfg) {
                 None => {
                     let chain = resolve_chain(&file, path, &header, &cfg, given)?;
@@ -78,12 +77,7 @@ impl Overlay {
                 }
                 Some(what) => {
                     let (counts, _) = read_counts(&file, path, &header)?;
-                    if counts.any_written() || header.chain_len() != 0 {
-                        return Err(OverlayError::Mismatch {
-                            path: path.to_path_buf(),
-                            what,
-                        });
-                    }
+                    check_unused(path, &header, &counts, what)?;
                     let chain = given.take().unwrap_or_default();
                     tracing::info!(path = %path.display(), "re-creating unused overlay for another disk");
                     file.set_len(0).map_err(io_err(path, "truncate"))?;
@@ -150,16 +144,10 @@ impl Overlay {
             let map = BlockMap::all_base(header.map_len);
             (header, map, given.take().unwrap_or_default())
         } else {
-            let header = read_header(&file, path, len)?;
-            check_overlay_kind(path, &header)?;
+            let header = read_overlay_header(&file, path, len)?;
             let (map, counts) = read_checked_map(&file, path, &header)?;
             if let Some(what) = mismatch(&header, &cfg) {
-                if counts.any_written() || header.chain_len() != 0 {
-                    return Err(OverlayError::Mismatch {
-                        path: path.to_path_buf(),
-                        what,
-                    });
-                }
+                check_unused(path, &header, &counts, what)?;
                 // Nothing written: reads as the base disk, whatever it is.
                 let header = Header::new(cfg.disk_size, cfg.fingerprint);
                 let map = BlockMap::all_base(header.map_len);
@@ -285,8 +273,7 @@ impl Overlay {
         if len == 0 {
             return Ok(());
         }
-        let header = read_header(&file, path, len)?;
-        check_overlay_kind(path, &header)?;
+        let header = read_overlay_header(&file, path, len)?;
         let fd = file.as_fd();
         let set_clean = |clean: bool| {
             file.write_all_at(&[u8::from(clean)], format::CLEAN_OFFSET as u64)
@@ -365,12 +352,32 @@ fn mismatch(h: &Header, cfg: &OverlayConfig) -> Option<String> {
 }
 
 /// Refuses a frozen layer where an overlay is wanted.
-fn check_overlay_kind(path: &Path, header: &Header) -> Result<(), OverlayError> {
+/// An overlay for another disk (`what` differs) may stand for the
+/// configured one only while it holds nothing of its own disk: no block
+/// written or zeroed, no chain of layers.
+fn check_unused(
+    path: &Path,
+    header: &Header,
+    counts: &StateCounts,
+    what: String,
+) -> Result<(), OverlayError> {
+    if counts.any_written() || header.chain_len() != 0 {
+        return Err(OverlayError::Mismatch {
+            path: path.to_path_buf(),
+            what,
+        });
+    }
+    Ok(())
+}
+
+/// Reads the header of the overlay file at `path` and refuses a layer.
+fn read_overlay_header(file: &File, path: &Path, len: u64) -> Result<Header, OverlayError> {
+    let header = read_header(file, path, len)?;
     match header.kind {
         Kind::Layer(_) => Err(OverlayError::IsALayer {
             path: path.to_path_buf(),
         }),
-        Kind::Overlay { .. } => Ok(()),
+        Kind::Overlay { .. } => Ok(header),
     }
 }
 

@@ -226,8 +226,7 @@ fn write_layer(
     out.write_all_at(&map, header.map_offset)
         .map_err(io_err(&tmp, "write map"))?;
 
-    let mut copy = CopyStats::default();
-    let mut method = Method::Clone;
+    let mut copier = BlockCopier::new(&ov.file, &out, Method::Clone);
     let (mut data_blocks, mut zero_blocks) = (0, 0);
     let mut b = 0u64;
     while b < header.map_len {
@@ -244,17 +243,15 @@ fn write_layer(
             b += 1;
         }
         data_blocks += b - first;
-        copy_blocks(
-            &ov.file,
-            ov.header.data_offset + first * BS,
-            &out,
-            header.data_offset + first * BS,
-            (b - first) * BS,
-            &mut method,
-            &mut copy,
-        )
-        .map_err(io_err(&tmp, "copy data blocks"))?;
+        copier
+            .copy_blocks(
+                ov.header.data_offset + first * BS,
+                header.data_offset + first * BS,
+                (b - first) * BS,
+            )
+            .map_err(io_err(&tmp, "copy data blocks"))?;
     }
+    let copy = copier.stats;
     // The digest is of what the layer holds: read its data back.
     hash_data(&out, &header, &map, &mut hasher).map_err(io_err(&tmp, "read data back"))?;
     let fields = LayerFields {
@@ -336,116 +333,111 @@ fn cannot(e: &io::Error) -> bool {
     )
 }
 
-/// Copies `len` bytes at `src_off` to `dst_off`; only the allocated
-/// extents of the source, so that holes stay holes.
-pub(super) fn copy_blocks(
-    src: &File,
-    src_off: u64,
-    dst: &File,
-    dst_off: u64,
-    len: u64,
-    method: &mut Method,
-    stats: &mut CopyStats,
-) -> io::Result<()> {
-    let end = src_off + len;
-    let mut pos = src_off;
-    while pos < end {
-        let Some((s, e)) = sys::next_data(src.as_fd(), pos)? else {
-            break;
-        };
-        if s >= end {
-            break;
-        }
-        // Whole blocks: a clone works in file system blocks.
-        let s = src_off + (s.max(pos) - src_off) / BS * BS;
-        let e = (src_off + (e.min(end) - src_off).div_ceil(BS) * BS).min(end);
-        copy_extent(src, s, dst, dst_off + (s - src_off), e - s, method, stats)?;
-        pos = e;
-    }
-    Ok(())
+/// Copies data blocks from one file to another by the best [`Method`]
+/// that works, and counts how.
+pub(super) struct BlockCopier<'a> {
+    src: &'a File,
+    dst: &'a File,
+    /// The method to try first; a method that fails as unsupported is
+    /// dropped for the rest of the copy.
+    method: Method,
+    pub stats: CopyStats,
 }
 
-fn copy_extent(
-    src: &File,
-    src_off: u64,
-    dst: &File,
-    dst_off: u64,
-    len: u64,
-    method: &mut Method,
-    stats: &mut CopyStats,
-) -> io::Result<()> {
-    if *method == Method::Clone {
-        match sys::clone_range(src.as_fd(), src_off, dst.as_fd(), dst_off, len) {
-            Ok(()) => {
-                stats.cloned += len;
-                return Ok(());
-            }
-            Err(e) if cannot(&e) => {
-                tracing::debug!(error = %e, "FICLONERANGE unavailable: copying with copy_file_range");
-                *method = Method::CopyRange;
-            }
-            Err(e) => return Err(e),
+impl<'a> BlockCopier<'a> {
+    pub fn new(src: &'a File, dst: &'a File, method: Method) -> Self {
+        BlockCopier {
+            src,
+            dst,
+            method,
+            stats: CopyStats::default(),
         }
     }
-    let mut done = 0;
-    if *method == Method::CopyRange {
-        while done < len {
-            let want = (len - done).min(1 << 30) as usize;
-            match sys::copy_file_range(
-                src.as_fd(),
-                src_off + done,
-                dst.as_fd(),
-                dst_off + done,
-                want,
-            ) {
-                Ok(0) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "overlay data area ended early",
-                    ));
+
+    /// Copies `len` bytes at `src_off` to `dst_off`; only the allocated
+    /// extents of the source, so that holes stay holes.
+    pub fn copy_blocks(&mut self, src_off: u64, dst_off: u64, len: u64) -> io::Result<()> {
+        let end = src_off + len;
+        let mut pos = src_off;
+        while pos < end {
+            let Some((s, e)) = sys::next_data(self.src.as_fd(), pos)? else {
+                break;
+            };
+            if s >= end {
+                break;
+            }
+            // Whole blocks: a clone works in file system blocks.
+            let s = src_off + (s.max(pos) - src_off) / BS * BS;
+            let e = (src_off + (e.min(end) - src_off).div_ceil(BS) * BS).min(end);
+            self.copy_extent(s, dst_off + (s - src_off), e - s)?;
+            pos = e;
+        }
+        Ok(())
+    }
+
+    fn copy_extent(&mut self, src_off: u64, dst_off: u64, len: u64) -> io::Result<()> {
+        let (src, dst) = (self.src.as_fd(), self.dst.as_fd());
+        if self.method == Method::Clone {
+            match sys::clone_range(src, src_off, dst, dst_off, len) {
+                Ok(()) => {
+                    self.stats.cloned += len;
+                    return Ok(());
                 }
-                Ok(n) => {
-                    done += n as u64;
-                    stats.copied += n as u64;
-                }
-                Err(e) if cannot(&e) && done == 0 => {
-                    tracing::debug!(error = %e, "copy_file_range unavailable: copying plainly");
-                    *method = Method::Plain;
-                    break;
+                Err(e) if cannot(&e) => {
+                    tracing::debug!(error = %e, "FICLONERANGE unavailable: copying with copy_file_range");
+                    self.method = Method::CopyRange;
                 }
                 Err(e) => return Err(e),
             }
         }
-        if done == len {
-            return Ok(());
-        }
-    }
-    copy_plain(src, src_off + done, dst, dst_off + done, len - done, stats)
-}
-
-/// Reads and writes, leaving all-zero blocks as holes.
-fn copy_plain(
-    src: &File,
-    src_off: u64,
-    dst: &File,
-    dst_off: u64,
-    len: u64,
-    stats: &mut CopyStats,
-) -> io::Result<()> {
-    let mut buf = vec![0u8; (1 << 20).min(len) as usize];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(buf.len() as u64) as usize;
-        src.read_exact_at(&mut buf[..n], src_off + done)?;
-        for (i, block) in buf[..n].chunks(BS as usize).enumerate() {
-            if block.iter().any(|&b| b != 0) {
-                dst.write_all_at(block, dst_off + done + (i as u64) * BS)?;
-                stats.written += block.len() as u64;
+        let mut done = 0;
+        if self.method == Method::CopyRange {
+            while done < len {
+                let want = (len - done).min(1 << 30) as usize;
+                match sys::copy_file_range(src, src_off + done, dst, dst_off + done, want) {
+                    Ok(0) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "overlay data area ended early",
+                        ));
+                    }
+                    Ok(n) => {
+                        done += n as u64;
+                        self.stats.copied += n as u64;
+                    }
+                    Err(e) if cannot(&e) && done == 0 => {
+                        tracing::debug!(error = %e, "copy_file_range unavailable: copying plainly");
+                        self.method = Method::Plain;
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if done == len {
+                return Ok(());
             }
         }
-        done += n as u64;
+        self.copy_plain(src_off + done, dst_off + done, len - done)
     }
-    Ok(())
+
+    /// Reads and writes, leaving all-zero blocks as holes.
+    fn copy_plain(&mut self, src_off: u64, dst_off: u64, len: u64) -> io::Result<()> {
+        let mut buf = vec![0u8; (1 << 20).min(len) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(buf.len() as u64) as usize;
+            self.src.read_exact_at(&mut buf[..n], src_off + done)?;
+            for (i, block) in buf[..n].chunks(BS as usize).enumerate() {
+                if block.iter().any(|&b| b != 0) {
+                    self.dst
+                        .write_all_at(block, dst_off + done + (i as u64) * BS)?;
+                    self.stats.written += block.len() as u64;
+                }
+            }
+            done += n as u64;
+        }
+        Ok(())
+    }
 }
 
 /// Creates a new, empty overlay at `path` over `layers` (bottom first),

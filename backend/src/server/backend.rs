@@ -707,23 +707,53 @@ mod tests {
     /// (it aligns the end of the ring's first `len` bytes, not entries).
     const USED_RING: GuestAddress = GuestAddress(0x8000);
 
+    /// The size of the test disks: 64 sectors.
+    const DISK_BYTES: usize = 64 * 512;
+
     struct Setup<D> {
         backend: BlkBackend,
         disk: Arc<D>,
         mem: GuestMemoryAtomic,
+        /// The guest memory as first mapped (shared with `mem`).
+        guest: GuestMemoryMmap,
+    }
+
+    impl<D> Setup<D> {
+        /// Queue 0 as the guest driver sees it, and as the backend does.
+        fn ring(&self, event_idx: bool) -> (MockSplitQueue<'_, GuestMemoryMmap>, Vring) {
+            let queue = MockSplitQueue::new(&self.guest, QUEUE_SIZE);
+            let vring = vring(&self.mem, &queue, event_idx);
+            (queue, vring)
+        }
+
+        /// The worker's handling of the guest's kick on queue 0.
+        fn kick(&self, vring: &Vring) {
+            self.backend
+                .handle_event(0, EventSet::IN, std::slice::from_ref(vring), 0)
+                .unwrap();
+        }
     }
 
     fn setup(opts: &ServerOptions) -> Setup<MemDisk> {
-        setup_with(Arc::new(MemDisk::new(64 * 512)), opts)
+        setup_with(Arc::new(MemDisk::new(DISK_BYTES)), opts)
+    }
+
+    /// A backend over a disk whose requests the test holds and releases.
+    fn gated_setup(opts: &ServerOptions) -> Setup<GatedDisk> {
+        setup_with(Arc::new(GatedDisk::new(DISK_BYTES)), opts)
     }
 
     fn setup_with<D: BlockDevice + 'static>(disk: Arc<D>, opts: &ServerOptions) -> Setup<D> {
-        let mem = GuestMemoryAtomic::new(
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap(),
-        );
+        let guest = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mem = GuestMemoryAtomic::new(guest.clone());
         let engine = Arc::new(DeviceEngine::new(disk.clone(), opts).unwrap());
         let backend = BlkBackend::new(engine, opts, mem.clone()).unwrap();
-        Setup { backend, disk, mem }
+        Setup {
+            backend,
+            disk,
+            mem,
+            guest,
+        }
     }
 
     /// A vring over `queue`, set up the way the vhost-user handler does.
@@ -799,32 +829,28 @@ mod tests {
 
     fn run_batch(event_idx: bool, opts: &ServerOptions) {
         let s = setup(opts);
-        let guard = s.mem.memory();
-        let queue = MockSplitQueue::new(&*guard, QUEUE_SIZE);
-        let vring = vring(&s.mem, &queue, event_idx);
+        let (queue, vring) = s.ring(event_idx);
         let (consumer, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK).unwrap();
         // SAFETY: the notifier's descriptor is owned by nobody else after
         // into_raw_fd; the File takes it over.
         let call = unsafe { File::from_raw_fd(notifier.into_raw_fd()) };
         vring.set_call(Some(call));
 
-        guard
+        s.guest
             .write_slice(&[0xcd; 512], GuestAddress(0x1_1100))
             .unwrap();
         add_requests(
             &queue,
-            &guard,
+            &s.guest,
             &[(VIRTIO_BLK_T_IN, 0), (VIRTIO_BLK_T_OUT, 3), (99, 0)],
         );
-        s.backend
-            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-            .unwrap();
+        s.kick(&vring);
         s.backend.drain();
 
-        assert_eq!(used_idx(&guard), 3);
-        assert_eq!(used_elem(&guard, 0), (0, 513));
-        assert_eq!(used_elem(&guard, 1), (3, 1));
-        assert_eq!(used_elem(&guard, 2), (6, 1));
+        assert_eq!(used_idx(&s.guest), 3);
+        assert_eq!(used_elem(&s.guest, 0), (0, 513));
+        assert_eq!(used_elem(&s.guest, 1), (3, 1));
+        assert_eq!(used_elem(&s.guest, 2), (6, 1));
         assert_eq!(s.disk.contents(3 * 512, 512), vec![0xcd; 512]);
         assert!(consumer.consume().is_ok(), "the guest was not notified");
         let stats = &s.backend.shared.queues[0].stats;
@@ -832,10 +858,8 @@ mod tests {
         assert_eq!(stats.errors.load(Ordering::Relaxed), 1);
 
         // Nothing to do: no completion, no notification.
-        s.backend
-            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-            .unwrap();
-        assert_eq!(used_idx(&guard), 3);
+        s.kick(&vring);
+        assert_eq!(used_idx(&s.guest), 3);
         assert!(consumer.consume().is_err());
     }
 
@@ -888,17 +912,12 @@ mod tests {
 
     #[test]
     fn a_slow_request_is_published_before_faster_ones_behind_it() {
-        let s = setup_with(
-            Arc::new(GatedDisk::new(64 * 512)),
-            &ServerOptions::default(),
-        );
-        let guard = s.mem.memory();
-        let queue = MockSplitQueue::new(&*guard, QUEUE_SIZE);
-        let vring = vring(&s.mem, &queue, true);
+        let s = gated_setup(&ServerOptions::default());
+        let (queue, vring) = s.ring(true);
         s.disk.close_reads_at(0);
         add_requests(
             &queue,
-            &guard,
+            &s.guest,
             &[
                 (VIRTIO_BLK_T_IN, 0),
                 (VIRTIO_BLK_T_IN, 1),
@@ -909,38 +928,31 @@ mod tests {
         std::thread::scope(|scope| {
             // Whichever thread runs the slow read stays in it.
             let worker = scope.spawn(|| {
-                s.backend
-                    .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-                    .unwrap();
+                s.kick(&vring);
             });
             // The requests behind the slow read run and finish...
             s.disk.wait_for_io(2, 1);
             // ...but none is published ahead of it.
-            assert_eq!(used_idx(&guard), 0);
+            assert_eq!(used_idx(&s.guest), 0);
             s.disk.open_reads();
             worker.join().unwrap();
         });
         s.backend.drain();
-        assert_eq!(used_heads(&guard), [0, 3, 6, 9]);
-        assert_eq!(used_elem(&guard, 0), (0, 513));
+        assert_eq!(used_heads(&s.guest), [0, 3, 6, 9]);
+        assert_eq!(used_elem(&s.guest, 0), (0, 513));
     }
 
     #[test]
     fn a_waiting_flush_holds_back_its_queue_but_not_the_writes_behind_it() {
-        let s = setup_with(
-            Arc::new(GatedDisk::new(64 * 512)),
-            &ServerOptions::default(),
-        );
-        let guard = s.mem.memory();
-        let queue = MockSplitQueue::new(&*guard, QUEUE_SIZE);
-        let vring = vring(&s.mem, &queue, false);
-        guard
+        let s = gated_setup(&ServerOptions::default());
+        let (queue, vring) = s.ring(false);
+        s.guest
             .write_slice(&[0xab; 512], GuestAddress(0x1_2100))
             .unwrap();
         s.disk.close_flushes();
         add_requests(
             &queue,
-            &guard,
+            &s.guest,
             &[
                 (VIRTIO_BLK_T_OUT, 0),
                 (virtio_bindings::virtio_blk::VIRTIO_BLK_T_FLUSH, 0),
@@ -948,15 +960,13 @@ mod tests {
             ],
         );
         // The worker hands the flush over and does not wait for it.
-        s.backend
-            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-            .unwrap();
+        s.kick(&vring);
         s.disk.wait_for_flush_started(1);
         s.disk.wait_for_io(0, 2);
         assert_eq!(s.disk.inner().contents(5 * 512, 512), [0xab; 512]);
         // Only the write ahead of the flush is published.
-        wait_for_used(&guard, 1);
-        assert_eq!(used_heads(&guard), [0]);
+        wait_for_used(&s.guest, 1);
+        assert_eq!(used_heads(&s.guest), [0]);
 
         // GET_VRING_BASE: the ring is stopped, and stop_vring returns only
         // once everything popped is published.
@@ -970,26 +980,21 @@ mod tests {
             s.disk.open_flushes();
             assert_eq!(stop.join().unwrap(), 3);
         });
-        assert_eq!(used_heads(&guard), [0, 3, 6]);
-        assert_eq!(used_elem(&guard, 1), (3, 1));
+        assert_eq!(used_heads(&s.guest), [0, 3, 6]);
+        assert_eq!(used_elem(&s.guest, 1), (3, 1));
         assert_eq!(vring.queue_next_avail(), 3);
         assert_eq!(s.disk.flushes(), 1);
     }
 
     #[test]
     fn a_guest_reposting_descriptors_cannot_exceed_a_ring_of_requests_in_flight() {
-        let s = setup_with(
-            Arc::new(GatedDisk::new(64 * 512)),
-            &ServerOptions::default(),
-        );
-        let guard = s.mem.memory();
-        let queue = MockSplitQueue::new(&*guard, QUEUE_SIZE);
-        let vring = vring(&s.mem, &queue, false);
+        let s = gated_setup(&ServerOptions::default());
+        let (queue, vring) = s.ring(false);
         s.disk.close_flushes();
         // A FLUSH that will wait, then reads (heads 3, 6, 9, 12)...
         add_requests(
             &queue,
-            &guard,
+            &s.guest,
             &[
                 (virtio_bindings::virtio_blk::VIRTIO_BLK_T_FLUSH, 0),
                 (VIRTIO_BLK_T_IN, 1),
@@ -1014,9 +1019,7 @@ mod tests {
         post(5, QUEUE_SIZE, 3);
         std::thread::scope(|scope| {
             let worker = scope.spawn(|| {
-                s.backend
-                    .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-                    .unwrap();
+                s.kick(&vring);
             });
             s.disk.wait_for_flush_started(1);
             s.disk.wait_for_io(15, 0);
@@ -1029,9 +1032,9 @@ mod tests {
         });
         s.backend.drain();
         // Everything completed; the ring now holds the second round.
-        assert_eq!(used_idx(&guard), 2 * QUEUE_SIZE);
+        assert_eq!(used_idx(&s.guest), 2 * QUEUE_SIZE);
         let heads: Vec<_> = (0..u64::from(QUEUE_SIZE))
-            .map(|i| used_elem(&guard, i).0)
+            .map(|i| used_elem(&s.guest, i).0)
             .collect();
         assert_eq!(heads, [6; QUEUE_SIZE as usize]);
         assert_eq!(s.disk.reads_done(), 31);
@@ -1039,45 +1042,34 @@ mod tests {
 
     #[test]
     fn write_through_writes_complete_after_a_flush() {
-        let s = setup_with(
-            Arc::new(GatedDisk::new(64 * 512)),
-            &ServerOptions {
-                writeback: false,
-                ..ServerOptions::default()
-            },
-        );
-        let guard = s.mem.memory();
-        let queue = MockSplitQueue::new(&*guard, QUEUE_SIZE);
-        let vring = vring(&s.mem, &queue, false);
+        let s = gated_setup(&ServerOptions {
+            writeback: false,
+            ..ServerOptions::default()
+        });
+        let (queue, vring) = s.ring(false);
         s.disk.close_flushes();
         add_requests(
             &queue,
-            &guard,
+            &s.guest,
             &[(VIRTIO_BLK_T_OUT, 0), (VIRTIO_BLK_T_IN, 1)],
         );
-        s.backend
-            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-            .unwrap();
+        s.kick(&vring);
         s.disk.wait_for_io(1, 1);
-        assert_eq!(used_idx(&guard), 0);
+        assert_eq!(used_idx(&s.guest), 0);
         s.disk.open_flushes();
         s.backend.drain();
-        assert_eq!(used_heads(&guard), [0, 3]);
+        assert_eq!(used_heads(&s.guest), [0, 3]);
         assert_eq!(s.disk.flushes(), 1);
     }
 
     #[test]
     fn stopped_vring_is_left_alone() {
         let s = setup(&ServerOptions::default());
-        let guard = s.mem.memory();
-        let queue = MockSplitQueue::new(&*guard, QUEUE_SIZE);
-        let vring = vring(&s.mem, &queue, false);
-        add_requests(&queue, &guard, &[(VIRTIO_BLK_T_IN, 0)]);
+        let (queue, vring) = s.ring(false);
+        add_requests(&queue, &s.guest, &[(VIRTIO_BLK_T_IN, 0)]);
         vring.set_queue_ready(false);
-        s.backend
-            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 0)
-            .unwrap();
-        assert_eq!(used_idx(&guard), 0);
+        s.kick(&vring);
+        assert_eq!(used_idx(&s.guest), 0);
         // An unknown vring index is logged, not fatal to the worker.
         s.backend.handle_event(5, EventSet::IN, &[], 0).unwrap();
     }

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod fixture;
+pub mod loopback;
 pub mod proxy;
 pub mod token;
 

@@ -3,12 +3,13 @@
 //! registries and storage back ends behave (429 with Retry-After, Range
 //! ignored, 307 redirect to storage, slow answers).
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::io::{Read as _, Write as _};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use super::loopback::{LoopbackServer, read_request_head};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -48,46 +49,30 @@ struct State {
 /// The proxy; stops accepting on drop.
 #[derive(Debug)]
 pub struct Proxy {
-    pub addr: SocketAddr,
+    server: LoopbackServer,
     state: Arc<State>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl Proxy {
     /// Starts a proxy on a free loopback port in front of `upstream`.
     pub fn start(upstream: SocketAddr, behaviour: Behaviour) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
-        let addr = listener.local_addr().expect("proxy address");
         let state = Arc::new(State::default());
         *state.behaviour.lock().expect("lock") = behaviour;
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (state, stop) = (state.clone(), stop.clone());
-            std::thread::spawn(move || {
-                for conn in listener.incoming() {
-                    if stop.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    let Ok(conn) = conn else { continue };
-                    let state = state.clone();
-                    std::thread::spawn(move || {
-                        let _ = serve(conn, upstream, addr, &state);
-                    });
-                }
+        let server = {
+            let state = state.clone();
+            LoopbackServer::start(move |conn, me| {
+                let state = state.clone();
+                std::thread::spawn(move || {
+                    let _ = serve(conn, upstream, me, &state);
+                });
             })
         };
-        Proxy {
-            addr,
-            state,
-            stop,
-            thread: Some(thread),
-        }
+        Proxy { server, state }
     }
 
     /// `127.0.0.1:PORT`
     pub fn host(&self) -> String {
-        self.addr.to_string()
+        self.server.addr.to_string()
     }
 
     pub fn set(&self, f: impl FnOnce(&mut Behaviour)) {
@@ -113,17 +98,6 @@ impl Proxy {
     }
 }
 
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop.
-        let _ = TcpStream::connect(self.addr);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// Serves one request on `client`, then closes the connection.
 fn serve(
     client: TcpStream,
@@ -133,17 +107,7 @@ fn serve(
 ) -> std::io::Result<()> {
     client.set_read_timeout(Some(IO_TIMEOUT))?;
     client.set_write_timeout(Some(IO_TIMEOUT))?;
-    let mut reader = BufReader::new(client.try_clone()?);
-    let mut request_line = String::new();
-    reader.read_line(&mut request_line)?;
-    let mut headers = Vec::new();
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 || line == "\r\n" {
-            break;
-        }
-        headers.push(line);
-    }
+    let (request_line, headers) = read_request_head(&client)?;
     let mut parts = request_line.split_whitespace();
     let (method, path) = (
         parts.next().unwrap_or(""),

@@ -3,18 +3,18 @@
 //! issues, signed with a key whose certificate is in its trust bundle. It
 //! grants every scope asked for, anonymously, and logs each request.
 
-use std::io::{BufRead as _, BufReader, Write as _};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::io::Write as _;
+use std::net::{Shutdown, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+
+use super::loopback::{LoopbackServer, read_request_head};
 
 pub const ISSUER: &str = "ociblk-test-issuer";
 pub const SERVICE: &str = "ociblk-test-registry";
@@ -24,12 +24,10 @@ pub type TokenRequest = String;
 
 #[derive(Debug)]
 pub struct TokenIssuer {
-    pub addr: SocketAddr,
+    server: LoopbackServer,
     /// The certificate bundle the registry trusts.
-    pub cert_pem: PathBuf,
+    cert_pem: PathBuf,
     log: Arc<Mutex<Vec<TokenRequest>>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl TokenIssuer {
@@ -67,29 +65,17 @@ impl TokenIssuer {
         .expect("P-256 PKCS#8 key");
         let cert_der = pem_der(&cert_pem, "CERTIFICATE");
 
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind token issuer");
-        let addr = listener.local_addr().expect("address");
         let log = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (log, stop) = (log.clone(), stop.clone());
-            std::thread::spawn(move || {
-                for conn in listener.incoming() {
-                    if stop.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    if let Ok(conn) = conn {
-                        let _ = answer(conn, &key, &cert_der, &log);
-                    }
-                }
+        let server = {
+            let log = log.clone();
+            LoopbackServer::start(move |conn, _| {
+                let _ = answer(conn, &key, &cert_der, &log);
             })
         };
         TokenIssuer {
-            addr,
+            server,
             cert_pem,
             log,
-            stop,
-            thread: Some(thread),
         }
     }
 
@@ -97,23 +83,13 @@ impl TokenIssuer {
     pub fn registry_config(&self) -> String {
         format!(
             "auth:\n  token:\n    realm: http://{}/token\n    service: {SERVICE}\n    issuer: {ISSUER}\n    rootcertbundle: {}\n",
-            self.addr,
+            self.server.addr,
             self.cert_pem.display()
         )
     }
 
     pub fn requests(&self) -> Vec<TokenRequest> {
         self.log.lock().expect("lock").clone()
-    }
-}
-
-impl Drop for TokenIssuer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(self.addr);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
@@ -139,15 +115,7 @@ fn answer(
     log: &Mutex<Vec<TokenRequest>>,
 ) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut reader = BufReader::new(conn.try_clone()?);
-    let mut request_line = String::new();
-    reader.read_line(&mut request_line)?;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 || line == "\r\n" {
-            break;
-        }
-    }
+    let (request_line, _headers) = read_request_head(&conn)?;
     let target = request_line.split_whitespace().nth(1).unwrap_or("");
     let query = target.split_once('?').map_or("", |(_, q)| q).to_string();
     log.lock().expect("lock").push(query.clone());

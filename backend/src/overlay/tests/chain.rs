@@ -266,6 +266,14 @@ fn one_layer(dir: &Path) -> (PathBuf, PathBuf) {
     (path, l1)
 }
 
+/// [`one_layer`], frozen again into `l2` on top of `l1`.
+fn two_layers(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let (path, l1) = one_layer(dir);
+    let l2 = dir.join("l2");
+    layer::freeze(&path, &l2).unwrap();
+    (path, l1, l2)
+}
+
 fn err_text(r: Result<impl std::fmt::Debug, OverlayError>) -> String {
     match r {
         Ok(v) => panic!("expected an error, got {v:?}"),
@@ -303,9 +311,7 @@ fn layers_for_another_disk_are_refused() {
 #[test]
 fn chains_whose_parents_do_not_match_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let (path, l1) = one_layer(dir.path());
-    let l2 = dir.path().join("l2");
-    layer::freeze(&path, &l2).unwrap();
+    let (_, l1, l2) = two_layers(dir.path());
     // Another layer on the base disk.
     let other = dir.path().join("other.ov");
     Overlay::open(&other, safe(1)).unwrap().close().unwrap();
@@ -462,9 +468,7 @@ fn missing_layers_are_refused_naming_the_overlay() {
 #[test]
 fn a_layer_list_that_disagrees_with_the_recorded_chain_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let (path, l1) = one_layer(dir.path());
-    let l2 = dir.path().join("l2");
-    layer::freeze(&path, &l2).unwrap();
+    let (path, l1, l2) = two_layers(dir.path());
     let plain = dir.path().join("plain.ov");
     Overlay::open(&plain, safe(1)).unwrap().close().unwrap();
     let msg = err_text(Overlay::open_over(
@@ -690,18 +694,9 @@ fn freeze_copies_only_data_blocks_and_falls_back_from_cloning() {
         let src_w = fs::OpenOptions::new().write(true).open(&path).unwrap();
         src_w.write_all_at(&data, 1 << 24).unwrap();
         dst.set_len(1 << 25).unwrap();
-        let mut m = method;
-        let mut stats = layer::CopyStats::default();
-        layer::copy_blocks(
-            &src,
-            (1 << 24) - 8192,
-            &dst,
-            1 << 24,
-            3 * 8192,
-            &mut m,
-            &mut stats,
-        )
-        .unwrap();
+        layer::BlockCopier::new(&src, &dst, method)
+            .copy_blocks((1 << 24) - 8192, 1 << 24, 3 * 8192)
+            .unwrap();
         let mut got = vec![0u8; 8192];
         dst.read_exact_at(&mut got, (1 << 24) + 8192).unwrap();
         assert_eq!(got, data, "{method:?}");
