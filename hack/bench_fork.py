@@ -109,25 +109,28 @@ class LaunchRun:
         bufs = {}
         for f in (p.stdout, p.stderr):
             os.set_blocking(f.fileno(), False)
-            sel.register(f, selectors.EVENT_READ)
-            bufs[f] = b""
+            sel.register(f.fileno(), selectors.EVENT_READ)
+            bufs[f.fileno()] = b""
         deadline = time.monotonic() + self.timeout
         try:
             while sel.get_map():
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"ociblk launch did not finish within {self.timeout} s (log {self.log})")
                 for key, _ in sel.select(timeout=1.0):
-                    f = key.fileobj
-                    chunk = f.read(65536)
+                    fd = key.fileobj
+                    try:
+                        chunk = os.read(fd, 65536)
+                    except BlockingIOError:
+                        continue
                     now = time.perf_counter() - t0
                     if not chunk:
-                        sel.unregister(f)
+                        sel.unregister(fd)
                         continue
                     log.write(chunk)
-                    bufs[f] += chunk
-                    *lines, bufs[f] = bufs[f].split(b"\n")
+                    bufs[fd] += chunk
+                    *lines, bufs[fd] = bufs[fd].split(b"\n")
                     for line in lines:
-                        if f is p.stdout:
+                        if fd == p.stdout.fileno():
                             self._table_line(line, now)
                         else:
                             self._console_line(line, now)
@@ -339,9 +342,11 @@ def bench_ready(snapshot, ids, reps, timeout, work, logs):
                     step = [r.step(n, "found state") for n in node_names()]
             finally:
                 shutil.rmtree(state)
+            # A console line garbled by kernel messages leaves a node out.
+            step = [x for x in step if x is not None] or [float("nan")]
             s = {"ready_s": r.table_at, "launch_reported_s": max(r.table.values()),
                  "node_ready_s": r.table, "step_s": step,
-                 "product_s": [r.events[n]["product"] for n in node_names()]}
+                 "product_s": [r.events[n].get("product", float("nan")) for n in node_names()]}
             samples[c].append(s)
             print(f"ready rep{rep} {c:5} all nodes ready after {s['ready_s']:.2f} s (launch's table: "
                   f"{s['launch_reported_s']:.2f} s); bootstrap step per node "
@@ -611,7 +616,7 @@ def verdicts(res):
             why += (f" ({syncs['calls'] / NODES:.0f} fsync/fdatasync calls per node, "
                     f"{syncs['seconds'] / NODES * 1e3:.2f} ms per node under strace)")
         if fork["involuntary_switches"] >= 1:
-            why += (f", and for a CPU ({fork['involuntary_switches']:.0f} involuntary context switches per "
+            why += (f", and for a CPU ({fork['involuntary_switches']:.0f} involuntary context switch(es) per "
                     f"node; load average {res['fork']['load_average']:.1f} after the fork measurements)")
         line += why + "."
     out.append(line)
@@ -650,9 +655,9 @@ def verdicts(res):
         x = ratio(r["median"]["3-layer chain"], r["median"]["single overlay"])
         met = x >= CHAIN_READ_TARGET
         line = (f"- Reads through a 3-layer chain, {r['job']}: {x:.3f}x of a single overlay "
-                f"(target within 5%): {'met' if met else 'MISSED'}.")
+                f"(target within 5%, at least 0.95x): {'met' if met else 'MISSED'}.")
         if not met:
-            rg, c, s1 = r["range"], r["range"]["3-layer chain"], r["range"]["single overlay"]
+            c, s1 = r["range"]["3-layer chain"], r["range"]["single overlay"]
             spread = (f"repetitions spread over {c[0]:.0f}-{c[1]:.0f} (chain) and {s1[0]:.0f}-{s1[1]:.0f} "
                       "(single)")
             if c[1] >= s1[0]:
