@@ -401,18 +401,25 @@ impl MadeDirs {
 
 impl Drop for MadeDirs {
     fn drop(&mut self) {
+        if self.dirs.is_empty() {
+            return;
+        }
+        let mut removed = Vec::new();
         for (dir, with_contents) in self.dirs.drain(..).rev() {
-            let removed = if with_contents {
+            let result = if with_contents {
                 fs::remove_dir_all(&dir)
             } else {
                 fs::remove_dir(&dir)
             };
-            match removed {
-                Ok(()) => tracing::info!(dir = %dir.display(), "removed the unfinished directory"),
+            match result {
+                Ok(()) => removed.push(dir.display().to_string()),
                 Err(e) => {
                     tracing::warn!(dir = %dir.display(), "cannot remove the unfinished directory: {e}")
                 }
             }
+        }
+        if !removed.is_empty() {
+            tracing::info!("removed the unfinished directories {}", removed.join(", "));
         }
     }
 }
