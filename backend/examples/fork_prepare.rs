@@ -36,7 +36,8 @@ fn main() -> Result<()> {
         create_overlays(&saved, &state_dir)?;
     } else {
         snapshot::prepare_fork(&saved, &snapshot_dir, &state_dir)
-            .with_context(|| format!("forking {}", snapshot_dir.display()))?;
+            .with_context(|| format!("forking {}", snapshot_dir.display()))?
+            .keep();
     }
     let seconds = t1.elapsed().as_secs_f64();
     println!(

@@ -44,7 +44,9 @@ fn fork(snapshot_dir: &Path, state_dir: &Path) -> (ClusterSpec, Cluster) {
     let saved = snapshot::load(snapshot_dir).unwrap();
     let mut spec = saved.cluster_spec(state_dir).unwrap();
     configure_for_test(&mut spec);
-    snapshot::prepare_fork(&saved, snapshot_dir, state_dir).unwrap();
+    snapshot::prepare_fork(&saved, snapshot_dir, state_dir)
+        .unwrap()
+        .keep();
     let cluster = Cluster::launch(spec.clone()).unwrap();
     (spec, cluster)
 }

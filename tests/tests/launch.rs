@@ -4,8 +4,8 @@
 //! and failures half-way through a launch. Every test checks that nothing
 //! it started is left running and that no socket is left behind.
 //!
-//! Library-level tests use `ociblk::launch` directly; the signal test runs
-//! the `ociblk launch` binary.
+//! Library-level tests use `ociblk::launch` directly; the signal test and
+//! the failing forks run the `ociblk launch` binary.
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -17,14 +17,14 @@ use std::time::{Duration, Instant};
 
 use ociblk::launch::process::Process;
 use ociblk::launch::{
-    Cluster, ClusterSpec, LaunchError, NodeSpec, OVERLAY_FILE, QEMU_PID_FILE, SERVE_PID_FILE,
-    SOCKET_FILE, TPM_PID_FILE, TPM_STATE_DIR, TpmSpec,
+    Cluster, ClusterSpec, LaunchError, NodeSpec, OVERLAY_FILE, OVMF_VARS_FILE, QEMU_PID_FILE,
+    SERVE_PID_FILE, SOCKET_FILE, TPM_PID_FILE, TPM_STATE_DIR, TpmSpec, snapshot,
 };
 use ociblk_tests::cluster::{
     GUEST_MEMORY_MIB, SAMPLE_DATA_PARTITION, SAMPLE_READY, configure_for_test,
 };
-use ociblk_tests::process::wait_exit;
-use ociblk_tests::support::{ociblk_bin, require_tool, sample_image};
+use ociblk_tests::process::{Server, wait_exit};
+use ociblk_tests::support::{ociblk_bin, poke_read_only, require_tool, run_bounded, sample_image};
 
 /// Boot to the ready line takes ~8 s under TCG on an idle host; two
 /// guests sharing two loaded cores take several times that.
@@ -384,4 +384,123 @@ fn launch_from_a_directory_that_is_no_snapshot_names_its_cluster_json() {
     let spec = dir.path().join("cluster.json");
     assert!(stderr.contains(&spec.display().to_string()), "{stderr}");
     assert!(!state.exists(), "a failed fork created {}", state.display());
+}
+
+/// A saved two-node cluster of the sample image in `dir/snap`, made
+/// without guests: each node's overlay made by a real `ociblk serve`,
+/// stopped cleanly, then frozen by `snapshot::save`. Returns the snapshot
+/// directory.
+fn saved_without_guests(dir: &Path, serve_args: &[&str]) -> PathBuf {
+    let state = dir.join("saved-state");
+    let mut spec = ClusterSpec::new(sample_image(), &state, NodeSpec::numbered("node", 2));
+    spec.serve_args = serve_args.iter().map(|a| (*a).to_owned()).collect();
+    for node in &spec.nodes {
+        let node_dir = state.join(&node.name);
+        fs::create_dir_all(&node_dir).unwrap();
+        let socket = node_dir.join(SOCKET_FILE);
+        let overlay = node_dir.join(OVERLAY_FILE);
+        let image = sample_image();
+        let mut server = Server::start(
+            &socket,
+            &[
+                "--image",
+                image.to_str().unwrap(),
+                "--seed",
+                &node.name,
+                "--overlay",
+                overlay.to_str().unwrap(),
+            ],
+        );
+        server.stop_cleanly(STOP_TIMEOUT, "making a node's overlay");
+        fs::copy(&spec.qemu.ovmf_vars_template, node_dir.join(OVMF_VARS_FILE)).unwrap();
+    }
+    let snap = dir.join("snap");
+    snapshot::save(&spec, &snap).unwrap();
+    snap
+}
+
+/// `ociblk launch --from snap --state-dir fork` with `extra` arguments,
+/// which must fail; its stderr.
+fn failed_fork(snap: &Path, fork: &Path, extra: &[&str]) -> String {
+    let out = run_bounded(
+        Command::new(ociblk_bin())
+            .arg("launch")
+            .arg("--from")
+            .arg(snap)
+            .arg("--state-dir")
+            .arg(fork)
+            .args(["--memory", &format!("{GUEST_MEMORY_MIB}M")])
+            .args(extra),
+        STOP_TIMEOUT,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "the fork did not fail:\n{stderr}");
+    stderr
+}
+
+#[test]
+fn a_fork_with_a_missing_or_modified_layer_names_it_and_leaves_no_node_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = saved_without_guests(dir.path(), &[]);
+    // node-2's layer: its failure comes after node-1's directory was made.
+    let layer = snap.join("node-2").join(snapshot::LAYER_FILE);
+    let fresh = dir.path().join("new").join("fork");
+    let empty = dir.path().join("empty");
+    fs::create_dir(&empty).unwrap();
+    let check = |want: &str| {
+        for fork in [&fresh, &empty] {
+            let stderr = failed_fork(&snap, fork, &[]);
+            assert!(
+                stderr.contains(&layer.display().to_string()) && stderr.contains(want),
+                "{stderr}"
+            );
+        }
+        assert!(
+            !dir.path().join("new").exists(),
+            "a failed fork left {}",
+            dir.path().join("new").display()
+        );
+        let left: Vec<_> = fs::read_dir(&empty).unwrap().collect();
+        assert!(left.is_empty(), "a failed fork left {left:?}");
+    };
+
+    let moved = dir.path().join("moved.layer");
+    fs::rename(&layer, &moved).unwrap();
+    check("is missing");
+    fs::rename(&moved, &layer).unwrap();
+
+    // One block's state in the layer's map changed: its digest fails.
+    let mut first = vec![0; 4096];
+    std::os::unix::fs::FileExt::read_exact_at(&fs::File::open(&layer).unwrap(), &mut first, 0)
+        .unwrap();
+    let header = ociblk::overlay::parse_header(&first).unwrap();
+    let at = header.map_offset + 3;
+    let old = poke_read_only(&layer, at, 2);
+    if old == 2 {
+        poke_read_only(&layer, at, 0);
+    }
+    check("was modified");
+    poke_read_only(&layer, at, old);
+}
+
+#[test]
+fn a_fork_whose_guests_cannot_start_stops_its_servers_and_leaves_no_node_directory() {
+    require_tool("qemu-system-x86_64");
+    let dir = tempfile::tempdir().unwrap();
+    let records = dir.path().join("boot.access");
+    let snap = saved_without_guests(dir.path(), &["--record-access", records.to_str().unwrap()]);
+    let fork = dir.path().join("fork");
+    let stderr = failed_fork(&snap, &fork, &["--accel", "no-such-accelerator"]);
+    assert!(
+        stderr.contains("no-such-accelerator") && stderr.contains("node node-"),
+        "{stderr}"
+    );
+    assert!(!fork.exists(), "a failed fork left {}", fork.display());
+    assert_eq!(processes_mentioning(&fork), Vec::<String>::new());
+    // Both servers ran and wrote their own records on SIGTERM.
+    for node in ["node-1", "node-2"] {
+        let record = dir.path().join(format!("boot.access.{node}"));
+        assert!(record.is_file(), "no {}:\n{stderr}", record.display());
+    }
+    assert!(!records.exists(), "the shared name was written too");
 }

@@ -56,15 +56,20 @@ pub struct LaunchArgs {
     /// poweroff -f` on their consoles, bounded by --timeout), stop the
     /// backends and swtpms, and save the cluster into the new directory
     /// SNAPDIR: every node's overlay frozen into a layer, its OVMF variables
-    /// and TPM state, and cluster.json. The state directory's overlays then
-    /// sit over the new layers. All files in SNAPDIR are read-only.
+    /// and TPM state, and cluster.json (written last: a directory without it
+    /// is no snapshot). The state directory's overlays then sit over the
+    /// new layers. All files in SNAPDIR are read-only. A save failing before
+    /// any overlay was frozen removes what it made in SNAPDIR.
     #[arg(long, value_name = "SNAPDIR", requires = "wait_for")]
     pub save: Option<PathBuf>,
     /// Start a fork of the snapshot SNAPDIR in a fresh --state-dir: every
     /// node gets a new overlay over its frozen layers and copies of its
     /// OVMF variables and TPM state; image, nodes, serve arguments, queues,
     /// TPM and network come from the snapshot. Forks of one snapshot run
-    /// side by side; a fork can be saved and forked again.
+    /// side by side; a fork can be saved and forked again. If the fork
+    /// fails or is interrupted before its cluster runs (a missing or
+    /// modified layer, a server that does not start, ...), the node
+    /// directories it made (and --state-dir, if it made that) are removed.
     #[arg(long, value_name = "SNAPDIR", conflicts_with_all = ["image", "nodes", "name_prefix", "serve_args", "network", "uplink", "tpm"])]
     pub from: Option<PathBuf>,
     /// Holds a directory per node: socket, overlay, OVMF variables, TPM
@@ -112,7 +117,10 @@ pub struct LaunchArgs {
     /// swtpm binary (for --tpm).
     #[arg(long, default_value = DEFAULT_SWTPM_BINARY, value_name = "PATH")]
     pub swtpm: PathBuf,
-    /// Extra `ociblk serve` arguments: layout options, --flush unsafe, ...
+    /// Extra `ociblk serve` arguments for every node: layout options,
+    /// --flush unsafe, ... `--record-access FILE` gives each node a record
+    /// of its own: FILE, a dot and the node's name (boot.access.node-1, ...);
+    /// `--prefetch FILE` gives every node the same record.
     #[arg(last = true, value_name = "SERVE_ARGS")]
     pub serve_args: Vec<String>,
 }
@@ -131,14 +139,19 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
         );
     }
     let mut node_registry_args = Vec::new();
+    // A fork's node directories, removed again (after everything started
+    // in them was stopped) if the launch fails or is interrupted.
+    let mut fork = None;
     let mut spec = match (&args.from, &args.image) {
         (Some(snapshot_dir), _) => {
             let snapshot = snapshot::load(snapshot_dir)?;
             let spec = snapshot
                 .cluster_spec(&args.state_dir)
                 .context("choosing a UDP port for the cluster network")?;
-            snapshot::prepare_fork(&snapshot, snapshot_dir, &args.state_dir)
-                .with_context(|| format!("forking {}", snapshot_dir.display()))?;
+            fork = Some(
+                snapshot::prepare_fork(&snapshot, snapshot_dir, &args.state_dir)
+                    .with_context(|| format!("forking {}", snapshot_dir.display()))?,
+            );
             spec
         }
         (None, Some(image)) => {
@@ -202,6 +215,10 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
         }
         Err(e) => return Err(e).context("launching the cluster"),
     };
+    // The fork runs: its directories now hold its nodes' state.
+    if let Some(fork) = fork {
+        fork.keep();
+    }
     if let Some(pattern) = &args.wait_for {
         match cluster.wait_all_for_console(pattern, args.timeout) {
             Ok(_) => {}

@@ -145,7 +145,9 @@ pub struct ClusterSpec {
     pub qemu: QemuSpec,
     /// Appended to every `ociblk serve` command line: layout options,
     /// `--flush unsafe`, ... (`--image`, `--seed`, `--socket`,
-    /// `--overlay` and `--queues` are set by the harness).
+    /// `--overlay` and `--queues` are set by the harness). A
+    /// `--record-access FILE` here gives each node `FILE.<node>` (see
+    /// [`node_serve_args`]).
     pub serve_args: Vec<String>,
     /// The `ociblk` binary that serves the disks.
     pub ociblk_binary: PathBuf,
@@ -251,6 +253,37 @@ impl ClusterSpec {
         }
         Ok(())
     }
+}
+
+/// `ociblk serve`'s option that names the file a server writes its
+/// access record to when it stops.
+pub const RECORD_ACCESS_OPTION: &str = "--record-access";
+
+/// The cluster's serve arguments as `node`'s server gets them: a
+/// `--record-access FILE` (or `--record-access=FILE`) becomes
+/// `FILE.<node>`, so that each node keeps the record of its own boot
+/// rather than every server writing one file, the last to stop winning.
+/// Everything else (`--prefetch FILE` included: one record may serve every
+/// node) is passed on as it is.
+pub fn node_serve_args(cluster_args: &[String], node: &str) -> Vec<String> {
+    let mut out = Vec::with_capacity(cluster_args.len());
+    let mut args = cluster_args.iter();
+    while let Some(arg) = args.next() {
+        if arg == RECORD_ACCESS_OPTION {
+            out.push(arg.clone());
+            if let Some(file) = args.next() {
+                out.push(format!("{file}.{node}"));
+            }
+        } else if let Some(file) = arg
+            .strip_prefix(RECORD_ACCESS_OPTION)
+            .and_then(|rest| rest.strip_prefix('='))
+        {
+            out.push(format!("{RECORD_ACCESS_OPTION}={file}.{node}"));
+        } else {
+            out.push(arg.clone());
+        }
+    }
+    out
 }
 
 /// Node names become directory names and QEMU option values: plain
@@ -689,6 +722,39 @@ mod tests {
         let long = "x".repeat(MAX_NODE_NAME + 1);
         for bad in ["", ".hidden", "-x", "a/b", "a,b", "a b", long.as_str()] {
             assert!(check_node_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn each_node_records_its_accesses_to_a_file_of_its_own() {
+        let args = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            node_serve_args(
+                &args(&["--flush", "unsafe", "--record-access", "/r/boot.access"]),
+                "node-2"
+            ),
+            [
+                "--flush",
+                "unsafe",
+                "--record-access",
+                "/r/boot.access.node-2"
+            ]
+        );
+        assert_eq!(
+            node_serve_args(
+                &args(&["--record-access=boot.access", "--prefetch", "boot.access"]),
+                "n"
+            ),
+            ["--record-access=boot.access.n", "--prefetch", "boot.access"]
+        );
+        // Only the option itself is rewritten; a lone option without its
+        // value is left for `ociblk serve` to refuse.
+        for unchanged in [
+            &["--record-accesses", "x"][..],
+            &["--prefetch=boot.access"],
+            &["--record-access"],
+        ] {
+            assert_eq!(node_serve_args(&args(unchanged), "n"), unchanged);
         }
     }
 

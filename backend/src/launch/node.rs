@@ -296,7 +296,7 @@ impl Node {
             .arg(self.overlay())
             .arg("--queues")
             .arg(spec.queues.to_string())
-            .args(&spec.serve_args)
+            .args(super::node_serve_args(&spec.serve_args, &self.name))
             .args(&node.serve_args)
             .stdin(Stdio::null())
             .stdout(output_writer.try_clone().map_err(spawn_error())?)
