@@ -83,8 +83,8 @@ pub use config::{
 pub use memory::{GUEST_MEMORY_BASE, GuestRam};
 pub use queue::{BlkQueue, QueueStats};
 pub use request::{
-    BLK_HEADER_SIZE, BLK_ID_SIZE, BLK_SEGMENT_SIZE, BlkStatus, Completion, POISON_BYTE,
-    RawCompletion, RawData, RawDesc, Request, Token, blk_header, blk_segment,
+    BLK_HEADER_SIZE, BLK_ID_SIZE, BLK_SEGMENT_SIZE, BlkStatus, Completion, GuestBuffer,
+    POISON_BYTE, RawCompletion, RawData, RawDesc, Request, Token, blk_header, blk_segment,
 };
 
 use config::MIN_CONFIG_SIZE;
