@@ -12,6 +12,9 @@
 //!   [`write_zeroes`](VhostBlkClient::write_zeroes), [`get_id`](VhostBlkClient::get_id),
 //!   each returning a [`Completion`] whose [`BlkStatus`] is the device's verdict, while
 //!   [`ClientError`] reports transport failures (timeouts, disconnects, bad rings);
+//! * reads that leave their data in guest memory, as a benchmark wants them:
+//!   [`BlkQueue::reserve_buffers`] once, then [`Request::ReadInto`] with those buffers
+//!   in turn (no copy out, no allocation per completion);
 //! * many requests in flight: [`VhostBlkClient::submit`] returns a [`Token`],
 //!   [`VhostBlkClient::poll_completions`] reaps without blocking and
 //!   [`VhostBlkClient::wait_call`] sleeps (bounded) on the call eventfd;
