@@ -203,6 +203,33 @@ pub fn reads(rw: Rw, rwmix_read: u8) -> bool {
     }
 }
 
+/// The read buffers of one queue, reserved once in guest memory: a read takes the one
+/// that has been free the longest and gives it back when it completes, so reads rotate
+/// through all of them (as a guest's reads land all over its memory) without any
+/// allocation or copy.
+#[derive(Debug, Default)]
+struct ReadBuffers {
+    free: VecDeque<GuestBuffer>,
+}
+
+impl ReadBuffers {
+    fn new(buffers: Vec<GuestBuffer>) -> Self {
+        Self {
+            free: buffers.into(),
+        }
+    }
+
+    /// The buffer free the longest, if any is free.
+    fn take(&mut self) -> Option<GuestBuffer> {
+        self.free.pop_front()
+    }
+
+    /// Gives back a buffer whose read completed (or was never submitted).
+    fn give(&mut self, buffer: GuestBuffer) {
+        self.free.push_back(buffer);
+    }
+}
+
 /// What a request in flight is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Op {
@@ -289,7 +316,7 @@ struct Worker<'a> {
     blocks: u64,
     next_seq: u64,
     writes_since_flush: u64,
-    free_buffers: VecDeque<GuestBuffer>,
+    read_buffers: ReadBuffers,
     in_flight: Vec<Slot>,
     done: Vec<Completion>,
     result: QueueResult,
@@ -307,15 +334,16 @@ impl<'a> Worker<'a> {
             .map_err(|_| BenchError::Invalid(format!("bs {} does not fit memory", job.bs)))?;
         let depth = job.iodepth as usize;
         queue.set_auto_kick(false);
-        let free_buffers = if job.reads() {
+        let read_buffers = if job.reads() {
             let len = u32::try_from(job.bs)
                 .map_err(|_| BenchError::Invalid(format!("bs {} exceeds a request", job.bs)))?;
-            queue
-                .reserve_buffers(depth, len)
-                .map_err(BenchError::on_queue(index, "reserving read buffers"))?
-                .into()
+            ReadBuffers::new(
+                queue
+                    .reserve_buffers(depth, len)
+                    .map_err(BenchError::on_queue(index, "reserving read buffers"))?,
+            )
         } else {
-            VecDeque::new()
+            ReadBuffers::default()
         };
         Ok(Self {
             queue,
@@ -328,7 +356,7 @@ impl<'a> Worker<'a> {
             blocks,
             next_seq: 0,
             writes_since_flush: 0,
-            free_buffers,
+            read_buffers,
             in_flight: Vec::with_capacity(depth),
             done: Vec::with_capacity(depth),
             result: QueueResult {
@@ -384,7 +412,7 @@ impl<'a> Worker<'a> {
         let request = match op {
             Op::Read => {
                 // iodepth buffers for at most iodepth reads in flight: one is free.
-                let Some(free) = self.free_buffers.pop_front() else {
+                let Some(free) = self.read_buffers.take() else {
                     return Err(BenchError::Invalid(format!(
                         "queue {}: no free read buffer",
                         self.index
@@ -412,7 +440,9 @@ impl<'a> Worker<'a> {
         let token = match self.queue.submit(request) {
             Ok(token) => token,
             Err(error) => {
-                self.free_buffers.extend(buffer);
+                if let Some(buffer) = buffer {
+                    self.read_buffers.give(buffer);
+                }
                 return Err(BenchError::Client {
                     context: format!("queue {}: submitting {op:?} at {offset}", self.index),
                     error,
@@ -443,8 +473,9 @@ impl<'a> Worker<'a> {
                 )));
             };
             let slot = self.in_flight.swap_remove(pos);
-            // Back to the end of the line: reads rotate through every buffer.
-            self.free_buffers.extend(slot.buffer);
+            if let Some(buffer) = slot.buffer {
+                self.read_buffers.give(buffer);
+            }
             if completion.status != BlkStatus::Ok {
                 self.result.errors += 1;
                 if self.result.first_error.is_none() {
@@ -782,6 +813,35 @@ mod tests {
                 .expect("job")
                 .writes()
         );
+    }
+
+    #[test]
+    fn reads_rotate_through_every_buffer() {
+        let buffer = |i: u64| GuestBuffer {
+            addr: 0x10000 + i * 4096,
+            len: 4096,
+        };
+        let mut buffers = ReadBuffers::new((0..3).map(buffer).collect());
+        let (a, b) = (buffers.take(), buffers.take());
+        assert_eq!((a, b), (Some(buffer(0)), Some(buffer(1))));
+        // Buffer 0 completes first, but buffer 2 has been free longer.
+        buffers.give(buffer(0));
+        assert_eq!(buffers.take(), Some(buffer(2)));
+        assert_eq!(buffers.take(), Some(buffer(0)));
+        // All three in flight: none is free, and none is handed out twice.
+        assert_eq!(buffers.take(), None);
+        buffers.give(buffer(1));
+        assert_eq!(buffers.take(), Some(buffer(1)));
+        // One read at a time over two buffers: each lands where the one before did not.
+        let mut qd1 = ReadBuffers::new((0..2).map(buffer).collect());
+        let mut previous = None;
+        for _ in 0..6 {
+            let next = qd1.take().expect("a free buffer");
+            assert_ne!(Some(next), previous);
+            qd1.give(next);
+            previous = Some(next);
+        }
+        assert!(ReadBuffers::default().take().is_none());
     }
 
     #[test]
