@@ -105,8 +105,9 @@ def bench_launch(images, node_counts, reps, scratch):
 # --- 2. I/O ---------------------------------------------------------------------
 
 
-def bench_job(sock, args):
-    out = run([BENCH, "run", "--socket", sock, "--json", *args]).stdout
+def bench_job(sock, args, server_pid):
+    """One `ociblk-bench run`, with the CPU time of the server `server_pid`."""
+    out = run([BENCH, "run", "--socket", sock, "--json", "--server-pid", server_pid, *args]).stdout
     return json.loads(out)
 
 
@@ -197,14 +198,14 @@ def bench_verify(image, boot_image, reps, runtime, scratch, boot=True):
                                      "--overlay", d / "o.overlay", "--queues", "1", *extra], sock)
                 c.start()
                 try:
-                    r = bench_job(sock, first)
+                    r = bench_job(sock, first, c.proc.pid)
                     samples.setdefault("first pass", {}).setdefault(name, []).append(r)
                     print(f"verify rep{rep} {name:9} first pass    mean {r['lat_us']['mean']:8.1f} us "
                           f"per {chunk >> 20} MiB chunk", flush=True)
-                    r = bench_job(sock, first)
+                    r = bench_job(sock, first, c.proc.pid)
                     samples.setdefault("second pass", {}).setdefault(name, []).append(r)
                     for job, args, metric in steady:
-                        r = bench_job(sock, args)
+                        r = bench_job(sock, args, c.proc.pid)
                         samples.setdefault(job, {}).setdefault(name, []).append(r)
                         print(f"verify rep{rep} {name:9} {job:17} {r[metric]:10.1f} {metric}", flush=True)
                 finally:
