@@ -370,6 +370,9 @@ def summary(rs, metric):
 
 def bench_io(image, reps, runtime, scratch):
     """Runs every part of section 2 `reps` times; returns the summaries."""
+    if (os.cpu_count() or 1) <= max(SERVER_CPU, CLIENT_CPU):
+        raise RuntimeError(f"the QD1 placement jobs pin to CPUs {SERVER_CPU} and {CLIENT_CPU}: "
+                           f"this host has {os.cpu_count()} CPU(s)")
     disk = Disk(image, scratch)
     matrix, limit, placement, polling, flush = {}, {}, {}, {}, {}
     t0 = time.monotonic()
