@@ -12,6 +12,9 @@
 //!   [`write_zeroes`](VhostBlkClient::write_zeroes), [`get_id`](VhostBlkClient::get_id),
 //!   each returning a [`Completion`] whose [`BlkStatus`] is the device's verdict, while
 //!   [`ClientError`] reports transport failures (timeouts, disconnects, bad rings);
+//! * reads that leave their data in guest memory, as a benchmark wants them:
+//!   [`BlkQueue::reserve_buffers`] once, then [`Request::ReadInto`] with those buffers
+//!   in turn (no copy out, no allocation per completion);
 //! * many requests in flight: [`VhostBlkClient::submit`] returns a [`Token`],
 //!   [`VhostBlkClient::poll_completions`] reaps without blocking and
 //!   [`VhostBlkClient::wait_call`] sleeps (bounded) on the call eventfd;
@@ -83,8 +86,8 @@ pub use config::{
 pub use memory::{GUEST_MEMORY_BASE, GuestRam};
 pub use queue::{BlkQueue, QueueStats};
 pub use request::{
-    BLK_HEADER_SIZE, BLK_ID_SIZE, BLK_SEGMENT_SIZE, BlkStatus, Completion, POISON_BYTE,
-    RawCompletion, RawData, RawDesc, Request, Token, blk_header, blk_segment,
+    BLK_HEADER_SIZE, BLK_ID_SIZE, BLK_SEGMENT_SIZE, BlkStatus, Completion, GuestBuffer,
+    POISON_BYTE, RawCompletion, RawData, RawDesc, Request, Token, blk_header, blk_segment,
 };
 
 use config::MIN_CONFIG_SIZE;

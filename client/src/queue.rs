@@ -20,8 +20,8 @@ use super::ClientError;
 use super::config::SECTOR_SIZE;
 use super::memory::{Block, BufferPool, GUEST_MEMORY_BASE, PAGE_SIZE, SharedRam, align_up};
 use super::request::{
-    BLK_ID_SIZE, BlkStatus, Completion, POISON_BYTE, RawCompletion, RawData, RawDesc, Request,
-    Token, blk_header, blk_segment,
+    BLK_ID_SIZE, BlkStatus, Completion, GuestBuffer, POISON_BYTE, RawCompletion, RawData, RawDesc,
+    Request, Token, blk_header, blk_segment,
 };
 
 /// Size of one split-ring descriptor (`struct vring_desc`).
@@ -154,10 +154,25 @@ enum Kind {
 #[derive(Debug)]
 struct InFlight {
     token: Token,
+    lists: ChainLists,
+    kind: Kind,
+}
+
+/// The lists a request in flight keeps: emptied and reused for later requests once it
+/// completes, so that completions allocate nothing.
+#[derive(Debug, Default)]
+struct ChainLists {
     ring_descs: Vec<u16>,
     blocks: Vec<Block>,
     writable: Vec<(u64, u32)>,
-    kind: Kind,
+}
+
+impl ChainLists {
+    fn clear(&mut self) {
+        self.ring_descs.clear();
+        self.blocks.clear();
+        self.writable.clear();
+    }
 }
 
 /// One virtqueue of a [`VhostBlkClient`](super::VhostBlkClient).
@@ -188,6 +203,7 @@ pub struct BlkQueue {
     in_flight_count: usize,
     done: VecDeque<Completion>,
     raw_done: HashMap<Token, RawCompletion>,
+    spare_lists: Vec<ChainLists>,
     pool: BufferPool,
     next_token: u64,
     auto_kick: bool,
@@ -228,6 +244,7 @@ impl BlkQueue {
             in_flight_count: 0,
             done: VecDeque::new(),
             raw_done: HashMap::new(),
+            spare_lists: Vec::new(),
             pool,
             next_token: 0,
             auto_kick: true,
@@ -317,6 +334,13 @@ impl BlkQueue {
             .read_slice(&mut buf, GuestAddress(addr))
             .map_err(|e| self.gmem_err(addr, e))?;
         Ok(buf)
+    }
+
+    fn read_obj<T: vm_memory::ByteValued>(&self, addr: u64) -> Result<T, ClientError> {
+        self.ram
+            .mem()
+            .read_obj(GuestAddress(addr))
+            .map_err(|e| self.gmem_err(addr, e))
     }
 
     fn store_u16(&self, addr: u64, value: u16, order: Ordering) -> Result<(), ClientError> {
@@ -463,18 +487,18 @@ impl BlkQueue {
                 free,
             });
         }
-        let mut blocks = Vec::new();
-        let mut writable = Vec::new();
-        let planned = match self.plan(segments, &mut blocks, &mut writable) {
+        let mut lists = self.spare_lists.pop().unwrap_or_default();
+        let planned = match self.plan(segments, &mut lists.blocks, &mut lists.writable) {
             Ok(planned) => planned,
             Err(e) => {
-                for block in blocks {
-                    self.pool.free(block);
-                }
+                self.recycle(lists);
                 return Err(e);
             }
         };
-        let ids: Vec<u16> = (0..needed).filter_map(|_| self.free_descs.pop()).collect();
+        lists
+            .ring_descs
+            .extend((0..needed).filter_map(|_| self.free_descs.pop()));
+        let ids = &lists.ring_descs;
         let mut result = Ok(());
         for (i, desc) in planned.iter().enumerate() {
             let addr = self.ring.desc + DESC_SIZE * u64::from(ids[i]);
@@ -484,23 +508,14 @@ impl BlkQueue {
             }
         }
         if let Err(e) = result {
-            self.free_descs.extend(ids.iter().rev());
-            for block in blocks {
-                self.pool.free(block);
-            }
+            self.recycle(lists);
             return Err(e);
         }
 
         let head = ids[0];
         let token = Token(self.next_token);
         self.next_token += 1;
-        self.in_flight[usize::from(head)] = Some(InFlight {
-            token,
-            ring_descs: ids,
-            blocks,
-            writable,
-            kind,
-        });
+        self.in_flight[usize::from(head)] = Some(InFlight { token, lists, kind });
         self.in_flight_count += 1;
 
         let slot = u64::from(self.next_avail % self.settings.size);
@@ -521,6 +536,58 @@ impl BlkQueue {
             self.kick()?;
         }
         Ok(token)
+    }
+
+    /// Gives a chain's descriptors and buffers back and keeps its lists for reuse.
+    fn recycle(&mut self, mut lists: ChainLists) {
+        self.free_descs.extend(lists.ring_descs.iter().rev());
+        for &block in &lists.blocks {
+            self.pool.free(block);
+        }
+        lists.clear();
+        self.spare_lists.push(lists);
+    }
+
+    /// Reserves `count` buffers of `len` bytes each in this queue's guest memory, for
+    /// [`Request::ReadInto`]; they stay reserved while the queue lives. Fails with
+    /// [`ClientError::OutOfBufferMemory`] (reserving nothing) when they do not fit
+    /// beside the room requests need for headers and status bytes.
+    pub fn reserve_buffers(
+        &mut self,
+        count: usize,
+        len: u32,
+    ) -> Result<Vec<GuestBuffer>, ClientError> {
+        if len == 0 {
+            return Err(ClientError::InvalidRequest("a buffer of 0 bytes".into()));
+        }
+        let mut blocks = Vec::with_capacity(count);
+        for _ in 0..count {
+            match self.pool.alloc(u64::from(len)) {
+                Some(block) => blocks.push(block),
+                None => {
+                    for block in blocks {
+                        self.pool.free(block);
+                    }
+                    return Err(ClientError::OutOfBufferMemory {
+                        queue: self.index,
+                        requested: u64::from(len) * count as u64,
+                    });
+                }
+            }
+        }
+        Ok(blocks
+            .into_iter()
+            .map(|block| GuestBuffer {
+                addr: block.addr,
+                len,
+            })
+            .collect())
+    }
+
+    /// What guest memory holds in `buffer` now (e.g. the data of a finished
+    /// [`Request::ReadInto`]).
+    pub fn buffer_contents(&self, buffer: &GuestBuffer) -> Result<Vec<u8>, ClientError> {
+        self.read_mem(buffer.addr, buffer.len)
     }
 
     /// Notifies the device of requests published since the last notification, unless it
@@ -592,6 +659,32 @@ impl BlkQueue {
                     .collect(),
                 len > 0,
             ),
+            Request::ReadInto { offset, buffer } => {
+                if !self.in_guest_memory(buffer.addr, buffer.len) {
+                    return Err(ClientError::InvalidRequest(format!(
+                        "buffer {:#x}+{} is outside guest memory",
+                        buffer.addr, buffer.len
+                    )));
+                }
+                if let Some(byte) = data_fill {
+                    self.fill(buffer.addr, buffer.len, byte)?;
+                }
+                (
+                    blk_header(request.request_type(), sector(offset)?),
+                    (0..buffer.len)
+                        .step_by(piece as usize)
+                        .map(|at| Segment {
+                            source: Source::Addr {
+                                addr: buffer.addr + u64::from(at),
+                                len: (buffer.len - at).min(piece),
+                            },
+                            writable: true,
+                        })
+                        .collect(),
+                    // The data stays where it is: nothing to copy out on completion.
+                    false,
+                )
+            }
             Request::Write { offset, data } => (
                 blk_header(request.request_type(), sector(offset)?),
                 data.chunks(piece as usize)
@@ -679,19 +772,11 @@ impl BlkQueue {
     /// Takes the used entry at `last_used` and finishes its request.
     fn complete_one(&mut self) -> Result<(), ClientError> {
         let slot = u64::from(self.last_used % self.settings.size);
-        let elem = self.read_mem(
-            self.ring.used + RING_ENTRIES_OFFSET + USED_ELEM_SIZE * slot,
-            8,
-        )?;
+        let elem = self.ring.used + RING_ENTRIES_OFFSET + USED_ELEM_SIZE * slot;
+        let id = u32::from_le(self.read_obj::<u32>(elem)?);
+        let used_len = u32::from_le(self.read_obj::<u32>(elem + 4)?);
         self.last_used = self.last_used.wrapping_add(1);
         self.stats.completed += 1;
-        let field = |range: std::ops::Range<usize>| {
-            elem.get(range)
-                .and_then(|b| b.try_into().ok())
-                .map(u32::from_le_bytes)
-                .unwrap_or(u32::MAX)
-        };
-        let (id, used_len) = (field(0..4), field(4..8));
         let flight = usize::try_from(id)
             .ok()
             .and_then(|i| self.in_flight.get_mut(i))
@@ -701,11 +786,8 @@ impl BlkQueue {
                 id,
             })?;
         self.in_flight_count -= 1;
-        self.free_descs.extend(flight.ring_descs.iter().rev());
         let outcome = self.collect(&flight, used_len);
-        for block in flight.blocks {
-            self.pool.free(block);
-        }
+        self.recycle(flight.lists);
         match outcome? {
             Finished::Typed(c) => self.done.push_back(c),
             Finished::Raw(c) => {
@@ -718,17 +800,15 @@ impl BlkQueue {
     fn collect(&self, flight: &InFlight, used_len: u32) -> Result<Finished, ClientError> {
         match flight.kind {
             Kind::Typed { has_data } => {
-                let status = match flight.writable.last() {
-                    Some(&(addr, len)) if len > 0 => self
-                        .read_mem(addr + u64::from(len) - 1, 1)?
-                        .first()
-                        .copied()
-                        .unwrap_or(POISON_BYTE),
+                let status = match flight.lists.writable.last() {
+                    Some(&(addr, len)) if len > 0 => {
+                        self.read_obj::<u8>(addr + u64::from(len) - 1)?
+                    }
                     _ => POISON_BYTE,
                 };
                 // Every writable buffer but the status byte's, in order.
                 let mut data = Vec::new();
-                if has_data && let Some((_, buffers)) = flight.writable.split_last() {
+                if has_data && let Some((_, buffers)) = flight.lists.writable.split_last() {
                     for &(addr, len) in buffers {
                         data.extend(self.read_mem(addr, len)?);
                     }
@@ -741,8 +821,8 @@ impl BlkQueue {
                 }))
             }
             Kind::Raw => {
-                let mut buffers = Vec::with_capacity(flight.writable.len());
-                for &(addr, len) in &flight.writable {
+                let mut buffers = Vec::with_capacity(flight.lists.writable.len());
+                for &(addr, len) in &flight.lists.writable {
                     buffers.push(if self.in_guest_memory(addr, len) {
                         self.read_mem(addr, len)?
                     } else {
@@ -1231,6 +1311,73 @@ mod tests {
         assert_eq!(out[2].used_len, 1025);
         assert_eq!(q.in_flight(), 0);
         assert_eq!(q.free_descriptors(), usize::from(SIZE));
+    }
+
+    #[test]
+    fn read_into_reserved_buffers_leaves_the_data_in_guest_memory() {
+        let (mut q, _peer) = queue(false, false, false);
+        let buffers = q.reserve_buffers(2, 4096).expect("reserve");
+        assert_ne!(buffers[0].addr(), buffers[1].addr());
+        let mut dev = Device::new(&q);
+        // The same two buffers, used in turn by four reads.
+        for round in 0..4u8 {
+            let buffer = buffers[usize::from(round % 2)];
+            let token = q
+                .submit(Request::ReadInto {
+                    offset: 4096 * u64::from(round),
+                    buffer,
+                })
+                .expect("submit");
+            let (head, chain) = dev.pop().expect("chain");
+            assert_eq!(chain.len(), 3);
+            assert_eq!(
+                dev.read(chain[0].addr().0, chain[0].len() as usize),
+                blk_header(VIRTIO_BLK_T_IN, 8 * u64::from(round))
+            );
+            // The device writes straight into the caller's buffer.
+            assert_eq!((chain[1].addr().0, chain[1].len()), (buffer.addr(), 4096));
+            assert_eq!(
+                chain[1].flags(),
+                (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16
+            );
+            dev.write(chain[1].addr().0, &[round + 1; 4096]);
+            dev.write(chain[2].addr().0, &[VIRTIO_BLK_S_OK as u8]);
+            dev.push(head, 4097);
+            signal(&q);
+            let done = q.wait_completion(token, soon()).expect("wait");
+            assert!(done.is_ok());
+            assert!(done.data.is_empty(), "nothing is copied out");
+            assert_eq!(
+                q.buffer_contents(&buffer).expect("contents"),
+                vec![round + 1; 4096]
+            );
+        }
+        assert_eq!(q.free_descriptors(), usize::from(SIZE));
+        // Poisoning covers reserved buffers too.
+        q.submit(Request::ReadInto {
+            offset: 0,
+            buffer: buffers[0],
+        })
+        .expect("submit");
+        assert_eq!(
+            q.buffer_contents(&buffers[0]).expect("contents"),
+            vec![POISON_BYTE; 4096]
+        );
+    }
+
+    #[test]
+    fn reserving_more_than_fits_reserves_nothing() {
+        let (mut q, _peer) = queue(false, false, false);
+        assert!(matches!(
+            q.reserve_buffers(1000, 4096),
+            Err(ClientError::OutOfBufferMemory { .. })
+        ));
+        // Everything came back: the pool still holds nearly all of its megabyte.
+        assert_eq!(q.reserve_buffers(200, 4096).expect("reserve").len(), 200);
+        assert!(matches!(
+            q.reserve_buffers(1, 0),
+            Err(ClientError::InvalidRequest(_))
+        ));
     }
 
     #[test]

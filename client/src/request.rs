@@ -68,6 +68,17 @@ pub enum Request<'a> {
         /// Bytes to read.
         len: u32,
     },
+    /// `VIRTIO_BLK_T_IN` into a buffer the caller reserved with
+    /// [`BlkQueue::reserve_buffers`](crate::BlkQueue::reserve_buffers): the data stays
+    /// in guest memory (nothing is copied out, [`Completion::data`] is empty), where
+    /// [`BlkQueue::buffer_contents`](crate::BlkQueue::buffer_contents) can read it.
+    /// The caller must not hand the same buffer to two requests in flight.
+    ReadInto {
+        /// Byte offset.
+        offset: u64,
+        /// Where the device writes the data; reads `buffer.len()` bytes.
+        buffer: GuestBuffer,
+    },
     /// `VIRTIO_BLK_T_OUT`: write `data` at `offset`.
     Write {
         /// Byte offset.
@@ -101,13 +112,39 @@ impl Request<'_> {
     /// The `VIRTIO_BLK_T_*` request type.
     pub fn request_type(&self) -> u32 {
         match self {
-            Request::Read { .. } => VIRTIO_BLK_T_IN,
+            Request::Read { .. } | Request::ReadInto { .. } => VIRTIO_BLK_T_IN,
             Request::Write { .. } => VIRTIO_BLK_T_OUT,
             Request::Flush => VIRTIO_BLK_T_FLUSH,
             Request::GetId => VIRTIO_BLK_T_GET_ID,
             Request::Discard { .. } => VIRTIO_BLK_T_DISCARD,
             Request::WriteZeroes { .. } => VIRTIO_BLK_T_WRITE_ZEROES,
         }
+    }
+}
+
+/// A data buffer in guest memory that a queue reserved for its caller's requests
+/// ([`BlkQueue::reserve_buffers`](crate::BlkQueue::reserve_buffers)); it stays reserved
+/// for the queue's life and is reused for as many requests as the caller likes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GuestBuffer {
+    pub(crate) addr: u64,
+    pub(crate) len: u32,
+}
+
+impl GuestBuffer {
+    /// Guest physical address.
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+
+    /// Bytes.
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+
+    /// Whether the buffer holds no byte (never true of a reserved buffer).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 

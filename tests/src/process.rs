@@ -419,6 +419,11 @@ impl StorageDaemon {
         );
     }
 
+    /// The daemon's PID.
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     /// The daemon's temp directory (its file, socket and log).
     pub fn dir(&self) -> &Path {
         self.dir.path()

@@ -183,6 +183,7 @@ fn dump_matches_the_file() {
 #[test]
 fn randread_reports_latency_and_throughput() {
     let mut daemon = daemon(|_| {});
+    let pid = daemon.pid().to_string();
     let report = run_json(
         &daemon,
         "randread",
@@ -197,6 +198,8 @@ fn randread_reports_latency_and_throughput() {
             "1",
             "--label",
             "qsd",
+            "--server-pid",
+            &pid,
         ],
     );
     eprintln!("{report}");
@@ -221,6 +224,20 @@ fn randread_reports_latency_and_throughput() {
     assert!(lat("p99") <= lat("p99_9"));
     assert!(lat("p99_9") <= lat("max"));
     assert!(lat("min") <= lat("mean") && lat("mean") <= lat("max"));
+    // CPU accounting: both sides, for the same requests (no ramp: all were measured).
+    let cpu = &report["cpu"];
+    assert_eq!(u64_of(cpu, "requests"), ops);
+    assert_eq!(u64_of(cpu, "bytes"), ops * 4096);
+    let (client, server) = (f64_of(cpu, &["client_s"]), f64_of(cpu, &["server_s"]));
+    assert!(client > 0.0, "{cpu}");
+    assert!(server > 0.0, "the daemon served {ops} reads: {cpu}");
+    assert_eq!(
+        cpu["client_bound"].as_bool(),
+        Some(client > server),
+        "{cpu}"
+    );
+    let per_request = f64_of(cpu, &["server_us_per_request"]);
+    assert!((per_request - server * 1e6 / ops as f64).abs() < 1e-6 * per_request.max(1.0));
     daemon.assert_running();
 }
 

@@ -25,8 +25,9 @@ pub enum Command {
     Run(RunArgs),
     /// Read the whole disk sequentially; print its size and SHA-256.
     Dump(DumpArgs),
-    /// Read a file sequentially with pread through the page cache: the limit
-    /// for a backend serving that file.
+    /// Read a file sequentially with pread through the page cache into a shared
+    /// memfd region like the client's guest memory: the limit for a backend serving
+    /// that file.
     Pread(PreadArgs),
 }
 
@@ -39,6 +40,13 @@ pub struct PreadArgs {
     /// Bytes per read.
     #[arg(long, value_name = "SIZE", default_value = "1M", value_parser = parse_size)]
     pub bs: u64,
+    /// Threads, each reading its own slice of the region (like `run --queues`).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub threads: u16,
+    /// The destination is as large as the guest memory of `run --queues THREADS
+    /// --iodepth N` with the same --bs; reads take its bs-sized buffers in turn.
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=8192))]
+    pub iodepth: u32,
     /// Start of the region.
     #[arg(long, value_name = "BYTES", default_value = "0", value_parser = parse_size)]
     pub offset: u64,
@@ -146,6 +154,11 @@ pub struct RunArgs {
     /// Free text copied into the report.
     #[arg(long, value_name = "STR")]
     pub label: Option<String>,
+    /// PID of the server process: its CPU time (all threads, from /proc/PID/stat) over
+    /// the run is reported beside the client's, per GiB and per request, and the job
+    /// is marked client-bound when the client used more.
+    #[arg(long, value_name = "PID")]
+    pub server_pid: Option<u32>,
 }
 
 /// Options of `dump`.

@@ -33,7 +33,7 @@ struct Pending {
 
 /// Reads the disk behind `args.connect.socket` and returns its size and SHA-256.
 pub fn run(args: &DumpArgs) -> Result<DumpReport, BenchError> {
-    let opts = client_options(args.queues, args.iodepth, args.bs, args.connect.timeout)?;
+    let opts = client_options(args.queues, args.iodepth, args.bs, 0, args.connect.timeout)?;
     let mut client = connect(&args.connect.socket, opts, args.bs)?;
     let size = client.config().capacity_bytes();
     let mut output = match &args.output {

@@ -5,20 +5,28 @@
 //!
 //! The hot loop reuses everything it owns (the in-flight table, the completion vector,
 //! the write buffer, the histograms) and shares nothing but one abort flag between
-//! threads; kicks are batched per refill.
+//! threads; kicks are batched per refill. Reads land in buffers reserved once in the
+//! client's guest memory, `iodepth` per queue, taken in turn (the one free the longest
+//! first): the data stays there, as it would in a guest, and is neither copied nor
+//! allocated per request. (`dump` and the tests read the data out and check it.)
+//!
+//! CPU time of this process and, with `--server-pid`, of the server is sampled right
+//! before the queue threads start and right after they end ([`super::cpu`]).
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
 
 use super::args::{RunArgs, Rw};
+use super::cpu::{CpuReport, CpuSample};
 use super::histogram::Histogram;
 use super::pattern::WritePattern;
 use super::report::{Latency, RunReport, rates};
 use super::{BenchError, client_options, connect, is_read_only};
 use crate::rng::Rng;
-use crate::{BlkQueue, BlkStatus, Completion, Request, SECTOR_SIZE, Token};
+use crate::{BlkQueue, BlkStatus, Completion, GuestBuffer, Request, SECTOR_SIZE, Token};
 
 /// Runtime when neither `--runtime` nor `--size` is given.
 pub const DEFAULT_RUNTIME: Duration = Duration::from_secs(10);
@@ -138,6 +146,11 @@ impl Job {
         })
     }
 
+    /// Whether the workload reads.
+    pub fn reads(&self) -> bool {
+        reads(self.rw, self.rwmix_read)
+    }
+
     /// Whether the workload writes.
     pub fn writes(&self) -> bool {
         match self.rw {
@@ -181,6 +194,42 @@ impl Job {
     }
 }
 
+/// Whether pattern `rw` with `rwmix_read` percent of reads (mixed) reads.
+pub fn reads(rw: Rw, rwmix_read: u8) -> bool {
+    match rw {
+        Rw::Read | Rw::Randread => true,
+        Rw::Write | Rw::Randwrite => false,
+        Rw::Mixed => rwmix_read > 0,
+    }
+}
+
+/// The read buffers of one queue, reserved once in guest memory: a read takes the one
+/// that has been free the longest and gives it back when it completes, so reads rotate
+/// through all of them (as a guest's reads land all over its memory) without any
+/// allocation or copy.
+#[derive(Debug, Default)]
+struct ReadBuffers {
+    free: VecDeque<GuestBuffer>,
+}
+
+impl ReadBuffers {
+    fn new(buffers: Vec<GuestBuffer>) -> Self {
+        Self {
+            free: buffers.into(),
+        }
+    }
+
+    /// The buffer free the longest, if any is free.
+    fn take(&mut self) -> Option<GuestBuffer> {
+        self.free.pop_front()
+    }
+
+    /// Gives back a buffer whose read completed (or was never submitted).
+    fn give(&mut self, buffer: GuestBuffer) {
+        self.free.push_back(buffer);
+    }
+}
+
 /// What a request in flight is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Op {
@@ -196,6 +245,8 @@ struct Slot {
     start: Instant,
     op: Op,
     offset: u64,
+    /// The reserved buffer a read lands in.
+    buffer: Option<GuestBuffer>,
 }
 
 impl Slot {
@@ -216,6 +267,8 @@ struct QueueResult {
     flush: Histogram,
     errors: u64,
     first_error: Option<String>,
+    /// Reads and writes completed OK, ramp included (what the CPU time paid for).
+    all_ops: u64,
     measure_start: Instant,
     last_completion: Option<Instant>,
     kicks: u64,
@@ -263,6 +316,7 @@ struct Worker<'a> {
     blocks: u64,
     next_seq: u64,
     writes_since_flush: u64,
+    read_buffers: ReadBuffers,
     in_flight: Vec<Slot>,
     done: Vec<Completion>,
     result: QueueResult,
@@ -280,6 +334,17 @@ impl<'a> Worker<'a> {
             .map_err(|_| BenchError::Invalid(format!("bs {} does not fit memory", job.bs)))?;
         let depth = job.iodepth as usize;
         queue.set_auto_kick(false);
+        let read_buffers = if job.reads() {
+            let len = u32::try_from(job.bs)
+                .map_err(|_| BenchError::Invalid(format!("bs {} exceeds a request", job.bs)))?;
+            ReadBuffers::new(
+                queue
+                    .reserve_buffers(depth, len)
+                    .map_err(BenchError::on_queue(index, "reserving read buffers"))?,
+            )
+        } else {
+            ReadBuffers::default()
+        };
         Ok(Self {
             queue,
             job,
@@ -291,6 +356,7 @@ impl<'a> Worker<'a> {
             blocks,
             next_seq: 0,
             writes_since_flush: 0,
+            read_buffers,
             in_flight: Vec::with_capacity(depth),
             done: Vec::with_capacity(depth),
             result: QueueResult {
@@ -299,6 +365,7 @@ impl<'a> Worker<'a> {
                 flush: Histogram::new(),
                 errors: 0,
                 first_error: None,
+                all_ops: 0,
                 measure_start: Instant::now(),
                 last_completion: None,
                 kicks: 0,
@@ -341,11 +408,22 @@ impl<'a> Worker<'a> {
         } else {
             self.next_data()
         };
+        let mut buffer = None;
         let request = match op {
-            Op::Read => Request::Read {
-                offset,
-                len: job.bs as u32,
-            },
+            Op::Read => {
+                // iodepth buffers for at most iodepth reads in flight: one is free.
+                let Some(free) = self.read_buffers.take() else {
+                    return Err(BenchError::Invalid(format!(
+                        "queue {}: no free read buffer",
+                        self.index
+                    )));
+                };
+                buffer = Some(free);
+                Request::ReadInto {
+                    offset,
+                    buffer: free,
+                }
+            }
             Op::Write => {
                 self.writes_since_flush += 1;
                 let data = match self.pattern.as_mut() {
@@ -359,18 +437,24 @@ impl<'a> Worker<'a> {
                 Request::Flush
             }
         };
-        let token = self
-            .queue
-            .submit(request)
-            .map_err(|error| BenchError::Client {
-                context: format!("queue {}: submitting {op:?} at {offset}", self.index),
-                error,
-            })?;
+        let token = match self.queue.submit(request) {
+            Ok(token) => token,
+            Err(error) => {
+                if let Some(buffer) = buffer {
+                    self.read_buffers.give(buffer);
+                }
+                return Err(BenchError::Client {
+                    context: format!("queue {}: submitting {op:?} at {offset}", self.index),
+                    error,
+                });
+            }
+        };
         self.in_flight.push(Slot {
             token,
             start: now,
             op,
             offset,
+            buffer,
         });
         Ok(op)
     }
@@ -389,6 +473,9 @@ impl<'a> Worker<'a> {
                 )));
             };
             let slot = self.in_flight.swap_remove(pos);
+            if let Some(buffer) = slot.buffer {
+                self.read_buffers.give(buffer);
+            }
             if completion.status != BlkStatus::Ok {
                 self.result.errors += 1;
                 if self.result.first_error.is_none() {
@@ -401,6 +488,9 @@ impl<'a> Worker<'a> {
                 }
                 self.abort.store(true, Ordering::Relaxed);
                 continue;
+            }
+            if slot.op != Op::Flush {
+                self.result.all_ops += 1;
             }
             if slot.start < measure_start {
                 continue;
@@ -508,7 +598,20 @@ impl<'a> Worker<'a> {
 /// complete with an error status are counted in [`RunReport::errors`]; transport
 /// failures and timeouts are errors.
 pub fn run(args: &RunArgs) -> Result<RunReport, BenchError> {
-    let opts = client_options(args.queues, args.iodepth, args.bs, args.connect.timeout)?;
+    // A read into a reserved buffer takes no data block per request, so the memory for
+    // requests in flight holds the reserved buffers; a job that also writes needs both.
+    let reserved = if args.rw == Rw::Mixed && reads(args.rw, args.rwmix_read) {
+        args.iodepth
+    } else {
+        0
+    };
+    let opts = client_options(
+        args.queues,
+        args.iodepth,
+        args.bs,
+        reserved,
+        args.connect.timeout,
+    )?;
     let mut client = connect(&args.connect.socket, opts, args.bs)?;
     let disk_size = client.config().capacity_bytes();
     let job = Job::new(args, disk_size)?;
@@ -531,6 +634,7 @@ pub fn run(args: &RunArgs) -> Result<RunReport, BenchError> {
         .map(|queue| Worker::new(queue, &job, &abort))
         .collect::<Result<Vec<_>, _>>()?;
     let gate = StartGate::new(workers.len());
+    let cpu_before = CpuSample::take(args.server_pid)?;
     let results = std::thread::scope(|scope| {
         let mut handles = Vec::with_capacity(workers.len());
         let mut first_err = None;
@@ -573,7 +677,10 @@ pub fn run(args: &RunArgs) -> Result<RunReport, BenchError> {
             None => Ok(results),
         }
     })?;
-    let report = summarise(&job, disk_size, &results, args.label.clone());
+    let cpu_after = CpuSample::take(args.server_pid)?;
+    let all_ops: u64 = results.iter().map(|r| r.all_ops).sum();
+    let cpu = CpuReport::between(&cpu_before, &cpu_after, all_ops, all_ops * job.bs);
+    let report = summarise(&job, disk_size, &results, args.label.clone(), cpu);
     client
         .disconnect()
         .map_err(BenchError::client("disconnecting"))?;
@@ -585,6 +692,7 @@ fn summarise(
     disk_size: u64,
     results: &[QueueResult],
     label: Option<String>,
+    cpu: CpuReport,
 ) -> RunReport {
     let mut read = Histogram::new();
     let mut write = Histogram::new();
@@ -652,6 +760,7 @@ fn summarise(
         flush_lat_us: Latency::from_nanos(&flush),
         kicks,
         calls,
+        cpu,
     }
 }
 
@@ -704,6 +813,35 @@ mod tests {
                 .expect("job")
                 .writes()
         );
+    }
+
+    #[test]
+    fn reads_rotate_through_every_buffer() {
+        let buffer = |i: u64| GuestBuffer {
+            addr: 0x10000 + i * 4096,
+            len: 4096,
+        };
+        let mut buffers = ReadBuffers::new((0..3).map(buffer).collect());
+        let (a, b) = (buffers.take(), buffers.take());
+        assert_eq!((a, b), (Some(buffer(0)), Some(buffer(1))));
+        // Buffer 0 completes first, but buffer 2 has been free longer.
+        buffers.give(buffer(0));
+        assert_eq!(buffers.take(), Some(buffer(2)));
+        assert_eq!(buffers.take(), Some(buffer(0)));
+        // All three in flight: none is free, and none is handed out twice.
+        assert_eq!(buffers.take(), None);
+        buffers.give(buffer(1));
+        assert_eq!(buffers.take(), Some(buffer(1)));
+        // One read at a time over two buffers: each lands where the one before did not.
+        let mut qd1 = ReadBuffers::new((0..2).map(buffer).collect());
+        let mut previous = None;
+        for _ in 0..6 {
+            let next = qd1.take().expect("a free buffer");
+            assert_ne!(Some(next), previous);
+            qd1.give(next);
+            previous = Some(next);
+        }
+        assert!(ReadBuffers::default().take().is_none());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! this crate's vhost-user-blk client.
 //!
 //! * [`args`]: the command line;
+//! * [`cpu`]: CPU time of the client and of the server over a job;
 //! * [`job`]: the workload runner, one thread per queue keeping `iodepth` requests in
 //!   flight;
 //! * [`histogram`]: the latency histogram;
@@ -12,6 +13,7 @@
 //! * [`pattern`]: the write pattern; offsets come from [`crate::rng`].
 
 pub mod args;
+pub mod cpu;
 pub mod dump;
 pub mod histogram;
 pub mod job;
@@ -96,12 +98,14 @@ const MAX_MEMORY: u64 = 16 << 30;
 const POOL_SLACK: u64 = 256 << 10;
 
 /// Client options for `queues` queues each keeping `iodepth` requests of up to `bs`
-/// bytes in flight: a ring large enough for three descriptors per request and guest
-/// memory for every buffer.
+/// bytes in flight and holding `reserved` more buffers of `bs` bytes for the caller
+/// ([`crate::BlkQueue::reserve_buffers`]): a ring large enough for three descriptors
+/// per request and guest memory for every buffer.
 pub fn client_options(
     queues: u16,
     iodepth: u32,
     bs: u64,
+    reserved: u32,
     timeout: Duration,
 ) -> Result<ClientOptions, BenchError> {
     let descriptors = u64::from(iodepth) * 3;
@@ -118,6 +122,7 @@ pub fn client_options(
     let ring = 32 * queue_size + 4 * 4096;
     let per_queue = u64::from(iodepth)
         .checked_mul(block + 8192)
+        .and_then(|b| b.checked_add(u64::from(reserved).checked_mul(block)?))
         .and_then(|b| b.checked_add(ring + POOL_SLACK))
         .filter(|&b| b <= MAX_MEMORY);
     let memory = per_queue

@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+use super::cpu::CpuReport;
 use super::histogram::Histogram;
 
 /// Bytes in a MiB.
@@ -125,6 +126,8 @@ pub struct RunReport {
     pub kicks: u64,
     /// Call eventfd wake-ups consumed (whole run, ramp included).
     pub calls: u64,
+    /// CPU time of the client and the server over the whole run, ramp included.
+    pub cpu: CpuReport,
 }
 
 /// Per-second rates of `ops` and `bytes` over `seconds`.
@@ -183,6 +186,7 @@ impl RunReport {
             let _ = writeln!(s, "  flush     {}", self.flush_lat_us.line());
         }
         let _ = writeln!(s, "  notify    {} kicks, {} calls", self.kicks, self.calls);
+        let _ = writeln!(s, "  cpu       {}", self.cpu.line());
         let _ = write!(s, "  errors    {}", self.errors);
         if let Some(first) = &self.first_error {
             let _ = write!(s, " (first: {first})");
