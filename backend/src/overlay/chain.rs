@@ -127,19 +127,7 @@ fn read_layer_map(
     let mut map = vec![0u8; header.map_len as usize];
     file.read_exact_at(&mut map, header.map_offset)
         .map_err(io_err(path, "read map"))?;
-    // A maximum, not a search: it runs at memory speed.
-    let highest = map.iter().fold(0u8, |m, &v| m.max(v));
-    if BlockState::from_u8(highest).is_none()
-        && let Some(block) = map.iter().position(|&v| BlockState::from_u8(v).is_none())
-    {
-        return Err(OverlayError::format(
-            path,
-            FormatError::BadState {
-                block: block as u64,
-                value: map[block],
-            },
-        ));
-    }
+    format::check_states(&map, 0).map_err(|e| OverlayError::format(path, e))?;
     let mut hasher = Sha256::new();
     hasher.update(format::digest_prefix(
         header.disk_size,
