@@ -6,15 +6,16 @@
 
 use std::fs::File;
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest as _, Sha256};
 
-use super::OverlayError;
-use super::file::{Access, for_map_chunks, open_locked, read_header};
+use super::file::{Access, open_locked, read_header};
 use super::format::{
     self, BLOCK_SIZE as BS, BlockState, ChainEntry, FormatError, Header, LayerFields, MAX_CHAIN,
 };
+use super::{OverlayError, io_err};
 use crate::iobuf::IoBufs;
 
 /// Index value of a block a layer zeroed.
@@ -116,12 +117,17 @@ impl Layer {
 }
 
 /// Reads a layer's map, checks every state and the metadata digest.
+/// The map is read whole, in one call: it is kept in memory anyway.
 fn read_layer_map(
     file: &File,
     path: &Path,
     header: &Header,
     fields: &LayerFields,
 ) -> Result<Vec<u8>, OverlayError> {
+    let mut map = vec![0u8; header.map_len as usize];
+    file.read_exact_at(&mut map, header.map_offset)
+        .map_err(io_err(path, "read map"))?;
+    format::check_states(&map, 0).map_err(|e| OverlayError::format(path, e))?;
     let mut hasher = Sha256::new();
     hasher.update(format::digest_prefix(
         header.disk_size,
@@ -129,21 +135,7 @@ fn read_layer_map(
         fields.parent.as_ref(),
         header.map_len,
     ));
-    let mut map = Vec::with_capacity(header.map_len as usize);
-    for_map_chunks(file, header, |first, b| {
-        for (i, &v) in b.iter().enumerate() {
-            if BlockState::from_u8(v).is_none() {
-                return Err(FormatError::BadState {
-                    block: first + i as u64,
-                    value: v,
-                });
-            }
-        }
-        hasher.update(b);
-        map.extend_from_slice(b);
-        Ok(())
-    })
-    .map_err(|e| e.at(path))?;
+    hasher.update(&map);
     let computed: [u8; 32] = hasher.finalize().into();
     if computed != fields.meta_digest {
         return Err(OverlayError::LayerModified {
@@ -174,9 +166,8 @@ pub struct Chain {
 
 impl Chain {
     /// Opens `paths` (bottom first) as a chain over the disk of
-    /// `disk_size` bytes with `fingerprint`: every layer must be for that
-    /// disk, the bottom one must sit on the base and each other one on the
-    /// layer below it.
+    /// `disk_size` bytes with `fingerprint`, checked as by
+    /// [`open_layers`], and merges their maps into the index.
     pub(super) fn open(
         paths: &[PathBuf],
         disk_size: u64,
@@ -186,29 +177,20 @@ impl Chain {
         if paths.is_empty() {
             return Ok(Chain::default());
         }
-        if paths.len() > MAX_CHAIN {
-            return Err(OverlayError::ChainBroken {
-                path: paths[MAX_CHAIN].clone(),
-                what: format!("a chain has at most {MAX_CHAIN} layers"),
-            });
-        }
         let blocks = format::block_count(disk_size);
         let mut index = vec![0u8; blocks as usize].into_boxed_slice();
-        let mut layers: Vec<Layer> = Vec::with_capacity(paths.len());
-        for (k, path) in paths.iter().enumerate() {
-            let (layer, map) = Layer::open(path, overlay)?;
-            check_disk(&layer, disk_size, fingerprint)?;
-            check_parent(&layer, layers.last())?;
-            let tag = k as u8 + 1;
-            for (i, &v) in map.iter().enumerate() {
-                match BlockState::from_u8(v) {
-                    Some(BlockState::Data) => index[i] = tag,
-                    Some(BlockState::Zero) => index[i] = INDEX_ZERO,
-                    _ => {}
-                }
+        let layers = visit_layers(paths, disk_size, fingerprint, overlay, |tag, map| {
+            const DATA: u8 = BlockState::Data as u8;
+            const ZERO: u8 = BlockState::Zero as u8;
+            // A select per entry, no branch: the loop vectorizes.
+            for (slot, &v) in index.iter_mut().zip(map) {
+                *slot = match v {
+                    DATA => tag,
+                    ZERO => INDEX_ZERO,
+                    _ => *slot,
+                };
             }
-            layers.push(layer);
-        }
+        })?;
         Ok(Chain { layers, index })
     }
 
@@ -225,17 +207,9 @@ impl Chain {
         self.layers.last().map(Layer::digest)
     }
 
-    /// The chain as an overlay records it. Paths are those the layers were
-    /// opened by, which the caller made absolute.
+    /// The chain as an overlay records it: see [`entries`].
     pub fn entries(&self) -> Vec<ChainEntry> {
-        use std::os::unix::ffi::OsStrExt;
-        self.layers
-            .iter()
-            .map(|l| ChainEntry {
-                digest: l.digest(),
-                path: l.path.as_os_str().as_bytes().to_vec(),
-            })
-            .collect()
+        entries(&self.layers)
     }
 
     /// What the chain holds for `block`.
@@ -289,6 +263,59 @@ impl Chain {
             }
         }
     }
+}
+
+/// Opens `paths` (bottom first) as the layers of a chain over the disk of
+/// `disk_size` bytes with `fingerprint`, without the merged index: what a
+/// new overlay over them needs. Every layer is checked as for reading
+/// through it: header and map against its metadata digest, for that disk,
+/// the bottom one on the base and each other one on the layer below it.
+pub(super) fn open_layers(
+    paths: &[PathBuf],
+    disk_size: u64,
+    fingerprint: &[u8; 32],
+    overlay: Option<&Path>,
+) -> Result<Vec<Layer>, OverlayError> {
+    visit_layers(paths, disk_size, fingerprint, overlay, |_, _| {})
+}
+
+/// [`open_layers`], handing each layer's map to `merge` with its index
+/// tag (1 = bottom).
+fn visit_layers(
+    paths: &[PathBuf],
+    disk_size: u64,
+    fingerprint: &[u8; 32],
+    overlay: Option<&Path>,
+    mut merge: impl FnMut(u8, &[u8]),
+) -> Result<Vec<Layer>, OverlayError> {
+    if paths.len() > MAX_CHAIN {
+        return Err(OverlayError::ChainBroken {
+            path: paths[MAX_CHAIN].clone(),
+            what: format!("a chain has at most {MAX_CHAIN} layers"),
+        });
+    }
+    let mut layers: Vec<Layer> = Vec::with_capacity(paths.len());
+    for (k, path) in paths.iter().enumerate() {
+        let (layer, map) = Layer::open(path, overlay)?;
+        check_disk(&layer, disk_size, fingerprint)?;
+        check_parent(&layer, layers.last())?;
+        merge(k as u8 + 1, &map);
+        layers.push(layer);
+    }
+    Ok(layers)
+}
+
+/// The chain of `layers` as an overlay records it. Paths are those the
+/// layers were opened by, which the caller made absolute.
+pub(super) fn entries(layers: &[Layer]) -> Vec<ChainEntry> {
+    use std::os::unix::ffi::OsStrExt;
+    layers
+        .iter()
+        .map(|l| ChainEntry {
+            digest: l.digest(),
+            path: l.path.as_os_str().as_bytes().to_vec(),
+        })
+        .collect()
 }
 
 fn check_disk(layer: &Layer, disk_size: u64, fingerprint: &[u8; 32]) -> Result<(), OverlayError> {

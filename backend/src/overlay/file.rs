@@ -661,7 +661,19 @@ pub(super) fn create(
     cfg: &OverlayConfig,
     chain: &Chain,
 ) -> Result<Header, OverlayError> {
-    let entries = chain.entries();
+    let (mut header, section) = new_header(path, cfg, &chain.entries())?;
+    header.clean = false;
+    write_new(file, path, &header, &section)?;
+    Ok(header)
+}
+
+/// The header of a new, empty overlay over the chain `entries`, and the
+/// chain section that follows it.
+pub(super) fn new_header(
+    path: &Path,
+    cfg: &OverlayConfig,
+    entries: &[ChainEntry],
+) -> Result<(Header, Vec<u8>), OverlayError> {
     if let Some(e) = entries.iter().find(|e| e.path.len() > MAX_LAYER_PATH) {
         return Err(OverlayError::Config {
             path: path.to_path_buf(),
@@ -671,24 +683,35 @@ pub(super) fn create(
             )),
         });
     }
-    let section = format::encode_chain(&entries);
+    let section = format::encode_chain(entries);
     let kind = Kind::Overlay {
         chain_len: entries.len() as u32,
         chain_bytes: section.len() as u64,
         chain_crc: crc32fast::hash(&section),
     };
-    let mut header = Header::with_kind(cfg.disk_size, cfg.fingerprint, kind);
+    Ok((
+        Header::with_kind(cfg.disk_size, cfg.fingerprint, kind),
+        section,
+    ))
+}
+
+/// Writes a new overlay's `header` and chain `section` to an empty file
+/// and sizes it; nothing is synced.
+pub(super) fn write_new(
+    file: &File,
+    path: &Path,
+    header: &Header,
+    section: &[u8],
+) -> Result<(), OverlayError> {
     // The map is a hole, which reads as all `Base`; the data area too.
     file.set_len(header.file_len())
         .map_err(io_err(path, "set size"))?;
     if !section.is_empty() {
-        file.write_all_at(&section, format::HEADER_SIZE as u64)
+        file.write_all_at(section, format::HEADER_SIZE as u64)
             .map_err(io_err(path, "write chain"))?;
     }
-    header.clean = false;
     file.write_all_at(&header.encode(), 0)
-        .map_err(io_err(path, "write header"))?;
-    Ok(header)
+        .map_err(io_err(path, "write header"))
 }
 
 /// Syncs a new file and its directory entry.
@@ -829,7 +852,7 @@ fn check_map_crc(path: &Path, header: &Header, computed: u32) -> Result<MapCheck
 }
 
 /// CRC32 of a map of `len` `Base` entries.
-fn zero_map_crc(len: u64) -> u32 {
+pub(super) fn zero_map_crc(len: u64) -> u32 {
     let zeros = vec![0u8; MAP_CHUNK.min(len) as usize];
     let mut hasher = crc32fast::Hasher::new();
     let mut done = 0;

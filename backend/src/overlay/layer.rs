@@ -15,8 +15,11 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest as _, Sha256};
 
-use super::chain::Layer;
-use super::file::{Access, absolute_paths, open_file, read_header, resolve_chain};
+use super::chain::{Layer, entries, open_layers};
+use super::file::{
+    Access, absolute_paths, new_header, open_file, read_header, resolve_chain, write_new,
+    zero_map_crc,
+};
 use super::format::{self, BLOCK_SIZE as BS, BlockState, Header, Kind, LayerFields};
 use super::{FlushMode, OVERLAY_MODE, Overlay, OverlayConfig, OverlayError, io_err};
 use crate::sys;
@@ -441,9 +444,18 @@ impl<'a> BlockCopier<'a> {
 }
 
 /// Creates a new, empty overlay at `path` over `layers` (bottom first),
-/// for the disk the layers were frozen from, and closes it cleanly: what
-/// a fork of a node starts from. The header, chain and directory entry
-/// are durable when it returns. `path` must not exist.
+/// for the disk the layers were frozen from, closed cleanly: what a fork
+/// of a node starts from. `path` must not exist.
+///
+/// The layers are checked as a server opening the overlay checks them
+/// (each for the top layer's disk, on the layer below it, its header and
+/// map matching its metadata digest), but no index is merged and no
+/// overlay is opened: the file is written directly in the state a clean
+/// close leaves (all-`Base` map with its checksum, clean flag set). It is
+/// written under a temporary name, synced and linked into place, and the
+/// directory is synced: when this returns the overlay and its chain are
+/// durable, and a crash before leaves no file at `path` (never an overlay
+/// without its chain). Two syncs in all.
 pub fn create_over(path: &Path, layers: &[PathBuf]) -> Result<(), OverlayError> {
     let Some(top) = layers.last() else {
         return Err(OverlayError::Config {
@@ -468,7 +480,48 @@ pub fn create_over(path: &Path, layers: &[PathBuf]) -> Result<(), OverlayError> 
         fingerprint: header.fingerprint,
         flush: FlushMode::Safe,
     };
-    create_new_over(path, &cfg, layers)
+    if fs::symlink_metadata(path).is_ok() {
+        return Err(already_exists(path));
+    }
+    let chain = open_layers(
+        &absolute_paths(layers)?,
+        cfg.disk_size,
+        &cfg.fingerprint,
+        None,
+    )?;
+    let (mut header, section) = new_header(path, &cfg, &entries(&chain))?;
+    header.clean = true;
+    header.map_crc = Some(zero_map_crc(header.map_len));
+
+    let tmp = temp_beside(path, "creating");
+    let mut guard = TempFile(Some(tmp.clone()));
+    let out = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(OVERLAY_MODE)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(&tmp)
+        .map_err(io_err(&tmp, "create"))?;
+    // The umask may have taken bits away: exactly 0600.
+    out.set_permissions(fs::Permissions::from_mode(OVERLAY_MODE))
+        .map_err(io_err(&tmp, "set mode"))?;
+    write_new(&out, &tmp, &header, &section)?;
+    out.sync_all().map_err(io_err(&tmp, "sync"))?;
+    drop(out);
+    // A link never replaces an existing file, unlike a rename.
+    fs::hard_link(&tmp, path).map_err(|e| {
+        if e.kind() == io::ErrorKind::AlreadyExists {
+            already_exists(path)
+        } else {
+            io_err(path, "link into place")(e)
+        }
+    })?;
+    drop(guard.0.take().map(fs::remove_file));
+    sync_dir(path)
+}
+
+fn already_exists(path: &Path) -> OverlayError {
+    io_err(path, "create")(io::Error::from(io::ErrorKind::AlreadyExists))
 }
 
 fn create_new_over(
@@ -477,9 +530,7 @@ fn create_new_over(
     layers: &[PathBuf],
 ) -> Result<(), OverlayError> {
     if fs::symlink_metadata(path).is_ok() {
-        return Err(io_err(path, "create")(io::Error::from(
-            io::ErrorKind::AlreadyExists,
-        )));
+        return Err(already_exists(path));
     }
     let ov = Overlay::open_over(path, cfg.clone(), Some(layers))?;
     ov.close()

@@ -19,14 +19,6 @@ pub(crate) struct StateCounts {
 }
 
 impl StateCounts {
-    pub(crate) fn add(&mut self, state: BlockState) {
-        match state {
-            BlockState::Base => self.base += 1,
-            BlockState::Data => self.data += 1,
-            BlockState::Zero => self.zero += 1,
-        }
-    }
-
     /// Whether any block was ever written or zeroed.
     pub(crate) fn any_written(&self) -> bool {
         self.data + self.zero != 0

@@ -786,6 +786,38 @@ fn parse_map_rejects_unknown_states() {
 }
 
 #[test]
+fn map_states_are_counted_decoded_and_checked_in_long_runs() {
+    // Longer than the runs states are counted in, with every state in
+    // runs of all lengths.
+    let mut b: Vec<u8> = (0..10_000u32).map(|i| ((i * i / 7) % 3) as u8).collect();
+    b[..600].fill(BlockState::Data as u8);
+    let mut counts = map::StateCounts::default();
+    format::count_states(&b, 100, &mut counts).unwrap();
+    let mut want = [0u64; 3];
+    for &v in &b {
+        want[usize::from(v)] += 1;
+    }
+    assert_eq!([counts.base, counts.data, counts.zero], want);
+    let map = parse_map(&b).unwrap();
+    assert!(
+        map.iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .eq(b.iter().copied())
+    );
+    // The first bad entry is named, by its block.
+    b[7777] = 9;
+    b[8888] = 3;
+    let bad = Err(FormatError::BadState {
+        block: 100 + 7777,
+        value: 9,
+    });
+    assert_eq!(format::count_states(&b, 100, &mut counts), bad);
+    assert_eq!(format::check_states(&b, 100), bad);
+    let mut out = Vec::new();
+    assert_eq!(format::decode_map(&b, 100, &mut out), bad);
+}
+
+#[test]
 fn a_header_that_never_reached_the_disk_means_a_new_overlay() {
     // Creation does not sync: a crash right after it can leave the file
     // with its size set but a zero header. That is a new overlay, not a

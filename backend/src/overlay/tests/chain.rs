@@ -709,3 +709,121 @@ fn freeze_copies_only_data_blocks_and_falls_back_from_cloning() {
 }
 
 use super::super::layer::Method;
+
+/// Names in `dir` starting with a dot: temporary files left behind.
+fn hidden_files(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with('.'))
+        .collect()
+}
+
+/// Writes `v` at `at` in the read-only layer `l`; returns the old byte.
+fn poke_layer(l: &Path, at: u64, v: u8) -> u8 {
+    fs::set_permissions(l, fs::Permissions::from_mode(0o600)).unwrap();
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(l)
+        .unwrap();
+    let mut old = [0u8];
+    f.read_exact_at(&mut old, at).unwrap();
+    f.write_all_at(&[v], at).unwrap();
+    fs::set_permissions(l, fs::Permissions::from_mode(layer::LAYER_MODE)).unwrap();
+    old[0]
+}
+
+#[test]
+fn create_over_checks_the_chain_and_writes_a_cleanly_closed_overlay() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, l1, l2) = two_layers(dir.path());
+    let new = dir.path().join("new.ov");
+    let refused = |chain: &[PathBuf], want: &str| {
+        let msg = err_text(layer::create_over(&new, chain));
+        assert!(msg.contains(want), "{chain:?}: {msg}");
+        assert!(!new.exists(), "{chain:?}: nothing is created");
+        assert_eq!(hidden_files(dir.path()), Vec::<String>::new());
+    };
+    // A broken parent link.
+    refused(
+        std::slice::from_ref(&l2),
+        &format!("layer {} does not fit the chain", l2.display()),
+    );
+    refused(
+        &[l2.clone(), l1.clone()],
+        &format!("layer {} does not fit the chain", l2.display()),
+    );
+    // A layer below the top one made for another disk.
+    let other = dir.path().join("other.ov");
+    Overlay::open(&other, safe(2)).unwrap().close().unwrap();
+    let o1 = dir.path().join("o1");
+    layer::freeze(&other, &o1).unwrap();
+    refused(
+        &[o1.clone(), l2.clone()],
+        &format!(
+            "layer {} was made for a different disk (fingerprint",
+            o1.display()
+        ),
+    );
+    // A missing layer below the top one.
+    refused(
+        &[dir.path().join("gone"), l2.clone()],
+        &format!("layer {} is missing", dir.path().join("gone").display()),
+    );
+    // A modified map, in the lower and in the top layer; an invalid state.
+    let header = parse_header(&fs::read(&l1).unwrap()[..HEADER_SIZE]).unwrap();
+    for l in [&l1, &l2] {
+        let old = poke_layer(l, header.map_offset + 5, BlockState::Zero as u8);
+        refused(
+            &[l1.clone(), l2.clone()],
+            &format!(
+                "layer {} was modified: its header and map do not match their digest",
+                l.display()
+            ),
+        );
+        poke_layer(l, header.map_offset + 5, 7);
+        refused(
+            &[l1.clone(), l2.clone()],
+            "unknown state byte 7 for block 5",
+        );
+        poke_layer(l, header.map_offset + 5, old);
+    }
+
+    layer::create_over(&new, &[l1.clone(), l2.clone()]).unwrap();
+    assert_eq!(hidden_files(dir.path()), Vec::<String>::new());
+    let meta = fs::metadata(&new).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+    // Written as a clean close leaves it: clean, map checksum recorded
+    // and matching, the chain recorded with its digests.
+    let info = Overlay::info(&new).unwrap();
+    assert!(info.clean);
+    assert_eq!(info.map_check, MapCheck::Verified);
+    assert_eq!((info.written, info.zeroed), (0, 0));
+    assert_eq!(info.chain_problem, None);
+    let digests: Vec<_> = [&l1, &l2]
+        .iter()
+        .map(|l| Overlay::info(l).unwrap().layer.unwrap().digest)
+        .collect();
+    let recorded: Vec<_> = info.chain.iter().map(|e| e.digest).collect();
+    assert_eq!(recorded, digests);
+    let paths: Vec<_> = info
+        .chain
+        .iter()
+        .map(|e| PathBuf::from(String::from_utf8(e.path.clone()).unwrap()))
+        .collect();
+    assert_eq!(paths, vec![l1.clone(), l2.clone()]);
+    // An existing file is never replaced.
+    let sha = file_sha(&new);
+    match layer::create_over(&new, &[l1.clone(), l2.clone()]) {
+        Err(OverlayError::Io { path, op, source }) => {
+            assert_eq!((path, op), (new.clone(), "create"));
+            assert_eq!(source.kind(), io::ErrorKind::AlreadyExists);
+        }
+        r => panic!("expected AlreadyExists, got {r:?}"),
+    }
+    assert_eq!(file_sha(&new), sha);
+    // It opens over its recorded chain and reads as the top layer does.
+    let ov = Overlay::open(&new, safe(1)).unwrap();
+    assert_eq!(read(&ov, 0, 8192, &mut rng(3)), vec![1u8; 8192]);
+}
