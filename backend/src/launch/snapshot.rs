@@ -15,7 +15,7 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -337,7 +337,11 @@ pub fn prepare_fork(
             }
         })?;
         copy_firmware_state(&from, &to, snapshot.tpm, PRIVATE_FILE_MODE)?;
+        sync_dir(&to)?;
     }
+    // The node directories' own entries, so that a fork that returned
+    // survives a host crash whole.
+    sync_dir(state_dir)?;
     Ok(fork)
 }
 
@@ -441,11 +445,24 @@ fn copy_firmware_state(from: &Path, to: &Path, tpm: bool, mode: u32) -> Result<(
 
 /// Copies one file (contents only) to the new path `to` with `mode`, synced.
 fn copy_file(from: &Path, to: &Path, mode: u32) -> Result<(), SnapshotError> {
-    fs::copy(from, to).map_err(io_error(from, "copying"))?;
-    set_mode(to, mode)?;
-    fs::File::open(to)
-        .and_then(|f| f.sync_all())
-        .map_err(io_error(to, "syncing"))
+    let mut source = fs::File::open(from).map_err(io_error(from, "copying"))?;
+    // Created with its final mode, so a guest's state is never readable by
+    // others, not even for a moment; synced through the same handle.
+    let mut dest = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(to)
+        .map_err(io_error(to, "creating"))?;
+    io::copy(&mut source, &mut dest).map_err(io_error(from, "copying"))?;
+    dest.sync_all().map_err(io_error(to, "syncing"))
+}
+
+/// Makes the entries of the directory `path` durable.
+fn sync_dir(path: &Path) -> Result<(), SnapshotError> {
+    fs::File::open(path)
+        .and_then(|dir| dir.sync_all())
+        .map_err(io_error(path, "syncing"))
 }
 
 /// Copies the regular files of the directory `from` (swtpm's state: flat)
@@ -462,6 +479,7 @@ fn copy_dir(from: &Path, to: &Path, mode: u32) -> Result<(), SnapshotError> {
         }
         copy_file(&entry.path(), &to.join(&name), mode)?;
     }
+    sync_dir(to)?;
     set_mode(to, DIR_MODE)
 }
 
