@@ -19,7 +19,7 @@ from benchlib import BENCH, OCIBLK, SECTOR, Contender, inspect, median, ratio, r
 
 CONTENDERS = ("ociblk", "qsd-qcow2", "qsd-raw")
 QUEUE_COUNTS = (1, 2)
-# The poll window the prototype used (--poll-max-us); 0 is the default.
+# The default poll window of `ociblk serve` (--poll-max-us), compared with 0 (off).
 POLL_US = 50
 # Placement: the server's threads on one CPU, the client on the other.
 SERVER_CPU, CLIENT_CPU = 0, 1
@@ -620,7 +620,7 @@ def section_lines(io, command=None, date=None):
                  + ", ".join(f"{c[n]['server_cpu']:.1f}" for n in CONTENDERS) + " |")
     L.append("")
     L.append(f"**Polling.** ociblk, randread 4K QD1, server and client on different CPUs as above, "
-             f"`--poll-max-us 0` (the default: no polling) vs `--poll-max-us {io['poll_us']}`, with the CPUs "
+             f"`--poll-max-us 0` (no polling) vs `--poll-max-us {io['poll_us']}` (the default), with the CPUs "
              "otherwise idle and with one busy-loop process pinned to each CPU.\n")
     L.append("| load | polling off | polling on | on / off | range: off; on | p50 µs: off, on | "
              "server / client CPU-µs/request: off; on |")

@@ -88,8 +88,8 @@ pub struct ServeArgs {
     pub io_threads: u16,
     /// Longest time, in microseconds, a queue worker polls its ring for the
     /// next request before sleeping; the window adapts between 0 and this,
-    /// and polling pauses while the host's CPUs are contended. 0 (the
-    /// default) disables polling.
+    /// and polling pauses while the host's CPUs are contended. 0 disables
+    /// polling.
     #[arg(long, value_name = "US", default_value_t = config::DEFAULT_POLL_MAX_US,
           value_parser = clap::value_parser!(u32).range(0..=i64::from(config::MAX_POLL_US)))]
     pub poll_max_us: u32,
