@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (BENCH, OCIBLK, ROOT, SECTOR, Contender, allocated, boot_once, inspect, median,  # noqa: E402
+from benchlib import (BENCH, OCIBLK, ROOT, SECTOR, Contender, add_image_arguments, allocated, boot_once, inspect, median,  # noqa: E402
                       qemu_command, ratio, replace_section, run, sections_from, stop,
                       wait_accepting)
 import bench_io  # noqa: E402
@@ -378,7 +378,7 @@ def write_md(res, path, command):
     # Sections from separate runs (forks, registry) are kept as they are.
     later = sections_from(path, 5)
     if later:
-        L.append(later)
+        L.append(later.rstrip("\n") + "\n")
     L.append("## Targets\n")
     L.append("The I/O targets and why any is missed are in section 2, computed from its figures.\n")
     L.extend(res["verdicts"])
@@ -426,10 +426,7 @@ def verdicts(res):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--image", default=str(ROOT / "build/sample-image"))
-    ap.add_argument("--synthetic", default=str(ROOT / "build/synthetic-1g"),
-                    help="image with a 1 GiB system payload (hack/mkimage --synthetic 1G DIR)")
-    ap.add_argument("--reps", type=int, default=3)
+    add_image_arguments(ap)
     ap.add_argument("--runtime", default="5", help="seconds per timed I/O job")
     ap.add_argument("--skip-boot", action="store_true")
     ap.add_argument("--write-md", action="store_true", help="rewrite BENCHMARKS.md and bench-io.png")

@@ -39,7 +39,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (BENCH, OCIBLK, ROOT, SECTOR, Contender, boot_once, inspect, median,  # noqa: E402
+from benchlib import (BENCH, OCIBLK, ROOT, SECTOR, Contender, add_image_arguments, boot_once, inspect, median,  # noqa: E402
                       qemu_command, ratio, replace_section, run, stop)
 
 SECTION = 6
@@ -490,10 +490,7 @@ def section(res):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--image", default=str(ROOT / "build/sample-image"))
-    ap.add_argument("--synthetic", default=str(ROOT / "build/synthetic-1g"),
-                    help="image with a 1 GiB system payload (hack/mkimage --synthetic 1G DIR)")
-    ap.add_argument("--reps", type=int, default=3)
+    add_image_arguments(ap)
     ap.add_argument("--write-md", action="store_true", help=f"replace section {SECTION} of BENCHMARKS.md")
     ap.add_argument("--command", default="hack/bench --only-registry", help=argparse.SUPPRESS)
     a = ap.parse_args()

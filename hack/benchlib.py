@@ -147,3 +147,12 @@ def sections_from(path, first):
         out.append(text[start:end + 1] if end >= 0 else text[start:] + "\n")
         n += 1
     return "".join(out)
+
+
+def add_image_arguments(ap):
+    """The options every benchmark that serves both images takes: the
+    sample image, the 1 GiB synthetic one, and the repetitions."""
+    ap.add_argument("--image", default=str(ROOT / "build/sample-image"))
+    ap.add_argument("--synthetic", default=str(ROOT / "build/synthetic-1g"),
+                    help="image with a 1 GiB system payload (hack/mkimage --synthetic 1G DIR)")
+    ap.add_argument("--reps", type=int, default=3)
