@@ -487,11 +487,7 @@ impl Overlay {
 
     /// Makes the file's directory entry durable, once, for a new overlay.
     fn sync_directory(&self) -> io::Result<()> {
-        let dir = match self.path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        File::open(dir).and_then(|d| d.sync_all())
+        sys::sync_dir(sys::parent_dir(&self.path))
     }
 
     fn set_clean(&self, clean: bool) -> io::Result<()> {

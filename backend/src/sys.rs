@@ -152,3 +152,17 @@ pub fn copy_file_range(
     })?;
     usize::try_from(copied).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))
 }
+
+/// Makes the entries of the directory `dir` durable: what a create, link
+/// or rename in it needs before the new name survives a host crash.
+pub fn sync_dir(dir: &std::path::Path) -> io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// The directory that holds `path`: its parent, or `.` for a bare name.
+pub fn parent_dir(path: &std::path::Path) -> &std::path::Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    }
+}

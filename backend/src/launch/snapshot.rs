@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use super::{ClusterSpec, NodeSpec, OVERLAY_FILE, OVMF_VARS_FILE, TPM_STATE_DIR, TpmSpec};
 use crate::overlay::OverlayError;
 use crate::overlay::layer;
+use crate::sys;
 
 /// The snapshot's description, written last.
 pub const SPEC_FILE: &str = "cluster.json";
@@ -237,7 +238,7 @@ fn save_into(
         .and_then(|()| fs::set_permissions(&temp, fs::Permissions::from_mode(FILE_MODE)))
         .and_then(|()| fs::File::open(&temp)?.sync_all())
         .and_then(|()| fs::rename(&temp, &path))
-        .and_then(|()| fs::File::open(&snapshot_dir)?.sync_all())
+        .and_then(|()| sys::sync_dir(&snapshot_dir))
         .map_err(|source| {
             let _ = fs::remove_file(&temp);
             io_error(&path, "writing")(source)
@@ -458,11 +459,8 @@ fn copy_file(from: &Path, to: &Path, mode: u32) -> Result<(), SnapshotError> {
     dest.sync_all().map_err(io_error(to, "syncing"))
 }
 
-/// Makes the entries of the directory `path` durable.
 fn sync_dir(path: &Path) -> Result<(), SnapshotError> {
-    fs::File::open(path)
-        .and_then(|dir| dir.sync_all())
-        .map_err(io_error(path, "syncing"))
+    sys::sync_dir(path).map_err(io_error(path, "syncing"))
 }
 
 /// Copies the regular files of the directory `from` (swtpm's state: flat)

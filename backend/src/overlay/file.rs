@@ -717,13 +717,7 @@ pub(super) fn write_new(
 /// Syncs a new file and its directory entry.
 fn make_durable(file: &File, path: &Path) -> Result<(), OverlayError> {
     file.sync_all().map_err(io_err(path, "sync"))?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(path, "sync its directory"))
+    sys::sync_dir(sys::parent_dir(path)).map_err(io_err(path, "sync its directory"))
 }
 
 /// Whether the file starts with a header that was never written (all

@@ -10,6 +10,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -20,7 +21,7 @@ use super::file::{
     Access, absolute_paths, new_header, open_file, read_header, resolve_chain, write_new,
     zero_map_crc,
 };
-use super::format::{self, BLOCK_SIZE as BS, BlockState, Header, Kind, LayerFields};
+use super::format::{self, BLOCK_SIZE as BS, BlockState, ChainEntry, Header, Kind, LayerFields};
 use super::{FlushMode, OVERLAY_MODE, Overlay, OverlayConfig, OverlayError, io_err};
 use crate::sys;
 
@@ -81,18 +82,9 @@ fn temp_beside(path: &Path, what: &str) -> PathBuf {
     path.with_file_name(name)
 }
 
-fn parent_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    }
-}
-
 fn sync_dir(path: &Path) -> Result<(), OverlayError> {
-    let dir = parent_dir(path);
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir, "sync directory"))
+    let dir = sys::parent_dir(path);
+    sys::sync_dir(dir).map_err(io_err(dir, "sync directory"))
 }
 
 /// Reads the header of an existing overlay or layer file.
@@ -158,11 +150,14 @@ pub fn freeze(overlay: &Path, layer: &Path) -> Result<Frozen, OverlayError> {
         .permissions()
         .mode()
         & 0o7777;
+    let mut entries = ov.chain.entries();
+    entries.push(ChainEntry {
+        digest: fields.digest,
+        path: layer_path.as_os_str().as_bytes().to_vec(),
+    });
     let rebased = temp_beside(&ov_path, "rebasing");
     let mut guard = TempFile(Some(rebased.clone()));
-    create_new_over(&rebased, &cfg, &chain)?;
-    fs::set_permissions(&rebased, fs::Permissions::from_mode(mode))
-        .map_err(io_err(&rebased, "set mode"))?;
+    write_clean_overlay(&rebased, &cfg, &entries, mode)?;
     fs::rename(&rebased, &ov_path)
         .map_err(io_err(&ov_path, "replace with the re-based overlay"))?;
     guard.keep();
@@ -489,25 +484,9 @@ pub fn create_over(path: &Path, layers: &[PathBuf]) -> Result<(), OverlayError> 
         &cfg.fingerprint,
         None,
     )?;
-    let (mut header, section) = new_header(path, &cfg, &entries(&chain))?;
-    header.clean = true;
-    header.map_crc = Some(zero_map_crc(header.map_len));
-
     let tmp = temp_beside(path, "creating");
     let mut guard = TempFile(Some(tmp.clone()));
-    let out = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(OVERLAY_MODE)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(&tmp)
-        .map_err(io_err(&tmp, "create"))?;
-    // The umask may have taken bits away: exactly 0600.
-    out.set_permissions(fs::Permissions::from_mode(OVERLAY_MODE))
-        .map_err(io_err(&tmp, "set mode"))?;
-    write_new(&out, &tmp, &header, &section)?;
-    out.sync_all().map_err(io_err(&tmp, "sync"))?;
-    drop(out);
+    write_clean_overlay(&tmp, &cfg, &entries(&chain), OVERLAY_MODE)?;
     // A link never replaces an existing file, unlike a rename.
     fs::hard_link(&tmp, path).map_err(|e| {
         if e.kind() == io::ErrorKind::AlreadyExists {
@@ -524,16 +503,31 @@ fn already_exists(path: &Path) -> OverlayError {
     io_err(path, "create")(io::Error::from(io::ErrorKind::AlreadyExists))
 }
 
-fn create_new_over(
+/// Writes a new, empty overlay over the chain `entries` at `path` (which
+/// must not exist) in the state a clean close leaves: all-`Base` map with
+/// its checksum, clean flag set, exactly `mode`; synced. The caller puts
+/// it into place and syncs the directory.
+fn write_clean_overlay(
     path: &Path,
     cfg: &OverlayConfig,
-    layers: &[PathBuf],
+    entries: &[ChainEntry],
+    mode: u32,
 ) -> Result<(), OverlayError> {
-    if fs::symlink_metadata(path).is_ok() {
-        return Err(already_exists(path));
-    }
-    let ov = Overlay::open_over(path, cfg.clone(), Some(layers))?;
-    ov.close()
+    let (mut header, section) = new_header(path, cfg, entries)?;
+    header.clean = true;
+    header.map_crc = Some(zero_map_crc(header.map_len));
+    let out = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io_err(path, "create"))?;
+    // The umask may have taken bits away.
+    out.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(io_err(path, "set mode"))?;
+    write_new(&out, path, &header, &section)?;
+    out.sync_all().map_err(io_err(path, "sync"))
 }
 
 /// A layer whose content digest was recomputed and matched.
