@@ -111,10 +111,23 @@ impl RegistryClient {
         headers: &[(&str, &str)],
         deadline: Instant,
     ) -> Result<Fetched> {
-        self.get_as(repository, path, headers, deadline, Priority::Foreground)
+        self.get_as(
+            repository,
+            path,
+            headers,
+            deadline,
+            Priority::Foreground,
+            None,
+        )
     }
 
-    /// [`RegistryClient::get`] whose request slots are taken at `priority`.
+    /// Waits until `deadline` for a request slot at `priority`.
+    pub fn request_slot(&self, deadline: Instant, priority: Priority) -> Option<Permit> {
+        self.limiter.acquire_as(deadline, priority)
+    }
+
+    /// [`RegistryClient::get`] whose request slots are taken at `priority`;
+    /// the first attempt uses `held` when the caller brings a slot.
     pub fn get_as(
         &self,
         repository: &str,
@@ -122,6 +135,7 @@ impl RegistryClient {
         headers: &[(&str, &str)],
         deadline: Instant,
         priority: Priority,
+        mut held: Option<Permit>,
     ) -> Result<Fetched> {
         let url = format!("{}/v2/{repository}/{path}", self.base);
         let scope = format!("repository:{repository}:pull");
@@ -139,10 +153,13 @@ impl RegistryClient {
                     None => what.to_string(),
                 },
             };
-            let permit = self
-                .limiter
-                .acquire_as(deadline, priority)
-                .ok_or_else(|| timed_out("waiting for a request slot", &last))?;
+            let permit = match held.take() {
+                Some(permit) => permit,
+                None => self
+                    .limiter
+                    .acquire_as(deadline, priority)
+                    .ok_or_else(|| timed_out("waiting for a request slot", &last))?,
+            };
             let left = deadline
                 .checked_duration_since(Instant::now())
                 .ok_or_else(|| timed_out("retrying", &last))?;

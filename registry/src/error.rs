@@ -45,6 +45,15 @@ pub enum Error {
         index: u64,
         timeout: Duration,
     },
+    #[error(
+        "blob {digest} chunk {index}: no request slot for a prefetch came free within \
+         {timeout:?} (guest fetches go first)"
+    )]
+    NoPrefetchSlot {
+        digest: String,
+        index: u64,
+        timeout: Duration,
+    },
     #[error("GET {url}: {message}")]
     Protocol { url: String, message: String },
     #[error("GET {url}: authentication: {message}")]

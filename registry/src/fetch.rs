@@ -10,7 +10,7 @@ use ureq::http::StatusCode;
 use crate::cache::BlobSpec;
 use crate::client::RegistryClient;
 use crate::error::{Error, Result};
-use crate::limiter::Priority;
+use crate::limiter::{Permit, Priority};
 
 /// Where the blobs of one repository are fetched from.
 #[derive(Clone, Debug)]
@@ -61,7 +61,7 @@ impl BlobSource {
     }
 
     /// Fetches chunk `index` of `blob` and hands it to `store`, taking
-    /// request slots at `priority`.
+    /// request slots at `priority` (the first one is `held` if given).
     ///
     /// Asks for exactly the chunk's bytes. A registry that ignores `Range`
     /// answers 200 with the whole blob: then every chunk up to `index` is
@@ -73,6 +73,7 @@ impl BlobSource {
         index: u64,
         deadline: Instant,
         priority: Priority,
+        held: Option<Permit>,
         store: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
     ) -> Result<()> {
         let (start, len) = blob.chunk_range(index);
@@ -84,6 +85,7 @@ impl BlobSource {
             &[("Range", &range)],
             deadline,
             priority,
+            held,
         )?;
         let url = fetched.url.clone();
         let mut response = fetched.response;

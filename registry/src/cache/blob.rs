@@ -131,6 +131,23 @@ impl BlobCache {
         }
         let timeout = self.source.client().timeout();
         let deadline = Instant::now() + timeout;
+        // A prefetch takes its request slot before the chunk's lock: it
+        // must never hold a chunk a guest read waits for while it queues
+        // behind guest fetches for a slot. (Waiting for the lock with a
+        // slot in hand costs at most that one slot, for one fetch.)
+        let held = match priority {
+            Priority::Foreground => None,
+            Priority::Background => Some(
+                self.source
+                    .client()
+                    .request_slot(deadline, priority)
+                    .ok_or_else(|| Error::NoPrefetchSlot {
+                        digest: blob.digest.to_string(),
+                        index,
+                        timeout,
+                    })?,
+            ),
+        };
         let _lock = ChunkLock::acquire(&open.map_path, index, deadline)
             .map_err(|e| Error::io(&open.map_path, e))?
             .ok_or_else(|| Error::ChunkBusy {
@@ -175,7 +192,7 @@ impl BlobCache {
                 .map_err(|e| Error::io(&open.map_path, e))
         };
         self.source
-            .fetch_chunk(blob, index, deadline, priority, &mut store)?;
+            .fetch_chunk(blob, index, deadline, priority, held, &mut store)?;
         Ok(true)
     }
 
