@@ -398,20 +398,6 @@ def write_md(res, path, command):
     path.write_text("\n".join(L) + "\n")
 
 
-def drop_legacy_io_lines(path):
-    """Removes the I/O verdicts and reasons that files written before section 2
-    carried its own kept in the common Targets and Why sections, so that a
-    --only-io run leaves no stale I/O claim behind."""
-    legacy = ("- random read QD1 vs", "- random read QD32 vs", "- first write vs", "- Sequential read: ",
-              "- **Random read at queue depth 1.**", "- **First write.**", "- **Sequential read.**")
-    text = path.read_text()
-    at = text.find("## Targets")
-    if at < 0:
-        return
-    kept = [line for line in text[at:].split("\n") if not line.startswith(legacy)]
-    path.write_text(text[:at] + "\n".join(kept))
-
-
 def verdicts(res):
     out = []
     for r in res["launch"]:
@@ -467,7 +453,6 @@ def main():
         if a.write_md:
             lines = bench_io.section_lines(io, a.command, time.strftime("%Y-%m-%d"))
             replace_section(ROOT / "BENCHMARKS.md", 2, "\n".join(lines) + "\n")
-            drop_legacy_io_lines(ROOT / "BENCHMARKS.md")
             bench_io.write_plot(io, ROOT / "bench-io.png")
             print("rewrote section 2 of BENCHMARKS.md and bench-io.png")
         return 0

@@ -568,7 +568,7 @@ def section_lines(io, command=None, date=None):
         "ociblk verify every chunk (steady state); writes go to fresh space of the data partition "
         f"({WRITE_SIZE >> 20} MiB of 4 KiB writes, 8 in flight per queue, a FLUSH every 64 writes per queue; "
         "*rewrite* writes the same offsets again). The client reads into buffers it keeps in its guest memory "
-        "(nothing is copied out or allocated per request).\n")
+        "(nothing is copied out, and a completion allocates nothing).\n")
     L.append("![I/O results](bench-io.png)\n")
     L.append("| job | queues | ociblk | qsd qcow2 | qsd raw | ociblk / qcow2 | ociblk / raw | range: ociblk; qcow2; raw "
              "| p50 / p99 µs: ociblk, qcow2, raw |")

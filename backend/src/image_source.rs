@@ -174,12 +174,7 @@ impl ChunkFetcher {
     }
 
     /// Makes chunk `c` of `blob` present in the cache, fetching and
-    /// verifying it when it is not.
-    pub fn ensure_chunk(&self, blob: &BlobSpec, c: u64) -> ociblk_registry::Result<()> {
-        self.registry.blobs.ensure_chunk(blob, c)
-    }
-
-    /// [`ChunkFetcher::ensure_chunk`] taking request slots at `priority`;
+    /// verifying it when it is not, taking request slots at `priority`;
     /// `Ok(true)` when this call fetched the chunk.
     pub fn ensure_chunk_as(
         &self,

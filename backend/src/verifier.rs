@@ -12,7 +12,7 @@
 //! its chunk was verified is not checked again.
 //!
 //! For a registry image the blob is the cache's sparse file: before a
-//! chunk is hashed it is made present ([`ChunkFetcher::ensure_chunk`],
+//! chunk is hashed it is made present ([`ChunkFetcher::ensure_chunk_as`],
 //! which verifies what it fetches too). A cached chunk that does not match
 //! (torn by a crash) is dropped from the cache and fetched once more. A
 //! chunk that cannot be fetched fails the read; a later read tries again.

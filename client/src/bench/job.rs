@@ -7,8 +7,8 @@
 //! the write buffer, the histograms) and shares nothing but one abort flag between
 //! threads; kicks are batched per refill. Reads land in buffers reserved once in the
 //! client's guest memory, `iodepth` per queue, taken in turn (the one free the longest
-//! first): the data stays there, as it would in a guest, and is neither copied nor
-//! allocated per request. (`dump` and the tests read the data out and check it.)
+//! first): the data stays there, as it would in a guest, and is not copied out; a
+//! completion allocates nothing. (`dump` and the tests read the data out and check it.)
 //!
 //! CPU time of this process and, with `--server-pid`, of the server is sampled right
 //! before the queue threads start and right after they end ([`super::cpu`]).
