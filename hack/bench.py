@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (BENCH, OCIBLK, ROOT, SECTOR, Contender, add_image_arguments, allocated, boot_once, inspect, median,  # noqa: E402
+from benchlib import (OCIBLK, ROOT, SECTOR, Contender, add_image_arguments, allocated, bench_pread, bench_run, boot_once, inspect, median,  # noqa: E402
                       qemu_command, ratio, replace_section, run, sections_from, stop,
                       wait_accepting)
 import bench_io  # noqa: E402
@@ -105,23 +105,6 @@ def bench_launch(images, node_counts, reps, scratch):
 # --- 2. I/O ---------------------------------------------------------------------
 
 
-def bench_job(sock, args, server_pid):
-    """One `ociblk-bench run`, with the CPU time of the server `server_pid`."""
-    out = run([BENCH, "run", "--socket", sock, "--json", "--server-pid", server_pid, *args]).stdout
-    return json.loads(out)
-
-
-def pread_job(path, args):
-    out = run([BENCH, "pread", "--file", path, "--json", *args]).stdout
-    return json.loads(out)
-
-
-# bench_io.py runs section 2 (jobs, limit, placement, polling, flush) and writes it.
-
-
-# --- 3. guest boot ----------------------------------------------------------------
-
-
 def bench_boot(image, reps, scratch):
     base = scratch / "boot-base.raw"
     run([OCIBLK, "export", "--image", image, "--seed", "boot", "--output", base])
@@ -190,7 +173,7 @@ def bench_verify(image, boot_image, reps, runtime, scratch, boot=True):
     for rep in range(reps):
         for name, extra in variants.items():
             # The payload in the page cache, as on a host that runs nodes.
-            pread_job(blob, ["--bs", "1M", "--length", str(sys_len), "--runtime", "1"])
+            bench_pread(blob, ["--bs", "1M", "--length", str(sys_len), "--runtime", "1"])
             with tempfile.TemporaryDirectory(dir=scratch) as d:
                 d = Path(d)
                 sock = d / "s.sock"
@@ -198,14 +181,14 @@ def bench_verify(image, boot_image, reps, runtime, scratch, boot=True):
                                      "--overlay", d / "o.overlay", "--queues", "1", *extra], sock)
                 c.start()
                 try:
-                    r = bench_job(sock, first, c.proc.pid)
+                    r = bench_run(sock, first, server_pid=c.proc.pid)
                     samples.setdefault("first pass", {}).setdefault(name, []).append(r)
                     print(f"verify rep{rep} {name:9} first pass    mean {r['lat_us']['mean']:8.1f} us "
                           f"per {chunk >> 20} MiB chunk", flush=True)
-                    r = bench_job(sock, first, c.proc.pid)
+                    r = bench_run(sock, first, server_pid=c.proc.pid)
                     samples.setdefault("second pass", {}).setdefault(name, []).append(r)
                     for job, args, metric in steady:
-                        r = bench_job(sock, args, c.proc.pid)
+                        r = bench_run(sock, args, server_pid=c.proc.pid)
                         samples.setdefault(job, {}).setdefault(name, []).append(r)
                         print(f"verify rep{rep} {name:9} {job:17} {r[metric]:10.1f} {metric}", flush=True)
                 finally:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (BENCH, OCIBLK, ROOT, SECTOR, Contender, allocated, inspect, median,  # noqa: E402
-                      ratio, replace_section, run, stop)
+                      bench_run, ratio, replace_section, run, stop)
 
 FORK_PREPARE = ROOT / "target/release/examples/fork_prepare"
 IMAGE = ROOT / "build/sample-image"
@@ -366,10 +366,6 @@ def bench_ready(snapshot, ids, reps, timeout, work, logs):
 # --- 3. reads through a chain of layers ----------------------------------------------------
 
 
-def bench_job(sock, args):
-    return json.loads(run([BENCH, "run", "--socket", sock, "--json", *map(str, args)]).stdout)
-
-
 def dump_hash(sock):
     return json.loads(run([BENCH, "dump", "--socket", sock, "--json"], timeout=600).stdout)["sha256"]
 
@@ -412,11 +408,11 @@ def bench_chain(reps, runtime, region_len, work, logs):
     # over all three layers; it is not read below).
     for k, layer in enumerate(layers, 1):
         with_server(serve_cmd(sock, top), logs / f"chain-write-{k}.log",
-                    lambda _: [bench_job(sock, job) for job in layer_writes(k, offset, region_len)])
+                    lambda _: [bench_run(sock, job) for job in layer_writes(k, offset, region_len)])
         run([OCIBLK, "overlay", "freeze", top, layer])
     # The same writes, in the same order, into one overlay.
     with_server(serve_cmd(sock, single), logs / "single-write.log",
-                lambda _: [bench_job(sock, job) for k in (1, 2, 3) for job in layer_writes(k, offset, region_len)])
+                lambda _: [bench_run(sock, job) for k in (1, 2, 3) for job in layer_writes(k, offset, region_len)])
     layer_info = [json.loads(run([OCIBLK, "overlay", "info", "--json", layer]).stdout) for layer in layers]
 
     region = ["--offset", offset, "--length", region_len]
@@ -440,9 +436,9 @@ def bench_chain(reps, runtime, region_len, work, logs):
                     # The same disk both ways, or the comparison means nothing.
                     hashes[c] = dump_hash(sock)
                 # Page cache warm over the region, as on a host running nodes.
-                bench_job(sock, ["--rw", "read", "--bs", "1M", "--iodepth", "4", *region, "--size", region_len])
+                bench_run(sock, ["--rw", "read", "--bs", "1M", "--iodepth", "4", *region, "--size", region_len])
                 for job, args, metric in jobs:
-                    r = bench_job(sock, args)
+                    r = bench_run(sock, args)
                     samples[job][c].append(r)
                     print(f"chain rep{rep} {c:14} {job:17} {r[metric]:10.1f} {metric} "
                           f"p50 {r['lat_us']['p50']:.1f} us p99 {r['lat_us']['p99']:.1f} us", flush=True)
@@ -493,7 +489,7 @@ def server_read_calls(pid, sock, job, summary):
                 raise RuntimeError(f"strace did not attach to {pid}: {seen.decode(errors='replace')}")
             seen += tr.stderr.read(4096) or b""
             time.sleep(0.01)
-        bench_job(sock, job)
+        bench_run(sock, job)
     finally:
         stop(tr, signal.SIGINT)
     total = 0

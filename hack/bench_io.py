@@ -5,7 +5,6 @@ two sides run (QD1 placement), adaptive polling and flush durability.
 
 Used by hack/bench.py (the whole benchmark, or `--only-io`)."""
 
-import json
 import os
 import re
 import signal
@@ -15,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import BENCH, OCIBLK, SECTOR, Contender, inspect, median, ratio, run, stop
+from benchlib import OCIBLK, SECTOR, Contender, bench_pread, bench_run, inspect, median, ratio, run, stop
 
 CONTENDERS = ("ociblk", "qsd-qcow2", "qsd-raw")
 QUEUE_COUNTS = (1, 2)
@@ -121,14 +120,7 @@ def server(name, disk, d, extra=(), cpu=None):
 
 def job(c, args, cpu=None):
     """One `ociblk-bench run` against contender `c`, with the server's CPU time."""
-    cmd = [BENCH, "run", "--socket", c.sock, "--json", "--server-pid", c.proc.pid, *args]
-    if cpu is not None:
-        cmd = ["taskset", "-c", str(cpu), *cmd]
-    return json.loads(run(cmd).stdout)
-
-
-def pread(path, args):
-    return json.loads(run([BENCH, "pread", "--file", path, "--json", *args]).stdout)
+    return bench_run(c.sock, args, server_pid=c.proc.pid, cpu=cpu)
 
 
 def job_args(name, disk, queues, runtime, region):
@@ -194,7 +186,7 @@ def limit_rep(disk, rep, runtime, samples):
     """pread of the payload into a memfd region like the client's, 1 and 2 threads."""
     for threads in QUEUE_COUNTS:
         disk.warm("ociblk")
-        r = pread(disk.blob, ["--bs", "1M", "--iodepth", "4", "--threads", str(threads),
+        r = bench_pread(disk.blob, ["--bs", "1M", "--iodepth", "4", "--threads", str(threads),
                               "--length", str(disk.sys_len), "--runtime", runtime])
         samples.setdefault(threads, []).append(r)
         print(f"io rep{rep} pread      {threads} thread(s)              {r['mib_s']:10.1f} mib_s "

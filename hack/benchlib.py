@@ -156,3 +156,21 @@ def add_image_arguments(ap):
     ap.add_argument("--synthetic", default=str(ROOT / "build/synthetic-1g"),
                     help="image with a 1 GiB system payload (hack/mkimage --synthetic 1G DIR)")
     ap.add_argument("--reps", type=int, default=3)
+
+
+def bench_run(sock, args, server_pid=None, cpu=None, timeout=None):
+    """One `ociblk-bench run` against the server on `sock`, its JSON report;
+    with `server_pid` it carries that process's CPU time, with `cpu` the
+    client runs pinned to that CPU (`taskset`)."""
+    cmd = [BENCH, "run", "--socket", sock, "--json", *args]
+    if server_pid is not None:
+        cmd += ["--server-pid", server_pid]
+    if cpu is not None:
+        cmd = ["taskset", "-c", str(cpu), *cmd]
+    return json.loads(run(cmd, timeout=timeout).stdout)
+
+
+def bench_pread(path, args):
+    """One `ociblk-bench pread` of `path`: the limit a server's reads are
+    measured against. Its JSON report."""
+    return json.loads(run([BENCH, "pread", "--file", path, "--json", *args]).stdout)
