@@ -1,23 +1,27 @@
 //! `ociblk export`: the node disk as a sparse raw file.
 
-use std::fs::{File, OpenOptions, Permissions};
 use std::io::IsTerminal;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
 
 use super::layout_args::LayoutArgs;
-use crate::export::{apply_overlay, export_disk};
-use crate::overlay::{FlushMode, OVERLAY_MODE, Overlay, OverlayConfig};
+use crate::export::{Input, OutputFile, apply_overlay, export_disk};
+use crate::overlay::{FlushMode, Overlay, OverlayConfig};
 use crate::verifier::Verifiers;
 
 #[derive(Debug, Args)]
 pub struct ExportArgs {
     #[command(flatten)]
     pub layout: LayoutArgs,
-    /// Raw disk file to write (created or truncated; mode 0600).
+    /// Raw disk file to write: a new path, or a regular file, which is
+    /// replaced. The disk is written to a new file (mode 0600) in FILE's
+    /// directory and renamed to FILE only once it is whole, so a file that
+    /// was there keeps its content and mode until then and is never
+    /// changed, and a failed export leaves nothing. Refused: a symbolic
+    /// link, directory, device, FIFO or socket, and a file the export
+    /// reads (the overlay, a layer under it, a payload blob).
     #[arg(long, value_name = "FILE")]
     pub output: PathBuf,
     /// Export the node's current disk: the base with this overlay's writes
@@ -49,18 +53,25 @@ pub fn run(args: &ExportArgs) -> Result<()> {
     };
     let reader =
         ociblk_layout::DiskReader::open(layout).context("cannot open the image's payloads")?;
-    // The export holds the node's data: private, like the overlay.
-    let out: File = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(OVERLAY_MODE)
-        .open(&args.output)
-        .and_then(|f| {
-            f.set_permissions(Permissions::from_mode(OVERLAY_MODE))
-                .map(|()| f)
-        })
-        .with_context(|| format!("cannot create {}", args.output.display()))?;
+    // The output must be none of the files this export reads.
+    let mut inputs = Vec::new();
+    if let (Some(path), Some(overlay)) = (&args.overlay, &overlay) {
+        inputs.push(Input::at("the overlay", path).with_context(|| path.display().to_string())?);
+        for layer in overlay.chain().layers() {
+            inputs.push(
+                Input::at("a layer under the overlay", layer.path())
+                    .with_context(|| layer.path().display().to_string())?,
+            );
+        }
+    }
+    for (source, file) in reader.layout.sources.iter().zip(&reader.files) {
+        inputs.push(
+            Input::of_file(source_role(source), &source.path, file)
+                .with_context(|| source.path.display().to_string())?,
+        );
+    }
+    let output = OutputFile::create(&args.output, &inputs).context("cannot write the disk")?;
+    let out = output.file();
     let progress = std::io::stderr().is_terminal().then(|| {
         let bar = indicatif::ProgressBar::new(reader.layout.extents.summary().file_bytes);
         bar.set_style(
@@ -87,31 +98,32 @@ pub fn run(args: &ExportArgs) -> Result<()> {
         loaded.fetcher.as_ref(),
         !args.no_verify,
     );
-    let stats = match export_disk(&reader, &verifiers, &out, |n| {
+    // A partial disk must not pass for the node's disk: on an error the
+    // new file goes again (dropping `output`), the output is left as it was.
+    let stats = export_disk(&reader, &verifiers, out, |n| {
         if let Some(bar) = &progress {
             bar.inc(n);
         }
-    }) {
-        Ok(stats) => stats,
-        Err(e) => {
-            // A partial disk must not pass for the node's disk.
-            drop(out);
-            let removed = std::fs::remove_file(&args.output).is_ok();
-            return Err(anyhow::Error::new(e).context(format!(
-                "cannot write {}{}",
-                args.output.display(),
-                if removed { " (removed)" } else { "" }
-            )));
-        }
-    };
+    })
+    .with_context(|| {
+        format!(
+            "cannot write {} (left as it was)",
+            args.output.display()
+        )
+    })?;
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }
     if let Some(overlay) = &overlay {
-        let n = apply_overlay(overlay, &out)
-            .with_context(|| format!("cannot apply the overlay to {}", args.output.display()))?;
+        let n = apply_overlay(overlay, out).with_context(|| {
+            format!(
+                "cannot apply the overlay to {} (left as it was)",
+                args.output.display()
+            )
+        })?;
         eprintln!("applied {} bytes of overlay data", n);
     }
+    output.commit().context("cannot write the disk")?;
     eprintln!(
         "wrote {} ({} bytes; {} bytes of payloads copied{}, {} bytes of metadata)",
         args.output.display(),
@@ -125,4 +137,13 @@ pub fn run(args: &ExportArgs) -> Result<()> {
         stats.generated
     );
     Ok(())
+}
+
+/// What a source of the disk is, for a message.
+fn source_role(source: &ociblk_layout::Source) -> String {
+    if source.chunk_hashes.is_some() {
+        format!("the blob of payload {:?}", source.name)
+    } else {
+        format!("the {} file", source.name)
+    }
 }
