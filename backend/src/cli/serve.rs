@@ -17,8 +17,8 @@ use crate::image_source::ChunkFetcher;
 use crate::node_disk::NodeDisk;
 use crate::overlay::{FlushMode, Overlay, OverlayConfig};
 use crate::prefetch::{PrefetchPlan, Prefetcher};
-use crate::server::daemon::check_socket_path;
-use crate::server::{ServerOptions, ShutdownSignal, config, serve};
+use crate::server::daemon::{SocketClaim, serve_claimed};
+use crate::server::{ServerOptions, ShutdownSignal, config};
 use crate::verifier::Verifiers;
 
 /// What FLUSH requests promise.
@@ -152,12 +152,14 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         poll_max_us: args.poll_max_us,
         ..ServerOptions::default()
     };
-    // Every argument is checked before any file is created.
+    // Every argument is checked before any file is created (the overlay
+    // may be new): the socket path is claimed (its lock file taken, which
+    // goes again on any error) and bound once the disk is open.
     opts.validate()?;
-    check_socket_path(&args.socket)?;
     if let Some(path) = &args.record_access {
         check_record_path(path)?;
     }
+    let socket = SocketClaim::take(&args.socket)?;
     let (loaded, layout) = args.layout.load()?;
     let fetcher = loaded.fetcher.clone();
     let manifest: Digest = format!("sha256:{}", loaded.image.manifest_digest)
@@ -234,7 +236,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         None => None,
     };
     let disk = Arc::new(disk);
-    let served = serve(disk.clone(), &args.socket, &opts, shutdown)
+    let served = serve_claimed(disk.clone(), socket, &opts, shutdown)
         .with_context(|| format!("serving on {}", args.socket.display()));
     if let Some(p) = prefetcher {
         p.stop(PREFETCH_STOP_WAIT);

@@ -34,7 +34,7 @@ use super::config::ServerOptions;
 use super::engine::DeviceEngine;
 use super::request::GuestMemoryMmap;
 use crate::device::BlockDevice;
-use crate::sys::try_lock_exclusive;
+use crate::sys::{self, try_lock_exclusive};
 
 /// Name of the thread reading vhost-user messages.
 const DAEMON_THREAD_NAME: &str = "vhost-user-blk";
@@ -191,8 +191,20 @@ pub fn serve(
     shutdown: ShutdownSignal,
 ) -> Result<(), ServerError> {
     opts.validate()?;
+    serve_claimed(device, SocketClaim::take(socket)?, opts, shutdown)
+}
+
+/// [`serve`] on a socket path claimed beforehand ([`SocketClaim::take`]),
+/// so that a caller can refuse a bad path before it creates other files.
+pub fn serve_claimed(
+    device: Arc<dyn BlockDevice>,
+    claim: SocketClaim,
+    opts: &ServerOptions,
+    shutdown: ShutdownSignal,
+) -> Result<(), ServerError> {
+    opts.validate()?;
     let engine = Arc::new(DeviceEngine::new(Arc::clone(&device), opts)?);
-    let mut socket = ServerSocket::bind(socket)?;
+    let mut socket = ServerSocket::bind_claimed(claim)?;
     info!(
         socket = %socket.path.display(),
         size = device.size(),
@@ -357,40 +369,99 @@ struct ServerSocket {
 }
 
 impl ServerSocket {
-    /// Checks the path, takes its lock file, then replaces a stale socket
-    /// or refuses a live one. Under the lock nobody else can be between
-    /// the check and the rename, so of two servers started together on one
-    /// path exactly one gets it.
-    fn bind(path: &Path) -> Result<Self, ServerError> {
+    /// Binds the claimed path: under its lock nobody else can be between
+    /// the claim's checks and the rename, so of two servers started
+    /// together on one path exactly one gets it. The path is checked once
+    /// more (it may have changed since the claim was taken).
+    fn bind_claimed(claim: SocketClaim) -> Result<Self, ServerError> {
+        let SocketClaim { path, lock } = claim;
         let socket_error = |source| ServerError::Socket {
-            path: path.to_owned(),
+            path: path.clone(),
             source,
         };
-        check_socket_path(path)?;
-        let lock = SocketLock::take(path)?;
-        match fs::symlink_metadata(path) {
-            Ok(meta) if meta.file_type().is_socket() => {
-                // Someone answering means a live server, not a stale socket.
-                // (One that does not take lock files, e.g. an older ociblk.)
-                if UnixStream::connect(path).is_ok() {
-                    return Err(ServerError::SocketInUse(path.to_owned()));
-                }
-                info!(socket = %path.display(), "replacing a stale socket");
-            }
-            Ok(_) => return Err(ServerError::NotASocket(path.to_owned())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(socket_error(e)),
+        if check_existing(&path)? {
+            info!(socket = %path.display(), "replacing a stale socket");
         }
-        let listener = bind_private(path).map_err(socket_error)?;
-        let meta = fs::symlink_metadata(path).map_err(socket_error)?;
+        let listener = bind_private(&path).map_err(socket_error)?;
+        let meta = fs::symlink_metadata(&path).map_err(socket_error)?;
         Ok(ServerSocket {
             // A Listener built from a UnixListener does not unlink the path
             // on drop: ServerSocket does, only if the socket is still ours.
             listener: Listener::from(listener),
-            path: path.to_owned(),
             id: (meta.dev(), meta.ino()),
+            path,
             _lock: lock,
         })
+    }
+
+    /// Claims and binds `path`.
+    #[cfg(test)]
+    fn bind(path: &Path) -> Result<Self, ServerError> {
+        Self::bind_claimed(SocketClaim::take(path)?)
+    }
+}
+
+/// A socket path checked and claimed, not bound yet: its length fits, its
+/// directory exists, its lock file `<path>.lock` is held, and nothing is at
+/// the path but a stale socket. `ociblk serve` takes it before it creates
+/// any other file (the overlay), so that a bad `--socket` leaves nothing
+/// behind; [`serve_claimed`] binds it once the device is open, so that a
+/// client that reaches the socket finds a server ready. Dropped, it
+/// removes the lock file again.
+#[derive(Debug)]
+pub struct SocketClaim {
+    path: PathBuf,
+    lock: SocketLock,
+}
+
+impl SocketClaim {
+    /// Checks `path` and takes its lock file. A path that is not a socket
+    /// is refused before the lock file is made; one that another server
+    /// holds (its lock) or answers on is in use.
+    pub fn take(path: &Path) -> Result<SocketClaim, ServerError> {
+        check_socket_path(path)?;
+        let dir = sys::parent_dir(path);
+        if !dir.is_dir() {
+            return Err(ServerError::Socket {
+                path: path.to_owned(),
+                source: io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("its directory {} does not exist", dir.display()),
+                ),
+            });
+        }
+        check_existing(path)?;
+        let lock = SocketLock::take(path)?;
+        check_existing(path)?;
+        Ok(SocketClaim {
+            path: path.to_owned(),
+            lock,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// What is at a socket path about to be bound: nothing (`false`), a stale
+/// socket (`true`: it is replaced), or an error: something that is not a
+/// socket, or a socket someone answers on (a live server, also one that
+/// takes no lock file, e.g. an older ociblk).
+fn check_existing(path: &Path) -> Result<bool, ServerError> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(ServerError::SocketInUse(path.to_owned()));
+            }
+            Ok(true)
+        }
+        Ok(_) => Err(ServerError::NotASocket(path.to_owned())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(ServerError::Socket {
+            path: path.to_owned(),
+            source: e,
+        }),
     }
 }
 
@@ -427,6 +498,7 @@ pub fn lock_path(socket: &Path) -> PathBuf {
 /// `<socket>.lock`, mode 0600, exclusively `flock`ed for the server's life.
 /// Removed (while still locked) when the server ends; a killed server's
 /// file stays behind unlocked and is simply taken by the next server.
+#[derive(Debug)]
 struct SocketLock {
     file: File,
     path: PathBuf,
