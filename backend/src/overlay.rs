@@ -189,7 +189,9 @@ pub enum OverlayError {
     #[error("overlay {} is corrupt: {reason}", path.display())]
     Corrupt { path: PathBuf, reason: FormatError },
     #[error(
-        "overlay {} was made for a different disk ({what}): use `ociblk overlay reset {}` or another file",
+        "overlay {} was made for a different disk ({what}): serve it the image it was made for \
+         (after a tag moved: that image's digest), or start over with another file or with \
+         `ociblk overlay reset {}`, which discards every write in it",
         path.display(),
         path.display()
     )]

@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 
 use crate::overlay::format::hex;
-use crate::overlay::{Overlay, OverlayInfo, layer};
+use crate::overlay::{Overlay, OverlayError, OverlayInfo, layer};
 
 #[derive(Debug, Args)]
 pub struct OverlayArgs {
@@ -21,7 +21,8 @@ pub enum OverlayCommand {
     /// it sits on (works while a server uses it; counts are as of its last
     /// flush). After a clean close the map is checked against the checksum
     /// recorded then; a mismatch is an error. A chain that cannot be opened
-    /// (a layer missing or modified) is reported, not an error.
+    /// (a layer missing or modified) is reported, not an error; so is a
+    /// file without a header yet (empty: `serve` initialises it).
     Info {
         file: PathBuf,
         /// Print JSON instead of text.
@@ -49,8 +50,24 @@ pub enum OverlayCommand {
 pub fn run(args: &OverlayArgs) -> Result<()> {
     match &args.command {
         OverlayCommand::Info { file, json } => {
-            let i = Overlay::info(file)
-                .with_context(|| format!("cannot read overlay {}", file.display()))?;
+            let i = match Overlay::info(file) {
+                // A valid overlay that holds nothing yet: an answer, not an error.
+                Err(e @ OverlayError::NotInitialised { .. }) => {
+                    if *json {
+                        let v = json!({
+                            "file": file,
+                            "kind": "overlay",
+                            "initialised": false,
+                            "state": e.to_string(),
+                        });
+                        println!("{}", serde_json::to_string_pretty(&v)?);
+                    } else {
+                        println!("{e}");
+                    }
+                    return Ok(());
+                }
+                r => r.with_context(|| format!("cannot read overlay {}", file.display()))?,
+            };
             if *json {
                 print_json(file, &i)?;
             } else {
@@ -119,6 +136,7 @@ fn print_json(file: &Path, i: &OverlayInfo) -> Result<()> {
     let mut v = json!({
         "file": file,
         "kind": if i.layer.is_some() { "layer" } else { "overlay" },
+        "initialised": true,
         "disk_size": i.disk_size,
         "fingerprint": i.fingerprint_hex(),
         "block_size": i.block_size,

@@ -15,7 +15,7 @@ use super::layout_args::LayoutArgs;
 use crate::access::AccessRecorder;
 use crate::image_source::ChunkFetcher;
 use crate::node_disk::NodeDisk;
-use crate::overlay::{FlushMode, Overlay, OverlayConfig};
+use crate::overlay::{FlushMode, Overlay, OverlayConfig, OverlayError};
 use crate::prefetch::{PrefetchPlan, Prefetcher};
 use crate::server::daemon::{SocketClaim, serve_claimed};
 use crate::server::{ServerOptions, ShutdownSignal, config};
@@ -182,7 +182,11 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             } else {
                 Overlay::open_over(path, cfg, layers)
             };
-            Some(overlay.context("cannot open the overlay")?)
+            Some(
+                overlay
+                    .map_err(with_layer_hint)
+                    .context("cannot open the overlay")?,
+            )
         }
         None => None,
     };
@@ -269,6 +273,20 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     }
     info!("stopped");
     Ok(())
+}
+
+/// A layer the overlay records that is gone may only have moved: the
+/// error says how to name it where it is now.
+fn with_layer_hint(e: OverlayError) -> anyhow::Error {
+    match e {
+        OverlayError::LayerMissing {
+            overlay: Some(_), ..
+        } => anyhow::anyhow!(
+            "{e}; if it was moved, give the overlay's whole chain where it is now, \
+             bottom first: --layer NEWPATH for each layer (the digests must match the record)"
+        ),
+        e => anyhow::Error::new(e),
+    }
 }
 
 /// The record to prefetch: `--prefetch FILE` (refused when it does not fit

@@ -5,13 +5,19 @@
 //! a full pipe however slowly the harness looks at the output.
 
 use std::collections::VecDeque;
-use std::fs::File;
+use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::Instant;
 
 use tracing::warn;
+
+/// Mode of a node's log files: a console shows what the guest prints, a
+/// server's log the node's files; only our user reads them.
+pub const LOG_MODE: u32 = 0o600;
 
 /// Bytes read from a pipe at once.
 const READ_CHUNK: usize = 8192;
@@ -240,6 +246,21 @@ fn write_stderr(out: &[u8]) {
     }
 }
 
+/// Creates (or empties) the log file at `path` with mode [`LOG_MODE`],
+/// whatever the umask lets through; one an earlier launch left gets that
+/// mode too. A symbolic link at `path` is refused, not followed.
+pub fn create_log_file(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(LOG_MODE)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    file.set_permissions(fs::Permissions::from_mode(LOG_MODE))?;
+    Ok(file)
+}
+
 /// Starts a thread that copies `source` to `file` (if given), to
 /// `transcript` and, if `echo_prefix` is given, line by line to stderr,
 /// until end of file.
@@ -291,6 +312,25 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn log_files_are_private_new_or_left_by_an_earlier_launch() {
+        let dir = tempfile::tempdir().unwrap();
+        let new = dir.path().join("console.log");
+        create_log_file(&new).unwrap();
+        let old = dir.path().join("serve.log");
+        fs::write(&old, b"an earlier launch").unwrap();
+        fs::set_permissions(&old, fs::Permissions::from_mode(0o644)).unwrap();
+        create_log_file(&old).unwrap();
+        for path in [&new, &old] {
+            let meta = fs::metadata(path).unwrap();
+            assert_eq!(meta.permissions().mode() & 0o777, LOG_MODE);
+            assert_eq!(meta.len(), 0);
+        }
+        let link = dir.path().join("link.log");
+        std::os::unix::fs::symlink(&old, &link).unwrap();
+        create_log_file(&link).unwrap_err();
+    }
 
     fn deadline() -> Instant {
         Instant::now() + Duration::from_millis(50)

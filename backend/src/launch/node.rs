@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use super::console::{Console, ConsoleSearch};
-use super::log::{Transcript, follow};
+use super::log::{Transcript, create_log_file, follow};
 use super::process::{Process, Stopped};
 use super::qemu::{QemuBoot, QemuCommand, QemuDisk, QemuNetwork};
 use super::{ClusterSpec, LaunchError, NodeSpec, TpmSpec, network};
@@ -252,7 +252,7 @@ impl Node {
         echo_prefix: Option<String>,
         thread_name: &str,
     ) -> Result<(), LaunchError> {
-        let log = File::create(file).map_err(|source| LaunchError::NodeFiles {
+        let log = create_log_file(file).map_err(|source| LaunchError::NodeFiles {
             node: self.name.clone(),
             action: "creating",
             path: file.to_owned(),
@@ -415,7 +415,7 @@ impl Node {
         if fs::symlink_metadata(&socket).is_ok_and(|m| m.file_type().is_socket()) {
             let _ = fs::remove_file(&socket);
         }
-        let log = File::create(self.dir.join(TPM_LOG_FILE)).map_err(spawn_error())?;
+        let log = create_log_file(&self.dir.join(TPM_LOG_FILE)).map_err(spawn_error())?;
         let mut cmd = Command::new(&tpm.binary);
         cmd.args(["socket", "--tpm2"])
             .arg("--tpmstate")
