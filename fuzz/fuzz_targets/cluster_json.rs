@@ -23,8 +23,10 @@ fuzz_target!(|data: &[u8]| {
     for node in &spec.nodes {
         let name = Path::new(&node.name);
         assert!(
-            matches!(name.components().collect::<Vec<_>>()[..], [Component::Normal(_)])
-                && node.name != "."
+            matches!(
+                name.components().collect::<Vec<_>>()[..],
+                [Component::Normal(_)]
+            ) && node.name != "."
                 && !node.name.contains('/'),
             "node name {:?}",
             node.name
@@ -45,7 +47,10 @@ fuzz_target!(|data: &[u8]| {
         if let Some(digests) = &node.digests {
             assert_eq!(digests.layers.len(), node.layers.len());
             for file in digests.tpm_state.keys() {
-                assert!(!file.contains('/') && file != "." && file != "..", "{file:?}");
+                assert!(
+                    !file.contains('/') && file != "." && file != "..",
+                    "{file:?}"
+                );
             }
         }
     }

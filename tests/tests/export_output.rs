@@ -117,7 +117,13 @@ fn mknod(path: &Path, mode: libc::mode_t, dev: libc::dev_t) {
     let c = CString::new(path.as_os_str().as_bytes()).unwrap();
     // SAFETY: `c` is a NUL-terminated path that outlives the call.
     let rc = unsafe { libc::mknod(c.as_ptr(), mode, dev) };
-    assert_eq!(rc, 0, "mknod {}: {}", path.display(), std::io::Error::last_os_error());
+    assert_eq!(
+        rc,
+        0,
+        "mknod {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
 }
 
 #[test]
@@ -150,7 +156,10 @@ fn an_existing_regular_output_is_replaced_by_a_rename_never_changed() {
     let o = fx.export(&out, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(fs::metadata(&out).unwrap().len(), 256 << 20);
-    assert_eq!(fs::metadata(&out).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        fs::metadata(&out).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     assert_ne!(fs::metadata(&out).unwrap().ino(), old_state.2);
     assert_eq!(state(&old), old_state, "the old file was changed");
 }
@@ -237,9 +246,18 @@ fn the_overlay_a_layer_or_a_payload_blob_as_output_is_refused_untouched() {
 
     // A layer under the overlay.
     let layer = fx.path("node.layer");
-    run_ok(Command::new(ociblk_bin()).args(["overlay", "freeze", &over, &layer.display().to_string()]));
+    run_ok(Command::new(ociblk_bin()).args([
+        "overlay",
+        "freeze",
+        &over,
+        &layer.display().to_string(),
+    ]));
     let layer_before = state(&layer);
-    fx.refused(&layer, &["--overlay", &over], &["is a layer under the overlay"]);
+    fx.refused(
+        &layer,
+        &["--overlay", &over],
+        &["is a layer under the overlay"],
+    );
     assert_eq!(state(&layer), layer_before);
     run_ok(Command::new(ociblk_bin()).args(["overlay", "verify", &over]));
 

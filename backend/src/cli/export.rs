@@ -105,12 +105,7 @@ pub fn run(args: &ExportArgs) -> Result<()> {
             bar.inc(n);
         }
     })
-    .with_context(|| {
-        format!(
-            "cannot write {} (left as it was)",
-            args.output.display()
-        )
-    })?;
+    .with_context(|| format!("cannot write {} (left as it was)", args.output.display()))?;
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }

@@ -56,8 +56,8 @@ pub struct LaunchArgs {
     /// poweroff -f` on their consoles, bounded by --timeout), stop the
     /// backends and swtpms, and save the cluster into the new directory
     /// SNAPDIR: every node's overlay frozen into a layer, its OVMF variables
-    /// and TPM state, and cluster.json (written last: a directory without it
-    /// is no snapshot). The state directory's overlays then sit over the
+    /// and TPM state, and cluster.json with their digests (written last: a
+    /// directory without it is no snapshot). The state directory's overlays then sit over the
     /// new layers. All files in SNAPDIR are read-only. A save failing before
     /// any overlay was frozen removes what it made in SNAPDIR.
     #[arg(long, value_name = "SNAPDIR", requires = "wait_for")]
@@ -65,7 +65,10 @@ pub struct LaunchArgs {
     /// Start a fork of the snapshot SNAPDIR in a fresh --state-dir: every
     /// node gets a new overlay over its frozen layers and copies of its
     /// OVMF variables and TPM state; image, nodes, serve arguments, queues,
-    /// TPM and network come from the snapshot. Forks of one snapshot run
+    /// TPM and network come from the snapshot. cluster.json is checked
+    /// whole before any file is made, and every layer and state file must
+    /// have the digest it records (a snapshot directory moved or copied as
+    /// a whole forks its own layers). Forks of one snapshot run
     /// side by side; a fork can be saved and forked again. If the fork
     /// fails or is interrupted before its cluster runs (a missing or
     /// modified layer, a server that does not start, ...), the node

@@ -461,10 +461,7 @@ pub fn load(snapshot_dir: &Path) -> Result<SnapshotSpec, SnapshotError> {
 /// waited on) of at most [`MAX_SPEC_BYTES`].
 fn read_spec_file(path: &Path) -> Result<Vec<u8>, SnapshotError> {
     let file = open_regular(path)?;
-    let len = file
-        .metadata()
-        .map_err(io_error(path, "reading"))?
-        .len();
+    let len = file.metadata().map_err(io_error(path, "reading"))?.len();
     if len > MAX_SPEC_BYTES {
         return Err(SnapshotError::BadSpec {
             path: path.to_owned(),
@@ -506,10 +503,14 @@ pub fn parse(text: &[u8], snapshot_dir: &Path) -> Result<SnapshotSpec, String> {
     }
     let Version { version } = serde_json::from_slice(text).map_err(|e| e.to_string())?;
     let spec = match version {
-        SPEC_VERSION => from_v2(serde_json::from_slice(text).map_err(|e| e.to_string())?, snapshot_dir)?,
-        SPEC_VERSION_UNCHECKED => {
-            from_v1(serde_json::from_slice(text).map_err(|e| e.to_string())?, snapshot_dir)?
-        }
+        SPEC_VERSION => from_v2(
+            serde_json::from_slice(text).map_err(|e| e.to_string())?,
+            snapshot_dir,
+        )?,
+        SPEC_VERSION_UNCHECKED => from_v1(
+            serde_json::from_slice(text).map_err(|e| e.to_string())?,
+            snapshot_dir,
+        )?,
         other => {
             return Err(format!(
                 "version {other} (this ociblk reads versions {SPEC_VERSION_UNCHECKED} and \
@@ -550,7 +551,8 @@ fn from_v2(file: SpecFile, snapshot_dir: &Path) -> Result<SnapshotSpec, String> 
             }
             digests.push(parse_digest(&layer.digest).map_err(|e| format!("{at}.digest: {e}"))?);
         }
-        let ovmf_vars = parse_digest(&node.ovmf_vars).map_err(|e| format!("{}: {e}", field("ovmf_vars")))?;
+        let ovmf_vars =
+            parse_digest(&node.ovmf_vars).map_err(|e| format!("{}: {e}", field("ovmf_vars")))?;
         let mut tpm_state = BTreeMap::new();
         for (name, digest) in node.tpm_state {
             let at = field(&format!("tpm_state[{name:?}]"));
@@ -587,7 +589,8 @@ fn from_v1(file: SpecFileV1, snapshot_dir: &Path) -> Result<SnapshotSpec, String
         super::check_node_name(&node.name).map_err(|e| format!("{}: {e}", field("name")))?;
         let mut layers = node.layers;
         for (k, layer) in layers.iter().enumerate() {
-            check_absolute(layer).map_err(|e| format!("{}: {e}", field(&format!("layers[{k}]"))))?;
+            check_absolute(layer)
+                .map_err(|e| format!("{}: {e}", field(&format!("layers[{k}]"))))?;
         }
         // The own layer as saved: <snapshot>/<name>/disk.layer; taken from
         // the directory being forked, wherever the snapshot is now.
@@ -658,7 +661,9 @@ fn check_file_name(name: &str) -> Result<(), String> {
         || name == TPM_LOCK_FILE
         || name.contains(['/', '\0'])
     {
-        return Err(format!("{name:?} is not the name of a saved TPM state file"));
+        return Err(format!(
+            "{name:?} is not the name of a saved TPM state file"
+        ));
     }
     Ok(())
 }
@@ -700,7 +705,11 @@ impl SnapshotSpec {
             let field = |name: &str| format!("nodes[{i}].{name}");
             super::check_node_name(&node.name).map_err(|e| format!("{}: {e}", field("name")))?;
             if !names.insert(node.name.as_str()) {
-                return Err(format!("{}: node {:?} appears twice", field("name"), node.name));
+                return Err(format!(
+                    "{}: node {:?} appears twice",
+                    field("name"),
+                    node.name
+                ));
             }
             if node.layers.is_empty() || node.layers.len() > format::MAX_CHAIN {
                 return Err(format!(
@@ -735,7 +744,10 @@ impl SnapshotSpec {
                     ));
                 }
                 if !self.tpm && !digests.tpm_state.is_empty() {
-                    return Err(format!("{}: a TPM state, but the nodes have no TPM", field("tpm_state")));
+                    return Err(format!(
+                        "{}: a TPM state, but the nodes have no TPM",
+                        field("tpm_state")
+                    ));
                 }
                 for name in digests.tpm_state.keys() {
                     check_file_name(name).map_err(|e| format!("{}: {e}", field("tpm_state")))?;
@@ -989,11 +1001,13 @@ impl Drop for MadeDirs {
     }
 }
 
-
 fn set_mode(path: &Path, mode: u32) -> Result<(), SnapshotError> {
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
         .map_err(io_error(path, "setting the mode of"))
 }
+
+/// The sha256 of a node's OVMF variables, and of its TPM state files by name.
+type FirmwareDigests = ([u8; 32], BTreeMap<String, [u8; 32]>);
 
 /// Copies a node's firmware state from its state directory `from` into
 /// the snapshot's node directory `to` (read-only files): the OVMF variable
@@ -1003,10 +1017,18 @@ fn save_firmware_state(
     from: &Path,
     to: &Path,
     tpm: bool,
-) -> Result<([u8; 32], BTreeMap<String, [u8; 32]>), SnapshotError> {
-    let ovmf_vars = copy_file(&from.join(OVMF_VARS_FILE), &to.join(OVMF_VARS_FILE), FILE_MODE)?;
+) -> Result<FirmwareDigests, SnapshotError> {
+    let ovmf_vars = copy_file(
+        &from.join(OVMF_VARS_FILE),
+        &to.join(OVMF_VARS_FILE),
+        FILE_MODE,
+    )?;
     let tpm_state = if tpm {
-        copy_dir(&from.join(TPM_STATE_DIR), &to.join(TPM_STATE_DIR), FILE_MODE)?
+        copy_dir(
+            &from.join(TPM_STATE_DIR),
+            &to.join(TPM_STATE_DIR),
+            FILE_MODE,
+        )?
     } else {
         BTreeMap::new()
     };
@@ -1135,6 +1157,10 @@ fn copy_dir(
 mod tests {
     use super::*;
 
+    type Json = serde_json::Value;
+    /// A change to a cluster.json, for a refusal.
+    type Edit = Box<dyn Fn(&mut Json)>;
+
     /// A spec as loaded from `dir`: a chain of two layers, the top one
     /// the node's own.
     fn sample(dir: &Path) -> SnapshotSpec {
@@ -1203,7 +1229,7 @@ mod tests {
         let err = load(dir.path()).unwrap_err();
         assert!(err.to_string().contains(SPEC_FILE), "{err}");
         let spec = sample(dir.path());
-        let cases: [(Box<dyn FnOnce(&mut serde_json::Value)>, &str); 3] = [
+        let cases: [(Edit, &str); 3] = [
             (Box::new(|j| j["version"] = 9.into()), "version 9"),
             (Box::new(|j| j["nodes"] = serde_json::json!([])), "no nodes"),
             (
@@ -1594,7 +1620,10 @@ mod tests {
                 matches!(&err, SnapshotError::Mismatch { path: p, what: w, .. } if *p == path && *w == what),
                 "{err}"
             );
-            assert!(err.to_string().contains(&path.display().to_string()), "{err}");
+            assert!(
+                err.to_string().contains(&path.display().to_string()),
+                "{err}"
+            );
             assert!(!fork.exists());
             fs::write(&changed, before).unwrap();
             replace(&path, &changed);
@@ -1603,7 +1632,10 @@ mod tests {
         let tpm_file = snap.join("n-1/tpm/tpm2-00.permall");
         fs::remove_file(&tpm_file).unwrap();
         let err = prepare_fork(&saved, &snap, &fork).unwrap_err();
-        assert!(err.to_string().contains(&tpm_file.display().to_string()), "{err}");
+        assert!(
+            err.to_string().contains(&tpm_file.display().to_string()),
+            "{err}"
+        );
         assert!(!fork.exists());
     }
 
@@ -1614,11 +1646,23 @@ mod tests {
         let text = fs::read(snap.join(SPEC_FILE)).unwrap();
         let good: serde_json::Value = serde_json::from_slice(&text).unwrap();
         let state = dir.path().join("a").join("b").join("state");
-        let edits: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
-            ("nodes[0].name", Box::new(|j| j["nodes"][0]["name"] = "../../out".into())),
-            ("nodes[0].name", Box::new(|j| j["nodes"][0]["name"] = "..".into())),
-            ("nodes[0].name", Box::new(|j| j["nodes"][0]["name"] = "a/b".into())),
-            ("nodes[0].name", Box::new(|j| j["nodes"][0]["name"] = "".into())),
+        let edits: Vec<(&str, Edit)> = vec![
+            (
+                "nodes[0].name",
+                Box::new(|j| j["nodes"][0]["name"] = "../../out".into()),
+            ),
+            (
+                "nodes[0].name",
+                Box::new(|j| j["nodes"][0]["name"] = "..".into()),
+            ),
+            (
+                "nodes[0].name",
+                Box::new(|j| j["nodes"][0]["name"] = "a/b".into()),
+            ),
+            (
+                "nodes[0].name",
+                Box::new(|j| j["nodes"][0]["name"] = "".into()),
+            ),
             (
                 "nodes[0].layers[0].path",
                 Box::new(|j| j["nodes"][0]["layers"][0]["path"] = "../out/disk.layer".into()),
@@ -1662,7 +1706,10 @@ mod tests {
                     j["nodes"].as_array_mut().unwrap().push(node);
                 }),
             ),
-            ("nodes[0].layers: no layers", Box::new(|j| j["nodes"][0]["layers"] = serde_json::json!([]))),
+            (
+                "nodes[0].layers: no layers",
+                Box::new(|j| j["nodes"][0]["layers"] = serde_json::json!([])),
+            ),
         ];
         for (want, edit) in edits {
             let mut json = good.clone();
@@ -1671,7 +1718,10 @@ mod tests {
             fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
             fs::write(&path, serde_json::to_vec(&json).unwrap()).unwrap();
             let err = load(&snap).unwrap_err().to_string();
-            assert!(err.contains(SPEC_FILE) && err.contains(want), "{want}: {err}");
+            assert!(
+                err.contains(SPEC_FILE) && err.contains(want),
+                "{want}: {err}"
+            );
         }
         // A spec built in code is checked by prepare_fork itself.
         let mut spec = parse(&text, &std::path::absolute(&snap).unwrap()).unwrap();
@@ -1713,7 +1763,10 @@ mod tests {
         let fork = dir.path().join("fork");
         prepare_fork(&loaded, &copy, &fork).unwrap().keep();
         assert_eq!(fork_chain(&fork, "n-1")[0].digest, recorded.layers[0]);
-        assert_eq!(fs::read(fork.join("n-1/tpm/tpm2-00.permall")).unwrap(), b"tpm");
+        assert_eq!(
+            fs::read(fork.join("n-1/tpm/tpm2-00.permall")).unwrap(),
+            b"tpm"
+        );
         // A recorded path that is no node's own layer is refused.
         let mut bad = v1.clone();
         bad["nodes"][0]["layers"] = serde_json::json!(["/elsewhere/x.layer"]);
@@ -1737,7 +1790,8 @@ mod tests {
             "{err}"
         );
         // A FIFO is refused, not waited on.
-        let fifo = std::ffi::CString::new(dir.path().join(SPEC_FILE).as_os_str().as_bytes()).unwrap();
+        let fifo =
+            std::ffi::CString::new(dir.path().join(SPEC_FILE).as_os_str().as_bytes()).unwrap();
         // SAFETY: `fifo` is a NUL-terminated path that outlives the call.
         assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
         let err = format!("{:#}", anyhow::Error::new(load(dir.path()).unwrap_err()));
