@@ -45,6 +45,7 @@ mod chain;
 mod file;
 pub mod format;
 pub mod layer;
+mod live;
 mod map;
 #[cfg(test)]
 mod tests;
@@ -519,6 +520,9 @@ impl Overlay {
                 format::MAP_CRC_FIELD_OFFSET as u64,
             )?;
             self.sync()?;
+            // The map on disk is complete: the live map is no longer needed
+            // to recover anything.
+            live::clear(&self.file, &self.header)?;
             self.set_clean(true)?;
         }
         Ok(())

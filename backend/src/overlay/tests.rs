@@ -174,14 +174,20 @@ fn random_op(
 }
 
 /// Every single bit flip of the encoded header `bytes` fails to parse,
-/// except the clean flag's own bit and the map checksum's "recorded" bit.
+/// except the clean flag's own bit, the map checksum's "recorded" bit and
+/// an overlay's live map flag.
 fn assert_header_bit_flips_caught(bytes: &[u8]) {
     for byte in 0..HEADER_SIZE {
         for bit in 0..8 {
             let mut b = bytes.to_vec();
             b[byte] ^= 1 << bit;
             let r = parse_header(&b);
-            if (byte == CLEAN_OFFSET || byte == format::MAP_CRC_FIELD_OFFSET) && bit == 0 {
+            // The live map flag is one too, for an overlay (never a layer).
+            let overlay = parse_header(bytes).is_ok_and(|h| h.layer().is_none());
+            let live_flag = byte == format::LIVE_FLAG_OFFSET && overlay;
+            if (byte == CLEAN_OFFSET || byte == format::MAP_CRC_FIELD_OFFSET || live_flag)
+                && bit == 0
+            {
                 assert!(r.is_ok());
             } else {
                 assert!(r.is_err(), "flip {byte}.{bit} accepted");
@@ -557,31 +563,72 @@ fn crash(mut ov: Overlay) {
 }
 
 #[test]
-fn crash_keeps_flushed_writes() {
+fn crash_keeps_flushed_writes_and_a_process_crash_keeps_completed_ones() {
     for mode in [FlushMode::Safe, FlushMode::Unsafe] {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ov");
-        let size = 8 << 20;
-        let mut rng = rng(4);
-        let ov = Overlay::open(&path, cfg(size, 1, mode)).unwrap();
-        let flushed = rng.bytes(3 * BS as usize + 700);
-        write(&ov, 512, &flushed, &mut rng).unwrap();
-        ov.write_zeroes(20 * BS, 2 * BS, &base).unwrap();
-        ov.flush().unwrap();
-        // Not flushed: may be lost, and here the map never reaches the file.
-        write(&ov, 1 << 20, &rng.bytes(1 << 20), &mut rng).unwrap();
-        let before = allocated(&path);
-        crash(ov);
+        for host_crash in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("ov");
+            let size = 8 << 20;
+            let mut rng = rng(4);
+            let ov = Overlay::open(&path, cfg(size, 1, mode)).unwrap();
+            let flushed = rng.bytes(3 * BS as usize + 700);
+            write(&ov, 512, &flushed, &mut rng).unwrap();
+            ov.write_zeroes(20 * BS, 2 * BS, &base).unwrap();
+            ov.flush().unwrap();
+            // Completed, not flushed: the live map holds it.
+            let unflushed = rng.bytes(1 << 20);
+            write(&ov, 1 << 20, &unflushed, &mut rng).unwrap();
+            ov.write_zeroes(512, 512, &base).unwrap();
+            crash(ov);
+            if host_crash {
+                live::tests::simulate_reboot();
+            }
 
-        let ov = Overlay::open(&path, cfg(size, 1, mode)).unwrap();
-        assert_eq!(read(&ov, 512, flushed.len() as u64, &mut rng), flushed);
-        assert!(read(&ov, 20 * BS, 2 * BS, &mut rng).iter().all(|&b| b == 0));
-        let mut want = vec![0u8; 1 << 20];
-        base(1 << 20, &mut want).unwrap();
-        assert_eq!(read(&ov, 1 << 20, 1 << 20, &mut rng), want);
-        // The unpublished blocks' data was reclaimed on open.
-        let after = allocated(&path);
-        assert!(after + (1 << 20) <= before, "{mode:?}: {after} vs {before}");
+            let what = format!("{mode:?}, host crash {host_crash}");
+            let ov = Overlay::open(&path, cfg(size, 1, mode)).unwrap();
+            assert!(read(&ov, 20 * BS, 2 * BS, &mut rng).iter().all(|&b| b == 0));
+            let mut base_bytes = vec![0u8; 1 << 20];
+            base(1 << 20, &mut base_bytes).unwrap();
+            let mut zeroed = flushed.clone();
+            zeroed[..512].fill(0);
+            if host_crash {
+                // The page cache here kept everything, yet the map of the
+                // last flush is what counts: as of the flush, or as written
+                // for a block that was `Data` then (rewritten in place).
+                let got = read(&ov, 512, flushed.len() as u64, &mut rng);
+                assert!(got == flushed || got == zeroed, "{what}");
+                assert_eq!(read(&ov, 1 << 20, 1 << 20, &mut rng), base_bytes, "{what}");
+                // The blocks no flushed entry claims were reclaimed on open.
+                let at = ov.header.data_offset + (1 << 20);
+                let next = sys::next_data(ov.file.as_fd(), at).unwrap();
+                assert!(
+                    next.is_none_or(|(s, _)| s >= at + (1 << 20)),
+                    "{what}: {next:?}"
+                );
+            } else {
+                assert_eq!(
+                    read(&ov, 512, flushed.len() as u64, &mut rng),
+                    zeroed,
+                    "{what}"
+                );
+                assert_eq!(read(&ov, 1 << 20, 1 << 20, &mut rng), unflushed, "{what}");
+            }
+            // The next server's flush makes them durable: a host crash now
+            // keeps them.
+            ov.flush().unwrap();
+            crash(ov);
+            live::tests::simulate_reboot();
+            let ov = Overlay::open(&path, cfg(size, 1, mode)).unwrap();
+            if !host_crash {
+                assert_eq!(read(&ov, 1 << 20, 1 << 20, &mut rng), unflushed, "{what}");
+                assert_eq!(
+                    read(&ov, 512, flushed.len() as u64, &mut rng),
+                    zeroed,
+                    "{what}"
+                );
+            }
+            ov.close().unwrap();
+        }
     }
 }
 
@@ -659,7 +706,8 @@ fn bad_files_are_clear_errors() {
         m.contains("truncated") && m.contains(&*path.to_string_lossy()),
         "{m}"
     );
-    put(&full[..full.len() - 4096]);
+    let data_end = parse_header(&full).unwrap().file_len() as usize;
+    put(&full[..data_end - 4096]);
     assert!(msg(reopen()).contains("truncated"));
     assert!(matches!(
         Overlay::info(&path),
@@ -974,6 +1022,9 @@ fn a_map_changed_after_a_clean_close_is_detected() {
     );
     crash(ov);
     poke_map(&path, 7, BlockState::Zero);
+    // After a host crash (the next open sees another boot) the map on disk
+    // is what counts, not the dead server's live map.
+    live::tests::simulate_reboot();
     let ov = Overlay::open(&path, c.clone()).unwrap();
     assert_eq!(ov.map.get(7), BlockState::Zero);
     assert_eq!(read(&ov, 0, 4096, &mut rng), vec![5u8; 4096]);
