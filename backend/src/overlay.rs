@@ -197,6 +197,12 @@ pub enum OverlayError {
     Mismatch { path: PathBuf, what: String },
     #[error("overlay {} is in use by another process", path.display())]
     Locked { path: PathBuf },
+    #[error(
+        "overlay {} was replaced {attempts} times while it was being opened: is something \
+         freezing or re-creating it in a loop?",
+        path.display()
+    )]
+    Replaced { path: PathBuf, attempts: usize },
     #[error("overlay {}: {reason}", path.display())]
     Config { path: PathBuf, reason: FormatError },
     #[error("overlay {} is not a regular file (it is {kind})", path.display())]

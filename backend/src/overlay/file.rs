@@ -638,19 +638,62 @@ pub(super) fn open_file(path: &Path, access: Access) -> Result<(File, bool), Ove
 /// [`open_file`], then the lock without waiting: shared for reading,
 /// exclusive for writing. Returns the file, whether it was created and its
 /// length.
+///
+/// The file locked must still be the one at `path`: a freeze (or anyone)
+/// may replace the file between the open and the lock, and a lock on the
+/// replaced, unlinked file would let a server write where nobody will ever
+/// read. Then the open starts again on the new file, a few times at most.
 pub(super) fn open_locked(path: &Path, access: Access) -> Result<(File, bool, u64), OverlayError> {
-    let (file, created) = open_file(path, access)?;
-    let locked = match access {
-        Access::ReadOnly => sys::try_lock_shared(file.as_fd()),
-        Access::Create | Access::Existing => sys::try_lock_exclusive(file.as_fd()),
-    };
-    if !locked.map_err(io_err(path, "lock"))? {
-        return Err(OverlayError::Locked {
-            path: path.to_path_buf(),
-        });
+    const ATTEMPTS: usize = 4;
+    for _ in 0..ATTEMPTS {
+        let (file, created) = open_file(path, access)?;
+        #[cfg(test)]
+        tests::between_open_and_lock(path);
+        let locked = match access {
+            Access::ReadOnly => sys::try_lock_shared(file.as_fd()),
+            Access::Create | Access::Existing => sys::try_lock_exclusive(file.as_fd()),
+        };
+        if !locked.map_err(io_err(path, "lock"))? {
+            return Err(OverlayError::Locked {
+                path: path.to_path_buf(),
+            });
+        }
+        let meta = file.metadata().map_err(io_err(path, "stat"))?;
+        let linked = fs::metadata(path)
+            .is_ok_and(|at| (at.dev(), at.ino()) == (meta.dev(), meta.ino()) && meta.nlink() > 0);
+        if linked {
+            return Ok((file, created, meta.len()));
+        }
+        tracing::info!(path = %path.display(), "overlay was replaced while it was being opened; opening the new file");
     }
-    let len = file.metadata().map_err(io_err(path, "stat"))?.len();
-    Ok((file, created, len))
+    Err(OverlayError::Replaced {
+        path: path.to_path_buf(),
+        attempts: ATTEMPTS,
+    })
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use std::cell::RefCell;
+    use std::path::Path;
+
+    type Hook = Box<dyn FnOnce(&Path)>;
+
+    thread_local! {
+        static BETWEEN_OPEN_AND_LOCK: RefCell<Option<Hook>> = const { RefCell::new(None) };
+    }
+
+    /// Runs `hook` once, in this thread's next open, after the file is
+    /// opened and before it is locked: where a server can be held up.
+    pub(crate) fn hold_between_open_and_lock(hook: impl FnOnce(&Path) + 'static) {
+        BETWEEN_OPEN_AND_LOCK.with(|h| *h.borrow_mut() = Some(Box::new(hook)));
+    }
+
+    pub(super) fn between_open_and_lock(path: &Path) {
+        if let Some(hook) = BETWEEN_OPEN_AND_LOCK.with(|h| h.borrow_mut().take()) {
+            hook(path);
+        }
+    }
 }
 
 fn check_regular(path: &Path, meta: &fs::Metadata) -> Result<(), OverlayError> {

@@ -1105,3 +1105,59 @@ fn read_only_opens_read_only_shares_and_never_modifies() {
     assert_eq!(std::fs::read(&path).unwrap(), before, "file modified");
     assert!(Overlay::info(&path).unwrap().clean);
 }
+
+#[test]
+fn an_open_held_before_its_lock_while_a_freeze_replaces_the_file_serves_the_new_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ov");
+    let frozen = dir.path().join("layer1");
+    let c = cfg(8 << 20, 1, FlushMode::Safe);
+    let mut rng = rng(12);
+    let ov = Overlay::open(&path, c.clone()).unwrap();
+    write(&ov, 0, &[1u8; 4096], &mut rng).unwrap();
+    ov.close().unwrap();
+    let replaced = std::fs::metadata(&path).unwrap().ino();
+
+    // The server has opened the overlay but not locked it yet when a freeze
+    // replaces the file.
+    let into = frozen.clone();
+    file::tests::hold_between_open_and_lock(move |p| {
+        layer::freeze(p, &into).unwrap();
+    });
+    let ov = Overlay::open(&path, c.clone()).unwrap();
+    let serving = ov.file.metadata().unwrap();
+    assert_ne!(serving.ino(), replaced, "still serving the unlinked file");
+    assert_eq!(serving.ino(), std::fs::metadata(&path).unwrap().ino());
+    assert_eq!(ov.chain().layers().len(), 1);
+    assert_eq!(read(&ov, 0, 4096, &mut rng), vec![1u8; 4096]);
+    write(&ov, 4096, &[2u8; 4096], &mut rng).unwrap();
+    ov.flush().unwrap();
+    crash(ov);
+
+    // Nothing was lost: the next server sees both writes.
+    let ov = Overlay::open(&path, c).unwrap();
+    assert_eq!(read(&ov, 0, 4096, &mut rng), vec![1u8; 4096]);
+    assert_eq!(read(&ov, 4096, 4096, &mut rng), vec![2u8; 4096]);
+    ov.close().unwrap();
+    assert!(frozen.exists());
+}
+
+#[test]
+fn an_open_whose_file_keeps_being_replaced_gives_up_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ov");
+    let c = cfg(1 << 20, 1, FlushMode::Safe);
+    Overlay::open(&path, c.clone()).unwrap().close().unwrap();
+    // Each attempt finds the file replaced by a copy once it has opened it.
+    fn replace_again(p: &Path) {
+        let copy = p.with_extension("copy");
+        std::fs::copy(p, &copy).unwrap();
+        std::fs::rename(&copy, p).unwrap();
+        file::tests::hold_between_open_and_lock(replace_again);
+    }
+    file::tests::hold_between_open_and_lock(replace_again);
+    let e = Overlay::open(&path, c).unwrap_err();
+    assert!(matches!(e, OverlayError::Replaced { .. }), "{e}");
+    assert!(e.to_string().contains("was replaced"), "{e}");
+    file::tests::hold_between_open_and_lock(|_| {});
+}
