@@ -672,30 +672,6 @@ pub(super) fn open_locked(path: &Path, access: Access) -> Result<(File, bool, u6
     })
 }
 
-#[cfg(test)]
-pub(super) mod tests {
-    use std::cell::RefCell;
-    use std::path::Path;
-
-    type Hook = Box<dyn FnOnce(&Path)>;
-
-    thread_local! {
-        static BETWEEN_OPEN_AND_LOCK: RefCell<Option<Hook>> = const { RefCell::new(None) };
-    }
-
-    /// Runs `hook` once, in this thread's next open, after the file is
-    /// opened and before it is locked: where a server can be held up.
-    pub(crate) fn hold_between_open_and_lock(hook: impl FnOnce(&Path) + 'static) {
-        BETWEEN_OPEN_AND_LOCK.with(|h| *h.borrow_mut() = Some(Box::new(hook)));
-    }
-
-    pub(super) fn between_open_and_lock(path: &Path) {
-        if let Some(hook) = BETWEEN_OPEN_AND_LOCK.with(|h| h.borrow_mut().take()) {
-            hook(path);
-        }
-    }
-}
-
 fn check_regular(path: &Path, meta: &fs::Metadata) -> Result<(), OverlayError> {
     let t = meta.file_type();
     let kind = if t.is_file() {
@@ -969,4 +945,28 @@ fn zero_map(file: &File, header: &Header) -> io::Result<()> {
         done += n;
     }
     Ok(())
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use std::cell::RefCell;
+    use std::path::Path;
+
+    type Hook = Box<dyn FnOnce(&Path)>;
+
+    thread_local! {
+        static BETWEEN_OPEN_AND_LOCK: RefCell<Option<Hook>> = const { RefCell::new(None) };
+    }
+
+    /// Runs `hook` once, in this thread's next open, after the file is
+    /// opened and before it is locked: where a server can be held up.
+    pub(crate) fn hold_between_open_and_lock(hook: impl FnOnce(&Path) + 'static) {
+        BETWEEN_OPEN_AND_LOCK.with(|h| *h.borrow_mut() = Some(Box::new(hook)));
+    }
+
+    pub(super) fn between_open_and_lock(path: &Path) {
+        if let Some(hook) = BETWEEN_OPEN_AND_LOCK.with(|h| h.borrow_mut().take()) {
+            hook(path);
+        }
+    }
 }
