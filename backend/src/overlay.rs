@@ -463,12 +463,16 @@ impl Overlay {
         }
         let safe = self.mode == FlushMode::Safe;
         let pages = self.map.take_dirty();
+        #[cfg(test)]
+        tests::flush_step(self, "map pages taken");
         if safe {
             self.sync()?;
             if self.new_entry.load(Ordering::Relaxed) {
                 self.sync_directory()?;
                 self.new_entry.store(false, Ordering::Relaxed);
             }
+            #[cfg(test)]
+            tests::flush_step(self, "data synced");
         }
         for (i, (page, bytes)) in pages.iter().enumerate() {
             let at = self.header.map_offset + page * map::MAP_PAGE;
@@ -478,9 +482,13 @@ impl Overlay {
                 }
                 return Err(e);
             }
+            #[cfg(test)]
+            tests::flush_step(self, "a map page written");
         }
         if safe && !pages.is_empty() {
             self.sync()?;
+            #[cfg(test)]
+            tests::flush_step(self, "map synced");
         }
         Ok(())
     }

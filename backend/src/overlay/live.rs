@@ -253,6 +253,11 @@ pub(super) mod tests {
         BOOT_ID.with(Cell::get)
     }
 
+    /// Makes this thread's opens see the host's real boot again.
+    pub(crate) fn real_boot() {
+        BOOT_ID.with(|b| b.set(None));
+    }
+
     /// Makes this thread's opens see a new boot of the host: what a host
     /// crash and restart looks like to the next server.
     pub(crate) fn simulate_reboot() {
