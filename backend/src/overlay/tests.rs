@@ -1340,3 +1340,28 @@ fn a_crash_at_every_step_between_a_write_and_its_flush_keeps_the_guarantees() {
     }
     live::tests::real_boot();
 }
+
+#[test]
+fn a_dead_servers_completed_writes_reach_a_read_only_open_and_a_freeze() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ov");
+    let c = cfg(4 << 20, 1, FlushMode::Safe);
+    let mut rng = rng(14);
+    let ov = Overlay::open(&path, c.clone()).unwrap();
+    let data = rng.bytes(3 * BS as usize + 512);
+    write(&ov, 7 * BS, &data, &mut rng).unwrap();
+    crash(ov);
+
+    // An export (read-only, never writing) of the dead server's overlay.
+    let ro = Overlay::open_read_only(&path, c.clone()).unwrap();
+    assert_eq!(read(&ro, 7 * BS, data.len() as u64, &mut rng), data);
+    drop(ro);
+
+    // A freeze takes them into the layer.
+    let frozen = dir.path().join("layer");
+    layer::freeze(&path, &frozen).unwrap();
+    let ov = Overlay::open(&path, c).unwrap();
+    assert_eq!(ov.chain().layers().len(), 1);
+    assert_eq!(read(&ov, 7 * BS, data.len() as u64, &mut rng), data);
+    ov.close().unwrap();
+}
