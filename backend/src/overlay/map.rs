@@ -114,8 +114,19 @@ impl BlockMap {
     /// Publishes a block's state. The caller has already written whatever
     /// data the new state needs; `AcqRel` orders those writes before the
     /// entry for readers (`Acquire` loads) and for `flush`.
+    ///
+    /// An entry that already holds `state` is not stored again: the map is
+    /// a shared file mapping, and a store, even of the same value, would
+    /// dirty its page (a fault after each flush cleaned it, and a page
+    /// written back at the next one) for every rewrite of a written block.
+    /// The caller's data writes still come first for a reader: the entry it
+    /// sees already says where they are.
     pub(super) fn set(&self, block: u64, state: BlockState) {
-        let old = self.states.as_slice()[block as usize].swap(state as u8, Ordering::AcqRel);
+        let entry = &self.states.as_slice()[block as usize];
+        if entry.load(Ordering::Acquire) == state as u8 {
+            return;
+        }
+        let old = entry.swap(state as u8, Ordering::AcqRel);
         if old != state as u8 {
             self.mark_dirty(block / MAP_PAGE);
         }
