@@ -56,6 +56,11 @@ pub enum Error {
     },
     #[error("GET {url}: {message}")]
     Protocol { url: String, message: String },
+    /// A connection the transport rules forbid (plain HTTP to a host that
+    /// is neither loopback nor `--insecure-registry`), refused before it
+    /// is made.
+    #[error("GET {url}: refused: {message}")]
+    Refused { url: String, message: String },
     #[error("GET {url}: authentication: {message}")]
     Auth { url: String, message: String },
     #[error("{what} {digest}: {actual} bytes, but {expected} expected")]
