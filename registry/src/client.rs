@@ -587,6 +587,24 @@ impl Origin {
     }
 }
 
+/// Where a redirect from `from` with `Location: location` leads, when the
+/// transport rules (plain HTTP only to loopback hosts and `insecure` ones)
+/// allow going there: the decision [`RegistryClient`] takes at each hop.
+pub fn redirect_target(
+    insecure: &[String],
+    from: &str,
+    location: &str,
+) -> std::result::Result<String, String> {
+    let transport = Transport {
+        insecure: insecure.to_vec(),
+    };
+    let base = transport.check(from)?;
+    let next =
+        resolve_location(&base, location).ok_or_else(|| format!("{location:?} is not a URL"))?;
+    transport.check(&next)?;
+    Ok(next)
+}
+
 /// The URL a redirect's `Location` names, relative to `base`.
 fn resolve_location(base: &Uri, location: &str) -> Option<String> {
     let location = location.trim();
