@@ -21,6 +21,9 @@
 //!   bytes): an accepted record lists each chunk once, with line numbers
 //!   that point at its line, and written back it parses to the same
 //!   manifest and chunks; a refusal names a line within the input.
+//! - `L` a redirect's `Location` from a loopback registry: a target that is
+//!   followed is an absolute URL without credentials, HTTPS or plain HTTP
+//!   to a loopback host only.
 //!
 //! Other selector bytes pick one of these by value.
 
@@ -31,8 +34,10 @@ use std::path::Path;
 use base64::Engine as _;
 use libfuzzer_sys::fuzz_target;
 use ociblk_registry::challenge::Challenge;
+use ociblk_registry::client::{is_loopback, redirect_target};
 use ociblk_registry::credentials::parse_auth_file;
 use ociblk_registry::image::OCI_MANIFEST;
+use ociblk_registry::reference::host_name;
 use ociblk_registry::{AccessRecord, Digest, Manifest, Reference};
 
 fn check_reference(s: &str) {
@@ -258,14 +263,36 @@ fn check_access_record(bytes: &[u8]) {
     }
 }
 
+fn check_redirect(location: &str) {
+    let from = "http://127.0.0.1:5000/v2/os/blobs/sha256:00";
+    let Ok(target) = redirect_target(&[], from, location) else {
+        return;
+    };
+    // An independent read of the URL: scheme, then the authority up to
+    // the path, query or fragment.
+    let (scheme, rest) = target
+        .split_once("://")
+        .unwrap_or_else(|| panic!("followed {target:?}, which is not absolute"));
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    assert!(!authority.contains('@'), "credentials in {target:?}");
+    match scheme {
+        "https" => {}
+        "http" => assert!(
+            is_loopback(host_name(authority)),
+            "plain HTTP to {target:?}"
+        ),
+        other => panic!("scheme {other:?} in {target:?}"),
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some((&selector, rest)) = data.split_first() else {
         return;
     };
     let text = String::from_utf8_lossy(rest);
     let selector = match selector {
-        b'R' | b'C' | b'A' | b'M' | b'D' | b'P' => selector,
-        s => [b'R', b'C', b'A', b'M', b'D', b'P'][usize::from(s % 6)],
+        b'R' | b'C' | b'A' | b'M' | b'D' | b'P' | b'L' => selector,
+        s => [b'R', b'C', b'A', b'M', b'D', b'P', b'L'][usize::from(s % 7)],
     };
     match selector {
         b'R' => check_reference(&text),
@@ -273,6 +300,7 @@ fuzz_target!(|data: &[u8]| {
         b'A' => check_auth_file(&text),
         b'M' => check_manifest(rest),
         b'P' => check_access_record(rest),
+        b'L' => check_redirect(&text),
         _ => check_digest(&text),
     }
 });

@@ -56,6 +56,20 @@ pub enum Error {
     },
     #[error("GET {url}: {message}")]
     Protocol { url: String, message: String },
+    /// A connection the transport rules forbid (plain HTTP to a host that
+    /// is neither loopback nor `--insecure-registry`), refused before it
+    /// is made.
+    #[error("GET {url}: refused: {message}")]
+    Refused { url: String, message: String },
+    #[error(
+        "blob {digest}: chunks {chunks} of one read were not all fetched within {timeout:?} \
+         (one bound for the whole read)"
+    )]
+    ChunksTimeout {
+        digest: String,
+        chunks: String,
+        timeout: Duration,
+    },
     #[error("GET {url}: authentication: {message}")]
     Auth { url: String, message: String },
     #[error("{what} {digest}: {actual} bytes, but {expected} expected")]
@@ -143,7 +157,7 @@ impl Error {
                     | ureq::Error::HostNotFound
                     | ureq::Error::Timeout(_)
             ),
-            Error::Timeout { .. } => true,
+            Error::Timeout { .. } | Error::ChunksTimeout { .. } => true,
             Error::Status { status, .. } => matches!(status, 429 | 502 | 503 | 504),
             _ => false,
         }

@@ -15,7 +15,8 @@ pub struct Options {
     /// are not loopback addresses.
     pub insecure_registries: Vec<String>,
     /// Bound on one chunk fetch or one manifest/config request, including
-    /// waiting for a slot, retries and `Retry-After` waits.
+    /// waiting for a slot, retries and `Retry-After` waits (`ociblk`
+    /// bounds the chunks of one guest read by it as a whole).
     pub chunk_timeout: Duration,
     /// Requests in flight per registry host in this process.
     pub max_in_flight: usize,

@@ -23,8 +23,9 @@ pub struct RegistryArgs {
     /// may use HTTP.
     #[arg(long = "insecure-registry", value_name = "HOST")]
     pub insecure_registries: Vec<String>,
-    /// Seconds one chunk fetch may take, waiting and retries included; a
-    /// guest read of a chunk not fetched in time gets an I/O error.
+    /// Seconds fetching the chunks one read needs may take (they are
+    /// fetched side by side), waiting and retries included; a guest read
+    /// whose chunks are not fetched in time gets an I/O error.
     #[arg(long, value_name = "SECONDS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub fetch_timeout: u64,
