@@ -616,8 +616,9 @@ fn a_fetcher_killed_mid_fill_leaves_a_cache_the_next_one_completes() {
     let hashes = write_chunk_hashes(f.dir.path(), kernel);
     let fetcher = || fetcher(&f, &proxy.host(), kernel, &hashes);
     let map_path = f.cache.dir().join(format!(
-        "blobs/sha256/{}.{}.chunks",
+        "blobs/sha256/{}.{}.{}.chunks",
         kernel.digest.hex(),
+        kernel.table_digest().hex(),
         kernel.chunk_size
     ));
     #[allow(

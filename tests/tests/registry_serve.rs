@@ -404,7 +404,11 @@ fn torn_cached_chunk_is_fetched_again_and_served_right() {
     run_ok(Command::new(ociblk_bin()).args(["pull", &fx.reference(), "--cache", &cache_arg]));
     // What a machine crash can leave: the chunk map says present, the
     // bytes are not the chunk's.
-    let cached = fx.cache().join("blobs/sha256").join(kernel.digest.hex());
+    let cached = fx.cache().join("blobs/sha256").join(format!(
+        "{}.{}",
+        kernel.digest.hex(),
+        kernel.table_digest().hex()
+    ));
     let at = 4 * kernel.chunk_size + 10;
     let mut byte = support::read_range(&cached, at, 1);
     byte[0] ^= 0xff;
@@ -655,8 +659,9 @@ fn a_registry_ignoring_range_still_serves_the_right_bytes() {
 /// The chunks of `blob` present in the cache `cache` (its chunk map).
 fn cached_chunks(cache: &Path, blob: &BlobSpec) -> Vec<u64> {
     let map = cache.join("blobs/sha256").join(format!(
-        "{}.{}.chunks",
+        "{}.{}.{}.chunks",
         blob.digest.hex(),
+        blob.table_digest().hex(),
         blob.chunk_size
     ));
     match std::fs::read(&map) {
