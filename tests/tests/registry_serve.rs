@@ -935,15 +935,15 @@ fn another_image_claiming_a_blobs_digest_never_changes_chunks_a_running_server_v
         Command::new(ociblk_bin()).args(["pull", &b_reference, "--cache", &cache_arg]),
         Duration::from_secs(120),
     );
+
+    // A's server still serves A's bytes, and so does a new one.
+    read_same(&fx, &mut c, k0, 64 << 10);
     let text =
         String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("serves other bytes under this digest"),
         "pull of B did not notice its blob is not its digest:\n{text}"
     );
-
-    // A's server still serves A's bytes, and so does a new one.
-    read_same(&fx, &mut c, k0, 64 << 10);
     drop(c);
     drop(server);
     let server = fx.serve("a-again", &[]);
