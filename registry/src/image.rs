@@ -189,7 +189,7 @@ fn keep(stored: Result<()>, what: &str) {
 /// the cache. Payloads the config does not describe well are left out: the
 /// layout refuses such an image with a better message. A blob listed twice
 /// with different chunk hashes is refused: its bytes could not be keyed.
-fn chunk_tables(
+pub fn chunk_tables(
     manifest_digest: &Digest,
     manifest: &Manifest,
     config: &[u8],

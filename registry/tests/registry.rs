@@ -777,7 +777,7 @@ struct StoppedChild(std::process::Child);
 
 impl StoppedChild {
     fn stop(child: std::process::Child) -> StoppedChild {
-        let pid = child.id() as libc::pid_t;
+        let pid = child.id().cast_signed();
         let stopped = StoppedChild(child);
         // SAFETY: kill has no memory effects; the PID is our unreaped child.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "SIGSTOP");
@@ -787,7 +787,7 @@ impl StoppedChild {
 
 impl Drop for StoppedChild {
     fn drop(&mut self) {
-        let pid = self.0.id() as libc::pid_t;
+        let pid = self.0.id().cast_signed();
         // SAFETY: as above; the child is not reaped before `wait` below.
         unsafe { libc::kill(pid, libc::SIGCONT) };
         let _ = self.0.kill();

@@ -222,7 +222,7 @@ impl BlobCache {
         let _lock = match taken {
             Taken::Done => return Ok(false),
             Taken::Locked(lock) => lock,
-            Taken::TakenOver(lock, pid) => {
+            Taken::Overtaken(lock, pid) => {
                 tracing::warn!(digest = %blob.digest, index, pid, ?lease_time,
                     "the fetcher holding this chunk renewed its lease for none of that time \
                      (stopped?); fetching the chunk here");

@@ -46,7 +46,7 @@ pub enum Taken {
     Locked(ChunkLock),
     /// The holder (pid, 0 if unknown) renewed nothing for the lease time:
     /// the chunk is fetched here, beside it.
-    TakenOver(ChunkLock, u32),
+    Overtaken(ChunkLock, u32),
     /// `done()` said the chunk is there now.
     Done,
 }
@@ -88,7 +88,7 @@ impl ChunkLock {
                 Some((before, since)) if before == slot => {
                     if now.duration_since(since) >= lease_time {
                         let pid = u32::from_le_bytes([slot[0], slot[1], slot[2], slot[3]]);
-                        return Ok(Some(Taken::TakenOver(
+                        return Ok(Some(Taken::Overtaken(
                             ChunkLock {
                                 _lock: None,
                                 _lease: Lease::start(leases, index)?,
@@ -284,7 +284,7 @@ mod tests {
             ChunkLock::acquire(&path, &l, 0, start + Duration::from_secs(10), short, &never)
                 .expect("lock")
                 .expect("taken over");
-        assert!(matches!(taken, Taken::TakenOver(_, pid) if pid == std::process::id()));
+        assert!(matches!(taken, Taken::Overtaken(_, pid) if pid == std::process::id()));
         drop(taken);
         let done = || Ok(true);
         let found = ChunkLock::acquire(&path, &l, 0, Instant::now(), MAX_LEASE, &done)

@@ -243,7 +243,7 @@ mod tests {
                 .expect("absent")
                 .is_none()
         );
-        assert!(read_small(&target, 3).is_err());
+        read_small(&target, 3).expect_err("over the limit");
     }
 
     #[test]

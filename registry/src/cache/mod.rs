@@ -9,6 +9,9 @@
 //!                                       one byte per chunk of <chunk> bytes:
 //!                                       1 = present, matched <table> when stored;
 //!                                       2 = present, from <hex>.whole
+//!   blobs/sha256/<hex>.<table>.<chunk>.leases
+//!                                       16 bytes per chunk: the pid fetching it
+//!                                       and when it last renewed its lease
 //!   blobs/sha256/<hex>.whole            a hard link to a <hex>.<table> whose
 //!                                       every chunk was present and whose
 //!                                       bytes, whole, have sha256 <hex>
