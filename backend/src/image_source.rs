@@ -48,7 +48,7 @@ impl RegistrySettings {
             Some(dir) => dir.clone(),
             None => Cache::default_dir().ok_or(OpenError::NoCacheDir)?,
         };
-        Cache::open(dir).map_err(OpenError::Cache)
+        Cache::open_with(dir, self.options.cache_dir).map_err(OpenError::Cache)
     }
 }
 

@@ -122,6 +122,18 @@ pub enum Error {
     },
     #[error("{}: {message}", path.display())]
     Cache { path: PathBuf, message: String },
+    #[error(
+        "cache directory {}: {message}; make it private to you (owned by you, \
+         chmod go-w) or pass --allow-insecure-cache-dir",
+        path.display()
+    )]
+    InsecureCacheDir { path: PathBuf, message: String },
+    #[error(
+        "blob {digest}: every chunk was fetched, but the blob's sha256 is {actual}: \
+         the registry serves other bytes under this digest (they stay usable only \
+         through the chunk hashes of the image that fetched them)"
+    )]
+    BlobDigest { digest: String, actual: String },
     #[error("access record {}: line {line}: {message}", path.display())]
     AccessRecord {
         path: PathBuf,
@@ -143,6 +155,18 @@ impl Error {
         Error::Io {
             path: path.into(),
             source,
+        }
+    }
+
+    /// Whether a write to the cache failed for want of space (`ENOSPC`,
+    /// `EDQUOT`): a full file system, not bad bytes.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            Error::Io { source, .. } => matches!(
+                source.raw_os_error(),
+                Some(libc::ENOSPC) | Some(libc::EDQUOT)
+            ),
+            _ => false,
         }
     }
 

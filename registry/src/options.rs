@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::cache::DirPolicy;
+
 /// Default bound on fetching one chunk, retries included.
 pub const DEFAULT_CHUNK_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default number of requests in flight per registry host in one process.
@@ -22,6 +24,8 @@ pub struct Options {
     pub max_in_flight: usize,
     /// The credentials file; `None` reads [`crate::credentials::default_auth_file`].
     pub auth_file: Option<PathBuf>,
+    /// Which cache directories are accepted (`--allow-insecure-cache-dir`).
+    pub cache_dir: DirPolicy,
 }
 
 impl Default for Options {
@@ -31,6 +35,7 @@ impl Default for Options {
             chunk_timeout: DEFAULT_CHUNK_TIMEOUT,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             auth_file: None,
+            cache_dir: DirPolicy::default(),
         }
     }
 }

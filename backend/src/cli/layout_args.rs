@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use ociblk_layout::{DiskParams, Guid, Layout, parse_size};
 use ociblk_registry::Options;
+use ociblk_registry::cache::DirPolicy;
 
 use crate::image_source::{LoadedImage, RegistrySettings, open_image};
 
@@ -29,6 +30,11 @@ pub struct RegistryArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub fetch_timeout: u64,
+    /// Use an existing cache directory although another user owns it or
+    /// group or others may write it (refused otherwise: whoever can write
+    /// the cache can plant files in it).
+    #[arg(long)]
+    pub allow_insecure_cache_dir: bool,
 }
 
 impl RegistryArgs {
@@ -38,6 +44,9 @@ impl RegistryArgs {
             options: Options {
                 insecure_registries: self.insecure_registries.clone(),
                 chunk_timeout: Duration::from_secs(self.fetch_timeout),
+                cache_dir: DirPolicy {
+                    allow_insecure: self.allow_insecure_cache_dir,
+                },
                 ..Options::default()
             },
         }
