@@ -484,6 +484,14 @@ def registry_seeds():
         record += "%s %d\n" % (blob, index)
     write("registry_parsing", "access-record", b"P" + record.encode())
     write("registry_parsing", "access-record-empty", b"P" + ("ociblk-access-record 1\nmanifest %s\n" % D).encode())
+    locations = [
+        "http://127.0.0.1:5000/storage/v2/os/blobs/" + D,
+        "hop",
+        "//cdn.example/blob?sig=x",
+        "http://192.0.2.1/blob",
+    ]
+    for i, location in enumerate(locations):
+        write("registry_parsing", "location-%d" % i, b"L" + location.encode())
 
 
 if __name__ == "__main__":

@@ -89,12 +89,13 @@ class Disk:
              self.raw])
 
 
-def server(name, disk, d, extra=(), cpu=None):
+def server(name, disk, d, extra=(), cpu=None, binary=OCIBLK):
     """A contender serving the disk with 2 queues (as launch gives guests), its
-    threads on `cpu` if given; ociblk takes `extra` options."""
+    threads on `cpu` if given; ociblk (the build at `binary`) takes `extra`
+    options."""
     sock = d / "s.sock"
     if name == "ociblk":
-        cmd = [OCIBLK, "serve", "--image", disk.image, "--seed", "bench", "--socket", sock,
+        cmd = [binary, "serve", "--image", disk.image, "--seed", "bench", "--socket", sock,
                "--overlay", d / "o.overlay", "--queues", "2", *extra]
     elif name == "qsd-qcow2":
         run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", disk.base, "-F", "raw", d / "n.qcow2"])

@@ -4,7 +4,9 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
 
 use ociblk_layout::OsImage;
 use ociblk_registry::limiter::Priority;
@@ -46,7 +48,7 @@ impl RegistrySettings {
             Some(dir) => dir.clone(),
             None => Cache::default_dir().ok_or(OpenError::NoCacheDir)?,
         };
-        Cache::open(dir).map_err(OpenError::Cache)
+        Cache::open_with(dir, self.options.cache_dir).map_err(OpenError::Cache)
     }
 }
 
@@ -116,7 +118,8 @@ pub fn open_image(arg: &Path, settings: &RegistrySettings) -> Result<LoadedImage
                 origin: origin.clone(),
                 source,
             })?;
-            let fetcher = ChunkFetcher::new(registry, &image, cache).map_err(registry_error)?;
+            let fetcher = ChunkFetcher::new(registry, &image, cache, &settings.options)
+                .map_err(registry_error)?;
             Ok(LoadedImage {
                 image,
                 origin,
@@ -133,6 +136,26 @@ pub struct ChunkFetcher {
     cache: Cache,
     /// Uncompressed payload blobs by their file in the cache.
     blobs: HashMap<PathBuf, BlobSpec>,
+    /// The bound on fetching what one read needs (`--fetch-timeout`).
+    timeout: Duration,
+    /// Requests in flight to the registry host at most: the most chunks of
+    /// one read worth fetching side by side.
+    max_in_flight: usize,
+}
+
+/// The missing chunks of one read, fetched side by side by a few threads
+/// under the read's one deadline.
+#[derive(Debug)]
+struct ReadFetch {
+    blob: BlobSpec,
+    chunks: Vec<u64>,
+    /// The index in `chunks` of the next chunk to start.
+    next: AtomicUsize,
+    deadline: Instant,
+    /// What the deadline was set from, for the error.
+    timeout: Duration,
+    /// Set when the read no longer waits: start no more chunks.
+    abandoned: AtomicBool,
 }
 
 impl ChunkFetcher {
@@ -140,6 +163,7 @@ impl ChunkFetcher {
         registry: RegistryImage,
         image: &OsImage,
         cache: Cache,
+        options: &Options,
     ) -> ociblk_registry::Result<Self> {
         let mut blobs = HashMap::new();
         for p in image.payloads.iter().filter(|p| p.is_uncompressed()) {
@@ -160,7 +184,95 @@ impl ChunkFetcher {
             registry,
             cache,
             blobs,
+            timeout: options.chunk_timeout,
+            max_in_flight: options.max_in_flight.max(1),
         })
+    }
+
+    /// The bound on fetching what one read needs.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Makes chunks `chunks` of `blob` present in the cache for one guest
+    /// read: those missing are fetched side by side (as many at once as
+    /// the host's request limit lets through), all before `deadline`.
+    /// The error names the first chunk that failed, or that was not there
+    /// at the deadline.
+    ///
+    /// The read waits at most until `deadline`; a fetch still running then
+    /// finishes in the background (into the cache, for the next read), and
+    /// no further one starts.
+    pub fn ensure_chunks(
+        self: &Arc<Self>,
+        blob: &BlobSpec,
+        chunks: &[u64],
+        deadline: Instant,
+    ) -> Result<(), (u64, ociblk_registry::Error)> {
+        let missing: Vec<u64> = chunks
+            .iter()
+            .copied()
+            .filter(|&c| !self.chunk_present(blob, c).unwrap_or(false))
+            .collect();
+        if let [c] = missing[..] {
+            return self
+                .ensure_chunk_as(blob, c, Priority::Foreground)
+                .map(|_| ())
+                .map_err(|e| (c, e));
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let job = Arc::new(ReadFetch {
+            blob: blob.clone(),
+            chunks: missing,
+            next: AtomicUsize::new(0),
+            deadline,
+            timeout: self.timeout,
+            abandoned: AtomicBool::new(false),
+        });
+        let (results, done) = mpsc::channel();
+        let workers = job.chunks.len().min(self.max_in_flight);
+        let mut started = 0;
+        for _ in 0..workers {
+            let (fetcher, job, results) = (Arc::clone(self), Arc::clone(&job), results.clone());
+            let spawned = std::thread::Builder::new()
+                .name("ociblk-fetch".to_owned())
+                .spawn(move || fetcher.fetch_for_read(&job, &results));
+            match spawned {
+                Ok(_) => started += 1,
+                Err(e) => tracing::warn!("cannot start a fetch thread: {e}"),
+            }
+        }
+        drop(results);
+        if started == 0 {
+            // No thread to spare: fetch them here, one after another.
+            let (results, here) = mpsc::channel();
+            self.fetch_for_read(&job, &results);
+            drop(results);
+            return collect(&job, &here);
+        }
+        let outcome = collect(&job, &done);
+        job.abandoned.store(true, Ordering::Relaxed);
+        outcome
+    }
+
+    /// One thread of a read's fetch: starts the next chunk of `job` until
+    /// none is left, the deadline has passed or the read gave up.
+    fn fetch_for_read(
+        &self,
+        job: &ReadFetch,
+        results: &mpsc::Sender<(u64, ociblk_registry::Result<bool>)>,
+    ) {
+        while !job.abandoned.load(Ordering::Relaxed) && Instant::now() < job.deadline {
+            let Some(&c) = job.chunks.get(job.next.fetch_add(1, Ordering::Relaxed)) else {
+                return;
+            };
+            let result = self.ensure_chunk_as(&job.blob, c, Priority::Foreground);
+            if results.send((c, result)).is_err() {
+                return;
+            }
+        }
     }
 
     /// The blob held in the cache file `path`, if it is one of this image's.
@@ -210,4 +322,33 @@ impl ChunkFetcher {
     pub fn offline(&self) -> bool {
         self.registry.offline
     }
+}
+
+/// Waits for every chunk of `job` until its deadline: the first failure,
+/// or the chunks not there at the deadline, fail the read.
+fn collect(
+    job: &ReadFetch,
+    results: &mpsc::Receiver<(u64, ociblk_registry::Result<bool>)>,
+) -> Result<(), (u64, ociblk_registry::Error)> {
+    let mut pending = job.chunks.clone();
+    while !pending.is_empty() {
+        let left = job.deadline.saturating_duration_since(Instant::now());
+        match results.recv_timeout(left) {
+            Ok((c, Ok(_))) => pending.retain(|&p| p != c),
+            Ok((c, Err(e))) => return Err((c, e)),
+            // The deadline passed, or every thread stopped (at the deadline).
+            Err(_) => {
+                let list: Vec<String> = pending.iter().map(u64::to_string).collect();
+                return Err((
+                    pending[0],
+                    ociblk_registry::Error::ChunksTimeout {
+                        digest: job.blob.digest.to_string(),
+                        chunks: list.join(", "),
+                        timeout: job.timeout,
+                    },
+                ));
+            }
+        }
+    }
+    Ok(())
 }

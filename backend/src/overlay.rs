@@ -45,6 +45,7 @@ mod chain;
 mod file;
 pub mod format;
 pub mod layer;
+mod live;
 mod map;
 #[cfg(test)]
 mod tests;
@@ -198,6 +199,12 @@ pub enum OverlayError {
     Mismatch { path: PathBuf, what: String },
     #[error("overlay {} is in use by another process", path.display())]
     Locked { path: PathBuf },
+    #[error(
+        "overlay {} was replaced {attempts} times while it was being opened: is something \
+         freezing or re-creating it in a loop?",
+        path.display()
+    )]
+    Replaced { path: PathBuf, attempts: usize },
     #[error("overlay {}: {reason}", path.display())]
     Config { path: PathBuf, reason: FormatError },
     #[error("overlay {} is not a regular file (it is {kind})", path.display())]
@@ -458,12 +465,16 @@ impl Overlay {
         }
         let safe = self.mode == FlushMode::Safe;
         let pages = self.map.take_dirty();
+        #[cfg(test)]
+        tests::flush_step(self, "map pages taken");
         if safe {
             self.sync()?;
             if self.new_entry.load(Ordering::Relaxed) {
                 self.sync_directory()?;
                 self.new_entry.store(false, Ordering::Relaxed);
             }
+            #[cfg(test)]
+            tests::flush_step(self, "data synced");
         }
         for (i, (page, bytes)) in pages.iter().enumerate() {
             let at = self.header.map_offset + page * map::MAP_PAGE;
@@ -473,9 +484,13 @@ impl Overlay {
                 }
                 return Err(e);
             }
+            #[cfg(test)]
+            tests::flush_step(self, "a map page written");
         }
         if safe && !pages.is_empty() {
             self.sync()?;
+            #[cfg(test)]
+            tests::flush_step(self, "map synced");
         }
         Ok(())
     }
@@ -521,6 +536,9 @@ impl Overlay {
                 format::MAP_CRC_FIELD_OFFSET as u64,
             )?;
             self.sync()?;
+            // The map on disk is complete: the live map is no longer needed
+            // to recover anything.
+            live::clear(&self.file, &self.header)?;
             self.set_clean(true)?;
         }
         Ok(())

@@ -36,6 +36,17 @@ pub fn punch_hole(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
     })
 }
 
+/// Zeroes `[offset, offset + len)` and allocates it (`FALLOC_FL_ZERO_RANGE`),
+/// so that later writes through a shared mapping need no new blocks.
+pub fn zero_range(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    retry_interrupted(|| {
+        fallocate(&fd, FallocateMode::ZeroRange, true, offset, len).map_err(io::Error::from)
+    })
+}
+
 /// Whether a punch failed only because the filesystem cannot punch holes.
 pub fn unsupported(e: &io::Error) -> bool {
     matches!(

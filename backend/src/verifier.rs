@@ -16,6 +16,8 @@
 //! which verifies what it fetches too). A cached chunk that does not match
 //! (torn by a crash) is dropped from the cache and fetched once more. A
 //! chunk that cannot be fetched fails the read; a later read tries again.
+//! When a read misses several chunks, they are fetched side by side first
+//! ([`ChunkFetcher::ensure_chunks`]), under one deadline for the read.
 
 use std::fs::File;
 use std::io;
@@ -24,6 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use ociblk_layout::chunk_hashes::hex;
 use ociblk_layout::{ChunkHashes, ChunkMismatch, Layout, Source};
@@ -277,6 +280,7 @@ impl PayloadVerifier {
         let chunks = self
             .hashes
             .chunks_touching(offset..offset.saturating_add(len));
+        self.fetch_side_by_side(chunks.clone())?;
         for c in chunks {
             if let Some(t) = &self.touched {
                 t.touch(c);
@@ -286,6 +290,25 @@ impl PayloadVerifier {
             }
         }
         Ok(())
+    }
+
+    /// For a registry image, fetches the chunks of `chunks` not yet
+    /// verified that are missing from the cache, side by side and under
+    /// one deadline for the read (`--fetch-timeout`), before they are
+    /// verified one by one. One missing chunk is left to that.
+    fn fetch_side_by_side(&self, chunks: std::ops::Range<u64>) -> Result<(), VerifyError> {
+        let Some(fetch) = &self.fetch else {
+            return Ok(());
+        };
+        let unverified: Vec<u64> = chunks.filter(|&c| !self.is_verified(c)).collect();
+        if unverified.len() < 2 {
+            return Ok(());
+        }
+        let deadline = Instant::now() + fetch.fetcher.timeout();
+        fetch
+            .fetcher
+            .ensure_chunks(&fetch.blob, &unverified, deadline)
+            .map_err(|(c, source)| self.fetch_error(c, source))
     }
 
     /// Verifies chunk `c` (the miss path).

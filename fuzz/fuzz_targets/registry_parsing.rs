@@ -21,6 +21,15 @@
 //!   bytes): an accepted record lists each chunk once, with line numbers
 //!   that point at its line, and written back it parses to the same
 //!   manifest and chunks; a refusal names a line within the input.
+//! - `L` a redirect's `Location` from a loopback registry: a target that is
+//!   followed is an absolute URL without credentials, HTTPS or plain HTTP
+//!   to a loopback host only.
+//! - `T` a tag record in the cache (the raw bytes): read back only when it
+//!   is a digest (surrounding white space allowed), and `cache info` lists
+//!   the tag exactly then.
+//! - `H` an image config, for the chunk-hash tables that key a manifest's
+//!   two layers (one blob listed twice) in the cache: tables only for the
+//!   listed blob, the same on every read; a refusal names `layers[1]`.
 //!
 //! Other selector bytes pick one of these by value.
 
@@ -31,9 +40,11 @@ use std::path::Path;
 use base64::Engine as _;
 use libfuzzer_sys::fuzz_target;
 use ociblk_registry::challenge::Challenge;
+use ociblk_registry::client::{is_loopback, redirect_target};
 use ociblk_registry::credentials::parse_auth_file;
-use ociblk_registry::image::OCI_MANIFEST;
-use ociblk_registry::{AccessRecord, Digest, Manifest, Reference};
+use ociblk_registry::image::{OCI_MANIFEST, chunk_tables};
+use ociblk_registry::reference::host_name;
+use ociblk_registry::{AccessRecord, Cache, Digest, Manifest, Reference};
 
 fn check_reference(s: &str) {
     match Reference::parse(s) {
@@ -258,14 +269,90 @@ fn check_access_record(bytes: &[u8]) {
     }
 }
 
+fn check_redirect(location: &str) {
+    let from = "http://127.0.0.1:5000/v2/os/blobs/sha256:00";
+    let Ok(target) = redirect_target(&[], from, location) else {
+        return;
+    };
+    // An independent read of the URL: scheme, then the authority up to
+    // the path, query or fragment.
+    let (scheme, rest) = target
+        .split_once("://")
+        .unwrap_or_else(|| panic!("followed {target:?}, which is not absolute"));
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    assert!(!authority.contains('@'), "credentials in {target:?}");
+    match scheme {
+        "https" => {}
+        "http" => assert!(
+            is_loopback(host_name(authority)),
+            "plain HTTP to {target:?}"
+        ),
+        other => panic!("scheme {other:?} in {target:?}"),
+    }
+}
+
+fn check_tag_record(bytes: &[u8]) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cache = Cache::open(dir.path().join("cache")).expect("cache");
+    let reference = Reference::parse("127.0.0.1:5000/os:v1").expect("reference");
+    let tags = dir.path().join("cache/tags/127.0.0.1:5000/os");
+    std::fs::create_dir_all(&tags).expect("tag dir");
+    std::fs::write(tags.join(":v1"), bytes).expect("tag record");
+    let expected = std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|t| t.trim().parse::<Digest>().ok());
+    match cache.tag(&reference) {
+        Ok(d) => assert_eq!(d, expected.clone(), "{bytes:?}"),
+        Err(e) => {
+            assert!(expected.is_none() || bytes.len() > 4096, "{bytes:?}: {e}");
+            assert!(e.to_string().contains(":v1"), "{e}");
+        }
+    }
+    let listed: Vec<Digest> = cache
+        .info()
+        .expect("info")
+        .images
+        .into_iter()
+        .map(|i| i.manifest_digest)
+        .collect();
+    if bytes.len() <= 4096 {
+        assert_eq!(listed, expected.into_iter().collect::<Vec<_>>());
+    }
+}
+
+fn check_chunk_tables(config: &[u8]) {
+    let blob = Digest::of(b"payload");
+    let layer = |digest: &Digest| ociblk_registry::Layer {
+        digest: digest.clone(),
+        size: 0,
+        media_type: "application/octet-stream".into(),
+    };
+    let manifest = Manifest {
+        config: layer(&Digest::of(config)),
+        layers: vec![layer(&blob), layer(&blob)],
+    };
+    let digest = Digest::of(b"manifest");
+    match chunk_tables(&digest, &manifest, config) {
+        Ok(tables) => {
+            assert!(tables.keys().all(|d| *d == blob), "{tables:?}");
+            let again = chunk_tables(&digest, &manifest, config).expect("same config");
+            assert_eq!(tables, again);
+        }
+        Err(e) => {
+            let e = e.to_string();
+            assert!(e.contains("layers[1]") && e.contains(&digest.to_string()), "{e}");
+        }
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some((&selector, rest)) = data.split_first() else {
         return;
     };
     let text = String::from_utf8_lossy(rest);
     let selector = match selector {
-        b'R' | b'C' | b'A' | b'M' | b'D' | b'P' => selector,
-        s => [b'R', b'C', b'A', b'M', b'D', b'P'][usize::from(s % 6)],
+        b'R' | b'C' | b'A' | b'M' | b'D' | b'P' | b'L' | b'T' | b'H' => selector,
+        s => [b'R', b'C', b'A', b'M', b'D', b'P', b'L', b'T', b'H'][usize::from(s % 9)],
     };
     match selector {
         b'R' => check_reference(&text),
@@ -273,6 +360,9 @@ fuzz_target!(|data: &[u8]| {
         b'A' => check_auth_file(&text),
         b'M' => check_manifest(rest),
         b'P' => check_access_record(rest),
+        b'L' => check_redirect(&text),
+        b'T' => check_tag_record(rest),
+        b'H' => check_chunk_tables(rest),
         _ => check_digest(&text),
     }
 });

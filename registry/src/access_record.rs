@@ -178,9 +178,10 @@ impl AccessRecord {
     }
 
     /// Reads and parses the record in `path`, reading at most
-    /// [`SIZE_LIMIT`] bytes; errors name the file and line.
+    /// [`SIZE_LIMIT`] bytes; errors name the file and line. Anything but a
+    /// regular file (a FIFO, a device) is refused without waiting on it.
     pub fn read(path: &Path) -> Result<Self> {
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = crate::cache::file::open_following(path).map_err(|e| Error::io(path, e))?;
         let mut bytes = Vec::new();
         file.take(SIZE_LIMIT + 1)
             .read_to_end(&mut bytes)

@@ -1,5 +1,12 @@
 //! A blocking client for one registry host: the OCI distribution API v2
 //! over `ureq`, with token auth, a bound on requests in flight and retries.
+//!
+//! Transport rules, for every connection made (the registry, each redirect
+//! hop, each token realm): plain HTTP only to a loopback host or one given
+//! with `--insecure-registry`, anything else is refused before connecting.
+//! Redirects are followed here, not by `ureq`, so that each hop is checked
+//! and an `Authorization` goes only to the origin (scheme, host and port) it
+//! was made for: a blob redirect to storage elsewhere carries none.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -7,7 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Deserialize;
-use ureq::http::{Response, StatusCode};
+use ureq::http::{Response, StatusCode, Uri};
 use ureq::tls::{RootCerts, TlsConfig};
 use ureq::{Agent, Body};
 
@@ -26,6 +33,8 @@ const CONNECT_ATTEMPTS: u32 = 3;
 const BUSY_ATTEMPTS: u32 = 8;
 /// Largest token response read.
 const TOKEN_LIMIT: u64 = 1 << 20;
+/// Redirects followed for one request.
+const MAX_REDIRECTS: u32 = 10;
 
 /// A response together with the request slot it occupies until dropped.
 #[derive(Debug)]
@@ -46,6 +55,7 @@ pub struct RegistryClient {
     authorizations: Mutex<HashMap<String, String>>,
     limiter: Arc<Limiter>,
     timeout: Duration,
+    transport: Transport,
 }
 
 impl RegistryClient {
@@ -53,17 +63,16 @@ impl RegistryClient {
     /// exists also while its registry is down.
     pub fn new(reference: &Reference, options: &Options) -> Result<Self> {
         let host = reference.api_host().to_string();
-        let plain = is_loopback(host_name(&host))
-            || options
-                .insecure_registries
-                .iter()
-                .any(|h| *h == host || h == host_name(&host));
+        let transport = Transport {
+            insecure: options.insecure_registries.clone(),
+        };
+        let plain = transport.plain_allowed(&host);
         let scheme = if plain { "http" } else { "https" };
         let mut config = Agent::config_builder()
             .http_status_as_error(false)
-            // Keep the token on a redirect within the registry; never send
-            // it to another host (blob storage URLs carry their own grant).
-            .redirect_auth_headers(ureq::config::RedirectAuthHeaders::SameHost)
+            // Redirects are followed by `RegistryClient::call`, which checks
+            // every hop and keeps credentials to their origin.
+            .max_redirects(0)
             .https_only(!plain)
             .timeout_connect(Some(options.chunk_timeout.min(Duration::from_secs(10))))
             .user_agent(concat!("ociblk/", env!("CARGO_PKG_VERSION")))
@@ -90,6 +99,7 @@ impl RegistryClient {
             authorizations: Mutex::new(HashMap::new()),
             limiter: Limiter::for_host(&host, options.max_in_flight),
             timeout: options.chunk_timeout,
+            transport,
             host,
         })
     }
@@ -160,28 +170,31 @@ impl RegistryClient {
                     .acquire_as(deadline, priority)
                     .ok_or_else(|| timed_out("waiting for a request slot", &last))?,
             };
-            let left = deadline
-                .checked_duration_since(Instant::now())
-                .ok_or_else(|| timed_out("retrying", &last))?;
-            let mut request = self.agent.get(&url);
-            for (name, value) in headers {
-                request = request.header(*name, *value);
+            if Instant::now() >= deadline {
+                return Err(timed_out("retrying", &last));
             }
-            if let Some(auth) = self.authorization(&scope) {
-                request = request.header("Authorization", auth);
-            }
-            let result = request.config().timeout_global(Some(left)).build().call();
-            let response = match result {
-                Ok(r) => r,
-                Err(ureq::Error::Timeout(_)) => {
+            let authorization = self.authorization(&scope);
+            let answer = match self.call(&url, headers, authorization.as_deref(), deadline) {
+                Ok(answer) => answer,
+                Err(CallError::Refused(e)) => return Err(e),
+                Err(CallError::OutOfTime) => {
                     return Err(timed_out("waiting for the answer", &last));
                 }
-                Err(e @ (ureq::Error::Io(_) | ureq::Error::ConnectionFailed)) => {
+                Err(CallError::Http {
+                    error: ureq::Error::Timeout(_),
+                    ..
+                }) => {
+                    return Err(timed_out("waiting for the answer", &last));
+                }
+                Err(CallError::Http {
+                    url: failed,
+                    error: e @ (ureq::Error::Io(_) | ureq::Error::ConnectionFailed),
+                }) => {
                     connect_failures += 1;
                     last = Some(e.to_string());
                     if connect_failures >= CONNECT_ATTEMPTS {
                         return Err(Error::Http {
-                            url,
+                            url: failed,
                             source: Box::new(e),
                         });
                     }
@@ -189,15 +202,22 @@ impl RegistryClient {
                     sleep_before(retry::backoff(connect_failures - 1), deadline);
                     continue;
                 }
-                Err(e) => {
+                Err(CallError::Http { url: failed, error }) => {
                     return Err(Error::Http {
-                        url,
-                        source: Box::new(e),
+                        url: failed,
+                        source: Box::new(error),
                     });
                 }
             };
+            let Answer {
+                url: answered,
+                response,
+                from_origin,
+            } = answer;
             let status = response.status();
-            if status == StatusCode::UNAUTHORIZED && !authenticated {
+            // Only the registry's own challenge is answered: a 401 from
+            // where a redirect led gets no credentials.
+            if status == StatusCode::UNAUTHORIZED && !authenticated && from_origin {
                 authenticated = true;
                 drop(permit);
                 self.authenticate(&url, &scope, &response, deadline)?;
@@ -212,7 +232,9 @@ impl RegistryClient {
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| retry::retry_after(v, SystemTime::now()));
                 let wait = asked.unwrap_or_else(|| retry::backoff(busy_answers - 1));
-                let fits = Instant::now() + wait < deadline;
+                // The server chooses `wait`: no arithmetic on it may
+                // overflow, and no wait outlasts the request's deadline.
+                let fits = retry::fits_before(Instant::now(), wait, deadline);
                 if busy_answers >= BUSY_ATTEMPTS || !fits {
                     let detail = match asked {
                         Some(w) if !fits => format!(
@@ -223,12 +245,12 @@ impl RegistryClient {
                         _ => format!("still busy after {busy_answers} attempts"),
                     };
                     return Err(Error::Status {
-                        url,
+                        url: answered,
                         status: status.as_u16(),
                         detail,
                     });
                 }
-                tracing::info!(%url, %status, ?wait, "registry busy; retrying");
+                tracing::info!(url = %answered, %status, ?wait, "registry busy; retrying");
                 drop(response);
                 drop(permit);
                 sleep_before(wait, deadline);
@@ -236,19 +258,21 @@ impl RegistryClient {
             }
             if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
                 return Err(Error::Auth {
-                    url,
                     message: format!(
                         "HTTP {status}{}",
-                        if self.credentials.is_some() {
-                            " with the stored credentials"
+                        if !from_origin {
+                            format!(" from {answered}, where {url} redirected")
+                        } else if self.credentials.is_some() {
+                            " with the stored credentials".to_string()
                         } else {
-                            " (no credentials stored for this registry)"
+                            " (no credentials stored for this registry)".to_string()
                         }
                     ),
+                    url,
                 });
             }
             return Ok(Fetched {
-                url,
+                url: answered,
                 response,
                 _permit: permit,
             });
@@ -325,30 +349,56 @@ impl RegistryClient {
                 "token realm {realm:?} is not an http(s) URL"
             )));
         }
-        let left = deadline
-            .checked_duration_since(Instant::now())
-            .ok_or_else(|| auth_error("no time left to request a token".into()))?;
-        let mut request = self
-            .agent
-            .get(realm)
-            .query("scope", challenge.param("scope").unwrap_or(scope));
-        if let Some(service) = challenge.param("service") {
-            request = request.query("service", service);
-        }
-        if let Some(creds) = &self.credentials {
-            if realm.starts_with("http://") && !self.base.starts_with("http://") {
+        // The realm is a connection like any other: refused before it is
+        // made when the transport rules forbid it.
+        let realm_uri = self.transport.check(realm).map_err(|e| Error::Refused {
+            url: realm.to_string(),
+            message: format!("token realm named by {url}: {e}"),
+        })?;
+        // Credentials go to the realm over HTTPS, or over plain HTTP only
+        // when the realm is on the very host the user reaches the registry
+        // on over plain HTTP.
+        let basic = match &self.credentials {
+            None => None,
+            Some(creds) if realm_uri.scheme_str() == Some("https") => Some(creds.basic_header()),
+            Some(creds)
+                if self.base.starts_with("http://")
+                    && realm_uri.host().is_some_and(|h| {
+                        host_name(h).eq_ignore_ascii_case(host_name(&self.host))
+                    }) =>
+            {
+                Some(creds.basic_header())
+            }
+            Some(_) => {
                 return Err(auth_error(format!(
-                    "token realm {realm} is plain HTTP; credentials are not sent there"
+                    "token realm {realm} is plain HTTP on another host than the registry; \
+                     credentials are not sent there"
                 )));
             }
-            request = request.header("Authorization", creds.basic_header());
+        };
+        let mut query = format!(
+            "scope={}",
+            percent_encode(challenge.param("scope").unwrap_or(scope))
+        );
+        if let Some(service) = challenge.param("service") {
+            query.push_str(&format!("&service={}", percent_encode(service)));
         }
-        let mut response = request
-            .config()
-            .timeout_global(Some(left))
-            .build()
-            .call()
-            .map_err(|e| auth_error(format!("token request to {realm}: {e}")))?;
+        let separator = if realm_uri.query().is_some() {
+            '&'
+        } else {
+            '?'
+        };
+        let token_url = format!("{realm}{separator}{query}");
+        let mut response = match self.call(&token_url, &[], basic.as_deref(), deadline) {
+            Ok(answer) => answer.response,
+            Err(CallError::Refused(e)) => return Err(e),
+            Err(CallError::OutOfTime) => {
+                return Err(auth_error("no time left to request a token".into()));
+            }
+            Err(CallError::Http { error, .. }) => {
+                return Err(auth_error(format!("token request to {realm}: {error}")));
+            }
+        };
         if !response.status().is_success() {
             return Err(auth_error(format!(
                 "token request to {realm}: HTTP {}",
@@ -374,6 +424,224 @@ impl RegistryClient {
             .filter(|t| !t.is_empty())
             .ok_or_else(|| auth_error(format!("token answer from {realm} has no token")))
     }
+}
+
+impl RegistryClient {
+    /// One `GET url` with `headers`, following redirects under the
+    /// transport rules. `authorization` is sent to `url`'s origin (scheme,
+    /// host and port) only, never to another one a redirect leads to.
+    fn call(
+        &self,
+        url: &str,
+        headers: &[(&str, &str)],
+        authorization: Option<&str>,
+        deadline: Instant,
+    ) -> std::result::Result<Answer, CallError> {
+        let mut uri = self.transport.check(url).map_err(|message| {
+            CallError::Refused(Error::Refused {
+                url: url.to_string(),
+                message,
+            })
+        })?;
+        let home = Origin::of(&uri);
+        let mut url = url.to_string();
+        let mut hops = 0;
+        loop {
+            let left = deadline
+                .checked_duration_since(Instant::now())
+                .ok_or(CallError::OutOfTime)?;
+            let from_origin = Origin::of(&uri) == home;
+            let mut request = self.agent.get(&url);
+            for (name, value) in headers {
+                request = request.header(*name, *value);
+            }
+            if from_origin && let Some(auth) = authorization {
+                request = request.header("Authorization", auth);
+            }
+            let response = request
+                .config()
+                .timeout_global(Some(left))
+                .build()
+                .call()
+                .map_err(|error| CallError::Http {
+                    url: url.clone(),
+                    error,
+                })?;
+            let redirect = matches!(response.status().as_u16(), 301 | 302 | 303 | 307 | 308);
+            let location = response
+                .headers()
+                .get("location")
+                .and_then(|v| v.to_str().ok());
+            let (true, Some(location)) = (redirect, location) else {
+                return Ok(Answer {
+                    url,
+                    response,
+                    from_origin,
+                });
+            };
+            hops += 1;
+            if hops > MAX_REDIRECTS {
+                return Err(CallError::Refused(Error::Protocol {
+                    url,
+                    message: format!("more than {MAX_REDIRECTS} redirects"),
+                }));
+            }
+            let next = resolve_location(&uri, location).ok_or_else(|| {
+                CallError::Refused(Error::Protocol {
+                    url: url.clone(),
+                    message: format!("redirect to {location:?}, which is not a URL"),
+                })
+            })?;
+            uri = self.transport.check(&next).map_err(|e| {
+                CallError::Refused(Error::Refused {
+                    url: next.clone(),
+                    message: format!("redirect from {url}: {e}"),
+                })
+            })?;
+            tracing::debug!(from = %url, to = %next, "following redirect");
+            url = next;
+        }
+    }
+}
+
+/// What [`RegistryClient::call`] got: the last URL asked, its answer, and
+/// whether that URL has the origin of the first one.
+struct Answer {
+    url: String,
+    response: Response<Body>,
+    from_origin: bool,
+}
+
+/// Why [`RegistryClient::call`] got no answer.
+enum CallError {
+    /// The transport rules forbid a connection, or the redirects are bad.
+    Refused(Error),
+    /// The deadline passed before the next request could start.
+    OutOfTime,
+    /// The request to `url` failed.
+    Http { url: String, error: ureq::Error },
+}
+
+/// Which hosts may be reached over plain HTTP.
+#[derive(Clone, Debug)]
+struct Transport {
+    /// `--insecure-registry` hosts, `name` or `name:port`.
+    insecure: Vec<String>,
+}
+
+impl Transport {
+    /// Whether `authority` (`host[:port]`) may be reached over plain HTTP:
+    /// a loopback host, or one listed (by name, or name and port).
+    fn plain_allowed(&self, authority: &str) -> bool {
+        let name = host_name(authority);
+        is_loopback(name) || self.insecure.iter().any(|h| h == authority || h == name)
+    }
+
+    /// `url`, parsed, when a connection to it is allowed: an `https` URL,
+    /// or an `http` one to a host plain HTTP is allowed to. Refused is
+    /// anything else, and a URL carrying a user name or password.
+    fn check(&self, url: &str) -> std::result::Result<Uri, String> {
+        let uri: Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
+        let authority = uri
+            .authority()
+            .ok_or_else(|| "not an absolute URL".to_string())?;
+        if authority.as_str().contains('@') {
+            return Err("a URL with credentials in it is not used".into());
+        }
+        match uri.scheme_str() {
+            Some("https") => Ok(uri),
+            Some("http") if self.plain_allowed(authority.as_str()) => Ok(uri),
+            Some("http") => Err(format!(
+                "plain HTTP to {authority}, which is neither a loopback host nor an \
+                 --insecure-registry; not connecting"
+            )),
+            other => Err(format!(
+                "scheme {:?} is neither https nor http",
+                other.unwrap_or("")
+            )),
+        }
+    }
+}
+
+/// Scheme, host and port of a URL: where a credential may go.
+#[derive(Debug, PartialEq, Eq)]
+struct Origin {
+    scheme: String,
+    host: String,
+    port: Option<u16>,
+}
+
+impl Origin {
+    fn of(uri: &Uri) -> Origin {
+        let scheme = uri.scheme_str().unwrap_or("").to_ascii_lowercase();
+        let default_port = match scheme.as_str() {
+            "https" => Some(443),
+            "http" => Some(80),
+            _ => None,
+        };
+        Origin {
+            port: uri.port_u16().or(default_port),
+            host: uri.host().unwrap_or("").to_ascii_lowercase(),
+            scheme,
+        }
+    }
+}
+
+/// Where a redirect from `from` with `Location: location` leads, when the
+/// transport rules (plain HTTP only to loopback hosts and `insecure` ones)
+/// allow going there: the decision [`RegistryClient`] takes at each hop.
+pub fn redirect_target(
+    insecure: &[String],
+    from: &str,
+    location: &str,
+) -> std::result::Result<String, String> {
+    let transport = Transport {
+        insecure: insecure.to_vec(),
+    };
+    let base = transport.check(from)?;
+    let next =
+        resolve_location(&base, location).ok_or_else(|| format!("{location:?} is not a URL"))?;
+    transport.check(&next)?;
+    Ok(next)
+}
+
+/// The URL a redirect's `Location` names, relative to `base`.
+fn resolve_location(base: &Uri, location: &str) -> Option<String> {
+    let location = location.trim();
+    let has_scheme = location.split_once(':').is_some_and(|(scheme, _)| {
+        scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    });
+    if has_scheme {
+        return Some(location.to_string());
+    }
+    let scheme = base.scheme_str()?;
+    let authority = base.authority()?.as_str();
+    if let Some(rest) = location.strip_prefix("//") {
+        return Some(format!("{scheme}://{rest}"));
+    }
+    if location.starts_with('/') {
+        return Some(format!("{scheme}://{authority}{location}"));
+    }
+    let path = base.path();
+    let dir = &path[..path.rfind('/').map_or(0, |i| i + 1)];
+    Some(format!("{scheme}://{authority}{dir}{location}"))
+}
+
+/// `value` percent-encoded for a query string: every byte but the
+/// unreserved characters of RFC 3986.
+fn percent_encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Sleeps `wait`, but not past `deadline`.
@@ -409,6 +677,56 @@ mod tests {
         assert_eq!(
             base("registry.example.com/os"),
             "https://registry.example.com"
+        );
+    }
+
+    #[test]
+    fn redirect_locations_and_origins() {
+        let base: Uri = "http://127.0.0.1:5000/v2/os/blobs/sha256:ab"
+            .parse()
+            .expect("uri");
+        let resolve = |l: &str| resolve_location(&base, l).expect("resolves");
+        assert_eq!(resolve("hop"), "http://127.0.0.1:5000/v2/os/blobs/hop");
+        assert_eq!(resolve("/s/x?y=1"), "http://127.0.0.1:5000/s/x?y=1");
+        assert_eq!(resolve("//cdn.example/x"), "http://cdn.example/x");
+        assert_eq!(resolve("https://cdn.example/x"), "https://cdn.example/x");
+        let origin = |u: &str| Origin::of(&u.parse::<Uri>().expect("uri"));
+        assert_eq!(
+            origin("https://R.example/a"),
+            origin("https://r.example:443/b")
+        );
+        assert_ne!(origin("http://r.example/a"), origin("https://r.example/a"));
+        assert_ne!(
+            origin("http://127.0.0.1:5000/a"),
+            origin("http://127.0.0.1:5001/a")
+        );
+
+        let transport = Transport {
+            insecure: vec!["lab.example:5000".into(), "lab2.example".into()],
+        };
+        for allowed in [
+            "http://[::1]:80/x",
+            "http://localhost/x",
+            "http://lab.example:5000/x",
+            "http://lab2.example:81/x",
+            "https://anywhere.example/x",
+        ] {
+            transport
+                .check(allowed)
+                .unwrap_or_else(|e| panic!("{allowed}: {e}"));
+        }
+        for refused in [
+            "http://lab.example/x",
+            "http://192.0.2.1/x",
+            "ftp://127.0.0.1/x",
+            "https://user:pw@r.example/x",
+            "/relative",
+        ] {
+            assert!(transport.check(refused).is_err(), "{refused}");
+        }
+        assert_eq!(
+            percent_encode("repository:a/b:pull"),
+            "repository%3Aa%2Fb%3Apull"
         );
     }
 }

@@ -56,6 +56,20 @@ pub enum Error {
     },
     #[error("GET {url}: {message}")]
     Protocol { url: String, message: String },
+    /// A connection the transport rules forbid (plain HTTP to a host that
+    /// is neither loopback nor `--insecure-registry`), refused before it
+    /// is made.
+    #[error("GET {url}: refused: {message}")]
+    Refused { url: String, message: String },
+    #[error(
+        "blob {digest}: chunks {chunks} of one read were not all fetched within {timeout:?} \
+         (one bound for the whole read)"
+    )]
+    ChunksTimeout {
+        digest: String,
+        chunks: String,
+        timeout: Duration,
+    },
     #[error("GET {url}: authentication: {message}")]
     Auth { url: String, message: String },
     #[error("{what} {digest}: {actual} bytes, but {expected} expected")]
@@ -108,6 +122,18 @@ pub enum Error {
     },
     #[error("{}: {message}", path.display())]
     Cache { path: PathBuf, message: String },
+    #[error(
+        "cache directory {}: {message}; make it private to you (owned by you, \
+         chmod go-w) or pass --allow-insecure-cache-dir",
+        path.display()
+    )]
+    InsecureCacheDir { path: PathBuf, message: String },
+    #[error(
+        "blob {digest}: every chunk was fetched, but the blob's sha256 is {actual}: \
+         the registry serves other bytes under this digest (they stay usable only \
+         through the chunk hashes of the image that fetched them)"
+    )]
+    BlobDigest { digest: String, actual: String },
     #[error("access record {}: line {line}: {message}", path.display())]
     AccessRecord {
         path: PathBuf,
@@ -132,6 +158,18 @@ impl Error {
         }
     }
 
+    /// Whether a write to the cache failed for want of space (`ENOSPC`,
+    /// `EDQUOT`): a full file system, not bad bytes.
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            Error::Io { source, .. } => matches!(
+                source.raw_os_error(),
+                Some(libc::ENOSPC) | Some(libc::EDQUOT)
+            ),
+            _ => false,
+        }
+    }
+
     /// Whether the registry could not be reached at all (as opposed to a
     /// refusal or wrong bytes): only then may a cached image be used instead.
     pub fn is_unreachable(&self) -> bool {
@@ -143,7 +181,7 @@ impl Error {
                     | ureq::Error::HostNotFound
                     | ureq::Error::Timeout(_)
             ),
-            Error::Timeout { .. } => true,
+            Error::Timeout { .. } | Error::ChunksTimeout { .. } => true,
             Error::Status { status, .. } => matches!(status, 429 | 502 | 503 | 504),
             _ => false,
         }

@@ -1,6 +1,7 @@
 //! Opening an image in a registry: tag resolved to a digest once, manifest
 //! and config fetched or taken from the cache, verified by digest and size.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -90,7 +91,7 @@ impl RegistryImage {
                     }
                 })?;
                 manifest_digest.verify("manifest", &m, m.len() as u64)?;
-                cache.store_metadata(&manifest_digest, &m)?;
+                keep(cache.store_metadata(&manifest_digest, &m), "manifest");
                 m
             }
         };
@@ -116,11 +117,16 @@ impl RegistryImage {
                         }
                     })?;
                 config_digest.verify("config", &c, config_size)?;
-                cache.store_metadata(&config_digest, &c)?;
+                keep(cache.store_metadata(&config_digest, &c), "config");
                 c
             }
         };
-        let blobs = BlobCache::new(cache.clone(), BlobSource::new(client, repo.to_string()));
+        let tables = chunk_tables(&manifest_digest, &parsed, &config)?;
+        let blobs = BlobCache::new(
+            cache.clone(),
+            BlobSource::new(client, repo.to_string()),
+            tables,
+        );
         Ok(RegistryImage {
             reference: reference.with_digest(manifest_digest.clone()),
             manifest_digest,
@@ -163,9 +169,91 @@ fn resolve_tag(client: &RegistryClient, reference: &Reference, cache: &Cache) ->
         });
     }
     tracing::debug!(%url, %digest, "manifest");
-    cache.store_metadata(&digest, &bytes)?;
-    cache.store_tag(reference, &digest)?;
+    keep(cache.store_metadata(&digest, &bytes), "manifest");
+    keep(cache.store_tag(reference, &digest), "tag record");
     Ok(digest)
+}
+
+/// A failure to keep verified metadata in the cache costs only a warning:
+/// the image is opened from the bytes in hand (a full cache file system
+/// must not stop a start); the next start fetches them again.
+fn keep(stored: Result<()>, what: &str) {
+    if let Err(e) = stored {
+        tracing::warn!("cannot keep the {what} in the cache: {e}");
+    }
+}
+
+/// The digest of each payload blob's chunk-hash table (see
+/// [`crate::cache::BlobSpec::table_digest`]) as the config lists it
+/// (`payloads[i]` describes `layers[i]`), which keys the blob's bytes in
+/// the cache. Payloads the config does not describe well are left out: the
+/// layout refuses such an image with a better message. A blob listed twice
+/// with different chunk hashes is refused: its bytes could not be keyed.
+pub fn chunk_tables(
+    manifest_digest: &Digest,
+    manifest: &Manifest,
+    config: &[u8],
+) -> Result<HashMap<Digest, Digest>> {
+    use base64::Engine as _;
+    let mut tables: HashMap<Digest, (usize, Digest)> = HashMap::new();
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(config) else {
+        return Ok(HashMap::new());
+    };
+    let Some(payloads) = value.get("payloads").and_then(|p| p.as_array()) else {
+        return Ok(HashMap::new());
+    };
+    for (i, (layer, payload)) in manifest.layers.iter().zip(payloads).enumerate() {
+        let size = payload.get("size").and_then(|v| v.as_u64());
+        let chunk_size = payload.get("hash_chunk_size").and_then(|v| v.as_u64());
+        let hashes = payload
+            .get("chunk_hashes_sha256")
+            .and_then(|v| v.as_array())
+            .map(|hashes| {
+                hashes
+                    .iter()
+                    .map(|h| {
+                        let mut out = [0u8; 32];
+                        let text = h.as_str()?;
+                        (text.len() == 43)
+                            .then(|| {
+                                base64::engine::general_purpose::STANDARD_NO_PAD
+                                    .decode_slice(text.as_bytes(), &mut out)
+                                    .ok()
+                            })
+                            .flatten()
+                            .filter(|&n| n == 32)?;
+                        Some(out)
+                    })
+                    .collect::<Option<Vec<_>>>()
+            });
+        let (Some(size), Some(chunk_size), Some(Some(hashes))) = (size, chunk_size, hashes) else {
+            continue;
+        };
+        let table = crate::cache::BlobSpec {
+            digest: layer.digest.clone(),
+            size,
+            chunk_size,
+            chunk_sha256: hashes.into(),
+        }
+        .table_digest();
+        match tables.get(&layer.digest) {
+            Some((j, other)) if *other != table => {
+                return Err(Error::Invalid {
+                    what: format!("manifest {manifest_digest}"),
+                    field: format!("layers[{i}].digest"),
+                    message: format!(
+                        "blob {} is also layers[{j}], with other chunk hashes in the config",
+                        layer.digest
+                    ),
+                });
+            }
+            Some(_) => {}
+            None => {
+                tables.insert(layer.digest.clone(), (i, table));
+            }
+        }
+    }
+    Ok(tables.into_iter().map(|(d, (_, t))| (d, t)).collect())
 }
 
 fn get_metadata(

@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::cache::DirPolicy;
+
 /// Default bound on fetching one chunk, retries included.
 pub const DEFAULT_CHUNK_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default number of requests in flight per registry host in one process.
@@ -15,12 +17,15 @@ pub struct Options {
     /// are not loopback addresses.
     pub insecure_registries: Vec<String>,
     /// Bound on one chunk fetch or one manifest/config request, including
-    /// waiting for a slot, retries and `Retry-After` waits.
+    /// waiting for a slot, retries and `Retry-After` waits (`ociblk`
+    /// bounds the chunks of one guest read by it as a whole).
     pub chunk_timeout: Duration,
     /// Requests in flight per registry host in this process.
     pub max_in_flight: usize,
     /// The credentials file; `None` reads [`crate::credentials::default_auth_file`].
     pub auth_file: Option<PathBuf>,
+    /// Which cache directories are accepted (`--allow-insecure-cache-dir`).
+    pub cache_dir: DirPolicy,
 }
 
 impl Default for Options {
@@ -30,6 +35,7 @@ impl Default for Options {
             chunk_timeout: DEFAULT_CHUNK_TIMEOUT,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             auth_file: None,
+            cache_dir: DirPolicy::default(),
         }
     }
 }

@@ -1,6 +1,6 @@
 //! When to try a request again.
 
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 /// Longest wait between two attempts when the registry does not say.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -27,6 +27,13 @@ pub fn retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     Some(when.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
+/// Whether a wait of `wait` from `now` ends before `deadline`. `wait` may
+/// come from a server (`Retry-After`), so the sum is checked: a wait too
+/// long to add to an `Instant` does not fit.
+pub fn fits_before(now: Instant, wait: Duration, deadline: Instant) -> bool {
+    now.checked_add(wait).is_some_and(|end| end < deadline)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -44,6 +51,18 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn any_wait_a_server_asks_for_is_judged_without_overflow() {
+        let now = Instant::now();
+        let deadline = now + Duration::from_secs(2);
+        let huge = retry_after("18446744073709551615", SystemTime::now()).expect("seconds");
+        assert_eq!(huge, Duration::from_secs(u64::MAX));
+        assert!(!fits_before(now, huge, deadline));
+        assert!(!fits_before(now, Duration::MAX, deadline));
+        assert!(!fits_before(now, Duration::from_secs(2), deadline));
+        assert!(fits_before(now, Duration::from_secs(1), deadline));
     }
 
     #[test]

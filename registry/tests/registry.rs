@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use ociblk_registry::{BlobSpec, Cache, Error, Options, RegistryImage};
 use support::fixture::{Fixture, REPO_TAG, reference, temp_cache};
-use support::{Registry, write_chunk_hashes};
+use support::{Registry, Tmpfs, write_chunk_hashes};
 
 /// `ociblk-registry-fetch` filling every chunk of `blob` of [`REPO_TAG`] at
 /// `host` into the fixture's cache, checked against the `hashes` file;
@@ -616,8 +616,9 @@ fn a_fetcher_killed_mid_fill_leaves_a_cache_the_next_one_completes() {
     let hashes = write_chunk_hashes(f.dir.path(), kernel);
     let fetcher = || fetcher(&f, &proxy.host(), kernel, &hashes);
     let map_path = f.cache.dir().join(format!(
-        "blobs/sha256/{}.{}.chunks",
+        "blobs/sha256/{}.{}.{}.chunks",
         kernel.digest.hex(),
+        kernel.table_digest().hex(),
         kernel.chunk_size
     ));
     #[allow(
@@ -655,38 +656,6 @@ fn a_fetcher_killed_mid_fill_leaves_a_cache_the_next_one_completes() {
     );
     let image = f.open(&f.registry.host());
     f.assert_all_chunks_cached(&image, kernel);
-}
-
-/// A tmpfs mounted for the life of the value (root only).
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &std::path::Path, size: &str) -> Tmpfs {
-        // SAFETY: geteuid has no preconditions.
-        let euid = unsafe { libc::geteuid() };
-        assert_eq!(
-            euid, 0,
-            "this test mounts a tmpfs and must run as root (CI does); run it with sudo"
-        );
-        std::fs::create_dir_all(at).expect("create mount point");
-        let status = std::process::Command::new(support::require_tool("mount", "mount"))
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(at)
-            .status()
-            .expect("run mount");
-        assert!(
-            status.success(),
-            "mount tmpfs at {}: {status}",
-            at.display()
-        );
-        Tmpfs(at.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
 }
 
 #[test]
@@ -800,4 +769,187 @@ fn requests_in_flight_per_registry_are_bounded() {
     for i in 0..6 {
         f.assert_cached_chunk(&image, kernel, i);
     }
+}
+
+/// A child process, stopped with SIGSTOP by the test; continued and killed
+/// (by its PID) when dropped, also when the test fails.
+struct StoppedChild(std::process::Child);
+
+impl StoppedChild {
+    fn stop(child: std::process::Child) -> StoppedChild {
+        let pid = child.id().cast_signed();
+        let stopped = StoppedChild(child);
+        // SAFETY: kill has no memory effects; the PID is our unreaped child.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0, "SIGSTOP");
+        stopped
+    }
+}
+
+impl Drop for StoppedChild {
+    fn drop(&mut self) {
+        let pid = self.0.id().cast_signed();
+        // SAFETY: as above; the child is not reaped before `wait` below.
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_stopped_fetcher_holding_a_chunk_is_taken_over_after_its_lease_lapses() {
+    let f = Fixture::new();
+    let proxy = f.proxy();
+    let kernel = f.sample.payload("kernel.efi");
+    let hashes = write_chunk_hashes(f.dir.path(), kernel);
+    // The fetcher's request for chunk 5 is held in the proxy while we stop it.
+    proxy.set(|b| b.blob_delay = Duration::from_secs(5));
+    let child = fetcher(&f, &proxy.host(), kernel, &hashes)
+        .arg("5")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn fetcher");
+    let pid = child.id();
+    let options = Options {
+        chunk_timeout: Duration::from_secs(20),
+        ..Options::default()
+    };
+    let image = f.open_with(&proxy.host(), &options);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    // Holding the chunk is observable: the holder's PID and its lease.
+    while image
+        .blobs
+        .chunk_holder(kernel, 5)
+        .expect("lease")
+        .map(|h| h.0)
+        != Some(pid)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the fetcher never took chunk 5"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let stopped = StoppedChild::stop(child);
+    proxy.set(|b| b.blob_delay = Duration::ZERO);
+
+    let start = std::time::Instant::now();
+    image
+        .blobs
+        .ensure_chunk(kernel, 5)
+        .expect("chunk 5 taken over from the stopped fetcher");
+    assert!(
+        start.elapsed() < options.chunk_timeout,
+        "took {:?}",
+        start.elapsed()
+    );
+    f.assert_cached_chunk(&image, kernel, 5);
+    drop(stopped);
+}
+
+#[test]
+fn cache_directories_are_private_and_planted_symlinks_are_never_written_through() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let f = Fixture::new();
+    let mode =
+        |p: &std::path::Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    // Created 0700, subdirectories too.
+    for sub in ["", "blobs/sha256", "meta/sha256", "tags", "access/sha256"] {
+        assert_eq!(mode(&f.cache.dir().join(sub)), 0o700, "{sub}");
+    }
+    // An existing one others may write: refused, and left as it is, unless allowed.
+    let shared = f.dir.path().join("shared");
+    std::fs::create_dir(&shared).expect("mkdir");
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let err = Cache::open(&shared).expect_err("0777 cache dir");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&shared.display().to_string())
+            && msg.contains("0777")
+            && msg.contains("--allow-insecure-cache-dir"),
+        "{msg}"
+    );
+    assert_eq!(mode(&shared), 0o777);
+    let allow = ociblk_registry::cache::DirPolicy {
+        allow_insecure: true,
+    };
+    Cache::open_with(&shared, allow).expect("allowed");
+    // A subdirectory that is a symlink: refused even when allowed.
+    let elsewhere = f.dir.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).expect("mkdir");
+    std::fs::remove_dir_all(shared.join("access")).expect("rm");
+    std::os::unix::fs::symlink(&elsewhere, shared.join("access")).expect("symlink");
+    let err = Cache::open_with(&shared, allow).expect_err("symlinked subdirectory");
+    assert!(err.to_string().contains("symbolic link"), "{err}");
+
+    // Symlinks planted where the blob's data and map files go.
+    let image = f.open(&f.registry.host());
+    let kernel = f.sample.payload("kernel.efi");
+    let victim = f.dir.path().join("victim");
+    std::fs::write(&victim, b"not the cache's").expect("victim");
+    let victim_mode = mode(&victim);
+    let data = image.blobs.path(&kernel.digest);
+    std::os::unix::fs::symlink(&victim, &data).expect("plant");
+    let err = image
+        .blobs
+        .ensure_chunk(kernel, 0)
+        .expect_err("planted data");
+    assert!(err.to_string().contains("symbolic link"), "{err}");
+    std::fs::remove_file(&data).expect("unplant");
+    let map = f.cache.dir().join(format!(
+        "blobs/sha256/{}.{}.{}.chunks",
+        kernel.digest.hex(),
+        kernel.table_digest().hex(),
+        kernel.chunk_size
+    ));
+    std::fs::remove_file(&map).ok();
+    std::os::unix::fs::symlink(&victim, &map).expect("plant");
+    let err = image
+        .blobs
+        .ensure_chunk(kernel, 0)
+        .expect_err("planted map");
+    assert!(err.to_string().contains("symbolic link"), "{err}");
+    assert_eq!(std::fs::read(&victim).expect("victim"), b"not the cache's");
+    assert_eq!(mode(&victim), victim_mode);
+}
+
+#[test]
+fn a_blob_checked_whole_is_shared_read_only_with_an_image_that_disagrees_about_a_chunk() {
+    let f = Fixture::new();
+    let host = f.registry.host();
+    let kernel = f.sample.payload("kernel.efi");
+    let a = f.open(&host);
+    for i in 0..kernel.chunks() {
+        a.blobs.ensure_chunk(kernel, i).expect("chunk");
+    }
+    assert_eq!(
+        a.blobs.check_whole(kernel).expect("check"),
+        ociblk_registry::cache::Wholeness::Whole
+    );
+    // B claims the same digest with another hash for chunk 0, from another registry.
+    let other = Registry::start();
+    let altered = f
+        .sample
+        .with_chunk_changed(&f.dir.path().join("altered"), "kernel.efi", 0);
+    other.push(&altered.dir, "other/os:v1");
+    other.write_blob(&kernel.digest, 0, &altered.chunk);
+    let b = RegistryImage::open(
+        &reference(&other.host(), "other/os:v1"),
+        &f.cache,
+        &Options::default(),
+    )
+    .expect("open B");
+    assert_ne!(b.blobs.path(&kernel.digest), a.blobs.path(&kernel.digest));
+    // B finds every chunk present (the blob as checked whole), and may not
+    // replace the one its hashes disagree with.
+    assert!(b.blobs.chunk_present(&altered.blob, 0).expect("map"));
+    let err = b
+        .blobs
+        .invalidate_chunk(&altered.blob, 0)
+        .expect_err("the whole blob's chunk");
+    assert!(
+        err.to_string().contains("image's chunk hashes are wrong"),
+        "{err}"
+    );
+    b.blobs.ensure_chunk(&altered.blob, 0).expect("present");
+    f.assert_all_chunks_cached(&a, kernel);
 }

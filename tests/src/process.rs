@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use ociblk::launch::console::{Console, ConsoleSearch};
 use ociblk::launch::log::{Transcript, follow};
 use ociblk::launch::process::Process;
-use ociblk::launch::{DEFAULT_OVMF_CODE, QemuBoot, QemuCommand, QemuDisk};
+use ociblk::launch::{DEFAULT_OVMF_CODE, QemuBoot, QemuCommand, QemuDisk, Reconnect, qemu_version};
 use ociblk_client::{ClientOptions, VhostBlkClient};
 
 use crate::support::{ociblk_bin, require_tool, sample_guest, verbose, wait_until};
@@ -208,14 +208,20 @@ impl GuestConfig {
                 }
             }
         };
+        let binary = require_tool("qemu-system-x86_64");
+        let reconnect = if self.reconnect {
+            Reconnect::for_qemu(qemu_version(&binary))
+        } else {
+            Reconnect::Off
+        };
         let mut cmd = QemuCommand::new(
             QemuDisk::VhostUser {
                 socket: self.socket.clone(),
-                reconnect: self.reconnect,
+                reconnect,
             },
             boot,
         );
-        cmd.binary = require_tool("qemu-system-x86_64");
+        cmd.binary = binary;
         cmd.cpus = 2;
         cmd.memory_mib = self.memory_mib;
         cmd.queues = self.queues;

@@ -504,3 +504,76 @@ fn a_fork_whose_guests_cannot_start_stops_its_servers_and_leaves_no_node_directo
     }
     assert!(!records.exists(), "the shared name was written too");
 }
+
+#[test]
+fn a_killed_backend_is_restarted_and_the_guest_keeps_every_fsynced_byte() {
+    let _guests = one_guest_test_at_a_time();
+    let state = tempfile::tempdir().unwrap();
+    let node = "node-1";
+    let mut cluster = Cluster::launch(spec(state.path(), NodeSpec::numbered("node", 1))).unwrap();
+    cluster
+        .wait_for_console(node, SAMPLE_READY, BOOT_TIMEOUT)
+        .unwrap();
+    // Eight files of 1 MiB on the data partition's file system, each
+    // fsynced; the console says so after each (numbers computed, so that
+    // the shell's echo of the command does not match).
+    cluster
+        .send_console(
+            node,
+            &format!(
+                "mkdir -p /data && mount -t ext4 {SAMPLE_DATA_PARTITION} /data && \
+                 (for k in 1 2 3 4 5 6 7 8; do dd if=/system/data/blob.bin of=/data/f$k bs=64k \
+                 conv=fsync 2>/dev/null && echo \"fsynced-$((k+100))\" || echo \"failed-$((k+100))\"; \
+                 done; echo \"writer-$((40+2))-done\") &"
+            ),
+        )
+        .unwrap();
+    cluster
+        .wait_for_console(node, "fsynced-102", COMMAND_TIMEOUT)
+        .unwrap();
+    // The server dies while the guest writes and fsyncs.
+    let first = cluster.node(node).unwrap().serve_pid().unwrap();
+    // SAFETY: kill takes no pointers; the PID is our own child's.
+    assert_eq!(unsafe { libc::kill(pid_t(first), libc::SIGKILL) }, 0);
+    // Waiting on the console restarts it; QEMU reconnects; the writer ends.
+    let done = cluster
+        .wait_for_console(node, "writer-42-done", BOOT_TIMEOUT)
+        .unwrap();
+    assert!(!done.text.contains("failed-"), "{}", done.text);
+    let n = cluster.node(node).unwrap();
+    assert_eq!(n.serve_restarts(), 1);
+    let second = n.serve_pid().unwrap();
+    assert_ne!(first, second);
+    let check = "want=$(sha256sum < /system/data/blob.bin) && r=ok && \
+                 for k in 1 2 3 4 5 6 7 8; do \
+                 [ \"$(sha256sum < /data/f$k)\" = \"$want\" ] || r=\"f$k differs\"; done";
+    let drop_caches = "sync && echo 3 > /proc/sys/vm/drop_caches";
+    assert_eq!(
+        guest_result(&mut cluster, node, &format!("{drop_caches} && {check}")),
+        "ok"
+    );
+    assert_eq!(
+        guest_result(&mut cluster, node, "umount /data && r=unmounted"),
+        "unmounted"
+    );
+    cluster.shutdown().unwrap();
+    assert_torn_down(state.path(), &[first, second]);
+
+    // A fresh boot on the same disk finds every file.
+    let mut again = Cluster::launch(spec(state.path(), NodeSpec::numbered("node", 1))).unwrap();
+    again
+        .wait_for_console(node, SAMPLE_READY, BOOT_TIMEOUT)
+        .unwrap();
+    assert_eq!(
+        guest_result(
+            &mut again,
+            node,
+            &format!(
+                "mkdir -p /data && mount -t ext4 -o ro {SAMPLE_DATA_PARTITION} /data && {check}"
+            )
+        ),
+        "ok"
+    );
+    again.shutdown().unwrap();
+    assert_torn_down(state.path(), &[]);
+}

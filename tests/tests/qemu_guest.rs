@@ -304,6 +304,10 @@ fn data_survives_guest_reboot_and_qemu_restart() {
     assert_eq!(payload_hashes(&info), before, "payload blobs changed");
 }
 
+/// Where (in 64 KiB units of the data partition) the write completed but not
+/// flushed before the kill goes: past the in-flight writer's 64 MiB.
+const WINDOW_SEEK: u64 = 2048;
+
 /// O_DIRECT readers running across the restart in `qemu_reconnects_after_server_restart`.
 const DIRECT_READERS: u64 = 8;
 
@@ -340,6 +344,23 @@ fn qemu_reconnects_after_server_restart() {
         guest_sha256(&mut guest, &read),
         want,
         "read before the restart"
+    );
+
+    // Placed in the window the restart must not lose: a write the guest saw
+    // complete (O_DIRECT, so no page cache) with no FLUSH after it. The map
+    // on disk does not have it yet: only the server's live map does.
+    let durable = |node: &TestNode| node.overlay_info_json()["blocks_written"].as_u64().unwrap();
+    let before = durable(&node);
+    guest.run_ok(
+        &format!(
+            "dd if=/system/data/blob.bin of=/dev/{data} bs=64k seek={WINDOW_SEEK} oflag=direct 2>/dev/null"
+        ),
+        CMD,
+    );
+    assert_eq!(
+        durable(&node),
+        before,
+        "the window write was flushed before the kill: the test would prove nothing"
     );
 
     // I/O in flight across the restart: a 128 MiB reader (the ESP), eight
@@ -381,6 +402,22 @@ fn qemu_reconnects_after_server_restart() {
         server.log.text()
     );
 
+    // The guest reads its completed write back from the new server, and its
+    // next FLUSH goes there.
+    assert_eq!(
+        guest_sha256(
+            &mut guest,
+            &format!(
+                "dd if=/dev/{data} iflag=direct bs=64k skip={WINDOW_SEEK} count=16 2>/dev/null"
+            )
+        ),
+        sha256_hex(&blob),
+        "the write completed before the kill, unflushed, reads back after the restart"
+    );
+    guest.run_ok(
+        &format!("dd if=/dev/null of=/dev/{data} count=0 conv=fsync 2>/dev/null"),
+        CMD,
+    );
     let out = guest.run_ok(
         &format!(
             "wait $rp && wait $wp && for p in $dps; do wait $p || exit 1; done && \
@@ -434,6 +471,10 @@ fn qemu_reconnects_after_server_restart() {
     assert!(
         read_at(&disk, data_start + 20000 * 4096, 1 << 20) == blob,
         "the write after the restart is not in the exported overlay"
+    );
+    assert!(
+        read_at(&disk, data_start + WINDOW_SEEK * (64 << 10), blob.len()) == blob,
+        "the write completed before the kill, unflushed, is not in the exported overlay"
     );
 }
 

@@ -18,7 +18,9 @@ use ociblk_layout::{DiskParams, Layout, OsImage};
 use ociblk_registry::{AccessRecord, BlobSpec, ChunkRef};
 use ociblk_tests::node::TestNode;
 use ociblk_tests::process::Server;
-use ociblk_tests::support::{ociblk_bin, payload_disk_offsets, run_err, run_ok, wait_until};
+use ociblk_tests::support::{
+    ociblk_bin, payload_disk_offsets, run_bounded, run_err, run_ok, wait_until,
+};
 use support::fixture::REPO_TAG;
 use support::proxy::{Behaviour, Proxy};
 use support::{Registry, SampleImage};
@@ -404,7 +406,11 @@ fn torn_cached_chunk_is_fetched_again_and_served_right() {
     run_ok(Command::new(ociblk_bin()).args(["pull", &fx.reference(), "--cache", &cache_arg]));
     // What a machine crash can leave: the chunk map says present, the
     // bytes are not the chunk's.
-    let cached = fx.cache().join("blobs/sha256").join(kernel.digest.hex());
+    let cached = fx.cache().join("blobs/sha256").join(format!(
+        "{}.{}",
+        kernel.digest.hex(),
+        kernel.table_digest().hex()
+    ));
     let at = 4 * kernel.chunk_size + 10;
     let mut byte = support::read_range(&cached, at, 1);
     byte[0] ^= 0xff;
@@ -655,8 +661,9 @@ fn a_registry_ignoring_range_still_serves_the_right_bytes() {
 /// The chunks of `blob` present in the cache `cache` (its chunk map).
 fn cached_chunks(cache: &Path, blob: &BlobSpec) -> Vec<u64> {
     let map = cache.join("blobs/sha256").join(format!(
-        "{}.{}.chunks",
+        "{}.{}.{}.chunks",
         blob.digest.hex(),
+        blob.table_digest().hex(),
         blob.chunk_size
     ));
     match std::fs::read(&map) {
@@ -889,4 +896,199 @@ fn prefetch_records_for_other_images_or_past_a_blobs_end_are_refused_naming_the_
         "{err}"
     );
     assert!(!fx.socket("refused").exists());
+}
+
+/// Makes a FIFO at `path`.
+fn mkfifo(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: `c` is a valid NUL-terminated path.
+    let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+    assert_eq!(rc, 0, "mkfifo {}", path.display());
+}
+
+#[test]
+fn another_image_claiming_a_blobs_digest_never_changes_chunks_a_running_server_verified() {
+    let fx = Fixture::new();
+    let kernel = fx.sample.payload("kernel.efi").clone();
+    // Image B, in another registry: the sample's kernel digest, its chunk 0
+    // changed in the stored blob and in B's config's chunk hashes.
+    let other = Registry::start();
+    let altered = fx
+        .sample
+        .with_chunk_changed(&fx.node.dir().join("altered"), "kernel.efi", 0);
+    other.push(&altered.dir, "other/os:v1");
+    other.write_blob(&kernel.digest, 0, &altered.chunk);
+    let b_reference = format!("{}/other/os:v1", other.host());
+
+    // A verifying server of A reads (and verifies) kernel chunk 0.
+    let server = fx.serve("a", &[]);
+    let mut c = fx.connect("a");
+    let k0 = fx.disk_offset("kernel.efi", 0);
+    read_same(&fx, &mut c, k0, 64 << 10);
+
+    let cache_arg = fx.cache().display().to_string();
+    let out = run_bounded(
+        Command::new(ociblk_bin()).args(["pull", &b_reference, "--cache", &cache_arg]),
+        Duration::from_secs(120),
+    );
+
+    // A's server still serves A's bytes, and so does a new one.
+    read_same(&fx, &mut c, k0, 64 << 10);
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("serves other bytes under this digest"),
+        "pull of B did not notice its blob is not its digest:\n{text}"
+    );
+    drop(c);
+    drop(server);
+    let server = fx.serve("a-again", &[]);
+    let mut c = fx.connect("a-again");
+    read_whole_disk_same(&fx, &mut c);
+    drop(c);
+    drop(server);
+    let info =
+        run_ok(Command::new(ociblk_bin()).args(["cache", "info", "--json", "--cache", &cache_arg]));
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    let blob = info["blobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["digest"] == kernel.digest.to_string())
+        .unwrap();
+    assert_eq!(blob["chunks"].as_array().unwrap().len(), 2, "{blob}");
+}
+
+#[test]
+fn fifos_as_access_record_tag_record_or_prefetch_file_are_refused_not_waited_on() {
+    let mut fx = Fixture::new();
+    let cache_arg = fx.cache().display().to_string();
+    run_ok(Command::new(ociblk_bin()).args(["pull", &fx.reference(), "--cache", &cache_arg]));
+    let bounded = Duration::from_secs(30);
+
+    // The cache's access record of the image: a warning, then serving.
+    let record = fx
+        .cache()
+        .join("access/sha256")
+        .join(fx.sample.manifest_digest.hex());
+    mkfifo(&record);
+    let server = fx.serve("fifo-record", &[]);
+    server.wait_for_line(&["not prefetching", "a FIFO"]);
+    let mut c = fx.connect("fifo-record");
+    read_same(&fx, &mut c, 0, MIB);
+    drop(c);
+    drop(server);
+
+    // --prefetch FIFO: refused, naming it.
+    let fifo = fx.node.dir().join("prefetch.fifo");
+    mkfifo(&fifo);
+    let reference = fx.reference();
+    let out = run_bounded(
+        Command::new(ociblk_bin())
+            .args([
+                "serve", "--image", &reference, "--cache", &cache_arg, "--seed", SEED,
+            ])
+            .args(DISK)
+            .arg("--read-only")
+            .arg("--socket")
+            .arg(fx.socket("fifo-prefetch"))
+            .arg("--prefetch")
+            .arg(&fifo),
+        bounded,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&fifo.display().to_string()) && err.contains("a FIFO"),
+        "{err}"
+    );
+
+    // A FIFO tag record: cache info and gc list and collect the rest...
+    let tag = fx
+        .cache()
+        .join("tags")
+        .join(fx.proxy.host())
+        .join("monogon/os/:v1");
+    std::fs::remove_file(&tag).unwrap();
+    mkfifo(&tag);
+    for args in [
+        &["cache", "info", "--cache", &cache_arg][..],
+        &["cache", "gc", "--max-size", "1T", "--cache", &cache_arg][..],
+    ] {
+        let out = run_bounded(Command::new(ociblk_bin()).args(args), bounded);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // ... and an offline start, which needs the tag record, says what it is.
+    fx.registry.stop();
+    let out = run_bounded(
+        Command::new(ociblk_bin())
+            .args([
+                "serve", "--image", &reference, "--cache", &cache_arg, "--seed", SEED,
+            ])
+            .args(DISK)
+            .arg("--read-only")
+            .arg("--socket")
+            .arg(fx.socket("fifo-tag")),
+        bounded,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&tag.display().to_string()) && err.contains("a FIFO"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_full_cache_file_system_starts_a_cached_tag_and_pull_says_no_space() {
+    let fx = Fixture::new();
+    let small = support::Tmpfs::mount(&fx.node.dir().join("small"), "24M");
+    let cache = small.0.join("cache");
+    let cache_arg = cache.display().to_string();
+    run_ok(Command::new(ociblk_bin()).args(["pull", &fx.reference(), "--cache", &cache_arg]));
+    // Fill what is left of the file system.
+    {
+        use std::io::Write as _;
+        let mut filler = std::fs::File::create(small.0.join("filler")).unwrap();
+        let block = vec![0x5a; MIB as usize];
+        while filler.write_all(&block).is_ok() {}
+    }
+    let before = fx.proxy.log().len();
+    let server = fx.serve_in(&cache, "full", &[]);
+    let mut c = fx.connect("full");
+    read_whole_disk_same(&fx, &mut c);
+    assert_eq!(fx.blob_requests_since(before), 0, "everything was cached");
+    drop(c);
+    drop(server);
+
+    // A pull into a full cache: the chunks it cannot store are "no space".
+    let empty = small.0.join("empty-cache");
+    let out = run_bounded(
+        Command::new(ociblk_bin()).args([
+            "pull",
+            &fx.reference(),
+            "--cache",
+            &empty.display().to_string(),
+        ]),
+        Duration::from_secs(120),
+    );
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(!out.status.success());
+    assert!(
+        stdout.contains("NO SPACE") && !stdout.contains("BAD"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("no space left on the cache's file system")
+            && !stderr.contains("could not be verified"),
+        "{stderr}"
+    );
+    drop(small);
 }

@@ -9,6 +9,9 @@ use clap::{Args, Subcommand};
 use ociblk_layout::parse_size;
 use serde_json::json;
 
+use ociblk_registry::Options;
+use ociblk_registry::cache::DirPolicy;
+
 use crate::image_source::RegistrySettings;
 
 #[derive(Debug, Args)]
@@ -29,6 +32,10 @@ pub enum CacheCommand {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Read a cache directory although another user owns it or group
+        /// or others may write it.
+        #[arg(long)]
+        allow_insecure_cache_dir: bool,
     },
     /// Remove payload blobs, least recently used first, until they take at
     /// most SIZE on disk. A blob that an ociblk process has open stays.
@@ -39,13 +46,20 @@ pub enum CacheCommand {
         /// Bytes of payload blobs to keep at most (K/M/G/T or KiB/MiB/GiB/TiB).
         #[arg(long, value_parser = parse_size, value_name = "SIZE")]
         max_size: u64,
+        /// Collect a cache directory although another user owns it or group
+        /// or others may write it.
+        #[arg(long)]
+        allow_insecure_cache_dir: bool,
     },
 }
 
-fn open(cache: &Option<PathBuf>) -> Result<ociblk_registry::Cache> {
+fn open(cache: &Option<PathBuf>, allow_insecure: bool) -> Result<ociblk_registry::Cache> {
     let settings = RegistrySettings {
         cache: cache.clone(),
-        options: Default::default(),
+        options: Options {
+            cache_dir: DirPolicy { allow_insecure },
+            ..Options::default()
+        },
     };
     Ok(settings.open_cache()?)
 }
@@ -59,8 +73,12 @@ fn age(t: SystemTime) -> String {
 
 pub fn run(args: &CacheArgs) -> Result<()> {
     match &args.command {
-        CacheCommand::Info { cache, json } => {
-            let cache = open(cache)?;
+        CacheCommand::Info {
+            cache,
+            json,
+            allow_insecure_cache_dir,
+        } => {
+            let cache = open(cache, *allow_insecure_cache_dir)?;
             let info = cache
                 .info()
                 .with_context(|| format!("cannot read cache {}", cache.dir().display()))?;
@@ -87,6 +105,7 @@ pub fn run(args: &CacheArgs) -> Result<()> {
                                 "present": present,
                                 "total": total,
                             })).collect::<Vec<_>>(),
+                            "whole": b.whole,
                             "last_used_unix": unix(b.last_used),
                         })).collect::<Vec<_>>(),
                         "access_records": info.access_records.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
@@ -109,11 +128,16 @@ pub fn run(args: &CacheArgs) -> Result<()> {
                     .map(|(size, present, total)| format!("{present}/{total} chunks of {size}"))
                     .collect();
                 println!(
-                    "  {}  {} bytes, {} on disk, {}, used {}",
+                    "  {}  {} bytes, {} on disk, {}{}, used {}",
                     b.digest,
                     b.size,
                     b.allocated,
                     chunks.join(", "),
+                    if b.whole {
+                        ", whole (matches its digest)"
+                    } else {
+                        ""
+                    },
                     age(b.last_used)
                 );
             }
@@ -129,8 +153,12 @@ pub fn run(args: &CacheArgs) -> Result<()> {
                 info.metadata_bytes
             );
         }
-        CacheCommand::Gc { cache, max_size } => {
-            let cache = open(cache)?;
+        CacheCommand::Gc {
+            cache,
+            max_size,
+            allow_insecure_cache_dir,
+        } => {
+            let cache = open(cache, *allow_insecure_cache_dir)?;
             let report = cache
                 .gc(*max_size)
                 .with_context(|| format!("cannot collect cache {}", cache.dir().display()))?;

@@ -249,6 +249,7 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
         for (node, status) in cluster.poll_exits() {
             info!(node, "QEMU exited ({status})");
         }
+        cluster.restart_dead_servers()?;
         if cluster.running_guests() == 0 {
             info!("every guest has exited");
             break;

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use ociblk_layout::{DiskParams, Guid, Layout, parse_size};
 use ociblk_registry::Options;
+use ociblk_registry::cache::DirPolicy;
 
 use crate::image_source::{LoadedImage, RegistrySettings, open_image};
 
@@ -23,11 +24,17 @@ pub struct RegistryArgs {
     /// may use HTTP.
     #[arg(long = "insecure-registry", value_name = "HOST")]
     pub insecure_registries: Vec<String>,
-    /// Seconds one chunk fetch may take, waiting and retries included; a
-    /// guest read of a chunk not fetched in time gets an I/O error.
+    /// Seconds fetching the chunks one read needs may take (they are
+    /// fetched side by side), waiting and retries included; a guest read
+    /// whose chunks are not fetched in time gets an I/O error.
     #[arg(long, value_name = "SECONDS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub fetch_timeout: u64,
+    /// Use an existing cache directory although another user owns it or
+    /// group or others may write it (refused otherwise: whoever can write
+    /// the cache can plant files in it).
+    #[arg(long)]
+    pub allow_insecure_cache_dir: bool,
 }
 
 impl RegistryArgs {
@@ -37,6 +44,9 @@ impl RegistryArgs {
             options: Options {
                 insecure_registries: self.insecure_registries.clone(),
                 chunk_timeout: Duration::from_secs(self.fetch_timeout),
+                cache_dir: DirPolicy {
+                    allow_insecure: self.allow_insecure_cache_dir,
+                },
                 ..Options::default()
             },
         }

@@ -9,14 +9,16 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use super::launch::MachineArgs;
-use crate::launch::{QemuBoot, QemuCommand, QemuDisk};
+use crate::launch::{QemuBoot, QemuCommand, QemuDisk, Reconnect, qemu_version};
 
 #[derive(Debug, Args)]
 pub struct QemuCommandArgs {
     /// The vhost-user socket of the node's `ociblk serve`.
     #[arg(long, value_name = "PATH", required_unless_present = "image")]
     pub socket: Option<PathBuf>,
-    /// Reconnect to a restarted backend.
+    /// Reconnect to a restarted backend, as `ociblk launch` does: printed as
+    /// `reconnect-ms=1000` for a QEMU (--qemu) of 9.2 or later, else
+    /// `reconnect=1`.
     #[arg(long, requires = "socket")]
     pub reconnect: bool,
     /// Instead of a socket: boot QEMU's own virtio-blk from this image file
@@ -41,7 +43,11 @@ impl QemuCommandArgs {
         let disk = match (&self.socket, &self.image) {
             (Some(socket), _) => QemuDisk::VhostUser {
                 socket: socket.clone(),
-                reconnect: self.reconnect,
+                reconnect: if self.reconnect {
+                    Reconnect::for_qemu(qemu_version(&self.machine.qemu))
+                } else {
+                    Reconnect::Off
+                },
             },
             (None, Some(path)) => QemuDisk::Image {
                 path: path.clone(),
@@ -103,7 +109,7 @@ mod tests {
             cmd.disk,
             QemuDisk::VhostUser {
                 socket: "/s".into(),
-                reconnect: false
+                reconnect: Reconnect::Off
             }
         );
         assert_eq!(cmd.cpus, 2);

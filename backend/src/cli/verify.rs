@@ -33,6 +33,8 @@ pub struct Summary {
     pub chunks: u64,
     pub bytes: u64,
     pub bad: u64,
+    /// Chunks fetched but not stored: the cache's file system is full.
+    pub no_space: u64,
     /// Compressed payloads, whose chunks are not checked.
     pub unchecked: usize,
     pub elapsed: Duration,
@@ -47,16 +49,31 @@ impl Summary {
             self.bytes,
             self.payloads,
             self.bytes as f64 / 1e9 / secs.max(1e-9),
-            if self.bad == 0 {
-                "all match".to_owned()
-            } else {
-                format!("{} bad", self.bad)
+            match (self.bad, self.no_space) {
+                (0, 0) => "all match".to_owned(),
+                (bad, 0) => format!("{bad} bad"),
+                (0, full) => format!("{full} not stored (no space)"),
+                (bad, full) => format!("{bad} bad, {full} not stored (no space)"),
             }
         )
     }
 
     /// Fails when a chunk was bad or a payload could not be checked.
     pub fn result(&self, loaded: &LoadedImage) -> Result<()> {
+        if self.no_space > 0 {
+            bail!(
+                "{} of {} chunks of {} could not be stored: no space left on the cache's \
+                 file system (free some, or `ociblk cache gc`){}",
+                self.no_space,
+                self.chunks,
+                loaded.origin.display(),
+                if self.bad > 0 {
+                    format!("; {} more could not be verified", self.bad)
+                } else {
+                    String::new()
+                }
+            );
+        }
         if self.bad > 0 {
             bail!(
                 "{} of {} chunks of {} could not be verified against the image's chunk hashes",
@@ -126,14 +143,23 @@ pub fn check_every_chunk(loaded: &LoadedImage) -> Result<Summary> {
             let range = hashes.range(c);
             if let Err(e) = verifier.verify(&file, c) {
                 let line = match &e {
-                    VerifyError::Fetch { source, .. } => format!("BAD {e}: {source}"),
-                    _ => format!("BAD {e}"),
+                    VerifyError::Fetch { source, .. } if source.is_no_space() => {
+                        summary.no_space += 1;
+                        format!("NO SPACE {e}")
+                    }
+                    VerifyError::Fetch { source, .. } => {
+                        summary.bad += 1;
+                        format!("BAD {e}: {source}")
+                    }
+                    _ => {
+                        summary.bad += 1;
+                        format!("BAD {e}")
+                    }
                 };
                 match &progress {
                     Some(bar) => bar.println(line),
                     None => println!("{line}"),
                 }
-                summary.bad += 1;
             }
             summary.chunks += 1;
             summary.bytes += range.end - range.start;

@@ -250,13 +250,23 @@ fn write_stderr(out: &[u8]) {
 /// whatever the umask lets through; one an earlier launch left gets that
 /// mode too. A symbolic link at `path` is refused, not followed.
 pub fn create_log_file(path: &Path) -> io::Result<File> {
-    let file = OpenOptions::new()
-        .write(true)
+    open_log_file(path, false)
+}
+
+/// [`create_log_file`], or with `append` the log file at `path` opened
+/// for appending (created if missing), with the same mode.
+pub fn open_log_file(path: &Path, append: bool) -> io::Result<File> {
+    let mut options = OpenOptions::new();
+    options
         .create(true)
-        .truncate(true)
         .mode(LOG_MODE)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)?;
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
+    if append {
+        options.append(true);
+    } else {
+        options.write(true).truncate(true);
+    }
+    let file = options.open(path)?;
     file.set_permissions(fs::Permissions::from_mode(LOG_MODE))?;
     Ok(file)
 }
@@ -327,9 +337,20 @@ mod tests {
             assert_eq!(meta.permissions().mode() & 0o777, LOG_MODE);
             assert_eq!(meta.len(), 0);
         }
+        // A restarted server's log is appended to, and private too.
+        fs::write(&old, b"first server\n").unwrap();
+        fs::set_permissions(&old, fs::Permissions::from_mode(0o644)).unwrap();
+        let mut appended = open_log_file(&old, true).unwrap();
+        appended.write_all(b"second server\n").unwrap();
+        assert_eq!(fs::read(&old).unwrap(), b"first server\nsecond server\n");
+        assert_eq!(
+            fs::metadata(&old).unwrap().permissions().mode() & 0o777,
+            LOG_MODE
+        );
         let link = dir.path().join("link.log");
         std::os::unix::fs::symlink(&old, &link).unwrap();
         create_log_file(&link).unwrap_err();
+        open_log_file(&link, true).unwrap_err();
     }
 
     fn deadline() -> Instant {

@@ -41,7 +41,7 @@ pub use node::{
     QEMU_PID_FILE, SERVE_LOG_FILE, SERVE_PID_FILE, SOCKET_FILE, TPM_LOG_FILE, TPM_PID_FILE,
     TPM_SOCKET_FILE, TPM_STATE_DIR,
 };
-pub use qemu::{QemuBoot, QemuCommand, QemuDisk, QemuNetwork};
+pub use qemu::{QemuBoot, QemuCommand, QemuDisk, QemuNetwork, Reconnect, qemu_version};
 
 pub use network::NetworkSpec;
 
@@ -426,6 +426,15 @@ pub struct Cluster {
     torn_down: bool,
 }
 
+/// Restarts the `ociblk serve` of every node whose server exited while its
+/// guest runs (see `Node::restart_dead_serve`).
+fn restart_dead_servers(nodes: &mut [Node]) -> Result<(), LaunchError> {
+    for node in nodes {
+        node.restart_dead_serve()?;
+    }
+    Ok(())
+}
+
 impl Cluster {
     /// Starts every node's backend and, once its socket accepts a
     /// connection, its QEMU; returns when every QEMU survived its first
@@ -463,13 +472,20 @@ impl Cluster {
             cluster.nodes.push(node);
             started?;
         }
-        cluster.start_guests(&spec)?;
+        // QEMU reconnects to a restarted backend; the option's spelling
+        // depends on its version.
+        let reconnect = Reconnect::for_qemu(qemu_version(&spec.qemu.binary));
+        cluster.start_guests(&spec, reconnect)?;
         cluster.settle()?;
         Ok(cluster)
     }
 
     /// Starts each node's QEMU as soon as its backend is ready.
-    fn start_guests(&mut self, spec: &ClusterSpec) -> Result<(), LaunchError> {
+    fn start_guests(
+        &mut self,
+        spec: &ClusterSpec,
+        reconnect: Reconnect,
+    ) -> Result<(), LaunchError> {
         let deadline = Instant::now() + spec.socket_timeout;
         let mut waiting: Vec<usize> = (0..self.nodes.len()).collect();
         while !waiting.is_empty() {
@@ -478,7 +494,7 @@ impl Cluster {
             for i in waiting {
                 let node = &mut self.nodes[i];
                 if node.poll_backend(self.started, deadline, spec.socket_timeout)? {
-                    node.start_qemu(spec, self.started)?;
+                    node.start_qemu(spec, self.started, reconnect)?;
                 } else {
                     still_waiting.push(i);
                 }
@@ -498,6 +514,7 @@ impl Cluster {
             for node in &mut self.nodes {
                 node.check_qemu()?;
             }
+            restart_dead_servers(&mut self.nodes)?;
             self.check_cancel()?;
             if Instant::now() >= deadline {
                 return Ok(());
@@ -573,6 +590,7 @@ impl Cluster {
         let mut found: Vec<Option<ConsoleMatch>> = vec![None; nodes.len()];
         loop {
             self.check_cancel()?;
+            restart_dead_servers(&mut self.nodes)?;
             let mut missing = None;
             for (slot, &i) in found.iter_mut().zip(nodes) {
                 if slot.is_some() {
@@ -611,6 +629,15 @@ impl Cluster {
             .collect()
     }
 
+    /// Restarts every node's `ociblk serve` that exited while its guest
+    /// runs, on the same overlay and socket (QEMU reconnects; every write
+    /// the server completed is kept), at most a few times per node. Waiting
+    /// for a console and powering off do this on their own; a caller that
+    /// only watches the cluster calls it every poll.
+    pub fn restart_dead_servers(&mut self) -> Result<(), LaunchError> {
+        restart_dead_servers(&mut self.nodes)
+    }
+
     /// How many guests are still running.
     pub fn running_guests(&mut self) -> usize {
         self.nodes
@@ -634,6 +661,7 @@ impl Cluster {
         }
         loop {
             self.check_cancel()?;
+            restart_dead_servers(&mut self.nodes)?;
             let running: Vec<String> = self
                 .nodes
                 .iter_mut()

@@ -1,6 +1,7 @@
 //! One node of a cluster: its state directory, its `ociblk serve` backend
 //! and its QEMU guest.
 
+use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
@@ -17,9 +18,9 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use super::console::{Console, ConsoleSearch};
-use super::log::{Transcript, create_log_file, follow};
+use super::log::{Transcript, create_log_file, follow, open_log_file};
 use super::process::{Process, Stopped};
-use super::qemu::{QemuBoot, QemuCommand, QemuDisk, QemuNetwork};
+use super::qemu::{QemuBoot, QemuCommand, QemuDisk, QemuNetwork, Reconnect};
 use super::{ClusterSpec, LaunchError, NodeSpec, TpmSpec, network};
 use crate::server::daemon::{lock_path, temp_socket_prefix};
 use crate::sys::try_lock_exclusive;
@@ -99,7 +100,24 @@ pub struct Node {
     exit_reported: bool,
     /// The backend's early exit was already reported as a launch error.
     serve_exit_reported: bool,
+    /// How `ociblk serve` was started, for restarts.
+    serve_command: Option<ServeCommand>,
+    /// Restarts of `ociblk serve` after it exited unexpectedly.
+    serve_restarts: u32,
 }
+
+/// The `ociblk serve` command of a node.
+#[derive(Debug, Clone)]
+struct ServeCommand {
+    binary: PathBuf,
+    args: Vec<OsString>,
+    /// Prefix of its output echoed to stderr, if echoing.
+    echo: Option<String>,
+}
+
+/// How often a node's `ociblk serve` that exits unexpectedly is restarted
+/// before its exit fails the launch.
+pub const MAX_SERVE_RESTARTS: u32 = 3;
 
 impl Node {
     /// Creates the node's state directory and its OVMF variable store
@@ -171,6 +189,8 @@ impl Node {
             _lock: lock,
             exit_reported: false,
             serve_exit_reported: false,
+            serve_command: None,
+            serve_restarts: 0,
         })
     }
 
@@ -252,7 +272,20 @@ impl Node {
         echo_prefix: Option<String>,
         thread_name: &str,
     ) -> Result<(), LaunchError> {
-        let log = create_log_file(file).map_err(|source| LaunchError::NodeFiles {
+        self.follow_output_to(source, file, false, transcript, echo_prefix, thread_name)
+    }
+
+    /// [`Node::follow_output`], appending to the log with `append`.
+    fn follow_output_to(
+        &mut self,
+        source: io::PipeReader,
+        file: &Path,
+        append: bool,
+        transcript: &Arc<Transcript>,
+        echo_prefix: Option<String>,
+        thread_name: &str,
+    ) -> Result<(), LaunchError> {
+        let log = open_log_file(file, append).map_err(|source| LaunchError::NodeFiles {
             node: self.name.clone(),
             action: "creating",
             path: file.to_owned(),
@@ -281,23 +314,38 @@ impl Node {
         spec: &ClusterSpec,
         node: &NodeSpec,
     ) -> Result<(), LaunchError> {
+        let mut args: Vec<OsString> = vec!["serve".into(), "--image".into()];
+        args.push(spec.image.clone().into());
+        args.extend(["--seed".into(), self.name.clone().into(), "--socket".into()]);
+        args.push(self.socket().into());
+        args.push("--overlay".into());
+        args.push(self.overlay().into());
+        args.extend(["--queues".into(), spec.queues.to_string().into()]);
+        args.extend(
+            super::node_serve_args(&spec.serve_args, &self.name)
+                .into_iter()
+                .map(OsString::from),
+        );
+        args.extend(node.serve_args.iter().map(OsString::from));
+        self.serve_command = Some(ServeCommand {
+            binary: spec.ociblk_binary.clone(),
+            args,
+            echo: spec.echo.then(|| format!("[{} serve] ", self.name)),
+        });
+        self.spawn_serve(false)
+    }
+
+    /// Starts the node's `ociblk serve` as [`Node::start_serve`] set it up;
+    /// `again`: a restart, whose output goes on at the end of the log.
+    fn spawn_serve(&mut self, again: bool) -> Result<(), LaunchError> {
         const PROGRAM: &str = "ociblk serve";
-        let spawn_error = || self.spawn_error(PROGRAM, &spec.ociblk_binary);
+        let Some(command) = self.serve_command.clone() else {
+            return Ok(());
+        };
+        let spawn_error = || self.spawn_error(PROGRAM, &command.binary);
         let (output, output_writer) = io::pipe().map_err(spawn_error())?;
-        let mut cmd = Command::new(&spec.ociblk_binary);
-        cmd.arg("serve")
-            .arg("--image")
-            .arg(&spec.image)
-            .arg("--seed")
-            .arg(&self.name)
-            .arg("--socket")
-            .arg(self.socket())
-            .arg("--overlay")
-            .arg(self.overlay())
-            .arg("--queues")
-            .arg(spec.queues.to_string())
-            .args(super::node_serve_args(&spec.serve_args, &self.name))
-            .args(&node.serve_args)
+        let mut cmd = Command::new(&command.binary);
+        cmd.args(&command.args)
             .stdin(Stdio::null())
             .stdout(output_writer.try_clone().map_err(spawn_error())?)
             .stderr(output_writer);
@@ -314,9 +362,62 @@ impl Node {
         drop(cmd);
         info!(node = %self.name, pid = serve.pid(), "started ociblk serve");
         self.serve = Some(serve);
-        let echo = spec.echo.then(|| format!("[{} serve] ", self.name));
+        self.serve_exit_reported = false;
         let transcript = Arc::clone(&self.serve_output);
-        self.follow_output(output, &self.serve_log(), &transcript, echo, "serve")
+        let log = self.serve_log();
+        self.follow_output_to(output, &log, again, &transcript, command.echo, "serve")
+    }
+
+    /// Restarts the node's `ociblk serve` if it exited while its guest
+    /// runs: on the same overlay and socket, so that QEMU (which runs with
+    /// `reconnect`) finds it again and the guest goes on. Every write the
+    /// dead server completed is in its overlay's live map. At most
+    /// [`MAX_SERVE_RESTARTS`] times; then its exit is an error. Returns
+    /// whether it restarted the server.
+    pub(super) fn restart_dead_serve(&mut self) -> Result<bool, LaunchError> {
+        let Some(serve) = self.serve.as_mut() else {
+            return Ok(false);
+        };
+        let status = match serve.try_exit() {
+            Ok(None) => return Ok(false),
+            Ok(Some(status)) => status,
+            Err(source) => {
+                return Err(LaunchError::Wait {
+                    node: self.name.clone(),
+                    program: "ociblk serve",
+                    source,
+                });
+            }
+        };
+        if self.serve_exit_reported || !self.guest_running() {
+            // Reported already, or nothing needs the disk: teardown tells.
+            return Ok(false);
+        }
+        if self.serve_restarts >= MAX_SERVE_RESTARTS {
+            self.serve_exit_reported = true;
+            self.serve_output.wait_closed(Instant::now() + OUTPUT_DRAIN);
+            return Err(LaunchError::ServeExited {
+                node: self.name.clone(),
+                status: format!("{status}, after {MAX_SERVE_RESTARTS} restarts"),
+                log: self.serve_log(),
+                tail: self.serve_output.tail(TAIL_LINES),
+            });
+        }
+        self.serve_restarts += 1;
+        warn!(
+            node = %self.name,
+            %status,
+            restart = self.serve_restarts,
+            of = MAX_SERVE_RESTARTS,
+            "ociblk serve exited unexpectedly; restarting it on the same overlay and socket"
+        );
+        self.spawn_serve(true)?;
+        Ok(true)
+    }
+
+    /// Times this node's `ociblk serve` was restarted.
+    pub fn serve_restarts(&self) -> u32 {
+        self.serve_restarts
     }
 
     /// Checks once whether the backend is ready: its socket accepts a
@@ -370,6 +471,7 @@ impl Node {
         &mut self,
         spec: &ClusterSpec,
         started: Instant,
+        reconnect: Reconnect,
     ) -> Result<(), LaunchError> {
         if let Some(tpm) = &spec.tpm {
             self.start_tpm(tpm, spec.socket_timeout)?;
@@ -377,7 +479,7 @@ impl Node {
         const PROGRAM: &str = "QEMU";
         let spawn_error = || self.spawn_error(PROGRAM, &spec.qemu.binary);
         let (output, output_writer) = io::pipe().map_err(spawn_error())?;
-        let mut cmd = self.qemu_command(spec);
+        let mut cmd = self.qemu_command(spec, reconnect);
         cmd.stdin(Stdio::piped())
             .stdout(output_writer.try_clone().map_err(spawn_error())?)
             .stderr(output_writer);
@@ -495,7 +597,7 @@ impl Node {
         Ok(())
     }
 
-    fn qemu_command(&self, spec: &ClusterSpec) -> Command {
+    fn qemu_command(&self, spec: &ClusterSpec, reconnect: Reconnect) -> Command {
         let qemu = &spec.qemu;
         let network = spec.network.as_ref().map(|network| QemuNetwork {
             group: network.group.to_string(),
@@ -510,9 +612,11 @@ impl Node {
             accel: qemu.accel.clone(),
             cpus: qemu.cpus,
             memory_mib: qemu.memory_mib,
+            // A backend that dies is restarted (`restart_dead_serve`); the
+            // guest keeps running across it.
             disk: QemuDisk::VhostUser {
                 socket: self.socket(),
-                reconnect: false,
+                reconnect,
             },
             queues: spec.queues,
             boot: QemuBoot::Uefi {

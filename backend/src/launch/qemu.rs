@@ -31,14 +31,61 @@ pub struct QemuNetwork {
     pub uplink_mac: Option<String>,
 }
 
+/// Whether and how QEMU reconnects to a vhost-user backend that went away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reconnect {
+    /// Never: a backend that exits ends the disk.
+    Off,
+    /// Every second, as QEMU before 9.2 spells it (`reconnect=1`).
+    Seconds,
+    /// Every second, as QEMU 9.2 and later spell it (`reconnect-ms=1000`;
+    /// `reconnect` is deprecated there).
+    Millis,
+}
+
+impl Reconnect {
+    /// The reconnect option a QEMU of `version` (major, minor) takes; an
+    /// unknown version gets the spelling every QEMU before 9.2 knows.
+    pub fn for_qemu(version: Option<(u32, u32)>) -> Reconnect {
+        match version {
+            Some(v) if v >= (9, 2) => Reconnect::Millis,
+            _ => Reconnect::Seconds,
+        }
+    }
+
+    /// The `-chardev socket` option, if any.
+    fn chardev_option(self) -> Option<&'static str> {
+        match self {
+            Reconnect::Off => None,
+            Reconnect::Seconds => Some(",reconnect=1"),
+            Reconnect::Millis => Some(",reconnect-ms=1000"),
+        }
+    }
+}
+
+/// The version of the QEMU at `binary` (`QEMU emulator version X.Y.Z`), if
+/// it runs and says.
+pub fn qemu_version(binary: &Path) -> Option<(u32, u32)> {
+    let out = Command::new(binary).arg("--version").output().ok()?;
+    parse_qemu_version(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn parse_qemu_version(text: &str) -> Option<(u32, u32)> {
+    let rest = text.split("QEMU emulator version ").nth(1)?;
+    let mut parts = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .map(str::parse::<u32>);
+    Some((parts.next()?.ok()?, parts.next()?.ok()?))
+}
+
 /// The guest's boot disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum QemuDisk {
     /// A vhost-user-blk device on a backend's Unix socket.
     VhostUser {
         socket: PathBuf,
-        /// Reconnect to a backend that restarts (after a second).
-        reconnect: bool,
+        /// Whether QEMU reconnects to a backend that restarts.
+        reconnect: Reconnect,
     },
     /// QEMU's own virtio-blk on an image file, for comparisons. Writes are
     /// never flushed to the file (`cache=unsafe`): a throwaway disk.
@@ -124,8 +171,8 @@ impl QemuCommand {
         match &self.disk {
             QemuDisk::VhostUser { socket, reconnect } => {
                 let mut chardev = option_value(&format!("socket,id={DISK_ID},path="), socket);
-                if *reconnect {
-                    chardev.push(",reconnect=1");
+                if let Some(option) = reconnect.chardev_option() {
+                    chardev.push(option);
                 }
                 push(&[
                     "-chardev".into(),
@@ -259,6 +306,40 @@ mod tests {
     }
 
     #[test]
+    fn reconnect_is_spelt_as_the_qemu_in_use_takes_it() {
+        assert_eq!(
+            parse_qemu_version("QEMU emulator version 7.2.19 (Debian 1:7.2+dfsg-7+deb12u16)\n"),
+            Some((7, 2))
+        );
+        assert_eq!(
+            parse_qemu_version("QEMU emulator version 10.0.2\n"),
+            Some((10, 0))
+        );
+        assert_eq!(parse_qemu_version("something else"), None);
+        assert_eq!(Reconnect::for_qemu(Some((7, 2))), Reconnect::Seconds);
+        assert_eq!(Reconnect::for_qemu(Some((9, 1))), Reconnect::Seconds);
+        assert_eq!(Reconnect::for_qemu(Some((9, 2))), Reconnect::Millis);
+        assert_eq!(Reconnect::for_qemu(Some((10, 0))), Reconnect::Millis);
+        assert_eq!(Reconnect::for_qemu(None), Reconnect::Seconds);
+        let mut cmd = QemuCommand::new(
+            QemuDisk::VhostUser {
+                socket: "/s".into(),
+                reconnect: Reconnect::Millis,
+            },
+            QemuBoot::Uefi {
+                code: "/c".into(),
+                vars: "/v".into(),
+            },
+        );
+        assert!(text(&cmd).contains("-chardev socket,id=disk0,path=/s,reconnect-ms=1000 "));
+        cmd.disk = QemuDisk::VhostUser {
+            socket: "/s".into(),
+            reconnect: Reconnect::Off,
+        };
+        assert!(text(&cmd).contains("-chardev socket,id=disk0,path=/s "));
+    }
+
+    #[test]
     fn commas_in_paths_are_doubled_for_qemu() {
         assert_eq!(
             option_value("file=", Path::new("/a,b/c")),
@@ -271,7 +352,7 @@ mod tests {
         let mut cmd = QemuCommand::new(
             QemuDisk::VhostUser {
                 socket: "/s/node.sock".into(),
-                reconnect: true,
+                reconnect: Reconnect::Seconds,
             },
             QemuBoot::Uefi {
                 code: "/fw/code.fd".into(),
@@ -299,7 +380,7 @@ mod tests {
         let mut cmd = QemuCommand::new(
             QemuDisk::VhostUser {
                 socket: "/s/node.sock".into(),
-                reconnect: false,
+                reconnect: Reconnect::Off,
             },
             QemuBoot::Uefi {
                 code: "/fw/code.fd".into(),

@@ -18,7 +18,7 @@ use super::format::{
 use super::map::{BlockMap, MAP_CHUNK, StateCounts};
 use super::{
     FlushMode, MapCheck, OVERLAY_MODE, Overlay, OverlayConfig, OverlayError, OverlayInfo, STRIPES,
-    io_err,
+    io_err, live,
 };
 use crate::sys;
 
@@ -76,7 +76,7 @@ impl Overlay {
                     (header, chain)
                 }
                 Some(what) => {
-                    let (counts, _) = read_counts(&file, path, &header)?;
+                    let counts = current_counts(&file, path, &header, len)?;
                     check_unused(path, &header, &counts, what)?;
                     let chain = given.take().unwrap_or_default();
                     tracing::info!(path = %path.display(), "re-creating unused overlay for another disk");
@@ -92,11 +92,25 @@ impl Overlay {
             // node's disk would lose the layers.
             make_durable(&file, path)?;
         }
-        // A new map is all `Base`: nothing to read.
+        // The block states live in the live map region from here on (see
+        // `live`): a new map is all `Base`; after a server died on this boot
+        // of the host its live map is newer than the map on disk.
         let map = if fresh {
-            BlockMap::all_base(header.map_len)
+            live::create(&file, path, &header, None)?
         } else {
-            read_checked_map(&file, path, &header)?.0
+            let (disk, _) = read_checked_map(&file, path, &header)?;
+            match live::adopt(&file, path, &header, len)? {
+                Some(map) => {
+                    let newer = map.mark_differences(&disk);
+                    tracing::info!(
+                        path = %path.display(),
+                        blocks = newer,
+                        "the last server died: taking its live map, which holds every write it completed"
+                    );
+                    map
+                }
+                None => live::create(&file, path, &header, Some(&disk))?,
+            }
         };
         let access = Opened::ReadWrite { created: fresh };
         let ov = Overlay::assemble(file, path, cfg.flush, header, map, chain, access);
@@ -138,22 +152,38 @@ impl Overlay {
             mut given,
             ..
         } = Opening::start(path, &cfg, layers, Access::ReadOnly)?;
+        let all_base = |header: &Header| {
+            BlockMap::all_base(header.map_len).map_err(io_err(path, "allocate the map"))
+        };
         let (header, map, chain) = if unwritten {
             tracing::info!(path = %path.display(), "overlay has no header yet: serving the base disk and layers given");
             let header = Header::new(cfg.disk_size, cfg.fingerprint);
-            let map = BlockMap::all_base(header.map_len);
+            let map = all_base(&header)?;
             (header, map, given.take().unwrap_or_default())
         } else {
             let header = read_overlay_header(&file, path, len)?;
-            let (map, counts) = read_checked_map(&file, path, &header)?;
+            let (disk, mut counts) = read_checked_map(&file, path, &header)?;
+            // A server that died on this boot left newer states in its live
+            // map: read what the next server would serve.
+            let states = match live::read_live_states(&file, path, &header, len)? {
+                Some(states) => {
+                    counts = StateCounts::default();
+                    format::count_states(&states, 0, &mut counts)
+                        .map_err(|e| OverlayError::format(path, e))?;
+                    states
+                }
+                None => disk,
+            };
             if let Some(what) = mismatch(&header, &cfg) {
                 check_unused(path, &header, &counts, what)?;
                 // Nothing written: reads as the base disk, whatever it is.
                 let header = Header::new(cfg.disk_size, cfg.fingerprint);
-                let map = BlockMap::all_base(header.map_len);
+                let map = all_base(&header)?;
                 (header, map, given.take().unwrap_or_default())
             } else {
                 let chain = resolve_chain(&file, path, &header, &cfg, given)?;
+                let map =
+                    BlockMap::from_bytes(&states).map_err(io_err(path, "allocate the map"))?;
                 (header, map, chain)
             }
         };
@@ -282,6 +312,8 @@ impl Overlay {
         // Not clean while the map and data disagree with the flag, so that
         // an interrupted reset is finished by the next open's reclaim.
         set_clean(false).map_err(io_err(path, "mark in use"))?;
+        // Whatever a dead server's live map held is discarded too.
+        live::clear(&file, &header).map_err(io_err(path, "clear the live map"))?;
         zero_map(&file, &header).map_err(io_err(path, "clear map"))?;
         file.write_all_at(
             &format::encode_map_crc(Some(zero_map_crc(header.map_len))),
@@ -289,7 +321,9 @@ impl Overlay {
         )
         .map_err(io_err(path, "record map checksum"))?;
         sys::fdatasync(fd).map_err(io_err(path, "sync"))?;
-        match sys::punch_hole(fd, header.data_offset, header.blocks() * BS) {
+        // The data area and the live map region with it.
+        let end = len.max(header.file_len());
+        match sys::punch_hole(fd, header.data_offset, end - header.data_offset) {
             Err(e) if !sys::unsupported(&e) => return Err(io_err(path, "free data")(e)),
             _ => {}
         }
@@ -604,19 +638,38 @@ pub(super) fn open_file(path: &Path, access: Access) -> Result<(File, bool), Ove
 /// [`open_file`], then the lock without waiting: shared for reading,
 /// exclusive for writing. Returns the file, whether it was created and its
 /// length.
+///
+/// The file locked must still be the one at `path`: a freeze (or anyone)
+/// may replace the file between the open and the lock, and a lock on the
+/// replaced, unlinked file would let a server write where nobody will ever
+/// read. Then the open starts again on the new file, a few times at most.
 pub(super) fn open_locked(path: &Path, access: Access) -> Result<(File, bool, u64), OverlayError> {
-    let (file, created) = open_file(path, access)?;
-    let locked = match access {
-        Access::ReadOnly => sys::try_lock_shared(file.as_fd()),
-        Access::Create | Access::Existing => sys::try_lock_exclusive(file.as_fd()),
-    };
-    if !locked.map_err(io_err(path, "lock"))? {
-        return Err(OverlayError::Locked {
-            path: path.to_path_buf(),
-        });
+    const ATTEMPTS: usize = 4;
+    for _ in 0..ATTEMPTS {
+        let (file, created) = open_file(path, access)?;
+        #[cfg(test)]
+        tests::between_open_and_lock(path);
+        let locked = match access {
+            Access::ReadOnly => sys::try_lock_shared(file.as_fd()),
+            Access::Create | Access::Existing => sys::try_lock_exclusive(file.as_fd()),
+        };
+        if !locked.map_err(io_err(path, "lock"))? {
+            return Err(OverlayError::Locked {
+                path: path.to_path_buf(),
+            });
+        }
+        let meta = file.metadata().map_err(io_err(path, "stat"))?;
+        let linked = fs::metadata(path)
+            .is_ok_and(|at| (at.dev(), at.ino()) == (meta.dev(), meta.ino()) && meta.nlink() > 0);
+        if linked {
+            return Ok((file, created, meta.len()));
+        }
+        tracing::info!(path = %path.display(), "overlay was replaced while it was being opened; opening the new file");
     }
-    let len = file.metadata().map_err(io_err(path, "stat"))?.len();
-    Ok((file, created, len))
+    Err(OverlayError::Replaced {
+        path: path.to_path_buf(),
+        attempts: ATTEMPTS,
+    })
 }
 
 fn check_regular(path: &Path, meta: &fs::Metadata) -> Result<(), OverlayError> {
@@ -788,18 +841,38 @@ fn read_checked_map(
     file: &File,
     path: &Path,
     header: &Header,
-) -> Result<(BlockMap, StateCounts), OverlayError> {
+) -> Result<(Vec<u8>, StateCounts), OverlayError> {
     let mut states = Vec::with_capacity(header.map_len as usize);
     let mut counts = StateCounts::default();
     let mut hasher = crc32fast::Hasher::new();
     for_map_chunks(file, header, |first, b| {
         hasher.update(b);
         format::count_states(b, first, &mut counts)?;
-        format::decode_map(b, first, &mut states)
+        states.extend_from_slice(b);
+        Ok(())
     })
     .map_err(|e| e.at(path))?;
     check_map_crc(path, header, hasher.finalize())?;
-    Ok((BlockMap::new(states), counts))
+    Ok((states, counts))
+}
+
+/// Blocks per state as the next server would find them: those of the
+/// live map a server of this boot left, else of the map on disk.
+fn current_counts(
+    file: &File,
+    path: &Path,
+    header: &Header,
+    len: u64,
+) -> Result<StateCounts, OverlayError> {
+    match live::read_live_states(file, path, header, len)? {
+        Some(states) => {
+            let mut counts = StateCounts::default();
+            format::count_states(&states, 0, &mut counts)
+                .map_err(|e| OverlayError::format(path, e))?;
+            Ok(counts)
+        }
+        None => Ok(read_counts(file, path, header)?.0),
+    }
 }
 
 /// Blocks per state on disk, and the map's CRC32.
@@ -872,4 +945,28 @@ fn zero_map(file: &File, header: &Header) -> io::Result<()> {
         done += n;
     }
     Ok(())
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use std::cell::RefCell;
+    use std::path::Path;
+
+    type Hook = Box<dyn FnOnce(&Path)>;
+
+    thread_local! {
+        static BETWEEN_OPEN_AND_LOCK: RefCell<Option<Hook>> = const { RefCell::new(None) };
+    }
+
+    /// Runs `hook` once, in this thread's next open, after the file is
+    /// opened and before it is locked: where a server can be held up.
+    pub(crate) fn hold_between_open_and_lock(hook: impl FnOnce(&Path) + 'static) {
+        BETWEEN_OPEN_AND_LOCK.with(|h| *h.borrow_mut() = Some(Box::new(hook)));
+    }
+
+    pub(super) fn between_open_and_lock(path: &Path) {
+        if let Some(hook) = BETWEEN_OPEN_AND_LOCK.with(|h| h.borrow_mut().take()) {
+            hook(path);
+        }
+    }
 }

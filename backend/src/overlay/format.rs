@@ -17,7 +17,9 @@
 //!     85     1  map checksum recorded: 1 = bytes 88..92 hold it, 0 = not
 //!     86     2  reserved, zero
 //!     88     4  CRC32 of the whole map as of the last clean close (u32 LE)
-//!     92     4  reserved, zero
+//!     92     1  live map flag: 1 = a live map follows the data area and,
+//!                 while the clean flag is 0, may be newer than this map
+//!     93     3  reserved, zero
 //!   version 2 only (zero in version 1):
 //!     96     1  kind: 0 = overlay, 1 = frozen layer
 //!     97     3  reserved, zero
@@ -35,6 +37,7 @@
 //!                 first, per layer: content digest (32), path length
 //!                 (u32 LE), absolute path (bytes)
 //!   map offset  block-state map; block i's data at data offset + i * 4096
+//!  data end     live map region, while the live map flag is set (below)
 //! ```
 //!
 //! The clean flag sits outside the CRC so that it can be flipped with a
@@ -47,6 +50,39 @@
 //! and the recorded checksum is stale. Files written before the checksum
 //! existed have zeros there, "not recorded"; ociblk releases before it
 //! refuse a file that records one ("reserved header byte 85 is not zero").
+//!
+//! The live map flag (byte 92) is outside the CRC for the same reason as
+//! the clean flag. ociblk releases before it refuse a file that sets it
+//! ("reserved header byte 92 is not zero"): they would lose the writes
+//! only the live map holds. A clean close clears it.
+//!
+//! # The live map region
+//! Every server keeps its block states in a shared file mapping of a
+//! region after the data area (at `data offset + blocks * 4096`), so that
+//! each state it publishes is in the page cache at once and outlives the
+//! process. The page cache does not outlive the host, and the kernel
+//! writes these pages back whenever it likes (before the data they
+//! describe is durable), so the region is believed only by a server of
+//! the same boot of the host:
+//!
+//! ```text
+//! offset  size  field
+//!      0     8  magic "OCIBLKLM"
+//!      8     4  live format version (u32 LE) = 1
+//!     12     4  reserved, zero
+//!     16    16  boot id of the host that wrote it
+//!                 (/proc/sys/kernel/random/boot_id)
+//!     32     8  map length (u64 LE), the header's
+//!     40     4  CRC32 of bytes 0..40
+//!     44  4052  reserved, zero
+//!   4096     …  the live map: one state byte per block, as the map
+//! ```
+//!
+//! After an unclean close, an open whose host has the recorded boot id
+//! takes the live map as the block states (the process died, the page
+//! cache kept every state and every data block it wrote). Any other open
+//! uses the map above, written at flushes only: after a host crash each
+//! block reads as of the last flush or as written since.
 //!
 //! An overlay without a chain is still written as version 1, which every
 //! ociblk reads. Version 2 is written only for an overlay over layers and
@@ -107,6 +143,8 @@ pub(crate) const CLEAN_OFFSET: usize = 84;
 pub(crate) const MAP_CRC_FIELD_OFFSET: usize = 85;
 const MAP_CRC_OFFSET: usize = 88;
 const RESERVED_START: usize = 92;
+/// The live map flag, outside the header CRC.
+pub(crate) const LIVE_FLAG_OFFSET: usize = 92;
 /// Version 2 fields, covered by the header CRC.
 const V2_START: usize = 96;
 const KIND_OFFSET: usize = 96;
@@ -220,6 +258,8 @@ pub struct Header {
     pub clean: bool,
     /// CRC32 of the map as of the last clean close, if one was recorded.
     pub map_crc: Option<u32>,
+    /// A live map region follows the data area (see the module docs).
+    pub live: bool,
     pub kind: Kind,
 }
 
@@ -260,6 +300,7 @@ impl Header {
             data_offset: (map_offset + map_len).next_multiple_of(DATA_ALIGN),
             clean: true,
             map_crc: None,
+            live: false,
             kind,
         }
     }
@@ -297,6 +338,21 @@ impl Header {
     pub fn file_len(&self) -> u64 {
         // Cannot overflow: parse_header and check_disk_size bound both terms.
         self.data_offset + self.map_len * BLOCK_SIZE
+    }
+
+    /// Where the live map region starts: right after the data area.
+    pub fn live_offset(&self) -> u64 {
+        self.file_len()
+    }
+
+    /// Where the live map itself starts, after the live header.
+    pub fn live_map_offset(&self) -> u64 {
+        self.live_offset() + LIVE_HEADER_SIZE as u64
+    }
+
+    /// End of the live map region: the file's length while it has one.
+    pub fn live_end(&self) -> u64 {
+        self.live_map_offset() + self.map_len.next_multiple_of(BLOCK_SIZE)
     }
 
     /// The 4 KiB header block.
@@ -337,6 +393,7 @@ impl Header {
         b[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_le_bytes());
         b[CLEAN_OFFSET] = u8::from(self.clean);
         b[MAP_CRC_FIELD_OFFSET..RESERVED_START].copy_from_slice(&encode_map_crc(self.map_crc));
+        b[LIVE_FLAG_OFFSET] = u8::from(self.live);
         b
     }
 }
@@ -481,6 +538,20 @@ pub fn parse_header(b: &[u8]) -> Result<Header, FormatError> {
             )));
         }
     };
+    let live = match (b[LIVE_FLAG_OFFSET], &kind) {
+        (0, _) => false,
+        (1, Kind::Overlay { .. }) => true,
+        (1, Kind::Layer(_)) => {
+            return Err(FormatError::Invalid(
+                "a layer's header has the live map flag set".into(),
+            ));
+        }
+        (v, _) => {
+            return Err(FormatError::Invalid(format!(
+                "live map flag {v} is not 0 or 1"
+            )));
+        }
+    };
     let v2_reserved = if version == FORMAT_VERSION {
         (KIND_OFFSET + 1..CHAIN_COUNT_OFFSET)
             .chain(HAS_PARENT_OFFSET + 1..DIGEST_OFFSET)
@@ -490,7 +561,7 @@ pub fn parse_header(b: &[u8]) -> Result<Header, FormatError> {
         (V2_START..HEADER_SIZE).collect()
     };
     let reserved = (MAP_CRC_FIELD_OFFSET + 1..MAP_CRC_OFFSET)
-        .chain(RESERVED_START..V2_START)
+        .chain(LIVE_FLAG_OFFSET + 1..V2_START)
         .chain(v2_reserved);
     if map_crc.is_none() && b[MAP_CRC_OFFSET..RESERVED_START] != [0; 4] {
         return Err(FormatError::Invalid(
@@ -510,6 +581,7 @@ pub fn parse_header(b: &[u8]) -> Result<Header, FormatError> {
         data_offset,
         clean,
         map_crc,
+        live,
         kind,
     })
 }
@@ -664,6 +736,71 @@ pub fn digest_prefix(
     b.extend_from_slice(parent.unwrap_or(&[0u8; 32]));
     b.extend_from_slice(&map_len.to_le_bytes());
     b
+}
+
+/// Bytes of the live header that starts the live map region.
+pub const LIVE_HEADER_SIZE: usize = 4096;
+pub const LIVE_MAGIC: [u8; 8] = *b"OCIBLKLM";
+const LIVE_VERSION: u32 = 1;
+const LIVE_CRC_OFFSET: usize = 40;
+/// The live header's fields and CRC; the rest of its 4 KiB is zero.
+pub const LIVE_HEADER_USED: usize = 44;
+
+/// What a live header records (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LiveHeader {
+    /// The boot of the host whose page cache the live map is valid in.
+    pub boot_id: [u8; 16],
+    pub map_len: u64,
+}
+
+impl LiveHeader {
+    /// The used bytes of the live header; the rest of it is zero.
+    pub fn encode(&self) -> [u8; LIVE_HEADER_USED] {
+        let mut b = [0u8; LIVE_HEADER_USED];
+        b[0..8].copy_from_slice(&LIVE_MAGIC);
+        b[8..12].copy_from_slice(&LIVE_VERSION.to_le_bytes());
+        b[16..32].copy_from_slice(&self.boot_id);
+        b[32..40].copy_from_slice(&self.map_len.to_le_bytes());
+        let crc = crc32fast::hash(&b[..LIVE_CRC_OFFSET]);
+        b[LIVE_CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+}
+
+/// Parses the start of a live header. Anything but a whole, checksummed
+/// version 1 header is an error: the caller then does not use the live map.
+pub fn parse_live_header(b: &[u8]) -> Result<LiveHeader, FormatError> {
+    if b.len() < LIVE_HEADER_USED {
+        return Err(FormatError::Truncated {
+            what: "live header",
+            need: LIVE_HEADER_USED as u64,
+            have: b.len() as u64,
+        });
+    }
+    if b[0..8] != LIVE_MAGIC {
+        return Err(FormatError::BadMagic);
+    }
+    let stored = u32_at(b, LIVE_CRC_OFFSET);
+    let computed = crc32fast::hash(&b[..LIVE_CRC_OFFSET]);
+    if stored != computed {
+        return Err(FormatError::Crc { stored, computed });
+    }
+    let version = u32_at(b, 8);
+    if version != LIVE_VERSION {
+        return Err(FormatError::Version(version));
+    }
+    if u32_at(b, 12) != 0 {
+        return Err(FormatError::Invalid(
+            "reserved live header bytes are not zero".into(),
+        ));
+    }
+    let mut boot_id = [0u8; 16];
+    boot_id.copy_from_slice(&b[16..32]);
+    Ok(LiveHeader {
+        boot_id,
+        map_len: u64_at(b, 32),
+    })
 }
 
 /// Decodes the block-state map, rejecting unknown state bytes.

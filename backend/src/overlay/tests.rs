@@ -174,14 +174,20 @@ fn random_op(
 }
 
 /// Every single bit flip of the encoded header `bytes` fails to parse,
-/// except the clean flag's own bit and the map checksum's "recorded" bit.
+/// except the clean flag's own bit, the map checksum's "recorded" bit and
+/// an overlay's live map flag.
 fn assert_header_bit_flips_caught(bytes: &[u8]) {
     for byte in 0..HEADER_SIZE {
         for bit in 0..8 {
             let mut b = bytes.to_vec();
             b[byte] ^= 1 << bit;
             let r = parse_header(&b);
-            if (byte == CLEAN_OFFSET || byte == format::MAP_CRC_FIELD_OFFSET) && bit == 0 {
+            // The live map flag is one too, for an overlay (never a layer).
+            let overlay = parse_header(bytes).is_ok_and(|h| h.layer().is_none());
+            let live_flag = byte == format::LIVE_FLAG_OFFSET && overlay;
+            if (byte == CLEAN_OFFSET || byte == format::MAP_CRC_FIELD_OFFSET || live_flag)
+                && bit == 0
+            {
                 assert!(r.is_ok());
             } else {
                 assert!(r.is_err(), "flip {byte}.{bit} accepted");
@@ -557,31 +563,72 @@ fn crash(mut ov: Overlay) {
 }
 
 #[test]
-fn crash_keeps_flushed_writes() {
+fn crash_keeps_flushed_writes_and_a_process_crash_keeps_completed_ones() {
     for mode in [FlushMode::Safe, FlushMode::Unsafe] {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ov");
-        let size = 8 << 20;
-        let mut rng = rng(4);
-        let ov = Overlay::open(&path, cfg(size, 1, mode)).unwrap();
-        let flushed = rng.bytes(3 * BS as usize + 700);
-        write(&ov, 512, &flushed, &mut rng).unwrap();
-        ov.write_zeroes(20 * BS, 2 * BS, &base).unwrap();
-        ov.flush().unwrap();
-        // Not flushed: may be lost, and here the map never reaches the file.
-        write(&ov, 1 << 20, &rng.bytes(1 << 20), &mut rng).unwrap();
-        let before = allocated(&path);
-        crash(ov);
+        for host_crash in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("ov");
+            let size = 8 << 20;
+            let mut rng = rng(4);
+            let ov = Overlay::open(&path, cfg(size, 1, mode)).unwrap();
+            let flushed = rng.bytes(3 * BS as usize + 700);
+            write(&ov, 512, &flushed, &mut rng).unwrap();
+            ov.write_zeroes(20 * BS, 2 * BS, &base).unwrap();
+            ov.flush().unwrap();
+            // Completed, not flushed: the live map holds it.
+            let unflushed = rng.bytes(1 << 20);
+            write(&ov, 1 << 20, &unflushed, &mut rng).unwrap();
+            ov.write_zeroes(512, 512, &base).unwrap();
+            crash(ov);
+            if host_crash {
+                live::tests::simulate_reboot();
+            }
 
-        let ov = Overlay::open(&path, cfg(size, 1, mode)).unwrap();
-        assert_eq!(read(&ov, 512, flushed.len() as u64, &mut rng), flushed);
-        assert!(read(&ov, 20 * BS, 2 * BS, &mut rng).iter().all(|&b| b == 0));
-        let mut want = vec![0u8; 1 << 20];
-        base(1 << 20, &mut want).unwrap();
-        assert_eq!(read(&ov, 1 << 20, 1 << 20, &mut rng), want);
-        // The unpublished blocks' data was reclaimed on open.
-        let after = allocated(&path);
-        assert!(after + (1 << 20) <= before, "{mode:?}: {after} vs {before}");
+            let what = format!("{mode:?}, host crash {host_crash}");
+            let ov = Overlay::open(&path, cfg(size, 1, mode)).unwrap();
+            assert!(read(&ov, 20 * BS, 2 * BS, &mut rng).iter().all(|&b| b == 0));
+            let mut base_bytes = vec![0u8; 1 << 20];
+            base(1 << 20, &mut base_bytes).unwrap();
+            let mut zeroed = flushed.clone();
+            zeroed[..512].fill(0);
+            if host_crash {
+                // The page cache here kept everything, yet the map of the
+                // last flush is what counts: as of the flush, or as written
+                // for a block that was `Data` then (rewritten in place).
+                let got = read(&ov, 512, flushed.len() as u64, &mut rng);
+                assert!(got == flushed || got == zeroed, "{what}");
+                assert_eq!(read(&ov, 1 << 20, 1 << 20, &mut rng), base_bytes, "{what}");
+                // The blocks no flushed entry claims were reclaimed on open.
+                let at = ov.header.data_offset + (1 << 20);
+                let next = sys::next_data(ov.file.as_fd(), at).unwrap();
+                assert!(
+                    next.is_none_or(|(s, _)| s >= at + (1 << 20)),
+                    "{what}: {next:?}"
+                );
+            } else {
+                assert_eq!(
+                    read(&ov, 512, flushed.len() as u64, &mut rng),
+                    zeroed,
+                    "{what}"
+                );
+                assert_eq!(read(&ov, 1 << 20, 1 << 20, &mut rng), unflushed, "{what}");
+            }
+            // The next server's flush makes them durable: a host crash now
+            // keeps them.
+            ov.flush().unwrap();
+            crash(ov);
+            live::tests::simulate_reboot();
+            let ov = Overlay::open(&path, cfg(size, 1, mode)).unwrap();
+            if !host_crash {
+                assert_eq!(read(&ov, 1 << 20, 1 << 20, &mut rng), unflushed, "{what}");
+                assert_eq!(
+                    read(&ov, 512, flushed.len() as u64, &mut rng),
+                    zeroed,
+                    "{what}"
+                );
+            }
+            ov.close().unwrap();
+        }
     }
 }
 
@@ -659,7 +706,8 @@ fn bad_files_are_clear_errors() {
         m.contains("truncated") && m.contains(&*path.to_string_lossy()),
         "{m}"
     );
-    put(&full[..full.len() - 4096]);
+    let data_end = parse_header(&full).unwrap().file_len() as usize;
+    put(&full[..data_end - 4096]);
     assert!(msg(reopen()).contains("truncated"));
     assert!(matches!(
         Overlay::info(&path),
@@ -974,6 +1022,9 @@ fn a_map_changed_after_a_clean_close_is_detected() {
     );
     crash(ov);
     poke_map(&path, 7, BlockState::Zero);
+    // After a host crash (the next open sees another boot) the map on disk
+    // is what counts, not the dead server's live map.
+    live::tests::simulate_reboot();
     let ov = Overlay::open(&path, c.clone()).unwrap();
     assert_eq!(ov.map.get(7), BlockState::Zero);
     assert_eq!(read(&ov, 0, 4096, &mut rng), vec![5u8; 4096]);
@@ -1053,4 +1104,264 @@ fn read_only_opens_read_only_shares_and_never_modifies() {
     ro.close().unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), before, "file modified");
     assert!(Overlay::info(&path).unwrap().clean);
+}
+
+#[test]
+fn an_open_held_before_its_lock_while_a_freeze_replaces_the_file_serves_the_new_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ov");
+    let frozen = dir.path().join("layer1");
+    let c = cfg(8 << 20, 1, FlushMode::Safe);
+    let mut rng = rng(12);
+    let ov = Overlay::open(&path, c.clone()).unwrap();
+    write(&ov, 0, &[1u8; 4096], &mut rng).unwrap();
+    ov.close().unwrap();
+    let replaced = std::fs::metadata(&path).unwrap().ino();
+
+    // The server has opened the overlay but not locked it yet when a freeze
+    // replaces the file.
+    let into = frozen.clone();
+    file::tests::hold_between_open_and_lock(move |p| {
+        layer::freeze(p, &into).unwrap();
+    });
+    let ov = Overlay::open(&path, c.clone()).unwrap();
+    let serving = ov.file.metadata().unwrap();
+    assert_ne!(serving.ino(), replaced, "still serving the unlinked file");
+    assert_eq!(serving.ino(), std::fs::metadata(&path).unwrap().ino());
+    assert_eq!(ov.chain().layers().len(), 1);
+    assert_eq!(read(&ov, 0, 4096, &mut rng), vec![1u8; 4096]);
+    write(&ov, 4096, &[2u8; 4096], &mut rng).unwrap();
+    ov.flush().unwrap();
+    crash(ov);
+
+    // Nothing was lost: the next server sees both writes.
+    let ov = Overlay::open(&path, c).unwrap();
+    assert_eq!(read(&ov, 0, 4096, &mut rng), vec![1u8; 4096]);
+    assert_eq!(read(&ov, 4096, 4096, &mut rng), vec![2u8; 4096]);
+    ov.close().unwrap();
+    assert!(frozen.exists());
+}
+
+#[test]
+fn an_open_whose_file_keeps_being_replaced_gives_up_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ov");
+    let c = cfg(1 << 20, 1, FlushMode::Safe);
+    Overlay::open(&path, c.clone()).unwrap().close().unwrap();
+    // Each attempt finds the file replaced by a copy once it has opened it.
+    fn replace_again(p: &Path) {
+        let copy = p.with_extension("copy");
+        std::fs::copy(p, &copy).unwrap();
+        std::fs::rename(&copy, p).unwrap();
+        file::tests::hold_between_open_and_lock(replace_again);
+    }
+    file::tests::hold_between_open_and_lock(replace_again);
+    let e = Overlay::open(&path, c).unwrap_err();
+    assert!(matches!(e, OverlayError::Replaced { .. }), "{e}");
+    assert!(e.to_string().contains("was replaced"), "{e}");
+    file::tests::hold_between_open_and_lock(|_| {});
+}
+
+type FlushHook = Box<dyn FnMut(&Overlay, &'static str)>;
+
+thread_local! {
+    static FLUSH_HOOK: std::cell::RefCell<Option<FlushHook>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Called by [`Overlay::flush`] after each of its steps.
+pub(super) fn flush_step(ov: &Overlay, step: &'static str) {
+    FLUSH_HOOK.with(|h| {
+        if let Some(hook) = h.borrow_mut().as_mut() {
+            hook(ov, step);
+        }
+    });
+}
+
+/// A copy of the overlay file's bytes at one step, and whether they were
+/// all durable then (right after an fdatasync).
+struct Image {
+    step: &'static str,
+    bytes: Vec<u8>,
+    durable: bool,
+}
+
+/// A host crash image: each 4 KiB page of the file from `durable` or from
+/// `now` (the page cache), chosen by `pick`.
+fn host_crash_image(durable: &[u8], now: &[u8], mut pick: impl FnMut() -> bool) -> Vec<u8> {
+    let len = durable.len().max(now.len());
+    let mut out = vec![0u8; len];
+    for (i, page) in out.chunks_mut(BS as usize).enumerate() {
+        let from = if pick() { now } else { durable };
+        let at = i * BS as usize;
+        let n = page.len().min(from.len().saturating_sub(at));
+        page[..n].copy_from_slice(&from[at..at + n]);
+    }
+    out
+}
+
+/// Every block reads as flushed or as written; blocks the unflushed writes
+/// did not touch read exactly as flushed.
+fn check_blocks(got: &[u8], flushed: &[u8], written: &[u8], what: &str) {
+    for (b, ((g, f), w)) in got
+        .chunks(BS as usize)
+        .zip(flushed.chunks(BS as usize))
+        .zip(written.chunks(BS as usize))
+        .enumerate()
+    {
+        if f == w {
+            assert!(
+                g == f,
+                "{what}: block {b}, untouched since the flush, changed"
+            );
+        } else {
+            assert!(
+                g == f || g == w,
+                "{what}: block {b} reads neither as flushed nor as written"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_crash_at_every_step_between_a_write_and_its_flush_keeps_the_guarantees() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ov");
+    let size = 1 << 20;
+    let c = cfg(size, 1, FlushMode::Safe);
+    let mut rng = rng(13);
+    let ov = Overlay::open(&path, c.clone()).unwrap();
+    write(&ov, 0, &rng.bytes(8 * BS as usize), &mut rng).unwrap();
+    ov.write_zeroes(8 * BS, 4 * BS, &base).unwrap();
+    ov.flush().unwrap();
+    let flushed = read(&ov, 0, size, &mut rng);
+    let first_durable = std::fs::read(&path).unwrap();
+    // Completed, not flushed: a rewrite, a first write, a partial write of
+    // a base block, a zeroing of written blocks, a partial zeroing.
+    write(&ov, 4 * BS, &rng.bytes(2 * BS as usize), &mut rng).unwrap();
+    write(&ov, 20 * BS, &rng.bytes(4 * BS as usize), &mut rng).unwrap();
+    write(&ov, 30 * BS + 100, &rng.bytes(200), &mut rng).unwrap();
+    ov.write_zeroes(6 * BS, 2 * BS, &base).unwrap();
+    ov.write_zeroes(2 * BS + 512, 1024, &base).unwrap();
+    let written = read(&ov, 0, size, &mut rng);
+    assert_ne!(written, flushed);
+
+    let images = Arc::new(std::sync::Mutex::new(vec![Image {
+        step: "written, not flushed",
+        bytes: std::fs::read(&path).unwrap(),
+        durable: false,
+    }]));
+    let record = Arc::clone(&images);
+    FLUSH_HOOK.with(|h| {
+        *h.borrow_mut() = Some(Box::new(move |ov: &Overlay, step| {
+            record.lock().unwrap().push(Image {
+                step,
+                bytes: std::fs::read(ov.path()).unwrap(),
+                durable: step.ends_with("synced"),
+            });
+        }))
+    });
+    ov.flush().unwrap();
+    FLUSH_HOOK.with(|h| *h.borrow_mut() = None);
+    crash(ov);
+    let images = std::mem::take(&mut *images.lock().unwrap());
+    assert!(images.len() >= 5, "{} steps", images.len());
+
+    let open_image = |name: &str, bytes: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        Overlay::open(&p, c.clone()).unwrap()
+    };
+    let mut durable: &[u8] = &first_durable;
+    for (k, image) in images.iter().enumerate() {
+        if image.durable {
+            durable = &image.bytes;
+        }
+        let what = format!("crash at step {k} ({})", image.step);
+
+        // The process dies, the host stays up: everything completed reads
+        // back, and the next server's flush makes it durable.
+        live::tests::real_boot();
+        let ov = open_image(&format!("process-{k}"), &image.bytes);
+        assert!(
+            read(&ov, 0, size, &mut rng) == written,
+            "{what}: process crash"
+        );
+        let after_open = std::fs::read(ov.path()).unwrap();
+        ov.flush().unwrap();
+        let flushed_again = std::fs::read(ov.path()).unwrap();
+        crash(ov);
+
+        // The host crashes: each page of the file is as of the last sync
+        // or as in the page cache, any mix of the two.
+        let mut picks: Vec<Box<dyn FnMut() -> bool>> = vec![Box::new(|| false), Box::new(|| true)];
+        for seed in 0..4 {
+            let mut r = self::rng(100 + seed);
+            picks.push(Box::new(move || r.chance(50)));
+        }
+        for (m, pick) in picks.into_iter().enumerate() {
+            // At step k itself.
+            live::tests::simulate_reboot();
+            let crashed = host_crash_image(durable, &image.bytes, pick);
+            let ov = open_image(&format!("host-{k}-{m}"), &crashed);
+            let got = read(&ov, 0, size, &mut rng);
+            check_blocks(
+                &got,
+                &flushed,
+                &written,
+                &format!("{what}, host crash mix {m}"),
+            );
+            drop(ov);
+        }
+        // After a process kill at step k, a new server opened the overlay
+        // (taking the live map, reclaiming), then the host crashed before
+        // its first flush: nothing synced since step k.
+        for seed in 0..3 {
+            live::tests::simulate_reboot();
+            let mut r = self::rng(200 + seed);
+            let crashed = host_crash_image(durable, &after_open, || r.chance(50));
+            let ov = open_image(&format!("kill-host-{k}-{seed}"), &crashed);
+            let got = read(&ov, 0, size, &mut rng);
+            check_blocks(
+                &got,
+                &flushed,
+                &written,
+                &format!("{what}, process kill then host crash"),
+            );
+            drop(ov);
+        }
+        // After that server's flush, a host crash keeps everything.
+        live::tests::simulate_reboot();
+        let ov = open_image(&format!("flushed-host-{k}"), &flushed_again);
+        assert!(
+            read(&ov, 0, size, &mut rng) == written,
+            "{what}: flushed by the next server"
+        );
+        drop(ov);
+    }
+    live::tests::real_boot();
+}
+
+#[test]
+fn a_dead_servers_completed_writes_reach_a_read_only_open_and_a_freeze() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ov");
+    let c = cfg(4 << 20, 1, FlushMode::Safe);
+    let mut rng = rng(14);
+    let ov = Overlay::open(&path, c.clone()).unwrap();
+    let data = rng.bytes(3 * BS as usize + 512);
+    write(&ov, 7 * BS, &data, &mut rng).unwrap();
+    crash(ov);
+
+    // An export (read-only, never writing) of the dead server's overlay.
+    let ro = Overlay::open_read_only(&path, c.clone()).unwrap();
+    assert_eq!(read(&ro, 7 * BS, data.len() as u64, &mut rng), data);
+    drop(ro);
+
+    // A freeze takes them into the layer.
+    let frozen = dir.path().join("layer");
+    layer::freeze(&path, &frozen).unwrap();
+    let ov = Overlay::open(&path, c).unwrap();
+    assert_eq!(ov.chain().layers().len(), 1);
+    assert_eq!(read(&ov, 7 * BS, data.len() as u64, &mut rng), data);
+    ov.close().unwrap();
 }

@@ -39,7 +39,9 @@ use super::engine::DeviceEngine;
 use super::flusher::FlushHandle;
 use super::io_pool::Job;
 use super::poll::{CpuSample, Poller};
-use super::request::{Completion, GuestMemoryMmap, Outcome, RequestContext, process_request};
+use super::request::{
+    Completion, GuestMemoryMmap, Outcome, RequestContext, catch_panic, process_request,
+};
 use crate::device::BlockDevice;
 
 /// Guest memory shared between the vhost-user handler and the backend.
@@ -393,7 +395,18 @@ impl PoppedRequest {
             device_id: &shared.device_id,
             size_max: self.size_max,
         };
-        match process_request(&mem, chain, &ctx) {
+        // `process_request` turns a panic of the request itself into IOERR;
+        // this is the net under the rest of it, so that the request still
+        // gets its used entry (without a status) and its queue goes on.
+        let outcome =
+            catch_panic(|| process_request(&mem, chain, &ctx)).unwrap_or_else(|message| {
+                error!(queue = self.queue, head, "request panicked: {message}");
+                Outcome::Complete(Completion {
+                    status: None,
+                    used_len: 0,
+                })
+            });
+        match outcome {
             Outcome::Complete(done) => self.finish(head, done),
             Outcome::AfterFlush(pending) => {
                 let flusher = shared.flusher.clone();
@@ -699,7 +712,7 @@ mod tests {
 
     use super::*;
     use crate::server::mem_disk::MemDisk;
-    use crate::server::test_disk::GatedDisk;
+    use crate::server::test_disk::{GatedDisk, PanickingDisk};
 
     const QUEUE_SIZE: u16 = 16;
     /// The vrings' used ring. Not the mock's: virtio-queue 0.18's mock
@@ -1060,6 +1073,66 @@ mod tests {
         s.backend.drain();
         assert_eq!(used_heads(&s.guest), [0, 3]);
         assert_eq!(s.disk.flushes(), 1);
+    }
+
+    /// The status byte of the request at chain `i` of [`add_requests`].
+    fn status_byte(mem: &GuestMemoryMmap, i: u64) -> u8 {
+        mem.read_obj::<u8>(GuestAddress(0x1_0800 + i * 0x1000))
+            .unwrap()
+    }
+
+    fn a_panic_behind_a_request_fails_it_and_the_queue_goes_on(opts: &ServerOptions) {
+        let status_ok = virtio_bindings::virtio_blk::VIRTIO_BLK_S_OK as u8;
+        let status_ioerr = virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8;
+        // Reads of sector 1 panic in the device.
+        let s = setup_with(Arc::new(PanickingDisk::new(DISK_BYTES, 512)), opts);
+        let (queue, vring) = s.ring(true);
+        s.guest
+            .write_slice(&[0x5a; 512], GuestAddress(0x1_2100))
+            .unwrap();
+        add_requests(
+            &queue,
+            &s.guest,
+            &[
+                (VIRTIO_BLK_T_IN, 0),
+                (VIRTIO_BLK_T_IN, 1),
+                (VIRTIO_BLK_T_OUT, 3),
+            ],
+        );
+        s.kick(&vring);
+        s.backend.drain();
+        assert_eq!(used_heads(&s.guest), [0, 3, 6], "published in order");
+        assert_eq!(used_elem(&s.guest, 1), (3, 1), "no data, a status");
+        let statuses: Vec<u8> = (0..3).map(|i| status_byte(&s.guest, i)).collect();
+        assert_eq!(statuses, [status_ok, status_ioerr, status_ok]);
+        let stats = &s.backend.shared.queues[0].stats;
+        assert_eq!(stats.errors.load(Ordering::Relaxed), 1);
+
+        // The thread that ran it serves the next kick.
+        add_requests(&queue, &s.guest, &[(VIRTIO_BLK_T_IN, 3)]);
+        s.kick(&vring);
+        s.backend.drain();
+        assert_eq!(used_heads(&s.guest), [0, 3, 6, 0]);
+        assert_eq!(status_byte(&s.guest, 0), status_ok);
+        let mut read = [0u8; 512];
+        s.guest
+            .read_slice(&mut read, GuestAddress(0x1_0100))
+            .unwrap();
+        assert_eq!(read, [0x5a; 512]);
+    }
+
+    #[test]
+    fn a_panic_behind_a_request_fails_it_on_the_io_pool() {
+        a_panic_behind_a_request_fails_it_and_the_queue_goes_on(&ServerOptions::default());
+    }
+
+    #[test]
+    fn a_panic_behind_a_request_fails_it_on_the_queue_worker() {
+        let opts = ServerOptions {
+            io_threads: 0,
+            ..ServerOptions::default()
+        };
+        a_panic_behind_a_request_fails_it_and_the_queue_goes_on(&opts);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::thread::{self, JoinHandle};
 
 use tracing::debug;
 
+use super::request::catch_panic;
 use crate::device::BlockDevice;
 
 /// Called with the result of the device flush that covers the request.
@@ -116,13 +117,23 @@ impl FlushHandle {
         let mut state = self.shared.state();
         if state.stop {
             drop(state);
-            waiter(&self.shared.device.flush());
+            waiter(&flush(&self.shared));
             return;
         }
         state.waiting.push(waiter);
         drop(state);
         self.shared.wake.notify_one();
     }
+}
+
+/// Flushes the device; a panic in it is the flush's error, so its waiters
+/// get IOERR and the flush thread keeps running.
+fn flush(shared: &Shared) -> io::Result<()> {
+    catch_panic(|| shared.device.flush()).unwrap_or_else(|message| {
+        Err(io::Error::other(format!(
+            "the device flush panicked: {message}"
+        )))
+    })
 }
 
 fn run(shared: &Shared) {
@@ -141,7 +152,7 @@ fn run(shared: &Shared) {
             std::mem::take(&mut state.waiting)
         };
         // Everything in `batch` was submitted before this flush starts.
-        let result = shared.device.flush();
+        let result = flush(shared);
         shared.state().rounds += 1;
         debug!(merged = batch.len(), ok = result.is_ok(), "device flush");
         for waiter in batch {

@@ -224,6 +224,8 @@ enum Failure {
     UnknownType(u32),
     #[error("device I/O error: {0}")]
     Device(#[source] io::Error),
+    #[error("the request panicked: {0}")]
+    Panic(String),
 }
 
 impl Failure {
@@ -422,7 +424,12 @@ where
         Err((None, Failure::ShortHeader { len }))
     } else {
         let header = Header::from(Wire::<virtio_blk_outhdr>::read(&bufs.readable, 0));
-        match execute(&header, &bufs, status_at, ctx) {
+        // A panic below (in the device, a verifier, a registry fetch) is a
+        // bug behind this one request: it fails with IOERR, and the thread
+        // that ran it goes on serving.
+        let executed = catch_panic(|| execute(&header, &bufs, status_at, ctx))
+            .unwrap_or_else(|message| Err(Failure::Panic(message)));
+        match executed {
             Ok(Executed {
                 written,
                 flush: true,
@@ -484,6 +491,24 @@ fn complete_now(mem: &GuestMemoryMmap, outcome: Outcome, ctx: &RequestContext<'_
     }
 }
 
+/// Runs `f`, returning a panic's message instead of unwinding further.
+///
+/// For the request paths of the server: a panic there fails one request
+/// (or one flush) and the server keeps serving. Whatever the panicking code
+/// held is left as it was; the locks on those paths recover from poisoning,
+/// and the request's buffers are the guest's to judge by its status.
+pub(crate) fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
+        if let Some(s) = payload.downcast_ref::<&str>() {
+            (*s).to_owned()
+        } else if let Some(s) = payload.downcast_ref::<String>() {
+            s.clone()
+        } else {
+            "(no message)".to_owned()
+        }
+    })
+}
+
 /// What a request's data part did.
 struct Executed {
     /// Data bytes written into the guest's buffers (status byte excluded).
@@ -508,6 +533,10 @@ fn log_failure(head: u16, header: Option<&Header>, failure: &Failure, ctx: &Requ
         (Some(h), Failure::Device(e)) => {
             let (request, sector) = (h.request_type, h.sector);
             error!(queue, head, %request, sector, "device I/O error: {e}");
+        }
+        (Some(h), Failure::Panic(message)) => {
+            let (request, sector) = (h.request_type, h.sector);
+            error!(queue, head, %request, sector, "request failed with IOERR: it panicked: {message}");
         }
         (Some(h), _) => {
             let (request, sector) = (h.request_type, h.sector);

@@ -1,5 +1,6 @@
 //! A [`MemDisk`] whose reads of one sector and whose flushes can be held
-//! back, for tests of request ordering and flushing.
+//! back, for tests of request ordering and flushing; and one whose reads
+//! of one sector panic, for tests of what a bug behind a request does.
 
 use std::io;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
@@ -157,6 +158,54 @@ impl BlockDevice for GatedDisk {
     fn flush(&self) -> io::Result<()> {
         self.update(|g| g.flushes_started += 1);
         self.gate(|g| g.flushes_closed);
+        self.disk.flush()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.disk.discard(offset, len)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.disk.write_zeroes(offset, len)
+    }
+}
+
+/// A [`MemDisk`] whose reads at one byte offset panic, as a bug behind a
+/// request would.
+#[derive(Debug)]
+pub struct PanickingDisk {
+    disk: MemDisk,
+    panic_at: u64,
+}
+
+impl PanickingDisk {
+    pub fn new(size: usize, panic_at: u64) -> Self {
+        PanickingDisk {
+            disk: MemDisk::new(size),
+            panic_at,
+        }
+    }
+}
+
+impl BlockDevice for PanickingDisk {
+    fn size(&self) -> u64 {
+        self.disk.size()
+    }
+
+    fn read_only(&self) -> bool {
+        false
+    }
+
+    fn read(&self, offset: u64, dst: &IoBufs<'_>) -> io::Result<()> {
+        assert_ne!(offset, self.panic_at, "test-injected panic on a read");
+        self.disk.read(offset, dst)
+    }
+
+    fn write(&self, offset: u64, src: &IoBufs<'_>) -> io::Result<()> {
+        self.disk.write(offset, src)
+    }
+
+    fn flush(&self) -> io::Result<()> {
         self.disk.flush()
     }
 

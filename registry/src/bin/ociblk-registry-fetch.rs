@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use ociblk_registry::cache::DirPolicy;
 use ociblk_registry::{BlobSpec, Cache, Digest, Options, Reference, RegistryImage};
 
 #[derive(Parser, Debug)]
@@ -17,6 +18,10 @@ struct Args {
     /// $XDG_CACHE_HOME/ociblk or ~/.cache/ociblk).
     #[arg(long)]
     cache: Option<PathBuf>,
+    /// Use a cache directory although another user owns it or group or
+    /// others may write it.
+    #[arg(long)]
+    allow_insecure_cache_dir: bool,
     /// A registry reached over plain HTTP although not on loopback.
     #[arg(long)]
     insecure_registry: Vec<String>,
@@ -56,7 +61,12 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         .cache
         .or_else(Cache::default_dir)
         .ok_or("no cache directory: pass --cache")?;
-    let cache = Cache::open(dir)?;
+    let cache = Cache::open_with(
+        dir,
+        DirPolicy {
+            allow_insecure: args.allow_insecure_cache_dir,
+        },
+    )?;
     let options = Options {
         insecure_registries: args.insecure_registry,
         chunk_timeout: Duration::from_secs(args.timeout_secs),

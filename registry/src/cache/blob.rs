@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::unix::fs::{FileExt as _, MetadataExt as _, OpenOptionsExt as _};
+use std::os::unix::fs::{FileExt as _, MetadataExt as _};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Instant, SystemTime};
@@ -10,7 +10,8 @@ use std::time::{Instant, SystemTime};
 use sha2::{Digest as _, Sha256};
 
 use super::Cache;
-use super::chunk_lock::ChunkLock;
+use super::chunk_lock::{ChunkLock, LEASE_SLOT, MAX_LEASE, Taken};
+use super::file::{self, Access};
 use crate::digest::{Digest, hex};
 use crate::error::{Error, Result};
 use crate::fetch::{BlobSource, FetchStats};
@@ -34,6 +35,21 @@ impl BlobSpec {
     /// Number of chunks.
     pub fn chunks(&self) -> u64 {
         self.size.div_ceil(self.chunk_size.max(1))
+    }
+
+    /// The digest of the blob's chunk-hash table (size, chunk size and
+    /// every chunk's sha256): what the cache keys the blob's bytes by, with
+    /// the blob's digest, so that images that disagree about a blob's
+    /// chunks never share its cached bytes.
+    pub fn table_digest(&self) -> Digest {
+        let mut table = Vec::with_capacity(40 + 32 * self.chunk_sha256.len());
+        table.extend_from_slice(b"ociblk-chunk-table-1\n");
+        table.extend_from_slice(&self.size.to_le_bytes());
+        table.extend_from_slice(&self.chunk_size.to_le_bytes());
+        for h in self.chunk_sha256.iter() {
+            table.extend_from_slice(h);
+        }
+        Digest::of(&table)
     }
 
     /// Offset and length of chunk `index` (below [`BlobSpec::chunks`]).
@@ -79,9 +95,31 @@ impl BlobSpec {
 #[derive(Debug)]
 struct OpenBlob {
     data: File,
+    data_path: PathBuf,
     map: File,
     map_path: PathBuf,
+    leases: Arc<File>,
 }
+
+/// What a blob whose chunks are all present turned out to be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Wholeness {
+    /// Some chunks are still missing.
+    Partial,
+    /// Its bytes have its digest: linked as the blob, for every image.
+    Whole,
+    /// Its bytes have another sha256: they stay usable only through the
+    /// chunk hashes of the image that fetched them.
+    Differs { actual: Digest },
+}
+
+/// Map byte of a chunk that is absent.
+const ABSENT: u8 = 0;
+/// Map byte of a chunk stored after it matched the table's hash.
+const STORED: u8 = 1;
+/// Map byte of a chunk of a blob taken whole from `<hex>.whole`: never
+/// written under this table.
+const FROM_WHOLE: u8 = 2;
 
 /// Payload chunks of one repository's blobs: present in the cache, or
 /// fetched, verified and stored on demand.
@@ -89,23 +127,37 @@ struct OpenBlob {
 pub struct BlobCache {
     cache: Cache,
     source: BlobSource,
-    open: Mutex<HashMap<(Digest, u64), Arc<OpenBlob>>>,
+    /// The chunk-hash table of each blob, by blob digest, as the image's
+    /// config lists it: which of the cache's files [`BlobCache::path`] is.
+    tables: HashMap<Digest, Digest>,
+    open: Mutex<HashMap<(Digest, Digest), Arc<OpenBlob>>>,
 }
 
 impl BlobCache {
-    /// Blobs of `source` stored in `cache`.
-    pub fn new(cache: Cache, source: BlobSource) -> Self {
+    /// Blobs of `source` stored in `cache`, with the chunk-hash table digest
+    /// of each blob of the image (see [`BlobSpec::table_digest`]).
+    pub fn new(cache: Cache, source: BlobSource, tables: HashMap<Digest, Digest>) -> Self {
         BlobCache {
             cache,
             source,
+            tables,
             open: Mutex::new(HashMap::new()),
         }
     }
 
-    /// The sparse file holding `digest`'s bytes. Only chunks that
+    /// The sparse file holding `digest`'s bytes for this image (keyed by
+    /// the image's chunk-hash table of the blob). Only chunks that
     /// [`BlobCache::ensure_chunk`] returned `Ok` for hold the blob's bytes.
     pub fn path(&self, digest: &Digest) -> PathBuf {
-        self.cache.blob_path(digest)
+        match self.tables.get(digest) {
+            Some(table) => self.cache.blob_path(digest, table),
+            None => self.cache.whole_path(digest),
+        }
+    }
+
+    /// The file holding `blob`'s bytes under its own chunk-hash table.
+    pub fn path_of(&self, blob: &BlobSpec) -> PathBuf {
+        self.cache.blob_path(&blob.digest, &blob.table_digest())
     }
 
     /// Makes chunk `index` of `blob` present in [`BlobCache::path`]: returns at
@@ -123,6 +175,9 @@ impl BlobCache {
     /// a request slot only when no guest read waits for one). `Ok(true)`
     /// when this call fetched the chunk, `Ok(false)` when it was present
     /// (or another fetcher stored it meanwhile).
+    ///
+    /// The call that stores a blob's last missing chunk also hashes the
+    /// blob whole (see [`BlobCache::check_whole`]).
     pub fn ensure_chunk_as(&self, blob: &BlobSpec, index: u64, priority: Priority) -> Result<bool> {
         blob.check(index)?;
         let open = self.open_blob(blob)?;
@@ -148,20 +203,38 @@ impl BlobCache {
                     })?,
             ),
         };
-        let _lock = ChunkLock::acquire(&open.map_path, index, deadline)
-            .map_err(|e| Error::io(&open.map_path, e))?
-            .ok_or_else(|| Error::ChunkBusy {
-                digest: blob.digest.to_string(),
-                index,
-                timeout,
-            })?;
+        let done = || is_present(&open, index).map_err(|e| std::io::Error::other(e.to_string()));
+        let lease_time = (timeout / 2).min(MAX_LEASE);
+        let taken = ChunkLock::acquire(
+            &open.map_path,
+            &open.leases,
+            index,
+            deadline,
+            lease_time,
+            &done,
+        )
+        .map_err(|e| Error::io(&open.map_path, e))?
+        .ok_or_else(|| Error::ChunkBusy {
+            digest: blob.digest.to_string(),
+            index,
+            timeout,
+        })?;
+        let _lock = match taken {
+            Taken::Done => return Ok(false),
+            Taken::Locked(lock) => lock,
+            Taken::Overtaken(lock, pid) => {
+                tracing::warn!(digest = %blob.digest, index, pid, ?lease_time,
+                    "the fetcher holding this chunk renewed its lease for none of that time \
+                     (stopped?); fetching the chunk here");
+                lock
+            }
+        };
         // Another thread or process may have stored it while we waited.
         if is_present(&open, index)? {
             tracing::debug!(digest = %blob.digest, index, "chunk stored by another fetcher while waiting");
             return Ok(false);
         }
         tracing::debug!(digest = %blob.digest, index, "fetching chunk");
-        let data_path = self.path(&blob.digest);
         let mut store = |i: u64, bytes: &[u8]| -> Result<()> {
             let expected = &blob.chunk_sha256[i as usize];
             let actual: [u8; 32] = Sha256::digest(bytes).into();
@@ -180,40 +253,132 @@ impl BlobCache {
                 tracing::warn!(%err, "not storing chunk");
                 return Ok(());
             }
-            if i != index && is_present(&open, i)? {
+            // A present chunk is never written again: not by a neighbour's
+            // whole-blob answer, nor over bytes a reader verified.
+            if is_present(&open, i)? {
                 return Ok(());
             }
             let (offset, _) = blob.chunk_range(i);
             open.data
                 .write_all_at(bytes, offset)
-                .map_err(|e| Error::io(&data_path, e))?;
+                .map_err(|e| Error::io(&open.data_path, e))?;
             open.map
-                .write_all_at(&[1], i)
+                .write_all_at(&[STORED], i)
                 .map_err(|e| Error::io(&open.map_path, e))
         };
         self.source
             .fetch_chunk(blob, index, deadline, priority, held, &mut store)?;
+        drop(_lock);
+        if let Err(e) = self.check_whole(blob) {
+            tracing::warn!(digest = %blob.digest, "cannot check the blob whole: {e}");
+        }
         Ok(true)
+    }
+
+    /// Once every chunk of `blob` is present (under its table), hashes the
+    /// blob whole: when that is its digest, syncs it and links it as the
+    /// blob `<hex>.whole` (which images with other chunk hashes may then
+    /// use); when not, logs it and leaves it to the image that fetched it.
+    pub fn check_whole(&self, blob: &BlobSpec) -> Result<Wholeness> {
+        let open = self.open_blob(blob)?;
+        let mut map = vec![0u8; blob.chunks() as usize];
+        open.map
+            .read_exact_at(&mut map, 0)
+            .map_err(|e| Error::io(&open.map_path, e))?;
+        if map.contains(&ABSENT) {
+            return Ok(Wholeness::Partial);
+        }
+        let whole = self.cache.whole_path(&blob.digest);
+        if map.contains(&FROM_WHOLE) || same_file(&open.data, &whole) {
+            return Ok(Wholeness::Whole);
+        }
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut pos = 0;
+        while pos < blob.size {
+            let n = (blob.size - pos).min(buf.len() as u64) as usize;
+            open.data
+                .read_exact_at(&mut buf[..n], pos)
+                .map_err(|e| Error::io(&open.data_path, e))?;
+            hasher.update(&buf[..n]);
+            pos += n as u64;
+        }
+        let actual = Digest::from_sha256(&hasher.finalize().into());
+        if actual != blob.digest {
+            let err = Error::BlobDigest {
+                digest: blob.digest.to_string(),
+                actual: actual.to_string(),
+            };
+            tracing::error!(path = %open.data_path.display(), "{err}");
+            return Ok(Wholeness::Differs { actual });
+        }
+        // Durable before it is the blob for every image: a crash must not
+        // leave torn bytes under the whole name.
+        open.data
+            .sync_all()
+            .map_err(|e| Error::io(&open.data_path, e))?;
+        match std::fs::hard_link(&open.data_path, &whole) {
+            Ok(()) => {
+                tracing::info!(digest = %blob.digest, "every chunk present and the blob matches its digest");
+            }
+            // Another fetcher of the blob got there first.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(Error::io(&whole, e)),
+        }
+        Ok(Wholeness::Whole)
     }
 
     /// Marks chunk `index` absent, so that the next `ensure_chunk` fetches it
     /// again: for a reader whose verification of the stored bytes failed
-    /// (a chunk torn by a crash).
+    /// (a chunk torn by a crash). A chunk of a blob taken whole from the
+    /// cache is its digest's bytes: it is refused, for the image's chunk
+    /// hash is what is wrong.
     pub fn invalidate_chunk(&self, blob: &BlobSpec, index: u64) -> Result<()> {
         blob.check(index)?;
         let open = self.open_blob(blob)?;
         let timeout = self.source.client().timeout();
-        let _lock = ChunkLock::acquire(&open.map_path, index, Instant::now() + timeout)
-            .map_err(|e| Error::io(&open.map_path, e))?
-            .ok_or_else(|| Error::ChunkBusy {
-                digest: blob.digest.to_string(),
-                index,
-                timeout,
-            })?;
+        let never = || Ok(false);
+        let _lock = ChunkLock::acquire(
+            &open.map_path,
+            &open.leases,
+            index,
+            Instant::now() + timeout,
+            (timeout / 2).min(MAX_LEASE),
+            &never,
+        )
+        .map_err(|e| Error::io(&open.map_path, e))?
+        .ok_or_else(|| Error::ChunkBusy {
+            digest: blob.digest.to_string(),
+            index,
+            timeout,
+        })?;
+        if map_byte(&open, index)? == FROM_WHOLE {
+            return Err(Error::Cache {
+                path: open.data_path.clone(),
+                message: format!(
+                    "chunk {index} does not match the image's chunk hash, but the cached blob \
+                     matched its digest {} whole: the image's chunk hashes are wrong",
+                    blob.digest
+                ),
+            });
+        }
         tracing::warn!(digest = %blob.digest, index, "cached chunk failed verification; dropping it");
         open.map
-            .write_all_at(&[0], index)
+            .write_all_at(&[ABSENT], index)
             .map_err(|e| Error::io(&open.map_path, e))
+    }
+
+    /// Who holds the fetch of chunk `index` of `blob` (pid) and how long
+    /// ago it last renewed its lease; `None` when nobody fetches it.
+    pub fn chunk_holder(
+        &self,
+        blob: &BlobSpec,
+        index: u64,
+    ) -> Result<Option<(u32, std::time::Duration)>> {
+        blob.check(index)?;
+        let open = self.open_blob(blob)?;
+        let path = open.map_path.with_extension("leases");
+        super::chunk_lock::lease_holder(&path, index).map_err(|e| Error::io(path, e))
     }
 
     /// Requests and bytes this cache fetched from the registry.
@@ -229,7 +394,7 @@ impl BlobCache {
         open.map
             .read_exact_at(&mut map, 0)
             .map_err(|e| Error::io(&open.map_path, e))?;
-        Ok(map.into_iter().map(|b| b == 1).collect())
+        Ok(map.into_iter().map(|b| b != ABSENT).collect())
     }
 
     /// Whether chunk `index` is present.
@@ -238,14 +403,53 @@ impl BlobCache {
         is_present(&*self.open_blob(blob)?, index)
     }
 
-    /// Opens (creating) the blob's files and marks it in use.
+    /// Opens (creating) the blob's files under its chunk-hash table and
+    /// marks it in use. A blob absent under this table but present whole
+    /// (checked against its digest) is linked from there, every chunk
+    /// marked [`FROM_WHOLE`].
     fn open_blob(&self, blob: &BlobSpec) -> Result<Arc<OpenBlob>> {
-        let key = (blob.digest.clone(), blob.chunk_size);
+        let table = blob.table_digest();
+        let key = (blob.digest.clone(), table.clone());
         let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(o) = open.get(&key) {
             return Ok(o.clone());
         }
-        let data_path = self.path(&blob.digest);
+        let chunks = blob.chunks();
+        let data_path = self.cache.blob_path(&blob.digest, &table);
+        let map_path = self
+            .cache
+            .chunk_map_path(&blob.digest, &table, blob.chunk_size);
+        let lease_path = map_path.with_extension("leases");
+        let map = create_private(&map_path)?;
+        // Setting the blob up is one process's job at a time: whether the
+        // data file is new, linked from the whole blob, or there already
+        // must agree with the map.
+        map.lock().map_err(|e| Error::io(&map_path, e))?;
+        let data_exists = match std::fs::symlink_metadata(&data_path) {
+            Ok(_) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(Error::io(&data_path, e)),
+        };
+        if !data_exists {
+            let whole = self.cache.whole_path(&blob.digest);
+            match file::open(&whole, Access::Read) {
+                Ok(w) if w.metadata().is_ok_and(|m| m.len() == blob.size) => {
+                    map.set_len(0).map_err(|e| Error::io(&map_path, e))?;
+                    map.write_all_at(&vec![FROM_WHOLE; chunks as usize], 0)
+                        .map_err(|e| Error::io(&map_path, e))?;
+                    match std::fs::hard_link(&whole, &data_path) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                        Err(e) => return Err(Error::io(&data_path, e)),
+                    }
+                    tracing::debug!(digest = %blob.digest, "using the blob checked whole");
+                }
+                Ok(_) | Err(_) => {
+                    // A new blob under this table: no chunk is present.
+                    map.set_len(0).map_err(|e| Error::io(&map_path, e))?;
+                }
+            }
+        }
         let data = open_in_use(&data_path)?;
         let len = data.metadata().map_err(|e| Error::io(&data_path, e))?.len();
         if len == 0 && blob.size > 0 {
@@ -260,48 +464,60 @@ impl BlobCache {
         // The modification time is the blob's last use, for gc.
         data.set_modified(SystemTime::now())
             .map_err(|e| Error::io(&data_path, e))?;
-        let map_path = self.cache.chunk_map_path(&blob.digest, blob.chunk_size);
-        let map = create_private(&map_path)?;
         let map_len = map.metadata().map_err(|e| Error::io(&map_path, e))?.len();
-        if map_len < blob.chunks() {
-            map.set_len(blob.chunks())
-                .map_err(|e| Error::io(&map_path, e))?;
-        } else if map_len > blob.chunks() {
+        if map_len < chunks {
+            map.set_len(chunks).map_err(|e| Error::io(&map_path, e))?;
+        } else if map_len > chunks {
             return Err(Error::Cache {
                 path: map_path,
-                message: format!(
-                    "has {map_len} entries, the blob has {} chunks",
-                    blob.chunks()
-                ),
+                message: format!("has {map_len} entries, the blob has {chunks} chunks"),
             });
         }
+        let leases = create_private(&lease_path)?;
+        let leases_len = leases
+            .metadata()
+            .map_err(|e| Error::io(&lease_path, e))?
+            .len();
+        if leases_len < chunks * LEASE_SLOT {
+            leases
+                .set_len(chunks * LEASE_SLOT)
+                .map_err(|e| Error::io(&lease_path, e))?;
+        }
+        map.unlock().map_err(|e| Error::io(&map_path, e))?;
         let o = Arc::new(OpenBlob {
             data,
+            data_path,
             map,
             map_path,
+            leases: Arc::new(leases),
         });
         open.insert(key, o.clone());
         Ok(o)
     }
 }
 
-fn is_present(open: &OpenBlob, index: u64) -> Result<bool> {
+/// Whether `file` is the file at `path` (same device and inode).
+fn same_file(file: &File, path: &std::path::Path) -> bool {
+    match (file.metadata(), std::fs::symlink_metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+fn map_byte(open: &OpenBlob, index: u64) -> Result<u8> {
     let mut byte = [0u8];
     open.map
         .read_exact_at(&mut byte, index)
         .map_err(|e| Error::io(&open.map_path, e))?;
-    Ok(byte[0] == 1)
+    Ok(byte[0])
+}
+
+fn is_present(open: &OpenBlob, index: u64) -> Result<bool> {
+    Ok(map_byte(open, index)? != ABSENT)
 }
 
 fn create_private(path: &std::path::Path) -> Result<File> {
-    File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| Error::io(path, e))
+    file::open(path, Access::Create).map_err(|e| Error::io(path, e))
 }
 
 /// Opens (creating) a blob's data file and takes a shared `flock` on it.

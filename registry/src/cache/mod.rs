@@ -1,10 +1,20 @@
 //! The host cache: one directory shared by every `ociblk` process.
 //!
 //! ```text
-//! DIR/                                  0700
-//!   blobs/sha256/<hex>                  payload blob, sparse, its full size  0600
-//!   blobs/sha256/<hex>.<chunk>.chunks   one byte per chunk of <chunk> bytes:
-//!                                       1 = present and verified when stored
+//! DIR/                                  0700, owned by the user
+//!   blobs/sha256/<hex>.<table>          payload blob <hex> as fetched for the
+//!                                       images whose chunk-hash table has
+//!                                       digest <table>: sparse, its full size 0600
+//!   blobs/sha256/<hex>.<table>.<chunk>.chunks
+//!                                       one byte per chunk of <chunk> bytes:
+//!                                       1 = present, matched <table> when stored;
+//!                                       2 = present, from <hex>.whole
+//!   blobs/sha256/<hex>.<table>.<chunk>.leases
+//!                                       16 bytes per chunk: the pid fetching it
+//!                                       and when it last renewed its lease
+//!   blobs/sha256/<hex>.whole            a hard link to a <hex>.<table> whose
+//!                                       every chunk was present and whose
+//!                                       bytes, whole, have sha256 <hex>
 //!   meta/sha256/<hex>                   manifests and configs, whole, verified
 //!   tags/<host>/<repo>/:<tag>           "sha256:<hex>" the tag last resolved to
 //!                                       (':' keeps tag files apart from
@@ -12,6 +22,25 @@
 //!   access/sha256/<manifest hex>        the image's latest access record
 //!                                       (see [`crate::access_record`])
 //! ```
+//!
+//! Integrity, for a cache shared by images from any registries:
+//! - a blob's bytes are trusted only through the chunk hashes of the image
+//!   that fetched them, so cached bytes are keyed by the pair (blob digest,
+//!   digest of the chunk-hash table, [`BlobSpec::table_digest`]): two
+//!   images that disagree about a blob's chunk hashes never share bytes,
+//!   and whoever fetches first cannot lock the other out;
+//! - a chunk is stored only when it matches its table's hash, and a present
+//!   chunk is never rewritten (unless a reader finds it torn by a crash and
+//!   drops it: then only bytes with the same hash replace it);
+//! - a blob whose chunks are all present is hashed whole once; only when
+//!   that matches its digest is it linked as `<hex>.whole`, which images
+//!   with another table for the same digest then use as it is (chunks
+//!   marked 2, never written: a chunk that does not match their table is
+//!   their image's fault, and fails their reads).
+//!
+//! Every file is opened with `O_NOFOLLOW` and `O_NONBLOCK` and must be a
+//! regular file; every directory must be a real, private directory (see
+//! [`file`]).
 //!
 //! Locking, all advisory and per open file, so threads and processes follow
 //! the same rules:
@@ -28,18 +57,19 @@
 //! fsync. A crash may leave a map byte set over torn bytes, so the reader
 //! verifies every chunk against its sha256 before use and calls
 //! [`BlobCache::invalidate_chunk`] when it does not match; the next
-//! [`BlobCache::ensure_chunk`] fetches it again.
+//! [`BlobCache::ensure_chunk`] fetches it again. A blob is synced before it
+//! is linked as `<hex>.whole`.
 
 mod blob;
 mod chunk_lock;
+pub(crate) mod file;
 mod usage;
 
-pub use blob::{BlobCache, BlobSpec};
+pub use blob::{BlobCache, BlobSpec, Wholeness};
+pub use file::DirPolicy;
 pub use usage::{BlobUsage, CacheInfo, CachedImage, GcReport};
 
-use std::fs::{self, DirBuilder};
 use std::io::Write as _;
-use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 
 use crate::digest::Digest;
@@ -48,21 +78,45 @@ use crate::reference::Reference;
 
 /// Largest manifest or config accepted into the cache.
 pub const METADATA_LIMIT: u64 = 4 << 20;
+/// Largest tag record read: a digest and a newline, with room to spare.
+const TAG_LIMIT: u64 = 4096;
 
 /// An opened cache directory.
 #[derive(Clone, Debug)]
 pub struct Cache {
     dir: PathBuf,
+    policy: DirPolicy,
 }
 
 impl Cache {
-    /// Opens (creating, mode 0700) the cache at `dir`.
+    /// Opens (creating, mode 0700) the cache at `dir`, refusing an existing
+    /// one that is not private to the user (see [`Cache::open_with`]).
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self> {
+        Cache::open_with(dir, DirPolicy::default())
+    }
+
+    /// Opens (creating, mode 0700) the cache at `dir`. An existing cache
+    /// directory, or one of its subdirectories, owned by another user or
+    /// writable by group or others is refused unless `policy` allows it;
+    /// a subdirectory that is a symlink (or not a directory) always is.
+    pub fn open_with(dir: impl Into<PathBuf>, policy: DirPolicy) -> Result<Self> {
         let dir = dir.into();
-        for sub in ["", "blobs/sha256", "meta/sha256", "tags", "access/sha256"] {
-            create_private_dir(&dir.join(sub))?;
+        file::private_dir(&dir, true, policy)?;
+        let mut path = dir.clone();
+        for sub in [
+            "blobs",
+            "blobs/sha256",
+            "meta",
+            "meta/sha256",
+            "tags",
+            "access",
+            "access/sha256",
+        ] {
+            path.clone_from(&dir);
+            path.push(sub);
+            file::private_dir(&path, false, policy)?;
         }
-        Ok(Cache { dir })
+        Ok(Cache { dir, policy })
     }
 
     /// The default cache directory: `/var/cache/ociblk` for root, else
@@ -83,14 +137,33 @@ impl Cache {
         &self.dir
     }
 
-    pub(crate) fn blob_path(&self, digest: &Digest) -> PathBuf {
-        self.dir.join("blobs/sha256").join(digest.hex())
+    fn blob_dir(&self) -> PathBuf {
+        self.dir.join("blobs/sha256")
     }
 
-    pub(crate) fn chunk_map_path(&self, digest: &Digest, chunk_size: u64) -> PathBuf {
-        self.dir
-            .join("blobs/sha256")
-            .join(format!("{}.{chunk_size}.chunks", digest.hex()))
+    /// The file of blob `digest` as fetched under the chunk-hash table
+    /// with digest `table`.
+    pub(crate) fn blob_path(&self, digest: &Digest, table: &Digest) -> PathBuf {
+        self.blob_dir()
+            .join(format!("{}.{}", digest.hex(), table.hex()))
+    }
+
+    /// The blob `digest`, once checked whole against its digest.
+    pub(crate) fn whole_path(&self, digest: &Digest) -> PathBuf {
+        self.blob_dir().join(format!("{}.whole", digest.hex()))
+    }
+
+    pub(crate) fn chunk_map_path(
+        &self,
+        digest: &Digest,
+        table: &Digest,
+        chunk_size: u64,
+    ) -> PathBuf {
+        self.blob_dir().join(format!(
+            "{}.{}.{chunk_size}.chunks",
+            digest.hex(),
+            table.hex()
+        ))
     }
 
     fn meta_path(&self, digest: &Digest) -> PathBuf {
@@ -110,22 +183,25 @@ impl Cache {
     /// verify is removed and reported absent.
     pub fn metadata(&self, digest: &Digest, size: Option<u64>) -> Result<Option<Vec<u8>>> {
         let path = self.meta_path(digest);
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io(path, e)),
+        let Some(bytes) = file::read_small(&path, METADATA_LIMIT)? else {
+            return Ok(None);
         };
         let expected = size.unwrap_or(bytes.len() as u64);
         if let Err(err) = digest.verify("cached metadata", &bytes, expected) {
             tracing::warn!(path = %path.display(), %err, "removing damaged cache file");
-            let _ = fs::remove_file(&path);
+            let _ = std::fs::remove_file(&path);
             return Ok(None);
         }
         Ok(Some(bytes))
     }
 
-    /// Stores verified metadata `bytes` under their digest.
+    /// Stores verified metadata `bytes` under their digest, unless the
+    /// cache holds them already (a start from a full cache file system
+    /// writes nothing it has).
     pub fn store_metadata(&self, digest: &Digest, bytes: &[u8]) -> Result<()> {
+        if matches!(self.metadata(digest, Some(bytes.len() as u64)), Ok(Some(_))) {
+            return Ok(());
+        }
         write_atomic(&self.meta_path(digest), bytes)
     }
 
@@ -139,36 +215,42 @@ impl Cache {
     /// The digest a tag last resolved to, if recorded.
     pub fn tag(&self, reference: &Reference) -> Result<Option<Digest>> {
         let path = self.tag_path(reference);
-        match fs::read_to_string(&path) {
-            Ok(text) => text.trim().parse().map(Some).map_err(|_| Error::Cache {
-                path,
-                message: format!("not a digest: {:?}", text.trim()),
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io(path, e)),
-        }
+        let Some(bytes) = file::read_small(&path, TAG_LIMIT)? else {
+            return Ok(None);
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        text.trim().parse().map(Some).map_err(|_| Error::Cache {
+            path,
+            message: format!("not a digest: {:?}", text.trim()),
+        })
     }
 
-    /// Records that `reference`'s tag resolved to `digest`.
+    /// Records that `reference`'s tag resolved to `digest`, unless the
+    /// record says so already.
     pub fn store_tag(&self, reference: &Reference, digest: &Digest) -> Result<()> {
+        if matches!(self.tag(reference), Ok(Some(d)) if d == *digest) {
+            return Ok(());
+        }
         let path = self.tag_path(reference);
-        if let Some(parent) = path.parent() {
-            create_private_dir(parent)?;
+        // tags/<host>/<repo...>/: each created private, none a symlink.
+        let tags = self.dir.join("tags");
+        if let Some(parent) = path.parent()
+            && let Ok(below) = parent.strip_prefix(&tags)
+        {
+            let mut dir = tags.clone();
+            for component in below.components() {
+                dir.push(component);
+                file::private_dir(&dir, false, self.policy)?;
+            }
         }
         write_atomic(&path, format!("{digest}\n").as_bytes())
     }
 }
 
-fn create_private_dir(path: &Path) -> Result<()> {
-    DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(path)
-        .map_err(|e| Error::io(path, e))
-}
-
 /// Writes `bytes` to `path` through a private temporary file in the same
 /// directory and a rename, so readers see the old or the new file whole.
+/// (The temporary file is created exclusively, and the rename replaces
+/// whatever `path` names without following it.)
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp = tempfile::Builder::new()
@@ -183,6 +265,7 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
     use std::os::unix::fs::PermissionsExt as _;
 
     #[test]

@@ -1,12 +1,14 @@
 //! What the cache holds (`cache info`) and making room (`gc`).
 
-use std::fs::{self, File};
+use std::collections::{BTreeMap, HashSet};
+use std::fs;
 use std::io;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use super::Cache;
+use super::file::{self, Access};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 
@@ -18,16 +20,20 @@ pub struct CachedImage {
     pub manifest_digest: Digest,
 }
 
-/// One payload blob in the cache.
+/// One payload blob in the cache, with all its files (one per chunk-hash
+/// table it was fetched under).
 #[derive(Clone, Debug)]
 pub struct BlobUsage {
     pub digest: Digest,
     /// The blob's size.
     pub size: u64,
-    /// Bytes it occupies on disk (its file is sparse).
+    /// Bytes it occupies on disk (its files are sparse; hard links count once).
     pub allocated: u64,
-    /// Chunks present / all chunks, for each chunk size it was fetched with.
+    /// Chunks present / all chunks, for each chunk-hash table it was
+    /// fetched under: (chunk size, present, all).
     pub chunks: Vec<(u64, u64, u64)>,
+    /// Whether a copy had every chunk and matched the digest whole.
+    pub whole: bool,
     pub last_used: SystemTime,
 }
 
@@ -60,6 +66,66 @@ pub struct GcReport {
     pub remaining: u64,
 }
 
+/// Largest chunk map read: one byte per chunk.
+const MAP_LIMIT: u64 = 1 << 26;
+
+/// The files of one blob in a listing of the blob directory.
+#[derive(Debug, Default)]
+struct BlobFiles {
+    /// Files holding the blob's bytes (`<hex>.<table>`, `<hex>.whole`, and
+    /// a plain `<hex>` left by an older ociblk).
+    data: Vec<PathBuf>,
+    /// Chunk maps with their chunk size.
+    maps: Vec<(u64, PathBuf)>,
+    /// Everything else of the blob (lease files).
+    other: Vec<PathBuf>,
+    whole: bool,
+}
+
+impl BlobFiles {
+    fn all(&self) -> impl Iterator<Item = &PathBuf> {
+        self.maps
+            .iter()
+            .map(|(_, p)| p)
+            .chain(&self.other)
+            .chain(&self.data)
+    }
+}
+
+/// The blob directory's files by blob digest. Names that belong to no blob
+/// (temporary files) are left out.
+fn blob_files(listing: &[(String, PathBuf)]) -> BTreeMap<Digest, BlobFiles> {
+    let mut blobs: BTreeMap<Digest, BlobFiles> = BTreeMap::new();
+    for (name, path) in listing {
+        let (Some(hex), rest) = (name.get(..64), name.get(64..).unwrap_or("")) else {
+            continue;
+        };
+        let Ok(digest) = format!("sha256:{hex}").parse::<Digest>() else {
+            continue;
+        };
+        if !(rest.is_empty() || rest.starts_with('.')) {
+            continue;
+        }
+        let files = blobs.entry(digest).or_default();
+        let parts: Vec<&str> = rest.split('.').skip(1).collect();
+        match parts.as_slice() {
+            [] => files.data.push(path.clone()),
+            ["whole"] => {
+                files.whole = true;
+                files.data.push(path.clone());
+            }
+            [table] if table.len() == 64 => files.data.push(path.clone()),
+            // `<hex>.<table>.<chunk>.chunks`, or an older `<hex>.<chunk>.chunks`.
+            [.., chunk, "chunks"] if chunk.parse::<u64>().is_ok() => {
+                let chunk_size = chunk.parse().unwrap_or_default();
+                files.maps.push((chunk_size, path.clone()));
+            }
+            _ => files.other.push(path.clone()),
+        }
+    }
+    blobs
+}
+
 impl Cache {
     /// Lists images, blobs with their chunks present, and bytes used.
     pub fn info(&self) -> Result<CacheInfo> {
@@ -68,7 +134,9 @@ impl Cache {
         info.images.sort_by(|a, b| a.reference.cmp(&b.reference));
         for entry in read_dir(&self.dir.join("meta/sha256"))? {
             let path = entry.path();
-            info.metadata_bytes += fs::metadata(&path).map_err(|e| Error::io(&path, e))?.len();
+            info.metadata_bytes += fs::symlink_metadata(&path)
+                .map_err(|e| Error::io(&path, e))?
+                .len();
         }
         let records = self.dir.join("access/sha256");
         if records.is_dir() {
@@ -78,36 +146,48 @@ impl Cache {
                 .collect();
             info.access_records.sort();
         }
-        let blob_dir = self.dir.join("blobs/sha256");
-        let listing = list(&blob_dir)?;
-        for (name, path) in &listing {
-            let Ok(digest) = format!("sha256:{name}").parse::<Digest>() else {
+        let listing = list(&self.blob_dir())?;
+        for (digest, files) in blob_files(&listing) {
+            let mut inodes = HashSet::new();
+            let (mut size, mut allocated, mut last_used) = (0, 0, None);
+            for path in &files.data {
+                let meta = match fs::symlink_metadata(path) {
+                    Ok(m) if m.is_file() => m,
+                    Ok(_) => continue,
+                    // Removed by a concurrent gc.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(Error::io(path, e)),
+                };
+                size = size.max(meta.len());
+                if inodes.insert((meta.dev(), meta.ino())) {
+                    allocated += meta.blocks() * 512;
+                }
+                let modified = meta.modified().map_err(|e| Error::io(path, e))?;
+                last_used = last_used.max(Some(modified));
+            }
+            let Some(last_used) = last_used else {
                 continue;
             };
-            let meta = match fs::metadata(path) {
-                Ok(m) => m,
-                // Removed by a concurrent gc.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(Error::io(path, e)),
-            };
-            let chunks = maps_of(&listing, &digest)
-                .into_iter()
+            let chunks = files
+                .maps
+                .iter()
                 .filter_map(|(chunk_size, map)| {
-                    let bytes = fs::read(map).ok()?;
+                    let bytes = file::read_small(map, MAP_LIMIT).ok()??;
                     #[allow(
                         clippy::naive_bytecount,
                         reason = "one byte per chunk: too few to need the bytecount crate"
                     )]
-                    let present = bytes.iter().filter(|&&b| b == 1).count() as u64;
-                    Some((chunk_size, present, bytes.len() as u64))
+                    let present = bytes.iter().filter(|&&b| b != 0).count() as u64;
+                    Some((*chunk_size, present, bytes.len() as u64))
                 })
                 .collect();
             info.blobs.push(BlobUsage {
                 digest,
-                size: meta.len(),
-                allocated: meta.blocks() * 512,
+                size,
+                allocated,
                 chunks,
-                last_used: meta.modified().map_err(|e| Error::io(path, e))?,
+                whole: files.whole,
+                last_used,
             });
         }
         info.blobs.sort_by_key(|b| b.last_used);
@@ -122,32 +202,49 @@ impl Cache {
             remaining: info.blob_bytes(),
             ..GcReport::default()
         };
-        let blob_dir = self.dir.join("blobs/sha256");
+        let blob_dir = self.blob_dir();
         for blob in &info.blobs {
             if report.remaining <= max_size {
                 break;
             }
-            let path = self.blob_path(&blob.digest);
-            let file = match File::options().read(true).open(&path) {
-                Ok(f) => f,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(Error::io(path, e)),
+            let listing = list(&blob_dir)?;
+            let Some(files) = blob_files(&listing).remove(&blob.digest) else {
+                continue;
             };
-            match file.try_lock() {
-                Ok(()) => {}
-                Err(std::fs::TryLockError::WouldBlock) => {
-                    report.in_use.push(blob.digest.clone());
+            // Every file holding the blob's bytes, each inode locked once:
+            // a process using any of them holds it shared.
+            let mut locked = Vec::new();
+            let mut inodes = HashSet::new();
+            let mut in_use = false;
+            for path in &files.data {
+                let data = match file::open(path, Access::Read) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(Error::io(path, e)),
+                };
+                let meta = data.metadata().map_err(|e| Error::io(path, e))?;
+                if !inodes.insert((meta.dev(), meta.ino())) {
                     continue;
                 }
-                Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(path, e)),
+                match data.try_lock() {
+                    Ok(()) => locked.push(data),
+                    Err(std::fs::TryLockError::WouldBlock) => {
+                        in_use = true;
+                        break;
+                    }
+                    Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(path, e)),
+                }
             }
-            // Under the exclusive lock no process uses the blob; one that
+            if in_use {
+                report.in_use.push(blob.digest.clone());
+                continue;
+            }
+            // Under the exclusive locks no process uses the blob; one that
             // opens it meanwhile waits for the lock, then sees it unlinked.
-            for (_, map) in maps_of(&list(&blob_dir)?, &blob.digest) {
-                remove(&map)?;
+            for path in files.all() {
+                remove(path)?;
             }
-            remove(&path)?;
-            drop(file);
+            drop(locked);
             tracing::info!(digest = %blob.digest, bytes = blob.allocated, "gc removed blob");
             report.removed.push(blob.digest.clone());
             report.freed += blob.allocated;
@@ -179,23 +276,6 @@ fn list(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
         .collect())
 }
 
-/// The chunk maps of `digest` in a listing of the blob directory:
-/// (chunk size, path).
-fn maps_of(listing: &[(String, PathBuf)], digest: &Digest) -> Vec<(u64, PathBuf)> {
-    let prefix = format!("{}.", digest.hex());
-    listing
-        .iter()
-        .filter_map(|(name, path)| {
-            let chunk_size = name
-                .strip_prefix(&prefix)?
-                .strip_suffix(".chunks")?
-                .parse()
-                .ok()?;
-            Some((chunk_size, path.clone()))
-        })
-        .collect()
-}
-
 /// Walks `tags/<host>/<repo...>/:<tag>`: files named `:<tag>` are tags,
 /// directories path components.
 fn collect_tags(dir: &Path, prefix: String, out: &mut Vec<CachedImage>) -> Result<()> {
@@ -210,14 +290,23 @@ fn collect_tags(dir: &Path, prefix: String, out: &mut Vec<CachedImage>) -> Resul
                 format!("{prefix}/{name}")
             };
             collect_tags(&path, sub, out)?;
-        } else if let Some(tag) = name.strip_prefix(':')
-            && let Ok(text) = fs::read_to_string(&path)
-            && let Ok(manifest_digest) = text.trim().parse()
-        {
-            out.push(CachedImage {
-                reference: format!("{prefix}:{tag}"),
-                manifest_digest,
-            });
+        } else if let Some(tag) = name.strip_prefix(':') {
+            // A tag record that is not a regular file (a FIFO, a symlink)
+            // or not a digest is skipped, never waited on.
+            let text = match file::read_small(&path, super::TAG_LIMIT) {
+                Ok(Some(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!("skipping tag record: {e}");
+                    continue;
+                }
+            };
+            if let Ok(manifest_digest) = text.trim().parse() {
+                out.push(CachedImage {
+                    reference: format!("{prefix}:{tag}"),
+                    manifest_digest,
+                });
+            }
         }
     }
     Ok(())

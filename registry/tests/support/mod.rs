@@ -234,6 +234,17 @@ impl Registry {
         std::fs::write(&path, text.replacen(from, to, 1)).expect("write stored blob");
     }
 
+    /// Overwrites bytes at `offset` of blob `digest` in storage: a registry
+    /// that serves other bytes under the digest.
+    pub fn write_blob(&self, digest: &Digest, offset: u64, bytes: &[u8]) {
+        use std::os::unix::fs::FileExt as _;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(self.blob_file(digest))
+            .and_then(|f| f.write_all_at(bytes, offset))
+            .expect("write stored blob");
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -250,6 +261,38 @@ impl Registry {
 impl Drop for Registry {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A tmpfs mounted for the life of the value (root only).
+pub struct Tmpfs(pub std::path::PathBuf);
+
+impl Tmpfs {
+    pub fn mount(at: &std::path::Path, size: &str) -> Tmpfs {
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        assert_eq!(
+            euid, 0,
+            "this test mounts a tmpfs and must run as root (CI does); run it with sudo"
+        );
+        std::fs::create_dir_all(at).expect("create mount point");
+        let status = std::process::Command::new(require_tool("mount", "mount"))
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "mount tmpfs at {}: {status}",
+            at.display()
+        );
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
     }
 }
 
@@ -363,6 +406,83 @@ impl SampleImage {
             .expect("read payload blob");
         let (start, len) = blob.chunk_range(index);
         bytes[start as usize..(start + len) as usize].to_vec()
+    }
+}
+
+/// A copy of the sample image whose config gives one chunk of a payload
+/// another hash: the image of whoever serves other bytes under the
+/// payload's digest.
+#[derive(Debug)]
+pub struct AlteredImage {
+    /// Its OCI layout (payload blobs as in the sample image).
+    pub dir: PathBuf,
+    pub manifest_digest: Digest,
+    /// The payload as this image describes it.
+    pub blob: BlobSpec,
+    /// The changed chunk's new bytes.
+    pub chunk: Vec<u8>,
+}
+
+impl SampleImage {
+    /// Writes to `dir` the sample image with chunk `index` of payload
+    /// `name` changed (every byte inverted) in its config's chunk hashes.
+    pub fn with_chunk_changed(&self, dir: &Path, name: &str, index: u64) -> AlteredImage {
+        use sha2::Digest as _;
+        let blob = self.payload(name).clone();
+        let chunk: Vec<u8> = self.chunk(&blob, index).iter().map(|b| !b).collect();
+        let hash: [u8; 32] = sha2::Sha256::digest(&chunk).into();
+        let mut config: serde_json::Value = serde_json::from_slice(&self.config).expect("config");
+        let payload = config["payloads"]
+            .as_array_mut()
+            .expect("payloads")
+            .iter_mut()
+            .find(|p| p["name"] == name)
+            .expect("payload in config");
+        payload["chunk_hashes_sha256"][index as usize] =
+            base64::engine::general_purpose::STANDARD_NO_PAD
+                .encode(hash)
+                .into();
+        let config = serde_json::to_vec(&config).expect("config JSON");
+        let config_digest = Digest::of(&config);
+        let mut manifest: serde_json::Value =
+            serde_json::from_slice(&self.manifest).expect("manifest");
+        manifest["config"]["digest"] = config_digest.to_string().into();
+        manifest["config"]["size"] = config.len().into();
+        let manifest = serde_json::to_vec(&manifest).expect("manifest JSON");
+        let manifest_digest = Digest::of(&manifest);
+        let blobs = dir.join("blobs/sha256");
+        std::fs::create_dir_all(&blobs).expect("layout dir");
+        std::fs::copy(self.dir.join("oci-layout"), dir.join("oci-layout")).expect("oci-layout");
+        for (_, p) in &self.payloads {
+            std::fs::copy(
+                self.dir.join("blobs/sha256").join(p.digest.hex()),
+                blobs.join(p.digest.hex()),
+            )
+            .expect("copy payload");
+        }
+        std::fs::write(blobs.join(config_digest.hex()), &config).expect("config");
+        std::fs::write(blobs.join(manifest_digest.hex()), &manifest).expect("manifest");
+        let index_json = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [{
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": manifest_digest.to_string(),
+                "size": manifest.len(),
+            }],
+        });
+        std::fs::write(dir.join("index.json"), index_json.to_string()).expect("index.json");
+        let mut hashes = blob.chunk_sha256.to_vec();
+        hashes[index as usize] = hash;
+        AlteredImage {
+            dir: dir.to_path_buf(),
+            manifest_digest,
+            blob: BlobSpec {
+                chunk_sha256: Arc::from(hashes),
+                ..blob
+            },
+            chunk,
+        }
     }
 }
 

@@ -6,7 +6,7 @@
 use std::io::{Read as _, Write as _};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::loopback::{LoopbackServer, read_request_head};
@@ -19,6 +19,9 @@ pub struct Behaviour {
     /// Answer this many blob requests with 429 and `Retry-After`.
     pub too_many: u32,
     pub retry_after_secs: u32,
+    /// The `Retry-After` value sent instead of `retry_after_secs`, as is
+    /// (a value no client should take at its word).
+    pub retry_after_raw: Option<String>,
     /// Drop the `Range` header before forwarding: the registry answers 200.
     pub ignore_range: bool,
     /// Answer blob requests with a 307 to `/storage/...` on the proxy,
@@ -26,7 +29,14 @@ pub struct Behaviour {
     pub redirect_blobs: bool,
     /// Hold each blob request this long before forwarding it (a slow registry).
     pub blob_delay: Duration,
+    /// Hold each blob request until this many were in flight at once (or
+    /// [`GATHER_LIMIT`] passed): requests made one after another never
+    /// meet, requests made side by side all go on together.
+    pub gather: usize,
 }
+
+/// The longest a blob request is held for [`Behaviour::gather`].
+pub const GATHER_LIMIT: Duration = Duration::from_secs(10);
 
 /// One request the proxy saw.
 #[derive(Clone, Debug)]
@@ -44,6 +54,9 @@ struct State {
     /// Blob requests being served now, and the most there ever were.
     blob_active: AtomicUsize,
     blob_max_active: AtomicUsize,
+    /// Taken to count a blob request in; `arrived` is signalled then.
+    entering: Mutex<()>,
+    arrived: Condvar,
 }
 
 /// The proxy; stops accepting on drop.
@@ -139,10 +152,13 @@ fn serve(
     if is_blob && !via_storage && behaviour.too_many > 0 {
         state.behaviour.lock().expect("lock").too_many -= 1;
         log(429);
+        let retry_after = behaviour
+            .retry_after_raw
+            .clone()
+            .unwrap_or_else(|| behaviour.retry_after_secs.to_string());
         write!(
             client,
-            "HTTP/1.1 429 Too Many Requests\r\nRetry-After: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-            behaviour.retry_after_secs
+            "HTTP/1.1 429 Too Many Requests\r\nRetry-After: {retry_after}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
         )?;
         return client.shutdown(Shutdown::Both);
     }
@@ -156,6 +172,9 @@ fn serve(
     }
     if is_blob && !behaviour.blob_delay.is_zero() {
         std::thread::sleep(behaviour.blob_delay);
+    }
+    if is_blob && behaviour.gather > 1 {
+        gather(state, behaviour.gather);
     }
     let mut up = TcpStream::connect_timeout(&upstream, IO_TIMEOUT)?;
     up.set_read_timeout(Some(IO_TIMEOUT))?;
@@ -182,13 +201,29 @@ fn serve(
     client.shutdown(Shutdown::Both)
 }
 
+/// Waits until `count` blob requests were in flight at once, at most
+/// [`GATHER_LIMIT`].
+fn gather(state: &State, count: usize) {
+    let deadline = Instant::now() + GATHER_LIMIT;
+    let mut entering = state.entering.lock().expect("lock");
+    while state.blob_max_active.load(Ordering::SeqCst) < count {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        entering = state.arrived.wait_timeout(entering, left).expect("lock").0;
+    }
+}
+
 /// Counts a blob request as in flight while alive.
 struct Active<'a>(&'a State);
 
 impl<'a> Active<'a> {
     fn enter(state: &'a State) -> Self {
+        let _entering = state.entering.lock().expect("lock");
         let now = state.blob_active.fetch_add(1, Ordering::SeqCst) + 1;
         state.blob_max_active.fetch_max(now, Ordering::SeqCst);
+        state.arrived.notify_all();
         Active(state)
     }
 }
