@@ -402,5 +402,8 @@ fn stalled_daemon_times_out() {
         out.stderr
     );
     assert!(started.elapsed() < Duration::from_secs(5));
-    daemon.assert_running();
+    // Whether qemu-storage-daemon survives is not ociblk-bench's to judge: a
+    // client that leaves while the stopped daemon still holds its requests
+    // at times ends QEMU 7.2's daemon ("vhost_user_server_ref: Assertion
+    // `!server->wait_idle' failed").
 }
