@@ -14,6 +14,7 @@ pub mod launch;
 pub mod node_disk;
 pub mod overlay;
 pub mod prefetch;
+pub mod qmp;
 pub mod server;
 pub(crate) mod sys;
 pub mod verifier;

@@ -3,13 +3,93 @@
 
 use std::fs::File;
 use std::io;
+use std::path::PathBuf;
+use std::sync::{Mutex, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
 
 use ociblk_layout::{Layout, Piece, Segment};
+use tracing::{error, info};
 
 use crate::device::BlockDevice;
 use crate::iobuf::IoBufs;
-use crate::overlay::{BlockState, Overlay};
+use crate::overlay::{BlockState, Overlay, OverlayConfig, OverlayError};
 use crate::verifier::Verifiers;
+
+/// How often a deferred overlay open tries the lock again.
+const LOCK_RETRY: Duration = Duration::from_millis(10);
+
+/// An overlay opened (and locked) only when the disk is first used, for
+/// a server that takes a node over from another server still holding the
+/// overlay: the destination of a live migration. Until then the server
+/// answers the frontend's handshake from the layout alone. The first
+/// request waits up to `wait` for the lock; once that time has passed,
+/// each request tries once and fails with an I/O error while the overlay
+/// is still locked.
+#[derive(Debug)]
+pub struct DeferredOverlay {
+    path: PathBuf,
+    cfg: OverlayConfig,
+    layers: Option<Vec<PathBuf>>,
+    wait: Duration,
+    /// When the disk was first needed; held while opening, so that one
+    /// thread opens and the others wait for it.
+    first_need: Mutex<Option<Instant>>,
+}
+
+impl DeferredOverlay {
+    /// The overlay at `path` (see [`Overlay::open_over`] for `cfg` and
+    /// `layers`), opened read-write at the first use of the disk, waiting
+    /// up to `wait` for its lock.
+    pub fn new(
+        path: PathBuf,
+        cfg: OverlayConfig,
+        layers: Option<Vec<PathBuf>>,
+        wait: Duration,
+    ) -> Self {
+        DeferredOverlay {
+            path,
+            cfg,
+            layers,
+            wait,
+            first_need: Mutex::new(None),
+        }
+    }
+
+    /// Opens the overlay into `slot` unless another thread did.
+    fn open_into<'a>(&self, slot: &'a OnceLock<Overlay>) -> io::Result<&'a Overlay> {
+        let mut first_need = self
+            .first_need
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(overlay) = slot.get() {
+            return Ok(overlay);
+        }
+        let deadline = *first_need.get_or_insert_with(Instant::now) + self.wait;
+        let waited = Instant::now();
+        loop {
+            match Overlay::open_over(&self.path, self.cfg.clone(), self.layers.as_deref()) {
+                Ok(overlay) => {
+                    info!(
+                        overlay = %self.path.display(),
+                        waited = ?waited.elapsed(),
+                        "overlay opened at the disk's first use"
+                    );
+                    return Ok(slot.get_or_init(|| overlay));
+                }
+                Err(OverlayError::Locked { .. }) if Instant::now() < deadline => {
+                    std::thread::sleep(LOCK_RETRY);
+                }
+                Err(e) => {
+                    error!(overlay = %self.path.display(), "cannot open the overlay: {e}");
+                    return Err(io::Error::other(format!(
+                        "overlay {}: {e}",
+                        self.path.display()
+                    )));
+                }
+            }
+        }
+    }
+}
 
 /// Bytes of FAT entries generated per copy when a read covers a FAT chain.
 const FAT_CHUNK: usize = 4096;
@@ -22,7 +102,10 @@ pub struct NodeDisk {
     layout: Layout,
     files: Vec<File>,
     verifiers: Verifiers,
-    overlay: Option<Overlay>,
+    /// The overlay, once open: from the start, or at the first use of a
+    /// [`DeferredOverlay`].
+    overlay: OnceLock<Overlay>,
+    deferred: Option<DeferredOverlay>,
     read_only: bool,
 }
 
@@ -38,12 +121,36 @@ impl NodeDisk {
     ) -> ociblk_layout::Result<Self> {
         let reader = ociblk_layout::DiskReader::open(layout)?;
         let read_only = read_only || overlay.is_none();
+        let slot = OnceLock::new();
+        if let Some(overlay) = overlay {
+            let _ = slot.set(overlay);
+        }
         Ok(NodeDisk {
             layout: reader.layout,
             files: reader.files,
             verifiers,
-            overlay,
+            overlay: slot,
+            deferred: None,
             read_only,
+        })
+    }
+
+    /// Like [`open`](Self::open) with a writable overlay, but the overlay
+    /// is opened at the disk's first read, write, discard or write-zeroes
+    /// (see [`DeferredOverlay`]). A flush before that has nothing to flush.
+    pub fn open_deferred(
+        layout: Layout,
+        overlay: DeferredOverlay,
+        verifiers: Verifiers,
+    ) -> ociblk_layout::Result<Self> {
+        let reader = ociblk_layout::DiskReader::open(layout)?;
+        Ok(NodeDisk {
+            layout: reader.layout,
+            files: reader.files,
+            verifiers,
+            overlay: OnceLock::new(),
+            deferred: Some(overlay),
+            read_only: false,
         })
     }
 
@@ -51,8 +158,18 @@ impl NodeDisk {
         &self.layout
     }
 
+    /// The overlay, if it is open.
     pub fn overlay(&self) -> Option<&Overlay> {
-        self.overlay.as_ref()
+        self.overlay.get()
+    }
+
+    /// The overlay requests go to: opened now if it was deferred.
+    fn overlay_for_io(&self) -> io::Result<Option<&Overlay>> {
+        match (self.overlay.get(), &self.deferred) {
+            (Some(overlay), _) => Ok(Some(overlay)),
+            (None, Some(deferred)) => deferred.open_into(&self.overlay).map(Some),
+            (None, None) => Ok(None),
+        }
     }
 
     pub fn verifiers(&self) -> &Verifiers {
@@ -118,7 +235,7 @@ impl NodeDisk {
     }
 
     fn writable_overlay(&self) -> io::Result<&Overlay> {
-        match (&self.overlay, self.read_only) {
+        match (self.overlay_for_io()?, self.read_only) {
             (Some(o), false) => Ok(o),
             _ => Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
@@ -138,7 +255,7 @@ impl BlockDevice for NodeDisk {
     }
 
     fn read(&self, offset: u64, dst: &IoBufs<'_>) -> io::Result<()> {
-        let Some(overlay) = &self.overlay else {
+        let Some(overlay) = self.overlay_for_io()? else {
             return self.read_base(offset, dst, 0, dst.len());
         };
         for run in overlay.runs(offset, dst.len() as u64) {
@@ -160,7 +277,8 @@ impl BlockDevice for NodeDisk {
     }
 
     fn flush(&self) -> io::Result<()> {
-        match &self.overlay {
+        // An overlay not opened yet holds nothing of this server's.
+        match self.overlay.get() {
             Some(o) => o.flush(),
             None => Ok(()),
         }

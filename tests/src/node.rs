@@ -138,12 +138,24 @@ impl TestNode {
 
     /// Starts `ociblk serve` on `socket` and `overlay`, with `extra` options.
     pub fn serve_files(&self, socket: &Path, overlay: &Path, extra: &[&str]) -> Server {
+        self.serve_files_with_env(socket, overlay, extra, &[])
+    }
+
+    /// [`serve_files`](Self::serve_files) with `env` added to the
+    /// server's environment.
+    pub fn serve_files_with_env(
+        &self,
+        socket: &Path,
+        overlay: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
         let mut args = self.layout_args();
         args.push("--overlay".into());
         args.push(overlay.display().to_string());
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Server::start(socket, &args)
+        Server::start_with_env(socket, &args, env)
     }
 
     /// The `ociblk serve` command for the node on `socket` and `overlay`, not

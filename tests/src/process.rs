@@ -60,13 +60,19 @@ impl Server {
     /// Starts `ociblk serve` with `args` (plus `--socket`) and waits until
     /// the socket exists.
     pub fn start(socket: &Path, args: &[&str]) -> Server {
+        Server::start_with_env(socket, args, &[])
+    }
+
+    /// [`start`](Self::start) with `env` added to its environment.
+    pub fn start_with_env(socket: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(ociblk_bin());
         cmd.arg("serve")
             .arg("--socket")
             .arg(socket)
             .args(args)
             .stdin(Stdio::null())
-            .env("OCIBLK_LOG", "info");
+            .env("OCIBLK_LOG", "info")
+            .envs(env.iter().copied());
         let (process, log) = spawn_followed(&mut cmd, "[ociblk] ");
         let mut server = Server {
             process,
@@ -170,6 +176,8 @@ pub struct GuestConfig {
     pub reconnect: bool,
     /// The guest's own writable OVMF variable store (UEFI boot).
     pub vars: Option<PathBuf>,
+    /// Appended to QEMU's command line (`-qmp ...`, `-incoming ...`).
+    pub extra_args: Vec<String>,
 }
 
 impl GuestConfig {
@@ -182,6 +190,7 @@ impl GuestConfig {
             append: String::new(),
             reconnect: false,
             vars: None,
+            extra_args: Vec::new(),
         }
     }
 
@@ -225,6 +234,7 @@ impl GuestConfig {
         cmd.cpus = 2;
         cmd.memory_mib = self.memory_mib;
         cmd.queues = self.queues;
+        cmd.extra_args = self.extra_args.clone();
         cmd
     }
 }

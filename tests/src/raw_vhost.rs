@@ -52,6 +52,10 @@ pub const F_EVENT_IDX: u64 = 1 << VIRTIO_RING_F_EVENT_IDX;
 pub const PF_MQ: u64 = VhostUserProtocolFeatures::MQ.bits();
 pub const PF_REPLY_ACK: u64 = VhostUserProtocolFeatures::REPLY_ACK.bits();
 pub const PF_CONFIG: u64 = VhostUserProtocolFeatures::CONFIG.bits();
+/// Protocol feature LOG_SHMFD: the dirty log as a shared memory file.
+pub const PF_LOG_SHMFD: u64 = VhostUserProtocolFeatures::LOG_SHMFD.bits();
+/// `VHOST_F_LOG_ALL`: log every write to guest memory.
+pub const F_LOG_ALL: u64 = VhostUserVirtioFeatures::LOG_ALL.bits();
 
 /// The 12 header bytes.
 pub fn header(request: impl Into<u32>, flags: u32, size: u32) -> [u8; HEADER_SIZE] {
@@ -103,6 +107,13 @@ pub fn mem_table(count: u32, regions: &[MemRegion]) -> Vec<u8> {
             p.extend_from_slice(&v.to_le_bytes());
         }
     }
+    p
+}
+
+/// A `VhostUserLog` payload (SET_LOG_BASE): size, offset.
+pub fn log_payload(mmap_size: u64, mmap_offset: u64) -> Vec<u8> {
+    let mut p = mmap_size.to_le_bytes().to_vec();
+    p.extend_from_slice(&mmap_offset.to_le_bytes());
     p
 }
 
@@ -431,6 +442,18 @@ impl RawFrontend {
         queue_size: u16,
         timeout: Duration,
     ) -> io::Result<RawFrontend> {
+        Self::setup_with(socket, mem_size, queue_size, timeout, 0)
+    }
+
+    /// [`setup`](Self::setup), also acking the protocol features in
+    /// `protocol_extra` (e.g. [`PF_LOG_SHMFD`]) when they are offered.
+    pub fn setup_with(
+        socket: &Path,
+        mem_size: usize,
+        queue_size: u16,
+        timeout: Duration,
+        protocol_extra: u64,
+    ) -> io::Result<RawFrontend> {
         let conn = RawConn::connect(socket, timeout)?;
         let fail = |what: &str, a: &Answer| io::Error::other(format!("{what}: {a:?}"));
         let get = |request: FrontendReq| match conn.call(request, &[], &[]) {
@@ -442,7 +465,7 @@ impl RawFrontend {
         conn.send(
             FrontendReq::SET_PROTOCOL_FEATURES,
             VERSION,
-            &u64_payload(protocol & (PF_MQ | PF_REPLY_ACK | PF_CONFIG)),
+            &u64_payload(protocol & (PF_MQ | PF_REPLY_ACK | PF_CONFIG | protocol_extra)),
             &[],
         )?;
         let features = offered;
@@ -500,6 +523,17 @@ impl RawFrontend {
             a if a.is_ack_ok() => Ok(()),
             a => Err(io::Error::other(format!("{request:?}: {a:?}"))),
         }
+    }
+
+    /// SET_LOG_BASE with `log` (size and offset from the payload); the
+    /// answer is the backend's reply, or the connection closing when it
+    /// refused the log.
+    pub fn set_log_base(&self, log: RawFd, mmap_size: u64, mmap_offset: u64) -> Answer {
+        self.conn.call(
+            FrontendReq::SET_LOG_BASE,
+            &log_payload(mmap_size, mmap_offset),
+            &[log],
+        )
     }
 
     /// The frontend address of guest physical address `gpa`.

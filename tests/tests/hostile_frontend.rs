@@ -17,9 +17,9 @@ use ociblk_tests::oci::pseudo_random;
 use ociblk_tests::process::Server;
 use ociblk_tests::raw_vhost::{
     self, AVAIL_RING, Answer, BUFFERS, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DESC_TABLE,
-    F_PROTOCOL_FEATURES, FLAG_NEED_REPLY, FLAG_REPLY, FrontendReq, GuestMem, MemRegion, RawConn,
-    RawFrontend, USED_RING, VERSION, VRING_NOFD, config_payload, mem_table, u64_payload,
-    vring_addr, vring_state,
+    F_PROTOCOL_FEATURES, FLAG_NEED_REPLY, FLAG_REPLY, FrontendReq, GuestMem, MemRegion,
+    PF_LOG_SHMFD, RawConn, RawFrontend, USED_RING, VERSION, VRING_NOFD, config_payload,
+    log_payload, mem_table, u64_payload, vring_addr, vring_state,
 };
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -393,6 +393,7 @@ fn hostile_frontends_do_not_take_the_server_down() {
     mem_table_cases(&mut h, &scratch);
     vring_cases(&mut h, &scratch);
     ring_cases(&mut h);
+    log_cases(&mut h, &scratch);
 
     // Nothing of the overlay was lost, now and after restarts.
     h.verify_kept("after the hostile cases");
@@ -1188,5 +1189,74 @@ fn ring_cases(h: &mut Harness) {
             valid_get_id_nowait(&mut fe, i * 3);
         }
         // Hang up without waiting.
+    });
+}
+
+/// Bytes of a dirty log covering [`MEM`]: one bit per 4 KiB page.
+const LOG_BYTES: u64 = MEM as u64 / 4096 / 8;
+
+/// Sends SET_LOG_BASE with `fds` after a valid setup with LOG_SHMFD. A log
+/// the server accepts is then written: a GET_ID request marks its pages.
+fn log_base_case(socket: &Path, fds: &[RawFd], size: u64, offset: u64) {
+    let mut fe = RawFrontend::setup_with(socket, MEM, 16, TIMEOUT, PF_LOG_SHMFD).unwrap();
+    match fe
+        .conn
+        .call(FrontendReq::SET_LOG_BASE, &log_payload(size, offset), fds)
+    {
+        Answer::Reply(_) => valid_get_id(&mut fe, 0),
+        Answer::Closed => {}
+        Answer::Silent => panic!("SET_LOG_BASE: no answer within {TIMEOUT:?}"),
+    }
+}
+
+/// Bad dirty logs (SET_LOG_BASE): sizes, offsets and descriptors. A log
+/// whose file does not cover the size it claims would end the process with
+/// SIGBUS at the first mark: it must be refused when it arrives.
+fn log_cases(h: &mut Harness, scratch: &Path) {
+    h.case("valid SET_LOG_BASE, then a request", |s| {
+        let log = raw_vhost::memfd(LOG_BYTES).unwrap();
+        log_base_case(s, &[log.as_raw_fd()], LOG_BYTES, 0);
+    });
+    let sized: [(&str, u64, u64, u64); 8] = [
+        ("a log file of 0 bytes", 0, LOG_BYTES, 0),
+        ("a log file shorter than its size", 16, LOG_BYTES, 0),
+        (
+            "an offset past the end of the log file",
+            LOG_BYTES,
+            LOG_BYTES,
+            4096,
+        ),
+        ("a size of 1 TiB over a small file", LOG_BYTES, 1 << 40, 0),
+        ("a log too small for guest memory", 1, 1, 0),
+        ("a size of 0", LOG_BYTES, 0, 0),
+        ("an unaligned offset", 8192, LOG_BYTES, 100),
+        ("an overflowing offset", LOG_BYTES, LOG_BYTES, u64::MAX - 8),
+    ];
+    for (what, file_len, size, offset) in sized {
+        h.case(&format!("SET_LOG_BASE with {what}"), |s| {
+            let log = raw_vhost::memfd(file_len).unwrap();
+            log_base_case(s, &[log.as_raw_fd()], size, offset);
+        });
+    }
+    h.case("SET_LOG_BASE without a descriptor", |s| {
+        log_base_case(s, &[], LOG_BYTES, 0);
+    });
+    h.case("SET_LOG_BASE with two descriptors", |s| {
+        let (a, b) = (
+            raw_vhost::memfd(LOG_BYTES).unwrap(),
+            raw_vhost::memfd(LOG_BYTES).unwrap(),
+        );
+        log_base_case(s, &[a.as_raw_fd(), b.as_raw_fd()], LOG_BYTES, 0);
+    });
+    for (what, fd) in bad_fds(scratch) {
+        h.case(&format!("SET_LOG_BASE backed by a {what}"), |s| {
+            log_base_case(s, &[fd.as_raw_fd()], LOG_BYTES, 0);
+        });
+    }
+    h.case("SET_LOG_BASE without LOG_SHMFD negotiated", |s| {
+        let fe = RawFrontend::setup(s, MEM, 16, TIMEOUT).unwrap();
+        let log = raw_vhost::memfd(LOG_BYTES).unwrap();
+        let a = fe.set_log_base(log.as_raw_fd(), LOG_BYTES, 0);
+        assert_eq!(a, Answer::Closed, "SET_LOG_BASE without LOG_SHMFD");
     });
 }

@@ -14,7 +14,7 @@ use ociblk_registry::{AccessRecord, Digest};
 use super::layout_args::LayoutArgs;
 use crate::access::AccessRecorder;
 use crate::image_source::ChunkFetcher;
-use crate::node_disk::NodeDisk;
+use crate::node_disk::{DeferredOverlay, NodeDisk};
 use crate::overlay::{FlushMode, Overlay, OverlayConfig, OverlayError};
 use crate::prefetch::{PrefetchPlan, Prefetcher};
 use crate::server::daemon::{SocketClaim, serve_claimed};
@@ -112,6 +112,21 @@ pub struct ServeArgs {
     /// registry image.
     #[arg(long)]
     pub no_prefetch: bool,
+    /// Take the node over from a server that still holds the overlay (the
+    /// destination of a live migration): listen and answer the frontend's
+    /// handshake from the layout alone, and open (lock) the overlay only at
+    /// the disk's first request, waiting up to SECONDS for the other server
+    /// to release it. After that, requests fail with an I/O error while the
+    /// overlay stays locked. Start this server before the destination QEMU.
+    #[arg(long, value_name = "SECONDS", requires = "overlay", conflicts_with = "read_only",
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub wait_for_overlay: Option<u64>,
+}
+
+/// The overlay: opened at start, or at the disk's first request.
+enum Opening {
+    Now(Option<Overlay>),
+    Deferred(DeferredOverlay),
 }
 
 /// How long a stopping server waits for the prefetch thread to finish the
@@ -177,18 +192,24 @@ pub fn run(args: &ServeArgs) -> Result<()> {
                 },
             };
             let layers = (!args.layers.is_empty()).then_some(args.layers.as_slice());
-            let overlay = if args.read_only {
-                Overlay::open_read_only_over(path, cfg, layers)
+            if let Some(seconds) = args.wait_for_overlay {
+                let wait = Duration::from_secs(seconds);
+                let layers = layers.map(<[PathBuf]>::to_vec);
+                Opening::Deferred(DeferredOverlay::new(path.clone(), cfg, layers, wait))
             } else {
-                Overlay::open_over(path, cfg, layers)
-            };
-            Some(
-                overlay
-                    .map_err(with_layer_hint)
-                    .context("cannot open the overlay")?,
-            )
+                let overlay = if args.read_only {
+                    Overlay::open_read_only_over(path, cfg, layers)
+                } else {
+                    Overlay::open_over(path, cfg, layers)
+                };
+                Opening::Now(Some(
+                    overlay
+                        .map_err(with_layer_hint)
+                        .context("cannot open the overlay")?,
+                ))
+            }
         }
-        None => None,
+        None => Opening::Now(None),
     };
     if args.no_verify {
         match &fetcher {
@@ -212,8 +233,17 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         !args.no_verify,
         recorder.as_ref(),
     );
-    let disk = NodeDisk::open(layout, overlay, args.read_only, verifiers)
-        .context("cannot open the image's payloads")?;
+    let disk = match overlay {
+        Opening::Now(overlay) => NodeDisk::open(layout, overlay, args.read_only, verifiers),
+        Opening::Deferred(overlay) => {
+            info!(
+                wait_s = args.wait_for_overlay,
+                "the overlay is opened at the disk's first request"
+            );
+            NodeDisk::open_deferred(layout, overlay, verifiers)
+        }
+    }
+    .context("cannot open the image's payloads")?;
     info!(
         image = %loaded.origin.display(),
         seed = %args.layout.seed,

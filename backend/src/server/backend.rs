@@ -35,6 +35,7 @@ use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 use super::ServerError;
 use super::completion::{Completions, Ticket, Used};
 use super::config::{self, ConfigSpace, ID_BYTES, SECTOR_SHIFT, ServerOptions, WRITEBACK_OFFSET};
+use super::dirty_log::{self, LogBitmap};
 use super::engine::DeviceEngine;
 use super::flusher::FlushHandle;
 use super::io_pool::Job;
@@ -534,7 +535,7 @@ fn eventfd_id(fd: RawFd) -> Option<String> {
 }
 
 impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
+    type Bitmap = LogBitmap;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -619,7 +620,10 @@ impl VhostUserBackend for BlkBackend {
                 .replace(GuestMemoryMmap::new());
             return Err(e);
         }
-        Ok(())
+        // A table sent while a migration runs: the new regions need the log.
+        dirty_log::relog_new_regions(&mem.memory()).inspect_err(|e| {
+            warn!("cannot install the dirty log in the new memory table: {e}");
+        })
     }
 
     /// RESET_DEVICE: the rings are disabled; let what was popped finish.

@@ -183,17 +183,22 @@ pub fn virtio_features(read_only: bool) -> u64 {
         features |= 1 << VIRTIO_BLK_F_RO;
     }
     // QEMU's vhost-user-blk needs protocol feature negotiation (bit 30) for
-    // the CONFIG and MQ protocol features below.
-    features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    // the CONFIG and MQ protocol features below. LOG_ALL: the server logs
+    // the guest pages it writes while a migration runs (`dirty_log`).
+    features
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        | VhostUserVirtioFeatures::LOG_ALL.bits()
 }
 
 /// vhost-user protocol features offered. QEMU requires CONFIG (GET_CONFIG)
-/// and MQ (GET_QUEUE_NUM); inflight tracking, status, dirty logging and
-/// packed rings are not implemented and must not be offered.
+/// and MQ (GET_QUEUE_NUM), and LOG_SHMFD (the dirty log as a shared memory
+/// file) with LOG_ALL to migrate or save a VM. Inflight tracking, status
+/// and packed rings are not implemented and must not be offered.
 pub fn protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::LOG_SHMFD
 }
 
 /// The virtio-blk configuration space: the bindings' `virtio_blk_config`,
@@ -367,14 +372,18 @@ mod tests {
         let rw = virtio_features(false);
         assert_ne!(rw & 1 << VIRTIO_F_VERSION_1, 0);
         assert_ne!(rw & 1 << 30, 0, "protocol features bit");
+        assert_ne!(rw & 1 << 26, 0, "VHOST_F_LOG_ALL");
         assert_eq!(rw & 1 << VIRTIO_BLK_F_RO, 0);
         assert_ne!(virtio_features(true) & 1 << VIRTIO_BLK_F_RO, 0);
         let proto = protocol_features();
-        assert!(proto.contains(VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ));
+        assert!(proto.contains(
+            VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::LOG_SHMFD
+        ));
         for unsupported in [
             VhostUserProtocolFeatures::INFLIGHT_SHMFD,
             VhostUserProtocolFeatures::STATUS,
-            VhostUserProtocolFeatures::LOG_SHMFD,
         ] {
             assert!(!proto.intersects(unsupported));
         }

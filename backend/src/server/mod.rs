@@ -9,6 +9,8 @@
 //! - [`engine`]: per device, the I/O pool ([`io_pool`]) that runs a queue's
 //!   requests concurrently and the flush thread ([`flusher`]) that merges
 //!   flushes; [`completion`] publishes each queue's completions in order.
+//! - [`dirty_log`]: marking the guest pages the server writes while QEMU
+//!   migrates the VM.
 //! - [`daemon`]: the accept loop, one connection at a time, until shutdown.
 //! - `mem_disk`: an in-memory device for tests (with the `test-utils`
 //!   feature).
@@ -20,6 +22,7 @@ pub mod backend;
 pub mod completion;
 pub mod config;
 pub mod daemon;
+pub mod dirty_log;
 pub mod engine;
 pub mod flusher;
 pub mod io_pool;

@@ -30,12 +30,13 @@ use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemory, GuestMemo
 use super::config::{
     ID_BYTES, MAX_DISCARD_SECTORS, MAX_WRITE_ZEROES_SECTORS, SECTOR_SHIFT, SECTOR_SIZE,
 };
+use super::dirty_log::{LogBitmap, mark_written};
 use crate::device::BlockDevice;
 use crate::iobuf::IoBufs;
 
-/// Guest memory as the server maps it. No dirty bitmap: dirty page logging
-/// (LOG_SHMFD) is not offered.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+/// Guest memory as the server maps it, with the dirty page log of a
+/// migration ([`LogBitmap`]).
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<LogBitmap>;
 
 /// Size of `struct virtio_blk_outhdr`.
 pub const HEADER_SIZE: usize = size_of::<virtio_blk_outhdr>();
@@ -307,6 +308,8 @@ struct ChainBuffers<'m> {
     longest: u32,
     /// Guest address of the last device-writable byte (the status byte).
     last_writable: Option<GuestAddress>,
+    /// The device-writable descriptors as guest ranges, for the dirty log.
+    writable_ranges: Vec<(GuestAddress, u32)>,
 }
 
 /// Translates every descriptor of `chain` into host ranges of `mem`,
@@ -324,12 +327,14 @@ where
     let mut writable = Vec::new();
     let mut longest = 0;
     let mut last_writable = None;
+    let mut writable_ranges = Vec::new();
     for desc in chain {
         longest = longest.max(desc.len());
         let ranges = if desc.is_write_only() {
             if let Some(last) = desc.len().checked_sub(1) {
                 last_writable = desc.addr().checked_add(u64::from(last));
             }
+            writable_ranges.push((desc.addr(), desc.len()));
             &mut writable
         } else {
             &mut readable
@@ -353,6 +358,7 @@ where
         writable,
         longest,
         last_writable,
+        writable_ranges,
     })
 }
 
@@ -434,6 +440,9 @@ where
                 written,
                 flush: true,
             }) => {
+                // The data part is done; the status byte, written later
+                // through vm-memory, is logged there.
+                mark_written(mem, &bufs.writable_ranges);
                 let pending = PendingFlush {
                     status_addr,
                     written,
@@ -458,6 +467,8 @@ where
         }
     };
     bufs.writable.copy_from(status_at, &[status]);
+    // Data and status are in place: log them before the caller publishes.
+    mark_written(mem, &bufs.writable_ranges);
     let done = Outcome::Complete(Completion {
         status: Some(status),
         // Chains are limited to 4 GiB in total, so this saturates only for
