@@ -110,48 +110,48 @@ pub struct NodeDisk {
 }
 
 impl NodeDisk {
-    /// Opens the layout's source files. Without an overlay the disk is
-    /// read-only. `verifiers` (see [`Verifiers::for_image`]) must have been made
-    /// for `layout`, or be [`Verifiers::disabled`].
+    /// The node's disk: the payloads (opened first, before the overlay,
+    /// which may be a new file) under the overlay, if any. Without an
+    /// overlay the disk is read-only. `verifiers` (see
+    /// [`Verifiers::for_image`]) must have been made for the layout, or be
+    /// [`Verifiers::disabled`].
     pub fn open(
-        layout: Layout,
+        reader: ociblk_layout::DiskReader,
         overlay: Option<Overlay>,
         read_only: bool,
         verifiers: Verifiers,
-    ) -> ociblk_layout::Result<Self> {
-        let reader = ociblk_layout::DiskReader::open(layout)?;
+    ) -> Self {
         let read_only = read_only || overlay.is_none();
         let slot = OnceLock::new();
         if let Some(overlay) = overlay {
             let _ = slot.set(overlay);
         }
-        Ok(NodeDisk {
+        NodeDisk {
             layout: reader.layout,
             files: reader.files,
             verifiers,
             overlay: slot,
             deferred: None,
             read_only,
-        })
+        }
     }
 
     /// Like [`open`](Self::open) with a writable overlay, but the overlay
     /// is opened at the disk's first read, write, discard or write-zeroes
     /// (see [`DeferredOverlay`]). A flush before that has nothing to flush.
     pub fn open_deferred(
-        layout: Layout,
+        reader: ociblk_layout::DiskReader,
         overlay: DeferredOverlay,
         verifiers: Verifiers,
-    ) -> ociblk_layout::Result<Self> {
-        let reader = ociblk_layout::DiskReader::open(layout)?;
-        Ok(NodeDisk {
+    ) -> Self {
+        NodeDisk {
             layout: reader.layout,
             files: reader.files,
             verifiers,
             overlay: OnceLock::new(),
             deferred: Some(overlay),
             read_only: false,
-        })
+        }
     }
 
     pub fn layout(&self) -> &Layout {

@@ -20,6 +20,7 @@ use crate::prefetch::{PrefetchPlan, Prefetcher};
 use crate::server::daemon::{SocketClaim, serve_claimed};
 use crate::server::{ServerOptions, ShutdownSignal, config};
 use crate::verifier::Verifiers;
+use ociblk_layout::DiskReader;
 
 /// What FLUSH requests promise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -181,6 +182,9 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         .parse()
         .context("the image's manifest digest")?;
     let plan = prefetch_plan(args, fetcher.as_deref(), &manifest, &layout)?;
+    // The payloads are opened before the overlay, which may be a new file.
+    let reader = DiskReader::open(layout).context("cannot open the image's payloads")?;
+    let layout = &reader.layout;
     let overlay = match &args.overlay {
         Some(path) => {
             let cfg = OverlayConfig {
@@ -225,25 +229,24 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     let recorder = args
         .record_access
         .as_ref()
-        .map(|_| Arc::new(AccessRecorder::new(&layout)));
+        .map(|_| Arc::new(AccessRecorder::new(layout)));
     let verifiers = Verifiers::recording(
-        &layout,
+        layout,
         &loaded.origin,
         fetcher.as_ref(),
         !args.no_verify,
         recorder.as_ref(),
     );
     let disk = match overlay {
-        Opening::Now(overlay) => NodeDisk::open(layout, overlay, args.read_only, verifiers),
+        Opening::Now(overlay) => NodeDisk::open(reader, overlay, args.read_only, verifiers),
         Opening::Deferred(overlay) => {
             info!(
                 wait_s = args.wait_for_overlay,
                 "the overlay is opened at the disk's first request"
             );
-            NodeDisk::open_deferred(layout, overlay, verifiers)
+            NodeDisk::open_deferred(reader, overlay, verifiers)
         }
-    }
-    .context("cannot open the image's payloads")?;
+    };
     info!(
         image = %loaded.origin.display(),
         seed = %args.layout.seed,
