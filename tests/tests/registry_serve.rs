@@ -2,7 +2,8 @@
 //! Rust vhost-user client: a real registry (Debian's `docker-registry` on
 //! loopback, the sample image pushed with `skopeo`), a counting proxy in
 //! front of it, and the bytes compared with `ociblk export` of the local
-//! layout.
+//! layout. The proxy can also misbehave at the protocol level (answer 429
+//! with any Retry-After, hold or delay blob requests).
 
 #![allow(clippy::unwrap_used)]
 
@@ -118,6 +119,30 @@ impl Fixture {
     /// Where byte `at` of payload `name` first appears on the disk.
     fn disk_offset(&self, name: &str, at: u64) -> u64 {
         payload_disk_offsets(&self.layout, name, at)[0]
+    }
+
+    /// Disk bytes holding kernel chunks `0..chunks`, checked to be one
+    /// run on the disk: offset and length.
+    fn kernel_chunks(&self, chunks: u64) -> (u64, u64) {
+        let chunk = self.sample.payload("kernel.efi").chunk_size;
+        let at = |byte| self.disk_offset("kernel.efi", byte);
+        let (start, len) = (at(0), chunks * chunk);
+        assert_eq!(
+            at(len - 1),
+            start + len - 1,
+            "kernel chunks 0..{chunks} are not one run on the disk"
+        );
+        (start, len)
+    }
+
+    /// Reads through `c` and compares with the local layout's disk.
+    fn read_same(&self, c: &mut VhostBlkClient, offset: u64, len: u64) {
+        let done = c.read(0, offset, len as u32).unwrap();
+        assert_eq!(done.status, BlkStatus::Ok, "read of {len} at {offset}");
+        assert!(
+            done.data == self.local(offset, len),
+            "{len} bytes at {offset} differ from the local layout's disk"
+        );
     }
 
     /// The local layout's disk bytes `[offset, offset + len)`.
@@ -1091,4 +1116,83 @@ fn a_full_cache_file_system_starts_a_cached_tag_and_pull_says_no_space() {
         "{stderr}"
     );
     drop(small);
+}
+
+// The registry misbehaving at the protocol level: 429 with a Retry-After no
+// clock can hold, slow and many-chunk reads.
+
+#[test]
+fn a_retry_after_no_clock_can_hold_fails_the_read_and_the_server_keeps_serving() {
+    let fx = Fixture::new();
+    let mut server = fx.serve("proto", &["--fetch-timeout", "2"]);
+    let mut c = fx.connect("proto");
+    fx.proxy.set(|b| {
+        b.too_many = 1;
+        b.retry_after_raw = Some(u64::MAX.to_string());
+    });
+    let k1 = fx.disk_offset("kernel.efi", MIB);
+    let done = c.read(0, k1, 4096).unwrap();
+    assert_eq!(done.status, BlkStatus::IoErr);
+    let line = server.wait_for_line(&["could not be fetched", "chunk=1"]);
+    assert!(
+        line.contains("429") && line.contains(&format!("Retry-After {}s", u64::MAX)),
+        "{line}"
+    );
+    // The same client, then the next one, are served; SIGTERM still ends
+    // the server cleanly.
+    fx.read_same(&mut c, 0, 4096);
+    fx.read_same(&mut c, k1, 4096);
+    drop(c);
+    let mut next = fx.connect("proto");
+    fx.read_same(&mut next, k1 + 4096, 4096);
+    drop(next);
+    server.stop_cleanly(
+        Duration::from_secs(20),
+        "after a 429 with a huge Retry-After",
+    );
+}
+
+#[test]
+fn the_missing_chunks_of_one_read_are_fetched_side_by_side() {
+    let fx = Fixture::new();
+    let server = fx.serve("proto", &["--fetch-timeout", "30"]);
+    let mut c = fx.connect("proto");
+    // Each blob request waits for a second one in flight: fetched one
+    // after another, they never meet.
+    fx.proxy.set(|b| b.gather = 2);
+    let (start, len) = fx.kernel_chunks(4);
+    fx.read_same(&mut c, start, len);
+    let most = fx.proxy.max_concurrent_blob_requests();
+    assert!(
+        (2..=4).contains(&most),
+        "{most} blob requests in flight at once for one read of 4 missing chunks \
+         (the host's limit is 4)"
+    );
+    let kernel = fx.sample.payload("kernel.efi");
+    let fetched = fx.proxy.blob_requests(kernel.digest.hex());
+    assert_eq!(fetched.len(), 4, "{fetched:?}");
+    drop(server);
+}
+
+#[test]
+fn one_read_of_many_chunks_has_one_deadline() {
+    let fx = Fixture::new();
+    let server = fx.serve("proto", &["--fetch-timeout", "2"]);
+    let mut c = fx.connect("proto");
+    // Each chunk alone comes well within --fetch-timeout; twelve of them,
+    // four at a time (the host's limit), do not.
+    fx.proxy.set(|b| b.blob_delay = Duration::from_millis(1200));
+    let (start, len) = fx.kernel_chunks(12);
+    let done = c.read(0, start, len as u32).unwrap();
+    assert_eq!(done.status, BlkStatus::IoErr);
+    let line = server.wait_for_line(&["could not be fetched", "one bound for the whole read"]);
+    let kernel = fx.sample.payload("kernel.efi");
+    assert!(
+        line.contains(&kernel.digest.to_string()) && line.contains("within 2s"),
+        "{line}"
+    );
+    // A later read gets the rest.
+    fx.proxy.set(|b| b.blob_delay = Duration::ZERO);
+    fx.read_same(&mut c, start, len);
+    drop(server);
 }
