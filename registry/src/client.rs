@@ -4,6 +4,12 @@
 //! Transport rules, for every connection made (the registry, each redirect
 //! hop, each token realm): plain HTTP only to a loopback host or one given
 //! with `--insecure-registry`, anything else is refused before connecting.
+//! The registry itself is asked over HTTPS first; plain HTTP is tried only
+//! where it is allowed, when the HTTPS attempt fails for another reason than
+//! a certificate, and the choice then holds for the client's life.
+//! Each host's TLS trust is its own (see [`crate::tls`]): the system roots
+//! plus its `certs.d` CAs, and its client certificate, sent to it alone.
+//! A certificate problem is final: not retried, reported once in words.
 //! Redirects are followed here, not by `ureq`, so that each hop is checked
 //! and an `Authorization` goes only to the origin (scheme, host and port) it
 //! was made for: a blob redirect to storage elsewhere carries none.
@@ -15,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Deserialize;
 use ureq::http::{Response, StatusCode, Uri};
-use ureq::tls::{RootCerts, TlsConfig};
+use ureq::tls::TlsConfig;
 use ureq::{Agent, Body};
 
 use crate::challenge::Challenge;
@@ -25,6 +31,7 @@ use crate::limiter::{Limiter, Permit, Priority};
 use crate::options::Options;
 use crate::reference::{Reference, host_name};
 use crate::retry;
+use crate::tls::{CertDirs, CertProblem, HostCerts};
 
 /// Attempts on a connection failure: a registry that is down is reported
 /// quickly (an offline start should not wait the whole request timeout).
@@ -45,11 +52,17 @@ pub struct Fetched {
 }
 
 /// The client of one registry host.
-#[derive(Debug)]
 pub struct RegistryClient {
     host: String,
-    base: String,
+    /// `https` or `http` once known; unknown (`None`) only while HTTPS has
+    /// not answered yet on a host plain HTTP is allowed to.
+    scheme: Mutex<Option<&'static str>>,
     agent: Agent,
+    /// The registry host's certificate directory.
+    certs: HostCerts,
+    cert_dirs: CertDirs,
+    /// TLS settings of other hosts reached (redirects, token realms).
+    other_tls: Mutex<HashMap<String, (HostCerts, TlsConfig)>>,
     credentials: Option<Credentials>,
     /// `Authorization` values by token scope, from earlier challenges.
     authorizations: Mutex<HashMap<String, String>>,
@@ -67,7 +80,7 @@ impl RegistryClient {
             insecure: options.insecure_registries.clone(),
         };
         let plain = transport.plain_allowed(&host);
-        let scheme = if plain { "http" } else { "https" };
+        let certs = HostCerts::load(&options.cert_dirs, &host)?;
         let mut config = Agent::config_builder()
             .http_status_as_error(false)
             // Redirects are followed by `RegistryClient::call`, which checks
@@ -76,11 +89,7 @@ impl RegistryClient {
             .https_only(!plain)
             .timeout_connect(Some(options.chunk_timeout.min(Duration::from_secs(10))))
             .user_agent(concat!("ociblk/", env!("CARGO_PKG_VERSION")))
-            .tls_config(
-                TlsConfig::builder()
-                    .root_certs(RootCerts::PlatformVerifier)
-                    .build(),
-            );
+            .tls_config(certs.tls_config());
         if is_loopback(host_name(&host)) {
             config = config.proxy(None);
         }
@@ -93,8 +102,11 @@ impl RegistryClient {
             None => None,
         };
         Ok(RegistryClient {
-            base: format!("{scheme}://{host}"),
+            scheme: Mutex::new(if plain { None } else { Some("https") }),
             agent: config.build().new_agent(),
+            certs,
+            cert_dirs: options.cert_dirs.clone(),
+            other_tls: Mutex::new(HashMap::new()),
             credentials,
             authorizations: Mutex::new(HashMap::new()),
             limiter: Limiter::for_host(&host, options.max_in_flight),
@@ -147,7 +159,7 @@ impl RegistryClient {
         priority: Priority,
         mut held: Option<Permit>,
     ) -> Result<Fetched> {
-        let url = format!("{}/v2/{repository}/{path}", self.base);
+        let path = format!("/v2/{repository}/{path}");
         let scope = format!("repository:{repository}:pull");
         let mut authenticated = false;
         let mut connect_failures = 0;
@@ -155,6 +167,9 @@ impl RegistryClient {
         // What went wrong with the previous attempt, for the timeout error.
         let mut last: Option<String> = None;
         loop {
+            // Named in errors: the URL over the scheme in use (HTTPS while
+            // it is still being found out).
+            let url = format!("{}://{}{path}", self.scheme().unwrap_or("https"), self.host);
             let timed_out = |what: &str, last: &Option<String>| Error::Timeout {
                 url: url.clone(),
                 timeout: self.timeout,
@@ -174,7 +189,8 @@ impl RegistryClient {
                 return Err(timed_out("retrying", &last));
             }
             let authorization = self.authorization(&scope);
-            let answer = match self.call(&url, headers, authorization.as_deref(), deadline) {
+            let answer = match self.call_registry(&path, headers, authorization.as_deref(), deadline)
+            {
                 Ok(answer) => answer,
                 Err(CallError::Refused(e)) => return Err(e),
                 Err(CallError::OutOfTime) => {
@@ -362,7 +378,7 @@ impl RegistryClient {
             None => None,
             Some(creds) if realm_uri.scheme_str() == Some("https") => Some(creds.basic_header()),
             Some(creds)
-                if self.base.starts_with("http://")
+                if self.scheme() == Some("http")
                     && realm_uri.host().is_some_and(|h| {
                         host_name(h).eq_ignore_ascii_case(host_name(&self.host))
                     }) =>
@@ -426,7 +442,77 @@ impl RegistryClient {
     }
 }
 
+impl std::fmt::Debug for RegistryClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Tokens and passwords never reach a log: only which scopes hold one.
+        let scopes: Vec<String> = self
+            .authorizations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect();
+        f.debug_struct("RegistryClient")
+            .field("host", &self.host)
+            .field("scheme", &self.scheme())
+            .field("certs", &self.certs)
+            .field("credentials", &self.credentials)
+            .field("authorized_scopes", &scopes)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
 impl RegistryClient {
+    /// The scheme the registry is spoken to with, once known.
+    fn scheme(&self) -> Option<&'static str> {
+        *self.scheme.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `GET path` on the registry. While its scheme is unknown (a host plain
+    /// HTTP is allowed to), HTTPS is tried first; plain HTTP follows when
+    /// HTTPS failed for another reason than a certificate (a registry that
+    /// speaks no TLS), and whichever answers is kept.
+    fn call_registry(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+        authorization: Option<&str>,
+        deadline: Instant,
+    ) -> std::result::Result<Answer, CallError> {
+        if let Some(scheme) = self.scheme() {
+            let url = format!("{scheme}://{}{path}", self.host);
+            return self.call(&url, headers, authorization, deadline);
+        }
+        let https = format!("https://{}{path}", self.host);
+        let tls_error = match self.call(&https, headers, authorization, deadline) {
+            Ok(answer) => {
+                *self.scheme.lock().unwrap_or_else(PoisonError::into_inner) = Some("https");
+                return Ok(answer);
+            }
+            Err(CallError::Http { error, .. }) => error,
+            Err(other) => return Err(other),
+        };
+        let http = format!("http://{}{path}", self.host);
+        let answer = self.call(&http, headers, authorization, deadline)?;
+        tracing::info!(host = %self.host, https = %tls_error,
+            "no TLS answer; speaking plain HTTP to this loopback or insecure registry");
+        *self.scheme.lock().unwrap_or_else(PoisonError::into_inner) = Some("http");
+        Ok(answer)
+    }
+
+    /// The TLS settings for `authority` when it is not the registry's host.
+    fn tls_for(&self, authority: &str) -> Result<(HostCerts, TlsConfig)> {
+        let mut known = self.other_tls.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(found) = known.get(authority) {
+            return Ok(found.clone());
+        }
+        let certs = HostCerts::load(&self.cert_dirs, authority)?;
+        let config = certs.tls_config();
+        known.insert(authority.to_string(), (certs.clone(), config.clone()));
+        Ok((certs, config))
+    }
+
     /// One `GET url` with `headers`, following redirects under the
     /// transport rules. `authorization` is sent to `url`'s origin (scheme,
     /// host and port) only, never to another one a redirect leads to.
@@ -451,6 +537,13 @@ impl RegistryClient {
                 .checked_duration_since(Instant::now())
                 .ok_or(CallError::OutOfTime)?;
             let from_origin = Origin::of(&uri) == home;
+            let authority = uri.authority().map_or("", |a| a.as_str()).to_string();
+            let own_host = authority.eq_ignore_ascii_case(&self.host);
+            let other = if own_host {
+                None
+            } else {
+                Some(self.tls_for(&authority).map_err(CallError::Refused)?)
+            };
             let mut request = self.agent.get(&url);
             for (name, value) in headers {
                 request = request.header(*name, *value);
@@ -458,15 +551,25 @@ impl RegistryClient {
             if from_origin && let Some(auth) = authorization {
                 request = request.header("Authorization", auth);
             }
-            let response = request
-                .config()
-                .timeout_global(Some(left))
-                .build()
-                .call()
-                .map_err(|error| CallError::Http {
-                    url: url.clone(),
-                    error,
-                })?;
+            let mut config = request.config().timeout_global(Some(left));
+            if let Some((_, tls)) = &other {
+                config = config.tls_config(tls.clone());
+            }
+            let response = config.build().call().map_err(|error| {
+                match CertProblem::of(&error) {
+                    Some(problem) => {
+                        let certs = other.as_ref().map_or(&self.certs, |(c, _)| c);
+                        CallError::Refused(Error::Tls {
+                            url: url.clone(),
+                            message: problem.describe(&authority, certs),
+                        })
+                    }
+                    None => CallError::Http {
+                        url: url.clone(),
+                        error,
+                    },
+                }
+            })?;
             let redirect = matches!(response.status().as_u16(), 301 | 302 | 303 | 307 | 308);
             let location = response
                 .headers()
@@ -665,19 +768,17 @@ mod tests {
             insecure_registries: vec!["lab.example:5000".into()],
             ..Options::default()
         };
-        let base = |r: &str| {
+        // `None`: HTTPS first, plain HTTP allowed after it.
+        let scheme = |r: &str| {
             let r = Reference::parse(r).expect("reference");
-            RegistryClient::new(&r, &opts).expect("client").base
+            RegistryClient::new(&r, &opts).expect("client").scheme()
         };
-        assert_eq!(base("127.0.0.1:5000/os"), "http://127.0.0.1:5000");
-        assert_eq!(base("localhost/os"), "http://localhost");
-        assert_eq!(base("[::1]:5000/os"), "http://[::1]:5000");
-        assert_eq!(base("lab.example:5000/os"), "http://lab.example:5000");
-        assert_eq!(base("lab.example/os"), "https://lab.example");
-        assert_eq!(
-            base("registry.example.com/os"),
-            "https://registry.example.com"
-        );
+        assert_eq!(scheme("127.0.0.1:5000/os"), None);
+        assert_eq!(scheme("localhost/os"), None);
+        assert_eq!(scheme("[::1]:5000/os"), None);
+        assert_eq!(scheme("lab.example:5000/os"), None);
+        assert_eq!(scheme("lab.example/os"), Some("https"));
+        assert_eq!(scheme("registry.example.com/os"), Some("https"));
     }
 
     #[test]

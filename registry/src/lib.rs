@@ -30,6 +30,7 @@ pub mod options;
 pub mod reference;
 pub mod retry;
 pub mod source;
+pub mod tls;
 
 pub use access_record::{AccessRecord, ChunkRef};
 pub use cache::{BlobCache, BlobSpec, Cache, CacheInfo, GcReport};

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::cache::DirPolicy;
+use crate::tls::CertDirs;
 
 /// Default bound on fetching one chunk, retries included.
 pub const DEFAULT_CHUNK_TIMEOUT: Duration = Duration::from_secs(30);
@@ -26,6 +27,9 @@ pub struct Options {
     pub auth_file: Option<PathBuf>,
     /// Which cache directories are accepted (`--allow-insecure-cache-dir`).
     pub cache_dir: DirPolicy,
+    /// Where each registry's CA and client certificates are read from
+    /// (`--cert-dir`).
+    pub cert_dirs: CertDirs,
 }
 
 impl Default for Options {
@@ -36,6 +40,7 @@ impl Default for Options {
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             auth_file: None,
             cache_dir: DirPolicy::default(),
+            cert_dirs: CertDirs::default(),
         }
     }
 }
