@@ -69,6 +69,8 @@ pub struct RegistryClient {
     limiter: Arc<Limiter>,
     timeout: Duration,
     transport: Transport,
+    /// Attempts on a connection failure.
+    connect_attempts: u32,
 }
 
 impl RegistryClient {
@@ -112,8 +114,20 @@ impl RegistryClient {
             limiter: Limiter::for_host(&host, options.max_in_flight),
             timeout: options.chunk_timeout,
             transport,
+            connect_attempts: CONNECT_ATTEMPTS,
             host,
         })
+    }
+
+    /// The same client, trying a failed connection `attempts` times in all.
+    pub fn with_connect_attempts(mut self, attempts: u32) -> Self {
+        self.connect_attempts = attempts.max(1);
+        self
+    }
+
+    /// `host[:port]` of the registry.
+    pub fn host(&self) -> &str {
+        &self.host
     }
 
     /// The bound on one request, retries included.
@@ -208,7 +222,7 @@ impl RegistryClient {
                 }) => {
                     connect_failures += 1;
                     last = Some(e.to_string());
-                    if connect_failures >= CONNECT_ATTEMPTS {
+                    if connect_failures >= self.connect_attempts {
                         return Err(Error::Http {
                             url: failed,
                             source: Box::new(e),

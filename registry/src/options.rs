@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::cache::DirPolicy;
+use crate::mirrors::ConfSource;
 use crate::tls::CertDirs;
 
 /// Default bound on fetching one chunk, retries included.
@@ -30,6 +31,9 @@ pub struct Options {
     /// Where each registry's CA and client certificates are read from
     /// (`--cert-dir`).
     pub cert_dirs: CertDirs,
+    /// The registries.conf files with mirrors, blocked and insecure
+    /// registries (`--registries-conf`).
+    pub registries_conf: ConfSource,
 }
 
 impl Default for Options {
@@ -41,6 +45,7 @@ impl Default for Options {
             auth_file: None,
             cache_dir: DirPolicy::default(),
             cert_dirs: CertDirs::default(),
+            registries_conf: ConfSource::default(),
         }
     }
 }
