@@ -8,6 +8,7 @@ use clap::Args;
 use ociblk_layout::{DiskParams, Guid, Layout, parse_size};
 use ociblk_registry::Options;
 use ociblk_registry::cache::DirPolicy;
+use ociblk_registry::mirrors::ConfSource;
 use ociblk_registry::tls::CertDirs;
 
 use crate::image_source::{LoadedImage, RegistrySettings, open_image};
@@ -32,6 +33,11 @@ pub struct RegistryArgs {
     /// (as skopeo's --cert-dir).
     #[arg(long, value_name = "DIR")]
     pub cert_dir: Option<PathBuf>,
+    /// Read mirrors, blocked and insecure registries from FILE alone,
+    /// instead of /etc/containers/registries.conf and its
+    /// registries.conf.d/*.conf (as skopeo's --registries-conf).
+    #[arg(long, value_name = "FILE")]
+    pub registries_conf: Option<PathBuf>,
     /// Seconds fetching the chunks one read needs may take (they are
     /// fetched side by side), waiting and retries included; a guest read
     /// whose chunks are not fetched in time gets an I/O error.
@@ -58,6 +64,10 @@ impl RegistryArgs {
                 cert_dirs: match &self.cert_dir {
                     Some(dir) => CertDirs::Fixed(dir.clone()),
                     None => CertDirs::System,
+                },
+                registries_conf: match &self.registries_conf {
+                    Some(file) => ConfSource::File(file.clone()),
+                    None => ConfSource::System,
                 },
                 ..Options::default()
             },
@@ -220,6 +230,8 @@ mod tests {
             "7",
             "--cert-dir",
             "/certs",
+            "--registries-conf",
+            "/r.conf",
         ]);
         let s = c.layout.image.registry.settings();
         assert_eq!(s.cache, Some(PathBuf::from("/c")));
@@ -229,6 +241,10 @@ mod tests {
         );
         assert_eq!(s.options.chunk_timeout, Duration::from_secs(7));
         assert_eq!(s.options.cert_dirs, CertDirs::Fixed("/certs".into()));
+        assert_eq!(
+            s.options.registries_conf,
+            ConfSource::File("/r.conf".into())
+        );
         let d = Cmd::parse_from(["x", "--image", "i"]).layout.image.registry;
         assert_eq!(d.settings().options.chunk_timeout, Duration::from_secs(30));
         Cmd::try_parse_from(["x", "--image", "i", "--fetch-timeout", "0"]).unwrap_err();
