@@ -63,9 +63,16 @@ pub struct RegistryClient {
     cert_dirs: CertDirs,
     /// TLS settings of other hosts reached (redirects, token realms).
     other_tls: Mutex<HashMap<String, (HostCerts, TlsConfig)>>,
-    credentials: Option<Credentials>,
-    /// `Authorization` values by token scope, from earlier challenges.
-    authorizations: Mutex<HashMap<String, String>>,
+    /// The auth files credentials for this registry are looked up in.
+    auth_files: Vec<std::path::PathBuf>,
+    /// The registry as auth files name it (`host[:port]`, as in the reference).
+    credentials_host: String,
+    /// The credentials, once looked up (at the first challenge: a
+    /// registry that asks for none never runs a credential helper).
+    credentials: Mutex<Option<Option<Credentials>>>,
+    /// `Authorization` values by token scope, from earlier challenges,
+    /// until the token expires.
+    authorizations: Mutex<TokenCache>,
     limiter: Arc<Limiter>,
     timeout: Duration,
     transport: Transport,
@@ -95,13 +102,9 @@ impl RegistryClient {
         if is_loopback(host_name(&host)) {
             config = config.proxy(None);
         }
-        let auth_file = options
-            .auth_file
-            .clone()
-            .or_else(credentials::default_auth_file);
-        let credentials = match auth_file {
-            Some(file) => credentials::lookup(&file, &reference.host)?,
-            None => None,
+        let auth_files = match &options.auth_file {
+            Some(file) => vec![file.clone()],
+            None => credentials::default_auth_files(),
         };
         Ok(RegistryClient {
             scheme: Mutex::new(if plain { None } else { Some("https") }),
@@ -109,8 +112,10 @@ impl RegistryClient {
             certs,
             cert_dirs: options.cert_dirs.clone(),
             other_tls: Mutex::new(HashMap::new()),
-            credentials,
-            authorizations: Mutex::new(HashMap::new()),
+            auth_files,
+            credentials_host: reference.host.clone(),
+            credentials: Mutex::new(None),
+            authorizations: Mutex::new(TokenCache::default()),
             limiter: Limiter::for_host(&host, options.max_in_flight),
             timeout: options.chunk_timeout,
             transport,
@@ -292,7 +297,7 @@ impl RegistryClient {
                         "HTTP {status}{}",
                         if !from_origin {
                             format!(" from {answered}, where {url} redirected")
-                        } else if self.credentials.is_some() {
+                        } else if self.known_credentials() {
                             " with the stored credentials".to_string()
                         } else {
                             " (no credentials stored for this registry)".to_string()
@@ -313,8 +318,26 @@ impl RegistryClient {
         self.authorizations
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .get(scope)
-            .cloned()
+            .get(scope, Instant::now())
+    }
+
+    /// The credentials for this registry, looked up on first use.
+    fn credentials(&self) -> Result<Option<Credentials>> {
+        let mut known = self.credentials.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(found) = &*known {
+            return Ok(found.clone());
+        }
+        let found = credentials::lookup_in(&self.auth_files, &self.credentials_host)?;
+        *known = Some(found.clone());
+        Ok(found)
+    }
+
+    /// Whether credentials were looked up and found.
+    fn known_credentials(&self) -> bool {
+        matches!(
+            *self.credentials.lock().unwrap_or_else(PoisonError::into_inner),
+            Some(Some(_))
+        )
     }
 
     /// Obtains the `Authorization` value a 401 answer's challenge asks for.
@@ -337,24 +360,22 @@ impl RegistryClient {
             .filter_map(Challenge::parse)
             .find(|c| c.is("bearer") || c.is("basic"))
             .ok_or_else(|| auth_error("HTTP 401 without a Bearer or Basic challenge".into()))?;
-        let value = if challenge.is("basic") {
-            let creds = self.credentials.as_ref().ok_or_else(|| {
+        let (value, lifetime) = if challenge.is("basic") {
+            let creds = self.credentials()?.ok_or_else(|| {
                 auth_error(format!(
                     "{} asks for a password; none is stored for it",
                     self.host
                 ))
             })?;
-            creds.basic_header()
+            (creds.basic_header(), None)
         } else {
-            format!(
-                "Bearer {}",
-                self.fetch_token(url, &challenge, scope, deadline)?
-            )
+            let (token, lifetime) = self.fetch_token(url, &challenge, scope, deadline)?;
+            (format!("Bearer {token}"), Some(lifetime))
         };
         self.authorizations
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(scope.to_string(), value);
+            .insert(scope, value, lifetime, Instant::now());
         Ok(())
     }
 
@@ -366,7 +387,7 @@ impl RegistryClient {
         challenge: &Challenge,
         scope: &str,
         deadline: Instant,
-    ) -> Result<String> {
+    ) -> Result<(String, Duration)> {
         let auth_error = |message: String| Error::Auth {
             url: url.to_string(),
             message,
@@ -388,7 +409,7 @@ impl RegistryClient {
         // Credentials go to the realm over HTTPS, or over plain HTTP only
         // when the realm is on the very host the user reaches the registry
         // on over plain HTTP.
-        let basic = match &self.credentials {
+        let basic = match &self.credentials()? {
             None => None,
             Some(creds) if realm_uri.scheme_str() == Some("https") => Some(creds.basic_header()),
             Some(creds)
@@ -439,6 +460,7 @@ impl RegistryClient {
         struct TokenAnswer {
             token: Option<String>,
             access_token: Option<String>,
+            expires_in: Option<u64>,
         }
         let body = response
             .body_mut()
@@ -448,11 +470,14 @@ impl RegistryClient {
             .map_err(|e| auth_error(format!("token answer from {realm}: {e}")))?;
         let answer: TokenAnswer = serde_json::from_slice(&body)
             .map_err(|e| auth_error(format!("token answer from {realm}: {e}")))?;
-        answer
+        // The distribution spec's default lifetime, when the answer has none.
+        let lifetime = Duration::from_secs(answer.expires_in.unwrap_or(60));
+        let token = answer
             .token
             .or(answer.access_token)
             .filter(|t| !t.is_empty())
-            .ok_or_else(|| auth_error(format!("token answer from {realm} has no token")))
+            .ok_or_else(|| auth_error(format!("token answer from {realm} has no token")))?;
+        Ok((token, lifetime))
     }
 }
 
@@ -463,9 +488,7 @@ impl std::fmt::Debug for RegistryClient {
             .authorizations
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .keys()
-            .cloned()
-            .collect();
+            .scopes();
         f.debug_struct("RegistryClient")
             .field("host", &self.host)
             .field("scheme", &self.scheme())
@@ -618,6 +641,40 @@ impl RegistryClient {
             tracing::debug!(from = %url, to = %next, "following redirect");
             url = next;
         }
+    }
+}
+
+/// How long before a token's stated expiry it is no longer sent: a
+/// request made just before the end would arrive too late.
+const TOKEN_MARGIN: Duration = Duration::from_secs(5);
+
+/// `Authorization` values by token scope, each until its token expires.
+#[derive(Default)]
+struct TokenCache {
+    entries: HashMap<String, (String, Option<Instant>)>,
+}
+
+impl TokenCache {
+    /// Keeps `value` for `scope`, until `lifetime` from `now` (less a
+    /// margin) when given, else for good (Basic credentials).
+    fn insert(&mut self, scope: &str, value: String, lifetime: Option<Duration>, now: Instant) {
+        // A lifetime too long to add to an Instant never ends.
+        let until = lifetime.and_then(|l| now.checked_add(l.saturating_sub(TOKEN_MARGIN.min(l / 2))));
+        self.entries.insert(scope.to_string(), (value, until));
+    }
+
+    /// The value for `scope` at `now`, unless its token has expired.
+    fn get(&mut self, scope: &str, now: Instant) -> Option<String> {
+        let (value, until) = self.entries.get(scope)?;
+        if until.is_some_and(|t| now >= t) {
+            self.entries.remove(scope);
+            return None;
+        }
+        Some(value.clone())
+    }
+
+    fn scopes(&self) -> Vec<String> {
+        self.entries.keys().cloned().collect()
     }
 }
 
@@ -793,6 +850,25 @@ mod tests {
         assert_eq!(scheme("lab.example:5000/os"), None);
         assert_eq!(scheme("lab.example/os"), Some("https"));
         assert_eq!(scheme("registry.example.com/os"), Some("https"));
+    }
+
+    #[test]
+    fn tokens_are_used_until_shortly_before_they_expire_and_basic_values_for_good() {
+        let now = Instant::now();
+        let mut cache = TokenCache::default();
+        cache.insert("a", "Bearer t".into(), Some(Duration::from_secs(60)), now);
+        cache.insert("b", "Basic x".into(), None, now);
+        cache.insert("c", "Bearer u".into(), Some(Duration::from_secs(u64::MAX)), now);
+        let at = |secs| now + Duration::from_secs(secs);
+        assert_eq!(cache.get("a", at(54)).as_deref(), Some("Bearer t"));
+        assert_eq!(cache.get("a", at(55)), None, "within the margin of its expiry");
+        assert_eq!(cache.get("a", at(0)), None, "dropped once expired");
+        assert_eq!(cache.get("b", at(1_000_000)).as_deref(), Some("Basic x"));
+        assert_eq!(cache.get("c", at(1_000_000)).as_deref(), Some("Bearer u"));
+        let mut short = TokenCache::default();
+        short.insert("s", "Bearer s".into(), Some(Duration::from_secs(4)), now);
+        assert_eq!(short.get("s", at(1)).as_deref(), Some("Bearer s"));
+        assert_eq!(short.get("s", at(2)), None);
     }
 
     #[test]

@@ -76,6 +76,13 @@ pub enum Error {
     /// A file of a registry's certificate directory that cannot be used.
     #[error("certificate file {}: {message}", path.display())]
     CertFile { path: PathBuf, message: String },
+    #[error("credential helper {program} ({}, {field}): {message}", file.display())]
+    CredentialHelper {
+        program: String,
+        file: PathBuf,
+        field: String,
+        message: String,
+    },
     #[error("GET {url}: authentication: {message}")]
     Auth { url: String, message: String },
     #[error("{what} {digest}: {actual} bytes, but {expected} expected")]

@@ -24,7 +24,8 @@ pub struct Options {
     pub chunk_timeout: Duration,
     /// Requests in flight per registry host in this process.
     pub max_in_flight: usize,
-    /// The credentials file; `None` reads [`crate::credentials::default_auth_file`].
+    /// The credentials file, read alone; `None` reads
+    /// [`crate::credentials::default_auth_files`].
     pub auth_file: Option<PathBuf>,
     /// Which cache directories are accepted (`--allow-insecure-cache-dir`).
     pub cache_dir: DirPolicy,
