@@ -489,6 +489,7 @@ def registry_seeds():
         "hop",
         "//cdn.example/blob?sig=x",
         "http://192.0.2.1/blob",
+        "hTtp://127.0.0.1:5000/blob",
     ]
     for i, location in enumerate(locations):
         write("registry_parsing", "location-%d" % i, b"L" + location.encode())

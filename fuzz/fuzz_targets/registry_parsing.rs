@@ -288,7 +288,8 @@ fn check_redirect(location: &str) {
         .unwrap_or_else(|| panic!("followed {target:?}, which is not absolute"));
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
     assert!(!authority.contains('@'), "credentials in {target:?}");
-    match scheme {
+    // Schemes are case-insensitive (RFC 3986, 3.1): hTtp is plain HTTP.
+    match scheme.to_ascii_lowercase().as_str() {
         "https" => {}
         "http" => assert!(
             is_loopback(host_name(authority)),

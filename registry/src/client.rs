@@ -208,42 +208,42 @@ impl RegistryClient {
                 return Err(timed_out("retrying", &last));
             }
             let authorization = self.authorization(&scope);
-            let answer = match self.call_registry(&path, headers, authorization.as_deref(), deadline)
-            {
-                Ok(answer) => answer,
-                Err(CallError::Refused(e)) => return Err(e),
-                Err(CallError::OutOfTime) => {
-                    return Err(timed_out("waiting for the answer", &last));
-                }
-                Err(CallError::Http {
-                    error: ureq::Error::Timeout(_),
-                    ..
-                }) => {
-                    return Err(timed_out("waiting for the answer", &last));
-                }
-                Err(CallError::Http {
-                    url: failed,
-                    error: e @ (ureq::Error::Io(_) | ureq::Error::ConnectionFailed),
-                }) => {
-                    connect_failures += 1;
-                    last = Some(e.to_string());
-                    if connect_failures >= self.connect_attempts {
+            let answer =
+                match self.call_registry(&path, headers, authorization.as_deref(), deadline) {
+                    Ok(answer) => answer,
+                    Err(CallError::Refused(e)) => return Err(e),
+                    Err(CallError::OutOfTime) => {
+                        return Err(timed_out("waiting for the answer", &last));
+                    }
+                    Err(CallError::Http {
+                        error: ureq::Error::Timeout(_),
+                        ..
+                    }) => {
+                        return Err(timed_out("waiting for the answer", &last));
+                    }
+                    Err(CallError::Http {
+                        url: failed,
+                        error: e @ (ureq::Error::Io(_) | ureq::Error::ConnectionFailed),
+                    }) => {
+                        connect_failures += 1;
+                        last = Some(e.to_string());
+                        if connect_failures >= self.connect_attempts {
+                            return Err(Error::Http {
+                                url: failed,
+                                source: Box::new(e),
+                            });
+                        }
+                        drop(permit);
+                        sleep_before(retry::backoff(connect_failures - 1), deadline);
+                        continue;
+                    }
+                    Err(CallError::Http { url: failed, error }) => {
                         return Err(Error::Http {
                             url: failed,
-                            source: Box::new(e),
+                            source: Box::new(error),
                         });
                     }
-                    drop(permit);
-                    sleep_before(retry::backoff(connect_failures - 1), deadline);
-                    continue;
-                }
-                Err(CallError::Http { url: failed, error }) => {
-                    return Err(Error::Http {
-                        url: failed,
-                        source: Box::new(error),
-                    });
-                }
-            };
+                };
             let Answer {
                 url: answered,
                 response,
@@ -323,7 +323,10 @@ impl RegistryClient {
 
     /// The credentials for this registry, looked up on first use.
     fn credentials(&self) -> Result<Option<Credentials>> {
-        let mut known = self.credentials.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut known = self
+            .credentials
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if let Some(found) = &*known {
             return Ok(found.clone());
         }
@@ -335,7 +338,10 @@ impl RegistryClient {
     /// Whether credentials were looked up and found.
     fn known_credentials(&self) -> bool {
         matches!(
-            *self.credentials.lock().unwrap_or_else(PoisonError::into_inner),
+            *self
+                .credentials
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
             Some(Some(_))
         )
     }
@@ -540,7 +546,10 @@ impl RegistryClient {
 
     /// The TLS settings for `authority` when it is not the registry's host.
     fn tls_for(&self, authority: &str) -> Result<(HostCerts, TlsConfig)> {
-        let mut known = self.other_tls.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut known = self
+            .other_tls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if let Some(found) = known.get(authority) {
             return Ok(found.clone());
         }
@@ -592,21 +601,23 @@ impl RegistryClient {
             if let Some((_, tls)) = &other {
                 config = config.tls_config(tls.clone());
             }
-            let response = config.build().call().map_err(|error| {
-                match CertProblem::of(&error) {
-                    Some(problem) => {
-                        let certs = other.as_ref().map_or(&self.certs, |(c, _)| c);
-                        CallError::Refused(Error::Tls {
+            let response =
+                config
+                    .build()
+                    .call()
+                    .map_err(|error| match CertProblem::of(&error) {
+                        Some(problem) => {
+                            let certs = other.as_ref().map_or(&self.certs, |(c, _)| c);
+                            CallError::Refused(Error::Tls {
+                                url: url.clone(),
+                                message: problem.describe(&authority, certs),
+                            })
+                        }
+                        None => CallError::Http {
                             url: url.clone(),
-                            message: problem.describe(&authority, certs),
-                        })
-                    }
-                    None => CallError::Http {
-                        url: url.clone(),
-                        error,
-                    },
-                }
-            })?;
+                            error,
+                        },
+                    })?;
             let redirect = matches!(response.status().as_u16(), 301 | 302 | 303 | 307 | 308);
             let location = response
                 .headers()
@@ -659,7 +670,8 @@ impl TokenCache {
     /// margin) when given, else for good (Basic credentials).
     fn insert(&mut self, scope: &str, value: String, lifetime: Option<Duration>, now: Instant) {
         // A lifetime too long to add to an Instant never ends.
-        let until = lifetime.and_then(|l| now.checked_add(l.saturating_sub(TOKEN_MARGIN.min(l / 2))));
+        let until =
+            lifetime.and_then(|l| now.checked_add(l.saturating_sub(TOKEN_MARGIN.min(l / 2))));
         self.entries.insert(scope.to_string(), (value, until));
     }
 
@@ -858,10 +870,19 @@ mod tests {
         let mut cache = TokenCache::default();
         cache.insert("a", "Bearer t".into(), Some(Duration::from_secs(60)), now);
         cache.insert("b", "Basic x".into(), None, now);
-        cache.insert("c", "Bearer u".into(), Some(Duration::from_secs(u64::MAX)), now);
+        cache.insert(
+            "c",
+            "Bearer u".into(),
+            Some(Duration::from_secs(u64::MAX)),
+            now,
+        );
         let at = |secs| now + Duration::from_secs(secs);
         assert_eq!(cache.get("a", at(54)).as_deref(), Some("Bearer t"));
-        assert_eq!(cache.get("a", at(55)), None, "within the margin of its expiry");
+        assert_eq!(
+            cache.get("a", at(55)),
+            None,
+            "within the margin of its expiry"
+        );
         assert_eq!(cache.get("a", at(0)), None, "dropped once expired");
         assert_eq!(cache.get("b", at(1_000_000)).as_deref(), Some("Basic x"));
         assert_eq!(cache.get("c", at(1_000_000)).as_deref(), Some("Bearer u"));

@@ -127,7 +127,11 @@ pub fn lookup(file: &Path, host: &str) -> Result<Option<Credentials>> {
         field: "credHelpers".into(),
         message: e.to_string(),
     })?;
-    if let Some((key, name)) = helpers.cred_helpers.iter().find(|(k, _)| key_matches(k, host)) {
+    if let Some((key, name)) = helpers
+        .cred_helpers
+        .iter()
+        .find(|(k, _)| key_matches(k, host))
+    {
         let found = run_helper(file, &format!("credHelpers.{key}"), name, host)?;
         if found.is_some() {
             return Ok(found);
@@ -166,7 +170,9 @@ fn run_helper(file: &Path, field: &str, name: &str, host: &str) -> Result<Option
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
     {
-        return Err(fail("a helper name is letters, digits, '-', '_' and '.'".into()));
+        return Err(fail(
+            "a helper name is letters, digits, '-', '_' and '.'".into(),
+        ));
     }
     // Docker Hub's credentials are stored under its old index URL.
     let server = if host == "docker.io" {
@@ -186,7 +192,8 @@ fn run_helper(file: &Path, field: &str, name: &str, host: &str) -> Result<Option
         // exit status and output below.
         let _ = stdin.write_all(server.as_bytes());
     }
-    let read = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+    type Pipe = Box<dyn std::io::Read + Send>;
+    let read = |pipe: Option<Pipe>| {
         std::thread::spawn(move || {
             let mut out = Vec::new();
             if let Some(pipe) = pipe {
@@ -195,8 +202,8 @@ fn run_helper(file: &Path, field: &str, name: &str, host: &str) -> Result<Option
             out
         })
     };
-    let stdout = read(child.stdout.take().map(|p| Box::new(p) as _));
-    let stderr = read(child.stderr.take().map(|p| Box::new(p) as _));
+    let stdout = read(child.stdout.take().map(|p| Box::new(p) as Pipe));
+    let stderr = read(child.stderr.take().map(|p| Box::new(p) as Pipe));
     let deadline = Instant::now() + HELPER_TIMEOUT;
     let status = loop {
         match child.try_wait() {
@@ -226,8 +233,11 @@ fn run_helper(file: &Path, field: &str, name: &str, host: &str) -> Result<Option
         let said: String = said.trim().chars().take(200).collect();
         return Err(fail(format!("{status}: {said}")));
     }
-    let answer: HelperAnswer = serde_json::from_slice(&stdout)
-        .map_err(|e| fail(format!("its answer is not {{\"Username\", \"Secret\"}} JSON: {e}")))?;
+    let answer: HelperAnswer = serde_json::from_slice(&stdout).map_err(|e| {
+        fail(format!(
+            "its answer is not {{\"Username\", \"Secret\"}} JSON: {e}"
+        ))
+    })?;
     if answer.username == "<token>" {
         return Err(fail(
             "it holds an identity token (docker login with OAuth), which ociblk does not use"

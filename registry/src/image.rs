@@ -135,11 +135,7 @@ impl RegistryImage {
             }
         };
         let tables = chunk_tables(&manifest_digest, &parsed, &config)?;
-        let blobs = BlobCache::new(
-            cache.clone(),
-            BlobSource::new(sources),
-            tables,
-        );
+        let blobs = BlobCache::new(cache.clone(), BlobSource::new(sources), tables);
         Ok(RegistryImage {
             reference: reference.with_digest(manifest_digest.clone()),
             manifest_digest,
@@ -164,12 +160,7 @@ fn resolve_tag(
 ) -> Result<Digest> {
     let path = format!("manifests/{}", at.tag_or_default());
     let deadline = Instant::now() + client.timeout();
-    let fetched = client.get(
-        &at.repository,
-        &path,
-        &[("Accept", OCI_MANIFEST)],
-        deadline,
-    )?;
+    let fetched = client.get(&at.repository, &path, &[("Accept", OCI_MANIFEST)], deadline)?;
     let stated = fetched
         .response
         .headers()

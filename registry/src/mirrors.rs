@@ -202,13 +202,14 @@ impl RegistriesConf {
         }
         let mut out = Vec::new();
         for (i, mirror) in entry.mirrors.iter().enumerate() {
-            let rewritten = rewrite(reference, &entry.prefix, &mirror.location).map_err(|message| {
-                Error::Invalid {
-                    what: entry.file.display().to_string(),
-                    field: format!("registry {:?}: mirror[{i}].location", entry.prefix),
-                    message,
-                }
-            })?;
+            let rewritten =
+                rewrite(reference, &entry.prefix, &mirror.location).map_err(|message| {
+                    Error::Invalid {
+                        what: entry.file.display().to_string(),
+                        field: format!("registry {:?}: mirror[{i}].location", entry.prefix),
+                        message,
+                    }
+                })?;
             out.push(Endpoint {
                 reference: rewritten,
                 insecure: mirror.insecure,
@@ -307,7 +308,12 @@ pub fn parse(file: &Path, text: &[u8]) -> Result<Vec<RegistryEntry>> {
             ));
         }
         let mut add = |list: Option<RawV1List>, field: &str, insecure: bool, blocked: bool| {
-            for (i, host) in list.map(|l| l.registries).unwrap_or_default().into_iter().enumerate() {
+            for (i, host) in list
+                .map(|l| l.registries)
+                .unwrap_or_default()
+                .into_iter()
+                .enumerate()
+            {
                 check_location(&host)
                     .map_err(|m| invalid(format!("registries.{field}.registries[{i}]"), m))?;
                 match out.iter_mut().find(|e| e.prefix == host) {
@@ -339,7 +345,10 @@ pub fn parse(file: &Path, text: &[u8]) -> Result<Vec<RegistryEntry>> {
             _ => location.clone(),
         };
         if prefix.is_empty() {
-            return Err(invalid(field("location"), "neither prefix nor location given".into()));
+            return Err(invalid(
+                field("location"),
+                "neither prefix nor location given".into(),
+            ));
         }
         let wildcard = prefix.starts_with("*.");
         if wildcard {
@@ -427,7 +436,9 @@ fn check_location(location: &str) -> std::result::Result<(), String> {
         return Err("empty".into());
     }
     if location.contains("://") {
-        return Err(format!("{location:?}: write host[:port][/path], without a scheme"));
+        return Err(format!(
+            "{location:?}: write host[:port][/path], without a scheme"
+        ));
     }
     let (host, path) = location.split_once('/').unwrap_or((location, ""));
     let probe = if path.is_empty() {
@@ -441,12 +452,10 @@ fn check_location(location: &str) -> std::result::Result<(), String> {
         // A single-label host is fine in registries.conf; test the rest.
         format!("{host}.local{}", &probe[host.len()..])
     };
-    Reference::parse(&probe)
-        .map(|_| ())
-        .map_err(|e| match e {
-            Error::Reference { message, .. } => format!("{location:?}: {message}"),
-            other => other.to_string(),
-        })
+    Reference::parse(&probe).map(|_| ()).map_err(|e| match e {
+        Error::Reference { message, .. } => format!("{location:?}: {message}"),
+        other => other.to_string(),
+    })
 }
 
 /// A wildcard prefix is `*.` followed by a host name.
@@ -543,7 +552,9 @@ blocked = true
 "x" = "y.example/x"
 "#,
         );
-        let e = c.endpoints(&r("reg.example/os/node:v1")).expect("endpoints");
+        let e = c
+            .endpoints(&r("reg.example/os/node:v1"))
+            .expect("endpoints");
         let names: Vec<String> = e.iter().map(|e| e.reference.to_string()).collect();
         assert_eq!(
             names,
@@ -554,8 +565,14 @@ blocked = true
             ]
         );
         assert_eq!(
-            e.iter().map(|e| (e.tags, e.insecure, e.mirror)).collect::<Vec<_>>(),
-            [(true, false, true), (false, true, true), (true, true, false)]
+            e.iter()
+                .map(|e| (e.tags, e.insecure, e.mirror))
+                .collect::<Vec<_>>(),
+            [
+                (true, false, true),
+                (false, true, true),
+                (true, true, false)
+            ]
         );
         // Longest prefix wins; "reg.example/osx" is not under "reg.example/os".
         let err = c.endpoints(&r("reg.example/osx:1")).expect_err("blocked");
@@ -575,7 +592,9 @@ blocked = true
         .expect("drop-in");
         assert!(c.entry_for(&r("a.corp.example/x")).expect("match").blocked);
         assert!(c.entry_for(&r("corp.example/x")).is_none());
-        let v1 = conf("[registries.search]\nregistries = []\n[registries.insecure]\nregistries = [\"lab.example:5000\"]\n");
+        let v1 = conf(
+            "[registries.search]\nregistries = []\n[registries.insecure]\nregistries = [\"lab.example:5000\"]\n",
+        );
         let e = v1.endpoints(&r("lab.example:5000/os")).expect("endpoints");
         assert!(e[0].insecure);
     }
@@ -583,21 +602,36 @@ blocked = true
     #[test]
     fn bad_entries_name_file_and_field() {
         for (text, field) in [
-            ("[[registry]]\nlocation = \"https://r.example\"\n", "registry[0].location"),
+            (
+                "[[registry]]\nlocation = \"https://r.example\"\n",
+                "registry[0].location",
+            ),
             (
                 "[[registry]]\nprefix = \"r.example\"\n[[registry.mirror]]\nlocation = \"m\"\npull-from-mirror = \"sometimes\"\n",
                 "registry[0].mirror[0].pull-from-mirror",
             ),
             ("[[registry]]\ninsecure = true\n", "registry[0].location"),
-            ("[[registry]]\nprefix = \"*.a\"\nlocation = \"b.example\"\n", "registry[0].location"),
-            ("[[registry]]\nprefix = \"x.example\"\n[[registry]]\nprefix = \"x.example\"\n", "registry[1].prefix"),
+            (
+                "[[registry]]\nprefix = \"*.a\"\nlocation = \"b.example\"\n",
+                "registry[0].location",
+            ),
+            (
+                "[[registry]]\nprefix = \"x.example\"\n[[registry]]\nprefix = \"x.example\"\n",
+                "registry[1].prefix",
+            ),
             ("[[registry]]\nprefix = 3\n", "(document)"),
-            ("[registries.insecure]\nregistries = [\"a.example\"]\n[[registry]]\nprefix = \"b.example\"\n", "registries"),
+            (
+                "[registries.insecure]\nregistries = [\"a.example\"]\n[[registry]]\nprefix = \"b.example\"\n",
+                "registries",
+            ),
         ] {
             let err = parse(Path::new("/etc/r.conf"), text.as_bytes())
                 .expect_err(text)
                 .to_string();
-            assert!(err.starts_with(&format!("/etc/r.conf: field {field}:")), "{text}: {err}");
+            assert!(
+                err.starts_with(&format!("/etc/r.conf: field {field}:")),
+                "{text}: {err}"
+            );
         }
     }
 }

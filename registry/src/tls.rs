@@ -54,10 +54,7 @@ impl CertDirs {
         };
         // A host name never holds a path separator or `..` (the reference
         // grammar checks it), so the join stays inside the root.
-        roots
-            .into_iter()
-            .map(|r| r.join(host))
-            .find(|d| d.is_dir())
+        roots.into_iter().map(|r| r.join(host)).find(|d| d.is_dir())
     }
 }
 
@@ -160,7 +157,7 @@ impl HostCerts {
         let roots = if self.cas.is_empty() {
             RootCerts::PlatformVerifier
         } else {
-            let mut all: Vec<Certificate<'static>> = system_roots().as_ref().clone();
+            let mut all: Vec<Certificate<'static>> = system_roots().to_vec();
             all.extend(self.cas.iter().cloned());
             RootCerts::Specific(Arc::new(all))
         };
@@ -193,21 +190,19 @@ fn read_certificates(path: &Path) -> Result<Vec<Certificate<'static>>> {
 }
 
 /// The operating system's trusted roots, read once.
-fn system_roots() -> Arc<Vec<Certificate<'static>>> {
-    static ROOTS: OnceLock<Arc<Vec<Certificate<'static>>>> = OnceLock::new();
+fn system_roots() -> Arc<[Certificate<'static>]> {
+    static ROOTS: OnceLock<Arc<[Certificate<'static>]>> = OnceLock::new();
     ROOTS
         .get_or_init(|| {
             let found = rustls_native_certs::load_native_certs();
             for e in &found.errors {
                 tracing::debug!("reading the system's CA certificates: {e}");
             }
-            Arc::new(
-                found
-                    .certs
-                    .iter()
-                    .map(|c| Certificate::from_der(c.as_ref()).to_owned())
-                    .collect(),
-            )
+            found
+                .certs
+                .iter()
+                .map(|c| Certificate::from_der(c.as_ref()).to_owned())
+                .collect()
         })
         .clone()
 }
@@ -271,7 +266,11 @@ impl CertProblem {
     /// read as `certs` says.
     pub fn describe(&self, host: &str, certs: &HostCerts) -> String {
         let where_cas = match &certs.dir {
-            Some(dir) => format!("{} (read: {} CA certificates)", dir.display(), certs.cas.len()),
+            Some(dir) => format!(
+                "{} (read: {} CA certificates)",
+                dir.display(),
+                certs.cas.len()
+            ),
             None => format!(
                 "none found: put the CA as a *.crt in /etc/containers/certs.d/{host}/ \
                  or pass --cert-dir"
@@ -334,20 +333,35 @@ mod tests {
     fn unpaired_or_bad_files_are_named() {
         let dir = tempfile::tempdir().expect("tempdir");
         let dirs = CertDirs::Fixed(dir.path().into());
-        assert!(HostCerts::load(&dirs, "h").expect("empty dir").cas.is_empty());
+        assert!(
+            HostCerts::load(&dirs, "h")
+                .expect("empty dir")
+                .cas
+                .is_empty()
+        );
         std::fs::write(dir.path().join("client.cert"), "x").expect("write");
         let err = HostCerts::load(&dirs, "h").expect_err("no key").to_string();
-        assert!(err.contains("client.cert") && err.contains("client.key"), "{err}");
+        assert!(
+            err.contains("client.cert") && err.contains("client.key"),
+            "{err}"
+        );
         std::fs::remove_file(dir.path().join("client.cert")).expect("rm");
         std::fs::write(dir.path().join("client.key"), "x").expect("write");
-        let err = HostCerts::load(&dirs, "h").expect_err("no cert").to_string();
-        assert!(err.contains("client.key") && err.contains("client.cert"), "{err}");
+        let err = HostCerts::load(&dirs, "h")
+            .expect_err("no cert")
+            .to_string();
+        assert!(
+            err.contains("client.key") && err.contains("client.cert"),
+            "{err}"
+        );
         std::fs::remove_file(dir.path().join("client.key")).expect("rm");
         std::fs::write(dir.path().join("ca.crt"), "not a certificate").expect("write");
         let err = HostCerts::load(&dirs, "h").expect_err("no PEM").to_string();
         assert!(err.contains("ca.crt"), "{err}");
         let missing = CertDirs::Fixed(dir.path().join("none"));
-        let err = HostCerts::load(&missing, "h").expect_err("missing").to_string();
+        let err = HostCerts::load(&missing, "h")
+            .expect_err("missing")
+            .to_string();
         assert!(err.contains("none"), "{err}");
     }
 }

@@ -135,16 +135,22 @@ fn a_cred_helper_for_the_registry_gives_the_credentials_once_per_process() {
         &format!(r#"{{"credHelpers":{{"{host}":"ocitest","other.example":"none"}}}}"#),
     );
     succeeded(&case.fetch(&[("DOCKER_CONFIG", &docker)]));
-    assert_eq!(case.helper_calls(), [host.clone()]);
+    assert_eq!(case.helper_calls(), std::slice::from_ref(&host));
 
     // A helper without credentials for the registry: the registry's
     // challenge is answered with none.
-    case.helper("ocitest", "echo 'credentials not found in native keychain'; exit 1");
+    case.helper(
+        "ocitest",
+        "echo 'credentials not found in native keychain'; exit 1",
+    );
     std::fs::remove_dir_all(case.fx.cache.dir()).expect("empty the cache");
     let out = case.fetch(&[("DOCKER_CONFIG", &docker)]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("asks for a password; none is stored"), "{stderr}");
+    assert!(
+        stderr.contains("asks for a password; none is stored"),
+        "{stderr}"
+    );
 
     // A helper that fails is named with the file and field.
     case.helper("ocitest", "echo 'keychain locked' >&2; exit 2");
@@ -182,6 +188,9 @@ fn creds_store_from_registry_auth_file_and_auths_from_the_runtime_dir() {
     std::fs::remove_dir_all(case.fx.cache.dir()).expect("empty the cache");
     let empty = case.fx.dir.path().join("empty.json");
     write_json(&empty, "{}");
-    let out = case.fetch(&[("XDG_RUNTIME_DIR", &runtime), ("REGISTRY_AUTH_FILE", &empty)]);
+    let out = case.fetch(&[
+        ("XDG_RUNTIME_DIR", &runtime),
+        ("REGISTRY_AUTH_FILE", &empty),
+    ]);
     assert!(!out.status.success(), "the runtime dir's file was read");
 }

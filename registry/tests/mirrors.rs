@@ -28,7 +28,9 @@ fn conf(dir: &Path, text: &str) -> Options {
 fn registry_with_mirrors(prefix: &str, mirrors: &[(&str, &str)]) -> String {
     let mut text = format!("[[registry]]\nprefix = \"{prefix}\"\n");
     for (location, extra) in mirrors {
-        text.push_str(&format!("[[registry.mirror]]\nlocation = \"{location}\"\n{extra}"));
+        text.push_str(&format!(
+            "[[registry.mirror]]\nlocation = \"{location}\"\n{extra}"
+        ));
     }
     text
 }
@@ -90,11 +92,23 @@ fn a_cold_start_through_a_pull_through_cache_fills_it_and_a_second_host_starts_w
     let image = fx.open_with(&origin.host(), &options);
     assert_eq!(image.manifest_digest, fx.sample.manifest_digest);
     fetch_all(&fx, &image);
-    assert!(origin.log().is_empty(), "the origin was asked directly: {:?}", origin.log());
-    assert!(blob_requests(&at_mirror) > 0, "nothing came through the mirror");
+    assert!(
+        origin.log().is_empty(),
+        "the origin was asked directly: {:?}",
+        origin.log()
+    );
+    assert!(
+        blob_requests(&at_mirror) > 0,
+        "nothing came through the mirror"
+    );
     drop(image);
 
-    let mut stored: Vec<Digest> = fx.sample.payloads.iter().map(|(_, b)| b.digest.clone()).collect();
+    let mut stored: Vec<Digest> = fx
+        .sample
+        .payloads
+        .iter()
+        .map(|(_, b)| b.digest.clone())
+        .collect();
     stored.push(fx.sample.config_digest.clone());
     wait_stored(&mirror, &stored);
 
@@ -106,7 +120,11 @@ fn a_cold_start_through_a_pull_through_cache_fills_it_and_a_second_host_starts_w
     assert!(!second.offline);
     assert_eq!(second.manifest_digest, fx.sample.manifest_digest);
     fetch_all(&fx, &second);
-    assert!(origin.log().is_empty(), "the origin was asked directly: {:?}", origin.log());
+    assert!(
+        origin.log().is_empty(),
+        "the origin was asked directly: {:?}",
+        origin.log()
+    );
 }
 
 /// A registry holding the sample image, as a mirror that will be made to lie.
@@ -134,16 +152,25 @@ fn a_mirror_serving_altered_bytes_is_caught_and_the_origin_is_used() {
         &registry_with_mirrors(&origin.host(), &[(&at_bad_chunk.host(), "")]),
     );
     let image = fx.open_with(&origin.host(), &options);
-    image.blobs.ensure_chunk(&kernel, 0).expect("chunk 0 from the mirror");
+    image
+        .blobs
+        .ensure_chunk(&kernel, 0)
+        .expect("chunk 0 from the mirror");
     assert_eq!(origin.blob_requests(kernel.digest.hex()).len(), 0);
-    image.blobs.ensure_chunk(&kernel, 1).expect("chunk 1 from the origin");
+    image
+        .blobs
+        .ensure_chunk(&kernel, 1)
+        .expect("chunk 1 from the origin");
     fx.assert_cached_chunk(&image, &kernel, 0);
     fx.assert_cached_chunk(&image, &kernel, 1);
     assert_eq!(at_bad_chunk.blob_requests(kernel.digest.hex()).len(), 2);
     let from_origin = origin.blob_requests(kernel.digest.hex());
     assert_eq!(from_origin.len(), 1, "{from_origin:?}");
     let (s, l) = kernel.chunk_range(1);
-    assert_eq!(from_origin[0].range.as_deref(), Some(format!("bytes={s}-{}", s + l - 1).as_str()));
+    assert_eq!(
+        from_origin[0].range.as_deref(),
+        Some(format!("bytes={s}-{}", s + l - 1).as_str())
+    );
 
     // A mirror whose config is altered: the origin's is used.
     let (bad_config, at_bad_config) = liar(&fx.sample);

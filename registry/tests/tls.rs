@@ -14,7 +14,11 @@ use support::{Registry, TlsServe};
 
 /// The sample image in a registry serving `server`'s certificate (asking
 /// for client certificates from `client_ca` when given).
-fn tls_fixture(server: &Issued, client_ca: Option<&TestCa>, push_client: Option<&Issued>) -> Fixture {
+fn tls_fixture(
+    server: &Issued,
+    client_ca: Option<&TestCa>,
+    push_client: Option<&Issued>,
+) -> Fixture {
     let push_cert_dir = push_client.map(|client| {
         // Beside the client's files, in the CA's temp dir.
         let dir = client.cert.with_file_name("push-cert-dir");
@@ -58,7 +62,10 @@ fn a_tls_registry_on_loopback_is_trusted_through_a_cert_dir_or_its_certs_d_host_
     // --cert-dir: the directory itself.
     let dir = ca.certs_d(&fx.dir.path().join("cert-dir"), None);
     let image = fx.open_with(&host, &options(CertDirs::Fixed(dir)));
-    image.blobs.ensure_chunk(&blob, 0).expect("chunk over HTTPS");
+    image
+        .blobs
+        .ensure_chunk(&blob, 0)
+        .expect("chunk over HTTPS");
     fx.assert_cached_chunk(&image, &blob, 0);
 
     // certs.d: HOST:PORT under the root, the first root that has it.
@@ -66,7 +73,10 @@ fn a_tls_registry_on_loopback_is_trusted_through_a_cert_dir_or_its_certs_d_host_
     std::fs::create_dir_all(&roots[0]).expect("empty root");
     ca.certs_d(&roots[1].join(&host), None);
     let image = fx.open_with(&host, &options(CertDirs::PerHost(roots.to_vec())));
-    image.blobs.ensure_chunk(&blob, 1).expect("chunk over HTTPS");
+    image
+        .blobs
+        .ensure_chunk(&blob, 1)
+        .expect("chunk over HTTPS");
     fx.assert_cached_chunk(&image, &blob, 1);
 }
 
@@ -79,13 +89,25 @@ fn an_unknown_ca_is_named_with_the_host_once_and_not_retried_nor_tried_over_plai
     let host = relay.host();
     let err = tls_error(&fx, &host, &options(CertDirs::PerHost(vec![])));
     assert!(
-        err.contains(&format!("{host}'s certificate is signed by a CA that is not trusted")),
+        err.contains(&format!(
+            "{host}'s certificate is signed by a CA that is not trusted"
+        )),
         "{err}"
     );
-    assert!(err.contains(&format!("/etc/containers/certs.d/{host}/")), "{err}");
+    assert!(
+        err.contains(&format!("/etc/containers/certs.d/{host}/")),
+        "{err}"
+    );
     // One cause, said once.
-    assert!(!err.contains("io:") && !err.contains("UnknownIssuer"), "{err}");
-    assert_eq!(relay.connections(), 1, "one handshake, no retry, no plain HTTP");
+    assert!(
+        !err.contains("io:") && !err.contains("UnknownIssuer"),
+        "{err}"
+    );
+    assert_eq!(
+        relay.connections(),
+        1,
+        "one handshake, no retry, no plain HTTP"
+    );
 }
 
 #[test]
@@ -100,7 +122,9 @@ fn a_certificate_for_another_name_is_refused() {
     let dir = ca.certs_d(&fx.dir.path().join("cert-dir"), None);
     let err = tls_error(&fx, &host, &options(CertDirs::Fixed(dir)));
     assert!(
-        err.contains(&format!("{host}'s certificate is not valid for the name {host}")),
+        err.contains(&format!(
+            "{host}'s certificate is not valid for the name {host}"
+        )),
         "{err}"
     );
 }
@@ -116,7 +140,10 @@ fn an_expired_certificate_is_refused() {
     let host = fx.registry.host();
     let dir = ca.certs_d(&fx.dir.path().join("cert-dir"), None);
     let err = tls_error(&fx, &host, &options(CertDirs::Fixed(dir)));
-    assert!(err.contains(&format!("{host}'s certificate has expired")), "{err}");
+    assert!(
+        err.contains(&format!("{host}'s certificate has expired")),
+        "{err}"
+    );
 }
 
 #[test]
@@ -129,7 +156,10 @@ fn mutual_tls_works_with_the_client_certificate_and_says_what_is_wrong_without_i
 
     let with_client = ca.certs_d(&fx.dir.path().join("with-client"), Some(&client));
     let image = fx.open_with(&host, &options(CertDirs::Fixed(with_client)));
-    image.blobs.ensure_chunk(&blob, 0).expect("chunk over mutual TLS");
+    image
+        .blobs
+        .ensure_chunk(&blob, 0)
+        .expect("chunk over mutual TLS");
     fx.assert_cached_chunk(&image, &blob, 0);
 
     let relay = Relay::start(fx.registry.addr);
@@ -142,7 +172,11 @@ fn mutual_tls_works_with_the_client_certificate_and_says_what_is_wrong_without_i
         )) && err.contains(&without.display().to_string()),
         "{err}"
     );
-    assert_eq!(relay.connections(), 1, "a refused client certificate is final");
+    assert_eq!(
+        relay.connections(),
+        1,
+        "a refused client certificate is final"
+    );
 
     // A client certificate from a CA the registry does not know.
     let stranger_ca = TestCa::new("stranger-ca");

@@ -231,10 +231,10 @@ impl Registry {
             }
             // 401: up, and asking for credentials; 400: a TLS registry's
             // answer to plain HTTP (it is up).
-            let up = match (http_get_status(self.addr, "/v2/"), &self.tls) {
-                (Some(200 | 401), None) | (Some(400), Some(_)) => true,
-                _ => false,
-            };
+            let up = matches!(
+                (http_get_status(self.addr, "/v2/"), &self.tls),
+                (Some(200 | 401), None) | (Some(400), Some(_))
+            );
             if up {
                 return;
             }

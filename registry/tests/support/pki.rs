@@ -25,7 +25,7 @@ pub struct Issued {
 /// When an issued certificate is valid.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Validity {
-    /// From now on, for a day.
+    /// From now, for a day.
     Current,
     /// 1-2 January 2020: long expired.
     Expired,
@@ -120,19 +120,23 @@ impl TestCa {
             extensions.push_str(&format!("subjectAltName={sans}\n"));
         }
         std::fs::write(d.join(&ext), extensions).expect("extensions");
-        let (start, end) = match validity {
-            Validity::Current => {
-                let now = time_string(std::time::SystemTime::now() - DAY / 24);
-                (now, time_string(std::time::SystemTime::now() + DAY))
-            }
-            Validity::Expired => ("20200101000000Z".into(), "20200102000000Z".into()),
+        let dates: Vec<&str> = match validity {
+            Validity::Current => vec!["-days", "1"],
+            Validity::Expired => vec![
+                "-startdate",
+                "20200101000000Z",
+                "-enddate",
+                "20200102000000Z",
+            ],
         };
         openssl(
             &[
                 "ca", "-batch", "-notext", "-config", "ca.cnf", "-cert", "ca.pem", "-keyfile",
-                "ca.key", "-in", &csr, "-out", &crt, "-extfile", &ext, "-startdate", &start,
-                "-enddate", &end,
-            ],
+                "ca.key", "-in", &csr, "-out", &crt, "-extfile", &ext,
+            ]
+            .into_iter()
+            .chain(dates)
+            .collect::<Vec<_>>(),
             d,
         );
         Issued {
@@ -178,31 +182,4 @@ impl TestCa {
         }
         dir.to_path_buf()
     }
-}
-
-const DAY: std::time::Duration = std::time::Duration::from_secs(86_400);
-
-/// `t` as openssl's `YYYYMMDDHHMMSSZ`.
-fn time_string(t: std::time::SystemTime) -> String {
-    let secs = t
-        .duration_since(std::time::SystemTime::UNIX_EPOCH)
-        .expect("after 1970")
-        .as_secs();
-    let (days, rest) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}{month:02}{day:02}{:02}{:02}{:02}Z",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60
-    )
 }
