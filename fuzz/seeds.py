@@ -489,9 +489,23 @@ def registry_seeds():
         "hop",
         "//cdn.example/blob?sig=x",
         "http://192.0.2.1/blob",
+        "hTtp://127.0.0.1:5000/blob",
     ]
     for i, location in enumerate(locations):
         write("registry_parsing", "location-%d" % i, b"L" + location.encode())
+    confs = [
+        'unqualified-search-registries = ["docker.io"]\n'
+        '[[registry]]\nprefix = "reg.example/os"\nlocation = "internal.example:5000/os"\ninsecure = true\n'
+        '[[registry.mirror]]\nlocation = "127.0.0.1:5001/cache"\n'
+        '[[registry.mirror]]\nlocation = "m.example"\npull-from-mirror = "digest-only"\n'
+        '[[registry]]\nprefix = "*.corp.example"\nblocked = true\n'
+        '[aliases]\n"os" = "reg.example/os"\n',
+        '[registries.search]\nregistries = []\n[registries.insecure]\nregistries = ["lab.example:5000"]\n'
+        '[registries.block]\nregistries = ["bad.example"]\n',
+        '[[registry]]\nlocation = "https://r.example"\n',
+    ]
+    for i, conf in enumerate(confs):
+        write("registry_parsing", "registries-conf-%d" % i, b"G" + conf.encode())
 
 
 if __name__ == "__main__":

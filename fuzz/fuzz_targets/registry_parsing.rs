@@ -30,6 +30,12 @@
 //! - `H` an image config, for the chunk-hash tables that key a manifest's
 //!   two layers (one blob listed twice) in the cache: tables only for the
 //!   listed blob, the same on every read; a refusal names `layers[1]`.
+//! - `G` a registries.conf: an accepted file gives entries with a prefix
+//!   and a location, mirrors with locations, each prefix once; the image
+//!   `PREFIX/fuzz:1` of each (non-wildcard) entry is matched by it and is
+//!   fetched from its mirrors in order and then from the registry itself,
+//!   keeping its tag, or refused naming the file; a refusal names the file
+//!   and a field.
 //!
 //! Other selector bytes pick one of these by value.
 
@@ -43,6 +49,7 @@ use ociblk_registry::challenge::Challenge;
 use ociblk_registry::client::{is_loopback, redirect_target};
 use ociblk_registry::credentials::parse_auth_file;
 use ociblk_registry::image::{OCI_MANIFEST, chunk_tables};
+use ociblk_registry::mirrors::{RegistriesConf, parse as parse_registries_conf};
 use ociblk_registry::reference::host_name;
 use ociblk_registry::{AccessRecord, Cache, Digest, Manifest, Reference};
 
@@ -281,7 +288,8 @@ fn check_redirect(location: &str) {
         .unwrap_or_else(|| panic!("followed {target:?}, which is not absolute"));
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
     assert!(!authority.contains('@'), "credentials in {target:?}");
-    match scheme {
+    // Schemes are case-insensitive (RFC 3986, 3.1): hTtp is plain HTTP.
+    match scheme.to_ascii_lowercase().as_str() {
         "https" => {}
         "http" => assert!(
             is_loopback(host_name(authority)),
@@ -345,14 +353,58 @@ fn check_chunk_tables(config: &[u8]) {
     }
 }
 
+fn check_registries_conf(bytes: &[u8]) {
+    let file = Path::new("/etc/containers/registries.conf.d/fuzz.conf");
+    let entries = match parse_registries_conf(file, bytes) {
+        Ok(entries) => entries,
+        Err(e) => {
+            let e = e.to_string();
+            assert!(e.starts_with(&format!("{}: field ", file.display())), "{e}");
+            return;
+        }
+    };
+    let mut conf = RegistriesConf::default();
+    conf.merge(file, bytes).expect("parsed once, merges");
+    assert_eq!(conf.registries.len(), entries.len(), "a prefix twice");
+    for entry in &entries {
+        assert!(!entry.prefix.is_empty() && !entry.location.is_empty(), "{entry:?}");
+        assert!(entry.mirrors.iter().all(|m| !m.location.is_empty()), "{entry:?}");
+        if entry.prefix.starts_with("*.") {
+            assert!(entry.mirrors.is_empty(), "{entry:?}");
+            continue;
+        }
+        let Ok(reference) = Reference::parse(&format!("{}/fuzz:1", entry.prefix)) else {
+            continue;
+        };
+        assert_eq!(
+            conf.entry_for(&reference).map(|e| &e.prefix),
+            Some(&entry.prefix)
+        );
+        match conf.endpoints(&reference) {
+            Ok(endpoints) => {
+                assert!(!entry.blocked, "{entry:?}");
+                assert_eq!(endpoints.len(), entry.mirrors.len() + 1);
+                let (registry, mirrors) = endpoints.split_last().expect("the registry");
+                assert!(!registry.mirror && registry.tags);
+                assert!(mirrors.iter().all(|m| m.mirror));
+                assert!(endpoints.iter().all(|e| e.reference.tag.as_deref() == Some("1")));
+            }
+            Err(e) => {
+                let e = e.to_string();
+                assert!(e.starts_with(&format!("{}: field ", file.display())), "{e}");
+            }
+        }
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some((&selector, rest)) = data.split_first() else {
         return;
     };
     let text = String::from_utf8_lossy(rest);
     let selector = match selector {
-        b'R' | b'C' | b'A' | b'M' | b'D' | b'P' | b'L' | b'T' | b'H' => selector,
-        s => [b'R', b'C', b'A', b'M', b'D', b'P', b'L', b'T', b'H'][usize::from(s % 9)],
+        b'R' | b'C' | b'A' | b'M' | b'D' | b'P' | b'L' | b'T' | b'H' | b'G' => selector,
+        s => [b'R', b'C', b'A', b'M', b'D', b'P', b'L', b'T', b'H', b'G'][usize::from(s % 10)],
     };
     match selector {
         b'R' => check_reference(&text),
@@ -363,6 +415,7 @@ fuzz_target!(|data: &[u8]| {
         b'L' => check_redirect(&text),
         b'T' => check_tag_record(rest),
         b'H' => check_chunk_tables(rest),
+        b'G' => check_registries_conf(rest),
         _ => check_digest(&text),
     }
 });

@@ -4,6 +4,12 @@
 //! Transport rules, for every connection made (the registry, each redirect
 //! hop, each token realm): plain HTTP only to a loopback host or one given
 //! with `--insecure-registry`, anything else is refused before connecting.
+//! The registry itself is asked over HTTPS first; plain HTTP is tried only
+//! where it is allowed, when the HTTPS attempt fails for another reason than
+//! a certificate, and the choice then holds for the client's life.
+//! Each host's TLS trust is its own (see [`crate::tls`]): the system roots
+//! plus its `certs.d` CAs, and its client certificate, sent to it alone.
+//! A certificate problem is final: not retried, reported once in words.
 //! Redirects are followed here, not by `ureq`, so that each hop is checked
 //! and an `Authorization` goes only to the origin (scheme, host and port) it
 //! was made for: a blob redirect to storage elsewhere carries none.
@@ -15,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Deserialize;
 use ureq::http::{Response, StatusCode, Uri};
-use ureq::tls::{RootCerts, TlsConfig};
+use ureq::tls::TlsConfig;
 use ureq::{Agent, Body};
 
 use crate::challenge::Challenge;
@@ -25,6 +31,7 @@ use crate::limiter::{Limiter, Permit, Priority};
 use crate::options::Options;
 use crate::reference::{Reference, host_name};
 use crate::retry;
+use crate::tls::{CertDirs, CertProblem, HostCerts};
 
 /// Attempts on a connection failure: a registry that is down is reported
 /// quickly (an offline start should not wait the whole request timeout).
@@ -45,17 +52,32 @@ pub struct Fetched {
 }
 
 /// The client of one registry host.
-#[derive(Debug)]
 pub struct RegistryClient {
     host: String,
-    base: String,
+    /// `https` or `http` once known; unknown (`None`) only while HTTPS has
+    /// not answered yet on a host plain HTTP is allowed to.
+    scheme: Mutex<Option<&'static str>>,
     agent: Agent,
-    credentials: Option<Credentials>,
-    /// `Authorization` values by token scope, from earlier challenges.
-    authorizations: Mutex<HashMap<String, String>>,
+    /// The registry host's certificate directory.
+    certs: HostCerts,
+    cert_dirs: CertDirs,
+    /// TLS settings of other hosts reached (redirects, token realms).
+    other_tls: Mutex<HashMap<String, (HostCerts, TlsConfig)>>,
+    /// The auth files credentials for this registry are looked up in.
+    auth_files: Vec<std::path::PathBuf>,
+    /// The registry as auth files name it (`host[:port]`, as in the reference).
+    credentials_host: String,
+    /// The credentials, once looked up (at the first challenge: a
+    /// registry that asks for none never runs a credential helper).
+    credentials: Mutex<Option<Option<Credentials>>>,
+    /// `Authorization` values by token scope, from earlier challenges,
+    /// until the token expires.
+    authorizations: Mutex<TokenCache>,
     limiter: Arc<Limiter>,
     timeout: Duration,
     transport: Transport,
+    /// Attempts on a connection failure.
+    connect_attempts: u32,
 }
 
 impl RegistryClient {
@@ -67,7 +89,7 @@ impl RegistryClient {
             insecure: options.insecure_registries.clone(),
         };
         let plain = transport.plain_allowed(&host);
-        let scheme = if plain { "http" } else { "https" };
+        let certs = HostCerts::load(&options.cert_dirs, &host)?;
         let mut config = Agent::config_builder()
             .http_status_as_error(false)
             // Redirects are followed by `RegistryClient::call`, which checks
@@ -76,32 +98,41 @@ impl RegistryClient {
             .https_only(!plain)
             .timeout_connect(Some(options.chunk_timeout.min(Duration::from_secs(10))))
             .user_agent(concat!("ociblk/", env!("CARGO_PKG_VERSION")))
-            .tls_config(
-                TlsConfig::builder()
-                    .root_certs(RootCerts::PlatformVerifier)
-                    .build(),
-            );
+            .tls_config(certs.tls_config());
         if is_loopback(host_name(&host)) {
             config = config.proxy(None);
         }
-        let auth_file = options
-            .auth_file
-            .clone()
-            .or_else(credentials::default_auth_file);
-        let credentials = match auth_file {
-            Some(file) => credentials::lookup(&file, &reference.host)?,
-            None => None,
+        let auth_files = match &options.auth_file {
+            Some(file) => vec![file.clone()],
+            None => credentials::default_auth_files(),
         };
         Ok(RegistryClient {
-            base: format!("{scheme}://{host}"),
+            scheme: Mutex::new(if plain { None } else { Some("https") }),
             agent: config.build().new_agent(),
-            credentials,
-            authorizations: Mutex::new(HashMap::new()),
+            certs,
+            cert_dirs: options.cert_dirs.clone(),
+            other_tls: Mutex::new(HashMap::new()),
+            auth_files,
+            credentials_host: reference.host.clone(),
+            credentials: Mutex::new(None),
+            authorizations: Mutex::new(TokenCache::default()),
             limiter: Limiter::for_host(&host, options.max_in_flight),
             timeout: options.chunk_timeout,
             transport,
+            connect_attempts: CONNECT_ATTEMPTS,
             host,
         })
+    }
+
+    /// The same client, trying a failed connection `attempts` times in all.
+    pub fn with_connect_attempts(mut self, attempts: u32) -> Self {
+        self.connect_attempts = attempts.max(1);
+        self
+    }
+
+    /// `host[:port]` of the registry.
+    pub fn host(&self) -> &str {
+        &self.host
     }
 
     /// The bound on one request, retries included.
@@ -147,7 +178,7 @@ impl RegistryClient {
         priority: Priority,
         mut held: Option<Permit>,
     ) -> Result<Fetched> {
-        let url = format!("{}/v2/{repository}/{path}", self.base);
+        let path = format!("/v2/{repository}/{path}");
         let scope = format!("repository:{repository}:pull");
         let mut authenticated = false;
         let mut connect_failures = 0;
@@ -155,6 +186,9 @@ impl RegistryClient {
         // What went wrong with the previous attempt, for the timeout error.
         let mut last: Option<String> = None;
         loop {
+            // Named in errors: the URL over the scheme in use (HTTPS while
+            // it is still being found out).
+            let url = format!("{}://{}{path}", self.scheme().unwrap_or("https"), self.host);
             let timed_out = |what: &str, last: &Option<String>| Error::Timeout {
                 url: url.clone(),
                 timeout: self.timeout,
@@ -174,41 +208,42 @@ impl RegistryClient {
                 return Err(timed_out("retrying", &last));
             }
             let authorization = self.authorization(&scope);
-            let answer = match self.call(&url, headers, authorization.as_deref(), deadline) {
-                Ok(answer) => answer,
-                Err(CallError::Refused(e)) => return Err(e),
-                Err(CallError::OutOfTime) => {
-                    return Err(timed_out("waiting for the answer", &last));
-                }
-                Err(CallError::Http {
-                    error: ureq::Error::Timeout(_),
-                    ..
-                }) => {
-                    return Err(timed_out("waiting for the answer", &last));
-                }
-                Err(CallError::Http {
-                    url: failed,
-                    error: e @ (ureq::Error::Io(_) | ureq::Error::ConnectionFailed),
-                }) => {
-                    connect_failures += 1;
-                    last = Some(e.to_string());
-                    if connect_failures >= CONNECT_ATTEMPTS {
+            let answer =
+                match self.call_registry(&path, headers, authorization.as_deref(), deadline) {
+                    Ok(answer) => answer,
+                    Err(CallError::Refused(e)) => return Err(e),
+                    Err(CallError::OutOfTime) => {
+                        return Err(timed_out("waiting for the answer", &last));
+                    }
+                    Err(CallError::Http {
+                        error: ureq::Error::Timeout(_),
+                        ..
+                    }) => {
+                        return Err(timed_out("waiting for the answer", &last));
+                    }
+                    Err(CallError::Http {
+                        url: failed,
+                        error: e @ (ureq::Error::Io(_) | ureq::Error::ConnectionFailed),
+                    }) => {
+                        connect_failures += 1;
+                        last = Some(e.to_string());
+                        if connect_failures >= self.connect_attempts {
+                            return Err(Error::Http {
+                                url: failed,
+                                source: Box::new(e),
+                            });
+                        }
+                        drop(permit);
+                        sleep_before(retry::backoff(connect_failures - 1), deadline);
+                        continue;
+                    }
+                    Err(CallError::Http { url: failed, error }) => {
                         return Err(Error::Http {
                             url: failed,
-                            source: Box::new(e),
+                            source: Box::new(error),
                         });
                     }
-                    drop(permit);
-                    sleep_before(retry::backoff(connect_failures - 1), deadline);
-                    continue;
-                }
-                Err(CallError::Http { url: failed, error }) => {
-                    return Err(Error::Http {
-                        url: failed,
-                        source: Box::new(error),
-                    });
-                }
-            };
+                };
             let Answer {
                 url: answered,
                 response,
@@ -262,7 +297,7 @@ impl RegistryClient {
                         "HTTP {status}{}",
                         if !from_origin {
                             format!(" from {answered}, where {url} redirected")
-                        } else if self.credentials.is_some() {
+                        } else if self.known_credentials() {
                             " with the stored credentials".to_string()
                         } else {
                             " (no credentials stored for this registry)".to_string()
@@ -283,8 +318,32 @@ impl RegistryClient {
         self.authorizations
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .get(scope)
-            .cloned()
+            .get(scope, Instant::now())
+    }
+
+    /// The credentials for this registry, looked up on first use.
+    fn credentials(&self) -> Result<Option<Credentials>> {
+        let mut known = self
+            .credentials
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(found) = &*known {
+            return Ok(found.clone());
+        }
+        let found = credentials::lookup_in(&self.auth_files, &self.credentials_host)?;
+        *known = Some(found.clone());
+        Ok(found)
+    }
+
+    /// Whether credentials were looked up and found.
+    fn known_credentials(&self) -> bool {
+        matches!(
+            *self
+                .credentials
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+            Some(Some(_))
+        )
     }
 
     /// Obtains the `Authorization` value a 401 answer's challenge asks for.
@@ -307,24 +366,22 @@ impl RegistryClient {
             .filter_map(Challenge::parse)
             .find(|c| c.is("bearer") || c.is("basic"))
             .ok_or_else(|| auth_error("HTTP 401 without a Bearer or Basic challenge".into()))?;
-        let value = if challenge.is("basic") {
-            let creds = self.credentials.as_ref().ok_or_else(|| {
+        let (value, lifetime) = if challenge.is("basic") {
+            let creds = self.credentials()?.ok_or_else(|| {
                 auth_error(format!(
                     "{} asks for a password; none is stored for it",
                     self.host
                 ))
             })?;
-            creds.basic_header()
+            (creds.basic_header(), None)
         } else {
-            format!(
-                "Bearer {}",
-                self.fetch_token(url, &challenge, scope, deadline)?
-            )
+            let (token, lifetime) = self.fetch_token(url, &challenge, scope, deadline)?;
+            (format!("Bearer {token}"), Some(lifetime))
         };
         self.authorizations
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(scope.to_string(), value);
+            .insert(scope, value, lifetime, Instant::now());
         Ok(())
     }
 
@@ -336,7 +393,7 @@ impl RegistryClient {
         challenge: &Challenge,
         scope: &str,
         deadline: Instant,
-    ) -> Result<String> {
+    ) -> Result<(String, Duration)> {
         let auth_error = |message: String| Error::Auth {
             url: url.to_string(),
             message,
@@ -358,11 +415,11 @@ impl RegistryClient {
         // Credentials go to the realm over HTTPS, or over plain HTTP only
         // when the realm is on the very host the user reaches the registry
         // on over plain HTTP.
-        let basic = match &self.credentials {
+        let basic = match &self.credentials()? {
             None => None,
             Some(creds) if realm_uri.scheme_str() == Some("https") => Some(creds.basic_header()),
             Some(creds)
-                if self.base.starts_with("http://")
+                if self.scheme() == Some("http")
                     && realm_uri.host().is_some_and(|h| {
                         host_name(h).eq_ignore_ascii_case(host_name(&self.host))
                     }) =>
@@ -409,6 +466,7 @@ impl RegistryClient {
         struct TokenAnswer {
             token: Option<String>,
             access_token: Option<String>,
+            expires_in: Option<u64>,
         }
         let body = response
             .body_mut()
@@ -418,15 +476,89 @@ impl RegistryClient {
             .map_err(|e| auth_error(format!("token answer from {realm}: {e}")))?;
         let answer: TokenAnswer = serde_json::from_slice(&body)
             .map_err(|e| auth_error(format!("token answer from {realm}: {e}")))?;
-        answer
+        // The distribution spec's default lifetime, when the answer has none.
+        let lifetime = Duration::from_secs(answer.expires_in.unwrap_or(60));
+        let token = answer
             .token
             .or(answer.access_token)
             .filter(|t| !t.is_empty())
-            .ok_or_else(|| auth_error(format!("token answer from {realm} has no token")))
+            .ok_or_else(|| auth_error(format!("token answer from {realm} has no token")))?;
+        Ok((token, lifetime))
+    }
+}
+
+impl std::fmt::Debug for RegistryClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Tokens and passwords never reach a log: only which scopes hold one.
+        let scopes: Vec<String> = self
+            .authorizations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .scopes();
+        f.debug_struct("RegistryClient")
+            .field("host", &self.host)
+            .field("scheme", &self.scheme())
+            .field("certs", &self.certs)
+            .field("credentials", &self.credentials)
+            .field("authorized_scopes", &scopes)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
     }
 }
 
 impl RegistryClient {
+    /// The scheme the registry is spoken to with, once known.
+    fn scheme(&self) -> Option<&'static str> {
+        *self.scheme.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `GET path` on the registry. While its scheme is unknown (a host plain
+    /// HTTP is allowed to), HTTPS is tried first; plain HTTP follows when
+    /// HTTPS failed for another reason than a certificate (a registry that
+    /// speaks no TLS), and whichever answers is kept.
+    fn call_registry(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+        authorization: Option<&str>,
+        deadline: Instant,
+    ) -> std::result::Result<Answer, CallError> {
+        if let Some(scheme) = self.scheme() {
+            let url = format!("{scheme}://{}{path}", self.host);
+            return self.call(&url, headers, authorization, deadline);
+        }
+        let https = format!("https://{}{path}", self.host);
+        let tls_error = match self.call(&https, headers, authorization, deadline) {
+            Ok(answer) => {
+                *self.scheme.lock().unwrap_or_else(PoisonError::into_inner) = Some("https");
+                return Ok(answer);
+            }
+            Err(CallError::Http { error, .. }) => error,
+            Err(other) => return Err(other),
+        };
+        let http = format!("http://{}{path}", self.host);
+        let answer = self.call(&http, headers, authorization, deadline)?;
+        tracing::info!(host = %self.host, https = %tls_error,
+            "no TLS answer; speaking plain HTTP to this loopback or insecure registry");
+        *self.scheme.lock().unwrap_or_else(PoisonError::into_inner) = Some("http");
+        Ok(answer)
+    }
+
+    /// The TLS settings for `authority` when it is not the registry's host.
+    fn tls_for(&self, authority: &str) -> Result<(HostCerts, TlsConfig)> {
+        let mut known = self
+            .other_tls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(found) = known.get(authority) {
+            return Ok(found.clone());
+        }
+        let certs = HostCerts::load(&self.cert_dirs, authority)?;
+        let config = certs.tls_config();
+        known.insert(authority.to_string(), (certs.clone(), config.clone()));
+        Ok((certs, config))
+    }
+
     /// One `GET url` with `headers`, following redirects under the
     /// transport rules. `authorization` is sent to `url`'s origin (scheme,
     /// host and port) only, never to another one a redirect leads to.
@@ -451,6 +583,13 @@ impl RegistryClient {
                 .checked_duration_since(Instant::now())
                 .ok_or(CallError::OutOfTime)?;
             let from_origin = Origin::of(&uri) == home;
+            let authority = uri.authority().map_or("", |a| a.as_str()).to_string();
+            let own_host = authority.eq_ignore_ascii_case(&self.host);
+            let other = if own_host {
+                None
+            } else {
+                Some(self.tls_for(&authority).map_err(CallError::Refused)?)
+            };
             let mut request = self.agent.get(&url);
             for (name, value) in headers {
                 request = request.header(*name, *value);
@@ -458,15 +597,27 @@ impl RegistryClient {
             if from_origin && let Some(auth) = authorization {
                 request = request.header("Authorization", auth);
             }
-            let response = request
-                .config()
-                .timeout_global(Some(left))
-                .build()
-                .call()
-                .map_err(|error| CallError::Http {
-                    url: url.clone(),
-                    error,
-                })?;
+            let mut config = request.config().timeout_global(Some(left));
+            if let Some((_, tls)) = &other {
+                config = config.tls_config(tls.clone());
+            }
+            let response =
+                config
+                    .build()
+                    .call()
+                    .map_err(|error| match CertProblem::of(&error) {
+                        Some(problem) => {
+                            let certs = other.as_ref().map_or(&self.certs, |(c, _)| c);
+                            CallError::Refused(Error::Tls {
+                                url: url.clone(),
+                                message: problem.describe(&authority, certs),
+                            })
+                        }
+                        None => CallError::Http {
+                            url: url.clone(),
+                            error,
+                        },
+                    })?;
             let redirect = matches!(response.status().as_u16(), 301 | 302 | 303 | 307 | 308);
             let location = response
                 .headers()
@@ -501,6 +652,41 @@ impl RegistryClient {
             tracing::debug!(from = %url, to = %next, "following redirect");
             url = next;
         }
+    }
+}
+
+/// How long before a token's stated expiry it is no longer sent: a
+/// request made just before the end would arrive too late.
+const TOKEN_MARGIN: Duration = Duration::from_secs(5);
+
+/// `Authorization` values by token scope, each until its token expires.
+#[derive(Default)]
+struct TokenCache {
+    entries: HashMap<String, (String, Option<Instant>)>,
+}
+
+impl TokenCache {
+    /// Keeps `value` for `scope`, until `lifetime` from `now` (less a
+    /// margin) when given, else for good (Basic credentials).
+    fn insert(&mut self, scope: &str, value: String, lifetime: Option<Duration>, now: Instant) {
+        // A lifetime too long to add to an Instant never ends.
+        let until =
+            lifetime.and_then(|l| now.checked_add(l.saturating_sub(TOKEN_MARGIN.min(l / 2))));
+        self.entries.insert(scope.to_string(), (value, until));
+    }
+
+    /// The value for `scope` at `now`, unless its token has expired.
+    fn get(&mut self, scope: &str, now: Instant) -> Option<String> {
+        let (value, until) = self.entries.get(scope)?;
+        if until.is_some_and(|t| now >= t) {
+            self.entries.remove(scope);
+            return None;
+        }
+        Some(value.clone())
+    }
+
+    fn scopes(&self) -> Vec<String> {
+        self.entries.keys().cloned().collect()
     }
 }
 
@@ -665,19 +851,45 @@ mod tests {
             insecure_registries: vec!["lab.example:5000".into()],
             ..Options::default()
         };
-        let base = |r: &str| {
+        // `None`: HTTPS first, plain HTTP allowed after it.
+        let scheme = |r: &str| {
             let r = Reference::parse(r).expect("reference");
-            RegistryClient::new(&r, &opts).expect("client").base
+            RegistryClient::new(&r, &opts).expect("client").scheme()
         };
-        assert_eq!(base("127.0.0.1:5000/os"), "http://127.0.0.1:5000");
-        assert_eq!(base("localhost/os"), "http://localhost");
-        assert_eq!(base("[::1]:5000/os"), "http://[::1]:5000");
-        assert_eq!(base("lab.example:5000/os"), "http://lab.example:5000");
-        assert_eq!(base("lab.example/os"), "https://lab.example");
-        assert_eq!(
-            base("registry.example.com/os"),
-            "https://registry.example.com"
+        assert_eq!(scheme("127.0.0.1:5000/os"), None);
+        assert_eq!(scheme("localhost/os"), None);
+        assert_eq!(scheme("[::1]:5000/os"), None);
+        assert_eq!(scheme("lab.example:5000/os"), None);
+        assert_eq!(scheme("lab.example/os"), Some("https"));
+        assert_eq!(scheme("registry.example.com/os"), Some("https"));
+    }
+
+    #[test]
+    fn tokens_are_used_until_shortly_before_they_expire_and_basic_values_for_good() {
+        let now = Instant::now();
+        let mut cache = TokenCache::default();
+        cache.insert("a", "Bearer t".into(), Some(Duration::from_secs(60)), now);
+        cache.insert("b", "Basic x".into(), None, now);
+        cache.insert(
+            "c",
+            "Bearer u".into(),
+            Some(Duration::from_secs(u64::MAX)),
+            now,
         );
+        let at = |secs| now + Duration::from_secs(secs);
+        assert_eq!(cache.get("a", at(54)).as_deref(), Some("Bearer t"));
+        assert_eq!(
+            cache.get("a", at(55)),
+            None,
+            "within the margin of its expiry"
+        );
+        assert_eq!(cache.get("a", at(0)), None, "dropped once expired");
+        assert_eq!(cache.get("b", at(1_000_000)).as_deref(), Some("Basic x"));
+        assert_eq!(cache.get("c", at(1_000_000)).as_deref(), Some("Bearer u"));
+        let mut short = TokenCache::default();
+        short.insert("s", "Bearer s".into(), Some(Duration::from_secs(4)), now);
+        assert_eq!(short.get("s", at(1)).as_deref(), Some("Bearer s"));
+        assert_eq!(short.get("s", at(2)), None);
     }
 
     #[test]

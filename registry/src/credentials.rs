@@ -1,14 +1,32 @@
-//! Registry credentials from the files container tools write: the `auths`
-//! entries of `$REGISTRY_AUTH_FILE`, else `$DOCKER_CONFIG/config.json`, else
-//! `~/.docker/config.json`.
+//! Registry credentials where container tools keep them, read the way
+//! podman, skopeo and docker read them.
+//!
+//! The files, in order (the first that has credentials for the registry
+//! wins): `$REGISTRY_AUTH_FILE` (else `$XDG_RUNTIME_DIR/containers/auth.json`),
+//! `~/.config/containers/auth.json`, `$DOCKER_CONFIG/config.json` (else
+//! `~/.docker/config.json`). An auth file given explicitly is read alone.
+//!
+//! In each file: the registry's `credHelpers` entry, else its `auths`
+//! entry, else the `credsStore` default. A helper is the program
+//! `docker-credential-NAME`, run as `docker-credential-NAME get` with the
+//! registry on stdin, answering `{"Username": .., "Secret": ..}` on stdout
+//! within [`HELPER_TIMEOUT`].
 
 use std::collections::BTreeMap;
+use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+
+/// The longest a credential helper may take to answer.
+pub const HELPER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most a credential helper's answer may hold.
+const HELPER_OUTPUT_LIMIT: u64 = 1 << 20;
 
 /// A user name and password (or token) for HTTP Basic and token requests.
 #[derive(Clone, PartialEq, Eq)]
@@ -47,27 +65,192 @@ struct AuthEntry {
     auth: Option<String>,
 }
 
-/// The auth file to read: `$REGISTRY_AUTH_FILE`, else `$DOCKER_CONFIG/config.json`,
-/// else `~/.docker/config.json`; `None` when no candidate is known.
-pub fn default_auth_file() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("REGISTRY_AUTH_FILE") {
-        return Some(PathBuf::from(p));
-    }
-    if let Some(dir) = std::env::var_os("DOCKER_CONFIG") {
-        return Some(PathBuf::from(dir).join("config.json"));
-    }
-    std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".docker/config.json"))
+/// The helpers part of an auth file.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct HelperConfig {
+    #[serde(default)]
+    cred_helpers: BTreeMap<String, String>,
+    #[serde(default)]
+    creds_store: Option<String>,
 }
 
-/// The credentials stored in `file` for registry `host` (as in a reference,
-/// with its port); `Ok(None)` when the file does not exist or has no entry.
+/// The auth files read, in order, when none is given: `$REGISTRY_AUTH_FILE`
+/// (else `$XDG_RUNTIME_DIR/containers/auth.json`),
+/// `~/.config/containers/auth.json`, and `$DOCKER_CONFIG/config.json` (else
+/// `~/.docker/config.json`).
+pub fn default_auth_files() -> Vec<PathBuf> {
+    let env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    let home = env("HOME").map(PathBuf::from);
+    let mut files = Vec::new();
+    if let Some(p) = env("REGISTRY_AUTH_FILE") {
+        files.push(PathBuf::from(p));
+    } else if let Some(dir) = env("XDG_RUNTIME_DIR") {
+        files.push(PathBuf::from(dir).join("containers/auth.json"));
+    }
+    if let Some(home) = &home {
+        files.push(home.join(".config/containers/auth.json"));
+    }
+    if let Some(dir) = env("DOCKER_CONFIG") {
+        files.push(PathBuf::from(dir).join("config.json"));
+    } else if let Some(home) = &home {
+        files.push(home.join(".docker/config.json"));
+    }
+    files
+}
+
+/// The credentials for registry `host` from the first of `files` that has
+/// some (see the module's description); `Ok(None)` when none has.
+pub fn lookup_in(files: &[PathBuf], host: &str) -> Result<Option<Credentials>> {
+    for file in files {
+        if let Some(found) = lookup(file, host)? {
+            return Ok(Some(found));
+        }
+    }
+    Ok(None)
+}
+
+/// The credentials `file` gives registry `host` (as in a reference, with
+/// its port): through its `credHelpers` entry for the host, its `auths`
+/// entry, or its `credsStore`, in that order; `Ok(None)` when the file
+/// does not exist or gives none.
 pub fn lookup(file: &Path, host: &str) -> Result<Option<Credentials>> {
     let text = match std::fs::read(file) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io(file, e)),
     };
-    parse_auth_file(file, &text, host)
+    // Checks the document is JSON (named as the auths field, as ever).
+    let in_auths = parse_auth_file(file, &text, host)?;
+    let helpers: HelperConfig = serde_json::from_slice(&text).map_err(|e| Error::Invalid {
+        what: file.display().to_string(),
+        field: "credHelpers".into(),
+        message: e.to_string(),
+    })?;
+    if let Some((key, name)) = helpers
+        .cred_helpers
+        .iter()
+        .find(|(k, _)| key_matches(k, host))
+    {
+        let found = run_helper(file, &format!("credHelpers.{key}"), name, host)?;
+        if found.is_some() {
+            return Ok(found);
+        }
+    }
+    if in_auths.is_some() {
+        return Ok(in_auths);
+    }
+    match &helpers.creds_store {
+        Some(name) if !name.is_empty() => run_helper(file, "credsStore", name, host),
+        _ => Ok(None),
+    }
+}
+
+/// What a credential helper prints.
+#[derive(Deserialize)]
+struct HelperAnswer {
+    #[serde(rename = "Username", default)]
+    username: String,
+    #[serde(rename = "Secret", default)]
+    secret: String,
+}
+
+/// Runs `docker-credential-NAME get` for registry `host`, the helper named
+/// by `field` of `file`; `Ok(None)` when it has no credentials for the host.
+fn run_helper(file: &Path, field: &str, name: &str, host: &str) -> Result<Option<Credentials>> {
+    let program = format!("docker-credential-{name}");
+    let fail = |message: String| Error::CredentialHelper {
+        program: program.clone(),
+        file: file.to_path_buf(),
+        field: field.to_string(),
+        message,
+    };
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(fail(
+            "a helper name is letters, digits, '-', '_' and '.'".into(),
+        ));
+    }
+    // Docker Hub's credentials are stored under its old index URL.
+    let server = if host == "docker.io" {
+        "https://index.docker.io/v1/"
+    } else {
+        host
+    };
+    let mut child = Command::new(&program)
+        .arg("get")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| fail(format!("cannot run it: {e}")))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        // A helper that exits without reading its input is judged by its
+        // exit status and output below.
+        let _ = stdin.write_all(server.as_bytes());
+    }
+    type Pipe = Box<dyn std::io::Read + Send>;
+    let read = |pipe: Option<Pipe>| {
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            if let Some(pipe) = pipe {
+                let _ = pipe.take(HELPER_OUTPUT_LIMIT).read_to_end(&mut out);
+            }
+            out
+        })
+    };
+    let stdout = read(child.stdout.take().map(|p| Box::new(p) as Pipe));
+    let stderr = read(child.stderr.take().map(|p| Box::new(p) as Pipe));
+    let deadline = Instant::now() + HELPER_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(None) => {
+                // Ends the helper this call started, by its PID.
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(fail(format!(
+                    "no answer within {}s",
+                    HELPER_TIMEOUT.as_secs()
+                )));
+            }
+            Err(e) => return Err(fail(format!("waiting for it: {e}"))),
+        }
+    };
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
+    if !status.success() {
+        let said = String::from_utf8_lossy(if stdout.is_empty() { &stderr } else { &stdout });
+        if said.contains("credentials not found") {
+            return Ok(None);
+        }
+        let said: String = said.trim().chars().take(200).collect();
+        return Err(fail(format!("{status}: {said}")));
+    }
+    let answer: HelperAnswer = serde_json::from_slice(&stdout).map_err(|e| {
+        fail(format!(
+            "its answer is not {{\"Username\", \"Secret\"}} JSON: {e}"
+        ))
+    })?;
+    if answer.username == "<token>" {
+        return Err(fail(
+            "it holds an identity token (docker login with OAuth), which ociblk does not use"
+                .into(),
+        ));
+    }
+    if answer.username.is_empty() && answer.secret.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(Credentials {
+        username: answer.username,
+        password: answer.secret,
+    }))
 }
 
 /// The credentials for registry `host` in `text`, the contents of the

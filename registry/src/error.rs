@@ -70,6 +70,19 @@ pub enum Error {
         chunks: String,
         timeout: Duration,
     },
+    /// A certificate problem in the TLS handshake: final, never retried.
+    #[error("GET {url}: TLS: {message}")]
+    Tls { url: String, message: String },
+    /// A file of a registry's certificate directory that cannot be used.
+    #[error("certificate file {}: {message}", path.display())]
+    CertFile { path: PathBuf, message: String },
+    #[error("credential helper {program} ({}, {field}): {message}", file.display())]
+    CredentialHelper {
+        program: String,
+        file: PathBuf,
+        field: String,
+        message: String,
+    },
     #[error("GET {url}: authentication: {message}")]
     Auth { url: String, message: String },
     #[error("{what} {digest}: {actual} bytes, but {expected} expected")]

@@ -11,12 +11,13 @@ use crate::cache::BlobSpec;
 use crate::client::RegistryClient;
 use crate::error::{Error, Result};
 use crate::limiter::{Permit, Priority};
+use crate::sources::Sources;
 
-/// Where the blobs of one repository are fetched from.
+/// Where the blobs of one image are fetched from: its mirrors, then its
+/// registry (see [`Sources`]).
 #[derive(Clone, Debug)]
 pub struct BlobSource {
-    client: Arc<RegistryClient>,
-    repository: String,
+    sources: Arc<Sources>,
     stats: Arc<Counters>,
 }
 
@@ -36,10 +37,9 @@ struct Counters {
 }
 
 impl BlobSource {
-    pub fn new(client: Arc<RegistryClient>, repository: String) -> Self {
+    pub fn new(sources: Arc<Sources>) -> Self {
         BlobSource {
-            client,
-            repository,
+            sources,
             stats: Arc::default(),
         }
     }
@@ -56,19 +56,53 @@ impl BlobSource {
         self.stats.bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
+    /// The client of the source tried first: its timeout bounds a fetch,
+    /// and a prefetch's first request slot is taken from it.
     pub fn client(&self) -> &RegistryClient {
-        &self.client
+        &self.sources.first().client
     }
 
     /// Fetches chunk `index` of `blob` and hands it to `store`, taking
-    /// request slots at `priority` (the first one is `held` if given).
+    /// request slots at `priority` (the first one is `held` if given),
+    /// from the first source that delivers bytes `store` accepts.
+    pub fn fetch_chunk(
+        &self,
+        blob: &BlobSpec,
+        index: u64,
+        deadline: Instant,
+        priority: Priority,
+        held: Option<Permit>,
+        store: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let mut held = held;
+        let what = format!("blob {} chunk {index}", blob.digest);
+        self.sources.try_each(false, &what, |i, source| {
+            // The slot held was taken from the first source's host.
+            let permit = held.take().filter(|_| i == 0);
+            self.fetch_chunk_from(
+                &source.client,
+                source.repository(),
+                blob,
+                index,
+                deadline,
+                priority,
+                permit,
+                store,
+            )
+        })
+    }
+
+    /// [`BlobSource::fetch_chunk`] from one source.
     ///
     /// Asks for exactly the chunk's bytes. A registry that ignores `Range`
     /// answers 200 with the whole blob: then every chunk up to `index` is
     /// read and handed to `store` in order (so the bytes that arrive are
     /// not wasted), and the rest of the body is dropped.
-    pub fn fetch_chunk(
+    #[allow(clippy::too_many_arguments)]
+    fn fetch_chunk_from(
         &self,
+        client: &RegistryClient,
+        repository: &str,
         blob: &BlobSpec,
         index: u64,
         deadline: Instant,
@@ -79,8 +113,8 @@ impl BlobSource {
         let (start, len) = blob.chunk_range(index);
         let end = start + len - 1;
         let range = format!("bytes={start}-{end}");
-        let fetched = self.client.get_as(
-            &self.repository,
+        let fetched = client.get_as(
+            repository,
             &format!("blobs/{}", blob.digest),
             &[("Range", &range)],
             deadline,
@@ -117,7 +151,7 @@ impl BlobSource {
                 self.stats.requests.fetch_add(1, Ordering::Relaxed);
                 let mut buf = vec![0; len as usize];
                 let mut reader = response.body_mut().as_reader();
-                read_exact(&mut reader, &mut buf, &url, self.client.timeout())?;
+                read_exact(&mut reader, &mut buf, &url, client.timeout())?;
                 self.count(len);
                 store(index, &buf)
             }
@@ -137,7 +171,7 @@ impl BlobSource {
                 for i in 0..=index {
                     let (_, len) = blob.chunk_range(i);
                     buf.resize(len as usize, 0);
-                    read_exact(&mut reader, &mut buf, &url, self.client.timeout())?;
+                    read_exact(&mut reader, &mut buf, &url, client.timeout())?;
                     self.count(len);
                     store(i, &buf)?;
                 }

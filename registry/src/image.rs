@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::fetch::BlobSource;
 use crate::options::Options;
 use crate::reference::Reference;
+use crate::sources::Sources;
 
 /// The media type asked for and accepted for image manifests.
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -46,12 +47,12 @@ pub struct RegistryImage {
 }
 
 impl RegistryImage {
-    /// Opens `reference`, using the registry when it answers and the cache
-    /// when it cannot be reached (an offline start needs the tag record or
-    /// a digest reference, and the manifest and config in the cache).
+    /// Opens `reference`, using its mirrors (registries.conf) and registry
+    /// when they answer and the cache when they cannot be reached (an
+    /// offline start needs the tag record or a digest reference, and the
+    /// manifest and config in the cache).
     pub fn open(reference: &Reference, cache: &Cache, options: &Options) -> Result<Self> {
-        let client = Arc::new(RegistryClient::new(reference, options)?);
-        let repo = reference.repository.as_str();
+        let sources = Arc::new(Sources::open(reference, options)?);
         let mut offline = false;
         let offline_error = |source: Error| Error::Offline {
             reference: reference.to_string(),
@@ -61,7 +62,9 @@ impl RegistryImage {
 
         let manifest_digest = match &reference.digest {
             Some(d) => d.clone(),
-            None => match resolve_tag(&client, reference, cache) {
+            None => match sources.try_each(true, "the tag", |_, s| {
+                resolve_tag(&s.client, &s.reference, reference, cache)
+            }) {
                 Ok(d) => {
                     tracing::info!(%reference, digest = %d, "resolved tag");
                     d
@@ -83,14 +86,19 @@ impl RegistryImage {
             Some(m) => m,
             None => {
                 let path = format!("manifests/{manifest_digest}");
-                let m = get_metadata(&client, repo, &path, Some(OCI_MANIFEST)).map_err(|e| {
-                    if e.is_unreachable() {
-                        offline_error(e)
-                    } else {
-                        e
-                    }
-                })?;
-                manifest_digest.verify("manifest", &m, m.len() as u64)?;
+                let m = sources
+                    .try_each(false, "the manifest", |_, s| {
+                        let m = get_metadata(&s.client, s.repository(), &path, Some(OCI_MANIFEST))?;
+                        manifest_digest.verify("manifest", &m, m.len() as u64)?;
+                        Ok(m)
+                    })
+                    .map_err(|e| {
+                        if e.is_unreachable() {
+                            offline_error(e)
+                        } else {
+                            e
+                        }
+                    })?;
                 keep(cache.store_metadata(&manifest_digest, &m), "manifest");
                 m
             }
@@ -108,7 +116,13 @@ impl RegistryImage {
                         message: format!("{config_size} bytes, more than {METADATA_LIMIT}"),
                     });
                 }
-                let c = get_metadata(&client, repo, &format!("blobs/{config_digest}"), None)
+                let path = format!("blobs/{config_digest}");
+                let c = sources
+                    .try_each(false, "the config", |_, s| {
+                        let c = get_metadata(&s.client, s.repository(), &path, None)?;
+                        config_digest.verify("config", &c, config_size)?;
+                        Ok(c)
+                    })
                     .map_err(|e| {
                         if e.is_unreachable() {
                             offline_error(e)
@@ -116,17 +130,12 @@ impl RegistryImage {
                             e
                         }
                     })?;
-                config_digest.verify("config", &c, config_size)?;
                 keep(cache.store_metadata(&config_digest, &c), "config");
                 c
             }
         };
         let tables = chunk_tables(&manifest_digest, &parsed, &config)?;
-        let blobs = BlobCache::new(
-            cache.clone(),
-            BlobSource::new(client, repo.to_string()),
-            tables,
-        );
+        let blobs = BlobCache::new(cache.clone(), BlobSource::new(sources), tables);
         Ok(RegistryImage {
             reference: reference.with_digest(manifest_digest.clone()),
             manifest_digest,
@@ -140,17 +149,18 @@ impl RegistryImage {
     }
 }
 
-/// Asks the registry which manifest the tag names now, checks the answer
-/// against the digest the registry states, and caches manifest and tag.
-fn resolve_tag(client: &RegistryClient, reference: &Reference, cache: &Cache) -> Result<Digest> {
-    let path = format!("manifests/{}", reference.tag_or_default());
+/// Asks `client` which manifest the tag of `at` (the image's reference
+/// there) names now, checks the answer against the digest it states, and
+/// caches manifest and tag (recorded for `reference`, as the user wrote it).
+fn resolve_tag(
+    client: &RegistryClient,
+    at: &Reference,
+    reference: &Reference,
+    cache: &Cache,
+) -> Result<Digest> {
+    let path = format!("manifests/{}", at.tag_or_default());
     let deadline = Instant::now() + client.timeout();
-    let fetched = client.get(
-        &reference.repository,
-        &path,
-        &[("Accept", OCI_MANIFEST)],
-        deadline,
-    )?;
+    let fetched = client.get(&at.repository, &path, &[("Accept", OCI_MANIFEST)], deadline)?;
     let stated = fetched
         .response
         .headers()

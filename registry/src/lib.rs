@@ -26,10 +26,13 @@ pub mod error;
 pub mod fetch;
 pub mod image;
 pub mod limiter;
+pub mod mirrors;
 pub mod options;
 pub mod reference;
 pub mod retry;
 pub mod source;
+pub mod sources;
+pub mod tls;
 
 pub use access_record::{AccessRecord, ChunkRef};
 pub use cache::{BlobCache, BlobSpec, Cache, CacheInfo, GcReport};

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::cache::DirPolicy;
+use crate::mirrors::ConfSource;
+use crate::tls::CertDirs;
 
 /// Default bound on fetching one chunk, retries included.
 pub const DEFAULT_CHUNK_TIMEOUT: Duration = Duration::from_secs(30);
@@ -22,10 +24,17 @@ pub struct Options {
     pub chunk_timeout: Duration,
     /// Requests in flight per registry host in this process.
     pub max_in_flight: usize,
-    /// The credentials file; `None` reads [`crate::credentials::default_auth_file`].
+    /// The credentials file, read alone; `None` reads
+    /// [`crate::credentials::default_auth_files`].
     pub auth_file: Option<PathBuf>,
     /// Which cache directories are accepted (`--allow-insecure-cache-dir`).
     pub cache_dir: DirPolicy,
+    /// Where each registry's CA and client certificates are read from
+    /// (`--cert-dir`).
+    pub cert_dirs: CertDirs,
+    /// The registries.conf files with mirrors, blocked and insecure
+    /// registries (`--registries-conf`).
+    pub registries_conf: ConfSource,
 }
 
 impl Default for Options {
@@ -36,6 +45,8 @@ impl Default for Options {
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             auth_file: None,
             cache_dir: DirPolicy::default(),
+            cert_dirs: CertDirs::default(),
+            registries_conf: ConfSource::default(),
         }
     }
 }

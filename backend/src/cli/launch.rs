@@ -364,6 +364,16 @@ fn registry_serve_args(r: &RegistryArgs) -> Vec<String> {
     for host in &r.insecure_registries {
         v.extend(["--insecure-registry".to_owned(), host.clone()]);
     }
+    // Each node reaches the registry and its mirrors as the tag was resolved.
+    for (option, path) in [
+        ("--cert-dir", &r.cert_dir),
+        ("--registries-conf", &r.registries_conf),
+    ] {
+        if let Some(path) = path {
+            let path = std::path::absolute(path).unwrap_or_else(|_| path.clone());
+            v.extend([option.to_owned(), path.display().to_string()]);
+        }
+    }
     v.extend(["--fetch-timeout".to_owned(), r.fetch_timeout.to_string()]);
     v
 }
@@ -454,6 +464,25 @@ mod tests {
         assert_eq!(a.serve_args, ["--flush", "unsafe"]);
         assert!(!a.exit_when_ready);
         assert!(!a.no_verify, "payloads are verified by default");
+    }
+
+    #[test]
+    fn registry_options_reach_every_nodes_serve() {
+        let c = Cmd::parse_from([
+            "x",
+            "--image",
+            "r.example/os:1",
+            "--state-dir",
+            "s",
+            "--cert-dir",
+            "/certs",
+            "--registries-conf",
+            "/r.conf",
+        ]);
+        let args = registry_serve_args(&c.launch.registry);
+        for pair in [["--cert-dir", "/certs"], ["--registries-conf", "/r.conf"]] {
+            assert!(args.windows(2).any(|w| w == pair), "{args:?}");
+        }
     }
 
     #[test]

@@ -8,6 +8,8 @@ use clap::Args;
 use ociblk_layout::{DiskParams, Guid, Layout, parse_size};
 use ociblk_registry::Options;
 use ociblk_registry::cache::DirPolicy;
+use ociblk_registry::mirrors::ConfSource;
+use ociblk_registry::tls::CertDirs;
 
 use crate::image_source::{LoadedImage, RegistrySettings, open_image};
 
@@ -19,11 +21,23 @@ pub struct RegistryArgs {
     /// $XDG_CACHE_HOME/ociblk or ~/.cache/ociblk].
     #[arg(long, value_name = "DIR")]
     pub cache: Option<PathBuf>,
-    /// Reach this registry (HOST or HOST:PORT) over plain HTTP although it
-    /// is not a loopback address (repeatable). Loopback registries always
-    /// may use HTTP.
+    /// Reach this registry (HOST or HOST:PORT) over plain HTTP when it
+    /// does not speak HTTPS, although it is not a loopback address
+    /// (repeatable). HTTPS is always tried first; loopback registries may
+    /// fall back to HTTP too.
     #[arg(long = "insecure-registry", value_name = "HOST")]
     pub insecure_registries: Vec<String>,
+    /// Read CA certificates (*.crt) and the client certificate (*.cert
+    /// with its *.key) from DIR for every registry, instead of
+    /// HOST[:PORT] under /etc/containers/certs.d or /etc/docker/certs.d
+    /// (as skopeo's --cert-dir).
+    #[arg(long, value_name = "DIR")]
+    pub cert_dir: Option<PathBuf>,
+    /// Read mirrors, blocked and insecure registries from FILE alone,
+    /// instead of /etc/containers/registries.conf and its
+    /// registries.conf.d/*.conf (as skopeo's --registries-conf).
+    #[arg(long, value_name = "FILE")]
+    pub registries_conf: Option<PathBuf>,
     /// Seconds fetching the chunks one read needs may take (they are
     /// fetched side by side), waiting and retries included; a guest read
     /// whose chunks are not fetched in time gets an I/O error.
@@ -46,6 +60,14 @@ impl RegistryArgs {
                 chunk_timeout: Duration::from_secs(self.fetch_timeout),
                 cache_dir: DirPolicy {
                     allow_insecure: self.allow_insecure_cache_dir,
+                },
+                cert_dirs: match &self.cert_dir {
+                    Some(dir) => CertDirs::Fixed(dir.clone()),
+                    None => CertDirs::System,
+                },
+                registries_conf: match &self.registries_conf {
+                    Some(file) => ConfSource::File(file.clone()),
+                    None => ConfSource::System,
                 },
                 ..Options::default()
             },
@@ -206,6 +228,10 @@ mod tests {
             "b.example:5000",
             "--fetch-timeout",
             "7",
+            "--cert-dir",
+            "/certs",
+            "--registries-conf",
+            "/r.conf",
         ]);
         let s = c.layout.image.registry.settings();
         assert_eq!(s.cache, Some(PathBuf::from("/c")));
@@ -214,6 +240,11 @@ mod tests {
             ["a.example", "b.example:5000"]
         );
         assert_eq!(s.options.chunk_timeout, Duration::from_secs(7));
+        assert_eq!(s.options.cert_dirs, CertDirs::Fixed("/certs".into()));
+        assert_eq!(
+            s.options.registries_conf,
+            ConfSource::File("/r.conf".into())
+        );
         let d = Cmd::parse_from(["x", "--image", "i"]).layout.image.registry;
         assert_eq!(d.settings().options.chunk_timeout, Duration::from_secs(30));
         Cmd::try_parse_from(["x", "--image", "i", "--fetch-timeout", "0"]).unwrap_err();

@@ -8,6 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
+/// The first byte of a TLS record carrying a handshake (a ClientHello).
+const TLS_HANDSHAKE: u8 = 0x16;
+
 /// A listener on a free loopback port whose accepting thread stops on drop.
 #[derive(Debug)]
 pub struct LoopbackServer {
@@ -57,7 +60,19 @@ impl Drop for LoopbackServer {
 
 /// The request line of the request on `conn` and its header lines, each
 /// as sent (with its CRLF), up to the blank line that ends the head.
+///
+/// A TLS handshake (a client trying HTTPS first, as it does on a loopback
+/// registry) is refused at once, as a plain HTTP server does, so that the
+/// client falls back to plain HTTP without waiting for a timeout.
 pub fn read_request_head(conn: &TcpStream) -> std::io::Result<(String, Vec<String>)> {
+    let mut first = [0u8; 1];
+    if conn.peek(&mut first)? == 1 && first[0] == TLS_HANDSHAKE {
+        let _ = conn.shutdown(std::net::Shutdown::Both);
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "a TLS handshake on a plain HTTP server",
+        ));
+    }
     let mut reader = BufReader::new(conn.try_clone()?);
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;

@@ -6,7 +6,9 @@
 
 pub mod fixture;
 pub mod loopback;
+pub mod pki;
 pub mod proxy;
+pub mod relay;
 pub mod token;
 
 use std::io::{Read as _, Write as _};
@@ -43,11 +45,43 @@ pub enum Auth<'a> {
     Token(&'a token::TokenIssuer),
 }
 
+/// How a registry serves TLS: its certificate and key, and the CA its
+/// clients' certificates must come from (mutual TLS).
+#[derive(Clone, Debug)]
+pub struct TlsServe {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+    /// A certs.d-style directory with a client certificate skopeo pushes
+    /// with, for a registry that asks for one.
+    pub push_cert_dir: Option<PathBuf>,
+}
+
+/// Everything a test registry is started with.
+#[derive(Debug)]
+pub struct Setup<'a> {
+    pub auth: Auth<'a>,
+    pub tls: Option<TlsServe>,
+    /// Run as a pull-through cache of the registry at this URL.
+    pub proxy_remote: Option<String>,
+}
+
+impl Default for Setup<'_> {
+    fn default() -> Self {
+        Setup {
+            auth: Auth::Open,
+            tls: None,
+            proxy_remote: None,
+        }
+    }
+}
+
 /// A `docker-registry serve` process on 127.0.0.1, stopped on drop.
 #[derive(Debug)]
 pub struct Registry {
     child: Option<Child>,
     pub addr: SocketAddr,
+    pub tls: Option<TlsServe>,
     storage: PathBuf,
     log: PathBuf,
     config: PathBuf,
@@ -63,6 +97,35 @@ impl Registry {
 
     /// Starts a registry that asks clients to authenticate as `auth` says.
     pub fn start_with(auth: Auth) -> Registry {
+        Registry::start_setup(Setup {
+            auth,
+            ..Setup::default()
+        })
+    }
+
+    /// Starts a registry serving TLS as `tls` says.
+    pub fn start_tls(tls: TlsServe) -> Registry {
+        Registry::start_setup(Setup {
+            tls: Some(tls),
+            ..Setup::default()
+        })
+    }
+
+    /// Starts a pull-through cache of the registry at `remote_url`.
+    pub fn start_proxy_of(remote_url: &str) -> Registry {
+        Registry::start_setup(Setup {
+            proxy_remote: Some(remote_url.to_string()),
+            ..Setup::default()
+        })
+    }
+
+    /// Starts a registry as `setup` says.
+    pub fn start_setup(setup: Setup) -> Registry {
+        let Setup {
+            auth,
+            tls,
+            proxy_remote,
+        } = setup;
         // Fail early, naming the package, when the registry is not installed.
         require_tool("docker-registry", "docker-registry");
         let dir = tempfile::tempdir().expect("temp dir for the registry");
@@ -98,11 +161,25 @@ impl Registry {
             Auth::Token(issuer) => issuer.registry_config(),
         };
         let mut config_text = std::fs::read_to_string(&config).expect("read config");
+        if let Some(tls) = &tls {
+            config_text.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                tls.cert.display(),
+                tls.key.display()
+            ));
+            if let Some(ca) = &tls.client_ca {
+                config_text.push_str(&format!("    clientcas:\n      - {}\n", ca.display()));
+            }
+        }
+        if let Some(remote) = &proxy_remote {
+            config_text.push_str(&format!("proxy:\n  remoteurl: {remote}\n"));
+        }
         config_text.push_str(&auth_config);
         std::fs::write(&config, config_text).expect("write registry config");
         let mut registry = Registry {
             child: None,
             addr,
+            tls,
             storage,
             log: dir.path().join("registry.log"),
             config,
@@ -152,8 +229,13 @@ impl Registry {
                     self.log_text()
                 );
             }
-            // 401: up, and asking for credentials.
-            if matches!(http_get_status(self.addr, "/v2/"), Some(200 | 401)) {
+            // 401: up, and asking for credentials; 400: a TLS registry's
+            // answer to plain HTTP (it is up).
+            let up = matches!(
+                (http_get_status(self.addr, "/v2/"), &self.tls),
+                (Some(200 | 401), None) | (Some(400), Some(_))
+            );
+            if up {
                 return;
             }
             assert!(
@@ -188,6 +270,9 @@ impl Registry {
         ]);
         if let Some(creds) = creds {
             command.arg(format!("--dest-creds={creds}"));
+        }
+        if let Some(dir) = self.tls.as_ref().and_then(|t| t.push_cert_dir.as_ref()) {
+            command.arg(format!("--dest-cert-dir={}", dir.display()));
         }
         let out = command
             .arg(format!("oci:{}", image.display()))
