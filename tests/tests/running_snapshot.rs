@@ -19,6 +19,7 @@ use ociblk::launch::network::{guest_address, node_mac};
 use ociblk::launch::snapshot::{self, SnapshotSpec};
 use ociblk::launch::{Cluster, ClusterSpec, NetworkSpec, NodeSpec, TpmSpec, VMSTATE_FILE};
 use ociblk_tests::cluster::{SAMPLE_DATA_PARTITION, SAMPLE_READY, configure_for_test, tree_hashes};
+use ociblk_tests::process::Server;
 use ociblk_tests::support::{require_tool, run_bounded, sample_image};
 use sha2::{Digest, Sha256};
 
@@ -374,4 +375,62 @@ fn save_running_nodes(cluster: Cluster, spec: &ClusterSpec, snapshot_dir: &Path,
     );
     assert_eq!(saved.nodes.len(), nodes.len());
     assert!(saved.running.is_some() && saved.tpm && saved.network);
+}
+
+/// A VM state QEMU cannot load: the fork fails naming the node and QEMU's
+/// complaint, stops what it started and leaves no node directory. The
+/// running snapshot is made without guests: a real server's overlay and
+/// a VM state file that holds no migration stream.
+#[test]
+fn a_vm_state_qemu_cannot_load_fails_the_fork_naming_its_node() {
+    require_tool("qemu-system-x86_64");
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("saved-state");
+    let spec = ClusterSpec::new(sample_image(), &state, NodeSpec::numbered("node", 1));
+    let node_dir = state.join(NODE);
+    fs::create_dir_all(&node_dir).unwrap();
+    let (socket, overlay, image) = (
+        node_dir.join(ociblk::launch::SOCKET_FILE),
+        node_dir.join(ociblk::launch::OVERLAY_FILE),
+        sample_image(),
+    );
+    let mut server = Server::start(
+        &socket,
+        &[
+            "--image",
+            image.to_str().unwrap(),
+            "--seed",
+            NODE,
+            "--overlay",
+            overlay.to_str().unwrap(),
+        ],
+    );
+    server.stop_cleanly(Duration::from_secs(30), "making the node's overlay");
+    fs::copy(
+        &spec.qemu.ovmf_vars_template,
+        node_dir.join(ociblk::launch::OVMF_VARS_FILE),
+    )
+    .unwrap();
+    fs::write(node_dir.join(VMSTATE_FILE), b"no migration stream").unwrap();
+    let snap = dir.path().join("snap");
+    snapshot::save_running(&spec, &snap).unwrap();
+
+    let fork = dir.path().join("fork");
+    let out = run_bounded(
+        Command::new(ociblk_tests::support::ociblk_bin())
+            .arg("launch")
+            .arg("--from")
+            .arg(&snap)
+            .arg("--state-dir")
+            .arg(&fork)
+            .arg("--quiet"),
+        SAVE_TIMEOUT,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the fork did not fail:\n{stderr}");
+    assert!(
+        stderr.contains("node node-1: QEMU exited") && stderr.contains("migration"),
+        "{stderr}"
+    );
+    assert!(!fork.exists(), "a failed fork left {}", fork.display());
 }
