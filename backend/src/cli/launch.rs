@@ -65,7 +65,7 @@ pub struct LaunchArgs {
     /// With --save: save the cluster running instead of powering it off.
     /// Once every node showed --wait-for, every guest is paused and its VM
     /// state (memory, CPUs, devices, TPM state) written to
-    /// SNAPDIR/<node>/vmstate by QEMU's migration to a file; then QEMU
+    /// SNAPDIR/NODE/vmstate by QEMU's migration to a file; then QEMU
     /// quits, the backends stop and the overlays are frozen as for --save.
     /// cluster.json says "running": true and records each VM state's
     /// sha256 and the guests' memory size and vCPUs. The cluster stops

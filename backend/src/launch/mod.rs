@@ -8,8 +8,12 @@
 //! nodes back their disks and UEFI variables; a fresh directory gives fresh
 //! nodes. With a TPM ([`ClusterSpec::tpm`]) it also holds the node's swtpm
 //! state; with a network ([`ClusterSpec::network`], see [`network`]) the
-//! nodes share one Ethernet segment on loopback multicast. [`snapshot`]
-//! saves a stopped cluster and prepares forks of it.
+//! nodes share one Ethernet segment on loopback multicast. Each QEMU has a
+//! QMP monitor socket there too, through which a running cluster is paused
+//! and its VM states saved ([`Cluster::save_vm_states`]) and restored
+//! guests are resumed. [`snapshot`] saves a stopped or a running cluster
+//! and prepares forks of it; a fork of a running one loads each node's VM
+//! state instead of booting ([`NodeSpec::vmstate`]).
 //!
 //! A launch starts every backend, starts each node's swtpm (if any) and
 //! QEMU once its backend's socket accepts connections, and fails (stopping
