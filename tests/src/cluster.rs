@@ -1,6 +1,13 @@
 //! Helpers for tests that drive a whole `ociblk launch` cluster.
 
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use sha2::{Digest, Sha256};
 
 use ociblk::launch::{Cluster, ClusterSpec};
 
@@ -37,4 +44,74 @@ pub fn configure_for_test(spec: &mut ClusterSpec) {
     spec.ociblk_binary = ociblk_bin();
     spec.qemu.memory_mib = GUEST_MEMORY_MIB;
     spec.echo = verbose();
+}
+
+/// SHA-256 of a file's content, reading only its data extents (holes
+/// read as zeros, so this is the hash of the whole content with the
+/// holes' lengths mixed in): layers are sparse files of several GiB.
+pub fn content_hash(path: &Path) -> String {
+    let mut file = File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let size = file.metadata().expect("a file's metadata").len();
+    let fd = file.as_raw_fd();
+    let mut hash = Sha256::new();
+    hash.update(size.to_le_bytes());
+    let mut offset: u64 = 0;
+    let mut buf = vec![0u8; 1 << 20];
+    while offset < size {
+        // SAFETY: lseek on a file descriptor we own; no pointers.
+        let data = unsafe {
+            libc::lseek(
+                fd,
+                libc::off_t::try_from(offset).expect("an offset in a file"),
+                libc::SEEK_DATA,
+            )
+        };
+        if data < 0 {
+            break; // ENXIO: only a hole up to the end.
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        assert!(hole >= data, "SEEK_HOLE on {}", path.display());
+        // SAFETY: as above; positions the file for the reads below.
+        unsafe { libc::lseek(fd, data, libc::SEEK_SET) };
+        let (data, hole) = (data as u64, hole as u64);
+        hash.update(data.to_le_bytes());
+        let mut left = hole - data;
+        while left > 0 {
+            let n = buf
+                .len()
+                .min(usize::try_from(left).expect("a length in memory"));
+            file.read_exact(&mut buf[..n])
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            hash.update(&buf[..n]);
+            left -= n as u64;
+        }
+        offset = hole;
+    }
+    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Every file under `dir` with its content hash and mode.
+pub fn tree_hashes(dir: &Path) -> BTreeMap<PathBuf, (String, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut found = BTreeMap::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for entry in fs::read_dir(&d)
+            .unwrap_or_else(|e| panic!("{}: {e}", d.display()))
+            .filter_map(Result::ok)
+        {
+            let path = entry.path();
+            let meta = entry
+                .metadata()
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            if meta.is_dir() {
+                dirs.push(path);
+            } else {
+                let mode = meta.permissions().mode() & 0o777;
+                found.insert(path.clone(), (content_hash(&path), mode));
+            }
+        }
+    }
+    found
 }

@@ -8,10 +8,8 @@
 //! forked. Snapshots stay byte-identical throughout.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File};
-use std::io::Read;
-use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::fs;
+use std::path::Path;
 use std::time::Duration;
 
 use ociblk::launch::network::{guest_address, node_mac};
@@ -19,9 +17,8 @@ use ociblk::launch::snapshot::{self, SnapshotSpec};
 use ociblk::launch::{
     Cluster, ClusterSpec, NetworkSpec, NodeSpec, TPM_PID_FILE, TPM_SOCKET_FILE, TpmSpec,
 };
-use ociblk_tests::cluster::{SAMPLE_DATA_PARTITION, SAMPLE_READY, configure_for_test};
+use ociblk_tests::cluster::{SAMPLE_DATA_PARTITION, SAMPLE_READY, configure_for_test, tree_hashes};
 use ociblk_tests::support::{require_tool, sample_image};
-use sha2::{Digest, Sha256};
 
 /// Up to four guests share two cores here.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
@@ -94,63 +91,6 @@ fn write_marker(cluster: &mut Cluster, node: &str, value: &str) {
         ),
     );
     assert_eq!(out, "written", "writing the marker on {node}");
-}
-
-/// SHA-256 of a file's content, reading only its data extents (holes
-/// read as zeros, so this is the hash of the whole content with the
-/// holes' lengths mixed in): layers are sparse files of several GiB.
-fn content_hash(path: &Path) -> String {
-    let mut file = File::open(path).unwrap();
-    let size = file.metadata().unwrap().len();
-    let fd = file.as_raw_fd();
-    let mut hash = Sha256::new();
-    hash.update(size.to_le_bytes());
-    let mut offset: u64 = 0;
-    let mut buf = vec![0u8; 1 << 20];
-    while offset < size {
-        // SAFETY: lseek on a file descriptor we own; no pointers.
-        let data =
-            unsafe { libc::lseek(fd, libc::off_t::try_from(offset).unwrap(), libc::SEEK_DATA) };
-        if data < 0 {
-            break; // ENXIO: only a hole up to the end.
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-        assert!(hole >= data, "SEEK_HOLE on {}", path.display());
-        // SAFETY: as above; positions the file for the reads below.
-        unsafe { libc::lseek(fd, data, libc::SEEK_SET) };
-        let (data, hole) = (data as u64, hole as u64);
-        hash.update(data.to_le_bytes());
-        let mut left = hole - data;
-        while left > 0 {
-            let n = buf.len().min(usize::try_from(left).unwrap());
-            file.read_exact(&mut buf[..n]).unwrap();
-            hash.update(&buf[..n]);
-            left -= n as u64;
-        }
-        offset = hole;
-    }
-    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Every file under `dir` with its content hash and mode.
-fn tree_hashes(dir: &Path) -> BTreeMap<PathBuf, (String, u32)> {
-    use std::os::unix::fs::PermissionsExt;
-    let mut found = BTreeMap::new();
-    let mut dirs = vec![dir.to_path_buf()];
-    while let Some(d) = dirs.pop() {
-        for entry in fs::read_dir(&d).unwrap().filter_map(Result::ok) {
-            let path = entry.path();
-            let meta = entry.metadata().unwrap();
-            if meta.is_dir() {
-                dirs.push(path);
-            } else {
-                let mode = meta.permissions().mode() & 0o777;
-                found.insert(path.clone(), (content_hash(&path), mode));
-            }
-        }
-    }
-    found
 }
 
 fn save(mut cluster: Cluster, spec: &ClusterSpec, snapshot_dir: &Path) -> SnapshotSpec {

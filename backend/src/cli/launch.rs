@@ -62,6 +62,17 @@ pub struct LaunchArgs {
     /// any overlay was frozen removes what it made in SNAPDIR.
     #[arg(long, value_name = "SNAPDIR", requires = "wait_for")]
     pub save: Option<PathBuf>,
+    /// With --save: save the cluster running instead of powering it off.
+    /// Once every node showed --wait-for, every guest is paused and its VM
+    /// state (memory, CPUs, devices, TPM state) written to
+    /// SNAPDIR/NODE/vmstate by QEMU's migration to a file; then QEMU
+    /// quits, the backends stop and the overlays are frozen as for --save.
+    /// cluster.json says "running": true and records each VM state's
+    /// sha256 and the guests' memory size and vCPUs. The cluster stops
+    /// after the save; its forks (--from SNAPDIR) continue where the
+    /// guests were, without firmware or boot.
+    #[arg(long, requires = "save")]
+    pub live: bool,
     /// Start a fork of the snapshot SNAPDIR in a fresh --state-dir: every
     /// node gets a new overlay over its frozen layers and copies of its
     /// OVMF variables and TPM state; image, nodes, serve arguments, queues,
@@ -69,7 +80,11 @@ pub struct LaunchArgs {
     /// whole before any file is made, and every layer and state file must
     /// have the digest it records (a snapshot directory moved or copied as
     /// a whole forks its own layers). Forks of one snapshot run
-    /// side by side; a fork can be saved and forked again. If the fork
+    /// side by side; a fork can be saved and forked again. A running
+    /// snapshot (--save --live) is restored: each QEMU loads its node's VM
+    /// state, every guest continues at once, with the snapshot's memory
+    /// size and vCPUs, on a network segment of its own; --wait-for is then
+    /// not waited for (the guests showed it before the save). If the fork
     /// fails or is interrupted before its cluster runs (a missing or
     /// modified layer, a server that does not start, ...), the node
     /// directories it made (and --state-dir, if it made that) are removed.
@@ -142,12 +157,15 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
         );
     }
     let mut node_registry_args = Vec::new();
+    // The machine a running snapshot's VM states need.
+    let mut running = None;
     // A fork's node directories, removed again (after everything started
     // in them was stopped) if the launch fails or is interrupted.
     let mut fork = None;
     let mut spec = match (&args.from, &args.image) {
         (Some(snapshot_dir), _) => {
             let snapshot = snapshot::load(snapshot_dir)?;
+            running = snapshot.running;
             let spec = snapshot
                 .cluster_spec(&args.state_dir)
                 .context("choosing a UDP port for the cluster network")?;
@@ -186,6 +204,10 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
         ovmf_vars_template: args.ovmf_vars.clone(),
         extra_args: machine.qemu_args.clone(),
     };
+    if let Some(saved) = running {
+        spec.qemu.memory_mib = saved.memory_mib;
+        spec.qemu.cpus = saved.cpus;
+    }
     if args.from.is_none() {
         spec.serve_args = node_registry_args;
         spec.serve_args.extend(args.serve_args.iter().cloned());
@@ -222,7 +244,7 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
     if let Some(fork) = fork {
         fork.keep();
     }
-    if let Some(pattern) = &args.wait_for {
+    if let Some(pattern) = args.wait_for.as_ref().filter(|_| running.is_none()) {
         match cluster.wait_all_for_console(pattern, args.timeout) {
             Ok(_) => {}
             Err(LaunchError::Cancelled) => {
@@ -235,6 +257,9 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
     }
     print_times(&cluster, args.wait_for.as_deref())?;
     if let Some(snapshot_dir) = &args.save {
+        if args.live {
+            return save_live(cluster, &launched, snapshot_dir, args.timeout);
+        }
         return save(cluster, &launched, snapshot_dir, args.timeout);
     }
     if args.exit_when_ready {
@@ -281,6 +306,25 @@ fn save(
     Ok(())
 }
 
+/// Pauses the guests, saves their VM states, stops everything and saves
+/// the cluster as a running snapshot.
+fn save_live(
+    cluster: Cluster,
+    spec: &ClusterSpec,
+    snapshot_dir: &Path,
+    timeout: Duration,
+) -> Result<()> {
+    info!("pausing the guests and saving their VM states");
+    let saved = snapshot::save_live(cluster, spec, snapshot_dir, timeout)
+        .with_context(|| format!("saving the running cluster into {}", snapshot_dir.display()))?;
+    info!(
+        snapshot = %snapshot_dir.display(),
+        nodes = saved.nodes.len(),
+        "saved running; fork it with ociblk launch --from SNAPDIR --state-dir NEW"
+    );
+    Ok(())
+}
+
 fn stop(cluster: Cluster) -> Result<()> {
     info!("stopping the cluster");
     cluster.shutdown().context("tearing the cluster down")?;
@@ -300,7 +344,12 @@ fn print_times(cluster: &Cluster, pattern: Option<&str>) -> Result<()> {
         .chain(["node".len()])
         .max()
         .unwrap_or_default();
-    let console_header = pattern.map_or_else(|| "console".to_owned(), |p| format!("{p:?}"));
+    let resumed = cluster.nodes().iter().any(|n| n.times().resumed.is_some());
+    let console_header = if resumed {
+        "resumed".to_owned()
+    } else {
+        pattern.map_or_else(|| "console".to_owned(), |p| format!("{p:?}"))
+    };
     let mut out = io::stdout().lock();
     writeln!(
         out,
@@ -319,7 +368,7 @@ fn print_times(cluster: &Cluster, pattern: Option<&str>) -> Result<()> {
             node.name(),
             seconds(t.backend_ready),
             seconds(t.qemu_started),
-            seconds(t.console_ready),
+            seconds(if resumed { t.resumed } else { t.console_ready }),
             w = console_header.len().max(8),
         )?;
     }
@@ -519,6 +568,10 @@ mod tests {
         }
         let r = Cmd::try_parse_from(["x", "--state-dir", "f"]);
         assert!(r.is_err(), "neither --image nor --from");
+        let r = Cmd::try_parse_from(["x", "--image", "i", "--state-dir", "s", "--live"]);
+        assert!(r.is_err(), "--live without --save");
+        let c = Cmd::parse_from(save.into_iter().chain(["--wait-for", "ready", "--live"]));
+        assert!(c.launch.live);
     }
 
     #[test]

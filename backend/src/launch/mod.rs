@@ -8,8 +8,12 @@
 //! nodes back their disks and UEFI variables; a fresh directory gives fresh
 //! nodes. With a TPM ([`ClusterSpec::tpm`]) it also holds the node's swtpm
 //! state; with a network ([`ClusterSpec::network`], see [`network`]) the
-//! nodes share one Ethernet segment on loopback multicast. [`snapshot`]
-//! saves a stopped cluster and prepares forks of it.
+//! nodes share one Ethernet segment on loopback multicast. Each QEMU has a
+//! QMP monitor socket there too, through which a running cluster is paused
+//! and its VM states saved ([`Cluster::save_vm_states`]) and restored
+//! guests are resumed. [`snapshot`] saves a stopped or a running cluster
+//! and prepares forks of it; a fork of a running one loads each node's VM
+//! state instead of booting ([`NodeSpec::vmstate`]).
 //!
 //! A launch starts every backend, starts each node's swtpm (if any) and
 //! QEMU once its backend's socket accepts connections, and fails (stopping
@@ -30,7 +34,7 @@ pub mod snapshot;
 
 use std::collections::HashSet;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -38,13 +42,14 @@ use tracing::warn;
 
 pub use node::{
     CONSOLE_LOG_FILE, ConsoleMatch, LOCK_FILE, Node, NodeTimes, OVERLAY_FILE, OVMF_VARS_FILE,
-    QEMU_PID_FILE, SERVE_LOG_FILE, SERVE_PID_FILE, SOCKET_FILE, TPM_LOG_FILE, TPM_PID_FILE,
-    TPM_SOCKET_FILE, TPM_STATE_DIR,
+    QEMU_PID_FILE, QMP_SOCKET_FILE, SERVE_LOG_FILE, SERVE_PID_FILE, SOCKET_FILE, TPM_LOG_FILE,
+    TPM_PID_FILE, TPM_SOCKET_FILE, TPM_STATE_DIR, VMSTATE_FILE,
 };
 pub use qemu::{QemuBoot, QemuCommand, QemuDisk, QemuNetwork, Reconnect, qemu_version};
 
 pub use network::NetworkSpec;
 
+use crate::qmp::QmpError;
 use crate::server::ShutdownSignal;
 
 pub const DEFAULT_QEMU_BINARY: &str = "qemu-system-x86_64";
@@ -76,6 +81,10 @@ const SERVE_STOP_TIMEOUT: Duration = Duration::from_secs(15);
 const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
 /// Interval of polls for sockets, exits and cancellation.
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// Bound of each QMP exchange with a node's QEMU.
+const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long restored guests may take to load their VM state.
+const RESUME_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The QEMU side of every node.
 #[derive(Debug, Clone)]
@@ -115,6 +124,10 @@ pub struct NodeSpec {
     /// Appended to this node's `ociblk serve` command line, after the
     /// cluster's (e.g. its own `--node-parameters`).
     pub serve_args: Vec<String>,
+    /// The VM state (a running snapshot's `<node>/vmstate`) QEMU loads
+    /// instead of booting: the guest continues where it was saved. Either
+    /// every node of a cluster has one or none has.
+    pub vmstate: Option<PathBuf>,
 }
 
 impl NodeSpec {
@@ -122,6 +135,7 @@ impl NodeSpec {
         NodeSpec {
             name: name.into(),
             serve_args: Vec::new(),
+            vmstate: None,
         }
     }
 
@@ -233,6 +247,25 @@ impl ClusterSpec {
                 "state directory {} holds a comma, which swtpm's options cannot carry",
                 self.state_dir.display()
             ));
+        }
+        let restored = self.nodes.iter().filter(|n| n.vmstate.is_some()).count();
+        if restored != 0 && restored != self.nodes.len() {
+            return invalid(
+                "either every node or none is restored from a VM state: the nodes of a \
+                 running snapshot run together"
+                    .into(),
+            );
+        }
+        for node in &self.nodes {
+            if let Some(vmstate) = &node.vmstate {
+                qemu::shell_word(vmstate).map_err(|reason| {
+                    LaunchError::InvalidSpec(format!(
+                        "node {}: VM state {} cannot be handed to QEMU: {reason}",
+                        node.name,
+                        vmstate.display()
+                    ))
+                })?;
+            }
         }
         if self.queues == 0 {
             return invalid("queues must be at least 1".into());
@@ -405,6 +438,14 @@ pub enum LaunchError {
     },
     #[error("no node named {0:?}")]
     UnknownNode(String),
+    #[error("node {node}: talking to QEMU's monitor")]
+    Qmp {
+        node: String,
+        #[source]
+        source: QmpError,
+    },
+    #[error("node {node}: {problem}")]
+    VmState { node: String, problem: String },
     #[error("node {node}: teardown: {problem}")]
     Teardown { node: String, problem: String },
     #[error("interrupted")]
@@ -476,7 +517,12 @@ impl Cluster {
         // depends on its version.
         let reconnect = Reconnect::for_qemu(qemu_version(&spec.qemu.binary));
         cluster.start_guests(&spec, reconnect)?;
-        cluster.settle()?;
+        if spec.nodes.iter().any(|n| n.vmstate.is_some()) {
+            // Loading the state watches QEMU more closely than settling.
+            cluster.resume()?;
+        } else {
+            cluster.settle()?;
+        }
         Ok(cluster)
     }
 
@@ -521,6 +567,125 @@ impl Cluster {
             }
             thread::sleep(POLL_INTERVAL);
         }
+    }
+
+    /// Restored guests: waits until every QEMU loaded its VM state (it is
+    /// then paused, as it was saved), then lets them all continue (QMP
+    /// `cont`) at once, so that the nodes meet again on their network as
+    /// they left it. Fails if a QEMU exits (a state it cannot load) or
+    /// [`RESUME_TIMEOUT`] passes.
+    fn resume(&mut self) -> Result<(), LaunchError> {
+        let deadline = Instant::now() + RESUME_TIMEOUT;
+        let mut monitors = Vec::with_capacity(self.nodes.len());
+        for node in &mut self.nodes {
+            monitors.push(node.connect_qmp(deadline, self.cancel.as_ref())?);
+        }
+        let mut loading: Vec<usize> = (0..self.nodes.len()).collect();
+        while !loading.is_empty() {
+            self.check_cancel()?;
+            let mut still = Vec::with_capacity(loading.len());
+            for i in loading {
+                let node = &mut self.nodes[i];
+                let status = node.qmp_execute(&mut monitors[i], "query-status", None)?;
+                match status.get("status").and_then(serde_json::Value::as_str) {
+                    Some("inmigrate") => still.push(i),
+                    Some("paused" | "prelaunch" | "running") => {}
+                    other => {
+                        return Err(LaunchError::VmState {
+                            node: node.name().to_owned(),
+                            problem: format!(
+                                "QEMU is {} after loading the VM state {}",
+                                other.unwrap_or("in no known state"),
+                                node.restored_from().unwrap_or(Path::new("")).display()
+                            ),
+                        });
+                    }
+                }
+            }
+            loading = still;
+            if loading.is_empty() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let node = &self.nodes[loading[0]];
+                return Err(LaunchError::VmState {
+                    node: node.name().to_owned(),
+                    problem: format!(
+                        "QEMU did not load its VM state {} within {RESUME_TIMEOUT:?}",
+                        node.restored_from().unwrap_or(Path::new("")).display()
+                    ),
+                });
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+        for (node, qmp) in self.nodes.iter_mut().zip(&mut monitors) {
+            node.qmp_execute(qmp, "cont", None)?;
+            node.mark_resumed(self.started.elapsed());
+        }
+        Ok(())
+    }
+
+    /// Saves every guest's VM state for a running snapshot: pauses every
+    /// guest (QMP `stop`: the nodes stop together and their disks see no
+    /// more requests), writes each one's state (memory, CPUs, devices, the
+    /// TPM's state and the OVMF variable store's contents) to
+    /// `<node dir>/vmstate` (QMP `migrate` to a file, 0600, under a
+    /// temporary name renamed once complete) and ends QEMU (QMP `quit`).
+    /// Bounded by `timeout`. The backends and swtpms keep running until
+    /// [`Cluster::shutdown`], which then finds the guests gone; the
+    /// cluster does not run on.
+    pub fn save_vm_states(&mut self, timeout: Duration) -> Result<(), LaunchError> {
+        let deadline = Instant::now() + timeout;
+        let mut monitors = Vec::with_capacity(self.nodes.len());
+        for node in &mut self.nodes {
+            monitors.push(node.connect_qmp(deadline, self.cancel.as_ref())?);
+        }
+        for (node, qmp) in self.nodes.iter_mut().zip(&mut monitors) {
+            node.qmp_execute(qmp, "stop", None)?;
+        }
+        for (node, qmp) in self.nodes.iter_mut().zip(&mut monitors) {
+            node.start_saving_vmstate(qmp)?;
+        }
+        let mut saving: Vec<usize> = (0..self.nodes.len()).collect();
+        while !saving.is_empty() {
+            self.check_cancel()?;
+            let mut still = Vec::with_capacity(saving.len());
+            for i in saving {
+                let node = &mut self.nodes[i];
+                let status = node.qmp_query_migrate(&mut monitors[i])?;
+                match status.status.as_str() {
+                    "completed" => node.finish_saving_vmstate()?,
+                    "failed" | "cancelled" => {
+                        return Err(LaunchError::VmState {
+                            node: node.name().to_owned(),
+                            problem: format!(
+                                "saving the VM state {}: {}",
+                                status.status,
+                                status.error.as_deref().unwrap_or("QEMU gave no reason")
+                            ),
+                        });
+                    }
+                    _ => still.push(i),
+                }
+            }
+            saving = still;
+            if saving.is_empty() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(LaunchError::VmState {
+                    node: self.nodes[saving[0]].name().to_owned(),
+                    problem: format!("saving the VM state took longer than {timeout:?}"),
+                });
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+        for (node, qmp) in self.nodes.iter_mut().zip(&mut monitors) {
+            // QEMU may close the connection before it answers.
+            let _ = qmp.execute("quit", None);
+            node.close_console_input();
+        }
+        Ok(())
     }
 
     fn check_cancel(&self) -> Result<(), LaunchError> {

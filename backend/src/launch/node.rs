@@ -6,9 +6,9 @@ use std::fs::{self, File};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Arc;
@@ -20,8 +20,12 @@ use tracing::{info, warn};
 use super::console::{Console, ConsoleSearch};
 use super::log::{Transcript, create_log_file, follow, open_log_file};
 use super::process::{Process, Stopped};
-use super::qemu::{QemuBoot, QemuCommand, QemuDisk, QemuNetwork, Reconnect};
+use super::qemu::{
+    QemuBoot, QemuCommand, QemuDisk, QemuNetwork, Reconnect, incoming_args, migrate_to_file_uri,
+    qmp_args,
+};
 use super::{ClusterSpec, LaunchError, NodeSpec, TpmSpec, network};
+use crate::qmp::{MigrationStatus, Qmp, QmpError};
 use crate::server::daemon::{lock_path, temp_socket_prefix};
 use crate::sys::try_lock_exclusive;
 
@@ -49,6 +53,11 @@ pub const TPM_SOCKET_FILE: &str = "tpm.sock";
 pub const TPM_LOG_FILE: &str = "swtpm.log";
 /// PID of the running swtpm; removed once it is reaped.
 pub const TPM_PID_FILE: &str = "swtpm.pid";
+/// QEMU's QMP monitor socket (pausing, saving and resuming the guest).
+pub const QMP_SOCKET_FILE: &str = "qmp.sock";
+/// The guest's saved VM state (memory, CPUs, devices), written by a
+/// running save and moved into the snapshot.
+pub const VMSTATE_FILE: &str = "vmstate";
 
 /// Longest path a Unix socket address holds (`sun_path` less its NUL).
 const MAX_SOCKET_PATH: usize = 107;
@@ -69,6 +78,9 @@ pub struct NodeTimes {
     /// [`Cluster::wait_for_console`](super::Cluster::wait_for_console) on
     /// it (the boot milestone); later waits leave it alone.
     pub console_ready: Option<Duration>,
+    /// A guest restored from a running snapshot: its VM state was loaded
+    /// and it runs again (QMP `cont`).
+    pub resumed: Option<Duration>,
 }
 
 /// A pattern found on a node's console.
@@ -104,6 +116,8 @@ pub struct Node {
     serve_command: Option<ServeCommand>,
     /// Restarts of `ociblk serve` after it exited unexpectedly.
     serve_restarts: u32,
+    /// The VM state QEMU loads instead of booting (a running snapshot's).
+    vmstate: Option<PathBuf>,
 }
 
 /// The `ociblk serve` command of a node.
@@ -191,6 +205,7 @@ impl Node {
             serve_exit_reported: false,
             serve_command: None,
             serve_restarts: 0,
+            vmstate: node.vmstate.clone(),
         })
     }
 
@@ -213,6 +228,21 @@ impl Node {
 
     pub fn ovmf_vars(&self) -> PathBuf {
         self.dir.join(OVMF_VARS_FILE)
+    }
+
+    /// QEMU's QMP monitor socket.
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.dir.join(QMP_SOCKET_FILE)
+    }
+
+    /// Where a running save writes the guest's VM state.
+    pub fn vmstate(&self) -> PathBuf {
+        self.dir.join(VMSTATE_FILE)
+    }
+
+    /// The VM state this node's QEMU was started from, if it was restored.
+    pub fn restored_from(&self) -> Option<&Path> {
+        self.vmstate.as_deref()
     }
 
     pub fn serve_log(&self) -> PathBuf {
@@ -479,10 +509,21 @@ impl Node {
         const PROGRAM: &str = "QEMU";
         let spawn_error = || self.spawn_error(PROGRAM, &spec.qemu.binary);
         let (output, output_writer) = io::pipe().map_err(spawn_error())?;
-        let mut cmd = self.qemu_command(spec, reconnect);
+        let mut cmd = self.qemu_command(spec, reconnect)?;
         cmd.stdin(Stdio::piped())
             .stdout(output_writer.try_clone().map_err(spawn_error())?)
             .stderr(output_writer);
+        // QEMU creates its monitor socket with the umask's mode. Whoever
+        // can connect controls the guest and can run commands as this
+        // user (`exec:` migrations): private to the user.
+        // SAFETY: the closure runs between fork and exec and only calls
+        // umask, which is async-signal-safe and cannot fail.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::umask(0o077);
+                Ok(())
+            })
+        };
         // The guest's disk state lives in the backend, so QEMU can simply
         // be killed if the harness dies.
         let mut qemu = Process::spawn(&mut cmd, libc::SIGKILL, Some(&self.dir.join(QEMU_PID_FILE)))
@@ -597,7 +638,11 @@ impl Node {
         Ok(())
     }
 
-    fn qemu_command(&self, spec: &ClusterSpec, reconnect: Reconnect) -> Command {
+    fn qemu_command(
+        &self,
+        spec: &ClusterSpec,
+        reconnect: Reconnect,
+    ) -> Result<Command, LaunchError> {
         let qemu = &spec.qemu;
         let network = spec.network.as_ref().map(|network| QemuNetwork {
             group: network.group.to_string(),
@@ -606,7 +651,7 @@ impl Node {
                 .uplink
                 .then(|| network::format_mac(network::uplink_mac(&self.name))),
         });
-        QemuCommand {
+        let mut cmd = QemuCommand {
             binary: qemu.binary.clone(),
             name: Some(self.name.clone()),
             accel: qemu.accel.clone(),
@@ -627,7 +672,135 @@ impl Node {
             tpm_socket: spec.tpm.is_some().then(|| self.tpm_socket()),
             extra_args: qemu.extra_args.clone(),
         }
-        .command()
+        .command();
+        cmd.args(qmp_args(&self.qmp_socket()));
+        if let Some(vmstate) = &self.vmstate {
+            // Checked with the spec; refused here too rather than quoted wrong.
+            let args = incoming_args(vmstate).map_err(|reason| {
+                LaunchError::InvalidSpec(format!("node {}: VM state {reason}", self.name))
+            })?;
+            cmd.args(args);
+        }
+        Ok(cmd)
+    }
+
+    /// Connects to QEMU's monitor once its socket is there, failing if
+    /// QEMU exits first, `cancel` triggers or `deadline` passes.
+    pub(super) fn connect_qmp(
+        &mut self,
+        deadline: Instant,
+        cancel: Option<&crate::server::ShutdownSignal>,
+    ) -> Result<Qmp, LaunchError> {
+        let socket = self.qmp_socket();
+        loop {
+            self.check_qemu()?;
+            if cancel.is_some_and(|c| c.is_triggered()) {
+                return Err(LaunchError::Cancelled);
+            }
+            if fs::symlink_metadata(&socket).is_ok_and(|m| m.file_type().is_socket()) {
+                return Qmp::connect(&socket, super::QMP_TIMEOUT).map_err(|e| self.qmp_error(e));
+            }
+            if Instant::now() >= deadline {
+                return Err(LaunchError::VmState {
+                    node: self.name.clone(),
+                    problem: format!("QEMU made no monitor socket {}", socket.display()),
+                });
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Runs a QMP command; a QEMU that exited is reported as such.
+    pub(super) fn qmp_execute(
+        &mut self,
+        qmp: &mut Qmp,
+        command: &str,
+        arguments: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, LaunchError> {
+        qmp.execute(command, arguments)
+            .map_err(|e| self.qmp_error(e))
+    }
+
+    pub(super) fn qmp_query_migrate(
+        &mut self,
+        qmp: &mut Qmp,
+    ) -> Result<MigrationStatus, LaunchError> {
+        qmp.query_migrate().map_err(|e| self.qmp_error(e))
+    }
+
+    fn qmp_error(&mut self, source: QmpError) -> LaunchError {
+        if let Err(exited) = self.check_qemu() {
+            return exited;
+        }
+        LaunchError::Qmp {
+            node: self.name.clone(),
+            source,
+        }
+    }
+
+    /// Where a VM state being saved is written until it is complete.
+    fn vmstate_temp(&self) -> PathBuf {
+        self.dir.join(format!(".{VMSTATE_FILE}.tmp"))
+    }
+
+    /// Starts writing the (paused) guest's VM state to a new private file.
+    pub(super) fn start_saving_vmstate(&mut self, qmp: &mut Qmp) -> Result<(), LaunchError> {
+        let temp = self.vmstate_temp();
+        let files_error = |action| {
+            let (node, path) = (self.name.clone(), temp.clone());
+            move |source| LaunchError::NodeFiles {
+                node,
+                action,
+                path,
+                source,
+            }
+        };
+        // Only an earlier save of ours, interrupted, leaves this name.
+        match fs::remove_file(&temp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(files_error("removing the unfinished")(e));
+            }
+            _ => {}
+        }
+        // Created private before QEMU writes to it: the shell's `>` keeps
+        // the mode of a file that exists.
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temp)
+            .map_err(files_error("creating"))?;
+        let uri = migrate_to_file_uri(&temp).map_err(|reason| LaunchError::VmState {
+            node: self.name.clone(),
+            problem: format!("cannot save the VM state to {}: {reason}", temp.display()),
+        })?;
+        self.qmp_execute(qmp, "migrate", Some(serde_json::json!({ "uri": uri })))?;
+        Ok(())
+    }
+
+    /// Once QEMU completed the save: syncs the VM state and gives it its name.
+    pub(super) fn finish_saving_vmstate(&mut self) -> Result<(), LaunchError> {
+        let temp = self.vmstate_temp();
+        let vmstate = self.vmstate();
+        File::open(&temp)
+            .and_then(|f| f.sync_all())
+            .and_then(|()| fs::rename(&temp, &vmstate))
+            .map_err(|source| LaunchError::NodeFiles {
+                node: self.name.clone(),
+                action: "completing the VM state",
+                path: vmstate,
+                source,
+            })
+    }
+
+    pub(super) fn mark_resumed(&mut self, at: Duration) {
+        info!(node = %self.name, after = ?at, "guest resumed");
+        self.times.resumed = Some(at);
+    }
+
+    /// Closes QEMU's console input (QEMU is ending and must not block on it).
+    pub(super) fn close_console_input(&mut self) {
+        self.console.close_input();
     }
 
     /// Fails if QEMU has exited, quoting the end of the console.
@@ -738,14 +911,23 @@ impl Node {
             return Ok(());
         };
         match qemu.finish_by(deadline) {
-            Ok(Stopped::Exited(_)) => Ok(()),
+            Ok(Stopped::Exited(_)) => {}
             Ok(Stopped::Killed) => {
                 // The guest's disk state is in the backend: nothing is lost.
                 warn!(node = %self.name, "QEMU ignored SIGTERM and was killed");
-                Ok(())
             }
-            Err(source) => Err(self.teardown_error(format!("cannot reap QEMU: {source}"))),
+            Err(source) => {
+                return Err(self.teardown_error(format!("cannot reap QEMU: {source}")));
+            }
         }
+        // QEMU leaves its monitor socket behind; nobody listens on it now.
+        let qmp = self.qmp_socket();
+        if fs::symlink_metadata(&qmp).is_ok_and(|m| m.file_type().is_socket())
+            && UnixStream::connect(&qmp).is_err()
+        {
+            let _ = fs::remove_file(&qmp);
+        }
+        Ok(())
     }
 
     /// Waits until `deadline` for `ociblk serve` to exit, then kills it.

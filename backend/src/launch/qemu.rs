@@ -279,6 +279,51 @@ impl QemuCommand {
     }
 }
 
+/// QEMU id of the QMP monitor's chardev.
+const QMP_CHARDEV_ID: &str = "qmp";
+
+/// The arguments that give QEMU a QMP monitor listening on the Unix
+/// socket `path` (QEMU does not wait for a client).
+pub fn qmp_args(path: &Path) -> Vec<OsString> {
+    let mut chardev = option_value(&format!("socket,id={QMP_CHARDEV_ID},path="), path);
+    chardev.push(",server=on,wait=off");
+    vec![
+        "-chardev".into(),
+        chardev,
+        "-mon".into(),
+        format!("chardev={QMP_CHARDEV_ID},mode=control").into(),
+    ]
+}
+
+/// `path` as one word of a POSIX shell command: in single quotes, each
+/// single quote written as `'\''`. QEMU's `exec:` migrations run their
+/// command with `/bin/sh -c`, and QMP carries it as a JSON string, so the
+/// path must be UTF-8 without control characters; others are refused.
+pub fn shell_word(path: &Path) -> Result<String, String> {
+    let text = path
+        .to_str()
+        .ok_or_else(|| format!("{} is not UTF-8", path.display()))?;
+    if text.chars().any(char::is_control) {
+        return Err(format!("{text:?} holds a control character"));
+    }
+    Ok(format!("'{}'", text.replace('\'', r"'\''")))
+}
+
+/// The migration URI that writes a VM's state into the file `path` (QMP
+/// `migrate`), which should exist already: the shell's `>` keeps its mode.
+pub fn migrate_to_file_uri(path: &Path) -> Result<String, String> {
+    Ok(format!("exec:cat > {}", shell_word(path)?))
+}
+
+/// The arguments that make QEMU load its state from the file `path`
+/// (written by [`migrate_to_file_uri`]) instead of booting.
+pub fn incoming_args(path: &Path) -> Result<Vec<OsString>, String> {
+    Ok(vec![
+        "-incoming".into(),
+        format!("exec:cat {}", shell_word(path)?).into(),
+    ])
+}
+
 /// `prefix` followed by `path` as a QEMU option value, in which a comma
 /// would end the value unless doubled.
 fn option_value(prefix: &str, path: &Path) -> OsString {
@@ -337,6 +382,28 @@ mod tests {
             reconnect: Reconnect::Off,
         };
         assert!(text(&cmd).contains("-chardev socket,id=disk0,path=/s "));
+    }
+
+    #[test]
+    fn state_files_are_single_shell_words() {
+        assert_eq!(
+            migrate_to_file_uri(Path::new("/s/it's $HOME/vmstate")).unwrap(),
+            r"exec:cat > '/s/it'\''s $HOME/vmstate'"
+        );
+        let incoming = incoming_args(Path::new("/s/a b/vmstate")).unwrap();
+        assert_eq!(incoming, ["-incoming", "exec:cat '/s/a b/vmstate'"]);
+        shell_word(Path::new("/s/new\nline")).unwrap_err();
+        shell_word(Path::new(OsStr::from_bytes(b"/s/\xff"))).unwrap_err();
+        let qmp: Vec<OsString> = qmp_args(Path::new("/s,t/qmp.sock"));
+        assert_eq!(
+            qmp,
+            [
+                "-chardev",
+                "socket,id=qmp,path=/s,,t/qmp.sock,server=on,wait=off",
+                "-mon",
+                "chardev=qmp,mode=control"
+            ]
+        );
     }
 
     #[test]

@@ -24,6 +24,13 @@
 //! fails half-way removes the directories it made (see [`save`] and
 //! [`prepare_fork`]); nothing that existed before is removed.
 //!
+//! A running snapshot (`cluster.json` says `"running": true`) also holds
+//! each node's VM state (`<node>/vmstate`: memory, CPUs, devices, the TPM's
+//! volatile state, written by QEMU's `migrate` while the guests were
+//! paused) with its sha256, and the guests' memory size and vCPUs, which
+//! the restoring QEMU must match. Its fork loads that state instead of
+//! booting ([`NodeSpec::vmstate`]).
+//!
 //! Format version 1 (written by earlier ociblk: absolute layer paths, no
 //! digests) is still read and forked: the node's own layer is taken from
 //! the directory being forked (never from the recorded absolute path), the
@@ -41,7 +48,10 @@ use std::path::{Component, Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use super::{ClusterSpec, NodeSpec, OVERLAY_FILE, OVMF_VARS_FILE, TPM_STATE_DIR, TpmSpec};
+use super::{
+    Cluster, ClusterSpec, LaunchError, NodeSpec, OVERLAY_FILE, OVMF_VARS_FILE, TPM_STATE_DIR,
+    TpmSpec, VMSTATE_FILE,
+};
 use crate::overlay::format::{self, Kind};
 use crate::overlay::layer;
 use crate::overlay::{ChainEntry, OverlayError};
@@ -82,7 +92,18 @@ pub struct SnapshotSpec {
     pub uplink: bool,
     /// The nodes had a TPM; its state is saved.
     pub tpm: bool,
+    /// A running snapshot: the guests' machine, which their VM states need.
+    pub running: Option<RunningMachine>,
     pub nodes: Vec<SnapshotNode>,
+}
+
+/// What a restoring QEMU must match of the machine a running snapshot's
+/// VM states were saved from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunningMachine {
+    pub memory_mib: u32,
+    pub cpus: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +116,8 @@ pub struct SnapshotNode {
     /// What identifies the node's saved state, checked by a fork; `None`
     /// for a snapshot of format version 1, which recorded none.
     pub digests: Option<NodeDigests>,
+    /// A running snapshot's `<node>/vmstate`, absolute.
+    pub vmstate: Option<PathBuf>,
 }
 
 /// What identifies a node's saved state.
@@ -107,6 +130,8 @@ pub struct NodeDigests {
     pub ovmf_vars: [u8; 32],
     /// sha256 of every file of `<node>/tpm`, by name; empty without a TPM.
     pub tpm_state: BTreeMap<String, [u8; 32]>,
+    /// sha256 of `<node>/vmstate`, in a running snapshot.
+    pub vmstate: Option<[u8; 32]>,
 }
 
 /// `cluster.json`, format version 2.
@@ -120,7 +145,17 @@ struct SpecFile {
     network: bool,
     uplink: bool,
     tpm: bool,
+    /// A running snapshot: every node has a `vmstate`.
+    #[serde(default, skip_serializing_if = "is_false")]
+    running: bool,
+    /// The guests' machine, in a running snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    machine: Option<RunningMachine>,
     nodes: Vec<NodeFile>,
+}
+
+fn is_false(value: &bool) -> bool {
+    !value
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -136,6 +171,9 @@ struct NodeFile {
     /// `sha256:<hex>` of each file of `<name>/tpm`, by name.
     #[serde(default)]
     tpm_state: BTreeMap<String, String>,
+    /// `sha256:<hex>` of `<name>/vmstate`, in a running snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    vmstate: Option<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -222,6 +260,8 @@ pub enum SnapshotError {
     },
     #[error("node {node}: {dir} already holds a node; a fork starts in a fresh state directory")]
     NodeExists { node: String, dir: PathBuf },
+    #[error("saving the running cluster")]
+    Live(#[source] LaunchError),
 }
 
 fn io_error(path: &Path, action: &'static str) -> impl FnOnce(io::Error) -> SnapshotError {
@@ -248,15 +288,73 @@ fn io_error(path: &Path, action: &'static str) -> impl FnOnce(io::Error) -> Snap
 /// stay: a failure from then on leaves `snapshot_dir` without
 /// `cluster.json` ([`SnapshotError::Incomplete`]), which is no snapshot.
 pub fn save(spec: &ClusterSpec, snapshot_dir: &Path) -> Result<SnapshotSpec, SnapshotError> {
+    save_with(spec, snapshot_dir, None)
+}
+
+/// Saves a running cluster into the new directory `snapshot_dir`: pauses
+/// every guest and saves its VM state ([`Cluster::save_vm_states`],
+/// bounded by `timeout`), shuts the cluster down (the backends flush
+/// their overlays) and saves it like [`save`], with each node's VM state
+/// moved into the snapshot. The cluster does not run on: its forks do.
+/// A snapshot directory that is not empty is refused before any guest
+/// is paused.
+pub fn save_live(
+    mut cluster: Cluster,
+    spec: &ClusterSpec,
+    snapshot_dir: &Path,
+    timeout: std::time::Duration,
+) -> Result<SnapshotSpec, SnapshotError> {
+    if fs::read_dir(snapshot_dir).is_ok_and(|mut d| d.next().is_some()) {
+        return Err(SnapshotError::NotEmpty(snapshot_dir.to_owned()));
+    }
+    cluster
+        .save_vm_states(timeout)
+        .map_err(SnapshotError::Live)?;
+    cluster.shutdown().map_err(SnapshotError::Live)?;
+    save_running(spec, snapshot_dir)
+}
+
+/// [`save`] of a cluster whose VM states [`Cluster::save_vm_states`]
+/// wrote (`<state dir>/<node>/vmstate`) before it was shut down: the
+/// states are moved into the snapshot (`<node>/vmstate`, read-only, with
+/// their sha256 in `cluster.json`, which says `"running": true`). Until
+/// the snapshot is complete they stay in the state directory as well.
+pub fn save_running(
+    spec: &ClusterSpec,
+    snapshot_dir: &Path,
+) -> Result<SnapshotSpec, SnapshotError> {
+    let machine = RunningMachine {
+        memory_mib: spec.qemu.memory_mib,
+        cpus: spec.qemu.cpus,
+    };
+    save_with(spec, snapshot_dir, Some(machine))
+}
+
+fn save_with(
+    spec: &ClusterSpec,
+    snapshot_dir: &Path,
+    running: Option<RunningMachine>,
+) -> Result<SnapshotSpec, SnapshotError> {
     if fs::read_dir(snapshot_dir).is_ok_and(|mut d| d.next().is_some()) {
         return Err(SnapshotError::NotEmpty(snapshot_dir.to_owned()));
     }
     let mut made = MadeDirs::default();
     let mut frozen = Vec::new();
-    let saved = save_into(spec, snapshot_dir, &mut made, &mut frozen);
+    let saved = save_into(spec, snapshot_dir, running, &mut made, &mut frozen);
     match saved {
         Ok(saved) => {
             made.forget();
+            if running.is_some() {
+                // Moved into the snapshot: the state directory's link goes.
+                let state_dir = std::path::absolute(&spec.state_dir)
+                    .map_err(io_error(&spec.state_dir, "resolving"))?;
+                for node in &spec.nodes {
+                    let vmstate = state_dir.join(&node.name).join(VMSTATE_FILE);
+                    if let Err(e) = fs::remove_file(&vmstate) {
+                        tracing::warn!(path = %vmstate.display(), "cannot remove the saved VM state: {e}");
+                    }
+                }
+            }
             Ok(saved)
         }
         Err(source) if frozen.is_empty() => {
@@ -280,6 +378,7 @@ pub fn save(spec: &ClusterSpec, snapshot_dir: &Path) -> Result<SnapshotSpec, Sna
 fn save_into(
     spec: &ClusterSpec,
     snapshot_dir: &Path,
+    running: Option<RunningMachine>,
     made: &mut MadeDirs,
     frozen: &mut Vec<String>,
 ) -> Result<SnapshotSpec, SnapshotError> {
@@ -300,6 +399,9 @@ fn save_into(
         if spec.tpm.is_some() {
             needed.push(from.join(TPM_STATE_DIR));
         }
+        if running.is_some() {
+            needed.push(from.join(VMSTATE_FILE));
+        }
         for path in needed {
             fs::metadata(&path).map_err(io_error(&path, "reading"))?;
         }
@@ -318,14 +420,19 @@ fn save_into(
     for node in &spec.nodes {
         let to = snapshot_dir.join(&node.name);
         made.create(&to).map_err(io_error(&to, "creating"))?;
-        firmware.push(save_firmware_state(
-            &state_dir.join(&node.name),
-            &to,
-            spec.tpm.is_some(),
-        )?);
+        let from = state_dir.join(&node.name);
+        let state = save_firmware_state(&from, &to, spec.tpm.is_some())?;
+        let vmstate = match running {
+            Some(_) => Some(link_vmstate(
+                &from.join(VMSTATE_FILE),
+                &to.join(VMSTATE_FILE),
+            )?),
+            None => None,
+        };
+        firmware.push((state, vmstate));
     }
     let mut nodes = Vec::with_capacity(spec.nodes.len());
-    for (node, (ovmf_vars, tpm_state)) in spec.nodes.iter().zip(firmware) {
+    for (node, ((ovmf_vars, tpm_state), vmstate)) in spec.nodes.iter().zip(firmware) {
         let from = state_dir.join(&node.name);
         let to = snapshot_dir.join(&node.name);
         let overlay = from.join(OVERLAY_FILE);
@@ -355,7 +462,9 @@ fn save_into(
                 layers: digests,
                 ovmf_vars,
                 tpm_state,
+                vmstate,
             }),
+            vmstate: vmstate.map(|_| to.join(VMSTATE_FILE)),
         });
     }
     set_mode(&snapshot_dir, DIR_MODE)?;
@@ -367,6 +476,7 @@ fn save_into(
         network: spec.network.is_some(),
         uplink: spec.network.as_ref().is_some_and(|n| n.uplink),
         tpm: spec.tpm.is_some(),
+        running,
         nodes,
     };
     let path = snapshot_dir.join(SPEC_FILE);
@@ -553,12 +663,31 @@ fn from_v2(file: SpecFile, snapshot_dir: &Path) -> Result<SnapshotSpec, String> 
         }
         let ovmf_vars =
             parse_digest(&node.ovmf_vars).map_err(|e| format!("{}: {e}", field("ovmf_vars")))?;
+        let vmstate = match (&node.vmstate, file.running) {
+            (Some(digest), true) => {
+                Some(parse_digest(digest).map_err(|e| format!("{}: {e}", field("vmstate")))?)
+            }
+            (None, false) => None,
+            (Some(_), false) => {
+                return Err(format!(
+                    "{}: a VM state, but the snapshot is not running",
+                    field("vmstate")
+                ));
+            }
+            (None, true) => {
+                return Err(format!(
+                    "{}: missing: every node of a running snapshot has a VM state",
+                    field("vmstate")
+                ));
+            }
+        };
         let mut tpm_state = BTreeMap::new();
         for (name, digest) in node.tpm_state {
             let at = field(&format!("tpm_state[{name:?}]"));
             let digest = parse_digest(&digest).map_err(|e| format!("{at}: {e}"))?;
             tpm_state.insert(name, digest);
         }
+        let vmstate_path = vmstate.map(|_| snapshot_dir.join(&node.name).join(VMSTATE_FILE));
         nodes.push(SnapshotNode {
             name: node.name,
             serve_args: node.serve_args,
@@ -567,9 +696,17 @@ fn from_v2(file: SpecFile, snapshot_dir: &Path) -> Result<SnapshotSpec, String> 
                 layers: digests,
                 ovmf_vars,
                 tpm_state,
+                vmstate,
             }),
+            vmstate: vmstate_path,
         });
     }
+    let running = match (file.running, file.machine) {
+        (true, Some(machine)) => Some(machine),
+        (false, None) => None,
+        (true, None) => return Err("machine: missing: a running snapshot records it".into()),
+        (false, Some(_)) => return Err("machine: only a running snapshot records it".into()),
+    };
     Ok(SnapshotSpec {
         version: file.version,
         image: file.image,
@@ -578,6 +715,7 @@ fn from_v2(file: SpecFile, snapshot_dir: &Path) -> Result<SnapshotSpec, String> 
         network: file.network,
         uplink: file.uplink,
         tpm: file.tpm,
+        running,
         nodes,
     })
 }
@@ -613,6 +751,7 @@ fn from_v1(file: SpecFileV1, snapshot_dir: &Path) -> Result<SnapshotSpec, String
             serve_args: node.serve_args,
             layers,
             digests: None,
+            vmstate: None,
         });
     }
     Ok(SnapshotSpec {
@@ -623,6 +762,7 @@ fn from_v1(file: SpecFileV1, snapshot_dir: &Path) -> Result<SnapshotSpec, String
         network: file.network,
         uplink: file.uplink,
         tpm: file.tpm,
+        running: None,
         nodes,
     })
 }
@@ -734,6 +874,38 @@ impl SnapshotSpec {
                     own.display()
                 ));
             }
+            let own_vmstate = Path::new(&node.name).join(VMSTATE_FILE);
+            match (&self.running, &node.vmstate) {
+                (Some(machine), Some(vmstate)) => {
+                    if !vmstate.ends_with(&own_vmstate) || !vmstate.is_absolute() {
+                        return Err(format!(
+                            "{}: {} is not the node's own {}",
+                            field("vmstate"),
+                            vmstate.display(),
+                            own_vmstate.display()
+                        ));
+                    }
+                    if machine.memory_mib == 0 || machine.cpus == 0 {
+                        return Err("machine: no memory or no vCPU".into());
+                    }
+                    if node.digests.as_ref().is_some_and(|d| d.vmstate.is_none()) {
+                        return Err(format!("{}: no digest", field("vmstate")));
+                    }
+                }
+                (None, None) => {}
+                (Some(_), None) => {
+                    return Err(format!(
+                        "{}: missing: every node of a running snapshot has a VM state",
+                        field("vmstate")
+                    ));
+                }
+                (None, Some(_)) => {
+                    return Err(format!(
+                        "{}: a VM state, but the snapshot is not running",
+                        field("vmstate")
+                    ));
+                }
+            }
             if let Some(digests) = &node.digests {
                 if digests.layers.len() != node.layers.len() {
                     return Err(format!(
@@ -792,6 +964,7 @@ impl SnapshotSpec {
                     .iter()
                     .map(|(name, d)| (name.clone(), digest_text(d)))
                     .collect(),
+                vmstate: digests.vmstate.as_ref().map(digest_text),
             });
         }
         let file = SpecFile {
@@ -802,6 +975,8 @@ impl SnapshotSpec {
             network: self.network,
             uplink: self.uplink,
             tpm: self.tpm,
+            running: self.running.is_some(),
+            machine: self.running,
             nodes,
         };
         serde_json::to_vec_pretty(&file).map_err(|e| e.to_string())
@@ -809,8 +984,10 @@ impl SnapshotSpec {
 
     /// A cluster spec for a fork into `state_dir`: the snapshot's image,
     /// nodes, serve arguments, queues and TPM; the network, if any, on a
-    /// segment of its own. QEMU settings are the defaults, for the caller
-    /// to adjust.
+    /// segment of its own (the nodes keep their names, so their MACs and
+    /// addresses). QEMU settings are the defaults, for the caller to adjust;
+    /// a running snapshot's nodes load their VM states, and its memory size
+    /// and vCPUs are set (a restoring QEMU must keep them).
     pub fn cluster_spec(&self, state_dir: &Path) -> io::Result<ClusterSpec> {
         let nodes = self
             .nodes
@@ -818,9 +995,14 @@ impl SnapshotSpec {
             .map(|n| NodeSpec {
                 name: n.name.clone(),
                 serve_args: n.serve_args.clone(),
+                vmstate: n.vmstate.clone(),
             })
             .collect();
         let mut spec = ClusterSpec::new(&self.image, state_dir, nodes);
+        if let Some(machine) = self.running {
+            spec.qemu.memory_mib = machine.memory_mib;
+            spec.qemu.cpus = machine.cpus;
+        }
         spec.serve_args = self.serve_args.clone();
         spec.queues = self.queues;
         spec.tpm = self.tpm.then(TpmSpec::default);
@@ -884,6 +1066,19 @@ pub fn prepare_fork(
             Some(digests) => {
                 check_chain(node, digests, &overlay)?;
                 fork_firmware_state(node, digests, &from, &to, snapshot.tpm)?;
+                if let (Some(path), Some(recorded)) = (&node.vmstate, &digests.vmstate) {
+                    // Read by the fork's QEMU where it is, never written.
+                    let found = file_digest(path)?;
+                    if found != *recorded {
+                        return Err(SnapshotError::Mismatch {
+                            node: node.name.clone(),
+                            path: path.clone(),
+                            what: "VM state",
+                            found: digest_text(&found),
+                            recorded: digest_text(recorded),
+                        });
+                    }
+                }
             }
             None => copy_firmware_state(&from, &to, snapshot.tpm, PRIVATE_FILE_MODE)?,
         }
@@ -1121,6 +1316,37 @@ fn copy_file(from: &Path, to: &Path, mode: u32) -> Result<[u8; 32], SnapshotErro
     Ok(hasher.finalize().into())
 }
 
+/// Puts the VM state `from` (in a node's state directory) into the
+/// snapshot at `to`, read-only: a second link to the same file where the
+/// file system allows (the state directory's link goes once the snapshot
+/// is complete), else a copy. Returns its sha256.
+fn link_vmstate(from: &Path, to: &Path) -> Result<[u8; 32], SnapshotError> {
+    match fs::hard_link(from, to) {
+        Ok(()) => {
+            set_mode(to, FILE_MODE)?;
+            file_digest(to)
+        }
+        Err(e) if e.kind() == io::ErrorKind::CrossesDevices => copy_file(from, to, FILE_MODE),
+        Err(e) => Err(io_error(to, "linking the VM state to")(e)),
+    }
+}
+
+/// The sha256 of a regular file's content.
+fn file_digest(path: &Path) -> Result<[u8; 32], SnapshotError> {
+    let mut file = open_regular(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => hasher.update(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_error(path, "reading")(e)),
+        }
+    }
+    Ok(hasher.finalize().into())
+}
+
 fn sync_dir(path: &Path) -> Result<(), SnapshotError> {
     sys::sync_dir(path).map_err(io_error(path, "syncing"))
 }
@@ -1172,6 +1398,7 @@ mod tests {
             network: true,
             uplink: false,
             tpm: true,
+            running: None,
             nodes: vec![SnapshotNode {
                 name: "node-1".into(),
                 serve_args: vec![],
@@ -1183,7 +1410,9 @@ mod tests {
                     layers: vec![[1; 32], [2; 32]],
                     ovmf_vars: [3; 32],
                     tpm_state: BTreeMap::from([("tpm2-00.permall".to_owned(), [4; 32])]),
+                    vmstate: None,
                 }),
+                vmstate: None,
             }],
         }
     }
@@ -1311,6 +1540,84 @@ mod tests {
             matches!(&err, SnapshotError::NodeExists { node, .. } if node == "n-1"),
             "{err}"
         );
+    }
+
+    /// A running save's files without guests: the VM state moves into the
+    /// snapshot with its digest; a fork restores it and refuses one that
+    /// was changed; cluster.json's running fields are checked together.
+    #[test]
+    fn a_running_save_moves_the_vm_state_and_a_fork_restores_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, snap) = (dir.path().join("state"), dir.path().join("snap"));
+        stopped_node(&state, "n-1");
+        let vmstate = state.join("n-1").join(VMSTATE_FILE);
+        fs::write(&vmstate, b"memory").unwrap();
+        let mut spec = ClusterSpec::new("/img", &state, NodeSpec::numbered("n", 1));
+        spec.tpm = Some(TpmSpec::default());
+        spec.qemu.memory_mib = 300;
+        spec.qemu.cpus = 3;
+
+        let saved = save_running(&spec, &snap).unwrap();
+        let moved = snap.join("n-1").join(VMSTATE_FILE);
+        assert_eq!(fs::read(&moved).unwrap(), b"memory");
+        assert_eq!(mode(&moved), FILE_MODE);
+        assert!(!vmstate.exists(), "the state directory kept the VM state");
+        let machine = RunningMachine {
+            memory_mib: 300,
+            cpus: 3,
+        };
+        assert_eq!(saved.running, Some(machine));
+        assert_eq!(saved.nodes[0].vmstate.as_deref(), Some(moved.as_path()));
+        assert_eq!(load(&snap).unwrap(), saved);
+        let text = fs::read_to_string(snap.join(SPEC_FILE)).unwrap();
+        let json: Json = serde_json::from_str(&text).unwrap();
+        assert_eq!(json["running"], true);
+        assert_eq!(json["machine"]["memory_mib"], 300);
+        let digest: [u8; 32] = Sha256::digest(b"memory").into();
+        assert_eq!(json["nodes"][0]["vmstate"], digest_text(&digest));
+
+        let fork = saved.cluster_spec(&dir.path().join("fork")).unwrap();
+        assert_eq!(fork.nodes[0].vmstate.as_deref(), Some(moved.as_path()));
+        assert_eq!((fork.qemu.memory_mib, fork.qemu.cpus), (300, 3));
+        prepare_fork(&saved, &snap, &dir.path().join("fork"))
+            .unwrap()
+            .keep();
+        // A changed VM state is refused by name, and the fork leaves nothing.
+        fs::set_permissions(&moved, fs::Permissions::from_mode(0o600)).unwrap();
+        fs::write(&moved, b"other").unwrap();
+        let other = dir.path().join("other");
+        let err = prepare_fork(&saved, &snap, &other).unwrap_err();
+        assert!(
+            matches!(&err, SnapshotError::Mismatch { what: "VM state", path, .. } if *path == moved),
+            "{err}"
+        );
+        assert!(!other.exists());
+
+        let cases: [(Edit, &str); 4] = [
+            (Box::new(|j| j["machine"] = Json::Null), "machine: missing"),
+            (
+                Box::new(|j| j["nodes"][0]["vmstate"] = Json::Null),
+                "nodes[0].vmstate: missing",
+            ),
+            (
+                Box::new(|j| {
+                    j["running"] = false.into();
+                    j["machine"] = Json::Null;
+                }),
+                "nodes[0].vmstate: a VM state, but the snapshot is not running",
+            ),
+            (
+                Box::new(|j| j["machine"]["cpus"] = 0.into()),
+                "machine: no memory or no vCPU",
+            ),
+        ];
+        for (edit, want) in cases {
+            fs::set_permissions(&snap, fs::Permissions::from_mode(0o700)).unwrap();
+            let _ = fs::remove_file(snap.join(SPEC_FILE));
+            write_spec(&snap, &saved, edit);
+            let err = load(&snap).unwrap_err().to_string();
+            assert!(err.contains(want), "{err}");
+        }
     }
 
     /// A stopped node `name` under `state`: a closed overlay, an OVMF
