@@ -133,6 +133,10 @@ struct ServeCommand {
 /// before its exit fails the launch.
 pub const MAX_SERVE_RESTARTS: u32 = 3;
 
+/// How long a QEMU whose monitor failed may take to exit before the
+/// monitor's error is reported instead of its exit.
+const QMP_EXIT_GRACE: Duration = Duration::from_secs(2);
+
 impl Node {
     /// Creates the node's state directory and its OVMF variable store
     /// (only if missing: the guest's boot entries survive relaunches).
@@ -729,6 +733,13 @@ impl Node {
     }
 
     fn qmp_error(&mut self, source: QmpError) -> LaunchError {
+        // A QEMU on its way out (a VM state it cannot load) closes its
+        // monitor a moment before it can be reaped: its exit, with the
+        // console's last lines, is the error to report.
+        let grace = Instant::now() + QMP_EXIT_GRACE;
+        if let Some(qemu) = self.qemu.as_mut() {
+            let _ = qemu.wait_until(grace);
+        }
         if let Err(exited) = self.check_qemu() {
             return exited;
         }
