@@ -97,6 +97,7 @@ class LaunchRun:
         self.ids = {}  # node -> id from its bootstrapped / found state line
         self.table = {}  # node -> console-ready seconds, as launch reports them
         self.table_at = None  # seconds from start to the table's last line
+        self.ended_at = None  # seconds from start to launch's exit
         self.rc = None
 
     def run(self):
@@ -135,6 +136,7 @@ class LaunchRun:
                         else:
                             self._console_line(line, now)
             p.wait(timeout=max(1.0, deadline - time.monotonic()))
+            self.ended_at = time.perf_counter() - t0
         finally:
             # On an error or a timeout: SIGTERM makes launch tear its cluster
             # down (its children also die with it: PR_SET_PDEATHSIG).
