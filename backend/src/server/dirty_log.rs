@@ -30,7 +30,7 @@ use std::sync::{Arc, LazyLock};
 use vhost_user_backend::bitmap::{
     AtomicBitmapMmap, BitmapMmapRegion, BitmapReplace, MemRegionBitmap, MmapLogReg,
 };
-use vm_memory::bitmap::{Bitmap, BitmapSlice, WithBitmapSlice};
+use vm_memory::bitmap::{Bitmap, RefSlice, WithBitmapSlice};
 use vm_memory::mmap::NewBitmap;
 use vm_memory::{
     Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestUsize, MmapRegion,
@@ -85,19 +85,18 @@ impl Bitmap for LogBitmap {
         self.inner.dirty_at(offset)
     }
 
-    fn slice_at(&self, offset: usize) -> Self {
-        LogBitmap {
-            inner: self.inner.slice_at(offset),
-            logging: Arc::clone(&self.logging),
-        }
+    /// A reference and an offset: vm-memory takes a slice of the bitmap for
+    /// every access to guest memory (descriptors, headers, ring entries),
+    /// and a slice that cloned the region's reference counts would bounce
+    /// their cache lines between the queues' threads on every request.
+    fn slice_at(&self, offset: usize) -> RefSlice<'_, Self> {
+        RefSlice::new(self, offset)
     }
 }
 
-impl WithBitmapSlice<'_> for LogBitmap {
-    type S = Self;
+impl<'a> WithBitmapSlice<'a> for LogBitmap {
+    type S = RefSlice<'a, Self>;
 }
-
-impl BitmapSlice for LogBitmap {}
 
 impl NewBitmap for LogBitmap {
     fn with_len(_len: usize) -> Self {
