@@ -1044,13 +1044,37 @@ pub fn prepare_fork(
             });
         }
     }
+    // The VM states (hundreds of MiB each) are hashed side by side, before
+    // any QEMU parses one.
+    let vmstate_digests: Vec<Option<Result<[u8; 32], SnapshotError>>> = std::thread::scope(|s| {
+        let hashing: Vec<_> = snapshot
+            .nodes
+            .iter()
+            .map(|node| {
+                let wanted = node.digests.as_ref().and_then(|d| d.vmstate.as_ref());
+                node.vmstate
+                    .as_ref()
+                    .filter(|_| wanted.is_some())
+                    .map(|path| s.spawn(move || file_digest(path)))
+            })
+            .collect();
+        hashing
+            .into_iter()
+            .map(|h| {
+                h.map(|h| {
+                    h.join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                })
+            })
+            .collect()
+    });
     let mut fork = Fork {
         made: MadeDirs::default(),
     };
     fork.made
         .create_all(state_dir)
         .map_err(io_error(state_dir, "creating"))?;
-    for node in &snapshot.nodes {
+    for (node, vmstate_digest) in snapshot.nodes.iter().zip(vmstate_digests) {
         let from = snapshot_dir.join(&node.name);
         let to = state_dir.join(&node.name);
         fork.made.create(&to).map_err(io_error(&to, "creating"))?;
@@ -1066,9 +1090,11 @@ pub fn prepare_fork(
             Some(digests) => {
                 check_chain(node, digests, &overlay)?;
                 fork_firmware_state(node, digests, &from, &to, snapshot.tpm)?;
-                if let (Some(path), Some(recorded)) = (&node.vmstate, &digests.vmstate) {
+                if let (Some(path), Some(recorded), Some(found)) =
+                    (&node.vmstate, &digests.vmstate, vmstate_digest)
+                {
                     // Read by the fork's QEMU where it is, never written.
-                    let found = file_digest(path)?;
+                    let found = found?;
                     if found != *recorded {
                         return Err(SnapshotError::Mismatch {
                             node: node.name.clone(),
