@@ -7,11 +7,11 @@ use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
+use ociblk_io::iobuf::IoBufs;
 use ociblk_layout::{Layout, Piece, Segment};
 use tracing::{error, info};
 
 use crate::device::BlockDevice;
-use crate::iobuf::IoBufs;
 use crate::overlay::{BlockState, Overlay, OverlayConfig, OverlayError};
 use crate::verifier::Verifiers;
 

@@ -30,7 +30,7 @@ use std::os::unix::fs::FileExt as _;
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use ociblk::iobuf::IoBufs;
+use ociblk_io::iobuf::IoBufs;
 use ociblk::overlay::format::HEADER_SIZE;
 use ociblk::overlay::{
     BLOCK_SIZE, BlockState, FlushMode, Header, Overlay, OverlayConfig, OverlayError, OverlayInfo,

@@ -45,6 +45,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
+use ociblk_io::sys;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
@@ -55,7 +56,6 @@ use super::{
 use crate::overlay::format::{self, Kind};
 use crate::overlay::layer;
 use crate::overlay::{ChainEntry, OverlayError};
-use crate::sys;
 
 /// The snapshot's description, written last.
 pub const SPEC_FILE: &str = "cluster.json";

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Mutex, RwLock};
 
+use ociblk_io::sys;
+
 use super::chain::{Chain, short};
 use super::format::{
     self, BLOCK_SIZE as BS, BlockState, ChainEntry, FormatError, Header, Kind, MAX_LAYER_PATH,
@@ -20,7 +22,6 @@ use super::{
     FlushMode, MapCheck, OVERLAY_MODE, Overlay, OverlayConfig, OverlayError, OverlayInfo, STRIPES,
     io_err, live,
 };
-use crate::sys;
 
 impl Overlay {
     /// Opens the overlay at `path` read-write, creating it (mode 0600) if
@@ -307,7 +308,7 @@ impl Overlay {
         let fd = file.as_fd();
         let set_clean = |clean: bool| {
             file.write_all_at(&[u8::from(clean)], format::CLEAN_OFFSET as u64)
-                .and_then(|()| sys::fdatasync(fd))
+                .and_then(|()| file.sync_data())
         };
         // Not clean while the map and data disagree with the flag, so that
         // an interrupted reset is finished by the next open's reclaim.
@@ -320,7 +321,7 @@ impl Overlay {
             format::MAP_CRC_FIELD_OFFSET as u64,
         )
         .map_err(io_err(path, "record map checksum"))?;
-        sys::fdatasync(fd).map_err(io_err(path, "sync"))?;
+        file.sync_data().map_err(io_err(path, "sync"))?;
         // The data area and the live map region with it.
         let end = len.max(header.file_len());
         match sys::punch_hole(fd, header.data_offset, end - header.data_offset) {
@@ -650,8 +651,8 @@ pub(super) fn open_locked(path: &Path, access: Access) -> Result<(File, bool, u6
         #[cfg(test)]
         tests::between_open_and_lock(path);
         let locked = match access {
-            Access::ReadOnly => sys::try_lock_shared(file.as_fd()),
-            Access::Create | Access::Existing => sys::try_lock_exclusive(file.as_fd()),
+            Access::ReadOnly => sys::try_lock_shared(&file),
+            Access::Create | Access::Existing => sys::try_lock_exclusive(&file),
         };
         if !locked.map_err(io_err(path, "lock"))? {
             return Err(OverlayError::Locked {
