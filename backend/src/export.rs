@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use ociblk_io::iobuf::IoBufs;
 use ociblk_io::sys;
 use ociblk_layout::{Content, DiskReader};
+use ociblk_overlay::{BlockState, Overlay};
 
-use crate::overlay::{BlockState, Overlay};
 use crate::verifier::Verifiers;
 
 /// Bytes written by [`export_disk`].

@@ -11,7 +11,6 @@ pub mod export;
 pub mod image_source;
 pub mod launch;
 pub mod node_disk;
-pub mod overlay;
 pub mod prefetch;
 pub mod qmp;
 pub mod server;

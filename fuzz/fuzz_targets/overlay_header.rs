@@ -31,8 +31,8 @@ use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
 use ociblk_io::iobuf::IoBufs;
-use ociblk::overlay::format::HEADER_SIZE;
-use ociblk::overlay::{
+use ociblk_overlay::format::HEADER_SIZE;
+use ociblk_overlay::{
     BLOCK_SIZE, BlockState, FlushMode, Header, Overlay, OverlayConfig, OverlayError, OverlayInfo,
     parse_header, parse_map,
 };
