@@ -17,7 +17,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use ociblk::launch::OVERLAY_FILE;
 use ociblk::launch::snapshot;
-use ociblk::overlay::layer;
+use ociblk_overlay::layer;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -2,7 +2,7 @@
 
 use std::io;
 
-use crate::iobuf::IoBufs;
+use ociblk_io::iobuf::IoBufs;
 
 /// A disk as the request handler sees it. Offsets and lengths are bytes and
 /// already checked against `size()` by the caller; implementations are

@@ -11,11 +11,11 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use ociblk_io::iobuf::IoBufs;
+use ociblk_io::sys;
 use ociblk_layout::{Content, DiskReader};
+use ociblk_overlay::{BlockState, Overlay};
 
-use crate::iobuf::IoBufs;
-use crate::overlay::{BlockState, Overlay};
-use crate::sys;
 use crate::verifier::Verifiers;
 
 /// Bytes written by [`export_disk`].

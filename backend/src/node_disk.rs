@@ -7,12 +7,12 @@ use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
+use ociblk_io::iobuf::IoBufs;
 use ociblk_layout::{Layout, Piece, Segment};
+use ociblk_overlay::{BlockState, Overlay, OverlayConfig, OverlayError};
 use tracing::{error, info};
 
 use crate::device::BlockDevice;
-use crate::iobuf::IoBufs;
-use crate::overlay::{BlockState, Overlay, OverlayConfig, OverlayError};
 use crate::verifier::Verifiers;
 
 /// How often a deferred overlay open tries the lock again.

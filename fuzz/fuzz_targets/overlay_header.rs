@@ -30,9 +30,9 @@ use std::os::unix::fs::FileExt as _;
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use ociblk::iobuf::IoBufs;
-use ociblk::overlay::format::HEADER_SIZE;
-use ociblk::overlay::{
+use ociblk_io::iobuf::IoBufs;
+use ociblk_overlay::format::HEADER_SIZE;
+use ociblk_overlay::{
     BLOCK_SIZE, BlockState, FlushMode, Header, Overlay, OverlayConfig, OverlayError, OverlayInfo,
     parse_header, parse_map,
 };

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use ociblk::overlay::{FlushMode, Overlay, OverlayConfig};
 use ociblk_layout::{DiskParams, Layout, OsImage};
+use ociblk_overlay::{FlushMode, Overlay, OverlayConfig};
 use ociblk_tests::node::TestNode;
 use ociblk_tests::oci::{ImageBuilder, WrittenImage};
 use ociblk_tests::support::{ociblk_bin, run_err, run_ok};

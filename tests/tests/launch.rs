@@ -473,7 +473,7 @@ fn a_fork_with_a_missing_or_modified_layer_names_it_and_leaves_no_node_directory
     let mut first = vec![0; 4096];
     std::os::unix::fs::FileExt::read_exact_at(&fs::File::open(&layer).unwrap(), &mut first, 0)
         .unwrap();
-    let header = ociblk::overlay::parse_header(&first).unwrap();
+    let header = ociblk_overlay::parse_header(&first).unwrap();
     let at = header.map_offset + 3;
     let old = poke_read_only(&layer, at, 2);
     if old == 2 {

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use ociblk::overlay::parse_header;
 use ociblk_client::{BlkStatus, ClientOptions, VhostBlkClient};
+use ociblk_overlay::parse_header;
 use ociblk_tests::node::{SMALL_DISK, TestNode};
 use ociblk_tests::oci::sha256_hex;
 use ociblk_tests::process::Server;

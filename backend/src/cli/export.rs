@@ -5,10 +5,10 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use ociblk_overlay::{FlushMode, Overlay, OverlayConfig};
 
 use super::layout_args::LayoutArgs;
 use crate::export::{Input, OutputFile, apply_overlay, export_disk};
-use crate::overlay::{FlushMode, Overlay, OverlayConfig};
 use crate::verifier::Verifiers;
 
 #[derive(Debug, Args)]

@@ -6,8 +6,8 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use crate::overlay::format::hex;
-use crate::overlay::{Overlay, OverlayError, OverlayInfo, layer};
+use ociblk_overlay::format::hex;
+use ociblk_overlay::{Overlay, OverlayError, OverlayInfo, layer};
 
 #[derive(Debug, Args)]
 pub struct OverlayArgs {

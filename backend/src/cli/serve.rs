@@ -9,13 +9,13 @@ use clap::{Args, ValueEnum};
 use tracing::{info, warn};
 
 use ociblk_layout::Layout;
+use ociblk_overlay::{FlushMode, Overlay, OverlayConfig, OverlayError};
 use ociblk_registry::{AccessRecord, Digest};
 
 use super::layout_args::LayoutArgs;
 use crate::access::AccessRecorder;
 use crate::image_source::ChunkFetcher;
 use crate::node_disk::{DeferredOverlay, NodeDisk};
-use crate::overlay::{FlushMode, Overlay, OverlayConfig, OverlayError};
 use crate::prefetch::{PrefetchPlan, Prefetcher};
 use crate::server::daemon::{SocketClaim, serve_claimed};
 use crate::server::{ServerOptions, ShutdownSignal, config};

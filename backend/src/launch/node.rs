@@ -4,7 +4,6 @@
 use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
@@ -15,6 +14,7 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use ociblk_io::sys::try_lock_exclusive;
 use tracing::{info, warn};
 
 use super::console::{Console, ConsoleSearch};
@@ -27,7 +27,6 @@ use super::qemu::{
 use super::{ClusterSpec, LaunchError, NodeSpec, TpmSpec, network};
 use crate::qmp::{MigrationStatus, Qmp, QmpError};
 use crate::server::daemon::{lock_path, temp_socket_prefix};
-use crate::sys::try_lock_exclusive;
 
 /// The vhost-user socket `ociblk serve` listens on and QEMU connects to.
 pub const SOCKET_FILE: &str = "node.sock";
@@ -155,16 +154,11 @@ impl Node {
         fs::create_dir_all(&dir).map_err(files_error("creating", &dir))?;
         let lock_path = dir.join(LOCK_FILE);
         let lock = File::create(&lock_path).map_err(files_error("creating", &lock_path))?;
-        // SAFETY: flock takes no pointers; `lock` is an open file.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let source = io::Error::last_os_error();
-            if source.kind() == io::ErrorKind::WouldBlock {
-                return Err(LaunchError::NodeInUse {
-                    node: node.name.clone(),
-                    dir,
-                });
-            }
-            return Err(files_error("locking", &lock_path)(source));
+        if !try_lock_exclusive(&lock).map_err(files_error("locking", &lock_path))? {
+            return Err(LaunchError::NodeInUse {
+                node: node.name.clone(),
+                dir,
+            });
         }
         let socket = dir.join(SOCKET_FILE);
         if socket.as_os_str().len() > MAX_SOCKET_PATH {
@@ -1026,7 +1020,7 @@ impl Node {
         // meanwhile notices the removal and takes a new one.
         let lock = lock_path(&self.socket());
         if let Ok(file) = File::open(&lock)
-            && try_lock_exclusive(file.as_fd()).unwrap_or(false)
+            && try_lock_exclusive(&file).unwrap_or(false)
             && let Err(e) = fs::remove_file(&lock)
         {
             warn!(node = %self.name, lock = %lock.display(), "cannot remove a leftover socket lock file: {e}");
@@ -1098,7 +1092,7 @@ mod tests {
         let node = node_with_killed_backend(dir.path());
         let lock = lock_path(&node.socket());
         let held = File::create(&lock).unwrap();
-        assert!(try_lock_exclusive(held.as_fd()).unwrap());
+        assert!(try_lock_exclusive(&held).unwrap());
         node.remove_leftovers();
         assert!(lock.exists(), "a held lock file was removed");
     }

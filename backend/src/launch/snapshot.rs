@@ -45,6 +45,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
+use ociblk_io::sys;
+use ociblk_overlay::format::{self, Kind};
+use ociblk_overlay::layer;
+use ociblk_overlay::{ChainEntry, OverlayError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
@@ -52,10 +56,6 @@ use super::{
     Cluster, ClusterSpec, LaunchError, NodeSpec, OVERLAY_FILE, OVMF_VARS_FILE, TPM_STATE_DIR,
     TpmSpec, VMSTATE_FILE,
 };
-use crate::overlay::format::{self, Kind};
-use crate::overlay::layer;
-use crate::overlay::{ChainEntry, OverlayError};
-use crate::sys;
 
 /// The snapshot's description, written last.
 pub const SPEC_FILE: &str = "cluster.json";
@@ -1507,7 +1507,7 @@ mod tests {
     /// overlay holding one written block, an OVMF store, a TPM state.
     #[test]
     fn save_freezes_and_copies_and_a_fork_gets_its_own_files_over_the_layer() {
-        use crate::overlay::{FlushMode, Overlay, OverlayConfig};
+        use ociblk_overlay::{FlushMode, Overlay, OverlayConfig};
         let dir = tempfile::tempdir().unwrap();
         let (state, snap, fork) = (
             dir.path().join("state"),
@@ -1649,7 +1649,7 @@ mod tests {
     /// A stopped node `name` under `state`: a closed overlay, an OVMF
     /// store and a TPM state.
     fn stopped_node(state: &Path, name: &str) {
-        use crate::overlay::{FlushMode, Overlay, OverlayConfig};
+        use ociblk_overlay::{FlushMode, Overlay, OverlayConfig};
         let node = state.join(name);
         fs::create_dir_all(node.join(TPM_STATE_DIR)).unwrap();
         let cfg = OverlayConfig {
@@ -1820,7 +1820,7 @@ mod tests {
     /// A stopped node `name` under `state` whose disk has its block
     /// `zeroed` zeroed: its frozen layer differs from an untouched node's.
     fn stopped_node_zeroed(state: &Path, name: &str, zeroed: u64) {
-        use crate::overlay::{FlushMode, Overlay, OverlayConfig};
+        use ociblk_overlay::{FlushMode, Overlay, OverlayConfig};
         stopped_node(state, name);
         let cfg = OverlayConfig {
             disk_size: 1 << 20,

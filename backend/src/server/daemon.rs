@@ -14,7 +14,7 @@
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, IntoRawFd, RawFd};
+use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use ociblk_io::sys::{self, try_lock_exclusive};
 use tracing::{error, info, warn};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
@@ -34,7 +35,6 @@ use super::config::ServerOptions;
 use super::engine::DeviceEngine;
 use super::request::GuestMemoryMmap;
 use crate::device::BlockDevice;
-use crate::sys::{self, try_lock_exclusive};
 
 /// Name of the thread reading vhost-user messages.
 const DAEMON_THREAD_NAME: &str = "vhost-user-blk";
@@ -521,7 +521,7 @@ impl SocketLock {
                 .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
                 .open(&path)
                 .map_err(lock_error)?;
-            if !try_lock_exclusive(file.as_fd()).map_err(lock_error)? {
+            if !try_lock_exclusive(&file).map_err(lock_error)? {
                 return Err(ServerError::SocketInUse(socket.to_owned()));
             }
             // The previous holder removes the file before unlocking it: if
@@ -792,7 +792,7 @@ mod tests {
         assert!(meta.is_file());
         assert_eq!(meta.permissions().mode() & 0o777, SOCKET_MODE);
         let other = File::open(&lock).unwrap();
-        assert!(!try_lock_exclusive(other.as_fd()).unwrap(), "lock not held");
+        assert!(!try_lock_exclusive(&other).unwrap(), "lock not held");
         drop(socket);
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
         // A killed server's lock file, left unlocked, is simply taken.
@@ -808,7 +808,7 @@ mod tests {
         let path = dir.path().join("disk.sock");
         // Another server between taking the lock and binding.
         let holder = File::create(lock_path(&path)).unwrap();
-        assert!(try_lock_exclusive(holder.as_fd()).unwrap());
+        assert!(try_lock_exclusive(&holder).unwrap());
         let err = ServerSocket::bind(&path).err().unwrap();
         assert!(matches!(err, ServerError::SocketInUse(_)), "{err}");
         assert!(err.to_string().contains(&*path.to_string_lossy()), "{err}");

@@ -11,7 +11,7 @@
 //! indexes written by virtio-queue.
 //!
 //! Request data is not written through vm-memory: `preadv` and raw copies
-//! put it straight into guest memory ([`crate::iobuf`]). [`mark_written`]
+//! put it straight into guest memory ([`ociblk_io::iobuf`]). [`mark_written`]
 //! marks a chain's device-writable buffers once the request has written
 //! them, before its used entry is published: QEMU reads and clears bits
 //! while it migrates, so a bit set before the write landed could be

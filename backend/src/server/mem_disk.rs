@@ -5,8 +5,9 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use ociblk_io::iobuf::IoBufs;
+
 use crate::device::BlockDevice;
-use crate::iobuf::IoBufs;
 
 /// A disk held in a `Vec<u8>`.
 #[derive(Debug)]

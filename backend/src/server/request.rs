@@ -17,6 +17,7 @@ use std::fmt;
 use std::io;
 use std::ops::Deref;
 
+use ociblk_io::iobuf::IoBufs;
 use tracing::{error, warn};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
@@ -32,7 +33,6 @@ use super::config::{
 };
 use super::dirty_log::{LogBitmap, mark_written};
 use crate::device::BlockDevice;
-use crate::iobuf::IoBufs;
 
 /// Guest memory as the server maps it, with the dirty page log of a
 /// migration ([`LogBitmap`]).

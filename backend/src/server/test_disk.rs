@@ -6,8 +6,9 @@ use std::io;
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use ociblk_io::iobuf::IoBufs;
+
 use crate::device::BlockDevice;
-use crate::iobuf::IoBufs;
 use crate::server::mem_disk::MemDisk;
 
 const DEADLINE: Duration = Duration::from_secs(10);

@@ -9,10 +9,11 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::{PoisonError, RwLockReadGuard, RwLockWriteGuard};
 
+use ociblk_io::iobuf::IoBufs;
+use ociblk_io::sys;
+
 use super::format::{BLOCK_SIZE as BS, BlockState};
 use super::{BaseReader, Overlay, STRIPES};
-use crate::iobuf::IoBufs;
-use crate::sys;
 
 /// Part of a request range: a partial block, or a run of whole blocks.
 #[derive(Debug, Clone, Copy)]

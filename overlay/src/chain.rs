@@ -9,6 +9,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use ociblk_io::iobuf::IoBufs;
 use sha2::{Digest as _, Sha256};
 
 use super::file::{Access, open_locked, read_header};
@@ -16,7 +17,6 @@ use super::format::{
     self, BLOCK_SIZE as BS, BlockState, ChainEntry, FormatError, Header, LayerFields, MAX_CHAIN,
 };
 use super::{OverlayError, io_err};
-use crate::iobuf::IoBufs;
 
 /// Index value of a block a layer zeroed.
 const INDEX_ZERO: u8 = u8::MAX;

@@ -54,19 +54,19 @@ mod write;
 use std::fmt;
 use std::fs::File;
 use std::io;
-use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError, RwLock};
+
+use ociblk_io::iobuf::IoBufs;
+use ociblk_io::sys;
 
 pub use chain::{Chain, Layer};
 pub use format::{
     BLOCK_SIZE, BlockState, ChainEntry, FormatError, Header, LayerFields, parse_header, parse_map,
 };
 
-use crate::iobuf::IoBufs;
-use crate::sys;
 use chain::Lower;
 use map::BlockMap;
 
@@ -496,7 +496,7 @@ impl Overlay {
     }
 
     fn sync(&self) -> io::Result<()> {
-        sys::fdatasync(self.file.as_fd()).inspect_err(|e| {
+        self.file.sync_data().inspect_err(|e| {
             tracing::error!(path = %self.path.display(), error = %e, "fdatasync failed");
             self.sync_failed.store(true, Ordering::Relaxed);
         })

@@ -17,13 +17,14 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::OnceLock;
 
+use ociblk_io::sys;
+
 use super::format::{
     self, BLOCK_SIZE as BS, Header, LIVE_FLAG_OFFSET, LIVE_HEADER_USED, LiveHeader,
     parse_live_header,
 };
 use super::map::{BlockMap, MAP_CHUNK};
 use super::{OverlayError, io_err};
-use crate::sys;
 
 const BOOT_ID_PATH: &str = "/proc/sys/kernel/random/boot_id";
 

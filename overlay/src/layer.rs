@@ -14,6 +14,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use ociblk_io::sys;
 use sha2::{Digest as _, Sha256};
 
 use super::chain::{Layer, entries, open_layers};
@@ -23,7 +24,6 @@ use super::file::{
 };
 use super::format::{self, BLOCK_SIZE as BS, BlockState, ChainEntry, Header, Kind, LayerFields};
 use super::{FlushMode, OVERLAY_MODE, Overlay, OverlayConfig, OverlayError, io_err};
-use crate::sys;
 
 /// Mode of a layer file: read-only, private (it holds a node's data).
 pub const LAYER_MODE: u32 = 0o400;

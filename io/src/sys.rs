@@ -1,10 +1,12 @@
 //! Thin wrappers over the file syscalls the overlay, the export and the
 //! server's lock files need and neither std nor vmm-sys-util covers as
 //! needed. vmm-sys-util's `SeekHole` wants a `&mut File` (it moves the
-//! file position), hence `next_data` here; `flock` and `fdatasync` have no
-//! wrapper there; neither has `FICLONERANGE` or `copy_file_range`.
+//! file position), hence `next_data` here; neither has `FICLONERANGE` or
+//! `copy_file_range`. Locks are std's `flock`s, with the non-blocking
+//! tries answered as a `bool`; syncs are std's `File::sync_data`.
 //! Return codes are read with vmm-sys-util's `SyscallReturnCode`.
 
+use std::fs::{File, TryLockError};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
@@ -55,34 +57,26 @@ pub fn unsupported(e: &io::Error) -> bool {
     )
 }
 
-pub fn fdatasync(fd: BorrowedFd<'_>) -> io::Result<()> {
-    retry_interrupted(|| {
-        // SAFETY: fdatasync takes no pointers.
-        SyscallReturnCode(unsafe { libc::fdatasync(fd.as_raw_fd()) }).into_empty_result()
-    })
-}
-
 /// Takes an exclusive lock without waiting; `Ok(false)` if someone holds it.
-pub fn try_lock_exclusive(fd: BorrowedFd<'_>) -> io::Result<bool> {
-    try_lock(fd, libc::LOCK_EX)
+pub fn try_lock_exclusive(file: &File) -> io::Result<bool> {
+    try_lock(|| file.try_lock())
 }
 
 /// Takes a shared lock without waiting; `Ok(false)` if someone holds it
 /// exclusively.
-pub fn try_lock_shared(fd: BorrowedFd<'_>) -> io::Result<bool> {
-    try_lock(fd, libc::LOCK_SH)
+pub fn try_lock_shared(file: &File) -> io::Result<bool> {
+    try_lock(|| file.try_lock_shared())
 }
 
-fn try_lock(fd: BorrowedFd<'_>, operation: libc::c_int) -> io::Result<bool> {
-    let locked = retry_interrupted(|| {
-        // SAFETY: flock takes no pointers.
-        let r = unsafe { libc::flock(fd.as_raw_fd(), operation | libc::LOCK_NB) };
-        SyscallReturnCode(r).into_empty_result()
-    });
-    match locked {
-        Ok(()) => Ok(true),
-        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(false),
-        Err(e) => Err(e),
+/// One non-blocking `flock` attempt, tried again only if interrupted.
+fn try_lock(mut attempt: impl FnMut() -> Result<(), TryLockError>) -> io::Result<bool> {
+    loop {
+        match attempt() {
+            Ok(()) => return Ok(true),
+            Err(TryLockError::WouldBlock) => return Ok(false),
+            Err(TryLockError::Error(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(TryLockError::Error(e)) => return Err(e),
+        }
     }
 }
 
@@ -175,5 +169,37 @@ pub fn parent_dir(path: &std::path::Path) -> &std::path::Path {
     match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => std::path::Path::new("."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tries_answer_whether_the_lock_was_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lock");
+        let open = || File::create(&path).unwrap();
+        let (first, second) = (open(), open());
+        assert!(try_lock_shared(&first).unwrap());
+        assert!(
+            try_lock_shared(&second).unwrap(),
+            "a shared lock excluded another"
+        );
+        assert!(!try_lock_exclusive(&open()).unwrap(), "shared lock ignored");
+        drop((first, second));
+        let holder = open();
+        assert!(try_lock_exclusive(&holder).unwrap());
+        assert!(
+            !try_lock_exclusive(&open()).unwrap(),
+            "exclusive lock ignored"
+        );
+        assert!(!try_lock_shared(&open()).unwrap(), "exclusive lock ignored");
+        drop(holder);
+        assert!(
+            try_lock_exclusive(&open()).unwrap(),
+            "lock kept after close"
+        );
     }
 }
