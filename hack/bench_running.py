@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_fork import NODES, READY, LaunchRun, check_nodes, launch_fork, launch_fresh, node_names  # noqa: E402
+import bench_fork  # noqa: E402
+from bench_fork import READY, check_nodes, launch_fork, launch_fresh, node_names  # noqa: E402
 from benchlib import OCIBLK, ROOT, median, replace_section, stop  # noqa: E402
 
 MIB = 1 << 20
@@ -55,7 +56,7 @@ def pss_of_fork(snapshot, state, log, timeout):
         p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=out)
         try:
             rows, deadline = 0, time.monotonic() + timeout
-            while rows < NODES + 1:
+            while rows < bench_fork.NODES + 1:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"no table of times within {timeout} s (log {log})")
                 line = p.stdout.readline()
@@ -82,6 +83,7 @@ def guest_memory(snapshot):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--nodes", type=int, default=3, help="nodes of the cluster (section 7 is of 3)")
     ap.add_argument("--timeout", type=int, default=400, help="seconds a cluster may take to be ready")
     ap.add_argument("--write-md", action="store_true", help="replace section 7 of BENCHMARKS.md")
     a = ap.parse_args()
@@ -95,7 +97,9 @@ def main():
     shutil.rmtree(logs, ignore_errors=True)
     logs.mkdir()
     started = time.monotonic()
-    res = {"date": time.strftime("%Y-%m-%d"), "reps": a.reps, "nodes": NODES}
+    # The fork benchmark's helpers read the cluster's size from its module.
+    bench_fork.NODES = a.nodes
+    res = {"date": time.strftime("%Y-%m-%d"), "reps": a.reps, "nodes": a.nodes}
     try:
         snaps, ids, saves = {}, {}, {"running": [], "cold": []}
         for rep in range(a.reps):
@@ -115,7 +119,7 @@ def main():
                     shutil.rmtree(state)
                 if kind == "cold":
                     check_nodes(r, "found state", ids[kind])
-                elif r.table_at is None or len(r.table) != NODES:
+                elif r.table_at is None or len(r.table) != bench_fork.NODES:
                     raise RuntimeError(f"the running fork printed no table of times (log {r.log})")
                 forks[kind].append(r.table_at)
                 print(f"fork rep{rep} {kind:7} every node back after {r.table_at:.2f} s", flush=True)
