@@ -8,7 +8,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use ociblk_io::iobuf::IoBufs;
@@ -254,25 +254,6 @@ fn output_io(path: &Path, action: &'static str) -> impl FnOnce(io::Error) -> Out
     }
 }
 
-/// What a file is, for a refusal.
-fn kind_of(t: fs::FileType) -> &'static str {
-    if t.is_dir() {
-        "a directory"
-    } else if t.is_symlink() {
-        "a symbolic link"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_socket() {
-        "a socket"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_char_device() {
-        "a character device"
-    } else {
-        "not a regular file"
-    }
-}
-
 /// The output of an export: a new file (mode [`OUTPUT_MODE`]) under a
 /// temporary name in the output's directory, linked or renamed to the
 /// output by [`OutputFile::commit`]. Dropped before that, it removes the
@@ -298,7 +279,7 @@ impl OutputFile {
             Ok(meta) => {
                 return Err(OutputError::NotRegular {
                     path: path.to_owned(),
-                    kind: kind_of(meta.file_type()),
+                    kind: ociblk_io::sys::file_kind(meta.file_type()),
                 });
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,

@@ -4,7 +4,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use ociblk_io::sys;
@@ -110,25 +110,12 @@ pub(crate) fn open_locked(path: &Path, access: Access) -> Result<(File, bool, u6
 }
 
 fn check_regular(path: &Path, meta: &fs::Metadata) -> Result<(), OverlayError> {
-    let t = meta.file_type();
-    let kind = if t.is_file() {
+    if meta.is_file() {
         return Ok(());
-    } else if t.is_dir() {
-        "a directory"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_socket() {
-        "a socket"
-    } else {
-        "not a file"
-    };
+    }
     Err(OverlayError::NotRegular {
         path: path.to_path_buf(),
-        kind,
+        kind: ociblk_io::sys::file_kind(meta.file_type()),
     })
 }
 

@@ -12,9 +12,7 @@
 
 use std::fs::{DirBuilder, File, Metadata};
 use std::io::{self, Read as _};
-use std::os::unix::fs::{
-    DirBuilderExt as _, FileTypeExt as _, MetadataExt as _, OpenOptionsExt as _,
-};
+use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _};
 use std::path::Path;
 
 use crate::error::{Error, Result};
@@ -32,24 +30,7 @@ pub(crate) enum Access {
 
 /// What kind of file `meta` is, for an error message.
 pub(crate) fn kind_of(meta: &Metadata) -> &'static str {
-    let t = meta.file_type();
-    if t.is_file() {
-        "a regular file"
-    } else if t.is_dir() {
-        "a directory"
-    } else if t.is_symlink() {
-        "a symbolic link"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_socket() {
-        "a socket"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_char_device() {
-        "a character device"
-    } else {
-        "not a regular file"
-    }
+    ociblk_io::sys::file_kind(meta.file_type())
 }
 
 fn not_regular(what: &str) -> io::Error {
