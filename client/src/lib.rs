@@ -55,6 +55,7 @@ mod config;
 mod memory;
 mod queue;
 mod request;
+mod ring;
 pub mod rng;
 
 use std::net::Shutdown;
@@ -89,6 +90,7 @@ pub use request::{
     BLK_HEADER_SIZE, BLK_ID_SIZE, BLK_SEGMENT_SIZE, BlkStatus, Completion, GuestBuffer,
     POISON_BYTE, RawCompletion, RawData, RawDesc, Request, Token, blk_header, blk_segment,
 };
+pub use ring::{DESC_SIZE, SplitRing};
 
 use config::MIN_CONFIG_SIZE;
 use memory::{BufferPool, PAGE_SIZE, SharedRam};

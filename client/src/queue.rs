@@ -23,15 +23,8 @@ use super::request::{
     BLK_ID_SIZE, BlkStatus, Completion, GuestBuffer, POISON_BYTE, RawCompletion, RawData, RawDesc,
     Request, Token, blk_header, blk_segment,
 };
+use super::ring::{DESC_SIZE, SplitRing};
 
-/// Size of one split-ring descriptor (`struct vring_desc`).
-const DESC_SIZE: u64 = 16;
-/// Size of one used-ring element (`struct vring_used_elem`).
-const USED_ELEM_SIZE: u64 = 8;
-/// Offset of `idx` in the avail and used rings (after `flags`).
-const RING_IDX_OFFSET: u64 = 2;
-/// Offset of `ring[0]` in the avail and used rings (after `flags` and `idx`).
-const RING_ENTRIES_OFFSET: u64 = 4;
 /// How long a completion found without a call is given for the call to arrive before
 /// it counts as a missed notification.
 const NOTIFICATION_GRACE: Duration = Duration::from_millis(200);
@@ -48,21 +41,21 @@ pub(crate) struct RingLayout {
 impl RingLayout {
     /// Lays out a ring of `size` entries starting at guest address `start`.
     pub(crate) fn new(start: u64, size: u16) -> Self {
-        let n = u64::from(size);
         let desc = align_up(start, PAGE_SIZE);
-        let avail = align_up(desc + DESC_SIZE * n, PAGE_SIZE);
-        // flags, idx, ring[n], used_event
-        let avail_bytes = RING_ENTRIES_OFFSET + 2 * n + 2;
-        let used = align_up(avail + avail_bytes, PAGE_SIZE);
-        // flags, idx, ring[n], avail_event
-        let used_bytes = RING_ENTRIES_OFFSET + USED_ELEM_SIZE * n + 2;
-        let end = align_up(used + used_bytes, PAGE_SIZE);
+        let avail = align_up(desc + SplitRing::desc_table_bytes(size), PAGE_SIZE);
+        let used = align_up(avail + SplitRing::avail_ring_bytes(size), PAGE_SIZE);
+        let end = align_up(used + SplitRing::used_ring_bytes(size), PAGE_SIZE);
         Self {
             desc,
             avail,
             used,
             end,
         }
+    }
+
+    /// The ring of `size` entries this layout places.
+    pub(crate) fn split_ring(&self, size: u16) -> SplitRing {
+        SplitRing::new(self.desc, self.avail, self.used, size)
     }
 }
 
@@ -192,6 +185,8 @@ pub struct BlkQueue {
     settings: QueueSettings,
     ram: SharedRam,
     ring: RingLayout,
+    /// The ring's fields within `ring`.
+    split: SplitRing,
     kick: EventFd,
     call: EventFd,
     sock: Arc<UnixStream>,
@@ -233,6 +228,7 @@ impl BlkQueue {
             settings,
             ram,
             ring,
+            split: ring.split_ring(size),
             kick: eventfd("kick")?,
             call: eventfd("call")?,
             sock,
@@ -256,8 +252,9 @@ impl BlkQueue {
 
     /// Zeroes the ring memory (flags, indices, event fields).
     fn reset_ring(&mut self) -> Result<(), ClientError> {
-        let zeros = vec![0u8; (self.ring.end - self.ring.desc) as usize];
-        self.write_mem(self.ring.desc, &zeros)
+        self.split
+            .reset(self.ram.mem())
+            .map_err(|e| self.gmem_err(self.ring.desc, e))
     }
 
     /// The queue's index.
@@ -303,7 +300,7 @@ impl BlkQueue {
 
     /// Guest addresses of the descriptor table, avail ring and used ring.
     pub fn ring_addresses(&self) -> (u64, u64, u64) {
-        (self.ring.desc, self.ring.avail, self.ring.used)
+        self.split.addresses()
     }
 
     /// With `on` (the default) every submission notifies the device; with `off`
@@ -341,28 +338,6 @@ impl BlkQueue {
             .mem()
             .read_obj(GuestAddress(addr))
             .map_err(|e| self.gmem_err(addr, e))
-    }
-
-    fn store_u16(&self, addr: u64, value: u16, order: Ordering) -> Result<(), ClientError> {
-        self.ram
-            .mem()
-            .store(value, GuestAddress(addr), order)
-            .map_err(|e| self.gmem_err(addr, e))
-    }
-
-    fn load_u16(&self, addr: u64, order: Ordering) -> Result<u16, ClientError> {
-        self.ram
-            .mem()
-            .load(GuestAddress(addr), order)
-            .map_err(|e| self.gmem_err(addr, e))
-    }
-
-    fn used_event_addr(&self) -> u64 {
-        self.ring.avail + RING_ENTRIES_OFFSET + 2 * u64::from(self.settings.size)
-    }
-
-    fn avail_event_addr(&self) -> u64 {
-        self.ring.used + RING_ENTRIES_OFFSET + USED_ELEM_SIZE * u64::from(self.settings.size)
     }
 
     fn fill(&self, addr: u64, len: u32, byte: u8) -> Result<(), ClientError> {
@@ -461,12 +436,15 @@ impl BlkQueue {
         if next.is_some() {
             flags |= VRING_DESC_F_NEXT as u16;
         }
-        let mut bytes = [0u8; DESC_SIZE as usize];
-        bytes[0..8].copy_from_slice(&desc.addr.to_le_bytes());
-        bytes[8..12].copy_from_slice(&desc.len.to_le_bytes());
-        bytes[12..14].copy_from_slice(&flags.to_le_bytes());
-        bytes[14..16].copy_from_slice(&next.unwrap_or(0).to_le_bytes());
-        self.write_mem(addr, &bytes)
+        SplitRing::write_desc_at(
+            self.ram.mem(),
+            addr,
+            desc.addr,
+            desc.len,
+            flags,
+            next.unwrap_or(0),
+        )
+        .map_err(|e| self.gmem_err(addr, e))
     }
 
     /// Plans, writes and publishes one chain, then notifies if auto-kick is on.
@@ -501,7 +479,7 @@ impl BlkQueue {
         let ids = &lists.ring_descs;
         let mut result = Ok(());
         for (i, desc) in planned.iter().enumerate() {
-            let addr = self.ring.desc + DESC_SIZE * u64::from(ids[i]);
+            let addr = self.split.desc_addr(ids[i]);
             result = self.write_desc(addr, desc, ids.get(i + 1).copied());
             if result.is_err() {
                 break;
@@ -518,19 +496,11 @@ impl BlkQueue {
         self.in_flight[usize::from(head)] = Some(InFlight { token, lists, kind });
         self.in_flight_count += 1;
 
-        let slot = u64::from(self.next_avail % self.settings.size);
-        self.store_u16(
-            self.ring.avail + RING_ENTRIES_OFFSET + 2 * slot,
-            head,
-            Ordering::Relaxed,
-        )?;
-        self.next_avail = self.next_avail.wrapping_add(1);
         // Release: descriptors and the ring entry are visible before the new index.
-        self.store_u16(
-            self.ring.avail + RING_IDX_OFFSET,
-            self.next_avail,
-            Ordering::Release,
-        )?;
+        self.next_avail = self
+            .split
+            .publish(self.ram.mem(), self.next_avail, head)
+            .map_err(|e| self.gmem_err(self.ring.avail, e))?;
         self.stats.submitted += 1;
         if self.auto_kick {
             self.kick()?;
@@ -603,10 +573,16 @@ impl BlkQueue {
         let needed = if !self.settings.kick_suppression {
             true
         } else if self.settings.event_idx {
-            let event = self.load_u16(self.avail_event_addr(), Ordering::Relaxed)?;
+            let event = self
+                .split
+                .avail_event(self.ram.mem())
+                .map_err(|e| self.gmem_err(self.split.avail_event_addr(), e))?;
             need_event(event, self.next_avail, self.notified_at)
         } else {
-            let flags = self.load_u16(self.ring.used, Ordering::Relaxed)?;
+            let flags = self
+                .split
+                .used_flags(self.ram.mem())
+                .map_err(|e| self.gmem_err(self.split.used_flags_addr(), e))?;
             flags & VRING_USED_F_NO_NOTIFY as u16 == 0
         };
         self.notified_at = self.next_avail;
@@ -771,10 +747,10 @@ impl BlkQueue {
 
     /// Takes the used entry at `last_used` and finishes its request.
     fn complete_one(&mut self) -> Result<(), ClientError> {
-        let slot = u64::from(self.last_used % self.settings.size);
-        let elem = self.ring.used + RING_ENTRIES_OFFSET + USED_ELEM_SIZE * slot;
-        let id = u32::from_le(self.read_obj::<u32>(elem)?);
-        let used_len = u32::from_le(self.read_obj::<u32>(elem + 4)?);
+        let (id, used_len) = self
+            .split
+            .used_elem(self.ram.mem(), self.last_used)
+            .map_err(|e| self.gmem_err(self.split.used_elem_addr(self.last_used), e))?;
         self.last_used = self.last_used.wrapping_add(1);
         self.stats.completed += 1;
         let flight = usize::try_from(id)
@@ -838,12 +814,19 @@ impl BlkQueue {
         }
     }
 
+    /// The used ring's index (acquire: the entries it covers are visible).
+    fn used_idx(&self) -> Result<u16, ClientError> {
+        self.split
+            .used_idx(self.ram.mem())
+            .map_err(|e| self.gmem_err(self.split.used_idx_addr(), e))
+    }
+
     /// Reaps every used entry the device has published; with `EVENT_IDX`, also asks
     /// for a call on the next completion. Returns how many entries were reaped.
     fn reap(&mut self) -> Result<usize, ClientError> {
         let mut reaped = 0;
         loop {
-            let used_idx = self.load_u16(self.ring.used + RING_IDX_OFFSET, Ordering::Acquire)?;
+            let used_idx = self.used_idx()?;
             let pending = used_idx.wrapping_sub(self.last_used);
             if usize::from(pending) > self.in_flight_count {
                 return Err(ClientError::BadUsedIndex {
@@ -857,11 +840,13 @@ impl BlkQueue {
                 if !self.settings.event_idx {
                     return Ok(reaped);
                 }
-                self.store_u16(self.used_event_addr(), self.last_used, Ordering::Relaxed)?;
+                self.split
+                    .set_used_event(self.ram.mem(), self.last_used)
+                    .map_err(|e| self.gmem_err(self.split.used_event_addr(), e))?;
                 // used_event must be visible before re-reading the used index, or a
                 // completion racing with it would be neither seen nor signalled.
                 fence(Ordering::SeqCst);
-                let again = self.load_u16(self.ring.used + RING_IDX_OFFSET, Ordering::Acquire)?;
+                let again = self.used_idx()?;
                 if again == self.last_used {
                     return Ok(reaped);
                 }
@@ -1121,7 +1106,7 @@ mod tests {
     struct Device {
         ram: SharedRam,
         queue: Queue,
-        ring: RingLayout,
+        ring: SplitRing,
     }
 
     impl Device {
@@ -1140,7 +1125,7 @@ mod tests {
             Self {
                 ram: Arc::clone(&q.ram),
                 queue,
-                ring: q.ring,
+                ring: q.split,
             }
         }
 
@@ -1171,7 +1156,7 @@ mod tests {
         fn desc(&self, index: u16) -> Descriptor {
             self.ram
                 .mem()
-                .read_obj(GuestAddress(self.ring.desc + DESC_SIZE * u64::from(index)))
+                .read_obj(GuestAddress(self.ring.desc_addr(index)))
                 .expect("descriptor")
         }
 
@@ -1192,8 +1177,7 @@ mod tests {
         /// Publishes a used entry whatever its id, as a broken device would.
         fn push_raw(&mut self, id: u32, len: u32) {
             let next = self.queue.next_used();
-            let slot = u64::from(next % SIZE);
-            let entry = self.ring.used + RING_ENTRIES_OFFSET + USED_ELEM_SIZE * slot;
+            let entry = self.ring.used_elem_addr(next);
             let mem = self.ram.mem();
             mem.write_obj(id.to_le(), GuestAddress(entry))
                 .expect("used id");
@@ -1202,7 +1186,7 @@ mod tests {
             let next = next.wrapping_add(1);
             mem.store(
                 next.to_le(),
-                GuestAddress(self.ring.used + RING_IDX_OFFSET),
+                GuestAddress(self.ring.used_idx_addr()),
                 Ordering::Release,
             )
             .expect("used idx");
@@ -1216,6 +1200,14 @@ mod tests {
             self.write(last.addr().0 + u64::from(last.len()) - 1, &[status]);
             self.push(head, 1);
         }
+    }
+
+    /// Writes a ring field as the device would.
+    fn store_u16(q: &BlkQueue, addr: u64, value: u16) {
+        q.ram
+            .mem()
+            .store(value.to_le(), GuestAddress(addr), Ordering::Release)
+            .expect("ring field");
     }
 
     fn signal(q: &BlkQueue) {
@@ -1450,7 +1442,7 @@ mod tests {
         let (mut q, _peer) = queue(true, false, false);
         let token = q.submit(Request::Flush).expect("submit");
         let mut dev = Device::new(&q);
-        let used_event = q.used_event_addr();
+        let used_event = q.split.used_event_addr();
         std::thread::scope(|s| {
             s.spawn(|| {
                 // Complete while the client sleeps, and never signal.
@@ -1508,8 +1500,7 @@ mod tests {
             Err(ClientError::BadUsedId { id: u32::MAX, .. })
         ));
         // A used index running ahead of what is in flight.
-        q.store_u16(q.ring.used + RING_IDX_OFFSET, 100, Ordering::Release)
-            .expect("idx");
+        store_u16(&q, q.split.used_idx_addr(), 100);
         assert!(matches!(
             q.poll_completions(&mut out),
             Err(ClientError::BadUsedIndex { used_idx: 100, .. })
@@ -1578,8 +1569,7 @@ mod tests {
         q.submit(Request::Flush).expect("submit");
         assert_eq!(q.stats().kicks, 1);
         // The device asks for a kick at index 2.
-        q.store_u16(q.avail_event_addr(), 2, Ordering::Relaxed)
-            .expect("avail_event");
+        store_u16(&q, q.split.avail_event_addr(), 2);
         q.submit(Request::Flush).expect("submit");
         assert_eq!(q.stats().kicks, 2);
         assert_eq!(q.kick.read().expect("kick count"), 2);
@@ -1588,16 +1578,10 @@ mod tests {
     #[test]
     fn no_notify_flag_suppresses_kicks_without_event_idx() {
         let (mut q, _peer) = queue(false, false, true);
-        q.store_u16(
-            q.ring.used,
-            VRING_USED_F_NO_NOTIFY as u16,
-            Ordering::Relaxed,
-        )
-        .expect("flags");
+        store_u16(&q, q.split.used_flags_addr(), VRING_USED_F_NO_NOTIFY as u16);
         q.submit(Request::Flush).expect("submit");
         assert_eq!(q.stats().kicks, 0);
-        q.store_u16(q.ring.used, 0, Ordering::Relaxed)
-            .expect("flags");
+        store_u16(&q, q.split.used_flags_addr(), 0);
         q.submit(Request::Flush).expect("submit");
         assert_eq!(q.stats().kicks, 1);
     }

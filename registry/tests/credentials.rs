@@ -4,15 +4,13 @@
 //! `REGISTRY_AUTH_FILE` and `$XDG_RUNTIME_DIR/containers/auth.json`. Each
 //! case runs `ociblk-registry-fetch` with an environment of its own.
 
-mod support;
-
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use base64::Engine as _;
-use support::fixture::{Fixture, REPO_TAG};
-use support::{Auth, Registry, write_chunk_hashes};
+use ociblk_registry_test_support::fixture::{Fixture, REPO_TAG};
+use ociblk_registry_test_support::{Auth, Registry, write_chunk_hashes};
 
 /// `ociblk:test-password`, bcrypt.
 const HTPASSWD: &str = "ociblk:$2b$04$1zGbIXKr/YkKwu3FCABTyuFbfoL4aZ1T0FcV0uB7HcF5qzwvNVHuy\n";

@@ -2,16 +2,14 @@
 //! `docker-registry` as a pull-through cache (`proxy.remoteurl`) in front
 //! of another, and a mirror holding altered bytes.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ociblk_registry::mirrors::ConfSource;
 use ociblk_registry::{Digest, Options, RegistryImage};
-use support::fixture::{Fixture, REPO_TAG, reference, temp_cache};
-use support::proxy::{Behaviour, Proxy};
-use support::{Registry, SampleImage};
+use ociblk_registry_test_support::fixture::{Fixture, REPO_TAG, reference, temp_cache};
+use ociblk_registry_test_support::proxy::{Behaviour, Proxy};
+use ociblk_registry_test_support::{Registry, SampleImage};
 
 /// Writes a registries.conf in `dir` with `text` and returns options
 /// reading it alone.

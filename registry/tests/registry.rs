@@ -1,15 +1,13 @@
 //! ociblk-registry against a real registry: Debian's `docker-registry`
 //! (CNCF distribution) on loopback, the sample image pushed with `skopeo`.
 
-mod support;
-
 use std::process::Command;
 use std::sync::Barrier;
 use std::time::Duration;
 
 use ociblk_registry::{BlobSpec, Cache, Error, Options, RegistryImage};
-use support::fixture::{Fixture, REPO_TAG, reference, temp_cache};
-use support::{Registry, Tmpfs, write_chunk_hashes};
+use ociblk_registry_test_support::fixture::{Fixture, REPO_TAG, reference, temp_cache};
+use ociblk_registry_test_support::{Auth, Registry, Tmpfs, token, write_chunk_hashes};
 
 /// `ociblk-registry-fetch` filling every chunk of `blob` of [`REPO_TAG`] at
 /// `host` into the fixture's cache, checked against the `hashes` file;
@@ -561,7 +559,7 @@ const HTPASSWD: &str = "ociblk:$2b$04$1zGbIXKr/YkKwu3FCABTyuFbfoL4aZ1T0FcV0uB7Hc
 #[test]
 fn basic_auth_uses_the_credentials_of_the_auth_file() {
     let f = Fixture::pushed_to(
-        Registry::start_with(support::Auth::Htpasswd(HTPASSWD)),
+        Registry::start_with(Auth::Htpasswd(HTPASSWD)),
         Some("ociblk:test-password"),
     );
     let host = f.registry.host();
@@ -700,8 +698,8 @@ fn a_full_cache_file_system_fails_the_chunk_and_recovers_when_space_is_freed() {
 #[test]
 fn bearer_token_from_the_challenge_realm_is_fetched_once_and_used() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let issuer = support::token::TokenIssuer::start(dir.path());
-    let f = Fixture::pushed_to(Registry::start_with(support::Auth::Token(&issuer)), None);
+    let issuer = token::TokenIssuer::start(dir.path());
+    let f = Fixture::pushed_to(Registry::start_with(Auth::Token(&issuer)), None);
     let pushed = issuer.requests().len();
     assert!(
         pushed > 0,
@@ -727,7 +725,7 @@ fn bearer_token_from_the_challenge_realm_is_fetched_once_and_used() {
     assert_eq!(ours.len(), 1, "token requests: {ours:?}");
     assert!(
         ours[0].contains("scope=repository%3Amonogon%2Fos%3Apull")
-            && ours[0].contains(&format!("service={}", support::token::SERVICE)),
+            && ours[0].contains(&format!("service={}", token::SERVICE)),
         "token request: {}",
         ours[0]
     );

@@ -3,14 +3,12 @@
 //! certificate problems a host can have (unknown CA, wrong name, expired),
 //! and mutual TLS with and without a client certificate.
 
-mod support;
-
 use ociblk_registry::tls::CertDirs;
 use ociblk_registry::{Error, Options};
-use support::fixture::{Fixture, REPO_TAG};
-use support::pki::{Issued, TestCa, Validity};
-use support::relay::Relay;
-use support::{Registry, TlsServe};
+use ociblk_registry_test_support::fixture::{Fixture, REPO_TAG};
+use ociblk_registry_test_support::pki::{Issued, TestCa, Validity};
+use ociblk_registry_test_support::relay::Relay;
+use ociblk_registry_test_support::{Registry, TlsServe};
 
 /// The sample image in a registry serving `server`'s certificate (asking
 /// for client certificates from `client_ca` when given).

@@ -2,8 +2,6 @@
 //! (and the real registry behind the counting proxy): where plain HTTP
 //! may go, where credentials may go, and waits a server asks for.
 
-mod support;
-
 use std::io::Write as _;
 use std::net::{Shutdown, TcpStream};
 use std::sync::{Arc, Mutex};
@@ -12,8 +10,8 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use ociblk_registry::client::RegistryClient;
 use ociblk_registry::{Error, Options};
-use support::fixture::{Fixture, reference};
-use support::loopback::{LoopbackServer, read_request_head};
+use ociblk_registry_test_support::fixture::{Fixture, reference};
+use ociblk_registry_test_support::loopback::{LoopbackServer, read_request_head};
 
 /// A host that is not loopback: nothing may go there over plain HTTP
 /// (TEST-NET-1, never routed; the client must not even try).

@@ -5,8 +5,8 @@
 //! [`RawConn`] is the byte-level connection (12-byte header: request,
 //! flags, size; payload; descriptors with `SCM_RIGHTS`). [`RawFrontend`]
 //! performs a valid setup of queue 0 over a memfd of its own, then lets the
-//! test write descriptor tables (virtio-queue's mock views) and ring
-//! indexes by hand. Request codes are vhost's [`FrontendReq`], flags and
+//! test write descriptors and ring indexes by hand, through the client's
+//! [`SplitRing`] (the same ring code `ociblk-client` drives its queues with). Request codes are vhost's [`FrontendReq`], flags and
 //! feature bits come from vhost and virtio-bindings.
 //!
 //! Every receive is bounded by the socket timeout given at connect.
@@ -17,7 +17,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ociblk_client::GuestRam;
+use ociblk_client::{GuestRam, SplitRing};
 use vhost::VhostUserMemoryRegionInfo;
 pub use vhost::vhost_user::message::FrontendReq;
 use vhost::vhost_user::message::{
@@ -26,9 +26,6 @@ use vhost::vhost_user::message::{
 use virtio_bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
-use virtio_queue::desc::RawDescriptor;
-use virtio_queue::desc::split::Descriptor as SplitDescriptor;
-use virtio_queue::mock::{AvailRing, DescriptorTable, UsedRing};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -375,22 +372,6 @@ impl GuestMem {
             .unwrap_or_else(|e| panic!("{len} bytes at {offset:#x}: {e}"));
         out
     }
-
-    pub fn write_u16(&self, offset: u64, v: u16) {
-        self.write(offset, &v.to_le_bytes());
-    }
-
-    pub fn read_u16(&self, offset: u64) -> u16 {
-        let b = self.read(offset, 2);
-        u16::from_le_bytes([b[0], b[1]])
-    }
-
-    /// Writes split-ring descriptor `index` of a table at `table`.
-    pub fn write_desc(&self, table: u64, index: u16, desc: SplitDescriptor) {
-        DescriptorTable::new(self.mem(), GuestAddress(table), index.saturating_add(1))
-            .store(index, RawDescriptor::from(desc))
-            .unwrap_or_else(|e| panic!("descriptor {index} at {table:#x}: {e:?}"));
-    }
 }
 
 /// A memfd of `len` bytes, not mapped.
@@ -429,6 +410,8 @@ pub struct RawFrontend {
     pub call: EventFd,
     /// Features acked with SET_FEATURES.
     pub features: u64,
+    /// Queue 0's ring at [`DESC_TABLE`], [`AVAIL_RING`], [`USED_RING`].
+    pub ring: SplitRing,
     next_avail: u16,
 }
 
@@ -470,9 +453,9 @@ impl RawFrontend {
         )?;
         let features = offered;
         let mem = GuestMem::new(mem_size)?;
+        let ring = SplitRing::new(DESC_TABLE, AVAIL_RING, USED_RING, queue_size);
         // Zeroed rings: flags, indexes and event fields.
-        AvailRing::new(mem.mem(), GuestAddress(AVAIL_RING), queue_size);
-        UsedRing::new(mem.mem(), GuestAddress(USED_RING), queue_size);
+        ring.reset(mem.mem()).map_err(io::Error::other)?;
         let fe = RawFrontend {
             conn,
             mem,
@@ -480,6 +463,7 @@ impl RawFrontend {
             kick: EventFd::new(EFD_NONBLOCK)?,
             call: EventFd::new(EFD_NONBLOCK)?,
             features,
+            ring,
             next_avail: 0,
         };
         fe.ack(FrontendReq::SET_OWNER, &[], &[])?;
@@ -543,26 +527,25 @@ impl RawFrontend {
 
     /// Writes descriptor `index` of the table at [`DESC_TABLE`].
     pub fn set_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        self.mem.write_desc(
-            DESC_TABLE,
-            index,
-            SplitDescriptor::new(addr, len, flags, next),
-        );
+        self.ring
+            .write_desc(self.mem.mem(), index, addr, len, flags, next)
+            .unwrap_or_else(|e| panic!("descriptor {index}: {e}"));
     }
 
     /// Puts `head` in the next avail slot, publishes the new index and kicks.
     pub fn publish(&mut self, head: u16) {
-        let slot = u64::from(self.next_avail % self.queue_size);
-        self.mem.write_u16(AVAIL_RING + 4 + 2 * slot, head);
-        self.next_avail = self.next_avail.wrapping_add(1);
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.set_avail_idx(self.next_avail);
+        self.next_avail = self
+            .ring
+            .publish(self.mem.mem(), self.next_avail, head)
+            .unwrap_or_else(|e| panic!("avail entry {}: {e}", self.next_avail));
         self.kick();
     }
 
     /// Writes the avail ring's index (any value).
     pub fn set_avail_idx(&self, idx: u16) {
-        self.mem.write_u16(AVAIL_RING + 2, idx);
+        self.ring
+            .set_avail_idx(self.mem.mem(), idx)
+            .unwrap_or_else(|e| panic!("avail idx: {e}"));
     }
 
     /// Notifies the backend.
@@ -572,14 +555,17 @@ impl RawFrontend {
 
     /// The used ring's index.
     pub fn used_idx(&self) -> u16 {
-        self.mem.read_u16(USED_RING + 2)
+        self.ring
+            .used_idx(self.mem.mem())
+            .unwrap_or_else(|e| panic!("used idx: {e}"))
     }
 
     /// The `avail_event` the device publishes (EVENT_IDX): how far it has
     /// consumed the avail ring.
     pub fn avail_event(&self) -> u16 {
-        self.mem
-            .read_u16(USED_RING + 4 + 8 * u64::from(self.queue_size))
+        self.ring
+            .avail_event(self.mem.mem())
+            .unwrap_or_else(|e| panic!("avail_event: {e}"))
     }
 
     /// Waits (polling, bounded) until the device has consumed the avail ring
@@ -602,7 +588,9 @@ impl RawFrontend {
     }
 }
 
-/// Writes a split-ring descriptor at guest offset `at` of `mem`.
+/// Writes a split-ring descriptor at guest offset `at` of `mem` (an
+/// indirect table, or a descriptor table placed anywhere).
 pub fn write_desc(mem: &GuestMem, at: u64, addr: u64, len: u32, flags: u16, next: u16) {
-    mem.write_desc(at, 0, SplitDescriptor::new(addr, len, flags, next));
+    SplitRing::write_desc_at(mem.mem(), at, addr, len, flags, next)
+        .unwrap_or_else(|e| panic!("descriptor at {at:#x}: {e}"));
 }

@@ -11,7 +11,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ociblk_client::{BlkStatus, ClientOptions, VhostBlkClient};
+use ociblk_client::{BlkStatus, ClientOptions, SplitRing, VhostBlkClient};
 use ociblk_tests::node::TestNode;
 use ociblk_tests::oci::pseudo_random;
 use ociblk_tests::process::Server;
@@ -845,7 +845,9 @@ fn vring_cases(h: &mut Harness, scratch: &Path) {
             let (kick, _call) = vring_eventfds(&c);
             send_and_settle(&c, FrontendReq::SET_VRING_ENABLE, &vring_state(0, 1), &[]);
             // Something to pop, should the rings be used.
-            m.write_u16(AVAIL_RING + 2, 1);
+            SplitRing::new(DESC_TABLE, AVAIL_RING, USED_RING, 16)
+                .set_avail_idx(m.mem(), 1)
+                .unwrap();
             kick.write(1).unwrap();
             barrier(&c);
         });

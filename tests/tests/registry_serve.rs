@@ -7,9 +7,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-#[path = "../../registry/tests/support/mod.rs"]
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -17,14 +14,14 @@ use std::time::Duration;
 use ociblk_client::{BlkStatus, ClientOptions, VhostBlkClient};
 use ociblk_layout::{DiskParams, Layout, OsImage};
 use ociblk_registry::{AccessRecord, BlobSpec, ChunkRef};
+use ociblk_registry_test_support::fixture::REPO_TAG;
+use ociblk_registry_test_support::proxy::{Behaviour, Proxy};
+use ociblk_registry_test_support::{Registry, SampleImage, Tmpfs, read_range};
 use ociblk_tests::node::TestNode;
 use ociblk_tests::process::Server;
 use ociblk_tests::support::{
     ociblk_bin, payload_disk_offsets, run_bounded, run_err, run_ok, wait_until,
 };
-use support::fixture::REPO_TAG;
-use support::proxy::{Behaviour, Proxy};
-use support::{Registry, SampleImage};
 
 const SEED: &str = "reg";
 /// A small disk: the whole of it is exported for comparison.
@@ -147,7 +144,7 @@ impl Fixture {
 
     /// The local layout's disk bytes `[offset, offset + len)`.
     fn local(&self, offset: u64, len: u64) -> Vec<u8> {
-        support::read_range(&self.local_disk, offset, len)
+        read_range(&self.local_disk, offset, len)
     }
 
     /// Blob requests that the proxy saw answered with bytes, for payload `name`.
@@ -437,7 +434,7 @@ fn torn_cached_chunk_is_fetched_again_and_served_right() {
         kernel.table_digest().hex()
     ));
     let at = 4 * kernel.chunk_size + 10;
-    let mut byte = support::read_range(&cached, at, 1);
+    let mut byte = read_range(&cached, at, 1);
     byte[0] ^= 0xff;
     std::os::unix::fs::FileExt::write_all_at(
         &std::fs::OpenOptions::new()
@@ -1071,7 +1068,7 @@ fn fifos_as_access_record_tag_record_or_prefetch_file_are_refused_not_waited_on(
 #[test]
 fn a_full_cache_file_system_starts_a_cached_tag_and_pull_says_no_space() {
     let fx = Fixture::new();
-    let small = support::Tmpfs::mount(&fx.node.dir().join("small"), "24M");
+    let small = Tmpfs::mount(&fx.node.dir().join("small"), "24M");
     let cache = small.0.join("cache");
     let cache_arg = cache.display().to_string();
     run_ok(Command::new(ociblk_bin()).args(["pull", &fx.reference(), "--cache", &cache_arg]));

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::loopback::{LoopbackServer, read_request_head};
+use crate::loopback::{LoopbackServer, read_request_head};
 
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 

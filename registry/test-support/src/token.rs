@@ -14,7 +14,7 @@ use base64::Engine as _;
 use ring::rand::SystemRandom;
 use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
 
-use super::loopback::{LoopbackServer, read_request_head};
+use crate::loopback::{LoopbackServer, read_request_head};
 
 pub const ISSUER: &str = "ociblk-test-issuer";
 pub const SERVICE: &str = "ociblk-test-registry";
@@ -34,7 +34,7 @@ impl TokenIssuer {
     /// Makes a P-256 key and self-signed certificate in `dir` (openssl) and
     /// starts issuing on a free loopback port.
     pub fn start(dir: &Path) -> TokenIssuer {
-        let openssl = super::require_tool("openssl", "openssl");
+        let openssl = crate::require_tool("openssl", "openssl");
         let (key_pem, cert_pem) = (dir.join("token-key.pem"), dir.join("token-cert.pem"));
         let out = Command::new(openssl)
             .args([

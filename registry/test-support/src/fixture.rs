@@ -4,8 +4,8 @@
 
 use ociblk_registry::{BlobSpec, Cache, Error, Options, Reference, RegistryImage};
 
-use super::proxy::{Behaviour, Proxy};
-use super::{Registry, SampleImage, read_range};
+use crate::proxy::{Behaviour, Proxy};
+use crate::{Registry, SampleImage, read_range};
 
 /// The repository and tag the sample image is pushed as.
 pub const REPO_TAG: &str = "monogon/os:v1";
@@ -34,6 +34,8 @@ pub struct Fixture {
 
 impl Fixture {
     /// The sample image in a fresh registry that asks for no credentials.
+    // Not `Default`: this starts a registry process and pushes an image.
+    #[allow(clippy::new_without_default)]
     pub fn new() -> Fixture {
         Fixture::pushed_to(Registry::start(), None)
     }

@@ -1,8 +1,9 @@
 //! Test support: a real registry (Debian's `docker-registry`) on loopback
 //! with its own storage, the sample image pushed to it with `skopeo`, and a
 //! small loopback proxy that counts requests or rewrites answers.
-
-#![allow(dead_code)]
+//!
+//! Shared by the registry's own tests and the workspace's end-to-end tests
+//! (`ociblk-tests`) as a dev-dependency.
 
 pub mod fixture;
 pub mod loopback;
@@ -350,6 +351,7 @@ impl Drop for Registry {
 }
 
 /// A tmpfs mounted for the life of the value (root only).
+#[derive(Debug)]
 pub struct Tmpfs(pub std::path::PathBuf);
 
 impl Tmpfs {
@@ -410,7 +412,7 @@ pub struct SampleImage {
 
 impl SampleImage {
     pub fn load() -> SampleImage {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/sample-image");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../build/sample-image");
         let read = |p: PathBuf| {
             std::fs::read(&p).unwrap_or_else(|e| {
                 panic!(

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use super::loopback::LoopbackServer;
+use crate::loopback::LoopbackServer;
 
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::require_tool;
+use crate::require_tool;
 
 /// A CA in a temp dir of its own.
 #[derive(Debug)]
