@@ -15,10 +15,7 @@ use sha2::{Digest, Sha256};
 const CHUNK: u64 = 1 << 20;
 
 fn hex(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(Sha256::digest(data))
 }
 
 /// Writes an image whose payloads are sparse files of the given sizes. The

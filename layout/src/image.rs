@@ -594,9 +594,5 @@ fn check_verified(path: &Path, hex: &str, size: u64, bytes: &[u8]) -> Result<()>
 }
 
 pub(crate) fn hex_sha256(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(64);
-    for b in Sha256::digest(bytes) {
-        s.push_str(&format!("{b:02x}"));
-    }
-    s
+    hex::encode(Sha256::digest(bytes))
 }

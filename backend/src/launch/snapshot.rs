@@ -816,9 +816,7 @@ fn parse_digest(text: &str) -> Result<[u8; 32], String> {
         return Err(bad());
     }
     let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-    }
+    hex::decode_to_slice(hex, &mut out).map_err(|_| bad())?;
     Ok(out)
 }
 
