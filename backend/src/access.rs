@@ -30,7 +30,7 @@ impl AccessRecorder {
                 .iter()
                 .map(|s| {
                     s.chunk_hashes.as_ref()?;
-                    format!("sha256:{}", s.sha256).parse().ok()
+                    Digest::from_hex(&s.sha256).ok()
                 })
                 .collect(),
         )

@@ -103,7 +103,7 @@ pub fn open_image(arg: &Path, settings: &RegistrySettings) -> Result<LoadedImage
                 "registry image pinned to its manifest digest"
             );
             // The layout crate passes only checked 64-digit hex digests.
-            let blob_path = |hex: &str| match format!("sha256:{hex}").parse::<Digest>() {
+            let blob_path = |hex: &str| match Digest::from_hex(hex) {
                 Ok(digest) => registry.blobs.path(&digest),
                 Err(_) => cache.dir().join("blobs/sha256").join(hex),
             };
@@ -169,7 +169,7 @@ impl ChunkFetcher {
         for p in image.payloads.iter().filter(|p| p.is_uncompressed()) {
             let hashes = &p.chunk_hashes;
             let spec = BlobSpec {
-                digest: format!("sha256:{}", p.digest).parse()?,
+                digest: Digest::from_hex(&p.digest)?,
                 size: p.size,
                 chunk_size: p.hash_chunk_size,
                 chunk_sha256: (0..hashes.count())

@@ -76,10 +76,7 @@ struct Record {
 }
 
 fn hex_sha256(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(Sha256::digest(bytes))
 }
 
 fn split_records(data: &[u8]) -> (&[u8], Vec<&[u8]>) {

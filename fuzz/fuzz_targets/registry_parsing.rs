@@ -48,6 +48,7 @@ use libfuzzer_sys::fuzz_target;
 use ociblk_registry::challenge::Challenge;
 use ociblk_registry::client::{is_loopback, redirect_target};
 use ociblk_registry::credentials::parse_auth_file;
+use ociblk_registry::digest::Verify as _;
 use ociblk_registry::image::{OCI_MANIFEST, chunk_tables};
 use ociblk_registry::mirrors::{RegistriesConf, parse as parse_registries_conf};
 use ociblk_registry::reference::host_name;

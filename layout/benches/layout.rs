@@ -8,18 +8,11 @@ use std::hint::black_box;
 use std::path::Path;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use ociblk_digest::Digest;
 use ociblk_layout::{DiskParams, Layout, OsImage};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 
 const CHUNK: u64 = 1 << 20;
-
-fn hex(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 /// Writes an image whose payloads are sparse files of the given sizes. The
 /// layout never reads payload data, so their content does not matter; chunk
@@ -34,33 +27,33 @@ fn write_image(dir: &Path, system: u64, kernel: u64) {
         .into_iter()
         .enumerate()
     {
-        let digest = format!("{:064x}", i + 1);
-        fs::File::create(blobs.join(&digest))
+        let digest = Digest::from_hex(&format!("{:064x}", i + 1)).unwrap();
+        fs::File::create(blobs.join(digest.hex()))
             .unwrap()
             .set_len(size)
             .unwrap();
         // Opening decodes every hash; the values are not compared here.
         let hashes: Vec<String> = (0..size.div_ceil(CHUNK)).map(|_| "A".repeat(43)).collect();
         infos.push(json!({"name": name, "size": size, "hash_chunk_size": CHUNK, "chunk_hashes_sha256": hashes}));
-        layers.push(json!({"mediaType": "application/octet-stream", "digest": format!("sha256:{digest}"), "size": size}));
+        layers.push(json!({"mediaType": "application/octet-stream", "digest": digest.to_string(), "size": size}));
     }
     let config = serde_json::to_vec(
         &json!({"format_version": "1", "product_info": {"variant": "x86_64"}, "payloads": infos}),
     )
     .unwrap();
-    let cd = hex(&config);
-    fs::write(blobs.join(&cd), &config).unwrap();
+    let cd = Digest::of(&config);
+    fs::write(blobs.join(cd.hex()), &config).unwrap();
     let manifest = serde_json::to_vec(&json!({
         "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "artifactType": "application/vnd.monogon.os.image.v1",
-        "config": {"mediaType": "application/vnd.monogon.os.image.config.v1+json", "digest": format!("sha256:{cd}"), "size": config.len()},
+        "config": {"mediaType": "application/vnd.monogon.os.image.config.v1+json", "digest": cd.to_string(), "size": config.len()},
         "layers": layers,
     }))
     .unwrap();
-    let md = hex(&manifest);
-    fs::write(blobs.join(&md), &manifest).unwrap();
+    let md = Digest::of(&manifest);
+    fs::write(blobs.join(md.hex()), &manifest).unwrap();
     let index = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": format!("sha256:{md}"), "size": manifest.len()}]});
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md.to_string(), "size": manifest.len()}]});
     fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
 }
 

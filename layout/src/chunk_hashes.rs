@@ -62,7 +62,7 @@ impl std::error::Error for ChunkMismatch {}
 
 /// Lowercase hex of a digest.
 pub fn hex(digest: &Sha256Digest) -> String {
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(digest)
 }
 
 impl ChunkHashes {

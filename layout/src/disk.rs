@@ -290,10 +290,7 @@ impl Layout {
 
     /// The fingerprint as 64 hex digits.
     pub fn fingerprint_hex(&self) -> String {
-        self.fingerprint
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        hex::encode(self.fingerprint)
     }
 }
 

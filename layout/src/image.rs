@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use oci_spec::image::{Descriptor, ImageIndex, ImageManifest, MediaType};
+use ociblk_digest::Digest;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
 
 use crate::chunk_hashes::ChunkHashes;
 use crate::error::{Error, Result};
@@ -111,7 +111,7 @@ pub struct OsImage {
     /// [`OsImage::from_verified`] the name it was given (a registry
     /// reference pinned to its digest).
     pub dir: PathBuf,
-    pub manifest_digest: String,
+    pub manifest_digest: Digest,
     pub product_info: ProductInfo,
     pub payloads: Vec<Payload>,
 }
@@ -378,7 +378,7 @@ fn from_manifest(
     }
     Ok(OsImage {
         dir,
-        manifest_digest,
+        manifest_digest: check_hex(&manifest_path, "digest", &manifest_digest)?,
         product_info: config.product_info,
         payloads,
     })
@@ -488,19 +488,8 @@ fn descriptor_hex<'d>(referrer: &Path, field: &str, desc: &'d Descriptor) -> Res
     Ok(hex)
 }
 
-fn check_hex(referrer: &Path, field: &str, hex: &str) -> Result<()> {
-    if hex.len() != 64
-        || !hex
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
-        return Err(Error::invalid(
-            referrer,
-            field,
-            format!("{hex:?} is not 64 lowercase hex digits"),
-        ));
-    }
-    Ok(())
+fn check_hex(referrer: &Path, field: &str, hex: &str) -> Result<Digest> {
+    Digest::from_hex(hex).map_err(|e| Error::invalid(referrer, field, e.to_string()))
 }
 
 /// Checks digests in the raw JSON before the typed parse, so that a bad one
@@ -512,14 +501,14 @@ fn check_digests(path: &Path, doc: &serde_json::Value, fields: &[&str]) -> Resul
         };
         let s = s.as_str().unwrap_or_default();
         let field = format!("{field}.digest");
-        let hex = s.strip_prefix("sha256:").ok_or_else(|| {
+        let hex = Digest::strip_algorithm(s).ok_or_else(|| {
             Error::invalid(
                 path,
                 &field,
                 format!("{s:?} is not a sha256 digest (sha256:<64 hex digits>)"),
             )
         })?;
-        check_hex(path, &field, hex)
+        check_hex(path, &field, hex).map(drop)
     };
     for f in fields {
         match doc.get(*f) {
@@ -594,9 +583,5 @@ fn check_verified(path: &Path, hex: &str, size: u64, bytes: &[u8]) -> Result<()>
 }
 
 pub(crate) fn hex_sha256(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(64);
-    for b in Sha256::digest(bytes) {
-        s.push_str(&format!("{b:02x}"));
-    }
-    s
+    Digest::of(bytes).hex().to_owned()
 }

@@ -152,7 +152,7 @@ fn read_layer_map(
 
 /// `sha256:` and the first 12 hex digits of a digest, for messages.
 pub(super) fn short(d: &[u8; 32]) -> String {
-    format!("sha256:{}..", &format::hex(d)[..12])
+    ociblk_digest::Digest::from_sha256(d).short()
 }
 
 /// The layers under an overlay, bottom first, and the merged index.

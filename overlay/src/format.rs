@@ -866,5 +866,5 @@ fn count_byte(b: &[u8], v: u8) -> u64 {
 
 /// Lower-case hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(bytes)
 }

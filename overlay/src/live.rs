@@ -58,9 +58,7 @@ fn parse_boot_id(s: &str) -> Option<[u8; 16]> {
         return None;
     }
     let mut id = [0u8; 16];
-    for (byte, pair) in id.iter_mut().zip(digits.chunks(2)) {
-        *byte = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
-    }
+    hex::decode_to_slice(digits, &mut id).ok()?;
     Some(id)
 }
 

@@ -16,8 +16,8 @@ pub enum Error {
          (HOST[:PORT]/REPO[:TAG|@sha256:DIGEST]): {reason}"
     )]
     ImageSource { arg: String, reason: String },
-    #[error("{0:?} is not a sha256 digest (sha256: and 64 lowercase hex digits)")]
-    Digest(String),
+    #[error(transparent)]
+    Digest(#[from] ociblk_digest::ParseError),
     #[error("GET {url}: {source}")]
     Http {
         url: String,

@@ -9,7 +9,7 @@ use oci_spec::image::ImageManifest;
 
 use crate::cache::{BlobCache, Cache, METADATA_LIMIT};
 use crate::client::RegistryClient;
-use crate::digest::Digest;
+use crate::digest::{Digest, Verify as _};
 use crate::error::{Error, Result};
 use crate::fetch::BlobSource;
 use crate::options::Options;

@@ -88,7 +88,7 @@ pub fn content_hash(path: &Path) -> String {
         }
         offset = hole;
     }
-    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(hash.finalize())
 }
 
 /// Every file under `dir` with its content hash and mode.

@@ -23,7 +23,7 @@ fn serve_err(node: &TestNode, extra: &[&str]) -> String {
 
 fn manifest_digest(node: &TestNode) -> String {
     let image = OsImage::open(node.image()).expect("sample image");
-    format!("sha256:{}", image.manifest_digest)
+    image.manifest_digest.to_string()
 }
 
 fn write(path: &Path, text: &str) -> String {

@@ -112,10 +112,7 @@ fn f64_of(report: &Value, path: &[&str]) -> f64 {
 }
 
 fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(Sha256::digest(data))
 }
 
 /// `ociblk-bench run --rw <rw> <args> --json` against `daemon`.

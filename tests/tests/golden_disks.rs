@@ -70,7 +70,7 @@ fn check(g: &Golden) {
         }
         h.update(&buf[..n]);
     }
-    let got: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    let got = hex::encode(h.finalize());
     assert_eq!(got, g.sha256, "disk differs from the upstream-written one");
 }
 

@@ -151,10 +151,7 @@ fn probe_read_to(pos: u64) -> String {
 const PROBE_DRAIN: &str = "dd bs=4M count=1 iflag=fullblock <&3 2>/dev/null | sha256sum";
 
 fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(Sha256::digest(bytes))
 }
 
 /// The sha256 a guest command printed.

@@ -36,7 +36,7 @@ fn guest_result(cluster: &mut Cluster, command: &str) -> String {
 fn random_marker(tag: &str) -> String {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
     let hash = Sha256::digest(format!("{tag}:{}:{}", now.as_nanos(), std::process::id()));
-    let hex: String = hash[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let hex = hex::encode(&hash[..8]);
     format!("{tag}-{hex}")
 }
 

@@ -4,6 +4,7 @@ use std::io::Write;
 
 use anyhow::Result;
 use clap::Args;
+use ociblk_digest::Digest;
 use ociblk_layout::{Layout, OsImage, SECTOR_SIZE};
 use serde_json::json;
 
@@ -35,7 +36,7 @@ pub fn to_json(image: &OsImage, layout: &Layout) -> serde_json::Value {
     let esp = &layout.esp;
     json!({
         "image": image.dir,
-        "manifest_digest": format!("sha256:{}", image.manifest_digest),
+        "manifest_digest": image.manifest_digest.to_string(),
         "product_info": image.product_info,
         "payloads": image.payloads,
         "disk": {
@@ -81,13 +82,15 @@ fn print_text(out: &mut impl Write, image: &OsImage, layout: &Layout) -> std::io
         pi.commit_date,
         if pi.build_tree_dirty { " (dirty)" } else { "" }
     )?;
-    writeln!(out, "Manifest   sha256:{}", image.manifest_digest)?;
+    writeln!(out, "Manifest   {}", image.manifest_digest)?;
     writeln!(out, "\nPayloads")?;
     for p in &image.payloads {
+        // The layout holds a payload's digest as the hex it checked.
+        let digest = Digest::from_hex(&p.digest).map_err(std::io::Error::other)?;
         writeln!(
             out,
-            "  {:<12} {:>12} bytes  {}  sha256:{}",
-            p.name, p.size, p.media_type, p.digest
+            "  {:<12} {:>12} bytes  {}  {digest}",
+            p.name, p.size, p.media_type
         )?;
     }
     writeln!(

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use ociblk_overlay::format::hex;
+use ociblk_digest::Digest;
 use ociblk_overlay::{Overlay, OverlayError, OverlayInfo, layer};
 
 #[derive(Debug, Args)]
@@ -83,13 +83,12 @@ pub fn run(args: &OverlayArgs) -> Result<()> {
             let f = layer::freeze(overlay, to)
                 .with_context(|| format!("cannot freeze overlay {}", overlay.display()))?;
             println!("froze {} into {}", overlay.display(), f.layer.display());
-            println!("Digest         sha256:{}", hex(&f.digest));
+            println!("Digest         {}", Digest::from_sha256(&f.digest));
             println!(
                 "Parent         {}",
-                f.parent.map_or("none (the base disk)".into(), |p| format!(
-                    "sha256:{}",
-                    hex(&p)
-                ))
+                f.parent
+                    .map_or("none (the base disk)".into(), |p| Digest::from_sha256(&p)
+                        .to_string())
             );
             println!(
                 "Blocks         {} written, {} zeroed",
@@ -109,9 +108,9 @@ pub fn run(args: &OverlayArgs) -> Result<()> {
             }
             for v in verified {
                 println!(
-                    "verified {} sha256:{} ({} bytes of data)",
+                    "verified {} {} ({} bytes of data)",
                     v.path.display(),
-                    hex(&v.digest),
+                    Digest::from_sha256(&v.digest),
                     v.data_bytes
                 );
             }
@@ -125,7 +124,7 @@ fn chain_json(i: &OverlayInfo) -> serde_json::Value {
         .iter()
         .map(|e| {
             json!({
-                "digest": format!("sha256:{}", hex(&e.digest)),
+                "digest": Digest::from_sha256(&e.digest).to_string(),
                 "path": String::from_utf8_lossy(&e.path),
             })
         })
@@ -151,8 +150,8 @@ fn print_json(file: &Path, i: &OverlayInfo) -> Result<()> {
         "chain_problem": i.chain_problem,
     });
     if let Some(l) = &i.layer {
-        v["digest"] = json!(format!("sha256:{}", hex(&l.digest)));
-        v["parent"] = json!(l.parent.map(|p| format!("sha256:{}", hex(&p))));
+        v["digest"] = json!(Digest::from_sha256(&l.digest).to_string());
+        v["parent"] = json!(l.parent.map(|p| Digest::from_sha256(&p).to_string()));
     }
     println!("{}", serde_json::to_string_pretty(&v)?);
     Ok(())
@@ -161,13 +160,12 @@ fn print_json(file: &Path, i: &OverlayInfo) -> Result<()> {
 fn print_text(file: &Path, i: &OverlayInfo) {
     if let Some(l) = &i.layer {
         println!("Layer          {}", file.display());
-        println!("Digest         sha256:{}", hex(&l.digest));
+        println!("Digest         {}", Digest::from_sha256(&l.digest));
         println!(
             "Parent         {}",
-            l.parent.map_or("none (the base disk)".into(), |p| format!(
-                "sha256:{}",
-                hex(&p)
-            ))
+            l.parent
+                .map_or("none (the base disk)".into(), |p| Digest::from_sha256(&p)
+                    .to_string())
         );
     } else {
         println!("Overlay        {}", file.display());
@@ -204,9 +202,9 @@ fn print_text(file: &Path, i: &OverlayInfo) {
         println!("Layers         {} (bottom first)", i.chain.len());
         for (n, e) in i.chain.iter().enumerate() {
             println!(
-                "  {}. sha256:{} {}",
+                "  {}. {} {}",
                 n + 1,
-                hex(&e.digest),
+                Digest::from_sha256(&e.digest),
                 String::from_utf8_lossy(&e.path)
             );
         }

@@ -178,9 +178,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     let socket = SocketClaim::take(&args.socket)?;
     let (loaded, layout) = args.layout.load()?;
     let fetcher = loaded.fetcher.clone();
-    let manifest: Digest = format!("sha256:{}", loaded.image.manifest_digest)
-        .parse()
-        .context("the image's manifest digest")?;
+    let manifest = loaded.image.manifest_digest.clone();
     let plan = prefetch_plan(args, fetcher.as_deref(), &manifest, &layout)?;
     // The payloads are opened before the overlay, which may be a new file.
     let reader = DiskReader::open(layout).context("cannot open the image's payloads")?;

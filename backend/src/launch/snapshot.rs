@@ -45,6 +45,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
+use ociblk_digest::Digest;
 use ociblk_io::sys;
 use ociblk_overlay::format::{self, Kind};
 use ociblk_overlay::layer;
@@ -808,22 +809,15 @@ fn check_file_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// `sha256:` and 64 lowercase hex digits.
+/// A digest as the spec records it (see [`Digest`]'s text form).
 fn parse_digest(text: &str) -> Result<[u8; 32], String> {
-    let bad = || format!("{text:?} is not sha256: and 64 lowercase hex digits");
-    let hex = text.strip_prefix("sha256:").ok_or_else(bad)?;
-    if hex.len() != 64 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-        return Err(bad());
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-    }
-    Ok(out)
+    text.parse::<Digest>()
+        .map(|d| *d.sha256())
+        .map_err(|e| e.to_string())
 }
 
 fn digest_text(digest: &[u8; 32]) -> String {
-    format!("sha256:{}", format::hex(digest))
+    Digest::from_sha256(digest).to_string()
 }
 
 impl SnapshotSpec {

@@ -67,14 +67,7 @@ pub fn run(args: &DumpArgs) -> Result<DumpReport, BenchError> {
     client
         .disconnect()
         .map_err(BenchError::client("disconnecting"))?;
-    let sha256 = hasher
-        .finalize()
-        .iter()
-        .fold(String::with_capacity(64), |mut s, b| {
-            use std::fmt::Write as _;
-            let _ = write!(s, "{b:02x}");
-            s
-        });
+    let sha256 = hex::encode(hasher.finalize());
     Ok(DumpReport {
         size,
         sha256,

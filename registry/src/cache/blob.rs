@@ -12,7 +12,7 @@ use sha2::{Digest as _, Sha256};
 use super::Cache;
 use super::chunk_lock::{ChunkLock, LEASE_SLOT, MAX_LEASE, Taken};
 use super::file::{self, Access};
-use crate::digest::{Digest, hex};
+use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::fetch::{BlobSource, FetchStats};
 use crate::limiter::Priority;
@@ -242,8 +242,8 @@ impl BlobCache {
                 let err = Error::ChunkDigest {
                     digest: blob.digest.to_string(),
                     index: i,
-                    expected: hex(expected),
-                    actual: hex(&actual),
+                    expected: hex::encode(expected),
+                    actual: hex::encode(actual),
                 };
                 if i == index {
                     return Err(err);

@@ -72,7 +72,7 @@ pub use usage::{BlobUsage, CacheInfo, CachedImage, GcReport};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use crate::digest::Digest;
+use crate::digest::{Digest, Verify as _};
 use crate::error::{Error, Result};
 use crate::reference::Reference;
 

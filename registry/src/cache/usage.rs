@@ -100,7 +100,7 @@ fn blob_files(listing: &[(String, PathBuf)]) -> BTreeMap<Digest, BlobFiles> {
         let (Some(hex), rest) = (name.get(..64), name.get(64..).unwrap_or("")) else {
             continue;
         };
-        let Ok(digest) = format!("sha256:{hex}").parse::<Digest>() else {
+        let Ok(digest) = Digest::from_hex(hex) else {
             continue;
         };
         if !(rest.is_empty() || rest.starts_with('.')) {
@@ -142,7 +142,7 @@ impl Cache {
         if records.is_dir() {
             info.access_records = list(&records)?
                 .into_iter()
-                .filter_map(|(name, _)| format!("sha256:{name}").parse().ok())
+                .filter_map(|(name, _)| Digest::from_hex(&name).ok())
                 .collect();
             info.access_records.sort();
         }

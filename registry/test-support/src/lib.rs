@@ -586,11 +586,7 @@ pub fn read_range(path: &Path, start: u64, len: u64) -> Vec<u8> {
 /// `--hashes` file of `ociblk-registry-fetch`), to `dir/hashes`.
 pub fn write_chunk_hashes(dir: &Path, blob: &BlobSpec) -> PathBuf {
     let hashes = dir.join("hashes");
-    let lines: Vec<String> = blob
-        .chunk_sha256
-        .iter()
-        .map(|h| ociblk_registry::digest::hex(h))
-        .collect();
+    let lines: Vec<String> = blob.chunk_sha256.iter().map(hex::encode).collect();
     std::fs::write(&hashes, lines.join("\n")).expect("write hashes");
     hashes
 }
