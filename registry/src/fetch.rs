@@ -153,6 +153,7 @@ impl BlobSource {
                 let mut reader = response.body_mut().as_reader();
                 read_exact(&mut reader, &mut buf, &url, client.timeout())?;
                 self.count(len);
+                finish_body(&mut reader, &url);
                 store(index, &buf)
             }
             StatusCode::OK => {
@@ -188,6 +189,21 @@ impl BlobSource {
                 detail: format!("for {range}"),
             }),
         }
+    }
+}
+
+/// Reads a response body on to its end, which must come at once: only a
+/// body read to its end hands its connection back to the client's pool,
+/// and a chunk fetched without it costs a new connection (a round trip
+/// more over a network) for the next one. Bytes past what was asked for
+/// are a broken answer, but the chunk read is complete and its hash is
+/// what judges it: the connection is then simply not reused.
+fn finish_body(reader: &mut impl io::Read, url: &str) {
+    let mut rest = [0u8; 1];
+    match reader.read(&mut rest) {
+        Ok(0) => {}
+        Ok(_) => tracing::debug!(url, "the response goes on past the range asked for"),
+        Err(e) => tracing::debug!(url, "the end of the response: {e}"),
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use ociblk_registry::{BlobSpec, Cache, Error, Options, RegistryImage};
 use ociblk_registry_test_support::fixture::{Fixture, REPO_TAG, reference, temp_cache};
+use ociblk_registry_test_support::relay::Relay;
 use ociblk_registry_test_support::{Auth, Registry, Tmpfs, token, write_chunk_hashes};
 
 /// `ociblk-registry-fetch` filling every chunk of `blob` of [`REPO_TAG`] at
@@ -184,6 +185,23 @@ fn chunks_are_fetched_by_range_verified_and_stored_once() {
         .find(|b| b.digest == kernel.digest)
         .expect("kernel in info");
     assert_eq!(usage.chunks, vec![(kernel.chunk_size, 2, kernel.chunks())]);
+}
+
+#[test]
+fn chunks_fetched_one_after_another_reuse_one_connection() {
+    let f = Fixture::new();
+    let relay = Relay::start(f.registry.addr);
+    let image = f.open(&relay.host());
+    let opened = relay.connections();
+    let kernel = f.sample.payload("kernel.efi");
+    for i in 0..4 {
+        image.blobs.ensure_chunk(kernel, i).expect("chunk");
+    }
+    let more = relay.connections() - opened;
+    assert!(
+        more <= 1,
+        "4 chunks fetched one after another opened {more} connections (each one is a round trip)"
+    );
 }
 
 #[test]
