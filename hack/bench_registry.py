@@ -19,6 +19,13 @@ fetched from the registry are counted twice: by ociblk (its exit log line
 "fetched from the registry requests=N bytes=M") and by the registry's access
 log (bytes sent for each GET of a payload blob).
 
+Then the same over a network, per profile of PROFILES: hack/netproxy.py
+relays between the registry and its clients with a round trip added and the
+bandwidth capped; the sample image boots from a cold cache (recording its
+chunk order), from a second empty cache with --prefetch of that record, from
+the warm cache and through skopeo copy then serve, and the 1 GiB image runs
+its read pattern the same ways (--no-network leaves these rows out).
+
 Results go to build/bench/registry.json; --write-md replaces section 6 of
 BENCHMARKS.md. Run through `hack/bench --only-registry`, which builds what
 is needed and the synthetic image.
@@ -97,6 +104,7 @@ class Registry:
     """A `docker-registry serve` on loopback with its own storage in `work`,
     ended by its PID."""
 
+    ANY_REQUEST = re.compile(rb'"(?:GET|HEAD|PUT|POST|PATCH|DELETE) /\S* HTTP/[0-9.]+" \d{3} ')
     BLOB_GET = re.compile(rb'"GET /v2/\S+/blobs/sha256:([0-9a-f]{64}) HTTP/[0-9.]+" (\d{3}) (\d+)')
 
     def __init__(self, work):
@@ -162,6 +170,12 @@ class Registry:
                 sent += int(m.group(3))
         return requests, sent
 
+    def requests_since(self, offset):
+        """HTTP requests the registry's access log shows after `offset`."""
+        with open(self.log, "rb") as f:
+            f.seek(offset)
+            return len(self.ANY_REQUEST.findall(f.read()))
+
     def settled_blob_bytes(self, offset, digests, expected):
         """blob_bytes_since, polled (bounded) until it reaches `expected`
         bytes: the access log is written just after each response."""
@@ -180,6 +194,19 @@ def fetched_line(log):
         if "fetched from the registry" in line:
             words = dict(w.split("=", 1) for w in line.split() if "=" in w)
             return int(words["requests"]), int(words["bytes"])
+    return None
+
+
+def prefetch_line(log):
+    """From `ociblk serve --prefetch`'s log: chunks the prefetch thread
+    fetched, found present (the guest read them first) and its seconds,
+    or None when it logged no end (stopped while fetching)."""
+    for line in log.read_text().splitlines():
+        if "prefetch done" in line or "prefetch stopped" in line:
+            words = dict(w.split("=", 1) for w in line.split() if "=" in w)
+            return {"chunks": int(words["chunks"]), "fetched": int(words["fetched"]),
+                    "present": int(words["already_present"]), "seconds": int(words["elapsed_ms"]) / 1e3,
+                    "stopped": "prefetch stopped" in line}
     return None
 
 
@@ -267,6 +294,7 @@ def measure(image, contender, work, workload, queues, cache, state):
     finally:
         server.stop()
     fetched = fetched_line(work / f"{name}.log")
+    prefetched = prefetch_line(work / f"{name}.log") if contender == PREFETCH else None
     if contender in (LOCAL, COPY):
         if fetched is not None:
             raise RuntimeError(f"{contender}: ociblk fetched from a registry serving a local layout")
@@ -285,7 +313,7 @@ def measure(image, contender, work, workload, queues, cache, state):
             "work_s": work_s,
             "ociblk_requests": fetched[0] if fetched else None,
             "ociblk_bytes": fetched[1] if fetched else None,
-            "registry_requests": log_requests, "registry_bytes": log_bytes}
+            "registry_requests": log_requests, "registry_bytes": log_bytes, "prefetch": prefetched}
 
 
 def boot_workload(work):
@@ -404,6 +432,7 @@ def bench_profile(profile, registry, sample, synthetic, reps, scratch, work):
     proxy = NetProxy(registry.addr, rtt_ms, mbit, work / f"netproxy-{rtt_ms}ms.log", PROXY_LIFETIME)
     addr = proxy.start()
     label = f" [{name}]"
+    at = registry.log_offset()
     try:
         out = {"name": name, "rtt_ms": rtt_ms, "mbit": mbit,
                "calibration": calibrate(addr, sample), "direct": calibrate(registry.addr, sample)}
@@ -415,6 +444,12 @@ def bench_profile(profile, registry, sample, synthetic, reps, scratch, work):
                                        prefetch=True, label=label)
     finally:
         proxy.stop()
+    # Connections the relay accepted against the requests the registry
+    # answered: how many requests a connection carried.
+    stopped = (work / f"netproxy-{rtt_ms}ms.log").read_text()
+    m = re.search(r"netproxy: stopped \([^)]*\); (\d+) connections", stopped)
+    out["relay_connections"] = int(m.group(1)) if m else None
+    out["registry_requests"] = registry.requests_since(at)
     out["verdicts"] = net_verdicts(out, target=profile == PROFILES[0])
     return out
 
@@ -491,6 +526,23 @@ def net_verdicts(net, target):
     return out
 
 
+def prefetch_lines(net):
+    """What the prefetch thread did in each --prefetch row."""
+    L = []
+    for what in ("sample", "synthetic"):
+        res = net[what]
+        runs = [s["prefetch"] for s in res["contenders"][PREFETCH]["samples"] if s["prefetch"]]
+        if not runs:
+            L.append(f"- {net['name']}, {res['image']}: the prefetch thread logged no end.")
+            continue
+        floor = res["contenders"][COLD]["ociblk_bytes"] * 8 / (net["mbit"] * 1e6)
+        each = "; ".join(f"fetched {r['fetched']} of {r['chunks']} chunks in {r['seconds']:.2f} s"
+                         f"{' (stopped)' if r['stopped'] else ''}" for r in runs)
+        L.append(f"- {net['name']}, {res['image']}: {each} (the guest or reader asked first for the others); "
+                 f"the cold rows' bytes take {floor:.2f} s at the cap alone.")
+    return L
+
+
 def share_line(net):
     c = net["sample"]["contenders"][COLD]
     share = 100 * ratio(c["ociblk_bytes"], net["sample"]["payload_bytes"])
@@ -529,12 +581,14 @@ def net_section(res):
          "count is taken when the server stops, right after the ready line or the last read.\n",
          "Measured through the relay before the rows (a GET of `/v2/` on a new connection, median of 5; "
          "a GET of the sample image's largest payload blob), against the registry directly:\n",
-         "| profile | GET /v2/, new connection | blob GET | directly: GET /v2/; blob GET |",
-         "|---|---|---|---|"]
+         "| profile | GET /v2/, new connection | blob GET | directly: GET /v2/; blob GET | "
+         "connections through the relay / requests the registry answered, whole profile |",
+         "|---|---|---|---|---|"]
     for net in res["network"]:
         c, d = net["calibration"], net["direct"]
         L.append(f"| {net['name']} | {c['new_connection_get_ms']:.1f} ms | {c['blob_mbit_s']:.0f} Mbit/s | "
-                 f"{d['new_connection_get_ms']:.1f} ms; {d['blob_mbit_s']:.0f} Mbit/s |")
+                 f"{d['new_connection_get_ms']:.1f} ms; {d['blob_mbit_s']:.0f} Mbit/s | "
+                 f"{net['relay_connections']} / {net['registry_requests']} |")
     L.append("")
     for net in res["network"]:
         L += [f"#### {net['name']}\n", "Sample image, boot to the ready line:\n"]
@@ -545,6 +599,8 @@ def net_section(res):
     L.append(f"Bytes fetched before ready, as a share of the payload (FAST '16, Slacker: containers read "
              f"{SLACKER_SHARE}% of their image at start):\n")
     L += [share_line(net) for net in res["network"]]
+    L += ["", "The prefetch thread (its log line `prefetch done`), per repetition:\n"]
+    L += [line for net in res["network"] for line in prefetch_lines(net)]
     L += ["", "Network targets:\n"]
     for net in res["network"]:
         L += net["verdicts"]
