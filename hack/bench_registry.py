@@ -291,6 +291,12 @@ def measure(image, contender, work, workload, queues, cache, state):
     server, start_s = start_server(name, image_args, work, queues, extra)
     try:
         work_s = workload(server.sock)
+    except (RuntimeError, subprocess.SubprocessError) as e:
+        server.stop()
+        detail = getattr(e, "stderr", None) or b""
+        raise RuntimeError(f"{contender}: {e}: {detail.decode(errors='replace')[-1000:]}\n"
+                           f"server log {work / (name + '.log')}:\n"
+                           f"{(work / (name + '.log')).read_text()[-3000:]}") from None
     finally:
         server.stop()
     fetched = fetched_line(work / f"{name}.log")
@@ -399,7 +405,7 @@ def summarize(image, samples):
     return out
 
 
-def calibrate(addr, image):
+def calibrate(addr, image, registry):
     """What a client sees through `addr`: milliseconds for GET /v2/ on a
     new connection (median of 5; a round trip for the TCP handshake and one
     for the request), and Mbit/s for a GET of the image's largest payload
@@ -412,6 +418,7 @@ def calibrate(addr, image):
         times.append(time.perf_counter() - t0)
     digest, size = max(image.payloads.items(), key=lambda kv: kv[1])
     repo = image.repo_tag.rsplit(":", 1)[0]
+    at = registry.log_offset()
     t0 = time.perf_counter()
     with urllib.request.urlopen(f"http://{addr}/v2/{repo}/blobs/sha256:{digest}", timeout=300) as r:
         got = 0
@@ -420,6 +427,9 @@ def calibrate(addr, image):
     seconds = time.perf_counter() - t0
     if got != size:
         raise RuntimeError(f"calibration through {addr}: blob {digest} gave {got} bytes, expected {size}")
+    # Its access log line, written just after the response, must not fall
+    # into the next row's count.
+    registry.settled_blob_bytes(at, {digest}, size)
     return {"new_connection_get_ms": median(times) * 1e3, "blob_bytes": size,
             "blob_mbit_s": size * 8 / seconds / 1e6}
 
@@ -432,10 +442,11 @@ def bench_profile(profile, registry, sample, synthetic, reps, scratch, work):
     proxy = NetProxy(registry.addr, rtt_ms, mbit, work / f"netproxy-{rtt_ms}ms.log", PROXY_LIFETIME)
     addr = proxy.start()
     label = f" [{name}]"
-    at = registry.log_offset()
     try:
-        out = {"name": name, "rtt_ms": rtt_ms, "mbit": mbit,
-               "calibration": calibrate(addr, sample), "direct": calibrate(registry.addr, sample)}
+        out = {"name": name, "rtt_ms": rtt_ms, "mbit": mbit, "direct": calibrate(registry.addr, sample, registry)}
+        # From here on, every request the registry answers came through the relay.
+        at = registry.log_offset()
+        out["calibration"] = calibrate(addr, sample, registry)
         print(f"registry{label}: relay on {addr}: {out['calibration']}; direct: {out['direct']}", flush=True)
         out["sample"] = bench_image(sample.via(addr), NET_BOOT, boot_workload, 2, reps, scratch,
                                     prefetch=True, label=label)
@@ -531,15 +542,42 @@ def prefetch_lines(net):
     L = []
     for what in ("sample", "synthetic"):
         res = net[what]
-        runs = [s["prefetch"] for s in res["contenders"][PREFETCH]["samples"] if s["prefetch"]]
+        runs = [s["prefetch"] for s in res["contenders"][PREFETCH]["samples"] if s.get("prefetch")]
         if not runs:
-            L.append(f"- {net['name']}, {res['image']}: the prefetch thread logged no end.")
+            recorded = any("prefetch" in s for s in res["contenders"][PREFETCH]["samples"])
+            L.append(f"- {net['name']}, {res['image']}: "
+                     f"{'the prefetch thread logged no end' if recorded else 'not in this result'}.")
             continue
         floor = res["contenders"][COLD]["ociblk_bytes"] * 8 / (net["mbit"] * 1e6)
         each = "; ".join(f"fetched {r['fetched']} of {r['chunks']} chunks in {r['seconds']:.2f} s"
                          f"{' (stopped)' if r['stopped'] else ''}" for r in runs)
         L.append(f"- {net['name']}, {res['image']}: {each} (the guest or reader asked first for the others); "
                  f"the cold rows' bytes take {floor:.2f} s at the cap alone.")
+    return L
+
+
+def net_why(net):
+    """Where a --prefetch row's time goes, from the figures: the relay's
+    connections per request, and the prefetch thread's time per chunk
+    against the link's (one round trip and a chunk at the cap)."""
+    L = []
+    conns, reqs = net.get("relay_connections"), net.get("registry_requests")
+    if conns and reqs and conns >= 0.8 * reqs:
+        L.append(f"- {net['name']}: the relay accepted {conns} connections for {reqs} requests the registry "
+                 f"answered: nearly every request opened a connection of its own, so each chunk costs a round "
+                 f"trip ({net['rtt_ms']} ms) for the TCP handshake on top of the one for the request.")
+    runs = [r for r in (s.get("prefetch") for s in net["sample"]["contenders"][PREFETCH]["samples"]) if r]
+    done = [r for r in runs if r["fetched"] and not r["stopped"]]
+    if done:
+        per_chunk = median([r["seconds"] / r["fetched"] for r in done])
+        chunk = net["sample"]["contenders"][COLD]["ociblk_bytes"] / max(
+            net["sample"]["contenders"][COLD]["ociblk_requests"], 1)
+        link = chunk * 8 / (net["mbit"] * 1e6) + net["rtt_ms"] / 1e3
+        guest = sum(r["present"] for r in runs)
+        L.append(f"- {net['name']}: the sample boot's prefetch took {per_chunk * 1e3:.0f} ms per chunk it fetched "
+                 f"(median over repetitions), one chunk at a time, against {link * 1e3:.0f} ms for a chunk's bytes "
+                 f"at the cap plus one round trip; over the repetitions, the guest read {guest} of "
+                 f"{sum(r['chunks'] for r in runs)} recorded chunks before the prefetch reached them.")
     return L
 
 
@@ -588,7 +626,7 @@ def net_section(res):
         c, d = net["calibration"], net["direct"]
         L.append(f"| {net['name']} | {c['new_connection_get_ms']:.1f} ms | {c['blob_mbit_s']:.0f} Mbit/s | "
                  f"{d['new_connection_get_ms']:.1f} ms; {d['blob_mbit_s']:.0f} Mbit/s | "
-                 f"{net['relay_connections']} / {net['registry_requests']} |")
+                 f"{net.get('relay_connections', '–')} / {net.get('registry_requests', '–')} |")
     L.append("")
     for net in res["network"]:
         L += [f"#### {net['name']}\n", "Sample image, boot to the ready line:\n"]
@@ -604,6 +642,9 @@ def net_section(res):
     L += ["", "Network targets:\n"]
     for net in res["network"]:
         L += net["verdicts"]
+    why = [line for net in res["network"] for line in net_why(net)]
+    if why:
+        L += ["", "Where the cold rows' time goes, from the figures above:\n"] + why
     L.append("")
     return L
 
@@ -706,10 +747,23 @@ def main():
     ap.add_argument("--write-md", action="store_true", help=f"replace section {SECTION} of BENCHMARKS.md")
     ap.add_argument("--no-network", action="store_true",
                     help="skip the rows through hack/netproxy.py (" + "; ".join(p[0] for p in PROFILES) + ")")
+    ap.add_argument("--from-json", type=Path, metavar="FILE",
+                    help="measure nothing: print (and with --write-md write) the section of a saved "
+                         "build/bench/registry.json")
     ap.add_argument("--command", default="hack/bench --only-registry", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.reps < 1:
         ap.error("--reps must be at least 1")
+    if a.from_json:
+        try:
+            saved = a.from_json.read_text()
+        except OSError as e:
+            sys.exit(f"bench_registry: --from-json {a.from_json}: {e.strerror}")
+        try:
+            text = section(json.loads(saved))
+        except (ValueError, KeyError, TypeError) as e:
+            sys.exit(f"bench_registry: --from-json {a.from_json}: not a result of this benchmark: {e!r}")
+        return write_section(text, a.write_md)
     for tool in ("skopeo", "docker-registry", "qemu-system-x86_64"):
         if not shutil.which(tool):
             sys.exit(f"bench_registry: {tool} not found: run hack/setup")
@@ -748,9 +802,12 @@ def main():
     res["verdicts"] = verdicts(res)
     res["load_average_at_end"] = os.getloadavg()[0]
     (scratch / "registry.json").write_text(json.dumps(res, indent=1))
-    text = section(res)
+    return write_section(section(res), a.write_md)
+
+
+def write_section(text, write_md):
     print(text)
-    if a.write_md:
+    if write_md:
         replace_section(ROOT / "BENCHMARKS.md", SECTION, text)
         print(f"rewrote section {SECTION} of BENCHMARKS.md")
     return 0
