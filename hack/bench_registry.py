@@ -19,12 +19,20 @@ fetched from the registry are counted twice: by ociblk (its exit log line
 "fetched from the registry requests=N bytes=M") and by the registry's access
 log (bytes sent for each GET of a payload blob).
 
+Then the same over a network, per profile of PROFILES: hack/netproxy.py
+relays between the registry and its clients with a round trip added and the
+bandwidth capped; the sample image boots from a cold cache (recording its
+chunk order), from a second empty cache with --prefetch of that record, from
+the warm cache and through skopeo copy then serve, and the 1 GiB image runs
+its read pattern the same ways (--no-network leaves these rows out).
+
 Results go to build/bench/registry.json; --write-md replaces section 6 of
 BENCHMARKS.md. Run through `hack/bench --only-registry`, which builds what
 is needed and the synthetic image.
 """
 
 import argparse
+import copy
 import json
 import os
 import re
@@ -41,6 +49,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import (OCIBLK, ROOT, SECTOR, Contender, add_image_arguments, boot_once, inspect, median,  # noqa: E402
                       bench_run, qemu_command, ratio, replace_section, run, stop)
+from netproxy import NetProxy  # noqa: E402
 
 SECTION = 6
 SEED = "bench"
@@ -68,6 +77,20 @@ LOCAL = "local layout"
 COPY = "skopeo copy, then local serve"
 CONTENDERS = [COLD, WARM, LOCAL, COPY]
 
+# Network profiles: hack/netproxy.py between the registry and its clients
+# (ociblk, skopeo), adding a round trip and capping each direction's
+# bandwidth. (name, RTT in ms, Mbit/s); the first carries the targets.
+PROFILES = [("20 ms RTT, 100 Mbit/s", 20, 100), ("2 ms RTT, 1 Gbit/s", 2, 1000)]
+# The relay's own bound on its life: longer than a profile's rows take.
+PROXY_LIFETIME = 3 * 3600
+# Through the relay: the sample image's contenders (the local layout does
+# not go through it, the loopback table has it) and the 1 GiB image's.
+NET_BOOT = [COLD, PREFETCH, WARM, COPY]
+NET_SYNTHETIC = [COLD, PREFETCH, WARM, COPY]
+# FAST '16 (Harter et al., "Slacker"): containers read 6.4% of their
+# image's data at start.
+SLACKER_SHARE = 6.4
+
 
 def free_loopback_port():
     """A TCP port free on 127.0.0.1 when asked (the registry binds it next;
@@ -81,6 +104,7 @@ class Registry:
     """A `docker-registry serve` on loopback with its own storage in `work`,
     ended by its PID."""
 
+    ANY_REQUEST = re.compile(rb'"(?:GET|HEAD|PUT|POST|PATCH|DELETE) /\S* HTTP/[0-9.]+" \d{3} ')
     BLOB_GET = re.compile(rb'"GET /v2/\S+/blobs/sha256:([0-9a-f]{64}) HTTP/[0-9.]+" (\d{3}) (\d+)')
 
     def __init__(self, work):
@@ -146,6 +170,12 @@ class Registry:
                 sent += int(m.group(3))
         return requests, sent
 
+    def requests_since(self, offset):
+        """HTTP requests the registry's access log shows after `offset`."""
+        with open(self.log, "rb") as f:
+            f.seek(offset)
+            return len(self.ANY_REQUEST.findall(f.read()))
+
     def settled_blob_bytes(self, offset, digests, expected):
         """blob_bytes_since, polled (bounded) until it reaches `expected`
         bytes: the access log is written just after each response."""
@@ -164,6 +194,19 @@ def fetched_line(log):
         if "fetched from the registry" in line:
             words = dict(w.split("=", 1) for w in line.split() if "=" in w)
             return int(words["requests"]), int(words["bytes"])
+    return None
+
+
+def prefetch_line(log):
+    """From `ociblk serve --prefetch`'s log: chunks the prefetch thread
+    fetched, found present (the guest read them first) and its seconds,
+    or None when it logged no end (stopped while fetching)."""
+    for line in log.read_text().splitlines():
+        if "prefetch done" in line or "prefetch stopped" in line:
+            words = dict(w.split("=", 1) for w in line.split() if "=" in w)
+            return {"chunks": int(words["chunks"]), "fetched": int(words["fetched"]),
+                    "present": int(words["already_present"]), "seconds": int(words["elapsed_ms"]) / 1e3,
+                    "stopped": "prefetch stopped" in line}
     return None
 
 
@@ -188,12 +231,12 @@ def start_server(name, image_args, work, queues, extra=()):
     return server, time.perf_counter() - t0
 
 
-def skopeo_copy(registry, repo_tag, dest):
-    """`skopeo copy` of the whole image from the registry to a local OCI
-    layout, as a user would before serving it; returns seconds."""
+def skopeo_copy(ref, dest):
+    """`skopeo copy` of the whole image `ref` from the registry to a
+    local OCI layout, as a user would before serving it; returns seconds."""
     t0 = time.perf_counter()
     run(["skopeo", "--insecure-policy", "copy", "--quiet", "--src-tls-verify=false",
-         f"docker://{registry.ref(repo_tag)}", f"oci:{dest}:{repo_tag.split(':')[-1]}"],
+         f"docker://{ref}", f"oci:{dest}:{ref.split(':')[-1]}"],
         timeout=SKOPEO_TIMEOUT)
     return time.perf_counter() - t0
 
@@ -203,6 +246,8 @@ class Image:
 
     def __init__(self, label, layout, repo_tag, registry):
         self.label, self.layout, self.repo_tag, self.registry = label, layout, repo_tag, registry
+        # Where clients reach the registry: itself, or a relay in front of it.
+        self.addr = registry.addr
         info = inspect(layout, SEED)
         self.payloads = {p["digest"]: p["size"] for p in info["payloads"]}
         self.payload_bytes = sum(self.payloads.values())
@@ -214,7 +259,13 @@ class Image:
 
     @property
     def ref(self):
-        return self.registry.ref(self.repo_tag)
+        return f"{self.addr}/{self.repo_tag}"
+
+    def via(self, addr):
+        """This image reached through `addr` (a relay to its registry)."""
+        other = copy.copy(self)
+        other.addr = addr
+        return other
 
 
 def measure(image, contender, work, workload, queues, cache, state):
@@ -225,7 +276,7 @@ def measure(image, contender, work, workload, queues, cache, state):
     copy_s = 0.0
     if contender == COPY:
         dest = work / "copied"
-        copy_s = skopeo_copy(reg, image.repo_tag, dest)
+        copy_s = skopeo_copy(image.ref, dest)
         image_args = serve_args(dest, None)
     elif contender == LOCAL:
         image_args = serve_args(image.layout, None)
@@ -240,9 +291,16 @@ def measure(image, contender, work, workload, queues, cache, state):
     server, start_s = start_server(name, image_args, work, queues, extra)
     try:
         work_s = workload(server.sock)
+    except (RuntimeError, subprocess.SubprocessError) as e:
+        server.stop()
+        detail = getattr(e, "stderr", None) or b""
+        raise RuntimeError(f"{contender}: {e}: {detail.decode(errors='replace')[-1000:]}\n"
+                           f"server log {work / (name + '.log')}:\n"
+                           f"{(work / (name + '.log')).read_text()[-3000:]}") from None
     finally:
         server.stop()
     fetched = fetched_line(work / f"{name}.log")
+    prefetched = prefetch_line(work / f"{name}.log") if contender == PREFETCH else None
     if contender in (LOCAL, COPY):
         if fetched is not None:
             raise RuntimeError(f"{contender}: ociblk fetched from a registry serving a local layout")
@@ -261,7 +319,7 @@ def measure(image, contender, work, workload, queues, cache, state):
             "work_s": work_s,
             "ociblk_requests": fetched[0] if fetched else None,
             "ociblk_bytes": fetched[1] if fetched else None,
-            "registry_requests": log_requests, "registry_bytes": log_bytes}
+            "registry_requests": log_requests, "registry_bytes": log_bytes, "prefetch": prefetched}
 
 
 def boot_workload(work):
@@ -302,14 +360,16 @@ def prefetch_supported():
     return "--record-access" in usage and "--prefetch" in usage
 
 
-def bench_image(image, contenders, workload_for, queues, reps, scratch, prefetch=False):
+def bench_image(image, contenders, workload_for, queues, reps, scratch, prefetch=False, label=""):
     """Per repetition: the registry group (cold, warm on the same cache,
     and the second host with prefetch when measured), the local layout and
     copy-then-serve, in an order that rotates per repetition."""
     samples = {c: [] for c in contenders}
-    groups = [[c for c in contenders if c.startswith("registry")], [LOCAL], [COPY]]
+    groups = [g for g in ([c for c in contenders if c.startswith("registry")], [LOCAL], [COPY])
+              if set(g) <= set(contenders) and g]
     for rep in range(reps):
-        order = groups[rep % 3:] + groups[:rep % 3]
+        k = rep % len(groups)
+        order = groups[k:] + groups[:k]
         for group in order:
             with tempfile.TemporaryDirectory(dir=scratch) as d:
                 work = Path(d)
@@ -321,7 +381,7 @@ def bench_image(image, contenders, workload_for, queues, reps, scratch, prefetch
                     s = measure(image, contender, work, workload_for(work), queues, c, state)
                     samples[contender].append(s)
                     fetched = s["ociblk_bytes"] if s["ociblk_bytes"] is not None else s["registry_bytes"]
-                    print(f"registry {image.label} rep{rep} {contender:38} {s['seconds']:8.3f} s "
+                    print(f"registry{label} {image.label} rep{rep} {contender:38} {s['seconds']:8.3f} s "
                           f"(copy {s['copy_s']:.3f}, serve start {s['serve_start_s']:.3f}, "
                           f"{s['work_s']:.3f}), fetched {fetched} B", flush=True)
     return summarize(image, samples)
@@ -342,6 +402,66 @@ def summarize(image, samples):
             "registry_bytes": median(pick("registry_bytes")),
             "registry_requests": median(pick("registry_requests")),
             "samples": ss}
+    return out
+
+
+def calibrate(addr, image, registry):
+    """What a client sees through `addr`: milliseconds for GET /v2/ on a
+    new connection (median of 5; a round trip for the TCP handshake and one
+    for the request), and Mbit/s for a GET of the image's largest payload
+    blob."""
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(f"http://{addr}/v2/", timeout=30) as r:
+            r.read()
+        times.append(time.perf_counter() - t0)
+    digest, size = max(image.payloads.items(), key=lambda kv: kv[1])
+    repo = image.repo_tag.rsplit(":", 1)[0]
+    at = registry.log_offset()
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(f"http://{addr}/v2/{repo}/blobs/sha256:{digest}", timeout=300) as r:
+        got = 0
+        while chunk := r.read(1 << 20):
+            got += len(chunk)
+    seconds = time.perf_counter() - t0
+    if got != size:
+        raise RuntimeError(f"calibration through {addr}: blob {digest} gave {got} bytes, expected {size}")
+    # Its access log line, written just after the response, must not fall
+    # into the next row's count.
+    registry.settled_blob_bytes(at, {digest}, size)
+    return {"new_connection_get_ms": median(times) * 1e3, "blob_bytes": size,
+            "blob_mbit_s": size * 8 / seconds / 1e6}
+
+
+def bench_profile(profile, registry, sample, synthetic, reps, scratch, work):
+    """The network rows of one profile: a relay in front of the registry,
+    its calibration, then the sample image's boots and the 1 GiB image's
+    read pattern through it."""
+    name, rtt_ms, mbit = profile
+    proxy = NetProxy(registry.addr, rtt_ms, mbit, work / f"netproxy-{rtt_ms}ms.log", PROXY_LIFETIME)
+    addr = proxy.start()
+    label = f" [{name}]"
+    try:
+        out = {"name": name, "rtt_ms": rtt_ms, "mbit": mbit, "direct": calibrate(registry.addr, sample, registry)}
+        # From here on, every request the registry answers came through the relay.
+        at = registry.log_offset()
+        out["calibration"] = calibrate(addr, sample, registry)
+        print(f"registry{label}: relay on {addr}: {out['calibration']}; direct: {out['direct']}", flush=True)
+        out["sample"] = bench_image(sample.via(addr), NET_BOOT, boot_workload, 2, reps, scratch,
+                                    prefetch=True, label=label)
+        via = synthetic.via(addr)
+        out["synthetic"] = bench_image(via, NET_SYNTHETIC, lambda _work: read_workload(via), 1, reps, scratch,
+                                       prefetch=True, label=label)
+    finally:
+        proxy.stop()
+    # Connections the relay accepted against the requests the registry
+    # answered: how many requests a connection carried.
+    stopped = (work / f"netproxy-{rtt_ms}ms.log").read_text()
+    m = re.search(r"netproxy: stopped \([^)]*\); (\d+) connections", stopped)
+    out["relay_connections"] = int(m.group(1)) if m else None
+    out["registry_requests"] = registry.requests_since(at)
+    out["verdicts"] = net_verdicts(out, target=profile == PROFILES[0])
     return out
 
 
@@ -393,6 +513,140 @@ def verdicts(res):
     out.append(f"- Registry, warm-cache boot of the sample image: {x:.3f}x the local layout's time "
                f"(target within 5%): {'met' if x <= 1.05 else 'MISSED'}.")
     return out
+
+
+def net_verdicts(net, target):
+    """The network targets (stated for the first profile, reported as
+    figures for the others)."""
+    boot = net["sample"]["contenders"]
+    syn = net["synthetic"]["contenders"]
+    pre, warm, cold = boot[PREFETCH]["median_s"], boot[WARM]["median_s"], boot[COLD]["median_s"]
+    x = ratio(pre, warm)
+    tail = f" (target within 1.25x): {'met' if x <= 1.25 else 'MISSED'}." if target else "."
+    out = [f"- {net['name']}: cold-cache boot of the sample image with --prefetch {pre:.2f} s, "
+           f"{x:.2f}x the warm-cache boot ({warm:.2f} s){tail} Without --prefetch: {cold:.2f} s, "
+           f"{ratio(cold, warm):.2f}x."]
+    copy_s = syn[COPY]["median_s"]
+    for c in (COLD, PREFETCH):
+        t = syn[c]["median_s"]
+        y = ratio(copy_s, t)
+        what = "cold cache" if c == COLD else "cold cache with --prefetch"
+        tail = f" (target at least 2x): {'met' if y >= 2 else 'MISSED'}." if target else "."
+        out.append(f"- {net['name']}: 1 GiB image, {what}, read pattern {t:.2f} s against {copy_s:.2f} s for "
+                   f"skopeo copy then local serve: {y:.2f}x faster{tail}")
+    return out
+
+
+def prefetch_lines(net):
+    """What the prefetch thread did in each --prefetch row."""
+    L = []
+    for what in ("sample", "synthetic"):
+        res = net[what]
+        runs = [s["prefetch"] for s in res["contenders"][PREFETCH]["samples"] if s.get("prefetch")]
+        if not runs:
+            recorded = any("prefetch" in s for s in res["contenders"][PREFETCH]["samples"])
+            L.append(f"- {net['name']}, {res['image']}: "
+                     f"{'the prefetch thread logged no end' if recorded else 'not in this result'}.")
+            continue
+        floor = res["contenders"][COLD]["ociblk_bytes"] * 8 / (net["mbit"] * 1e6)
+        each = "; ".join(f"fetched {r['fetched']} of {r['chunks']} chunks in {r['seconds']:.2f} s"
+                         f"{' (stopped)' if r['stopped'] else ''}" for r in runs)
+        L.append(f"- {net['name']}, {res['image']}: {each} (the guest or reader asked first for the others); "
+                 f"the cold rows' bytes take {floor:.2f} s at the cap alone.")
+    return L
+
+
+def net_why(net):
+    """Where a --prefetch row's time goes, from the figures: the relay's
+    connections per request, and the prefetch thread's time per chunk
+    against the link's (one round trip and a chunk at the cap)."""
+    L = []
+    conns, reqs = net.get("relay_connections"), net.get("registry_requests")
+    if conns and reqs and conns >= 0.8 * reqs:
+        L.append(f"- {net['name']}: the relay accepted {conns} connections for {reqs} requests the registry "
+                 f"answered: nearly every request opened a connection of its own, so each chunk costs a round "
+                 f"trip ({net['rtt_ms']} ms) for the TCP handshake on top of the one for the request.")
+    runs = [r for r in (s.get("prefetch") for s in net["sample"]["contenders"][PREFETCH]["samples"]) if r]
+    done = [r for r in runs if r["fetched"] and not r["stopped"]]
+    if done:
+        per_chunk = median([r["seconds"] / r["fetched"] for r in done])
+        chunk = net["sample"]["contenders"][COLD]["ociblk_bytes"] / max(
+            net["sample"]["contenders"][COLD]["ociblk_requests"], 1)
+        link = chunk * 8 / (net["mbit"] * 1e6) + net["rtt_ms"] / 1e3
+        guest = sum(r["present"] for r in runs)
+        L.append(f"- {net['name']}: the sample boot's prefetch took {per_chunk * 1e3:.0f} ms per chunk it fetched "
+                 f"(median over repetitions), one chunk at a time, against {link * 1e3:.0f} ms for a chunk's bytes "
+                 f"at the cap plus one round trip; over the repetitions, the guest read {guest} of "
+                 f"{sum(r['chunks'] for r in runs)} recorded chunks before the prefetch reached them.")
+    return L
+
+
+def share_line(net):
+    c = net["sample"]["contenders"][COLD]
+    share = 100 * ratio(c["ociblk_bytes"], net["sample"]["payload_bytes"])
+    s = net["synthetic"]["contenders"][COLD]
+    sshare = 100 * ratio(s["ociblk_bytes"], net["synthetic"]["payload_bytes"])
+    return (f"- {net['name']}: the cold boot fetched {fmt_bytes(c['ociblk_bytes'])} of the sample image's "
+            f"{fmt_bytes(net['sample']['payload_bytes'])} before ready ({share:.1f}%); the 1 GiB read pattern "
+            f"{fmt_bytes(s['ociblk_bytes'])} ({sshare:.1f}%).")
+
+
+def net_time_table(res, what):
+    c = res["contenders"]
+    warm = c[WARM]["median_s"]
+    L = [f"| how the image reaches the server | {what} | / warm cache | range over repetitions | "
+         "of it: skopeo copy; serve start | fetched by ociblk (requests) |", "|---|---|---|---|---|---|"]
+    for name, r in c.items():
+        copy_s = f"{r['copy_s']:.2f} s" if r["copy_s"] else "–"
+        fetched = (f"{fmt_bytes(r['ociblk_bytes'])} ({r['ociblk_requests']:.0f})" if r["ociblk_bytes"] is not None
+                   else f"{fmt_bytes(r['registry_bytes'])} (skopeo, {r['registry_requests']:.0f})")
+        L.append(f"| {name} | {r['median_s']:.2f} s | {ratio(r['median_s'], warm):.2f}x | "
+                 f"{r['range_s'][0]:.2f}-{r['range_s'][1]:.2f} s | {copy_s}; {r['serve_start_s'] * 1e3:.0f} ms | "
+                 f"{fetched} |")
+    return L
+
+
+def net_section(res):
+    L = ["### Over a network\n",
+         "The same registry behind `hack/netproxy.py`, a TCP relay on loopback written for this benchmark "
+         "(the kernel here has no netem): each direction is one link shared by all connections, bytes "
+         "serialised at the bandwidth cap in the order read, then delivered RTT/2 later; a new "
+         "connection's first request waits one more round trip (the TCP handshake). ociblk and skopeo "
+         "reach the registry only through it. Per profile: the sample image booted from a cold cache "
+         "(recording its chunk order with `--record-access`), from a second empty cache with `--prefetch` "
+         "of that record, then from the first cache again (warm), and through `skopeo copy` then serve; "
+         "the 1 GiB image's read pattern likewise (its record is the read pattern's). ociblk's byte "
+         "count is taken when the server stops, right after the ready line or the last read.\n",
+         "Measured through the relay before the rows (a GET of `/v2/` on a new connection, median of 5; "
+         "a GET of the sample image's largest payload blob), against the registry directly:\n",
+         "| profile | GET /v2/, new connection | blob GET | directly: GET /v2/; blob GET | "
+         "connections through the relay / requests the registry answered, whole profile |",
+         "|---|---|---|---|---|"]
+    for net in res["network"]:
+        c, d = net["calibration"], net["direct"]
+        L.append(f"| {net['name']} | {c['new_connection_get_ms']:.1f} ms | {c['blob_mbit_s']:.0f} Mbit/s | "
+                 f"{d['new_connection_get_ms']:.1f} ms; {d['blob_mbit_s']:.0f} Mbit/s | "
+                 f"{net.get('relay_connections', '–')} / {net.get('registry_requests', '–')} |")
+    L.append("")
+    for net in res["network"]:
+        L += [f"#### {net['name']}\n", "Sample image, boot to the ready line:\n"]
+        L += net_time_table(net["sample"], "to ready")
+        L += ["", "1 GiB image, the read pattern:\n"]
+        L += net_time_table(net["synthetic"], "read pattern")
+        L.append("")
+    L.append(f"Bytes fetched before ready, as a share of the payload (FAST '16, Slacker: containers read "
+             f"{SLACKER_SHARE}% of their image at start):\n")
+    L += [share_line(net) for net in res["network"]]
+    L += ["", "The prefetch thread (its log line `prefetch done`), per repetition:\n"]
+    L += [line for net in res["network"] for line in prefetch_lines(net)]
+    L += ["", "Network targets:\n"]
+    for net in res["network"]:
+        L += net["verdicts"]
+    why = [line for net in res["network"] for line in net_why(net)]
+    if why:
+        L += ["", "Where the cold rows' time goes, from the figures above:\n"] + why
+    L.append("")
+    return L
 
 
 def why_missed(res):
@@ -476,6 +730,8 @@ def section(res):
     else:
         L.append("*Registry, second host with --prefetch*: an empty cache of its own, `--prefetch` of the "
                  "record the cold boot of the same repetition wrote with `--record-access`.\n")
+    if res.get("network"):
+        L += net_section(res)
     L.append("Targets:\n")
     L += res["verdicts"]
     why = why_missed(res)
@@ -489,10 +745,25 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_image_arguments(ap)
     ap.add_argument("--write-md", action="store_true", help=f"replace section {SECTION} of BENCHMARKS.md")
+    ap.add_argument("--no-network", action="store_true",
+                    help="skip the rows through hack/netproxy.py (" + "; ".join(p[0] for p in PROFILES) + ")")
+    ap.add_argument("--from-json", type=Path, metavar="FILE",
+                    help="measure nothing: print (and with --write-md write) the section of a saved "
+                         "build/bench/registry.json")
     ap.add_argument("--command", default="hack/bench --only-registry", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.reps < 1:
         ap.error("--reps must be at least 1")
+    if a.from_json:
+        try:
+            saved = a.from_json.read_text()
+        except OSError as e:
+            sys.exit(f"bench_registry: --from-json {a.from_json}: {e.strerror}")
+        try:
+            text = section(json.loads(saved))
+        except (ValueError, KeyError, TypeError) as e:
+            sys.exit(f"bench_registry: --from-json {a.from_json}: not a result of this benchmark: {e!r}")
+        return write_section(text, a.write_md)
     for tool in ("skopeo", "docker-registry", "qemu-system-x86_64"):
         if not shutil.which(tool):
             sys.exit(f"bench_registry: {tool} not found: run hack/setup")
@@ -520,15 +791,23 @@ def main():
                                         prefetch=prefetch)
             res["synthetic"] = bench_image(synthetic, CONTENDERS, lambda _work: read_workload(synthetic), 1,
                                            a.reps, scratch)
+            if not a.no_network:
+                if not prefetch:
+                    raise RuntimeError("the network rows need `ociblk serve --record-access/--prefetch`")
+                res["network"] = [bench_profile(p, registry, sample, synthetic, a.reps, scratch, Path(d))
+                                  for p in PROFILES]
         finally:
             registry.stop()
     res["prefetch"] = PREFETCH if prefetch else None
     res["verdicts"] = verdicts(res)
     res["load_average_at_end"] = os.getloadavg()[0]
     (scratch / "registry.json").write_text(json.dumps(res, indent=1))
-    text = section(res)
+    return write_section(section(res), a.write_md)
+
+
+def write_section(text, write_md):
     print(text)
-    if a.write_md:
+    if write_md:
         replace_section(ROOT / "BENCHMARKS.md", SECTION, text)
         print(f"rewrote section {SECTION} of BENCHMARKS.md")
     return 0
