@@ -6,12 +6,10 @@
 
 pub mod access;
 pub mod cli;
-pub mod device;
 pub mod export;
 pub mod image_source;
 pub mod launch;
 pub mod node_disk;
 pub mod prefetch;
 pub mod qmp;
-pub mod server;
 pub mod verifier;

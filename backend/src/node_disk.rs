@@ -12,8 +12,8 @@ use ociblk_layout::{Layout, Piece, Segment};
 use ociblk_overlay::{BlockState, Overlay, OverlayConfig, OverlayError};
 use tracing::{error, info};
 
-use crate::device::BlockDevice;
 use crate::verifier::Verifiers;
+use ociblk_server::device::BlockDevice;
 
 /// How often a deferred overlay open tries the lock again.
 const LOCK_RETRY: Duration = Duration::from_millis(10);

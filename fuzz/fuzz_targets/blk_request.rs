@@ -25,10 +25,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use ociblk::device::BlockDevice as _;
-use ociblk::server::MemDisk;
-use ociblk::server::config::ID_BYTES;
-use ociblk::server::request::{GuestMemoryMmap, Outcome, RequestContext, process_request};
+use ociblk_server::device::BlockDevice as _;
+use ociblk_server::MemDisk;
+use ociblk_server::config::ID_BYTES;
+use ociblk_server::request::{GuestMemoryMmap, Outcome, RequestContext, process_request};
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::mock::MockSplitQueue;

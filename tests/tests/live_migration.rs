@@ -10,8 +10,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ociblk::qmp::{MigrationStatus, Qmp};
-use ociblk::server::dirty_log::SKIP_DATA_LOG_ENV;
 use ociblk_client::{BlkStatus, ClientOptions, VhostBlkClient};
+use ociblk_server::dirty_log::SKIP_DATA_LOG_ENV;
 use ociblk_tests::node::TestNode;
 use ociblk_tests::oci::pseudo_random;
 use ociblk_tests::process::{Boot, Guest, GuestConfig};

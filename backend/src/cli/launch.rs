@@ -19,8 +19,8 @@ use crate::launch::{
     DEFAULT_QEMU_BINARY, DEFAULT_QUEUES, DEFAULT_SWTPM_BINARY, LaunchError, NetworkSpec, NodeSpec,
     QemuSpec, TpmSpec,
 };
-use crate::server::ShutdownSignal;
-use crate::server::config::MAX_QUEUES;
+use ociblk_server::ShutdownSignal;
+use ociblk_server::config::MAX_QUEUES;
 
 /// Most nodes one launch starts.
 const MAX_NODES: u64 = 64;

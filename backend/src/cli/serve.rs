@@ -17,10 +17,10 @@ use crate::access::AccessRecorder;
 use crate::image_source::ChunkFetcher;
 use crate::node_disk::{DeferredOverlay, NodeDisk};
 use crate::prefetch::{PrefetchPlan, Prefetcher};
-use crate::server::daemon::{SocketClaim, serve_claimed};
-use crate::server::{ServerOptions, ShutdownSignal, config};
 use crate::verifier::Verifiers;
 use ociblk_layout::DiskReader;
+use ociblk_server::daemon::{SocketClaim, serve_claimed};
+use ociblk_server::{ServerOptions, ShutdownSignal, config};
 
 /// What FLUSH requests promise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -50,7 +50,7 @@ pub use qemu::{QemuBoot, QemuCommand, QemuDisk, QemuNetwork, Reconnect, qemu_ver
 pub use network::NetworkSpec;
 
 use crate::qmp::QmpError;
-use crate::server::ShutdownSignal;
+use ociblk_server::ShutdownSignal;
 
 pub const DEFAULT_QEMU_BINARY: &str = "qemu-system-x86_64";
 pub const DEFAULT_SWTPM_BINARY: &str = "swtpm";

@@ -26,7 +26,7 @@ use super::qemu::{
 };
 use super::{ClusterSpec, LaunchError, NodeSpec, TpmSpec, network};
 use crate::qmp::{MigrationStatus, Qmp, QmpError};
-use crate::server::daemon::{lock_path, temp_socket_prefix};
+use ociblk_server::daemon::{MAX_SOCKET_PATH, lock_path, temp_socket_prefix};
 
 /// The vhost-user socket `ociblk serve` listens on and QEMU connects to.
 pub const SOCKET_FILE: &str = "node.sock";
@@ -58,8 +58,6 @@ pub const QMP_SOCKET_FILE: &str = "qmp.sock";
 /// running save and moved into the snapshot.
 pub const VMSTATE_FILE: &str = "vmstate";
 
-/// Longest path a Unix socket address holds (`sun_path` less its NUL).
-const MAX_SOCKET_PATH: usize = 107;
 /// Lines of a log quoted in an error.
 const TAIL_LINES: usize = 25;
 /// How long the end of a dead child's output may take to reach its reader.
@@ -687,7 +685,7 @@ impl Node {
     pub(super) fn connect_qmp(
         &mut self,
         deadline: Instant,
-        cancel: Option<&crate::server::ShutdownSignal>,
+        cancel: Option<&ociblk_server::ShutdownSignal>,
     ) -> Result<Qmp, LaunchError> {
         let socket = self.qmp_socket();
         loop {

@@ -1,6 +1,9 @@
 //! The vhost-user-blk server: serves one [`BlockDevice`](crate::device::BlockDevice)
 //! to a vhost-user frontend (QEMU's `vhost-user-blk-pci`) over a Unix socket.
+//! It knows a disk only through that trait: nothing of images, payloads or
+//! overlays.
 //!
+//! - [`device`]: the `BlockDevice` trait the server serves.
 //! - [`config`]: server options, offered feature bits and the virtio-blk
 //!   configuration space.
 //! - [`request`]: parsing and executing one virtio-blk request.
@@ -22,6 +25,7 @@ pub mod backend;
 pub mod completion;
 pub mod config;
 pub mod daemon;
+pub mod device;
 pub mod dirty_log;
 pub mod engine;
 pub mod flusher;
@@ -36,6 +40,7 @@ mod test_disk;
 pub use backend::BlkBackend;
 pub use config::ServerOptions;
 pub use daemon::{ShutdownSignal, serve};
+pub use device::BlockDevice;
 pub use engine::DeviceEngine;
 #[cfg(any(test, feature = "test-utils"))]
 pub use mem_disk::MemDisk;

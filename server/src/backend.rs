@@ -715,8 +715,8 @@ mod tests {
     use vm_memory::{Address, Bytes, GuestAddress};
 
     use super::*;
-    use crate::server::mem_disk::MemDisk;
-    use crate::server::test_disk::{GatedDisk, PanickingDisk};
+    use crate::mem_disk::MemDisk;
+    use crate::test_disk::{GatedDisk, PanickingDisk};
 
     const QUEUE_SIZE: u16 = 16;
     /// The vrings' used ring. Not the mock's: virtio-queue 0.18's mock

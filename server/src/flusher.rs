@@ -179,7 +179,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::server::test_disk::GatedDisk;
+    use crate::test_disk::GatedDisk;
 
     const DEADLINE: Duration = Duration::from_secs(10);
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use ociblk_io::iobuf::IoBufs;
 
 use crate::device::BlockDevice;
-use crate::server::mem_disk::MemDisk;
+use crate::mem_disk::MemDisk;
 
 const DEADLINE: Duration = Duration::from_secs(10);
 

@@ -559,7 +559,7 @@ const TEMP_SOCKET_PREFIX: &str = ".ociblk.";
 
 /// The start of every temporary socket name the server with process id
 /// `pid` uses; what a crashed server may leave behind.
-pub(crate) fn temp_socket_prefix(pid: u32) -> String {
+pub fn temp_socket_prefix(pid: u32) -> String {
     format!("{TEMP_SOCKET_PREFIX}{pid}.")
 }
 
@@ -605,8 +605,8 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
-    use crate::server::config;
-    use crate::server::mem_disk::MemDisk;
+    use crate::config;
+    use crate::mem_disk::MemDisk;
 
     const DEADLINE: Duration = Duration::from_secs(10);
 

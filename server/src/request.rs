@@ -705,7 +705,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::server::mem_disk::MemDisk;
+    use crate::mem_disk::MemDisk;
     use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::desc::split::Descriptor as SplitDescriptor;
