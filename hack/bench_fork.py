@@ -521,7 +521,7 @@ def section(res):
          "ext2 file system on its data partition and a state file), "
          f"{kib(res['snapshot']['layer_written_bytes'])} of written blocks in each node's layer.\n",
          "### Fork cost per node\n",
-         "*ociblk fork*: `ociblk::launch::snapshot::prepare_fork`, the step `ociblk launch --from SNAPDIR "
+         "*ociblk fork*: `ociblk_launch::snapshot::prepare_fork`, the step `ociblk launch --from SNAPDIR "
          "--state-dir NEW` runs before it starts anything (per node: a new overlay over the node's frozen "
          f"layer, made durable, and copies of its OVMF variable store ({kib(res['state_files']['ovmf_vars'])}) "
          f"and TPM state ({res['state_files']['tpm']} bytes), each synced), timed inside the process "

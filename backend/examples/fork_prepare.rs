@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use ociblk::launch::OVERLAY_FILE;
-use ociblk::launch::snapshot;
+use ociblk_launch::OVERLAY_FILE;
+use ociblk_launch::snapshot;
 use ociblk_overlay::layer;
 
 fn main() -> Result<()> {

@@ -8,8 +8,6 @@ pub mod access;
 pub mod cli;
 pub mod export;
 pub mod image_source;
-pub mod launch;
 pub mod node_disk;
 pub mod prefetch;
-pub mod qmp;
 pub mod verifier;

@@ -12,7 +12,7 @@
 use std::path::{Component, Path};
 
 use libfuzzer_sys::fuzz_target;
-use ociblk::launch::snapshot::{self, LAYER_FILE, SPEC_VERSION};
+use ociblk_launch::snapshot::{self, LAYER_FILE, SPEC_VERSION};
 
 fuzz_target!(|data: &[u8]| {
     let dir = Path::new("/snapshots/snap");

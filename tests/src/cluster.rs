@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use ociblk::launch::{Cluster, ClusterSpec};
+use ociblk_launch::{Cluster, ClusterSpec};
 
 use crate::support::{ociblk_bin, verbose};
 

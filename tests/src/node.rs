@@ -6,8 +6,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ociblk::launch::{OVERLAY_FILE, SOCKET_FILE};
 use ociblk_client::{ClientOptions, VhostBlkClient};
+use ociblk_launch::{OVERLAY_FILE, SOCKET_FILE};
 use serde_json::Value;
 
 use crate::process::{Boot, GuestConfig, Server};

@@ -11,11 +11,11 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ociblk::launch::console::{Console, ConsoleSearch};
-use ociblk::launch::log::{Transcript, follow};
-use ociblk::launch::process::Process;
-use ociblk::launch::{DEFAULT_OVMF_CODE, QemuBoot, QemuCommand, QemuDisk, Reconnect, qemu_version};
 use ociblk_client::{ClientOptions, VhostBlkClient};
+use ociblk_launch::console::{Console, ConsoleSearch};
+use ociblk_launch::log::{Transcript, follow};
+use ociblk_launch::process::Process;
+use ociblk_launch::{DEFAULT_OVMF_CODE, QemuBoot, QemuCommand, QemuDisk, Reconnect, qemu_version};
 
 use crate::support::{ociblk_bin, require_tool, sample_guest, verbose, wait_until};
 

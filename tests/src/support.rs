@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use ociblk::launch::process::Process;
+use ociblk_launch::process::Process;
 use ociblk_layout::{Content, Layout};
 
 /// Polls `cond` every 2 ms until it holds or `timeout` passes.

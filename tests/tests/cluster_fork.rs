@@ -12,9 +12,9 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
-use ociblk::launch::network::{guest_address, node_mac};
-use ociblk::launch::snapshot::{self, SnapshotSpec};
-use ociblk::launch::{
+use ociblk_launch::network::{guest_address, node_mac};
+use ociblk_launch::snapshot::{self, SnapshotSpec};
+use ociblk_launch::{
     Cluster, ClusterSpec, NetworkSpec, NodeSpec, TPM_PID_FILE, TPM_SOCKET_FILE, TpmSpec,
 };
 use ociblk_tests::cluster::{SAMPLE_DATA_PARTITION, SAMPLE_READY, configure_for_test, tree_hashes};

@@ -4,7 +4,7 @@
 //! and failures half-way through a launch. Every test checks that nothing
 //! it started is left running and that no socket is left behind.
 //!
-//! Library-level tests use `ociblk::launch` directly; the signal test and
+//! Library-level tests use `ociblk_launch` directly; the signal test and
 //! the failing forks run the `ociblk launch` binary.
 
 use std::fs;
@@ -15,8 +15,8 @@ use std::sync::mpsc::{RecvTimeoutError, channel};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use ociblk::launch::process::Process;
-use ociblk::launch::{
+use ociblk_launch::process::Process;
+use ociblk_launch::{
     Cluster, ClusterSpec, LaunchError, NodeSpec, OVERLAY_FILE, OVMF_VARS_FILE, QEMU_PID_FILE,
     SERVE_PID_FILE, SOCKET_FILE, TPM_PID_FILE, TPM_STATE_DIR, TpmSpec, snapshot,
 };

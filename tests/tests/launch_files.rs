@@ -9,7 +9,7 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 
-use ociblk::launch::{
+use ociblk_launch::{
     CONSOLE_LOG_FILE, Cluster, ClusterSpec, LaunchError, NodeSpec, SERVE_LOG_FILE, TPM_LOG_FILE,
     TpmSpec,
 };

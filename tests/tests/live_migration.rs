@@ -9,8 +9,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ociblk::qmp::{MigrationStatus, Qmp};
 use ociblk_client::{BlkStatus, ClientOptions, VhostBlkClient};
+use ociblk_launch::qmp::{MigrationStatus, Qmp};
 use ociblk_server::dirty_log::SKIP_DATA_LOG_ENV;
 use ociblk_tests::node::TestNode;
 use ociblk_tests::oci::pseudo_random;

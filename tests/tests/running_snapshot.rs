@@ -15,9 +15,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ociblk::launch::network::{guest_address, node_mac};
-use ociblk::launch::snapshot::{self, SnapshotSpec};
-use ociblk::launch::{Cluster, ClusterSpec, NetworkSpec, NodeSpec, TpmSpec, VMSTATE_FILE};
+use ociblk_launch::network::{guest_address, node_mac};
+use ociblk_launch::snapshot::{self, SnapshotSpec};
+use ociblk_launch::{Cluster, ClusterSpec, NetworkSpec, NodeSpec, TpmSpec, VMSTATE_FILE};
 use ociblk_tests::cluster::{SAMPLE_DATA_PARTITION, SAMPLE_READY, configure_for_test, tree_hashes};
 use ociblk_tests::process::Server;
 use ociblk_tests::support::{require_tool, run_bounded, sample_image};
@@ -390,8 +390,8 @@ fn a_vm_state_qemu_cannot_load_fails_the_fork_naming_its_node() {
     let node_dir = state.join(NODE);
     fs::create_dir_all(&node_dir).unwrap();
     let (socket, overlay, image) = (
-        node_dir.join(ociblk::launch::SOCKET_FILE),
-        node_dir.join(ociblk::launch::OVERLAY_FILE),
+        node_dir.join(ociblk_launch::SOCKET_FILE),
+        node_dir.join(ociblk_launch::OVERLAY_FILE),
         sample_image(),
     );
     let mut server = Server::start(
@@ -408,7 +408,7 @@ fn a_vm_state_qemu_cannot_load_fails_the_fork_naming_its_node() {
     server.stop_cleanly(Duration::from_secs(30), "making the node's overlay");
     fs::copy(
         &spec.qemu.ovmf_vars_template,
-        node_dir.join(ociblk::launch::OVMF_VARS_FILE),
+        node_dir.join(ociblk_launch::OVMF_VARS_FILE),
     )
     .unwrap();
     fs::write(node_dir.join(VMSTATE_FILE), b"no migration stream").unwrap();

@@ -13,8 +13,8 @@ use tracing::info;
 
 use super::layout_args::RegistryArgs;
 use crate::image_source::open_image;
-use crate::launch::snapshot;
-use crate::launch::{
+use ociblk_launch::snapshot;
+use ociblk_launch::{
     Cluster, ClusterSpec, DEFAULT_ACCEL, DEFAULT_CPUS, DEFAULT_OVMF_CODE, DEFAULT_OVMF_VARS,
     DEFAULT_QEMU_BINARY, DEFAULT_QUEUES, DEFAULT_SWTPM_BINARY, LaunchError, NetworkSpec, NodeSpec,
     QemuSpec, TpmSpec,

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 
 use super::launch::MachineArgs;
-use crate::launch::{QemuBoot, QemuCommand, QemuDisk, Reconnect, qemu_version};
+use ociblk_launch::{QemuBoot, QemuCommand, QemuDisk, Reconnect, qemu_version};
 
 #[derive(Debug, Args)]
 pub struct QemuCommandArgs {

@@ -1,5 +1,10 @@
-//! Launching a test cluster: per node one `ociblk serve` backend and one
-//! QEMU guest booting the node disk under OVMF.
+//! ociblk-launch: a test cluster, per node one `ociblk serve` backend and
+//! one QEMU guest booting the node disk under OVMF.
+//!
+//! The harness knows `ociblk serve` only as a program it starts: it
+//! depends on nothing of the `ociblk` crate (whose `ociblk launch` is built
+//! on it), only on the server's socket conventions (`ociblk-server`), the
+//! overlay (freezing and forking, `ociblk-overlay`) and the digest.
 //!
 //! Every node has a state directory `<state_dir>/<node>/` holding its
 //! socket, its overlay, its OVMF variable store, the logs of the current
@@ -30,6 +35,7 @@ pub mod network;
 mod node;
 pub mod process;
 pub mod qemu;
+pub mod qmp;
 pub mod snapshot;
 
 use std::collections::HashSet;

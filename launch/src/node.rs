@@ -1047,7 +1047,7 @@ fn swtpm_option(prefix: &str, path: &Path) -> std::ffi::OsString {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::launch::NodeSpec;
+    use crate::NodeSpec;
 
     /// A node whose backend was killed by a signal (a `sleep` stands in for
     /// `ociblk serve`, which is not needed to leave files behind).
