@@ -11,10 +11,11 @@ use ociblk_registry::cache::DirPolicy;
 use ociblk_registry::mirrors::ConfSource;
 use ociblk_registry::tls::CertDirs;
 
+use super::command_line::CommandLine;
 use crate::image_source::{LoadedImage, RegistrySettings, open_image};
 
 /// How registry images are reached and where their chunks are cached.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
 pub struct RegistryArgs {
     /// Host cache for registry images, shared by every ociblk process on
     /// the host [default: /var/cache/ociblk as root, else
@@ -73,10 +74,21 @@ impl RegistryArgs {
             },
         }
     }
+
+    /// Writes these options as the arguments that give them, in the order
+    /// `ociblk launch` records them for every node's `ociblk serve`.
+    pub fn write_args(&self, line: &mut CommandLine) {
+        line.optional("--cache", self.cache.as_ref());
+        line.repeated("--insecure-registry", &self.insecure_registries);
+        line.optional("--cert-dir", self.cert_dir.as_ref());
+        line.optional("--registries-conf", self.registries_conf.as_ref());
+        line.option("--fetch-timeout", self.fetch_timeout.to_string());
+        line.flag("--allow-insecure-cache-dir", self.allow_insecure_cache_dir);
+    }
 }
 
 /// The OS image argument, with the options for registry images.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
 pub struct ImageArgs {
     /// OS image: an OCI image layout directory in Monogon's format, or a
     /// registry reference HOST[:PORT]/REPO[:TAG|@sha256:DIGEST]. An
@@ -97,7 +109,7 @@ impl ImageArgs {
 }
 
 /// Which node disk to compute from which image.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
 pub struct LayoutArgs {
     #[command(flatten)]
     pub image: ImageArgs,
@@ -170,6 +182,32 @@ impl LayoutArgs {
         ids.data = self.data_guid.unwrap_or(ids.data);
         ids.fat_volume_id = self.fat_volume_id.unwrap_or(ids.fat_volume_id);
         p
+    }
+
+    /// Writes these options as the arguments that give them.
+    pub fn write_args(&self, line: &mut CommandLine) {
+        line.option("--image", &self.image.image);
+        self.image.registry.write_args(line);
+        line.option("--seed", &self.seed);
+        line.option("--disk-size", self.disk_size.to_string());
+        line.option("--esp-size", self.esp_size.to_string());
+        line.option("--system-size", self.system_size.to_string());
+        line.flag("--no-data-partition", self.no_data_partition);
+        line.optional("--abloader", self.abloader.as_ref());
+        line.optional("--node-parameters", self.node_parameters.as_ref());
+        for (option, guid) in [
+            ("--disk-guid", self.disk_guid),
+            ("--esp-guid", self.esp_guid),
+            ("--system-a-guid", self.system_a_guid),
+            ("--system-b-guid", self.system_b_guid),
+            ("--data-guid", self.data_guid),
+        ] {
+            line.optional(option, guid.map(|g| g.to_string()));
+        }
+        line.optional(
+            "--fat-volume-id",
+            self.fat_volume_id.map(|id| id.to_string()),
+        );
     }
 
     /// Opens the image and computes the layout.

@@ -1,6 +1,7 @@
 //! The `ociblk` command line.
 
 pub mod cache;
+pub mod command_line;
 pub mod export;
 pub mod inspect;
 pub mod launch;
@@ -9,6 +10,7 @@ pub mod overlay;
 pub mod pull;
 pub mod qemu_command;
 pub mod serve;
+pub mod serve_args;
 pub mod verify;
 
 use clap::{Parser, Subcommand};
@@ -29,7 +31,7 @@ pub enum Command {
     /// Write the node disk (with an overlay: as the node sees it) to a sparse raw file.
     Export(export::ExportArgs),
     /// Serve the node disk to QEMU over vhost-user-blk, writes going to an overlay.
-    Serve(serve::ServeArgs),
+    Serve(serve_args::ServeArgs),
     /// Inspect, reset, freeze or verify an overlay or a frozen layer.
     Overlay(overlay::OverlayArgs),
     /// Check every chunk of every payload against the image's chunk hashes

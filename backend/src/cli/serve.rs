@@ -5,14 +5,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, ValueEnum};
 use tracing::{info, warn};
 
 use ociblk_layout::Layout;
 use ociblk_overlay::{FlushMode, Overlay, OverlayConfig, OverlayError};
 use ociblk_registry::{AccessRecord, Digest};
 
-use super::layout_args::LayoutArgs;
+use super::serve_args::{FlushArg, ServeArgs};
 use crate::access::AccessRecorder;
 use crate::image_source::ChunkFetcher;
 use crate::node_disk::{DeferredOverlay, NodeDisk};
@@ -20,109 +19,7 @@ use crate::prefetch::{PrefetchPlan, Prefetcher};
 use crate::verifier::Verifiers;
 use ociblk_layout::DiskReader;
 use ociblk_server::daemon::{SocketClaim, serve_claimed};
-use ociblk_server::{ServerOptions, ShutdownSignal, config};
-
-/// What FLUSH requests promise.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum FlushArg {
-    /// Flushed writes survive a crash of ociblk, QEMU or the host.
-    Safe,
-    /// No syncs (like QEMU's cache=unsafe): flushed writes survive a crash
-    /// of ociblk or QEMU, not of the host. For throwaway test clusters.
-    Unsafe,
-}
-
-#[derive(Debug, Args)]
-pub struct ServeArgs {
-    #[command(flatten)]
-    pub layout: LayoutArgs,
-    /// Unix socket to listen on (created with mode 0600, at most 107 bytes;
-    /// QEMU connects here). `<PATH>.lock` is held while serving, so that
-    /// only one server at a time takes the path.
-    #[arg(long, value_name = "PATH")]
-    pub socket: PathBuf,
-    /// The node's copy-on-write overlay file (created when missing).
-    #[arg(long, value_name = "FILE", required_unless_present = "read_only")]
-    pub overlay: Option<PathBuf>,
-    /// A frozen layer under the overlay (`ociblk overlay freeze`); repeat,
-    /// bottom layer first. A new overlay records the chain (paths made
-    /// absolute), so later starts need no --layer; for an existing one the
-    /// layers given must have the digests it records, in order.
-    #[arg(long = "layer", value_name = "FILE", requires = "overlay")]
-    pub layers: Vec<PathBuf>,
-    /// Request queues offered, one worker thread each (QEMU may use fewer).
-    #[arg(long, default_value_t = config::DEFAULT_QUEUES,
-          value_parser = clap::value_parser!(u16).range(1..=i64::from(config::MAX_QUEUES)))]
-    pub queues: u16,
-    /// Largest virtqueue size accepted (power of two, at least QEMU's queue-size).
-    #[arg(long, default_value_t = config::DEFAULT_QUEUE_SIZE)]
-    pub queue_size: u16,
-    /// Present the disk read-only. The overlay, if given, must exist; it is
-    /// opened read-only, locked shared (no server can write it meanwhile)
-    /// and never modified.
-    #[arg(long)]
-    pub read_only: bool,
-    /// Serial number the guest sees (GET_ID, at most 20 bytes); default: the seed.
-    #[arg(long)]
-    pub serial: Option<String>,
-    /// Durability of guest flushes.
-    #[arg(long, value_enum, default_value_t = FlushArg::Safe)]
-    pub flush: FlushArg,
-    /// Seconds a new connection has to ask for its features (GET_FEATURES
-    /// and GET_PROTOCOL_FEATURES, which QEMU sends as it connects) before
-    /// it is dropped; an established frontend is never timed out.
-    #[arg(long, value_name = "SECONDS",
-          default_value_t = config::DEFAULT_HANDSHAKE_TIMEOUT.as_secs(),
-          value_parser = clap::value_parser!(u64).range(1..=3600))]
-    pub handshake_timeout: u64,
-    /// Serve payload bytes without checking them against the image's chunk
-    /// hashes (by default each chunk is verified when it is first read).
-    /// For a registry image only cached chunks go unchecked: a chunk is
-    /// still verified when it is fetched, before it enters the cache.
-    #[arg(long)]
-    pub no_verify: bool,
-    /// I/O helper threads that, with the queue workers, run a queue's
-    /// requests concurrently (completions still reach the guest in order);
-    /// 0: every request runs on its queue's worker.
-    #[arg(long, value_name = "N", default_value_t = config::DEFAULT_IO_THREADS as u16,
-          value_parser = clap::value_parser!(u16).range(0..=config::MAX_IO_THREADS as i64))]
-    pub io_threads: u16,
-    /// Longest time, in microseconds, a queue worker polls its ring for the
-    /// next request before sleeping; the window adapts between 0 and this,
-    /// and polling pauses while the host's CPUs are contended. 0 disables
-    /// polling.
-    #[arg(long, value_name = "US", default_value_t = config::DEFAULT_POLL_MAX_US,
-          value_parser = clap::value_parser!(u32).range(0..=i64::from(config::MAX_POLL_US)))]
-    pub poll_max_us: u32,
-    /// Record the order in which the guest first reads payload chunks, and
-    /// write it to FILE (mode 0600, replaced atomically) when the server
-    /// stops on SIGTERM, SIGINT or SIGHUP (not after SIGKILL). For a
-    /// registry image a copy is kept in the cache, and later starts of the
-    /// image on this host prefetch from it. Replay it with --prefetch.
-    #[arg(long, value_name = "FILE")]
-    pub record_access: Option<PathBuf>,
-    /// Prefetch the chunks an access record (--record-access) lists, in its
-    /// order, in one background thread behind guest reads, from the start:
-    /// a registry image's chunks are fetched into the cache and verified,
-    /// a local layout's are read and verified ahead. A record made for
-    /// another image is refused. Without this option a registry image is
-    /// prefetched from the record the cache holds for it, if any.
-    #[arg(long, value_name = "FILE", conflicts_with = "no_prefetch")]
-    pub prefetch: Option<PathBuf>,
-    /// Do not prefetch from the access record the cache holds for a
-    /// registry image.
-    #[arg(long)]
-    pub no_prefetch: bool,
-    /// Take the node over from a server that still holds the overlay (the
-    /// destination of a live migration): listen and answer the frontend's
-    /// handshake from the layout alone, and open (lock) the overlay only at
-    /// the disk's first request, waiting up to SECONDS for the other server
-    /// to release it. After that, requests fail with an I/O error while the
-    /// overlay stays locked. Start this server before the destination QEMU.
-    #[arg(long, value_name = "SECONDS", requires = "overlay", conflicts_with = "read_only",
-          value_parser = clap::value_parser!(u64).range(1..=3600))]
-    pub wait_for_overlay: Option<u64>,
-}
+use ociblk_server::{ServerOptions, ShutdownSignal};
 
 /// The overlay: opened at start, or at the disk's first request.
 enum Opening {
