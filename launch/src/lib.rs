@@ -39,6 +39,7 @@ pub mod qmp;
 pub mod snapshot;
 
 use std::collections::HashSet;
+use std::ffi::OsString;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::thread;
@@ -128,8 +129,22 @@ impl Default for QemuSpec {
 pub struct NodeSpec {
     pub name: String,
     /// Appended to this node's `ociblk serve` command line, after the
-    /// cluster's (e.g. its own `--node-parameters`).
+    /// cluster's (e.g. its own `--node-parameters`); what a snapshot
+    /// records for the node.
     pub serve_args: Vec<String>,
+    /// The arguments this node's `ociblk serve` runs with, after `serve`,
+    /// in place of [`ClusterSpec::node_serve_args`]: the same arguments,
+    /// parsed with serve's own option definitions and written back from
+    /// serve's typed options, with what the caller set on them (`ociblk
+    /// launch`: each node's own `--record-access` file, `--no-verify`).
+    ///
+    /// The harness does not parse or edit serve's arguments itself:
+    /// serve's typed options live in the `ociblk` crate, which depends on
+    /// this one. So the caller that has them renders each node's arguments
+    /// before the launch, where a bad option fails before anything starts,
+    /// and the harness runs what it is given. `None`: the arguments of
+    /// [`ClusterSpec::node_serve_args`], as they are.
+    pub rendered_serve_args: Option<Vec<OsString>>,
     /// The VM state (a running snapshot's `<node>/vmstate`) QEMU loads
     /// instead of booting: the guest continues where it was saved. Either
     /// every node of a cluster has one or none has.
@@ -141,6 +156,7 @@ impl NodeSpec {
         NodeSpec {
             name: name.into(),
             serve_args: Vec::new(),
+            rendered_serve_args: None,
             vmstate: None,
         }
     }
@@ -165,9 +181,9 @@ pub struct ClusterSpec {
     pub qemu: QemuSpec,
     /// Appended to every `ociblk serve` command line: layout options,
     /// `--flush unsafe`, ... (`--image`, `--seed`, `--socket`,
-    /// `--overlay` and `--queues` are set by the harness). A
-    /// `--record-access FILE` here gives each node `FILE.<node>` (see
-    /// [`node_serve_args`]).
+    /// `--overlay` and `--queues` are set by the harness); what a snapshot
+    /// records for the cluster. Passed on as they are (see
+    /// [`NodeSpec::rendered_serve_args`]).
     pub serve_args: Vec<String>,
     /// The `ociblk` binary that serves the disks.
     pub ociblk_binary: PathBuf,
@@ -224,6 +240,43 @@ impl ClusterSpec {
             network: None,
             tpm: None,
         }
+    }
+
+    /// The directory of the node `name`.
+    pub fn node_dir(&self, name: &str) -> PathBuf {
+        self.state_dir.join(name)
+    }
+
+    /// The arguments of `node`'s `ociblk serve`, after `serve`: those the
+    /// harness sets (`--image`, `--seed` the node's name, `--socket` and
+    /// `--overlay` in the node's directory, `--queues`), then the
+    /// cluster's [`ClusterSpec::serve_args`] and the node's own, as they
+    /// are.
+    pub fn node_serve_args(&self, node: &NodeSpec) -> Vec<OsString> {
+        let dir = self.node_dir(&node.name);
+        let mut args: Vec<OsString> = vec!["--image".into(), self.image.clone().into()];
+        args.extend(["--seed".into(), node.name.clone().into()]);
+        args.extend(["--socket".into(), dir.join(SOCKET_FILE).into()]);
+        args.extend(["--overlay".into(), dir.join(OVERLAY_FILE).into()]);
+        args.extend(["--queues".into(), self.queues.to_string().into()]);
+        args.extend(self.serve_args.iter().map(OsString::from));
+        args.extend(node.serve_args.iter().map(OsString::from));
+        args
+    }
+
+    /// Makes the state directory and a local image directory absolute, as
+    /// the harness hands them to its children (clearer logs and errors; a
+    /// registry reference stays as it is). [`Cluster::launch`] does it
+    /// first; a caller that renders the nodes' serve arguments before
+    /// ([`NodeSpec::rendered_serve_args`]) does it before that.
+    pub fn make_paths_absolute(&mut self) -> io::Result<()> {
+        self.state_dir = std::path::absolute(&self.state_dir)?;
+        if self.image.is_dir()
+            && let Ok(image) = std::path::absolute(&self.image)
+        {
+            self.image = image;
+        }
+        Ok(())
     }
 
     fn validate(&self) -> Result<(), LaunchError> {
@@ -292,37 +345,6 @@ impl ClusterSpec {
         }
         Ok(())
     }
-}
-
-/// `ociblk serve`'s option that names the file a server writes its
-/// access record to when it stops.
-pub const RECORD_ACCESS_OPTION: &str = "--record-access";
-
-/// The cluster's serve arguments as `node`'s server gets them: a
-/// `--record-access FILE` (or `--record-access=FILE`) becomes
-/// `FILE.<node>`, so that each node keeps the record of its own boot
-/// rather than every server writing one file, the last to stop winning.
-/// Everything else (`--prefetch FILE` included: one record may serve every
-/// node) is passed on as it is.
-pub fn node_serve_args(cluster_args: &[String], node: &str) -> Vec<String> {
-    let mut out = Vec::with_capacity(cluster_args.len());
-    let mut args = cluster_args.iter();
-    while let Some(arg) = args.next() {
-        if arg == RECORD_ACCESS_OPTION {
-            out.push(arg.clone());
-            if let Some(file) = args.next() {
-                out.push(format!("{file}.{node}"));
-            }
-        } else if let Some(file) = arg
-            .strip_prefix(RECORD_ACCESS_OPTION)
-            .and_then(|rest| rest.strip_prefix('='))
-        {
-            out.push(format!("{RECORD_ACCESS_OPTION}={file}.{node}"));
-        } else {
-            out.push(arg.clone());
-        }
-    }
-    out
 }
 
 /// Node names become directory names and QEMU option values: plain
@@ -490,20 +512,11 @@ impl Cluster {
         let started = Instant::now();
         spec.validate()?;
         std::fs::create_dir_all(&spec.state_dir)
-            .and_then(|()| std::path::absolute(&spec.state_dir))
-            .map(|dir| spec.state_dir = dir)
+            .and_then(|()| spec.make_paths_absolute())
             .map_err(|source| LaunchError::StateDir {
                 path: spec.state_dir.clone(),
                 source,
             })?;
-        // Children run in our working directory, but absolute paths make
-        // for clearer logs and errors.
-        // A registry reference is passed on as it is.
-        if spec.image.is_dir()
-            && let Ok(image) = std::path::absolute(&spec.image)
-        {
-            spec.image = image;
-        }
         let mut cluster = Cluster {
             nodes: Vec::with_capacity(spec.nodes.len()),
             started,
@@ -925,36 +938,30 @@ mod tests {
     }
 
     #[test]
-    fn each_node_records_its_accesses_to_a_file_of_its_own() {
-        let args = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    fn a_node_is_served_the_harness_arguments_then_the_clusters_then_its_own() {
+        let mut spec = ClusterSpec::new("/img", "/state", NodeSpec::numbered("n", 2));
+        spec.queues = 3;
+        spec.serve_args = vec!["--flush".into(), "unsafe".into()];
+        spec.nodes[1].serve_args = vec!["--serial".into(), "s2".into()];
         assert_eq!(
-            node_serve_args(
-                &args(&["--flush", "unsafe", "--record-access", "/r/boot.access"]),
-                "node-2"
-            ),
+            spec.node_serve_args(&spec.nodes[1]),
             [
+                "--image",
+                "/img",
+                "--seed",
+                "n-2",
+                "--socket",
+                "/state/n-2/node.sock",
+                "--overlay",
+                "/state/n-2/node.overlay",
+                "--queues",
+                "3",
                 "--flush",
                 "unsafe",
-                "--record-access",
-                "/r/boot.access.node-2"
+                "--serial",
+                "s2"
             ]
         );
-        assert_eq!(
-            node_serve_args(
-                &args(&["--record-access=boot.access", "--prefetch", "boot.access"]),
-                "n"
-            ),
-            ["--record-access=boot.access.n", "--prefetch", "boot.access"]
-        );
-        // Only the option itself is rewritten; a lone option without its
-        // value is left for `ociblk serve` to refuse.
-        for unchanged in [
-            &["--record-accesses", "x"][..],
-            &["--prefetch=boot.access"],
-            &["--record-access"],
-        ] {
-            assert_eq!(node_serve_args(&args(unchanged), "n"), unchanged);
-        }
     }
 
     #[test]

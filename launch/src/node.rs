@@ -138,7 +138,7 @@ impl Node {
     /// Creates the node's state directory and its OVMF variable store
     /// (only if missing: the guest's boot entries survive relaunches).
     pub(super) fn prepare(spec: &ClusterSpec, node: &NodeSpec) -> Result<Node, LaunchError> {
-        let dir = spec.state_dir.join(&node.name);
+        let dir = spec.node_dir(&node.name);
         let files_error = |action, path: &Path| {
             let node = node.name.clone();
             let path = path.to_owned();
@@ -334,25 +334,18 @@ impl Node {
         Ok(())
     }
 
-    /// Starts `ociblk serve` for this node (seed: the node's name).
+    /// Starts `ociblk serve` for this node (seed: the node's name), with
+    /// the arguments its spec renders or else [`ClusterSpec::node_serve_args`].
     pub(super) fn start_serve(
         &mut self,
         spec: &ClusterSpec,
         node: &NodeSpec,
     ) -> Result<(), LaunchError> {
-        let mut args: Vec<OsString> = vec!["serve".into(), "--image".into()];
-        args.push(spec.image.clone().into());
-        args.extend(["--seed".into(), self.name.clone().into(), "--socket".into()]);
-        args.push(self.socket().into());
-        args.push("--overlay".into());
-        args.push(self.overlay().into());
-        args.extend(["--queues".into(), spec.queues.to_string().into()]);
-        args.extend(
-            super::node_serve_args(&spec.serve_args, &self.name)
-                .into_iter()
-                .map(OsString::from),
-        );
-        args.extend(node.serve_args.iter().map(OsString::from));
+        let mut args: Vec<OsString> = vec!["serve".into()];
+        match &node.rendered_serve_args {
+            Some(rendered) => args.extend(rendered.iter().cloned()),
+            None => args.extend(spec.node_serve_args(node)),
+        }
         self.serve_command = Some(ServeCommand {
             binary: spec.ociblk_binary.clone(),
             args,

@@ -989,6 +989,7 @@ impl SnapshotSpec {
             .map(|n| NodeSpec {
                 name: n.name.clone(),
                 serve_args: n.serve_args.clone(),
+                rendered_serve_args: None,
                 vmstate: n.vmstate.clone(),
             })
             .collect();

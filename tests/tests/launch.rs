@@ -506,6 +506,43 @@ fn a_fork_whose_guests_cannot_start_stops_its_servers_and_leaves_no_node_directo
 }
 
 #[test]
+fn a_serve_argument_serve_refuses_fails_a_launch_and_a_fork_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let out = run_bounded(
+        Command::new(ociblk_bin())
+            .arg("launch")
+            .arg("--image")
+            .arg(sample_image())
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["--", "--flsh", "unsafe"]),
+        STOP_TIMEOUT,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the launch did not fail:\n{stderr}");
+    assert!(
+        stderr.contains("node node-1") && stderr.contains("'--flsh'"),
+        "{stderr}"
+    );
+    assert!(
+        !state.exists(),
+        "a failed launch created {}",
+        state.display()
+    );
+
+    // The same argument in a snapshot's cluster.json: its fork makes nothing.
+    let snap = saved_without_guests(dir.path(), &["--flsh", "unsafe"]);
+    let fork = dir.path().join("fork");
+    let stderr = failed_fork(&snap, &fork, &[]);
+    assert!(
+        stderr.contains("node node-1") && stderr.contains("'--flsh'"),
+        "{stderr}"
+    );
+    assert!(!fork.exists(), "a failed fork created {}", fork.display());
+}
+
+#[test]
 fn a_killed_backend_is_restarted_and_the_guest_keeps_every_fsynced_byte() {
     let _guests = one_guest_test_at_a_time();
     let state = tempfile::tempdir().unwrap();

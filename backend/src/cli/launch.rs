@@ -6,14 +6,16 @@ use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use ociblk_layout::parse_size;
 use tracing::info;
 
+use super::command_line::CommandLine;
 use super::layout_args::RegistryArgs;
+use super::serve_args::ServeArgs;
 use crate::image_source::open_image;
-use ociblk_launch::snapshot;
+use ociblk_launch::snapshot::{self, Fork, RunningMachine};
 use ociblk_launch::{
     Cluster, ClusterSpec, DEFAULT_ACCEL, DEFAULT_CPUS, DEFAULT_OVMF_CODE, DEFAULT_OVMF_VARS,
     DEFAULT_QEMU_BINARY, DEFAULT_QUEUES, DEFAULT_SWTPM_BINARY, LaunchError, NetworkSpec, NodeSpec,
@@ -136,7 +138,8 @@ pub struct LaunchArgs {
     #[arg(long, default_value = DEFAULT_SWTPM_BINARY, value_name = "PATH")]
     pub swtpm: PathBuf,
     /// Extra `ociblk serve` arguments for every node: layout options,
-    /// --flush unsafe, ... `--record-access FILE` gives each node a record
+    /// --flush unsafe, ... (checked as `ociblk serve` checks them before
+    /// any node starts). `--record-access FILE` gives each node a record
     /// of its own: FILE, a dot and the node's name (boot.access.node-1, ...);
     /// `--prefetch FILE` gives every node the same record.
     #[arg(last = true, value_name = "SERVE_ARGS")]
@@ -151,86 +154,16 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
     if let Some(snapshot_dir) = &args.save
         && std::fs::read_dir(snapshot_dir).is_ok_and(|mut d| d.next().is_some())
     {
-        anyhow::bail!(
+        bail!(
             "--save {}: the directory exists and is not empty; a snapshot goes into a new directory",
             snapshot_dir.display()
         );
     }
-    let mut node_registry_args = Vec::new();
-    // The machine a running snapshot's VM states need.
-    let mut running = None;
-    // A fork's node directories, removed again (after everything started
-    // in them was stopped) if the launch fails or is interrupted.
-    let mut fork = None;
-    let mut spec = match (&args.from, &args.image) {
-        (Some(snapshot_dir), _) => {
-            let snapshot = snapshot::load(snapshot_dir)?;
-            running = snapshot.running;
-            let spec = snapshot
-                .cluster_spec(&args.state_dir)
-                .context("choosing a UDP port for the cluster network")?;
-            fork = Some(
-                snapshot::prepare_fork(&snapshot, snapshot_dir, &args.state_dir)
-                    .with_context(|| format!("forking {}", snapshot_dir.display()))?,
-            );
-            spec
-        }
-        (None, Some(image)) => {
-            let count = usize::try_from(args.nodes).context("too many nodes")?;
-            let image = if image.is_dir() {
-                image.clone()
-            } else {
-                // Resolve a tag once for the whole cluster: every node gets
-                // the same image even if the tag moves while nodes start.
-                let loaded = open_image(image, &args.registry.settings())?;
-                node_registry_args = registry_serve_args(&args.registry);
-                loaded.origin
-            };
-            ClusterSpec::new(
-                &image,
-                &args.state_dir,
-                NodeSpec::numbered(&args.name_prefix, count),
-            )
-        }
-        (None, None) => anyhow::bail!("--image or --from is needed"),
-    };
-    let machine = &args.machine;
-    spec.qemu = QemuSpec {
-        binary: machine.qemu.clone(),
-        accel: machine.accel.clone(),
-        memory_mib: machine.memory,
-        cpus: machine.cpus,
-        ovmf_code: machine.ovmf_code.clone(),
-        ovmf_vars_template: args.ovmf_vars.clone(),
-        extra_args: machine.qemu_args.clone(),
-    };
-    if let Some(saved) = running {
-        spec.qemu.memory_mib = saved.memory_mib;
-        spec.qemu.cpus = saved.cpus;
-    }
-    if args.from.is_none() {
-        spec.serve_args = node_registry_args;
-        spec.serve_args.extend(args.serve_args.iter().cloned());
-        spec.queues = machine.queues;
-    }
-    if args.no_verify && !spec.serve_args.iter().any(|a| a == "--no-verify") {
-        spec.serve_args.push("--no-verify".into());
-    }
-    spec.echo = !args.quiet;
-    spec.cancel = Some(shutdown.clone());
-    if args.tpm {
-        spec.tpm = Some(TpmSpec::default());
-    }
-    if let Some(tpm) = spec.tpm.as_mut() {
-        tpm.binary = args.swtpm.clone();
-    }
-    if args.network || args.uplink {
-        spec.network = Some(
-            NetworkSpec::on_loopback(args.uplink)
-                .context("choosing a UDP port for the cluster network")?,
-        );
-    }
-
+    let Plan {
+        spec,
+        running,
+        fork,
+    } = plan(args, &shutdown)?;
     let launched = spec.clone();
     let mut cluster = match Cluster::launch(spec) {
         Ok(cluster) => cluster,
@@ -257,15 +190,178 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
     }
     print_times(&cluster, args.wait_for.as_deref())?;
     if let Some(snapshot_dir) = &args.save {
-        if args.live {
-            return save_live(cluster, &launched, snapshot_dir, args.timeout);
-        }
-        return save(cluster, &launched, snapshot_dir, args.timeout);
+        return save(cluster, &launched, snapshot_dir, args);
     }
     if args.exit_when_ready {
         return stop(cluster);
     }
+    watch(cluster, &shutdown)
+}
 
+/// What a launch starts.
+struct Plan {
+    spec: ClusterSpec,
+    /// The machine a running snapshot's VM states need.
+    running: Option<RunningMachine>,
+    /// A fork's node directories, removed again (after everything started
+    /// in them was stopped) if the launch fails or is interrupted.
+    fork: Option<Fork>,
+}
+
+/// The cluster to launch, from the command line or from `--from`'s
+/// snapshot; every node's serve arguments are checked (and a fork's
+/// directories made) before anything starts.
+fn plan(args: &LaunchArgs, shutdown: &ShutdownSignal) -> Result<Plan> {
+    let (mut spec, snapshot) = match (&args.from, &args.image) {
+        (Some(snapshot_dir), _) => {
+            let snapshot = snapshot::load(snapshot_dir)?;
+            let spec = snapshot
+                .cluster_spec(&args.state_dir)
+                .context("choosing a UDP port for the cluster network")?;
+            (spec, Some((snapshot_dir, snapshot)))
+        }
+        (None, Some(image)) => (new_cluster(args, image)?, None),
+        (None, None) => bail!("--image or --from is needed"),
+    };
+    let running = snapshot.as_ref().and_then(|(_, saved)| saved.running);
+    configure(&mut spec, args, running, shutdown)?;
+    render_serve_args(&mut spec, args.no_verify)?;
+    let fork = match snapshot {
+        Some((snapshot_dir, snapshot)) => Some(
+            snapshot::prepare_fork(&snapshot, snapshot_dir, &args.state_dir)
+                .with_context(|| format!("forking {}", snapshot_dir.display()))?,
+        ),
+        None => None,
+    };
+    Ok(Plan {
+        spec,
+        running,
+        fork,
+    })
+}
+
+/// A new cluster of `--nodes` nodes of `image`.
+fn new_cluster(args: &LaunchArgs, image: &Path) -> Result<ClusterSpec> {
+    let count = usize::try_from(args.nodes).context("too many nodes")?;
+    let mut serve_args = Vec::new();
+    let image = if image.is_dir() {
+        image.to_owned()
+    } else {
+        // Resolve a tag once for the whole cluster: every node gets the
+        // same image even if the tag moves while nodes start.
+        let loaded = open_image(image, &args.registry.settings())?;
+        serve_args = registry_serve_args(&args.registry);
+        loaded.origin
+    };
+    let mut spec = ClusterSpec::new(
+        &image,
+        &args.state_dir,
+        NodeSpec::numbered(&args.name_prefix, count),
+    );
+    serve_args.extend(args.serve_args.iter().cloned());
+    spec.serve_args = serve_args;
+    spec.queues = args.machine.queues;
+    Ok(spec)
+}
+
+/// Sets what the command line says of the machine, the consoles, the TPM
+/// and the network; a running snapshot keeps its memory size and vCPUs.
+fn configure(
+    spec: &mut ClusterSpec,
+    args: &LaunchArgs,
+    running: Option<RunningMachine>,
+    shutdown: &ShutdownSignal,
+) -> Result<()> {
+    let machine = &args.machine;
+    spec.qemu = QemuSpec {
+        binary: machine.qemu.clone(),
+        accel: machine.accel.clone(),
+        memory_mib: machine.memory,
+        cpus: machine.cpus,
+        ovmf_code: machine.ovmf_code.clone(),
+        ovmf_vars_template: args.ovmf_vars.clone(),
+        extra_args: machine.qemu_args.clone(),
+    };
+    if let Some(saved) = running {
+        spec.qemu.memory_mib = saved.memory_mib;
+        spec.qemu.cpus = saved.cpus;
+    }
+    spec.echo = !args.quiet;
+    spec.cancel = Some(shutdown.clone());
+    if args.tpm {
+        spec.tpm = Some(TpmSpec::default());
+    }
+    if let Some(tpm) = spec.tpm.as_mut() {
+        tpm.binary = args.swtpm.clone();
+    }
+    if args.network || args.uplink {
+        spec.network = Some(
+            NetworkSpec::on_loopback(args.uplink)
+                .context("choosing a UDP port for the cluster network")?,
+        );
+    }
+    Ok(())
+}
+
+/// Gives every node the arguments its `ociblk serve` runs with
+/// ([`NodeSpec::rendered_serve_args`]): those the harness sets, the
+/// cluster's and the node's own, parsed with serve's own definitions (a
+/// bad option fails the launch here, before anything starts, with clap's
+/// message), with what launch changes set on serve's typed options, and
+/// written back by [`ServeArgs::to_args`]. A `--record-access FILE`
+/// becomes `FILE.<node>`, so that each node keeps the record of its own
+/// boot rather than every server writing one file, the last to stop
+/// winning (`--prefetch FILE` stays: one record may serve every node).
+///
+/// `no_verify` (launch's `--no-verify`) turns verification off for every
+/// node; the cluster's serve arguments, which a snapshot records, then say
+/// `--no-verify` too (unless they did already), so that its forks serve
+/// unchecked as well.
+fn render_serve_args(spec: &mut ClusterSpec, no_verify: bool) -> Result<()> {
+    spec.make_paths_absolute()
+        .with_context(|| format!("resolving {}", spec.state_dir.display()))?;
+    let mut verified = false;
+    let mut rendered = Vec::with_capacity(spec.nodes.len());
+    for node in &spec.nodes {
+        let mut serve = ServeArgs::try_parse_args(spec.node_serve_args(node)).map_err(|e| {
+            anyhow!(
+                "node {}: ociblk serve refuses its arguments (after --, or in the snapshot's \
+                 cluster.json): {}",
+                node.name,
+                clap_message(&e)
+            )
+        })?;
+        verified |= !serve.no_verify;
+        serve.no_verify |= no_verify;
+        if let Some(file) = serve.record_access.as_mut() {
+            file.as_mut_os_string().push(format!(".{}", node.name));
+        }
+        rendered.push(serve.to_args());
+    }
+    for (node, args) in spec.nodes.iter_mut().zip(rendered) {
+        node.rendered_serve_args = Some(args);
+    }
+    if no_verify && verified {
+        spec.serve_args.push("--no-verify".into());
+    }
+    Ok(())
+}
+
+/// clap's message for `e`, without the `error: ` it starts with and the
+/// pointer to `--help` it ends with (the help of `ociblk serve`, not of
+/// the command that failed).
+fn clap_message(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let text = text.strip_prefix("error: ").unwrap_or(&text);
+    let text = text
+        .split("\n\nFor more information")
+        .next()
+        .unwrap_or(text);
+    text.trim_end().to_owned()
+}
+
+/// Keeps the cluster running until a signal or until every guest exited.
+fn watch(mut cluster: Cluster, shutdown: &ShutdownSignal) -> Result<()> {
     info!(
         state_dir = %cluster.state_dir().display(),
         "cluster running; Ctrl-C or SIGTERM stops it"
@@ -284,43 +380,36 @@ pub fn run(args: &LaunchArgs) -> Result<()> {
     stop(cluster)
 }
 
-/// Powers the guests off, stops everything and saves the cluster.
+/// Saves the cluster into `snapshot_dir`: with `--live` running (the
+/// guests paused and their VM states saved), else powered off; either way
+/// everything is stopped.
 fn save(
     mut cluster: Cluster,
     spec: &ClusterSpec,
     snapshot_dir: &Path,
-    timeout: Duration,
+    args: &LaunchArgs,
 ) -> Result<()> {
-    info!("powering the guests off");
-    cluster
-        .power_off(POWER_OFF_COMMAND, timeout)
-        .context("powering the guests off for --save")?;
-    stop(cluster)?;
-    let saved = snapshot::save(spec, snapshot_dir)
-        .with_context(|| format!("saving the cluster into {}", snapshot_dir.display()))?;
+    let (saved, how) = if args.live {
+        info!("pausing the guests and saving their VM states");
+        let saved =
+            snapshot::save_live(cluster, spec, snapshot_dir, args.timeout).with_context(|| {
+                format!("saving the running cluster into {}", snapshot_dir.display())
+            })?;
+        (saved, "saved running")
+    } else {
+        info!("powering the guests off");
+        cluster
+            .power_off(POWER_OFF_COMMAND, args.timeout)
+            .context("powering the guests off for --save")?;
+        stop(cluster)?;
+        let saved = snapshot::save(spec, snapshot_dir)
+            .with_context(|| format!("saving the cluster into {}", snapshot_dir.display()))?;
+        (saved, "saved")
+    };
     info!(
         snapshot = %snapshot_dir.display(),
         nodes = saved.nodes.len(),
-        "saved; fork it with ociblk launch --from SNAPDIR --state-dir NEW"
-    );
-    Ok(())
-}
-
-/// Pauses the guests, saves their VM states, stops everything and saves
-/// the cluster as a running snapshot.
-fn save_live(
-    cluster: Cluster,
-    spec: &ClusterSpec,
-    snapshot_dir: &Path,
-    timeout: Duration,
-) -> Result<()> {
-    info!("pausing the guests and saving their VM states");
-    let saved = snapshot::save_live(cluster, spec, snapshot_dir, timeout)
-        .with_context(|| format!("saving the running cluster into {}", snapshot_dir.display()))?;
-    info!(
-        snapshot = %snapshot_dir.display(),
-        nodes = saved.nodes.len(),
-        "saved running; fork it with ociblk launch --from SNAPDIR --state-dir NEW"
+        "{how}; fork it with ociblk launch --from SNAPDIR --state-dir NEW"
     );
     Ok(())
 }
@@ -403,28 +492,28 @@ pub struct MachineArgs {
     pub qemu_args: Vec<String>,
 }
 
-/// The registry options as `ociblk serve` arguments.
+/// The registry options as every node's `ociblk serve` gets them (and a
+/// snapshot records them), paths made absolute: each node reaches the
+/// registry and its mirrors as the tag was resolved. `--fetch-timeout` is
+/// always among them, `--allow-insecure-cache-dir` never.
 fn registry_serve_args(r: &RegistryArgs) -> Vec<String> {
-    let mut v = Vec::new();
-    if let Some(cache) = &r.cache {
-        let cache = std::path::absolute(cache).unwrap_or_else(|_| cache.clone());
-        v.extend(["--cache".to_owned(), cache.display().to_string()]);
-    }
-    for host in &r.insecure_registries {
-        v.extend(["--insecure-registry".to_owned(), host.clone()]);
-    }
-    // Each node reaches the registry and its mirrors as the tag was resolved.
-    for (option, path) in [
-        ("--cert-dir", &r.cert_dir),
-        ("--registries-conf", &r.registries_conf),
-    ] {
-        if let Some(path) = path {
-            let path = std::path::absolute(path).unwrap_or_else(|_| path.clone());
-            v.extend([option.to_owned(), path.display().to_string()]);
-        }
-    }
-    v.extend(["--fetch-timeout".to_owned(), r.fetch_timeout.to_string()]);
-    v
+    let absolute = |path: &Option<PathBuf>| {
+        path.as_ref()
+            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
+    };
+    let nodes = RegistryArgs {
+        cache: absolute(&r.cache),
+        cert_dir: absolute(&r.cert_dir),
+        registries_conf: absolute(&r.registries_conf),
+        allow_insecure_cache_dir: false,
+        ..r.clone()
+    };
+    let mut line = CommandLine::default();
+    nodes.write_args(&mut line);
+    line.into_args()
+        .iter()
+        .map(|arg| arg.to_string_lossy().into_owned())
+        .collect()
 }
 
 /// Guest memory in MiB.
@@ -466,6 +555,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 mod tests {
     use clap::Parser;
 
+    use super::super::serve_args::FlushArg;
     use super::*;
 
     #[derive(Debug, Parser)]
@@ -532,6 +622,110 @@ mod tests {
         for pair in [["--cert-dir", "/certs"], ["--registries-conf", "/r.conf"]] {
             assert!(args.windows(2).any(|w| w == pair), "{args:?}");
         }
+        // What a snapshot records: every option, as `--name value`.
+        let c = Cmd::parse_from([
+            "x",
+            "--image",
+            "r.example/os:1",
+            "--state-dir",
+            "s",
+            "--cache",
+            "/c",
+            "--insecure-registry",
+            "h.example",
+            "--fetch-timeout",
+            "7",
+            "--allow-insecure-cache-dir",
+        ]);
+        assert_eq!(
+            registry_serve_args(&c.launch.registry),
+            [
+                "--cache",
+                "/c",
+                "--insecure-registry",
+                "h.example",
+                "--fetch-timeout",
+                "7"
+            ]
+        );
+    }
+
+    /// A two-node spec under `/state` with the cluster's serve arguments
+    /// `serve_args`.
+    fn two_nodes(serve_args: &[&str]) -> ClusterSpec {
+        let mut spec = ClusterSpec::new("/img", "/state", NodeSpec::numbered("node", 2));
+        spec.serve_args = serve_args.iter().map(|a| (*a).to_owned()).collect();
+        spec
+    }
+
+    /// The options node `i`'s server runs with.
+    fn node_options(spec: &ClusterSpec, i: usize) -> ServeArgs {
+        let rendered = spec.nodes[i].rendered_serve_args.as_ref().unwrap();
+        ServeArgs::try_parse_args(rendered).unwrap()
+    }
+
+    #[test]
+    fn each_node_records_its_accesses_to_a_file_of_its_own() {
+        for record in [
+            &["--record-access", "/r/boot.access"][..],
+            &["--record-access=/r/boot.access"],
+        ] {
+            let mut spec = two_nodes(&[&["--flush", "unsafe"][..], record].concat());
+            spec.nodes[1].serve_args = vec!["--prefetch".into(), "/r/boot.access".into()];
+            render_serve_args(&mut spec, false).unwrap();
+            let (one, two) = (node_options(&spec, 0), node_options(&spec, 1));
+            assert_eq!(one.record_access, Some("/r/boot.access.node-1".into()));
+            assert_eq!(two.record_access, Some("/r/boot.access.node-2".into()));
+            // One record may serve every node's prefetch.
+            assert_eq!(two.prefetch, Some("/r/boot.access".into()));
+            assert_eq!(one.prefetch, None);
+            assert_eq!(two.flush, FlushArg::Unsafe);
+            assert_eq!(two.layout.seed, "node-2");
+            assert_eq!(two.socket, Path::new("/state/node-2/node.sock"));
+            assert_eq!(two.overlay, Some("/state/node-2/node.overlay".into()));
+            assert!(!two.no_verify);
+            // What a snapshot records stays as it was given.
+            assert_eq!(
+                spec.serve_args,
+                [&["--flush", "unsafe"][..], record].concat()
+            );
+        }
+    }
+
+    #[test]
+    fn no_verify_reaches_every_node_and_the_record_once() {
+        let mut spec = two_nodes(&["--flush", "unsafe"]);
+        render_serve_args(&mut spec, true).unwrap();
+        assert!(node_options(&spec, 0).no_verify && node_options(&spec, 1).no_verify);
+        assert_eq!(spec.serve_args, ["--flush", "unsafe", "--no-verify"]);
+
+        let mut spec = two_nodes(&["--no-verify"]);
+        render_serve_args(&mut spec, true).unwrap();
+        assert!(node_options(&spec, 1).no_verify);
+        assert_eq!(spec.serve_args, ["--no-verify"]);
+    }
+
+    #[test]
+    fn a_serve_argument_serve_refuses_fails_the_launch_naming_it() {
+        for (bad, want) in [
+            (&["--flsh", "unsafe"][..], "--flsh"),
+            (&["--record-accesses", "x"], "--record-accesses"),
+            (&["--record-access"], "--record-access"),
+            // Set by the harness for every node.
+            (&["--seed", "other"], "--seed"),
+        ] {
+            let mut spec = two_nodes(bad);
+            let err = format!("{:#}", render_serve_args(&mut spec, false).unwrap_err());
+            assert!(err.contains("node node-1") && err.contains(want), "{err}");
+            assert!(spec.nodes.iter().all(|n| n.rendered_serve_args.is_none()));
+        }
+        let mut spec = two_nodes(&[]);
+        spec.nodes[1].serve_args = vec!["--disk-size".into(), "lots".into()];
+        let err = format!("{:#}", render_serve_args(&mut spec, false).unwrap_err());
+        assert!(
+            err.contains("node node-2") && err.contains("--disk-size"),
+            "{err}"
+        );
     }
 
     #[test]
