@@ -130,6 +130,9 @@ struct ServeCommand {
 /// before its exit fails the launch.
 pub const MAX_SERVE_RESTARTS: u32 = 3;
 
+/// Bound of each QMP exchange with a node's QEMU.
+const QMP_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long a QEMU whose monitor failed may take to exit before the
 /// monitor's error is reported instead of its exit.
 const QMP_EXIT_GRACE: Duration = Duration::from_secs(2);
@@ -687,7 +690,7 @@ impl Node {
                 return Err(LaunchError::Cancelled);
             }
             if fs::symlink_metadata(&socket).is_ok_and(|m| m.file_type().is_socket()) {
-                return Qmp::connect(&socket, super::QMP_TIMEOUT).map_err(|e| self.qmp_error(e));
+                return Qmp::connect(&socket, QMP_TIMEOUT).map_err(|e| self.qmp_error(e));
             }
             if Instant::now() >= deadline {
                 return Err(LaunchError::VmState {

@@ -388,7 +388,7 @@ fn save_into(
     // Node names become directory names here: checked before anything is
     // made (a launched cluster's names were, a spec built in code may not be).
     for node in &spec.nodes {
-        super::check_node_name(&node.name).map_err(|reason| SnapshotError::BadSpec {
+        crate::spec::check_node_name(&node.name).map_err(|reason| SnapshotError::BadSpec {
             path: snapshot_dir.join(SPEC_FILE),
             reason,
         })?;
@@ -637,7 +637,7 @@ fn from_v2(file: SpecFile, snapshot_dir: &Path) -> Result<SnapshotSpec, String> 
     let mut nodes = Vec::with_capacity(file.nodes.len());
     for (i, node) in file.nodes.into_iter().enumerate() {
         let field = |name: &str| format!("nodes[{i}].{name}");
-        super::check_node_name(&node.name).map_err(|e| format!("{}: {e}", field("name")))?;
+        crate::spec::check_node_name(&node.name).map_err(|e| format!("{}: {e}", field("name")))?;
         let count = node.layers.len();
         if count == 0 {
             return Err(format!("{}: no layers", field("layers")));
@@ -725,7 +725,7 @@ fn from_v1(file: SpecFileV1, snapshot_dir: &Path) -> Result<SnapshotSpec, String
     let mut nodes = Vec::with_capacity(file.nodes.len());
     for (i, node) in file.nodes.into_iter().enumerate() {
         let field = |name: &str| format!("nodes[{i}].{name}");
-        super::check_node_name(&node.name).map_err(|e| format!("{}: {e}", field("name")))?;
+        crate::spec::check_node_name(&node.name).map_err(|e| format!("{}: {e}", field("name")))?;
         let mut layers = node.layers;
         for (k, layer) in layers.iter().enumerate() {
             check_absolute(layer)
@@ -837,7 +837,8 @@ impl SnapshotSpec {
         let mut names = HashSet::new();
         for (i, node) in self.nodes.iter().enumerate() {
             let field = |name: &str| format!("nodes[{i}].{name}");
-            super::check_node_name(&node.name).map_err(|e| format!("{}: {e}", field("name")))?;
+            crate::spec::check_node_name(&node.name)
+                .map_err(|e| format!("{}: {e}", field("name")))?;
             if !names.insert(node.name.as_str()) {
                 return Err(format!(
                     "{}: node {:?} appears twice",
