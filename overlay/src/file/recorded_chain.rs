@@ -5,9 +5,11 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use super::check::read_overlay_header;
+use super::lock::{Access, open_file};
 use crate::chain::{Chain, short};
 use crate::format::{self, ChainEntry, Header, Kind};
-use crate::{OverlayConfig, OverlayError, io_err};
+use crate::{Overlay, OverlayConfig, OverlayError, io_err};
 
 /// Makes layer paths absolute (without resolving links), as the chain
 /// records them.
@@ -39,6 +41,21 @@ pub(crate) fn read_chain(
     file.read_exact_at(&mut buf, format::HEADER_SIZE as u64)
         .map_err(io_err(path, "read chain"))?;
     format::parse_chain(&buf, chain_len, chain_crc).map_err(|e| OverlayError::format(path, e))
+}
+
+impl Overlay {
+    /// The chain of layers the overlay file at `path` records, bottom
+    /// first (empty for none): the paths and the digests its layers had
+    /// when they were checked, as the overlay was made over them or frozen.
+    /// Reads the header alone, without locking the file or opening a
+    /// layer; a frozen layer is refused.
+    pub fn recorded_chain(path: impl AsRef<Path>) -> Result<Vec<ChainEntry>, OverlayError> {
+        let path = path.as_ref();
+        let (file, _) = open_file(path, Access::ReadOnly)?;
+        let len = file.metadata().map_err(io_err(path, "stat"))?.len();
+        let header = read_overlay_header(&file, path, len)?;
+        read_chain(&file, path, &header)
+    }
 }
 
 /// Opens the chain of an existing overlay. `given` layers (already

@@ -517,6 +517,26 @@ fn a_layer_list_that_disagrees_with_the_recorded_chain_is_refused() {
 }
 
 #[test]
+fn the_recorded_chain_is_read_from_the_header_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, l1, l2) = two_layers(dir.path());
+    let chain = Overlay::recorded_chain(&path).unwrap();
+    let paths: Vec<&[u8]> = chain.iter().map(|e| e.path.as_slice()).collect();
+    assert_eq!(paths, [&l1, &l2].map(|l| l.as_os_str().as_encoded_bytes()));
+    assert_eq!(chain, Overlay::info(&path).unwrap().chain);
+    // Read while a server holds the overlay, and with a layer gone.
+    let ov = Overlay::open(&path, safe(1)).unwrap();
+    fs::rename(&l2, dir.path().join("moved")).unwrap();
+    assert_eq!(Overlay::recorded_chain(&path).unwrap(), chain);
+    drop(ov);
+    let fresh = dir.path().join("fresh.ov");
+    Overlay::open(&fresh, safe(1)).unwrap().close().unwrap();
+    assert_eq!(Overlay::recorded_chain(&fresh).unwrap(), []);
+    let msg = err_text(Overlay::recorded_chain(&l1));
+    assert!(msg.contains("is a frozen layer, not an overlay"), "{msg}");
+}
+
+#[test]
 fn layers_are_not_overlays_and_never_overwritten() {
     let dir = tempfile::tempdir().unwrap();
     let (path, l1) = one_layer(dir.path());
