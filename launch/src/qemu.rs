@@ -31,6 +31,49 @@ pub struct QemuNetwork {
     pub uplink_mac: Option<String>,
 }
 
+impl QemuNetwork {
+    /// The NIC on the cluster network and, if any, the uplink's.
+    fn args(&self) -> Vec<OsString> {
+        // romfile= (empty): no iPXE option ROM, OVMF boots the disk
+        // without trying the network first.
+        let mut args: Vec<OsString> = vec![
+            "-netdev".into(),
+            format!(
+                "socket,id={CLUSTER_NETDEV_ID},mcast={},localaddr=127.0.0.1",
+                self.group
+            )
+            .into(),
+            "-device".into(),
+            format!(
+                "virtio-net-pci,netdev={CLUSTER_NETDEV_ID},mac={},romfile=",
+                self.mac
+            )
+            .into(),
+        ];
+        if let Some(mac) = &self.uplink_mac {
+            args.extend([
+                "-netdev".into(),
+                format!("user,id={UPLINK_NETDEV_ID}").into(),
+                "-device".into(),
+                format!("virtio-net-pci,netdev={UPLINK_NETDEV_ID},mac={mac},romfile=").into(),
+            ]);
+        }
+        args
+    }
+}
+
+/// A TPM 2.0 whose emulator (swtpm) listens on the control socket `socket`.
+fn tpm_args(socket: &Path) -> [OsString; 6] {
+    [
+        "-chardev".into(),
+        option_value(&format!("socket,id={TPM_CHARDEV_ID},path="), socket),
+        "-tpmdev".into(),
+        format!("emulator,id={TPM_ID},chardev={TPM_CHARDEV_ID}").into(),
+        "-device".into(),
+        format!("tpm-tis,tpmdev={TPM_ID}").into(),
+    ]
+}
+
 /// Whether and how QEMU reconnects to a vhost-user backend that went away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reconnect {
@@ -148,13 +191,40 @@ impl QemuCommand {
 
     /// The arguments after the binary.
     pub fn args(&self) -> Vec<OsString> {
+        let mut args = self.machine_args();
+        args.extend(self.disk_args());
+        args.extend(
+            [
+                "-display",
+                "none",
+                "-serial",
+                "stdio",
+                "-monitor",
+                "none",
+                "-nodefaults",
+            ]
+            .map(OsString::from),
+        );
+        args.extend(self.boot_args());
+        if let Some(network) = &self.network {
+            args.extend(network.args());
+        }
+        if let Some(socket) = &self.tpm_socket {
+            args.extend(tpm_args(socket));
+        }
+        args.extend(self.extra_args.iter().map(OsString::from));
+        args
+    }
+
+    /// The guest's name, accelerator, vCPUs and memory: a q35 machine
+    /// whose memory a vhost-user backend can map.
+    fn machine_args(&self) -> Vec<OsString> {
         let memory = format!("{}M", self.memory_mib);
         let mut args: Vec<OsString> = Vec::new();
-        let mut push = |a: &[OsString]| args.extend_from_slice(a);
         if let Some(name) = &self.name {
-            push(&["-name".into(), name.into()]);
+            args.extend(["-name".into(), name.into()]);
         }
-        push(&[
+        args.extend([
             "-accel".into(),
             (&self.accel).into(),
             "-smp".into(),
@@ -167,6 +237,11 @@ impl QemuCommand {
             "-machine".into(),
             format!("q35,memory-backend={MEMORY_ID}").into(),
         ]);
+        args
+    }
+
+    /// The boot disk, with its queues.
+    fn disk_args(&self) -> [OsString; 4] {
         let queues = self.queues;
         match &self.disk {
             QemuDisk::VhostUser { socket, reconnect } => {
@@ -174,7 +249,7 @@ impl QemuCommand {
                 if let Some(option) = reconnect.chardev_option() {
                     chardev.push(option);
                 }
-                push(&[
+                [
                     "-chardev".into(),
                     chardev,
                     "-device".into(),
@@ -183,14 +258,14 @@ impl QemuCommand {
                          disable-legacy=on,bootindex=1"
                     )
                     .into(),
-                ]);
+                ]
             }
             QemuDisk::Image { path, format } => {
                 let mut drive = option_value("file=", path);
                 drive.push(format!(
                     ",format={format},if=none,id={DISK_ID},cache=unsafe"
                 ));
-                push(&[
+                [
                     "-drive".into(),
                     drive,
                     "-device".into(),
@@ -199,76 +274,33 @@ impl QemuCommand {
                          disable-legacy=on,bootindex=1"
                     )
                     .into(),
-                ]);
+                ]
             }
         }
-        push(&[
-            "-display".into(),
-            "none".into(),
-            "-serial".into(),
-            "stdio".into(),
-            "-monitor".into(),
-            "none".into(),
-            "-nodefaults".into(),
-        ]);
+    }
+
+    /// The firmware and its variable store, or a kernel loaded directly.
+    fn boot_args(&self) -> Vec<OsString> {
         match &self.boot {
-            QemuBoot::Uefi { code, vars } => push(&[
+            QemuBoot::Uefi { code, vars } => vec![
                 "-drive".into(),
                 option_value("if=pflash,format=raw,readonly=on,file=", code),
                 "-drive".into(),
                 option_value("if=pflash,format=raw,file=", vars),
-            ]),
+            ],
             QemuBoot::Kernel {
                 kernel,
                 initrd,
                 append,
-            } => push(&[
+            } => vec![
                 "-kernel".into(),
                 kernel.into(),
                 "-initrd".into(),
                 initrd.into(),
                 "-append".into(),
                 format!("console=ttyS0 panic=-1 {append}").into(),
-            ]),
+            ],
         }
-        if let Some(network) = &self.network {
-            // romfile= (empty): no iPXE option ROM, OVMF boots the disk
-            // without trying the network first.
-            args.extend([
-                "-netdev".into(),
-                format!(
-                    "socket,id={CLUSTER_NETDEV_ID},mcast={},localaddr=127.0.0.1",
-                    network.group
-                )
-                .into(),
-                "-device".into(),
-                format!(
-                    "virtio-net-pci,netdev={CLUSTER_NETDEV_ID},mac={},romfile=",
-                    network.mac
-                )
-                .into(),
-            ]);
-            if let Some(mac) = &network.uplink_mac {
-                args.extend([
-                    "-netdev".into(),
-                    format!("user,id={UPLINK_NETDEV_ID}").into(),
-                    "-device".into(),
-                    format!("virtio-net-pci,netdev={UPLINK_NETDEV_ID},mac={mac},romfile=").into(),
-                ]);
-            }
-        }
-        if let Some(socket) = &self.tpm_socket {
-            args.extend([
-                "-chardev".into(),
-                option_value(&format!("socket,id={TPM_CHARDEV_ID},path="), socket),
-                "-tpmdev".into(),
-                format!("emulator,id={TPM_ID},chardev={TPM_CHARDEV_ID}").into(),
-                "-device".into(),
-                format!("tpm-tis,tpmdev={TPM_ID}").into(),
-            ]);
-        }
-        args.extend(self.extra_args.iter().map(OsString::from));
-        args
     }
 
     /// The command, ready for its stdio to be set.
