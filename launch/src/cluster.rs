@@ -29,6 +29,10 @@ const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
 /// Interval of polls for sockets, exits and cancellation.
 pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
+/// A deadline of [`Cluster::poll_nodes`], and the error for the first node
+/// not done when it passed.
+type Deadline<'a> = (Instant, &'a dyn Fn(&Node) -> LaunchError);
+
 /// A running cluster. Dropping it tears it down; [`Cluster::shutdown`]
 /// does the same and reports what went wrong.
 ///
@@ -100,20 +104,43 @@ impl Cluster {
         spec: &ClusterSpec,
         reconnect: Reconnect,
     ) -> Result<(), LaunchError> {
+        let started = self.started;
         let deadline = Instant::now() + spec.socket_timeout;
+        // `poll_backend` fails once the deadline passed.
+        self.poll_nodes(None, |_, node| {
+            let ready = node.poll_backend(started, deadline, spec.socket_timeout)?;
+            if ready {
+                node.start_qemu(spec, started, reconnect)?;
+            }
+            Ok(ready)
+        })
+    }
+
+    /// Calls `step` for every node (and its index) in rounds
+    /// [`POLL_INTERVAL`] apart until it returned `true` (done) for each,
+    /// checking for cancellation before every round. With a deadline, once
+    /// it passed with nodes left, fails with its error for the first of
+    /// them.
+    fn poll_nodes(
+        &mut self,
+        deadline: Option<Deadline<'_>>,
+        mut step: impl FnMut(usize, &mut Node) -> Result<bool, LaunchError>,
+    ) -> Result<(), LaunchError> {
         let mut waiting: Vec<usize> = (0..self.nodes.len()).collect();
         while !waiting.is_empty() {
             self.check_cancel()?;
             let mut still_waiting = Vec::with_capacity(waiting.len());
             for i in waiting {
-                let node = &mut self.nodes[i];
-                if node.poll_backend(self.started, deadline, spec.socket_timeout)? {
-                    node.start_qemu(spec, self.started, reconnect)?;
-                } else {
+                if !step(i, &mut self.nodes[i])? {
                     still_waiting.push(i);
                 }
             }
             waiting = still_waiting;
+            if let (Some(&first), Some((deadline, late))) = (waiting.first(), deadline)
+                && Instant::now() >= deadline
+            {
+                return Err(late(&self.nodes[first]));
+            }
             if !waiting.is_empty() {
                 thread::sleep(POLL_INTERVAL);
             }

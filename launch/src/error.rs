@@ -1,7 +1,7 @@
 //! Why a launch, a wait or a teardown failed.
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::qmp::QmpError;
@@ -119,4 +119,23 @@ pub enum LaunchError {
     Teardown { node: String, problem: String },
     #[error("interrupted")]
     Cancelled,
+}
+
+impl LaunchError {
+    /// For `map_err`: [`LaunchError::NodeFiles`], `action` failing on
+    /// `node`'s file `path`.
+    pub(crate) fn node_files(
+        node: &str,
+        action: &'static str,
+        path: &Path,
+    ) -> impl FnOnce(io::Error) -> LaunchError + use<> {
+        let node = node.to_owned();
+        let path = path.to_owned();
+        move |source| LaunchError::NodeFiles {
+            node,
+            action,
+            path,
+            source,
+        }
+    }
 }

@@ -120,16 +120,7 @@ impl Node {
     /// (only if missing: the guest's boot entries survive relaunches).
     pub(crate) fn prepare(spec: &ClusterSpec, node: &NodeSpec) -> Result<Node, LaunchError> {
         let dir = spec.node_dir(&node.name);
-        let files_error = |action, path: &Path| {
-            let node = node.name.clone();
-            let path = path.to_owned();
-            move |source| LaunchError::NodeFiles {
-                node,
-                action,
-                path,
-                source,
-            }
-        };
+        let files_error = |action, path: &Path| LaunchError::node_files(&node.name, action, path);
         fs::create_dir_all(&dir).map_err(files_error("creating", &dir))?;
         let lock_path = dir.join(LOCK_FILE);
         let lock = File::create(&lock_path).map_err(files_error("creating", &lock_path))?;
@@ -254,6 +245,15 @@ impl Node {
         self.console.output().tail(lines)
     }
 
+    /// For `map_err`: `action` failing on the node's file `path`.
+    fn files_error(
+        &self,
+        action: &'static str,
+        path: &Path,
+    ) -> impl FnOnce(io::Error) -> LaunchError + use<> {
+        LaunchError::node_files(&self.name, action, path)
+    }
+
     fn spawn_error(
         &self,
         program: &'static str,
@@ -292,12 +292,7 @@ impl Node {
         echo_prefix: Option<String>,
         thread_name: &str,
     ) -> Result<(), LaunchError> {
-        let log = open_log_file(file, append).map_err(|source| LaunchError::NodeFiles {
-            node: self.name.clone(),
-            action: "creating",
-            path: file.to_owned(),
-            source,
-        })?;
+        let log = open_log_file(file, append).map_err(self.files_error("creating", file))?;
         let reader = follow(
             format!("{thread_name}-{}", self.name),
             source,
@@ -305,12 +300,7 @@ impl Node {
             echo_prefix,
             Arc::clone(transcript),
         )
-        .map_err(|source| LaunchError::NodeFiles {
-            node: self.name.clone(),
-            action: "starting the log copier for",
-            path: file.to_owned(),
-            source,
-        })?;
+        .map_err(self.files_error("starting the log copier for", file))?;
         self.readers.push(reader);
         Ok(())
     }

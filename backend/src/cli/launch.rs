@@ -613,37 +613,34 @@ mod tests {
             "r.example/os:1",
             "--state-dir",
             "s",
+            "--cache",
+            "/c",
+            "--insecure-registry",
+            "h.example",
             "--cert-dir",
             "/certs",
             "--registries-conf",
             "/r.conf",
+            "--fetch-timeout",
+            "7",
+            "--allow-insecure-cache-dir",
         ]);
         let args = registry_serve_args(&c.launch.registry);
         for pair in [["--cert-dir", "/certs"], ["--registries-conf", "/r.conf"]] {
             assert!(args.windows(2).any(|w| w == pair), "{args:?}");
         }
         // What a snapshot records: every option, as `--name value`.
-        let c = Cmd::parse_from([
-            "x",
-            "--image",
-            "r.example/os:1",
-            "--state-dir",
-            "s",
-            "--cache",
-            "/c",
-            "--insecure-registry",
-            "h.example",
-            "--fetch-timeout",
-            "7",
-            "--allow-insecure-cache-dir",
-        ]);
         assert_eq!(
-            registry_serve_args(&c.launch.registry),
+            args,
             [
                 "--cache",
                 "/c",
                 "--insecure-registry",
                 "h.example",
+                "--cert-dir",
+                "/certs",
+                "--registries-conf",
+                "/r.conf",
                 "--fetch-timeout",
                 "7"
             ]

@@ -4,11 +4,10 @@
 //! together.
 
 use std::path::Path;
-use std::thread;
 use std::time::{Duration, Instant};
 
-use super::{Cluster, POLL_INTERVAL};
-use crate::LaunchError;
+use super::Cluster;
+use crate::{LaunchError, Node};
 
 /// How long restored guests may take to load their VM state.
 const RESUME_TIMEOUT: Duration = Duration::from_secs(120);
@@ -25,44 +24,28 @@ impl Cluster {
         for node in &mut self.nodes {
             monitors.push(node.connect_qmp(deadline, self.cancel.as_ref())?);
         }
-        let mut loading: Vec<usize> = (0..self.nodes.len()).collect();
-        while !loading.is_empty() {
-            self.check_cancel()?;
-            let mut still = Vec::with_capacity(loading.len());
-            for i in loading {
-                let node = &mut self.nodes[i];
-                let status = node.qmp_execute(&mut monitors[i], "query-status", None)?;
-                match status.get("status").and_then(serde_json::Value::as_str) {
-                    Some("inmigrate") => still.push(i),
-                    Some("paused" | "prelaunch" | "running") => {}
-                    other => {
-                        return Err(LaunchError::VmState {
-                            node: node.name().to_owned(),
-                            problem: format!(
-                                "QEMU is {} after loading the VM state {}",
-                                other.unwrap_or("in no known state"),
-                                node.restored_from().unwrap_or(Path::new("")).display()
-                            ),
-                        });
-                    }
-                }
-            }
-            loading = still;
-            if loading.is_empty() {
-                break;
-            }
-            if Instant::now() >= deadline {
-                let node = &self.nodes[loading[0]];
-                return Err(LaunchError::VmState {
+        let late = |node: &Node| LaunchError::VmState {
+            node: node.name().to_owned(),
+            problem: format!(
+                "QEMU did not load its VM state {} within {RESUME_TIMEOUT:?}",
+                node.restored_from().unwrap_or(Path::new("")).display()
+            ),
+        };
+        self.poll_nodes(Some((deadline, &late)), |i, node| {
+            let status = node.qmp_execute(&mut monitors[i], "query-status", None)?;
+            match status.get("status").and_then(serde_json::Value::as_str) {
+                Some("inmigrate") => Ok(false),
+                Some("paused" | "prelaunch" | "running") => Ok(true),
+                other => Err(LaunchError::VmState {
                     node: node.name().to_owned(),
                     problem: format!(
-                        "QEMU did not load its VM state {} within {RESUME_TIMEOUT:?}",
+                        "QEMU is {} after loading the VM state {}",
+                        other.unwrap_or("in no known state"),
                         node.restored_from().unwrap_or(Path::new("")).display()
                     ),
-                });
+                }),
             }
-            thread::sleep(POLL_INTERVAL);
-        }
+        })?;
         for (node, qmp) in self.nodes.iter_mut().zip(&mut monitors) {
             node.qmp_execute(qmp, "cont", None)?;
             node.mark_resumed(self.started.elapsed());
@@ -91,40 +74,25 @@ impl Cluster {
         for (node, qmp) in self.nodes.iter_mut().zip(&mut monitors) {
             node.start_saving_vmstate(qmp)?;
         }
-        let mut saving: Vec<usize> = (0..self.nodes.len()).collect();
-        while !saving.is_empty() {
-            self.check_cancel()?;
-            let mut still = Vec::with_capacity(saving.len());
-            for i in saving {
-                let node = &mut self.nodes[i];
-                let status = node.qmp_query_migrate(&mut monitors[i])?;
-                match status.status.as_str() {
-                    "completed" => node.finish_saving_vmstate()?,
-                    "failed" | "cancelled" => {
-                        return Err(LaunchError::VmState {
-                            node: node.name().to_owned(),
-                            problem: format!(
-                                "saving the VM state {}: {}",
-                                status.status,
-                                status.error.as_deref().unwrap_or("QEMU gave no reason")
-                            ),
-                        });
-                    }
-                    _ => still.push(i),
-                }
+        let late = |node: &Node| LaunchError::VmState {
+            node: node.name().to_owned(),
+            problem: format!("saving the VM state took longer than {timeout:?}"),
+        };
+        self.poll_nodes(Some((deadline, &late)), |i, node| {
+            let status = node.qmp_query_migrate(&mut monitors[i])?;
+            match status.status.as_str() {
+                "completed" => node.finish_saving_vmstate().map(|()| true),
+                "failed" | "cancelled" => Err(LaunchError::VmState {
+                    node: node.name().to_owned(),
+                    problem: format!(
+                        "saving the VM state {}: {}",
+                        status.status,
+                        status.error.as_deref().unwrap_or("QEMU gave no reason")
+                    ),
+                }),
+                _ => Ok(false),
             }
-            saving = still;
-            if saving.is_empty() {
-                break;
-            }
-            if Instant::now() >= deadline {
-                return Err(LaunchError::VmState {
-                    node: self.nodes[saving[0]].name().to_owned(),
-                    problem: format!("saving the VM state took longer than {timeout:?}"),
-                });
-            }
-            thread::sleep(POLL_INTERVAL);
-        }
+        })?;
         for (node, qmp) in self.nodes.iter_mut().zip(&mut monitors) {
             // QEMU may close the connection before it answers.
             let _ = qmp.execute("quit", None);

@@ -92,19 +92,10 @@ impl Node {
     /// Starts writing the (paused) guest's VM state to a new private file.
     pub(crate) fn start_saving_vmstate(&mut self, qmp: &mut Qmp) -> Result<(), LaunchError> {
         let temp = self.vmstate_temp();
-        let files_error = |action| {
-            let (node, path) = (self.name.clone(), temp.clone());
-            move |source| LaunchError::NodeFiles {
-                node,
-                action,
-                path,
-                source,
-            }
-        };
         // Only an earlier save of ours, interrupted, leaves this name.
         match fs::remove_file(&temp) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                return Err(files_error("removing the unfinished")(e));
+                return Err(self.files_error("removing the unfinished", &temp)(e));
             }
             _ => {}
         }
@@ -115,7 +106,7 @@ impl Node {
             .create_new(true)
             .mode(0o600)
             .open(&temp)
-            .map_err(files_error("creating"))?;
+            .map_err(self.files_error("creating", &temp))?;
         let uri = migrate_to_file_uri(&temp).map_err(|reason| LaunchError::VmState {
             node: self.name.clone(),
             problem: format!("cannot save the VM state to {}: {reason}", temp.display()),
@@ -131,12 +122,7 @@ impl Node {
         File::open(&temp)
             .and_then(|f| f.sync_all())
             .and_then(|()| fs::rename(&temp, &vmstate))
-            .map_err(|source| LaunchError::NodeFiles {
-                node: self.name.clone(),
-                action: "completing the VM state",
-                path: vmstate,
-                source,
-            })
+            .map_err(self.files_error("completing the VM state", &vmstate))
     }
 
     pub(crate) fn mark_resumed(&mut self, at: Duration) {

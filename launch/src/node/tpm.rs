@@ -30,12 +30,7 @@ impl Node {
         let state = self.dir.join(TPM_STATE_DIR);
         fs::create_dir_all(&state)
             .and_then(|()| fs::set_permissions(&state, fs::Permissions::from_mode(0o700)))
-            .map_err(|source| LaunchError::NodeFiles {
-                node: self.name.clone(),
-                action: "creating",
-                path: state.clone(),
-                source,
-            })?;
+            .map_err(self.files_error("creating", &state))?;
         let socket = self.tpm_socket();
         // A socket left by a killed swtpm: swtpm would refuse to bind.
         if fs::symlink_metadata(&socket).is_ok_and(|m| m.file_type().is_socket()) {
