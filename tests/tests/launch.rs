@@ -48,6 +48,16 @@ fn spec(state_dir: &Path, nodes: Vec<NodeSpec>) -> ClusterSpec {
     spec
 }
 
+/// A one-node cluster (`node-1`) in `state_dir`, booted: its console
+/// showed the sample guest's ready line.
+fn booted_node(state_dir: &Path) -> Cluster {
+    let mut cluster = Cluster::launch(spec(state_dir, NodeSpec::numbered("node", 1))).unwrap();
+    cluster
+        .wait_for_console("node-1", SAMPLE_READY, BOOT_TIMEOUT)
+        .unwrap();
+    cluster
+}
+
 fn pid_t(pid: u32) -> libc::pid_t {
     libc::pid_t::try_from(pid).unwrap()
 }
@@ -196,10 +206,7 @@ fn relaunch_keeps_the_disk_and_a_fresh_state_dir_does_not() {
     let state = tempfile::tempdir().unwrap();
     let node = "node-1";
 
-    let mut cluster = Cluster::launch(spec(state.path(), NodeSpec::numbered("node", 1))).unwrap();
-    cluster
-        .wait_for_console(node, SAMPLE_READY, BOOT_TIMEOUT)
-        .unwrap();
+    let mut cluster = booted_node(state.path());
     let written = guest_result(
         &mut cluster,
         node,
@@ -547,10 +554,7 @@ fn a_killed_backend_is_restarted_and_the_guest_keeps_every_fsynced_byte() {
     let _guests = one_guest_test_at_a_time();
     let state = tempfile::tempdir().unwrap();
     let node = "node-1";
-    let mut cluster = Cluster::launch(spec(state.path(), NodeSpec::numbered("node", 1))).unwrap();
-    cluster
-        .wait_for_console(node, SAMPLE_READY, BOOT_TIMEOUT)
-        .unwrap();
+    let mut cluster = booted_node(state.path());
     // Eight files of 1 MiB on the data partition's file system, each
     // fsynced; the console says so after each (numbers computed, so that
     // the shell's echo of the command does not match).
@@ -597,10 +601,7 @@ fn a_killed_backend_is_restarted_and_the_guest_keeps_every_fsynced_byte() {
     assert_torn_down(state.path(), &[first, second]);
 
     // A fresh boot on the same disk finds every file.
-    let mut again = Cluster::launch(spec(state.path(), NodeSpec::numbered("node", 1))).unwrap();
-    again
-        .wait_for_console(node, SAMPLE_READY, BOOT_TIMEOUT)
-        .unwrap();
+    let mut again = booted_node(state.path());
     assert_eq!(
         guest_result(
             &mut again,
