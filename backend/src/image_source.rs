@@ -203,25 +203,28 @@ impl ChunkFetcher {
     /// The read waits at most until `deadline`; a fetch still running then
     /// finishes in the background (into the cache, for the next read), and
     /// no further one starts.
+    ///
+    /// Returns the chunks this call fetched: the cache checked each against
+    /// its hash before storing it, so their bytes need no second hash.
     pub fn ensure_chunks(
         self: &Arc<Self>,
         blob: &BlobSpec,
         chunks: &[u64],
         deadline: Instant,
-    ) -> Result<(), (u64, ociblk_registry::Error)> {
+    ) -> Result<Vec<u64>, (u64, ociblk_registry::Error)> {
         let missing: Vec<u64> = chunks
             .iter()
             .copied()
             .filter(|&c| !self.chunk_present(blob, c).unwrap_or(false))
             .collect();
         if let [c] = missing[..] {
-            return self
-                .ensure_chunk_as(blob, c, Priority::Foreground)
-                .map(|_| ())
-                .map_err(|e| (c, e));
+            return match self.ensure_chunk_as(blob, c, Priority::Foreground) {
+                Ok(fetched) => Ok(if fetched { vec![c] } else { Vec::new() }),
+                Err(e) => Err((c, e)),
+            };
         }
         if missing.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let job = Arc::new(ReadFetch {
             blob: blob.clone(),
@@ -329,12 +332,18 @@ impl ChunkFetcher {
 fn collect(
     job: &ReadFetch,
     results: &mpsc::Receiver<(u64, ociblk_registry::Result<bool>)>,
-) -> Result<(), (u64, ociblk_registry::Error)> {
+) -> Result<Vec<u64>, (u64, ociblk_registry::Error)> {
     let mut pending = job.chunks.clone();
+    let mut fetched = Vec::new();
     while !pending.is_empty() {
         let left = job.deadline.saturating_duration_since(Instant::now());
         match results.recv_timeout(left) {
-            Ok((c, Ok(_))) => pending.retain(|&p| p != c),
+            Ok((c, Ok(by_this_read))) => {
+                pending.retain(|&p| p != c);
+                if by_this_read {
+                    fetched.push(c);
+                }
+            }
             Ok((c, Err(e))) => return Err((c, e)),
             // The deadline passed, or every thread stopped (at the deadline).
             Err(_) => {
@@ -350,5 +359,5 @@ fn collect(
             }
         }
     }
-    Ok(())
+    Ok(fetched)
 }

@@ -280,7 +280,9 @@ impl PayloadVerifier {
         let chunks = self
             .hashes
             .chunks_touching(offset..offset.saturating_add(len));
-        self.fetch_side_by_side(chunks.clone())?;
+        for c in self.fetch_side_by_side(chunks.clone())? {
+            self.set_verified(c);
+        }
         for c in chunks {
             if let Some(t) = &self.touched {
                 t.touch(c);
@@ -295,14 +297,16 @@ impl PayloadVerifier {
     /// For a registry image, fetches the chunks of `chunks` not yet
     /// verified that are missing from the cache, side by side and under
     /// one deadline for the read (`--fetch-timeout`), before they are
-    /// verified one by one. One missing chunk is left to that.
-    fn fetch_side_by_side(&self, chunks: std::ops::Range<u64>) -> Result<(), VerifyError> {
+    /// verified one by one. One missing chunk is left to that. Returns the
+    /// chunks fetched: the cache checked them against the same hashes
+    /// before storing them, so they are verified without a second hash.
+    fn fetch_side_by_side(&self, chunks: std::ops::Range<u64>) -> Result<Vec<u64>, VerifyError> {
         let Some(fetch) = &self.fetch else {
-            return Ok(());
+            return Ok(Vec::new());
         };
         let unverified: Vec<u64> = chunks.filter(|&c| !self.is_verified(c)).collect();
         if unverified.len() < 2 {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let deadline = Instant::now() + fetch.fetcher.timeout();
         fetch
@@ -355,7 +359,11 @@ impl PayloadVerifier {
         if self.is_verified(c) {
             return Ok(outcome);
         }
-        if self.hash {
+        // A chunk this call fetched was checked against the same hash by the
+        // cache before it was stored, and a stored chunk is never rewritten:
+        // every chunk is hashed once. Only one found in the cache (stored by
+        // another process, perhaps torn by a crash) is hashed here.
+        if self.hash && !fetched {
             self.hashed.fetch_add(1, Ordering::Relaxed);
             match (
                 check_chunk(&self.payload, &self.path, file, &self.hashes, c),
@@ -377,12 +385,17 @@ impl PayloadVerifier {
                 (Err(e), _) => return Err(e),
             }
         }
+        self.set_verified(c);
+        Ok(outcome)
+    }
+
+    /// Marks chunk `c` verified: its bytes may be served from now on.
+    fn set_verified(&self, c: u64) {
         let (word, mask) = Self::bit(c);
         // A chunk past the end has no expected hash, so it never gets here.
         if let Some(w) = self.verified.get(word) {
             w.fetch_or(mask, Ordering::Release);
         }
-        Ok(outcome)
     }
 
     /// Makes chunk `c` present in the cache for a registry image; `true`
