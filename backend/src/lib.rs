@@ -4,12 +4,11 @@
 //! from the image's payload blobs, writes land in a per-node copy-on-write
 //! overlay file.
 
-pub mod access;
 pub mod cli;
 pub mod export;
 pub mod image_source;
 pub mod launch;
 pub mod node_disk;
+pub mod payload;
 pub mod prefetch;
 pub mod qmp;
-pub mod verifier;

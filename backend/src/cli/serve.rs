@@ -9,16 +9,13 @@ use clap::{Args, ValueEnum};
 use tracing::{info, warn};
 
 use ociblk_layout::Layout;
-use ociblk_overlay::{FlushMode, Overlay, OverlayConfig, OverlayError};
+use ociblk_overlay::{FlushMode, OverlayError};
 use ociblk_registry::{AccessRecord, Digest};
 
 use super::layout_args::LayoutArgs;
-use crate::access::AccessRecorder;
-use crate::image_source::ChunkFetcher;
-use crate::node_disk::{DeferredOverlay, NodeDisk};
+use crate::node_disk::{NodeDisk, OpenDiskError, OverlayOpening, OverlayRequest, open_parts};
+use crate::payload::{ChunkFetcher, PayloadOptions};
 use crate::prefetch::{PrefetchPlan, Prefetcher};
-use crate::verifier::Verifiers;
-use ociblk_layout::DiskReader;
 use ociblk_server::daemon::{SocketClaim, serve_claimed};
 use ociblk_server::{ServerOptions, ShutdownSignal, config};
 
@@ -124,12 +121,6 @@ pub struct ServeArgs {
     pub wait_for_overlay: Option<u64>,
 }
 
-/// The overlay: opened at start, or at the disk's first request.
-enum Opening {
-    Now(Option<Overlay>),
-    Deferred(DeferredOverlay),
-}
-
 /// How long a stopping server waits for the prefetch thread to finish the
 /// chunk it is fetching.
 const PREFETCH_STOP_WAIT: Duration = Duration::from_secs(2);
@@ -180,39 +171,6 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     let fetcher = loaded.fetcher.clone();
     let manifest = loaded.image.manifest_digest.clone();
     let plan = prefetch_plan(args, fetcher.as_deref(), &manifest, &layout)?;
-    // The payloads are opened before the overlay, which may be a new file.
-    let reader = DiskReader::open(layout).context("cannot open the image's payloads")?;
-    let layout = &reader.layout;
-    let overlay = match &args.overlay {
-        Some(path) => {
-            let cfg = OverlayConfig {
-                disk_size: layout.size,
-                fingerprint: layout.fingerprint,
-                flush: match args.flush {
-                    FlushArg::Safe => FlushMode::Safe,
-                    FlushArg::Unsafe => FlushMode::Unsafe,
-                },
-            };
-            let layers = (!args.layers.is_empty()).then_some(args.layers.as_slice());
-            if let Some(seconds) = args.wait_for_overlay {
-                let wait = Duration::from_secs(seconds);
-                let layers = layers.map(<[PathBuf]>::to_vec);
-                Opening::Deferred(DeferredOverlay::new(path.clone(), cfg, layers, wait))
-            } else {
-                let overlay = if args.read_only {
-                    Overlay::open_read_only_over(path, cfg, layers)
-                } else {
-                    Overlay::open_over(path, cfg, layers)
-                };
-                Opening::Now(Some(
-                    overlay
-                        .map_err(with_layer_hint)
-                        .context("cannot open the overlay")?,
-                ))
-            }
-        }
-        None => Opening::Now(None),
-    };
     if args.no_verify {
         match &fetcher {
             None => {
@@ -224,33 +182,25 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             ),
         }
     }
-    let recorder = args
-        .record_access
-        .as_ref()
-        .map(|_| Arc::new(AccessRecorder::new(layout)));
-    let verifiers = Verifiers::recording(
-        layout,
-        &loaded.origin,
-        fetcher.as_ref(),
-        !args.no_verify,
-        recorder.as_ref(),
-    );
-    let disk = match overlay {
-        Opening::Now(overlay) => NodeDisk::open(reader, overlay, args.read_only, verifiers),
-        Opening::Deferred(overlay) => {
-            info!(
-                wait_s = args.wait_for_overlay,
-                "the overlay is opened at the disk's first request"
-            );
-            NodeDisk::open_deferred(reader, overlay, verifiers)
-        }
+    let payloads = PayloadOptions {
+        verify: !args.no_verify,
+        record: args.record_access.is_some(),
     };
+    let parts =
+        open_parts(&loaded, layout, payloads, overlay_request(args)).map_err(with_layer_hint)?;
+    if let OverlayOpening::Deferred(_) = parts.overlay {
+        info!(
+            wait_s = args.wait_for_overlay,
+            "the overlay is opened at the disk's first request"
+        );
+    }
+    let disk = NodeDisk::new(parts, args.read_only);
     info!(
         image = %loaded.origin.display(),
         seed = %args.layout.seed,
         fingerprint = %disk.layout().fingerprint_hex(),
         overlay = ?args.overlay,
-        verify = disk.verifiers().is_enabled(),
+        verify = disk.payloads().verifies(),
         layers = disk.overlay().map_or(0, |o| o.chain().layers().len()),
         "node disk ready"
     );
@@ -264,7 +214,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
                 "prefetching recorded chunks in the background"
             );
             Some(
-                Prefetcher::start(plan, disk.layout(), disk.verifiers())
+                Prefetcher::start(plan, disk.payloads().clone())
                     .context("cannot start prefetching")?,
             )
         }
@@ -279,18 +229,18 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     // Written also when serving failed after the guest read something:
     // that is still worth prefetching. A server that never served keeps
     // an earlier record.
-    if let (Some(path), Some(recorder)) = (&args.record_access, &recorder)
+    if let (Some(path), Some(recorder)) = (&args.record_access, disk.payloads().recorder())
         && (served.is_ok() || !recorder.is_empty())
     {
         write_record(path, recorder.record(manifest.clone()), fetcher.as_deref())?;
     }
     served?;
-    for v in disk.verifiers().iter() {
+    for (payload, counts) in disk.payloads().verification_counts() {
         info!(
-            payload = %v.payload(),
-            chunks = v.hashes().count(),
-            verified = v.verified_count(),
-            hashed = v.hashed_count(),
+            payload = %payload,
+            chunks = counts.chunks,
+            verified = counts.verified,
+            hashed = counts.hashed,
             "payload verification"
         );
     }
@@ -306,16 +256,43 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     Ok(())
 }
 
+/// How `args` ask for the overlay to be opened.
+fn overlay_request(args: &ServeArgs) -> Option<OverlayRequest> {
+    let path = args.overlay.clone()?;
+    let layers = (!args.layers.is_empty()).then(|| args.layers.clone());
+    let flush = match args.flush {
+        FlushArg::Safe => FlushMode::Safe,
+        FlushArg::Unsafe => FlushMode::Unsafe,
+    };
+    Some(match (args.wait_for_overlay, args.read_only) {
+        (Some(seconds), _) => OverlayRequest::Deferred {
+            path,
+            flush,
+            layers,
+            wait: Duration::from_secs(seconds),
+        },
+        (None, true) => OverlayRequest::ReadOnly { path, layers },
+        (None, false) => OverlayRequest::ReadWrite {
+            path,
+            flush,
+            layers,
+        },
+    })
+}
+
 /// A layer the overlay records that is gone may only have moved: the
 /// error says how to name it where it is now.
-fn with_layer_hint(e: OverlayError) -> anyhow::Error {
+fn with_layer_hint(e: OpenDiskError) -> anyhow::Error {
     match e {
-        OverlayError::LayerMissing {
-            overlay: Some(_), ..
-        } => anyhow::anyhow!(
+        OpenDiskError::Overlay(
+            e @ OverlayError::LayerMissing {
+                overlay: Some(_), ..
+            },
+        ) => anyhow::anyhow!(
             "{e}; if it was moved, give the overlay's whole chain where it is now, \
              bottom first: --layer NEWPATH for each layer (the digests must match the record)"
-        ),
+        )
+        .context("cannot open the overlay"),
         e => anyhow::Error::new(e),
     }
 }
