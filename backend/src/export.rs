@@ -11,6 +11,7 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use ociblk_io::copy::{FileCopier, Method};
 use ociblk_io::iobuf::IoBufs;
 use ociblk_io::sys;
 use ociblk_layout::{Content, Layout};
@@ -18,6 +19,9 @@ use ociblk_overlay::{BlockState, Overlay};
 use ociblk_registry::limiter::Priority;
 
 use crate::payload::Payloads;
+
+/// The unit of the holes a plain copy leaves in the output.
+const BLOCK: u64 = 4096;
 
 /// Bytes written by [`export_disk`].
 #[derive(Debug, Default, Clone, Copy)]
@@ -53,14 +57,15 @@ pub fn export_disk(
                     let servable = payloads.ensure(source, piece.clone(), Priority::Foreground)?;
                     let (file, range) = servable.file_range();
                     let at = e.start + (piece.start - offset);
-                    copy_range(
-                        file,
+                    let len = range.end - range.start;
+                    // The output is a new sparse file: a zero block a plain
+                    // copy leaves out is a hole that reads as zeros.
+                    FileCopier::new(file, out, Method::CopyRange, BLOCK).copy(
                         range.start,
-                        out,
                         at,
-                        range.end - range.start,
-                        &mut progress,
+                        len,
                     )?;
+                    progress(len);
                 }
                 stats.copied += e.len;
             }
@@ -96,64 +101,6 @@ fn chunk_pieces(
             chunk.start.max(range.start)..chunk.end.min(range.end)
         })
         .collect()
-}
-
-fn copy_range(
-    src: &File,
-    src_off: u64,
-    dst: &File,
-    dst_off: u64,
-    len: u64,
-    progress: &mut impl FnMut(u64),
-) -> io::Result<()> {
-    const CHUNK: usize = 64 << 20;
-    let mut done = 0;
-    while done < len {
-        let want = usize::try_from(len - done).map_or(CHUNK, |n| n.min(CHUNK));
-        let (s, d) = (src_off + done, dst_off + done);
-        match sys::copy_file_range(src.as_fd(), s, dst.as_fd(), d, want) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("source ended {} bytes early", len - done),
-                ));
-            }
-            Ok(n) => {
-                done += n as u64;
-                progress(n as u64);
-            }
-            // Not supported across these files: fall back to plain copies.
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
-                ) =>
-            {
-                return copy_plain(src, s, dst, d, len - done, progress);
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-fn copy_plain(
-    src: &File,
-    mut s: u64,
-    dst: &File,
-    mut d: u64,
-    mut left: u64,
-    progress: &mut impl FnMut(u64),
-) -> io::Result<()> {
-    let mut buf = vec![0u8; 1 << 20];
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        src.read_exact_at(&mut buf[..n], s)?;
-        dst.write_all_at(&buf[..n], d)?;
-        (s, d, left) = (s + n as u64, d + n as u64, left - n as u64);
-        progress(n as u64);
-    }
-    Ok(())
 }
 
 /// Applies `overlay` on top of an exported base disk in `out`: written
