@@ -47,7 +47,7 @@ pub enum PrefetchError {
     OtherImage {
         path: PathBuf,
         recorded: Digest,
-        image: String,
+        image: Digest,
     },
     #[error(
         "access record {}: line {line}: chunk {index} of blob {blob} is past the blob's end ({chunks} chunks)",
@@ -73,16 +73,16 @@ pub struct PrefetchPlan {
 
 impl PrefetchPlan {
     /// Reads the record at `path` and maps it onto `layout` of the image
-    /// with manifest digest `manifest` (64 hex digits). A record for
+    /// with manifest digest `manifest`. A record for
     /// another image, a chunk past its blob's end, or a malformed record is
     /// refused, naming the file (and line).
-    pub fn load(path: &Path, manifest: &str, layout: &Layout) -> Result<Self, PrefetchError> {
+    pub fn load(path: &Path, manifest: &Digest, layout: &Layout) -> Result<Self, PrefetchError> {
         let record = AccessRecord::read(path)?;
-        if record.manifest.hex() != manifest {
+        if record.manifest != *manifest {
             return Err(PrefetchError::OtherImage {
                 path: path.to_path_buf(),
                 recorded: record.manifest,
-                image: format!("sha256:{manifest}"),
+                image: manifest.clone(),
             });
         }
         let mut sources: HashMap<&str, (usize, u64)> = HashMap::new();

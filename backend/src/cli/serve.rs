@@ -314,7 +314,7 @@ fn prefetch_plan(
                 path.display()
             );
         }
-        return Ok(Some(PrefetchPlan::load(path, manifest.hex(), layout)?));
+        return Ok(Some(PrefetchPlan::load(path, manifest, layout)?));
     }
     let Some(fetcher) = fetcher.filter(|_| !args.no_prefetch) else {
         return Ok(None);
@@ -323,7 +323,7 @@ fn prefetch_plan(
     if !path.exists() {
         return Ok(None);
     }
-    match PrefetchPlan::load(&path, manifest.hex(), layout) {
+    match PrefetchPlan::load(&path, manifest, layout) {
         Ok(plan) => Ok(Some(plan)),
         Err(e) => {
             warn!("not prefetching from the cache's access record: {e}");
