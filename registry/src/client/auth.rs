@@ -10,7 +10,7 @@ use serde::Deserialize;
 use ureq::Body;
 use ureq::http::{Response, Uri};
 
-use super::transport::{CallError, percent_encode};
+use super::transport::{CallError, Get, percent_encode};
 use super::{RegistryClient, lock};
 use crate::challenge::Challenge;
 use crate::credentials::{self, Credentials};
@@ -119,7 +119,12 @@ impl RegistryClient {
             '?'
         };
         let token_url = format!("{realm}{separator}{query}");
-        let mut response = match self.call(&token_url, &[], basic.as_deref(), deadline) {
+        let get = Get {
+            headers: &[],
+            authorization: basic.as_deref(),
+            deadline,
+        };
+        let mut response = match self.call(&token_url, get) {
             Ok(answer) => answer.response,
             Err(CallError::Refused(e)) => return Err(e),
             Err(CallError::OutOfTime) => {

@@ -33,7 +33,7 @@ use crate::reference::{Reference, host_name};
 use crate::retry;
 use crate::tls::{CertDirs, HostCerts};
 use auth::TokenCache;
-use transport::{Answer, CallError, Transport};
+use transport::{Answer, CallError, Get, Transport};
 pub use transport::{is_loopback, redirect_target};
 
 /// Attempts on a connection failure: a registry that is down is reported
@@ -195,16 +195,20 @@ impl RegistryClient {
                 return Err(self.timed_out(&url, "retrying", &attempts));
             }
             let authorization = self.authorization(&scope);
-            let answer =
-                match self.call_registry(&path, headers, authorization.as_deref(), deadline) {
-                    Ok(answer) => answer,
-                    Err(failed) => {
-                        let wait = self.after_failed_call(failed, &url, &mut attempts)?;
-                        drop(permit);
-                        sleep_before(wait, deadline);
-                        continue;
-                    }
-                };
+            let get = Get {
+                headers,
+                authorization: authorization.as_deref(),
+                deadline,
+            };
+            let answer = match self.call_registry(&path, get) {
+                Ok(answer) => answer,
+                Err(failed) => {
+                    let wait = self.after_failed_call(failed, &url, &mut attempts)?;
+                    drop(permit);
+                    sleep_before(wait, deadline);
+                    continue;
+                }
+            };
             match self.judge(answer, &url, deadline, &mut attempts)? {
                 Judged::Served(Answer { url, response, .. }) => {
                     return Ok(Fetched {

@@ -26,16 +26,13 @@ impl RegistryClient {
     pub(super) fn call_registry(
         &self,
         path: &str,
-        headers: &[(&str, &str)],
-        authorization: Option<&str>,
-        deadline: Instant,
+        get: Get,
     ) -> std::result::Result<Answer, CallError> {
+        let call_over = |scheme: &str| self.call(&format!("{scheme}://{}{path}", self.host), get);
         if let Some(scheme) = self.scheme() {
-            let url = format!("{scheme}://{}{path}", self.host);
-            return self.call(&url, headers, authorization, deadline);
+            return call_over(scheme);
         }
-        let https = format!("https://{}{path}", self.host);
-        let tls_error = match self.call(&https, headers, authorization, deadline) {
+        let tls_error = match call_over("https") {
             Ok(answer) => {
                 *lock(&self.scheme) = Some("https");
                 return Ok(answer);
@@ -43,8 +40,7 @@ impl RegistryClient {
             Err(CallError::Http { error, .. }) => error,
             Err(other) => return Err(other),
         };
-        let http = format!("http://{}{path}", self.host);
-        let answer = self.call(&http, headers, authorization, deadline)?;
+        let answer = call_over("http")?;
         tracing::info!(host = %self.host, https = %tls_error,
             "no TLS answer; speaking plain HTTP to this loopback or insecure registry");
         *lock(&self.scheme) = Some("http");
@@ -63,16 +59,16 @@ impl RegistryClient {
         Ok((certs, config))
     }
 
-    /// One `GET url` with `headers`, following redirects under the
-    /// transport rules. `authorization` is sent to `url`'s origin (scheme,
-    /// host and port) only, never to another one a redirect leads to.
-    pub(super) fn call(
-        &self,
-        url: &str,
-        headers: &[(&str, &str)],
-        authorization: Option<&str>,
-        deadline: Instant,
-    ) -> std::result::Result<Answer, CallError> {
+    /// One `GET url` with `get`'s headers, following redirects under the
+    /// transport rules. `get`'s `authorization` is sent to `url`'s origin
+    /// (scheme, host and port) only, never to another one a redirect leads
+    /// to.
+    pub(super) fn call(&self, url: &str, get: Get) -> std::result::Result<Answer, CallError> {
+        let Get {
+            headers,
+            authorization,
+            deadline,
+        } = get;
         let mut uri = self.transport.check(url).map_err(|message| {
             CallError::Refused(Error::Refused {
                 url: url.to_string(),
@@ -157,6 +153,15 @@ impl RegistryClient {
             url = next;
         }
     }
+}
+
+/// What a `GET` sends besides its URL, and when it must be answered by.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Get<'a> {
+    pub(super) headers: &'a [(&'a str, &'a str)],
+    /// Goes to the origin of the URL asked only (see [`RegistryClient::call`]).
+    pub(super) authorization: Option<&'a str>,
+    pub(super) deadline: Instant,
 }
 
 /// What [`RegistryClient::call`] got: the last URL asked, its answer, and
