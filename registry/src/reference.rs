@@ -198,7 +198,14 @@ fn check_host(host: &str) -> Result<(), String> {
         if inner.parse::<std::net::Ipv6Addr>().is_err() {
             return Err(format!("host {host:?}: not an IPv6 address"));
         }
-        (None, rest.strip_prefix(':'))
+        // Only a port may follow the address.
+        let port = match rest {
+            "" => None,
+            _ => Some(rest.strip_prefix(':').ok_or_else(|| {
+                format!("host {host:?}: only :PORT may follow the bracketed address")
+            })?),
+        };
+        (None, port)
     } else {
         match host.rsplit_once(':') {
             Some((name, port)) => (Some(name), Some(port)),
@@ -381,6 +388,12 @@ mod tests {
             (r.host.as_str(), r.repository.as_str(), r.tag.as_deref()),
             ("[::1]:5000", "os", Some("t"))
         );
+        let r = Reference::parse("[::1]/os").expect("no port");
+        assert_eq!(r.host, "[::1]");
+        for bad in ["[::1]x/os", "[::1]5000/os", "[::1]:/os", "[::1]:x/os"] {
+            let e = Reference::parse(bad).expect_err(bad).to_string();
+            assert!(e.contains("[::1]") || e.contains("port"), "{bad}: {e}");
+        }
     }
 
     /// Where oci-spec rewrites a reference, ociblk keeps it as written.
