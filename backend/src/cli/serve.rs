@@ -146,19 +146,7 @@ fn check_record_path(path: &Path) -> Result<()> {
 }
 
 pub fn run(args: &ServeArgs) -> Result<()> {
-    let opts = ServerOptions {
-        queues: args.queues,
-        queue_size: args.queue_size,
-        read_only: args.read_only,
-        serial: args
-            .serial
-            .clone()
-            .unwrap_or_else(|| args.layout.seed.clone()),
-        handshake_timeout: Duration::from_secs(args.handshake_timeout),
-        io_threads: usize::from(args.io_threads),
-        poll_max_us: args.poll_max_us,
-        ..ServerOptions::default()
-    };
+    let opts = server_options(args);
     // Every argument is checked before any file is created (the overlay
     // may be new): the socket path is claimed (its lock file taken, which
     // goes again on any error) and bound once the disk is open.
@@ -172,15 +160,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     let manifest = loaded.image.manifest_digest.clone();
     let plan = prefetch_plan(args, fetcher.as_deref(), &manifest, &layout)?;
     if args.no_verify {
-        match &fetcher {
-            None => {
-                warn!("--no-verify: payload bytes are served without checking their chunk hashes")
-            }
-            Some(_) => warn!(
-                "--no-verify: cached chunks are served without checking them again; \
-                 chunks fetched from the registry are still verified before they are cached"
-            ),
-        }
+        warn_no_verify(fetcher.is_some());
     }
     let payloads = PayloadOptions {
         verify: !args.no_verify,
@@ -194,7 +174,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             "the overlay is opened at the disk's first request"
         );
     }
-    let disk = NodeDisk::new(parts, args.read_only);
+    let disk = Arc::new(NodeDisk::new(parts, args.read_only));
     info!(
         image = %loaded.origin.display(),
         seed = %args.layout.seed,
@@ -206,21 +186,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     );
     let shutdown = ShutdownSignal::new()?;
     shutdown.trigger_on_termination_signals()?;
-    let prefetcher = match plan {
-        Some(plan) => {
-            info!(
-                record = %plan.path().display(),
-                chunks = plan.len(),
-                "prefetching recorded chunks in the background"
-            );
-            Some(
-                Prefetcher::start(plan, disk.payloads().clone())
-                    .context("cannot start prefetching")?,
-            )
-        }
-        None => None,
-    };
-    let disk = Arc::new(disk);
+    let prefetcher = plan.map(|plan| start_prefetch(plan, &disk)).transpose()?;
     let served = serve_claimed(disk.clone(), socket, &opts, shutdown)
         .with_context(|| format!("serving on {}", args.socket.display()));
     if let Some(p) = prefetcher {
@@ -235,6 +201,53 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         write_record(path, recorder.record(manifest.clone()), fetcher.as_deref())?;
     }
     served?;
+    log_totals(&disk, fetcher.as_deref());
+    info!("stopped");
+    Ok(())
+}
+
+/// The server's options from `args`.
+fn server_options(args: &ServeArgs) -> ServerOptions {
+    ServerOptions {
+        queues: args.queues,
+        queue_size: args.queue_size,
+        read_only: args.read_only,
+        serial: args
+            .serial
+            .clone()
+            .unwrap_or_else(|| args.layout.seed.clone()),
+        handshake_timeout: Duration::from_secs(args.handshake_timeout),
+        io_threads: usize::from(args.io_threads),
+        poll_max_us: args.poll_max_us,
+        ..ServerOptions::default()
+    }
+}
+
+/// What `--no-verify` leaves unchecked, for a registry image or not.
+fn warn_no_verify(registry: bool) {
+    if registry {
+        warn!(
+            "--no-verify: cached chunks are served without checking them again; \
+             chunks fetched from the registry are still verified before they are cached"
+        );
+    } else {
+        warn!("--no-verify: payload bytes are served without checking their chunk hashes");
+    }
+}
+
+/// Starts replaying `plan` in the background against `disk`'s payloads.
+fn start_prefetch(plan: PrefetchPlan, disk: &NodeDisk) -> Result<Prefetcher> {
+    info!(
+        record = %plan.path().display(),
+        chunks = plan.len(),
+        "prefetching recorded chunks in the background"
+    );
+    Prefetcher::start(plan, disk.payloads().clone()).context("cannot start prefetching")
+}
+
+/// The closing log lines: each payload's verification, and what was
+/// fetched from the registry.
+fn log_totals(disk: &NodeDisk, fetcher: Option<&ChunkFetcher>) {
     for (payload, counts) in disk.payloads().verification_counts() {
         info!(
             payload = %payload,
@@ -244,7 +257,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             "payload verification"
         );
     }
-    if let Some(f) = &fetcher {
+    if let Some(f) = fetcher {
         let stats = f.stats();
         info!(
             requests = stats.requests,
@@ -252,8 +265,6 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             "fetched from the registry"
         );
     }
-    info!("stopped");
-    Ok(())
 }
 
 /// How `args` ask for the overlay to be opened.

@@ -266,6 +266,14 @@ struct CachedBlob {
 #[derive(Debug, Clone)]
 pub struct CachedBlobs(pub Arc<ChunkFetcher>);
 
+impl CachedBlobs {
+    /// `blob` in the cache, by its digest (`None`: not one of the image's
+    /// payloads).
+    fn cached(&self, blob: &Blob) -> Option<&CachedBlob> {
+        self.0.blobs.get(&blob.payload.as_ref()?.digest)
+    }
+}
+
 impl ChunkStore for CachedBlobs {
     fn ensure(
         &self,
@@ -274,11 +282,7 @@ impl ChunkStore for CachedBlobs {
         priority: Priority,
     ) -> Result<Vec<u64>, PayloadError> {
         let fetcher = &self.0;
-        let Some(cached) = blob
-            .payload
-            .as_ref()
-            .and_then(|p| fetcher.blobs.get(&p.digest))
-        else {
+        let Some(cached) = self.cached(blob) else {
             return Ok(Vec::new());
         };
         let missing: Vec<u64> = chunks.filter(|&c| !cached.present.get(c)).collect();
@@ -312,11 +316,7 @@ impl ChunkStore for CachedBlobs {
 
     fn forget(&self, blob: &Blob, c: u64) -> Result<bool, PayloadError> {
         let fetcher = &self.0;
-        let Some(cached) = blob
-            .payload
-            .as_ref()
-            .and_then(|p| fetcher.blobs.get(&p.digest))
-        else {
+        let Some(cached) = self.cached(blob) else {
             return Ok(false);
         };
         cached.present.clear(c);
