@@ -1,12 +1,21 @@
 #!/usr/bin/env python3
-"""Compares two builds of ociblk on the write jobs of BENCHMARKS.md section 2:
-first write 4K and rewrite 4K (8 in flight per queue, a FLUSH every 64
-writes, durable flushes), at 1 and 2 queues, through `ociblk-bench`. The two
-builds alternate within each repetition (which goes first changes too), each
-on a fresh overlay, so that both see the same machine: the figure a change to
-the write path must keep.
+"""Compares two builds of ociblk side by side in one run: the figure a change
+to the read or write path must keep.
+
+- The write jobs of BENCHMARKS.md section 2 (first write 4K and rewrite 4K, 8
+  in flight per queue, a FLUSH every 64 writes, durable flushes), at 1 and 2
+  queues, through `ociblk-bench`: the default.
+- With --all-io, every job of section 2: the read jobs too (page cache warm,
+  every chunk verified by a first pass, as in section 2).
+- With --verify, the verification rows of section 4: the first pass over
+  every chunk of the system payload (each chunk hashed on its first read),
+  and `ociblk verify` of the image.
+
+The two builds alternate within each repetition (which goes first changes
+too), each on a fresh overlay, so that both see the same machine.
 
     hack/bench_compare.py --old OLD/ociblk [--new target/release/ociblk] [--reps 9]
+                          [--all-io] [--verify] [--runtime SECONDS]
 
 Prints each run, then per job the medians, NEW/OLD and the ranges. Build both
 first (`cargo build --release -p ociblk -p ociblk-client --bins`); the client
@@ -16,11 +25,18 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from benchlib import OCIBLK, ROOT, median
-from bench_io import Disk, job, job_args, rotated, server, show
+from benchlib import OCIBLK, ROOT, median, run
+from bench_io import JOBS, METRIC, Disk, job, job_args, rotated, server, show, verify_pass
 
-JOBS = ("first write 4K", "rewrite 4K")
+WRITE_JOBS = ("first write 4K", "rewrite 4K")
 QUEUE_COUNTS = (1, 2)
+
+
+def verify_gbps(binary, image):
+    """`ociblk verify` throughput (GB/s) from its summary line."""
+    out = run([binary, "verify", "--image", image]).stdout.decode()
+    line = next(l for l in out.splitlines() if "GB/s" in l)
+    return float(line.split("(")[1].split(" GB/s")[0])
 
 
 def main():
@@ -29,9 +45,17 @@ def main():
     ap.add_argument("--new", default=OCIBLK, type=Path, help="the ociblk binary after it")
     ap.add_argument("--image", default=str(ROOT / "build/sample-image"))
     ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--all-io", action="store_true", help="the read jobs of section 2 too")
+    ap.add_argument("--verify", action="store_true", help="the verification rows too")
+    ap.add_argument("--runtime", default="3", help="seconds per read job")
     args = ap.parse_args()
     builds = {"old": args.old, "new": args.new}
-    iops = {(b, what, q): [] for b in builds for what in JOBS for q in QUEUE_COUNTS}
+    jobs = JOBS if args.all_io else WRITE_JOBS
+    rows = {}
+
+    def note(b, row, value):
+        rows.setdefault(row, {"old": [], "new": []})[b].append(value)
+
     with tempfile.TemporaryDirectory(dir=ROOT / "build") as scratch:
         scratch = Path(scratch)
         disk = Disk(args.image, scratch)
@@ -41,23 +65,33 @@ def main():
                     with tempfile.TemporaryDirectory(dir=scratch) as d:
                         c = server("ociblk", disk, Path(d), binary=builds[b])
                         try:
+                            if args.verify or args.all_io:
+                                disk.warm("ociblk")
+                                r = verify_pass(c, disk)
+                                note(b, ("first pass, verifying every chunk", 2, "mib_s"), r["mib_s"])
                             for n, q in enumerate(QUEUE_COUNTS):
-                                for what in JOBS:
-                                    r = job(c, job_args(what, disk, q, "3", n))
-                                    show(f"rep{rep}", b, f"{what} {q}q", r, "iops")
-                                    iops[(b, what, q)].append(r["iops"])
+                                for what in jobs:
+                                    if what not in WRITE_JOBS:
+                                        disk.warm("ociblk")
+                                    r = job(c, job_args(what, disk, q, args.runtime, n))
+                                    metric = METRIC[what]
+                                    show(f"rep{rep}", b, f"{what} {q}q", r, metric)
+                                    note(b, (what, q, metric), r[metric])
                         finally:
                             c.stop()
+                    if args.verify:
+                        gbps = verify_gbps(builds[b], args.image)
+                        print(f"rep{rep} {b} ociblk verify {gbps:.2f} GB/s", flush=True)
+                        note(b, ("ociblk verify", "-", "GB/s"), gbps)
         finally:
             disk.cleanup()
-    print("\n| job | queues | old IOPS | new IOPS | new / old | range old | range new |")
-    print("|---|---|---|---|---|---|---|")
-    for what in JOBS:
-        for q in QUEUE_COUNTS:
-            old, new = iops[("old", what, q)], iops[("new", what, q)]
-            print(f"| {what} | {q} | {median(old):.0f} | {median(new):.0f} | "
-                  f"{median(new) / median(old):.3f} | {min(old):.0f}-{max(old):.0f} | "
-                  f"{min(new):.0f}-{max(new):.0f} |")
+    print("\n| job | queues | metric | old | new | new / old | range old | range new |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (what, q, metric), v in rows.items():
+        old, new = v["old"], v["new"]
+        print(f"| {what} | {q} | {metric} | {median(old):.1f} | {median(new):.1f} | "
+              f"{median(new) / median(old):.3f} | {min(old):.1f}-{max(old):.1f} | "
+              f"{min(new):.1f}-{max(new):.1f} |")
 
 
 if __name__ == "__main__":

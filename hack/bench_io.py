@@ -143,9 +143,9 @@ def job_args(name, disk, queues, runtime, region):
 def verify_pass(c, disk):
     """One sequential pass over the system payload through the server: ociblk
     verifies every chunk on first read, and the jobs after it measure the steady
-    state."""
-    job(c, ["--rw", "read", "--bs", "1M", "--iodepth", "4", *disk.read_region(),
-            "--size", str(disk.sys_len)])
+    state. Returns the pass's result."""
+    return job(c, ["--rw", "read", "--bs", "1M", "--iodepth", "4", *disk.read_region(),
+                   "--size", str(disk.sys_len)])
 
 
 def show(tag, name, what, r, metric):

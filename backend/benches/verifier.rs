@@ -12,8 +12,10 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use ociblk::verifier::{PayloadVerifier, check_chunk};
+use ociblk::payload::{PayloadOptions, Payloads, check_chunk};
+use ociblk_digest::Digest as BlobDigest;
 use ociblk_layout::{ChunkHashes, Source};
+use ociblk_registry::limiter::Priority;
 use sha2::{Digest as _, Sha256};
 
 const CHUNK: u64 = 1 << 20;
@@ -40,11 +42,15 @@ fn verifier(c: &mut Criterion) {
         name: "system".into(),
         path: path.clone(),
         size: data.len() as u64,
-        sha256: String::new(),
-        chunk_hashes: Some(Arc::new(hashes)),
+        sha256: BlobDigest::of(b"bench").hex().to_owned(),
+        chunk_hashes: Some(Arc::new(hashes.clone())),
     };
     let file = File::open(&path).unwrap();
-    let v = PayloadVerifier::new(Path::new("image"), &source).unwrap();
+    let options = PayloadOptions {
+        verify: true,
+        record: false,
+    };
+    let v = Payloads::of_local_sources(Path::new("image"), &[source], options).unwrap();
 
     let mut group = c.benchmark_group("verify");
     group.throughput(Throughput::Bytes(CHUNK));
@@ -53,21 +59,20 @@ fn verifier(c: &mut Criterion) {
     group.bench_function("first_touch_1MiB_chunk", |b| {
         b.iter(|| {
             next = (next + 1) % CHUNKS;
-            check_chunk("system", &path, &file, v.hashes(), black_box(next)).unwrap()
+            check_chunk("system", &path, &file, &hashes, black_box(next)).unwrap()
         })
     });
     group.finish();
 
-    for chunk in 0..CHUNKS {
-        v.verify(&file, chunk).unwrap();
-    }
+    let read = |range: std::ops::Range<u64>| v.ensure(0, range, Priority::Foreground).map(|_| ());
+    read(0..CHUNK * CHUNKS).unwrap();
     let mut group = c.benchmark_group("verified");
     // What every later read pays: an atomic load per chunk it touches.
     group.bench_function("read_4KiB", |b| {
-        b.iter(|| v.ensure(&file, black_box(5 * CHUNK + 8192), 4096).unwrap())
+        b.iter(|| read(black_box(5 * CHUNK + 8192)..5 * CHUNK + 8192 + 4096).unwrap())
     });
     group.bench_function("read_1MiB_across_2_chunks", |b| {
-        b.iter(|| v.ensure(&file, black_box(5 * CHUNK + 4096), CHUNK).unwrap())
+        b.iter(|| read(black_box(5 * CHUNK + 4096)..6 * CHUNK + 4096).unwrap())
     });
     group.finish();
 }

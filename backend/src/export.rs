@@ -11,12 +11,17 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use ociblk_io::copy::{FileCopier, Method};
 use ociblk_io::iobuf::IoBufs;
 use ociblk_io::sys;
-use ociblk_layout::{Content, DiskReader};
+use ociblk_layout::{Content, Layout};
 use ociblk_overlay::{BlockState, Overlay};
+use ociblk_registry::limiter::Priority;
 
-use crate::verifier::Verifiers;
+use crate::payload::Payloads;
+
+/// The unit of the holes a plain copy leaves in the output.
+const BLOCK: u64 = 4096;
 
 /// Bytes written by [`export_disk`].
 #[derive(Debug, Default, Clone, Copy)]
@@ -27,19 +32,20 @@ pub struct ExportStats {
     pub generated: u64,
 }
 
-/// Writes the disk of `reader` to `out`, a new empty file: it gets the disk's size, zero
-/// extents stay holes, payload ranges are copied with `copy_file_range`
-/// (reflinked where the file system can). Payload sources that `verifiers`
-/// covers are hashed chunk by chunk before each chunk's bytes are copied; a
-/// mismatch stops the export with an error naming the chunk. `progress`
+/// Writes the disk `layout` describes to `out`, a new empty file: it gets
+/// the disk's size, zero extents stay holes, payload ranges are copied
+/// from `payloads` with `copy_file_range` (reflinked where the file system
+/// can), one chunk at a time, each once the store let it through (hashed
+/// before its bytes are copied, unless the store does not verify); a
+/// chunk that fails stops the export with an error naming it. `progress`
 /// gets copied byte counts.
 pub fn export_disk(
-    reader: &DiskReader,
-    verifiers: &Verifiers,
+    layout: &Layout,
+    payloads: &Payloads,
     out: &File,
     mut progress: impl FnMut(u64),
 ) -> io::Result<ExportStats> {
-    let map = &reader.layout.extents;
+    let map = &layout.extents;
     out.set_len(map.size())?;
     let mut stats = ExportStats::default();
     let mut buf = Vec::new();
@@ -47,25 +53,27 @@ pub fn export_disk(
         match e.content {
             Content::Zero => {}
             Content::File { source, offset } => {
-                let file = &reader.files[source];
-                match verifiers.get(source) {
-                    None => copy_range(file, offset, out, e.start, e.len, &mut progress)?,
-                    Some(v) => {
-                        let end = offset + e.len;
-                        for c in v.hashes().chunks_touching(offset..end) {
-                            let chunk = v.hashes().range(c);
-                            let (from, to) = (chunk.start.max(offset), chunk.end.min(end));
-                            v.verify(file, c)?;
-                            let at = e.start + (from - offset);
-                            copy_range(file, from, out, at, to - from, &mut progress)?;
-                        }
-                    }
+                for piece in chunk_pieces(payloads, source, offset..offset + e.len) {
+                    let servable = payloads.ensure(source, piece.clone(), Priority::Foreground)?;
+                    let (file, range) = servable.file_range();
+                    let at = e.start + (piece.start - offset);
+                    let len = range.end - range.start;
+                    // The output is a new sparse file: a zero block a plain
+                    // copy leaves out is a hole that reads as zeros.
+                    FileCopier::new(file, out, Method::CopyRange, BLOCK).copy(
+                        range.start,
+                        at,
+                        len,
+                    )?;
+                    progress(len);
                 }
                 stats.copied += e.len;
             }
             Content::Metadata { .. } | Content::FatChain { .. } => {
                 buf.resize(e.len as usize, 0);
-                reader.read_at(e.start, &mut buf)?;
+                map.read_with(e.start, &mut buf, |_, _, _| {
+                    Err(io::Error::other("a metadata extent reads no payload"))
+                })?;
                 out.write_all_at(&buf, e.start)?;
                 stats.generated += e.len;
             }
@@ -75,62 +83,24 @@ pub fn export_disk(
     Ok(stats)
 }
 
-fn copy_range(
-    src: &File,
-    src_off: u64,
-    dst: &File,
-    dst_off: u64,
-    len: u64,
-    progress: &mut impl FnMut(u64),
-) -> io::Result<()> {
-    const CHUNK: usize = 64 << 20;
-    let mut done = 0;
-    while done < len {
-        let want = usize::try_from(len - done).map_or(CHUNK, |n| n.min(CHUNK));
-        let (s, d) = (src_off + done, dst_off + done);
-        match sys::copy_file_range(src.as_fd(), s, dst.as_fd(), d, want) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("source ended {} bytes early", len - done),
-                ));
-            }
-            Ok(n) => {
-                done += n as u64;
-                progress(n as u64);
-            }
-            // Not supported across these files: fall back to plain copies.
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EXDEV | libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)
-                ) =>
-            {
-                return copy_plain(src, s, dst, d, len - done, progress);
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-fn copy_plain(
-    src: &File,
-    mut s: u64,
-    dst: &File,
-    mut d: u64,
-    mut left: u64,
-    progress: &mut impl FnMut(u64),
-) -> io::Result<()> {
-    let mut buf = vec![0u8; 1 << 20];
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        src.read_exact_at(&mut buf[..n], s)?;
-        dst.write_all_at(&buf[..n], d)?;
-        (s, d, left) = (s + n as u64, d + n as u64, left - n as u64);
-        progress(n as u64);
-    }
-    Ok(())
+/// `range` of blob `source` cut at its chunk boundaries (whole, for a file
+/// without chunk hashes): each piece is checked, then copied while its
+/// bytes are still in the page cache.
+fn chunk_pieces(
+    payloads: &Payloads,
+    source: usize,
+    range: std::ops::Range<u64>,
+) -> Vec<std::ops::Range<u64>> {
+    let Some(hashes) = payloads.hashes(source) else {
+        return vec![range];
+    };
+    hashes
+        .chunks_touching(range.clone())
+        .map(|c| {
+            let chunk = hashes.range(c);
+            chunk.start.max(range.start)..chunk.end.min(range.end)
+        })
+        .collect()
 }
 
 /// Applies `overlay` on top of an exported base disk in `out`: written
@@ -195,9 +165,9 @@ pub struct Input {
 }
 
 impl Input {
-    /// The input `what` at `path`, open as `file`.
-    pub fn of_file(what: impl Into<String>, path: &Path, file: &File) -> io::Result<Input> {
-        Ok(Input::with_metadata(what, path, &file.metadata()?))
+    /// The input `what` at `path`, whose open file has metadata `meta`.
+    pub fn opened(what: impl Into<String>, path: &Path, meta: &fs::Metadata) -> Input {
+        Input::with_metadata(what, path, meta)
     }
 
     /// The input `what` at `path` (symbolic links followed, as when it

@@ -4,10 +4,9 @@
 //! from the image's payload blobs, writes land in a per-node copy-on-write
 //! overlay file.
 
-pub mod access;
 pub mod cli;
 pub mod export;
 pub mod image_source;
 pub mod node_disk;
+pub mod payload;
 pub mod prefetch;
-pub mod verifier;

@@ -2,7 +2,7 @@
 //! thread walks the recorded chunks in order and makes each present and
 //! verified before the guest asks for it.
 //!
-//! It goes through the same path as a guest read (the payload's verifier:
+//! It goes through the same path as a guest read (the payload store:
 //! the cache's per-chunk locks, the fetch's verification, the registry
 //! host's request limit), with these differences: its requests take a slot
 //! only while no guest fetch waits for one (so it holds at most one slot,
@@ -19,7 +19,6 @@
 //! closed cleanly either way.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
@@ -30,7 +29,7 @@ use ociblk_layout::Layout;
 use ociblk_registry::{AccessRecord, Digest};
 use tracing::{info, warn};
 
-use crate::verifier::{PayloadVerifier, Prefetched, Verifiers};
+use crate::payload::{Payloads, Prefetched};
 
 /// Consecutive failed chunks after which a prefetch gives up (the registry
 /// is down or refuses): each failure may have taken the fetch timeout.
@@ -48,7 +47,7 @@ pub enum PrefetchError {
     OtherImage {
         path: PathBuf,
         recorded: Digest,
-        image: String,
+        image: Digest,
     },
     #[error(
         "access record {}: line {line}: chunk {index} of blob {blob} is past the blob's end ({chunks} chunks)",
@@ -74,16 +73,16 @@ pub struct PrefetchPlan {
 
 impl PrefetchPlan {
     /// Reads the record at `path` and maps it onto `layout` of the image
-    /// with manifest digest `manifest` (64 hex digits). A record for
+    /// with manifest digest `manifest`. A record for
     /// another image, a chunk past its blob's end, or a malformed record is
     /// refused, naming the file (and line).
-    pub fn load(path: &Path, manifest: &str, layout: &Layout) -> Result<Self, PrefetchError> {
+    pub fn load(path: &Path, manifest: &Digest, layout: &Layout) -> Result<Self, PrefetchError> {
         let record = AccessRecord::read(path)?;
-        if record.manifest.hex() != manifest {
+        if record.manifest != *manifest {
             return Err(PrefetchError::OtherImage {
                 path: path.to_path_buf(),
                 recorded: record.manifest,
-                image: format!("sha256:{manifest}"),
+                image: manifest.clone(),
             });
         }
         let mut sources: HashMap<&str, (usize, u64)> = HashMap::new();
@@ -152,29 +151,17 @@ pub struct Prefetcher {
 }
 
 impl Prefetcher {
-    /// Starts replaying `plan` against the payloads of `verifiers` (those
-    /// of the disk being served; `layout` names their files).
-    pub fn start(
-        plan: PrefetchPlan,
-        layout: &Layout,
-        verifiers: &Verifiers,
-    ) -> std::io::Result<Self> {
-        let mut targets: HashMap<usize, (Arc<PayloadVerifier>, File)> = HashMap::new();
+    /// Starts replaying `plan` against `payloads`, the store of the disk
+    /// being served.
+    pub fn start(plan: PrefetchPlan, payloads: Arc<Payloads>) -> std::io::Result<Self> {
         let mut skipped = plan.not_on_disk as u64;
         let mut chunks = Vec::with_capacity(plan.chunks.len());
         for &(source, c) in &plan.chunks {
-            if let std::collections::hash_map::Entry::Vacant(slot) = targets.entry(source) {
-                let Some(v) = verifiers.shared(source) else {
-                    skipped += 1;
-                    continue;
-                };
-                let path = &layout.sources[source].path;
-                let file = File::open(path).map_err(|e| {
-                    std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
-                })?;
-                slot.insert((v, file));
+            if payloads.prefetches(source) {
+                chunks.push((source, c));
+            } else {
+                skipped += 1;
             }
-            chunks.push((source, c));
         }
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, done) = mpsc::channel();
@@ -184,7 +171,7 @@ impl Prefetcher {
             move || {
                 lower_priority();
                 let start = Instant::now();
-                let mut report = run(&chunks, &targets, &stop);
+                let mut report = run(&chunks, &payloads, &stop);
                 report.skipped = skipped;
                 info!(
                     record = %path.display(),
@@ -225,11 +212,7 @@ impl Prefetcher {
     }
 }
 
-fn run(
-    chunks: &[(usize, u64)],
-    targets: &HashMap<usize, (Arc<PayloadVerifier>, File)>,
-    stop: &AtomicBool,
-) -> PrefetchReport {
+fn run(chunks: &[(usize, u64)], payloads: &Payloads, stop: &AtomicBool) -> PrefetchReport {
     let mut report = PrefetchReport::default();
     let mut failures_in_a_row = 0;
     for &(source, c) in chunks {
@@ -237,16 +220,14 @@ fn run(
             report.stopped = true;
             break;
         }
-        let Some((verifier, file)) = targets.get(&source) else {
-            continue;
-        };
-        match verifier.prefetch(file, c) {
+        match payloads.prefetch(source, c) {
             Ok(Prefetched::Fetched) => report.fetched += 1,
             Ok(Prefetched::Present) => report.present += 1,
             Err(e) => {
                 report.failed += 1;
                 failures_in_a_row += 1;
-                warn!(payload = %verifier.payload(), chunk = c, "prefetch of a chunk failed: {e}");
+                let payload = payloads.blob(source).map_or("", |b| b.name.as_str());
+                warn!(payload = %payload, chunk = c, "prefetch of a chunk failed: {e}");
                 if failures_in_a_row >= GIVE_UP_AFTER {
                     warn!("prefetch gives up after {GIVE_UP_AFTER} failed chunks in a row");
                     break;

@@ -2,5 +2,6 @@
 //! either of them: scatter lists of host memory ([`iobuf`]) and the few
 //! file syscalls neither std nor vmm-sys-util covers as needed ([`sys`]).
 
+pub mod copy;
 pub mod iobuf;
 pub mod sys;

@@ -14,7 +14,7 @@ use crate::extent::{ExtentMap, ExtentMapBuilder, SourceId};
 use crate::fat32::{Fat32, FatFileSpec};
 use crate::gpt::{self, Partition, PartitionSize};
 use crate::guid::{Guid, seed_hash};
-use crate::image::OsImage;
+use crate::image::{OsImage, Payload};
 use crate::mbr::protective_mbr;
 
 pub const ESP_TYPE: Guid = Guid::from_u128(0xC12A7328_F81F_11D2_BA4B_00A0C93EC93B);
@@ -120,130 +120,196 @@ pub struct Layout {
     pub fingerprint: [u8; 32],
 }
 
-fn user_file(role: &str, path: &Path) -> Result<Source> {
-    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
-    Ok(Source {
-        name: role.to_owned(),
-        path: path.to_path_buf(),
-        size: bytes.len() as u64,
-        sha256: crate::image::hex_sha256(&bytes),
-        chunk_hashes: None,
+/// Where the payloads stand in [`Layout::sources`]: first, before any user file.
+const SYSTEM: SourceId = 0;
+const KERNEL: SourceId = 1;
+
+impl Source {
+    /// A payload blob of the image, checked against its chunk hashes when read.
+    fn payload(payload: &Payload) -> Self {
+        Source {
+            name: payload.name.clone(),
+            path: payload.path.clone(),
+            size: payload.size,
+            sha256: payload.digest.clone(),
+            chunk_hashes: Some(payload.chunk_hashes.clone()),
+        }
+    }
+
+    /// A small file the user gave in the role `role`, hashed here.
+    fn user_file(role: &str, path: &Path) -> Result<Self> {
+        let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+        Ok(Source {
+            name: role.to_owned(),
+            path: path.to_path_buf(),
+            size: bytes.len() as u64,
+            sha256: crate::image::hex_sha256(&bytes),
+            chunk_hashes: None,
+        })
+    }
+}
+
+/// Refuses sizes no disk can have: a disk of part of a sector, an empty ESP or
+/// system partition.
+fn check_params(params: &DiskParams) -> Result<()> {
+    if !params.disk_size.is_multiple_of(SECTOR_SIZE) {
+        return Err(Error::Param {
+            param: "disk-size",
+            message: format!(
+                "{} is not a multiple of {SECTOR_SIZE} bytes",
+                params.disk_size
+            ),
+        });
+    }
+    for (param, v) in [
+        ("esp-size", params.esp_size),
+        ("system-size", params.system_size),
+    ] {
+        if v == 0 {
+            return Err(Error::Param {
+                param,
+                message: "must not be zero".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The name firmware boots on `image`'s architecture, under `EFI/BOOT/`.
+fn boot_file_name(image: &OsImage) -> Result<&'static str> {
+    match image.product_info.architecture() {
+        "x86_64" => Ok("BOOTx64.EFI"),
+        "aarch64" => Ok("BOOTAA64.EFI"),
+        other => Err(Error::Architecture(other.to_owned())),
+    }
+}
+
+/// The disk's sources (the system and kernel payloads, then the user files `params`
+/// names) and the ESP's files, which point into them.
+fn sources_and_esp_files(
+    system: &Payload,
+    kernel: &Payload,
+    params: &DiskParams,
+    boot_name: &str,
+) -> Result<(Vec<Source>, Vec<FatFileSpec>)> {
+    let mut sources = vec![Source::payload(system), Source::payload(kernel)];
+    let loader = match &params.abloader {
+        Some(path) => {
+            sources.push(Source::user_file("abloader", path)?);
+            sources.len() - 1
+        }
+        None => KERNEL,
+    };
+    let mut esp_files = vec![
+        FatFileSpec {
+            path: BOOT_A_PATH.into(),
+            size: kernel.size,
+            source: KERNEL,
+        },
+        FatFileSpec {
+            path: format!("EFI/BOOT/{boot_name}"),
+            size: sources[loader].size,
+            source: loader,
+        },
+    ];
+    if let Some(path) = &params.node_parameters {
+        sources.push(Source::user_file("node-parameters", path)?);
+        let s = sources.len() - 1;
+        esp_files.push(FatFileSpec {
+            path: NODE_PARAMETERS_PATH.into(),
+            size: sources[s].size,
+            source: s,
+        });
+    }
+    Ok((sources, esp_files))
+}
+
+/// The partitions to place, in order: ESP, system A and B, and the data partition
+/// filling the rest when asked for.
+fn partition_requests(params: &DiskParams) -> Vec<(String, Guid, Guid, PartitionSize)> {
+    let ids = &params.ids;
+    let mut requests = vec![
+        (
+            ESP_LABEL.to_owned(),
+            ESP_TYPE,
+            ids.esp,
+            PartitionSize::Bytes(params.esp_size),
+        ),
+        (
+            SYSTEM_A_LABEL.to_owned(),
+            SYSTEM_A_TYPE,
+            ids.system_a,
+            PartitionSize::Bytes(params.system_size),
+        ),
+        (
+            SYSTEM_B_LABEL.to_owned(),
+            SYSTEM_B_TYPE,
+            ids.system_b,
+            PartitionSize::Bytes(params.system_size),
+        ),
+    ];
+    if params.data_partition {
+        requests.push((
+            DATA_LABEL.to_owned(),
+            DATA_TYPE,
+            ids.data,
+            PartitionSize::Fill,
+        ));
+    }
+    requests
+}
+
+/// The extents of a disk of `disk_size` bytes: protective MBR, both GPT copies, the
+/// ESP's file system at `esp_offset` and the system payload of `system_size` bytes at
+/// `system_offset`.
+fn extent_map(
+    disk_size: u64,
+    disk_guid: Guid,
+    partitions: &[Partition],
+    esp: &Fat32,
+    esp_offset: u64,
+    system_offset: u64,
+    system_size: u64,
+) -> Result<ExtentMap> {
+    let sectors = disk_size / SECTOR_SIZE;
+    let mut b = ExtentMapBuilder::new(disk_size);
+    let entries = gpt::entries(partitions);
+    let entries_crc = crc32fast::hash(&entries);
+    b.bytes(0, &protective_mbr(sectors));
+    b.bytes(
+        SECTOR_SIZE,
+        &gpt::header(disk_guid, sectors, entries_crc, true),
+    );
+    b.bytes(2 * SECTOR_SIZE, &entries);
+    b.bytes((sectors - 1 - gpt::ENTRY_SECTORS) * SECTOR_SIZE, &entries);
+    b.bytes(
+        (sectors - 1) * SECTOR_SIZE,
+        &gpt::header(disk_guid, sectors, entries_crc, false),
+    );
+    esp.emit(esp_offset, &mut b);
+    b.file(system_offset, system_size, SYSTEM, 0);
+    // Overlaps here would be a bug in the code above, not in the input.
+    b.build().map_err(|e| Error::Param {
+        param: "layout",
+        message: e.to_string(),
     })
 }
 
 impl Layout {
     /// Computes the node disk for `image` and `params`.
     pub fn build(image: &OsImage, params: &DiskParams) -> Result<Self> {
-        if !params.disk_size.is_multiple_of(SECTOR_SIZE) {
-            return Err(Error::Param {
-                param: "disk-size",
-                message: format!(
-                    "{} is not a multiple of {SECTOR_SIZE} bytes",
-                    params.disk_size
-                ),
-            });
-        }
-        for (param, v) in [
-            ("esp-size", params.esp_size),
-            ("system-size", params.system_size),
-        ] {
-            if v == 0 {
-                return Err(Error::Param {
-                    param,
-                    message: "must not be zero".into(),
-                });
-            }
-        }
+        check_params(params)?;
         let sectors = params.disk_size / SECTOR_SIZE;
-        let boot_name = match image.product_info.architecture() {
-            "x86_64" => "BOOTx64.EFI",
-            "aarch64" => "BOOTAA64.EFI",
-            other => return Err(Error::Architecture(other.to_owned())),
-        };
+        let boot_name = boot_file_name(image)?;
         let kernel = image.payload("kernel.efi")?;
         let system = image.payload("system")?;
+        let (sources, esp_files) = sources_and_esp_files(system, kernel, params, boot_name)?;
 
-        let mut sources = vec![
-            Source {
-                name: system.name.clone(),
-                path: system.path.clone(),
-                size: system.size,
-                sha256: system.digest.clone(),
-                chunk_hashes: Some(system.chunk_hashes.clone()),
-            },
-            Source {
-                name: kernel.name.clone(),
-                path: kernel.path.clone(),
-                size: kernel.size,
-                sha256: kernel.digest.clone(),
-                chunk_hashes: Some(kernel.chunk_hashes.clone()),
-            },
-        ];
-        const SYSTEM: SourceId = 0;
-        const KERNEL: SourceId = 1;
-        let loader = match &params.abloader {
-            Some(path) => {
-                sources.push(user_file("abloader", path)?);
-                sources.len() - 1
-            }
-            None => KERNEL,
-        };
-        let mut esp_files = vec![
-            FatFileSpec {
-                path: BOOT_A_PATH.into(),
-                size: kernel.size,
-                source: KERNEL,
-            },
-            FatFileSpec {
-                path: format!("EFI/BOOT/{boot_name}"),
-                size: sources[loader].size,
-                source: loader,
-            },
-        ];
-        if let Some(path) = &params.node_parameters {
-            sources.push(user_file("node-parameters", path)?);
-            let s = sources.len() - 1;
-            esp_files.push(FatFileSpec {
-                path: NODE_PARAMETERS_PATH.into(),
-                size: sources[s].size,
-                source: s,
-            });
-        }
-
-        let ids = &params.ids;
-        let mut requests = vec![
-            (
-                ESP_LABEL.to_owned(),
-                ESP_TYPE,
-                ids.esp,
-                PartitionSize::Bytes(params.esp_size),
-            ),
-            (
-                SYSTEM_A_LABEL.to_owned(),
-                SYSTEM_A_TYPE,
-                ids.system_a,
-                PartitionSize::Bytes(params.system_size),
-            ),
-            (
-                SYSTEM_B_LABEL.to_owned(),
-                SYSTEM_B_TYPE,
-                ids.system_b,
-                PartitionSize::Bytes(params.system_size),
-            ),
-        ];
-        if params.data_partition {
-            requests.push((
-                DATA_LABEL.to_owned(),
-                DATA_TYPE,
-                ids.data,
-                PartitionSize::Fill,
-            ));
-        }
-        let partitions = gpt::place(sectors, &requests).map_err(|m| {
+        let partitions = gpt::place(sectors, &partition_requests(params)).map_err(|m| {
             Error::DiskTooSmall(format!("{m} (disk has {} bytes)", params.disk_size))
         })?;
         let (esp_part, system_a) = (&partitions[0], &partitions[1]);
-
+        let ids = &params.ids;
         let esp = Fat32::plan(esp_part.sectors(), ids.fat_volume_id, FAT_LABEL, &esp_files)?;
         if system.size > system_a.size() {
             return Err(Error::PayloadTooLarge {
@@ -254,28 +320,15 @@ impl Layout {
             });
         }
 
-        let mut b = ExtentMapBuilder::new(params.disk_size);
-        let entries = gpt::entries(&partitions);
-        let entries_crc = crc32fast::hash(&entries);
-        b.bytes(0, &protective_mbr(sectors));
-        b.bytes(
-            SECTOR_SIZE,
-            &gpt::header(ids.disk, sectors, entries_crc, true),
-        );
-        b.bytes(2 * SECTOR_SIZE, &entries);
-        b.bytes((sectors - 1 - gpt::ENTRY_SECTORS) * SECTOR_SIZE, &entries);
-        b.bytes(
-            (sectors - 1) * SECTOR_SIZE,
-            &gpt::header(ids.disk, sectors, entries_crc, false),
-        );
-        esp.emit(esp_part.offset(), &mut b);
-        b.file(system_a.offset(), system.size, SYSTEM, 0);
-        // Overlaps here would be a bug in the code above, not in the input.
-        let extents = b.build().map_err(|e| Error::Param {
-            param: "layout",
-            message: e.to_string(),
-        })?;
-
+        let extents = extent_map(
+            params.disk_size,
+            ids.disk,
+            &partitions,
+            &esp,
+            esp_part.offset(),
+            system_a.offset(),
+            system.size,
+        )?;
         let fingerprint = fingerprint(&extents, &sources);
         Ok(Layout {
             size: params.disk_size,

@@ -91,100 +91,18 @@ impl Fat32 {
         for f in files {
             insert(&mut nodes, f)?;
         }
-
-        // Depth-first, pre-order: each node takes its clusters when visited.
-        let mut order = Vec::with_capacity(nodes.len());
-        let mut next_cluster: u64 = 2;
-        let mut stack = vec![0usize];
-        while let Some(i) = stack.pop() {
-            if nodes[i].file.is_none() {
-                assign_short_names(&mut nodes, i)?;
-                nodes[i].size = dir_size(&nodes, i)?;
-            }
-            let clusters = nodes[i].size.div_ceil(CLUSTER_SIZE);
-            if clusters > 0 {
-                if next_cluster + clusters > MAX_FAT_ENTRIES {
-                    return Err(Error::EspContentTooLarge(
-                        "more than 2^28 clusters of content".into(),
-                    ));
-                }
-                nodes[i].first_cluster = next_cluster as u32;
-                next_cluster += clusters;
-            }
-            order.push(i);
-            stack.extend(nodes[i].children.iter().rev());
-        }
-        let used = next_cluster;
-
-        // Upstream sizes a fixed-size FAT32 in two steps: first it checks the
-        // content against a FAT of at least the FAT32 minimum, then splits the
-        // sectors so that each FAT sector (128 entries) maps 128 data sectors.
-        let min_len = used.max(MIN_FAT_ENTRIES);
-        let min_occupied =
-            RESERVED_SECTORS + (min_len - 2) + FAT_COUNT * (min_len * 4).div_ceil(SECTOR_SIZE);
-        let total64 = u64::from(total);
-        if total64 < min_occupied {
-            return Err(if used > MIN_FAT_ENTRIES {
-                Error::EspContentTooLarge(format!(
-                    "{} clusters of files and directories need {min_occupied} sectors, the ESP has {total}",
-                    used - 2
-                ))
-            } else {
-                Error::EspTooSmall {
-                    sectors: total64,
-                    minimum: min_occupied,
-                }
-            });
-        }
-        let per_fat_sector = CLUSTER_SIZE / 4;
-        let fat_sectors =
-            (total64 + 2 + per_fat_sector + FAT_COUNT - 1) / (per_fat_sector + FAT_COUNT);
-        let data_sectors = total64 - RESERVED_SECTORS - FAT_COUNT * fat_sectors;
-        let data_entries = data_sectors + 2;
-        if used > data_entries {
-            return Err(Error::EspContentTooLarge(format!(
-                "{} clusters of files and directories, the ESP has {data_sectors} data clusters",
-                used - 2
-            )));
-        }
-        let fat_len = min_len.max(data_entries);
-        if fat_len * 4 > fat_sectors * SECTOR_SIZE {
-            // Upstream would write a FAT longer than its space here.
-            return Err(Error::EspTooSmall {
-                sectors: total64,
-                minimum: min_occupied + 2 * FAT_COUNT,
-            });
-        }
-
-        let mut label_bytes = [b' '; 11];
-        for (d, s) in label_bytes.iter_mut().zip(label.bytes()) {
-            *d = s;
-        }
-        let mut entries = Vec::with_capacity(order.len());
-        let mut dir_contents = Vec::new();
-        for &i in &order {
-            let n = &nodes[i];
-            if n.file.is_none() {
-                dir_contents.push(dir_bytes(&nodes, i, &label_bytes));
-            }
-            entries.push(FatEntry {
-                path: path_of(&nodes, i),
-                short_name: short_name_text(&n.short_name),
-                directory: n.file.is_none(),
-                size: n.size,
-                first_cluster: n.first_cluster,
-                clusters: n.size.div_ceil(CLUSTER_SIZE) as u32,
-                source: n.file.map(|(_, s)| s),
-            });
-        }
+        let (order, used) = allocate_clusters(&mut nodes)?;
+        let fat = FatSize::for_content(total, used)?;
+        let label = label_bytes(label);
+        let (entries, dir_contents) = placed_entries(&nodes, &order, &label);
         Ok(Fat32 {
             total_sectors: total,
-            fat_sectors: fat_sectors as u32,
+            fat_sectors: fat.sectors as u32,
             volume_id,
             entries_used: used as u32,
-            fat_entries: fat_len as u32,
+            fat_entries: fat.entries as u32,
             entries,
-            label: label_bytes,
+            label,
             dir_contents,
         })
     }
@@ -353,6 +271,128 @@ fn insert(nodes: &mut Vec<Node>, f: &FatFileSpec) -> Result<()> {
     let c = nodes.len() - 1;
     nodes[cur].children.push(c);
     Ok(())
+}
+
+/// Gives every node its clusters, depth-first and pre-order as upstream allocates,
+/// sizing each directory on the way. Returns the nodes in allocation order and the
+/// FAT entries in use (the two reserved ones counted).
+fn allocate_clusters(nodes: &mut [Node]) -> Result<(Vec<usize>, u64)> {
+    let mut order = Vec::with_capacity(nodes.len());
+    let mut next_cluster: u64 = 2;
+    let mut stack = vec![0usize];
+    while let Some(i) = stack.pop() {
+        if nodes[i].file.is_none() {
+            assign_short_names(nodes, i)?;
+            nodes[i].size = dir_size(nodes, i)?;
+        }
+        let clusters = nodes[i].size.div_ceil(CLUSTER_SIZE);
+        if clusters > 0 {
+            if next_cluster + clusters > MAX_FAT_ENTRIES {
+                return Err(Error::EspContentTooLarge(
+                    "more than 2^28 clusters of content".into(),
+                ));
+            }
+            nodes[i].first_cluster = next_cluster as u32;
+            next_cluster += clusters;
+        }
+        order.push(i);
+        stack.extend(nodes[i].children.iter().rev());
+    }
+    Ok((order, next_cluster))
+}
+
+/// The size of each FAT.
+struct FatSize {
+    /// Sectors each FAT takes.
+    sectors: u64,
+    /// Entries each FAT holds as written.
+    entries: u64,
+}
+
+impl FatSize {
+    /// The FATs of a file system of `total` sectors whose content uses `used` entries,
+    /// or why the content does not fit.
+    fn for_content(total: u32, used: u64) -> Result<Self> {
+        // Upstream sizes a fixed-size FAT32 in two steps: first it checks the
+        // content against a FAT of at least the FAT32 minimum, then splits the
+        // sectors so that each FAT sector (128 entries) maps 128 data sectors.
+        let min_len = used.max(MIN_FAT_ENTRIES);
+        let min_occupied =
+            RESERVED_SECTORS + (min_len - 2) + FAT_COUNT * (min_len * 4).div_ceil(SECTOR_SIZE);
+        let total64 = u64::from(total);
+        if total64 < min_occupied {
+            return Err(if used > MIN_FAT_ENTRIES {
+                Error::EspContentTooLarge(format!(
+                    "{} clusters of files and directories need {min_occupied} sectors, the ESP has {total}",
+                    used - 2
+                ))
+            } else {
+                Error::EspTooSmall {
+                    sectors: total64,
+                    minimum: min_occupied,
+                }
+            });
+        }
+        let per_fat_sector = CLUSTER_SIZE / 4;
+        let fat_sectors =
+            (total64 + 2 + per_fat_sector + FAT_COUNT - 1) / (per_fat_sector + FAT_COUNT);
+        let data_sectors = total64 - RESERVED_SECTORS - FAT_COUNT * fat_sectors;
+        let data_entries = data_sectors + 2;
+        if used > data_entries {
+            return Err(Error::EspContentTooLarge(format!(
+                "{} clusters of files and directories, the ESP has {data_sectors} data clusters",
+                used - 2
+            )));
+        }
+        let fat_len = min_len.max(data_entries);
+        if fat_len * 4 > fat_sectors * SECTOR_SIZE {
+            // Upstream would write a FAT longer than its space here.
+            return Err(Error::EspTooSmall {
+                sectors: total64,
+                minimum: min_occupied + 2 * FAT_COUNT,
+            });
+        }
+        Ok(FatSize {
+            sectors: fat_sectors,
+            entries: fat_len,
+        })
+    }
+}
+
+/// `label` as the 11 bytes of a volume label, padded with spaces.
+fn label_bytes(label: &str) -> [u8; 11] {
+    let mut bytes = [b' '; 11];
+    for (d, s) in bytes.iter_mut().zip(label.bytes()) {
+        *d = s;
+    }
+    bytes
+}
+
+/// The placed entries in allocation `order`, and the bytes of each directory in the
+/// same order.
+fn placed_entries(
+    nodes: &[Node],
+    order: &[usize],
+    label: &[u8; 11],
+) -> (Vec<FatEntry>, Vec<Vec<u8>>) {
+    let mut entries = Vec::with_capacity(order.len());
+    let mut dir_contents = Vec::new();
+    for &i in order {
+        let n = &nodes[i];
+        if n.file.is_none() {
+            dir_contents.push(dir_bytes(nodes, i, label));
+        }
+        entries.push(FatEntry {
+            path: path_of(nodes, i),
+            short_name: short_name_text(&n.short_name),
+            directory: n.file.is_none(),
+            size: n.size,
+            first_cluster: n.first_cluster,
+            clusters: n.size.div_ceil(CLUSTER_SIZE) as u32,
+            source: n.file.map(|(_, s)| s),
+        });
+    }
+    (entries, dir_contents)
 }
 
 fn path_of(nodes: &[Node], mut i: usize) -> String {

@@ -9,11 +9,11 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use ociblk_io::copy::{FileCopier, Method};
 use ociblk_io::sys;
 use sha2::{Digest as _, Sha256};
 
@@ -29,15 +29,7 @@ use super::{FlushMode, OVERLAY_MODE, Overlay, OverlayConfig, OverlayError, io_er
 pub const LAYER_MODE: u32 = 0o400;
 
 /// How the data blocks of a new layer got there, in bytes.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct CopyStats {
-    /// Shared with the overlay (`FICLONERANGE`): no data copied.
-    pub cloned: u64,
-    /// Copied by the kernel (`copy_file_range`).
-    pub copied: u64,
-    /// Read and written (all-zero blocks left as holes).
-    pub written: u64,
-}
+pub use ociblk_io::copy::CopyStats;
 
 /// What [`freeze`] made.
 #[derive(Debug, Clone)]
@@ -224,7 +216,7 @@ fn write_layer(
     out.write_all_at(&map, header.map_offset)
         .map_err(io_err(&tmp, "write map"))?;
 
-    let mut copier = BlockCopier::new(&ov.file, &out, Method::Clone);
+    let mut copier = FileCopier::new(&ov.file, &out, Method::Clone, BS);
     let (mut data_blocks, mut zero_blocks) = (0, 0);
     let mut b = 0u64;
     while b < header.map_len {
@@ -242,7 +234,7 @@ fn write_layer(
         }
         data_blocks += b - first;
         copier
-            .copy_blocks(
+            .copy_allocated(
                 ov.header.data_offset + first * BS,
                 header.data_offset + first * BS,
                 (b - first) * BS,
@@ -305,137 +297,6 @@ fn hash_data(file: &File, header: &Header, map: &[u8], hasher: &mut Sha256) -> i
         hasher.update(&buf[..len]);
     }
     Ok(())
-}
-
-/// How data blocks are copied; each falls back to the next for good.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Method {
-    Clone,
-    CopyRange,
-    Plain,
-}
-
-/// Whether an error says the method cannot work between these files.
-fn cannot(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(
-            libc::EOPNOTSUPP
-                | libc::EXDEV
-                | libc::EINVAL
-                | libc::ENOSYS
-                | libc::ENOTTY
-                | libc::EBADF
-                | libc::ETXTBSY
-        )
-    )
-}
-
-/// Copies data blocks from one file to another by the best [`Method`]
-/// that works, and counts how.
-pub(super) struct BlockCopier<'a> {
-    src: &'a File,
-    dst: &'a File,
-    /// The method to try first; a method that fails as unsupported is
-    /// dropped for the rest of the copy.
-    method: Method,
-    pub stats: CopyStats,
-}
-
-impl<'a> BlockCopier<'a> {
-    pub fn new(src: &'a File, dst: &'a File, method: Method) -> Self {
-        BlockCopier {
-            src,
-            dst,
-            method,
-            stats: CopyStats::default(),
-        }
-    }
-
-    /// Copies `len` bytes at `src_off` to `dst_off`; only the allocated
-    /// extents of the source, so that holes stay holes.
-    pub fn copy_blocks(&mut self, src_off: u64, dst_off: u64, len: u64) -> io::Result<()> {
-        let end = src_off + len;
-        let mut pos = src_off;
-        while pos < end {
-            let Some((s, e)) = sys::next_data(self.src.as_fd(), pos)? else {
-                break;
-            };
-            if s >= end {
-                break;
-            }
-            // Whole blocks: a clone works in file system blocks.
-            let s = src_off + (s.max(pos) - src_off) / BS * BS;
-            let e = (src_off + (e.min(end) - src_off).div_ceil(BS) * BS).min(end);
-            self.copy_extent(s, dst_off + (s - src_off), e - s)?;
-            pos = e;
-        }
-        Ok(())
-    }
-
-    fn copy_extent(&mut self, src_off: u64, dst_off: u64, len: u64) -> io::Result<()> {
-        let (src, dst) = (self.src.as_fd(), self.dst.as_fd());
-        if self.method == Method::Clone {
-            match sys::clone_range(src, src_off, dst, dst_off, len) {
-                Ok(()) => {
-                    self.stats.cloned += len;
-                    return Ok(());
-                }
-                Err(e) if cannot(&e) => {
-                    tracing::debug!(error = %e, "FICLONERANGE unavailable: copying with copy_file_range");
-                    self.method = Method::CopyRange;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        let mut done = 0;
-        if self.method == Method::CopyRange {
-            while done < len {
-                let want = (len - done).min(1 << 30) as usize;
-                match sys::copy_file_range(src, src_off + done, dst, dst_off + done, want) {
-                    Ok(0) => {
-                        return Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "overlay data area ended early",
-                        ));
-                    }
-                    Ok(n) => {
-                        done += n as u64;
-                        self.stats.copied += n as u64;
-                    }
-                    Err(e) if cannot(&e) && done == 0 => {
-                        tracing::debug!(error = %e, "copy_file_range unavailable: copying plainly");
-                        self.method = Method::Plain;
-                        break;
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-            if done == len {
-                return Ok(());
-            }
-        }
-        self.copy_plain(src_off + done, dst_off + done, len - done)
-    }
-
-    /// Reads and writes, leaving all-zero blocks as holes.
-    fn copy_plain(&mut self, src_off: u64, dst_off: u64, len: u64) -> io::Result<()> {
-        let mut buf = vec![0u8; (1 << 20).min(len) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(buf.len() as u64) as usize;
-            self.src.read_exact_at(&mut buf[..n], src_off + done)?;
-            for (i, block) in buf[..n].chunks(BS as usize).enumerate() {
-                if block.iter().any(|&b| b != 0) {
-                    self.dst
-                        .write_all_at(block, dst_off + done + (i as u64) * BS)?;
-                    self.stats.written += block.len() as u64;
-                }
-            }
-            done += n as u64;
-        }
-        Ok(())
-    }
 }
 
 /// Creates a new, empty overlay at `path` over `layers` (bottom first),

@@ -257,6 +257,12 @@ pub(super) mod tests {
         BOOT_ID.with(|b| b.set(None));
     }
 
+    /// Makes this thread's opens see the boot `id`: the boot a file's
+    /// live header records, for an open on the boot that wrote it.
+    pub(crate) fn simulate_boot(id: [u8; 16]) {
+        BOOT_ID.with(|b| b.set(Some(id)));
+    }
+
     /// Makes this thread's opens see a new boot of the host: what a host
     /// crash and restart looks like to the next server.
     pub(crate) fn simulate_reboot() {

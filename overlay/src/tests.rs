@@ -11,6 +11,7 @@ use super::format::{CLEAN_OFFSET, HEADER_SIZE};
 use super::*;
 
 mod chain;
+mod compat;
 
 /// The generator of the tests and the bench, seeds spread.
 fn rng(seed: u64) -> Rng {

@@ -11,7 +11,7 @@ use crate::cache::BlobSpec;
 use crate::client::RegistryClient;
 use crate::error::{Error, Result};
 use crate::limiter::{Permit, Priority};
-use crate::sources::Sources;
+use crate::sources::{Source, Sources};
 
 /// Where the blobs of one image are fetched from: its mirrors, then its
 /// registry (see [`Sources`]).
@@ -19,6 +19,16 @@ use crate::sources::Sources;
 pub struct BlobSource {
     sources: Arc<Sources>,
     stats: Arc<Counters>,
+}
+
+/// One chunk to fetch: chunk `index` of `blob`, before `deadline`, with
+/// request slots taken at `priority`.
+#[derive(Clone, Copy, Debug)]
+pub struct ChunkRequest<'a> {
+    pub blob: &'a BlobSpec,
+    pub index: u64,
+    pub deadline: Instant,
+    pub priority: Priority,
 }
 
 /// What a [`BlobSource`] has fetched so far.
@@ -62,59 +72,49 @@ impl BlobSource {
         &self.sources.first().client
     }
 
-    /// Fetches chunk `index` of `blob` and hands it to `store`, taking
-    /// request slots at `priority` (the first one is `held` if given),
-    /// from the first source that delivers bytes `store` accepts.
+    /// Fetches `chunk` and hands it to `store`, taking request slots at
+    /// its priority (the first one is `held` if given), from the first
+    /// source that delivers bytes `store` accepts.
     pub fn fetch_chunk(
         &self,
-        blob: &BlobSpec,
-        index: u64,
-        deadline: Instant,
-        priority: Priority,
+        chunk: ChunkRequest,
         held: Option<Permit>,
         store: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
     ) -> Result<()> {
         let mut held = held;
-        let what = format!("blob {} chunk {index}", blob.digest);
+        let what = format!("blob {} chunk {}", chunk.blob.digest, chunk.index);
         self.sources.try_each(false, &what, |i, source| {
             // The slot held was taken from the first source's host.
             let permit = held.take().filter(|_| i == 0);
-            self.fetch_chunk_from(
-                &source.client,
-                source.repository(),
-                blob,
-                index,
-                deadline,
-                priority,
-                permit,
-                store,
-            )
+            self.fetch_chunk_from(source, chunk, permit, store)
         })
     }
 
     /// [`BlobSource::fetch_chunk`] from one source.
     ///
     /// Asks for exactly the chunk's bytes. A registry that ignores `Range`
-    /// answers 200 with the whole blob: then every chunk up to `index` is
-    /// read and handed to `store` in order (so the bytes that arrive are
-    /// not wasted), and the rest of the body is dropped.
-    #[allow(clippy::too_many_arguments)]
+    /// answers 200 with the whole blob: then every chunk up to the one
+    /// asked for is read and handed to `store` in order (so the bytes that
+    /// arrive are not wasted), and the rest of the body is dropped.
     fn fetch_chunk_from(
         &self,
-        client: &RegistryClient,
-        repository: &str,
-        blob: &BlobSpec,
-        index: u64,
-        deadline: Instant,
-        priority: Priority,
+        source: &Source,
+        chunk: ChunkRequest,
         held: Option<Permit>,
         store: &mut dyn FnMut(u64, &[u8]) -> Result<()>,
     ) -> Result<()> {
+        let ChunkRequest {
+            blob,
+            index,
+            deadline,
+            priority,
+        } = chunk;
+        let client = &source.client;
         let (start, len) = blob.chunk_range(index);
         let end = start + len - 1;
         let range = format!("bytes={start}-{end}");
         let fetched = client.get_as(
-            repository,
+            source.repository(),
             &format!("blobs/{}", blob.digest),
             &[("Range", &range)],
             deadline,

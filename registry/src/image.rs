@@ -84,24 +84,14 @@ impl RegistryImage {
 
         let manifest = match cache.metadata(&manifest_digest, None)? {
             Some(m) => m,
-            None => {
-                let path = format!("manifests/{manifest_digest}");
-                let m = sources
-                    .try_each(false, "the manifest", |_, s| {
-                        let m = get_metadata(&s.client, s.repository(), &path, Some(OCI_MANIFEST))?;
-                        manifest_digest.verify("manifest", &m, m.len() as u64)?;
-                        Ok(m)
-                    })
-                    .map_err(|e| {
-                        if e.is_unreachable() {
-                            offline_error(e)
-                        } else {
-                            e
-                        }
-                    })?;
-                keep(cache.store_metadata(&manifest_digest, &m), "manifest");
-                m
-            }
+            None => fetch_metadata(
+                &sources,
+                cache,
+                Metadata::Manifest,
+                &manifest_digest,
+                None,
+                &offline_error,
+            )?,
         };
         let parsed = Manifest::parse(&manifest, &manifest_digest)?;
         let config_digest = parsed.config.digest.clone();
@@ -116,22 +106,14 @@ impl RegistryImage {
                         message: format!("{config_size} bytes, more than {METADATA_LIMIT}"),
                     });
                 }
-                let path = format!("blobs/{config_digest}");
-                let c = sources
-                    .try_each(false, "the config", |_, s| {
-                        let c = get_metadata(&s.client, s.repository(), &path, None)?;
-                        config_digest.verify("config", &c, config_size)?;
-                        Ok(c)
-                    })
-                    .map_err(|e| {
-                        if e.is_unreachable() {
-                            offline_error(e)
-                        } else {
-                            e
-                        }
-                    })?;
-                keep(cache.store_metadata(&config_digest, &c), "config");
-                c
+                fetch_metadata(
+                    &sources,
+                    cache,
+                    Metadata::Config,
+                    &config_digest,
+                    Some(config_size),
+                    &offline_error,
+                )?
             }
         };
         let tables = chunk_tables(&manifest_digest, &parsed, &config)?;
@@ -182,6 +164,69 @@ fn resolve_tag(
     keep(cache.store_metadata(&digest, &bytes), "manifest");
     keep(cache.store_tag(reference, &digest), "tag record");
     Ok(digest)
+}
+
+/// An image's metadata: fetched whole, named by its digest.
+#[derive(Clone, Copy, Debug)]
+enum Metadata {
+    Manifest,
+    Config,
+}
+
+impl Metadata {
+    /// What it is called in messages.
+    fn name(self) -> &'static str {
+        match self {
+            Metadata::Manifest => "manifest",
+            Metadata::Config => "config",
+        }
+    }
+
+    /// Its path under the repository, when its digest is `digest`.
+    fn path(self, digest: &Digest) -> String {
+        match self {
+            Metadata::Manifest => format!("manifests/{digest}"),
+            Metadata::Config => format!("blobs/{digest}"),
+        }
+    }
+
+    /// The media type asked for and accepted, if any.
+    fn accept(self) -> Option<&'static str> {
+        match self {
+            Metadata::Manifest => Some(OCI_MANIFEST),
+            Metadata::Config => None,
+        }
+    }
+}
+
+/// Fetches the `kind` of metadata named `digest` (of `size` bytes, when the
+/// manifest states it) from the first of `sources` that serves it verified,
+/// and keeps it in `cache`. When no source can be reached, the error is
+/// `offline_error`'s: the image cannot be opened from the cache either.
+fn fetch_metadata(
+    sources: &Sources,
+    cache: &Cache,
+    kind: Metadata,
+    digest: &Digest,
+    size: Option<u64>,
+    offline_error: &dyn Fn(Error) -> Error,
+) -> Result<Vec<u8>> {
+    let path = kind.path(digest);
+    let bytes = sources
+        .try_each(false, &format!("the {}", kind.name()), |_, s| {
+            let bytes = get_metadata(&s.client, s.repository(), &path, kind.accept())?;
+            digest.verify(kind.name(), &bytes, size.unwrap_or(bytes.len() as u64))?;
+            Ok(bytes)
+        })
+        .map_err(|e| {
+            if e.is_unreachable() {
+                offline_error(e)
+            } else {
+                e
+            }
+        })?;
+    keep(cache.store_metadata(digest, &bytes), kind.name());
+    Ok(bytes)
 }
 
 /// A failure to keep verified metadata in the cache costs only a warning:

@@ -193,39 +193,35 @@ impl RegistriesConf {
                 tags: true,
             }]);
         };
+        // An error about `field` of the entry, named in the file it came from.
+        let entry_error = |field: &str, message: String| {
+            invalid(
+                &entry.file,
+                format!("registry {:?}: {field}", entry.prefix),
+                message,
+            )
+        };
         if entry.blocked {
-            return Err(Error::Invalid {
-                what: entry.file.display().to_string(),
-                field: format!("registry {:?}: blocked", entry.prefix),
-                message: format!("pulling {reference} is blocked"),
-            });
+            return Err(entry_error(
+                "blocked",
+                format!("pulling {reference} is blocked"),
+            ));
         }
+        // `reference` at `location` (the entry's `field`).
+        let at = |location: &str, field: &str| {
+            rewrite(reference, &entry.prefix, location).map_err(|m| entry_error(field, m))
+        };
         let mut out = Vec::new();
         for (i, mirror) in entry.mirrors.iter().enumerate() {
-            let rewritten =
-                rewrite(reference, &entry.prefix, &mirror.location).map_err(|message| {
-                    Error::Invalid {
-                        what: entry.file.display().to_string(),
-                        field: format!("registry {:?}: mirror[{i}].location", entry.prefix),
-                        message,
-                    }
-                })?;
             out.push(Endpoint {
-                reference: rewritten,
+                reference: at(&mirror.location, &format!("mirror[{i}].location"))?,
                 insecure: mirror.insecure,
                 mirror: true,
                 tags: mirror.pull_from != PullFrom::DigestOnly,
             });
         }
-        let primary = rewrite(reference, &entry.prefix, &entry.location).map_err(|message| {
-            Error::Invalid {
-                what: entry.file.display().to_string(),
-                field: format!("registry {:?}: location", entry.prefix),
-                message,
-            }
-        })?;
         out.push(Endpoint {
-            reference: primary,
+            reference: at(&entry.location, "location")?,
             insecure: entry.insecure,
             mirror: false,
             tags: true,
@@ -277,156 +273,192 @@ fn drop_ins(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// The registries `text` (the contents of `file`) describes.
 pub fn parse(file: &Path, text: &[u8]) -> Result<Vec<RegistryEntry>> {
-    let what = file.display().to_string();
-    let invalid = |field: String, message: String| Error::Invalid {
-        what: what.clone(),
-        field,
-        message,
-    };
-    let text = std::str::from_utf8(text)
-        .map_err(|e| invalid("(document)".into(), format!("not UTF-8: {e}")))?;
-    let raw: FileV2 = toml::from_str(text).map_err(|e| {
-        let line = e
-            .span()
-            .and_then(|s| text.get(..s.start))
-            .map(|before| before.matches('\n').count() + 1);
-        let message = e.message().trim_end().to_string();
-        invalid(
-            "(document)".into(),
-            match line {
-                Some(line) => format!("line {line}: {message}"),
-                None => message,
-            },
-        )
-    })?;
-    let mut out: Vec<RegistryEntry> = Vec::new();
+    let raw = read_toml(file, text)?;
     if let Some(v1) = raw.registries {
         if !raw.registry.is_empty() {
             return Err(invalid(
+                file,
                 "registries".into(),
                 "version 1 [registries.*] tables and version 2 [[registry]] in one file".into(),
             ));
         }
-        let mut add = |list: Option<RawV1List>, field: &str, insecure: bool, blocked: bool| {
-            for (i, host) in list
-                .map(|l| l.registries)
-                .unwrap_or_default()
-                .into_iter()
-                .enumerate()
-            {
-                check_location(&host)
-                    .map_err(|m| invalid(format!("registries.{field}.registries[{i}]"), m))?;
-                match out.iter_mut().find(|e| e.prefix == host) {
-                    Some(e) => {
-                        e.insecure |= insecure;
-                        e.blocked |= blocked;
-                    }
-                    None => out.push(RegistryEntry {
-                        prefix: host.clone(),
-                        location: host,
-                        insecure,
-                        blocked,
-                        mirrors: Vec::new(),
-                        file: file.to_path_buf(),
-                    }),
-                }
-            }
-            Ok::<(), Error>(())
-        };
-        add(v1.insecure, "insecure", true, false)?;
-        add(v1.block, "block", false, true)?;
-        return Ok(out);
+        return version_1_entries(file, v1);
     }
+    let mut out: Vec<RegistryEntry> = Vec::new();
     for (i, r) in raw.registry.into_iter().enumerate() {
-        let field = |name: &str| format!("registry[{i}].{name}");
-        let location = r.location.unwrap_or_default();
-        let prefix = match r.prefix {
-            Some(p) if !p.is_empty() => p,
-            _ => location.clone(),
-        };
-        if prefix.is_empty() {
-            return Err(invalid(
-                field("location"),
-                "neither prefix nor location given".into(),
-            ));
-        }
-        let wildcard = prefix.starts_with("*.");
-        if wildcard {
-            check_wildcard(&prefix).map_err(|m| invalid(field("prefix"), m))?;
-            if !location.is_empty() {
-                return Err(invalid(
-                    field("location"),
-                    format!("not allowed with the wildcard prefix {prefix:?}"),
-                ));
-            }
-        } else {
-            if !location.is_empty() {
-                check_location(&location).map_err(|m| invalid(field("location"), m))?;
-            }
-            check_location(&prefix).map_err(|m| invalid(field("prefix"), m))?;
-        }
-        let digest_only = r.mirror_by_digest_only.unwrap_or(false);
-        let mut mirrors = Vec::new();
-        for (j, m) in r.mirror.into_iter().enumerate() {
-            let mfield = |name: &str| format!("registry[{i}].mirror[{j}].{name}");
-            let location = m.location.unwrap_or_default();
-            check_location(&location).map_err(|e| invalid(mfield("location"), e))?;
-            let pull_from = match m.pull_from_mirror.as_deref() {
-                None | Some("") | Some("all") => PullFrom::All,
-                Some("digest-only") => PullFrom::DigestOnly,
-                Some("tag-only") => PullFrom::TagOnly,
-                Some(other) => {
-                    return Err(invalid(
-                        mfield("pull-from-mirror"),
-                        format!("{other:?} is none of all, digest-only, tag-only"),
-                    ));
-                }
-            };
-            if digest_only && pull_from != PullFrom::All {
-                return Err(invalid(
-                    mfield("pull-from-mirror"),
-                    "set together with the registry's mirror-by-digest-only".into(),
-                ));
-            }
-            mirrors.push(Mirror {
-                location,
-                insecure: m.insecure.unwrap_or(false),
-                pull_from: if digest_only {
-                    PullFrom::DigestOnly
-                } else {
-                    pull_from
-                },
-            });
-        }
-        if wildcard && !mirrors.is_empty() {
-            // A mirror's location replaces the prefix; a wildcard names no
-            // one path to put in its place.
-            return Err(invalid(
-                field("mirror"),
-                format!("mirrors of the wildcard prefix {prefix:?} cannot be placed"),
-            ));
-        }
-        let entry = RegistryEntry {
-            location: if location.is_empty() {
-                prefix.clone()
-            } else {
-                location
-            },
-            prefix,
-            insecure: r.insecure.unwrap_or(false),
-            blocked: r.blocked.unwrap_or(false),
-            mirrors,
-            file: file.to_path_buf(),
-        };
+        let entry = registry_entry(file, i, r)?;
         if out.iter().any(|e| e.prefix == entry.prefix) {
             return Err(invalid(
-                field("prefix"),
+                file,
+                format!("registry[{i}].prefix"),
                 format!("{:?} is defined twice in this file", entry.prefix),
             ));
         }
         out.push(entry);
     }
     Ok(out)
+}
+
+/// The error for `field` of `file`.
+fn invalid(file: &Path, field: String, message: String) -> Error {
+    Error::Invalid {
+        what: file.display().to_string(),
+        field,
+        message,
+    }
+}
+
+/// `text`, the contents of `file`, as TOML; an error names the line.
+fn read_toml(file: &Path, text: &[u8]) -> Result<FileV2> {
+    let text = std::str::from_utf8(text)
+        .map_err(|e| invalid(file, "(document)".into(), format!("not UTF-8: {e}")))?;
+    toml::from_str(text).map_err(|e| {
+        let line = e
+            .span()
+            .and_then(|s| text.get(..s.start))
+            .map(|before| before.matches('\n').count() + 1);
+        let message = e.message().trim_end().to_string();
+        invalid(
+            file,
+            "(document)".into(),
+            match line {
+                Some(line) => format!("line {line}: {message}"),
+                None => message,
+            },
+        )
+    })
+}
+
+/// The entries of version 1's `[registries.insecure]` and
+/// `[registries.block]` lists: a host in both is one entry.
+fn version_1_entries(file: &Path, v1: RawV1) -> Result<Vec<RegistryEntry>> {
+    let mut out: Vec<RegistryEntry> = Vec::new();
+    let mut add = |list: Option<RawV1List>, field: &str, insecure: bool, blocked: bool| {
+        for (i, host) in list
+            .map(|l| l.registries)
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+        {
+            check_location(&host)
+                .map_err(|m| invalid(file, format!("registries.{field}.registries[{i}]"), m))?;
+            match out.iter_mut().find(|e| e.prefix == host) {
+                Some(e) => {
+                    e.insecure |= insecure;
+                    e.blocked |= blocked;
+                }
+                None => out.push(RegistryEntry {
+                    prefix: host.clone(),
+                    location: host,
+                    insecure,
+                    blocked,
+                    mirrors: Vec::new(),
+                    file: file.to_path_buf(),
+                }),
+            }
+        }
+        Ok::<(), Error>(())
+    };
+    add(v1.insecure, "insecure", true, false)?;
+    add(v1.block, "block", false, true)?;
+    Ok(out)
+}
+
+/// `[[registry]]` number `i` of `file`, checked.
+fn registry_entry(file: &Path, i: usize, r: RawRegistry) -> Result<RegistryEntry> {
+    let field = |name: &str| format!("registry[{i}].{name}");
+    let location = r.location.unwrap_or_default();
+    let prefix = match r.prefix {
+        Some(p) if !p.is_empty() => p,
+        _ => location.clone(),
+    };
+    if prefix.is_empty() {
+        return Err(invalid(
+            file,
+            field("location"),
+            "neither prefix nor location given".into(),
+        ));
+    }
+    let wildcard = prefix.starts_with("*.");
+    if wildcard {
+        check_wildcard(&prefix).map_err(|m| invalid(file, field("prefix"), m))?;
+        if !location.is_empty() {
+            return Err(invalid(
+                file,
+                field("location"),
+                format!("not allowed with the wildcard prefix {prefix:?}"),
+            ));
+        }
+    } else {
+        if !location.is_empty() {
+            check_location(&location).map_err(|m| invalid(file, field("location"), m))?;
+        }
+        check_location(&prefix).map_err(|m| invalid(file, field("prefix"), m))?;
+    }
+    let digest_only = r.mirror_by_digest_only.unwrap_or(false);
+    let mirrors = r
+        .mirror
+        .into_iter()
+        .enumerate()
+        .map(|(j, m)| mirror(file, i, j, m, digest_only))
+        .collect::<Result<Vec<_>>>()?;
+    if wildcard && !mirrors.is_empty() {
+        // A mirror's location replaces the prefix; a wildcard names no
+        // one path to put in its place.
+        return Err(invalid(
+            file,
+            field("mirror"),
+            format!("mirrors of the wildcard prefix {prefix:?} cannot be placed"),
+        ));
+    }
+    Ok(RegistryEntry {
+        location: if location.is_empty() {
+            prefix.clone()
+        } else {
+            location
+        },
+        prefix,
+        insecure: r.insecure.unwrap_or(false),
+        blocked: r.blocked.unwrap_or(false),
+        mirrors,
+        file: file.to_path_buf(),
+    })
+}
+
+/// `[[registry.mirror]]` number `j` of `[[registry]]` number `i`, checked;
+/// `digest_only` is the registry's `mirror-by-digest-only`.
+fn mirror(file: &Path, i: usize, j: usize, m: RawMirror, digest_only: bool) -> Result<Mirror> {
+    let field = |name: &str| format!("registry[{i}].mirror[{j}].{name}");
+    let location = m.location.unwrap_or_default();
+    check_location(&location).map_err(|e| invalid(file, field("location"), e))?;
+    let pull_from = match m.pull_from_mirror.as_deref() {
+        None | Some("") | Some("all") => PullFrom::All,
+        Some("digest-only") => PullFrom::DigestOnly,
+        Some("tag-only") => PullFrom::TagOnly,
+        Some(other) => {
+            return Err(invalid(
+                file,
+                field("pull-from-mirror"),
+                format!("{other:?} is none of all, digest-only, tag-only"),
+            ));
+        }
+    };
+    if digest_only && pull_from != PullFrom::All {
+        return Err(invalid(
+            file,
+            field("pull-from-mirror"),
+            "set together with the registry's mirror-by-digest-only".into(),
+        ));
+    }
+    Ok(Mirror {
+        location,
+        insecure: m.insecure.unwrap_or(false),
+        pull_from: if digest_only {
+            PullFrom::DigestOnly
+        } else {
+            pull_from
+        },
+    })
 }
 
 /// A location is `host[:port][/path]`, without a scheme: it must read as

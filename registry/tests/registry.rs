@@ -423,30 +423,15 @@ fn too_many_requests_is_retried_after_the_time_the_registry_asks() {
 #[test]
 fn retry_after_beyond_the_chunk_timeout_fails_the_request_clearly() {
     let f = Fixture::new();
-    let proxy = f.proxy();
-    let options = Options {
-        chunk_timeout: Duration::from_secs(2),
-        ..Options::default()
-    };
-    let image = f.open_with(&proxy.host(), &options);
-    proxy.set(|b| {
-        b.too_many = 1;
-        b.retry_after_secs = 60;
-    });
-    let system = f.sample.payload("system");
-    let err = image
-        .blobs
-        .ensure_chunk(system, 0)
-        .expect_err("Retry-After too long");
-    let msg = err.to_string();
-    assert!(matches!(err, Error::Status { status: 429, .. }), "{msg}");
-    assert!(
-        msg.contains("Retry-After 60s") && msg.contains(&system.digest.to_string()),
-        "{msg}"
+    f.assert_retry_after_fails_then_serves(
+        |b| b.retry_after_secs = 60,
+        |msg, system| {
+            assert!(
+                msg.contains("Retry-After 60s") && msg.contains(&system.digest.to_string()),
+                "{msg}"
+            );
+        },
     );
-    // A later request tries again, and the registry serves it.
-    image.blobs.ensure_chunk(system, 0).expect("later request");
-    f.assert_cached_chunk(&image, system, 0);
 }
 
 #[test]

@@ -108,17 +108,23 @@ fn an_unknown_ca_is_named_with_the_host_once_and_not_retried_nor_tried_over_plai
     );
 }
 
-#[test]
-fn a_certificate_for_another_name_is_refused() {
+/// Opens [`REPO_TAG`] from a registry serving the certificate `issue`
+/// makes with a new CA, the CA trusted through a cert dir, expecting a TLS
+/// error: the registry's host and the error's text.
+fn refused_server_certificate(issue: impl FnOnce(&TestCa) -> Issued) -> (String, String) {
     let ca = TestCa::new("test-ca");
-    let fx = tls_fixture(
-        &ca.server_for("other", "registry.example", Validity::Current),
-        None,
-        None,
-    );
+    let fx = tls_fixture(&issue(&ca), None, None);
     let host = fx.registry.host();
     let dir = ca.certs_d(&fx.dir.path().join("cert-dir"), None);
     let err = tls_error(&fx, &host, &options(CertDirs::Fixed(dir)));
+    (host, err)
+}
+
+#[test]
+fn a_certificate_for_another_name_is_refused() {
+    let (host, err) = refused_server_certificate(|ca| {
+        ca.server_for("other", "registry.example", Validity::Current)
+    });
     assert!(
         err.contains(&format!(
             "{host}'s certificate is not valid for the name {host}"
@@ -129,15 +135,8 @@ fn a_certificate_for_another_name_is_refused() {
 
 #[test]
 fn an_expired_certificate_is_refused() {
-    let ca = TestCa::new("test-ca");
-    let fx = tls_fixture(
-        &ca.server_for("expired", "127.0.0.1", Validity::Expired),
-        None,
-        None,
-    );
-    let host = fx.registry.host();
-    let dir = ca.certs_d(&fx.dir.path().join("cert-dir"), None);
-    let err = tls_error(&fx, &host, &options(CertDirs::Fixed(dir)));
+    let (host, err) =
+        refused_server_certificate(|ca| ca.server_for("expired", "127.0.0.1", Validity::Expired));
     assert!(
         err.contains(&format!("{host}'s certificate has expired")),
         "{err}"

@@ -227,24 +227,8 @@ fn a_redirect_to_another_port_carries_no_authorization() {
 #[test]
 fn a_retry_after_no_clock_can_hold_fails_the_request_within_its_timeout() {
     let f = Fixture::new();
-    let proxy = f.proxy();
-    let options = Options {
-        chunk_timeout: Duration::from_secs(2),
-        ..Options::default()
-    };
-    let image = f.open_with(&proxy.host(), &options);
-    proxy.set(|b| {
-        b.too_many = 1;
-        b.retry_after_raw = Some(u64::MAX.to_string());
-    });
-    let system = f.sample.payload("system");
-    let err = image
-        .blobs
-        .ensure_chunk(system, 0)
-        .expect_err("Retry-After beyond any deadline");
-    let msg = err.to_string();
-    assert!(matches!(err, Error::Status { status: 429, .. }), "{msg}");
-    assert!(msg.contains(&format!("Retry-After {}s", u64::MAX)), "{msg}");
-    image.blobs.ensure_chunk(system, 0).expect("later request");
-    f.assert_cached_chunk(&image, system, 0);
+    f.assert_retry_after_fails_then_serves(
+        |b| b.retry_after_raw = Some(u64::MAX.to_string()),
+        |msg, _| assert!(msg.contains(&format!("Retry-After {}s", u64::MAX)), "{msg}"),
+    );
 }

@@ -254,6 +254,17 @@ fn cold_cache_serves_the_layouts_bytes_fetching_only_touched_chunks_then_warm_an
         .count() as u64;
     assert_eq!(fetched, system.chunks() + kernel.chunks());
     drop(c);
+    // Every chunk was fetched by this server, and the fetch checked it:
+    // verified, and never hashed a second time.
+    let mut server = server;
+    server.stop_cleanly(Duration::from_secs(10), "the cold server");
+    for (payload, chunks) in [("system", system.chunks()), ("kernel.efi", kernel.chunks())] {
+        let line = server.wait_for_line(&["payload verification", &format!("payload={payload} ")]);
+        assert!(
+            line.contains(&format!("verified={chunks} hashed=0")),
+            "{payload}: {line}"
+        );
+    }
     drop(server);
 
     // A warm cache: a second server reads everything, fetching nothing.

@@ -9,8 +9,9 @@ use clap::{Args, Subcommand};
 use ociblk_layout::parse_size;
 use serde_json::json;
 
+use ociblk_registry::Cache;
 use ociblk_registry::Options;
-use ociblk_registry::cache::DirPolicy;
+use ociblk_registry::cache::{CacheInfo, DirPolicy};
 
 use crate::image_source::RegistrySettings;
 
@@ -83,75 +84,10 @@ pub fn run(args: &CacheArgs) -> Result<()> {
                 .info()
                 .with_context(|| format!("cannot read cache {}", cache.dir().display()))?;
             if *json {
-                let unix = |t: SystemTime| {
-                    t.duration_since(SystemTime::UNIX_EPOCH)
-                        .map(|d| d.as_secs())
-                        .unwrap_or_default()
-                };
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&json!({
-                        "cache": cache.dir(),
-                        "images": info.images.iter().map(|i| json!({
-                            "reference": i.reference,
-                            "manifest_digest": i.manifest_digest.to_string(),
-                        })).collect::<Vec<_>>(),
-                        "blobs": info.blobs.iter().map(|b| json!({
-                            "digest": b.digest.to_string(),
-                            "size": b.size,
-                            "allocated_bytes": b.allocated,
-                            "chunks": b.chunks.iter().map(|(chunk_size, present, total)| json!({
-                                "chunk_size": chunk_size,
-                                "present": present,
-                                "total": total,
-                            })).collect::<Vec<_>>(),
-                            "whole": b.whole,
-                            "last_used_unix": unix(b.last_used),
-                        })).collect::<Vec<_>>(),
-                        "access_records": info.access_records.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
-                        "blob_bytes": info.blob_bytes(),
-                        "metadata_bytes": info.metadata_bytes,
-                    }))?
-                );
-                return Ok(());
+                print_info_json(&cache, &info)?;
+            } else {
+                print_info(&cache, &info);
             }
-            println!("Cache      {}", cache.dir().display());
-            println!("Images");
-            for i in &info.images {
-                println!("  {}  {}", i.reference, i.manifest_digest);
-            }
-            println!("Blobs");
-            for b in &info.blobs {
-                let chunks: Vec<String> = b
-                    .chunks
-                    .iter()
-                    .map(|(size, present, total)| format!("{present}/{total} chunks of {size}"))
-                    .collect();
-                println!(
-                    "  {}  {} bytes, {} on disk, {}{}, used {}",
-                    b.digest,
-                    b.size,
-                    b.allocated,
-                    chunks.join(", "),
-                    if b.whole {
-                        ", whole (matches its digest)"
-                    } else {
-                        ""
-                    },
-                    age(b.last_used)
-                );
-            }
-            if !info.access_records.is_empty() {
-                println!("Access records (prefetched when the image starts)");
-                for d in &info.access_records {
-                    println!("  {d}");
-                }
-            }
-            println!(
-                "Total      {} bytes of payload blobs on disk, {} bytes of manifests and configs",
-                info.blob_bytes(),
-                info.metadata_bytes
-            );
         }
         CacheCommand::Gc {
             cache,
@@ -175,4 +111,80 @@ pub fn run(args: &CacheArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `cache info --json`.
+fn print_info_json(cache: &Cache, info: &CacheInfo) -> Result<()> {
+    let unix = |t: SystemTime| {
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default()
+    };
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({
+            "cache": cache.dir(),
+            "images": info.images.iter().map(|i| json!({
+                "reference": i.reference,
+                "manifest_digest": i.manifest_digest.to_string(),
+            })).collect::<Vec<_>>(),
+            "blobs": info.blobs.iter().map(|b| json!({
+                "digest": b.digest.to_string(),
+                "size": b.size,
+                "allocated_bytes": b.allocated,
+                "chunks": b.chunks.iter().map(|(chunk_size, present, total)| json!({
+                    "chunk_size": chunk_size,
+                    "present": present,
+                    "total": total,
+                })).collect::<Vec<_>>(),
+                "whole": b.whole,
+                "last_used_unix": unix(b.last_used),
+            })).collect::<Vec<_>>(),
+            "access_records": info.access_records.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+            "blob_bytes": info.blob_bytes(),
+            "metadata_bytes": info.metadata_bytes,
+        }))?
+    );
+    Ok(())
+}
+
+/// `cache info`, for a reader.
+fn print_info(cache: &Cache, info: &CacheInfo) {
+    println!("Cache      {}", cache.dir().display());
+    println!("Images");
+    for i in &info.images {
+        println!("  {}  {}", i.reference, i.manifest_digest);
+    }
+    println!("Blobs");
+    for b in &info.blobs {
+        let chunks: Vec<String> = b
+            .chunks
+            .iter()
+            .map(|(size, present, total)| format!("{present}/{total} chunks of {size}"))
+            .collect();
+        println!(
+            "  {}  {} bytes, {} on disk, {}{}, used {}",
+            b.digest,
+            b.size,
+            b.allocated,
+            chunks.join(", "),
+            if b.whole {
+                ", whole (matches its digest)"
+            } else {
+                ""
+            },
+            age(b.last_used)
+        );
+    }
+    if !info.access_records.is_empty() {
+        println!("Access records (prefetched when the image starts)");
+        for d in &info.access_records {
+            println!("  {d}");
+        }
+    }
+    println!(
+        "Total      {} bytes of payload blobs on disk, {} bytes of manifests and configs",
+        info.blob_bytes(),
+        info.metadata_bytes
+    );
 }

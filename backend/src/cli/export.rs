@@ -5,11 +5,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use ociblk_overlay::{FlushMode, Overlay, OverlayConfig};
 
 use super::layout_args::LayoutArgs;
 use crate::export::{Input, OutputFile, apply_overlay, export_disk};
-use crate::verifier::Verifiers;
+use crate::node_disk::{DiskParts, OverlayOpening, OverlayRequest, open_parts};
+use crate::payload::PayloadOptions;
 
 #[derive(Debug, Args)]
 pub struct ExportArgs {
@@ -38,21 +38,26 @@ pub struct ExportArgs {
 
 pub fn run(args: &ExportArgs) -> Result<()> {
     let (loaded, layout) = args.layout.load()?;
-    // Open (and lock) the overlay first: it may not fit this disk.
-    let overlay = match &args.overlay {
-        Some(path) => {
-            anyhow::ensure!(path.exists(), "overlay {} does not exist", path.display());
-            let cfg = OverlayConfig {
-                disk_size: layout.size,
-                fingerprint: layout.fingerprint,
-                flush: FlushMode::Unsafe,
-            };
-            Some(Overlay::open_read_only(path, cfg).context("cannot open the overlay")?)
-        }
-        None => None,
+    if let Some(path) = &args.overlay {
+        anyhow::ensure!(path.exists(), "overlay {} does not exist", path.display());
+    }
+    let payloads = PayloadOptions {
+        verify: !args.no_verify,
+        record: false,
     };
-    let reader =
-        ociblk_layout::DiskReader::open(layout).context("cannot open the image's payloads")?;
+    let overlay = args
+        .overlay
+        .clone()
+        .map(|path| OverlayRequest::ReadOnly { path, layers: None });
+    let DiskParts {
+        layout,
+        payloads,
+        overlay,
+    } = open_parts(&loaded, layout, payloads, overlay)?;
+    let overlay = match overlay {
+        OverlayOpening::Open(overlay) => Some(overlay),
+        OverlayOpening::None | OverlayOpening::Deferred(_) => None,
+    };
     // The output must be none of the files this export reads.
     let mut inputs = Vec::new();
     if let (Some(path), Some(overlay)) = (&args.overlay, &overlay) {
@@ -64,16 +69,19 @@ pub fn run(args: &ExportArgs) -> Result<()> {
             );
         }
     }
-    for (source, file) in reader.layout.sources.iter().zip(&reader.files) {
-        inputs.push(
-            Input::of_file(source_role(source), &source.path, file)
-                .with_context(|| source.path.display().to_string())?,
-        );
+    for (id, source) in layout.sources.iter().enumerate() {
+        let Some(blob) = payloads.blob(id) else {
+            continue;
+        };
+        let meta = blob
+            .metadata()
+            .with_context(|| source.path.display().to_string())?;
+        inputs.push(Input::opened(source_role(source), &source.path, &meta));
     }
     let output = OutputFile::create(&args.output, &inputs).context("cannot write the disk")?;
     let out = output.file();
     let progress = std::io::stderr().is_terminal().then(|| {
-        let bar = indicatif::ProgressBar::new(reader.layout.extents.summary().file_bytes);
+        let bar = indicatif::ProgressBar::new(layout.extents.summary().file_bytes);
         bar.set_style(
             indicatif::ProgressStyle::with_template(
                 "{bar:40} {bytes}/{total_bytes} {bytes_per_sec}",
@@ -92,15 +100,9 @@ pub fn run(args: &ExportArgs) -> Result<()> {
             }
         );
     }
-    let verifiers = Verifiers::for_image(
-        &reader.layout,
-        &loaded.origin,
-        loaded.fetcher.as_ref(),
-        !args.no_verify,
-    );
     // A partial disk must not pass for the node's disk: on an error the
     // new file goes again (dropping `output`), the output is left as it was.
-    let stats = export_disk(&reader, &verifiers, out, |n| {
+    let stats = export_disk(&layout, &payloads, out, |n| {
         if let Some(bar) = &progress {
             bar.inc(n);
         }
@@ -122,9 +124,9 @@ pub fn run(args: &ExportArgs) -> Result<()> {
     eprintln!(
         "wrote {} ({} bytes; {} bytes of payloads copied{}, {} bytes of metadata)",
         args.output.display(),
-        reader.layout.size,
+        layout.size,
         stats.copied,
-        if verifiers.is_enabled() {
+        if payloads.verifies() {
             " and verified"
         } else {
             ""

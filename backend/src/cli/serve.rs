@@ -1,6 +1,6 @@
 //! `ociblk serve`: the vhost-user-blk server for one node.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,24 +8,15 @@ use anyhow::{Context, Result, bail};
 use tracing::{info, warn};
 
 use ociblk_layout::Layout;
-use ociblk_overlay::{FlushMode, Overlay, OverlayConfig, OverlayError};
+use ociblk_overlay::{FlushMode, OverlayError};
 use ociblk_registry::{AccessRecord, Digest};
 
 use super::serve_args::{FlushArg, ServeArgs};
-use crate::access::AccessRecorder;
-use crate::image_source::ChunkFetcher;
-use crate::node_disk::{DeferredOverlay, NodeDisk};
+use crate::node_disk::{NodeDisk, OpenDiskError, OverlayOpening, OverlayRequest, open_parts};
+use crate::payload::{ChunkFetcher, PayloadOptions};
 use crate::prefetch::{PrefetchPlan, Prefetcher};
-use crate::verifier::Verifiers;
-use ociblk_layout::DiskReader;
 use ociblk_server::daemon::{SocketClaim, serve_claimed};
 use ociblk_server::{ServerOptions, ShutdownSignal};
-
-/// The overlay: opened at start, or at the disk's first request.
-enum Opening {
-    Now(Option<Overlay>),
-    Deferred(DeferredOverlay),
-}
 
 /// How long a stopping server waits for the prefetch thread to finish the
 /// chunk it is fetching.
@@ -52,19 +43,7 @@ fn check_record_path(path: &Path) -> Result<()> {
 }
 
 pub fn run(args: &ServeArgs) -> Result<()> {
-    let opts = ServerOptions {
-        queues: args.queues,
-        queue_size: args.queue_size,
-        read_only: args.read_only,
-        serial: args
-            .serial
-            .clone()
-            .unwrap_or_else(|| args.layout.seed.clone()),
-        handshake_timeout: Duration::from_secs(args.handshake_timeout),
-        io_threads: usize::from(args.io_threads),
-        poll_max_us: args.poll_max_us,
-        ..ServerOptions::default()
-    };
+    let opts = server_options(args);
     // Every argument is checked before any file is created (the overlay
     // may be new): the socket path is claimed (its lock file taken, which
     // goes again on any error) and bound once the disk is open.
@@ -77,97 +56,34 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     let fetcher = loaded.fetcher.clone();
     let manifest = loaded.image.manifest_digest.clone();
     let plan = prefetch_plan(args, fetcher.as_deref(), &manifest, &layout)?;
-    // The payloads are opened before the overlay, which may be a new file.
-    let reader = DiskReader::open(layout).context("cannot open the image's payloads")?;
-    let layout = &reader.layout;
-    let overlay = match &args.overlay {
-        Some(path) => {
-            let cfg = OverlayConfig {
-                disk_size: layout.size,
-                fingerprint: layout.fingerprint,
-                flush: match args.flush {
-                    FlushArg::Safe => FlushMode::Safe,
-                    FlushArg::Unsafe => FlushMode::Unsafe,
-                },
-            };
-            let layers = (!args.layers.is_empty()).then_some(args.layers.as_slice());
-            if let Some(seconds) = args.wait_for_overlay {
-                let wait = Duration::from_secs(seconds);
-                let layers = layers.map(<[PathBuf]>::to_vec);
-                Opening::Deferred(DeferredOverlay::new(path.clone(), cfg, layers, wait))
-            } else {
-                let overlay = if args.read_only {
-                    Overlay::open_read_only_over(path, cfg, layers)
-                } else {
-                    Overlay::open_over(path, cfg, layers)
-                };
-                Opening::Now(Some(
-                    overlay
-                        .map_err(with_layer_hint)
-                        .context("cannot open the overlay")?,
-                ))
-            }
-        }
-        None => Opening::Now(None),
-    };
     if args.no_verify {
-        match &fetcher {
-            None => {
-                warn!("--no-verify: payload bytes are served without checking their chunk hashes")
-            }
-            Some(_) => warn!(
-                "--no-verify: cached chunks are served without checking them again; \
-                 chunks fetched from the registry are still verified before they are cached"
-            ),
-        }
+        warn_no_verify(fetcher.is_some());
     }
-    let recorder = args
-        .record_access
-        .as_ref()
-        .map(|_| Arc::new(AccessRecorder::new(layout)));
-    let verifiers = Verifiers::recording(
-        layout,
-        &loaded.origin,
-        fetcher.as_ref(),
-        !args.no_verify,
-        recorder.as_ref(),
-    );
-    let disk = match overlay {
-        Opening::Now(overlay) => NodeDisk::open(reader, overlay, args.read_only, verifiers),
-        Opening::Deferred(overlay) => {
-            info!(
-                wait_s = args.wait_for_overlay,
-                "the overlay is opened at the disk's first request"
-            );
-            NodeDisk::open_deferred(reader, overlay, verifiers)
-        }
+    let payloads = PayloadOptions {
+        verify: !args.no_verify,
+        record: args.record_access.is_some(),
     };
+    let parts =
+        open_parts(&loaded, layout, payloads, overlay_request(args)).map_err(with_layer_hint)?;
+    if let OverlayOpening::Deferred(_) = parts.overlay {
+        info!(
+            wait_s = args.wait_for_overlay,
+            "the overlay is opened at the disk's first request"
+        );
+    }
+    let disk = Arc::new(NodeDisk::new(parts, args.read_only));
     info!(
         image = %loaded.origin.display(),
         seed = %args.layout.seed,
         fingerprint = %disk.layout().fingerprint_hex(),
         overlay = ?args.overlay,
-        verify = disk.verifiers().is_enabled(),
+        verify = disk.payloads().verifies(),
         layers = disk.overlay().map_or(0, |o| o.chain().layers().len()),
         "node disk ready"
     );
     let shutdown = ShutdownSignal::new()?;
     shutdown.trigger_on_termination_signals()?;
-    let prefetcher = match plan {
-        Some(plan) => {
-            info!(
-                record = %plan.path().display(),
-                chunks = plan.len(),
-                "prefetching recorded chunks in the background"
-            );
-            Some(
-                Prefetcher::start(plan, disk.layout(), disk.verifiers())
-                    .context("cannot start prefetching")?,
-            )
-        }
-        None => None,
-    };
-    let disk = Arc::new(disk);
+    let prefetcher = plan.map(|plan| start_prefetch(plan, &disk)).transpose()?;
     let served = serve_claimed(disk.clone(), socket, &opts, shutdown)
         .with_context(|| format!("serving on {}", args.socket.display()));
     if let Some(p) = prefetcher {
@@ -176,22 +92,69 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     // Written also when serving failed after the guest read something:
     // that is still worth prefetching. A server that never served keeps
     // an earlier record.
-    if let (Some(path), Some(recorder)) = (&args.record_access, &recorder)
+    if let (Some(path), Some(recorder)) = (&args.record_access, disk.payloads().recorder())
         && (served.is_ok() || !recorder.is_empty())
     {
         write_record(path, recorder.record(manifest.clone()), fetcher.as_deref())?;
     }
     served?;
-    for v in disk.verifiers().iter() {
+    log_totals(&disk, fetcher.as_deref());
+    info!("stopped");
+    Ok(())
+}
+
+/// The server's options from `args`.
+fn server_options(args: &ServeArgs) -> ServerOptions {
+    ServerOptions {
+        queues: args.queues,
+        queue_size: args.queue_size,
+        read_only: args.read_only,
+        serial: args
+            .serial
+            .clone()
+            .unwrap_or_else(|| args.layout.seed.clone()),
+        handshake_timeout: Duration::from_secs(args.handshake_timeout),
+        io_threads: usize::from(args.io_threads),
+        poll_max_us: args.poll_max_us,
+        ..ServerOptions::default()
+    }
+}
+
+/// What `--no-verify` leaves unchecked, for a registry image or not.
+fn warn_no_verify(registry: bool) {
+    if registry {
+        warn!(
+            "--no-verify: cached chunks are served without checking them again; \
+             chunks fetched from the registry are still verified before they are cached"
+        );
+    } else {
+        warn!("--no-verify: payload bytes are served without checking their chunk hashes");
+    }
+}
+
+/// Starts replaying `plan` in the background against `disk`'s payloads.
+fn start_prefetch(plan: PrefetchPlan, disk: &NodeDisk) -> Result<Prefetcher> {
+    info!(
+        record = %plan.path().display(),
+        chunks = plan.len(),
+        "prefetching recorded chunks in the background"
+    );
+    Prefetcher::start(plan, disk.payloads().clone()).context("cannot start prefetching")
+}
+
+/// The closing log lines: each payload's verification, and what was
+/// fetched from the registry.
+fn log_totals(disk: &NodeDisk, fetcher: Option<&ChunkFetcher>) {
+    for (payload, counts) in disk.payloads().verification_counts() {
         info!(
-            payload = %v.payload(),
-            chunks = v.hashes().count(),
-            verified = v.verified_count(),
-            hashed = v.hashed_count(),
+            payload = %payload,
+            chunks = counts.chunks,
+            verified = counts.verified,
+            hashed = counts.hashed,
             "payload verification"
         );
     }
-    if let Some(f) = &fetcher {
+    if let Some(f) = fetcher {
         let stats = f.stats();
         info!(
             requests = stats.requests,
@@ -199,20 +162,45 @@ pub fn run(args: &ServeArgs) -> Result<()> {
             "fetched from the registry"
         );
     }
-    info!("stopped");
-    Ok(())
+}
+
+/// How `args` ask for the overlay to be opened.
+fn overlay_request(args: &ServeArgs) -> Option<OverlayRequest> {
+    let path = args.overlay.clone()?;
+    let layers = (!args.layers.is_empty()).then(|| args.layers.clone());
+    let flush = match args.flush {
+        FlushArg::Safe => FlushMode::Safe,
+        FlushArg::Unsafe => FlushMode::Unsafe,
+    };
+    Some(match (args.wait_for_overlay, args.read_only) {
+        (Some(seconds), _) => OverlayRequest::Deferred {
+            path,
+            flush,
+            layers,
+            wait: Duration::from_secs(seconds),
+        },
+        (None, true) => OverlayRequest::ReadOnly { path, layers },
+        (None, false) => OverlayRequest::ReadWrite {
+            path,
+            flush,
+            layers,
+        },
+    })
 }
 
 /// A layer the overlay records that is gone may only have moved: the
 /// error says how to name it where it is now.
-fn with_layer_hint(e: OverlayError) -> anyhow::Error {
+fn with_layer_hint(e: OpenDiskError) -> anyhow::Error {
     match e {
-        OverlayError::LayerMissing {
-            overlay: Some(_), ..
-        } => anyhow::anyhow!(
+        OpenDiskError::Overlay(
+            e @ OverlayError::LayerMissing {
+                overlay: Some(_), ..
+            },
+        ) => anyhow::anyhow!(
             "{e}; if it was moved, give the overlay's whole chain where it is now, \
              bottom first: --layer NEWPATH for each layer (the digests must match the record)"
-        ),
+        )
+        .context("cannot open the overlay"),
         e => anyhow::Error::new(e),
     }
 }
@@ -234,7 +222,7 @@ fn prefetch_plan(
                 path.display()
             );
         }
-        return Ok(Some(PrefetchPlan::load(path, manifest.hex(), layout)?));
+        return Ok(Some(PrefetchPlan::load(path, manifest, layout)?));
     }
     let Some(fetcher) = fetcher.filter(|_| !args.no_prefetch) else {
         return Ok(None);
@@ -243,7 +231,7 @@ fn prefetch_plan(
     if !path.exists() {
         return Ok(None);
     }
-    match PrefetchPlan::load(&path, manifest.hex(), layout) {
+    match PrefetchPlan::load(&path, manifest, layout) {
         Ok(plan) => Ok(Some(plan)),
         Err(e) => {
             warn!("not prefetching from the cache's access record: {e}");

@@ -1,17 +1,16 @@
 //! `ociblk verify`: every chunk of every payload against the image's chunk
 //! hashes, before a long test run or in CI.
 
-use std::fs::File;
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use ociblk_layout::Source;
+use ociblk_registry::limiter::Priority;
 
 use super::layout_args::ImageArgs;
 use crate::image_source::LoadedImage;
-use crate::verifier::{PayloadVerifier, VerifyError};
+use crate::payload::{PayloadError, Payloads};
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
@@ -107,6 +106,9 @@ pub fn check_every_chunk(loaded: &LoadedImage) -> Result<Summary> {
     });
     let start = Instant::now();
     let mut summary = Summary::default();
+    let payloads = Payloads::of_image(loaded).context("cannot open the image's payloads")?;
+    // The store holds the uncompressed payloads, in the image's order.
+    let mut id = 0;
     for p in &image.payloads {
         if !p.is_uncompressed() {
             eprintln!(
@@ -120,34 +122,16 @@ pub fn check_every_chunk(loaded: &LoadedImage) -> Result<Summary> {
         if let Some(bar) = &progress {
             bar.set_message(p.name.clone());
         }
-        let source = Source {
-            name: p.name.clone(),
-            path: p.path.clone(),
-            size: p.size,
-            sha256: p.digest.clone(),
-            chunk_hashes: Some(p.chunk_hashes.clone()),
-        };
-        let Some(verifier) = PayloadVerifier::with_fetch(
-            &loaded.origin,
-            &source,
-            loaded.fetcher.as_ref(),
-            true,
-            None,
-        ) else {
-            continue;
-        };
-        let file =
-            File::open(&p.path).with_context(|| format!("cannot open {}", p.path.display()))?;
         let hashes = &p.chunk_hashes;
         for c in 0..hashes.count() {
             let range = hashes.range(c);
-            if let Err(e) = verifier.verify(&file, c) {
+            if let Err(e) = payloads.ensure(id, range.clone(), Priority::Foreground) {
                 let line = match &e {
-                    VerifyError::Fetch { source, .. } if source.is_no_space() => {
+                    PayloadError::Fetch { source, .. } if source.is_no_space() => {
                         summary.no_space += 1;
                         format!("NO SPACE {e}")
                     }
-                    VerifyError::Fetch { source, .. } => {
+                    PayloadError::Fetch { source, .. } => {
                         summary.bad += 1;
                         format!("BAD {e}: {source}")
                     }
@@ -167,6 +151,7 @@ pub fn check_every_chunk(loaded: &LoadedImage) -> Result<Summary> {
                 bar.inc(range.end - range.start);
             }
         }
+        id += 1;
     }
     summary.elapsed = start.elapsed();
     if let Some(bar) = progress {

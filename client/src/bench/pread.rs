@@ -129,9 +129,25 @@ struct ThreadResult {
     elapsed: Duration,
 }
 
-/// Reads `[offset, offset + length)` of the file over and over, `bs` at a time, with
-/// `threads` threads, for `runtime`.
-pub fn run(args: &PreadArgs) -> Result<PreadReport, BenchError> {
+/// What every reading thread shares: the file region, the memory the reads land in,
+/// and the gate they start at together.
+struct ReadJob<'a> {
+    file: &'a File,
+    args: &'a PreadArgs,
+    /// Length of the file region, in whole `bs` blocks.
+    length: u64,
+    /// `bs` as a length in memory.
+    len: usize,
+    /// Host address of the region's first buffer.
+    base: usize,
+    /// Buffers of `bs` bytes in the region.
+    buffers: u64,
+    gate: &'a Barrier,
+}
+
+/// Opens the file and checks the region `args` names: inside the file, with at least
+/// one `bs` block per thread. Returns the file and the region's length in whole blocks.
+fn open_region(args: &PreadArgs) -> Result<(File, u64), BenchError> {
     let io = |context: String| move |source| BenchError::Io { context, source };
     let file = File::open(&args.file).map_err(io(format!("opening {}", args.file.display())))?;
     let size = file
@@ -154,6 +170,64 @@ pub fn run(args: &PreadArgs) -> Result<PreadReport, BenchError> {
             )),
         });
     }
+    Ok((file, length))
+}
+
+/// Thread `thread`'s reads: its slice of the region, over and over, into its buffers
+/// in turn, from the moment all threads pass the gate until the runtime is up.
+fn read_slice(job: &ReadJob<'_>, thread: u64) -> Result<ThreadResult, BenchError> {
+    let (args, bs) = (job.args, job.args.bs);
+    let threads = u64::from(args.threads);
+    let mine: Vec<u64> = buffers_of(thread, threads, job.buffers).collect();
+    let (first, span) = slice_of(thread, threads, job.length, bs);
+    let (mut ops, mut pos) = (0u64, 0u64);
+    job.gate.wait();
+    let start = Instant::now();
+    while start.elapsed() < args.runtime {
+        let buffer = mine[(ops % mine.len() as u64) as usize];
+        let addr = job.base + (buffer * bs) as usize;
+        pread_exact(job.file, addr, job.len, args.offset + first + pos).map_err(|source| {
+            BenchError::Io {
+                context: format!("reading {}", args.file.display()),
+                source,
+            }
+        })?;
+        ops += 1;
+        pos = (pos + bs) % span;
+    }
+    Ok(ThreadResult {
+        ops,
+        elapsed: start.elapsed(),
+    })
+}
+
+/// Runs one [`read_slice`] per thread and collects what each did.
+fn run_threads(job: &ReadJob<'_>) -> Result<Vec<ThreadResult>, BenchError> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..u64::from(job.args.threads))
+            .map(|t| {
+                std::thread::Builder::new()
+                    .name(format!("pread-{t}"))
+                    .spawn_scoped(scope, move || read_slice(job, t))
+            })
+            .collect::<Result<_, _>>()
+            .map_err(|e| BenchError::Thread(e.to_string()))?;
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| BenchError::Thread("a pread thread panicked".into()))?
+            })
+            .collect::<Result<Vec<ThreadResult>, BenchError>>()
+    })
+}
+
+/// Reads `[offset, offset + length)` of the file over and over, `bs` at a time, with
+/// `threads` threads, for `runtime`.
+pub fn run(args: &PreadArgs) -> Result<PreadReport, BenchError> {
+    let (file, length) = open_region(args)?;
+    let bs = args.bs;
+    let threads = u64::from(args.threads);
     let len = usize::try_from(bs)
         .map_err(|_| BenchError::Invalid(format!("bs {bs} does not fit memory")))?;
     let opts = client_options(args.threads, args.iodepth, bs, 0, Duration::from_secs(1))?;
@@ -171,47 +245,17 @@ pub fn run(args: &PreadArgs) -> Result<PreadReport, BenchError> {
     let base = usize::try_from(base).map_err(|_| BenchError::Invalid("address".into()))?;
 
     let gate = Barrier::new(args.threads.into());
+    let job = ReadJob {
+        file: &file,
+        args,
+        length,
+        len,
+        base,
+        buffers,
+        gate: &gate,
+    };
     let before = CpuSample::take(None)?;
-    let results = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                let (file, gate, path) = (&file, &gate, &args.file);
-                std::thread::Builder::new()
-                    .name(format!("pread-{t}"))
-                    .spawn_scoped(scope, move || {
-                        let mine: Vec<u64> = buffers_of(t, threads, buffers).collect();
-                        let (first, span) = slice_of(t, threads, length, bs);
-                        let (mut ops, mut pos) = (0u64, 0u64);
-                        gate.wait();
-                        let start = Instant::now();
-                        while start.elapsed() < args.runtime {
-                            let buffer = mine[(ops % mine.len() as u64) as usize];
-                            let addr = base + (buffer * bs) as usize;
-                            pread_exact(file, addr, len, args.offset + first + pos).map_err(
-                                |source| BenchError::Io {
-                                    context: format!("reading {}", path.display()),
-                                    source,
-                                },
-                            )?;
-                            ops += 1;
-                            pos = (pos + bs) % span;
-                        }
-                        Ok(ThreadResult {
-                            ops,
-                            elapsed: start.elapsed(),
-                        })
-                    })
-            })
-            .collect::<Result<_, _>>()
-            .map_err(|e| BenchError::Thread(e.to_string()))?;
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .map_err(|_| BenchError::Thread("a pread thread panicked".into()))?
-            })
-            .collect::<Result<Vec<ThreadResult>, BenchError>>()
-    })?;
+    let results = run_threads(&job)?;
     let after = CpuSample::take(None)?;
     let ops: u64 = results.iter().map(|r| r.ops).sum();
     let secs = results

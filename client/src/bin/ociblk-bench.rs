@@ -18,6 +18,19 @@ fn emit(text: &str) -> anyhow::Result<()> {
         .context("writing the report to stdout")
 }
 
+/// Prints `report` as one line of JSON with `json`, else as its `text`.
+fn emit_report<R: serde::Serialize>(
+    report: &R,
+    json: bool,
+    text: impl FnOnce(&R) -> String,
+) -> anyhow::Result<()> {
+    if json {
+        emit(&format!("{}\n", serde_json::to_string(report)?))
+    } else {
+        emit(&text(report))
+    }
+}
+
 fn run(cli: &Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Run(args) => {
@@ -28,11 +41,7 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
                     args.connect.socket.display()
                 )
             })?;
-            if args.json {
-                emit(&format!("{}\n", serde_json::to_string(&report)?))?;
-            } else {
-                emit(&report.text())?;
-            }
+            emit_report(&report, args.json, |r| r.text())?;
             if report.errors > 0 {
                 bail!(
                     "{} requests failed; first: {}",
@@ -44,20 +53,12 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
         Command::Pread(args) => {
             let report =
                 pread::run(args).with_context(|| format!("pread of {}", args.file.display()))?;
-            if args.json {
-                emit(&format!("{}\n", serde_json::to_string(&report)?))?;
-            } else {
-                emit(&report.text())?;
-            }
+            emit_report(&report, args.json, |r| r.text())?;
         }
         Command::Dump(args) => {
             let report = dump::run(args)
                 .with_context(|| format!("dumping {}", args.connect.socket.display()))?;
-            if args.json {
-                emit(&format!("{}\n", serde_json::to_string(&report)?))?;
-            } else {
-                emit(&report.text())?;
-            }
+            emit_report(&report, args.json, |r| r.text())?;
         }
     }
     Ok(())

@@ -29,7 +29,7 @@ impl Overlay {
     /// disk): such a file is made anew for `cfg`. After a clean close the
     /// map must match the checksum recorded then.
     pub fn open(path: impl AsRef<Path>, cfg: OverlayConfig) -> Result<Overlay, OverlayError> {
-        Self::open_over(path, cfg, None)
+        open_as(path.as_ref(), cfg, None, Access::Create)
     }
 
     /// [`Overlay::open`] over a chain of layers. `layers` (bottom first)
@@ -42,81 +42,7 @@ impl Overlay {
         cfg: OverlayConfig,
         layers: Option<&[PathBuf]>,
     ) -> Result<Overlay, OverlayError> {
-        let path = path.as_ref();
-        let Opening {
-            file,
-            created,
-            len,
-            unwritten,
-            mut given,
-        } = Opening::start(path, &cfg, layers, Access::Create)?;
-        let mut fresh = unwritten;
-        if fresh && !created {
-            tracing::info!(
-                path = %path.display(),
-                bytes = len,
-                "initialising an existing file without an overlay header as a new overlay"
-            );
-        }
-        let (header, chain) = if fresh {
-            let chain = given.take().unwrap_or_default();
-            file.set_len(0).map_err(io_err(path, "truncate"))?;
-            (create(&file, path, &cfg, &chain)?, chain)
-        } else {
-            let header = read_overlay_header(&file, path, len)?;
-            match mismatch(&header, &cfg) {
-                None => {
-                    let chain = resolve_chain(&file, path, &header, &cfg, given)?;
-                    (header, chain)
-                }
-                Some(what) => {
-                    let counts = current_counts(&file, path, &header, len)?;
-                    check_unused(path, &header, &counts, what)?;
-                    let chain = given.take().unwrap_or_default();
-                    tracing::info!(path = %path.display(), "re-creating unused overlay for another disk");
-                    file.set_len(0).map_err(io_err(path, "truncate"))?;
-                    fresh = true;
-                    (create(&file, path, &cfg, &chain)?, chain)
-                }
-            }
-        };
-        if fresh && !chain.is_empty() {
-            // Unlike an empty overlay over the base disk, this one must not
-            // come back as a new file without its chain after a crash: the
-            // node's disk would lose the layers.
-            make_durable(&file, path)?;
-        }
-        // The block states live in the live map region from here on (see
-        // `live`): a new map is all `Base`; after a server died on this boot
-        // of the host its live map is newer than the map on disk.
-        let map = if fresh {
-            live::create(&file, path, &header, None)?
-        } else {
-            let (disk, _) = read_checked_map(&file, path, &header)?;
-            match live::adopt(&file, path, &header, len)? {
-                Some(map) => {
-                    let newer = map.mark_differences(&disk);
-                    tracing::info!(
-                        path = %path.display(),
-                        blocks = newer,
-                        "the last server died: taking its live map, which holds every write it completed"
-                    );
-                    map
-                }
-                None => live::create(&file, path, &header, Some(&disk))?,
-            }
-        };
-        let access = Opened::ReadWrite { created: fresh };
-        let ov = Overlay::assemble(file, path, cfg.flush, header, map, chain, access);
-        if fresh {
-            // Created in use (clean flag 0) with nothing to reclaim.
-        } else if !ov.header.clean {
-            tracing::info!(path = %path.display(), "overlay was not closed cleanly; reclaiming unused space");
-            ov.reclaim().map_err(io_err(path, "reclaim space"))?;
-        } else {
-            ov.set_clean(false).map_err(io_err(path, "mark in use"))?;
-        }
-        Ok(ov)
+        open_as(path.as_ref(), cfg, layers, Access::Create)
     }
 
     /// Opens the overlay at `path` for reading only: the file is opened
@@ -128,7 +54,7 @@ impl Overlay {
         path: impl AsRef<Path>,
         cfg: OverlayConfig,
     ) -> Result<Overlay, OverlayError> {
-        Self::open_read_only_over(path, cfg, None)
+        open_as(path.as_ref(), cfg, None, Access::ReadOnly)
     }
 
     /// [`Overlay::open_read_only`] over a chain of layers, checked as by
@@ -138,28 +64,113 @@ impl Overlay {
         cfg: OverlayConfig,
         layers: Option<&[PathBuf]>,
     ) -> Result<Overlay, OverlayError> {
-        let path = path.as_ref();
-        let Opening {
-            file,
-            len,
-            unwritten,
-            mut given,
-            ..
-        } = Opening::start(path, &cfg, layers, Access::ReadOnly)?;
+        open_as(path.as_ref(), cfg, layers, Access::ReadOnly)
+    }
+}
+
+/// What every open does first: checks `cfg` and the layers given, opens
+/// and locks the file; then serves it as `access` says.
+fn open_as(
+    path: &Path,
+    cfg: OverlayConfig,
+    layers: Option<&[PathBuf]>,
+    access: Access,
+) -> Result<Overlay, OverlayError> {
+    let opening = Opening::start(path, &cfg, layers, access)?;
+    match access {
+        Access::ReadOnly => opening.read_only(path, cfg),
+        Access::Create | Access::Existing => opening.read_write(path, cfg),
+    }
+}
+
+impl Opening {
+    /// The rest of [`Overlay::open_over`].
+    fn read_write(mut self, path: &Path, cfg: OverlayConfig) -> Result<Overlay, OverlayError> {
+        let mut fresh = self.unwritten;
+        if fresh && !self.created {
+            tracing::info!(
+                path = %path.display(),
+                bytes = self.len,
+                "initialising an existing file without an overlay header as a new overlay"
+            );
+        }
+        let (header, chain) = if fresh {
+            let chain = self.given.take().unwrap_or_default();
+            self.file.set_len(0).map_err(io_err(path, "truncate"))?;
+            (create(&self.file, path, &cfg, &chain)?, chain)
+        } else {
+            let header = read_overlay_header(&self.file, path, self.len)?;
+            match mismatch(&header, &cfg) {
+                None => {
+                    let chain = resolve_chain(&self.file, path, &header, &cfg, self.given)?;
+                    (header, chain)
+                }
+                Some(what) => {
+                    let counts = current_counts(&self.file, path, &header, self.len)?;
+                    check_unused(path, &header, &counts, what)?;
+                    let chain = self.given.take().unwrap_or_default();
+                    tracing::info!(path = %path.display(), "re-creating unused overlay for another disk");
+                    self.file.set_len(0).map_err(io_err(path, "truncate"))?;
+                    fresh = true;
+                    (create(&self.file, path, &cfg, &chain)?, chain)
+                }
+            }
+        };
+        if fresh && !chain.is_empty() {
+            // Unlike an empty overlay over the base disk, this one must not
+            // come back as a new file without its chain after a crash: the
+            // node's disk would lose the layers.
+            make_durable(&self.file, path)?;
+        }
+        // The block states live in the live map region from here on (see
+        // `live`): a new map is all `Base`; after a server died on this boot
+        // of the host its live map is newer than the map on disk.
+        let map = if fresh {
+            live::create(&self.file, path, &header, None)?
+        } else {
+            let (disk, _) = read_checked_map(&self.file, path, &header)?;
+            match live::adopt(&self.file, path, &header, self.len)? {
+                Some(map) => {
+                    let newer = map.mark_differences(&disk);
+                    tracing::info!(
+                        path = %path.display(),
+                        blocks = newer,
+                        "the last server died: taking its live map, which holds every write it completed"
+                    );
+                    map
+                }
+                None => live::create(&self.file, path, &header, Some(&disk))?,
+            }
+        };
+        let access = Opened::ReadWrite { created: fresh };
+        let ov = Overlay::assemble(self.file, path, cfg.flush, header, map, chain, access);
+        if fresh {
+            // Created in use (clean flag 0) with nothing to reclaim.
+        } else if !ov.header.clean {
+            tracing::info!(path = %path.display(), "overlay was not closed cleanly; reclaiming unused space");
+            ov.reclaim().map_err(io_err(path, "reclaim space"))?;
+        } else {
+            ov.set_clean(false).map_err(io_err(path, "mark in use"))?;
+        }
+        Ok(ov)
+    }
+
+    /// The rest of [`Overlay::open_read_only_over`].
+    fn read_only(mut self, path: &Path, cfg: OverlayConfig) -> Result<Overlay, OverlayError> {
         let all_base = |header: &Header| {
             BlockMap::all_base(header.map_len).map_err(io_err(path, "allocate the map"))
         };
-        let (header, map, chain) = if unwritten {
+        let (header, map, chain) = if self.unwritten {
             tracing::info!(path = %path.display(), "overlay has no header yet: serving the base disk and layers given");
             let header = Header::new(cfg.disk_size, cfg.fingerprint);
             let map = all_base(&header)?;
-            (header, map, given.take().unwrap_or_default())
+            (header, map, self.given.take().unwrap_or_default())
         } else {
-            let header = read_overlay_header(&file, path, len)?;
-            let (disk, mut counts) = read_checked_map(&file, path, &header)?;
+            let header = read_overlay_header(&self.file, path, self.len)?;
+            let (disk, mut counts) = read_checked_map(&self.file, path, &header)?;
             // A server that died on this boot left newer states in its live
             // map: read what the next server would serve.
-            let states = match live::read_live_states(&file, path, &header, len)? {
+            let states = match live::read_live_states(&self.file, path, &header, self.len)? {
                 Some(states) => {
                     counts = StateCounts::default();
                     format::count_states(&states, 0, &mut counts)
@@ -173,9 +184,9 @@ impl Overlay {
                 // Nothing written: reads as the base disk, whatever it is.
                 let header = Header::new(cfg.disk_size, cfg.fingerprint);
                 let map = all_base(&header)?;
-                (header, map, given.take().unwrap_or_default())
+                (header, map, self.given.take().unwrap_or_default())
             } else {
-                let chain = resolve_chain(&file, path, &header, &cfg, given)?;
+                let chain = resolve_chain(&self.file, path, &header, &cfg, self.given)?;
                 let map =
                     BlockMap::from_bytes(&states).map_err(io_err(path, "allocate the map"))?;
                 (header, map, chain)
@@ -183,7 +194,7 @@ impl Overlay {
         };
         let access = Opened::ReadOnly;
         Ok(Overlay::assemble(
-            file, path, cfg.flush, header, map, chain, access,
+            self.file, path, cfg.flush, header, map, chain, access,
         ))
     }
 }

@@ -714,8 +714,8 @@ fn freeze_copies_only_data_blocks_and_falls_back_from_cloning() {
         let src_w = fs::OpenOptions::new().write(true).open(&path).unwrap();
         src_w.write_all_at(&data, 1 << 24).unwrap();
         dst.set_len(1 << 25).unwrap();
-        layer::BlockCopier::new(&src, &dst, method)
-            .copy_blocks((1 << 24) - 8192, 1 << 24, 3 * 8192)
+        FileCopier::new(&src, &dst, method, 4096)
+            .copy_allocated((1 << 24) - 8192, 1 << 24, 3 * 8192)
             .unwrap();
         let mut got = vec![0u8; 8192];
         dst.read_exact_at(&mut got, (1 << 24) + 8192).unwrap();
@@ -728,7 +728,7 @@ fn freeze_copies_only_data_blocks_and_falls_back_from_cloning() {
     }
 }
 
-use super::super::layer::Method;
+use ociblk_io::copy::{FileCopier, Method};
 
 /// Names in `dir` starting with a dot: temporary files left behind.
 fn hidden_files(dir: &Path) -> Vec<String> {

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::os::unix::fs::{FileExt as _, MetadataExt as _};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use sha2::{Digest as _, Sha256};
 
@@ -14,7 +14,7 @@ use super::chunk_lock::{ChunkLock, LEASE_SLOT, MAX_LEASE, Taken};
 use super::file::{self, Access};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
-use crate::fetch::{BlobSource, FetchStats};
+use crate::fetch::{BlobSource, ChunkRequest, FetchStats};
 use crate::limiter::Priority;
 
 /// A payload blob as the image describes it: its digest, size and the
@@ -99,6 +99,43 @@ struct OpenBlob {
     map: File,
     map_path: PathBuf,
     leases: Arc<File>,
+}
+
+impl OpenBlob {
+    /// Takes the fetch lock of chunk `index` of `blob` (see
+    /// [`ChunkLock::acquire`]) under leases of [`lease_time`] for the
+    /// request `timeout`, waiting until `deadline`; `done` says whether the
+    /// chunk was stored meanwhile. Still held by another fetcher at the
+    /// deadline: [`Error::ChunkBusy`].
+    fn lock_chunk(
+        &self,
+        blob: &BlobSpec,
+        index: u64,
+        deadline: Instant,
+        timeout: Duration,
+        done: &dyn Fn() -> std::io::Result<bool>,
+    ) -> Result<Taken> {
+        ChunkLock::acquire(
+            &self.map_path,
+            &self.leases,
+            index,
+            deadline,
+            lease_time(timeout),
+            done,
+        )
+        .map_err(|e| Error::io(&self.map_path, e))?
+        .ok_or_else(|| Error::ChunkBusy {
+            digest: blob.digest.to_string(),
+            index,
+            timeout,
+        })
+    }
+}
+
+/// How long a chunk's fetch lock is leased at a time, for a request
+/// `timeout`: half of it, at most [`MAX_LEASE`].
+fn lease_time(timeout: Duration) -> Duration {
+    (timeout / 2).min(MAX_LEASE)
 }
 
 /// What a blob whose chunks are all present turned out to be.
@@ -204,21 +241,8 @@ impl BlobCache {
             ),
         };
         let done = || is_present(&open, index).map_err(|e| std::io::Error::other(e.to_string()));
-        let lease_time = (timeout / 2).min(MAX_LEASE);
-        let taken = ChunkLock::acquire(
-            &open.map_path,
-            &open.leases,
-            index,
-            deadline,
-            lease_time,
-            &done,
-        )
-        .map_err(|e| Error::io(&open.map_path, e))?
-        .ok_or_else(|| Error::ChunkBusy {
-            digest: blob.digest.to_string(),
-            index,
-            timeout,
-        })?;
+        let lease_time = lease_time(timeout);
+        let taken = open.lock_chunk(blob, index, deadline, timeout, &done)?;
         let _lock = match taken {
             Taken::Done => return Ok(false),
             Taken::Locked(lock) => lock,
@@ -266,8 +290,13 @@ impl BlobCache {
                 .write_all_at(&[STORED], i)
                 .map_err(|e| Error::io(&open.map_path, e))
         };
-        self.source
-            .fetch_chunk(blob, index, deadline, priority, held, &mut store)?;
+        let chunk = ChunkRequest {
+            blob,
+            index,
+            deadline,
+            priority,
+        };
+        self.source.fetch_chunk(chunk, held, &mut store)?;
         drop(_lock);
         if let Err(e) = self.check_whole(blob) {
             tracing::warn!(digest = %blob.digest, "cannot check the blob whole: {e}");
@@ -338,20 +367,7 @@ impl BlobCache {
         let open = self.open_blob(blob)?;
         let timeout = self.source.client().timeout();
         let never = || Ok(false);
-        let _lock = ChunkLock::acquire(
-            &open.map_path,
-            &open.leases,
-            index,
-            Instant::now() + timeout,
-            (timeout / 2).min(MAX_LEASE),
-            &never,
-        )
-        .map_err(|e| Error::io(&open.map_path, e))?
-        .ok_or_else(|| Error::ChunkBusy {
-            digest: blob.digest.to_string(),
-            index,
-            timeout,
-        })?;
+        let _lock = open.lock_chunk(blob, index, Instant::now() + timeout, timeout, &never)?;
         if map_byte(&open, index)? == FROM_WHOLE {
             return Err(Error::Cache {
                 path: open.data_path.clone(),

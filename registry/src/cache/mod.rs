@@ -40,7 +40,7 @@
 //!
 //! Every file is opened with `O_NOFOLLOW` and `O_NONBLOCK` and must be a
 //! regular file; every directory must be a real, private directory (see
-//! [`file`]).
+//! the private `file` module).
 //!
 //! Locking, all advisory and per open file, so threads and processes follow
 //! the same rules:

@@ -2,6 +2,8 @@
 //! registry, an empty cache, and the image opened from it, so that each
 //! test states only what it changes.
 
+use std::time::Duration;
+
 use ociblk_registry::{BlobSpec, Cache, Error, Options, Reference, RegistryImage};
 
 use crate::proxy::{Behaviour, Proxy};
@@ -91,6 +93,39 @@ impl Fixture {
             "cached chunk {index} of {} differs from the image's",
             blob.digest
         );
+    }
+
+    /// Asks for chunk 0 of the `system` payload through a proxy that
+    /// answers the first blob request 429 with the `Retry-After` that
+    /// `retry_after` sets, under a 2 s request timeout: the request must
+    /// fail with that 429, whose text goes to `check` (with the blob), and
+    /// a later request for the chunk must be served.
+    pub fn assert_retry_after_fails_then_serves(
+        &self,
+        retry_after: impl FnOnce(&mut Behaviour),
+        check: impl FnOnce(&str, &BlobSpec),
+    ) {
+        let proxy = self.proxy();
+        let options = Options {
+            chunk_timeout: Duration::from_secs(2),
+            ..Options::default()
+        };
+        let image = self.open_with(&proxy.host(), &options);
+        proxy.set(|b| {
+            b.too_many = 1;
+            retry_after(b);
+        });
+        let system = self.sample.payload("system");
+        let err = image
+            .blobs
+            .ensure_chunk(system, 0)
+            .expect_err("Retry-After beyond the request timeout");
+        let msg = err.to_string();
+        assert!(matches!(err, Error::Status { status: 429, .. }), "{msg}");
+        check(&msg, system);
+        // A later request tries again, and the registry serves it.
+        image.blobs.ensure_chunk(system, 0).expect("later request");
+        self.assert_cached_chunk(&image, system, 0);
     }
 
     /// Asserts that every chunk of `blob` is in the image's cache, marked

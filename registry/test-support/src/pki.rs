@@ -44,22 +44,32 @@ fn openssl(args: &[&str], cwd: &Path) {
     );
 }
 
+/// `openssl req` in `cwd` making a new P-256 key, unencrypted, into the
+/// file `key`, with the rest of its arguments `args`.
+pub fn new_key_request(key: &str, args: &[&str], cwd: &Path) {
+    let mut all = vec![
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        key,
+    ];
+    all.extend_from_slice(args);
+    openssl(&all, cwd);
+}
+
 impl TestCa {
     /// A new self-signed P-256 CA called `name`.
     pub fn new(name: &str) -> TestCa {
         let dir = tempfile::tempdir().expect("temp dir for the CA");
         let cert = dir.path().join("ca.pem");
-        openssl(
+        new_key_request(
+            "ca.key",
             &[
-                "req",
                 "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                "ca.key",
                 "-out",
                 "ca.pem",
                 "-days",
@@ -98,23 +108,7 @@ impl TestCa {
         let csr = format!("{file}.csr");
         let crt = format!("{file}.pem");
         let ext = format!("{file}.ext");
-        openssl(
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &key,
-                "-out",
-                &csr,
-                "-subj",
-                &format!("/CN={cn}"),
-            ],
-            d,
-        );
+        new_key_request(&key, &["-out", &csr, "-subj", &format!("/CN={cn}")], d);
         let mut extensions = format!("extendedKeyUsage={usage}\n");
         if !sans.is_empty() {
             extensions.push_str(&format!("subjectAltName={sans}\n"));

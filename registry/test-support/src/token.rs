@@ -6,7 +6,6 @@
 use std::io::Write as _;
 use std::net::{Shutdown, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -34,28 +33,19 @@ impl TokenIssuer {
     /// Makes a P-256 key and self-signed certificate in `dir` (openssl) and
     /// starts issuing on a free loopback port.
     pub fn start(dir: &Path) -> TokenIssuer {
-        let openssl = crate::require_tool("openssl", "openssl");
         let (key_pem, cert_pem) = (dir.join("token-key.pem"), dir.join("token-cert.pem"));
-        let out = Command::new(openssl)
-            .args([
-                "req",
+        crate::pki::new_key_request(
+            "token-key.pem",
+            &[
                 "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-            ])
-            .args(["-nodes", "-days", "1", "-subj", "/CN=ociblk-test-token"])
-            .arg("-keyout")
-            .arg(&key_pem)
-            .arg("-out")
-            .arg(&cert_pem)
-            .output()
-            .expect("run openssl");
-        assert!(
-            out.status.success(),
-            "openssl req: {}",
-            String::from_utf8_lossy(&out.stderr)
+                "-days",
+                "1",
+                "-subj",
+                "/CN=ociblk-test-token",
+                "-out",
+                "token-cert.pem",
+            ],
+            dir,
         );
         let key = EcdsaKeyPair::from_pkcs8(
             &ECDSA_P256_SHA256_FIXED_SIGNING,
