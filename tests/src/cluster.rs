@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+use ociblk_launch::snapshot;
 use ociblk_launch::{Cluster, ClusterSpec};
 
 use crate::support::{ociblk_bin, verbose};
@@ -27,6 +28,21 @@ pub fn guest_result(cluster: &mut Cluster, node: &str, command: &str, timeout: D
         .wait_for_console(node, "\n", timeout)
         .unwrap_or_else(|e| panic!("{node}: {e}"));
     line.text.trim().to_owned()
+}
+
+/// Prepares a fork of the snapshot `snapshot_dir` in `state_dir` (as
+/// `ociblk launch --from` does) and launches it, configured for tests.
+pub fn launch_fork(snapshot_dir: &Path, state_dir: &Path) -> (ClusterSpec, Cluster) {
+    let saved = snapshot::load(snapshot_dir).expect("loading the snapshot");
+    let mut spec = saved
+        .cluster_spec(state_dir)
+        .expect("the snapshot's cluster spec");
+    configure_for_test(&mut spec);
+    snapshot::prepare_fork(&saved, snapshot_dir, state_dir)
+        .expect("preparing the fork")
+        .keep();
+    let cluster = Cluster::launch(spec.clone()).expect("launching the fork");
+    (spec, cluster)
 }
 
 /// What the sample guest prints on its console once it has booted.

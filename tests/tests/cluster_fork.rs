@@ -17,7 +17,9 @@ use ociblk_launch::snapshot::{self, SnapshotSpec};
 use ociblk_launch::{
     Cluster, ClusterSpec, NetworkSpec, NodeSpec, TPM_PID_FILE, TPM_SOCKET_FILE, TpmSpec,
 };
-use ociblk_tests::cluster::{SAMPLE_DATA_PARTITION, SAMPLE_READY, configure_for_test, tree_hashes};
+use ociblk_tests::cluster::{
+    SAMPLE_DATA_PARTITION, SAMPLE_READY, configure_for_test, launch_fork, tree_hashes,
+};
 use ociblk_tests::support::{require_tool, sample_image};
 
 /// Up to four guests share two cores here.
@@ -34,18 +36,6 @@ fn fresh_spec(state_dir: &Path) -> ClusterSpec {
     spec.network = Some(NetworkSpec::on_loopback(false).unwrap());
     spec.tpm = Some(TpmSpec { binary: swtpm });
     spec
-}
-
-/// Prepares and launches a fork of `snapshot_dir` in `state_dir`.
-fn fork(snapshot_dir: &Path, state_dir: &Path) -> (ClusterSpec, Cluster) {
-    let saved = snapshot::load(snapshot_dir).unwrap();
-    let mut spec = saved.cluster_spec(state_dir).unwrap();
-    configure_for_test(&mut spec);
-    snapshot::prepare_fork(&saved, snapshot_dir, state_dir)
-        .unwrap()
-        .keep();
-    let cluster = Cluster::launch(spec.clone()).unwrap();
-    (spec, cluster)
 }
 
 fn wait_ready(cluster: &mut Cluster) {
@@ -181,8 +171,8 @@ fn a_networked_cluster_with_tpms_is_saved_forked_twice_and_forked_again() {
 
     // Two forks side by side: both boot with the saved state, then diverge.
     let (fork_a, fork_b) = (tmp.path().join("fork-a"), tmp.path().join("fork-b"));
-    let (spec_a, mut a) = fork(&snap1, &fork_a);
-    let (_, mut b) = fork(&snap1, &fork_b);
+    let (spec_a, mut a) = launch_fork(&snap1, &fork_a);
+    let (_, mut b) = launch_fork(&snap1, &fork_b);
     wait_ready(&mut a);
     wait_ready(&mut b);
     for cluster in [&a, &b] {
@@ -219,7 +209,7 @@ fn a_networked_cluster_with_tpms_is_saved_forked_twice_and_forked_again() {
         );
     }
     let snap2_files = tree_hashes(&snap2);
-    let (_, mut c) = fork(&snap2, &tmp.path().join("fork-c"));
+    let (_, mut c) = launch_fork(&snap2, &tmp.path().join("fork-c"));
     wait_ready(&mut c);
     for node in NODES {
         assert_eq!(console_id(&c, node, "found state"), Some(ids[node].clone()));

@@ -11,14 +11,16 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ociblk_launch::network::{guest_address, node_mac};
 use ociblk_launch::snapshot::{self, SnapshotSpec};
 use ociblk_launch::{Cluster, ClusterSpec, NetworkSpec, NodeSpec, TpmSpec, VMSTATE_FILE};
-use ociblk_tests::cluster::{SAMPLE_DATA_PARTITION, SAMPLE_READY, configure_for_test, tree_hashes};
+use ociblk_tests::cluster::{
+    SAMPLE_DATA_PARTITION, SAMPLE_READY, configure_for_test, launch_fork, tree_hashes,
+};
 use ociblk_tests::process::Server;
 use ociblk_tests::support::{require_tool, run_bounded, sample_image};
 use sha2::{Digest, Sha256};
@@ -99,18 +101,32 @@ fn pcr0(cluster: &mut Cluster) -> String {
     )
 }
 
+/// A temporary directory with the paths of a cluster's state and two
+/// snapshots in it.
+fn scratch() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let at = |name| tmp.path().join(name);
+    let (state, snap1, snap2) = (at("state"), at("snap1"), at("snap2"));
+    (tmp, state, snap1, snap2)
+}
+
+/// A cluster of `nodes` sample nodes with TPMs in `state_dir`, configured
+/// for tests (QEMU and swtpm are required).
+fn spec_with_tpms(state_dir: &Path, nodes: usize) -> ClusterSpec {
+    require_tool("qemu-system-x86_64");
+    let swtpm = require_tool("swtpm");
+    let mut spec = ClusterSpec::new(sample_image(), state_dir, NodeSpec::numbered("node", nodes));
+    configure_for_test(&mut spec);
+    spec.tpm = Some(TpmSpec { binary: swtpm });
+    spec
+}
+
 /// Forks `snapshot_dir` into `state_dir` and launches it; returns the
 /// fork's spec, its cluster and the time from the start of the fork until
 /// the node answered on its console.
 fn fork(snapshot_dir: &Path, state_dir: &Path) -> (ClusterSpec, Cluster, Duration) {
     let started = Instant::now();
-    let saved = snapshot::load(snapshot_dir).unwrap();
-    let mut spec = saved.cluster_spec(state_dir).unwrap();
-    configure_for_test(&mut spec);
-    snapshot::prepare_fork(&saved, snapshot_dir, state_dir)
-        .unwrap()
-        .keep();
-    let mut cluster = Cluster::launch(spec.clone()).unwrap();
+    let (spec, mut cluster) = launch_fork(snapshot_dir, state_dir);
     assert_eq!(guest_result(&mut cluster, "r=answering"), "answering");
     let answered = started.elapsed();
     let times = cluster.node(NODE).unwrap().times();
@@ -143,17 +159,8 @@ fn save_running(cluster: Cluster, spec: &ClusterSpec, snapshot_dir: &Path) -> Sn
 
 #[test]
 fn a_running_node_is_saved_and_its_forks_continue_where_it_was() {
-    require_tool("qemu-system-x86_64");
-    let swtpm = require_tool("swtpm");
-    let tmp = tempfile::tempdir().unwrap();
-    let (state, snap1, snap2) = (
-        tmp.path().join("state"),
-        tmp.path().join("snap1"),
-        tmp.path().join("snap2"),
-    );
-    let mut spec = ClusterSpec::new(sample_image(), &state, NodeSpec::numbered("node", 1));
-    configure_for_test(&mut spec);
-    spec.tpm = Some(TpmSpec { binary: swtpm });
+    let (tmp, state, snap1, snap2) = scratch();
+    let spec = spec_with_tpms(&state, 1);
     let mut cluster = Cluster::launch(spec.clone()).unwrap();
     cluster
         .wait_for_console(NODE, SAMPLE_READY, BOOT_TIMEOUT)
@@ -253,18 +260,9 @@ fn ping(cluster: &mut Cluster, node: &str, to: &str) -> String {
 /// without waiting for the boot's text again and saves it running again.
 #[test]
 fn a_networked_pair_resumes_on_segments_of_its_own_and_the_cli_saves_a_fork_running() {
-    require_tool("qemu-system-x86_64");
-    let swtpm = require_tool("swtpm");
-    let tmp = tempfile::tempdir().unwrap();
-    let (state, snap1, snap2) = (
-        tmp.path().join("state"),
-        tmp.path().join("snap1"),
-        tmp.path().join("snap2"),
-    );
+    let (tmp, state, snap1, snap2) = scratch();
     let nodes = ["node-1", "node-2"];
-    let mut spec = ClusterSpec::new(sample_image(), &state, NodeSpec::numbered("node", 2));
-    configure_for_test(&mut spec);
-    spec.tpm = Some(TpmSpec { binary: swtpm });
+    let mut spec = spec_with_tpms(&state, 2);
     spec.network = Some(NetworkSpec::on_loopback(false).unwrap());
     let mut cluster = Cluster::launch(spec.clone()).unwrap();
     cluster
