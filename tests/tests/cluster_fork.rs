@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ociblk_launch::network::{guest_address, node_mac};
@@ -91,24 +91,25 @@ fn save(mut cluster: Cluster, spec: &ClusterSpec, snapshot_dir: &Path) -> Snapsh
     snapshot::save(spec, snapshot_dir).unwrap()
 }
 
-#[test]
-fn a_networked_cluster_with_tpms_is_saved_forked_twice_and_forked_again() {
-    let tmp = tempfile::tempdir().unwrap();
-    let (state, snap1, snap2) = (
-        tmp.path().join("state"),
-        tmp.path().join("snap1"),
-        tmp.path().join("snap2"),
-    );
-    let address = |node: &str| guest_address(node_mac(node)).to_string();
+/// `from`'s ping of `to`: "reached" or "unreachable".
+fn ping(cluster: &mut Cluster, from: &str, to: &str) -> String {
+    let address = guest_address(node_mac(to));
+    let ping =
+        format!("if ping -c 2 -W 20 {address} >/dev/null; then r=reached; else r=unreachable; fi");
+    guest_result(cluster, from, &ping)
+}
 
-    // A fresh cluster: every node bootstraps, reaches the other, has a TPM.
-    let spec = fresh_spec(&state);
-    let mut cluster = Cluster::launch(spec.clone()).unwrap();
-    wait_ready(&mut cluster);
+/// A fresh cluster's checks: every node bootstrapped with an id of its
+/// own, has a TPM (its swtpm's PID file in the state directory) and
+/// reaches the other. Returns the ids and the swtpm PIDs.
+fn check_fresh_nodes(
+    cluster: &mut Cluster,
+    state: &Path,
+) -> (BTreeMap<&'static str, String>, Vec<u32>) {
     let mut ids = BTreeMap::new();
     let mut tpm_pids = Vec::new();
     for node in NODES {
-        let id = console_id(&cluster, node, "bootstrapped")
+        let id = console_id(cluster, node, "bootstrapped")
             .unwrap_or_else(|| panic!("{node} did not bootstrap"));
         ids.insert(node, id);
         let tpm = cluster.node(node).unwrap().tpm_pid().unwrap();
@@ -116,7 +117,7 @@ fn a_networked_cluster_with_tpms_is_saved_forked_twice_and_forked_again() {
         tpm_pids.push(tpm);
         assert_eq!(
             guest_result(
-                &mut cluster,
+                cluster,
                 node,
                 "if [ -c /dev/tpm0 ] && [ -e /sys/class/tpm/tpm0 ]; then r=tpm; else r=none; fi"
             ),
@@ -126,20 +127,25 @@ fn a_networked_cluster_with_tpms_is_saved_forked_twice_and_forked_again() {
     }
     assert_ne!(ids["node-1"], ids["node-2"]);
     for (from, to) in [("node-1", "node-2"), ("node-2", "node-1")] {
-        let ping = format!(
-            "if ping -c 2 -W 20 {} >/dev/null; then r=reached; else r=unreachable; fi",
-            address(to)
-        );
         assert_eq!(
-            guest_result(&mut cluster, from, &ping),
+            ping(cluster, from, to),
             "reached",
             "{from} pinging {to} at {}",
-            address(to)
+            guest_address(node_mac(to))
         );
     }
-    write_marker(&mut cluster, "node-1", "saved");
-    let saved = save(cluster, &spec, &snap1);
-    // swtpm is stopped with its guest, by PID, and leaves no socket.
+    (ids, tpm_pids)
+}
+
+/// The save's checks: every swtpm stopped by PID, leaving no socket or PID
+/// file; each node's layer and TPM state in the snapshot, every file
+/// read-only. Returns the snapshot's file hashes.
+fn check_saved(
+    saved: &SnapshotSpec,
+    snap: &Path,
+    state: &Path,
+    tpm_pids: &[u32],
+) -> BTreeMap<PathBuf, (String, u32)> {
     for pid in tpm_pids {
         assert!(
             !Path::new(&format!("/proc/{pid}")).exists(),
@@ -152,10 +158,9 @@ fn a_networked_cluster_with_tpms_is_saved_forked_twice_and_forked_again() {
     }
     assert!(saved.tpm && saved.network);
     for node in &saved.nodes {
-        assert_eq!(node.layers, [snap1.join(&node.name).join("disk.layer")]);
+        assert_eq!(node.layers, [snap.join(&node.name).join("disk.layer")]);
         assert!(
-            snap1
-                .join(&node.name)
+            snap.join(&node.name)
                 .join("tpm")
                 .read_dir()
                 .unwrap()
@@ -163,11 +168,42 @@ fn a_networked_cluster_with_tpms_is_saved_forked_twice_and_forked_again() {
                 > 0
         );
     }
-    let snap1_files = tree_hashes(&snap1);
-    assert!(
-        snap1_files.values().all(|(_, mode)| *mode == 0o400),
-        "{snap1_files:?}"
+    let files = tree_hashes(snap);
+    assert!(files.values().all(|(_, mode)| *mode == 0o400), "{files:?}");
+    files
+}
+
+/// Every node of `cluster` found the state saved with `ids` (and, with
+/// `no_bootstrap`, did not bootstrap again).
+fn check_found_state(cluster: &Cluster, ids: &BTreeMap<&str, String>, no_bootstrap: bool) {
+    for node in NODES {
+        assert_eq!(
+            console_id(cluster, node, "found state"),
+            Some(ids[node].clone())
+        );
+        if no_bootstrap {
+            assert_eq!(console_id(cluster, node, "bootstrapped"), None);
+        }
+    }
+}
+
+#[test]
+fn a_networked_cluster_with_tpms_is_saved_forked_twice_and_forked_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (state, snap1, snap2) = (
+        tmp.path().join("state"),
+        tmp.path().join("snap1"),
+        tmp.path().join("snap2"),
     );
+
+    // A fresh cluster: every node bootstraps, reaches the other, has a TPM.
+    let spec = fresh_spec(&state);
+    let mut cluster = Cluster::launch(spec.clone()).unwrap();
+    wait_ready(&mut cluster);
+    let (ids, tpm_pids) = check_fresh_nodes(&mut cluster, &state);
+    write_marker(&mut cluster, "node-1", "saved");
+    let saved = save(cluster, &spec, &snap1);
+    let snap1_files = check_saved(&saved, &snap1, &state, &tpm_pids);
 
     // Two forks side by side: both boot with the saved state, then diverge.
     let (fork_a, fork_b) = (tmp.path().join("fork-a"), tmp.path().join("fork-b"));
@@ -176,13 +212,7 @@ fn a_networked_cluster_with_tpms_is_saved_forked_twice_and_forked_again() {
     wait_ready(&mut a);
     wait_ready(&mut b);
     for cluster in [&a, &b] {
-        for node in NODES {
-            assert_eq!(
-                console_id(cluster, node, "found state"),
-                Some(ids[node].clone())
-            );
-            assert_eq!(console_id(cluster, node, "bootstrapped"), None);
-        }
+        check_found_state(cluster, &ids, true);
     }
     assert_eq!(read_marker(&mut a, "node-1"), "saved");
     write_marker(&mut a, "node-1", "fork-a");
@@ -190,11 +220,7 @@ fn a_networked_cluster_with_tpms_is_saved_forked_twice_and_forked_again() {
     write_marker(&mut b, "node-1", "fork-b");
     assert_eq!(read_marker(&mut a, "node-1"), "fork-a");
     // The forks' networks are separate segments; within one, nodes meet.
-    let ping = format!(
-        "if ping -c 2 -W 20 {} >/dev/null; then r=reached; else r=unreachable; fi",
-        address("node-2")
-    );
-    assert_eq!(guest_result(&mut b, "node-1", &ping), "reached");
+    assert_eq!(ping(&mut b, "node-1", "node-2"), "reached");
     b.shutdown().unwrap();
 
     // Fork A saved again: a chain of two layers; its fork sees fork A's writes.
@@ -211,9 +237,7 @@ fn a_networked_cluster_with_tpms_is_saved_forked_twice_and_forked_again() {
     let snap2_files = tree_hashes(&snap2);
     let (_, mut c) = launch_fork(&snap2, &tmp.path().join("fork-c"));
     wait_ready(&mut c);
-    for node in NODES {
-        assert_eq!(console_id(&c, node, "found state"), Some(ids[node].clone()));
-    }
+    check_found_state(&c, &ids, false);
     assert_eq!(read_marker(&mut c, "node-1"), "fork-a");
     write_marker(&mut c, "node-1", "fork-c");
     c.shutdown().unwrap();

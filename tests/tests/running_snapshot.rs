@@ -84,7 +84,7 @@ fn read_disk_marker(cluster: &mut Cluster) -> String {
 }
 
 fn boot_id(cluster: &mut Cluster) -> String {
-    guest_result(cluster, "r=$(cat /proc/sys/kernel/random/boot_id)")
+    node_boot_id(cluster, NODE)
 }
 
 fn uptime(cluster: &mut Cluster) -> f64 {
@@ -271,12 +271,7 @@ fn a_networked_pair_resumes_on_segments_of_its_own_and_the_cli_saves_a_fork_runn
     assert_eq!(ping(&mut cluster, "node-1", "node-2"), "reached");
     let mut boots = Vec::new();
     for node in nodes {
-        boots.push(ociblk_tests::cluster::guest_result(
-            &mut cluster,
-            node,
-            "r=$(cat /proc/sys/kernel/random/boot_id)",
-            COMMAND_TIMEOUT,
-        ));
+        boots.push(node_boot_id(&mut cluster, node));
     }
     save_running_nodes(cluster, &spec, &snap1, &nodes);
     let snap1_files = tree_hashes(&snap1);
@@ -284,14 +279,7 @@ fn a_networked_pair_resumes_on_segments_of_its_own_and_the_cli_saves_a_fork_runn
     let mut forks = Vec::new();
     for name in ["fork-a", "fork-b"] {
         let started = Instant::now();
-        let saved = snapshot::load(&snap1).unwrap();
-        let state_dir = tmp.path().join(name);
-        let mut spec = saved.cluster_spec(&state_dir).unwrap();
-        configure_for_test(&mut spec);
-        snapshot::prepare_fork(&saved, &snap1, &state_dir)
-            .unwrap()
-            .keep();
-        let mut cluster = Cluster::launch(spec).unwrap();
+        let (_, mut cluster) = launch_fork(&snap1, &tmp.path().join(name));
         for node in nodes {
             assert_eq!(
                 ociblk_tests::cluster::guest_result(&mut cluster, node, "r=up", COMMAND_TIMEOUT),
@@ -306,15 +294,7 @@ fn a_networked_pair_resumes_on_segments_of_its_own_and_the_cli_saves_a_fork_runn
     }
     for cluster in &mut forks {
         for (node, boot) in nodes.iter().zip(&boots) {
-            assert_eq!(
-                &ociblk_tests::cluster::guest_result(
-                    cluster,
-                    node,
-                    "r=$(cat /proc/sys/kernel/random/boot_id)",
-                    COMMAND_TIMEOUT
-                ),
-                boot
-            );
+            assert_eq!(&node_boot_id(cluster, node), boot);
         }
         assert_eq!(ping(cluster, "node-1", "node-2"), "reached");
         assert_eq!(ping(cluster, "node-2", "node-1"), "reached");
@@ -323,44 +303,45 @@ fn a_networked_pair_resumes_on_segments_of_its_own_and_the_cli_saves_a_fork_runn
         cluster.shutdown().unwrap();
     }
 
-    // The command line: a fork of the running snapshot resumes (no
-    // --wait-for text shows again) and is saved running again at once.
+    save_a_fork_with_the_cli(&snap1, &tmp.path().join("fork-cli"), &snap2);
+    let (_, mut cluster) = launch_fork(&snap2, &tmp.path().join("fork-c"));
+    assert_eq!(node_boot_id(&mut cluster, "node-2"), boots[1]);
+    assert_eq!(ping(&mut cluster, "node-2", "node-1"), "reached");
+    cluster.shutdown().unwrap();
+    assert_eq!(tree_hashes(&snap1), snap1_files, "snapshot 1 changed");
+}
+
+/// The command line: a fork of the running snapshot `snap1` in
+/// `state_dir` resumes (no --wait-for text shows again) and is saved
+/// running again at once, into `snap2`.
+fn save_a_fork_with_the_cli(snap1: &Path, state_dir: &Path, snap2: &Path) {
     let out = run_bounded(
         Command::new(ociblk_tests::support::ociblk_bin())
             .arg("launch")
             .arg("--from")
-            .arg(&snap1)
+            .arg(snap1)
             .arg("--state-dir")
-            .arg(tmp.path().join("fork-cli"))
+            .arg(state_dir)
             .args(["--wait-for", SAMPLE_READY, "--quiet", "--live", "--save"])
-            .arg(&snap2),
+            .arg(snap2),
         SAVE_TIMEOUT,
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("resumed"), "{stdout}");
-    let saved = snapshot::load(&snap2).unwrap();
+    let saved = snapshot::load(snap2).unwrap();
     assert!(saved.running.is_some());
-    let state_dir = tmp.path().join("fork-c");
-    let mut spec = saved.cluster_spec(&state_dir).unwrap();
-    configure_for_test(&mut spec);
-    snapshot::prepare_fork(&saved, &snap2, &state_dir)
-        .unwrap()
-        .keep();
-    let mut cluster = Cluster::launch(spec).unwrap();
-    assert_eq!(
-        ociblk_tests::cluster::guest_result(
-            &mut cluster,
-            "node-2",
-            "r=$(cat /proc/sys/kernel/random/boot_id)",
-            COMMAND_TIMEOUT
-        ),
-        boots[1]
-    );
-    assert_eq!(ping(&mut cluster, "node-2", "node-1"), "reached");
-    cluster.shutdown().unwrap();
-    assert_eq!(tree_hashes(&snap1), snap1_files, "snapshot 1 changed");
+}
+
+/// `node`'s boot id.
+fn node_boot_id(cluster: &mut Cluster, node: &str) -> String {
+    ociblk_tests::cluster::guest_result(
+        cluster,
+        node,
+        "r=$(cat /proc/sys/kernel/random/boot_id)",
+        COMMAND_TIMEOUT,
+    )
 }
 
 fn save_running_nodes(cluster: Cluster, spec: &ClusterSpec, snapshot_dir: &Path, nodes: &[&str]) {
