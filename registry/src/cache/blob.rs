@@ -592,4 +592,20 @@ mod tests {
             "chunk_size"
         );
     }
+
+    /// The cache keys a blob's files by this digest: it must never change,
+    /// or an existing cache would no longer find its blobs.
+    #[test]
+    fn table_digest_is_pinned() {
+        let spec = BlobSpec {
+            digest: Digest::of(b"blob"),
+            size: 2500,
+            chunk_size: 1000,
+            chunk_sha256: vec![[0; 32], [1; 32], [0xab; 32]].into(),
+        };
+        assert_eq!(
+            spec.table_digest().to_string(),
+            "sha256:3c6cc0f0a68483bb80c6dcc75b28544b408f5d613051a2b18773c727dc9c244a"
+        );
+    }
 }
