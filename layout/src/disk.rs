@@ -5,10 +5,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use ociblk_digest::ChunkHashes;
 use sha2::{Digest as _, Sha256};
 
 use crate::SECTOR_SIZE;
-use crate::chunk_hashes::ChunkHashes;
 use crate::error::{Error, Result};
 use crate::extent::{ExtentMap, ExtentMapBuilder, SourceId};
 use crate::fat32::{Fat32, FatFileSpec};

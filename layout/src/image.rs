@@ -12,10 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use oci_spec::image::{Descriptor, ImageIndex, ImageManifest, MediaType};
-use ociblk_digest::Digest;
+use ociblk_digest::{ChunkHashes, Digest};
 use serde::{Deserialize, Serialize};
 
-use crate::chunk_hashes::ChunkHashes;
 use crate::error::{Error, Result};
 
 // The OCI types are oci-spec's `MediaType`s; these are Monogon's own (and
@@ -408,7 +407,7 @@ fn check_payload(
             format!("{} is outside 1..={MAX_CHUNK_SIZE}", info.hash_chunk_size),
         ));
     }
-    let chunk_hashes = ChunkHashes::decode(
+    let chunk_hashes = crate::chunk_hashes::decode(
         config_path,
         &field("chunk_hashes_sha256"),
         size,

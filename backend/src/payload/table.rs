@@ -6,8 +6,8 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ociblk_digest::Digest;
-use ociblk_layout::{ChunkHashes, DiskReader, Layout, OsImage, Source};
+use ociblk_digest::{ChunkHashes, Digest};
+use ociblk_layout::{DiskReader, Layout, OsImage, Source};
 
 /// One file a disk reads.
 #[derive(Debug)]
