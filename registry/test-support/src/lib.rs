@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use ociblk_registry::{BlobSpec, Digest};
+use ociblk_registry::{BlobSpec, ChunkHashes, Digest};
 
 /// How long a registry may take to answer `/v2/` after start.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -454,16 +454,20 @@ impl SampleImage {
                             .expect("32-byte hash")
                     })
                     .collect();
-                let spec = BlobSpec {
-                    digest: layer["digest"]
+                let table = ChunkHashes::new(
+                    layer["size"].as_u64().expect("size"),
+                    payload["hash_chunk_size"].as_u64().expect("chunk size"),
+                    hashes,
+                )
+                .expect("one hash per chunk");
+                let spec = BlobSpec::new(
+                    layer["digest"]
                         .as_str()
                         .expect("digest")
                         .parse()
                         .expect("sha256"),
-                    size: layer["size"].as_u64().expect("size"),
-                    chunk_size: payload["hash_chunk_size"].as_u64().expect("chunk size"),
-                    chunk_sha256: Arc::from(hashes),
-                };
+                    Arc::new(table),
+                );
                 (payload["name"].as_str().expect("name").to_string(), spec)
             })
             .collect();
@@ -559,15 +563,13 @@ impl SampleImage {
             }],
         });
         std::fs::write(dir.join("index.json"), index_json.to_string()).expect("index.json");
-        let mut hashes = blob.chunk_sha256.to_vec();
+        let mut hashes = blob.table.hashes().to_vec();
         hashes[index as usize] = hash;
+        let table = ChunkHashes::new(blob.size(), blob.chunk_size(), hashes).expect("same count");
         AlteredImage {
             dir: dir.to_path_buf(),
             manifest_digest,
-            blob: BlobSpec {
-                chunk_sha256: Arc::from(hashes),
-                ..blob
-            },
+            blob: BlobSpec::new(blob.digest, Arc::new(table)),
             chunk,
         }
     }
@@ -586,7 +588,7 @@ pub fn read_range(path: &Path, start: u64, len: u64) -> Vec<u8> {
 /// `--hashes` file of `ociblk-registry-fetch`), to `dir/hashes`.
 pub fn write_chunk_hashes(dir: &Path, blob: &BlobSpec) -> PathBuf {
     let hashes = dir.join("hashes");
-    let lines: Vec<String> = blob.chunk_sha256.iter().map(hex::encode).collect();
+    let lines: Vec<String> = blob.table.hashes().iter().map(hex::encode).collect();
     std::fs::write(&hashes, lines.join("\n")).expect("write hashes");
     hashes
 }
