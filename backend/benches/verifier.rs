@@ -34,7 +34,7 @@ fn verifier(c: &mut Criterion) {
         name: "system".into(),
         path: path.clone(),
         size: data.len() as u64,
-        sha256: BlobDigest::of(b"bench").hex().to_owned(),
+        digest: BlobDigest::of(b"bench"),
         chunk_hashes: Some(Arc::new(hashes.clone())),
     };
     let file = File::open(&path).unwrap();

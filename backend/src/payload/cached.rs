@@ -60,7 +60,7 @@ impl ChunkFetcher {
         let mut blobs = HashMap::new();
         for p in image.payloads.iter().filter(|p| p.is_uncompressed()) {
             // The layout's table of the payload is the cache's.
-            let spec = BlobSpec::new(Digest::from_hex(&p.digest)?, p.chunk_hashes.clone());
+            let spec = BlobSpec::new(p.digest.clone(), p.chunk_hashes.clone());
             // Creates the sparse file of the blob's size and holds it in use.
             registry.blobs.present_chunks(&spec)?;
             let present = ChunkBits::new(spec.chunks());

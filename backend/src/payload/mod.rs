@@ -124,10 +124,10 @@ impl Payloads {
         reader: DiskReader,
         image: &LoadedImage,
         options: PayloadOptions,
-    ) -> io::Result<(Layout, Self)> {
-        let (layout, blobs) = BlobTable::from_reader(reader)?;
+    ) -> (Layout, Self) {
+        let (layout, blobs) = BlobTable::from_reader(reader);
         let store = Self::with_blobs(blobs, &image.origin, image.fetcher.as_ref(), options);
-        Ok((layout, store))
+        (layout, store)
     }
 
     /// The store of `sources` in a local directory, with no layout around

@@ -30,7 +30,7 @@ fn source(dir: &Path, data: &[u8], chunk: u64, digest: &Digest) -> Source {
         name: "system".into(),
         path,
         size: data.len() as u64,
-        sha256: digest.hex().to_owned(),
+        digest: digest.clone(),
         chunk_hashes: Some(Arc::new(hashes)),
     }
 }
@@ -43,7 +43,7 @@ fn user_file(dir: &Path) -> Source {
         name: "node-parameters".into(),
         path,
         size: 6,
-        sha256: String::new(),
+        digest: Digest::of(b"params"),
         chunk_hashes: None,
     }
 }
