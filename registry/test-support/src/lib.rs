@@ -421,19 +421,17 @@ impl SampleImage {
                 )
             })
         };
-        let blob = |d: &str| {
-            dir.join("blobs/sha256")
-                .join(d.trim_start_matches("sha256:"))
+        let digest = |d: &serde_json::Value| -> Digest {
+            d.as_str().expect("digest").parse().expect("sha256")
         };
+        let blob = |d: &Digest| dir.join("blobs/sha256").join(d.hex());
         let index: serde_json::Value =
             serde_json::from_slice(&read(dir.join("index.json"))).expect("index.json");
-        let manifest_digest = index["manifests"][0]["digest"]
-            .as_str()
-            .expect("manifest digest");
-        let manifest = read(blob(manifest_digest));
+        let manifest_digest = digest(&index["manifests"][0]["digest"]);
+        let manifest = read(blob(&manifest_digest));
         let m: serde_json::Value = serde_json::from_slice(&manifest).expect("manifest JSON");
-        let config_digest = m["config"]["digest"].as_str().expect("config digest");
-        let config = read(blob(config_digest));
+        let config_digest = digest(&m["config"]["digest"]);
+        let config = read(blob(&config_digest));
         let c: serde_json::Value = serde_json::from_slice(&config).expect("config JSON");
         let layers = m["layers"].as_array().expect("layers");
         let payloads = c["payloads"].as_array().expect("payloads");
@@ -460,20 +458,13 @@ impl SampleImage {
                     hashes,
                 )
                 .expect("one hash per chunk");
-                let spec = BlobSpec::new(
-                    layer["digest"]
-                        .as_str()
-                        .expect("digest")
-                        .parse()
-                        .expect("sha256"),
-                    Arc::new(table),
-                );
+                let spec = BlobSpec::new(digest(&layer["digest"]), Arc::new(table));
                 (payload["name"].as_str().expect("name").to_string(), spec)
             })
             .collect();
         SampleImage {
-            manifest_digest: manifest_digest.parse().expect("sha256"),
-            config_digest: config_digest.parse().expect("sha256"),
+            manifest_digest,
+            config_digest,
             manifest,
             config,
             payloads,
