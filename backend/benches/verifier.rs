@@ -10,11 +10,10 @@ use std::io::Write as _;
 use std::path::Path;
 use std::sync::Arc;
 
-use base64::Engine as _;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ociblk::payload::{PayloadOptions, Payloads, check_chunk};
-use ociblk_digest::Digest as BlobDigest;
-use ociblk_layout::{ChunkHashes, Source};
+use ociblk_digest::{ChunkHashes, Digest as BlobDigest};
+use ociblk_layout::Source;
 use ociblk_registry::limiter::Priority;
 use sha2::{Digest as _, Sha256};
 
@@ -26,23 +25,16 @@ fn verifier(c: &mut Criterion) {
     let path = tmp.path().join("blob");
     let data: Vec<u8> = (0..CHUNK * CHUNKS).map(|i| (i * 31 % 251) as u8).collect();
     File::create(&path).unwrap().write_all(&data).unwrap();
-    let encoded: Vec<String> = data
+    let chunk_hashes = data
         .chunks(CHUNK as usize)
-        .map(|c| base64::engine::general_purpose::STANDARD_NO_PAD.encode(Sha256::digest(c)))
+        .map(|c| Sha256::digest(c).into())
         .collect();
-    let hashes = ChunkHashes::decode(
-        Path::new("config"),
-        "bench",
-        data.len() as u64,
-        CHUNK,
-        &encoded,
-    )
-    .unwrap();
+    let hashes = ChunkHashes::new(data.len() as u64, CHUNK, chunk_hashes).unwrap();
     let source = Source {
         name: "system".into(),
         path: path.clone(),
         size: data.len() as u64,
-        sha256: BlobDigest::of(b"bench").hex().to_owned(),
+        digest: BlobDigest::of(b"bench"),
         chunk_hashes: Some(Arc::new(hashes.clone())),
     };
     let file = File::open(&path).unwrap();

@@ -100,14 +100,10 @@ pub fn open_image(arg: &Path, settings: &RegistrySettings) -> Result<LoadedImage
                 offline = registry.offline,
                 "registry image pinned to its manifest digest"
             );
-            // The layout crate passes only checked 64-digit hex digests.
-            let blob_path = |hex: &str| match Digest::from_hex(hex) {
-                Ok(digest) => registry.blobs.path(&digest),
-                Err(_) => cache.dir().join("blobs/sha256").join(hex),
-            };
+            let blob_path = |digest: &Digest| registry.blobs.path(digest);
             let image = OsImage::from_verified(
                 &origin,
-                registry.manifest_digest.hex(),
+                &registry.manifest_digest,
                 &registry.manifest,
                 &registry.config,
                 &blob_path,

@@ -85,16 +85,16 @@ impl PrefetchPlan {
                 image: manifest.clone(),
             });
         }
-        let mut sources: HashMap<&str, (usize, u64)> = HashMap::new();
+        let mut sources: HashMap<&Digest, (usize, u64)> = HashMap::new();
         for (i, s) in layout.sources.iter().enumerate() {
             if let Some(h) = &s.chunk_hashes {
-                sources.entry(s.sha256.as_str()).or_insert((i, h.count()));
+                sources.entry(&s.digest).or_insert((i, h.count()));
             }
         }
         let mut chunks = Vec::with_capacity(record.chunks.len());
         let mut not_on_disk = 0;
         for r in record.chunks {
-            let Some(&(source, count)) = sources.get(r.chunk.blob.hex()) else {
+            let Some(&(source, count)) = sources.get(&r.chunk.blob) else {
                 not_on_disk += 1;
                 continue;
             };

@@ -1,6 +1,11 @@
 //! The sha256 content digest: the name of a blob, a manifest, an overlay
 //! layer. Its text form `sha256:<64 lowercase hex digits>` is printed and
-//! parsed here and nowhere else.
+//! parsed here and nowhere else. With it, the other sha256 model of a
+//! payload: its chunk-hash table ([`ChunkHashes`]).
+
+pub mod chunks;
+
+pub use chunks::{ChunkHashes, ChunkMismatch, TableError};
 
 use std::fmt;
 use std::str::FromStr;

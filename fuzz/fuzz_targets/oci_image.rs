@@ -25,7 +25,7 @@
 //!
 //! Chunk tables get a second, direct look: bytes 40.. of the parameter block
 //! pick a payload size and chunk size, and the last record's contents (after its path
-//! and kind bytes), split at `,`, are its `chunk_hashes_sha256`. `ChunkHashes::decode` must accept
+//! and kind bytes), split at `,`, are its `chunk_hashes_sha256`. `chunk_hashes::decode` must accept
 //! them exactly when an independent check says they are right (count, and
 //! each entry canonical base64 without padding of 32 bytes), and give back
 //! the same bytes. Payloads of an image that opens have their first and last
@@ -40,7 +40,7 @@ use std::path::{Path, PathBuf};
 use libfuzzer_sys::fuzz_target;
 use std::os::unix::fs::FileExt;
 
-use ociblk_layout::{ChunkHashes, DiskParams, DiskReader, Layout, OsImage, SECTOR_SIZE};
+use ociblk_layout::{DiskParams, DiskReader, Layout, OsImage, SECTOR_SIZE, chunk_hashes};
 use sha2::{Digest as _, Sha256};
 
 const SEP: &[u8] = b"\n@@";
@@ -354,7 +354,7 @@ fn check_chunk_table(p: &mut Params<'_>, last_record: &[u8]) {
         text.split(',').map(str::to_owned).collect()
     };
     let field = "payloads[0].chunk_hashes_sha256";
-    let got = ChunkHashes::decode(Path::new("config"), field, size, chunk, &entries);
+    let got = chunk_hashes::decode(Path::new("config"), field, size, chunk, &entries);
     let expected: Option<Vec<[u8; 32]>> = if chunk == 0
         || entries.len() as u64 != size.div_ceil(chunk)
     {

@@ -5,10 +5,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use ociblk_digest::{ChunkHashes, Digest};
 use sha2::{Digest as _, Sha256};
 
 use crate::SECTOR_SIZE;
-use crate::chunk_hashes::ChunkHashes;
 use crate::error::{Error, Result};
 use crate::extent::{ExtentMap, ExtentMapBuilder, SourceId};
 use crate::fat32::{Fat32, FatFileSpec};
@@ -98,9 +98,10 @@ pub struct Source {
     pub name: String,
     pub path: PathBuf,
     pub size: u64,
-    /// Hex sha256 of the content: the blob digest for payloads, computed for
-    /// the small user files.
-    pub sha256: String,
+    /// The sha256 of the content: the blob digest for payloads, computed
+    /// for the small user files. In JSON `sha256`, its 64 hex digits.
+    #[serde(rename = "sha256", serialize_with = "crate::image::serialize_hex")]
+    pub digest: Digest,
     /// The chunk hashes the bytes are checked against: payloads have them,
     /// user files (loader, node parameters) do not.
     #[serde(skip)]
@@ -131,7 +132,7 @@ impl Source {
             name: payload.name.clone(),
             path: payload.path.clone(),
             size: payload.size,
-            sha256: payload.digest.clone(),
+            digest: payload.digest.clone(),
             chunk_hashes: Some(payload.chunk_hashes.clone()),
         }
     }
@@ -143,7 +144,7 @@ impl Source {
             name: role.to_owned(),
             path: path.to_path_buf(),
             size: bytes.len() as u64,
-            sha256: crate::image::hex_sha256(&bytes),
+            digest: Digest::of(&bytes),
             chunk_hashes: None,
         })
     }
@@ -376,7 +377,8 @@ fn fingerprint(map: &ExtentMap, sources: &[Source]) -> [u8; 32] {
     }
     for s in sources {
         h.update(s.size.to_le_bytes());
-        h.update(s.sha256.as_bytes());
+        // The hex text, as the fingerprint has always hashed it.
+        h.update(s.digest.hex().as_bytes());
     }
     h.finalize().into()
 }

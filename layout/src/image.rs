@@ -12,10 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use oci_spec::image::{Descriptor, ImageIndex, ImageManifest, MediaType};
-use ociblk_digest::Digest;
+use ociblk_digest::{ChunkHashes, Digest};
 use serde::{Deserialize, Serialize};
 
-use crate::chunk_hashes::ChunkHashes;
 use crate::error::{Error, Result};
 
 // The OCI types are oci-spec's `MediaType`s; these are Monogon's own (and
@@ -83,17 +82,27 @@ struct Config {
 pub struct Payload {
     pub name: String,
     pub size: u64,
-    /// Hex sha256 of the blob.
-    pub digest: String,
+    /// The blob's digest (in JSON its 64 hex digits, without `sha256:`).
+    #[serde(serialize_with = "serialize_hex")]
+    pub digest: Digest,
     /// [`MEDIA_TYPE_PAYLOAD`] or [`MEDIA_TYPE_PAYLOAD_ZSTD`].
     pub media_type: MediaType,
-    /// `blobs/sha256/<digest>` inside the image directory (may be a
+    /// `blobs/sha256/<hex>` inside the image directory (may be a
     /// symlink), or the file the resolver of [`OsImage::from_verified`] named.
     pub path: PathBuf,
     pub hash_chunk_size: u64,
     /// `chunk_hashes_sha256`, decoded.
     #[serde(skip)]
     pub chunk_hashes: Arc<ChunkHashes>,
+}
+
+/// A digest as its 64 hex digits, as `inspect --json` has always shown
+/// payload digests.
+pub(crate) fn serialize_hex<S: serde::Serializer>(
+    digest: &Digest,
+    serializer: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    serializer.serialize_str(digest.hex())
 }
 
 impl Payload {
@@ -189,24 +198,23 @@ impl OsImage {
     /// [`OsImage::open`] from the manifest on. `origin` names the image in
     /// errors and in [`OsImage::dir`] (e.g. the registry reference with its
     /// digest); `blob_path` gives the file that holds (or will hold) a
-    /// payload blob by its hex digest. Payload files are not looked at: the
+    /// payload blob by its digest. Payload files are not looked at: the
     /// caller makes them exist with the right size before reading.
     pub fn from_verified(
         origin: impl Into<PathBuf>,
-        manifest_digest: &str,
+        manifest_digest: &Digest,
         manifest: &[u8],
         config: &[u8],
-        blob_path: &dyn Fn(&str) -> PathBuf,
+        blob_path: &dyn Fn(&Digest) -> PathBuf,
     ) -> Result<Self> {
         let origin = origin.into();
         let manifest_path = origin.join("manifest");
-        check_hex(&manifest_path, "digest", manifest_digest)?;
-        let actual = hex_sha256(manifest);
-        if actual != manifest_digest {
+        let actual = Digest::of(manifest);
+        if actual != *manifest_digest {
             return Err(Error::BlobDigest {
                 path: manifest_path,
-                expected: manifest_digest.to_owned(),
-                actual,
+                expected: manifest_digest.hex().to_owned(),
+                actual: actual.hex().to_owned(),
             });
         }
         let store = BlobStore::Resolved {
@@ -217,7 +225,7 @@ impl OsImage {
         from_manifest(
             origin.clone(),
             &manifest_path,
-            manifest_digest.to_owned(),
+            manifest_digest.clone(),
             manifest,
             &store,
         )
@@ -249,7 +257,7 @@ enum BlobStore<'a> {
     Resolved {
         origin: &'a Path,
         config: &'a [u8],
-        blob_path: &'a dyn Fn(&str) -> PathBuf,
+        blob_path: &'a dyn Fn(&Digest) -> PathBuf,
     },
 }
 
@@ -259,14 +267,14 @@ impl BlobStore<'_> {
     fn config(&self, referrer: &Path, desc: &Descriptor) -> Result<(PathBuf, Vec<u8>)> {
         match self {
             BlobStore::Directory(dir) => {
-                let (hex, path) = blob_path(dir, referrer, "config.digest", desc)?;
-                let bytes = read_verified(&path, &hex, desc.size())?;
+                let (digest, path) = blob_path(dir, referrer, "config.digest", desc)?;
+                let bytes = read_verified(&path, &digest, desc.size())?;
                 Ok((path, bytes))
             }
             BlobStore::Resolved { origin, config, .. } => {
-                let hex = descriptor_hex(referrer, "config.digest", desc)?;
-                let path = origin.join("blobs/sha256").join(hex);
-                check_verified(&path, hex, desc.size(), config)?;
+                let digest = descriptor_digest(referrer, "config.digest", desc)?;
+                let path = origin.join("blobs/sha256").join(digest.hex());
+                check_verified(&path, &digest, desc.size(), config)?;
                 Ok((path, config.to_vec()))
             }
         }
@@ -278,15 +286,16 @@ impl BlobStore<'_> {
         referrer: &Path,
         field: &str,
         desc: &Descriptor,
-    ) -> Result<(String, PathBuf, bool)> {
+    ) -> Result<(Digest, PathBuf, bool)> {
         match self {
             BlobStore::Directory(dir) => {
-                let (hex, path) = blob_path(dir, referrer, field, desc)?;
-                Ok((hex, path, true))
+                let (digest, path) = blob_path(dir, referrer, field, desc)?;
+                Ok((digest, path, true))
             }
             BlobStore::Resolved { blob_path, .. } => {
-                let hex = descriptor_hex(referrer, field, desc)?;
-                Ok((hex.to_owned(), blob_path(hex), false))
+                let digest = descriptor_digest(referrer, field, desc)?;
+                let path = blob_path(&digest);
+                Ok((digest, path, false))
             }
         }
     }
@@ -297,7 +306,7 @@ impl BlobStore<'_> {
 fn from_manifest(
     dir: PathBuf,
     manifest_path: &Path,
-    manifest_digest: String,
+    manifest_digest: Digest,
     manifest_bytes: &[u8],
     store: &BlobStore<'_>,
 ) -> Result<OsImage> {
@@ -378,7 +387,7 @@ fn from_manifest(
     }
     Ok(OsImage {
         dir,
-        manifest_digest: check_hex(&manifest_path, "digest", &manifest_digest)?,
+        manifest_digest,
         product_info: config.product_info,
         payloads,
     })
@@ -408,7 +417,7 @@ fn check_payload(
             format!("{} is outside 1..={MAX_CHUNK_SIZE}", info.hash_chunk_size),
         ));
     }
-    let chunk_hashes = ChunkHashes::decode(
+    let chunk_hashes = crate::chunk_hashes::decode(
         config_path,
         &field("chunk_hashes_sha256"),
         size,
@@ -446,7 +455,7 @@ fn check_payload(
         if meta.len() != size {
             return Err(Error::BlobSize {
                 path,
-                digest,
+                digest: digest.hex().to_owned(),
                 expected: size,
                 actual: meta.len(),
             });
@@ -463,20 +472,21 @@ fn check_payload(
     })
 }
 
-/// `blobs/sha256/<hex>` for a descriptor, refusing anything but sha256 with
-/// 64 lowercase hex digits, so a digest can never be a path.
+/// A descriptor's digest and its `blobs/sha256/<hex>`, refusing anything
+/// but sha256 with 64 lowercase hex digits, so a digest can never be a path.
 fn blob_path(
     dir: &Path,
     referrer: &Path,
     field: &str,
     desc: &Descriptor,
-) -> Result<(String, PathBuf)> {
-    let hex = descriptor_hex(referrer, field, desc)?;
-    Ok((hex.to_owned(), dir.join("blobs").join("sha256").join(hex)))
+) -> Result<(Digest, PathBuf)> {
+    let digest = descriptor_digest(referrer, field, desc)?;
+    let path = dir.join("blobs").join("sha256").join(digest.hex());
+    Ok((digest, path))
 }
 
-/// The 64 lowercase hex digits of a sha256 descriptor.
-fn descriptor_hex<'d>(referrer: &Path, field: &str, desc: &'d Descriptor) -> Result<&'d str> {
+/// The digest of a sha256 descriptor.
+fn descriptor_digest(referrer: &Path, field: &str, desc: &Descriptor) -> Result<Digest> {
     let Some(hex) = desc.as_digest_sha256() else {
         return Err(Error::invalid(
             referrer,
@@ -484,8 +494,7 @@ fn descriptor_hex<'d>(referrer: &Path, field: &str, desc: &'d Descriptor) -> Res
             format!("{} is not a sha256 digest", desc.digest()),
         ));
     };
-    check_hex(referrer, field, hex)?;
-    Ok(hex)
+    check_hex(referrer, field, hex)
 }
 
 fn check_hex(referrer: &Path, field: &str, hex: &str) -> Result<Digest> {
@@ -548,7 +557,7 @@ fn read_small(path: &Path) -> Result<Vec<u8>> {
 }
 
 /// Reads a small blob and checks it against its descriptor's size and sha256.
-fn read_verified(path: &Path, hex: &str, size: u64) -> Result<Vec<u8>> {
+fn read_verified(path: &Path, digest: &Digest, size: u64) -> Result<Vec<u8>> {
     if size > MAX_METADATA_BYTES {
         return Err(Error::invalid(
             path,
@@ -557,31 +566,27 @@ fn read_verified(path: &Path, hex: &str, size: u64) -> Result<Vec<u8>> {
         ));
     }
     let bytes = read_small(path)?;
-    check_verified(path, hex, size, &bytes)?;
+    check_verified(path, digest, size, &bytes)?;
     Ok(bytes)
 }
 
 /// Checks a small blob's bytes against its descriptor's size and sha256.
-fn check_verified(path: &Path, hex: &str, size: u64, bytes: &[u8]) -> Result<()> {
+fn check_verified(path: &Path, digest: &Digest, size: u64, bytes: &[u8]) -> Result<()> {
     if bytes.len() as u64 != size {
         return Err(Error::BlobSize {
             path: path.to_path_buf(),
-            digest: hex.to_owned(),
+            digest: digest.hex().to_owned(),
             expected: size,
             actual: bytes.len() as u64,
         });
     }
-    let actual = hex_sha256(bytes);
-    if actual != hex {
+    let actual = Digest::of(bytes);
+    if actual != *digest {
         return Err(Error::BlobDigest {
             path: path.to_path_buf(),
-            expected: hex.to_owned(),
-            actual,
+            expected: digest.hex().to_owned(),
+            actual: actual.hex().to_owned(),
         });
     }
     Ok(())
-}
-
-pub(crate) fn hex_sha256(bytes: &[u8]) -> String {
-    Digest::of(bytes).hex().to_owned()
 }

@@ -18,7 +18,6 @@ pub mod mbr;
 pub mod reader;
 pub mod size;
 
-pub use chunk_hashes::{ChunkHashes, ChunkMismatch, Sha256Digest};
 pub use disk::{DiskIds, DiskParams, Layout, Source};
 pub use error::{Error, Result};
 pub use extent::{Content, Extent, ExtentMap, Piece, Segment, SourceId};

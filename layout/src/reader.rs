@@ -25,7 +25,7 @@ impl DiskReader {
             if len != s.size {
                 return Err(Error::BlobSize {
                     path: s.path.clone(),
-                    digest: s.sha256.clone(),
+                    digest: s.digest.hex().to_owned(),
                     expected: s.size,
                     actual: len,
                 });

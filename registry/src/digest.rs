@@ -1,7 +1,8 @@
 //! sha256 content digests, the names of blobs and manifests: the one
-//! [`Digest`] type, and the check of fetched bytes against one.
+//! [`Digest`] type, and the check of fetched bytes against one; and the
+//! one chunk-hash table of a payload blob, [`ChunkHashes`].
 
-pub use ociblk_digest::Digest;
+pub use ociblk_digest::{ChunkHashes, Digest};
 
 use crate::error::{Error, Result};
 

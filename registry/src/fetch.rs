@@ -141,11 +141,11 @@ impl BlobSource {
                 let expected = format!("bytes {start}-{end}/");
                 let total_ok = content_range
                     .strip_prefix(&expected)
-                    .is_some_and(|t| t == "*" || t == blob.size.to_string());
+                    .is_some_and(|t| t == "*" || t == blob.size().to_string());
                 if !total_ok {
                     return Err(protocol(format!(
                         "asked for {range} of a {}-byte blob, got Content-Range {content_range:?}",
-                        blob.size
+                        blob.size()
                     )));
                 }
                 self.stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -158,11 +158,11 @@ impl BlobSource {
             }
             StatusCode::OK => {
                 if let Some(length) = header("content-length")
-                    && length != blob.size.to_string()
+                    && length != blob.size().to_string()
                 {
                     return Err(protocol(format!(
                         "whole blob answer has Content-Length {length}, the blob has {} bytes",
-                        blob.size
+                        blob.size()
                     )));
                 }
                 tracing::debug!(%url, "registry ignored Range; reading the blob from its start");

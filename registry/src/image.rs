@@ -9,7 +9,7 @@ use oci_spec::image::ImageManifest;
 
 use crate::cache::{BlobCache, Cache, METADATA_LIMIT};
 use crate::client::RegistryClient;
-use crate::digest::{Digest, Verify as _};
+use crate::digest::{ChunkHashes, Digest, Verify as _};
 use crate::error::{Error, Result};
 use crate::fetch::BlobSource;
 use crate::options::Options;
@@ -239,7 +239,7 @@ fn keep(stored: Result<()>, what: &str) {
 }
 
 /// The digest of each payload blob's chunk-hash table (see
-/// [`crate::cache::BlobSpec::table_digest`]) as the config lists it
+/// [`ChunkHashes::table_digest`]) as the config lists it
 /// (`payloads[i]` describes `layers[i]`), which keys the blob's bytes in
 /// the cache. Payloads the config does not describe well are left out: the
 /// layout refuses such an image with a better message. A blob listed twice
@@ -249,7 +249,6 @@ pub fn chunk_tables(
     manifest: &Manifest,
     config: &[u8],
 ) -> Result<HashMap<Digest, Digest>> {
-    use base64::Engine as _;
     let mut tables: HashMap<Digest, (usize, Digest)> = HashMap::new();
     let Ok(value) = serde_json::from_slice::<serde_json::Value>(config) else {
         return Ok(HashMap::new());
@@ -263,34 +262,19 @@ pub fn chunk_tables(
         let hashes = payload
             .get("chunk_hashes_sha256")
             .and_then(|v| v.as_array())
-            .map(|hashes| {
+            .and_then(|hashes| {
                 hashes
                     .iter()
-                    .map(|h| {
-                        let mut out = [0u8; 32];
-                        let text = h.as_str()?;
-                        (text.len() == 43)
-                            .then(|| {
-                                base64::engine::general_purpose::STANDARD_NO_PAD
-                                    .decode_slice(text.as_bytes(), &mut out)
-                                    .ok()
-                            })
-                            .flatten()
-                            .filter(|&n| n == 32)?;
-                        Some(out)
-                    })
+                    .map(|h| h.as_str())
                     .collect::<Option<Vec<_>>>()
             });
-        let (Some(size), Some(chunk_size), Some(Some(hashes))) = (size, chunk_size, hashes) else {
+        let (Some(size), Some(chunk_size), Some(hashes)) = (size, chunk_size, hashes) else {
             continue;
         };
-        let table = crate::cache::BlobSpec {
-            digest: layer.digest.clone(),
-            size,
-            chunk_size,
-            chunk_sha256: hashes.into(),
-        }
-        .table_digest();
+        let Ok(table) = ChunkHashes::from_base64(size, chunk_size, &hashes) else {
+            continue;
+        };
+        let table = table.table_digest();
         match tables.get(&layer.digest) {
             Some((j, other)) if *other != table => {
                 return Err(Error::Invalid {

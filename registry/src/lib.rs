@@ -36,7 +36,7 @@ pub mod tls;
 
 pub use access_record::{AccessRecord, ChunkRef};
 pub use cache::{BlobCache, BlobSpec, Cache, CacheInfo, GcReport};
-pub use digest::Digest;
+pub use digest::{ChunkHashes, Digest};
 pub use error::{Error, Result};
 pub use fetch::FetchStats;
 pub use image::{Layer, Manifest, RegistryImage};

@@ -92,7 +92,7 @@ impl Case {
             .arg(self.fx.cache.dir())
             .arg(format!("{}/{REPO_TAG}", self.fx.registry.host()))
             .arg(kernel.digest.to_string())
-            .arg(kernel.chunk_size.to_string())
+            .arg(kernel.chunk_size().to_string())
             .arg(hashes)
             .arg("0");
         for (name, value) in env {

@@ -20,7 +20,7 @@ fn fetcher(fixture: &Fixture, host: &str, blob: &BlobSpec, hashes: &std::path::P
         .arg(fixture.cache.dir())
         .arg(format!("{host}/{REPO_TAG}"))
         .arg(blob.digest.to_string())
-        .arg(blob.chunk_size.to_string())
+        .arg(blob.chunk_size().to_string())
         .arg(hashes)
         .stderr(std::process::Stdio::piped());
     command
@@ -48,7 +48,7 @@ fn tag_and_digest_references_open_the_pushed_image() {
     let expected: Vec<_> = sample
         .payloads
         .iter()
-        .map(|(_, p)| (p.digest.clone(), p.size))
+        .map(|(_, p)| (p.digest.clone(), p.size()))
         .collect();
     assert_eq!(layers, expected);
     assert_eq!(
@@ -156,7 +156,7 @@ fn chunks_are_fetched_by_range_verified_and_stored_once() {
         image.blobs.fetch_stats(),
         ociblk_registry::FetchStats {
             requests: 2,
-            bytes: kernel.chunk_size + len
+            bytes: kernel.chunk_size() + len
         }
     );
     let present = image.blobs.present_chunks(kernel).expect("map");
@@ -167,9 +167,9 @@ fn chunks_are_fetched_by_range_verified_and_stored_once() {
     use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
     let meta = std::fs::metadata(image.blobs.path(&kernel.digest)).expect("stat blob");
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
-    assert_eq!(meta.len(), kernel.size);
+    assert_eq!(meta.len(), kernel.size());
     assert!(
-        meta.blocks() * 512 < kernel.size / 2,
+        meta.blocks() * 512 < kernel.size() / 2,
         "blob file is not sparse"
     );
 
@@ -184,7 +184,10 @@ fn chunks_are_fetched_by_range_verified_and_stored_once() {
         .iter()
         .find(|b| b.digest == kernel.digest)
         .expect("kernel in info");
-    assert_eq!(usage.chunks, vec![(kernel.chunk_size, 2, kernel.chunks())]);
+    assert_eq!(
+        usage.chunks,
+        vec![(kernel.chunk_size(), 2, kernel.chunks())]
+    );
 }
 
 #[test]
@@ -209,7 +212,7 @@ fn chunk_corrupted_in_registry_is_refused_naming_digest_and_chunk() {
     let f = Fixture::new();
     let kernel = f.sample.payload("kernel.efi");
     f.registry
-        .corrupt_blob(&kernel.digest, 2 * kernel.chunk_size + 7);
+        .corrupt_blob(&kernel.digest, 2 * kernel.chunk_size() + 7);
     let image = f.open(&f.registry.host());
 
     let err = image
@@ -455,7 +458,7 @@ fn registry_ignoring_range_still_serves_chunks_and_keeps_those_before() {
     assert!(!image.blobs.chunk_present(kernel, 4).expect("map"));
     assert_eq!(
         image.blobs.fetch_stats().bytes,
-        4 * kernel.chunk_size,
+        4 * kernel.chunk_size(),
         "read up to chunk 3 only"
     );
     let statuses: Vec<_> = proxy
@@ -620,7 +623,7 @@ fn a_fetcher_killed_mid_fill_leaves_a_cache_the_next_one_completes() {
         "blobs/sha256/{}.{}.{}.chunks",
         kernel.digest.hex(),
         kernel.table_digest().hex(),
-        kernel.chunk_size
+        kernel.chunk_size()
     ));
     #[allow(
         clippy::naive_bytecount,
@@ -900,7 +903,7 @@ fn cache_directories_are_private_and_planted_symlinks_are_never_written_through(
         "blobs/sha256/{}.{}.{}.chunks",
         kernel.digest.hex(),
         kernel.table_digest().hex(),
-        kernel.chunk_size
+        kernel.chunk_size()
     ));
     std::fs::remove_file(&map).ok();
     std::os::unix::fs::symlink(&victim, &map).expect("plant");

@@ -114,7 +114,7 @@ fn a_local_layout_records_first_reads_and_prefetches_by_verifying_ahead() {
         text.starts_with(&format!(
             "ociblk-access-record 1\nmanifest {}\n",
             manifest_digest(&node)
-        )) && text.ends_with(&format!("sha256:{} 0\n", system.sha256)),
+        )) && text.ends_with(&format!("sha256:{} 0\n", system.digest.hex())),
         "{text}"
     );
 

@@ -50,7 +50,7 @@ fn assert_alive(server: &mut Server, what: &str) {
 fn system_blob(image: &Path) -> PathBuf {
     let os = ociblk_layout::OsImage::open(image).unwrap();
     let system = os.payloads.iter().find(|p| p.name == "system").unwrap();
-    image.join("blobs/sha256").join(&system.digest)
+    image.join("blobs/sha256").join(system.digest.hex())
 }
 
 /// A copy of the sample image in `to` whose system blob is a regular file.

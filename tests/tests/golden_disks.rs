@@ -2,7 +2,8 @@
 //! against disks that Monogon's installer code (`metropolis/installer`,
 //! `osbase/gpt`, `osbase/fat32` at upstream commit 8b9bf216) wrote for the
 //! very same inputs. Input files are generated from fixed seeds
-//! (`pseudo_random`), so the hashes below are stable.
+//! (`pseudo_random`), so the hashes below are stable. The layout
+//! fingerprint and the digests `inspect --json` reports are pinned too.
 
 #![allow(clippy::unwrap_used)]
 
@@ -117,4 +118,67 @@ fn smallest_esp_with_one_byte_of_parameters() {
         data: true,
         sha256: "9b78b269d3c1f28759d2cab79599e0a6e5336414b03c0d7a5f5d39cec67823cd",
     });
+}
+
+/// What `inspect --json` says about the image's payloads and the disk's
+/// source files, and the layout fingerprint (which overlays record to
+/// refuse another base): pinned, for they must not change between
+/// versions. Paths are left out, they lie in a temporary directory.
+#[test]
+fn inspect_digests_and_fingerprint_are_pinned() {
+    let t = tempfile::tempdir().unwrap();
+    let mut b = ImageBuilder::with_sizes(0, 0);
+    b.payloads = vec![
+        PayloadSpec::plain("system", pseudo_random(4096, 1)),
+        PayloadSpec::plain("kernel.efi", pseudo_random(513, 2)),
+    ];
+    let img = b.write(&t.path().join("img")).unwrap();
+    let loader = t.path().join("loader.efi");
+    fs::write(&loader, pseudo_random(1000, 9)).unwrap();
+    let params = t.path().join("parameters.pb");
+    fs::write(&params, pseudo_random(100, 10)).unwrap();
+    let out = run_ok(
+        Command::new(ociblk_bin())
+            .args(["inspect", "--json", "--image"])
+            .arg(&img.dir)
+            .args(["--disk-size", "1GiB", "--esp-size", "33MiB"])
+            .args(["--system-size", "256MiB", "--abloader"])
+            .arg(&loader)
+            .arg("--node-parameters")
+            .arg(&params)
+            .args(PINNED_IDS),
+    );
+    let mut info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for list in ["payloads", "sources"] {
+        for item in info[list].as_array_mut().unwrap() {
+            item.as_object_mut().unwrap().remove("path").unwrap();
+        }
+    }
+    let shown = serde_json::json!({
+        "fingerprint": info["disk"]["fingerprint"],
+        "payloads": info["payloads"],
+        "sources": info["sources"],
+    });
+    let system = "50c0063da8615e73b67f88e4023b367bb4932fa0fe41b296115a8107cf8b08f4";
+    let kernel = "333cbd0cc94845c982136c45e77228e617a115bd5b9ab1030c102b22027eceb4";
+    assert_eq!(
+        shown,
+        serde_json::json!({
+            "fingerprint": "1b565b84295f9e1a64dc8bfaef3885d02111843247359be3e7f13bc43e4cdf5c",
+            "payloads": [
+                {"name": "system", "size": 4096, "digest": system,
+                 "media_type": "application/octet-stream", "hash_chunk_size": 1048576},
+                {"name": "kernel.efi", "size": 513, "digest": kernel,
+                 "media_type": "application/octet-stream", "hash_chunk_size": 1048576},
+            ],
+            "sources": [
+                {"name": "system", "size": 4096, "sha256": system},
+                {"name": "kernel.efi", "size": 513, "sha256": kernel},
+                {"name": "abloader", "size": 1000,
+                 "sha256": "e51c2e2115343f16ff66368141ce9b6aaa1135df5aaf9520e073b94affec8481"},
+                {"name": "node-parameters", "size": 100,
+                 "sha256": "f9df143b0fa5cc10700885794f8271831917216625f1f04d1a67dff67f03927d"},
+            ],
+        })
+    );
 }

@@ -7,6 +7,7 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
+use ociblk_digest::Digest;
 use ociblk_layout::{DiskParams, Layout, OsImage};
 use ociblk_tests::oci::{ImageBuilder, PayloadSpec, WrittenImage};
 use ociblk_tests::support::{ociblk_bin, run_err};
@@ -318,10 +319,10 @@ fn from_verified(img: &WrittenImage) -> ociblk_layout::Result<OsImage> {
     let config = fs::read(img.blob(&img.config_digest)).unwrap();
     OsImage::from_verified(
         "registry.example/os@sha256:x",
-        &img.manifest_digest,
+        &Digest::from_hex(&img.manifest_digest).unwrap(),
         &manifest,
         &config,
-        &|hex| Path::new("/cache/blobs/sha256").join(hex),
+        &|digest| Path::new("/cache/blobs/sha256").join(digest.hex()),
     )
 }
 
@@ -336,7 +337,10 @@ fn verified_bytes_open_like_the_directory_with_the_same_checks() {
     for (a, b) in from_bytes.payloads.iter().zip(&from_dir.payloads) {
         assert_eq!((&a.name, a.size, &a.digest), (&b.name, b.size, &b.digest));
         assert_eq!(a.chunk_hashes, b.chunk_hashes);
-        assert_eq!(a.path, Path::new("/cache/blobs/sha256").join(&a.digest));
+        assert_eq!(
+            a.path,
+            Path::new("/cache/blobs/sha256").join(a.digest.hex())
+        );
     }
     // The checks are the directory's, naming the field.
     img.edit_manifest(|m| m["artifactType"] = json!("application/x-other"))
@@ -348,7 +352,8 @@ fn verified_bytes_open_like_the_directory_with_the_same_checks() {
     );
     // Manifest bytes that are not the digest's are refused.
     let manifest = fs::read(img.blob(&img.manifest_digest)).unwrap();
-    let err = OsImage::from_verified("r", &"0".repeat(64), &manifest, b"{}", &|h| h.into())
+    let zeros = Digest::from_hex(&"0".repeat(64)).unwrap();
+    let err = OsImage::from_verified("r", &zeros, &manifest, b"{}", &|d| d.hex().into())
         .unwrap_err()
         .to_string();
     assert_contains(&err, &["sha256 of blob is", &"0".repeat(64)]);

@@ -121,7 +121,7 @@ impl Fixture {
     /// Disk bytes holding kernel chunks `0..chunks`, checked to be one
     /// run on the disk: offset and length.
     fn kernel_chunks(&self, chunks: u64) -> (u64, u64) {
-        let chunk = self.sample.payload("kernel.efi").chunk_size;
+        let chunk = self.sample.payload("kernel.efi").chunk_size();
         let at = |byte| self.disk_offset("kernel.efi", byte);
         let (start, len) = (at(0), chunks * chunk);
         assert_eq!(
@@ -219,26 +219,26 @@ fn cold_cache_serves_the_layouts_bytes_fetching_only_touched_chunks_then_warm_an
 
     // One sector of system chunk 1: exactly that chunk is fetched.
     let sys = fx.disk_offset("system", 0);
-    read_same(&fx, &mut c, sys + system.chunk_size, 512);
+    read_same(&fx, &mut c, sys + system.chunk_size(), 512);
     assert_eq!(
         fx.fetches("system"),
         [format!(
             "bytes={}-{}",
-            system.chunk_size,
-            system.size.min(2 * system.chunk_size) - 1
+            system.chunk_size(),
+            system.size().min(2 * system.chunk_size()) - 1
         )]
     );
     assert!(fx.fetches("kernel.efi").is_empty());
 
     // Kernel chunk 3, through the ESP's file: one more fetch, that chunk.
-    let k3 = fx.disk_offset("kernel.efi", 3 * kernel.chunk_size);
+    let k3 = fx.disk_offset("kernel.efi", 3 * kernel.chunk_size());
     read_same(&fx, &mut c, k3, 4096);
     assert_eq!(
         fx.fetches("kernel.efi"),
         [format!(
             "bytes={}-{}",
-            3 * kernel.chunk_size,
-            4 * kernel.chunk_size - 1
+            3 * kernel.chunk_size(),
+            4 * kernel.chunk_size() - 1
         )]
     );
 
@@ -293,7 +293,7 @@ fn registry_stopped_mid_run_fails_reads_of_missing_chunks_then_recovers() {
     read_same(&fx, &mut c, k0, 4096);
 
     fx.registry.stop();
-    let k5 = fx.disk_offset("kernel.efi", 5 * kernel.chunk_size);
+    let k5 = fx.disk_offset("kernel.efi", 5 * kernel.chunk_size());
     assert_eq!(read_status(&mut c, k5, 4096), BlkStatus::IoErr);
     let line = server.wait_for_line(&["could not be fetched", "chunk=5"]);
     assert!(line.contains(&kernel.digest.to_string()), "{line}");
@@ -302,7 +302,7 @@ fn registry_stopped_mid_run_fails_reads_of_missing_chunks_then_recovers() {
 
     fx.registry.restart();
     read_same(&fx, &mut c, k5, 4096);
-    read_same(&fx, &mut c, k5 + kernel.chunk_size, 8192);
+    read_same(&fx, &mut c, k5 + kernel.chunk_size(), 8192);
     drop(server);
 }
 
@@ -311,10 +311,10 @@ fn blob_corrupted_in_registry_storage_gets_ioerr_naming_digest_and_chunk() {
     let fx = Fixture::new();
     let kernel = fx.sample.payload("kernel.efi").clone();
     fx.registry
-        .corrupt_blob(&kernel.digest, 2 * kernel.chunk_size + 100);
+        .corrupt_blob(&kernel.digest, 2 * kernel.chunk_size() + 100);
     let server = fx.serve("node", &[]);
     let mut c = fx.connect("node");
-    let k2 = fx.disk_offset("kernel.efi", 2 * kernel.chunk_size);
+    let k2 = fx.disk_offset("kernel.efi", 2 * kernel.chunk_size());
     assert_eq!(read_status(&mut c, k2, 4096), BlkStatus::IoErr);
     let line = server.wait_for_line(&["could not be fetched", "chunk=2"]);
     assert!(
@@ -323,7 +323,7 @@ fn blob_corrupted_in_registry_storage_gets_ioerr_naming_digest_and_chunk() {
     );
     // Its neighbours read right; the bad chunk is never cached.
     read_same(&fx, &mut c, k2 - 4096, 4096);
-    read_same(&fx, &mut c, k2 + kernel.chunk_size, 4096);
+    read_same(&fx, &mut c, k2 + kernel.chunk_size(), 4096);
     assert_eq!(read_status(&mut c, k2 + 8192, 512), BlkStatus::IoErr);
     drop(server);
 }
@@ -338,7 +338,7 @@ fn no_verify_still_fetches_verified_chunks() {
     let mut c = fx.connect("node");
     let k0 = fx.disk_offset("kernel.efi", 0);
     assert_eq!(read_status(&mut c, k0, 4096), BlkStatus::IoErr);
-    read_same(&fx, &mut c, k0 + kernel.chunk_size, 4096);
+    read_same(&fx, &mut c, k0 + kernel.chunk_size(), 4096);
     drop(server);
 }
 
@@ -359,7 +359,7 @@ fn pull_fills_the_cache_and_cache_tools_report_and_collect() {
         &cache_arg,
     ]));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let total: u64 = fx.sample.payloads.iter().map(|(_, p)| p.size).sum();
+    let total: u64 = fx.sample.payloads.iter().map(|(_, p)| p.size()).sum();
     assert!(
         stdout.contains(&format!("{total} bytes of 2 payloads")) && stdout.contains("all match"),
         "{stdout}"
@@ -444,7 +444,7 @@ fn torn_cached_chunk_is_fetched_again_and_served_right() {
         kernel.digest.hex(),
         kernel.table_digest().hex()
     ));
-    let at = 4 * kernel.chunk_size + 10;
+    let at = 4 * kernel.chunk_size() + 10;
     let mut byte = read_range(&cached, at, 1);
     byte[0] ^= 0xff;
     std::os::unix::fs::FileExt::write_all_at(
@@ -459,15 +459,15 @@ fn torn_cached_chunk_is_fetched_again_and_served_right() {
     let before = fx.fetches("kernel.efi").len();
     let server = fx.serve("node", &[]);
     let mut c = fx.connect("node");
-    let k4 = fx.disk_offset("kernel.efi", 4 * kernel.chunk_size);
+    let k4 = fx.disk_offset("kernel.efi", 4 * kernel.chunk_size());
     read_same(&fx, &mut c, k4, 4096);
     server.wait_for_line(&["chunk 4", "fetching the chunk again"]);
     assert_eq!(
         fx.fetches("kernel.efi")[before..],
         [format!(
             "bytes={}-{}",
-            4 * kernel.chunk_size,
-            5 * kernel.chunk_size - 1
+            4 * kernel.chunk_size(),
+            5 * kernel.chunk_size() - 1
         )]
     );
     drop(server);
@@ -518,7 +518,7 @@ fn qemu_guest_boots_from_a_registry_reference_with_a_cold_cache() {
         .find_map(|w| w.strip_prefix("bytes="))
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no bytes= in {line}"));
-    let payloads: u64 = fx.sample.payloads.iter().map(|(_, p)| p.size).sum();
+    let payloads: u64 = fx.sample.payloads.iter().map(|(_, p)| p.size()).sum();
     let mut requests = 0;
     for name in ["system", "kernel.efi"] {
         let fetched = fx.fetches(name);
@@ -613,7 +613,7 @@ fn chunk_not_fetched_in_time_fails_the_read_and_a_later_read_succeeds() {
     let server = fx.serve("node", &["--fetch-timeout", "1"]);
     let mut c = fx.connect("node");
     fx.proxy.set(|b| b.blob_delay = Duration::from_secs(3));
-    let k1 = fx.disk_offset("kernel.efi", kernel.chunk_size);
+    let k1 = fx.disk_offset("kernel.efi", kernel.chunk_size());
     assert_eq!(read_status(&mut c, k1, 4096), BlkStatus::IoErr);
     server.wait_for_line(&["could not be fetched", "chunk=1"]);
     fx.proxy.set(|b| b.blob_delay = Duration::ZERO);
@@ -680,13 +680,13 @@ fn a_registry_ignoring_range_still_serves_the_right_bytes() {
     let kernel = fx.sample.payload("kernel.efi").clone();
     let server = fx.serve("node", &[]);
     let mut c = fx.connect("node");
-    let k3 = fx.disk_offset("kernel.efi", 3 * kernel.chunk_size);
+    let k3 = fx.disk_offset("kernel.efi", 3 * kernel.chunk_size());
     read_same(&fx, &mut c, k3, 8192);
     // The whole-blob answer brought chunks 0 to 3: reading them fetches nothing more.
     let answers = fx.fetches("kernel.efi").len();
     assert_eq!(answers, 1);
     let k0 = fx.disk_offset("kernel.efi", 0);
-    read_same(&fx, &mut c, k0, 3 * kernel.chunk_size);
+    read_same(&fx, &mut c, k0, 3 * kernel.chunk_size());
     assert_eq!(fx.fetches("kernel.efi").len(), answers);
     drop(server);
 }
@@ -697,7 +697,7 @@ fn cached_chunks(cache: &Path, blob: &BlobSpec) -> Vec<u64> {
         "{}.{}.{}.chunks",
         blob.digest.hex(),
         blob.table_digest().hex(),
-        blob.chunk_size
+        blob.chunk_size()
     ));
     match std::fs::read(&map) {
         Ok(bytes) => (0..bytes.len() as u64)
@@ -736,7 +736,7 @@ fn recorded_access_is_prefetched_into_an_empty_cache_without_guest_reads() {
         read_same(
             &fx,
             &mut c,
-            fx.disk_offset(name, chunk * blob.chunk_size),
+            fx.disk_offset(name, chunk * blob.chunk_size()),
             4096,
         );
         read_same(&fx, &mut c, 0, 4096);
@@ -831,7 +831,7 @@ fn recorded_access_is_prefetched_into_an_empty_cache_without_guest_reads() {
     read_same(
         &fx,
         &mut c,
-        fx.disk_offset("system", system.chunk_size),
+        fx.disk_offset("system", system.chunk_size()),
         4096,
     );
     assert_eq!(payload_ranges(), expected_ranges);

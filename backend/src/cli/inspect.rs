@@ -4,7 +4,6 @@ use std::io::Write;
 
 use anyhow::Result;
 use clap::Args;
-use ociblk_digest::Digest;
 use ociblk_layout::{Layout, OsImage, SECTOR_SIZE};
 use serde_json::json;
 
@@ -85,12 +84,10 @@ fn print_text(out: &mut impl Write, image: &OsImage, layout: &Layout) -> std::io
     writeln!(out, "Manifest   {}", image.manifest_digest)?;
     writeln!(out, "\nPayloads")?;
     for p in &image.payloads {
-        // The layout holds a payload's digest as the hex it checked.
-        let digest = Digest::from_hex(&p.digest).map_err(std::io::Error::other)?;
         writeln!(
             out,
-            "  {:<12} {:>12} bytes  {}  {digest}",
-            p.name, p.size, p.media_type
+            "  {:<12} {:>12} bytes  {}  {}",
+            p.name, p.size, p.media_type, p.digest
         )?;
     }
     writeln!(

@@ -62,8 +62,6 @@ pub struct DiskParts {
 pub enum OpenDiskError {
     #[error("cannot open the image's payloads")]
     Layout(#[source] ociblk_layout::Error),
-    #[error("cannot open the image's payloads")]
-    Payloads(#[source] std::io::Error),
     #[error("cannot open the overlay")]
     Overlay(#[source] OverlayError),
 }
@@ -77,8 +75,7 @@ pub fn open_parts(
     overlay: Option<OverlayRequest>,
 ) -> Result<DiskParts, OpenDiskError> {
     let reader = DiskReader::open(layout).map_err(OpenDiskError::Layout)?;
-    let (layout, payloads) =
-        Payloads::open(reader, image, payloads).map_err(OpenDiskError::Payloads)?;
+    let (layout, payloads) = Payloads::open(reader, image, payloads);
     let cfg = |flush| OverlayConfig {
         disk_size: layout.size,
         fingerprint: layout.fingerprint,

@@ -59,18 +59,11 @@ impl ChunkFetcher {
     ) -> ociblk_registry::Result<Self> {
         let mut blobs = HashMap::new();
         for p in image.payloads.iter().filter(|p| p.is_uncompressed()) {
-            let hashes = &p.chunk_hashes;
-            let spec = BlobSpec {
-                digest: Digest::from_hex(&p.digest)?,
-                size: p.size,
-                chunk_size: p.hash_chunk_size,
-                chunk_sha256: (0..hashes.count())
-                    .map(|c| hashes.expected(c).copied().unwrap_or_default())
-                    .collect(),
-            };
+            // The layout's table of the payload is the cache's.
+            let spec = BlobSpec::new(p.digest.clone(), p.chunk_hashes.clone());
             // Creates the sparse file of the blob's size and holds it in use.
             registry.blobs.present_chunks(&spec)?;
-            let present = ChunkBits::new(spec.chunk_sha256.len() as u64);
+            let present = ChunkBits::new(spec.chunks());
             blobs.insert(spec.digest.clone(), CachedBlob { spec, present });
         }
         Ok(ChunkFetcher {

@@ -4,7 +4,7 @@ use std::io;
 use std::ops::Range;
 use std::path::PathBuf;
 
-use ociblk_layout::ChunkMismatch;
+use ociblk_digest::ChunkMismatch;
 
 /// Why a chunk of a payload was not served.
 #[derive(Debug, thiserror::Error)]

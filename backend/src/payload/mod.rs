@@ -35,7 +35,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ociblk_io::iobuf::IoBufs;
-use ociblk_layout::chunk_hashes::hex;
 use ociblk_layout::{DiskReader, Layout};
 use ociblk_registry::limiter::Priority;
 use tracing::error;
@@ -125,10 +124,10 @@ impl Payloads {
         reader: DiskReader,
         image: &LoadedImage,
         options: PayloadOptions,
-    ) -> io::Result<(Layout, Self)> {
-        let (layout, blobs) = BlobTable::from_reader(reader)?;
+    ) -> (Layout, Self) {
+        let (layout, blobs) = BlobTable::from_reader(reader);
         let store = Self::with_blobs(blobs, &image.origin, image.fetcher.as_ref(), options);
-        Ok((layout, store))
+        (layout, store)
     }
 
     /// The store of `sources` in a local directory, with no layout around
@@ -269,7 +268,7 @@ impl Payloads {
     }
 
     /// The chunk hashes of blob `id`, if it is a payload.
-    pub fn hashes(&self, id: usize) -> Option<&ociblk_layout::ChunkHashes> {
+    pub fn hashes(&self, id: usize) -> Option<&ociblk_digest::ChunkHashes> {
         Some(&*self.blobs.get(id)?.payload.as_ref()?.hashes)
     }
 
@@ -314,7 +313,7 @@ impl Payloads {
         let range = hashes.map(|h| h.range(c)).unwrap_or(0..0);
         let expected = hashes
             .and_then(|h| h.expected(c))
-            .map(hex)
+            .map(hex::encode)
             .unwrap_or_default();
         // A fetch failure names the registry blob, whose bytes never came;
         // a verification failure the cached file and the hash it missed.
@@ -333,7 +332,7 @@ impl Payloads {
                 (
                     display(&blob.path),
                     Some(expected),
-                    Some(hex(&mismatch.actual)),
+                    Some(mismatch.actual_hex()),
                     what,
                 )
             }

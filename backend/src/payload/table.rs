@@ -6,8 +6,8 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ociblk_digest::Digest;
-use ociblk_layout::{ChunkHashes, DiskReader, Layout, OsImage, Source};
+use ociblk_digest::{ChunkHashes, Digest};
+use ociblk_layout::{DiskReader, Layout, OsImage, Source};
 
 /// One file a disk reads.
 #[derive(Debug)]
@@ -46,10 +46,10 @@ pub(crate) struct BlobTable(Vec<Blob>);
 impl BlobTable {
     /// The sources of a layout, opened (and their sizes checked) by
     /// [`DiskReader::open`].
-    pub(crate) fn from_reader(reader: DiskReader) -> std::io::Result<(Layout, Self)> {
+    pub(crate) fn from_reader(reader: DiskReader) -> (Layout, Self) {
         let DiskReader { layout, files } = reader;
-        let table = Self::with_files(&layout.sources, files)?;
-        Ok((layout, table))
+        let table = Self::with_files(&layout.sources, files);
+        (layout, table)
     }
 
     /// `sources`, opened (for tests and benchmarks).
@@ -58,20 +58,21 @@ impl BlobTable {
             .iter()
             .map(|s| File::open(&s.path).map_err(|e| with_path(&s.path, e)))
             .collect::<std::io::Result<Vec<_>>>()?;
-        Self::with_files(sources, files)
+        Ok(Self::with_files(sources, files))
     }
 
-    fn with_files(sources: &[Source], files: Vec<File>) -> std::io::Result<Self> {
-        let mut blobs = Vec::with_capacity(files.len());
-        for (source, file) in sources.iter().zip(files) {
-            blobs.push(Blob {
+    fn with_files(sources: &[Source], files: Vec<File>) -> Self {
+        let blobs = sources
+            .iter()
+            .zip(files)
+            .map(|(source, file)| Blob {
                 name: source.name.clone(),
                 path: source.path.clone(),
                 file,
-                payload: payload_id(source)?,
-            });
-        }
-        Ok(BlobTable(blobs))
+                payload: payload_id(source),
+            })
+            .collect();
+        BlobTable(blobs)
     }
 
     /// Every uncompressed payload of `image` (for `ociblk verify`), opened.
@@ -84,7 +85,7 @@ impl BlobTable {
                 path: p.path.clone(),
                 file,
                 payload: Some(PayloadId {
-                    digest: parse_digest(&p.name, &p.digest)?,
+                    digest: p.digest.clone(),
                     hashes: p.chunk_hashes.clone(),
                 }),
             });
@@ -107,22 +108,11 @@ impl BlobTable {
 
 /// A layout source's payload identity; `None` for a user file (one
 /// without chunk hashes).
-fn payload_id(source: &Source) -> std::io::Result<Option<PayloadId>> {
-    let Some(hashes) = source.chunk_hashes.clone() else {
-        return Ok(None);
-    };
-    let digest = parse_digest(&source.name, &source.sha256)?;
-    Ok(Some(PayloadId { digest, hashes }))
-}
-
-/// The layout crate passes only checked 64-digit hex digests; one that is
-/// not is refused rather than served unverified.
-fn parse_digest(name: &str, hex: &str) -> std::io::Result<Digest> {
-    Digest::from_hex(hex).map_err(|e| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("payload {name:?}: {e}"),
-        )
+fn payload_id(source: &Source) -> Option<PayloadId> {
+    let hashes = source.chunk_hashes.clone()?;
+    Some(PayloadId {
+        digest: source.digest.clone(),
+        hashes,
     })
 }
 

@@ -6,9 +6,8 @@ use std::io::Write as _;
 use std::path::Path;
 use std::sync::Arc;
 
-use base64::Engine as _;
-use ociblk_digest::Digest;
-use ociblk_layout::{ChunkHashes, Source};
+use ociblk_digest::{ChunkHashes, Digest};
+use ociblk_layout::Source;
 use ociblk_registry::limiter::Priority;
 use sha2::{Digest as _, Sha256};
 
@@ -22,17 +21,16 @@ fn source(dir: &Path, data: &[u8], chunk: u64, digest: &Digest) -> Source {
     let path = dir.join("blob");
     let mut f = File::create(&path).expect("create blob");
     f.write_all(data).expect("write blob");
-    let enc: Vec<String> = data
+    let chunk_hashes = data
         .chunks(chunk as usize)
-        .map(|c| base64::engine::general_purpose::STANDARD_NO_PAD.encode(Sha256::digest(c)))
+        .map(|c| Sha256::digest(c).into())
         .collect();
-    let hashes =
-        ChunkHashes::decode(Path::new("cfg"), "f", data.len() as u64, chunk, &enc).expect("ok");
+    let hashes = ChunkHashes::new(data.len() as u64, chunk, chunk_hashes).expect("ok");
     Source {
         name: "system".into(),
         path,
         size: data.len() as u64,
-        sha256: digest.hex().to_owned(),
+        digest: digest.clone(),
         chunk_hashes: Some(Arc::new(hashes)),
     }
 }
@@ -45,7 +43,7 @@ fn user_file(dir: &Path) -> Source {
         name: "node-parameters".into(),
         path,
         size: 6,
-        sha256: String::new(),
+        digest: Digest::of(b"params"),
         chunk_hashes: None,
     }
 }

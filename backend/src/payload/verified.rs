@@ -22,7 +22,7 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use ociblk_layout::ChunkHashes;
+use ociblk_digest::ChunkHashes;
 use ociblk_registry::limiter::Priority;
 use sha2::{Digest as _, Sha256};
 use tracing::warn;

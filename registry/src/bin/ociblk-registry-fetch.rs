@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use ociblk_registry::cache::DirPolicy;
-use ociblk_registry::{BlobSpec, Cache, Digest, Options, Reference, RegistryImage};
+use ociblk_registry::{BlobSpec, Cache, ChunkHashes, Digest, Options, Reference, RegistryImage};
 
 #[derive(Parser, Debug)]
 #[command(version, about)]
@@ -94,12 +94,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let blob = BlobSpec {
-        digest,
-        size: layer.size,
-        chunk_size: args.chunk_size,
-        chunk_sha256: Arc::from(hashes),
-    };
+    let table = ChunkHashes::new(layer.size, args.chunk_size, hashes)
+        .map_err(|e| format!("{}: {e}", args.hashes.display()))?;
+    let blob = BlobSpec::new(digest, Arc::new(table));
     let indexes = if args.indexes.is_empty() {
         (0..blob.chunks()).collect()
     } else {

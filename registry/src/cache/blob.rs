@@ -12,19 +12,17 @@ use sha2::{Digest as _, Sha256};
 use super::Cache;
 use super::chunk_lock::{ChunkLock, LEASE_SLOT, MAX_LEASE, Taken};
 use super::file::{self, Access};
-use crate::digest::Digest;
+use crate::digest::{ChunkHashes, Digest};
 use crate::error::{Error, Result};
 use crate::fetch::{BlobSource, ChunkRequest, FetchStats};
 use crate::limiter::Priority;
 
-/// A payload blob as the image describes it: its digest, size and the
-/// sha256 of each `chunk_size`-byte chunk (the last one may be shorter).
+/// A payload blob as the image describes it: its digest and its
+/// chunk-hash table (size, chunk size and the sha256 of each chunk).
 #[derive(Clone, Debug)]
 pub struct BlobSpec {
     pub digest: Digest,
-    pub size: u64,
-    pub chunk_size: u64,
-    pub chunk_sha256: Arc<[[u8; 32]]>,
+    pub table: Arc<ChunkHashes>,
 }
 
 /// Largest chunk size accepted: a chunk is held in memory while it is
@@ -32,51 +30,47 @@ pub struct BlobSpec {
 pub const MAX_CHUNK_SIZE: u64 = 64 << 20;
 
 impl BlobSpec {
-    /// Number of chunks.
-    pub fn chunks(&self) -> u64 {
-        self.size.div_ceil(self.chunk_size.max(1))
+    pub fn new(digest: Digest, table: Arc<ChunkHashes>) -> Self {
+        BlobSpec { digest, table }
     }
 
-    /// The digest of the blob's chunk-hash table (size, chunk size and
-    /// every chunk's sha256): what the cache keys the blob's bytes by, with
-    /// the blob's digest, so that images that disagree about a blob's
-    /// chunks never share its cached bytes.
+    /// Bytes of the blob.
+    pub fn size(&self) -> u64 {
+        self.table.size()
+    }
+
+    pub fn chunk_size(&self) -> u64 {
+        self.table.chunk_size()
+    }
+
+    /// Number of chunks.
+    pub fn chunks(&self) -> u64 {
+        self.table.count()
+    }
+
+    /// The digest of the blob's chunk-hash table (see
+    /// [`ChunkHashes::table_digest`]): what the cache keys the blob's bytes
+    /// by, with the blob's digest.
     pub fn table_digest(&self) -> Digest {
-        let mut table = Vec::with_capacity(40 + 32 * self.chunk_sha256.len());
-        table.extend_from_slice(b"ociblk-chunk-table-1\n");
-        table.extend_from_slice(&self.size.to_le_bytes());
-        table.extend_from_slice(&self.chunk_size.to_le_bytes());
-        for h in self.chunk_sha256.iter() {
-            table.extend_from_slice(h);
-        }
-        Digest::of(&table)
+        self.table.table_digest()
     }
 
     /// Offset and length of chunk `index` (below [`BlobSpec::chunks`]).
     pub fn chunk_range(&self, index: u64) -> (u64, u64) {
-        let start = index * self.chunk_size;
-        (start, self.chunk_size.min(self.size - start))
+        let range = self.table.range(index);
+        (range.start, range.end - range.start)
     }
 
+    /// Refuses a chunk size too large to hold a chunk in memory, and a
+    /// chunk index past the blob. (The table has one hash per chunk and a
+    /// chunk size above zero.)
     fn check(&self, index: u64) -> Result<()> {
         let chunks = self.chunks();
-        if self.chunk_size == 0 || self.chunk_size > MAX_CHUNK_SIZE {
+        if self.chunk_size() > MAX_CHUNK_SIZE {
             return Err(Error::Invalid {
                 what: format!("blob {}", self.digest),
                 field: "chunk_size".into(),
-                message: format!("{} is not in 1..={MAX_CHUNK_SIZE}", self.chunk_size),
-            });
-        }
-        if self.chunk_sha256.len() as u64 != chunks {
-            return Err(Error::Invalid {
-                what: format!("blob {}", self.digest),
-                field: "chunk_sha256".into(),
-                message: format!(
-                    "{} chunk hashes for {} bytes in chunks of {} (want {chunks})",
-                    self.chunk_sha256.len(),
-                    self.size,
-                    self.chunk_size
-                ),
+                message: format!("{} is not in 1..={MAX_CHUNK_SIZE}", self.chunk_size()),
             });
         }
         if index >= chunks {
@@ -260,14 +254,12 @@ impl BlobCache {
         }
         tracing::debug!(digest = %blob.digest, index, "fetching chunk");
         let mut store = |i: u64, bytes: &[u8]| -> Result<()> {
-            let expected = &blob.chunk_sha256[i as usize];
-            let actual: [u8; 32] = Sha256::digest(bytes).into();
-            if actual != *expected {
+            if let Err(mismatch) = blob.table.check_bytes(i, bytes) {
                 let err = Error::ChunkDigest {
                     digest: blob.digest.to_string(),
                     index: i,
-                    expected: hex::encode(expected),
-                    actual: hex::encode(actual),
+                    expected: mismatch.expected_hex(),
+                    actual: mismatch.actual_hex(),
                 };
                 if i == index {
                     return Err(err);
@@ -324,8 +316,8 @@ impl BlobCache {
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
         let mut pos = 0;
-        while pos < blob.size {
-            let n = (blob.size - pos).min(buf.len() as u64) as usize;
+        while pos < blob.size() {
+            let n = (blob.size() - pos).min(buf.len() as u64) as usize;
             open.data
                 .read_exact_at(&mut buf[..n], pos)
                 .map_err(|e| Error::io(&open.data_path, e))?;
@@ -434,7 +426,7 @@ impl BlobCache {
         let data_path = self.cache.blob_path(&blob.digest, &table);
         let map_path = self
             .cache
-            .chunk_map_path(&blob.digest, &table, blob.chunk_size);
+            .chunk_map_path(&blob.digest, &table, blob.chunk_size());
         let lease_path = map_path.with_extension("leases");
         let map = create_private(&map_path)?;
         // Setting the blob up is one process's job at a time: whether the
@@ -449,7 +441,7 @@ impl BlobCache {
         if !data_exists {
             let whole = self.cache.whole_path(&blob.digest);
             match file::open(&whole, Access::Read) {
-                Ok(w) if w.metadata().is_ok_and(|m| m.len() == blob.size) => {
+                Ok(w) if w.metadata().is_ok_and(|m| m.len() == blob.size()) => {
                     map.set_len(0).map_err(|e| Error::io(&map_path, e))?;
                     map.write_all_at(&vec![FROM_WHOLE; chunks as usize], 0)
                         .map_err(|e| Error::io(&map_path, e))?;
@@ -468,13 +460,13 @@ impl BlobCache {
         }
         let data = open_in_use(&data_path)?;
         let len = data.metadata().map_err(|e| Error::io(&data_path, e))?.len();
-        if len == 0 && blob.size > 0 {
-            data.set_len(blob.size)
+        if len == 0 && blob.size() > 0 {
+            data.set_len(blob.size())
                 .map_err(|e| Error::io(&data_path, e))?;
-        } else if len != blob.size {
+        } else if len != blob.size() {
             return Err(Error::Cache {
                 path: data_path,
-                message: format!("has {len} bytes, blob {} has {}", blob.digest, blob.size),
+                message: format!("has {len} bytes, blob {} has {}", blob.digest, blob.size()),
             });
         }
         // The modification time is the blob's last use, for gc.
@@ -559,12 +551,8 @@ mod tests {
     use super::*;
 
     fn spec(size: u64, chunk_size: u64, hashes: usize) -> BlobSpec {
-        BlobSpec {
-            digest: Digest::of(b"blob"),
-            size,
-            chunk_size,
-            chunk_sha256: vec![[0; 32]; hashes].into(),
-        }
+        let table = ChunkHashes::new(size, chunk_size, vec![[0; 32]; hashes]).expect("a table");
+        BlobSpec::new(Digest::of(b"blob"), Arc::new(table))
     }
 
     #[test]
@@ -585,11 +573,25 @@ mod tests {
             Err(Error::Invalid { field, .. }) => field,
             other => panic!("{other:?}"),
         };
-        assert_eq!(field(spec(2500, 1000, 2).check(0)), "chunk_sha256");
-        assert_eq!(field(spec(2500, 0, 0).check(0)), "chunk_size");
+        // Too few hashes or a zero chunk size: the table refuses them
+        // (see `ociblk_digest::chunks`).
+        ChunkHashes::new(2500, 1000, vec![[0; 32]; 2]).expect_err("2 hashes for 3 chunks");
+        ChunkHashes::new(2500, 0, Vec::new()).expect_err("chunk size 0");
         assert_eq!(
             field(spec(1 << 30, MAX_CHUNK_SIZE * 2, 8).check(0)),
             "chunk_size"
+        );
+    }
+
+    /// The cache keys a blob's files by this digest: it must never change,
+    /// or an existing cache would no longer find its blobs.
+    #[test]
+    fn table_digest_is_pinned() {
+        let table = ChunkHashes::new(2500, 1000, vec![[0; 32], [1; 32], [0xab; 32]]).expect("3");
+        let spec = BlobSpec::new(Digest::of(b"blob"), Arc::new(table));
+        assert_eq!(
+            spec.table_digest().to_string(),
+            "sha256:3c6cc0f0a68483bb80c6dcc75b28544b408f5d613051a2b18773c727dc9c244a"
         );
     }
 }

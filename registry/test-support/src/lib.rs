@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use ociblk_registry::{BlobSpec, Digest};
+use ociblk_registry::{BlobSpec, ChunkHashes, Digest};
 
 /// How long a registry may take to answer `/v2/` after start.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -421,19 +421,17 @@ impl SampleImage {
                 )
             })
         };
-        let blob = |d: &str| {
-            dir.join("blobs/sha256")
-                .join(d.trim_start_matches("sha256:"))
+        let digest = |d: &serde_json::Value| -> Digest {
+            d.as_str().expect("digest").parse().expect("sha256")
         };
+        let blob = |d: &Digest| dir.join("blobs/sha256").join(d.hex());
         let index: serde_json::Value =
             serde_json::from_slice(&read(dir.join("index.json"))).expect("index.json");
-        let manifest_digest = index["manifests"][0]["digest"]
-            .as_str()
-            .expect("manifest digest");
-        let manifest = read(blob(manifest_digest));
+        let manifest_digest = digest(&index["manifests"][0]["digest"]);
+        let manifest = read(blob(&manifest_digest));
         let m: serde_json::Value = serde_json::from_slice(&manifest).expect("manifest JSON");
-        let config_digest = m["config"]["digest"].as_str().expect("config digest");
-        let config = read(blob(config_digest));
+        let config_digest = digest(&m["config"]["digest"]);
+        let config = read(blob(&config_digest));
         let c: serde_json::Value = serde_json::from_slice(&config).expect("config JSON");
         let layers = m["layers"].as_array().expect("layers");
         let payloads = c["payloads"].as_array().expect("payloads");
@@ -454,22 +452,19 @@ impl SampleImage {
                             .expect("32-byte hash")
                     })
                     .collect();
-                let spec = BlobSpec {
-                    digest: layer["digest"]
-                        .as_str()
-                        .expect("digest")
-                        .parse()
-                        .expect("sha256"),
-                    size: layer["size"].as_u64().expect("size"),
-                    chunk_size: payload["hash_chunk_size"].as_u64().expect("chunk size"),
-                    chunk_sha256: Arc::from(hashes),
-                };
+                let table = ChunkHashes::new(
+                    layer["size"].as_u64().expect("size"),
+                    payload["hash_chunk_size"].as_u64().expect("chunk size"),
+                    hashes,
+                )
+                .expect("one hash per chunk");
+                let spec = BlobSpec::new(digest(&layer["digest"]), Arc::new(table));
                 (payload["name"].as_str().expect("name").to_string(), spec)
             })
             .collect();
         SampleImage {
-            manifest_digest: manifest_digest.parse().expect("sha256"),
-            config_digest: config_digest.parse().expect("sha256"),
+            manifest_digest,
+            config_digest,
             manifest,
             config,
             payloads,
@@ -559,15 +554,13 @@ impl SampleImage {
             }],
         });
         std::fs::write(dir.join("index.json"), index_json.to_string()).expect("index.json");
-        let mut hashes = blob.chunk_sha256.to_vec();
+        let mut hashes = blob.table.hashes().to_vec();
         hashes[index as usize] = hash;
+        let table = ChunkHashes::new(blob.size(), blob.chunk_size(), hashes).expect("same count");
         AlteredImage {
             dir: dir.to_path_buf(),
             manifest_digest,
-            blob: BlobSpec {
-                chunk_sha256: Arc::from(hashes),
-                ..blob
-            },
+            blob: BlobSpec::new(blob.digest, Arc::new(table)),
             chunk,
         }
     }
@@ -586,7 +579,7 @@ pub fn read_range(path: &Path, start: u64, len: u64) -> Vec<u8> {
 /// `--hashes` file of `ociblk-registry-fetch`), to `dir/hashes`.
 pub fn write_chunk_hashes(dir: &Path, blob: &BlobSpec) -> PathBuf {
     let hashes = dir.join("hashes");
-    let lines: Vec<String> = blob.chunk_sha256.iter().map(hex::encode).collect();
+    let lines: Vec<String> = blob.table.hashes().iter().map(hex::encode).collect();
     std::fs::write(&hashes, lines.join("\n")).expect("write hashes");
     hashes
 }
