@@ -382,12 +382,7 @@ fn pull_fills_the_cache_and_cache_tools_report_and_collect() {
         fx.sample.manifest_digest.to_string()
     );
     for (_, p) in &fx.sample.payloads {
-        let blob = info["blobs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|b| b["digest"] == p.digest.to_string())
-            .unwrap();
+        let blob = cached_blob(&info, p);
         assert_eq!(blob["chunks"][0]["present"], p.chunks());
     }
 
@@ -692,6 +687,16 @@ fn a_registry_ignoring_range_still_serves_the_right_bytes() {
     fx.read_same(&mut c, k0, 3 * kernel.chunk_size);
     assert_eq!(fx.fetches("kernel.efi").len(), answers);
     drop(server);
+}
+
+/// What `ociblk cache info --json` (`info`) says of `blob`.
+fn cached_blob<'a>(info: &'a serde_json::Value, blob: &BlobSpec) -> &'a serde_json::Value {
+    info["blobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["digest"] == blob.digest.to_string())
+        .unwrap()
 }
 
 /// The chunks of `blob` present in the cache `cache` (its chunk map).
@@ -1008,12 +1013,7 @@ fn another_image_claiming_a_blobs_digest_never_changes_chunks_a_running_server_v
     let info =
         run_ok(Command::new(ociblk_bin()).args(["cache", "info", "--json", "--cache", &cache_arg]));
     let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
-    let blob = info["blobs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["digest"] == kernel.digest.to_string())
-        .unwrap();
+    let blob = cached_blob(&info, &kernel);
     assert_eq!(blob["chunks"].as_array().unwrap().len(), 2, "{blob}");
 }
 
