@@ -1223,32 +1223,22 @@ fn check_blocks(got: &[u8], flushed: &[u8], written: &[u8], what: &str) {
     }
 }
 
-#[test]
-fn a_crash_at_every_step_between_a_write_and_its_flush_keeps_the_guarantees() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("ov");
-    let size = 1 << 20;
-    let c = cfg(size, 1, FlushMode::Safe);
-    let mut rng = rng(13);
-    let ov = Overlay::open(&path, c.clone()).unwrap();
-    write(&ov, 0, &rng.bytes(8 * BS as usize), &mut rng).unwrap();
-    ov.write_zeroes(8 * BS, 4 * BS, &base).unwrap();
-    ov.flush().unwrap();
-    let flushed = read(&ov, 0, size, &mut rng);
-    let first_durable = std::fs::read(&path).unwrap();
-    // Completed, not flushed: a rewrite, a first write, a partial write of
-    // a base block, a zeroing of written blocks, a partial zeroing.
-    write(&ov, 4 * BS, &rng.bytes(2 * BS as usize), &mut rng).unwrap();
-    write(&ov, 20 * BS, &rng.bytes(4 * BS as usize), &mut rng).unwrap();
-    write(&ov, 30 * BS + 100, &rng.bytes(200), &mut rng).unwrap();
+/// Completed, not flushed: a rewrite, a first write, a partial write of a
+/// base block, a zeroing of written blocks, a partial zeroing.
+fn write_without_flush(ov: &Overlay, rng: &mut Rng) {
+    write(ov, 4 * BS, &rng.bytes(2 * BS as usize), rng).unwrap();
+    write(ov, 20 * BS, &rng.bytes(4 * BS as usize), rng).unwrap();
+    write(ov, 30 * BS + 100, &rng.bytes(200), rng).unwrap();
     ov.write_zeroes(6 * BS, 2 * BS, &base).unwrap();
     ov.write_zeroes(2 * BS + 512, 1024, &base).unwrap();
-    let written = read(&ov, 0, size, &mut rng);
-    assert_ne!(written, flushed);
+}
 
+/// Flushes `ov`, then crashes it: the file's bytes before the flush and
+/// after each of its steps.
+fn flush_step_by_step(ov: Overlay) -> Vec<Image> {
     let images = Arc::new(std::sync::Mutex::new(vec![Image {
         step: "written, not flushed",
-        bytes: std::fs::read(&path).unwrap(),
+        bytes: std::fs::read(ov.path()).unwrap(),
         durable: false,
     }]));
     let record = Arc::clone(&images);
@@ -1264,7 +1254,27 @@ fn a_crash_at_every_step_between_a_write_and_its_flush_keeps_the_guarantees() {
     ov.flush().unwrap();
     FLUSH_HOOK.with(|h| *h.borrow_mut() = None);
     crash(ov);
-    let images = std::mem::take(&mut *images.lock().unwrap());
+    std::mem::take(&mut *images.lock().unwrap())
+}
+
+#[test]
+fn a_crash_at_every_step_between_a_write_and_its_flush_keeps_the_guarantees() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ov");
+    let size = 1 << 20;
+    let c = cfg(size, 1, FlushMode::Safe);
+    let mut rng = rng(13);
+    let ov = Overlay::open(&path, c.clone()).unwrap();
+    write(&ov, 0, &rng.bytes(8 * BS as usize), &mut rng).unwrap();
+    ov.write_zeroes(8 * BS, 4 * BS, &base).unwrap();
+    ov.flush().unwrap();
+    let flushed = read(&ov, 0, size, &mut rng);
+    let first_durable = std::fs::read(&path).unwrap();
+    write_without_flush(&ov, &mut rng);
+    let written = read(&ov, 0, size, &mut rng);
+    assert_ne!(written, flushed);
+
+    let images = flush_step_by_step(ov);
     assert!(images.len() >= 5, "{} steps", images.len());
 
     let open_image = |name: &str, bytes: &[u8]| {

@@ -353,6 +353,16 @@ impl GuestMem {
         self.region().userspace_addr
     }
 
+    /// This memory as the one region of a `SET_MEM_TABLE`, at GPA 0.
+    pub fn mem_region(&self) -> MemRegion {
+        MemRegion {
+            guest_phys_addr: 0,
+            memory_size: self.len(),
+            user_addr: self.addr(),
+            mmap_offset: 0,
+        }
+    }
+
     fn region(&self) -> VhostUserMemoryRegionInfo {
         self.ram.region_info().expect("one region")
     }
@@ -468,17 +478,7 @@ impl RawFrontend {
         };
         fe.ack(FrontendReq::SET_OWNER, &[], &[])?;
         fe.ack(FrontendReq::SET_FEATURES, &u64_payload(features), &[])?;
-        let region = MemRegion {
-            guest_phys_addr: 0,
-            memory_size: mem_size as u64,
-            user_addr: fe.mem.addr(),
-            mmap_offset: 0,
-        };
-        fe.ack(
-            FrontendReq::SET_MEM_TABLE,
-            &mem_table(1, &[region]),
-            &[fe.mem.fd()],
-        )?;
+        fe.set_mem_table()?;
         fe.ack(
             FrontendReq::SET_VRING_NUM,
             &vring_state(0, u32::from(queue_size)),
@@ -507,6 +507,16 @@ impl RawFrontend {
             a if a.is_ack_ok() => Ok(()),
             a => Err(io::Error::other(format!("{request:?}: {a:?}"))),
         }
+    }
+
+    /// SET_MEM_TABLE of [`mem`](Self::mem) as its one region, requiring a
+    /// successful REPLY_ACK.
+    pub fn set_mem_table(&self) -> io::Result<()> {
+        self.ack(
+            FrontendReq::SET_MEM_TABLE,
+            &mem_table(1, &[self.mem.mem_region()]),
+            &[self.mem.fd()],
+        )
     }
 
     /// SET_LOG_BASE with `log` (size and offset from the payload); the

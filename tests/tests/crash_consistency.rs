@@ -315,6 +315,53 @@ impl Round<'_> {
             self.submit_data();
         }
     }
+
+    /// Random batches, flushes and reaps: what a guest keeps in flight.
+    fn run_ops(&mut self) {
+        for _ in 0..self.rng.range(3, 24) {
+            if self.in_flight.len() > 24 {
+                self.reap(true);
+            }
+            match self.rng.range(0, 99) {
+                0..=11 => {
+                    self.reap(true);
+                    self.submit_flush();
+                    self.reap(true);
+                }
+                12..=21 => self.submit_flush(),
+                _ => self.submit_batch(),
+            }
+            match self.rng.range(0, 2) {
+                0 => self.reap(true),
+                1 => self.reap(false),
+                _ => {}
+            }
+        }
+    }
+
+    /// The kill point: right after a flush completed, with requests in
+    /// flight whose completions were not looked at, or after reaping all.
+    fn reach_the_kill_point(&mut self) {
+        match self.rng.range(0, 2) {
+            0 => {
+                self.reap(true);
+                self.submit_flush();
+                self.reap(true);
+                self.stats.killed_after_flush += 1;
+            }
+            1 => {
+                // Killed before the completions are even looked at.
+                self.submit_batch();
+                if self.rng.chance(30) {
+                    self.submit_flush();
+                }
+                if !self.in_flight.is_empty() {
+                    self.stats.killed_in_flight += 1;
+                }
+            }
+            _ => self.reap(true),
+        }
+    }
 }
 
 fn serve(node: &TestNode, mode: &str) -> Server {
@@ -422,6 +469,24 @@ fn build_chain(
     (out, region)
 }
 
+/// The layers of `chain` still hold the bytes of their sha256, and `ociblk
+/// overlay verify` of the node verifies each.
+fn check_layers_unchanged(node: &TestNode, chain: &[(PathBuf, String)]) {
+    for (layer, sha) in chain {
+        let now = ociblk_tests::oci::sha256_hex(&fs::read(layer).unwrap());
+        assert_eq!(&now, sha, "{} was written to", layer.display());
+    }
+    if !chain.is_empty() {
+        let out = run_ok(
+            Command::new(ociblk_bin())
+                .args(["overlay", "verify"])
+                .arg(node.overlay()),
+        );
+        let out = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.matches("verified").count(), chain.len(), "{out}");
+    }
+}
+
 fn crash_rounds(mode: &'static str, seed: u64) {
     crash_rounds_over(mode, seed, 0, ROUNDS);
 }
@@ -460,45 +525,8 @@ fn crash_rounds_over(mode: &'static str, seed: u64, layers: usize, rounds: u64) 
             stats: &mut stats,
             context: context.clone(),
         };
-        for _ in 0..r.rng.range(3, 24) {
-            if r.in_flight.len() > 24 {
-                r.reap(true);
-            }
-            match r.rng.range(0, 99) {
-                0..=11 => {
-                    r.reap(true);
-                    r.submit_flush();
-                    r.reap(true);
-                }
-                12..=21 => r.submit_flush(),
-                _ => r.submit_batch(),
-            }
-            match r.rng.range(0, 2) {
-                0 => r.reap(true),
-                1 => r.reap(false),
-                _ => {}
-            }
-        }
-        // The kill point.
-        match r.rng.range(0, 2) {
-            0 => {
-                r.reap(true);
-                r.submit_flush();
-                r.reap(true);
-                r.stats.killed_after_flush += 1;
-            }
-            1 => {
-                // Killed before the completions are even looked at.
-                r.submit_batch();
-                if r.rng.chance(30) {
-                    r.submit_flush();
-                }
-                if !r.in_flight.is_empty() {
-                    r.stats.killed_in_flight += 1;
-                }
-            }
-            _ => r.reap(true),
-        }
+        r.run_ops();
+        r.reach_the_kill_point();
         server.stop_with(libc::SIGKILL, Duration::from_secs(20));
         let Round { model: mut m, .. } = r;
         m.process_killed();
@@ -518,19 +546,7 @@ fn crash_rounds_over(mode: &'static str, seed: u64, layers: usize, rounds: u64) 
     );
     client.disconnect().unwrap();
     drop(server);
-    for (layer, sha) in &chain {
-        let now = ociblk_tests::oci::sha256_hex(&fs::read(layer).unwrap());
-        assert_eq!(&now, sha, "{} was written to", layer.display());
-    }
-    if !chain.is_empty() {
-        let out = run_ok(
-            Command::new(ociblk_bin())
-                .args(["overlay", "verify"])
-                .arg(node.overlay()),
-        );
-        let out = String::from_utf8_lossy(&out.stdout);
-        assert_eq!(out.matches("verified").count(), chain.len(), "{out}");
-    }
+    check_layers_unchanged(&node, &chain);
     eprintln!(
         "crash consistency --flush {mode} over {layers} layers: {} rounds survived kill -9 \
          in {:.1?}: {stats:?}",

@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use ociblk_tests::node::TestNode;
 use ociblk_tests::raw_vhost::{
-    self, Answer, BUFFERS, DESC_F_NEXT, DESC_F_WRITE, F_LOG_ALL, FrontendReq, MemRegion,
-    PF_LOG_SHMFD, RawFrontend, USED_RING, log_payload, mem_table,
+    self, Answer, BUFFERS, DESC_F_NEXT, DESC_F_WRITE, F_LOG_ALL, PF_LOG_SHMFD, RawFrontend,
+    USED_RING, log_payload,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -130,18 +130,7 @@ fn a_read_marks_its_data_status_and_used_ring_pages() {
     // A new memory table (QEMU sends one during a migration without a
     // new log when the log need not grow): its regions are logged too.
     clear(&log);
-    let region = MemRegion {
-        guest_phys_addr: 0,
-        memory_size: MEM as u64,
-        user_addr: fe.mem.addr(),
-        mmap_offset: 0,
-    };
-    fe.ack(
-        FrontendReq::SET_MEM_TABLE,
-        &mem_table(1, &[region]),
-        &[fe.mem.fd()],
-    )
-    .unwrap();
+    fe.set_mem_table().unwrap();
     read_first_block(&mut fe, 6);
     assert_eq!(
         marked(&log),

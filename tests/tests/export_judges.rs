@@ -73,24 +73,17 @@ fn extract_partition(disk: &Path, info: &Value, number: usize, out: &Path) {
     }
 }
 
-fn check_case(case: &Case) {
-    let t = tempfile::tempdir().unwrap();
-    let disk = t.path().join("disk.raw");
-    let before = payload_hashes(&case.image);
-    let info = inspect_json(case);
-    export(case, &disk);
-    let size = info["disk"]["size"].as_u64().unwrap();
-    assert_eq!(fs::metadata(&disk).unwrap().len(), size);
-
-    // sgdisk: a valid GPT with both headers and the protective MBR.
-    let out = run_ok(Command::new(require_tool("sgdisk")).arg("-v").arg(&disk));
+/// sgdisk finds a valid GPT with both headers and the protective MBR; the
+/// gpt crate reads back the names, types, GUIDs and LBAs `info` lists.
+fn judge_gpt(disk: &Path, info: &Value) {
+    let out = run_ok(Command::new(require_tool("sgdisk")).arg("-v").arg(disk));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("No problems found"), "sgdisk -v:\n{text}");
 
     // The gpt crate reads back names, types, GUIDs and LBAs.
     let gdisk = gpt::GptConfig::new()
         .writable(false)
-        .open(&disk)
+        .open(disk)
         .expect("gpt crate opens the disk");
     assert_eq!(
         gdisk.guid().to_string().to_uppercase(),
@@ -113,10 +106,13 @@ fn check_case(case: &Case) {
         assert_eq!(p.first_lba, w["first_lba"].as_u64().unwrap());
         assert_eq!(p.last_lba, w["last_lba"].as_u64().unwrap());
     }
+}
 
-    // The ESP: fsck.fat finds nothing, mtools and fatfs read every file.
-    let esp = t.path().join("esp.img");
-    extract_partition(&disk, &info, 1, &esp);
+/// The ESP, extracted into `dir`: fsck.fat finds nothing, mtools and fatfs
+/// read every file of `case`.
+fn judge_esp(case: &Case, disk: &Path, info: &Value, dir: &Path) {
+    let esp = dir.join("esp.img");
+    extract_partition(disk, info, 1, &esp);
     let out = run_ok(
         Command::new(require_tool("fsck.fat"))
             .args(["-n", "-V"])
@@ -141,7 +137,7 @@ fn check_case(case: &Case) {
             listing.contains(&format!("::/{path}")),
             "mdir lacks {path}:\n{listing}"
         );
-        let got = t.path().join("extracted");
+        let got = dir.join("extracted");
         let _ = fs::remove_file(&got);
         run_ok(
             Command::new(require_tool("mcopy"))
@@ -181,6 +177,20 @@ fn check_case(case: &Case) {
             "fatfs read of {path} differs from its source"
         );
     }
+}
+
+fn check_case(case: &Case) {
+    let t = tempfile::tempdir().unwrap();
+    let disk = t.path().join("disk.raw");
+    let before = payload_hashes(&case.image);
+    let info = inspect_json(case);
+    export(case, &disk);
+    let size = info["disk"]["size"].as_u64().unwrap();
+    assert_eq!(fs::metadata(&disk).unwrap().len(), size);
+
+    judge_gpt(&disk, &info);
+
+    judge_esp(case, &disk, &info, t.path());
 
     // System A starts with the system payload and is zero after it.
     let os = OsImage::open(&case.image).unwrap();

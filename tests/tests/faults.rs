@@ -176,6 +176,65 @@ fn overlay_on_a_full_file_system() {
     c.disconnect().unwrap();
 }
 
+/// Truncates `blob`, which `server` serves at `system_a` and whose bytes
+/// were `original`, to 512 KiB: reads past the new end fail with IOERR and
+/// an error line naming it; before it, elsewhere on the disk and in the
+/// data partition at `data` all is well.
+fn truncate_while_serving(
+    c: &mut VhostBlkClient,
+    server: &mut Server,
+    blob: &Path,
+    original: &[u8],
+    system_a: u64,
+    data: u64,
+) {
+    let keep = 512u64 << 10;
+    fs::OpenOptions::new()
+        .write(true)
+        .open(blob)
+        .unwrap()
+        .set_len(keep)
+        .unwrap();
+    for (off, len) in [
+        (keep, 4096u32),
+        (keep - 4096, 8192),
+        (keep + (64 << 10), 512),
+    ] {
+        let r = c.read(0, system_a + off, len).unwrap();
+        assert_eq!(
+            r.status,
+            BlkStatus::IoErr,
+            "read of {len} at system A + {off}"
+        );
+    }
+    assert_alive(server, "after reads past the end of the blob");
+    let names_blob = |log: &str| {
+        log.lines()
+            .any(|l| l.contains("ERROR") && l.contains(&blob.display().to_string()))
+    };
+    let logged = wait_until(Duration::from_secs(5), || names_blob(&server.log.text()));
+    assert!(
+        logged,
+        "no error line names {}:\n{}",
+        blob.display(),
+        server.log.text()
+    );
+    // Before the new end, and elsewhere on the disk, all is well.
+    assert!(read_ok(c, system_a, keep as u32) == original[..keep as usize]);
+    assert_eq!(&read_ok(c, 512, 512)[..8], b"EFI PART");
+    read_ok(c, system_a - (1 << 20), 1 << 20);
+    let fresh = pseudo_random(8192, 9);
+    assert_eq!(status_of_write(c, data, &fresh), BlkStatus::Ok);
+    assert!(read_ok(c, data, 8192) == fresh);
+    // A partial block over the missing part needs its base: refused. A
+    // whole block does not, and then shadows the missing bytes.
+    let past = system_a + keep + (128 << 10);
+    assert_eq!(status_of_write(c, past + 512, &[1; 512]), BlkStatus::IoErr);
+    assert_eq!(status_of_write(c, past, &[2; 4096]), BlkStatus::Ok);
+    assert_eq!(read_ok(c, past, 4096), vec![2; 4096]);
+    assert_eq!(c.flush(0).unwrap().status, BlkStatus::Ok);
+}
+
 /// The `system` blob replaced (renamed over) or truncated while the server
 /// runs. Renaming over it changes nothing for the running server, which
 /// keeps its descriptor; a restart serves the new file (payload content is
@@ -236,54 +295,7 @@ fn payload_blob_replaced_or_truncated_while_serving() {
     assert!(read_ok(&mut c, system_a, size) == original);
 
     // Truncated in place: the server's open file shrinks.
-    let keep = 512u64 << 10;
-    fs::OpenOptions::new()
-        .write(true)
-        .open(&blob)
-        .unwrap()
-        .set_len(keep)
-        .unwrap();
-    for (off, len) in [
-        (keep, 4096u32),
-        (keep - 4096, 8192),
-        (keep + (64 << 10), 512),
-    ] {
-        let r = c.read(0, system_a + off, len).unwrap();
-        assert_eq!(
-            r.status,
-            BlkStatus::IoErr,
-            "read of {len} at system A + {off}"
-        );
-    }
-    assert_alive(&mut server, "after reads past the end of the blob");
-    let names_blob = |log: &str| {
-        log.lines()
-            .any(|l| l.contains("ERROR") && l.contains(&blob.display().to_string()))
-    };
-    let logged = wait_until(Duration::from_secs(5), || names_blob(&server.log.text()));
-    assert!(
-        logged,
-        "no error line names {}:\n{}",
-        blob.display(),
-        server.log.text()
-    );
-    // Before the new end, and elsewhere on the disk, all is well.
-    assert!(read_ok(&mut c, system_a, keep as u32) == original[..keep as usize]);
-    assert_eq!(&read_ok(&mut c, 512, 512)[..8], b"EFI PART");
-    read_ok(&mut c, system_a - (1 << 20), 1 << 20);
-    let fresh = pseudo_random(8192, 9);
-    assert_eq!(status_of_write(&mut c, data, &fresh), BlkStatus::Ok);
-    assert!(read_ok(&mut c, data, 8192) == fresh);
-    // A partial block over the missing part needs its base: refused. A
-    // whole block does not, and then shadows the missing bytes.
-    let past = system_a + keep + (128 << 10);
-    assert_eq!(
-        status_of_write(&mut c, past + 512, &[1; 512]),
-        BlkStatus::IoErr
-    );
-    assert_eq!(status_of_write(&mut c, past, &[2; 4096]), BlkStatus::Ok);
-    assert_eq!(read_ok(&mut c, past, 4096), vec![2; 4096]);
-    assert_eq!(c.flush(0).unwrap().status, BlkStatus::Ok);
+    truncate_while_serving(&mut c, &mut server, &blob, &original, system_a, data);
     c.disconnect().unwrap();
     assert_alive(&mut server, "at the end");
 }

@@ -185,15 +185,9 @@ fn with_memory(socket: &Path, mem: &GuestMem) -> RawConn {
     ] {
         assert!(conn.call(r, &p, &[]).is_ack_ok(), "{r:?}");
     }
-    let region = MemRegion {
-        guest_phys_addr: 0,
-        memory_size: mem.len(),
-        user_addr: mem.addr(),
-        mmap_offset: 0,
-    };
     let a = conn.call(
         FrontendReq::SET_MEM_TABLE,
-        &mem_table(1, &[region]),
+        &mem_table(1, &[mem.mem_region()]),
         &[mem.fd()],
     );
     assert!(a.is_ack_ok(), "SET_MEM_TABLE: {a:?}");
@@ -390,8 +384,13 @@ fn hostile_frontends_do_not_take_the_server_down() {
 
     framing_cases(&mut h);
     control_cases(&mut h);
-    mem_table_cases(&mut h, &scratch);
-    vring_cases(&mut h, &scratch);
+    early_vring_cases(&mut h);
+    mem_table_count_cases(&mut h);
+    mem_table_region_cases(&mut h, &scratch);
+    short_memory_cases(&mut h);
+    vring_cases(&mut h);
+    vring_index_cases(&mut h);
+    vring_fd_cases(&mut h, &scratch);
     ring_cases(&mut h);
     log_cases(&mut h, &scratch);
 
@@ -572,6 +571,10 @@ fn control_cases(h: &mut Harness) {
         }
         barrier(&c);
     });
+}
+
+/// Vring messages before the rings, or the features, are set up.
+fn early_vring_cases(h: &mut Harness) {
     h.case("GET_VRING_BASE of rings never set up", |s| {
         let c = acked_conn(s);
         for q in 0..QUEUES {
@@ -603,14 +606,18 @@ fn control_cases(h: &mut Harness) {
     });
 }
 
-/// SET_MEM_TABLE lies: counts, sizes, overlaps, descriptors.
-fn mem_table_cases(h: &mut Harness, scratch: &Path) {
-    let region = |gpa: u64, size: u64, user: u64| MemRegion {
+/// A memory region at `gpa` of `size` bytes, at `user` in the frontend.
+fn region(gpa: u64, size: u64, user: u64) -> MemRegion {
+    MemRegion {
         guest_phys_addr: gpa,
         memory_size: size,
         user_addr: user,
         mmap_offset: 0,
-    };
+    }
+}
+
+/// SET_MEM_TABLE lies about its regions: counts, descriptors, overlaps.
+fn mem_table_count_cases(h: &mut Harness) {
     h.case("SET_MEM_TABLE with 0 regions", |s| {
         let c = acked_conn(s);
         send_and_settle(&c, FrontendReq::SET_MEM_TABLE, &mem_table(0, &[]), &[]);
@@ -662,6 +669,11 @@ fn mem_table_cases(h: &mut Harness, scratch: &Path) {
             &[a.as_raw_fd(), b.as_raw_fd()],
         );
     });
+}
+
+/// SET_MEM_TABLE regions that cannot be mapped: addresses, sizes, offsets,
+/// descriptors.
+fn mem_table_region_cases(h: &mut Harness, scratch: &Path) {
     h.case("SET_MEM_TABLE with overflowing addresses", |s| {
         let c = acked_conn(s);
         let m = raw_vhost::memfd(MEM as u64).unwrap();
@@ -708,6 +720,10 @@ fn mem_table_cases(h: &mut Harness, scratch: &Path) {
         let p = mem_table(1, &[region(0, 1 << 16, 0x7000_0000)]);
         send_and_settle(&c, FrontendReq::SET_MEM_TABLE, &p, &[c.raw_fd()]);
     });
+}
+
+/// Rings outside the memory that backs them.
+fn short_memory_cases(h: &mut Harness) {
     // The memory file is smaller than the region: touching the missing part
     // would raise SIGBUS in the server.
     for (file_len, mmap_offset) in [(64u64 << 10, 0u64), (MEM as u64, MEM as u64 / 2), (0, 0)] {
@@ -756,16 +772,10 @@ fn mem_table_cases(h: &mut Harness, scratch: &Path) {
             valid_get_id(&mut fe, 0);
             // Now only the first page is memory: the rings are outside.
             let small = GuestMem::new(4096).unwrap();
-            let r = MemRegion {
-                guest_phys_addr: 0,
-                memory_size: 4096,
-                user_addr: small.addr(),
-                mmap_offset: 0,
-            };
             send_and_settle(
                 &fe.conn,
                 FrontendReq::SET_MEM_TABLE,
-                &mem_table(1, &[r]),
+                &mem_table(1, &[small.mem_region()]),
                 &[small.fd()],
             );
             fe.publish(0);
@@ -775,8 +785,8 @@ fn mem_table_cases(h: &mut Harness, scratch: &Path) {
     );
 }
 
-/// Vring messages: sizes, addresses, indexes, descriptors.
-fn vring_cases(h: &mut Harness, scratch: &Path) {
+/// Vring messages: sizes and addresses.
+fn vring_cases(h: &mut Harness) {
     for num in [0u32, 3, 100, 512, 1 << 15, 1 << 16, u32::MAX] {
         h.case(&format!("SET_VRING_NUM {num}"), |s| {
             let m = GuestMem::new(MEM).unwrap();
@@ -852,7 +862,10 @@ fn vring_cases(h: &mut Harness, scratch: &Path) {
             barrier(&c);
         });
     }
-    // Queue indexes past the end, in every vring message.
+}
+
+/// Queue indexes past the end, in every vring message.
+fn vring_index_cases(h: &mut Harness) {
     for index in [QUEUES, 255, 256, u32::MAX] {
         h.case(
             &format!("queue index {index} in every vring message"),
@@ -898,6 +911,10 @@ fn vring_cases(h: &mut Harness, scratch: &Path) {
             },
         );
     }
+}
+
+/// Vring eventfd messages: NOFD and descriptors of the wrong kind.
+fn vring_fd_cases(h: &mut Harness, scratch: &Path) {
     h.case(
         "SET_VRING_KICK without a descriptor and without NOFD",
         |s| {
@@ -990,33 +1007,35 @@ fn valid_get_id(fe: &mut RawFrontend, first: u16) {
 /// A descriptor: address, length, flags, next.
 type Desc = (u64, u32, u16, u16);
 
-/// Broken descriptor chains and ring indexes after a valid setup.
-fn ring_cases(h: &mut Harness) {
-    h.case("valid setup, then a valid request", |s| {
-        let mut fe = RawFrontend::setup(s, MEM, 16, TIMEOUT).unwrap();
-        valid_get_id(&mut fe, 0);
-    });
-    let out = MEM as u64 + 0x10_0000;
-    // (name, descriptors to write at 0.., head to publish)
-    let hdr_in = BUFFERS;
-    let chains: Vec<(&str, Vec<Desc>, u16)> = vec![
+/// A broken chain: its name, the descriptors to write at 0.., the head to
+/// publish.
+type Chain = (&'static str, Vec<Desc>, u16);
+
+/// An address past the end of [`MEM`].
+const OUTSIDE: u64 = MEM as u64 + 0x10_0000;
+/// The read request header the chains point at.
+const HDR_IN: u64 = BUFFERS;
+
+/// Broken chains of direct descriptors.
+fn bad_direct_chains() -> Vec<Chain> {
+    vec![
         (
             "header outside memory",
             vec![
-                (out, 16, DESC_F_NEXT, 1),
+                (OUTSIDE, 16, DESC_F_NEXT, 1),
                 (BUFFERS + 0x800, 1, DESC_F_WRITE, 0),
             ],
             0,
         ),
         (
             "status outside memory",
-            vec![(hdr_in, 16, DESC_F_NEXT, 1), (out, 1, DESC_F_WRITE, 0)],
+            vec![(HDR_IN, 16, DESC_F_NEXT, 1), (OUTSIDE, 1, DESC_F_WRITE, 0)],
             0,
         ),
         (
             "data across the end of memory",
             vec![
-                (hdr_in, 16, DESC_F_NEXT, 1),
+                (HDR_IN, 16, DESC_F_NEXT, 1),
                 (MEM as u64 - 512, 4096, DESC_F_NEXT | DESC_F_WRITE, 2),
                 (BUFFERS + 0x800, 1, DESC_F_WRITE, 0),
             ],
@@ -1025,7 +1044,7 @@ fn ring_cases(h: &mut Harness) {
         (
             "descriptor of 4 GiB",
             vec![
-                (hdr_in, 16, DESC_F_NEXT, 1),
+                (HDR_IN, 16, DESC_F_NEXT, 1),
                 (BUFFERS, u32::MAX, DESC_F_NEXT | DESC_F_WRITE, 2),
                 (BUFFERS + 0x800, 1, DESC_F_WRITE, 0),
             ],
@@ -1042,27 +1061,27 @@ fn ring_cases(h: &mut Harness) {
         (
             "chain that loops",
             vec![
-                (hdr_in, 16, DESC_F_NEXT, 1),
+                (HDR_IN, 16, DESC_F_NEXT, 1),
                 (BUFFERS + 0x800, 1, DESC_F_NEXT | DESC_F_WRITE, 0),
             ],
             0,
         ),
         (
             "next index past the table",
-            vec![(hdr_in, 16, DESC_F_NEXT, 999)],
+            vec![(HDR_IN, 16, DESC_F_NEXT, 999)],
             0,
         ),
         ("head index past the table", vec![], 40_000),
-        ("no status byte", vec![(hdr_in, 16, 0, 0)], 0),
+        ("no status byte", vec![(HDR_IN, 16, 0, 0)], 0),
         (
             "status in a readable descriptor",
-            vec![(hdr_in, 16, DESC_F_NEXT, 1), (BUFFERS + 0x800, 1, 0, 0)],
+            vec![(HDR_IN, 16, DESC_F_NEXT, 1), (BUFFERS + 0x800, 1, 0, 0)],
             0,
         ),
         (
             "read into the descriptor table",
             vec![
-                (hdr_in, 16, DESC_F_NEXT, 1),
+                (HDR_IN, 16, DESC_F_NEXT, 1),
                 (DESC_TABLE, 512, DESC_F_NEXT | DESC_F_WRITE, 2),
                 (BUFFERS + 0x800, 1, DESC_F_WRITE, 0),
             ],
@@ -1071,15 +1090,21 @@ fn ring_cases(h: &mut Harness) {
         (
             "read into the rings",
             vec![
-                (hdr_in, 16, DESC_F_NEXT, 1),
+                (HDR_IN, 16, DESC_F_NEXT, 1),
                 (AVAIL_RING, 8192, DESC_F_NEXT | DESC_F_WRITE, 2),
                 (BUFFERS + 0x800, 1, DESC_F_WRITE, 0),
             ],
             0,
         ),
+    ]
+}
+
+/// Broken chains through indirect tables.
+fn bad_indirect_chains() -> Vec<Chain> {
+    vec![
         (
             "indirect table outside memory",
-            vec![(out, 48, DESC_F_INDIRECT, 0)],
+            vec![(OUTSIDE, 48, DESC_F_INDIRECT, 0)],
             0,
         ),
         (
@@ -1105,42 +1130,57 @@ fn ring_cases(h: &mut Harness) {
             ],
             0,
         ),
-    ];
-    for (name, descs, head) in chains {
+    ]
+}
+
+/// Publishes the chain `descs` at `head` on a valid setup, with a read
+/// header at [`HDR_IN`] and an indirect table at `BUFFERS + 0x1000` whose
+/// entries point back at it (a nested indirect among them). The chain is
+/// consumed and a valid request after it served, unless `ring_survives` is
+/// false.
+fn bad_chain(s: &Path, name: &str, descs: &[Desc], head: u16, ring_survives: bool) {
+    let mut fe = RawFrontend::setup(s, MEM, 16, TIMEOUT).unwrap();
+    let mut h = [0u8; 16];
+    h[..4].copy_from_slice(&T_IN.to_le_bytes());
+    fe.mem.write(HDR_IN, &h);
+    let table = BUFFERS + 0x1000;
+    raw_vhost::write_desc(&fe.mem, table, HDR_IN, 16, DESC_F_NEXT, 1);
+    raw_vhost::write_desc(
+        &fe.mem,
+        table + 16,
+        table,
+        48,
+        DESC_F_INDIRECT | DESC_F_NEXT,
+        2,
+    );
+    raw_vhost::write_desc(&fe.mem, table + 32, BUFFERS + 0x800, 1, DESC_F_WRITE, 0);
+    for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
+        fe.set_desc(i as u16, addr, len, flags, next);
+    }
+    fe.publish(head);
+    let consumed = fe.wait_consumed(fe.next_avail(), TIMEOUT);
+    assert!(
+        consumed || !ring_survives,
+        "ring: {name}: the chain was not consumed"
+    );
+    if ring_survives {
+        // The bad chain cost nothing but itself.
+        valid_get_id(&mut fe, 8);
+    }
+}
+
+/// Broken descriptor chains and ring indexes after a valid setup.
+fn ring_cases(h: &mut Harness) {
+    h.case("valid setup, then a valid request", |s| {
+        let mut fe = RawFrontend::setup(s, MEM, 16, TIMEOUT).unwrap();
+        valid_get_id(&mut fe, 0);
+    });
+    for (name, descs, head) in bad_direct_chains().into_iter().chain(bad_indirect_chains()) {
         // Reading into the rings leaves the avail index garbage: the ring is
         // dead afterwards, the server must just not care.
         let ring_survives = name != "read into the rings";
         h.case(&format!("ring: {name}"), |s| {
-            let mut fe = RawFrontend::setup(s, MEM, 16, TIMEOUT).unwrap();
-            // A read header at BUFFERS, an indirect table at BUFFERS + 0x1000
-            // whose entries point back at it (a nested indirect among them).
-            let mut h = [0u8; 16];
-            h[..4].copy_from_slice(&T_IN.to_le_bytes());
-            fe.mem.write(hdr_in, &h);
-            let table = BUFFERS + 0x1000;
-            raw_vhost::write_desc(&fe.mem, table, hdr_in, 16, DESC_F_NEXT, 1);
-            raw_vhost::write_desc(
-                &fe.mem,
-                table + 16,
-                table,
-                48,
-                DESC_F_INDIRECT | DESC_F_NEXT,
-                2,
-            );
-            raw_vhost::write_desc(&fe.mem, table + 32, BUFFERS + 0x800, 1, DESC_F_WRITE, 0);
-            for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
-                fe.set_desc(i as u16, addr, len, flags, next);
-            }
-            fe.publish(head);
-            let consumed = fe.wait_consumed(fe.next_avail(), TIMEOUT);
-            assert!(
-                consumed || !ring_survives,
-                "ring: {name}: the chain was not consumed"
-            );
-            if ring_survives {
-                // The bad chain cost nothing but itself.
-                valid_get_id(&mut fe, 8);
-            }
+            bad_chain(s, name, &descs, head, ring_survives)
         });
     }
     h.case("ring: write request with its data in the used ring", |s| {

@@ -118,28 +118,15 @@ fn fill(byte: u8, len: usize) -> Vec<u8> {
     vec![byte; len]
 }
 
-#[test]
-fn a_frozen_node_forks_twice_and_the_forks_diverge_leaving_the_layer_intact() {
-    let env = Env::new();
-    let node = env.path("node.overlay");
-    // Whole blocks, and a sector in the middle of a payload block.
-    let sys_a = (129 << 20) + 2 * 4096;
-    env.write_node(
-        &node,
-        &[],
-        &[(DATA_AT, fill(0xa1, 8192)), (sys_a + 512, fill(0xa2, 512))],
-    );
-    let base = env.read_node(&env.path("fresh.overlay"), &[], &[(sys_a, 4096)]);
-
-    let out = env.ok(&["overlay", "freeze", "node.overlay", "snap.layer"]);
-    let layer = env.path("snap.layer");
+/// What freeze printed (`out`) and what `overlay info` says of the node
+/// frozen into `layer` and of the layer.
+fn check_frozen_node(env: &Env, out: &str, layer: &Path) {
     assert!(out.contains("Digest         sha256:"), "{out}");
     assert!(out.contains("Blocks         3 written, 0 zeroed"), "{out}");
     assert_eq!(
-        fs::metadata(&layer).unwrap().permissions().mode() & 0o777,
+        fs::metadata(layer).unwrap().permissions().mode() & 0o777,
         0o400
     );
-    let layer_sha = sha(&layer);
     let info = env.ok(&["overlay", "info", "node.overlay"]);
     assert!(info.contains("Written        0 blocks"), "{info}");
     assert!(
@@ -176,6 +163,62 @@ fn a_frozen_node_forks_twice_and_the_forks_diverge_leaving_the_layer_intact() {
         info.contains("Parent         none (the base disk)"),
         "{info}"
     );
+}
+
+/// Fork `name`, which wrote `byte` over the first sector of `sys_a` and the
+/// second of [`DATA_AT`] over `layer` (where `sys_a` holds `expect_sys_a`),
+/// read by its recorded chain, by the same chain given again and by export.
+fn check_fork(env: &Env, name: &str, byte: u8, layer: &Path, sys_a: u64, expect_sys_a: &[u8]) {
+    let fork = env.path(name);
+    let info = env.ok(&["overlay", "info", name]);
+    assert!(info.contains(&layer.display().to_string()), "{info}");
+    // No --layer: the recorded chain.
+    let got = env.read_node(&fork, &[], &[(DATA_AT, 8192), (sys_a, 4096)]);
+    let mut want = fill(0xa1, 8192);
+    want[512..1024].fill(byte);
+    assert_eq!(got[0], want, "{name} keeps its own writes only");
+    let mut want = expect_sys_a.to_vec();
+    want[..512].fill(byte);
+    assert_eq!(got[1], want, "{name} over the payload");
+    // The same chain given again is accepted.
+    env.read_node(&fork, &["--layer", "snap.layer"], &[(0, 512)]);
+    // export --overlay reads through the chain.
+    let raw = env.path("export.raw");
+    let mut cmd = env.ociblk(&["export"]);
+    cmd.args(env.node.layout_args())
+        .arg("--output")
+        .arg(&raw)
+        .arg("--overlay")
+        .arg(&fork);
+    run_ok(&mut cmd);
+    let f = fs::File::open(&raw).unwrap();
+    let mut got = vec![0u8; 4096];
+    f.read_exact_at(&mut got, sys_a).unwrap();
+    assert_eq!(got, want, "export of {name}");
+    let mut got = vec![0u8; 1024];
+    f.read_exact_at(&mut got, DATA_AT).unwrap();
+    assert_eq!(&got[..512], &fill(0xa1, 512)[..]);
+    assert_eq!(&got[512..], &fill(byte, 512)[..]);
+    fs::remove_file(&raw).unwrap();
+}
+
+#[test]
+fn a_frozen_node_forks_twice_and_the_forks_diverge_leaving_the_layer_intact() {
+    let env = Env::new();
+    let node = env.path("node.overlay");
+    // Whole blocks, and a sector in the middle of a payload block.
+    let sys_a = (129 << 20) + 2 * 4096;
+    env.write_node(
+        &node,
+        &[],
+        &[(DATA_AT, fill(0xa1, 8192)), (sys_a + 512, fill(0xa2, 512))],
+    );
+    let base = env.read_node(&env.path("fresh.overlay"), &[], &[(sys_a, 4096)]);
+
+    let out = env.ok(&["overlay", "freeze", "node.overlay", "snap.layer"]);
+    let layer = env.path("snap.layer");
+    let layer_sha = sha(&layer);
+    check_frozen_node(&env, &out, &layer);
 
     // Two forks over the layer, given relative to the working directory
     // (which `ociblk serve` inherits; no other test of this file depends
@@ -203,37 +246,7 @@ fn a_frozen_node_forks_twice_and_the_forks_diverge_leaving_the_layer_intact() {
         );
     }
     for (name, byte) in [("fork1.overlay", 0xb1u8), ("fork2.overlay", 0xb2)] {
-        let fork = env.path(name);
-        let info = env.ok(&["overlay", "info", name]);
-        assert!(info.contains(&layer.display().to_string()), "{info}");
-        // No --layer: the recorded chain.
-        let got = env.read_node(&fork, &[], &[(DATA_AT, 8192), (sys_a, 4096)]);
-        let mut want = fill(0xa1, 8192);
-        want[512..1024].fill(byte);
-        assert_eq!(got[0], want, "{name} keeps its own writes only");
-        let mut want = expect_sys_a.clone();
-        want[..512].fill(byte);
-        assert_eq!(got[1], want, "{name} over the payload");
-        // The same chain given again is accepted.
-        env.read_node(&fork, &["--layer", "snap.layer"], &[(0, 512)]);
-        // export --overlay reads through the chain.
-        let raw = env.path("export.raw");
-        let mut cmd = env.ociblk(&["export"]);
-        cmd.args(env.node.layout_args())
-            .arg("--output")
-            .arg(&raw)
-            .arg("--overlay")
-            .arg(&fork);
-        run_ok(&mut cmd);
-        let f = fs::File::open(&raw).unwrap();
-        let mut got = vec![0u8; 4096];
-        f.read_exact_at(&mut got, sys_a).unwrap();
-        assert_eq!(got, want, "export of {name}");
-        let mut got = vec![0u8; 1024];
-        f.read_exact_at(&mut got, DATA_AT).unwrap();
-        assert_eq!(&got[..512], &fill(0xa1, 512)[..]);
-        assert_eq!(&got[512..], &fill(byte, 512)[..]);
-        fs::remove_file(&raw).unwrap();
+        check_fork(&env, name, byte, &layer, sys_a, &expect_sys_a);
     }
     // The original node goes on over the layer too.
     let got = env.read_node(&node, &[], &[(DATA_AT, 8192)]);
@@ -248,6 +261,63 @@ fn a_frozen_node_forks_twice_and_the_forks_diverge_leaving_the_layer_intact() {
     env.ok(&["overlay", "reset", "fork1.overlay"]);
     let got = env.read_node(&env.path("fork1.overlay"), &[], &[(DATA_AT, 8192)]);
     assert_eq!(got[0], fill(0xa1, 8192));
+}
+
+/// Freezing onto an existing file, a layer again, and an overlay in use:
+/// refused naming the file (`node`'s overlay, frozen into `l1`).
+fn freeze_refusals(env: &Env, node: &Path, l1: &Path) {
+    // Freezing onto an existing file, and a layer again.
+    let msg = env.err(&["overlay", "freeze", "node.overlay", "l1"]);
+    assert!(
+        msg.contains(&format!("layer {} already exists", l1.display())),
+        "{msg}"
+    );
+    let msg = env.err(&["overlay", "freeze", "l1", "l3"]);
+    assert!(msg.contains("is a frozen layer, not an overlay"), "{msg}");
+    // Freezing an overlay in use.
+    let mut server = env.serve(node, &[]);
+    let msg = env.err(&["overlay", "freeze", "node.overlay", "l3"]);
+    assert!(
+        msg.contains(&format!(
+            "overlay {} is in use by another process",
+            node.display()
+        )),
+        "{msg}"
+    );
+    assert!(server.stop_with(libc::SIGTERM, STOP).success());
+    assert!(!env.path("l3").exists());
+}
+
+/// A modified map of `l1`, under `node`, is caught at every start;
+/// modified data by verify, which reads it all.
+fn modified_layer_refusals(env: &Env, node: &Path, l1: &Path) {
+    // A modified map: caught at every start.
+    let header = parse_header(&fs::read(l1).unwrap()[..4096]).unwrap();
+    let poke = |at: u64, v: u8| poke_read_only(l1, at, v);
+    let old = poke(header.map_offset + 3, 2);
+    env.refused(
+        "node",
+        node,
+        &[],
+        &format!("layer {} was modified", l1.display()),
+    );
+    let info = env.ok(&["overlay", "info", "node.overlay"]);
+    assert!(info.contains("Chain          BROKEN: layer"), "{info}");
+    poke(header.map_offset + 3, old);
+    // Modified data: found by verify, which reads it all.
+    let at = header.data_offset + DATA_AT + 10;
+    let old = poke(at, 0x77);
+    let msg = env.err(&["overlay", "verify", "node.overlay"]);
+    assert!(
+        msg.contains(&format!(
+            "layer {} was modified: its data does not match its digest",
+            l1.display()
+        )),
+        "{msg}"
+    );
+    poke(at, old);
+    let out = env.ok(&["overlay", "verify", "l1"]);
+    assert!(out.contains("verified"), "{out}");
 }
 
 #[test]
@@ -300,54 +370,9 @@ fn every_refusal_names_the_file() {
         &["--layer", "node.overlay"],
         "is an overlay, not a frozen layer",
     );
-    // Freezing onto an existing file, and a layer again.
-    let msg = env.err(&["overlay", "freeze", "node.overlay", "l1"]);
-    assert!(
-        msg.contains(&format!("layer {} already exists", l1.display())),
-        "{msg}"
-    );
-    let msg = env.err(&["overlay", "freeze", "l1", "l3"]);
-    assert!(msg.contains("is a frozen layer, not an overlay"), "{msg}");
-    // Freezing an overlay in use.
-    let mut server = env.serve(&node, &[]);
-    let msg = env.err(&["overlay", "freeze", "node.overlay", "l3"]);
-    assert!(
-        msg.contains(&format!(
-            "overlay {} is in use by another process",
-            node.display()
-        )),
-        "{msg}"
-    );
-    assert!(server.stop_with(libc::SIGTERM, STOP).success());
-    assert!(!env.path("l3").exists());
+    freeze_refusals(&env, &node, &l1);
 
-    // A modified map: caught at every start.
-    let header = parse_header(&fs::read(&l1).unwrap()[..4096]).unwrap();
-    let poke = |at: u64, v: u8| poke_read_only(&l1, at, v);
-    let old = poke(header.map_offset + 3, 2);
-    env.refused(
-        "node",
-        &node,
-        &[],
-        &format!("layer {} was modified", l1.display()),
-    );
-    let info = env.ok(&["overlay", "info", "node.overlay"]);
-    assert!(info.contains("Chain          BROKEN: layer"), "{info}");
-    poke(header.map_offset + 3, old);
-    // Modified data: found by verify, which reads it all.
-    let at = header.data_offset + DATA_AT + 10;
-    let old = poke(at, 0x77);
-    let msg = env.err(&["overlay", "verify", "node.overlay"]);
-    assert!(
-        msg.contains(&format!(
-            "layer {} was modified: its data does not match its digest",
-            l1.display()
-        )),
-        "{msg}"
-    );
-    poke(at, old);
-    let out = env.ok(&["overlay", "verify", "l1"]);
-    assert!(out.contains("verified"), "{out}");
+    modified_layer_refusals(&env, &node, &l1);
     // A missing layer.
     fs::rename(&l1, env.path("moved")).unwrap();
     env.refused(

@@ -208,6 +208,111 @@ fn poll_migration(qmp: &mut Qmp, until: impl Fn(&MigrationStatus) -> bool) -> Mi
     }
 }
 
+/// In the booted `source`: the probe's areas, the probe holding area A,
+/// the write-and-verify loop and a process dirtying memory; returns the
+/// loop's generations done once its first one was.
+fn start_io(source: &mut Guest) -> usize {
+    source.run_ok(
+        "D=/dev/$(basename $(dirname $(grep -lx PARTNAME=METROPOLIS-NODE-DATA /sys/class/block/vda*/uevent)))",
+        CMD,
+    );
+    source.run_ok(GEN, CMD);
+    // The probe's two areas, written with O_DIRECT.
+    source.run_ok(
+        "gen A 1 1024 | dd of=$D bs=1M seek=16 iflag=fullblock oflag=direct 2>/dev/null",
+        CMD,
+    );
+    source.run_ok(
+        "gen B 1 1024 | dd of=$D bs=1M seek=20 iflag=fullblock oflag=direct 2>/dev/null",
+        CMD,
+    );
+    // A is in the probe's buffer before the migration starts, so the
+    // migration's first pass sends the buffer with A in it.
+    source.run_ok(PROBE, CMD);
+    source.run_ok(&probe_read_to(20 << 20), CMD);
+    source.run_ok(W_LOOP, CMD);
+    // Memory dirtied (with bytes that are not zero, which the migration
+    // must send in full) faster than it converges at 1 ms downtime.
+    source.run_ok(
+        "dd if=/dev/urandom of=/dev/null bs=1M 2>/dev/null & Z=$!",
+        CMD,
+    );
+    source.run_ok(
+        "while ! grep -q '^gen 1 ' /tmp/w.log; do sleep 0.1; done",
+        CMD,
+    );
+    generations(&source.run_ok("cat /tmp/w.log", CMD)).len()
+}
+
+/// The destination QEMU, on the server at `socket`, waiting for the state
+/// on `incoming`; its QMP at `qmp`.
+fn start_destination(socket: &Path, qmp: &Path, incoming: &Path) -> (Guest, Qmp) {
+    let mut dest_cfg = GuestConfig::new(socket, Boot::DirectKernel);
+    dest_cfg.memory_mib = GUEST_MIB;
+    dest_cfg.extra_args = vec![
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", qmp.display()),
+        "-incoming".into(),
+        format!("unix:{}", incoming.display()),
+    ];
+    let dest = Guest::start(&dest_cfg);
+    let qd = Qmp::connect(qmp, QMP).unwrap();
+    assert!(wait_until(QMP, || incoming.exists()), "no incoming socket");
+    (dest, qd)
+}
+
+/// Migrates `source` (QMP `qs`) to `incoming`, held until every page was
+/// sent once; the probe then drains `area_a` and reads area B into its
+/// buffer before the migration may complete.
+fn migrate_across_the_probe(
+    qs: &mut Qmp,
+    source: &mut Guest,
+    incoming: &Path,
+    area_a: &[u8],
+) -> MigrationStatus {
+    qs.execute(
+        "migrate-set-parameters",
+        Some(serde_json::json!({"downtime-limit": 1, "max-bandwidth": 16u64 << 20})),
+    )
+    .unwrap();
+    qs.execute(
+        "migrate",
+        Some(serde_json::json!({"uri": format!("unix:{}", incoming.display())})),
+    )
+    .unwrap();
+    // Every page sent at least once.
+    let s = poll_migration(qs, |s| s.dirty_sync_count >= 2);
+    assert_eq!(
+        s.status, "active",
+        "the migration ended before the probe: {}",
+        s.raw
+    );
+    // Drain A: the probe reads B into its buffer, pages the migration
+    // has already sent and nothing has written since but the server.
+    let drained = source.run_ok(PROBE_DRAIN, CMD);
+    assert_eq!(
+        printed_sha256(&drained),
+        sha256_hex(area_a),
+        "area A on the source"
+    );
+    source.run_ok(&probe_read_to(24 << 20), CMD);
+    source.run_ok("kill $Z", CMD);
+    let s = qs.query_migrate().unwrap();
+    assert_eq!(
+        s.status, "active",
+        "the migration ended during the probe: {}",
+        s.raw
+    );
+    qs.execute(
+        "migrate-set-parameters",
+        Some(serde_json::json!({"downtime-limit": 2000, "max-bandwidth": 1u64 << 30})),
+    )
+    .unwrap();
+    let status = poll_migration(qs, |_| false);
+    assert_eq!(status.status, "completed", "migration: {}", status.raw);
+    status
+}
+
 /// Boots a guest on one server, starts the I/O loop, migrates it to a
 /// second QEMU on a second server (started with `--wait-for-overlay`),
 /// hands the overlay over and checks on the destination. With
@@ -253,92 +358,14 @@ fn migrate_under_io(seed: &str, skip_log: bool) -> Migrated {
     let mut source = Guest::start(&cfg);
     source.expect("ociblk-sample: ready", BOOT);
     source.expect("/ # ", CMD);
-    source.run_ok(
-        "D=/dev/$(basename $(dirname $(grep -lx PARTNAME=METROPOLIS-NODE-DATA /sys/class/block/vda*/uevent)))",
-        CMD,
-    );
-    source.run_ok(GEN, CMD);
-    // The probe's two areas, written with O_DIRECT.
-    let (area_a, area_b) = (blocks("A", 1, 1024), blocks("B", 1, 1024));
-    source.run_ok(
-        "gen A 1 1024 | dd of=$D bs=1M seek=16 iflag=fullblock oflag=direct 2>/dev/null",
-        CMD,
-    );
-    source.run_ok(
-        "gen B 1 1024 | dd of=$D bs=1M seek=20 iflag=fullblock oflag=direct 2>/dev/null",
-        CMD,
-    );
-    // A is in the probe's buffer before the migration starts, so the
-    // migration's first pass sends the buffer with A in it.
-    source.run_ok(PROBE, CMD);
-    source.run_ok(&probe_read_to(20 << 20), CMD);
-    source.run_ok(W_LOOP, CMD);
-    // Memory dirtied (with bytes that are not zero, which the migration
-    // must send in full) faster than it converges at 1 ms downtime.
-    source.run_ok(
-        "dd if=/dev/urandom of=/dev/null bs=1M 2>/dev/null & Z=$!",
-        CMD,
-    );
-    source.run_ok(
-        "while ! grep -q '^gen 1 ' /tmp/w.log; do sleep 0.1; done",
-        CMD,
-    );
-    let generations_before = generations(&source.run_ok("cat /tmp/w.log", CMD)).len();
+    let generations_before = start_io(&mut source);
 
     // The destination QEMU, on its own server, waiting for the state.
-    let mut dest_cfg = GuestConfig::new(&dest_socket, Boot::DirectKernel);
-    dest_cfg.memory_mib = GUEST_MIB;
-    dest_cfg.extra_args = vec![
-        "-qmp".into(),
-        format!("unix:{},server=on,wait=off", qmp_dest.display()),
-        "-incoming".into(),
-        format!("unix:{}", incoming.display()),
-    ];
-    let mut dest = Guest::start(&dest_cfg);
-    let mut qd = Qmp::connect(&qmp_dest, QMP).unwrap();
-    assert!(wait_until(QMP, || incoming.exists()), "no incoming socket");
+    let (mut dest, mut qd) = start_destination(&dest_socket, &qmp_dest, &incoming);
 
     let mut qs = Qmp::connect(&qmp_source, QMP).unwrap();
-    qs.execute(
-        "migrate-set-parameters",
-        Some(serde_json::json!({"downtime-limit": 1, "max-bandwidth": 16u64 << 20})),
-    )
-    .unwrap();
-    qs.execute(
-        "migrate",
-        Some(serde_json::json!({"uri": format!("unix:{}", incoming.display())})),
-    )
-    .unwrap();
-    // Every page sent at least once.
-    let s = poll_migration(&mut qs, |s| s.dirty_sync_count >= 2);
-    assert_eq!(
-        s.status, "active",
-        "the migration ended before the probe: {}",
-        s.raw
-    );
-    // Drain A: the probe reads B into its buffer, pages the migration
-    // has already sent and nothing has written since but the server.
-    let drained = source.run_ok(PROBE_DRAIN, CMD);
-    assert_eq!(
-        printed_sha256(&drained),
-        sha256_hex(&area_a),
-        "area A on the source"
-    );
-    source.run_ok(&probe_read_to(24 << 20), CMD);
-    source.run_ok("kill $Z", CMD);
-    let s = qs.query_migrate().unwrap();
-    assert_eq!(
-        s.status, "active",
-        "the migration ended during the probe: {}",
-        s.raw
-    );
-    qs.execute(
-        "migrate-set-parameters",
-        Some(serde_json::json!({"downtime-limit": 2000, "max-bandwidth": 1u64 << 30})),
-    )
-    .unwrap();
-    let status = poll_migration(&mut qs, |_| false);
-    assert_eq!(status.status, "completed", "migration: {}", status.raw);
+    let (area_a, area_b) = (blocks("A", 1, 1024), blocks("B", 1, 1024));
+    let status = migrate_across_the_probe(&mut qs, &mut source, &incoming, &area_a);
     let running = qd.execute("query-status", None).unwrap();
     assert_eq!(running["status"], "running", "destination: {running}");
     eprintln!(

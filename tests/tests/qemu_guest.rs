@@ -318,7 +318,7 @@ fn qemu_reconnects_after_server_restart() {
     let parts = partitions(&info);
     let base = node.export(false);
     let blob = sample_blob();
-    let mut server = node.serve(&[]);
+    let server = node.serve(&[]);
     let mut cfg = node.guest_config(Boot::DirectKernel);
     cfg.reconnect = true;
     let mut guest = boot(&cfg);
@@ -346,61 +346,13 @@ fn qemu_reconnects_after_server_restart() {
         "read before the restart"
     );
 
-    // Placed in the window the restart must not lose: a write the guest saw
-    // complete (O_DIRECT, so no page cache) with no FLUSH after it. The map
-    // on disk does not have it yet: only the server's live map does.
-    let durable = |node: &TestNode| node.overlay_info_json()["blocks_written"].as_u64().unwrap();
-    let before = durable(&node);
-    guest.run_ok(
-        &format!(
-            "dd if=/system/data/blob.bin of=/dev/{data} bs=64k seek={WINDOW_SEEK} oflag=direct 2>/dev/null"
-        ),
-        CMD,
-    );
-    assert_eq!(
-        durable(&node),
-        before,
-        "the window write was flushed before the kill: the test would prove nothing"
-    );
+    write_unflushed(&node, &mut guest, &data);
 
-    // I/O in flight across the restart: a 128 MiB reader (the ESP), eight
-    // O_DIRECT readers of 8 MiB each that keep a deeper queue (the server
-    // runs a queue's requests concurrently and must still complete them
-    // in order for the restart to be exact) and a 64 MiB writer (blob.bin
-    // over and over, each piece fsynced) take seconds under TCG. Observed with QEMU 7.2: when the backend dies,
-    // QEMU cannot fetch the ring state ("vhost VQ n ring restore failed" on
-    // its stderr), rewinds each queue to its used index, and on reconnect
-    // the new server processes every request the old one had not
-    // completed, so both jobs finish with the right bytes (ociblk offers no
-    // inflight tracking and needs none for this).
     let esp_mib = (esp.first_lba * 512) >> 20;
-    guest.run_ok(
-        &format!(
-            "(dd if=/dev/vda bs=1M skip={esp_mib} count=128 2>/dev/null | sha256sum > /tmp/r) & rp=$!; \
-             (for k in $(seq 0 63); do dd if=/system/data/blob.bin of=/dev/{data} bs=64k \
-             seek=$((k * 16)) conv=fsync 2>/dev/null || exit 1; done) & wp=$!; \
-             dps=; for k in $(seq 0 {last}); do \
-             (dd if=/dev/vda iflag=direct bs=64k skip=$(( ({esp_mib} + k * 8) * 16 )) count=128 \
-             2>/dev/null | sha256sum > /tmp/d$k) & dps=\"$dps $!\"; done",
-            last = DIRECT_READERS - 1,
-        ),
-        CMD,
-    );
+    start_io_in_flight(&mut guest, &data, esp_mib);
     // Still running: the restart below happens with requests in flight.
     guest.run_ok("test ! -s /tmp/r", CMD);
-    let status = server.stop_with(libc::SIGKILL, EXIT);
-    assert!(!status.success(), "SIGKILL should not exit cleanly");
-    drop(server);
-    // The old socket is still there; the new server replaces it.
-    let mut server = node.serve(&[]);
-    assert!(
-        wait_until(Duration::from_secs(30), || log_has(
-            &server,
-            "frontend connected"
-        )),
-        "QEMU did not reconnect to the new server:\n{}",
-        server.log.text()
-    );
+    let mut server = kill_and_restart(&node, server);
 
     // The guest reads its completed write back from the new server, and its
     // next FLUSH goes there.
@@ -418,24 +370,7 @@ fn qemu_reconnects_after_server_restart() {
         &format!("dd if=/dev/null of=/dev/{data} count=0 conv=fsync 2>/dev/null"),
         CMD,
     );
-    let out = guest.run_ok(
-        &format!(
-            "wait $rp && wait $wp && for p in $dps; do wait $p || exit 1; done && \
-             echo \"{TAG} $(cut -c1-64 /tmp/r)\" && \
-             for k in $(seq 0 {last}); do echo \"{TAG} $(cut -c1-64 /tmp/d$k)\"; done",
-            last = DIRECT_READERS - 1,
-        ),
-        Duration::from_secs(180),
-    );
-    let mut want_reads = vec![sha256_hex(&read_at(&base, esp_mib << 20, 128 << 20))];
-    want_reads.extend(
-        (0..DIRECT_READERS).map(|k| sha256_hex(&read_at(&base, (esp_mib + k * 8) << 20, 8 << 20))),
-    );
-    assert_eq!(
-        tagged(&out),
-        want_reads,
-        "reads in flight across the restart:\n{out}"
-    );
+    check_io_in_flight(&mut guest, &base, esp_mib);
 
     // New reads and writes on the new connection.
     assert_eq!(
@@ -463,6 +398,100 @@ fn qemu_reconnects_after_server_restart() {
     server.stop_cleanly(EXIT, "stopping");
 
     // Both writes are in the overlay.
+    check_overlay_after_restart(&node, data_start, &blob);
+}
+
+/// Writes blob.bin at [`WINDOW_SEEK`] of the data partition `data`, in the
+/// window a restart must not lose: a write the guest saw complete
+/// (O_DIRECT, so no page cache) with no FLUSH after it. The map on disk
+/// does not have it yet: only the server's live map does.
+fn write_unflushed(node: &TestNode, guest: &mut Guest, data: &str) {
+    let durable = |node: &TestNode| node.overlay_info_json()["blocks_written"].as_u64().unwrap();
+    let before = durable(node);
+    guest.run_ok(
+        &format!(
+            "dd if=/system/data/blob.bin of=/dev/{data} bs=64k seek={WINDOW_SEEK} oflag=direct 2>/dev/null"
+        ),
+        CMD,
+    );
+    assert_eq!(
+        durable(node),
+        before,
+        "the window write was flushed before the kill: the test would prove nothing"
+    );
+}
+
+/// Starts, in the background, reads of the ESP (which starts at MiB
+/// `esp_mib`) and writes of the data partition `data` that take seconds.
+fn start_io_in_flight(guest: &mut Guest, data: &str, esp_mib: u64) {
+    // I/O in flight across the restart: a 128 MiB reader (the ESP), eight
+    // O_DIRECT readers of 8 MiB each that keep a deeper queue (the server
+    // runs a queue's requests concurrently and must still complete them
+    // in order for the restart to be exact) and a 64 MiB writer (blob.bin
+    // over and over, each piece fsynced) take seconds under TCG. Observed with QEMU 7.2: when the backend dies,
+    // QEMU cannot fetch the ring state ("vhost VQ n ring restore failed" on
+    // its stderr), rewinds each queue to its used index, and on reconnect
+    // the new server processes every request the old one had not
+    // completed, so both jobs finish with the right bytes (ociblk offers no
+    // inflight tracking and needs none for this).
+    guest.run_ok(
+        &format!(
+            "(dd if=/dev/vda bs=1M skip={esp_mib} count=128 2>/dev/null | sha256sum > /tmp/r) & rp=$!; \
+             (for k in $(seq 0 63); do dd if=/system/data/blob.bin of=/dev/{data} bs=64k \
+             seek=$((k * 16)) conv=fsync 2>/dev/null || exit 1; done) & wp=$!; \
+             dps=; for k in $(seq 0 {last}); do \
+             (dd if=/dev/vda iflag=direct bs=64k skip=$(( ({esp_mib} + k * 8) * 16 )) count=128 \
+             2>/dev/null | sha256sum > /tmp/d$k) & dps=\"$dps $!\"; done",
+            last = DIRECT_READERS - 1,
+        ),
+        CMD,
+    );
+}
+
+/// SIGKILLs `server` and starts a new one on the old socket, which it
+/// replaces; QEMU reconnects to it.
+fn kill_and_restart(node: &TestNode, mut server: Server) -> Server {
+    let status = server.stop_with(libc::SIGKILL, EXIT);
+    assert!(!status.success(), "SIGKILL should not exit cleanly");
+    drop(server);
+    let server = node.serve(&[]);
+    assert!(
+        wait_until(Duration::from_secs(30), || log_has(
+            &server,
+            "frontend connected"
+        )),
+        "QEMU did not reconnect to the new server:\n{}",
+        server.log.text()
+    );
+    server
+}
+
+/// Waits for the I/O [`start_io_in_flight`] started and compares what its
+/// readers read with the exported disk `base`.
+fn check_io_in_flight(guest: &mut Guest, base: &Path, esp_mib: u64) {
+    let out = guest.run_ok(
+        &format!(
+            "wait $rp && wait $wp && for p in $dps; do wait $p || exit 1; done && \
+             echo \"{TAG} $(cut -c1-64 /tmp/r)\" && \
+             for k in $(seq 0 {last}); do echo \"{TAG} $(cut -c1-64 /tmp/d$k)\"; done",
+            last = DIRECT_READERS - 1,
+        ),
+        Duration::from_secs(180),
+    );
+    let mut want_reads = vec![sha256_hex(&read_at(base, esp_mib << 20, 128 << 20))];
+    want_reads.extend(
+        (0..DIRECT_READERS).map(|k| sha256_hex(&read_at(base, (esp_mib + k * 8) << 20, 8 << 20))),
+    );
+    assert_eq!(
+        tagged(&out),
+        want_reads,
+        "reads in flight across the restart:\n{out}"
+    );
+}
+
+/// The write in flight across the restart, the write after it and the
+/// unflushed write before the kill are all in the exported overlay.
+fn check_overlay_after_restart(node: &TestNode, data_start: u64, blob: &[u8]) {
     let disk = node.export(true);
     assert!(
         read_at(&disk, data_start, 64 << 20) == blob.repeat(64),

@@ -101,6 +101,20 @@ impl Fixture {
         Server::start(&self.socket(name), &args)
     }
 
+    /// The `ociblk serve --read-only` command of the registry reference at
+    /// socket `name`, not started: for starts that must fail.
+    fn serve_command(&self, name: &str) -> Command {
+        let mut cmd = Command::new(ociblk_bin());
+        cmd.args(["serve", "--image", &self.reference(), "--cache"])
+            .arg(self.cache())
+            .args(["--seed", SEED])
+            .args(DISK)
+            .arg("--read-only")
+            .arg("--socket")
+            .arg(self.socket(name));
+        cmd
+    }
+
     /// Blob requests the registry saw after the first `before` of its log.
     fn blob_requests_since(&self, before: usize) -> usize {
         self.proxy.log()[before..]
@@ -159,16 +173,6 @@ impl Fixture {
     }
 }
 
-/// Reads `len` bytes at `offset` and checks them against the local disk.
-fn read_same(fx: &Fixture, c: &mut VhostBlkClient, offset: u64, len: u64) {
-    let done = c.read(0, offset, len as u32).unwrap();
-    assert_eq!(done.status, BlkStatus::Ok, "read of {len} at {offset}");
-    assert!(
-        done.data == fx.local(offset, len),
-        "{len} bytes at {offset} differ from the local layout's disk"
-    );
-}
-
 fn read_status(c: &mut VhostBlkClient, offset: u64, len: u32) -> BlkStatus {
     c.read(0, offset, len).unwrap().status
 }
@@ -180,7 +184,7 @@ fn read_whole_disk_same(fx: &Fixture, c: &mut VhostBlkClient) {
     let mut offset = 0;
     while offset < size {
         let len = MIB.min(size - offset);
-        read_same(fx, c, offset, len);
+        fx.read_same(c, offset, len);
         offset += len;
     }
 }
@@ -214,12 +218,12 @@ fn cold_cache_serves_the_layouts_bytes_fetching_only_touched_chunks_then_warm_an
         &fx.sample.manifest_digest.to_string(),
     ]);
     let mut c = fx.connect("cold");
-    read_same(&fx, &mut c, 0, MIB);
+    fx.read_same(&mut c, 0, MIB);
     assert!(fx.fetches("system").is_empty() && fx.fetches("kernel.efi").is_empty());
 
     // One sector of system chunk 1: exactly that chunk is fetched.
     let sys = fx.disk_offset("system", 0);
-    read_same(&fx, &mut c, sys + system.chunk_size(), 512);
+    fx.read_same(&mut c, sys + system.chunk_size(), 512);
     assert_eq!(
         fx.fetches("system"),
         [format!(
@@ -232,7 +236,7 @@ fn cold_cache_serves_the_layouts_bytes_fetching_only_touched_chunks_then_warm_an
 
     // Kernel chunk 3, through the ESP's file: one more fetch, that chunk.
     let k3 = fx.disk_offset("kernel.efi", 3 * kernel.chunk_size());
-    read_same(&fx, &mut c, k3, 4096);
+    fx.read_same(&mut c, k3, 4096);
     assert_eq!(
         fx.fetches("kernel.efi"),
         [format!(
@@ -290,7 +294,7 @@ fn registry_stopped_mid_run_fails_reads_of_missing_chunks_then_recovers() {
     let server = fx.serve("node", &[]);
     let mut c = fx.connect("node");
     let k0 = fx.disk_offset("kernel.efi", 0);
-    read_same(&fx, &mut c, k0, 4096);
+    fx.read_same(&mut c, k0, 4096);
 
     fx.registry.stop();
     let k5 = fx.disk_offset("kernel.efi", 5 * kernel.chunk_size());
@@ -298,11 +302,11 @@ fn registry_stopped_mid_run_fails_reads_of_missing_chunks_then_recovers() {
     let line = server.wait_for_line(&["could not be fetched", "chunk=5"]);
     assert!(line.contains(&kernel.digest.to_string()), "{line}");
     // Cached chunks keep serving, and the server keeps serving.
-    read_same(&fx, &mut c, k0, 4096);
+    fx.read_same(&mut c, k0, 4096);
 
     fx.registry.restart();
-    read_same(&fx, &mut c, k5, 4096);
-    read_same(&fx, &mut c, k5 + kernel.chunk_size(), 8192);
+    fx.read_same(&mut c, k5, 4096);
+    fx.read_same(&mut c, k5 + kernel.chunk_size(), 8192);
     drop(server);
 }
 
@@ -322,8 +326,8 @@ fn blob_corrupted_in_registry_storage_gets_ioerr_naming_digest_and_chunk() {
         "{line}"
     );
     // Its neighbours read right; the bad chunk is never cached.
-    read_same(&fx, &mut c, k2 - 4096, 4096);
-    read_same(&fx, &mut c, k2 + kernel.chunk_size(), 4096);
+    fx.read_same(&mut c, k2 - 4096, 4096);
+    fx.read_same(&mut c, k2 + kernel.chunk_size(), 4096);
     assert_eq!(read_status(&mut c, k2 + 8192, 512), BlkStatus::IoErr);
     drop(server);
 }
@@ -338,7 +342,7 @@ fn no_verify_still_fetches_verified_chunks() {
     let mut c = fx.connect("node");
     let k0 = fx.disk_offset("kernel.efi", 0);
     assert_eq!(read_status(&mut c, k0, 4096), BlkStatus::IoErr);
-    read_same(&fx, &mut c, k0 + kernel.chunk_size(), 4096);
+    fx.read_same(&mut c, k0 + kernel.chunk_size(), 4096);
     drop(server);
 }
 
@@ -378,12 +382,7 @@ fn pull_fills_the_cache_and_cache_tools_report_and_collect() {
         fx.sample.manifest_digest.to_string()
     );
     for (_, p) in &fx.sample.payloads {
-        let blob = info["blobs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|b| b["digest"] == p.digest.to_string())
-            .unwrap();
+        let blob = cached_blob(&info, p);
         assert_eq!(blob["chunks"][0]["present"], p.chunks());
     }
 
@@ -460,7 +459,7 @@ fn torn_cached_chunk_is_fetched_again_and_served_right() {
     let server = fx.serve("node", &[]);
     let mut c = fx.connect("node");
     let k4 = fx.disk_offset("kernel.efi", 4 * kernel.chunk_size());
-    read_same(&fx, &mut c, k4, 4096);
+    fx.read_same(&mut c, k4, 4096);
     server.wait_for_line(&["chunk 4", "fetching the chunk again"]);
     assert_eq!(
         fx.fetches("kernel.efi")[before..],
@@ -519,25 +518,7 @@ fn qemu_guest_boots_from_a_registry_reference_with_a_cold_cache() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no bytes= in {line}"));
     let payloads: u64 = fx.sample.payloads.iter().map(|(_, p)| p.size()).sum();
-    let mut requests = 0;
-    for name in ["system", "kernel.efi"] {
-        let fetched = fx.fetches(name);
-        let mut unique = fetched.clone();
-        unique.sort();
-        unique.dedup();
-        assert_eq!(
-            unique.len(),
-            fetched.len(),
-            "{name}: a chunk fetched twice: {fetched:?}"
-        );
-        assert!(!fetched.is_empty(), "{name}: nothing fetched");
-        eprintln!(
-            "{name}: {} of {} chunks fetched",
-            fetched.len(),
-            fx.sample.payload(name).chunks()
-        );
-        requests += fetched.len();
-    }
+    let requests = chunks_fetched_once_each(&fx);
     assert!(bytes > 0 && bytes <= payloads, "{bytes} of {payloads}");
     eprintln!(
         "cold-cache UEFI boot: fetched {bytes} of {payloads} payload bytes in {requests} chunk requests"
@@ -549,16 +530,8 @@ fn qemu_guest_boots_from_a_registry_reference_with_a_cold_cache() {
     let recorded = AccessRecord::read(&record).unwrap();
     assert_eq!(recorded.manifest, fx.sample.manifest_digest);
     assert_eq!(recorded.chunks.len(), requests, "{recorded:?}");
-    let recorded_chunks = |blob: &BlobSpec| -> Vec<u64> {
-        let mut v: Vec<u64> = recorded
-            .chunks
-            .iter()
-            .filter(|c| c.chunk.blob == blob.digest)
-            .map(|c| c.chunk.index)
-            .collect();
-        v.sort_unstable();
-        v
-    };
+    let recorded_chunks =
+        |blob: &BlobSpec| chunks_of(recorded.chunks.iter().map(|c| &c.chunk), blob);
     for (_, blob) in &fx.sample.payloads {
         assert_eq!(recorded_chunks(blob), cached_chunks(&fx.cache(), blob));
     }
@@ -578,6 +551,31 @@ fn qemu_guest_boots_from_a_registry_reference_with_a_cold_cache() {
     let line = replay.wait_for_line(&["prefetch done"]);
     assert!(line.contains(&format!("fetched={requests} ")), "{line}");
     replay.stop_cleanly(Duration::from_secs(20), "after the replay");
+}
+
+/// Chunk requests for both payloads, none fetched twice and neither
+/// payload untouched: how many.
+fn chunks_fetched_once_each(fx: &Fixture) -> usize {
+    let mut requests = 0;
+    for name in ["system", "kernel.efi"] {
+        let fetched = fx.fetches(name);
+        let mut unique = fetched.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(
+            unique.len(),
+            fetched.len(),
+            "{name}: a chunk fetched twice: {fetched:?}"
+        );
+        assert!(!fetched.is_empty(), "{name}: nothing fetched");
+        eprintln!(
+            "{name}: {} of {} chunks fetched",
+            fetched.len(),
+            fx.sample.payload(name).chunks()
+        );
+        requests += fetched.len();
+    }
+    requests
 }
 
 #[test]
@@ -617,7 +615,7 @@ fn chunk_not_fetched_in_time_fails_the_read_and_a_later_read_succeeds() {
     assert_eq!(read_status(&mut c, k1, 4096), BlkStatus::IoErr);
     server.wait_for_line(&["could not be fetched", "chunk=1"]);
     fx.proxy.set(|b| b.blob_delay = Duration::ZERO);
-    read_same(&fx, &mut c, k1, 4096);
+    fx.read_same(&mut c, k1, 4096);
     drop(server);
 }
 
@@ -681,14 +679,24 @@ fn a_registry_ignoring_range_still_serves_the_right_bytes() {
     let server = fx.serve("node", &[]);
     let mut c = fx.connect("node");
     let k3 = fx.disk_offset("kernel.efi", 3 * kernel.chunk_size());
-    read_same(&fx, &mut c, k3, 8192);
+    fx.read_same(&mut c, k3, 8192);
     // The whole-blob answer brought chunks 0 to 3: reading them fetches nothing more.
     let answers = fx.fetches("kernel.efi").len();
     assert_eq!(answers, 1);
     let k0 = fx.disk_offset("kernel.efi", 0);
-    read_same(&fx, &mut c, k0, 3 * kernel.chunk_size());
+    fx.read_same(&mut c, k0, 3 * kernel.chunk_size());
     assert_eq!(fx.fetches("kernel.efi").len(), answers);
     drop(server);
+}
+
+/// What `ociblk cache info --json` (`info`) says of `blob`.
+fn cached_blob<'a>(info: &'a serde_json::Value, blob: &BlobSpec) -> &'a serde_json::Value {
+    info["blobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["digest"] == blob.digest.to_string())
+        .unwrap()
 }
 
 /// The chunks of `blob` present in the cache `cache` (its chunk map).
@@ -733,29 +741,60 @@ fn recorded_access_is_prefetched_into_an_empty_cache_without_guest_reads() {
         } else {
             "kernel.efi"
         };
-        read_same(
-            &fx,
+        fx.read_same(
             &mut c,
             fx.disk_offset(name, chunk * blob.chunk_size()),
             4096,
         );
-        read_same(&fx, &mut c, 0, 4096);
+        fx.read_same(&mut c, 0, 4096);
     }
     drop(c);
     server.stop_cleanly(Duration::from_secs(20), "after recording");
     server.wait_for_line(&["access record written", "chunks=4"]);
-    let expected: Vec<ChunkRef> = [(&system, 1), (&kernel, 3), (&system, 0), (&kernel, 0)]
+    let order = [(&system, 1), (&kernel, 3), (&system, 0), (&kernel, 0)];
+    let in_cache = check_written_record(&fx, &record, &chunk_refs(&order));
+
+    // Replay on an empty cache (another host's): exactly the recorded
+    // chunks arrive, in order, with no client connected.
+    replay_into_an_empty_cache(&fx, &record_arg, &order);
+
+    // The record kept in the first cache is replayed there without
+    // --prefetch, once gc has emptied it; --no-prefetch leaves it alone,
+    // and a damaged one is ignored.
+    prefetch_from_the_caches_record(&fx, &kernel, &in_cache);
+}
+
+/// The chunks `order` names, as an access record lists them.
+fn chunk_refs(order: &[(&BlobSpec, u64)]) -> Vec<ChunkRef> {
+    order
         .iter()
         .map(|(b, i)| ChunkRef {
             blob: b.digest.clone(),
             index: *i,
         })
+        .collect()
+}
+
+/// The indexes of `blob`'s chunks among `chunks`, sorted.
+fn chunks_of<'a>(chunks: impl IntoIterator<Item = &'a ChunkRef>, blob: &BlobSpec) -> Vec<u64> {
+    let mut v: Vec<u64> = chunks
+        .into_iter()
+        .filter(|c| c.blob == blob.digest)
+        .map(|c| c.index)
         .collect();
-    let written = AccessRecord::read(&record).unwrap();
+    v.sort_unstable();
+    v
+}
+
+/// Checks the access record written at `record`: for the sample's
+/// manifest, `expected` in order, mode 0600, and the same bytes as the
+/// copy the cache keeps, whose path it returns.
+fn check_written_record(fx: &Fixture, record: &Path, expected: &[ChunkRef]) -> PathBuf {
+    let written = AccessRecord::read(record).unwrap();
     assert_eq!(written.manifest, fx.sample.manifest_digest);
     let order: Vec<ChunkRef> = written.chunks.iter().map(|c| c.chunk.clone()).collect();
     assert_eq!(order, expected);
-    let mode = std::fs::metadata(&record).unwrap().permissions();
+    let mode = std::fs::metadata(record).unwrap().permissions();
     assert_eq!(
         std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
         0o600
@@ -766,32 +805,30 @@ fn recorded_access_is_prefetched_into_an_empty_cache_without_guest_reads() {
         .join(fx.sample.manifest_digest.hex());
     assert_eq!(
         std::fs::read(&in_cache).unwrap(),
-        std::fs::read(&record).unwrap()
+        std::fs::read(record).unwrap()
     );
+    in_cache
+}
 
-    // Replay on an empty cache (another host's): exactly the recorded
-    // chunks arrive, in order, with no client connected.
+/// Serves an empty cache with `--prefetch record_arg` and no client: the
+/// chunks of `order` arrive, one request each, in order; a guest's read of
+/// a prefetched chunk then fetches nothing more.
+fn replay_into_an_empty_cache(fx: &Fixture, record_arg: &str, order: &[(&BlobSpec, u64)]) {
+    let system = fx.sample.payload("system");
+    let kernel = fx.sample.payload("kernel.efi");
+    let expected = chunk_refs(order);
     let empty = fx.node.dir().join("cache2");
     let before = fx.proxy.log().len();
-    let mut replay = fx.serve_in(&empty, "replay", &["--prefetch", &record_arg]);
-    let want = |blob: &BlobSpec| -> Vec<u64> {
-        let mut v: Vec<u64> = expected
-            .iter()
-            .filter(|c| c.blob == blob.digest)
-            .map(|c| c.index)
-            .collect();
-        v.sort_unstable();
-        v
-    };
+    let mut replay = fx.serve_in(&empty, "replay", &["--prefetch", record_arg]);
     let filled = wait_until(Duration::from_secs(30), || {
-        cached_chunks(&empty, &system) == want(&system)
-            && cached_chunks(&empty, &kernel) == want(&kernel)
+        cached_chunks(&empty, system) == chunks_of(&expected, system)
+            && cached_chunks(&empty, kernel) == chunks_of(&expected, kernel)
     });
     assert!(
         filled,
         "prefetch did not fill the cache: system {:?}, kernel {:?}\n{}",
-        cached_chunks(&empty, &system),
-        cached_chunks(&empty, &kernel),
+        cached_chunks(&empty, system),
+        cached_chunks(&empty, kernel),
         replay.log.text()
     );
     let line = replay.wait_for_line(&["prefetch done"]);
@@ -806,7 +843,7 @@ fn recorded_access_is_prefetched_into_an_empty_cache_without_guest_reads() {
         fx.proxy.log()[before..]
             .iter()
             .filter(|l| {
-                [&system, &kernel]
+                [system, kernel]
                     .iter()
                     .any(|b| l.path.ends_with(&b.digest.to_string()))
                     && matches!(l.status, 200 | 206)
@@ -815,7 +852,7 @@ fn recorded_access_is_prefetched_into_an_empty_cache_without_guest_reads() {
             .collect()
     };
     let ranges = payload_ranges();
-    let expected_ranges: Vec<String> = [(&system, 1), (&kernel, 3), (&system, 0), (&kernel, 0)]
+    let expected_ranges: Vec<String> = order
         .iter()
         .map(|(b, i)| {
             let (start, len) = b.chunk_range(*i);
@@ -828,18 +865,17 @@ fn recorded_access_is_prefetched_into_an_empty_cache_without_guest_reads() {
     );
     // The guest's read of a prefetched chunk fetches nothing more.
     let mut c = fx.connect("replay");
-    read_same(
-        &fx,
-        &mut c,
-        fx.disk_offset("system", system.chunk_size()),
-        4096,
-    );
+    fx.read_same(&mut c, fx.disk_offset("system", system.chunk_size()), 4096);
     assert_eq!(payload_ranges(), expected_ranges);
     drop(c);
     replay.stop_cleanly(Duration::from_secs(20), "after the replay");
+}
 
-    // The record kept in the first cache is replayed there without
-    // --prefetch, once gc has emptied it.
+/// The record the cache keeps at `in_cache` is prefetched without
+/// --prefetch once gc has emptied the cache (`kernel` among its chunks);
+/// --no-prefetch leaves it alone; a damaged one is ignored with a warning
+/// naming it, and the server serves.
+fn prefetch_from_the_caches_record(fx: &Fixture, kernel: &BlobSpec, in_cache: &Path) {
     run_ok(Command::new(ociblk_bin()).args([
         "cache",
         "gc",
@@ -848,7 +884,7 @@ fn recorded_access_is_prefetched_into_an_empty_cache_without_guest_reads() {
         "--cache",
         &fx.cache().display().to_string(),
     ]));
-    assert!(cached_chunks(&fx.cache(), &kernel).is_empty());
+    assert!(cached_chunks(&fx.cache(), kernel).is_empty());
     let auto = fx.serve("auto", &[]);
     auto.wait_for_line(&[
         "prefetching recorded chunks",
@@ -858,12 +894,10 @@ fn recorded_access_is_prefetched_into_an_empty_cache_without_guest_reads() {
     assert!(line.contains("fetched=4"), "{line}");
     drop(auto);
 
-    // --no-prefetch leaves the cache's record alone; a damaged one is
-    // ignored with a warning naming it, and the server serves.
     let mut off = fx.serve("off", &["--no-prefetch"]);
     off.stop_cleanly(Duration::from_secs(20), "with --no-prefetch");
     assert!(!off.log.text().contains("prefetch"), "{}", off.log.text());
-    std::fs::write(&in_cache, "ociblk-access-record 1\nmanifest x\n").unwrap();
+    std::fs::write(in_cache, "ociblk-access-record 1\nmanifest x\n").unwrap();
     let damaged = fx.serve("damaged", &[]);
     let line = damaged.wait_for_line(&["not prefetching from the cache's access record"]);
     assert!(
@@ -871,7 +905,7 @@ fn recorded_access_is_prefetched_into_an_empty_cache_without_guest_reads() {
         "{line}"
     );
     let mut c = fx.connect("damaged");
-    read_same(&fx, &mut c, fx.disk_offset("kernel.efi", 0), 4096);
+    fx.read_same(&mut c, fx.disk_offset("kernel.efi", 0), 4096);
     drop(c);
     drop(damaged);
 }
@@ -957,7 +991,7 @@ fn another_image_claiming_a_blobs_digest_never_changes_chunks_a_running_server_v
     let server = fx.serve("a", &[]);
     let mut c = fx.connect("a");
     let k0 = fx.disk_offset("kernel.efi", 0);
-    read_same(&fx, &mut c, k0, 64 << 10);
+    fx.read_same(&mut c, k0, 64 << 10);
 
     let cache_arg = fx.cache().display().to_string();
     let out = run_bounded(
@@ -966,7 +1000,7 @@ fn another_image_claiming_a_blobs_digest_never_changes_chunks_a_running_server_v
     );
 
     // A's server still serves A's bytes, and so does a new one.
-    read_same(&fx, &mut c, k0, 64 << 10);
+    fx.read_same(&mut c, k0, 64 << 10);
     let text =
         String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -983,12 +1017,7 @@ fn another_image_claiming_a_blobs_digest_never_changes_chunks_a_running_server_v
     let info =
         run_ok(Command::new(ociblk_bin()).args(["cache", "info", "--json", "--cache", &cache_arg]));
     let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
-    let blob = info["blobs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["digest"] == kernel.digest.to_string())
-        .unwrap();
+    let blob = cached_blob(&info, &kernel);
     assert_eq!(blob["chunks"].as_array().unwrap().len(), 2, "{blob}");
 }
 
@@ -1008,32 +1037,18 @@ fn fifos_as_access_record_tag_record_or_prefetch_file_are_refused_not_waited_on(
     let server = fx.serve("fifo-record", &[]);
     server.wait_for_line(&["not prefetching", "a FIFO"]);
     let mut c = fx.connect("fifo-record");
-    read_same(&fx, &mut c, 0, MIB);
+    fx.read_same(&mut c, 0, MIB);
     drop(c);
     drop(server);
 
     // --prefetch FIFO: refused, naming it.
     let fifo = fx.node.dir().join("prefetch.fifo");
     mkfifo(&fifo);
-    let reference = fx.reference();
-    let out = run_bounded(
-        Command::new(ociblk_bin())
-            .args([
-                "serve", "--image", &reference, "--cache", &cache_arg, "--seed", SEED,
-            ])
-            .args(DISK)
-            .arg("--read-only")
-            .arg("--socket")
-            .arg(fx.socket("fifo-prefetch"))
+    refused_naming_fifo(
+        fx.serve_command("fifo-prefetch")
             .arg("--prefetch")
             .arg(&fifo),
-        bounded,
-    );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        err.contains(&fifo.display().to_string()) && err.contains("a FIFO"),
-        "{err}"
+        &fifo,
     );
 
     // A FIFO tag record: cache info and gc list and collect the rest...
@@ -1057,21 +1072,16 @@ fn fifos_as_access_record_tag_record_or_prefetch_file_are_refused_not_waited_on(
     }
     // ... and an offline start, which needs the tag record, says what it is.
     fx.registry.stop();
-    let out = run_bounded(
-        Command::new(ociblk_bin())
-            .args([
-                "serve", "--image", &reference, "--cache", &cache_arg, "--seed", SEED,
-            ])
-            .args(DISK)
-            .arg("--read-only")
-            .arg("--socket")
-            .arg(fx.socket("fifo-tag")),
-        bounded,
-    );
+    refused_naming_fifo(&mut fx.serve_command("fifo-tag"), &tag);
+}
+
+/// Runs `cmd` (bounded): it fails, naming the FIFO `fifo`.
+fn refused_naming_fifo(cmd: &mut Command, fifo: &Path) {
+    let out = run_bounded(cmd, Duration::from_secs(30));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        err.contains(&tag.display().to_string()) && err.contains("a FIFO"),
+        err.contains(&fifo.display().to_string()) && err.contains("a FIFO"),
         "{err}"
     );
 }

@@ -156,13 +156,15 @@ fn writes_discards_and_write_zeroes_read_back() {
     );
 }
 
-#[test]
-fn bad_requests_get_ioerr_and_the_server_keeps_serving() {
-    let node = TestNode::small("client-3");
-    let mut server = node.serve(&[]);
-    let mut c = node.connect(opts(1));
+/// A raw chain's completion bound.
+fn deadline() -> Instant {
+    Instant::now() + Duration::from_secs(5)
+}
+
+/// Out of range, straddling the end, and overflowing sector numbers get
+/// IOERR; the next good request works.
+fn out_of_range_requests_fail(c: &mut VhostBlkClient) {
     let sectors = DISK_SIZE / 512;
-    // Out of range, straddling the end, and overflowing sector numbers.
     for (sector, len) in [
         (sectors, 512u32),
         (sectors - 1, 1024),
@@ -180,14 +182,17 @@ fn bad_requests_get_ioerr_and_the_server_keeps_serving() {
             BlkStatus::IoErr
         );
         assert_eq!(
-            read_ok(&mut c, 0, 0, 512)[510..],
+            read_ok(c, 0, 0, 512)[510..],
             [0x55, 0xAA],
             "next good request works"
         );
     }
-    // Malformed chains: data length not a multiple of 512, a write whose data
-    // descriptor is writable, a short header. Each must end with IOERR.
-    let deadline = || Instant::now() + Duration::from_secs(5);
+}
+
+/// Malformed chains: data length not a multiple of 512, a write whose data
+/// descriptor is writable, a short header. Each must end with IOERR (an
+/// unknown type with UNSUPP); the next good request works.
+fn malformed_chains_fail(c: &mut VhostBlkClient) {
     let chains: Vec<(&str, Vec<RawDesc>)> = vec![
         (
             "odd length",
@@ -225,17 +230,20 @@ fn bad_requests_get_ioerr_and_the_server_keeps_serving() {
         let want = if what == "unknown type" { 2 } else { 1 };
         assert_eq!(status, want, "{what}: status");
         assert_eq!(
-            read_ok(&mut c, 0, 512, 512)[..8],
+            read_ok(c, 0, 512, 512)[..8],
             *b"EFI PART",
             "{what}: next good request works"
         );
     }
-    // size_max is what the server advertises, and a driver that negotiated
-    // it (as this client and Linux do) gets IOERR beyond it. The client
-    // splits its own buffers at size_max; raw chains do not.
+}
+
+/// size_max is what the server advertises, and a driver that negotiated
+/// it (as this client and Linux do) gets IOERR beyond it. The client
+/// splits its own buffers at size_max; raw chains do not.
+fn chains_past_size_max_fail(c: &mut VhostBlkClient) {
     let size_max = c.config().size_max.unwrap();
     assert_eq!(size_max, 1 << 20);
-    assert_eq!(read_ok(&mut c, 0, 0, 4 * size_max).len(), 4 << 20);
+    assert_eq!(read_ok(c, 0, 0, 4 * size_max).len(), 4 << 20);
     for (what, chain) in [
         (
             "4 MiB single read segment",
@@ -266,7 +274,17 @@ fn bad_requests_get_ioerr_and_the_server_keeps_serving() {
         let done = c.wait(0, t, deadline()).unwrap();
         assert_eq!(done.status_byte(), Some(1), "{what}: IOERR");
     }
-    assert_eq!(read_ok(&mut c, 0, 512, 512)[..8], *b"EFI PART");
+    assert_eq!(read_ok(c, 0, 512, 512)[..8], *b"EFI PART");
+}
+
+#[test]
+fn bad_requests_get_ioerr_and_the_server_keeps_serving() {
+    let node = TestNode::small("client-3");
+    let mut server = node.serve(&[]);
+    let mut c = node.connect(opts(1));
+    out_of_range_requests_fail(&mut c);
+    malformed_chains_fail(&mut c);
+    chains_past_size_max_fail(&mut c);
     c.disconnect().unwrap();
     // A driver that did not negotiate it (OVMF does not) owes no limit.
     let mut c = VhostBlkClient::connect(
