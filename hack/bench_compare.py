@@ -43,12 +43,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--old", required=True, type=Path, help="the ociblk binary before the change")
     ap.add_argument("--new", default=OCIBLK, type=Path, help="the ociblk binary after it")
-    ap.add_argument("--image", default=str(ROOT / "build/sample-image"))
+    ap.add_argument("--image", help="default: the sample image for the write jobs alone, the "
+                    "synthetic 1 GiB image (hack/mkimage --synthetic 1G) with --all-io or --verify, "
+                    "whose system payload the read jobs need")
     ap.add_argument("--reps", type=int, default=9)
     ap.add_argument("--all-io", action="store_true", help="the read jobs of section 2 too")
     ap.add_argument("--verify", action="store_true", help="the verification rows too")
     ap.add_argument("--runtime", default="3", help="seconds per read job")
     args = ap.parse_args()
+    if args.image is None:
+        wide = args.all_io or args.verify
+        args.image = str(ROOT / ("build/synthetic-1g" if wide else "build/sample-image"))
     builds = {"old": args.old, "new": args.new}
     jobs = JOBS if args.all_io else WRITE_JOBS
     rows = {}
