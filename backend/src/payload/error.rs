@@ -34,6 +34,8 @@ pub enum PayloadError {
         #[source]
         source: io::Error,
     },
+    #[error("no blob {id} in the disk's payload store")]
+    NoBlob { id: usize },
     #[error("payload {payload:?}: fetching chunk {chunk}: {source}")]
     Fetch {
         payload: String,
@@ -44,13 +46,14 @@ pub enum PayloadError {
 }
 
 impl PayloadError {
-    /// The chunk that failed.
-    pub fn chunk(&self) -> u64 {
+    /// The chunk that failed, if one did.
+    pub fn chunk(&self) -> Option<u64> {
         match self {
-            PayloadError::Mismatch { mismatch, .. } => mismatch.chunk,
+            PayloadError::Mismatch { mismatch, .. } => Some(mismatch.chunk),
             PayloadError::Truncated { chunk, .. }
             | PayloadError::Read { chunk, .. }
-            | PayloadError::Fetch { chunk, .. } => *chunk,
+            | PayloadError::Fetch { chunk, .. } => Some(*chunk),
+            PayloadError::NoBlob { .. } => None,
         }
     }
 }
@@ -62,6 +65,7 @@ impl From<PayloadError> for io::Error {
             PayloadError::Truncated { .. } => io::ErrorKind::UnexpectedEof,
             PayloadError::Read { source, .. } => source.kind(),
             PayloadError::Fetch { .. } => io::ErrorKind::TimedOut,
+            PayloadError::NoBlob { .. } => io::ErrorKind::InvalidInput,
         };
         io::Error::new(kind, e)
     }

@@ -203,12 +203,7 @@ impl Payloads {
         priority: Priority,
     ) -> Result<(Servable<'_>, Vec<u64>), PayloadError> {
         let Some(blob) = self.blobs.get(id) else {
-            return Err(PayloadError::Read {
-                payload: format!("#{id}"),
-                path: PathBuf::new(),
-                chunk: 0,
-                source: io::Error::other("no such source"),
-            });
+            return Err(PayloadError::NoBlob { id });
         };
         let mut fetched = Vec::new();
         if let Some(payload) = &blob.payload {
@@ -305,10 +300,10 @@ impl Payloads {
 
     /// The log line for a chunk of blob `id` that was not served.
     pub fn log_failure(&self, id: usize, e: &PayloadError) {
-        let Some(blob) = self.blobs.get(id) else {
+        let (Some(blob), Some(c)) = (self.blobs.get(id), e.chunk()) else {
+            error!(image = %self.image.display(), "payload bytes not served: {e}");
             return;
         };
-        let c = e.chunk();
         let hashes = blob.payload.as_ref().map(|p| &p.hashes);
         let range = hashes.map(|h| h.range(c)).unwrap_or(0..0);
         let expected = hashes

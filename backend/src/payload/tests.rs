@@ -71,7 +71,7 @@ fn bad_chunk_is_refused_until_fixed() {
     std::fs::write(&s.path, &bad).expect("corrupt");
     v.ensure(0, 0..10, READ).expect("chunk 0 is fine");
     let err = v.ensure(0, 4095..4097, READ).expect_err("chunk 1 is bad");
-    assert_eq!(err.chunk(), 1);
+    assert_eq!(err.chunk(), Some(1));
     assert!(matches!(err, PayloadError::Mismatch { .. }));
     assert!(
         err.to_string().contains("chunk 1 (bytes 4096..8192)"),
