@@ -15,7 +15,7 @@ The two builds alternate within each repetition (which goes first changes
 too), each on a fresh overlay, so that both see the same machine.
 
     hack/bench_compare.py --old OLD/ociblk [--new target/release/ociblk] [--reps 9]
-                          [--all-io] [--verify] [--runtime SECONDS]
+                          [--all-io] [--verify] [--only JOB]... [--runtime SECONDS]
 
 Prints each run, then per job the medians, NEW/OLD and the ranges. Build both
 first (`cargo build --release -p ociblk -p ociblk-client --bins`); the client
@@ -50,12 +50,19 @@ def main():
     ap.add_argument("--all-io", action="store_true", help="the read jobs of section 2 too")
     ap.add_argument("--verify", action="store_true", help="the verification rows too")
     ap.add_argument("--runtime", default="3", help="seconds per read job")
+    ap.add_argument("--only", action="append", metavar="JOB",
+                    help="just this job of section 2 (repeatable), e.g. 'randread 4K QD1'")
     args = ap.parse_args()
     if args.image is None:
-        wide = args.all_io or args.verify
+        wide = args.all_io or args.verify or any("read" in j for j in args.only or ())
         args.image = str(ROOT / ("build/synthetic-1g" if wide else "build/sample-image"))
     builds = {"old": args.old, "new": args.new}
     jobs = JOBS if args.all_io else WRITE_JOBS
+    if args.only:
+        unknown = set(args.only) - set(JOBS)
+        if unknown:
+            raise SystemExit(f"bench_compare: no job {sorted(unknown)}; jobs: {', '.join(JOBS)}")
+        jobs = tuple(args.only)
     rows = {}
 
     def note(b, row, value):
@@ -70,7 +77,9 @@ def main():
                     with tempfile.TemporaryDirectory(dir=scratch) as d:
                         c = server("ociblk", disk, Path(d), binary=builds[b])
                         try:
-                            if args.verify or args.all_io:
+                            # Read jobs measure the steady state: every chunk
+                            # verified by a first pass.
+                            if args.verify or any(j not in WRITE_JOBS for j in jobs):
                                 disk.warm("ociblk")
                                 r = verify_pass(c, disk)
                                 note(b, ("first pass, verifying every chunk", 2, "mib_s"), r["mib_s"])

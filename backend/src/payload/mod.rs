@@ -43,7 +43,7 @@ pub use cached::{CachedBlobs, ChunkFetcher};
 pub use error::PayloadError;
 pub use recorded::AccessRecorder;
 pub use store::{ChunkStore, LocalBlobs};
-pub use table::{Blob, PayloadId};
+pub use table::Blob;
 pub use verified::{VerificationCounts, check_chunk};
 
 use table::BlobTable;
@@ -207,7 +207,7 @@ impl Payloads {
         };
         let mut fetched = Vec::new();
         if let Some(payload) = &blob.payload {
-            let chunks = payload.hashes.chunks_touching(range.clone());
+            let chunks = payload.table.chunks_touching(range.clone());
             if let Some(recorder) = self
                 .recorder
                 .as_ref()
@@ -264,7 +264,7 @@ impl Payloads {
 
     /// The chunk hashes of blob `id`, if it is a payload.
     pub fn hashes(&self, id: usize) -> Option<&ociblk_digest::ChunkHashes> {
-        Some(&*self.blobs.get(id)?.payload.as_ref()?.hashes)
+        Some(&*self.blobs.get(id)?.payload.as_ref()?.table)
     }
 
     /// Whether payload chunks are hashed before they are served.
@@ -286,7 +286,7 @@ impl Payloads {
             .iter()
             .enumerate()
             .filter_map(|(id, b)| {
-                Some((b.name.as_str(), v.counts(id, &b.payload.as_ref()?.hashes)?))
+                Some((b.name.as_str(), v.counts(id, &b.payload.as_ref()?.table)?))
             })
             .collect()
     }
@@ -304,7 +304,7 @@ impl Payloads {
             error!(image = %self.image.display(), "payload bytes not served: {e}");
             return;
         };
-        let hashes = blob.payload.as_ref().map(|p| &p.hashes);
+        let hashes = blob.payload.as_ref().map(|p| &p.table);
         let range = hashes.map(|h| h.range(c)).unwrap_or(0..0);
         let expected = hashes
             .and_then(|h| h.expected(c))

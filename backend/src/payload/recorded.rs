@@ -32,7 +32,7 @@ impl AccessRecorder {
                 .iter()
                 .map(|b| {
                     let p = b.payload.as_ref()?;
-                    Some((p.digest.clone(), ChunkBits::new(p.hashes.count())))
+                    Some((p.digest.clone(), ChunkBits::new(p.table.count())))
                 })
                 .collect(),
             order: Mutex::new(Vec::new()),

@@ -2,12 +2,10 @@
 //! digest and chunk hashes, and the user's own files (loader, node
 //! parameters), which have neither.
 
+use ociblk_layout::{DiskReader, Layout, OsImage, Source};
+use ociblk_registry::BlobSpec;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-
-use ociblk_digest::{ChunkHashes, Digest};
-use ociblk_layout::{DiskReader, Layout, OsImage, Source};
 
 /// One file a disk reads.
 #[derive(Debug)]
@@ -19,9 +17,10 @@ pub struct Blob {
     /// page cache. Private to the store: its bytes leave only through a
     /// [`Servable`](super::Servable).
     pub(super) file: File,
-    /// A payload: its digest and chunk hashes. `None`: a file the user
-    /// named on the command line, served as it is.
-    pub payload: Option<PayloadId>,
+    /// A payload: its digest and chunk-hash table, the same description
+    /// the registry cache keys its bytes by. `None`: a file the user named
+    /// on the command line, served as it is.
+    pub payload: Option<BlobSpec>,
 }
 
 impl Blob {
@@ -30,13 +29,6 @@ impl Blob {
     pub fn metadata(&self) -> std::io::Result<std::fs::Metadata> {
         self.file.metadata()
     }
-}
-
-/// What identifies a payload blob's bytes.
-#[derive(Debug, Clone)]
-pub struct PayloadId {
-    pub digest: Digest,
-    pub hashes: Arc<ChunkHashes>,
 }
 
 /// The blobs of a disk, by the layout's source index.
@@ -84,9 +76,9 @@ impl BlobTable {
                 name: p.name.clone(),
                 path: p.path.clone(),
                 file,
-                payload: Some(PayloadId {
+                payload: Some(BlobSpec {
                     digest: p.digest.clone(),
-                    hashes: p.chunk_hashes.clone(),
+                    table: p.chunk_hashes.clone(),
                 }),
             });
         }
@@ -108,11 +100,10 @@ impl BlobTable {
 
 /// A layout source's payload identity; `None` for a user file (one
 /// without chunk hashes).
-fn payload_id(source: &Source) -> Option<PayloadId> {
-    let hashes = source.chunk_hashes.clone()?;
-    Some(PayloadId {
+fn payload_id(source: &Source) -> Option<BlobSpec> {
+    Some(BlobSpec {
         digest: source.digest.clone(),
-        hashes,
+        table: source.chunk_hashes.clone()?,
     })
 }
 

@@ -66,7 +66,7 @@ impl Verification {
                 .iter()
                 .map(|b| {
                     b.payload.as_ref().map(|p| Checked {
-                        verified: ChunkBits::new(p.hashes.count()),
+                        verified: ChunkBits::new(p.table.count()),
                         hashed: AtomicU64::new(0),
                         stripes: std::array::from_fn(|_| Mutex::new(())),
                     })
@@ -129,7 +129,7 @@ impl Verification {
                 continue;
             }
             checked.hashed.fetch_add(1, Ordering::Relaxed);
-            match check_chunk(&blob.name, &blob.path, &blob.file, &payload.hashes, c) {
+            match check_chunk(&blob.name, &blob.path, &blob.file, &payload.table, c) {
                 Ok(()) => {}
                 Err(e @ PayloadError::Mismatch { .. }) if store.forget(blob, c)? => {
                     // A cached chunk torn by a crash: dropped, fetched again
@@ -137,7 +137,7 @@ impl Verification {
                     warn!("{e}; fetching the chunk again");
                     store.ensure(blob, c..c + 1, priority)?;
                     checked.hashed.fetch_add(1, Ordering::Relaxed);
-                    check_chunk(&blob.name, &blob.path, &blob.file, &payload.hashes, c)?;
+                    check_chunk(&blob.name, &blob.path, &blob.file, &payload.table, c)?;
                 }
                 Err(e) => return Err(e),
             }
