@@ -285,7 +285,7 @@ def verify_lines(v):
              "`openssl speed -evp sha256` on 1 MiB blocks gives 1.4 GB/s on this CPU." +
              (f" Load average when the run ended: {v['load_average_at_end']:.1f}."
               if "load_average_at_end" in v else "") + "\n")
-    L.append("A read of a verified chunk adds one atomic load per chunk it touches: about 6 ns "
+    L.append("A read of a verified chunk adds one atomic load per chunk it touches: about 9 ns "
              "(`cargo bench -p ociblk --bench verifier`), against tens of microseconds per request. "
              "Differences in the steady-state rows are within the spread between repetitions of the same "
              "variant on this shared 2-core VM (last column).\n")
