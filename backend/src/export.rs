@@ -11,7 +11,6 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use ociblk_io::copy::{FileCopier, Method};
 use ociblk_io::iobuf::IoBufs;
 use ociblk_io::sys;
 use ociblk_layout::{Content, Layout};
@@ -19,9 +18,6 @@ use ociblk_overlay::{BlockState, Overlay};
 use ociblk_registry::limiter::Priority;
 
 use crate::payload::Payloads;
-
-/// The unit of the holes a plain copy leaves in the output.
-const BLOCK: u64 = 4096;
 
 /// Bytes written by [`export_disk`].
 #[derive(Debug, Default, Clone, Copy)]
@@ -55,16 +51,7 @@ pub fn export_disk(
             Content::File { source, offset } => {
                 for piece in chunk_pieces(payloads, source, offset..offset + e.len) {
                     let servable = payloads.ensure(source, piece.clone(), Priority::Foreground)?;
-                    let (file, range) = servable.file_range();
-                    let at = e.start + (piece.start - offset);
-                    let len = range.end - range.start;
-                    // The output is a new sparse file: a zero block a plain
-                    // copy leaves out is a hole that reads as zeros.
-                    FileCopier::new(file, out, Method::CopyRange, BLOCK).copy(
-                        range.start,
-                        at,
-                        len,
-                    )?;
+                    let len = servable.copy_to(out, e.start + (piece.start - offset))?;
                     progress(len);
                 }
                 stats.copied += e.len;

@@ -34,6 +34,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use ociblk_io::copy::{FileCopier, Method};
 use ociblk_io::iobuf::IoBufs;
 use ociblk_layout::{DiskReader, Layout};
 use ociblk_registry::limiter::Priority;
@@ -50,6 +51,9 @@ use table::BlobTable;
 use verified::Verification;
 
 use crate::image_source::LoadedImage;
+
+/// The unit of the holes a plain copy leaves in its output.
+const COPY_BLOCK: u64 = 4096;
 
 /// Which layers a store gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,9 +115,17 @@ impl Servable<'_> {
             })
     }
 
-    /// The file and the range in it, for a copy between files.
-    pub fn file_range(&self) -> (&File, Range<u64>) {
-        (&self.blob.file, self.range.clone())
+    /// Copies the bytes into `out` at `at` (an export's new sparse file: a
+    /// zero block a plain copy leaves out is a hole that reads as zeros);
+    /// returns the bytes copied.
+    pub fn copy_to(&self, out: &File, at: u64) -> io::Result<u64> {
+        let len = self.range.end - self.range.start;
+        FileCopier::new(&self.blob.file, out, Method::CopyRange, COPY_BLOCK).copy(
+            self.range.start,
+            at,
+            len,
+        )?;
+        Ok(len)
     }
 }
 
