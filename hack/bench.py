@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import (OCIBLK, ROOT, SECTOR, Contender, add_image_arguments, allocated, bench_pread, bench_run, boot_once, inspect, median,  # noqa: E402
+from benchlib import (OCIBLK, ROOT, SECTOR, Contender, add_image_arguments, allocated, bench_pread, bench_run, boot_once, inspect, median, verify_gbps,  # noqa: E402
                       qemu_command, ratio, replace_section, run, sections_from, stop,
                       wait_accepting)
 import bench_io  # noqa: E402
@@ -132,13 +132,6 @@ def bench_boot(image, reps, scratch):
 
 
 # --- 4. payload verification ---------------------------------------------------------
-
-
-def verify_gbps(image):
-    """`ociblk verify` throughput (GB/s) from its summary line."""
-    out = run([OCIBLK, "verify", "--image", image]).stdout.decode()
-    line = next(l for l in out.splitlines() if "GB/s" in l)
-    return float(line.split("(")[1].split(" GB/s")[0])
 
 
 def bench_verify(image, boot_image, reps, runtime, scratch, boot=True):

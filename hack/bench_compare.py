@@ -25,18 +25,11 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from benchlib import OCIBLK, ROOT, median, run
+from benchlib import OCIBLK, ROOT, median, verify_gbps
 from bench_io import JOBS, METRIC, Disk, job, job_args, rotated, server, show, verify_pass
 
 WRITE_JOBS = ("first write 4K", "rewrite 4K")
 QUEUE_COUNTS = (1, 2)
-
-
-def verify_gbps(binary, image):
-    """`ociblk verify` throughput (GB/s) from its summary line."""
-    out = run([binary, "verify", "--image", image]).stdout.decode()
-    line = next(l for l in out.splitlines() if "GB/s" in l)
-    return float(line.split("(")[1].split(" GB/s")[0])
 
 
 def main():
@@ -94,7 +87,7 @@ def main():
                         finally:
                             c.stop()
                     if args.verify:
-                        gbps = verify_gbps(builds[b], args.image)
+                        gbps = verify_gbps(args.image, builds[b])
                         print(f"rep{rep} {b} ociblk verify {gbps:.2f} GB/s", flush=True)
                         note(b, ("ociblk verify", "-", "GB/s"), gbps)
         finally:

@@ -23,6 +23,13 @@ def run(cmd, **kw):
     return subprocess.run([str(c) for c in cmd], check=True, capture_output=True, **kw)
 
 
+def verify_gbps(image, binary=OCIBLK):
+    """`ociblk verify` throughput (GB/s) from its summary line."""
+    out = run([binary, "verify", "--image", image]).stdout.decode()
+    line = next(l for l in out.splitlines() if "GB/s" in l)
+    return float(line.split("(")[1].split(" GB/s")[0])
+
+
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
 

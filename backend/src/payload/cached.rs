@@ -164,16 +164,6 @@ impl ChunkFetcher {
         }
     }
 
-    /// The blob held in the cache file `path`, if it is one of this image's.
-    pub fn blob(&self, digest: &Digest) -> Option<&BlobSpec> {
-        self.blobs.get(digest).map(|b| &b.spec)
-    }
-
-    /// Every payload blob of the image.
-    pub fn blobs(&self) -> impl Iterator<Item = &BlobSpec> {
-        self.blobs.values().map(|b| &b.spec)
-    }
-
     /// Makes chunk `c` of `blob` present in the cache, fetching and
     /// verifying it when it is not, taking request slots at `priority`;
     /// `Ok(true)` when this call fetched the chunk.
@@ -205,11 +195,6 @@ impl ChunkFetcher {
     /// Requests and bytes fetched from the registry by this process.
     pub fn stats(&self) -> FetchStats {
         self.registry.blobs.fetch_stats()
-    }
-
-    /// Whether the image was opened from the cache alone.
-    pub fn offline(&self) -> bool {
-        self.registry.offline
     }
 }
 

@@ -265,15 +265,6 @@ impl Payloads {
         self.blobs.get(id)
     }
 
-    /// Blobs in the store.
-    pub fn len(&self) -> usize {
-        self.blobs.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.blobs.len() == 0
-    }
-
     /// The chunk hashes of blob `id`, if it is a payload.
     pub fn hashes(&self, id: usize) -> Option<&ociblk_digest::ChunkHashes> {
         Some(&*self.blobs.get(id)?.payload.as_ref()?.table)

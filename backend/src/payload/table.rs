@@ -92,10 +92,6 @@ impl BlobTable {
     pub(crate) fn iter(&self) -> impl Iterator<Item = &Blob> {
         self.0.iter()
     }
-
-    pub(crate) fn len(&self) -> usize {
-        self.0.len()
-    }
 }
 
 /// A layout source's payload identity; `None` for a user file (one
